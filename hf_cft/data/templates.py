@@ -1,0 +1,50 @@
+"""Prompt templates: validation and formatting."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hf_cft.errors import ClassNamesError, TemplateError
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def validate_templates(templates: Sequence[str], owner: str = "") -> list[str]:
+    """Check that there is at least one template and each has exactly one ``{}``; return them as a list."""
+    where = f" of {owner}" if owner else ""
+    if isinstance(templates, str):
+        templates = [templates]
+    templates = list(templates)
+    if not templates:
+        raise TemplateError(f"The template list{where} is empty; give at least one, e.g. 'a photo of a {{}}.'.")
+    for t in templates:
+        if not isinstance(t, str) or t.count("{}") != 1:
+            raise TemplateError(
+                f"Template {t!r}{where} must contain exactly one '{{}}' placeholder for the class name."
+            )
+    return templates
+
+
+def validate_classnames(classnames: Sequence[str], owner: str = "", num_labels: int | None = None) -> list[str]:
+    """Check that class names are non-empty strings, unique, and as many as the labels (if given)."""
+    where = f" of {owner}" if owner else ""
+    names = list(classnames)
+    if not names:
+        raise ClassNamesError(f"The class-name list{where} is empty.")
+    for i, n in enumerate(names):
+        if not isinstance(n, str) or not n.strip():
+            raise ClassNamesError(f"Class name #{i}{where} is {n!r}; class names must be non-empty strings.")
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if n in seen:
+            raise ClassNamesError(f"Class name {n!r}{where} appears twice (ids {seen[n]} and {i}).")
+        seen[n] = i
+    if num_labels is not None and len(names) != num_labels:
+        raise ClassNamesError(f"{len(names)} class names were given{where}, but its labels have {num_labels} classes.")
+    return names
+
+
+def format_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """All prompts, class-major: ``[t.format(c) for c in classnames for t in templates]``."""
+    templates = validate_templates(templates)
+    return [t.format(c) for c in classnames for t in templates]

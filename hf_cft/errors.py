@@ -1,0 +1,65 @@
+"""Typed errors raised by hf_cft.
+
+Every error names the offending thing (dataset, class, template, model, tensor key) so that a user can
+fix the input without reading a traceback from deep inside torch or datasets. All errors derive from
+:class:`HfCftError` and from the closest built-in exception, so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class HfCftError(Exception):
+    """Base class of every error raised by hf_cft."""
+
+
+class UnknownDatasetError(HfCftError, KeyError):
+    """A dataset name is neither a registered spec, a local folder nor a usable Hub id."""
+
+    def __init__(self, name: str, known: list[str] | None = None, hint: str = ""):
+        self.name = name
+        msg = f"Unknown dataset {name!r}."
+        if known:
+            msg += f" Known names: {', '.join(sorted(known))}."
+        if hint:
+            msg += f" {hint}"
+        super().__init__(msg)
+
+    def __str__(self) -> str:  # KeyError would otherwise wrap the message in quotes
+        return self.args[0]
+
+
+class TemplateError(HfCftError, ValueError):
+    """A prompt template does not contain exactly one ``{}`` placeholder."""
+
+
+class ClassNamesError(HfCftError, ValueError):
+    """Class names are empty, duplicated or do not match the dataset's labels."""
+
+
+class FewShotError(HfCftError, ValueError):
+    """A class has fewer examples than the requested number of shots."""
+
+    def __init__(self, class_name: str, class_id: int, available: int, requested: int, dataset: str = ""):
+        self.class_name, self.class_id, self.available, self.requested = class_name, class_id, available, requested
+        where = f" of dataset {dataset!r}" if dataset else ""
+        super().__init__(
+            f"Class {class_name!r} (id {class_id}){where} has only {available} example(s) but {requested} shots "
+            "were requested. Lower k, or pass on_short='take_all' to take every example of short classes "
+            "(with a warning)."
+        )
+
+
+class ImageDecodeError(HfCftError, ValueError):
+    """An image could not be decoded."""
+
+
+class DatasetFormatError(HfCftError, ValueError):
+    """A dataset lacks the expected image / label columns, or is empty."""
+
+
+class NotCLIPLikeError(HfCftError, TypeError):
+    """A model does not expose the dual-encoder interface hf_cft needs."""
+
+
+class TokenizerError(HfCftError, ValueError):
+    """A tokenizer cannot be loaded or built, or its output does not fit the model."""

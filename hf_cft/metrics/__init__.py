@@ -1,0 +1,19 @@
+"""Metrics in plain torch/numpy (no ``evaluate``): accuracy, base/novel/harmonic mean, and the
+accuracy-matrix metrics of continual learning (Transfer, Average, Last, BWT)."""
+
+from hf_cft.metrics.classification import accuracy, base_novel_hm, harmonic_mean, per_class_accuracy
+from hf_cft.metrics.continual import AccuracyMatrix, average, bwt, last, matrix_metrics, round1, transfer
+
+__all__ = [
+    "AccuracyMatrix",
+    "accuracy",
+    "average",
+    "base_novel_hm",
+    "bwt",
+    "harmonic_mean",
+    "last",
+    "matrix_metrics",
+    "per_class_accuracy",
+    "round1",
+    "transfer",
+]

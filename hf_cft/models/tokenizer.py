@@ -1,0 +1,134 @@
+"""Tokenizer utilities: load a tokenizer from a model folder, or build the real CLIP tokenizer offline
+from OpenAI's BPE merge list (``bpe_simple_vocab_16e6.txt.gz``), and tokenise prompts for a model.
+
+The CLIP vocabulary is fully determined by the merge list: the 256 byte symbols (in GPT-2's printable
+byte-to-unicode order), the same 256 symbols with the end-of-word marker ``</w>``, one entry per merge
+(the first 48,894 merges), then ``<|startoftext|>`` and ``<|endoftext|>`` — 49,408 entries in all.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hf_cft.errors import TokenizerError
+
+CLIP_VOCAB_SIZE = 49408
+_NUM_MERGES = CLIP_VOCAB_SIZE - 2 * 256 - 2  # 48,894
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins for bytes used by byte-level BPE (GPT-2 / CLIP ordering).
+
+    Printable Latin-1 bytes map to themselves and come first, in byte order; every other byte b is mapped
+    to chr(256 + i), i counting those bytes in order, and they follow.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    kept = set(printable)
+    others = [b for b in range(256) if b not in kept]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+
+
+def read_clip_bpe(bpe_path: str | os.PathLike) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Parse OpenAI's gzip'd BPE merge list into ``(vocab, merges)`` for a CLIP tokenizer."""
+    path = Path(bpe_path)
+    if not path.is_file():
+        raise TokenizerError(f"CLIP BPE vocabulary file {str(path)!r} does not exist.")
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            lines = fh.read().split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenizerError(f"Cannot read CLIP BPE vocabulary {str(path)!r}: {exc}") from exc
+    # line 0 is a version header; the next _NUM_MERGES lines are the merges actually used by CLIP
+    body = [line for line in lines[1 : 1 + _NUM_MERGES]]
+    if len(body) < _NUM_MERGES:
+        raise TokenizerError(f"{str(path)!r} has {len(body)} merges; a CLIP BPE file has at least {_NUM_MERGES}.")
+    merges: list[tuple[str, str]] = []
+    for i, line in enumerate(body, start=2):
+        parts = line.split()
+        if len(parts) != 2:
+            raise TokenizerError(f"{str(path)!r} line {i}: expected two symbols, got {line!r}.")
+        merges.append((parts[0], parts[1]))
+    symbols = _byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT, EOT]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    if len(vocab) != CLIP_VOCAB_SIZE:
+        raise TokenizerError(f"{str(path)!r} produced {len(vocab)} distinct tokens, expected {CLIP_VOCAB_SIZE}.")
+    return vocab, merges
+
+
+def build_clip_tokenizer(
+    bpe_path: str | os.PathLike,
+    save_directory: str | os.PathLike | None = None,
+    model_max_length: int = 77,
+):
+    """Build a real ``transformers.CLIPTokenizer`` offline from the CLIP BPE merge list.
+
+    If ``save_directory`` is given the tokenizer is also saved there (``save_pretrained``), together with
+    ``vocab.json`` and ``merges.txt``, so that ``AutoTokenizer.from_pretrained(save_directory)`` works.
+    """
+    from transformers import CLIPTokenizer
+
+    vocab, merges = read_clip_bpe(bpe_path)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    if save_directory is not None:
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(str(out))
+        (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        (out / "merges.txt").write_text(
+            "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8"
+        )
+    return tok
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, **kwargs):
+    """Load a tokenizer from a model folder (or Hub id), with a clear error when there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise TokenizerError(
+            f"Cannot load a tokenizer from {str(name_or_path)!r}: {exc}. A model folder needs tokenizer files "
+            "(tokenizer.json or vocab.json + merges.txt); build one offline with hf_cft.build_clip_tokenizer."
+        ) from exc
+
+
+def tokenize_prompts(
+    tokenizer,
+    prompts: Sequence[str],
+    model: nn.Module | None = None,
+    max_length: int | None = None,
+    truncate: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Tokenise prompts for a CLIP-like text tower.
+
+    CLIP pads to the longest prompt; SigLIP was trained with ``max_length`` padding, so it is used there.
+    A prompt longer than the text tower's positions raises :class:`TokenizerError` naming it unless
+    ``truncate=True`` (as in OpenAI's ``clip.tokenize``, silently truncating moves the EOS token).
+    """
+    from hf_cft.models.clip import is_siglip, text_max_length
+
+    if max_length is None:
+        max_length = text_max_length(model) if model is not None else int(getattr(tokenizer, "model_max_length", 77))
+    prompts = list(prompts)
+    if not truncate:
+        lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+        too_long = [(p, n) for p, n in zip(prompts, lengths) if n > max_length]
+        if too_long:
+            p, n = too_long[0]
+            raise TokenizerError(
+                f"Prompt {p!r} is {n} tokens long, more than the text tower's {max_length} positions "
+                f"({len(too_long)} prompt(s) too long). Shorten the class name or template, or pass truncate=True."
+            )
+    padding = "max_length" if (model is not None and is_siglip(model)) else "longest"
+    enc = tokenizer(prompts, padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
+    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}

@@ -1,0 +1,209 @@
+"""Zero-shot classification with CLIP-like models: template-ensembled text heads, batched (and optionally
+cached) image features, logits with the model's logit scale, and an evaluation loop returning accuracy."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from hf_cft.data.templates import format_prompts, validate_classnames, validate_templates
+from hf_cft.models.clip import check_clip_like, clip_logits, image_features, model_device, text_features
+from hf_cft.models.tokenizer import tokenize_prompts
+
+
+@torch.no_grad()
+def build_zeroshot_classifier(
+    model: nn.Module,
+    tokenizer,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Template-ensembled text head ``[C, d]``: per class, normalise each template's feature, average over
+    templates, normalise again (CLIP's prompt ensembling)."""
+    check_clip_like(model)
+    classnames = validate_classnames(classnames)
+    templates = validate_templates(templates)
+    device = torch.device(device) if device is not None else model_device(model)
+    prompts = format_prompts(classnames, templates)
+    enc = tokenize_prompts(tokenizer, prompts, model)
+    feats = []
+    for start in range(0, len(prompts), batch_size):
+        ids = enc["input_ids"][start : start + batch_size].to(device)
+        mask = enc["attention_mask"][start : start + batch_size].to(device)
+        feats.append(text_features(model, ids, mask, normalize=True).float())
+    per_prompt = torch.cat(feats).view(len(classnames), len(templates), -1)
+    return F.normalize(per_prompt.mean(dim=1), dim=-1)
+
+
+class FeatureCache:
+    """Image-feature cache keyed by (model weights, data, transform): in memory, and in ``directory`` as
+    safetensors when one is given (written atomically, so a crash never leaves a torn file)."""
+
+    def __init__(self, directory: str | os.PathLike | None = None):
+        self.directory = Path(directory) if directory is not None else None
+        self._mem: dict[str, dict[str, torch.Tensor]] = {}
+
+    @staticmethod
+    def model_fingerprint(model: nn.Module) -> str:
+        """Hash of every parameter/buffer outside the text tower (the image side's weights)."""
+        h = hashlib.blake2b(digest_size=16)
+        for name, t in sorted(list(model.named_parameters()) + list(model.named_buffers()), key=lambda x: x[0]):
+            if "text_model" in name or "text_projection" in name:
+                continue
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    def key(self, model: nn.Module, data_id: str, extra: str = "") -> str:
+        return hashlib.blake2b(
+            f"{self.model_fingerprint(model)}|{data_id}|{extra}".encode(), digest_size=16
+        ).hexdigest()
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        if key in self._mem:
+            return self._mem[key]
+        if self.directory is not None and (self.directory / f"{key}.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            self._mem[key] = load_file(str(self.directory / f"{key}.safetensors"))
+            return self._mem[key]
+        return None
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        self._mem[key] = tensors
+        if self.directory is not None:
+            from hf_cft.utils import atomic_save_safetensors
+
+            atomic_save_safetensors({k: v.contiguous().cpu() for k, v in tensors.items()},
+                                    self.directory / f"{key}.safetensors")
+
+
+@torch.no_grad()
+def encode_images(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    desc: str = "image features",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Normalised image features ``[N, d]`` (fp32, CPU) and labels (or ``None``) over a batch iterable
+    (e.g. a ``DataLoader`` with :class:`~hf_cft.data.ImageClassificationCollator`)."""
+    check_clip_like(model)
+    device = torch.device(device) if device is not None else model_device(model)
+    feats, labels = [], []
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        pixel_values = batch["pixel_values"] if isinstance(batch, dict) else batch
+        feats.append(image_features(model, pixel_values.to(device), normalize=True).float().cpu())
+        if isinstance(batch, dict) and "labels" in batch:
+            labels.append(batch["labels"].cpu())
+    if not feats:
+        raise ValueError("encode_images got no batches (empty dataset?)")
+    return torch.cat(feats), (torch.cat(labels) if labels else None)
+
+
+@dataclass
+class ZeroShotResult:
+    """Accuracy (percent) and the pieces it came from."""
+
+    accuracy: float
+    correct: int
+    total: int
+    per_class_accuracy: list[float] = field(default_factory=list)
+    predictions: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "correct": self.correct, "total": self.total,
+                "per_class_accuracy": self.per_class_accuracy}
+
+
+def evaluate_zeroshot(
+    model: nn.Module,
+    tokenizer,
+    dataset,
+    classnames: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
+    batch_size: int = 64,
+    transform=None,
+    device: torch.device | str | None = None,
+    cache: FeatureCache | None = None,
+    num_workers: int = 0,
+    progress: bool = False,
+    name: str | None = None,
+) -> ZeroShotResult:
+    """Zero-shot accuracy of ``model`` on ``dataset``.
+
+    ``dataset`` is a ``datasets.Dataset`` with ``image``/``label`` columns, or a
+    :class:`~hf_cft.data.ClassificationDataset` (its ``test`` split, class names and templates are used unless
+    given). ``transform`` defaults to :meth:`ImageTransform.from_model`. With a :class:`FeatureCache`, image
+    features are computed once per (model, data, transform) and reused.
+    """
+    from torch.utils.data import DataLoader
+
+    from hf_cft.data.loading import ClassificationDataset
+    from hf_cft.data.transforms import ImageClassificationCollator, ImageTransform, apply_image_transform
+    from hf_cft.metrics import accuracy, per_class_accuracy
+
+    base = check_clip_like(model)
+    if isinstance(dataset, ClassificationDataset):
+        name = name or dataset.name
+        classnames = classnames if classnames is not None else dataset.classnames
+        templates = templates if templates is not None else dataset.templates
+        split = "test" if "test" in dataset else next(iter(dataset.splits))
+        dataset = dataset[split]
+    if classnames is None:
+        classnames = dataset.features["label"].names
+    templates = list(templates) if templates is not None else ["a photo of a {}."]
+    label_feature = dataset.features.get("label")
+    num_labels = getattr(label_feature, "num_classes", None)
+    classnames = validate_classnames(classnames, owner=f"dataset {name!r}" if name else "", num_labels=num_labels)
+    transform = transform or ImageTransform.from_model(base)
+
+    was_training = model.training
+    model.eval()
+    try:
+        key = None
+        if cache is not None:
+            data_id = f"{getattr(dataset, '_fingerprint', id(dataset))}|{len(dataset)}"
+            key = cache.key(base, data_id, transform.key() if hasattr(transform, "key") else repr(transform))
+            hit = cache.get(key)
+        else:
+            hit = None
+        if hit is not None:
+            feats, labels = hit["features"], hit["labels"]
+        else:
+            loader = DataLoader(
+                apply_image_transform(dataset, transform, name=name),
+                batch_size=batch_size,
+                shuffle=False,
+                collate_fn=ImageClassificationCollator(),
+                num_workers=num_workers,
+            )
+            feats, labels = encode_images(model, loader, device=device, progress=progress)
+            if cache is not None:
+                cache.put(key, {"features": feats, "labels": labels})
+        head = build_zeroshot_classifier(model, tokenizer, classnames, templates, device=device)
+        with torch.no_grad():
+            logits = clip_logits(base, feats.to(head.device), head).cpu()
+    finally:
+        model.train(was_training)
+    preds = logits.argmax(dim=-1)
+    correct = int((preds == labels).sum())
+    return ZeroShotResult(
+        accuracy=accuracy(preds, labels),
+        correct=correct,
+        total=int(labels.numel()),
+        per_class_accuracy=per_class_accuracy(preds, labels, len(classnames)),
+        predictions=preds,
+        labels=labels,
+    )

@@ -1,0 +1,60 @@
+"""Helpers for tests and examples: tiny random CLIP models built from configs (no download)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_clip_config(
+    vocab_size: int = 99,
+    eos_token_id: int = 98,
+    bos_token_id: int = 97,
+    pad_token_id: int = 1,
+    image_size: int = 30,
+    patch_size: int = 2,
+    hidden_size: int = 32,
+    projection_dim: int = 16,
+    num_layers: int = 2,
+    max_position_embeddings: int = 77,
+):
+    """A ~44k-parameter ``CLIPConfig`` (ecosystem.md §2). ``eos_token_id=2`` gives the legacy argmax pooling."""
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+    text = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        projection_dim=projection_dim,
+    )
+    vision = CLIPVisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        projection_dim=projection_dim,
+    )
+    return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection_dim)
+
+
+def tiny_clip(seed: int = 0, **config_kwargs):
+    """A tiny random ``CLIPModel`` in eval mode, deterministic in ``seed``."""
+    from transformers import CLIPModel
+
+    torch.manual_seed(seed)
+    model = CLIPModel(tiny_clip_config(**config_kwargs))
+    return model.eval()
+
+
+def tiny_clip_for_tokenizer(seed: int = 0, **config_kwargs):
+    """A tiny random CLIP whose vocabulary and special ids match the real CLIP tokenizer (49,408 tokens)."""
+    kw = dict(vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    kw.update(config_kwargs)
+    return tiny_clip(seed, **kw)
