@@ -27,8 +27,9 @@ class ToyTokenizer:
     def _ids(self, text):
         return [self.bos] + [2 + (sum(map(ord, w)) * 7 + len(w)) % 95 for w in text.lower().split()] + [self.eos]
 
-    def __call__(self, texts, padding=False, truncation=False, max_length=None, return_tensors=None,
-                 add_special_tokens=True):
+    def __call__(
+        self, texts, padding=False, truncation=False, max_length=None, return_tensors=None, add_special_tokens=True
+    ):
         if isinstance(texts, str):
             texts = [texts]
         ids = [self._ids(t) for t in texts]

@@ -53,7 +53,9 @@ def test_classifier_is_normalise_average_normalise(clip_model, toy_tokenizer):
     per_t = []
     for t in TEMPLATES:
         enc = tokenize_prompts(toy_tokenizer, [t.format(c) for c in CLASSES], clip_model)
-        per_t.append(F.normalize(text_features(clip_model, enc["input_ids"], enc["attention_mask"], normalize=False), dim=-1))
+        per_t.append(
+            F.normalize(text_features(clip_model, enc["input_ids"], enc["attention_mask"], normalize=False), dim=-1)
+        )
     expected = F.normalize(torch.stack(per_t).mean(0), dim=-1)
     torch.testing.assert_close(head, expected, atol=1e-5, rtol=1e-5)
 
@@ -81,8 +83,12 @@ def test_bad_templates_and_classnames(clip_model, toy_tokenizer):
         build_zeroshot_classifier(clip_model, toy_tokenizer, CLASSES, [])
     with pytest.raises(ClassNamesError, match="empty"):
         build_zeroshot_classifier(clip_model, toy_tokenizer, [], TEMPLATES)
-    with pytest.raises(ClassNamesError, match="'cat' .*twice"):
+    with pytest.warns(UserWarning, match="'cat' .*twice"):
         build_zeroshot_classifier(clip_model, toy_tokenizer, ["cat", "cat"], TEMPLATES)
+    from hf_cft.data import validate_classnames
+
+    with pytest.raises(ClassNamesError, match="'cat' .*twice"):
+        validate_classnames(["cat", "cat"], duplicates="error")
 
 
 def _tiny_dataset(n=12, seed=0):
@@ -144,11 +150,25 @@ def test_siglip_plugs_in(toy_tokenizer):
 
     torch.manual_seed(0)
     cfg = SiglipConfig(
-        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, pad_token_id=1, eos_token_id=98,
-                         bos_token_id=97),
-        vision_config=dict(image_size=30, patch_size=2, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                           num_attention_heads=4),
+        text_config=dict(
+            vocab_size=99,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            pad_token_id=1,
+            eos_token_id=98,
+            bos_token_id=97,
+        ),
+        vision_config=dict(
+            image_size=30,
+            patch_size=2,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        ),
     )
     model = SiglipModel(cfg).eval()
     enc = tokenize_prompts(toy_tokenizer, ["a cat"], model)

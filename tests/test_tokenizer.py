@@ -3,7 +3,13 @@ import gzip
 import pytest
 
 from hf_cft.errors import TokenizerError
-from hf_cft.models.tokenizer import CLIP_VOCAB_SIZE, build_clip_tokenizer, load_tokenizer, read_clip_bpe, tokenize_prompts
+from hf_cft.models.tokenizer import (
+    CLIP_VOCAB_SIZE,
+    build_clip_tokenizer,
+    load_tokenizer,
+    read_clip_bpe,
+    tokenize_prompts,
+)
 from hf_cft.testing import tiny_clip_for_tokenizer
 
 # Known tokenisations of OpenAI's CLIP tokenizer (clip.tokenize / openai/clip-vit-base-patch32).

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ import datasets
 
 from hf_cft.data.specs import DatasetSpec, get_spec, has_spec
 from hf_cft.data.templates import DEFAULT_TEMPLATES, validate_classnames, validate_templates
-from hf_cft.errors import DatasetFormatError, UnknownDatasetError
+from hf_cft.errors import ClassNamesError, DatasetFormatError, UnknownDatasetError
 
 SHARED_DATASETS = (
     "aid30",
@@ -172,10 +173,7 @@ def _load_folder(folder, name, image_column, label_column, classnames, templates
 
 
 def _looks_like_imagefolder(folder: Path) -> bool:
-    for p in folder.rglob("*"):
-        if p.is_file() and p.suffix.lower() in _IMAGE_EXTS:
-            return True
-    return False
+    return any(p.is_file() and p.suffix.lower() in _IMAGE_EXTS for p in folder.rglob("*"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -195,7 +193,9 @@ def _load_hub(hub_id, config, split_map, image_column, label_column, classnames,
         dd = datasets.DatasetDict({"train": dd})
     if split_map:  # rename hub splits to train/test
         dd = datasets.DatasetDict({ours: dd[theirs] for ours, theirs in split_map.items() if theirs in dd})
-    return _finalize(name or hub_id, dd, image_column, label_column, classnames, templates, {"hub_id": hub_id}, spec=spec)
+    return _finalize(
+        name or hub_id, dd, image_column, label_column, classnames, templates, {"hub_id": hub_id}, spec=spec
+    )
 
 
 def _load_spec(spec: DatasetSpec, classnames, templates) -> ClassificationDataset:
@@ -267,11 +267,9 @@ def _finalize(
         label_names = list(label_feature.names)
         if classnames is None:
             classnames = [n.replace("_", " ") for n in label_names] if folder_names_as_classes else label_names
-        if spec is not None and spec.hub_label_names and tuple(label_names) != spec.hub_label_names:
-            raise DatasetFormatError(
-                f"The Hub copy of {spec.qualified_name!r} ({spec.hub_id}) has labels {label_names[:5]}..., not the "
-                f"expected {list(spec.hub_label_names[:5])}...: its label order would not match the class names."
-            )
+        if spec is not None:
+            dd, label_names = _align_to_spec(dd, label_names, spec)
+            label_feature = next(iter(dd.values())).features["label"]
         validate_classnames(classnames, owner=f"dataset {name!r}", num_labels=label_feature.num_classes)
         if list(classnames) != label_names:  # keep the ClassLabel names in line with the prompt names
             new = datasets.ClassLabel(names=list(classnames))
@@ -299,8 +297,77 @@ def _finalize(
             dd = datasets.DatasetDict({k: v.cast_column("image", datasets.Image()) for k, v in dd.items()})
         except Exception as exc:
             raise DatasetFormatError(f"The image column of dataset {name!r} cannot be read as images: {exc}") from exc
-    templates = validate_templates(templates if templates is not None else list(DEFAULT_TEMPLATES), f"dataset {name!r}")
+    templates = validate_templates(
+        templates if templates is not None else list(DEFAULT_TEMPLATES), f"dataset {name!r}"
+    )
     return ClassificationDataset(name=name, splits=dd, classnames=list(classnames), templates=templates, meta=meta)
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+def _align_to_spec(dd: datasets.DatasetDict, hub_names: list[str], spec: DatasetSpec):
+    """Map a Hub copy's label ids onto the spec's label order *by name*.
+
+    Hub copies often order (or spell) classes differently from the torchvision/CoOp order the class names
+    assume (Food-101 swaps cheesecake/cheese plate, a SUN397 copy swaps two jail classes, Caltech-101 copies
+    add a background class). Each Hub label name is matched, case- and punctuation-insensitively, against the
+    spec's source label names and class names; rows of unmatched Hub classes (e.g. a background class) are
+    dropped with a warning; one leftover on each side is paired with a warning (a typo such as CIFAR-100's
+    "cra" for "crab"); anything else that stays unmatched is an error naming the classes.
+    """
+    ours = {}
+    for names in (spec.source_label_names, spec.classnames):
+        for i, n in enumerate(names or ()):
+            ours.setdefault(_norm(n), i)
+    mapping = {h: ours.get(_norm(n)) for h, n in enumerate(hub_names)}
+    if any(v is not None for v in mapping.values()):
+        covered = {v for v in mapping.values() if v is not None}
+        left_ours = [i for i in range(spec.num_classes) if i not in covered]
+        left_hub = [h for h, v in mapping.items() if v is None]
+        if len(left_ours) == 1 and len(left_hub) == 1:
+            h, o = left_hub[0], left_ours[0]
+            warnings.warn(
+                f"{spec.qualified_name}: Hub label {hub_names[h]!r} matched to class {spec.classnames[o]!r} "
+                "(the only unmatched name on each side).",
+                stacklevel=4,
+            )
+            mapping[h], left_ours, left_hub = o, [], []
+        if left_ours:
+            raise DatasetFormatError(
+                f"The Hub copy of {spec.qualified_name!r} ({spec.hub_id}) has no label for class(es) "
+                f"{[spec.classnames[i] for i in left_ours][:10]}; its labels are {hub_names[:10]}..."
+            )
+        if left_hub:
+            warnings.warn(
+                f"{spec.qualified_name}: dropping rows of Hub classes not in the spec: {[hub_names[h] for h in left_hub]}",
+                stacklevel=4,
+            )
+    elif len(hub_names) == spec.num_classes:
+        warnings.warn(
+            f"{spec.qualified_name}: no Hub label name matches a class name; assuming the same label order.",
+            stacklevel=4,
+        )
+        mapping = {h: h for h in range(len(hub_names))}
+    else:
+        raise DatasetFormatError(
+            f"The Hub copy of {spec.qualified_name!r} ({spec.hub_id}) has {len(hub_names)} labels and none matches "
+            f"the spec's {spec.num_classes} class names."
+        )
+    if all(mapping[h] == h for h in mapping) and len(mapping) == spec.num_classes:
+        return dd, list(hub_names)
+    new_feature = datasets.ClassLabel(names=list(spec.classnames))
+    table = [mapping[h] if mapping[h] is not None else -1 for h in range(len(hub_names))]
+    out = {}
+    for split, ds in dd.items():
+        ds = ds.filter(lambda labs: [table[x] >= 0 for x in labs], input_columns="label", batched=True)
+        features = ds.features.copy()
+        features["label"] = new_feature
+        out[split] = ds.map(
+            lambda labs: {"label": [table[x] for x in labs]}, input_columns="label", batched=True, features=features
+        )
+    return datasets.DatasetDict(out), list(spec.classnames)
 
 
 def from_arrays(
@@ -319,9 +386,16 @@ def from_arrays(
         raise DatasetFormatError(f"Dataset {name!r}: {len(images)} images but {len(labels)} labels.")
     if len(images) == 0:
         raise DatasetFormatError(f"Dataset {name!r} is empty.")
+    labels = [int(x) for x in labels]
+    if min(labels) < 0 or max(labels) >= len(classnames):
+        raise ClassNamesError(
+            f"{len(classnames)} class names were given for dataset {name!r}, but its labels span "
+            f"{min(labels)}..{max(labels)} ({max(labels) + 1} classes)."
+        )
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(classnames))})
     imgs = [np.asarray(im) if not hasattr(im, "save") else im for im in images]
-    ds = datasets.Dataset.from_dict({"image": imgs, "label": [int(x) for x in labels]}, features=features)
+    ds = datasets.Dataset.from_dict({"image": imgs, "label": labels}, features=features)
     templates = validate_templates(templates, f"dataset {name!r}")
-    return ClassificationDataset(name=name, splits=datasets.DatasetDict({split: ds}), classnames=list(classnames),
-                                 templates=templates)
+    return ClassificationDataset(
+        name=name, splits=datasets.DatasetDict({split: ds}), classnames=list(classnames), templates=templates
+    )

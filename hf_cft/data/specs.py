@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
-from hf_cft.errors import UnknownDatasetError
 from hf_cft.data.templates import validate_classnames, validate_templates
+from hf_cft.errors import UnknownDatasetError
 
 BENCHMARKS = ("mtil", "base_to_novel")
 
@@ -37,6 +37,7 @@ class DatasetSpec:
     image_column: str = "image"
     label_column: str = "label"
     hub_label_names: tuple[str, ...] | None = None
+    source_label_names: tuple[str, ...] | None = None
     notes: str = ""
 
     @property
@@ -48,12 +49,13 @@ class DatasetSpec:
         return len(self.classnames)
 
     def __post_init__(self):
-        validate_classnames(self.classnames, owner=f"dataset {self.qualified_name!r}")
+        validate_classnames(self.classnames, owner=f"dataset {self.qualified_name!r}", duplicates="ignore")
         validate_templates(self.templates, owner=f"dataset {self.qualified_name!r}")
 
 
 def _from_json_entry(benchmark: str, name: str, entry: dict) -> DatasetSpec:
     label_names = entry.get("hub_label_names")
+    source_names = entry.get("source_label_names")
     return DatasetSpec(
         name=name,
         benchmark=benchmark,
@@ -66,11 +68,12 @@ def _from_json_entry(benchmark: str, name: str, entry: dict) -> DatasetSpec:
         image_column=entry.get("image_column") or "image",
         label_column=entry.get("label_column") or "label",
         hub_label_names=tuple(label_names) if label_names else None,
+        source_label_names=tuple(source_names) if source_names else None,
         notes=entry.get("notes", ""),
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_benchmark(benchmark: str) -> tuple[dict[str, DatasetSpec], dict[str, tuple[str, ...]]]:
     text = resources.files("hf_cft.data").joinpath("resources", f"{benchmark}.json").read_text(encoding="utf-8")
     raw = json.loads(text)

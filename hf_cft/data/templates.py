@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 from hf_cft.errors import ClassNamesError, TemplateError
@@ -25,8 +26,15 @@ def validate_templates(templates: Sequence[str], owner: str = "") -> list[str]:
     return templates
 
 
-def validate_classnames(classnames: Sequence[str], owner: str = "", num_labels: int | None = None) -> list[str]:
-    """Check that class names are non-empty strings, unique, and as many as the labels (if given)."""
+def validate_classnames(
+    classnames: Sequence[str], owner: str = "", num_labels: int | None = None, duplicates: str = "warn"
+) -> list[str]:
+    """Check that class names are non-empty strings and as many as the labels (if given).
+
+    Duplicated names occur in real sources (CLIP's ImageNet names hold "missile" twice); they make two classes
+    indistinguishable to a text head, so ``duplicates="warn"`` (default) warns naming them, ``"error"`` raises
+    :class:`ClassNamesError`, ``"ignore"`` accepts them silently.
+    """
     where = f" of {owner}" if owner else ""
     names = list(classnames)
     if not names:
@@ -36,9 +44,12 @@ def validate_classnames(classnames: Sequence[str], owner: str = "", num_labels: 
             raise ClassNamesError(f"Class name #{i}{where} is {n!r}; class names must be non-empty strings.")
     seen: dict[str, int] = {}
     for i, n in enumerate(names):
-        if n in seen:
-            raise ClassNamesError(f"Class name {n!r}{where} appears twice (ids {seen[n]} and {i}).")
-        seen[n] = i
+        if n in seen and duplicates != "ignore":
+            msg = f"Class name {n!r}{where} appears twice (ids {seen[n]} and {i})."
+            if duplicates == "error":
+                raise ClassNamesError(msg)
+            warnings.warn(msg + " The two classes get identical text features.", stacklevel=2)
+        seen.setdefault(n, i)
     if num_labels is not None and len(names) != num_labels:
         raise ClassNamesError(f"{len(names)} class names were given{where}, but its labels have {num_labels} classes.")
     return names

@@ -39,7 +39,7 @@ def decode_image(item, source: str = "dataset"):
     Image = _pil()
     if isinstance(item, Image.Image):
         img = item
-    elif isinstance(item, dict) or isinstance(item, (bytes, bytearray)):
+    elif isinstance(item, (dict, bytes, bytearray)):
         raw = item if isinstance(item, (bytes, bytearray)) else item.get("bytes")
         path = None if isinstance(item, (bytes, bytearray)) else item.get("path")
         try:
@@ -182,7 +182,11 @@ class ImageTransform:
 
 
 def apply_image_transform(
-    dataset, transform: ImageTransform, image_column: str = "image", label_column: str = "label", name: str | None = None
+    dataset,
+    transform: ImageTransform,
+    image_column: str = "image",
+    label_column: str = "label",
+    name: str | None = None,
 ):
     """``dataset.with_transform`` that yields ``pixel_values`` (and ``labels``) for each row.
 

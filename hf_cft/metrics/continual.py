@@ -127,4 +127,8 @@ class AccuracyMatrix:
         return AccuracyMatrix(list(names), self.values[np.ix_(idx, idx)])
 
     def to_dict(self) -> dict:
-        return {"names": list(self.names), "values": self.values.tolist(), "metrics": self.metrics() if self.complete else None}
+        return {
+            "names": list(self.names),
+            "values": self.values.tolist(),
+            "metrics": self.metrics() if self.complete else None,
+        }

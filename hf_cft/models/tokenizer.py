@@ -47,7 +47,7 @@ def read_clip_bpe(bpe_path: str | os.PathLike) -> tuple[dict[str, int], list[tup
     except (OSError, UnicodeDecodeError) as exc:
         raise TokenizerError(f"Cannot read CLIP BPE vocabulary {str(path)!r}: {exc}") from exc
     # line 0 is a version header; the next _NUM_MERGES lines are the merges actually used by CLIP
-    body = [line for line in lines[1 : 1 + _NUM_MERGES]]
+    body = lines[1 : 1 + _NUM_MERGES]
     if len(body) < _NUM_MERGES:
         raise TokenizerError(f"{str(path)!r} has {len(body)} merges; a CLIP BPE file has at least {_NUM_MERGES}.")
     merges: list[tuple[str, str]] = []

@@ -84,8 +84,9 @@ class FeatureCache:
         if self.directory is not None:
             from hf_cft.utils import atomic_save_safetensors
 
-            atomic_save_safetensors({k: v.contiguous().cpu() for k, v in tensors.items()},
-                                    self.directory / f"{key}.safetensors")
+            atomic_save_safetensors(
+                {k: v.contiguous().cpu() for k, v in tensors.items()}, self.directory / f"{key}.safetensors"
+            )
 
 
 @torch.no_grad()
@@ -123,8 +124,12 @@ class ZeroShotResult:
     labels: torch.Tensor | None = None
 
     def to_dict(self) -> dict:
-        return {"accuracy": self.accuracy, "correct": self.correct, "total": self.total,
-                "per_class_accuracy": self.per_class_accuracy}
+        return {
+            "accuracy": self.accuracy,
+            "correct": self.correct,
+            "total": self.total,
+            "per_class_accuracy": self.per_class_accuracy,
+        }
 
 
 def evaluate_zeroshot(
