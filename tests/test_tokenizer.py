@@ -66,3 +66,23 @@ def test_overlong_prompt_is_named(clip_tokenizer):
         tokenize_prompts(clip_tokenizer, ["a cat", "a photo of a very long class name indeed"], model)
     enc = tokenize_prompts(clip_tokenizer, ["a photo of a very long class name indeed"], model, truncate=True)
     assert enc["input_ids"].shape[1] == 8 and enc["input_ids"][0, -1] == 49407
+
+
+def test_trained_tokenizer_is_deterministic_and_clip_shaped():
+    from hf_cft.models.tokenizer import train_clip_tokenizer
+
+    texts = [f"a photo of a {c}." for c in ("cat", "dog", "tabby cat", "sea lion", "catamaran")] * 2
+    a = train_clip_tokenizer(texts, vocab_size=560)
+    b = train_clip_tokenizer(list(texts), vocab_size=560)
+    assert a.get_vocab() == b.get_vocab()
+    vocab = a.get_vocab()
+    assert vocab["a</w>"] == 320  # same byte-symbol layout as CLIP's vocabulary
+    assert a.eos_token_id == len(a) - 1 and a.bos_token_id == len(a) - 2 and a.pad_token_id == a.eos_token_id
+    ids = a("a photo of a tabby cat.")["input_ids"]
+    assert ids[0] == a.bos_token_id and ids[-1] == a.eos_token_id
+    assert len(ids) < len("a photo of a tabby cat.")  # merges were learned
+    assert a.decode(ids, skip_special_tokens=True).replace(" .", ".") == "a photo of a tabby cat."
+    with pytest.raises(TokenizerError, match="vocab_size"):
+        train_clip_tokenizer(texts, vocab_size=100)
+    with pytest.raises(TokenizerError, match="non-empty"):
+        train_clip_tokenizer(["", ""])

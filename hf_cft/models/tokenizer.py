@@ -132,3 +132,76 @@ def tokenize_prompts(
     padding = "max_length" if (model is not None and is_siglip(model)) else "longest"
     enc = tokenizer(prompts, padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
     return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+def train_clip_tokenizer(texts: Sequence[str], vocab_size: int = 1024, model_max_length: int = 77):
+    """Learn a small byte-level BPE on ``texts`` and return it as a real ``CLIPTokenizer``.
+
+    It uses CLIP's normaliser, pre-tokeniser and ``</w>`` end-of-word suffix, and lays the vocabulary out like
+    CLIP's (256 byte symbols, the same with ``</w>``, one entry per merge, then ``<|startoftext|>`` and
+    ``<|endoftext|>``), so everything downstream (EOS pooling, padding with EOS) behaves as with the full
+    vocabulary. Meant for tiny models (tests, the offline demo, private domains) where a 49,408-row embedding
+    would dwarf the model.
+
+    The merges are learned here rather than with ``tokenizers.trainers.BpeTrainer``, whose tie-breaking
+    between equally frequent pairs changes from run to run: the most frequent pair wins, ties go to the
+    lexicographically smallest pair, and pairs seen fewer than twice are never merged. Same texts and
+    ``vocab_size`` → the same tokenizer, on every machine.
+    """
+    from collections import Counter
+
+    from transformers import CLIPTokenizer
+
+    texts = [t for t in texts if t]
+    if not texts:
+        raise TokenizerError("train_clip_tokenizer needs at least one non-empty text.")
+    symbols = _byte_symbols()
+    if vocab_size < 2 * len(symbols) + 2:
+        raise TokenizerError(f"vocab_size must be at least {2 * len(symbols) + 2} (bytes, bytes</w>, 2 specials).")
+    template = CLIPTokenizer(vocab={SOT: 0, EOT: 1}, merges=[])  # for its normaliser and pre-tokeniser
+    normalizer = template.backend_tokenizer.normalizer
+    pre = template.backend_tokenizer.pre_tokenizer
+    words: Counter = Counter()
+    for text in texts:
+        for piece, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)):
+            if piece in (SOT, EOT):
+                continue
+            words[(*piece[:-1], piece[-1] + "</w>")] += 1
+    merges: list[tuple[str, str]] = []
+    budget = vocab_size - 2 * len(symbols) - 2
+    while len(merges) < budget:
+        pairs: Counter = Counter()
+        for word, freq in words.items():
+            for a, b in zip(word, word[1:]):
+                pairs[(a, b)] += freq
+        if not pairs:
+            break
+        best_count = max(pairs.values())
+        if best_count < 2:
+            break
+        best = min(p for p, c in pairs.items() if c == best_count)
+        merges.append(best)
+        joined = best[0] + best[1]
+        new_words: Counter = Counter()
+        for word, freq in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(joined)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            new_words[tuple(out)] += freq
+        words = new_words
+    tokens = symbols + [s + "</w>" for s in symbols]
+    seen = set(tokens)
+    kept = []
+    for a, b in merges:  # a merge can recreate an existing symbol only in degenerate corpora; keep ids unique
+        if a + b not in seen:
+            seen.add(a + b)
+            tokens.append(a + b)
+            kept.append((a, b))
+    tokens += [SOT, EOT]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=kept, model_max_length=model_max_length)

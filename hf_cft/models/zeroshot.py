@@ -145,13 +145,15 @@ def evaluate_zeroshot(
     num_workers: int = 0,
     progress: bool = False,
     name: str | None = None,
+    accelerator=None,
 ) -> ZeroShotResult:
     """Zero-shot accuracy of ``model`` on ``dataset``.
 
     ``dataset`` is a ``datasets.Dataset`` with ``image``/``label`` columns, or a
     :class:`~hf_cft.data.ClassificationDataset` (its ``test`` split, class names and templates are used unless
     given). ``transform`` defaults to :meth:`ImageTransform.from_model`. With a :class:`FeatureCache`, image
-    features are computed once per (model, data, transform) and reused.
+    features are computed once per (model, data, transform) and reused. With an ``accelerate.Accelerator`` the
+    images are sharded over the processes and the features gathered (every process gets the full result).
     """
     from torch.utils.data import DataLoader
 
@@ -194,7 +196,13 @@ def evaluate_zeroshot(
                 collate_fn=ImageClassificationCollator(),
                 num_workers=num_workers,
             )
+            if accelerator is not None:
+                loader = accelerator.prepare_data_loader(loader)
+                device = accelerator.device
             feats, labels = encode_images(model, loader, device=device, progress=progress)
+            if accelerator is not None and accelerator.num_processes > 1:
+                feats = accelerator.gather_for_metrics(feats.to(accelerator.device)).cpu()
+                labels = accelerator.gather_for_metrics(labels.to(accelerator.device)).cpu()
             if cache is not None:
                 cache.put(key, {"features": feats, "labels": labels})
         head = build_zeroshot_classifier(model, tokenizer, classnames, templates, device=device)

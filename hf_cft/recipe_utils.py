@@ -1,0 +1,55 @@
+"""Helpers shared by the recipes in ``recipes/``: argument parsing with ``--config file.yaml`` and loading a
+CLIP-like model with its tokenizer and image transform from a folder or Hub id."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def parse_recipe_args(*dataclass_types, args: list[str] | None = None):
+    """``HfArgumentParser`` over ``dataclass_types``; ``--config file.yaml`` supplies defaults that explicit
+    command-line flags override. Returns one instance per dataclass type."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if args is None else args)
+    config: dict = {}
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise SystemExit("--config needs a YAML file")
+        path = Path(argv[i + 1])
+        if not path.is_file():
+            raise SystemExit(f"--config: {path} does not exist")
+        config = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(config, dict):
+            raise SystemExit(f"--config: {path} must hold a mapping of argument names to values")
+        del argv[i : i + 2]
+    parser = HfArgumentParser(dataclass_types)
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise SystemExit(f"--config: unknown argument(s) {unknown}")
+    parser.set_defaults(**config)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def load_clip(name_or_path: str, tokenizer_name_or_path: str | None = None):
+    """Load ``(model, tokenizer, transform)`` from a folder or Hub id; the transform comes from the saved image
+    processor when there is one, else from the model's image size with CLIP statistics."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    from hf_cft.data.transforms import ImageTransform
+    from hf_cft.models.clip import check_clip_like
+    from hf_cft.models.tokenizer import load_tokenizer
+
+    model = AutoModel.from_pretrained(name_or_path)
+    check_clip_like(model)
+    tokenizer = load_tokenizer(tokenizer_name_or_path or name_or_path)
+    try:
+        transform = ImageTransform.from_processor(AutoImageProcessor.from_pretrained(name_or_path))
+    except (OSError, ValueError):
+        transform = ImageTransform.from_model(model)
+    return model.eval(), tokenizer, transform

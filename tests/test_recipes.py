@@ -1,0 +1,39 @@
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_zeroshot_recipe_offline_default(tmp_path):
+    zs = _load("zeroshot")
+    (args,) = zs.parse_recipe_args(zs.ZeroShotArguments, args=["--output_dir", str(tmp_path)])
+    assert args.datasets == ["digits"] and args.model_name_or_path is None
+    result = zs.main(args)
+    saved = json.loads((tmp_path / "zeroshot_results.json").read_text())
+    row = saved["results"]["digits"]
+    assert row["total"] == result["results"]["digits"]["total"] == 539
+    assert 0.0 <= row["accuracy"] <= 100.0 and row["num_classes"] == 10
+    assert "tiny random CLIP" in saved["model"]
+
+
+def test_recipe_config_file_and_overrides(tmp_path):
+    zs = _load("zeroshot")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("datasets: [a, b]\nbatch_size: 7\n")
+    (args,) = zs.parse_recipe_args(zs.ZeroShotArguments, args=["--config", str(cfg), "--batch_size", "9"])
+    assert args.datasets == ["a", "b"] and args.batch_size == 9
+    cfg.write_text("no_such_argument: 1\n")
+    with pytest.raises(SystemExit, match="no_such_argument"):
+        zs.parse_recipe_args(zs.ZeroShotArguments, args=["--config", str(cfg)])
