@@ -25,7 +25,15 @@ from hf_cft.models import (
     load_tokenizer,
 )
 
+from hf_cft.peft import CoOpConfig, LinearHeadConfig, VPTConfig  # noqa: E402
+from hf_cft.peft.registration import register as _register_peft_methods  # noqa: E402
+
+_register_peft_methods()
+
 __all__ = [
+    "CoOpConfig",
+    "LinearHeadConfig",
+    "VPTConfig",
     "AccuracyMatrix",
     "ClassificationDataset",
     "DatasetSpec",

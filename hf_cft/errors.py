@@ -63,3 +63,11 @@ class NotCLIPLikeError(HfCftError, TypeError):
 
 class TokenizerError(HfCftError, ValueError):
     """A tokenizer cannot be loaded or built, or its output does not fit the model."""
+
+
+class AdapterError(HfCftError, ValueError):
+    """A PEFT adapter cannot be built, loaded or used as asked (names the adapter)."""
+
+
+class AdapterMergeError(AdapterError):
+    """``merge_and_unload`` was asked of an adapter that adds tokens or a head and has no weights to merge into."""

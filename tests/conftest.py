@@ -24,15 +24,16 @@ class ToyTokenizer:
     bos, eos, pad = 97, 98, 1
     model_max_length = 77
 
-    def _ids(self, text):
-        return [self.bos] + [2 + (sum(map(ord, w)) * 7 + len(w)) % 95 for w in text.lower().split()] + [self.eos]
+    def _ids(self, text, special=True):
+        words = [2 + (sum(map(ord, w)) * 7 + len(w)) % 95 for w in text.lower().split()]
+        return [self.bos, *words, self.eos] if special else words
 
     def __call__(
         self, texts, padding=False, truncation=False, max_length=None, return_tensors=None, add_special_tokens=True
     ):
         if isinstance(texts, str):
             texts = [texts]
-        ids = [self._ids(t) for t in texts]
+        ids = [self._ids(t, add_special_tokens) for t in texts]
         if truncation and max_length:
             ids = [x[: max_length - 1] + [self.eos] if len(x) > max_length else x for x in ids]
         if padding in ("longest", True, "max_length"):

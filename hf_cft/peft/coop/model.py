@@ -1,0 +1,179 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTuner
+
+from hf_cft.errors import AdapterError, TokenizerError
+from hf_cft.peft.base import NoMergeTunerMixin, resolve_tokenizer
+from hf_cft.peft.coop.config import CoOpConfig
+from hf_cft.peft.coop.layer import CoOpLayer
+
+
+class CoOpModel(NoMergeTunerMixin, BaseTuner):
+    """CoOp soft prompts on the text tower of a CLIP-like model (see :class:`CoOpConfig`).
+
+    Use :meth:`class_text_features` to get the prompt-learned text head ``[C, d]`` for any class names (shared
+    context) or for the adapter's own classes (class-specific context).
+    """
+
+    prefix: str = "coop_"
+    tuner_layer_cls = CoOpLayer
+    target_module_mapping: dict = {}
+    method_name = "CoOp"
+
+    def _prepare_adapter_config(self, peft_config, model_config):
+        return peft_config
+
+    def _create_and_replace(self, peft_config: CoOpConfig, adapter_name, target, target_name, parent, current_key):
+        if not hasattr(target, "token_embedding"):
+            raise AdapterError(
+                f"CoOp adapter {adapter_name!r}: target {current_key!r} is a {type(target).__name__}, not a text "
+                "embeddings module with a token_embedding (CLIPTextEmbeddings)."
+            )
+        kwargs = self._layer_kwargs(peft_config, adapter_name, target)
+        if isinstance(target, CoOpLayer):
+            target.update_layer(adapter_name, **kwargs)
+        else:
+            self._replace_module(parent, target_name, CoOpLayer(target, adapter_name, **kwargs), target)
+
+    def _layer_kwargs(self, config: CoOpConfig, adapter_name: str, embeddings) -> dict:
+        tokenizer = resolve_tokenizer(config)
+        placeholder_id = config.placeholder_token_id
+        init = None
+        n_ctx = config.n_ctx
+        if tokenizer is not None:
+            placeholder_id = _single_token_id(tokenizer, config.placeholder_token, adapter_name)
+            if config.ctx_init:
+                init_ids = _word_ids(tokenizer, config.ctx_init)
+                if n_ctx is not None and n_ctx != len(init_ids):
+                    raise AdapterError(
+                        f"CoOp adapter {adapter_name!r}: ctx_init {config.ctx_init!r} is {len(init_ids)} tokens but "
+                        f"n_ctx={n_ctx}; leave n_ctx unset or make them agree."
+                    )
+                n_ctx = len(init_ids)
+                with torch.no_grad():
+                    init = embeddings.token_embedding.weight[torch.tensor(init_ids)].detach().float().clone()
+        elif config.ctx_init and config.n_ctx is None:
+            raise AdapterError(
+                f"CoOp adapter {adapter_name!r}: ctx_init={config.ctx_init!r} needs a tokenizer; call "
+                "config.set_tokenizer(tokenizer) or set tokenizer_name_or_path."
+            )
+        if placeholder_id is None:
+            raise AdapterError(
+                f"CoOp adapter {adapter_name!r} needs a tokenizer to find the id of its placeholder token "
+                f"{config.placeholder_token!r}: call config.set_tokenizer(tokenizer) or set tokenizer_name_or_path."
+            )
+        n_ctx = n_ctx or 16
+        config.n_ctx = n_ctx  # saved with the adapter, so loading needs no tokenizer
+        config.placeholder_token_id = int(placeholder_id)
+        return {
+            "n_ctx": n_ctx,
+            "n_contexts": len(config.classnames) if config.class_specific else 0,
+            "placeholder_id": placeholder_id,
+            "init": init,
+            "init_std": config.init_std,
+        }
+
+    # ------------------------------------------------------------------------------------------------ prompts
+
+    def _coop_layer(self) -> CoOpLayer:
+        for module in self.model.modules():
+            if isinstance(module, CoOpLayer):
+                return module
+        raise AdapterError("this model has no CoOp layer")
+
+    def build_prompts(self, tokenizer, classnames: Sequence[str], adapter_name: str | None = None) -> dict:
+        """Tokenised class prompts ``X X ... X <class>.`` (placement per ``class_token_position``)."""
+        from hf_cft.models.tokenizer import tokenize_prompts
+
+        name = adapter_name or self.active_adapters[0]
+        cfg: CoOpConfig = self.peft_config[name]
+        ph = " ".join([cfg.placeholder_token] * cfg.n_ctx)
+        half = cfg.n_ctx // 2
+        texts = []
+        for c in classnames:
+            if cfg.class_token_position == "end":
+                texts.append(f"{ph} {c}.")
+            elif cfg.class_token_position == "front":
+                texts.append(f"{c} {ph}.")
+            else:
+                first = " ".join([cfg.placeholder_token] * half)
+                rest = " ".join([cfg.placeholder_token] * (cfg.n_ctx - half))
+                texts.append(f"{first} {c} {rest}.".strip())
+        try:
+            enc = tokenize_prompts(tokenizer, texts, self.model)
+        except TokenizerError as exc:
+            too_long = [c for c, t in zip(classnames, texts) if t in str(exc)]
+            name_part = f"class {too_long[0]!r}" if too_long else "a class name"
+            raise AdapterError(
+                f"CoOp adapter {name!r}: {cfg.n_ctx} context tokens plus {name_part} do not fit the text tower's "
+                f"positions ({exc})"
+            ) from exc
+        ph_id = cfg.placeholder_token_id
+        counts = (enc["input_ids"] == ph_id).sum(1)
+        bad = [c for c, n in zip(classnames, counts.tolist()) if n != cfg.n_ctx]
+        if bad:
+            raise AdapterError(
+                f"CoOp adapter {name!r}: the prompt of class {bad[0]!r} does not hold exactly {cfg.n_ctx} "
+                f"placeholder tokens {cfg.placeholder_token!r} (the class name contains it?); choose another "
+                "placeholder_token."
+            )
+        return enc
+
+    def class_text_features(
+        self,
+        tokenizer,
+        classnames: Sequence[str] | None = None,
+        adapter_name: str | None = None,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        """Text features ``[C, d]`` of the learned prompts for ``classnames`` (default: the adapter's classes).
+
+        A shared context generalises to any class names (e.g. novel classes); a class-specific context only
+        exists for the classes it was trained on, in that order.
+        """
+        from hf_cft.models.clip import text_features
+
+        name = adapter_name or self.active_adapters[0]
+        cfg: CoOpConfig = self.peft_config[name]
+        if classnames is None:
+            if not cfg.classnames:
+                raise AdapterError(f"CoOp adapter {name!r} has no classnames; pass classnames=[...].")
+            classnames = cfg.classnames
+        classnames = list(classnames)
+        if cfg.class_specific and classnames != list(cfg.classnames):
+            raise AdapterError(
+                f"CoOp adapter {name!r} has class-specific contexts for {len(cfg.classnames)} classes "
+                f"({cfg.classnames[:3]}...); it cannot encode other classes ({classnames[:3]}...)."
+            )
+        enc = self.build_prompts(tokenizer, classnames, name)
+        device = next(self.model.parameters()).device
+        layer = self._coop_layer()
+        layer._row_classes = torch.arange(len(classnames)) if cfg.class_specific else None
+        try:
+            feats = text_features(
+                self.model, enc["input_ids"].to(device), enc["attention_mask"].to(device), normalize=False
+            )
+        finally:
+            layer._row_classes = None
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+
+def _word_ids(tokenizer, text: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    return [int(i) for i in ids]
+
+
+def _single_token_id(tokenizer, token: str, adapter_name: str) -> int:
+    ids = _word_ids(tokenizer, token)
+    if len(ids) != 1:
+        raise AdapterError(
+            f"CoOp adapter {adapter_name!r}: placeholder {token!r} is {len(ids)} tokens for this tokenizer; "
+            "choose a word that is a single token (CoOp uses 'X')."
+        )
+    return ids[0]

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTuner
+
+from hf_cft.errors import AdapterError
+from hf_cft.peft.base import NoMergeTunerMixin, resolve_tokenizer, single_active_adapter
+from hf_cft.peft.head.config import LinearHeadConfig
+from hf_cft.peft.head.layer import LinearHeadLayer
+
+
+class LinearHeadModel(NoMergeTunerMixin, BaseTuner):
+    """A zero-shot-initialised linear head on the image features of a CLIP-like model.
+
+    ``classify(pixel_values)`` returns ``normalize(f_img(x)) @ Wᵀ + b``; :meth:`head_logits` does the same from
+    precomputed (e.g. cached, frozen) normalised image features.
+    """
+
+    prefix: str = "head_"
+    tuner_layer_cls = LinearHeadLayer
+    target_module_mapping: dict = {}
+    method_name = "Linear-head"
+
+    def _prepare_adapter_config(self, peft_config, model_config):
+        return peft_config
+
+    def _create_and_replace(
+        self, peft_config: LinearHeadConfig, adapter_name, target, target_name, parent, current_key
+    ):
+        base = target.get_base_layer() if isinstance(target, LinearHeadLayer) else target
+        if not isinstance(base, torch.nn.Linear):
+            raise AdapterError(
+                f"Linear-head adapter {adapter_name!r}: target {current_key!r} is a {type(base).__name__}, not the image "
+                "projection (nn.Linear)."
+            )
+        init_weight = None
+        if peft_config.init == "zeroshot" and not peft_config.initialized:
+            init_weight = self._zeroshot_weight(peft_config, adapter_name)
+        peft_config.initialized = True
+        kwargs = {
+            "num_classes": peft_config.num_classes,
+            "bias": peft_config.use_bias,
+            "init_weight": init_weight,
+            "init": peft_config.init,
+        }
+        if isinstance(target, LinearHeadLayer):
+            target.update_layer(adapter_name, **kwargs)
+        else:
+            self._replace_module(parent, target_name, LinearHeadLayer(target, adapter_name, **kwargs), target)
+
+    def _zeroshot_weight(self, config: LinearHeadConfig, adapter_name: str) -> torch.Tensor:
+        tokenizer = resolve_tokenizer(config)
+        if tokenizer is None:
+            raise AdapterError(
+                f"Linear-head adapter {adapter_name!r} with init='zeroshot' needs a tokenizer: call "
+                "config.set_tokenizer(tokenizer) or set tokenizer_name_or_path (or use init='zeros')."
+            )
+        from hf_cft.models.clip import logit_scale
+        from hf_cft.models.zeroshot import build_zeroshot_classifier
+
+        templates = config.templates or ["a photo of a {}."]
+        with torch.no_grad():
+            head = build_zeroshot_classifier(self.model, tokenizer, config.classnames, templates)
+            return head * logit_scale(self.model).float()
+
+    def _head_layer(self) -> LinearHeadLayer:
+        for module in self.model.modules():
+            if isinstance(module, LinearHeadLayer):
+                return module
+        raise AdapterError("this model has no linear-head layer")
+
+    def head_logits(self, image_features: torch.Tensor, normalized: bool = True) -> torch.Tensor:
+        """Logits ``[N, C]`` from image features (normalised here unless ``normalized=True`` says they are)."""
+        layer = self._head_layer()
+        adapter = single_active_adapter(layer, "Linear head")
+        if adapter is None:
+            raise AdapterError("no linear-head adapter is active (disabled, or set_adapter to another one)")
+        feats = image_features if normalized else F.normalize(image_features, dim=-1)
+        w = layer.head_weight[adapter]
+        b = layer.head_bias[adapter] if adapter in layer.head_bias else None
+        return F.linear(feats.to(w.dtype), w, b)
+
+    def classify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, C]`` for images."""
+        from hf_cft.models.clip import image_features
+
+        return self.head_logits(image_features(self.model, pixel_values, normalize=True))
