@@ -24,7 +24,6 @@ from hf_cft.models import (
     evaluate_zeroshot,
     load_tokenizer,
 )
-
 from hf_cft.peft import CoOpConfig, LinearHeadConfig, VPTConfig  # noqa: E402
 from hf_cft.peft.registration import register as _register_peft_methods  # noqa: E402
 

@@ -14,9 +14,25 @@ from hf_cft.errors import AdapterError, AdapterMergeError
 
 
 class NoMergeTunerMixin:
-    """For tuners whose adapters add tokens or a head: there are no base weights to merge them into."""
+    """For tuners whose adapters add tokens or a head: there are no base weights to merge them into.
+
+    ``merge_and_unload`` raises :class:`AdapterMergeError`; ``unload`` puts every wrapped module back.
+    """
 
     method_name: str = "this method"
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            self._check_merge_allowed()
+        from peft.tuners.tuners_utils import BaseTunerLayer, _get_submodules
+
+        wrapped = [name for name, m in self.model.named_modules() if isinstance(m, BaseTunerLayer)]
+        for name in wrapped:
+            parent, target, target_name = _get_submodules(self.model, name)
+            setattr(parent, target_name, target.get_base_layer())
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
 
     def _check_merge_allowed(self):
         raise AdapterMergeError(

@@ -28,12 +28,13 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
         return peft_config
 
     def _create_and_replace(self, peft_config: CoOpConfig, adapter_name, target, target_name, parent, current_key):
-        if not hasattr(target, "token_embedding"):
+        base = target.get_base_layer() if isinstance(target, CoOpLayer) else target
+        if not hasattr(base, "token_embedding"):
             raise AdapterError(
-                f"CoOp adapter {adapter_name!r}: target {current_key!r} is a {type(target).__name__}, not a text "
+                f"CoOp adapter {adapter_name!r}: target {current_key!r} is a {type(base).__name__}, not a text "
                 "embeddings module with a token_embedding (CLIPTextEmbeddings)."
             )
-        kwargs = self._layer_kwargs(peft_config, adapter_name, target)
+        kwargs = self._layer_kwargs(peft_config, adapter_name, base)
         if isinstance(target, CoOpLayer):
             target.update_layer(adapter_name, **kwargs)
         else:
@@ -98,11 +99,11 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
             if cfg.class_token_position == "end":
                 texts.append(f"{ph} {c}.")
             elif cfg.class_token_position == "front":
-                texts.append(f"{c} {ph}.")
+                texts.append(f"{c} {ph} .")  # the space keeps "X." from fusing in word-level tokenizers
             else:
                 first = " ".join([cfg.placeholder_token] * half)
                 rest = " ".join([cfg.placeholder_token] * (cfg.n_ctx - half))
-                texts.append(f"{first} {c} {rest}.".strip())
+                texts.append(f"{first} {c} {rest} .".strip())
         try:
             enc = tokenize_prompts(tokenizer, texts, self.model)
         except TokenizerError as exc:

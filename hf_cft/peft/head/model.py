@@ -78,7 +78,7 @@ class LinearHeadModel(NoMergeTunerMixin, BaseTuner):
             raise AdapterError("no linear-head adapter is active (disabled, or set_adapter to another one)")
         feats = image_features if normalized else F.normalize(image_features, dim=-1)
         w = layer.head_weight[adapter]
-        b = layer.head_bias[adapter] if adapter in layer.head_bias else None
+        b = layer.head_bias.get(adapter, None)
         return F.linear(feats.to(w.dtype), w, b)
 
     def classify(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,279 @@
+"""hf_cft's PEFT method types on tiny CLIPs: registration, round trips, multi-adapter use, method semantics."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+
+import hf_cft  # noqa: F401  (registers the method types)
+from hf_cft import CoOpConfig, LinearHeadConfig, VPTConfig
+from hf_cft.errors import AdapterError, AdapterMergeError
+from hf_cft.models import build_zeroshot_classifier, clip_logits, image_features, text_features, tokenize_prompts
+from hf_cft.peft.coop import CoOpLayer
+from hf_cft.testing import tiny_clip
+
+CLASSES = ["cat", "dog", "sea lion"]
+PIXELS = torch.randn(3, 3, 30, 30, generator=torch.Generator().manual_seed(0))
+
+
+def _configs(tok):
+    return {
+        "coop": lambda: CoOpConfig(n_ctx=4, classnames=CLASSES).set_tokenizer(tok),
+        "coop_init": lambda: CoOpConfig(ctx_init="a photo of a", classnames=CLASSES).set_tokenizer(tok),
+        "coop_csc": lambda: CoOpConfig(n_ctx=3, class_specific=True, classnames=CLASSES).set_tokenizer(tok),
+        "coop_middle": lambda: CoOpConfig(n_ctx=4, class_token_position="middle", classnames=CLASSES).set_tokenizer(
+            tok
+        ),
+        "coop_front": lambda: CoOpConfig(n_ctx=4, class_token_position="front", classnames=CLASSES).set_tokenizer(tok),
+        "vpt": lambda: VPTConfig(n_tokens=3),
+        "vpt_deep": lambda: VPTConfig(n_tokens=2, deep=True),
+        "head": lambda: LinearHeadConfig(classnames=CLASSES, templates=["a photo of a {}."]).set_tokenizer(tok),
+        "lora": lambda: LoraConfig(r=4, target_modules=["q_proj", "v_proj", "fc1"], init_lora_weights=False),
+    }
+
+
+METHODS = ["coop", "coop_init", "coop_csc", "coop_middle", "coop_front", "vpt", "vpt_deep", "head", "lora"]
+
+
+def _randomise(model, seed=1):
+    """Move every trainable parameter away from its init, so a round trip that loses them is caught."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def _outputs(model, tok, method):
+    """What each method changes: class text features (CoOp), image features (VPT, LoRA), head logits."""
+    with torch.no_grad():
+        if method.startswith("coop"):
+            return model.class_text_features(tok)
+        if method == "head":
+            return model.classify(PIXELS)
+        enc = tokenize_prompts(tok, [f"a photo of a {c}." for c in CLASSES], model)
+        return torch.cat(
+            [image_features(model, PIXELS), text_features(model, enc["input_ids"], enc["attention_mask"])]
+        )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_round_trip_identical_outputs(method, toy_tokenizer, tmp_path):
+    model = get_peft_model(tiny_clip(), _configs(toy_tokenizer)[method]())
+    _randomise(model)
+    before = _outputs(model, toy_tokenizer, method)
+    model.save_pretrained(tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert "adapter_model.safetensors" in files and "adapter_config.json" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth"))]
+    config = PeftConfig.from_pretrained(tmp_path)
+    assert type(config) is type(model.peft_config["default"])
+    loaded = PeftModel.from_pretrained(tiny_clip(), tmp_path)
+    torch.testing.assert_close(_outputs(loaded, toy_tokenizer, method), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_disable_adapter_gives_base_outputs(method, toy_tokenizer):
+    base = tiny_clip()
+    model = get_peft_model(tiny_clip(), _configs(toy_tokenizer)[method]())
+    _randomise(model)
+    enc = tokenize_prompts(toy_tokenizer, ["a photo of a cat.", "a dog"], base)
+    with torch.no_grad():
+        ref = (image_features(base, PIXELS), text_features(base, enc["input_ids"], enc["attention_mask"]))
+        on = (image_features(model, PIXELS), text_features(model, enc["input_ids"], enc["attention_mask"]))
+        with model.disable_adapter():
+            off = (image_features(model, PIXELS), text_features(model, enc["input_ids"], enc["attention_mask"]))
+    torch.testing.assert_close(off[0], ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(off[1], ref[1], rtol=0, atol=0)
+    if method in ("vpt", "vpt_deep", "lora"):
+        assert not torch.allclose(on[0], ref[0])
+    if method.startswith("coop"):  # ordinary prompts (no placeholders) are untouched by CoOp
+        torch.testing.assert_close(on[1], ref[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["coop", "vpt", "head", "lora"])
+def test_two_adapters_on_one_model(method, toy_tokenizer, tmp_path):
+    make = _configs(toy_tokenizer)[method]
+    a = get_peft_model(tiny_clip(), make())
+    _randomise(a)
+    out_a = _outputs(a, toy_tokenizer, method)
+    a.save_pretrained(tmp_path / "a")
+    b = get_peft_model(tiny_clip(), make())
+    _randomise(b, seed=2)
+    out_b = _outputs(b, toy_tokenizer, method)
+    b.save_pretrained(tmp_path / "b")
+
+    model = PeftModel.from_pretrained(tiny_clip(), tmp_path / "a", adapter_name="a")
+    model.load_adapter(tmp_path / "b", adapter_name="b")
+    assert set(model.peft_config) == {"a", "b"}
+    model.set_adapter("b")
+    torch.testing.assert_close(_outputs(model, toy_tokenizer, method), out_b, rtol=0, atol=0)
+    model.set_adapter("a")
+    torch.testing.assert_close(_outputs(model, toy_tokenizer, method), out_a, rtol=0, atol=0)
+    assert not torch.allclose(out_a, out_b)
+
+
+@pytest.mark.parametrize("method", ["coop", "coop_csc", "vpt", "vpt_deep", "head"])
+def test_merge_and_unload_is_refused_but_unload_works(method, toy_tokenizer):
+    model = get_peft_model(tiny_clip(), _configs(toy_tokenizer)[method]())
+    with pytest.raises(AdapterMergeError, match="cannot be merged"):
+        model.merge_and_unload()
+    base = model.unload()
+    assert not any("coop_" in n or "vpt_" in n or "head_" in n for n, _ in base.named_parameters())
+
+
+def test_only_adapter_parameters_train(toy_tokenizer):
+    model = get_peft_model(tiny_clip(), _configs(toy_tokenizer)["coop"]())
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names == ["base_model.model.text_model.embeddings.coop_ctx.default"]
+    feats = model.class_text_features(toy_tokenizer)
+    feats.sum().backward()
+    ctx = model.base_model.model.text_model.embeddings.coop_ctx["default"]
+    assert ctx.grad is not None and ctx.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------------- CoOp semantics
+
+
+def test_coop_init_reproduces_the_hand_crafted_prompt(toy_tokenizer):
+    """Context initialised from 'a photo of a' + class at the end == encoding 'a photo of a <class>.'."""
+    base = tiny_clip()
+    model = get_peft_model(tiny_clip(), _configs(toy_tokenizer)["coop_init"]())
+    assert model.peft_config["default"].n_ctx == 4
+    enc = tokenize_prompts(toy_tokenizer, [f"a photo of a {c}." for c in CLASSES], base)
+    with torch.no_grad():
+        expected = text_features(base, enc["input_ids"], enc["attention_mask"])
+        got = model.class_text_features(toy_tokenizer)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_coop_keeps_input_ids_and_pools_at_eos(toy_tokenizer):
+    model = get_peft_model(tiny_clip(), _configs(toy_tokenizer)["coop"]())
+    enc = model.build_prompts(toy_tokenizer, CLASSES)
+    ids = enc["input_ids"]
+    ph = model.peft_config["default"].placeholder_token_id
+    assert ((ids == ph).sum(1) == 4).all() and (ids[:, 1:5] == ph).all()
+    # "sea lion" is one token longer: EOS sits one position later, and pooling follows it
+    eos = (ids == toy_tokenizer.eos).int().argmax(1)
+    assert eos.tolist()[2] == eos.tolist()[0] + 1
+
+
+def test_coop_class_specific_uses_each_class_context(toy_tokenizer):
+    model = get_peft_model(tiny_clip(), _configs(toy_tokenizer)["coop_csc"]())
+    layer = next(m for m in model.modules() if isinstance(m, CoOpLayer))
+    assert layer.coop_ctx["default"].shape == (3, 3, 32)
+    before = model.class_text_features(toy_tokenizer).detach()
+    with torch.no_grad():
+        layer.coop_ctx["default"][1].add_(1.0)  # change only the dog context
+    after = model.class_text_features(toy_tokenizer).detach()
+    changed = (after - before).abs().sum(1) > 1e-6
+    assert changed.tolist() == [False, True, False]
+    with pytest.raises(AdapterError, match="class-specific"):
+        model.class_text_features(toy_tokenizer, ["cat", "dog", "fox"])
+
+
+def test_coop_shared_context_generalises_to_new_classes(toy_tokenizer):
+    model = get_peft_model(tiny_clip(), _configs(toy_tokenizer)["coop"]())
+    feats = model.class_text_features(toy_tokenizer, ["fox", "owl"])
+    assert feats.shape == (2, 16)
+
+
+@pytest.mark.parametrize("position, slots", [("middle", [1, 2, 4, 5]), ("front", [2, 3, 4, 5])])
+def test_coop_class_token_positions(position, slots, toy_tokenizer):
+    model = get_peft_model(tiny_clip(), _configs(toy_tokenizer)[f"coop_{position}"]())
+    ids = model.build_prompts(toy_tokenizer, ["cat"])["input_ids"][0]
+    ph = model.peft_config["default"].placeholder_token_id
+    assert (ids == ph).nonzero().flatten().tolist() == slots
+
+
+def test_coop_overflow_names_the_class(toy_tokenizer):
+    model = get_peft_model(tiny_clip(max_position_embeddings=12), _configs(toy_tokenizer)["coop"]())
+    long_name = "very long class name with many many words"
+    with pytest.raises(AdapterError, match=long_name):
+        model.class_text_features(toy_tokenizer, ["cat", long_name])
+
+
+def test_coop_config_errors(toy_tokenizer):
+    with pytest.raises(AdapterError, match="classnames"):
+        CoOpConfig(class_specific=True)
+    with pytest.raises(AdapterError, match="class_token_position"):
+        CoOpConfig(class_token_position="left")
+    with pytest.raises(AdapterError, match="4 tokens but n_ctx=8"):
+        get_peft_model(tiny_clip(), CoOpConfig(n_ctx=8, ctx_init="a photo of a").set_tokenizer(toy_tokenizer))
+    with pytest.raises(AdapterError, match="tokenizer"):
+        get_peft_model(tiny_clip(), CoOpConfig(n_ctx=4))
+    model = get_peft_model(tiny_clip(), _configs(toy_tokenizer)["coop"]())
+    with pytest.raises(AdapterError, match="'x ray'"):  # the placeholder word inside a class name
+        model.class_text_features(toy_tokenizer, ["cat", "x ray"])
+
+
+# --------------------------------------------------------------------------------------------- VPT, head
+
+
+def test_vpt_inserts_tokens_after_cls(toy_tokenizer):
+    model = get_peft_model(tiny_clip(), VPTConfig(n_tokens=3))
+    seen = {}
+    enc_layer = model.base_model.model.vision_model.encoder.layers[0]
+    handle = enc_layer.register_forward_pre_hook(lambda m, args: seen.update(len=args[0].shape[1]))
+    with torch.no_grad():
+        image_features(model, PIXELS)
+    handle.remove()
+    assert seen["len"] == 1 + 3 + (30 // 2) ** 2
+
+
+def test_vpt_deep_prompts_get_gradients():
+    model = get_peft_model(tiny_clip(), VPTConfig(n_tokens=2, deep=True))
+    image_features(model, PIXELS).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert len(grads) == 2  # embeddings + layer 1 (layer 0 sees the embeddings' prompts)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_head_zero_shot_init_matches_zero_shot_logits(toy_tokenizer):
+    base = tiny_clip()
+    templates = ["a photo of a {}.", "a drawing of a {}."]
+    cfg = LinearHeadConfig(classnames=CLASSES, templates=templates).set_tokenizer(toy_tokenizer)
+    model = get_peft_model(tiny_clip(), cfg)
+    with torch.no_grad():
+        expected = clip_logits(
+            base, image_features(base, PIXELS), build_zeroshot_classifier(base, toy_tokenizer, CLASSES, templates)
+        )
+        got = model.classify(PIXELS)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_head_errors(toy_tokenizer):
+    with pytest.raises(AdapterError, match="num_classes or classnames"):
+        LinearHeadConfig(init="zeros")
+    with pytest.raises(AdapterError, match="needs a tokenizer"):
+        get_peft_model(tiny_clip(), LinearHeadConfig(classnames=CLASSES))
+    model = get_peft_model(tiny_clip(), LinearHeadConfig(num_classes=5, init="zeros"))
+    assert model.classify(PIXELS).abs().sum() == 0
+
+
+def test_round_trip_in_a_new_process(toy_tokenizer, tmp_path):
+    """Save here, load in a fresh interpreter that only imports hf_cft: same class text features."""
+    model = get_peft_model(tiny_clip(), _configs(toy_tokenizer)["coop"]())
+    _randomise(model)
+    torch.save(model.class_text_features(toy_tokenizer).detach(), tmp_path / "expected.pt")
+    model.save_pretrained(tmp_path / "adapter")
+    code = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
+        import hf_cft
+        from peft import PeftModel
+        from hf_cft.testing import tiny_clip
+        from conftest import ToyTokenizer
+        m = PeftModel.from_pretrained(tiny_clip(), {str(tmp_path / "adapter")!r})
+        got = m.class_text_features(ToyTokenizer())
+        exp = torch.load({str(tmp_path / "expected.pt")!r})
+        assert torch.equal(got, exp), (got - exp).abs().max()
+        print("OK")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
