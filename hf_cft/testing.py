@@ -58,3 +58,34 @@ def tiny_clip_for_tokenizer(seed: int = 0, **config_kwargs):
     kw = dict(vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
     kw.update(config_kwargs)
     return tiny_clip(seed, **kw)
+
+
+def clip_vit_b16_config():
+    """The ``CLIPConfig`` of OpenAI CLIP ViT-B/16 (149.6M parameters), for shape-true benchmarks with random
+    weights (build it under ``torch.device("meta")`` to count parameters without allocating them)."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=512,
+            intermediate_size=2048,
+            num_attention_heads=8,
+            num_hidden_layers=12,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=1,
+            projection_dim=512,
+        ),
+        vision_config=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            image_size=224,
+            patch_size=16,
+            projection_dim=512,
+        ),
+        projection_dim=512,
+    )

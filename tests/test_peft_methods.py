@@ -277,3 +277,33 @@ def test_round_trip_in_a_new_process(toy_tokenizer, tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda: CoOpConfig(n_ctx=4, placeholder_token_id=343), 4 * 512),
+        (lambda: CoOpConfig(n_ctx=16, placeholder_token_id=343), 16 * 512),
+        (
+            lambda: CoOpConfig(n_ctx=16, class_specific=True, classnames=list("abcdefghij"), placeholder_token_id=343),
+            10 * 16 * 512,
+        ),
+        (lambda: VPTConfig(n_tokens=8), 8 * 768),
+        (lambda: VPTConfig(n_tokens=8, deep=True), 12 * 8 * 768),
+        (lambda: LinearHeadConfig(num_classes=10, init="zeros"), 10 * 512 + 10),
+        (
+            lambda: LoraConfig(r=64, lora_alpha=1, use_rslora=True, target_modules=["fc1", "fc2"]),
+            12 * 491_520 + 12 * 327_680,
+        ),
+    ],
+)
+def test_trainable_counts_on_vit_b16_shape(make, expected):
+    from transformers import CLIPModel
+
+    from hf_cft.testing import clip_vit_b16_config
+
+    with torch.device("meta"):
+        model = get_peft_model(CLIPModel(clip_vit_b16_config()), make())
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == expected
+    assert total - trainable == 149_620_737  # CLIP ViT-B/16
