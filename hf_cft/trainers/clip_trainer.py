@@ -1,0 +1,263 @@
+"""``ClipClassificationTrainer``: classification fine-tuning of CLIP-like models with any hf_cft PEFT method
+(CoOp, VPT, linear head), PEFT LoRA, or full fine-tuning.
+
+Logits are ``exp(logit_scale) · cos(image, class text)``, with the class text features recomputed once per step
+for all classes (or taken from the linear head), image features once per batch. Frozen towers run without a
+graph, and a frozen text tower's head is computed once and reused.
+
+The user's model is wrapped in a small :class:`ClipClassifier` module so that, under DDP, the whole computation
+runs through the wrapped module's ``forward`` (gradients are synchronised only for work done inside it);
+checkpoints and ``save_model`` still save the user's model (a PEFT adapter folder or a full model).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer
+
+from hf_cft.data.templates import format_prompts, validate_classnames, validate_templates
+from hf_cft.data.transforms import ImageClassificationCollator
+from hf_cft.errors import AdapterError
+from hf_cft.models.clip import check_clip_like, image_features, logit_scale, text_features
+from hf_cft.models.tokenizer import tokenize_prompts
+from hf_cft.trainers.clip_config import ClipTrainingArguments
+
+
+def _find_tuner(model: nn.Module, cls_name: str):
+    base_model = getattr(model, "base_model", None)
+    if base_model is not None and type(base_model).__name__ == cls_name:
+        return base_model
+    return None
+
+
+def _active_adapter_type(model: nn.Module) -> str | None:
+    cfg = getattr(model, "peft_config", None)
+    active = getattr(model, "active_adapter", None)
+    if isinstance(cfg, dict) and isinstance(active, str) and active in cfg:
+        return str(cfg[active].peft_type)
+    return None
+
+
+_HEAD_PARAMS = ("head_weight", "head_bias")
+
+
+def _has_trainable(module: nn.Module, needles: Sequence[str]) -> bool:
+    return any(
+        p.requires_grad and any(n in name for n in needles) and not any(h in name for h in _HEAD_PARAMS)
+        for name, p in module.named_parameters()
+    )
+
+
+class ClipClassifier(nn.Module):
+    """``pixel_values`` (+ tokenised class prompts) → class logits, for any supported model / method.
+
+    ``mode`` is ``"head"`` (a linear-head adapter), ``"coop"`` (CoOp prompts) or ``"text"`` (class prompts
+    through the text tower: LoRA, VPT, full fine-tuning, zero-shot).
+    """
+
+    def __init__(self, model: nn.Module, mode: str):
+        super().__init__()
+        self.model = model
+        self.mode = mode
+        self._frozen_text: dict[tuple, torch.Tensor] = {}
+
+    def text_trainable(self) -> bool:
+        return self.mode == "coop" or _has_trainable(self.model, ("text_model", "text_projection"))
+
+    def vision_trainable(self) -> bool:
+        return _has_trainable(self.model, ("vision_model", "visual_projection"))
+
+    def class_head(self, input_ids, attention_mask, num_templates: int, row_classes=None) -> torch.Tensor:
+        key = (input_ids.data_ptr(), tuple(input_ids.shape), num_templates)
+        if not self.text_trainable() and key in self._frozen_text:
+            return self._frozen_text[key]
+        layer = None
+        if row_classes is not None:
+            from hf_cft.peft.coop import CoOpLayer
+
+            layer = next(m for m in self.model.modules() if isinstance(m, CoOpLayer))
+            layer._row_classes = row_classes
+        try:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_trainable()):
+                feats = text_features(self.model, input_ids, attention_mask, normalize=True)
+        finally:
+            if layer is not None:
+                layer._row_classes = None
+        if num_templates > 1:
+            feats = F.normalize(feats.view(-1, num_templates, feats.shape[-1]).mean(1), dim=-1)
+        if not self.text_trainable():
+            self._frozen_text = {key: feats.detach()}
+        return feats
+
+    def forward(self, pixel_values, input_ids=None, attention_mask=None, num_templates: int = 1, row_classes=None):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_trainable()):
+            img = image_features(self.model, pixel_values, normalize=True)
+        if self.mode == "head":
+            return _find_tuner(self.model, "LinearHeadModel").head_logits(img)
+        head = self.class_head(input_ids, attention_mask, num_templates, row_classes)
+        return logit_scale(self.model).to(img.dtype) * img @ head.to(img.dtype).t()
+
+
+class ClipClassificationTrainer(Trainer):
+    """A ``Trainer`` for CLIP-like classification with class-name text heads.
+
+    Args:
+        model: a ``CLIPModel``/``SiglipModel`` (full fine-tuning), or a ``PeftModel`` with CoOp, VPT, a linear head
+            or LoRA.
+        args: :class:`ClipTrainingArguments`.
+        classnames, templates: the task's class names (in label order) and prompt templates.
+        tokenizer: the model's tokenizer (saved with checkpoints as the processing class).
+        train_dataset / eval_dataset: datasets yielding ``pixel_values`` and ``labels`` (see
+            :func:`hf_cft.data.apply_image_transform`).
+    """
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a batch mean: the Trainer divides by the GA steps
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: ClipTrainingArguments,
+        classnames: Sequence[str],
+        templates: Sequence[str],
+        tokenizer,
+        train_dataset=None,
+        eval_dataset=None,
+        data_collator=None,
+        compute_metrics=None,
+        **kwargs,
+    ):
+        if not isinstance(args, ClipTrainingArguments):
+            raise TypeError("ClipClassificationTrainer needs ClipTrainingArguments (label_names, column handling).")
+        check_clip_like(model)
+        self.classnames = validate_classnames(classnames, owner="the trainer")
+        self.templates = validate_templates(templates, owner="the trainer")
+        self.tokenizer = tokenizer
+        adapter_type = _active_adapter_type(model)
+        mode = {"HF_CFT_HEAD": "head", "HF_CFT_COOP": "coop"}.get(adapter_type, "text")
+        if args.freeze_logit_scale:
+            base = check_clip_like(model)
+            base.logit_scale.requires_grad_(False)
+            if getattr(base, "logit_bias", None) is not None:
+                base.logit_bias.requires_grad_(False)
+        if mode == "head":
+            cfg = model.peft_config[model.active_adapter]
+            if cfg.num_classes != len(self.classnames):
+                raise AdapterError(
+                    f"linear-head adapter {model.active_adapter!r} has {cfg.num_classes} classes, the task "
+                    f"{len(self.classnames)}."
+                )
+        self.clip_model = model
+        self._text_inputs_cache: dict[bool, dict] = {}
+        super().__init__(
+            model=ClipClassifier(model, mode),
+            args=args,
+            data_collator=data_collator or ImageClassificationCollator(),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            compute_metrics=compute_metrics or _accuracy_metric,
+            **kwargs,
+        )
+        self.model_accepts_loss_kwargs = False
+        self._metric_sums: dict[str, list[float]] = {"train": [], "eval": []}
+
+    # ------------------------------------------------------------------------------------------------ inputs
+
+    def _text_inputs(self, train: bool) -> dict:
+        """Tokenised class prompts on the model's device (built once per mode)."""
+        if train in self._text_inputs_cache:
+            return self._text_inputs_cache[train]
+        mode = self.model.mode
+        device = self.args.device
+        if mode == "head":
+            out = {}
+        elif mode == "coop":
+            tuner = _find_tuner(self.clip_model, "CoOpModel")
+            cfg = tuner.peft_config[self.clip_model.active_adapter]
+            if cfg.class_specific and list(cfg.classnames) != list(self.classnames):
+                raise AdapterError(
+                    f"CoOp adapter {self.clip_model.active_adapter!r} is class-specific for {cfg.classnames[:3]}...; "
+                    f"the task's classes are {self.classnames[:3]}..."
+                )
+            enc = tuner.build_prompts(self.tokenizer, self.classnames)
+            out = {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+            if cfg.class_specific:
+                out["row_classes"] = torch.arange(len(self.classnames))
+        else:
+            which = self.args.train_templates if train else self.args.eval_templates
+            templates = self.templates[:1] if which == "first" else self.templates
+            enc = tokenize_prompts(self.tokenizer, format_prompts(self.classnames, templates), self.clip_model)
+            out = {
+                "input_ids": enc["input_ids"].to(device),
+                "attention_mask": enc["attention_mask"].to(device),
+                "num_templates": len(templates),
+            }
+        self._text_inputs_cache[train] = out
+        return out
+
+    # ------------------------------------------------------------------------------------------------ loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        logits = model(pixel_values=inputs["pixel_values"], **self._text_inputs(train=model.training))
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing)
+        mode = "train" if model.training else "eval"
+        acc = (logits.detach().argmax(-1) == labels).float().mean()
+        self._metric_sums[mode].append(float(self.accelerator.gather_for_metrics(acc.reshape(1)).mean()))
+        return (loss, logits) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, logits = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        return loss.detach(), logits.detach(), inputs["labels"]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        values = self._metric_sums[mode]
+        if values and not (mode == "eval" and "eval_accuracy" in logs):
+            key = "eval_batch_accuracy" if mode == "eval" else "train_accuracy"
+            logs[key] = 100.0 * float(np.mean(values))
+        self._metric_sums[mode] = []
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------------ saving
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.clip_model.save_pretrained(output_dir)  # a PEFT adapter folder, or a full model (safetensors)
+        if hasattr(self.processing_class, "save_pretrained"):
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        from peft import PeftModel, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        if isinstance(self.clip_model, PeftModel):
+            name = self.clip_model.active_adapter
+            state = load_file(os.path.join(resume_from_checkpoint, "adapter_model.safetensors"))
+            set_peft_model_state_dict(self.clip_model, state, adapter_name=name)
+        else:
+            from transformers.modeling_utils import load_sharded_checkpoint
+
+            if os.path.isfile(os.path.join(resume_from_checkpoint, "model.safetensors")):
+                self.clip_model.load_state_dict(load_file(os.path.join(resume_from_checkpoint, "model.safetensors")))
+            else:
+                load_sharded_checkpoint(self.clip_model, resume_from_checkpoint)
+
+
+def _accuracy_metric(eval_pred) -> dict[str, float]:
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean() * 100.0)}

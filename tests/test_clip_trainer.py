@@ -1,0 +1,124 @@
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from hf_cft import CoOpConfig, LinearHeadConfig, VPTConfig
+from hf_cft.data import ImageTransform, apply_image_transform, from_arrays
+from hf_cft.testing import tiny_clip
+from hf_cft.trainers import ClipClassificationTrainer, ClipTrainingArguments
+
+CLASSES = ["cat", "dog", "sea lion"]
+TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
+
+
+def _data(n=24, seed=0):
+    """Images whose mean colour encodes the class: learnable by any method in a few steps."""
+    rng = np.random.default_rng(seed)
+    labels = [i % 3 for i in range(n)]
+    imgs = []
+    for lab in labels:
+        img = rng.integers(0, 60, (30, 30, 3)).astype(np.uint8)
+        img[..., lab] += 150
+        imgs.append(img)
+    ds = from_arrays(imgs, labels, CLASSES, TEMPLATES, name="toy")["train"]
+    return apply_image_transform(ds, ImageTransform(size=30, crop_size=30))
+
+
+def _args(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=12,
+        learning_rate=0.05,
+        num_train_epochs=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+        optim="sgd",
+        lr_scheduler_type="constant",
+    )
+    base.update(kw)
+    return ClipTrainingArguments(**base)
+
+
+def _peft(method, tok):
+    return {
+        "coop": lambda: get_peft_model(tiny_clip(), CoOpConfig(n_ctx=4).set_tokenizer(tok)),
+        "coop_csc": lambda: get_peft_model(
+            tiny_clip(), CoOpConfig(n_ctx=2, class_specific=True, classnames=CLASSES).set_tokenizer(tok)
+        ),
+        "vpt": lambda: get_peft_model(tiny_clip(), VPTConfig(n_tokens=2)),
+        "head": lambda: get_peft_model(
+            tiny_clip(), LinearHeadConfig(classnames=CLASSES, templates=TEMPLATES).set_tokenizer(tok)
+        ),
+        "lora": lambda: get_peft_model(tiny_clip(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])),
+        "full": lambda: tiny_clip(),
+    }[method]()
+
+
+@pytest.mark.parametrize("method", ["coop", "coop_csc", "vpt", "head", "lora", "full"])
+def test_every_method_trains_only_its_parameters(method, toy_tokenizer, tmp_path):
+    model = _peft(method, toy_tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = ClipClassificationTrainer(
+        model, _args(tmp_path, max_steps=2), CLASSES, TEMPLATES, toy_tokenizer, train_dataset=_data()
+    )
+    trainer.train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed and changed <= trainable
+    assert not any("logit_scale" in n for n in changed)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and all(np.isfinite(h["loss"]) and "train_accuracy" in h for h in logs)
+
+
+def test_coop_training_lowers_loss_and_evaluates(toy_tokenizer, tmp_path):
+    model = _peft("coop", toy_tokenizer)
+    data = _data(48)
+    args = _args(tmp_path, num_train_epochs=8, learning_rate=0.5)
+    trainer = ClipClassificationTrainer(
+        model, args, CLASSES, TEMPLATES, toy_tokenizer, train_dataset=data, eval_dataset=data
+    )
+    start = trainer.evaluate()
+    trainer.train()
+    end = trainer.evaluate()
+    assert end["eval_loss"] < start["eval_loss"]
+    assert end["eval_accuracy"] >= start["eval_accuracy"]
+    assert 0.0 <= end["eval_accuracy"] <= 100.0
+
+
+def test_gradient_accumulation_matches_large_batch(toy_tokenizer, tmp_path):
+    """GA=2 × batch 4 and GA=1 × batch 8 see the same 8 images: one SGD step must give the same update."""
+    results = []
+    for bs, ga in ((8, 1), (4, 2)):
+        model = _peft("coop", toy_tokenizer)
+        args = _args(tmp_path / f"{bs}", per_device_train_batch_size=bs, gradient_accumulation_steps=ga, max_steps=1)
+        ClipClassificationTrainer(model, args, CLASSES, TEMPLATES, toy_tokenizer, train_dataset=_data(8)).train()
+        results.append(next(p for n, p in model.named_parameters() if "coop_ctx" in n).detach().clone())
+    torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
+
+
+def test_save_model_writes_the_adapter_and_reloads(toy_tokenizer, tmp_path):
+    model = _peft("coop", toy_tokenizer)
+    trainer = ClipClassificationTrainer(
+        model, _args(tmp_path, max_steps=2), CLASSES, TEMPLATES, toy_tokenizer, train_dataset=_data()
+    )
+    trainer.train()
+    trainer.save_model(tmp_path / "final")
+    assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+    loaded = PeftModel.from_pretrained(tiny_clip(), tmp_path / "final")
+    torch.testing.assert_close(
+        loaded.class_text_features(toy_tokenizer, CLASSES), model.class_text_features(toy_tokenizer, CLASSES)
+    )
+
+
+def test_trainer_rejects_mismatched_head(toy_tokenizer, tmp_path):
+    from hf_cft.errors import AdapterError
+
+    model = get_peft_model(tiny_clip(), LinearHeadConfig(num_classes=5, init="zeros"))
+    with pytest.raises(AdapterError, match="5 classes"):
+        ClipClassificationTrainer(model, _args(tmp_path), CLASSES, TEMPLATES, toy_tokenizer)
