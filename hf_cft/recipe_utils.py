@@ -53,3 +53,31 @@ def load_clip(name_or_path: str, tokenizer_name_or_path: str | None = None):
     except (OSError, ValueError):
         transform = ImageTransform.from_model(model)
     return model.eval(), tokenizer, transform
+
+
+def demo_clip(prompts: list[str], image_size: int, seed: int = 0, **config_kwargs):
+    """A tiny random CLIP with a small BPE tokenizer learned on ``prompts`` (the recipes' offline default)."""
+    from hf_cft.models.tokenizer import train_clip_tokenizer
+    from hf_cft.testing import tiny_clip
+
+    tokenizer = train_clip_tokenizer(prompts, vocab_size=1024)
+    kwargs = dict(patch_size=4, image_size=image_size)
+    kwargs.update(config_kwargs)
+    model = tiny_clip(
+        seed=seed,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )
+    return model, tokenizer
+
+
+def load_task(name: str, data_dir: str | None = None):
+    """A dataset by name/folder/Hub id; ``digits`` is scikit-learn's digits (offline)."""
+    from hf_cft.data import load_classification_dataset, load_digits_dataset
+
+    if name == "digits":
+        return load_digits_dataset(image_size=16)
+    return load_classification_dataset(name, data_dir=data_dir)

@@ -25,12 +25,10 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 
-from hf_cft.data import format_prompts, load_classification_dataset, load_digits_dataset
+from hf_cft.data import format_prompts
 from hf_cft.metrics import accuracy
 from hf_cft.models import FeatureCache, evaluate_zeroshot
-from hf_cft.models.tokenizer import train_clip_tokenizer
-from hf_cft.recipe_utils import load_clip, parse_recipe_args
-from hf_cft.testing import tiny_clip
+from hf_cft.recipe_utils import demo_clip, load_clip, load_task, parse_recipe_args
 from hf_cft.utils import atomic_write_json
 
 
@@ -52,28 +50,13 @@ class ZeroShotArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the random demo model."})
 
 
-def load_dataset(name: str, data_dir: str | None):
-    if name == "digits":
-        return load_digits_dataset(image_size=16)
-    return load_classification_dataset(name, data_dir=data_dir)
-
-
 def main(args: ZeroShotArguments) -> dict:
     accelerator = Accelerator()
-    datasets_ = {name: load_dataset(name, args.data_dir) for name in args.datasets}
+    datasets_ = {name: load_task(name, args.data_dir) for name in args.datasets}
     if args.model_name_or_path is None:
         prompts = [p for d in datasets_.values() for p in format_prompts(d.classnames, args.templates or d.templates)]
-        tokenizer = train_clip_tokenizer(prompts, vocab_size=1024)
         image_size = 16 if list(datasets_) == ["digits"] else 32
-        model = tiny_clip(
-            seed=args.seed,
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            image_size=image_size,
-            patch_size=4,
-        )
+        model, tokenizer = demo_clip(prompts, image_size=image_size, seed=args.seed)
         transform = None
         model_desc = f"tiny random CLIP ({sum(p.numel() for p in model.parameters()):,} parameters, untrained)"
     else:

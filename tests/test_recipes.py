@@ -37,3 +37,38 @@ def test_recipe_config_file_and_overrides(tmp_path):
     cfg.write_text("no_such_argument: 1\n")
     with pytest.raises(SystemExit, match="no_such_argument"):
         zs.parse_recipe_args(zs.ZeroShotArguments, args=["--config", str(cfg)])
+
+
+def test_coop_recipe_offline_default_writes_adapter_card_results(tmp_path):
+    from huggingface_hub import ModelCard
+    from peft import PeftConfig
+
+    coop = _load("coop")
+    argv = [
+        "--output_dir",
+        str(tmp_path),
+        "--num_train_epochs",
+        "1",
+        "--report_to",
+        "none",
+        "--shots",
+        "4",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "true",
+        "--disable_tqdm",
+        "true",
+    ]
+    args, targs = coop.parse_recipe_args(coop.CoOpRecipeArguments, coop.ClipTrainingArguments, args=argv)
+    result = coop.main(args, targs)
+    assert set(result["results"]["CoOp"]) == {"base", "novel", "train", "hm"}
+    assert result["train_images"] == 4 * 5
+    assert PeftConfig.from_pretrained(tmp_path / "adapter").peft_type == "HF_CFT_COOP"
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    assert card.data.pipeline_tag == "zero-shot-image-classification" and "coop" in card.data.tags
+    index = card.data.to_dict()["model-index"][0]["results"]
+    assert {r["dataset"]["config"] for r in index} == {"base", "novel", "train"}
+    accs = {r["dataset"]["config"]: r["metrics"][0]["value"] for r in index}
+    assert accs["base"] == round(result["results"]["CoOp"]["base"], 4)
+    assert json.loads((tmp_path / "results.json").read_text())["dataset"] == "digits"

@@ -146,6 +146,7 @@ def evaluate_zeroshot(
     progress: bool = False,
     name: str | None = None,
     accelerator=None,
+    head: torch.Tensor | None = None,
 ) -> ZeroShotResult:
     """Zero-shot accuracy of ``model`` on ``dataset``.
 
@@ -154,6 +155,8 @@ def evaluate_zeroshot(
     given). ``transform`` defaults to :meth:`ImageTransform.from_model`. With a :class:`FeatureCache`, image
     features are computed once per (model, data, transform) and reused. With an ``accelerate.Accelerator`` the
     images are sharded over the processes and the features gathered (every process gets the full result).
+    ``head`` (``[C, d]``, normalised) replaces the template-ensembled text head, e.g. a CoOp adapter's
+    ``class_text_features`` — the same loop then evaluates a prompt-learned classifier.
     """
     from torch.utils.data import DataLoader
 
@@ -205,7 +208,11 @@ def evaluate_zeroshot(
                 labels = accelerator.gather_for_metrics(labels.to(accelerator.device)).cpu()
             if cache is not None:
                 cache.put(key, {"features": feats, "labels": labels})
-        head = build_zeroshot_classifier(model, tokenizer, classnames, templates, device=device)
+        if head is None:
+            head = build_zeroshot_classifier(model, tokenizer, classnames, templates, device=device)
+        elif head.shape[0] != len(classnames):
+            raise ValueError(f"head has {head.shape[0]} rows for {len(classnames)} classes")
+        head = head.detach()
         with torch.no_grad():
             logits = clip_logits(base, feats.to(head.device), head).cpu()
     finally:

@@ -1,0 +1,211 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["hf-cft[vision,demo]"]
+# ///
+"""CoOp soft-prompt learning for a CLIP-like model, with base-to-novel evaluation.
+
+Launch (from the repository root; CPU is fine for the defaults):
+
+    accelerate launch recipes/coop.py
+        # offline default: scikit-learn's digits, a tiny *random* CLIP, 16 shots of the 5 base classes
+    accelerate launch recipes/coop.py --config recipes/configs/coop.yaml
+        # CoOp on ../shared/data/dtd10 (set model_name_or_path to a pretrained CLIP folder for real numbers)
+    accelerate launch recipes/coop.py --model_name_or_path openai/clip-vit-base-patch16 --dataset mtil/dtd \\
+        --shots 16 --base_to_novel true --output_dir outputs/coop-dtd
+
+Writes to ``output_dir``: the adapter (``adapter/``, loadable with ``PeftModel.from_pretrained`` after
+``import hf_cft``), its tokenizer, ``README.md`` (model card with evaluation results) and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+
+from hf_cft import CoOpConfig
+from hf_cft.data import (
+    ImageTransform,
+    apply_image_transform,
+    base_novel_classes,
+    few_shot,
+    format_prompts,
+    select_classes,
+    split_per_class,
+)
+from hf_cft.hub import adapter_card
+from hf_cft.metrics import harmonic_mean
+from hf_cft.models import FeatureCache, evaluate_zeroshot
+from hf_cft.recipe_utils import demo_clip, load_clip, load_task, parse_recipe_args
+from hf_cft.trainers import ClipClassificationTrainer, ClipTrainingArguments
+from hf_cft.utils import atomic_write_json
+
+
+@dataclass
+class CoOpRecipeArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP folder or Hub id (default: demo)."})
+    dataset: str = field(default="digits", metadata={"help": "Dataset name, folder or Hub id ('digits': offline)."})
+    data_dir: str | None = field(default=None, metadata={"help": "Folder of local datasets (default ../shared/data)."})
+    shots: int = field(default=16, metadata={"help": "Training images per class (0 = all)."})
+    base_to_novel: bool = field(default=True, metadata={"help": "Train on base classes, test base and novel."})
+    downstream_pool: bool = field(
+        default=False, metadata={"help": "Sample shots from the 30% downstream pool (benchmarks.md) of train."}
+    )
+    n_ctx: int | None = field(default=None, metadata={"help": "Context vectors (default 16, or len(ctx_init))."})
+    ctx_init: str | None = field(default="a photo of a", metadata={"help": "Context initialisation text."})
+    class_specific: bool = field(default=False, metadata={"help": "Class-specific contexts (CSC)."})
+    class_token_position: str = field(default="end", metadata={"help": "end, middle or front."})
+    eval_batch_size: int = field(default=256, metadata={"help": "Images per batch in evaluation."})
+
+
+def split_task(task, args: CoOpRecipeArguments, seed: int):
+    train = task["train"]
+    if args.downstream_pool:
+        _, train = split_per_class(train, 0.7, seed=0)
+    n = task.num_classes
+    base_ids, novel_ids = base_novel_classes(n) if args.base_to_novel else (list(range(n)), [])
+    splits = {"base": (base_ids, select_classes(task["test"], base_ids))}
+    if novel_ids:
+        splits["novel"] = (novel_ids, select_classes(task["test"], novel_ids))
+    train = select_classes(train, base_ids)
+    if args.shots:
+        train = few_shot(train, args.shots, seed=seed, name=task.name)
+    return train, splits
+
+
+def main(args: CoOpRecipeArguments, targs: ClipTrainingArguments) -> dict:
+    task = load_task(args.dataset, args.data_dir)
+    train, splits = split_task(task, args, seed=targs.seed)
+    splits["train"] = (splits["base"][0], train)  # the training shots themselves (train accuracy)
+    names = {k: [task.classnames[i] for i in ids] for k, (ids, _) in splits.items()}
+    if args.model_name_or_path is None:
+        prompts = format_prompts(task.classnames, task.templates) + [f"X {c}." for c in task.classnames]
+        model, tokenizer = demo_clip(prompts, image_size=16 if args.dataset == "digits" else 32, seed=targs.seed)
+        transform, model_desc = ImageTransform.from_model(model), "tiny random CLIP (untrained, offline demo)"
+    else:
+        model, tokenizer, transform = load_clip(args.model_name_or_path)
+        model_desc = args.model_name_or_path
+
+    cache = FeatureCache()
+    results = {"zero-shot": {}, "CoOp": {}}
+    for split, (_, ds) in splits.items():
+        r = evaluate_zeroshot(
+            model,
+            tokenizer,
+            ds,
+            names[split],
+            task.templates,
+            args.eval_batch_size,
+            transform,
+            cache=cache,
+            name=f"{task.name}/{split}",
+        )
+        results["zero-shot"][split] = r.accuracy
+
+    config = CoOpConfig(
+        n_ctx=args.n_ctx,
+        ctx_init=args.ctx_init,
+        class_specific=args.class_specific,
+        class_token_position=args.class_token_position,
+        classnames=names["base"],
+        base_model_name_or_path=args.model_name_or_path,
+    ).set_tokenizer(tokenizer)
+    peft_model = get_peft_model(model, config)
+    train_tf = dataclasses.replace(transform, train=True, seed=targs.seed)
+    trainer = ClipClassificationTrainer(
+        peft_model,
+        targs,
+        names["base"],
+        task.templates,
+        tokenizer,
+        train_dataset=apply_image_transform(train, train_tf, name=task.name),
+    )
+    trainer.train()
+
+    peft_model.eval()
+    for split, (_, ds) in splits.items():
+        with torch.no_grad():
+            shared_ok = not args.class_specific or split != "novel"
+            head = peft_model.class_text_features(tokenizer, names[split]) if shared_ok else None
+        if head is None:
+            continue  # class-specific contexts do not exist for novel classes
+        r = evaluate_zeroshot(
+            peft_model,
+            tokenizer,
+            ds,
+            names[split],
+            task.templates,
+            args.eval_batch_size,
+            transform,
+            cache=cache,
+            head=head,
+            name=f"{task.name}/{split}",
+        )
+        results["CoOp"][split] = r.accuracy
+    for row in results.values():
+        if "base" in row and "novel" in row:
+            row["hm"] = harmonic_mean(row["base"], row["novel"])
+
+    out = Path(targs.output_dir)
+    result = {
+        "model": model_desc,
+        "dataset": task.name,
+        "shots": args.shots,
+        "train_images": len(train),
+        "results": results,
+        "train_loss_first_last": _first_last_loss(trainer),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__},
+    }
+    if trainer.is_world_process_zero():
+        trainer.save_model(str(out / "adapter"))
+        rows = [
+            {"name": s, "num_classes": len(names[s]), "accuracy": a, "split": "train" if s == "train" else "test"}
+            for s, a in results["CoOp"].items()
+            if s != "hm"
+        ]
+        card = adapter_card(
+            peft_model,
+            model_name=f"coop-{task.name}",
+            dataset_name=task.name,
+            results=rows,
+            hm=results["CoOp"].get("hm"),
+            results_note=f"Zero-shot before CoOp: {_fmt(results['zero-shot'])}. Base model: {model_desc}.",
+            hyperparameters={
+                "shots per class": args.shots,
+                "n_ctx": peft_model.peft_config["default"].n_ctx,
+                "ctx_init": args.ctx_init,
+                "class-specific": args.class_specific,
+                "learning rate": targs.learning_rate,
+                "epochs": targs.num_train_epochs,
+                "batch size": targs.per_device_train_batch_size,
+                "seed": targs.seed,
+            },
+            training_data=f"{args.shots or 'all'} images per base class of {task.name} (train split).",
+        )
+        card.save(str(out / "adapter" / "README.md"))
+        atomic_write_json(out / "results.json", result)
+        print(f"\nCoOp on {task.name} ({model_desc}), {len(train)} training images\n")
+        print("| model | " + " | ".join(results["zero-shot"]) + " |")
+        print("|---|" + "---|" * len(results["zero-shot"]))
+        for name, row in results.items():
+            print(f"| {name} | " + " | ".join(f"{row.get(k, float('nan')):.2f}" for k in results["zero-shot"]) + " |")
+        print(f"\nadapter, card and results in {out}")
+    return result
+
+
+def _fmt(row: dict) -> str:
+    return ", ".join(f"{k} {v:.2f}%" for k, v in row.items())
+
+
+def _first_last_loss(trainer) -> list[float]:
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return [losses[0], losses[-1]] if losses else []
+
+
+if __name__ == "__main__":
+    recipe_args, training_args = parse_recipe_args(CoOpRecipeArguments, ClipTrainingArguments)
+    main(recipe_args, training_args)
