@@ -1,0 +1,376 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["hf-cft[vision,plots,demo]"]
+# ///
+"""Contrastive pretraining of a small ``transformers.CLIPModel`` from scratch on image–label datasets.
+
+Every image is paired with a caption built from a class name and a template (its dataset's own templates, a
+pool of generic web-like ones, or a mix), tokenised with the real CLIP tokenizer rebuilt offline from OpenAI's
+BPE file. Only the **pretraining pool** of each dataset is used: a fixed 70% of every class's training images
+(``split_per_class(train, 0.7, seed=0)``); the other 30% (the downstream pool) and the test splits are never
+seen. Images are decoded once to 32×32 uint8 tensors and augmented in torch by the batch.
+
+Launch (hardware used for the benchmark model: 2 CPU cores, no GPU):
+
+    accelerate launch recipes/pretrain_clip.py --config recipes/configs/pretrain_clip.yaml
+        # the benchmark's zero-shot model on the ten ../shared/data datasets (about 60 minutes)
+    accelerate launch recipes/pretrain_clip.py --datasets digits --image_size 16 --max_minutes 1 \\
+        --output_dir ~/.cache/hf_cft/digits-clip
+        # the tiny digits variant (scikit-learn's 8×8 digits; about a minute)
+    accelerate launch recipes/pretrain_clip.py --config ... --resume true   # continue an interrupted run
+
+Writes ``<output_dir>/model`` (``CLIPModel.from_pretrained``-loadable, with tokenizer and image processor),
+``<output_dir>/curve.jsonl`` (loss, throughput, periodic zero-shot accuracy), ``curve.png``, ``zeroshot.json``,
+and a resumable checkpoint ``<output_dir>/checkpoint`` (safetensors + JSON, written atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from hf_cft.data import SHARED_DATASETS, format_prompts, split_per_class
+from hf_cft.data.image_pool import BatchAugment, decode_split, normalize_batch
+from hf_cft.recipe_utils import load_task, parse_recipe_args
+from hf_cft.utils import atomic_save_safetensors, atomic_write_json
+
+GENERIC_TEMPLATES = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "{}",
+    "a {}.",
+    "this is a {}.",
+    "a close-up of a {}.",
+    "a low resolution photo of a {}.",
+)
+
+
+@dataclass
+class PretrainArguments:
+    datasets: list[str] = field(default_factory=lambda: list(SHARED_DATASETS), metadata={"help": "Datasets."})
+    data_dir: str | None = field(default=None, metadata={"help": "Folder of local datasets (default ../shared/data)."})
+    bpe_path: str | None = field(
+        default=None, metadata={"help": "CLIP BPE file (default <data_dir>/assets/bpe_simple_vocab_16e6.txt.gz)."}
+    )
+    pool_fraction: float = field(default=0.7, metadata={"help": "Per-class fraction of train used (seed 0)."})
+    image_size: int = field(default=32, metadata={"help": "Input resolution."})
+    patch_size: int = field(default=8, metadata={"help": "ViT patch size."})
+    width: int = field(default=128, metadata={"help": "Hidden size of both towers."})
+    layers: int = field(default=4, metadata={"help": "Layers per tower."})
+    heads: int = field(default=4, metadata={"help": "Attention heads."})
+    projection_dim: int = field(default=128, metadata={"help": "Joint embedding size."})
+    captions: str = field(default="mixed", metadata={"help": "own | generic | mixed (own with prob. own_prob)."})
+    own_prob: float = field(default=0.5, metadata={"help": "In 'mixed', probability of the dataset's own template."})
+    degrade_prob: float = field(default=0.5, metadata={"help": "Fraction of images degraded (crop/gray/blur/noise)."})
+    grayscale_prob: float = field(default=0.5, metadata={"help": "Grayscale probability of a degraded image."})
+    batch_size: int = field(default=256, metadata={"help": "Images per step."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)."})
+    warmup_steps: int = field(default=200, metadata={"help": "Linear warm-up steps."})
+    max_minutes: float = field(default=60.0, metadata={"help": "Wall-clock budget; the cosine schedule spans it."})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (fast on GPUs; very slow on CPUs without bf16 units)."})
+    eval_every_minutes: float = field(default=10.0, metadata={"help": "Zero-shot check on test subsets."})
+    eval_images: int = field(default=400, metadata={"help": "Test images per dataset in periodic checks."})
+    save_every_minutes: float = field(default=5.0, metadata={"help": "Checkpoint interval."})
+    output_dir: str = field(default="outputs/pretrain_clip", metadata={"help": "Where everything is written."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Decoded-image cache (default ~/.cache/hf_cft)."})
+    resume: bool = field(default=False, metadata={"help": "Continue from <output_dir>/checkpoint."})
+    seed: int = field(default=0, metadata={"help": "Seed of init, sampling and augmentation."})
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+class CaptionedPool:
+    """All pretraining images (uint8) with their (dataset, class) and a table of tokenised captions."""
+
+    def __init__(self, args: PretrainArguments, tokenizer):
+        cache = args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "hf_cft", "decoded")
+        images, owners, prompt_rows = [], [], []
+        texts: list[str] = []
+        self.tasks = {}
+        for d, name in enumerate(args.datasets):
+            task = load_task(name, args.data_dir)
+            pool = split_per_class(task["train"], args.pool_fraction, seed=0)[0] if args.pool_fraction < 1 else task["train"]
+            im, lab = decode_split(pool, args.image_size, cache, f"{name}-pretrain-pool")
+            images.append(im)
+            # caption table of this dataset: own templates and generic templates for every class
+            own = format_prompts(task.classnames, task.templates)
+            gen = format_prompts(task.classnames, GENERIC_TEMPLATES)
+            base = len(texts)
+            texts += own + gen
+            n_own, n_gen = len(task.templates), len(GENERIC_TEMPLATES)
+            self.tasks[name] = {"task": task, "own": (base, n_own), "gen": (base + len(own), n_gen)}
+            owners.append(torch.stack([torch.full_like(lab, d), lab], 1))
+            prompt_rows.append((base, n_own, base + len(own), n_gen))
+        self.images = torch.cat(images)
+        self.owner = torch.cat(owners)  # [N, 2] (dataset index, class id)
+        self.prompt_rows = torch.tensor(prompt_rows)  # per dataset: own start, n_own, generic start, n_gen
+        enc = tokenizer(texts, padding="longest", truncation=True, max_length=77, return_tensors="pt")
+        self.tokens, self.lengths = enc["input_ids"], enc["attention_mask"].sum(1)
+        self.captions, self.own_prob = args.captions, args.own_prob
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def caption_ids(self, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        d, c = self.owner[idx, 0], self.owner[idx, 1]
+        rows = self.prompt_rows[d]
+        own_start, n_own, gen_start, n_gen = rows.unbind(1)
+        use_own = {"own": torch.ones(len(idx), dtype=torch.bool), "generic": torch.zeros(len(idx), dtype=torch.bool)}.get(
+            self.captions, torch.rand(len(idx), generator=g) < self.own_prob
+        )
+        t_own = (torch.rand(len(idx), generator=g) * n_own).long()
+        t_gen = (torch.rand(len(idx), generator=g) * n_gen).long()
+        prow = torch.where(use_own, own_start + c * n_own + t_own, gen_start + c * n_gen + t_gen)
+        width = int(self.lengths[prow].max())
+        ids = self.tokens[prow, :width]
+        mask = (torch.arange(width)[None] < self.lengths[prow][:, None]).long()
+        return ids, mask
+
+
+# --------------------------------------------------------------------------------------------------- model
+
+
+def build_model(args: PretrainArguments, tokenizer):
+    from transformers import CLIPConfig, CLIPModel
+
+    text = dict(vocab_size=len(tokenizer), hidden_size=args.width, intermediate_size=4 * args.width,
+                num_hidden_layers=args.layers, num_attention_heads=args.heads, max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, projection_dim=args.projection_dim)
+    vision = dict(hidden_size=args.width, intermediate_size=4 * args.width, num_hidden_layers=args.layers,
+                  num_attention_heads=args.heads, image_size=args.image_size, patch_size=args.patch_size,
+                  projection_dim=args.projection_dim)
+    torch.manual_seed(args.seed)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=args.projection_dim))
+
+
+def param_groups(model, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, frac_time: float, args: PretrainArguments) -> float:
+    warm = min(1.0, (step + 1) / max(1, args.warmup_steps))
+    return args.learning_rate * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, frac_time)))
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, model, opt, state: dict, gen: torch.Generator):
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    for i, s in opt.state_dict()["state"].items():
+        for k, v in s.items():
+            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).contiguous().cpu()
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.gen"] = gen.get_state()
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(tensors, path / "state.safetensors")
+    atomic_write_json(path / "state.json", state)  # written last: a checkpoint is complete when this exists
+
+
+def load_checkpoint(path: Path, model, opt, gen: torch.Generator) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "state.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    sd = opt.state_dict()
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, i, k = key.split(".", 2)
+            sd["state"].setdefault(int(i), {})[k] = v
+    opt.load_state_dict(sd)
+    torch.set_rng_state(tensors["rng.torch"])
+    gen.set_state(tensors["rng.gen"])
+    return json.loads((path / "state.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def zero_shot_table(model, tokenizer, pool: CaptionedPool, args, max_images: int | None) -> dict:
+    from hf_cft.models import build_zeroshot_classifier, clip_logits, image_features
+
+    model.eval()
+    cache = args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "hf_cft", "decoded")
+    out = {}
+    for name, info in pool.tasks.items():
+        task = info["task"]
+        test = task["test"] if max_images is None else task["test"].select(range(min(max_images, len(task["test"]))))
+        im, lab = decode_split(test, args.image_size, cache, f"{name}-test")
+        feats = torch.cat([image_features(model, normalize_batch(im[i : i + 512])) for i in range(0, len(im), 512)])
+        row = {"chance": 100.0 / task.num_classes, "images": len(lab)}
+        for key, templates in (("ensemble", task.templates), ("single", ["a photo of a {}."])):
+            head = build_zeroshot_classifier(model, tokenizer, task.classnames, templates)
+            row[key] = float((clip_logits(model, feats, head).argmax(-1) == lab).float().mean() * 100)
+        out[name] = row
+    model.train()
+    return out
+
+
+def plot_curve(curve_path: Path, png: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in curve_path.read_text().splitlines() if line.strip()]
+    steps = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "zeroshot" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot([r["minutes"] for r in steps], [r["loss"] for r in steps], lw=0.8)
+    axes[0].set_xlabel("minutes")
+    axes[0].set_ylabel("contrastive loss")
+    axes[0].set_title("pretraining loss")
+    for name in evals[0]["zeroshot"] if evals else []:
+        axes[1].plot([r["minutes"] for r in evals], [r["zeroshot"][name]["ensemble"] for r in evals], marker="o",
+                     label=name)
+    axes[1].set_xlabel("minutes")
+    axes[1].set_ylabel("zero-shot accuracy (%, test subset)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+def main(args: PretrainArguments) -> Path:
+    from accelerate import Accelerator
+
+    from hf_cft.data.loading import default_data_dir
+    from hf_cft.models.tokenizer import build_clip_tokenizer, train_clip_tokenizer
+
+    accelerator = Accelerator()
+    out = Path(os.path.expanduser(args.output_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    if args.datasets == ["digits"]:
+        from hf_cft.data import DIGIT_CLASSNAMES, DIGIT_TEMPLATES
+
+        tokenizer = train_clip_tokenizer(format_prompts(DIGIT_CLASSNAMES, (*DIGIT_TEMPLATES, *GENERIC_TEMPLATES))
+                                         + ["X zero."], vocab_size=1024)
+    else:
+        bpe = args.bpe_path or str(Path(args.data_dir or default_data_dir() or ".") / "assets" / "bpe_simple_vocab_16e6.txt.gz")
+        tokenizer = build_clip_tokenizer(bpe)
+    pool = CaptionedPool(args, tokenizer)
+    model = build_model(args, tokenizer)
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.98), eps=1e-6)
+    gen = torch.Generator().manual_seed(args.seed)
+    aug = BatchAugment(shift=max(1, args.image_size // 16), degrade_prob=args.degrade_prob,
+                       grayscale_prob=args.grayscale_prob)
+    state = {"step": 0, "images": 0, "elapsed": 0.0, "order_pos": 0, "epoch": 0, "last_eval": 0.0, "args": asdict(args)}
+    ckpt = out / "checkpoint"
+    if args.resume and (ckpt / "state.json").is_file():
+        state = load_checkpoint(ckpt, model, opt, gen)
+        accelerator.print(f"resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min done)")
+    model, opt = accelerator.prepare(model, opt)
+    budget = args.max_minutes * 60
+    n = len(pool)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + state["epoch"]))
+    curve = (out / "curve.jsonl").open("a")
+    n_params = sum(p.numel() for p in model.parameters())
+    accelerator.print(f"pretraining pool: {n} images from {len(args.datasets)} datasets; model {n_params:,} parameters")
+    bar = tqdm(total=int(budget), initial=int(state["elapsed"]), unit="s", disable=not accelerator.is_main_process)
+    t_start, elapsed0, last_save = time.perf_counter(), state["elapsed"], time.perf_counter()
+    window = []
+    model.train()
+    while True:
+        elapsed = elapsed0 + time.perf_counter() - t_start
+        if elapsed >= budget:
+            break
+        if state["order_pos"] + args.batch_size > n:
+            state["epoch"] += 1
+            state["order_pos"] = 0
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + state["epoch"]))
+        idx = order[state["order_pos"] : state["order_pos"] + args.batch_size]
+        state["order_pos"] += args.batch_size
+        t0 = time.perf_counter()
+        pixels = normalize_batch((aug(pool.images[idx].float().div_(255.0), gen) * 255.0).round().clamp_(0, 255))
+        ids, mask = pool.caption_ids(idx, gen)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(state["step"], elapsed / budget, args)
+        with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            outputs = model(input_ids=ids.to(accelerator.device), attention_mask=mask.to(accelerator.device),
+                            pixel_values=pixels.to(accelerator.device))
+        logits = outputs.logits_per_image.float()
+        target = torch.arange(len(idx), device=logits.device)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        opt.step()
+        with torch.no_grad():
+            accelerator.unwrap_model(model).logit_scale.clamp_(0, math.log(100))
+        state["step"] += 1
+        state["images"] += len(idx)
+        window.append((len(idx), time.perf_counter() - t0))
+        elapsed = elapsed0 + time.perf_counter() - t_start
+        state["elapsed"] = elapsed
+        bar.update(int(elapsed) - bar.n)
+        if state["step"] % 20 == 0:
+            ips = sum(a for a, _ in window) / sum(b for _, b in window)
+            window = []
+            rec = {"step": state["step"], "minutes": elapsed / 60, "loss": float(loss), "images_per_s": ips,
+                   "lr": opt.param_groups[0]["lr"], "epoch": state["epoch"]}
+            curve.write(json.dumps(rec) + "\n")
+            curve.flush()
+            bar.set_postfix(loss=f"{float(loss):.3f}", ips=f"{ips:.0f}")
+        if elapsed - state["last_eval"] >= args.eval_every_minutes * 60:
+            state["last_eval"] = elapsed
+            table = zero_shot_table(accelerator.unwrap_model(model), tokenizer, pool, args, args.eval_images)
+            curve.write(json.dumps({"step": state["step"], "minutes": elapsed / 60, "zeroshot": table}) + "\n")
+            curve.flush()
+        if time.perf_counter() - last_save >= args.save_every_minutes * 60 and accelerator.is_main_process:
+            save_checkpoint(ckpt, accelerator.unwrap_model(model), opt, state, gen)
+            last_save = time.perf_counter()
+    bar.close()
+    final = accelerator.unwrap_model(model)
+    table = zero_shot_table(final, tokenizer, pool, args, None)
+    if accelerator.is_main_process:
+        curve.write(json.dumps({"step": state["step"], "minutes": state["elapsed"] / 60, "zeroshot": table}) + "\n")
+        curve.close()
+        save_checkpoint(ckpt, final, opt, state, gen)
+        _save_model(final, tokenizer, args, out / "model")
+        summary = {"zeroshot": table, "steps": state["step"], "images_seen": state["images"],
+                   "minutes": state["elapsed"] / 60, "images_per_s": state["images"] / max(state["elapsed"], 1e-9),
+                   "parameters": n_params, "pool_images": n, "args": asdict(args)}
+        atomic_write_json(out / "zeroshot.json", summary)
+        plot_curve(out / "curve.jsonl", out / "curve.png")
+        accelerator.print(f"\n{state['step']} steps, {state['images']:,} images, {state['elapsed'] / 60:.1f} min, "
+                          f"{summary['images_per_s']:.0f} images/s")
+        accelerator.print("| dataset | zero-shot (ensemble) | zero-shot ('a photo of a {}.') | chance |")
+        accelerator.print("|---|---|---|---|")
+        for name, r in table.items():
+            accelerator.print(f"| {name} | {r['ensemble']:.1f} | {r['single']:.1f} | {r['chance']:.1f} |")
+        accelerator.print(f"model: {out / 'model'}")
+    return out / "model"
+
+
+def _save_model(model, tokenizer, args: PretrainArguments, path: Path):
+    from transformers import CLIPImageProcessor
+
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    CLIPImageProcessor(size={"shortest_edge": args.image_size},
+                       crop_size={"height": args.image_size, "width": args.image_size}).save_pretrained(str(path))
+
+
+if __name__ == "__main__":
+    (pretrain_args,) = parse_recipe_args(PretrainArguments)
+    main(pretrain_args)
