@@ -77,7 +77,9 @@ class PretrainArguments:
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)."})
     warmup_steps: int = field(default=200, metadata={"help": "Linear warm-up steps."})
     max_minutes: float = field(default=60.0, metadata={"help": "Wall-clock budget; the cosine schedule spans it."})
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (fast on GPUs; very slow on CPUs without bf16 units)."})
+    bf16: bool = field(
+        default=False, metadata={"help": "bfloat16 autocast (fast on GPUs; very slow on CPUs without bf16 units)."}
+    )
     eval_every_minutes: float = field(default=10.0, metadata={"help": "Zero-shot check on test subsets."})
     eval_images: int = field(default=400, metadata={"help": "Test images per dataset in periodic checks."})
     save_every_minutes: float = field(default=5.0, metadata={"help": "Checkpoint interval."})
@@ -100,7 +102,11 @@ class CaptionedPool:
         self.tasks = {}
         for d, name in enumerate(args.datasets):
             task = load_task(name, args.data_dir)
-            pool = split_per_class(task["train"], args.pool_fraction, seed=0)[0] if args.pool_fraction < 1 else task["train"]
+            pool = (
+                split_per_class(task["train"], args.pool_fraction, seed=0)[0]
+                if args.pool_fraction < 1
+                else task["train"]
+            )
             im, lab = decode_split(pool, args.image_size, cache, f"{name}-pretrain-pool")
             images.append(im)
             # caption table of this dataset: own templates and generic templates for every class
@@ -126,9 +132,10 @@ class CaptionedPool:
         d, c = self.owner[idx, 0], self.owner[idx, 1]
         rows = self.prompt_rows[d]
         own_start, n_own, gen_start, n_gen = rows.unbind(1)
-        use_own = {"own": torch.ones(len(idx), dtype=torch.bool), "generic": torch.zeros(len(idx), dtype=torch.bool)}.get(
-            self.captions, torch.rand(len(idx), generator=g) < self.own_prob
-        )
+        use_own = {
+            "own": torch.ones(len(idx), dtype=torch.bool),
+            "generic": torch.zeros(len(idx), dtype=torch.bool),
+        }.get(self.captions, torch.rand(len(idx), generator=g) < self.own_prob)
         t_own = (torch.rand(len(idx), generator=g) * n_own).long()
         t_gen = (torch.rand(len(idx), generator=g) * n_gen).long()
         prow = torch.where(use_own, own_start + c * n_own + t_own, gen_start + c * n_gen + t_gen)
@@ -144,13 +151,27 @@ class CaptionedPool:
 def build_model(args: PretrainArguments, tokenizer):
     from transformers import CLIPConfig, CLIPModel
 
-    text = dict(vocab_size=len(tokenizer), hidden_size=args.width, intermediate_size=4 * args.width,
-                num_hidden_layers=args.layers, num_attention_heads=args.heads, max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, projection_dim=args.projection_dim)
-    vision = dict(hidden_size=args.width, intermediate_size=4 * args.width, num_hidden_layers=args.layers,
-                  num_attention_heads=args.heads, image_size=args.image_size, patch_size=args.patch_size,
-                  projection_dim=args.projection_dim)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=args.width,
+        intermediate_size=4 * args.width,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=args.projection_dim,
+    )
+    vision = dict(
+        hidden_size=args.width,
+        intermediate_size=4 * args.width,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+        projection_dim=args.projection_dim,
+    )
     torch.manual_seed(args.seed)
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=args.projection_dim))
 
@@ -237,8 +258,9 @@ def plot_curve(curve_path: Path, png: Path):
     axes[0].set_ylabel("contrastive loss")
     axes[0].set_title("pretraining loss")
     for name in evals[0]["zeroshot"] if evals else []:
-        axes[1].plot([r["minutes"] for r in evals], [r["zeroshot"][name]["ensemble"] for r in evals], marker="o",
-                     label=name)
+        axes[1].plot(
+            [r["minutes"] for r in evals], [r["zeroshot"][name]["ensemble"] for r in evals], marker="o", label=name
+        )
     axes[1].set_xlabel("minutes")
     axes[1].set_ylabel("zero-shot accuracy (%, test subset)")
     axes[1].legend(fontsize=7)
@@ -263,18 +285,30 @@ def main(args: PretrainArguments) -> Path:
     if args.datasets == ["digits"]:
         from hf_cft.data import DIGIT_CLASSNAMES, DIGIT_TEMPLATES
 
-        tokenizer = train_clip_tokenizer(format_prompts(DIGIT_CLASSNAMES, (*DIGIT_TEMPLATES, *GENERIC_TEMPLATES))
-                                         + ["X zero."], vocab_size=1024)
+        tokenizer = train_clip_tokenizer(
+            format_prompts(DIGIT_CLASSNAMES, (*DIGIT_TEMPLATES, *GENERIC_TEMPLATES)) + ["X zero."], vocab_size=1024
+        )
     else:
-        bpe = args.bpe_path or str(Path(args.data_dir or default_data_dir() or ".") / "assets" / "bpe_simple_vocab_16e6.txt.gz")
+        bpe = args.bpe_path or str(
+            Path(args.data_dir or default_data_dir() or ".") / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+        )
         tokenizer = build_clip_tokenizer(bpe)
     pool = CaptionedPool(args, tokenizer)
     model = build_model(args, tokenizer)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.98), eps=1e-6)
     gen = torch.Generator().manual_seed(args.seed)
-    aug = BatchAugment(shift=max(1, args.image_size // 16), degrade_prob=args.degrade_prob,
-                       grayscale_prob=args.grayscale_prob)
-    state = {"step": 0, "images": 0, "elapsed": 0.0, "order_pos": 0, "epoch": 0, "last_eval": 0.0, "args": asdict(args)}
+    aug = BatchAugment(
+        shift=max(1, args.image_size // 16), degrade_prob=args.degrade_prob, grayscale_prob=args.grayscale_prob
+    )
+    state = {
+        "step": 0,
+        "images": 0,
+        "elapsed": 0.0,
+        "order_pos": 0,
+        "epoch": 0,
+        "last_eval": 0.0,
+        "args": asdict(args),
+    }
     ckpt = out / "checkpoint"
     if args.resume and (ckpt / "state.json").is_file():
         state = load_checkpoint(ckpt, model, opt, gen)
@@ -285,7 +319,9 @@ def main(args: PretrainArguments) -> Path:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + state["epoch"]))
     curve = (out / "curve.jsonl").open("a")
     n_params = sum(p.numel() for p in model.parameters())
-    accelerator.print(f"pretraining pool: {n} images from {len(args.datasets)} datasets; model {n_params:,} parameters")
+    accelerator.print(
+        f"pretraining pool: {n} images from {len(args.datasets)} datasets; model {n_params:,} parameters"
+    )
     bar = tqdm(total=int(budget), initial=int(state["elapsed"]), unit="s", disable=not accelerator.is_main_process)
     t_start, elapsed0, last_save = time.perf_counter(), state["elapsed"], time.perf_counter()
     window = []
@@ -306,8 +342,11 @@ def main(args: PretrainArguments) -> Path:
         for group in opt.param_groups:
             group["lr"] = lr_at(state["step"], elapsed / budget, args)
         with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            outputs = model(input_ids=ids.to(accelerator.device), attention_mask=mask.to(accelerator.device),
-                            pixel_values=pixels.to(accelerator.device))
+            outputs = model(
+                input_ids=ids.to(accelerator.device),
+                attention_mask=mask.to(accelerator.device),
+                pixel_values=pixels.to(accelerator.device),
+            )
         logits = outputs.logits_per_image.float()
         target = torch.arange(len(idx), device=logits.device)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
@@ -325,8 +364,14 @@ def main(args: PretrainArguments) -> Path:
         if state["step"] % 20 == 0:
             ips = sum(a for a, _ in window) / sum(b for _, b in window)
             window = []
-            rec = {"step": state["step"], "minutes": elapsed / 60, "loss": float(loss), "images_per_s": ips,
-                   "lr": opt.param_groups[0]["lr"], "epoch": state["epoch"]}
+            rec = {
+                "step": state["step"],
+                "minutes": elapsed / 60,
+                "loss": float(loss),
+                "images_per_s": ips,
+                "lr": opt.param_groups[0]["lr"],
+                "epoch": state["epoch"],
+            }
             curve.write(json.dumps(rec) + "\n")
             curve.flush()
             bar.set_postfix(loss=f"{float(loss):.3f}", ips=f"{ips:.0f}")
@@ -346,13 +391,22 @@ def main(args: PretrainArguments) -> Path:
         curve.close()
         save_checkpoint(ckpt, final, opt, state, gen)
         _save_model(final, tokenizer, args, out / "model")
-        summary = {"zeroshot": table, "steps": state["step"], "images_seen": state["images"],
-                   "minutes": state["elapsed"] / 60, "images_per_s": state["images"] / max(state["elapsed"], 1e-9),
-                   "parameters": n_params, "pool_images": n, "args": asdict(args)}
+        summary = {
+            "zeroshot": table,
+            "steps": state["step"],
+            "images_seen": state["images"],
+            "minutes": state["elapsed"] / 60,
+            "images_per_s": state["images"] / max(state["elapsed"], 1e-9),
+            "parameters": n_params,
+            "pool_images": n,
+            "args": asdict(args),
+        }
         atomic_write_json(out / "zeroshot.json", summary)
         plot_curve(out / "curve.jsonl", out / "curve.png")
-        accelerator.print(f"\n{state['step']} steps, {state['images']:,} images, {state['elapsed'] / 60:.1f} min, "
-                          f"{summary['images_per_s']:.0f} images/s")
+        accelerator.print(
+            f"\n{state['step']} steps, {state['images']:,} images, {state['elapsed'] / 60:.1f} min, "
+            f"{summary['images_per_s']:.0f} images/s"
+        )
         accelerator.print("| dataset | zero-shot (ensemble) | zero-shot ('a photo of a {}.') | chance |")
         accelerator.print("|---|---|---|---|")
         for name, r in table.items():
@@ -367,8 +421,9 @@ def _save_model(model, tokenizer, args: PretrainArguments, path: Path):
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
-    CLIPImageProcessor(size={"shortest_edge": args.image_size},
-                       crop_size={"height": args.image_size, "width": args.image_size}).save_pretrained(str(path))
+    CLIPImageProcessor(
+        size={"shortest_edge": args.image_size}, crop_size={"height": args.image_size, "width": args.image_size}
+    ).save_pretrained(str(path))
 
 
 if __name__ == "__main__":

@@ -2,5 +2,12 @@
 
 from hf_cft.trainers.clip_config import ClipTrainingArguments
 from hf_cft.trainers.clip_trainer import ClipClassificationTrainer, ClipClassifier
+from hf_cft.trainers.feature_training import fit_linear_probe, train_coop_on_features
 
-__all__ = ["ClipClassificationTrainer", "ClipClassifier", "ClipTrainingArguments"]
+__all__ = [
+    "ClipClassificationTrainer",
+    "ClipClassifier",
+    "ClipTrainingArguments",
+    "fit_linear_probe",
+    "train_coop_on_features",
+]

@@ -12,6 +12,7 @@ checkpoints and ``save_model`` still save the user's model (a PEFT adapter folde
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
@@ -73,34 +74,40 @@ class ClipClassifier(nn.Module):
     def vision_trainable(self) -> bool:
         return _has_trainable(self.model, ("vision_model", "visual_projection"))
 
-    def class_head(self, input_ids, attention_mask, num_templates: int, row_classes=None) -> torch.Tensor:
+    def class_head(
+        self, input_ids, attention_mask, num_templates: int, row_classes=None, ctx_mask=None
+    ) -> torch.Tensor:
         key = (input_ids.data_ptr(), tuple(input_ids.shape), num_templates)
         if not self.text_trainable() and key in self._frozen_text:
             return self._frozen_text[key]
-        layer = None
-        if row_classes is not None:
+        context = contextlib.nullcontext()
+        if ctx_mask is not None:
             from hf_cft.peft.coop import CoOpLayer
 
             layer = next(m for m in self.model.modules() if isinstance(m, CoOpLayer))
-            layer._row_classes = row_classes
-        try:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_trainable()):
-                feats = text_features(self.model, input_ids, attention_mask, normalize=True)
-        finally:
-            if layer is not None:
-                layer._row_classes = None
+            context = layer.prompt_context(ctx_mask, row_classes)
+        with context, torch.set_grad_enabled(torch.is_grad_enabled() and self.text_trainable()):
+            feats = text_features(self.model, input_ids, attention_mask, normalize=True)
         if num_templates > 1:
             feats = F.normalize(feats.view(-1, num_templates, feats.shape[-1]).mean(1), dim=-1)
         if not self.text_trainable():
             self._frozen_text = {key: feats.detach()}
         return feats
 
-    def forward(self, pixel_values, input_ids=None, attention_mask=None, num_templates: int = 1, row_classes=None):
+    def forward(
+        self,
+        pixel_values,
+        input_ids=None,
+        attention_mask=None,
+        num_templates: int = 1,
+        row_classes=None,
+        ctx_mask=None,
+    ):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_trainable()):
             img = image_features(self.model, pixel_values, normalize=True)
         if self.mode == "head":
             return _find_tuner(self.model, "LinearHeadModel").head_logits(img)
-        head = self.class_head(input_ids, attention_mask, num_templates, row_classes)
+        head = self.class_head(input_ids, attention_mask, num_templates, row_classes, ctx_mask)
         return logit_scale(self.model).to(img.dtype) * img @ head.to(img.dtype).t()
 
 
@@ -186,7 +193,11 @@ class ClipClassificationTrainer(Trainer):
                     f"the task's classes are {self.classnames[:3]}..."
                 )
             enc = tuner.build_prompts(self.tokenizer, self.classnames)
-            out = {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+            out = {
+                "input_ids": enc["input_ids"].to(device),
+                "attention_mask": enc["attention_mask"].to(device),
+                "ctx_mask": enc["ctx_mask"].to(device),
+            }
             if cfg.class_specific:
                 out["row_classes"] = torch.arange(len(self.classnames))
         else:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -25,6 +27,7 @@ class CoOpLayer(nn.Module, BaseTunerLayer):
         self.coop_placeholder_id: dict[str, int] = {}
         self.merged_adapters = []
         self._row_classes: torch.Tensor | None = None
+        self._ctx_mask: torch.Tensor | None = None
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, **kwargs)
 
@@ -44,13 +47,27 @@ class CoOpLayer(nn.Module, BaseTunerLayer):
         self.coop_placeholder_id[adapter_name] = int(placeholder_id)
         self.set_adapter(self.active_adapters)
 
+    @contextmanager
+    def prompt_context(self, ctx_mask: torch.Tensor | None, row_classes: torch.Tensor | None = None):
+        """Within the block, prompts of shape ``ctx_mask.shape`` take the context at ``ctx_mask`` positions
+        (from ``CoOpModel.build_prompts``), row ``i`` being class ``row_classes[i]`` (class-specific contexts)."""
+        prev = (self._ctx_mask, self._row_classes)
+        self._ctx_mask, self._row_classes = ctx_mask, row_classes
+        try:
+            yield self
+        finally:
+            self._ctx_mask, self._row_classes = prev
+
     def forward(self, input_ids=None, position_ids=None, inputs_embeds=None, **kwargs):
         base = self.get_base_layer()
         adapter = single_active_adapter(self, "CoOp")
         if adapter is None or input_ids is None or self.merged:
             return base(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
         ctx = self.coop_ctx[adapter]
-        slots = input_ids == self.coop_placeholder_id[adapter]  # [B, L]
+        if self._ctx_mask is not None and self._ctx_mask.shape == input_ids.shape:
+            slots = self._ctx_mask.to(input_ids.device)  # positions given by build_prompts
+        else:
+            slots = input_ids == self.coop_placeholder_id[adapter]  # [B, L]
         counts = slots.sum(dim=1)
         rows = counts > 0
         n_ctx = ctx.shape[-2]
@@ -58,7 +75,8 @@ class CoOpLayer(nn.Module, BaseTunerLayer):
             bad = int(counts[rows][counts[rows] != n_ctx][0])
             raise AdapterError(
                 f"CoOp adapter {adapter!r}: a prompt holds {bad} placeholder tokens but the adapter has {n_ctx} "
-                "context vectors (does a class name contain the placeholder word?)."
+                "context vectors (does a class name contain the placeholder word? encode class prompts through "
+                "class_text_features(), which marks the slots by position)."
             )
         if inputs_embeds is None:
             inputs_embeds = base.token_embedding(input_ids)

@@ -113,15 +113,31 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
                 f"CoOp adapter {name!r}: {cfg.n_ctx} context tokens plus {name_part} do not fit the text tower's "
                 f"positions ({exc})"
             ) from exc
+        # Context slots by position: CLIP-style pre-tokenisation splits on whitespace, so every placeholder word is
+        # one token and the class name's tokens sit between them exactly as tokenised alone. Positions (not the
+        # placeholder id) mark the slots, so a class name whose BPE contains the placeholder ("tsx" -> "ts" "x")
+        # is safe.
+        ids = enc["input_ids"]
+        ctx_mask = torch.zeros_like(ids, dtype=torch.bool)
+        rest = cfg.n_ctx - half
+        for row, c in enumerate(classnames):
+            k = len(_word_ids(tokenizer, c))
+            if cfg.class_token_position == "end":
+                spans = [(1, cfg.n_ctx)]
+            elif cfg.class_token_position == "front":
+                spans = [(1 + k, cfg.n_ctx)]
+            else:
+                spans = [(1, half), (1 + half + k, rest)]
+            for start, length in spans:
+                ctx_mask[row, start : start + length] = True
         ph_id = cfg.placeholder_token_id
-        counts = (enc["input_ids"] == ph_id).sum(1)
-        bad = [c for c, n in zip(classnames, counts.tolist()) if n != cfg.n_ctx]
-        if bad:
+        bad = [c for c, ok in zip(classnames, ((ids == ph_id) | ~ctx_mask).all(1).tolist()) if not ok]
+        if bad or bool((ctx_mask.sum(1) != cfg.n_ctx).any()):
             raise AdapterError(
-                f"CoOp adapter {name!r}: the prompt of class {bad[0]!r} does not hold exactly {cfg.n_ctx} "
-                f"placeholder tokens {cfg.placeholder_token!r} (the class name contains it?); choose another "
-                "placeholder_token."
+                f"CoOp adapter {name!r}: the context slots of the prompt of class {(bad or classnames)[0]!r} do not "
+                f"hold the placeholder {cfg.placeholder_token!r}; the tokenizer does not split it as a separate word."
             )
+        enc["ctx_mask"] = ctx_mask
         return enc
 
     def class_text_features(
@@ -130,11 +146,13 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
         classnames: Sequence[str] | None = None,
         adapter_name: str | None = None,
         normalize: bool = True,
+        prompts: dict | None = None,
     ) -> torch.Tensor:
         """Text features ``[C, d]`` of the learned prompts for ``classnames`` (default: the adapter's classes).
 
         A shared context generalises to any class names (e.g. novel classes); a class-specific context only
-        exists for the classes it was trained on, in that order.
+        exists for the classes it was trained on, in that order. ``prompts`` (from :meth:`build_prompts`) skips
+        re-tokenising in a training loop.
         """
         from hf_cft.models.clip import text_features
 
@@ -150,16 +168,14 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
                 f"CoOp adapter {name!r} has class-specific contexts for {len(cfg.classnames)} classes "
                 f"({cfg.classnames[:3]}...); it cannot encode other classes ({classnames[:3]}...)."
             )
-        enc = self.build_prompts(tokenizer, classnames, name)
+        enc = prompts if prompts is not None else self.build_prompts(tokenizer, classnames, name)
         device = next(self.model.parameters()).device
-        layer = self._coop_layer()
-        layer._row_classes = torch.arange(len(classnames)) if cfg.class_specific else None
-        try:
+        with self._coop_layer().prompt_context(
+            enc["ctx_mask"].to(device), torch.arange(len(classnames)) if cfg.class_specific else None
+        ):
             feats = text_features(
                 self.model, enc["input_ids"].to(device), enc["attention_mask"].to(device), normalize=False
             )
-        finally:
-            layer._row_classes = None
         return F.normalize(feats, dim=-1) if normalize else feats
 
 

@@ -1,0 +1,339 @@
+"""hf_cft benchmark harness: run a named protocol over ../shared/data with the small pretrained CLIP.
+
+    python benchmarks/run.py zeroshot [--quick]     # zero-shot table (template ensemble and single template)
+    python benchmarks/run.py headroom [--quick]     # linear-probe gap and 16-shot CoOp base gain (Protocol A data)
+
+Options: ``--checkpoint DIR`` (a CLIPModel folder; default ``~/.cache/hf_cft/benchmark-clip/model``, pretrained
+on first use with ``recipes/configs/pretrain_clip.yaml``; in quick mode a 3-minute model is built instead),
+``--data_dir`` (default ../shared/data), ``--out`` (default benchmarks/results), ``--seeds``.
+
+Each run writes ``<out>/<protocol>[-quick].json`` (machine, versions, date, checkpoint summary, numbers),
+``.md`` (the table) and ``.png`` (a plot). ``--quick`` evaluates at most 1,000 test images per dataset with one
+seed and finishes in under 5 minutes on 2 CPU cores once the checkpoint exists. Numbers are measured on the
+small re-encoded datasets of ../shared/data, not the official ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hf_cft.data import (  # noqa: E402
+    SHARED_DATASETS,
+    base_novel_classes,
+    few_shot_indices,
+    load_classification_dataset,
+    split_per_class_indices,
+)
+from hf_cft.data.image_pool import decode_split, normalize_batch  # noqa: E402
+
+PROTOCOL_A = ("caltech101", "stanford_cars", "gtsrb", "aid30", "dtd10", "cifar10", "mnist")
+DEFAULT_CKPT = Path("~/.cache/hf_cft/benchmark-clip/model").expanduser()
+QUICK_CKPT = Path("~/.cache/hf_cft/benchmark-clip-quick/model").expanduser()
+CACHE = Path("~/.cache/hf_cft/decoded").expanduser()
+
+
+def _tilde(p: Path) -> str:
+    home = str(Path.home())
+    return str(p).replace(home, "~", 1) if str(p).startswith(home) else str(p)
+
+
+def ensure_checkpoint(path: Path | None, quick: bool, data_dir: str) -> Path:
+    if path is not None:
+        if not (Path(path) / "config.json").is_file():
+            raise SystemExit(f"--checkpoint {path} is not a model folder (no config.json)")
+        return Path(path)
+    for candidate in (DEFAULT_CKPT, QUICK_CKPT if quick else None):
+        if candidate is not None and (candidate / "config.json").is_file():
+            return candidate
+    target = QUICK_CKPT if quick else DEFAULT_CKPT
+    minutes = "3" if quick else "60"
+    print(f"no checkpoint found: pretraining one ({minutes} min) into {_tilde(target.parent)}", flush=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "recipes" / "pretrain_clip.py"),
+        "--config",
+        str(REPO / "recipes" / "configs" / "pretrain_clip.yaml"),
+        "--data_dir",
+        data_dir,
+        "--max_minutes",
+        minutes,
+        "--output_dir",
+        str(target.parent),
+    ]
+    subprocess.run(cmd, check=True)
+    return target
+
+
+def load_model(path: Path):
+    from transformers import AutoTokenizer, CLIPModel
+
+    model = CLIPModel.from_pretrained(str(path)).eval()
+    return model, AutoTokenizer.from_pretrained(str(path)), int(model.config.vision_config.image_size)
+
+
+@torch.no_grad()
+def features(model, images_u8: torch.Tensor) -> torch.Tensor:
+    from hf_cft.models import image_features
+
+    return torch.cat(
+        [image_features(model, normalize_batch(images_u8[i : i + 512])) for i in range(0, len(images_u8), 512)]
+    )
+
+
+def split_features(model, task, split: str, size: int, name: str, limit: int | None = None):
+    ds = task[split]
+    if limit is not None and len(ds) > limit:
+        ds = ds.select(range(limit))
+    im, lab = decode_split(
+        ds, size, CACHE, f"{name}-{split}" + (f"-first{limit}" if limit and len(task[split]) > limit else "")
+    )
+    return features(model, im), lab
+
+
+def zs_accuracy(model, tok, feats, labels, classnames, templates) -> float:
+    from hf_cft.models import build_zeroshot_classifier, clip_logits
+
+    head = build_zeroshot_classifier(model, tok, classnames, templates)
+    return float((clip_logits(model, feats, head).argmax(-1) == labels).float().mean() * 100)
+
+
+# --------------------------------------------------------------------------------------------- protocols
+
+
+def protocol_zeroshot(model, tok, size, args) -> dict:
+    rows = {}
+    for name in SHARED_DATASETS:
+        task = load_classification_dataset(name, data_dir=args.data_dir)
+        feats, lab = split_features(model, task, "test", size, name, 1000 if args.quick else None)
+        rows[name] = {
+            "classes": task.num_classes,
+            "test_images": len(lab),
+            "chance": 100.0 / task.num_classes,
+            "ensemble": zs_accuracy(model, tok, feats, lab, task.classnames, task.templates),
+            "single": zs_accuracy(model, tok, feats, lab, task.classnames, ["a photo of a {}."]),
+            "templates": len(task.templates),
+        }
+        print(f"{name}: {rows[name]['ensemble']:.1f} (ensemble) / {rows[name]['single']:.1f} (single)", flush=True)
+    header = "| dataset | classes | test images | chance | zero-shot (ensemble) | zero-shot ('a photo of a {}.') |"
+    lines = [header, "|---|---|---|---|---|---|"]
+    lines += [
+        f"| {k} | {r['classes']} | {r['test_images']} | {r['chance']:.1f} | {r['ensemble']:.1f} | {r['single']:.1f} |"
+        for k, r in rows.items()
+    ]
+    mean = {k: sum(r[k] for r in rows.values()) / len(rows) for k in ("chance", "ensemble", "single")}
+    lines.append(f"| **mean** | | | {mean['chance']:.1f} | {mean['ensemble']:.1f} | {mean['single']:.1f} |")
+    return {"rows": rows, "mean": mean, "table": lines, "plot": ("bars", ["chance", "single", "ensemble"])}
+
+
+def protocol_headroom(model, tok, size, args) -> dict:
+    from peft import get_peft_model
+
+    from hf_cft import CoOpConfig
+    from hf_cft.trainers import fit_linear_probe, train_coop_on_features
+
+    rows = {}
+    lrs = (0.01,) if args.quick else (0.002, 0.01, 0.05)
+    epochs = 30 if args.quick else 100
+    for name in PROTOCOL_A:
+        t0 = time.perf_counter()
+        task = load_classification_dataset(name, data_dir=args.data_dir)
+        test_f, test_y = split_features(model, task, "test", size, name, 1000 if args.quick else None)
+        train_f, train_y = split_features(model, task, "train", size, name)
+        _, down = split_per_class_indices(train_y.numpy(), 0.7, seed=0)  # the downstream pool (30%)
+        down_f, down_y = train_f[down], train_y[down]
+        row = {
+            "classes": task.num_classes,
+            "chance": 100.0 / task.num_classes,
+            "zs_ensemble": zs_accuracy(model, tok, test_f, test_y, task.classnames, task.templates),
+            "zs_single": zs_accuracy(model, tok, test_f, test_y, task.classnames, ["a photo of a {}."]),
+        }
+        w, b, info = fit_linear_probe(down_f, down_y, task.num_classes, seed=0)
+        row["linear_probe"] = float(((test_f @ w.t() + b).argmax(-1) == test_y).float().mean() * 100)
+        row["lp_weight_decay"] = info["weight_decay"]
+        row["lp_gap"] = row["linear_probe"] - row["zs_ensemble"]
+        # base classes: 16 shots (+4 validation shots) per class from the downstream pool
+        base_ids, _ = base_novel_classes(task.num_classes)
+        base_names = [task.classnames[i] for i in base_ids]
+        remap = torch.full((task.num_classes,), -1, dtype=torch.long)
+        remap[torch.tensor(base_ids)] = torch.arange(len(base_ids))
+        in_base = remap[down_y] >= 0
+        pool_f, pool_y = down_f[in_base], remap[down_y[in_base]]
+        test_in = remap[test_y] >= 0
+        bt_f, bt_y = test_f[test_in], remap[test_y[test_in]]
+        row["base_zs_single"] = zs_accuracy(model, tok, bt_f, bt_y, base_names, ["a photo of a {}."])
+        row["base_zs_ensemble"] = zs_accuracy(model, tok, bt_f, bt_y, base_names, task.templates)
+        coop_runs, lp16_runs = [], []
+        for seed in args.seeds:
+            idx = torch.as_tensor(few_shot_indices(pool_y.numpy(), 20, seed=seed, on_short="take_all"))
+            # first 16 of each class's draw train, the rest (up to 4) validate
+            tr, va = [], []
+            for c in range(len(base_ids)):
+                rows_c = idx[pool_y[idx] == c]
+                perm = rows_c[torch.randperm(len(rows_c), generator=torch.Generator().manual_seed(seed))]
+                tr.append(perm[:16])
+                va.append(perm[16:])
+            tr, va = torch.cat(tr), torch.cat(va)
+            best = None
+            for lr in lrs:
+                peft = get_peft_model(model, CoOpConfig(ctx_init="a photo of a").set_tokenizer(tok))
+                train_coop_on_features(peft, tok, base_names, pool_f[tr], pool_y[tr], epochs=epochs, lr=lr, seed=seed)
+                with torch.no_grad():
+                    head = peft.class_text_features(tok, base_names)
+                val = (
+                    float(((bt_logits(model, pool_f[va], head)).argmax(-1) == pool_y[va]).float().mean() * 100)
+                    if len(va)
+                    else 0.0
+                )
+                test = float((bt_logits(model, bt_f, head).argmax(-1) == bt_y).float().mean() * 100)
+                model = peft.unload()
+                if best is None or val > best[0]:
+                    best = (val, lr, test)
+            coop_runs.append({"seed": seed, "lr": best[1], "val": best[0], "base_test": best[2]})
+            w16, b16, _ = fit_linear_probe(pool_f[tr], pool_y[tr], len(base_ids), seed=seed)
+            lp16_runs.append(float(((bt_f @ w16.t() + b16).argmax(-1) == bt_y).float().mean() * 100))
+        row["coop16_base"] = sum(r["base_test"] for r in coop_runs) / len(coop_runs)
+        row["coop16_runs"] = coop_runs
+        row["lp16_base"] = sum(lp16_runs) / len(lp16_runs)
+        row["coop_gain_vs_single"] = row["coop16_base"] - row["base_zs_single"]
+        row["seconds"] = time.perf_counter() - t0
+        rows[name] = row
+        print(
+            f"{name}: ZS {row['zs_ensemble']:.1f} LP {row['linear_probe']:.1f} (gap {row['lp_gap']:+.1f}); base "
+            f"ZS single {row['base_zs_single']:.1f} -> CoOp {row['coop16_base']:.1f} "
+            f"({row['coop_gain_vs_single']:+.1f}); {row['seconds']:.0f}s",
+            flush=True,
+        )
+    lines = [
+        "| dataset | chance | ZS (ensemble) | ZS (single) | linear probe (downstream pool) | LP gap | "
+        "base: ZS single | base: ZS ensemble | base: CoOp 16-shot | CoOp gain | base: LP 16-shot |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k, r in rows.items():
+        lines.append(
+            f"| {k} | {r['chance']:.1f} | {r['zs_ensemble']:.1f} | {r['zs_single']:.1f} | {r['linear_probe']:.1f}"
+            f" | {r['lp_gap']:+.1f} | {r['base_zs_single']:.1f} | {r['base_zs_ensemble']:.1f} | "
+            f"{r['coop16_base']:.1f} | {r['coop_gain_vs_single']:+.1f} | {r['lp16_base']:.1f} |"
+        )
+    targets = {
+        "datasets_with_lp_gap_ge_10": sum(r["lp_gap"] >= 10 for r in rows.values()),
+        "datasets_with_coop_gain_ge_3": sum(r["coop_gain_vs_single"] >= 3 for r in rows.values()),
+        "of": len(rows),
+    }
+    lines.append("")
+    lines.append(
+        f"Linear-probe gap >= 10 points on {targets['datasets_with_lp_gap_ge_10']} of {len(rows)} datasets; "
+        f"16-shot CoOp base gain >= 3 points on {targets['datasets_with_coop_gain_ge_3']} of {len(rows)}."
+    )
+    return {
+        "rows": rows,
+        "targets": targets,
+        "table": lines,
+        "plot": ("bars", ["zs_ensemble", "linear_probe", "base_zs_single", "coop16_base"]),
+    }
+
+
+def bt_logits(model, feats, head):
+    from hf_cft.models import clip_logits
+
+    return clip_logits(model, feats, head)
+
+
+PROTOCOLS = {"zeroshot": protocol_zeroshot, "headroom": protocol_headroom}
+
+
+def plot(result: dict, png: Path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kind, keys = result["plot"]
+    names = list(result["rows"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 3.8))
+    width = 0.8 / len(keys)
+    for i, k in enumerate(keys):
+        ax.bar([j + i * width for j in range(len(names))], [result["rows"][n][k] for n in names], width, label=k)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("protocol", choices=sorted(PROTOCOLS))
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--checkpoint", type=Path, default=None)
+    p.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data"))
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    args = p.parse_args(argv)
+    args.seeds = args.seeds or ([1] if args.quick else [1, 2, 3])
+    if not Path(args.data_dir).is_dir():
+        raise SystemExit(f"data folder {args.data_dir} not found (pass --data_dir)")
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    ckpt = ensure_checkpoint(args.checkpoint, args.quick, args.data_dir)
+    model, tok, size = load_model(ckpt)
+    result = PROTOCOLS[args.protocol](model, tok, size, args)
+    summary_file = ckpt.parent / "zeroshot.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    import peft
+    import transformers
+
+    record = {
+        "protocol": args.protocol,
+        "quick": args.quick,
+        "seeds": args.seeds,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": torch.cuda.is_available()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        "checkpoint": {
+            "path": _tilde(ckpt),
+            **{k: summary.get(k) for k in ("steps", "minutes", "images_per_s", "parameters", "pool_images")},
+        },
+        "seconds": time.perf_counter() - t0,
+        **{k: v for k, v in result.items() if k != "plot"},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.protocol + ("-quick" if args.quick else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    head = (
+        f"# {args.protocol}{' (quick)' if args.quick else ''}\n\nSmall pretrained CLIP ({_tilde(ckpt)}), "
+        f"../shared/data (small re-encoded subsets, not the official datasets); {record['machine']['cpus']} CPU "
+        f"cores, no GPU; {record['date']}; seeds {args.seeds}.\n\n"
+    )
+    (args.out / f"{stem}.md").write_text(head + "\n".join(result["table"]) + "\n")
+    plot(result, args.out / f"{stem}.png", f"{args.protocol} — small pretrained CLIP on ../shared/data")
+    print("\n".join(result["table"]))
+    print(f"\nwritten: {args.out / stem}.{{json,md,png}} in {record['seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Training on frozen, precomputed image features: a linear probe and prompt learning (CoOp) whose image tower
+is frozen. Image features are computed once for the whole dataset instead of once per step, which is what
+makes these methods cheap (MergeTune's efficiency rule: never re-encode frozen images)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def fit_linear_probe(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    weight_decays: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1),
+    val_fraction: float = 0.2,
+    max_iter: int = 200,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Multinomial logistic regression on (normalised) features with full-batch L-BFGS.
+
+    The L2 strength is chosen on a ``val_fraction`` hold-out of the given data (per-class split, ``seed``), then
+    the probe is refit on everything. Returns ``(W [C, d], b [C], info)``.
+    """
+    from hf_cft.data.sampling import split_per_class_indices
+
+    x = F.normalize(features.float(), dim=-1)
+    y = labels.long()
+    val_idx, tr_idx = split_per_class_indices(y.numpy(), val_fraction, seed)
+    scores = {}
+    if len(val_idx) and len(weight_decays) > 1:
+        for wd in weight_decays:
+            w, b = _lbfgs(x[tr_idx], y[tr_idx], num_classes, wd, max_iter)
+            scores[wd] = float(((x[val_idx] @ w.t() + b).argmax(-1) == y[val_idx]).float().mean() * 100)
+        best = max(scores, key=lambda k: (scores[k], k))
+    else:
+        best = weight_decays[0]
+    w, b = _lbfgs(x, y, num_classes, best, max_iter)
+    return w, b, {"weight_decay": best, "val_accuracy": scores}
+
+
+def _lbfgs(x, y, num_classes, wd, max_iter):
+    w = torch.zeros(num_classes, x.shape[1], requires_grad=True)
+    b = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+    scale = 10.0  # features are unit-norm: let the logits reach confident values
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(scale * (x @ w.t()) + b, y) + wd * (w**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return (scale * w).detach(), b.detach()
+
+
+def train_coop_on_features(
+    peft_model,
+    tokenizer,
+    classnames: Sequence[str],
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int = 50,
+    lr: float = 2e-3,
+    batch_size: int = 32,
+    optimizer: str = "sgd",
+    seed: int = 0,
+) -> list[float]:
+    """Train a CoOp adapter against precomputed normalised image features (frozen image tower, no
+    augmentation): per step one text-tower pass for all classes and one matmul. SGD (momentum 0.9) with a
+    cosine schedule, as CoOp. Returns the mean loss of each epoch."""
+    from hf_cft.models.clip import logit_scale
+
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    n = len(labels)
+    steps = epochs * max(1, -(-n // batch_size))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    g = torch.Generator().manual_seed(seed)
+    feats = F.normalize(features.float(), dim=-1)
+    scale = logit_scale(peft_model).detach()
+    enc = peft_model.build_prompts(tokenizer, list(classnames))
+    history = []
+    peft_model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        total = 0.0
+        for i in range(0, n, batch_size):
+            idx = perm[i : i + batch_size]
+            text = peft_model.class_text_features(tokenizer, classnames, prompts=enc)
+            loss = F.cross_entropy(scale * feats[idx] @ text.t(), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(idx)
+        history.append(total / n)
+    peft_model.eval()
+    return history
