@@ -77,6 +77,12 @@ class PretrainArguments:
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)."})
     warmup_steps: int = field(default=200, metadata={"help": "Linear warm-up steps."})
     max_minutes: float = field(default=60.0, metadata={"help": "Wall-clock budget; the cosine schedule spans it."})
+    max_steps: int = field(
+        default=0, metadata={"help": "Step budget instead of time (the schedule then spans steps; reproducible)."}
+    )
+    stop_after_steps: int = field(
+        default=0, metadata={"help": "Stop early as if interrupted (checkpoint only), to test --resume."}
+    )
     bf16: bool = field(
         default=False, metadata={"help": "bfloat16 autocast (fast on GPUs; very slow on CPUs without bf16 units)."}
     )
@@ -148,6 +154,20 @@ class CaptionedPool:
 # --------------------------------------------------------------------------------------------------- model
 
 
+def build_tokenizer(args: PretrainArguments):
+    """The real CLIP tokenizer from the BPE file; for the digits variant a small BPE learned on its captions."""
+    from hf_cft.data.loading import default_data_dir
+    from hf_cft.models.tokenizer import build_clip_tokenizer, train_clip_tokenizer
+
+    if args.datasets == ["digits"]:
+        from hf_cft.data import DIGIT_CLASSNAMES, DIGIT_TEMPLATES
+
+        texts = format_prompts(DIGIT_CLASSNAMES, (*DIGIT_TEMPLATES, *GENERIC_TEMPLATES)) + ["X zero."]
+        return train_clip_tokenizer(texts, vocab_size=1024)
+    bpe = args.bpe_path or str(Path(args.data_dir or default_data_dir() or ".") / "assets" / "bpe_simple_vocab_16e6.txt.gz")
+    return build_clip_tokenizer(bpe)
+
+
 def build_model(args: PretrainArguments, tokenizer):
     from transformers import CLIPConfig, CLIPModel
 
@@ -183,9 +203,10 @@ def param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_at(step: int, frac_time: float, args: PretrainArguments) -> float:
+def lr_at(step: int, progress: float, args: PretrainArguments) -> float:
+    """Linear warm-up, then cosine decay over the budget (``progress`` in [0, 1] of time or steps)."""
     warm = min(1.0, (step + 1) / max(1, args.warmup_steps))
-    return args.learning_rate * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, frac_time)))
+    return args.learning_rate * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 # --------------------------------------------------------------------------------------------------- checkpoints
@@ -275,24 +296,12 @@ def plot_curve(curve_path: Path, png: Path):
 def main(args: PretrainArguments) -> Path:
     from accelerate import Accelerator
 
-    from hf_cft.data.loading import default_data_dir
-    from hf_cft.models.tokenizer import build_clip_tokenizer, train_clip_tokenizer
 
     accelerator = Accelerator()
     out = Path(os.path.expanduser(args.output_dir))
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    if args.datasets == ["digits"]:
-        from hf_cft.data import DIGIT_CLASSNAMES, DIGIT_TEMPLATES
-
-        tokenizer = train_clip_tokenizer(
-            format_prompts(DIGIT_CLASSNAMES, (*DIGIT_TEMPLATES, *GENERIC_TEMPLATES)) + ["X zero."], vocab_size=1024
-        )
-    else:
-        bpe = args.bpe_path or str(
-            Path(args.data_dir or default_data_dir() or ".") / "assets" / "bpe_simple_vocab_16e6.txt.gz"
-        )
-        tokenizer = build_clip_tokenizer(bpe)
+    tokenizer = build_tokenizer(args)
     pool = CaptionedPool(args, tokenizer)
     model = build_model(args, tokenizer)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.98), eps=1e-6)
@@ -326,9 +335,13 @@ def main(args: PretrainArguments) -> Path:
     t_start, elapsed0, last_save = time.perf_counter(), state["elapsed"], time.perf_counter()
     window = []
     model.train()
+    interrupted = False
     while True:
         elapsed = elapsed0 + time.perf_counter() - t_start
-        if elapsed >= budget:
+        if (args.max_steps and state["step"] >= args.max_steps) or (not args.max_steps and elapsed >= budget):
+            break
+        if args.stop_after_steps and state["step"] >= args.stop_after_steps:
+            interrupted = True
             break
         if state["order_pos"] + args.batch_size > n:
             state["epoch"] += 1
@@ -339,8 +352,9 @@ def main(args: PretrainArguments) -> Path:
         t0 = time.perf_counter()
         pixels = normalize_batch((aug(pool.images[idx].float().div_(255.0), gen) * 255.0).round().clamp_(0, 255))
         ids, mask = pool.caption_ids(idx, gen)
+        progress = state["step"] / args.max_steps if args.max_steps else elapsed / budget
         for group in opt.param_groups:
-            group["lr"] = lr_at(state["step"], elapsed / budget, args)
+            group["lr"] = lr_at(state["step"], progress, args)
         with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=args.bf16):
             outputs = model(
                 input_ids=ids.to(accelerator.device),
@@ -375,7 +389,7 @@ def main(args: PretrainArguments) -> Path:
             curve.write(json.dumps(rec) + "\n")
             curve.flush()
             bar.set_postfix(loss=f"{float(loss):.3f}", ips=f"{ips:.0f}")
-        if elapsed - state["last_eval"] >= args.eval_every_minutes * 60:
+        if args.eval_every_minutes and elapsed - state["last_eval"] >= args.eval_every_minutes * 60:
             state["last_eval"] = elapsed
             table = zero_shot_table(accelerator.unwrap_model(model), tokenizer, pool, args, args.eval_images)
             curve.write(json.dumps({"step": state["step"], "minutes": elapsed / 60, "zeroshot": table}) + "\n")
@@ -385,6 +399,11 @@ def main(args: PretrainArguments) -> Path:
             last_save = time.perf_counter()
     bar.close()
     final = accelerator.unwrap_model(model)
+    if interrupted:
+        if accelerator.is_main_process:
+            save_checkpoint(ckpt, final, opt, state, gen)
+        curve.close()
+        return ckpt
     table = zero_shot_table(final, tokenizer, pool, args, None)
     if accelerator.is_main_process:
         curve.write(json.dumps({"step": state["step"], "minutes": state["elapsed"] / 60, "zeroshot": table}) + "\n")

@@ -1,0 +1,88 @@
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_cft.data.image_pool import BatchAugment
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "pretrain_clip.py"
+
+
+@pytest.fixture(scope="module")
+def pc():
+    spec = importlib.util.spec_from_file_location("recipe_pretrain_clip", RECIPE)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_batch_augment_is_seeded_and_bounded():
+    x = torch.rand(16, 3, 16, 16)
+    a = BatchAugment(shift=2, degrade_prob=0.5)(x, torch.Generator().manual_seed(3))
+    b = BatchAugment(shift=2, degrade_prob=0.5)(x, torch.Generator().manual_seed(3))
+    c = BatchAugment(shift=2, degrade_prob=0.5)(x, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    plain = BatchAugment(shift=0, degrade_prob=0.0)(x, torch.Generator())
+    assert torch.equal(plain, x)
+
+
+def test_degraded_grayscale_images_have_equal_channels():
+    x = torch.rand(8, 3, 16, 16)
+    aug = BatchAugment(shift=0, degrade_prob=1.0, grayscale_prob=1.0, noise=0.0)
+    y = aug(x, torch.Generator().manual_seed(0))
+    assert torch.allclose(y[:, 0], y[:, 1]) and torch.allclose(y[:, 1], y[:, 2])
+
+
+def _args(pc, tmp_path, **kw):
+    base = dict(datasets=["digits"], pool_fraction=1.0, image_size=16, patch_size=4, width=32, layers=1, heads=2,
+                projection_dim=16, captions="mixed", degrade_prob=0.5, batch_size=32, warmup_steps=2,
+                max_steps=6, eval_every_minutes=0, save_every_minutes=1e9, output_dir=str(tmp_path / "run"),
+                cache_dir=str(tmp_path / "cache"), seed=0)
+    base.update(kw)
+    return pc.PretrainArguments(**base)
+
+
+def test_caption_sampling_uses_the_right_class(pc, tmp_path):
+    args = _args(pc, tmp_path)
+    tok = pc.build_tokenizer(args)
+    pool = pc.CaptionedPool(args, tok)
+    idx = torch.arange(64)
+    ids, mask = pool.caption_ids(idx, torch.Generator().manual_seed(0))
+    names = pool.tasks["digits"]["task"].classnames
+    for i in range(64):
+        text = tok.decode(ids[i][mask[i].bool()], skip_special_tokens=True)
+        assert names[int(pool.owner[i, 1])] in text
+
+
+def test_resume_reproduces_an_uninterrupted_run(pc, tmp_path):
+    from safetensors.torch import load_file
+
+    full = pc.main(_args(pc, tmp_path / "a"))
+    pc.main(_args(pc, tmp_path / "b", stop_after_steps=3))
+    state = json.loads((tmp_path / "b" / "run" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 3
+    resumed = pc.main(_args(pc, tmp_path / "b", resume=True))
+    a = load_file(str(Path(full) / "model.safetensors"))
+    b = load_file(str(Path(resumed) / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    summary = json.loads((tmp_path / "a" / "run" / "zeroshot.json").read_text())
+    assert summary["steps"] == 6 and "digits" in summary["zeroshot"]
+    assert (tmp_path / "a" / "run" / "curve.png").is_file()
+
+
+def test_saved_model_loads_with_tokenizer_and_processor(pc, tmp_path):
+    from transformers import AutoTokenizer, CLIPModel
+
+    from hf_cft.recipe_utils import load_clip
+
+    path = pc.main(_args(pc, tmp_path, max_steps=2))
+    model, tok, transform = load_clip(str(path))
+    assert isinstance(model, CLIPModel) and transform.crop_size == 16
+    assert AutoTokenizer.from_pretrained(str(path))("zero")["input_ids"] == tok("zero")["input_ids"]
