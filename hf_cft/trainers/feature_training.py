@@ -99,7 +99,7 @@ def train_coop_on_features(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         history.append(total / n)
     peft_model.eval()
     return history
