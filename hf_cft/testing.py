@@ -89,3 +89,32 @@ def clip_vit_b16_config():
         ),
         projection_dim=512,
     )
+
+
+def tiny_siglip(seed: int = 0, max_position_embeddings: int = 16):
+    """A tiny random ``SiglipModel`` (text vocab 99, BOS 97, EOS 98, pad 1; 30×30 images), in eval mode."""
+    from transformers import SiglipConfig, SiglipModel
+
+    torch.manual_seed(seed)
+    cfg = SiglipConfig(
+        text_config=dict(
+            vocab_size=99,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=max_position_embeddings,
+            pad_token_id=1,
+            eos_token_id=98,
+            bos_token_id=97,
+        ),
+        vision_config=dict(
+            image_size=30,
+            patch_size=2,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        ),
+    )
+    return SiglipModel(cfg).eval()

@@ -146,31 +146,9 @@ def test_feature_cache_reuses_and_persists(clip_model, toy_tokenizer, tmp_path, 
 
 
 def test_siglip_plugs_in(toy_tokenizer):
-    from transformers import SiglipConfig, SiglipModel
+    from hf_cft.testing import tiny_siglip
 
-    torch.manual_seed(0)
-    cfg = SiglipConfig(
-        text_config=dict(
-            vocab_size=99,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=16,
-            pad_token_id=1,
-            eos_token_id=98,
-            bos_token_id=97,
-        ),
-        vision_config=dict(
-            image_size=30,
-            patch_size=2,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-        ),
-    )
-    model = SiglipModel(cfg).eval()
+    model = tiny_siglip()
     enc = tokenize_prompts(toy_tokenizer, ["a cat"], model)
     assert enc["input_ids"].shape[1] == 16  # SigLIP pads to max_length
     res = evaluate_zeroshot(model, toy_tokenizer, _tiny_dataset())

@@ -317,3 +317,21 @@ def test_trainable_counts_on_vit_b16_shape(make, expected):
     trainable, total = model.get_nb_trainable_parameters()
     assert trainable == expected
     assert total - trainable == 149_620_737  # CLIP ViT-B/16
+
+
+def test_methods_on_siglip(toy_tokenizer, tmp_path):
+    """CoOp (text embeddings), VPT (no CLS: prompts in front) and the head (on SigLIP's pooling head)."""
+    from hf_cft.testing import tiny_siglip
+
+    coop = get_peft_model(tiny_siglip(), CoOpConfig(n_ctx=4, classnames=CLASSES).set_tokenizer(toy_tokenizer))
+    _randomise(coop)
+    feats = coop.class_text_features(toy_tokenizer)
+    coop.save_pretrained(tmp_path / "coop")
+    again = PeftModel.from_pretrained(tiny_siglip(), tmp_path / "coop").class_text_features(toy_tokenizer)
+    torch.testing.assert_close(again, feats, rtol=0, atol=0)
+    vpt = get_peft_model(tiny_siglip(), VPTConfig(n_tokens=3))
+    with torch.no_grad():
+        base = image_features(tiny_siglip(), PIXELS)
+        assert not torch.allclose(image_features(vpt, PIXELS), base)
+    head = get_peft_model(tiny_siglip(), LinearHeadConfig(classnames=CLASSES).set_tokenizer(toy_tokenizer))
+    assert head.classify(PIXELS).shape == (3, 3)

@@ -39,10 +39,26 @@ def test_degraded_grayscale_images_have_equal_channels():
 
 
 def _args(pc, tmp_path, **kw):
-    base = dict(datasets=["digits"], pool_fraction=1.0, image_size=16, patch_size=4, width=32, layers=1, heads=2,
-                projection_dim=16, captions="mixed", degrade_prob=0.5, batch_size=32, warmup_steps=2,
-                max_steps=6, eval_every_minutes=0, save_every_minutes=1e9, output_dir=str(tmp_path / "run"),
-                cache_dir=str(tmp_path / "cache"), seed=0)
+    base = dict(
+        datasets=["digits"],
+        pool_fraction=1.0,
+        image_size=16,
+        patch_size=4,
+        width=32,
+        layers=1,
+        heads=2,
+        projection_dim=16,
+        captions="mixed",
+        degrade_prob=0.5,
+        batch_size=32,
+        warmup_steps=2,
+        max_steps=6,
+        eval_every_minutes=0,
+        save_every_minutes=1e9,
+        output_dir=str(tmp_path / "run"),
+        cache_dir=str(tmp_path / "cache"),
+        seed=0,
+    )
     base.update(kw)
     return pc.PretrainArguments(**base)
 

@@ -220,7 +220,7 @@ class ClipClassificationTrainer(Trainer):
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing)
         mode = "train" if model.training else "eval"
         acc = (logits.detach().argmax(-1) == labels).float().mean()
-        self._metric_sums[mode].append(float(self.accelerator.gather_for_metrics(acc.reshape(1)).mean()))
+        self._metric_sums[mode].append(float(self.accelerator.gather(acc.reshape(1)).mean()))
         return (loss, logits) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -8,8 +8,9 @@ from hf_cft.errors import AdapterMergeError
 
 
 class LinearHeadLayer(nn.Module, BaseTunerLayer):
-    """Attaches a per-adapter head ``(W [C, d], b [C])`` to the image projection; the projection itself is
-    unchanged (features stay features), the head is applied by ``LinearHeadModel.classify``."""
+    """Attaches a per-adapter head ``(W [C, d], b [C])`` to the module producing the image features (CLIP's
+    ``visual_projection``, SigLIP's attention-pooling ``vision_model.head``); that module is unchanged
+    (features stay features), the head is applied by ``LinearHeadModel.classify``."""
 
     adapter_layer_names = ("head_weight", "head_bias")
 
@@ -22,9 +23,8 @@ class LinearHeadLayer(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, **kwargs)
 
-    def update_layer(self, adapter_name, num_classes, bias, init_weight=None, init="zeros", **_):
-        ref = self.get_base_layer().weight
-        dim = ref.shape[0]
+    def update_layer(self, adapter_name, num_classes, dim, bias, init_weight=None, init="zeros", **_):
+        ref = next(self.get_base_layer().parameters())
         weight = torch.zeros(num_classes, dim, dtype=torch.float32, device=ref.device)
         if init_weight is not None:
             weight.copy_(init_weight)

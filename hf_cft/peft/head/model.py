@@ -23,16 +23,28 @@ class LinearHeadModel(NoMergeTunerMixin, BaseTuner):
     method_name = "Linear-head"
 
     def _prepare_adapter_config(self, peft_config, model_config):
+        siglip_like = not hasattr(self.model, "visual_projection") and hasattr(
+            getattr(self.model, "vision_model", None), "head"
+        )
+        if peft_config.target_modules == ["visual_projection"] and siglip_like:
+            peft_config.target_modules = ["vision_model.head"]  # SigLIP: features come from the MAP head
         return peft_config
+
+    def _feature_dim(self) -> int:
+        cfg = self.model.config
+        if hasattr(self.model, "visual_projection"):
+            proj = self.model.visual_projection
+            return int((proj.get_base_layer() if isinstance(proj, LinearHeadLayer) else proj).out_features)
+        return int(getattr(cfg, "vision_config", cfg).hidden_size)
 
     def _create_and_replace(
         self, peft_config: LinearHeadConfig, adapter_name, target, target_name, parent, current_key
     ):
         base = target.get_base_layer() if isinstance(target, LinearHeadLayer) else target
-        if not isinstance(base, torch.nn.Linear):
+        if not any(True for _ in base.parameters()):
             raise AdapterError(
-                f"Linear-head adapter {adapter_name!r}: target {current_key!r} is a {type(base).__name__}, not the image "
-                "projection (nn.Linear)."
+                f"Linear-head adapter {adapter_name!r}: target {current_key!r} ({type(base).__name__}) has no "
+                "parameters; target the module that produces the image features (visual_projection)."
             )
         init_weight = None
         if peft_config.init == "zeroshot" and not peft_config.initialized:
@@ -40,6 +52,7 @@ class LinearHeadModel(NoMergeTunerMixin, BaseTuner):
         peft_config.initialized = True
         kwargs = {
             "num_classes": peft_config.num_classes,
+            "dim": self._feature_dim(),
             "bias": peft_config.use_bias,
             "init_weight": init_weight,
             "init": peft_config.init,
