@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from tests_helpers import colour_dataset
 
 from hf_cft import CoOpConfig, LinearHeadConfig, VPTConfig
-from hf_cft.data import ImageTransform, apply_image_transform, from_arrays
 from hf_cft.testing import tiny_clip
 from hf_cft.trainers import ClipClassificationTrainer, ClipTrainingArguments
 
@@ -13,16 +13,7 @@ TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
 
 
 def _data(n=24, seed=0):
-    """Images whose mean colour encodes the class: learnable by any method in a few steps."""
-    rng = np.random.default_rng(seed)
-    labels = [i % 3 for i in range(n)]
-    imgs = []
-    for lab in labels:
-        img = rng.integers(0, 60, (30, 30, 3)).astype(np.uint8)
-        img[..., lab] += 150
-        imgs.append(img)
-    ds = from_arrays(imgs, labels, CLASSES, TEMPLATES, name="toy")["train"]
-    return apply_image_transform(ds, ImageTransform(size=30, crop_size=30))
+    return colour_dataset(n, seed)
 
 
 def _args(tmp_path, **kw):

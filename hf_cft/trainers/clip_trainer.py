@@ -102,13 +102,24 @@ class ClipClassifier(nn.Module):
         num_templates: int = 1,
         row_classes=None,
         ctx_mask=None,
+        return_parts: bool = False,
     ):
+        """Class logits; with ``return_parts`` the pieces they are made of instead: ``{"image": normalised image
+        features, "scale": exp(logit_scale)}`` plus ``"text"`` (normalised class text features) or, for a linear
+        head, ``"weight"`` and ``"bias"`` — what MergeTune interpolates."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_trainable()):
             img = image_features(self.model, pixel_values, normalize=True)
+        scale = logit_scale(self.model).to(img.dtype)
         if self.mode == "head":
-            return _find_tuner(self.model, "LinearHeadModel").head_logits(img)
+            tuner = _find_tuner(self.model, "LinearHeadModel")
+            if return_parts:
+                weight, bias = tuner.head_parameters()
+                return {"image": img, "scale": scale, "weight": weight, "bias": bias}
+            return tuner.head_logits(img)
         head = self.class_head(input_ids, attention_mask, num_templates, row_classes, ctx_mask)
-        return logit_scale(self.model).to(img.dtype) * img @ head.to(img.dtype).t()
+        if return_parts:
+            return {"image": img, "scale": scale, "text": head}
+        return scale * img @ head.to(img.dtype).t()
 
 
 class ClipClassificationTrainer(Trainer):
@@ -172,7 +183,12 @@ class ClipClassificationTrainer(Trainer):
             **kwargs,
         )
         self.model_accepts_loss_kwargs = False
-        self._metric_sums: dict[str, list[float]] = {"train": [], "eval": []}
+        self._metric_sums: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
+
+    def _record(self, mode: str, name: str, value: torch.Tensor) -> None:
+        """Keep a detached, process-averaged value to be averaged into the next log (train) or eval log."""
+        v = self.accelerator.gather(value.detach().float().reshape(1)).mean()
+        self._metric_sums[mode].setdefault(name, []).append(float(v))
 
     # ------------------------------------------------------------------------------------------------ inputs
 
@@ -219,8 +235,7 @@ class ClipClassificationTrainer(Trainer):
         logits = model(pixel_values=inputs["pixel_values"], **self._text_inputs(train=model.training))
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing)
         mode = "train" if model.training else "eval"
-        acc = (logits.detach().argmax(-1) == labels).float().mean()
-        self._metric_sums[mode].append(float(self.accelerator.gather(acc.reshape(1)).mean()))
+        self._record(mode, "accuracy", (logits.detach().argmax(-1) == labels).float().mean() * 100.0)
         return (loss, logits) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -232,12 +247,14 @@ class ClipClassificationTrainer(Trainer):
         return loss.detach(), logits.detach(), inputs["labels"]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Average the recorded extra terms into the log: ``train_<name>`` in training, ``eval_<name>`` in
+        evaluation (``eval_accuracy`` from ``compute_metrics`` wins over the batch average)."""
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        values = self._metric_sums[mode]
-        if values and not (mode == "eval" and "eval_accuracy" in logs):
-            key = "eval_batch_accuracy" if mode == "eval" else "train_accuracy"
-            logs[key] = 100.0 * float(np.mean(values))
-        self._metric_sums[mode] = []
+        for name, values in self._metric_sums[mode].items():
+            key = f"{mode}_{name}"
+            if values and key not in logs:
+                logs[key] = float(np.mean(values))
+        self._metric_sums[mode] = {}
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------------------ saving

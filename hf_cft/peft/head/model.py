@@ -83,15 +83,18 @@ class LinearHeadModel(NoMergeTunerMixin, BaseTuner):
                 return module
         raise AdapterError("this model has no linear-head layer")
 
+    def head_parameters(self, adapter_name: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W [C, d], b [C] or None)`` of the active (or named) head adapter."""
+        layer = self._head_layer()
+        adapter = adapter_name or single_active_adapter(layer, "Linear head")
+        if adapter is None or adapter not in layer.head_weight:
+            raise AdapterError("no linear-head adapter is active (disabled, or set_adapter to another one)")
+        return layer.head_weight[adapter], layer.head_bias.get(adapter, None)
+
     def head_logits(self, image_features: torch.Tensor, normalized: bool = True) -> torch.Tensor:
         """Logits ``[N, C]`` from image features (normalised here unless ``normalized=True`` says they are)."""
-        layer = self._head_layer()
-        adapter = single_active_adapter(layer, "Linear head")
-        if adapter is None:
-            raise AdapterError("no linear-head adapter is active (disabled, or set_adapter to another one)")
+        w, b = self.head_parameters()
         feats = image_features if normalized else F.normalize(image_features, dim=-1)
-        w = layer.head_weight[adapter]
-        b = layer.head_bias.get(adapter, None)
         return F.linear(feats.to(w.dtype), w, b)
 
     def classify(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hf_cft.errors import HfCftError
+from hf_cft.trainers.clip_config import ClipTrainingArguments
+
+
+class MergeTuneConfigError(HfCftError, ValueError):
+    """A MergeTune hyper-parameter is out of its range."""
+
+
+ALPHA_GRIDS = ("midpoint", "official", "random")
+ANCHORS = ("auto", "cosine", "sq_l2", "fisher")
+FISHER_LABELS = ("sample", "argmax", "expected")
+
+
+@dataclass
+class MergeTuneConfig(ClipTrainingArguments):
+    """Training arguments of MergeTune (Wang et al., *MergeTune: Continued Fine-Tuning of Vision-Language Models*,
+    ICLR 2026), following ``docs/methods/mergetune.md``:
+
+    ``L(w) = L2(w) + λ·D(w, ŵ1) + β·(1/N)·Σ_k L2(ŵ2 + α_k·(w − ŵ2))``
+
+    with ŵ1 the zero-shot and ŵ2 the fine-tuned solution. Library defaults: λ = 8, β = 0.5, N = 5 midpoints,
+    τ = 0.3 (start at (1−τ)·ŵ1 + τ·ŵ2).
+    """
+
+    anchor_weight: float = field(default=8.0, metadata={"help": "λ: weight of the surrogate toward zero-shot."})
+    path_weight: float = field(default=0.5, metadata={"help": "β: weight of the LMC path loss to fine-tuned."})
+    num_alphas: int = field(default=5, metadata={"help": "N: number of α points on the path."})
+    alpha_grid: str = field(
+        default="midpoint",
+        metadata={
+            "help": "midpoint ((k-1/2)/N), official (0.1 + k/N, as the released code) or random (N draws/step)."
+        },
+    )
+    tau: float = field(default=0.3, metadata={"help": "τ: initialise at (1-τ)·zero-shot + τ·fine-tuned (1 = ŵ2)."})
+    anchor: str = field(
+        default="auto",
+        metadata={"help": "auto (cosine for prompts, sq_l2 for heads), cosine, sq_l2, or fisher (diagonal Fisher)."},
+    )
+    fisher_labels: str = field(default="sample", metadata={"help": "Fisher labels: sample, argmax or expected."})
+    fisher_damping: float = field(default=1e-3, metadata={"help": "Added to the mean-normalised Fisher."})
+    fisher_max_images: int = field(default=0, metadata={"help": "Images used to estimate the Fisher (0 = all)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.anchor_weight < 0:
+            raise MergeTuneConfigError(f"anchor_weight (λ) must be >= 0, got {self.anchor_weight}")
+        if self.path_weight < 0:
+            raise MergeTuneConfigError(f"path_weight (β) must be >= 0, got {self.path_weight}")
+        if self.num_alphas < 1:
+            raise MergeTuneConfigError(f"num_alphas must be at least 1, got {self.num_alphas}")
+        if not 0.0 <= self.tau <= 1.0:
+            raise MergeTuneConfigError(f"tau must be in [0, 1], got {self.tau}")
+        if self.alpha_grid not in ALPHA_GRIDS:
+            raise MergeTuneConfigError(f"alpha_grid must be one of {ALPHA_GRIDS}, got {self.alpha_grid!r}")
+        if self.anchor not in ANCHORS:
+            raise MergeTuneConfigError(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
+        if self.fisher_labels not in FISHER_LABELS:
+            raise MergeTuneConfigError(f"fisher_labels must be one of {FISHER_LABELS}, got {self.fisher_labels!r}")
+        if self.fisher_damping < 0:
+            raise MergeTuneConfigError(f"fisher_damping must be >= 0, got {self.fisher_damping}")

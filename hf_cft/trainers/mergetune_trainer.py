@@ -1,0 +1,272 @@
+"""``MergeTuneTrainer``: continued fine-tuning guided by linear mode connectivity (``docs/methods/mergetune.md``).
+
+Given a zero-shot solution ŵ1 and a fine-tuned one ŵ2 (e.g. a CoOp adapter), it trains a continued model w with
+
+    L(w) = L2(w) + λ·D(w, ŵ1) + β·(1/N)·Σ_k L2(ŵ2 + α_k·(w − ŵ2))
+
+Families supported here work in **classifier space** (as the paper and the official code for prompts):
+
+- CoOp prompts: w is the class-feature matrix T(w) produced by the continued context; ŵ1 the template-ensembled
+  zero-shot features, ŵ2 the fine-tuned CoOp features; D is ``1 − mean cos`` (default) or the diagonal Fisher.
+- Linear head: w = (W, b); ŵ1 = (exp(logit_scale)·T_zs, 0); ŵ2 the fine-tuned (LP) head; D is ``Σ(w − ŵ1)²``
+  (default) or the diagonal Fisher.
+
+Per step: one image-tower pass per batch (frozen, without a graph), one text-tower pass for all classes, then
+per α one interpolation and one matmul. ŵ1 and ŵ2 are held as tensors, never as model copies.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hf_cft.errors import AdapterError, HfCftError
+from hf_cft.models.clip import logit_scale
+from hf_cft.trainers.clip_trainer import ClipClassificationTrainer, _find_tuner
+from hf_cft.trainers.mergetune_config import MergeTuneConfig
+from hf_cft.trainers.mergetune_losses import (
+    alpha_grid,
+    classifier_fisher,
+    cosine_anchor,
+    fisher_anchor,
+    normalize_fisher,
+    path_loss_head,
+    path_loss_prompts,
+    sq_l2_anchor,
+)
+
+_FT_ADAPTER = "mergetune_finetuned"
+
+
+class MergeTuneTrainer(ClipClassificationTrainer):
+    """Continued fine-tuning of a CoOp or linear-head adapter between a zero-shot and a fine-tuned solution.
+
+    Args:
+        model: a ``PeftModel`` whose active adapter (CoOp or linear head) becomes the continued model w; it is
+            initialised here at ``(1−τ)·ŵ1 + τ·ŵ2``.
+        args: :class:`MergeTuneConfig`.
+        classnames, templates, tokenizer: the task (the templates define the zero-shot solution ŵ1).
+        finetuned: ŵ2 — an adapter folder (loaded into ``model`` temporarily, no copy kept) or a ``PeftModel``
+            with an adapter of the same type.
+        fisher_dataset: images (eval transform) for the diagonal Fisher; default ``train_dataset``.
+    """
+
+    def __init__(
+        self,
+        model,
+        args: MergeTuneConfig,
+        classnames: Sequence[str],
+        templates: Sequence[str],
+        tokenizer,
+        finetuned,
+        train_dataset=None,
+        eval_dataset=None,
+        fisher_dataset=None,
+        **kwargs,
+    ):
+        if not isinstance(args, MergeTuneConfig):
+            raise TypeError("MergeTuneTrainer needs a MergeTuneConfig")
+        super().__init__(model, args, classnames, templates, tokenizer, train_dataset, eval_dataset, **kwargs)
+        self.family = self.model.mode
+        if self.family not in ("coop", "head"):
+            raise HfCftError(
+                "MergeTuneTrainer supports CoOp prompt and linear-head adapters (classifier space); the active "
+                f"adapter of this model is {self.clip_model.peft_config[self.clip_model.active_adapter].peft_type!r}"
+                if hasattr(self.clip_model, "peft_config")
+                else "MergeTuneTrainer needs a PeftModel with a CoOp or linear-head adapter as the continued model"
+            )
+        self.anchor_kind = args.anchor if args.anchor != "auto" else ("cosine" if self.family == "coop" else "sq_l2")
+        if self.family == "head" and self.anchor_kind == "cosine":
+            raise HfCftError("anchor='cosine' is the prompt form; use sq_l2 or fisher for a linear head")
+        device = self.args.device
+        self._gen = torch.Generator().manual_seed(args.seed)
+        self._zero_shot_anchor(device)
+        self._finetuned_anchor(finetuned, device)
+        self._initialise(args.tau)
+        self.fisher_info: dict = {}
+        if self.anchor_kind == "fisher":
+            self._estimate_fisher(fisher_dataset if fisher_dataset is not None else train_dataset)
+
+    # ------------------------------------------------------------------------------------------------ anchors
+
+    @torch.no_grad()
+    def _zero_shot_anchor(self, device):
+        from hf_cft.models.zeroshot import build_zeroshot_classifier
+
+        with self.clip_model.disable_adapter():
+            t1 = build_zeroshot_classifier(self.clip_model, self.tokenizer, self.classnames, self.templates)
+        self.text_zs = t1.to(device)
+        self.scale = float(logit_scale(self.clip_model))
+        if self.family == "head":
+            self.w_zs = (self.scale * t1).to(device)
+            self.b_zs = torch.zeros(len(self.classnames), device=device)
+
+    def _check_compatible(self, cfg_ft, where: str):
+        cfg = self.clip_model.peft_config[self.clip_model.active_adapter]
+        if str(cfg_ft.peft_type) != str(cfg.peft_type):
+            raise AdapterError(
+                f"the fine-tuned solution ({where}) is a {cfg_ft.peft_type} adapter but the continued model is "
+                f"{cfg.peft_type}: MergeTune needs both of the same method type."
+            )
+        a, b = cfg.base_model_name_or_path, cfg_ft.base_model_name_or_path
+        if a and b and a != b:
+            raise AdapterError(f"the fine-tuned solution ({where}) was trained on base model {b!r}, not {a!r}.")
+        if self.family == "head" and cfg_ft.num_classes != len(self.classnames):
+            raise AdapterError(
+                f"the fine-tuned head ({where}) has {cfg_ft.num_classes} classes, the task {len(self.classnames)}."
+            )
+        if self.family == "coop" and cfg_ft.class_specific and list(cfg_ft.classnames or []) != list(self.classnames):
+            raise AdapterError(f"the fine-tuned class-specific CoOp adapter ({where}) was trained on other classes.")
+
+    @torch.no_grad()
+    def _finetuned_anchor(self, finetuned, device):
+        from peft import PeftConfig, PeftModel
+
+        continued = self.clip_model.active_adapter
+        if isinstance(finetuned, (str, Path)):
+            path = Path(finetuned)
+            if path.is_dir() and not (path / "adapter_config.json").is_file():
+                raise AdapterError(f"{str(path)!r} holds no adapter (no adapter_config.json).")
+            try:
+                cfg_ft = PeftConfig.from_pretrained(str(finetuned))
+            except Exception as exc:  # noqa: BLE001 - a clear error for a missing / broken adapter
+                raise AdapterError(f"cannot read a fine-tuned adapter from {str(finetuned)!r}: {exc}") from exc
+            self._check_compatible(cfg_ft, str(finetuned))
+            self.clip_model.load_adapter(str(finetuned), adapter_name=_FT_ADAPTER)
+            owner, name = self.clip_model, _FT_ADAPTER
+        elif isinstance(finetuned, PeftModel):
+            owner, name = finetuned, finetuned.active_adapter
+            self._check_compatible(finetuned.peft_config[name], "the given PeftModel")
+        else:
+            raise AdapterError(f"finetuned must be an adapter folder or a PeftModel, got {type(finetuned).__name__}")
+        try:
+            owner.set_adapter(name)
+            cfg_ft = owner.peft_config[name]
+            if self.family == "coop":
+                tuner = _find_tuner(owner, "CoOpModel")
+                self.text_ft = tuner.class_text_features(self.tokenizer, self.classnames, name).detach().to(device)
+                self.ctx_ft = tuner._coop_layer().coop_ctx[name].detach().clone()
+                self.ft_ctx_init = cfg_ft.ctx_init
+                self.ft_class_specific = cfg_ft.class_specific
+            else:
+                w, b = _find_tuner(owner, "LinearHeadModel").head_parameters(name)
+                self.w_ft = w.detach().clone().to(device)
+                self.b_ft = (b.detach().clone() if b is not None else torch.zeros(w.shape[0])).to(device)
+        finally:
+            if owner is self.clip_model:
+                owner.set_adapter(continued)
+                if name == _FT_ADAPTER:
+                    owner.delete_adapter(_FT_ADAPTER)
+                    owner.set_adapter(continued)  # makes only the continued adapter trainable again
+
+    @torch.no_grad()
+    def _initialise(self, tau: float):
+        """w0 = (1−τ)·ŵ1 + τ·ŵ2: context vectors for CoOp (ŵ1's context = the token embeddings of the
+        fine-tuned adapter's ctx_init), parameters for a head."""
+        if self.family == "head":
+            w, b = _find_tuner(self.clip_model, "LinearHeadModel").head_parameters()
+            w.copy_((1 - tau) * self.w_zs + tau * self.w_ft)
+            if b is not None:
+                b.copy_(tau * self.b_ft)
+            return
+        layer = _find_tuner(self.clip_model, "CoOpModel")._coop_layer()
+        ctx = layer.coop_ctx[self.clip_model.active_adapter]
+        if ctx.shape != self.ctx_ft.shape:
+            raise AdapterError(
+                f"the continued CoOp context has shape {tuple(ctx.shape)} but the fine-tuned one "
+                f"{tuple(self.ctx_ft.shape)}: give both the same n_ctx and class_specific setting."
+            )
+        init = None
+        if tau < 1.0:
+            from hf_cft.peft.coop.model import _word_ids
+
+            ids = _word_ids(self.tokenizer, self.ft_ctx_init) if self.ft_ctx_init else []
+            if not self.ft_ctx_init or len(ids) != ctx.shape[-2] or self.ft_class_specific:
+                warnings.warn(
+                    "τ-initialisation needs the fine-tuned CoOp adapter's ctx_init with as many tokens as n_ctx and "
+                    "a shared context; starting at the fine-tuned context (τ = 1).",
+                    stacklevel=3,
+                )
+            else:
+                emb = self.clip_model.get_base_model().text_model.embeddings.get_base_layer().token_embedding
+                init = emb.weight[torch.tensor(ids, device=emb.weight.device)].float()
+        ctx.copy_(self.ctx_ft if init is None else (1 - tau) * init.to(ctx) + tau * self.ctx_ft)
+
+    @torch.no_grad()
+    def _estimate_fisher(self, dataset):
+        """Diagonal Fisher of the zero-shot classifier on the downstream images (no labels used), in closed form
+        per example; normalised to mean 1 plus damping. Its cost is kept in ``fisher_info``."""
+        from torch.utils.data import DataLoader
+
+        from hf_cft.models.zeroshot import encode_images
+
+        if dataset is None:
+            raise HfCftError("anchor='fisher' needs images: pass fisher_dataset (or train_dataset)")
+        t0 = time.perf_counter()
+        if self.args.fisher_max_images and len(dataset) > self.args.fisher_max_images:
+            dataset = dataset.select(range(self.args.fisher_max_images))
+        loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator)
+        self.clip_model.eval()
+        feats, _ = encode_images(self.clip_model, loader, device=self.args.device)
+        feats = feats.to(self.args.device)
+        if self.family == "coop":
+            logits = self.scale * feats @ self.text_zs.t()
+            fw, _ = classifier_fisher(feats, logits, self.scale, self.args.fisher_labels, self._gen)
+            self.fisher = normalize_fisher([fw], self.args.fisher_damping)
+        else:
+            logits = feats @ self.w_zs.t() + self.b_zs
+            fw, fb = classifier_fisher(feats, logits, 1.0, self.args.fisher_labels, self._gen, with_bias=True)
+            self.fisher = normalize_fisher([fw, fb], self.args.fisher_damping)
+        self.fisher_info = {
+            "images": int(feats.shape[0]),
+            "seconds": time.perf_counter() - t0,
+            "labels": self.args.fisher_labels,
+        }
+
+    # ------------------------------------------------------------------------------------------------ loss
+
+    def _alphas(self) -> torch.Tensor:
+        return alpha_grid(self.args.num_alphas, self.args.alpha_grid, self._gen)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        parts = model(
+            pixel_values=inputs["pixel_values"], **self._text_inputs(train=model.training), return_parts=True
+        )
+        img = parts["image"].float()
+        alphas = self._alphas()
+        if self.family == "coop":
+            text = parts["text"].float()
+            scale = parts["scale"].float()
+            logits = scale * img @ text.t()
+            if self.anchor_kind == "cosine":
+                anchor = cosine_anchor(text, self.text_zs)
+            elif self.anchor_kind == "sq_l2":
+                anchor = sq_l2_anchor([text], [self.text_zs])
+            else:  # Fisher-weighted, scaled so that F ≡ 1 equals the cosine form: ½·mean_c‖T_c − T1_c‖²
+                anchor = fisher_anchor([text], [self.text_zs], self.fisher, normalizer=2.0 * text.shape[0])
+            path = path_loss_prompts(img, text, self.text_ft, labels, scale, alphas)
+        else:
+            w, b = parts["weight"], parts["bias"]
+            logits = F.linear(img, w, b)
+            params, zs = [w], [self.w_zs]
+            if b is not None:
+                params.append(b)
+                zs.append(self.b_zs)
+            anchor = (
+                sq_l2_anchor(params, zs) if self.anchor_kind == "sq_l2" else fisher_anchor(params, zs, self.fisher)
+            )
+            path = path_loss_head(img, w, b, self.w_ft, self.b_ft if b is not None else None, labels, alphas)
+        task = F.cross_entropy(logits, labels, label_smoothing=self.args.label_smoothing)
+        loss = task + self.args.anchor_weight * anchor + self.args.path_weight * path
+        mode = "train" if model.training else "eval"
+        self._record(mode, "loss_task", task)
+        self._record(mode, "loss_anchor", anchor)
+        self._record(mode, "loss_path", path)
+        self._record(mode, "accuracy", (logits.detach().argmax(-1) == labels).float().mean() * 100.0)
+        return (loss, logits) if return_outputs else loss

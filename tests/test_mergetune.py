@@ -1,0 +1,274 @@
+"""MergeTune: each loss term against a hand computation, initialisation, Fisher, config errors, training."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+
+from hf_cft import CoOpConfig, LinearHeadConfig
+from hf_cft.errors import AdapterError
+from hf_cft.models import build_zeroshot_classifier, image_features
+from hf_cft.testing import tiny_clip
+from hf_cft.trainers import MergeTuneConfig, MergeTuneConfigError, MergeTuneTrainer
+from hf_cft.trainers.mergetune_losses import alpha_grid, classifier_fisher, normalize_fisher
+
+CLASSES = ["cat", "dog", "sea lion"]
+TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
+
+
+def _args(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "mt"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=12,
+        learning_rate=0.05,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+        optim="sgd",
+        lr_scheduler_type="constant",
+    )
+    base.update(kw)
+    return MergeTuneConfig(**base)
+
+
+@pytest.fixture
+def data():
+    from tests_helpers import colour_dataset
+
+    return colour_dataset()
+
+
+def _finetuned_coop(tok, tmp_path, seed=3):
+    ft = get_peft_model(tiny_clip(), CoOpConfig(ctx_init="a photo of a", classnames=CLASSES).set_tokenizer(tok))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ft.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    ft.save_pretrained(tmp_path / "ft")
+    return ft
+
+
+def _continued_coop(tok):
+    return get_peft_model(tiny_clip(), CoOpConfig(ctx_init="a photo of a", classnames=CLASSES).set_tokenizer(tok))
+
+
+def test_alpha_grids():
+    torch.testing.assert_close(alpha_grid(5), torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9], dtype=torch.float64))
+    torch.testing.assert_close(alpha_grid(5, "official"), alpha_grid(5))
+    assert alpha_grid(10, "official")[-1] == 1.0 and len(alpha_grid(10, "official")) == 10
+    assert alpha_grid(1, "official").tolist() == [0.1] and alpha_grid(1).tolist() == [0.5]
+    r = alpha_grid(4, "random", torch.Generator().manual_seed(0))
+    assert r.shape == (4,) and ((r >= 0) & (r < 1)).all()
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"anchor_weight": -1}, "anchor_weight"),
+        ({"path_weight": -0.1}, "path_weight"),
+        ({"num_alphas": 0}, "num_alphas"),
+        ({"tau": 1.5}, "tau"),
+        ({"alpha_grid": "x"}, "alpha_grid"),
+        ({"anchor": "l1"}, "anchor"),
+    ],
+)
+def test_config_errors(tmp_path, kw, match):
+    with pytest.raises(MergeTuneConfigError, match=match):
+        _args(tmp_path, **kw)
+
+
+def test_coop_loss_terms_match_a_naive_reference(toy_tokenizer, tmp_path, data):
+    """The trainer's loss (features once per batch) equals the naive formula that re-encodes images per α."""
+    ft = _finetuned_coop(toy_tokenizer, tmp_path)
+    model = _continued_coop(toy_tokenizer)
+    trainer = MergeTuneTrainer(
+        model,
+        _args(tmp_path, tau=0.3),
+        CLASSES,
+        TEMPLATES,
+        toy_tokenizer,
+        finetuned=tmp_path / "ft",
+        train_dataset=data,
+    )
+    batch = trainer.data_collator([data[i] for i in range(8)])
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    # naive reference
+    with torch.no_grad():
+        t2 = ft.class_text_features(toy_tokenizer, CLASSES)
+        with model.disable_adapter():
+            t1 = build_zeroshot_classifier(model, toy_tokenizer, CLASSES, TEMPLATES)
+    tw = model.class_text_features(toy_tokenizer, CLASSES)
+    s = model.get_base_model().logit_scale.exp()
+    task = F.cross_entropy(s * image_features(model, batch["pixel_values"]) @ tw.t(), batch["labels"])
+    anchor = 1 - F.cosine_similarity(tw, t1, dim=-1).mean()
+    path = 0
+    for a in (0.1, 0.3, 0.5, 0.7, 0.9):
+        ta = F.normalize(t2 + a * (tw - t2), dim=-1)
+        path = path + F.cross_entropy(s * image_features(model, batch["pixel_values"]) @ ta.t(), batch["labels"]) / 5
+    expected = task + 8.0 * anchor + 0.5 * path
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_tau_initialisation_interpolates_contexts(toy_tokenizer, tmp_path, data):
+    ft = _finetuned_coop(toy_tokenizer, tmp_path)
+    ctx_ft = ft.base_model.model.text_model.embeddings.coop_ctx["default"].detach()
+    init = _continued_coop(toy_tokenizer).base_model.model.text_model.embeddings.coop_ctx["default"].detach().clone()
+    for tau in (0.0, 0.3, 1.0):
+        model = _continued_coop(toy_tokenizer)
+        MergeTuneTrainer(
+            model, _args(tmp_path, tau=tau), CLASSES, TEMPLATES, toy_tokenizer, finetuned=ft, train_dataset=data
+        )
+        ctx = model.base_model.model.text_model.embeddings.coop_ctx["default"].detach()
+        torch.testing.assert_close(ctx, (1 - tau) * init + tau * ctx_ft)
+
+
+def test_head_loss_terms_and_init(toy_tokenizer, tmp_path, data):
+    cfg = lambda: LinearHeadConfig(classnames=CLASSES, templates=TEMPLATES).set_tokenizer(toy_tokenizer)  # noqa: E731
+    ft = get_peft_model(tiny_clip(), cfg())
+    with torch.no_grad():
+        ft.base_model.model.visual_projection.head_weight["default"].add_(0.5)
+        ft.base_model.model.visual_projection.head_bias["default"].add_(0.2)
+    ft.save_pretrained(tmp_path / "head_ft")
+    model = get_peft_model(tiny_clip(), cfg())
+    w1 = model.base_model.model.visual_projection.head_weight["default"].detach().clone()
+    trainer = MergeTuneTrainer(
+        model,
+        _args(tmp_path, tau=0.5),
+        CLASSES,
+        TEMPLATES,
+        toy_tokenizer,
+        finetuned=tmp_path / "head_ft",
+        train_dataset=data,
+    )
+    w, b = model.base_model.head_parameters()
+    torch.testing.assert_close(w.detach(), w1 + 0.25)  # (1-τ)·W1 + τ·(W1 + 0.5)
+    torch.testing.assert_close(b.detach(), torch.full((3,), 0.1))
+    batch = trainer.data_collator([data[i] for i in range(8)])
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    f = image_features(model, batch["pixel_values"]).detach()
+    y = batch["labels"]
+    task = F.cross_entropy(f @ w.t() + b, y)
+    anchor = ((w - w1) ** 2).sum() + (b**2).sum()
+    w2, b2 = w1 + 0.5, torch.full((3,), 0.2)
+    path = (
+        sum(F.cross_entropy(f @ (w2 + a * (w - w2)).t() + (b2 + a * (b - b2)), y) for a in (0.1, 0.3, 0.5, 0.7, 0.9))
+        / 5
+    )
+    torch.testing.assert_close(loss, task + 8.0 * anchor + 0.5 * path, atol=1e-5, rtol=1e-5)
+
+
+def test_fisher_closed_form_matches_autograd():
+    """Expected-label Fisher of z = s·f·Wᵀ equals E_x Σ_ŷ p_ŷ (∂ log p_ŷ/∂W)² from autograd, per example."""
+    g = torch.Generator().manual_seed(0)
+    f = F.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    w = torch.randn(3, 4, generator=g)
+    s = 2.0
+    fw, _ = classifier_fisher(f, s * f @ w.t(), s, "expected")
+    ref = torch.zeros_like(w)
+    for i in range(6):
+        p = (s * f[i] @ w.t()).softmax(-1)
+        for yhat in range(3):
+            wv = w.clone().requires_grad_(True)
+            torch.log_softmax(s * f[i] @ wv.t(), -1)[yhat].backward()
+            ref += p[yhat] * wv.grad**2
+    torch.testing.assert_close(fw, ref / 6, atol=1e-5, rtol=1e-4)
+    # sanity formula of the spec: s²·E[p_c(1−p_c)·f_k²]
+    p = (s * f @ w.t()).softmax(-1)
+    torch.testing.assert_close(fw, s**2 * (p * (1 - p)).t() @ (f**2) / 6, atol=1e-6, rtol=1e-5)
+    normed = normalize_fisher([fw], 1e-3)[0]
+    assert abs(float((normed - 1e-3).mean()) - 1.0) < 1e-5
+
+
+def test_fisher_anchor_training_runs_and_reports_cost(toy_tokenizer, tmp_path, data):
+    _finetuned_coop(toy_tokenizer, tmp_path)
+    model = _continued_coop(toy_tokenizer)
+    trainer = MergeTuneTrainer(
+        model,
+        _args(tmp_path, anchor="fisher"),
+        CLASSES,
+        TEMPLATES,
+        toy_tokenizer,
+        finetuned=tmp_path / "ft",
+        train_dataset=data,
+    )
+    assert trainer.fisher_info["images"] == len(data) and trainer.fisher_info["seconds"] >= 0
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all({"train_loss_task", "train_loss_anchor", "train_loss_path"} <= set(h) for h in logs)
+
+
+def test_bad_inputs(toy_tokenizer, tmp_path, data):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterError, match="no adapter"):
+        MergeTuneTrainer(
+            _continued_coop(toy_tokenizer),
+            _args(tmp_path),
+            CLASSES,
+            TEMPLATES,
+            toy_tokenizer,
+            finetuned=tmp_path / "empty",
+            train_dataset=data,
+        )
+    head = get_peft_model(tiny_clip(), LinearHeadConfig(num_classes=3, init="zeros"))
+    head.save_pretrained(tmp_path / "head")
+    with pytest.raises(AdapterError, match="same method type"):
+        MergeTuneTrainer(
+            _continued_coop(toy_tokenizer),
+            _args(tmp_path),
+            CLASSES,
+            TEMPLATES,
+            toy_tokenizer,
+            finetuned=tmp_path / "head",
+            train_dataset=data,
+        )
+    head4 = get_peft_model(tiny_clip(), LinearHeadConfig(num_classes=4, init="zeros"))
+    head4.save_pretrained(tmp_path / "head4")
+    with pytest.raises(AdapterError, match="4 classes"):
+        MergeTuneTrainer(
+            get_peft_model(tiny_clip(), LinearHeadConfig(num_classes=3, init="zeros")),
+            _args(tmp_path),
+            CLASSES,
+            TEMPLATES,
+            toy_tokenizer,
+            finetuned=tmp_path / "head4",
+            train_dataset=data,
+        )
+    other = get_peft_model(tiny_clip(), CoOpConfig(n_ctx=2, classnames=CLASSES).set_tokenizer(toy_tokenizer))
+    with pytest.raises(AdapterError, match="shape"):
+        MergeTuneTrainer(
+            _continued_coop(toy_tokenizer),
+            _args(tmp_path),
+            CLASSES,
+            TEMPLATES,
+            toy_tokenizer,
+            finetuned=other,
+            train_dataset=data,
+        )
+
+
+def test_mergetune_recovers_zero_shot_agreement(toy_tokenizer, tmp_path, data):
+    """With a strong anchor the continued features move toward zero-shot: cos(T(w), T1) rises over training."""
+    _finetuned_coop(toy_tokenizer, tmp_path)
+    model = _continued_coop(toy_tokenizer)
+    trainer = MergeTuneTrainer(
+        model,
+        _args(tmp_path, tau=1.0, anchor_weight=20.0, max_steps=15, learning_rate=0.5),
+        CLASSES,
+        TEMPLATES,
+        toy_tokenizer,
+        finetuned=tmp_path / "ft",
+        train_dataset=data,
+    )
+    t1 = trainer.text_zs
+    before = F.cosine_similarity(model.class_text_features(toy_tokenizer, CLASSES).detach(), t1).mean()
+    trainer.train()
+    after = F.cosine_similarity(model.class_text_features(toy_tokenizer, CLASSES).detach(), t1).mean()
+    assert after > before
