@@ -81,3 +81,37 @@ def load_task(name: str, data_dir: str | None = None):
     if name == "digits":
         return load_digits_dataset(image_size=16)
     return load_classification_dataset(name, data_dir=data_dir)
+
+
+def base_novel_task(task, shots: int, seed: int, base_to_novel: bool = True, downstream_pool: bool = False,
+                    val_shots: int = 0):
+    """Few-shot training data on the base classes and test splits for base and novel classes (CoCoOp protocol).
+
+    Returns ``(train, splits, names)``: ``splits`` maps ``base``/``novel`` (and ``val`` with ``val_shots``) to
+    ``(class ids, dataset relabelled from 0)``, ``names`` the class names of each split. Base = the first
+    ceil(n/2) class ids; ``downstream_pool`` samples the shots from the 30% downstream pool of the train split.
+    """
+    from hf_cft.data import base_novel_classes, few_shot_indices, labels_of, select_classes, split_per_class
+
+    train = task["train"]
+    if downstream_pool:
+        _, train = split_per_class(train, 0.7, seed=0)
+    n = task.num_classes
+    base_ids, novel_ids = base_novel_classes(n) if base_to_novel else (list(range(n)), [])
+    splits = {"base": (base_ids, select_classes(task["test"], base_ids))}
+    if novel_ids:
+        splits["novel"] = (novel_ids, select_classes(task["test"], novel_ids))
+    train = select_classes(train, base_ids)
+    if shots:
+        idx = few_shot_indices(labels_of(train), shots + val_shots, seed=seed, class_names=task.classnames,
+                               dataset_name=task.name)
+        if val_shots:
+            import numpy as np
+
+            labels = labels_of(train)[idx]
+            val = np.concatenate([idx[labels == c][shots:] for c in np.unique(labels)])
+            splits["val"] = (base_ids, train.select(np.sort(val)))
+            idx = np.setdiff1d(idx, val)
+        train = train.select(idx)
+    names = {k: [task.classnames[i] for i in ids] for k, (ids, _) in splits.items()}
+    return train, splits, names

@@ -28,19 +28,11 @@ import torch
 from peft import get_peft_model
 
 from hf_cft import CoOpConfig
-from hf_cft.data import (
-    ImageTransform,
-    apply_image_transform,
-    base_novel_classes,
-    few_shot,
-    format_prompts,
-    select_classes,
-    split_per_class,
-)
+from hf_cft.data import ImageTransform, apply_image_transform, format_prompts
 from hf_cft.hub import adapter_card
 from hf_cft.metrics import harmonic_mean
 from hf_cft.models import FeatureCache, evaluate_zeroshot
-from hf_cft.recipe_utils import demo_clip, load_clip, load_task, parse_recipe_args
+from hf_cft.recipe_utils import base_novel_task, demo_clip, load_clip, load_task, parse_recipe_args
 from hf_cft.trainers import ClipClassificationTrainer, ClipTrainingArguments
 from hf_cft.utils import atomic_write_json
 
@@ -62,26 +54,11 @@ class CoOpRecipeArguments:
     eval_batch_size: int = field(default=256, metadata={"help": "Images per batch in evaluation."})
 
 
-def split_task(task, args: CoOpRecipeArguments, seed: int):
-    train = task["train"]
-    if args.downstream_pool:
-        _, train = split_per_class(train, 0.7, seed=0)
-    n = task.num_classes
-    base_ids, novel_ids = base_novel_classes(n) if args.base_to_novel else (list(range(n)), [])
-    splits = {"base": (base_ids, select_classes(task["test"], base_ids))}
-    if novel_ids:
-        splits["novel"] = (novel_ids, select_classes(task["test"], novel_ids))
-    train = select_classes(train, base_ids)
-    if args.shots:
-        train = few_shot(train, args.shots, seed=seed, name=task.name)
-    return train, splits
-
-
 def main(args: CoOpRecipeArguments, targs: ClipTrainingArguments) -> dict:
     task = load_task(args.dataset, args.data_dir)
-    train, splits = split_task(task, args, seed=targs.seed)
+    train, splits, names = base_novel_task(task, args.shots, targs.seed, args.base_to_novel, args.downstream_pool)
     splits["train"] = (splits["base"][0], train)  # the training shots themselves (train accuracy)
-    names = {k: [task.classnames[i] for i in ids] for k, (ids, _) in splits.items()}
+    names["train"] = names["base"]
     if args.model_name_or_path is None:
         prompts = format_prompts(task.classnames, task.templates) + [f"X {c}." for c in task.classnames]
         model, tokenizer = demo_clip(prompts, image_size=16 if args.dataset == "digits" else 32, seed=targs.seed)

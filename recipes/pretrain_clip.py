@@ -164,7 +164,9 @@ def build_tokenizer(args: PretrainArguments):
 
         texts = format_prompts(DIGIT_CLASSNAMES, (*DIGIT_TEMPLATES, *GENERIC_TEMPLATES)) + ["X zero."]
         return train_clip_tokenizer(texts, vocab_size=1024)
-    bpe = args.bpe_path or str(Path(args.data_dir or default_data_dir() or ".") / "assets" / "bpe_simple_vocab_16e6.txt.gz")
+    bpe = args.bpe_path or str(
+        Path(args.data_dir or default_data_dir() or ".") / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+    )
     return build_clip_tokenizer(bpe)
 
 
@@ -295,7 +297,6 @@ def plot_curve(curve_path: Path, png: Path):
 
 def main(args: PretrainArguments) -> Path:
     from accelerate import Accelerator
-
 
     accelerator = Accelerator()
     out = Path(os.path.expanduser(args.output_dir))

@@ -72,3 +72,39 @@ def test_coop_recipe_offline_default_writes_adapter_card_results(tmp_path):
     accs = {r["dataset"]["config"]: r["metrics"][0]["value"] for r in index}
     assert accs["base"] == round(result["results"]["CoOp"]["base"], 4)
     assert json.loads((tmp_path / "results.json").read_text())["dataset"] == "digits"
+
+
+def test_mergetune_recipe_runs_end_to_end(tmp_path, monkeypatch):
+    mt = _load("mergetune")
+    monkeypatch.setattr(mt, "DEMO_CACHE", tmp_path / "demo-cache")
+    argv = [
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--num_train_epochs",
+        "1",
+        "--coop_epochs",
+        "1",
+        "--shots",
+        "4",
+        "--demo_pretrain_steps",
+        "3",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "true",
+        "--disable_tqdm",
+        "true",
+    ]
+    args, targs = mt.parse_recipe_args(mt.MergeTuneRecipeArguments, mt.MergeTuneConfig, args=argv)
+    result = mt.main(args, targs)
+    rows = result["results"]
+    assert set(rows) == {"zero-shot (ensemble)", "zero-shot ('a photo of a {}.')", "CoOp", "CoOp + MergeTune"}
+    assert all({"base", "novel", "hm"} <= set(r) for r in rows.values())
+    out = tmp_path / "out"
+    assert (out / "paths.png").is_file() and (out / "results.json").is_file()
+    assert (out / "coop" / "adapter_config.json").is_file()
+    cards = list((out / "mergetune").rglob("README.md"))
+    assert cards and "MergeTune" in cards[0].read_text()
+    assert set(result["paths"]["base"]["paths"]) == {"zero-shot → CoOp", "zero-shot → MergeTune", "CoOp → MergeTune"}

@@ -59,19 +59,23 @@ def adapter_card(
     results_note: str = "",
     limitations: str = "",
     repo_id: str | None = None,
+    method: dict | None = None,
 ):
     """A model card for an hf_cft PEFT adapter (CoOp, VPT, linear head).
 
     ``results`` rows: ``{"name": split name, "num_classes": int, "accuracy": percent}``; each becomes a
-    model-index entry (task image-classification, metric accuracy).
+    model-index entry (task image-classification, metric accuracy). ``method`` overrides entries of the method's
+    description (``name``, ``description``, ``paper``, ``tags``, ``citation``, ``usage``), e.g. for a MergeTune
+    continued CoOp adapter.
     """
     from huggingface_hub import EvalResult, ModelCardData
 
     adapter = peft_model.active_adapter
     cfg = peft_model.peft_config[adapter]
-    method = ADAPTER_METHODS.get(str(cfg.peft_type))
-    if method is None:
+    known = ADAPTER_METHODS.get(str(cfg.peft_type))
+    if known is None:
         raise ValueError(f"no card template for PEFT type {cfg.peft_type!r} (adapter {adapter!r})")
+    method = {**known, **(method or {})}
     base_model = cfg.base_model_name_or_path or None
     eval_results = [
         EvalResult(

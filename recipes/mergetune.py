@@ -1,0 +1,335 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["hf-cft[vision,plots,demo]"]
+# ///
+"""MergeTune: continued fine-tuning of a CoOp adapter between the zero-shot model and CoOp, with base-to-novel
+evaluation, the three LMC path plots and a model card.
+
+Launch (from the repository root; CPU is fine for the defaults):
+
+    accelerate launch recipes/mergetune.py
+        # offline demo (≤ 3 min on 2 CPU cores): scikit-learn's digits and a tiny CLIP pretrained on first use for
+        # ~8 epochs (cached in ~/.cache/hf_cft): zero-shot -> 16-shot CoOp on the 5 base digits -> MergeTune
+    accelerate launch recipes/mergetune.py --config recipes/configs/mergetune.yaml
+    accelerate launch recipes/mergetune.py --model_name_or_path openai/clip-vit-base-patch16 --dataset mtil/dtd \\
+        --coop_epochs 50 --num_train_epochs 50 --learning_rate 0.002 --optim sgd --output_dir outputs/mt-dtd
+
+Steps: (1) zero-shot evaluation; (2) CoOp on the base classes (or ``--finetuned DIR``, an existing CoOp adapter);
+(3) MergeTune from the pair (λ = anchor_weight, β = path_weight, N = num_alphas, τ = tau); (4) base / novel / HM
+table, ``paths.png`` (loss and accuracy along zero-shot→CoOp, zero-shot→MergeTune, CoOp→MergeTune),
+``mergetune/`` (the continued adapter with its model card) and ``results.json`` in ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+
+from hf_cft import CoOpConfig
+from hf_cft.data import apply_image_transform
+from hf_cft.hub import adapter_card
+from hf_cft.metrics import harmonic_mean
+from hf_cft.models import FeatureCache, build_zeroshot_classifier, evaluate_zeroshot
+from hf_cft.plots import interpolation_curves, plot_paths
+from hf_cft.recipe_utils import base_novel_task, load_clip, load_task, parse_recipe_args
+from hf_cft.trainers import ClipClassificationTrainer, ClipTrainingArguments, MergeTuneConfig, MergeTuneTrainer
+from hf_cft.utils import atomic_write_json
+
+DEMO_CACHE = Path("~/.cache/hf_cft/mergetune-demo-clip").expanduser()
+
+
+@dataclass
+class MergeTuneRecipeArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "CLIP folder or Hub id (default: the cached tiny digits demo CLIP)."}
+    )
+    dataset: str = field(default="digits", metadata={"help": "Dataset name, folder or Hub id ('digits': offline)."})
+    data_dir: str | None = field(default=None, metadata={"help": "Folder of local datasets (default ../shared/data)."})
+    shots: int = field(default=16, metadata={"help": "Training images per base class."})
+    downstream_pool: bool = field(default=False, metadata={"help": "Shots from the 30% downstream pool (benchmarks)."})
+    finetuned: str | None = field(default=None, metadata={"help": "An existing CoOp adapter (skips CoOp training)."})
+    ctx_init: str = field(default="a photo of a", metadata={"help": "CoOp context initialisation."})
+    coop_epochs: float = field(default=40, metadata={"help": "CoOp epochs (the fine-tuned solution)."})
+    coop_learning_rate: float = field(default=0.01, metadata={"help": "CoOp learning rate."})
+    coop_optim: str = field(default="adamw_torch", metadata={"help": "CoOp optimiser."})
+    demo_pretrain_steps: int = field(
+        default=80, metadata={"help": "Steps of the demo CLIP's pretraining (~8 epochs)."}
+    )
+    eval_batch_size: int = field(default=256, metadata={"help": "Images per batch in evaluation."})
+
+
+def demo_clip(steps: int, seed: int = 0) -> Path:
+    """The demo's zero-shot model: a ~0.2M-parameter CLIP pretrained briefly (so it still forgets under CoOp) on
+    scikit-learn's digits with recipes/pretrain_clip.py, built on first use and cached."""
+    out = DEMO_CACHE / f"steps{steps}-seed{seed}"
+    if (out / "model" / "config.json").is_file():
+        return out / "model"
+    spec = importlib.util.spec_from_file_location("pretrain_clip", Path(__file__).with_name("pretrain_clip.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    args = mod.PretrainArguments(
+        datasets=["digits"],
+        pool_fraction=1.0,
+        image_size=16,
+        patch_size=4,
+        width=64,
+        layers=2,
+        heads=4,
+        projection_dim=64,
+        captions="own",
+        degrade_prob=0.0,
+        batch_size=128,
+        learning_rate=2e-3,
+        warmup_steps=20,
+        max_steps=steps,
+        eval_every_minutes=0,
+        output_dir=str(out),
+        seed=seed,
+    )
+    print(f"pretraining the demo CLIP on scikit-learn's digits ({steps} steps), cached in {out}", flush=True)
+    return mod.main(args)
+
+
+def evaluate(model, tokenizer, splits, names, templates, transform, cache, args, head_fn=None) -> dict:
+    row = {}
+    for split in ("base", "novel"):
+        if split not in splits:
+            continue
+        head = head_fn(names[split]) if head_fn else None
+        r = evaluate_zeroshot(
+            model,
+            tokenizer,
+            splits[split][1],
+            names[split],
+            templates,
+            args.eval_batch_size,
+            transform,
+            cache=cache,
+            head=head,
+        )
+        row[split] = r.accuracy
+    if "novel" in row:
+        row["hm"] = harmonic_mean(row["base"], row["novel"])
+    return row
+
+
+def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
+    t_start = time.perf_counter()
+    task = load_task(args.dataset, args.data_dir)
+    model_path = args.model_name_or_path or str(demo_clip(args.demo_pretrain_steps))
+    model, tokenizer, transform = load_clip(model_path)
+    model_desc = args.model_name_or_path or (
+        f"demo CLIP ({sum(p.numel() for p in model.parameters()):,} parameters) pretrained for "
+        f"{args.demo_pretrain_steps} steps (~8 epochs) on scikit-learn's digits — deliberately under-trained so "
+        "that CoOp forgets"
+    )
+    train, splits, names = base_novel_task(task, args.shots, targs.seed, True, args.downstream_pool)
+    train_data = apply_image_transform(
+        train, dataclasses.replace(transform, train=True, seed=targs.seed), name=task.name
+    )
+    cache = FeatureCache()
+    results = {
+        "zero-shot (ensemble)": evaluate(model, tokenizer, splits, names, task.templates, transform, cache, args),
+        "zero-shot ('a photo of a {}.')": evaluate(
+            model, tokenizer, splits, names, ["a photo of a {}."], transform, cache, args
+        ),
+    }
+    out = Path(targs.output_dir)
+    coop_dir = Path(args.finetuned) if args.finetuned else out / "coop"
+    peft_model = get_peft_model(
+        model,
+        CoOpConfig(
+            ctx_init=args.ctx_init, classnames=names["base"], base_model_name_or_path=args.model_name_or_path
+        ).set_tokenizer(tokenizer),
+    )
+    if args.finetuned is None:  # (2) the fine-tuned solution: CoOp on the base classes
+        coop_args = ClipTrainingArguments(
+            output_dir=str(out / "coop-run"),
+            num_train_epochs=args.coop_epochs,
+            learning_rate=args.coop_learning_rate,
+            optim=args.coop_optim,
+            per_device_train_batch_size=targs.per_device_train_batch_size,
+            lr_scheduler_type="cosine",
+            warmup_steps=0,
+            logging_steps=max(1, targs.logging_steps),
+            save_strategy="no",
+            report_to=[],
+            seed=targs.seed,
+            disable_tqdm=targs.disable_tqdm,
+            use_cpu=targs.use_cpu,
+        )
+        ClipClassificationTrainer(
+            peft_model, coop_args, names["base"], task.templates, tokenizer, train_dataset=train_data
+        ).train()
+        peft_model.save_pretrained(str(coop_dir))
+    else:
+        peft_model.load_adapter(str(coop_dir), adapter_name="default")
+    peft_model.eval()
+    results["CoOp"] = evaluate(
+        peft_model,
+        tokenizer,
+        splits,
+        names,
+        task.templates,
+        transform,
+        cache,
+        args,
+        head_fn=lambda n: peft_model.class_text_features(tokenizer, n).detach(),
+    )
+    with torch.no_grad():
+        coop_heads = {s: peft_model.class_text_features(tokenizer, names[s]) for s in ("base", "novel")}
+
+    # (3) MergeTune: a new adapter on the same base model, initialised from the pair
+    peft_model.add_adapter(
+        "mergetune",
+        CoOpConfig(
+            ctx_init=args.ctx_init, classnames=names["base"], base_model_name_or_path=args.model_name_or_path
+        ).set_tokenizer(tokenizer),
+    )
+    peft_model.set_adapter("mergetune")
+    mt = MergeTuneTrainer(
+        peft_model, targs, names["base"], task.templates, tokenizer, finetuned=str(coop_dir), train_dataset=train_data
+    )
+    t0 = time.perf_counter()
+    mt.train()
+    mt_seconds = time.perf_counter() - t0
+    peft_model.eval()
+    results["CoOp + MergeTune"] = evaluate(
+        peft_model,
+        tokenizer,
+        splits,
+        names,
+        task.templates,
+        transform,
+        cache,
+        args,
+        head_fn=lambda n: peft_model.class_text_features(tokenizer, n).detach(),
+    )
+
+    # (4) LMC paths on the test images of base and novel classes
+    curves = {}
+    with torch.no_grad():
+        for split in ("base", "novel"):
+            feats, labels = _features(peft_model, splits[split][1], transform, cache, args)
+            with peft_model.disable_adapter():
+                zs = build_zeroshot_classifier(peft_model, tokenizer, names[split], task.templates)
+            sols = {
+                "zero-shot": zs,
+                "CoOp": coop_heads[split],
+                "MergeTune": peft_model.class_text_features(tokenizer, names[split]),
+            }
+            curves[split] = interpolation_curves(
+                feats,
+                labels,
+                sols,
+                [("zero-shot", "CoOp"), ("zero-shot", "MergeTune"), ("CoOp", "MergeTune")],
+                scale=float(peft_model.get_base_model().logit_scale.exp()),
+            )
+    result = {
+        "model": model_desc,
+        "dataset": task.name,
+        "shots": args.shots,
+        "results": results,
+        "mergetune": {
+            k: getattr(targs, k)
+            for k in (
+                "anchor_weight",
+                "path_weight",
+                "num_alphas",
+                "alpha_grid",
+                "tau",
+                "anchor",
+                "learning_rate",
+                "num_train_epochs",
+            )
+        },
+        "mergetune_seconds": mt_seconds,
+        "total_seconds": time.perf_counter() - t_start,
+        "paths": curves,
+        "machine": {"platform": platform.platform(), "torch": torch.__version__},
+    }
+    if mt.is_world_process_zero():
+        atomic_write_json(out / "path_curves.json", curves)
+        plot_paths(curves, out / "paths.png", f"MergeTune on {task.name}: loss / accuracy along linear paths")
+        adapter_dir = _save_adapter(peft_model, "mergetune", out / "mergetune")
+        row = results["CoOp + MergeTune"]
+        card = adapter_card(
+            peft_model,
+            model_name=f"mergetune-coop-{task.name}",
+            dataset_name=task.name,
+            results=[{"name": s, "num_classes": len(names[s]), "accuracy": row[s]} for s in ("base", "novel")],
+            hm=row.get("hm"),
+            results_note="Before MergeTune — "
+            + "; ".join(
+                f"{k}: base {v['base']:.2f}, novel {v['novel']:.2f}, HM {v['hm']:.2f}"
+                for k, v in results.items()
+                if k != "CoOp + MergeTune"
+            )
+            + f". Base model: {model_desc}.",
+            hyperparameters={**result["mergetune"], "shots per base class": args.shots, "seed": targs.seed},
+            training_data=f"{args.shots} images per base class of {task.name}; the CoOp solution was trained on the same.",
+            method={
+                "name": "MergeTune (continued CoOp)",
+                "tags": ["coop", "mergetune", "prompt-learning"],
+                "description": "CoOp context continued between the zero-shot and the CoOp solution with an LMC "
+                "path loss and a surrogate anchor toward zero-shot.",
+                "paper": "Wang et al., MergeTune: Continued Fine-Tuning of Vision-Language Models, ICLR 2026 "
+                "(arXiv:2601.10497)",
+                "citation": "@inproceedings{wang2026mergetune,\n  title={MergeTune: Continued Fine-Tuning of "
+                "Vision-Language Models},\n  author={Wang and Li and Zhu and Kittler},\n  "
+                "booktitle={ICLR},\n  year={2026}\n}",
+            },
+        )
+        card.save(str(adapter_dir / "README.md"))
+        atomic_write_json(out / "results.json", {k: v for k, v in result.items() if k != "paths"})
+        print(f"\nMergeTune demo on {task.name}: {model_desc}\n")
+        print("| model | base | novel | HM |\n|---|---|---|---|")
+        for name, row in results.items():
+            print(f"| {name} | {row['base']:.2f} | {row['novel']:.2f} | {row['hm']:.2f} |")
+        print(
+            f"\nwritten to {out}: results.json, paths.png, coop/, mergetune/ (adapter + model card); "
+            f"{result['total_seconds']:.0f}s in all"
+        )
+    return result
+
+
+def _save_adapter(peft_model, name: str, target: Path) -> Path:
+    """Save one named adapter as a standalone adapter folder (PEFT nests non-default adapters in a subfolder)."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        peft_model.save_pretrained(tmp, selected_adapters=[name])
+        src = Path(tmp) / name if (Path(tmp) / name).is_dir() else Path(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(src, target)
+    return target
+
+
+def _features(model, dataset, transform, cache, args):
+    from torch.utils.data import DataLoader
+
+    from hf_cft.data import ImageClassificationCollator
+    from hf_cft.models import encode_images
+
+    loader = DataLoader(
+        apply_image_transform(dataset, transform),
+        batch_size=args.eval_batch_size,
+        collate_fn=ImageClassificationCollator(),
+    )
+    return encode_images(model, loader)
+
+
+if __name__ == "__main__":
+    recipe_args, mt_args = parse_recipe_args(MergeTuneRecipeArguments, MergeTuneConfig)
+    main(recipe_args, mt_args)
