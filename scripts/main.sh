@@ -6,5 +6,5 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$(bash "$root/scripts/setup_env.sh")"
 cd "$root"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-recipe="${HF_CFT_MAIN_RECIPE:-recipes/zeroshot.py}"
+recipe="${HF_CFT_MAIN_RECIPE:-recipes/mergetune.py}"
 exec "$venv/bin/accelerate" launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no "$recipe" "$@"
