@@ -145,12 +145,18 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
     }
     out = Path(targs.output_dir)
     coop_dir = Path(args.finetuned) if args.finetuned else out / "coop"
-    peft_model = get_peft_model(
-        model,
-        CoOpConfig(
+
+    def coop_config():
+        return CoOpConfig(
             ctx_init=args.ctx_init, classnames=names["base"], base_model_name_or_path=args.model_name_or_path
-        ).set_tokenizer(tokenizer),
-    )
+        ).set_tokenizer(tokenizer)
+
+    peft_model = get_peft_model(model, coop_config())
+
+    def evaluate_adapter():  # the active CoOp adapter's prompt head for the classes of each split
+        head_fn = lambda n: peft_model.class_text_features(tokenizer, n).detach()  # noqa: E731
+        return evaluate(peft_model, tokenizer, splits, names, task.templates, transform, cache, args, head_fn)
+
     if args.finetuned is None:  # (2) the fine-tuned solution: CoOp on the base classes
         coop_args = ClipTrainingArguments(
             output_dir=str(out / "coop-run"),
@@ -174,27 +180,12 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
     else:
         peft_model.load_adapter(str(coop_dir), adapter_name="default")
     peft_model.eval()
-    results["CoOp"] = evaluate(
-        peft_model,
-        tokenizer,
-        splits,
-        names,
-        task.templates,
-        transform,
-        cache,
-        args,
-        head_fn=lambda n: peft_model.class_text_features(tokenizer, n).detach(),
-    )
+    results["CoOp"] = evaluate_adapter()
     with torch.no_grad():
         coop_heads = {s: peft_model.class_text_features(tokenizer, names[s]) for s in ("base", "novel")}
 
     # (3) MergeTune: a new adapter on the same base model, initialised from the pair
-    peft_model.add_adapter(
-        "mergetune",
-        CoOpConfig(
-            ctx_init=args.ctx_init, classnames=names["base"], base_model_name_or_path=args.model_name_or_path
-        ).set_tokenizer(tokenizer),
-    )
+    peft_model.add_adapter("mergetune", coop_config())
     peft_model.set_adapter("mergetune")
     mt = MergeTuneTrainer(
         peft_model, targs, names["base"], task.templates, tokenizer, finetuned=str(coop_dir), train_dataset=train_data
@@ -203,17 +194,7 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
     mt.train()
     mt_seconds = time.perf_counter() - t0
     peft_model.eval()
-    results["CoOp + MergeTune"] = evaluate(
-        peft_model,
-        tokenizer,
-        splits,
-        names,
-        task.templates,
-        transform,
-        cache,
-        args,
-        head_fn=lambda n: peft_model.class_text_features(tokenizer, n).detach(),
-    )
+    results["CoOp + MergeTune"] = evaluate_adapter()
 
     # (4) LMC paths on the test images of base and novel classes
     curves = {}

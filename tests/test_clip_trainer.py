@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from tests_helpers import colour_dataset
+from tests_helpers import colour_dataset, trainer_kwargs
 
 from hf_cft import CoOpConfig, LinearHeadConfig, VPTConfig
 from hf_cft.testing import tiny_clip
@@ -17,23 +17,7 @@ def _data(n=24, seed=0):
 
 
 def _args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=12,
-        learning_rate=0.05,
-        num_train_epochs=1,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=0,
-        use_cpu=True,
-        disable_tqdm=True,
-        optim="sgd",
-        lr_scheduler_type="constant",
-    )
-    base.update(kw)
-    return ClipTrainingArguments(**base)
+    return ClipTrainingArguments(**trainer_kwargs(tmp_path, **{"num_train_epochs": 1, **kw}))
 
 
 def _peft(method, tok):

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
+from tests_helpers import colour_dataset, trainer_kwargs
 
 from hf_cft import CoOpConfig, LinearHeadConfig
 from hf_cft.errors import AdapterError
@@ -17,29 +18,11 @@ TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
 
 
 def _args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "mt"),
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=12,
-        learning_rate=0.05,
-        max_steps=2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=0,
-        use_cpu=True,
-        disable_tqdm=True,
-        optim="sgd",
-        lr_scheduler_type="constant",
-    )
-    base.update(kw)
-    return MergeTuneConfig(**base)
+    return MergeTuneConfig(**trainer_kwargs(tmp_path, **{"max_steps": 2, **kw}))
 
 
 @pytest.fixture
 def data():
-    from tests_helpers import colour_dataset
-
     return colour_dataset()
 
 

@@ -18,3 +18,23 @@ def colour_dataset(n=24, seed=0, size=30):
         imgs.append(img)
     ds = from_arrays(imgs, labels, CLASSES, ["a photo of a {}."], name="toy")["train"]
     return apply_image_transform(ds, ImageTransform(size=size, crop_size=size))
+
+
+def trainer_kwargs(tmp_path, **overrides) -> dict:
+    """Small, deterministic CPU settings for Trainer-based tests."""
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=12,
+        learning_rate=0.05,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+        optim="sgd",
+        lr_scheduler_type="constant",
+    )
+    base.update(overrides)
+    return base
