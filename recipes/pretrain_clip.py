@@ -90,6 +90,9 @@ class PretrainArguments:
     eval_images: int = field(default=400, metadata={"help": "Test images per dataset in periodic checks."})
     save_every_minutes: float = field(default=5.0, metadata={"help": "Checkpoint interval."})
     output_dir: str = field(default="outputs/pretrain_clip", metadata={"help": "Where everything is written."})
+    report_to: str = field(
+        default="none", metadata={"help": "'tensorboard' logs loss, lr, throughput and zero-shot checks (needs tensorboard)."}
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Decoded-image cache (default ~/.cache/hf_cft)."})
     resume: bool = field(default=False, metadata={"help": "Continue from <output_dir>/checkpoint."})
     seed: int = field(default=0, metadata={"help": "Seed of init, sampling and augmentation."})
@@ -298,9 +301,14 @@ def plot_curve(curve_path: Path, png: Path):
 def main(args: PretrainArguments) -> Path:
     from accelerate import Accelerator
 
-    accelerator = Accelerator()
     out = Path(os.path.expanduser(args.output_dir))
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_to not in ("none", "tensorboard"):
+        raise SystemExit(f"--report_to must be 'none' or 'tensorboard', got {args.report_to!r}")
+    tracking = args.report_to == "tensorboard"
+    accelerator = Accelerator(log_with="tensorboard" if tracking else None, project_dir=str(out / "runs"))
+    if tracking:
+        accelerator.init_trackers("pretrain_clip", config={k: str(v) for k, v in asdict(args).items()})
     torch.manual_seed(args.seed)
     tokenizer = build_tokenizer(args)
     pool = CaptionedPool(args, tokenizer)
@@ -389,16 +397,22 @@ def main(args: PretrainArguments) -> Path:
             }
             curve.write(json.dumps(rec) + "\n")
             curve.flush()
+            if tracking:
+                accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=state["step"])
             bar.set_postfix(loss=f"{float(loss):.3f}", ips=f"{ips:.0f}")
         if args.eval_every_minutes and elapsed - state["last_eval"] >= args.eval_every_minutes * 60:
             state["last_eval"] = elapsed
             table = zero_shot_table(accelerator.unwrap_model(model), tokenizer, pool, args, args.eval_images)
             curve.write(json.dumps({"step": state["step"], "minutes": elapsed / 60, "zeroshot": table}) + "\n")
             curve.flush()
+            if tracking:
+                accelerator.log({f"zeroshot/{k}": v["ensemble"] for k, v in table.items()}, step=state["step"])
         if time.perf_counter() - last_save >= args.save_every_minutes * 60 and accelerator.is_main_process:
             save_checkpoint(ckpt, accelerator.unwrap_model(model), opt, state, gen)
             last_save = time.perf_counter()
     bar.close()
+    if tracking:
+        accelerator.end_training()
     final = accelerator.unwrap_model(model)
     if interrupted:
         if accelerator.is_main_process:
