@@ -22,6 +22,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -155,9 +156,9 @@ def protocol_headroom(model, tok, size, args) -> dict:
     from hf_cft.trainers import fit_linear_probe, train_coop_on_features
 
     rows = {}
-    lrs = (0.01,) if args.quick else (0.002, 0.01, 0.05)
-    epochs = 30 if args.quick else 100
-    for name in PROTOCOL_A:
+    lrs = tuple(args.coop_lrs) if args.coop_lrs else ((0.02,) if args.quick else (0.005, 0.02))
+    epochs = args.coop_epochs or (20 if args.quick else 50)
+    for name in args.datasets or PROTOCOL_A:
         t0 = time.perf_counter()
         task = load_classification_dataset(name, data_dir=args.data_dir)
         test_f, test_y = split_features(model, task, "test", size, name, 1000 if args.quick else None)
@@ -187,7 +188,9 @@ def protocol_headroom(model, tok, size, args) -> dict:
         row["base_zs_ensemble"] = zs_accuracy(model, tok, bt_f, bt_y, base_names, task.templates)
         coop_runs, lp16_runs = [], []
         for seed in args.seeds:
-            idx = torch.as_tensor(few_shot_indices(pool_y.numpy(), 20, seed=seed, on_short="take_all"))
+            with warnings.catch_warnings():  # small Caltech classes have fewer than 20 images: take them all
+                warnings.simplefilter("ignore")
+                idx = torch.as_tensor(few_shot_indices(pool_y.numpy(), 20, seed=seed, on_short="take_all"))
             # first 16 of each class's draw train, the rest (up to 4) validate
             tr, va = [], []
             for c in range(len(base_ids)):
@@ -199,7 +202,9 @@ def protocol_headroom(model, tok, size, args) -> dict:
             best = None
             for lr in lrs:
                 peft = get_peft_model(model, CoOpConfig(ctx_init="a photo of a").set_tokenizer(tok))
-                train_coop_on_features(peft, tok, base_names, pool_f[tr], pool_y[tr], epochs=epochs, lr=lr, seed=seed)
+                train_coop_on_features(
+                    peft, tok, base_names, pool_f[tr], pool_y[tr], epochs=epochs, lr=lr, batch_size=128, seed=seed
+                )
                 with torch.no_grad():
                     head = peft.class_text_features(tok, base_names)
                 val = (
@@ -293,6 +298,9 @@ def main(argv=None):
     p.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--datasets", nargs="+", default=None, help="restrict to these datasets")
+    p.add_argument("--coop_lrs", type=float, nargs="+", default=None, help="CoOp lr grid (chosen on validation)")
+    p.add_argument("--coop_epochs", type=int, default=None, help="CoOp epochs (default 50; quick 20)")
     args = p.parse_args(argv)
     args.seeds = args.seeds or ([1] if args.quick else [1, 2, 3])
     if not Path(args.data_dir).is_dir():

@@ -72,6 +72,10 @@ class PretrainArguments:
     own_prob: float = field(default=0.5, metadata={"help": "In 'mixed', probability of the dataset's own template."})
     degrade_prob: float = field(default=0.5, metadata={"help": "Fraction of images degraded (crop/gray/blur/noise)."})
     grayscale_prob: float = field(default=0.5, metadata={"help": "Grayscale probability of a degraded image."})
+    crop_min: float = field(default=0.35, metadata={"help": "Smallest crop area of a degraded image."})
+    blur_min: float = field(default=0.5, metadata={"help": "Smallest blur sigma of a degraded image (pixels)."})
+    blur_max: float = field(default=1.2, metadata={"help": "Largest blur sigma of a degraded image (pixels)."})
+    noise: float = field(default=0.05, metadata={"help": "Gaussian noise std on degraded images."})
     batch_size: int = field(default=256, metadata={"help": "Images per step."})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate."})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)."})
@@ -316,7 +320,12 @@ def main(args: PretrainArguments) -> Path:
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.98), eps=1e-6)
     gen = torch.Generator().manual_seed(args.seed)
     aug = BatchAugment(
-        shift=max(1, args.image_size // 16), degrade_prob=args.degrade_prob, grayscale_prob=args.grayscale_prob
+        shift=max(1, args.image_size // 16),
+        degrade_prob=args.degrade_prob,
+        crop_scale=(args.crop_min, 1.0),
+        grayscale_prob=args.grayscale_prob,
+        blur_sigma=(args.blur_min, args.blur_max),
+        noise=args.noise,
     )
     state = {
         "step": 0,
