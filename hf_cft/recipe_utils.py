@@ -9,9 +9,9 @@ from pathlib import Path
 import yaml
 
 
-def parse_recipe_args(*dataclass_types, args: list[str] | None = None):
-    """``HfArgumentParser`` over ``dataclass_types``; ``--config file.yaml`` supplies defaults that explicit
-    command-line flags override. Returns one instance per dataclass type."""
+def parse_recipe_args(*dataclass_types, args: list[str] | None = None, defaults: dict | None = None):
+    """``HfArgumentParser`` over ``dataclass_types``; ``defaults`` (the recipe's own), then ``--config file.yaml``,
+    then explicit command-line flags, each overriding the previous. Returns one instance per dataclass type."""
     from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if args is None else args)
@@ -28,6 +28,8 @@ def parse_recipe_args(*dataclass_types, args: list[str] | None = None):
             raise SystemExit(f"--config: {path} must hold a mapping of argument names to values")
         del argv[i : i + 2]
     parser = HfArgumentParser(dataclass_types)
+    if defaults:
+        parser.set_defaults(**defaults)
     known = {a.dest for a in parser._actions}
     unknown = sorted(set(config) - known)
     if unknown:
@@ -83,8 +85,9 @@ def load_task(name: str, data_dir: str | None = None):
     return load_classification_dataset(name, data_dir=data_dir)
 
 
-def base_novel_task(task, shots: int, seed: int, base_to_novel: bool = True, downstream_pool: bool = False,
-                    val_shots: int = 0):
+def base_novel_task(
+    task, shots: int, seed: int, base_to_novel: bool = True, downstream_pool: bool = False, val_shots: int = 0
+):
     """Few-shot training data on the base classes and test splits for base and novel classes (CoCoOp protocol).
 
     Returns ``(train, splits, names)``: ``splits`` maps ``base``/``novel`` (and ``val`` with ``val_shots``) to
@@ -103,8 +106,9 @@ def base_novel_task(task, shots: int, seed: int, base_to_novel: bool = True, dow
         splits["novel"] = (novel_ids, select_classes(task["test"], novel_ids))
     train = select_classes(train, base_ids)
     if shots:
-        idx = few_shot_indices(labels_of(train), shots + val_shots, seed=seed, class_names=task.classnames,
-                               dataset_name=task.name)
+        idx = few_shot_indices(
+            labels_of(train), shots + val_shots, seed=seed, class_names=task.classnames, dataset_name=task.name
+        )
         if val_shots:
             import numpy as np
 

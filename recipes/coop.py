@@ -184,5 +184,17 @@ def _first_last_loss(trainer) -> list[float]:
 
 
 if __name__ == "__main__":
-    recipe_args, training_args = parse_recipe_args(CoOpRecipeArguments, ClipTrainingArguments)
+    defaults = {
+        "output_dir": "outputs/coop",
+        "optim": "sgd",
+        "learning_rate": 0.002,
+        "lr_scheduler_type": "cosine",
+        "num_train_epochs": 50,
+        "per_device_train_batch_size": 32,
+        "logging_steps": 10,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": 1,
+    }
+    recipe_args, training_args = parse_recipe_args(CoOpRecipeArguments, ClipTrainingArguments, defaults=defaults)
     main(recipe_args, training_args)

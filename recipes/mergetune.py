@@ -44,6 +44,19 @@ from hf_cft.trainers import ClipClassificationTrainer, ClipTrainingArguments, Me
 from hf_cft.utils import atomic_write_json
 
 DEMO_CACHE = Path("~/.cache/hf_cft/mergetune-demo-clip").expanduser()
+# What `accelerate launch recipes/mergetune.py` uses with no arguments (also in configs/mergetune.yaml).
+RECIPE_DEFAULTS = {
+    "output_dir": "outputs/mergetune",
+    "optim": "adamw_torch",
+    "learning_rate": 0.01,
+    "lr_scheduler_type": "cosine",
+    "num_train_epochs": 40,
+    "per_device_train_batch_size": 32,
+    "logging_steps": 10,
+    "save_strategy": "no",
+    "report_to": "none",
+    "seed": 1,
+}
 
 
 @dataclass
@@ -129,8 +142,8 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
     model, tokenizer, transform = load_clip(model_path)
     model_desc = args.model_name_or_path or (
         f"demo CLIP ({sum(p.numel() for p in model.parameters()):,} parameters) pretrained for "
-        f"{args.demo_pretrain_steps} steps (~8 epochs) on scikit-learn's digits — deliberately under-trained so "
-        "that CoOp forgets"
+        f"{args.demo_pretrain_steps} steps of 128 images on scikit-learn's digits — deliberately under-trained so "
+        "that CoOp can forget"
     )
     train, splits, names = base_novel_task(task, args.shots, targs.seed, True, args.downstream_pool)
     train_data = apply_image_transform(
@@ -312,5 +325,5 @@ def _features(model, dataset, transform, cache, args):
 
 
 if __name__ == "__main__":
-    recipe_args, mt_args = parse_recipe_args(MergeTuneRecipeArguments, MergeTuneConfig)
+    recipe_args, mt_args = parse_recipe_args(MergeTuneRecipeArguments, MergeTuneConfig, defaults=RECIPE_DEFAULTS)
     main(recipe_args, mt_args)

@@ -95,7 +95,8 @@ class PretrainArguments:
     save_every_minutes: float = field(default=5.0, metadata={"help": "Checkpoint interval."})
     output_dir: str = field(default="outputs/pretrain_clip", metadata={"help": "Where everything is written."})
     report_to: str = field(
-        default="none", metadata={"help": "'tensorboard' logs loss, lr, throughput and zero-shot checks (needs tensorboard)."}
+        default="none",
+        metadata={"help": "'tensorboard' logs loss, lr, throughput and zero-shot checks (needs tensorboard)."},
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Decoded-image cache (default ~/.cache/hf_cft)."})
     resume: bool = field(default=False, metadata={"help": "Continue from <output_dir>/checkpoint."})
