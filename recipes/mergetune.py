@@ -74,7 +74,7 @@ class MergeTuneRecipeArguments:
     coop_learning_rate: float = field(default=0.01, metadata={"help": "CoOp learning rate."})
     coop_optim: str = field(default="adamw_torch", metadata={"help": "CoOp optimiser."})
     demo_pretrain_steps: int = field(
-        default=80, metadata={"help": "Steps of the demo CLIP's pretraining (~8 epochs)."}
+        default=200, metadata={"help": "Steps of the demo CLIP's pretraining (batch 128; ~20 epochs, under-trained)."}
     )
     eval_batch_size: int = field(default=256, metadata={"help": "Images per batch in evaluation."})
 
