@@ -42,7 +42,7 @@ from hf_cft.data import (  # noqa: E402
 from hf_cft.data.image_pool import decode_split, normalize_batch  # noqa: E402
 
 PROTOCOL_A = ("caltech101", "stanford_cars", "gtsrb", "aid30", "dtd10", "cifar10", "mnist")
-DEFAULT_CKPT = Path("~/.cache/hf_cft/benchmark-clip/model").expanduser()
+DEFAULT_CKPT = Path("~/.cache/hf_cft/benchmark-clip-degraded/model").expanduser()
 QUICK_CKPT = Path("~/.cache/hf_cft/benchmark-clip-quick/model").expanduser()
 CACHE = Path("~/.cache/hf_cft/decoded").expanduser()
 
