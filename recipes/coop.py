@@ -68,10 +68,11 @@ def main(args: CoOpRecipeArguments, targs: ClipTrainingArguments) -> dict:
         model_desc = args.model_name_or_path
 
     cache = FeatureCache()
-    results = {"zero-shot": {}, "CoOp": {}}
-    for split, (_, ds) in splits.items():
-        r = evaluate_zeroshot(
-            model,
+
+    def accuracy(m, split, head=None) -> float:  # image features are cached across models and calls
+        ds = splits[split][1]
+        return evaluate_zeroshot(
+            m,
             tokenizer,
             ds,
             names[split],
@@ -79,9 +80,11 @@ def main(args: CoOpRecipeArguments, targs: ClipTrainingArguments) -> dict:
             args.eval_batch_size,
             transform,
             cache=cache,
+            head=head,
             name=f"{task.name}/{split}",
-        )
-        results["zero-shot"][split] = r.accuracy
+        ).accuracy
+
+    results = {"zero-shot": {s: accuracy(model, s) for s in splits}, "CoOp": {}}
 
     config = CoOpConfig(
         n_ctx=args.n_ctx,
@@ -104,25 +107,13 @@ def main(args: CoOpRecipeArguments, targs: ClipTrainingArguments) -> dict:
     trainer.train()
 
     peft_model.eval()
-    for split, (_, ds) in splits.items():
+    for split in splits:
         with torch.no_grad():
             shared_ok = not args.class_specific or split != "novel"
             head = peft_model.class_text_features(tokenizer, names[split]) if shared_ok else None
         if head is None:
             continue  # class-specific contexts do not exist for novel classes
-        r = evaluate_zeroshot(
-            peft_model,
-            tokenizer,
-            ds,
-            names[split],
-            task.templates,
-            args.eval_batch_size,
-            transform,
-            cache=cache,
-            head=head,
-            name=f"{task.name}/{split}",
-        )
-        results["CoOp"][split] = r.accuracy
+        results["CoOp"][split] = accuracy(peft_model, split, head)
     for row in results.values():
         if "base" in row and "novel" in row:
             row["hm"] = harmonic_mean(row["base"], row["novel"])

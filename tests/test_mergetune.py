@@ -189,52 +189,23 @@ def test_fisher_anchor_training_runs_and_reports_cost(toy_tokenizer, tmp_path, d
 
 
 def test_bad_inputs(toy_tokenizer, tmp_path, data):
+    def build(model, finetuned):
+        return MergeTuneTrainer(
+            model, _args(tmp_path), CLASSES, TEMPLATES, toy_tokenizer, finetuned=finetuned, train_dataset=data
+        )
+
     (tmp_path / "empty").mkdir()
     with pytest.raises(AdapterError, match="no adapter"):
-        MergeTuneTrainer(
-            _continued_coop(toy_tokenizer),
-            _args(tmp_path),
-            CLASSES,
-            TEMPLATES,
-            toy_tokenizer,
-            finetuned=tmp_path / "empty",
-            train_dataset=data,
-        )
-    head = get_peft_model(tiny_clip(), LinearHeadConfig(num_classes=3, init="zeros"))
-    head.save_pretrained(tmp_path / "head")
+        build(_continued_coop(toy_tokenizer), tmp_path / "empty")
+    get_peft_model(tiny_clip(), LinearHeadConfig(num_classes=3, init="zeros")).save_pretrained(tmp_path / "head")
     with pytest.raises(AdapterError, match="same method type"):
-        MergeTuneTrainer(
-            _continued_coop(toy_tokenizer),
-            _args(tmp_path),
-            CLASSES,
-            TEMPLATES,
-            toy_tokenizer,
-            finetuned=tmp_path / "head",
-            train_dataset=data,
-        )
-    head4 = get_peft_model(tiny_clip(), LinearHeadConfig(num_classes=4, init="zeros"))
-    head4.save_pretrained(tmp_path / "head4")
+        build(_continued_coop(toy_tokenizer), tmp_path / "head")
+    get_peft_model(tiny_clip(), LinearHeadConfig(num_classes=4, init="zeros")).save_pretrained(tmp_path / "head4")
     with pytest.raises(AdapterError, match="4 classes"):
-        MergeTuneTrainer(
-            get_peft_model(tiny_clip(), LinearHeadConfig(num_classes=3, init="zeros")),
-            _args(tmp_path),
-            CLASSES,
-            TEMPLATES,
-            toy_tokenizer,
-            finetuned=tmp_path / "head4",
-            train_dataset=data,
-        )
+        build(get_peft_model(tiny_clip(), LinearHeadConfig(num_classes=3, init="zeros")), tmp_path / "head4")
     other = get_peft_model(tiny_clip(), CoOpConfig(n_ctx=2, classnames=CLASSES).set_tokenizer(toy_tokenizer))
     with pytest.raises(AdapterError, match="shape"):
-        MergeTuneTrainer(
-            _continued_coop(toy_tokenizer),
-            _args(tmp_path),
-            CLASSES,
-            TEMPLATES,
-            toy_tokenizer,
-            finetuned=other,
-            train_dataset=data,
-        )
+        build(_continued_coop(toy_tokenizer), other)
 
 
 def test_mergetune_recovers_zero_shot_agreement(toy_tokenizer, tmp_path, data):

@@ -21,6 +21,9 @@ class NoMergeTunerMixin:
 
     method_name: str = "this method"
 
+    def _prepare_adapter_config(self, peft_config, model_config):
+        return peft_config  # the configs set their own target_modules in __post_init__
+
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge:
             self._check_merge_allowed()

@@ -24,9 +24,6 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
     target_module_mapping: dict = {}
     method_name = "CoOp"
 
-    def _prepare_adapter_config(self, peft_config, model_config):
-        return peft_config
-
     def _create_and_replace(self, peft_config: CoOpConfig, adapter_name, target, target_name, parent, current_key):
         base = target.get_base_layer() if isinstance(target, CoOpLayer) else target
         if not hasattr(base, "token_embedding"):

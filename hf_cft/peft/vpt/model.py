@@ -20,9 +20,6 @@ class VPTModel(NoMergeTunerMixin, BaseTuner):
     target_module_mapping: dict = {}
     method_name = "VPT"
 
-    def _prepare_adapter_config(self, peft_config, model_config):
-        return peft_config
-
     def _vision_config(self):
         cfg = getattr(self.model, "config", None)
         return getattr(cfg, "vision_config", cfg)
