@@ -71,3 +71,39 @@ class AdapterError(HfCftError, ValueError):
 
 class AdapterMergeError(AdapterError):
     """``merge_and_unload`` was asked of an adapter that adds tokens or a head and has no weights to merge into."""
+
+
+# --- merging and task deltas (hf_cft.merging) ---
+
+
+class DeltaError(HfCftError, ValueError):
+    """Task deltas do not fit together: different base models, mismatched keys or shapes (names the key)."""
+
+
+class NonFiniteError(HfCftError, ValueError):
+    """A tensor holds NaN or inf (names the tensor key and where it came from)."""
+
+
+class BundleError(HfCftError, ValueError):
+    """A saved bundle or checkpoint folder is missing files, is corrupt, or is not safetensors."""
+
+
+# --- ConDU and routing (hf_cft.merging.condu, hf_cft.routing) ---
+
+
+class TaskError(HfCftError, ValueError):
+    """A task name is duplicated or unknown, or a task list is empty where tasks are needed."""
+
+
+# --- continual driver (hf_cft.continual) ---
+
+
+class ContinualError(HfCftError, ValueError):
+    """A continual run cannot start or resume as asked (names the task, strategy or checkpoint)."""
+
+
+# --- PAM (hf_cft.merging.pam) ---
+
+
+class AlignmentError(HfCftError, ValueError):
+    """PAM's global/task adapters cannot be aligned or merged as configured (names the adapter)."""

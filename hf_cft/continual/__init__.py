@@ -1,0 +1,1 @@
+"""Continual-learning driver: task streams, strategies, accuracy matrices, checkpoint and resume."""

@@ -1,0 +1,1 @@
+"""Task deltas and model merging: ConDU (DeltaFusionMerger), PAM and the standard baselines."""
