@@ -203,9 +203,11 @@ def protocol_headroom(model, tok, size, args) -> dict:
             tr, va = torch.cat(tr), torch.cat(va)
             best = None
             for lr in lrs:
-                peft = get_peft_model(model, CoOpConfig(ctx_init="a photo of a").set_tokenizer(tok))
+                coop_cfg = CoOpConfig(ctx_init="a photo of a") if args.coop_n_ctx is None else CoOpConfig(n_ctx=args.coop_n_ctx)
+                peft = get_peft_model(model, coop_cfg.set_tokenizer(tok))
                 train_coop_on_features(
-                    peft, tok, base_names, pool_f[tr], pool_y[tr], epochs=epochs, lr=lr, batch_size=128, seed=seed
+                    peft, tok, base_names, pool_f[tr], pool_y[tr], epochs=epochs, lr=lr, batch_size=128, seed=seed,
+                    optimizer=args.coop_optimizer,
                 )
                 with torch.no_grad():
                     head = peft.class_text_features(tok, base_names)
@@ -302,6 +304,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--datasets", nargs="+", default=None, help="restrict to these datasets")
     p.add_argument("--coop_lrs", type=float, nargs="+", default=None, help="CoOp lr grid (chosen on validation)")
+    p.add_argument("--coop_optimizer", choices=("sgd", "adamw"), default="sgd", help="CoOp optimiser")
+    p.add_argument("--coop_n_ctx", type=int, default=None, help="CoOp context length (default: 'a photo of a' init)")
     p.add_argument("--coop_epochs", type=int, default=None, help="CoOp epochs (default 50; quick 20)")
     args = p.parse_args(argv)
     args.seeds = args.seeds or ([1] if args.quick else [1, 2, 3])

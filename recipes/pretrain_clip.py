@@ -70,6 +70,11 @@ class PretrainArguments:
     projection_dim: int = field(default=128, metadata={"help": "Joint embedding size."})
     captions: str = field(default="mixed", metadata={"help": "own | generic | mixed (own with prob. own_prob)."})
     own_prob: float = field(default=0.5, metadata={"help": "In 'mixed', probability of the dataset's own template."})
+    describe_views: bool = field(
+        default=False,
+        metadata={"help": "Captions name how a degraded view looks ('a blurry black and white photo of a {}.')."},
+    )
+    describe_prob: float = field(default=0.7, metadata={"help": "With describe_views, chance each trait is named."})
     degrade_prob: float = field(default=0.5, metadata={"help": "Fraction of images degraded (crop/gray/blur/noise)."})
     grayscale_prob: float = field(default=0.5, metadata={"help": "Grayscale probability of a degraded image."})
     crop_min: float = field(default=0.35, metadata={"help": "Smallest crop area of a degraded image."})
@@ -138,11 +143,19 @@ class CaptionedPool:
         enc = tokenizer(texts, padding="longest", truncation=True, max_length=77, return_tensors="pt")
         self.tokens, self.lengths = enc["input_ids"], enc["attention_mask"].sum(1)
         self.captions, self.own_prob = args.captions, args.own_prob
+        self.tokenizer, self.describe_prob = tokenizer, args.describe_prob
+        self.classnames = [self.tasks[name]["task"].classnames for name in args.datasets]
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def caption_ids(self, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def caption_ids(
+        self, idx: torch.Tensor, g: torch.Generator, views: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask of one caption per image. With ``views`` (what the augmentation did to
+        each image), each trait of a degraded view is named with probability ``describe_prob`` -- close-up
+        (crop under 60% of the area), blurry (sigma above 1.2) and black and white / color -- and a caption
+        naming at least one trait replaces the template caption: "a close-up blurry color photo of a {}."."""
         d, c = self.owner[idx, 0], self.owner[idx, 1]
         rows = self.prompt_rows[d]
         own_start, n_own, gen_start, n_gen = rows.unbind(1)
@@ -153,9 +166,30 @@ class CaptionedPool:
         t_own = (torch.rand(len(idx), generator=g) * n_own).long()
         t_gen = (torch.rand(len(idx), generator=g) * n_gen).long()
         prow = torch.where(use_own, own_start + c * n_own + t_own, gen_start + c * n_gen + t_gen)
-        width = int(self.lengths[prow].max())
+        lengths = self.lengths[prow].clone()
+        width = int(lengths.max())
         ids = self.tokens[prow, :width]
-        mask = (torch.arange(width)[None] < self.lengths[prow][:, None]).long()
+        if views is not None:
+            said = (torch.rand(len(idx), 3, generator=g) < self.describe_prob) & views["degraded"][:, None]
+            traits = torch.stack([views["crop_area"] < 0.6, views["blur_sigma"] > 1.2, torch.ones_like(said[:, 0])], 1)
+            said &= traits
+            rows = said.any(1).nonzero().flatten().tolist()
+            if rows:
+                texts = []
+                for r in rows:
+                    words = ["close-up"] * bool(said[r, 0]) + ["blurry"] * bool(said[r, 1])
+                    if said[r, 2]:
+                        words.append("black and white" if bool(views["grayscale"][r]) else "color")
+                    name = self.classnames[int(d[r])][int(c[r])]
+                    texts.append(f"a {' '.join(words)} photo of a {name}.")
+                enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=77, return_tensors="pt")
+                new_width = max(width, enc["input_ids"].shape[1])
+                pad_id = self.tokenizer.pad_token_id or 0
+                ids = F.pad(ids, (0, new_width - width), value=pad_id)
+                ids[rows] = F.pad(enc["input_ids"], (0, new_width - enc["input_ids"].shape[1]), value=pad_id)
+                lengths[rows] = enc["attention_mask"].sum(1)
+                width = new_width
+        mask = (torch.arange(width)[None] < lengths[:, None]).long()
         return ids, mask
 
 
@@ -369,8 +403,9 @@ def main(args: PretrainArguments) -> Path:
         idx = order[state["order_pos"] : state["order_pos"] + args.batch_size]
         state["order_pos"] += args.batch_size
         t0 = time.perf_counter()
-        pixels = normalize_batch((aug(pool.images[idx].float().div_(255.0), gen) * 255.0).round().clamp_(0, 255))
-        ids, mask = pool.caption_ids(idx, gen)
+        views = aug(pool.images[idx].float().div_(255.0), gen, return_info=True)
+        pixels = normalize_batch((views[0] * 255.0).round().clamp_(0, 255))
+        ids, mask = pool.caption_ids(idx, gen, views[1] if args.describe_views else None)
         progress = state["step"] / args.max_steps if args.max_steps else elapsed / budget
         for group in opt.param_groups:
             group["lr"] = lr_at(state["step"], progress, args)

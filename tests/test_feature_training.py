@@ -32,3 +32,73 @@ def test_coop_on_features_lowers_the_loss(toy_tokenizer):
     assert len(history) == 15 and history[-1] < history[0]
     assert not torch.equal(before, after)
     assert all(p.grad is None or not p.requires_grad for n, p in model.named_parameters() if "coop" not in n)
+
+
+def _mergetune_setup(tok):
+    import torch.nn.functional as F
+
+    from hf_cft.models import build_zeroshot_classifier
+
+    names = ["cat", "dog", "car"]
+    ft = get_peft_model(tiny_clip(), CoOpConfig(ctx_init="a photo of a").set_tokenizer(tok))
+    with torch.no_grad():
+        ctx_ft = ft.base_model.model.text_model.embeddings.coop_ctx["default"]
+        ctx_ft.add_(torch.randn(ctx_ft.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
+        t2 = ft.class_text_features(tok, names)
+    model = get_peft_model(tiny_clip(), CoOpConfig(ctx_init="a photo of a").set_tokenizer(tok))
+    with torch.no_grad(), model.disable_adapter():
+        t1 = build_zeroshot_classifier(model, tok, names, ["a photo of a {}."])
+    x, y = _blobs(dim=16)
+    return names, ctx_ft.detach().clone(), t1, t2, model, F.normalize(x, dim=-1), y
+
+
+def test_coop_context_init_interpolates_from_the_hand_crafted_prompt(toy_tokenizer):
+    from hf_cft.trainers.feature_training import coop_context_init
+
+    _, ctx_ft, _, _, model, _, _ = _mergetune_setup(toy_tokenizer)
+    ctx = model.base_model.model.text_model.embeddings.coop_ctx["default"]
+    e0 = ctx.detach().clone()  # ctx_init="a photo of a" starts at the prompt's token embeddings
+    coop_context_init(model, toy_tokenizer, ctx_ft, "a photo of a", tau=0.3)
+    torch.testing.assert_close(ctx.detach(), 0.7 * e0 + 0.3 * ctx_ft)
+
+
+def test_mergetune_on_features_loss_matches_the_formula(toy_tokenizer):
+    """With lr 0 the first epoch's recorded loss is the loss at the start, which must equal the §4 formula."""
+    import torch.nn.functional as F
+
+    from hf_cft.trainers.feature_training import train_mergetune_on_features
+
+    names, _, t1, t2, model, x, y = _mergetune_setup(toy_tokenizer)
+    with torch.no_grad():
+        tw = model.class_text_features(toy_tokenizer, names)
+    s = model.get_base_model().logit_scale.exp()
+    task = F.cross_entropy(s * x @ tw.t(), y)
+    anchor = 1 - F.cosine_similarity(tw, t1, dim=-1).mean()
+    path = sum(F.cross_entropy(s * x @ F.normalize(t2 + a * (tw - t2), dim=-1).t(), y) for a in (0.1, 0.3, 0.5, 0.7, 0.9))
+    expected = task + 8.0 * anchor + 0.5 * path / 5
+    hist = train_mergetune_on_features(model, toy_tokenizer, names, x, y, t1, t2, epochs=1, lr=0.0, batch_size=len(y))
+    assert abs(hist[0]["loss"] - float(expected)) < 1e-4
+    assert abs(hist[0]["anchor"] - float(anchor)) < 1e-5 and abs(hist[0]["path"] - float(path / 5)) < 1e-4
+    # the Fisher form with F = 1 is the cosine form
+    fisher = torch.ones_like(t1)
+    hist_f = train_mergetune_on_features(
+        model, toy_tokenizer, names, x, y, t1, t2, anchor="fisher", fisher=fisher, epochs=1, lr=0.0, batch_size=len(y)
+    )
+    assert abs(hist_f[0]["anchor"] - float(anchor)) < 1e-5
+
+
+def test_mergetune_anchor_weight_pulls_toward_zero_shot(toy_tokenizer):
+    import torch.nn.functional as F
+
+    from hf_cft.trainers.feature_training import train_mergetune_on_features
+
+    dist = {}
+    for lam in (0.0, 50.0):
+        names, ctx_ft, t1, t2, model, x, y = _mergetune_setup(toy_tokenizer)
+        train_mergetune_on_features(
+            model, toy_tokenizer, names, x, y, t1, t2, anchor_weight=lam, epochs=10, lr=0.05, optimizer="adamw"
+        )
+        with torch.no_grad():
+            tw = model.class_text_features(toy_tokenizer, names)
+        dist[lam] = float(1 - F.cosine_similarity(tw, t1, dim=-1).mean())
+    assert dist[50.0] < dist[0.0]

@@ -75,8 +75,17 @@ class BatchAugment:
     blur_sigma: tuple[float, float] = (0.5, 1.2)
     noise: float = 0.05
 
-    def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, g: torch.Generator, return_info: bool = False):
+        """Augment a batch. With ``return_info`` also return what was done to each image: a dict of ``[B]``
+        tensors ``degraded``, ``grayscale``, ``blur_sigma`` and ``crop_area`` (1 and 0 for clean images), so that
+        captions can describe the view."""
         B, _, S, _ = x.shape
+        info = {
+            "degraded": torch.zeros(B, dtype=torch.bool),
+            "grayscale": torch.zeros(B, dtype=torch.bool),
+            "blur_sigma": torch.zeros(B),
+            "crop_area": torch.ones(B),
+        }
         if self.shift:
             pad = F.pad(x, (self.shift,) * 4, mode="replicate")
             dx = torch.randint(0, 2 * self.shift + 1, (B,), generator=g)
@@ -87,15 +96,18 @@ class BatchAugment:
             cols = (dx[:, None] + idx[None]).view(B, 1, 1, S).expand(B, 3, S, S)
             x = pad.gather(3, cols)
         if self.degrade_prob <= 0:
-            return x
+            return (x, info) if return_info else x
         sel = torch.rand(B, generator=g) < self.degrade_prob
         if not bool(sel.any()):
-            return x
+            return (x, info) if return_info else x
         x = x.clone()
-        x[sel] = self._degrade(x[sel], g)
-        return x
+        x[sel], sub = self._degrade(x[sel], g)
+        info["degraded"] = sel
+        for k, v in sub.items():
+            info[k][sel] = v
+        return (x, info) if return_info else x
 
-    def _degrade(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def _degrade(self, x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict]:
         n, _, S, _ = x.shape
         area = torch.empty(n).uniform_(*self.crop_scale, generator=g)
         side = (area.sqrt() * S).clamp(2, S)
@@ -116,7 +128,7 @@ class BatchAugment:
         x = _gaussian_blur(x, sigma)
         if self.noise:
             x = x + self.noise * torch.randn(x.shape, generator=g)
-        return x.clamp_(0, 1)
+        return x.clamp_(0, 1), {"grayscale": gray, "blur_sigma": sigma, "crop_area": area}
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

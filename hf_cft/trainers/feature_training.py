@@ -103,3 +103,89 @@ def train_coop_on_features(
         history.append(total / n)
     peft_model.eval()
     return history
+
+
+@torch.no_grad()
+def coop_context_init(peft_model, tokenizer, ctx_finetuned: torch.Tensor, ctx_init: str, tau: float) -> None:
+    """MergeTune's τ-initialisation of a CoOp context (``mergetune.md`` §7): ctx0 = (1 − τ)·E(p0) + τ·ctx2, E(p0)
+    the token embeddings of the hand-crafted prompt that initialised the fine-tuned context ("a photo of a")."""
+    from hf_cft.peft.coop.model import _word_ids
+
+    layer = peft_model.base_model._coop_layer()
+    ctx = layer.coop_ctx[peft_model.active_adapter]
+    ids = _word_ids(tokenizer, ctx_init)
+    if len(ids) != ctx.shape[-2]:
+        raise ValueError(f"ctx_init {ctx_init!r} has {len(ids)} tokens but the context has {ctx.shape[-2]}")
+    emb = peft_model.get_base_model().text_model.embeddings
+    emb = getattr(emb, "get_base_layer", lambda: emb)().token_embedding
+    e0 = emb.weight[torch.tensor(ids)].float()
+    ctx.copy_((1 - tau) * e0.to(ctx) + tau * ctx_finetuned.to(ctx))
+
+
+def train_mergetune_on_features(
+    peft_model,
+    tokenizer,
+    classnames: Sequence[str],
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    text_zs: torch.Tensor,
+    text_ft: torch.Tensor,
+    anchor_weight: float = 8.0,
+    path_weight: float = 0.5,
+    num_alphas: int = 5,
+    anchor: str = "cosine",
+    fisher: torch.Tensor | None = None,
+    epochs: int = 50,
+    lr: float = 2e-3,
+    batch_size: int = 32,
+    optimizer: str = "sgd",
+    seed: int = 0,
+) -> list[dict]:
+    """MergeTune for a CoOp adapter on precomputed image features (the benchmark's fast path): the loss of
+    :class:`~hf_cft.trainers.MergeTuneTrainer` for the prompt family, term for term (``mergetune.md`` §4) —
+    CE(w) + λ·D(T(w), T1) + β·(1/N)Σ_k CE(normalise(T2 + α_k(T(w) − T2))) — with one text-tower pass per step
+    shared by all terms and α points. ``text_zs`` (T1) and ``text_ft`` (T2) are the normalised zero-shot and
+    fine-tuned class features; ``fisher`` ([C, d], normalised) is needed for ``anchor="fisher"``. The context
+    should already be τ-initialised (:func:`coop_context_init`). Returns per-epoch means of each term."""
+    from hf_cft.models.clip import logit_scale
+    from hf_cft.trainers.mergetune_losses import alpha_grid, cosine_anchor, fisher_anchor, path_loss_prompts
+
+    if anchor == "fisher" and fisher is None:
+        raise ValueError("anchor='fisher' needs the fisher tensor")
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = (
+        torch.optim.SGD(params, lr=lr, momentum=0.9)
+        if optimizer == "sgd"
+        else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    )
+    n = len(labels)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * max(1, -(-n // batch_size)))
+    g = torch.Generator().manual_seed(seed)
+    feats = F.normalize(features.float(), dim=-1)
+    scale = logit_scale(peft_model).detach()
+    enc = peft_model.build_prompts(tokenizer, list(classnames))
+    alphas = alpha_grid(num_alphas)
+    history = []
+    peft_model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        sums = {"loss": 0.0, "task": 0.0, "anchor": 0.0, "path": 0.0}
+        for i in range(0, n, batch_size):
+            idx = perm[i : i + batch_size]
+            text = peft_model.class_text_features(tokenizer, classnames, prompts=enc).float()
+            task = F.cross_entropy(scale * feats[idx] @ text.t(), labels[idx])
+            if anchor == "cosine":
+                d = cosine_anchor(text, text_zs)
+            else:  # scaled so that F ≡ 1 equals the cosine form, as the trainer
+                d = fisher_anchor([text], [text_zs], [fisher], normalizer=2.0 * text.shape[0])
+            path = path_loss_prompts(feats[idx], text, text_ft, labels[idx], scale, alphas)
+            loss = task + anchor_weight * d + path_weight * path
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            for k, v in (("loss", loss), ("task", task), ("anchor", d), ("path", path)):
+                sums[k] += float(v.detach()) * len(idx)
+        history.append({k: v / n for k, v in sums.items()})
+    peft_model.eval()
+    return history
