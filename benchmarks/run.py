@@ -203,10 +203,22 @@ def protocol_headroom(model, tok, size, args) -> dict:
             tr, va = torch.cat(tr), torch.cat(va)
             best = None
             for lr in lrs:
-                coop_cfg = CoOpConfig(ctx_init="a photo of a") if args.coop_n_ctx is None else CoOpConfig(n_ctx=args.coop_n_ctx)
+                coop_cfg = (
+                    CoOpConfig(ctx_init="a photo of a")
+                    if args.coop_n_ctx is None
+                    else CoOpConfig(n_ctx=args.coop_n_ctx)
+                )
                 peft = get_peft_model(model, coop_cfg.set_tokenizer(tok))
                 train_coop_on_features(
-                    peft, tok, base_names, pool_f[tr], pool_y[tr], epochs=epochs, lr=lr, batch_size=128, seed=seed,
+                    peft,
+                    tok,
+                    base_names,
+                    pool_f[tr],
+                    pool_y[tr],
+                    epochs=epochs,
+                    lr=lr,
+                    batch_size=128,
+                    seed=seed,
                     optimizer=args.coop_optimizer,
                 )
                 with torch.no_grad():

@@ -74,7 +74,9 @@ def test_mergetune_on_features_loss_matches_the_formula(toy_tokenizer):
     s = model.get_base_model().logit_scale.exp()
     task = F.cross_entropy(s * x @ tw.t(), y)
     anchor = 1 - F.cosine_similarity(tw, t1, dim=-1).mean()
-    path = sum(F.cross_entropy(s * x @ F.normalize(t2 + a * (tw - t2), dim=-1).t(), y) for a in (0.1, 0.3, 0.5, 0.7, 0.9))
+    path = sum(
+        F.cross_entropy(s * x @ F.normalize(t2 + a * (tw - t2), dim=-1).t(), y) for a in (0.1, 0.3, 0.5, 0.7, 0.9)
+    )
     expected = task + 8.0 * anchor + 0.5 * path / 5
     hist = train_mergetune_on_features(model, toy_tokenizer, names, x, y, t1, t2, epochs=1, lr=0.0, batch_size=len(y))
     assert abs(hist[0]["loss"] - float(expected)) < 1e-4
