@@ -295,6 +295,7 @@ def test_callback_plain_loop_resets_exactly_the_conflicts_and_their_moments(mome
     _adapters_equal(model, want)
     rec = cb.state.history[-1]
     assert rec["task"] == 2 and rec["merge_weight"] == 0.5 and rec["alignment_steps"] == 1
+    assert rec["adapter_params"] == cb.state.history[0]["adapter_params"] == sum(v.numel() for v in want.values())
     assert 0.0 <= rec["misalignment"]["top_p"] <= 1.0 and rec["factor_merge_gap"] > 0.0
 
 

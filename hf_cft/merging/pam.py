@@ -559,7 +559,12 @@ class PAMState:
         t = self.num_tasks + 1
         omega = merge_weight(t, self.config.merge_weight)
         keys = [k for k in self.global_state if _factor(k) in self.config.factors]
-        record: dict = {"task": t, "name": task_name, "merge_weight": omega}
+        record: dict = {
+            "task": t,
+            "name": task_name,
+            "merge_weight": omega,
+            "adapter_params": sum(v.numel() for v in self.global_state.values()),  # constant over tasks (§7)
+        }
         if t > 1:  # G is still untrained before the first merge: its signs carry no information
             record["misalignment"] = sign_misalignment(self.global_state, task_state, self.config.top_p, keys)
             record["factor_merge_gap"] = factor_merge_gap(self.global_state, task_state, omega)
