@@ -356,3 +356,15 @@ def test_wise_ft_and_parameter_validation():
         task_arithmetic([D1, D2], lam=[0.3])
     with pytest.raises(ValueError, match="alpha"):
         OPCMMerger(alpha=1.5)
+
+
+def test_scalar_and_integer_keys_are_merged_too():
+    a = {"logit_scale": T(2.0), "w": T([1.0, -1.0]), "count": torch.tensor([2, 4])}
+    b = {"logit_scale": T(-1.0), "w": T([3.0, 1.0]), "count": torch.tensor([0, 2])}
+    assert float(task_arithmetic([a, b], lam=1.0)["logit_scale"]) == 1.0
+    assert float(ties([a, b], k=0.2)["logit_scale"]) == 2.0  # one entry: kept; σ = +; only task 0 agrees
+    assert float(magmax([a, b], lam=1.0)["logit_scale"]) == 2.0
+    torch.testing.assert_close(running_mean([a, b])["count"], T([1.0, 3.0]))
+    assert float(emr([a, b]).task_delta(1)["logit_scale"]) == 0.0
+    with pytest.raises(DeltaError, match="'w' of task 0 is a list"):
+        ties([{"w": [1.0]}, b])

@@ -118,6 +118,9 @@ def _check_deltas(deltas: Sequence[Mapping[str, Tensor]], what: str = "deltas") 
         raise DeltaError(f"delta of task 0 is a {type(first).__name__}, expected a dict of tensors.")
     if not first:
         raise DeltaError("delta of task 0 has no keys.")
+    for key, value in first.items():
+        if not isinstance(value, Tensor):
+            raise DeltaError(f"key {key!r} of task 0 is a {type(value).__name__}, not a tensor.")
     ref = {k: tuple(v.shape) for k, v in first.items() if isinstance(v, Tensor)}
     for i, delta in enumerate(deltas):
         _check_delta_against(delta, ref, i)
@@ -274,8 +277,9 @@ def dare(
 
     Args:
         rho: drop rate ρ ∈ [0, 1) (0.9, lib). peft's ``density`` is 1 − ρ.
-        seed: the masks are drawn from a ``torch.Generator`` seeded per key from ``(seed, key)``, tasks in list
-            order, so the result is reproducible and independent of the other keys.
+        seed: the masks are drawn from a ``torch.Generator`` (on the deltas' device) seeded per key from
+            ``(seed, key)``, tasks in list order, so the result is reproducible and independent of the other keys
+            (CPU and CUDA generators draw different masks for the same seed).
         then: ``"ta"`` → λ·Σ_t τ̃_t (peft ``dare_linear``); ``"ties"`` → λ·(elect sign + disjoint mean of τ̃_t)
             (peft ``dare_ties``): DARE's random drop replaces TIES's magnitude trim, as in the DARE paper.
         lam: λ; defaults to 0.3 for ``"ta"`` and 1.0 for ``"ties"`` (the defaults of those methods).
