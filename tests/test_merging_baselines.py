@@ -1,0 +1,370 @@
+"""Merging baselines (pam.md §9): hand-computed examples per method, agreement with ``peft.utils.merge_utils`` on
+stacked dense deltas, the continual forms, and bad-input errors."""
+
+import math
+
+import pytest
+import torch
+from peft.utils import merge_utils
+
+from hf_cft.errors import DeltaError, NonFiniteError, TaskError
+from hf_cft.merging.baselines import (
+    ContinualTaskArithmetic,
+    ContinualTIES,
+    MagMaxMerger,
+    OPCMMerger,
+    RunningMean,
+    _key_seed,
+    consensus,
+    dare,
+    emr,
+    emr_task_delta,
+    magmax,
+    magnitude_prune,
+    running_mean,
+    tall_masks,
+    task_arithmetic,
+    ties,
+    trim_top_k,
+    wise_ft,
+)
+
+
+def T(x):
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def close(a, b, **kw):
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k] if torch.is_tensor(b[k]) else T(b[k]), **kw)
+
+
+D1 = {"w": T([[1.0, -2.0], [3.0, 0.5]]), "b": T([0.2, -0.4])}
+D2 = {"w": T([[-1.0, 4.0], [1.0, -0.5]]), "b": T([0.1, 0.3])}
+
+
+# ------------------------------------------------------------------------------------------------ hand examples
+
+
+def test_task_arithmetic_running_mean_and_wise_ft_by_hand():
+    close(task_arithmetic([D1, D2], lam=0.5), {"w": [[0.0, 1.0], [2.0, 0.0]], "b": [0.15, -0.05]})
+    close(task_arithmetic([D1, D2], lam=[1.0, -1.0]), {"w": [[2.0, -6.0], [2.0, 1.0]], "b": [0.1, -0.7]})
+    close(task_arithmetic([D1, D2]), {"w": [[0.0, 0.6], [1.2, 0.0]], "b": [0.09, -0.03]})  # λ = 0.3 default
+    close(running_mean([D1, D2]), {"w": [[0.0, 1.0], [2.0, 0.0]], "b": [0.15, -0.05]})
+    close(
+        running_mean([D1, D2, {"w": torch.zeros(2, 2), "b": T([0.6, 0.0])}]),
+        {"w": [[0.0, 2 / 3], [4 / 3, 0.0]], "b": [0.3, -0.1 / 3]},
+    )
+    close(wise_ft(D1), {"w": [[0.5, -1.0], [1.5, 0.25]], "b": [0.1, -0.2]})
+    close(wise_ft(D1, alpha=0.2), {"w": [[0.2, -0.4], [0.6, 0.1]], "b": [0.04, -0.08]})
+
+
+def test_outputs_are_fp32_on_half_inputs():
+    half = [{k: v.half() for k, v in D1.items()}, {k: v.bfloat16() for k, v in D2.items()}]
+    for out in (task_arithmetic(half), ties(half), magmax(half), running_mean(half)):
+        assert all(v.dtype == torch.float32 for v in out.values())
+
+
+TIES_TASKS = [
+    {"x": T([3.0, -1.0, 0.5, -4.0, 0.2])},
+    {"x": T([-2.0, 5.0, 0.1, -1.0, 0.3])},
+    {"x": T([1.0, -0.5, 2.0, 3.0, -0.1])},
+]
+
+
+def test_trim_top_k_by_hand():
+    torch.testing.assert_close(trim_top_k(TIES_TASKS[0]["x"], 0.4), T([3.0, 0.0, 0.0, -4.0, 0.0]))
+    torch.testing.assert_close(trim_top_k(T([[1.0, -5.0], [2.0, 0.1]]), 0.5), T([[0.0, -5.0], [2.0, 0.0]]))
+    torch.testing.assert_close(trim_top_k(T([0.3, -0.2]), 0.2), T([0.3, 0.0]))  # keeps at least one entry
+    torch.testing.assert_close(trim_top_k(T([0.3, -0.2]), 1.0), T([0.3, -0.2]))
+
+
+def test_ties_by_hand():
+    # trimmed (k=0.4, 2 of 5): [3,0,0,-4,0], [-2,5,0,0,0], [0,0,2,3,0]; sum [1,5,2,-1,0] → σ [+,+,+,-,0]
+    # disjoint mean over agreeing non-zero entries: [3, 5, 2, -4, 0]
+    close(ties(TIES_TASKS, k=0.4), {"x": [3.0, 5.0, 2.0, -4.0, 0.0]})
+    close(ties(TIES_TASKS, k=0.4, lam=0.5), {"x": [1.5, 2.5, 1.0, -2.0, 0.0]})
+    # no trimming: sum [2, 3.5, 2.6, -2, 0.4] → σ [+,+,+,-,+]; means [(3+1)/2, 5, (0.5+0.1+2)/3, (-4-1)/2, 0.25]
+    close(ties(TIES_TASKS, k=1.0), {"x": [2.0, 5.0, 2.6 / 3, -2.5, 0.25]})
+    # two equal-and-opposite entries: σ = 0, nothing agrees → 0 (no NaN)
+    close(ties([{"x": T([1.0, 2.0])}, {"x": T([-1.0, 2.0])}], k=1.0), {"x": [0.0, 2.0]})
+
+
+def test_magnitude_prune_by_hand():
+    close(magnitude_prune(TIES_TASKS, k=0.4, lam=1.0), {"x": [1.0, 5.0, 2.0, -1.0, 0.0]})
+
+
+def test_dare_masks_rescale_and_seed():
+    big = [{"x": torch.randn(2000, generator=torch.Generator().manual_seed(i)) + 3.0} for i in range(2)]
+    out = dare(big, rho=0.5, seed=7, then="ta", lam=1.0)
+    # every entry is one of 0, 2τ1, 2τ2, 2(τ1+τ2) — and about a quarter of each
+    x1, x2, got = big[0]["x"], big[1]["x"], out["x"]
+    options = torch.stack([torch.zeros_like(x1), 2 * x1, 2 * x2, 2 * (x1 + x2)])
+    hit = (options - got).abs() < 1e-5
+    assert bool(hit.any(0).all())
+    shares = hit.float().mean(1)
+    assert all(0.2 < float(s) < 0.3 for s in shares)
+    # deterministic in the seed, different for another seed
+    close(dare(big, rho=0.5, seed=7, then="ta", lam=1.0), out)
+    assert not torch.equal(dare(big, rho=0.5, seed=8, then="ta", lam=1.0)["x"], got)
+    # rho = 0 keeps everything: DARE-TA is TA, DARE-TIES is TIES without trimming
+    close(dare([D1, D2], rho=0.0, then="ta"), task_arithmetic([D1, D2], lam=0.3))
+    close(dare(TIES_TASKS, rho=0.0, then="ties"), ties(TIES_TASKS, k=1.0))
+
+
+def test_dare_mask_of_a_key_does_not_depend_on_other_keys():
+    a = [{"x": torch.ones(50), "y": torch.ones(7)}, {"x": torch.ones(50), "y": torch.ones(7)}]
+    b = [{"x": torch.ones(50)}, {"x": torch.ones(50)}]
+    torch.testing.assert_close(dare(a, rho=0.5, seed=1)["x"], dare(b, rho=0.5, seed=1)["x"])
+
+
+def test_magmax_by_hand():
+    tasks = [{"x": T([1.0, -3.0, 2.0])}, {"x": T([-2.0, 1.0, -2.0])}, {"x": T([0.5, 2.5, -1.0])}]
+    # per entry the largest |.|: -2 (task 2), -3 (task 1), tie 2 vs -2 → the first task: 2
+    close(magmax(tasks, lam=1.0), {"x": [-2.0, -3.0, 2.0]})
+    close(magmax(tasks), {"x": [-1.0, -1.5, 1.0]})
+
+
+EMR_TASKS = [
+    {"a": T([2.0, -1.0]), "b": T([0.5])},
+    {"a": T([1.0, 3.0]), "b": T([-1.0])},
+    {"a": T([-1.0, 1.0]), "b": T([0.2])},
+]
+
+
+def test_emr_by_hand():
+    res = emr(EMR_TASKS)
+    # σ = sign([2, 3 | -0.3]) = [+, + | -]; ε = [2, 3 | 1]; τ_uni = [2, 3 | -1]
+    close(res.unified, {"a": [2.0, 3.0], "b": [-1.0]})
+    assert [res.masks[t]["a"].tolist() + res.masks[t]["b"].tolist() for t in range(3)] == [
+        [True, False, False],
+        [True, True, True],
+        [False, True, False],
+    ]
+    # λ_t = Σ|τ_t| / Σ|M_t ⊙ τ_uni| over all keys
+    assert res.rescalers == pytest.approx([3.5 / 2, 5 / 6, 2.2 / 3])
+    close(res.task_delta(0), {"a": [3.5, 0.0], "b": [0.0]})
+    close(emr_task_delta(res, 1), {"a": [5 / 3, 2.5], "b": [-5 / 6]})
+    close(res.task_delta(2), {"a": [0.0, 2.2], "b": [0.0]})
+    with pytest.raises(TaskError, match="task index 3"):
+        res.task_delta(3)
+
+
+def test_emr_task_with_no_agreeing_entry_gets_zero_not_nan():
+    res = emr([{"x": T([2.0, -1.0])}, {"x": T([-3.0, 3.0])}])  # σ = [-, +]: task 0 disagrees everywhere
+    assert res.rescalers[0] == 0.0
+    close(res.task_delta(0), {"x": [0.0, 0.0]})
+    close(res.task_delta(1), {"x": [-3.0, 3.0]})
+
+
+TALL_TASKS = [{"x": T([1.0, 0.1, 2.0])}, {"x": T([0.5, 1.0, 3.0])}]
+
+
+def test_tall_masks_and_consensus_by_hand():
+    res = tall_masks(TALL_TASKS, lambdas=0.4)
+    close(res.mtl, {"x": [1.5, 1.1, 5.0]})
+    # m_1 = |τ1| > 0.4|τ2| = [1>.2, .1>.4, 2>1.2]; m_2 = |τ2| > 0.4|τ1| = [.5>.4, 1>.04, 3>.8]
+    assert res.masks[0]["x"].tolist() == [True, False, True]
+    assert res.masks[1]["x"].tolist() == [True, True, True]
+    close(res.task_delta(0), {"x": [1.5, 0.0, 5.0]})
+    close(consensus(TALL_TASKS, lambdas=0.4, k=2, lam=1.0), {"x": [1.5, 0.0, 5.0]})
+    close(consensus(TALL_TASKS, lambdas=0.4, k=1, lam=0.3), {"x": [0.45, 0.33, 1.5]})
+    # per-task λ: λ_2 = 0.6 drops entry 0 from m_2 (0.5 > 0.6 is false)
+    assert tall_masks(TALL_TASKS, lambdas=[0.4, 0.6]).masks[1]["x"].tolist() == [False, True, True]
+    close(consensus(TALL_TASKS, lambdas=[0.4, 0.6], k=2, lam=1.0), {"x": [0.0, 0.0, 5.0]})
+    with pytest.raises(TaskError, match="k=3"):
+        consensus(TALL_TASKS, k=3)
+    with pytest.raises(TaskError, match="lambdas has 3 values"):
+        tall_masks(TALL_TASKS, lambdas=[0.2, 0.3, 0.4])
+
+
+# ------------------------------------------------------------------------------------------------ OPCM
+
+
+def test_opcm_two_tasks_by_hand():
+    m = OPCMMerger(alpha=0.5)
+    t1 = {"fc.weight": T([[3.0, 0.0], [0.0, 1.0]]), "fc.bias": T([1.0, 0.0])}
+    t2 = {"fc.weight": T([[1.0, 2.0], [3.0, 4.0]]), "fc.bias": T([0.0, 1.0])}
+    close(m.add(t1), t1)  # first task: S_1 = τ_1, scale ‖τ_1‖/‖S_1‖ = 1
+    # S_1 = diag(3, 1): shares .75, 1 → r_α = 0; U = V = I → only P's diagonal is zeroed: τ'_2 = [[0,2],[3,0]]
+    # S_2 = [[3,2],[3,1]], bias [1,1]: ‖S_2‖ = 5; mean norm (√11 + √31)/2
+    scale = (math.sqrt(11) + math.sqrt(31)) / 2 / 5
+    close(m.add(t2), {"fc.weight": [[3 * scale, 2 * scale], [3 * scale, scale]], "fc.bias": [scale, scale]})
+
+
+def test_opcm_zeroes_the_leading_block_and_keeps_the_complement_of_rectangular_weights():
+    m = OPCMMerger(alpha=0.5)
+    assert OPCMMerger.split_rank(T([3.0, 2.0, 1.75, 1.5, 1.25, 0.5]), 0.5) == 2  # shares .3, .5, .675, ...
+    prev = torch.diag(T([3.0, 2.0, 1.75, 1.5, 1.25, 0.5]))
+    new = torch.arange(36, dtype=torch.float32).view(6, 6) + 1
+    want = new.clone()
+    want.diagonal().zero_()
+    want[:2, :2] = 0
+    torch.testing.assert_close(m.project(prev, new), want, atol=1e-4, rtol=1e-5)
+    # 3x2: the full SVD keeps the row outside the previous delta's column space
+    got = m.project(T([[3.0, 0.0], [0.0, 1.0], [0.0, 0.0]]), T([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+    torch.testing.assert_close(got, T([[0.0, 2.0], [3.0, 0.0], [5.0, 6.0]]), atol=1e-5, rtol=1e-5)
+
+
+def test_opcm_projects_only_linear_weights():
+    m = OPCMMerger()
+    e1 = {"emb.position_embedding.weight": torch.eye(2), "fc.weight": torch.eye(2) * T([2.0, 1.0])}
+    e2 = {"emb.position_embedding.weight": torch.ones(2, 2), "fc.weight": torch.ones(2, 2)}
+    m.add(e1)
+    m.add(e2)
+    torch.testing.assert_close(m.total["emb.position_embedding.weight"], T([[2.0, 1.0], [1.0, 2.0]]))
+    torch.testing.assert_close(m.total["fc.weight"], T([[2.0, 1.0], [1.0, 1.0]]), atol=1e-6, rtol=1e-6)
+    keyed = OPCMMerger(linear_keys=["emb.position_embedding.weight"])
+    keyed.add(e1)
+    keyed.add(e2)
+    torch.testing.assert_close(keyed.total["fc.weight"], T([[3.0, 1.0], [1.0, 2.0]]))
+
+
+# ------------------------------------------------------------------------------------------------ peft agreement
+
+
+def _random_tasks(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"enc.fc1.weight": (8, 6), "enc.fc1.bias": (10,), "enc.conv.weight": (4, 3, 2)}
+    return [{k: torch.randn(s, generator=g) for k, s in shapes.items()} for _ in range(n)]
+
+
+def test_agrees_with_peft_task_arithmetic_ties_and_magnitude_prune():
+    tasks = _random_tasks()
+    w = torch.tensor([0.7, 0.7, 0.7])
+    ta, ti, mp = task_arithmetic(tasks, lam=0.7), ties(tasks, k=0.3, lam=0.7), magnitude_prune(tasks, 0.3, 0.7)
+    for key in tasks[0]:
+        stack = [d[key] for d in tasks]
+        torch.testing.assert_close(ta[key], merge_utils.task_arithmetic(stack, w))
+        torch.testing.assert_close(ti[key], merge_utils.ties(stack, w, density=0.3))
+        torch.testing.assert_close(mp[key], merge_utils.magnitude_prune(stack, w, density=0.3))
+    # per-task weights map to peft's weights for task arithmetic and magnitude pruning
+    lam = [0.5, -1.0, 2.0]
+    for key, value in task_arithmetic(tasks, lam=lam).items():
+        torch.testing.assert_close(value, merge_utils.task_arithmetic([d[key] for d in tasks], torch.tensor(lam)))
+
+
+def test_agrees_with_peft_dare_linear_and_dare_ties():
+    """peft draws DARE masks from the global RNG with density = 1 − ρ; seeding it with our per-key seed before each
+    key's call reproduces our masks exactly."""
+    tasks = _random_tasks(seed=1)
+    rho, seed = 0.6, 3
+    for then, fn, lam in (("ta", merge_utils.dare_linear, 0.3), ("ties", merge_utils.dare_ties, 1.0)):
+        ours = dare(tasks, rho=rho, seed=seed, then=then)
+        for key in tasks[0]:
+            torch.manual_seed(_key_seed(seed, key))
+            theirs = fn([d[key] for d in tasks], torch.tensor([lam] * 3), density=1 - rho)
+            torch.testing.assert_close(ours[key], theirs)
+
+
+# ------------------------------------------------------------------------------------------------ continual forms
+
+
+def test_continual_forms_match_their_one_shot_counterparts():
+    tasks = _random_tasks(n=3, seed=2)
+    ta, rm, mm = ContinualTaskArithmetic(lam=0.5), RunningMean(), MagMaxMerger(lam=0.5)
+    for t, delta in enumerate(tasks, start=1):
+        close(ta.add(delta), task_arithmetic(tasks[:t], lam=0.5))
+        close(rm.add(delta), running_mean(tasks[:t]))
+        close(mm.add(delta), magmax(tasks[:t], lam=0.5))
+    assert ta.num_tasks == rm.num_tasks == mm.num_tasks == 3
+
+
+def test_continual_ties_is_ties_on_the_pair():
+    c = ContinualTIES(k=0.4, lam=1.0)
+    close(c.add(TIES_TASKS[0]), TIES_TASKS[0])  # first task: kept as is
+    m2 = c.add(TIES_TASKS[1])
+    # trimmed [3,0,0,-4,0] and [-2,5,0,0,0]: sum [1,5,0,-4,0] → [3, 5, 0, -4, 0]
+    close(m2, {"x": [3.0, 5.0, 0.0, -4.0, 0.0]})
+    # trimmed m2 → [0,5,0,-4,0]; τ3 → [0,0,2,3,0]: sum [0,5,2,-1,0] → [0, 5, 2, -4, 0]
+    close(c.add(TIES_TASKS[2]), {"x": [0.0, 5.0, 2.0, -4.0, 0.0]})
+
+
+@pytest.mark.parametrize("make", [ContinualTaskArithmetic, RunningMean, ContinualTIES, MagMaxMerger, OPCMMerger])
+def test_continual_state_dict_round_trip_resumes_the_stream(make):
+    tasks = _random_tasks(n=3, seed=3)
+    full = make()
+    for d in tasks:
+        want = full.add(d)
+    half = make()
+    half.add(tasks[0])
+    half.add(tasks[1])
+    resumed = make()
+    resumed.load_state_dict(half.state_dict())
+    assert resumed.num_tasks == 2
+    close(resumed.merged, half.merged)
+    close(resumed.add(tasks[2]), want)
+
+
+def test_continual_rejects_bad_deltas_and_keeps_its_state():
+    c = ContinualTaskArithmetic(lam=1.0)
+    with pytest.raises(TaskError, match="no task yet"):
+        _ = c.merged
+    c.add(D1)
+    with pytest.raises(DeltaError, match="'b'"):
+        c.add({"w": D2["w"]})
+    with pytest.raises(DeltaError, match="'w'.*shape"):
+        c.add({"w": torch.zeros(3, 2), "b": D2["b"]})
+    with pytest.raises(NonFiniteError, match=r"task 1 .*'b'"):
+        c.add({"w": D2["w"], "b": T([float("nan"), 0.0])})
+    close(c.merged, D1)
+    assert c.num_tasks == 1
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+ONE_SHOT = [
+    lambda ds: task_arithmetic(ds),
+    lambda ds: running_mean(ds),
+    lambda ds: ties(ds),
+    lambda ds: dare(ds),
+    lambda ds: magmax(ds),
+    lambda ds: emr(ds),
+    lambda ds: tall_masks(ds),
+    lambda ds: consensus(ds, k=1),
+    lambda ds: magnitude_prune(ds),
+]
+
+
+@pytest.mark.parametrize("fn", ONE_SHOT)
+def test_one_shot_methods_reject_bad_input(fn):
+    with pytest.raises(TaskError, match="empty"):
+        fn([])
+    with pytest.raises(DeltaError, match="task 1 lacks key 'b'"):
+        fn([D1, {"w": D2["w"]}])
+    with pytest.raises(DeltaError, match="task 1 has key 'extra'"):
+        fn([D1, {**D2, "extra": torch.zeros(1)}])
+    with pytest.raises(DeltaError, match=r"'w' has shape \(2, 3\) in task 1"):
+        fn([D1, {"w": torch.zeros(2, 3), "b": D2["b"]}])
+    with pytest.raises(NonFiniteError, match="task 1 .*'w'"):
+        fn([D1, {"w": T([[1.0, float("inf")], [0.0, 0.0]]), "b": D2["b"]}])
+
+
+def test_wise_ft_and_parameter_validation():
+    with pytest.raises(NonFiniteError, match="'b'"):
+        wise_ft({"b": T([float("nan")])})
+    with pytest.raises(TaskError, match="one dict"):
+        task_arithmetic(D1)
+    with pytest.raises(ValueError, match="k must lie in"):
+        ties([D1, D2], k=0.0)
+    with pytest.raises(ValueError, match="rho"):
+        dare([D1, D2], rho=1.0)
+    with pytest.raises(ValueError, match="then"):
+        dare([D1, D2], then="mean")
+    with pytest.raises(TaskError, match="lam has 1 values but there are 2"):
+        task_arithmetic([D1, D2], lam=[0.3])
+    with pytest.raises(ValueError, match="alpha"):
+        OPCMMerger(alpha=1.5)
+
+
+def test_scalar_and_integer_keys_are_merged_too():
+    a = {"logit_scale": T(2.0), "w": T([1.0, -1.0]), "count": torch.tensor([2, 4])}
+    b = {"logit_scale": T(-1.0), "w": T([3.0, 1.0]), "count": torch.tensor([0, 2])}
+    assert float(task_arithmetic([a, b], lam=1.0)["logit_scale"]) == 1.0
+    assert float(ties([a, b], k=0.2)["logit_scale"]) == 2.0  # one entry: kept; σ = +; only task 0 agrees
+    assert float(magmax([a, b], lam=1.0)["logit_scale"]) == 2.0
+    torch.testing.assert_close(running_mean([a, b])["count"], T([1.0, 3.0]))
+    assert float(emr([a, b]).task_delta(1)["logit_scale"]) == 0.0
+    with pytest.raises(DeltaError, match="'w' of task 0 is a list"):
+        ties([{"w": [1.0]}, b])

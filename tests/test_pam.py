@@ -1,0 +1,474 @@
+"""PAM (pam.md §1–§6): config validation, hand-checked alignment / merge / diagnostics, the callback in a plain loop
+(exact resets and optimiser moments), inside ClipClassificationTrainer, and PAMState persistence."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import TrainerControl, TrainerState
+
+from hf_cft.errors import AlignmentError, BundleError, NonFiniteError
+from hf_cft.merging.pam import (
+    PAMCallback,
+    PAMConfig,
+    PAMState,
+    adapter_state,
+    factor_merge_gap,
+    importance_mask,
+    importance_masks,
+    merge_weight,
+    pam_align,
+    pam_merge,
+    prepare_pam_model,
+    sign_misalignment,
+)
+from hf_cft.models.clip import image_features
+from hf_cft.testing import tiny_clip
+
+
+def T(x):
+    return torch.tensor(x, dtype=torch.float32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run ~30x faster on one intra-op thread than on two contended ones (shared 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"align_every": 0}, "align_every"),
+        ({"align_every": 2.5}, "align_every"),
+        ({"reset": "mean"}, "reset"),
+        ({"moment_reset": "second"}, "moment_reset"),
+        ({"merge_weight": 0.0}, "merge_weight"),
+        ({"merge_weight": "average"}, "merge_weight"),
+        ({"factors": ("A", "C")}, "factors"),
+        ({"factors": ()}, "factors"),
+        ({"task_adapter": "global"}, "task_adapter"),
+    ],
+)
+def test_bad_config_names_the_field(kwargs, field):
+    with pytest.raises(AlignmentError, match=field):
+        PAMConfig(**kwargs)
+    assert issubclass(AlignmentError, ValueError)
+
+
+def test_config_defaults_and_dict_round_trip():
+    cfg = PAMConfig()
+    assert (cfg.top_p, cfg.align_every, cfg.reset, cfg.moment_reset, cfg.merge_weight, cfg.factors) == (
+        0.5,
+        10,
+        "zero",
+        "first",
+        "half",
+        ("A", "B"),
+    )
+    other = PAMConfig(top_p=0.3, align_every=3, reset="global", merge_weight=0.25, factors=("B",))
+    assert PAMConfig.from_dict(json.loads(json.dumps(other.to_dict()))) == other
+    with pytest.raises(AlignmentError, match="no field"):
+        PAMConfig.from_dict({"p": 0.5})
+
+
+def test_merge_weight_rules():
+    assert merge_weight(1, "half") == 1.0  # first task: copy
+    assert merge_weight(1, 0.3) == 1.0
+    assert merge_weight(2, "half") == 0.5
+    assert merge_weight(4, "running") == 0.25
+    assert merge_weight(3, 0.3) == 0.3
+    with pytest.raises(AlignmentError, match="task index"):
+        merge_weight(0)
+
+
+# ------------------------------------------------------------------------------------------------ hand examples
+
+GA, GB = "m.lora_A.weight", "m.lora_B.weight"
+GLOBAL = {GA: T([[0.5, -0.4, 0.1, 0.05]]), GB: T([[-1.0], [0.2]])}
+TASK = {GA: T([[-0.2, -0.1, -0.3, 0.0]]), GB: T([[0.0], [-0.3]])}
+
+
+def test_importance_mask_by_hand():
+    g = T([0.1, -0.5, 0.3, 0.0, -0.2, 0.4])
+    assert importance_mask(g, 0.5).tolist() == [False, True, True, False, False, True]  # top 3 of 6
+    assert importance_mask(g, 1.0).tolist() == [True, True, True, False, True, True]  # zeros never count
+    assert importance_mask(T([1.0, -1.0, 1.0, 0.5]), 0.25).tolist() == [True, True, True, False]  # ties kept
+    assert importance_mask(T([0.3, 0.2, 0.1, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]), 0.3).sum() == 3
+
+
+def test_pam_align_by_hand():
+    # A: I = top 2 of |[.5,-.4,.1,.05]| = {0, 1}; task [-.2,-.1,...]: entry 0 flips sign → C = {0}
+    # B: I = {0} (|-1|); task entry 0 is 0 → excluded; C = {}.  rate = |C| / |I| = 1 / 3
+    new, mask, rate = pam_align(GLOBAL, TASK, top_p=0.5, reset="zero")
+    assert rate == pytest.approx(1 / 3)
+    assert mask[GA].tolist() == [[True, False, False, False]]
+    assert mask[GB].tolist() == [[False], [False]]
+    torch.testing.assert_close(new[GA], T([[0.0, -0.1, -0.3, 0.0]]))
+    torch.testing.assert_close(new[GB], TASK[GB])
+    torch.testing.assert_close(TASK[GA], T([[-0.2, -0.1, -0.3, 0.0]]))  # out of place
+    new_g, _, _ = pam_align(GLOBAL, TASK, top_p=0.5, reset="global")
+    torch.testing.assert_close(new_g[GA], T([[0.5, -0.1, -0.3, 0.0]]))
+    # p = 1: entry 2 of A (task -.3 vs global .1) joins; B entry 1 (-.3 vs .2) too; |I| = 6
+    new1, mask1, rate1 = pam_align(GLOBAL, TASK, top_p=1.0)
+    assert rate1 == pytest.approx(3 / 6)
+    torch.testing.assert_close(new1[GB], T([[0.0], [0.0]]))
+    # only the B factor
+    _, mask_b, rate_b = pam_align(GLOBAL, TASK, top_p=0.5, keys=[GB])
+    assert set(mask_b) == {GB} and rate_b == 0.0
+    # precomputed importance gives the same
+    imp = importance_masks(GLOBAL, 0.5)
+    assert pam_align(GLOBAL, TASK, 0.5, importance=imp)[2] == pytest.approx(1 / 3)
+
+
+def test_pam_align_rejects_bad_input():
+    with pytest.raises(AlignmentError, match="task adapter lacks tensor 'm.lora_B.weight'"):
+        pam_align(GLOBAL, {GA: TASK[GA]})
+    with pytest.raises(AlignmentError, match="shape"):
+        pam_align(GLOBAL, {GA: torch.zeros(2, 2), GB: TASK[GB]})
+    with pytest.raises(NonFiniteError, match="task adapter tensor 'm.lora_A.weight'"):
+        pam_align(GLOBAL, {GA: T([[float("nan"), 0, 0, 0]]), GB: TASK[GB]})
+    with pytest.raises(AlignmentError, match="top_p"):
+        pam_align(GLOBAL, TASK, top_p=0.0)
+
+
+def test_sign_misalignment_by_hand():
+    stats = sign_misalignment(GLOBAL, TASK, top_p=0.5)
+    assert stats["top_p"] == pytest.approx(1 / 3)
+    # all entries: A has 2 sign flips (entries 0 and 2) of 4, B one (entry 1) of 2
+    assert stats["all"] == pytest.approx(3 / 6)
+    assert stats["top_p/A"] == pytest.approx(1 / 2) and stats["all/A"] == pytest.approx(2 / 4)
+    assert stats["top_p/B"] == 0.0 and stats["all/B"] == pytest.approx(1 / 2)
+    assert stats["layers"][GB] == {"top_p": 0.0, "all": 0.5}
+
+
+def test_pam_merge_by_hand():
+    torch.testing.assert_close(pam_merge(GLOBAL, TASK, t=1)[GA], TASK[GA])  # first task: copy
+    half = pam_merge(GLOBAL, TASK, t=2)
+    torch.testing.assert_close(half[GA], T([[0.15, -0.25, -0.1, 0.025]]))
+    torch.testing.assert_close(half[GB], T([[-0.5], [-0.05]]))
+    running = pam_merge(GLOBAL, TASK, t=3, weighting="running")  # ω = 1/3
+    torch.testing.assert_close(running[GB], T([[-2 / 3], [0.4 / 3 - 0.1]]))
+    quarter = pam_merge(GLOBAL, TASK, t=2, weighting=0.25)
+    torch.testing.assert_close(quarter[GA], T([[0.325, -0.325, 0.0, 0.0375]]))
+    with pytest.raises(AlignmentError, match="task adapter lacks tensor 'm.lora_B.weight'"):
+        pam_merge(GLOBAL, {GA: TASK[GA]}, t=2)
+    with pytest.raises(NonFiniteError, match="global adapter tensor"):
+        pam_merge({GA: T([[float("inf"), 0, 0, 0]]), GB: GLOBAL[GB]}, TASK, t=2)
+
+
+def test_factor_merge_gap_by_hand():
+    g = {"x.lora_A.weight": T([[1.0, 0.0]]), "x.lora_B.weight": T([[1.0], [0.0]])}
+    t = {"x.lora_A.weight": T([[0.0, 1.0]]), "x.lora_B.weight": T([[0.0], [1.0]])}
+    # avg(BA) = diag(.5, .5); avg(B)avg(A) = .25·ones; difference = -¼ δB δA with norm .5; ‖avg(BA)‖ = √.5
+    assert factor_merge_gap(g, t, 0.5) == pytest.approx(0.5 / 0.5**0.5)
+    assert factor_merge_gap(g, g, 0.5) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ model helpers
+
+
+def _pam_model(cfg=None, seed=0):
+    return prepare_pam_model(tiny_clip(seed), LoraConfig(r=2, target_modules=["fc1", "fc2"]), cfg or PAMConfig())
+
+
+def _adapters_equal(model, state):
+    for adapter in ("global", "task"):
+        got = adapter_state(model, adapter)
+        assert set(got) == set(state)
+        for k in got:
+            torch.testing.assert_close(got[k], state[k])
+
+
+def test_prepare_pam_model_sets_up_two_adapters():
+    model = _pam_model()
+    assert set(model.peft_config) == {"global", "task"}
+    assert model.active_adapter == "task"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".task." in n for n in trainable)
+    assert len(adapter_state(model, "global")) == len(trainable) == 16  # 2 towers x 2 layers x (fc1, fc2) x (A, B)
+    # an existing PEFT model without the global adapter is refused with the adapter list
+    other = get_peft_model(tiny_clip(), LoraConfig(r=2, target_modules=["fc1"]))
+    with pytest.raises(AlignmentError, match=r"no adapter 'global'.*\['default'\]"):
+        prepare_pam_model(other)
+    dora = get_peft_model(tiny_clip(), LoraConfig(r=2, target_modules=["fc1"], use_dora=True), adapter_name="global")
+    with pytest.raises(AlignmentError, match="DoRA"):
+        prepare_pam_model(dora)
+
+
+def _hooks():
+    return TrainerState(), TrainerControl()
+
+
+def _loss(model, seed):
+    x = torch.randn(4, 3, 30, 30, generator=torch.Generator().manual_seed(seed))
+    return (image_features(model, x, normalize=False) - 1.0).pow(2).mean()
+
+
+def _train_steps(cb, model, opt, state, control, n, seed=0):
+    for i in range(n):
+        opt.zero_grad()
+        _loss(model, seed + i).backward()
+        opt.step()
+        state.global_step += 1
+        cb.on_step_end(None, state, control, optimizer=opt)
+
+
+def _task_opt(model, lr=0.05):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+
+
+@pytest.mark.parametrize("moment_reset", ["first", "both", "none"])
+def test_callback_plain_loop_resets_exactly_the_conflicts_and_their_moments(moment_reset):
+    cfg = PAMConfig(top_p=0.5, align_every=3, moment_reset=moment_reset)
+    model = _pam_model(cfg)
+    cb = PAMCallback(cfg, model=model)
+
+    # task 1: no alignment, G ← L_1
+    state, control = _hooks()
+    opt = _task_opt(model)
+    cb.on_train_begin(None, state, control, optimizer=opt)
+    _train_steps(cb, model, opt, state, control, 3)
+    assert cb.alignment_log == []
+    l1 = adapter_state(model, "task")
+    cb.on_train_end(None, state, control)
+    assert cb.state.num_tasks == 1
+    _adapters_equal(model, l1)
+
+    # task 2: L_2 starts as an exact copy of G
+    state, control = _hooks()
+    opt = _task_opt(model)
+    cb.on_train_begin(None, state, control, optimizer=opt)
+    _adapters_equal(model, l1)
+    _train_steps(cb, model, opt, state, control, 2, seed=10)  # steps 1, 2: no alignment yet
+    assert cb.alignment_log == []
+    # force sign conflicts: negate the first column of every task tensor, then take one more optimiser step
+    params = cb._task_params  # key -> the task adapter's Parameter
+    with torch.no_grad():
+        for p in params.values():
+            p[:, 0] *= -1
+    opt.zero_grad()
+    _loss(model, 99).backward()
+    opt.step()
+    before = adapter_state(model, "task")
+    moments = {k: {n: v.clone() for n, v in opt.state[p].items() if torch.is_tensor(v)} for k, p in params.items()}
+    expected, reset_mask, rate = pam_align(cb.state.global_state, before, top_p=0.5)
+    state.global_step += 1
+    cb.on_step_end(None, state, control, optimizer=opt)  # step 3 = K: align
+
+    assert len(cb.alignment_log) == 1 and cb.alignment_log[0]["step"] == 3
+    assert cb.alignment_log[0]["misalignment"] == pytest.approx(rate)
+    assert cb.alignment_log[0]["reset"] == sum(int(m.sum()) for m in reset_mask.values()) > 0
+    after = adapter_state(model, "task")
+    checked = 0
+    for key in after:
+        torch.testing.assert_close(after[key], expected[key], rtol=0, atol=0)
+        m, p = reset_mask[key], params[key]
+        if not moments[key]:  # text-tower LoRA gets no gradient from an image loss: no optimiser state
+            continue
+        checked += int(m.sum())
+        for moment in ("exp_avg", "exp_avg_sq"):
+            now, was = opt.state[p][moment], moments[key][moment]
+            zeroed = moment_reset == "both" or (moment_reset == "first" and moment == "exp_avg")
+            torch.testing.assert_close(now[~m], was[~m], rtol=0, atol=0)
+            if zeroed:
+                assert bool((now[m] == 0).all())
+            else:
+                torch.testing.assert_close(now[m], was[m], rtol=0, atol=0)
+    assert checked > 0
+    assert any(e.get("pam/misalignment") is not None for e in state.log_history)
+
+    # task end: G ← ½ G + ½ L_2 element-wise, written into both adapters
+    g_old, l2 = {k: v.clone() for k, v in cb.state.global_state.items()}, adapter_state(model, "task")
+    cb.on_train_end(None, state, control)
+    want = {k: 0.5 * g_old[k] + 0.5 * l2[k] for k in g_old}
+    _adapters_equal(model, want)
+    rec = cb.state.history[-1]
+    assert rec["task"] == 2 and rec["merge_weight"] == 0.5 and rec["alignment_steps"] == 1
+    assert rec["adapter_params"] == cb.state.history[0]["adapter_params"] == sum(v.numel() for v in want.values())
+    assert 0.0 <= rec["misalignment"]["top_p"] <= 1.0 and rec["factor_merge_gap"] > 0.0
+
+
+def test_callback_reset_to_global_and_resume_does_not_recopy():
+    cfg = PAMConfig(top_p=1.0, align_every=1, reset="global")
+    model = _pam_model(cfg)
+    gen = torch.Generator().manual_seed(1)
+    g = {k: torch.randn(v.shape, generator=gen) for k, v in adapter_state(model, "global").items()}  # a "trained" G
+    cb = PAMCallback(cfg, model=model, state=PAMState(cfg, g, num_tasks=1))
+    assert cb.aligning
+    for k, v in adapter_state(model, "global").items():
+        torch.testing.assert_close(v, g[k])
+    state, control = _hooks()
+    cb.on_train_begin(None, state, control)
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.mul_(-1)  # every entry conflicts
+    state.global_step = 1
+    cb.on_step_end(None, state, control)
+    _adapters_equal(model, g)  # reset="global", p=1: every entry back to G (task adapter = G = global adapter)
+    assert cb.alignment_log[0]["misalignment"] == 1.0
+    # resuming (global_step > 0) keeps the task adapter's weights
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(1.0)
+    snapshot = adapter_state(model, "task")
+    resumed = TrainerState()
+    resumed.global_step = 7
+    cb.on_train_begin(None, resumed, control)
+    for k, v in adapter_state(model, "task").items():
+        torch.testing.assert_close(v, snapshot[k])
+
+
+def test_callback_refuses_an_optimizer_without_the_task_adapter():
+    model = _pam_model()
+    cb = PAMCallback(model=model)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    state, control = _hooks()
+    with pytest.raises(AlignmentError, match="'task'"):
+        cb.on_train_begin(None, state, control, optimizer=opt)
+
+
+# ------------------------------------------------------------------------------------------------ persistence
+
+
+def _two_task_state():
+    cfg = PAMConfig(top_p=0.5, align_every=2, merge_weight="running")
+    model = _pam_model(cfg)
+    cb = PAMCallback(cfg, model=model)
+    for task in range(2):
+        state, control = _hooks()
+        opt = _task_opt(model)
+        cb.on_train_begin(None, state, control, optimizer=opt)
+        _train_steps(cb, model, opt, state, control, 2, seed=task * 10)
+        cb.on_train_end(None, state, control)
+    return model, cb
+
+
+def test_state_save_load_round_trip_and_deploy_with_peft(tmp_path):
+    model, cb = _two_task_state()
+    cb.state.save_pretrained(tmp_path / "pam")
+    assert {p.name for p in (tmp_path / "pam").iterdir()} == {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "pam_state.json",
+    }
+    loaded = PAMState.from_pretrained(tmp_path / "pam")
+    assert loaded.num_tasks == 2 and loaded.config == cb.state.config and loaded.history == cb.state.history
+    assert set(loaded.global_state) == set(cb.state.global_state)
+    for k, v in loaded.global_state.items():
+        torch.testing.assert_close(v, cb.state.global_state[k], rtol=0, atol=0)
+    # the folder is a regular LoRA adapter: PeftModel deploys G with the same outputs
+    deployed = PeftModel.from_pretrained(tiny_clip(0), tmp_path / "pam")
+    x = torch.randn(2, 3, 30, 30, generator=torch.Generator().manual_seed(5))
+    model.set_adapter("global")
+    with torch.no_grad():
+        torch.testing.assert_close(image_features(deployed, x), image_features(model, x))
+    # a new callback continues from the loaded state on a fresh model
+    fresh = _pam_model(loaded.config, seed=0)
+    cb2 = PAMCallback(model=fresh, state=loaded)
+    assert cb2.aligning
+    for k, v in adapter_state(fresh, "global").items():
+        torch.testing.assert_close(v, loaded.global_state[k])
+
+
+def test_state_load_errors(tmp_path):
+    _, cb = _two_task_state()
+    folder = tmp_path / "pam"
+    cb.state.save_pretrained(folder)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match="lacks pam_state.json"):
+        PAMState.from_pretrained(tmp_path / "empty")
+    with pytest.raises(BundleError, match="neither a local"):
+        PAMState.from_pretrained(tmp_path / "missing")
+    (folder / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(BundleError, match="safetensors"):
+        PAMState.from_pretrained(folder)
+    bad = {k: v.clone() for k, v in cb.state.global_state.items()}
+    key = next(iter(bad))
+    bad[key][0, 0] = float("nan")
+    PAMState(cb.state.config, bad, 2).save_pretrained(folder)
+    with pytest.raises(NonFiniteError, match=key):
+        PAMState.from_pretrained(folder)
+    (folder / "pam_state.json").write_text("{broken")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        PAMState.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------------------------ in the project trainer
+
+
+def test_pam_callback_inside_clip_classification_trainer(toy_tokenizer, tmp_path):
+    from tests_helpers import CLASSES, colour_dataset, trainer_kwargs
+    from transformers import TrainerCallback
+
+    from hf_cft.trainers import ClipClassificationTrainer, ClipTrainingArguments
+
+    class Snapshot(TrainerCallback):  # runs before PAM's on_train_end: sees G and L_t before the merge
+        def on_train_end(self, args, state, control, **kwargs):
+            self.g, self.l = adapter_state(model, "global"), adapter_state(model, "task")
+
+    cfg = PAMConfig(top_p=0.5, align_every=2)
+    model = _pam_model(cfg)
+    pam, snap = PAMCallback(cfg, model=model), Snapshot()
+    merged = []
+    for task in range(2):
+        args = ClipTrainingArguments(
+            **trainer_kwargs(tmp_path / f"task{task}", max_steps=2 + 2 * task, optim="adamw_torch", learning_rate=0.05)
+        )
+        trainer = ClipClassificationTrainer(
+            model,
+            args,
+            CLASSES,
+            ["a photo of a {}."],
+            toy_tokenizer,
+            train_dataset=colour_dataset(8, seed=task),
+            callbacks=[snap, pam],
+        )
+        start_g = adapter_state(model, "global")
+        trainer.train()
+        merged.append({k: v.clone() for k, v in pam.state.global_state.items()})
+        for k in start_g:  # G is never trained by gradients
+            torch.testing.assert_close(snap.g[k], start_g[k], rtol=0, atol=0)
+        _adapters_equal(model, merged[-1])  # after train(): both adapters hold the deployed G
+
+    assert pam.state.num_tasks == 2
+    # task 1: copied, no alignment; task 2: aligned at steps 2 and 4, then G ← ½(G_1 + L_2)
+    assert [r["step"] for r in pam.alignment_log] == [2, 4]
+    assert [e["step"] for e in trainer.state.log_history if "pam/misalignment" in e] == [2, 4]
+    for k, v in merged[1].items():
+        torch.testing.assert_close(v, 0.5 * merged[0][k] + 0.5 * snap.l[k])
+    rec = pam.state.history[1]
+    assert rec["alignment_steps"] == 2 and set(rec["misalignment"]) >= {"top_p", "all", "top_p/A", "top_p/B"}
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+
+
+def test_no_alignment_in_the_first_task_and_plain_sgd_needs_no_moment_reset(recwarn):
+    cfg = PAMConfig(top_p=1.0, align_every=1)
+    model = _pam_model(cfg)
+    cb = PAMCallback(cfg, model=model)
+    with pytest.raises(AlignmentError, match="first task"):
+        cb.align()
+    state, control = _hooks()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    cb.on_train_begin(None, state, control, optimizer=opt)
+    _train_steps(cb, model, opt, state, control, 1)
+    cb.on_train_end(None, state, control)
+    cb.on_train_begin(None, TrainerState(), control, optimizer=opt)
+    with torch.no_grad():
+        for p in cb._task_params.values():
+            p.mul_(-1)
+    state = TrainerState()
+    _train_steps(cb, model, opt, state, control, 1, seed=3)
+    assert cb.alignment_log[0]["reset"] > 0
+    assert not [w for w in recwarn if "PAM" in str(w.message)]
