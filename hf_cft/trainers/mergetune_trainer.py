@@ -119,6 +119,13 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         self.fisher_info: dict = {}
         fisher_data = fisher_dataset if fisher_dataset is not None else train_dataset
         if self.family in ("lora", "full"):
+            if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+                # ecosystem.md §4: the path evaluates the network at interpolated weights, which needs the full
+                # (gathered) parameters on every process; only DDP / single-device runs are supported.
+                raise HfCftError(
+                    f"MergeTune's {self.family} family does not support FSDP or DeepSpeed (the path loss runs the model "
+                    "at interpolated full weights); use DDP or a single device."
+                )
             self._logits_fn = ClassLogits(self.clip_model)  # references the model: functional_call runs it
             if self.family == "lora":
                 self.space = LoraWeightSpace(self.clip_model)
@@ -175,10 +182,11 @@ class MergeTuneTrainer(ClipClassificationTrainer):
 
     def _check_compatible(self, cfg_ft, where: str):
         cfg = self.clip_model.peft_config[self.clip_model.active_adapter]
-        if str(cfg_ft.peft_type) != str(cfg.peft_type):
+        kind_ft, kind = (getattr(c.peft_type, "value", c.peft_type) for c in (cfg_ft, cfg))
+        if str(kind_ft) != str(kind):
             raise AdapterError(
-                f"the fine-tuned solution ({where}) is a {cfg_ft.peft_type} adapter but the continued model is "
-                f"{cfg.peft_type}: MergeTune needs both of the same method type."
+                f"the fine-tuned solution ({where}) is a {kind_ft} adapter but the continued model is {kind}: "
+                "MergeTune needs both of the same method type."
             )
         a, b = cfg.base_model_name_or_path, cfg_ft.base_model_name_or_path
         if a and b and a != b:

@@ -107,7 +107,7 @@ def class_text(model: nn.Module, input_ids, attention_mask, num_templates: int =
 
 def _check_finite(tensor: torch.Tensor, key: str, where: str) -> None:
     if not torch.isfinite(tensor).all():
-        raise NonFiniteError(f"the {where} tensor {key!r} holds NaN or inf.")
+        raise NonFiniteError(f"tensor {key!r} of {where} holds NaN or inf.")
 
 
 def _name_in(model: nn.Module) -> dict[int, str]:
@@ -235,8 +235,8 @@ class LoraWeightSpace:
                     f"LoRA rank or shape differs at {path!r}: continued A {tuple(slot.a.shape)}, B "
                     f"{tuple(slot.b.shape)}; fine-tuned ({where}) A {tuple(a2.shape)}, B {tuple(b2.shape)}."
                 )
-            _check_finite(a2, f"{path}.lora_A", f"fine-tuned ({where})")
-            _check_finite(b2, f"{path}.lora_B", f"fine-tuned ({where})")
+            _check_finite(a2, f"{path}.lora_A", f"the fine-tuned solution ({where})")
+            _check_finite(b2, f"{path}.lora_B", f"the fine-tuned solution ({where})")
             slot.a_ft = a2.detach().clone().to(slot.a.device)
             slot.b_ft = b2.detach().clone().to(slot.b.device)
             slot.scaling_ft = ft[path].scaling
@@ -390,7 +390,7 @@ class FullWeightSpace:
                     "model: different base models."
                 )
             t = get(name).detach().to(device=p.device, dtype=p.dtype)
-            _check_finite(t, name, where)
+            _check_finite(t, name, f"the {where}")
             out[name] = t
         self._warn_frozen_differ(keys, get, shape, where)
         return out
