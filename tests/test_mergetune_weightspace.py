@@ -321,7 +321,7 @@ def test_full_holds_only_trainable_keys_and_frozen_text_is_reused(toy_tokenizer,
     held = trainer.held_anchor_tensors()
     assert sum(t.numel() for t in held.values()) == 2 * sum(p.numel() for p in trainable.values())
     assert {k.split("/", 1)[1] for k in held} == set(trainable)
-    assert trainer.space.towers == {"vision"}
+    assert trainer.weight_space.towers == {"vision"}
     counts = {"text": 0}
     hook = model.text_model.register_forward_hook(lambda *_: counts.__setitem__("text", counts["text"] + 1))
     batch = trainer.data_collator([data[i] for i in range(6)])

@@ -128,14 +128,14 @@ class MergeTuneTrainer(ClipClassificationTrainer):
                 )
             self._logits_fn = ClassLogits(self.clip_model)  # references the model: functional_call runs it
             if self.family == "lora":
-                self.space = LoraWeightSpace(self.clip_model)
+                self.weight_space = LoraWeightSpace(self.clip_model)
                 self._lora_finetuned(finetuned)
             else:
-                self.space = FullWeightSpace(self.clip_model, zero_shot)
-                self.space.attach_finetuned(finetuned)
+                self.weight_space = FullWeightSpace(self.clip_model, zero_shot)
+                self.weight_space.attach_finetuned(finetuned)
             if self.anchor_kind == "fisher":
                 self._estimate_weight_fisher(fisher_data)
-            self.space.initialise(args.tau)
+            self.weight_space.initialise(args.tau)
             return
         self._zero_shot_anchor(device)
         self._finetuned_anchor(finetuned, device)
@@ -162,7 +162,7 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         """Every tensor the trainer holds for ŵ1 and ŵ2 (and nothing else): for weight space only the continued
         model's trainable keys, so their size shows that no model copy is kept."""
         if self.family in ("lora", "full"):
-            return self.space.held_tensors()
+            return self.weight_space.held_tensors()
         names = ("text_zs", "text_ft", "ctx_ft", "w_zs", "b_zs", "w_ft", "b_ft")
         return {n: getattr(self, n) for n in names if isinstance(getattr(self, n, None), torch.Tensor)}
 
@@ -327,7 +327,7 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         model, continued = self.clip_model, self.clip_model.active_adapter
         if self._is_loaded_adapter(finetuned):
             self._check_compatible(model.peft_config[finetuned], f"adapter {finetuned!r}")
-            self.space.attach_finetuned(model, finetuned, f"adapter {finetuned!r}")
+            self.weight_space.attach_finetuned(model, finetuned, f"adapter {finetuned!r}")
         elif isinstance(finetuned, (str, Path)):
             path = Path(finetuned)
             if not (path / "adapter_config.json").is_file():
@@ -350,7 +350,7 @@ class MergeTuneTrainer(ClipClassificationTrainer):
                         f"cannot load the fine-tuned adapter {str(path)!r} into the continued model (another base "
                         f"model?): {exc}"
                     ) from exc
-                self.space.attach_finetuned(model, _FT_ADAPTER, str(path))
+                self.weight_space.attach_finetuned(model, _FT_ADAPTER, str(path))
             finally:
                 if _FT_ADAPTER in model.peft_config:
                     model.delete_adapter(_FT_ADAPTER)
@@ -361,7 +361,7 @@ class MergeTuneTrainer(ClipClassificationTrainer):
                     "the fine-tuned PeftModel is the continued model; pass the name of its fine-tuned adapter instead."
                 )
             self._check_compatible(finetuned.peft_config[finetuned.active_adapter], "the given PeftModel")
-            self.space.attach_finetuned(finetuned, finetuned.active_adapter, "the given PeftModel")
+            self.weight_space.attach_finetuned(finetuned, finetuned.active_adapter, "the given PeftModel")
         elif isinstance(finetuned, nn.Module):
             raise AdapterError(
                 f"the fine-tuned solution is a full model ({type(finetuned).__name__}) but the continued model is a "
@@ -388,14 +388,14 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         was_training = self.clip_model.training
         self.clip_model.eval()
         try:
-            coords, fixed, keys = self.space.fisher_coordinates()
+            coords, fixed, keys = self.weight_space.fisher_coordinates()
             raw, count = estimate_weight_fisher(
                 self._logits_fn,
                 coords,
                 fixed,
                 (batch["pixel_values"].to(self.args.device) for batch in loader),
                 self._text_inputs(train=False),
-                self.space.towers,
+                self.weight_space.towers,
                 labels=self.args.fisher_labels,
                 generator=self._gen,
                 chunk_size=self.args.fisher_chunk_size,
@@ -417,11 +417,11 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         """(1/N)·Σ_k CE at the interpolated weights, one ``functional_call`` per α; towers that hold no part of w
         reuse the task forward's features (``image``, ``text``)."""
         kw = {}
-        kw.update({"pixel_values": pixel_values} if "vision" in self.space.towers else {"image": image})
-        kw.update(text_inputs if "text" in self.space.towers else {"text": text})
+        kw.update({"pixel_values": pixel_values} if "vision" in self.weight_space.towers else {"image": image})
+        kw.update(text_inputs if "text" in self.weight_space.towers else {"text": text})
         losses = []
         for a in alphas:
-            params = {f"model.{k}": v for k, v in self.space.path_params(float(a)).items()}
+            params = {f"model.{k}": v for k, v in self.weight_space.path_params(float(a)).items()}
             losses.append(F.cross_entropy(functional_call(self._logits_fn, params, (), kw).float(), labels))
         return torch.stack(losses).mean()
 
@@ -439,7 +439,7 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         if self.family in ("lora", "full"):
             text = parts["text"].float()
             logits = parts["scale"].float() * img @ text.t()
-            anchor = self.space.anchor(self.anchor_kind, getattr(self, "fisher", None))
+            anchor = self.weight_space.anchor(self.anchor_kind, getattr(self, "fisher", None))
             path = self._weight_space_path(
                 inputs["pixel_values"], parts["image"], parts["text"], text_inputs, labels, alphas
             )
