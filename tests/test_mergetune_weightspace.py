@@ -231,11 +231,12 @@ def test_lora_finetuned_as_folder_name_or_model_agree_and_nothing_is_copied(
         torch.testing.assert_close(by_name[k], v)
 
 
-def test_lora_fisher_matches_per_example_autograd(toy_tokenizer, tmp_path, data):
+@pytest.mark.parametrize("targets", [TEXT_ONLY, VISION_ONLY], ids=["text", "vision"])
+def test_lora_fisher_matches_per_example_autograd(targets, toy_tokenizer, tmp_path, data):
     """F over ΔW entries = E_x[(∂ log p_ŵ1(ŷ|x)/∂W)²] at the base model (argmax ŷ, eval templates), by a loop of
     per-example backward passes; normalised to mean 1 + damping; the anchor is Σ F ⊙ ΔW²."""
-    _lora(targets=TEXT_ONLY, seed=1).save_pretrained(tmp_path / "ft")
-    model = _lora(targets=TEXT_ONLY)
+    _lora(targets=targets, seed=1).save_pretrained(tmp_path / "ft")
+    model = _lora(targets=targets)
     trainer = _build(
         model,
         tmp_path,
@@ -361,6 +362,28 @@ def test_full_fisher_expected_matches_autograd_and_anchor(toy_tokenizer, tmp_pat
     assert parts["loss_anchor"] == pytest.approx(float(want.detach()), rel=1e-5)
 
 
+def test_full_trainable_logit_scale_is_part_of_w(toy_tokenizer, tmp_path, data):
+    """With ``freeze_logit_scale=False`` and only the scale trainable, the path runs at the interpolated scale
+    and reuses both towers' features."""
+    model = tiny_clip()
+    model.requires_grad_(False)
+    model.logit_scale.requires_grad_(True)
+    ft = tiny_clip()
+    with torch.no_grad():
+        ft.logit_scale.add_(0.5)
+    trainer = _build(model, tmp_path, ft, data, toy_tokenizer, freeze_logit_scale=False, num_alphas=1, tau=0.0)
+    assert trainer.weight_space.towers == set() and list(trainer.weight_space.params) == ["logit_scale"]
+    with torch.no_grad():
+        model.logit_scale.add_(0.2)  # w − ŵ1 = 0.2
+    batch = trainer.data_collator([data[i] for i in range(6)])
+    _, parts = _loss_parts(trainer, batch)
+    hand = tiny_clip()
+    with torch.no_grad():
+        hand.logit_scale.add_(0.5 + 0.5 * (0.2 - 0.5))  # ŵ2 + α(w − ŵ2) at α = 0.5
+    assert parts["loss_path"] == pytest.approx(float(_hand_ce(hand, trainer, batch)), rel=1e-5)
+    assert parts["loss_anchor"] == pytest.approx(0.04, rel=1e-4)
+
+
 def test_full_zero_shot_argument_and_frozen_mismatch_warning(toy_tokenizer, tmp_path, data):
     """ŵ1 may come from another model when ``model`` starts elsewhere; a ŵ2 that differs on frozen tensors warns."""
     ft = _full_ft()
@@ -381,11 +404,13 @@ def test_full_zero_shot_argument_and_frozen_mismatch_warning(toy_tokenizer, tmp_
 
 @pytest.mark.parametrize("family", ["lora", "full"])
 def test_training_reduces_the_total_loss(family, toy_tokenizer, tmp_path, data):
+    extra = {}
     if family == "lora":
         _lora(targets=TEXT_ONLY, seed=1).save_pretrained(tmp_path / "ft")
         model, finetuned = _lora(targets=TEXT_ONLY), tmp_path / "ft"
         lr = 0.02
-    else:
+    else:  # with the Fisher anchor (sampled labels, the default)
+        extra = {"anchor": "fisher", "fisher_max_images": 6}
         model = tiny_clip()
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith("text_model.encoder.layers.1") or n == "text_projection.weight")
@@ -402,7 +427,11 @@ def test_training_reduces_the_total_loss(family, toy_tokenizer, tmp_path, data):
         learning_rate=lr,
         anchor_weight=0.1,
         per_device_train_batch_size=12,
+        **extra,
     )
+    if extra:
+        assert trainer.fisher_info["images"] == 6 and trainer.fisher_info["labels"] == "sample"
+        assert all(torch.isfinite(f).all() and (f >= 1e-3).all() for f in trainer.fisher.values())
     batch = trainer.data_collator([data[i] for i in range(12)])
     with torch.no_grad():
         before, _ = _loss_parts(trainer, batch)
@@ -449,6 +478,13 @@ def _ok(tmp_path):
     return _saved(tmp_path, "ok", _lora(seed=1))
 
 
+def _two_active():
+    model = _lora()
+    model.add_adapter("other", LoraConfig(r=2, target_modules=BOTH))
+    model.base_model.set_adapter(["default", "other"])
+    return model
+
+
 _SAME = object()  # the continued model itself
 
 BAD_LORA = {
@@ -480,6 +516,7 @@ BAD_LORA = {
         "besides its LoRA factors",
     ),
     "active adapter name": (_lora, lambda t: "default", {}, AdapterError, "continued"),
+    "two active adapters": (_two_active, _ok, {}, AdapterError, "several active adapters"),
     "same PeftModel": (_lora, lambda t: _SAME, {}, AdapterError, "continued model"),
     "nan": (_lora, lambda t: _nan_lora(), {}, NonFiniteError, "lora_A"),
     "vpt continued": (

@@ -202,7 +202,16 @@ class LoraWeightSpace:
     def __init__(self, model: nn.Module):
         self.model = model
         self.adapter = model.active_adapter
+        active = list(getattr(model, "active_adapters", [self.adapter]))
+        if active != [self.adapter]:
+            raise AdapterError(
+                f"the continued model has several active adapters {active}: MergeTune needs exactly one (ŵ1 is the "
+                "base model without adapters)."
+            )
         self.slots = lora_slots(model, self.adapter, "the continued model")
+        for path, slot in self.slots.items():
+            if slot.scaling == 0:
+                raise AdapterError(f"the continued LoRA adapter {self.adapter!r} has scaling 0 at {path!r}.")
         factor_keys = {k for s in self.slots.values() for k in (s.a_key, s.b_key)}
         extra = [n for n, p in model.named_parameters() if p.requires_grad and n not in factor_keys]
         if extra:
