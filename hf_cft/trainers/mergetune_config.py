@@ -23,7 +23,12 @@ class MergeTuneConfig(ClipTrainingArguments):
     ``L(w) = L2(w) + λ·D(w, ŵ1) + β·(1/N)·Σ_k L2(ŵ2 + α_k·(w − ŵ2))``
 
     with ŵ1 the zero-shot and ŵ2 the fine-tuned solution. Library defaults: λ = 8, β = 0.5, N = 5 midpoints,
-    τ = 0.3 (start at (1−τ)·ŵ1 + τ·ŵ2).
+    τ = 0.3 (start at (1−τ)·ŵ1 + τ·ŵ2). With ``anchor="sq_l2"`` in weight space (LoRA, full FT) D is a sum over
+    all entries, so λ needs re-tuning (§8: no published values).
+
+    Example::
+
+        args = MergeTuneConfig(output_dir="out", anchor_weight=8.0, path_weight=0.5, num_alphas=5, tau=0.3)
     """
 
     anchor_weight: float = field(default=8.0, metadata={"help": "λ: weight of the surrogate toward zero-shot."})
@@ -38,11 +43,21 @@ class MergeTuneConfig(ClipTrainingArguments):
     tau: float = field(default=0.3, metadata={"help": "τ: initialise at (1-τ)·zero-shot + τ·fine-tuned (1 = ŵ2)."})
     anchor: str = field(
         default="auto",
-        metadata={"help": "auto (cosine for prompts, sq_l2 for heads), cosine, sq_l2, or fisher (diagonal Fisher)."},
+        metadata={
+            "help": "auto (cosine for prompts, sq_l2 for heads, LoRA and full FT), cosine, sq_l2, or fisher "
+            "(diagonal Fisher)."
+        },
     )
     fisher_labels: str = field(default="sample", metadata={"help": "Fisher labels: sample, argmax or expected."})
     fisher_damping: float = field(default=1e-3, metadata={"help": "Added to the mean-normalised Fisher."})
     fisher_max_images: int = field(default=0, metadata={"help": "Images used to estimate the Fisher (0 = all)."})
+    fisher_chunk_size: int = field(
+        default=8,
+        metadata={
+            "help": "Weight space: images per vectorised per-example-gradient chunk of the Fisher estimate "
+            "(memory grows as chunk x continued parameters)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -60,5 +75,7 @@ class MergeTuneConfig(ClipTrainingArguments):
             raise MergeTuneConfigError(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
         if self.fisher_labels not in FISHER_LABELS:
             raise MergeTuneConfigError(f"fisher_labels must be one of {FISHER_LABELS}, got {self.fisher_labels!r}")
+        if self.fisher_chunk_size < 1:
+            raise MergeTuneConfigError(f"fisher_chunk_size must be at least 1, got {self.fisher_chunk_size}")
         if self.fisher_damping < 0:
             raise MergeTuneConfigError(f"fisher_damping must be >= 0, got {self.fisher_damping}")

@@ -1,6 +1,7 @@
 """MergeTune's loss terms as pure functions (``docs/methods/mergetune.md`` §3, §4, §6), shared by the trainer,
 the plots and the tests. Classifier space: prompts (normalised class text features ``T [C, d]``) and linear
-heads (``W [C, d]``, ``b [C]``)."""
+heads (``W [C, d]``, ``b [C]``); weight space: the dense LoRA update ``ΔW = s·B·A`` and its squared norm (the
+weight-space families themselves are in :mod:`hf_cft.trainers.mergetune_weightspace`)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,18 @@ def fisher_anchor(
 ) -> torch.Tensor:
     """Σ_j F_j (w_j − ŵ1_j)² / normalizer (diagonal-Fisher surrogate, §3.2)."""
     return sum((f * (p - a) ** 2).sum() for p, a, f in zip(params, anchors, fishers)) / normalizer
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The dense LoRA update ``ΔW = s·B·A`` (``A [r, in]``, ``B [out, r]``), in fp32 (§5, LoRA row)."""
+    return scaling * (b.float() @ a.float())
+
+
+def lora_sq_norm(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``‖s·B·A‖²_F = s²·Σ(BᵀB ⊙ AAᵀ)`` from r×r Gram matrices: the isotropic LoRA anchor ‖ΔW − 0‖² (§3.1)
+    without forming the out×in matrix."""
+    a, b = a.float(), b.float()
+    return scaling**2 * ((b.t() @ b) * (a @ a.t())).sum()
 
 
 @torch.no_grad()

@@ -1,18 +1,30 @@
 """``MergeTuneTrainer``: continued fine-tuning guided by linear mode connectivity (``docs/methods/mergetune.md``).
 
-Given a zero-shot solution ŵ1 and a fine-tuned one ŵ2 (e.g. a CoOp adapter), it trains a continued model w with
+Given a zero-shot solution ŵ1 and a fine-tuned one ŵ2, it trains a continued model w with
 
     L(w) = L2(w) + λ·D(w, ŵ1) + β·(1/N)·Σ_k L2(ŵ2 + α_k·(w − ŵ2))
 
-Families supported here work in **classifier space** (as the paper and the official code for prompts):
+Families (§5), chosen from the continued model:
 
-- CoOp prompts: w is the class-feature matrix T(w) produced by the continued context; ŵ1 the template-ensembled
-  zero-shot features, ŵ2 the fine-tuned CoOp features; D is ``1 − mean cos`` (default) or the diagonal Fisher.
-- Linear head: w = (W, b); ŵ1 = (exp(logit_scale)·T_zs, 0); ŵ2 the fine-tuned (LP) head; D is ``Σ(w − ŵ1)²``
-  (default) or the diagonal Fisher.
+- CoOp prompts (classifier space, as the paper and the official code): w is the class-feature matrix T(w)
+  produced by the continued context; ŵ1 the template-ensembled zero-shot features, ŵ2 the fine-tuned CoOp
+  features; D is ``1 − mean cos`` (default) or the diagonal Fisher.
+- Linear head (classifier space): w = (W, b); ŵ1 = (exp(logit_scale)·T_zs, 0); ŵ2 the fine-tuned (LP) head; D is
+  ``Σ(w − ŵ1)²`` (default) or the diagonal Fisher.
+- LoRA (weight space, a ``PeftModel`` with an active LoRA adapter): w is the dense update ΔW_l = s_l·B_l·A_l of
+  every target linear, ŵ1 = 0 (the base model), ŵ2 the fine-tuned adapter's ΔW2 (a folder, an adapter name
+  loaded in the same model, or a ``PeftModel``); the path runs the model at W0 + ΔW2 + α(ΔW − ΔW2) through
+  ``torch.func.functional_call`` with rank-2r factors (exact, no dense matrix); D is ``Σ‖ΔW_l‖²`` (default) or
+  ``Σ F ⊙ ΔW²`` with the Fisher of the base weights.
+- Full fine-tuning (weight space, a plain ``CLIPModel``/``SiglipModel``): w is every trainable tensor; ŵ1 the
+  model's own weights when the trainer is built (or ``zero_shot``), ŵ2 a fine-tuned model or folder; the path
+  substitutes ŵ2 + α(w − ŵ2); D is ``Σ(w − ŵ1)²`` (default) or the diagonal Fisher.
 
-Per step: one image-tower pass per batch (frozen, without a graph), one text-tower pass for all classes, then
-per α one interpolation and one matmul. ŵ1 and ŵ2 are held as tensors, never as model copies.
+ŵ1 and ŵ2 are held as tensors for the trainable keys only, never as model copies (``held_anchor_tensors()``).
+Classifier space, per step: one image-tower pass per batch (frozen, without a graph), one text-tower pass for all
+classes, then per α one interpolation and one matmul. Weight space, per α: the towers that hold part of w run at
+the interpolated weights; a tower outside w (e.g. the image tower for text-only LoRA) reuses the task forward's
+features.
 """
 
 from __future__ import annotations
@@ -24,11 +36,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
 
 from hf_cft.errors import AdapterError, HfCftError
 from hf_cft.models.clip import logit_scale
 from hf_cft.trainers.clip_trainer import ClipClassificationTrainer, _find_tuner
-from hf_cft.trainers.mergetune_config import MergeTuneConfig
+from hf_cft.trainers.mergetune_config import MergeTuneConfig, MergeTuneConfigError
 from hf_cft.trainers.mergetune_losses import (
     alpha_grid,
     classifier_fisher,
@@ -39,21 +53,38 @@ from hf_cft.trainers.mergetune_losses import (
     path_loss_prompts,
     sq_l2_anchor,
 )
+from hf_cft.trainers.mergetune_weightspace import (
+    ClassLogits,
+    FullWeightSpace,
+    LoraWeightSpace,
+    _is_weights_folder,
+    estimate_weight_fisher,
+)
 
 _FT_ADAPTER = "mergetune_finetuned"
 
 
 class MergeTuneTrainer(ClipClassificationTrainer):
-    """Continued fine-tuning of a CoOp or linear-head adapter between a zero-shot and a fine-tuned solution.
+    """Continued fine-tuning between a zero-shot and a fine-tuned solution (CoOp, linear head, LoRA, full FT).
 
     Args:
-        model: a ``PeftModel`` whose active adapter (CoOp or linear head) becomes the continued model w; it is
-            initialised here at ``(1−τ)·ŵ1 + τ·ŵ2``.
+        model: the continued model w, initialised here at ``(1−τ)·ŵ1 + τ·ŵ2``: a ``PeftModel`` whose active
+            adapter is CoOp, a linear head or LoRA, or a plain CLIP-like model (full fine-tuning of its trainable
+            tensors; pass the *pre-trained* model, whose weights are ŵ1).
         args: :class:`MergeTuneConfig`.
         classnames, templates, tokenizer: the task (the templates define the zero-shot solution ŵ1).
-        finetuned: ŵ2 — an adapter folder (loaded into ``model`` temporarily, no copy kept) or a ``PeftModel``
-            with an adapter of the same type.
+        finetuned: ŵ2 — for adapters, an adapter folder (loaded into ``model`` temporarily, no copy kept), the name
+            of an adapter already loaded in ``model``, or a ``PeftModel`` with an adapter of the same type; for full
+            fine-tuning, a fine-tuned model or its folder (safetensors; only the trainable keys are read).
         fisher_dataset: images (eval transform) for the diagonal Fisher; default ``train_dataset``.
+        zero_shot: full fine-tuning only: ŵ1 as a model or folder, when ``model`` does not hold it.
+
+    Example (LoRA)::
+
+        continued = get_peft_model(clip, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+        trainer = MergeTuneTrainer(continued, MergeTuneConfig(output_dir="out", anchor_weight=1e-2), classes,
+                                   templates, tok, finetuned="out/lora_ft", train_dataset=shots)
+        trainer.train()
     """
 
     def __init__(
@@ -67,30 +98,73 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         train_dataset=None,
         eval_dataset=None,
         fisher_dataset=None,
+        zero_shot=None,
         **kwargs,
     ):
         if not isinstance(args, MergeTuneConfig):
             raise TypeError("MergeTuneTrainer needs a MergeTuneConfig")
         super().__init__(model, args, classnames, templates, tokenizer, train_dataset, eval_dataset, **kwargs)
-        self.family = self.model.mode
-        if self.family not in ("coop", "head"):
-            raise HfCftError(
-                "MergeTuneTrainer supports CoOp prompt and linear-head adapters (classifier space); the active "
-                f"adapter of this model is {self.clip_model.peft_config[self.clip_model.active_adapter].peft_type!r}"
-                if hasattr(self.clip_model, "peft_config")
-                else "MergeTuneTrainer needs a PeftModel with a CoOp or linear-head adapter as the continued model"
-            )
+        self.family = self._detect_family()
         self.anchor_kind = args.anchor if args.anchor != "auto" else ("cosine" if self.family == "coop" else "sq_l2")
-        if self.family == "head" and self.anchor_kind == "cosine":
-            raise HfCftError("anchor='cosine' is the prompt form; use sq_l2 or fisher for a linear head")
+        if self.family != "coop" and self.anchor_kind == "cosine":
+            raise MergeTuneConfigError(
+                f"anchor='cosine' is the prompt form; use sq_l2 or fisher for the {self.family} family"
+            )
+        if zero_shot is not None and self.family != "full":
+            raise HfCftError(
+                f"zero_shot is for full fine-tuning only; the {self.family} family defines ŵ1 from the base model"
+            )
         device = self.args.device
         self._gen = torch.Generator().manual_seed(args.seed)
+        self.fisher_info: dict = {}
+        fisher_data = fisher_dataset if fisher_dataset is not None else train_dataset
+        if self.family in ("lora", "full"):
+            if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+                # ecosystem.md §4: the path evaluates the network at interpolated weights, which needs the full
+                # (gathered) parameters on every process; only DDP / single-device runs are supported.
+                raise HfCftError(
+                    f"MergeTune's {self.family} family does not support FSDP or DeepSpeed (the path loss runs the model "
+                    "at interpolated full weights); use DDP or a single device."
+                )
+            self._logits_fn = ClassLogits(self.clip_model)  # references the model: functional_call runs it
+            if self.family == "lora":
+                self.weight_space = LoraWeightSpace(self.clip_model)
+                self._lora_finetuned(finetuned)
+            else:
+                self.weight_space = FullWeightSpace(self.clip_model, zero_shot)
+                self.weight_space.attach_finetuned(finetuned)
+            if self.anchor_kind == "fisher":
+                self._estimate_weight_fisher(fisher_data)
+            self.weight_space.initialise(args.tau)
+            return
         self._zero_shot_anchor(device)
         self._finetuned_anchor(finetuned, device)
         self._initialise(args.tau)
-        self.fisher_info: dict = {}
         if self.anchor_kind == "fisher":
-            self._estimate_fisher(fisher_dataset if fisher_dataset is not None else train_dataset)
+            self._estimate_fisher(fisher_data)
+
+    def _detect_family(self) -> str:
+        if self.model.mode in ("coop", "head"):
+            return self.model.mode
+        from peft import PeftModel
+
+        if isinstance(self.clip_model, PeftModel):
+            cfg = self.clip_model.peft_config[self.clip_model.active_adapter]
+            if cfg.peft_type == "LORA":
+                return "lora"
+            raise HfCftError(
+                "MergeTuneTrainer supports CoOp, linear-head and LoRA adapters and full fine-tuning; the active "
+                f"adapter {self.clip_model.active_adapter!r} is {getattr(cfg.peft_type, 'value', cfg.peft_type)!r}."
+            )
+        return "full"
+
+    def held_anchor_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the trainer holds for ŵ1 and ŵ2 (and nothing else): for weight space only the continued
+        model's trainable keys, so their size shows that no model copy is kept."""
+        if self.family in ("lora", "full"):
+            return self.weight_space.held_tensors()
+        names = ("text_zs", "text_ft", "ctx_ft", "w_zs", "b_zs", "w_ft", "b_ft")
+        return {n: getattr(self, n) for n in names if isinstance(getattr(self, n, None), torch.Tensor)}
 
     # ------------------------------------------------------------------------------------------------ anchors
 
@@ -108,10 +182,11 @@ class MergeTuneTrainer(ClipClassificationTrainer):
 
     def _check_compatible(self, cfg_ft, where: str):
         cfg = self.clip_model.peft_config[self.clip_model.active_adapter]
-        if str(cfg_ft.peft_type) != str(cfg.peft_type):
+        kind_ft, kind = (getattr(c.peft_type, "value", c.peft_type) for c in (cfg_ft, cfg))
+        if str(kind_ft) != str(kind):
             raise AdapterError(
-                f"the fine-tuned solution ({where}) is a {cfg_ft.peft_type} adapter but the continued model is "
-                f"{cfg.peft_type}: MergeTune needs both of the same method type."
+                f"the fine-tuned solution ({where}) is a {kind_ft} adapter but the continued model is {kind}: "
+                "MergeTune needs both of the same method type."
             )
         a, b = cfg.base_model_name_or_path, cfg_ft.base_model_name_or_path
         if a and b and a != b:
@@ -128,7 +203,10 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         from peft import PeftConfig, PeftModel
 
         continued = self.clip_model.active_adapter
-        if isinstance(finetuned, (str, Path)):
+        if self._is_loaded_adapter(finetuned):
+            owner, name = self.clip_model, finetuned
+            self._check_compatible(self.clip_model.peft_config[name], f"adapter {name!r}")
+        elif isinstance(finetuned, (str, Path)):
             path = Path(finetuned)
             if path.is_dir() and not (path / "adapter_config.json").is_file():
                 raise AdapterError(f"{str(path)!r} holds no adapter (no adapter_config.json).")
@@ -228,6 +306,125 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             "labels": self.args.fisher_labels,
         }
 
+    # ------------------------------------------------------------------------------------------------ weight space
+
+    def _is_loaded_adapter(self, finetuned) -> bool:
+        """``finetuned`` names an adapter already loaded in the continued model (and is not a folder)."""
+        cfg = getattr(self.clip_model, "peft_config", {})
+        if not isinstance(finetuned, str) or finetuned not in cfg or Path(finetuned).is_dir():
+            return False
+        if finetuned == self.clip_model.active_adapter:
+            raise AdapterError(
+                f"the fine-tuned adapter {finetuned!r} is the continued (active) adapter: it would move with w."
+            )
+        return True
+
+    def _lora_finetuned(self, finetuned) -> None:
+        """ŵ2 for LoRA: factors read from a folder (loaded temporarily under a private name, then deleted), an
+        adapter loaded in the same model, or another ``PeftModel``."""
+        from peft import PeftConfig, PeftModel
+
+        model, continued = self.clip_model, self.clip_model.active_adapter
+        if self._is_loaded_adapter(finetuned):
+            self._check_compatible(model.peft_config[finetuned], f"adapter {finetuned!r}")
+            self.weight_space.attach_finetuned(model, finetuned, f"adapter {finetuned!r}")
+        elif isinstance(finetuned, (str, Path)):
+            path = Path(finetuned)
+            if not (path / "adapter_config.json").is_file():
+                if path.is_dir() and _is_weights_folder(path):
+                    raise AdapterError(
+                        f"{str(path)!r} holds a full model but the continued model is a LoRA adapter: MergeTune "
+                        "needs both of the same method type."
+                    )
+                raise AdapterError(f"{str(path)!r} holds no adapter (no adapter_config.json).")
+            try:
+                cfg_ft = PeftConfig.from_pretrained(str(path))
+            except Exception as exc:  # noqa: BLE001 - a clear error for a broken adapter
+                raise AdapterError(f"cannot read a fine-tuned adapter from {str(path)!r}: {exc}") from exc
+            self._check_compatible(cfg_ft, str(path))
+            try:
+                try:
+                    model.load_adapter(str(path), adapter_name=_FT_ADAPTER)
+                except Exception as exc:  # noqa: BLE001 - e.g. size mismatch: another base model
+                    raise AdapterError(
+                        f"cannot load the fine-tuned adapter {str(path)!r} into the continued model (another base "
+                        f"model?): {exc}"
+                    ) from exc
+                self.weight_space.attach_finetuned(model, _FT_ADAPTER, str(path))
+            finally:
+                if _FT_ADAPTER in model.peft_config:
+                    model.delete_adapter(_FT_ADAPTER)
+                model.set_adapter(continued)  # only the continued adapter is trainable
+        elif isinstance(finetuned, PeftModel):
+            if finetuned is model:
+                raise AdapterError(
+                    "the fine-tuned PeftModel is the continued model; pass the name of its fine-tuned adapter instead."
+                )
+            self._check_compatible(finetuned.peft_config[finetuned.active_adapter], "the given PeftModel")
+            self.weight_space.attach_finetuned(finetuned, finetuned.active_adapter, "the given PeftModel")
+        elif isinstance(finetuned, nn.Module):
+            raise AdapterError(
+                f"the fine-tuned solution is a full model ({type(finetuned).__name__}) but the continued model is a "
+                "LoRA adapter: MergeTune needs both of the same method type."
+            )
+        else:
+            raise AdapterError(
+                "finetuned must be an adapter folder, a loaded adapter name or a PeftModel, got "
+                f"{type(finetuned).__name__}"
+            )
+
+    def _estimate_weight_fisher(self, dataset) -> None:
+        """Diagonal Fisher at ŵ1 over the continued coordinates (ΔW entries for LoRA), from per-example gradients
+        on the downstream images (labels unused; eval mode, eval templates); normalised to mean 1 plus damping.
+        Its cost is kept in ``fisher_info``."""
+        from torch.utils.data import DataLoader
+
+        if dataset is None:
+            raise HfCftError("anchor='fisher' needs images: pass fisher_dataset (or train_dataset)")
+        t0 = time.perf_counter()
+        if self.args.fisher_max_images and len(dataset) > self.args.fisher_max_images:
+            dataset = dataset.select(range(self.args.fisher_max_images))
+        loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator)
+        was_training = self.clip_model.training
+        self.clip_model.eval()
+        try:
+            coords, fixed, keys = self.weight_space.fisher_coordinates()
+            raw, count = estimate_weight_fisher(
+                self._logits_fn,
+                coords,
+                fixed,
+                (batch["pixel_values"].to(self.args.device) for batch in loader),
+                self._text_inputs(train=False),
+                self.weight_space.towers,
+                labels=self.args.fisher_labels,
+                generator=self._gen,
+                chunk_size=self.args.fisher_chunk_size,
+            )
+        finally:
+            self.clip_model.train(was_training)
+        names = list(raw)
+        self.fisher = dict(
+            zip((keys[n] for n in names), normalize_fisher([raw[n] for n in names], self.args.fisher_damping))
+        )
+        self.fisher_info = {
+            "images": count,
+            "seconds": time.perf_counter() - t0,
+            "labels": self.args.fisher_labels,
+            "parameters": int(sum(f.numel() for f in self.fisher.values())),
+        }
+
+    def _weight_space_path(self, pixel_values, image, text, text_inputs, labels, alphas) -> torch.Tensor:
+        """(1/N)·Σ_k CE at the interpolated weights, one ``functional_call`` per α; towers that hold no part of w
+        reuse the task forward's features (``image``, ``text``)."""
+        kw = {}
+        kw.update({"pixel_values": pixel_values} if "vision" in self.weight_space.towers else {"image": image})
+        kw.update(text_inputs if "text" in self.weight_space.towers else {"text": text})
+        losses = []
+        for a in alphas:
+            params = {f"model.{k}": v for k, v in self.weight_space.path_params(float(a)).items()}
+            losses.append(F.cross_entropy(functional_call(self._logits_fn, params, (), kw).float(), labels))
+        return torch.stack(losses).mean()
+
     # ------------------------------------------------------------------------------------------------ loss
 
     def _alphas(self) -> torch.Tensor:
@@ -235,12 +432,18 @@ class MergeTuneTrainer(ClipClassificationTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
-        parts = model(
-            pixel_values=inputs["pixel_values"], **self._text_inputs(train=model.training), return_parts=True
-        )
+        text_inputs = self._text_inputs(train=model.training)
+        parts = model(pixel_values=inputs["pixel_values"], **text_inputs, return_parts=True)
         img = parts["image"].float()
         alphas = self._alphas()
-        if self.family == "coop":
+        if self.family in ("lora", "full"):
+            text = parts["text"].float()
+            logits = parts["scale"].float() * img @ text.t()
+            anchor = self.weight_space.anchor(self.anchor_kind, getattr(self, "fisher", None))
+            path = self._weight_space_path(
+                inputs["pixel_values"], parts["image"], parts["text"], text_inputs, labels, alphas
+            )
+        elif self.family == "coop":
             text = parts["text"].float()
             scale = parts["scale"].float()
             logits = scale * img @ text.t()

@@ -1,0 +1,569 @@
+"""MergeTune in weight space (LoRA, full fine-tuning): each loss term against a model whose weights were set by
+hand, the Fisher against per-example autograd, no model copies, tower reuse, training, bad inputs."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from tests_helpers import colour_dataset, trainer_kwargs
+
+from hf_cft import VPTConfig
+from hf_cft.errors import AdapterError, BundleError, DeltaError, HfCftError, NonFiniteError
+from hf_cft.models import image_features, text_features
+from hf_cft.testing import tiny_clip
+from hf_cft.trainers import MergeTuneConfig, MergeTuneConfigError, MergeTuneTrainer
+from hf_cft.trainers.mergetune_losses import normalize_fisher
+
+CLASSES = ["cat", "dog", "sea lion"]
+TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
+BOTH = ["q_proj", "v_proj"]
+TEXT_ONLY = r".*text_model.*\.(q_proj|v_proj)"
+VISION_ONLY = r".*vision_model.*\.(q_proj|v_proj)"
+
+
+def _args(tmp_path, **kw):
+    return MergeTuneConfig(**trainer_kwargs(tmp_path, **{"max_steps": 2, **kw}))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return colour_dataset(12)
+
+
+def _lora(targets=BOTH, r=2, lora_alpha=4, seed=None, **kw):
+    model = get_peft_model(tiny_clip(), LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, **kw))
+    if seed is not None:  # a "fine-tuned" adapter: random non-zero factors
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def _lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+
+
+def _delta(layer, adapter="default"):
+    return layer.scaling[adapter] * layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight
+
+
+def _perturb(params, seed, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _full_ft(seed=5, scale=0.05, prefixes=("vision_model", "visual_projection", "text_model", "text_projection")):
+    model = tiny_clip()
+    _perturb([p for n, p in model.named_parameters() if n.startswith(prefixes)], seed, scale)
+    return model
+
+
+@pytest.fixture
+def count_models(monkeypatch):
+    """Counts transformers models built while the test runs (a model copy would build one)."""
+    from transformers import PreTrainedModel
+
+    built = []
+    init = PreTrainedModel.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(type(self).__name__)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "__init__", counting)
+    return built
+
+
+def _hand_ce(hand_model, trainer, batch):
+    """CE of a plain CLIP (weights set by hand) on the trainer's training text inputs."""
+    ti = trainer._text_inputs(train=True)
+    with torch.no_grad():
+        img = image_features(hand_model, batch["pixel_values"])
+        txt = text_features(hand_model, ti["input_ids"], ti["attention_mask"])
+        s = hand_model.logit_scale.exp()
+        return F.cross_entropy(s * img @ txt.t(), batch["labels"])
+
+
+def _loss_parts(trainer, batch):
+    trainer.model.train()
+    trainer._metric_sums["train"] = {}
+    loss = trainer.compute_loss(trainer.model, batch)
+    parts = {k: v[-1] for k, v in trainer._metric_sums["train"].items()}
+    return loss, parts
+
+
+def _build(model, tmp_path, finetuned, data, tok, **kw):
+    extra = {k: kw.pop(k) for k in ("zero_shot", "fisher_dataset") if k in kw}
+    return MergeTuneTrainer(
+        model,
+        _args(tmp_path, **kw),
+        CLASSES,
+        TEMPLATES,
+        tok,
+        finetuned=finetuned,
+        train_dataset=data,
+        **extra,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+
+
+def test_lora_tau_init_and_loss_terms_match_hand_weights(toy_tokenizer, tmp_path, data):
+    """ΔW0 = τ·ΔW2 (different lora_alpha: the scaling ratio is folded in); then, at an arbitrary w, the task,
+    sq-L2 anchor and path terms equal CE / Σ‖ΔW‖² of plain CLIPs whose weights were set to W0 + ΔW and to
+    W0 + ΔW2 + α(ΔW − ΔW2)."""
+    ft = _lora(lora_alpha=2, seed=1)
+    ft.save_pretrained(tmp_path / "ft")
+    model = _lora(lora_alpha=4)
+    trainer = _build(model, tmp_path, tmp_path / "ft", data, toy_tokenizer, tau=0.4, num_alphas=2)
+    cont, fine = _lora_layers(model), _lora_layers(ft)
+    assert set(cont) == set(fine) and len(cont) == 8
+    for name, layer in cont.items():
+        torch.testing.assert_close(_delta(layer), 0.4 * _delta(fine[name]), atol=1e-6, rtol=1e-5)
+    _perturb([p for p in model.parameters() if p.requires_grad], seed=7, scale=0.3)
+
+    batch = trainer.data_collator([data[i] for i in range(6)])
+    loss, parts = _loss_parts(trainer, batch)
+    with torch.no_grad():
+        deltas = {n: _delta(layer) for n, layer in cont.items()}
+        deltas_ft = {n: _delta(layer) for n, layer in fine.items()}
+
+    def hand(alpha):  # weights W0 + ΔW2 + α(ΔW − ΔW2) on a fresh base model
+        m = tiny_clip()
+        with torch.no_grad():
+            for n, d in deltas.items():
+                m.get_submodule(n).weight.add_(deltas_ft[n] + alpha * (d - deltas_ft[n]))
+        return m
+
+    task = _hand_ce(hand(1.0), trainer, batch)
+    path = (_hand_ce(hand(0.25), trainer, batch) + _hand_ce(hand(0.75), trainer, batch)) / 2
+    anchor = sum((d**2).sum() for d in deltas.values())
+    assert parts["loss_task"] == pytest.approx(float(task), rel=1e-5, abs=1e-6)
+    assert parts["loss_path"] == pytest.approx(float(path), rel=1e-5, abs=1e-6)
+    assert parts["loss_anchor"] == pytest.approx(float(anchor), rel=1e-5)
+    torch.testing.assert_close(loss, task + 8.0 * anchor + 0.5 * path, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_path_gradient_reaches_factors_scaled_by_alpha(toy_tokenizer, tmp_path, data):
+    """With λ = 0 and the task weight removed, d(path)/dB equals the hand gradient of the interpolated model."""
+    _lora(seed=1).save_pretrained(tmp_path / "ft")
+    model = _lora(targets=TEXT_ONLY)
+    with pytest.raises(AdapterError, match="other modules"):  # the fine-tuned adapter also adapts the vision tower
+        _build(model, tmp_path, tmp_path / "ft", data, toy_tokenizer)
+    _lora(targets=TEXT_ONLY, seed=1).save_pretrained(tmp_path / "ft_text")
+    trainer = _build(model, tmp_path, tmp_path / "ft_text", data, toy_tokenizer, num_alphas=1, tau=1.0)
+    batch = trainer.data_collator([data[i] for i in range(6)])
+    img = image_features(model, batch["pixel_values"]).detach()
+    ti = trainer._text_inputs(train=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    path = trainer._weight_space_path(batch["pixel_values"], img, None, ti, batch["labels"], torch.tensor([0.5]))
+    got = torch.autograd.grad(path, params)
+    # hand: at τ = 1 and α = 0.5 the weights are W0 + ΔW2 + 0.5·(ΔW − ΔW2) = W0 + ΔW when ΔW = ΔW2, and the
+    # gradient reaching the continued factors is 0.5 × the plain LoRA gradient
+    txt = text_features(model, ti["input_ids"], ti["attention_mask"])
+    plain = F.cross_entropy(model.get_base_model().logit_scale.exp() * img @ txt.t(), batch["labels"])
+    want = torch.autograd.grad(plain, params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, 0.5 * w, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "targets, n_alphas, image_runs, text_runs",
+    [(TEXT_ONLY, 3, 1, 1 + 3), (VISION_ONLY, 3, 1 + 3, 0), (BOTH, 3, 1 + 3, 1 + 3)],
+)
+def test_towers_outside_w_are_computed_once(toy_tokenizer, tmp_path, data, targets, n_alphas, image_runs, text_runs):
+    """Text-only LoRA: one image-tower forward per batch, reused by every α; vision-only: the (frozen) class
+    text features are not recomputed at all after the first step."""
+    _lora(targets=targets, seed=1).save_pretrained(tmp_path / "ft")
+    model = _lora(targets=targets)
+    trainer = _build(model, tmp_path, tmp_path / "ft", data, toy_tokenizer, num_alphas=n_alphas)
+    base = model.get_base_model()
+    counts = {"image": 0, "text": 0}
+    hooks = [
+        base.vision_model.register_forward_hook(lambda *_: counts.__setitem__("image", counts["image"] + 1)),
+        base.text_model.register_forward_hook(lambda *_: counts.__setitem__("text", counts["text"] + 1)),
+    ]
+    batch = trainer.data_collator([data[i] for i in range(6)])
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch)  # first step fills the frozen-text cache
+    counts.update(image=0, text=0)
+    trainer.compute_loss(trainer.model, batch).backward()
+    for h in hooks:
+        h.remove()
+    assert counts == {"image": image_runs, "text": text_runs}
+
+
+def test_lora_finetuned_as_folder_name_or_model_agree_and_nothing_is_copied(
+    toy_tokenizer, tmp_path, data, count_models
+):
+    ft = _lora(seed=1)
+    ft.save_pretrained(tmp_path / "ft")
+    model = _lora()
+    count_models.clear()
+    trainer = _build(model, tmp_path, tmp_path / "ft", data, toy_tokenizer)
+    assert count_models == []  # no model is built to read ŵ2 or to evaluate the path
+    held = trainer.held_anchor_tensors()
+    factors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(t.numel() for t in held.values()) == sum(p.numel() for p in factors.values())
+    assert {k.removeprefix("finetuned/") for k in held} == set(factors)
+    assert list(model.peft_config) == ["default"]
+    assert not any("mergetune" in n for n, _ in model.named_parameters())
+
+    # the same ŵ2 given as a PeftModel, or as an adapter loaded in the continued model
+    by_model = _build(_lora(), tmp_path, ft, data, toy_tokenizer).held_anchor_tensors()
+    named = _lora()
+    named.load_adapter(str(tmp_path / "ft"), adapter_name="ft")
+    named.set_adapter("default")
+    by_name = _build(named, tmp_path, "ft", data, toy_tokenizer).held_anchor_tensors()
+    assert list(named.peft_config) == ["default", "ft"]  # the user's adapter is kept
+    assert not any(p.requires_grad for n, p in named.named_parameters() if ".ft." in n)
+    for k, v in held.items():
+        torch.testing.assert_close(by_model[k], v)
+        torch.testing.assert_close(by_name[k], v)
+
+
+@pytest.mark.parametrize("targets", [TEXT_ONLY, VISION_ONLY], ids=["text", "vision"])
+def test_lora_fisher_matches_per_example_autograd(targets, toy_tokenizer, tmp_path, data):
+    """F over ΔW entries = E_x[(∂ log p_ŵ1(ŷ|x)/∂W)²] at the base model (argmax ŷ, eval templates), by a loop of
+    per-example backward passes; normalised to mean 1 + damping; the anchor is Σ F ⊙ ΔW²."""
+    _lora(targets=targets, seed=1).save_pretrained(tmp_path / "ft")
+    model = _lora(targets=targets)
+    trainer = _build(
+        model,
+        tmp_path,
+        tmp_path / "ft",
+        data,
+        toy_tokenizer,
+        anchor="fisher",
+        fisher_labels="argmax",
+        fisher_max_images=4,
+    )
+    assert trainer.fisher_info["images"] == 4 and trainer.fisher_info["seconds"] >= 0
+    base = tiny_clip()
+    ti = trainer._text_inputs(train=False)
+    names = list(_lora_layers(model))
+    weights = [base.get_submodule(n).weight for n in names]
+    batch = trainer.data_collator([data[i] for i in range(4)])
+    hand = [torch.zeros_like(w) for w in weights]
+    for i in range(4):
+        img = image_features(base, batch["pixel_values"][i : i + 1])
+        txt = text_features(base, ti["input_ids"], ti["attention_mask"])
+        txt = F.normalize(txt.view(3, 2, -1).mean(1), dim=-1)
+        logp = torch.log_softmax(base.logit_scale.exp() * img @ txt.t(), -1)[0]
+        for h, g in zip(hand, torch.autograd.grad(logp[logp.argmax()], weights)):
+            h += g**2 / 4
+    hand = normalize_fisher(hand, 1e-3)
+    for n, h in zip(names, hand):
+        torch.testing.assert_close(trainer.fisher[n], h, atol=1e-6, rtol=1e-4)
+    batch = trainer.data_collator([data[i] for i in range(6)])
+    _, parts = _loss_parts(trainer, batch)
+    layers = _lora_layers(model)
+    want = sum((trainer.fisher[n] * _delta(layers[n]) ** 2).sum() for n in names)
+    assert parts["loss_anchor"] == pytest.approx(float(want.detach()), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ full FT
+
+
+def test_full_tau_init_and_loss_terms_match_hand_weights(toy_tokenizer, tmp_path, data):
+    ft = _full_ft()
+    ft.save_pretrained(tmp_path / "ft")
+    model = tiny_clip()
+    w1 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    w2 = dict(ft.named_parameters())
+    trainer = _build(model, tmp_path, tmp_path / "ft", data, toy_tokenizer, tau=0.3, num_alphas=2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "logit_scale" not in trainable and len(trainable) > 50
+    for n, p in model.named_parameters():
+        want = 0.7 * w1[n] + 0.3 * w2[n] if n in trainable else w1[n]
+        torch.testing.assert_close(p.detach(), want, atol=1e-6, rtol=1e-5)
+    _perturb([p for p in model.parameters() if p.requires_grad], seed=9)
+
+    batch = trainer.data_collator([data[i] for i in range(6)])
+    loss, parts = _loss_parts(trainer, batch)
+    w = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def hand(alpha):
+        m = tiny_clip()
+        m.load_state_dict({n: w2[n] + alpha * (w[n] - w2[n]) if n in trainable else w[n] for n in w}, strict=False)
+        return m
+
+    task = _hand_ce(hand(1.0), trainer, batch)
+    path = (_hand_ce(hand(0.25), trainer, batch) + _hand_ce(hand(0.75), trainer, batch)) / 2
+    anchor = sum(((w[n] - w1[n]) ** 2).sum() for n in trainable)
+    assert parts["loss_task"] == pytest.approx(float(task), rel=1e-5, abs=1e-6)
+    assert parts["loss_path"] == pytest.approx(float(path), rel=1e-5, abs=1e-6)
+    assert parts["loss_anchor"] == pytest.approx(float(anchor), rel=1e-5)
+    torch.testing.assert_close(loss, task + 8.0 * anchor + 0.5 * path, atol=1e-5, rtol=1e-5)
+
+
+def test_full_holds_only_trainable_keys_and_frozen_text_is_reused(toy_tokenizer, tmp_path, data, count_models):
+    """Text tower frozen (the spec's E2E-FT: image encoder fine-tuned): ŵ1/ŵ2 tensors only for the vision keys,
+    no model built from the folder, and the path never re-runs the text tower."""
+    _full_ft(prefixes=("vision_model", "visual_projection")).save_pretrained(tmp_path / "ft")
+    model = tiny_clip()
+    for n, p in model.named_parameters():
+        p.requires_grad_(not n.startswith(("text_model", "text_projection")))
+    count_models.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ŵ2's text tower is the base's: no frozen-mismatch warning
+        trainer = _build(model, tmp_path, tmp_path / "ft", data, toy_tokenizer, num_alphas=2)
+    assert count_models == []
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    held = trainer.held_anchor_tensors()
+    assert sum(t.numel() for t in held.values()) == 2 * sum(p.numel() for p in trainable.values())
+    assert {k.split("/", 1)[1] for k in held} == set(trainable)
+    assert trainer.weight_space.towers == {"vision"}
+    counts = {"text": 0}
+    hook = model.text_model.register_forward_hook(lambda *_: counts.__setitem__("text", counts["text"] + 1))
+    batch = trainer.data_collator([data[i] for i in range(6)])
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch)
+    trainer.compute_loss(trainer.model, batch)
+    hook.remove()
+    assert counts["text"] == 1  # the first task forward only
+
+
+def test_full_fisher_expected_matches_autograd_and_anchor(toy_tokenizer, tmp_path, data):
+    ft = _full_ft(prefixes=("visual_projection", "text_projection"))
+    model = tiny_clip()
+    for n, p in model.named_parameters():  # keep the check small: fine-tune the projections only
+        p.requires_grad_(n in ("visual_projection.weight", "text_projection.weight"))
+    trainer = _build(
+        model, tmp_path, ft, data, toy_tokenizer, anchor="fisher", fisher_labels="expected", fisher_max_images=3
+    )
+    base = tiny_clip()
+    ti = trainer._text_inputs(train=False)
+    names = ["visual_projection.weight", "text_projection.weight"]
+    weights = [base.get_parameter(n) for n in names]
+    batch = trainer.data_collator([data[i] for i in range(3)])
+    hand = [torch.zeros_like(w) for w in weights]
+    for i in range(3):
+        img = image_features(base, batch["pixel_values"][i : i + 1])
+        txt = F.normalize(text_features(base, ti["input_ids"], ti["attention_mask"]).view(3, 2, -1).mean(1), dim=-1)
+        logp = torch.log_softmax(base.logit_scale.exp() * img @ txt.t(), -1)[0]
+        for c in range(3):
+            grads = torch.autograd.grad(logp[c], weights, retain_graph=True)
+            for h, g in zip(hand, grads):
+                h += logp[c].exp().detach() * g**2 / 3
+    for n, h in zip(names, normalize_fisher(hand, 1e-3)):
+        torch.testing.assert_close(trainer.fisher[n], h, atol=1e-6, rtol=1e-4)
+    _, parts = _loss_parts(trainer, trainer.data_collator([data[i] for i in range(6)]))
+    want = sum((trainer.fisher[n] * (model.get_parameter(n) - base.get_parameter(n)) ** 2).sum() for n in names)
+    assert parts["loss_anchor"] == pytest.approx(float(want.detach()), rel=1e-5)
+
+
+def test_full_trainable_logit_scale_is_part_of_w(toy_tokenizer, tmp_path, data):
+    """With ``freeze_logit_scale=False`` and only the scale trainable, the path runs at the interpolated scale
+    and reuses both towers' features."""
+    model = tiny_clip()
+    model.requires_grad_(False)
+    model.logit_scale.requires_grad_(True)
+    ft = tiny_clip()
+    with torch.no_grad():
+        ft.logit_scale.add_(0.5)
+    trainer = _build(model, tmp_path, ft, data, toy_tokenizer, freeze_logit_scale=False, num_alphas=1, tau=0.0)
+    assert trainer.weight_space.towers == set() and list(trainer.weight_space.params) == ["logit_scale"]
+    with torch.no_grad():
+        model.logit_scale.add_(0.2)  # w − ŵ1 = 0.2
+    batch = trainer.data_collator([data[i] for i in range(6)])
+    _, parts = _loss_parts(trainer, batch)
+    hand = tiny_clip()
+    with torch.no_grad():
+        hand.logit_scale.add_(0.5 + 0.5 * (0.2 - 0.5))  # ŵ2 + α(w − ŵ2) at α = 0.5
+    assert parts["loss_path"] == pytest.approx(float(_hand_ce(hand, trainer, batch)), rel=1e-5)
+    assert parts["loss_anchor"] == pytest.approx(0.04, rel=1e-4)
+
+
+def test_full_zero_shot_argument_and_frozen_mismatch_warning(toy_tokenizer, tmp_path, data):
+    """ŵ1 may come from another model when ``model`` starts elsewhere; a ŵ2 that differs on frozen tensors warns."""
+    ft = _full_ft()
+    start = _full_ft(seed=11)
+    for n, p in start.named_parameters():
+        p.requires_grad_(n.startswith("vision_model"))
+    with pytest.warns(UserWarning, match="frozen tensor"):
+        trainer = _build(start, tmp_path, ft, data, toy_tokenizer, zero_shot=tiny_clip(), tau=0.0)
+    zs = tiny_clip()
+    for n, p in start.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), zs.get_parameter(n))
+    assert all(k.split("/", 1)[1].startswith("vision_model") for k in trainer.held_anchor_tensors())
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+@pytest.mark.parametrize("family", ["lora", "full"])
+def test_training_reduces_the_total_loss(family, toy_tokenizer, tmp_path, data):
+    extra = {}
+    if family == "lora":
+        _lora(targets=TEXT_ONLY, seed=1).save_pretrained(tmp_path / "ft")
+        model, finetuned = _lora(targets=TEXT_ONLY), tmp_path / "ft"
+        lr = 0.02
+    else:  # with the Fisher anchor (sampled labels, the default)
+        extra = {"anchor": "fisher", "fisher_max_images": 6}
+        model = tiny_clip()
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith("text_model.encoder.layers.1") or n == "text_projection.weight")
+        finetuned, lr = _full_ft(scale=0.2, prefixes=("text_model.encoder.layers.1", "text_projection")), 0.05
+    trainer = _build(
+        model,
+        tmp_path,
+        finetuned,
+        data,
+        toy_tokenizer,
+        num_alphas=2,
+        tau=0.5,
+        max_steps=4,
+        learning_rate=lr,
+        anchor_weight=0.1,
+        per_device_train_batch_size=12,
+        **extra,
+    )
+    if extra:
+        assert trainer.fisher_info["images"] == 6 and trainer.fisher_info["labels"] == "sample"
+        assert all(torch.isfinite(f).all() and (f >= 1e-3).all() for f in trainer.fisher.values())
+    batch = trainer.data_collator([data[i] for i in range(12)])
+    with torch.no_grad():
+        before, _ = _loss_parts(trainer, batch)
+    trainer.train()
+    with torch.no_grad():
+        after, _ = _loss_parts(trainer, batch)
+    assert after < before
+    if family == "lora":  # evaluation runs the same terms without a graph (all templates)
+        metrics = trainer.evaluate(data)
+        assert {"eval_loss", "eval_loss_path", "eval_loss_anchor", "eval_accuracy"} <= set(metrics)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all({"train_loss_task", "train_loss_anchor", "train_loss_path"} <= set(h) for h in logs)
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+
+
+def _saved(tmp_path, name, model):
+    model.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+def _nan_lora():
+    bad = _lora(seed=1)
+    with torch.no_grad():
+        next(p for p in bad.parameters() if p.requires_grad)[0, 0] = float("nan")
+    return bad
+
+
+def _inf_full():
+    bad = tiny_clip()
+    with torch.no_grad():
+        bad.visual_projection.weight[0, 0] = float("inf")
+    return bad
+
+
+def _frozen():
+    model = tiny_clip()
+    model.requires_grad_(False)
+    return model
+
+
+def _ok(tmp_path):
+    return _saved(tmp_path, "ok", _lora(seed=1))
+
+
+def _two_active():
+    model = _lora()
+    model.add_adapter("other", LoraConfig(r=2, target_modules=BOTH))
+    model.base_model.set_adapter(["default", "other"])
+    return model
+
+
+_SAME = object()  # the continued model itself
+
+BAD_LORA = {
+    "full folder": (_lora, lambda t: _saved(t, "full", _full_ft()), {}, AdapterError, "same method type"),
+    "full model": (_lora, lambda t: tiny_clip(), {}, AdapterError, "same method type"),
+    "vpt folder": (
+        _lora,
+        lambda t: _saved(t, "vpt", get_peft_model(tiny_clip(), VPTConfig(n_tokens=2))),
+        {},
+        AdapterError,
+        "same method type",
+    ),
+    "empty folder": (_lora, lambda t: (t / "empty").mkdir() or t / "empty", {}, AdapterError, "no adapter"),
+    "rank": (_lora, lambda t: _saved(t, "r4", _lora(r=4, seed=1)), {}, AdapterError, "rank"),
+    "targets": (_lora, lambda t: _saved(t, "q", _lora(targets=["q_proj"], seed=1)), {}, AdapterError, "other modules"),
+    "other base": (
+        _lora,
+        lambda t: _saved(t, "other_base", get_peft_model(tiny_clip(hidden_size=16), LoraConfig(target_modules=BOTH))),
+        {},
+        AdapterError,
+        "other_base",
+    ),
+    "dora": (lambda: _lora(use_dora=True), _ok, {}, AdapterError, "variant"),
+    "modules_to_save": (
+        lambda: _lora(modules_to_save=["visual_projection"]),
+        _ok,
+        {},
+        AdapterError,
+        "besides its LoRA factors",
+    ),
+    "active adapter name": (_lora, lambda t: "default", {}, AdapterError, "continued"),
+    "two active adapters": (_two_active, _ok, {}, AdapterError, "several active adapters"),
+    "same PeftModel": (_lora, lambda t: _SAME, {}, AdapterError, "continued model"),
+    "nan": (_lora, lambda t: _nan_lora(), {}, NonFiniteError, "lora_A"),
+    "vpt continued": (
+        lambda: get_peft_model(tiny_clip(), VPTConfig(n_tokens=2)),
+        _ok,
+        {},
+        HfCftError,
+        "supports CoOp",
+    ),
+    "zero_shot for lora": (_lora, _ok, {"zero_shot": tiny_clip()}, HfCftError, "zero_shot"),
+    "cosine anchor": (_lora, _ok, {"anchor": "cosine"}, MergeTuneConfigError, "cosine"),
+}
+
+BAD_FULL = {
+    "lora folder": (tiny_clip, _ok, {}, AdapterError, "same method type"),
+    "lora model": (tiny_clip, lambda t: _lora(seed=1), {}, AdapterError, "same method type"),
+    "empty folder": (tiny_clip, lambda t: (t / "empty").mkdir() or t / "empty", {}, BundleError, "no safetensors"),
+    "shape": (
+        tiny_clip,
+        lambda t: _saved(t, "proj8", tiny_clip(projection_dim=8)),
+        {},
+        DeltaError,
+        "visual_projection.weight",
+    ),
+    "missing key": (
+        tiny_clip,
+        lambda t: tiny_clip(num_layers=1),
+        {},
+        DeltaError,
+        "has no tensor 'text_model.encoder.layers.1",
+    ),
+    "same model": (tiny_clip, lambda t: _SAME, {}, DeltaError, "continued model itself"),
+    "inf": (tiny_clip, lambda t: _inf_full(), {}, NonFiniteError, "visual_projection.weight"),
+    "nothing trainable": (_frozen, lambda t: tiny_clip(), {}, HfCftError, "trainable"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LORA) + [f"full: {k}" for k in BAD_FULL])
+def test_bad_inputs(case, toy_tokenizer, tmp_path, data):
+    table, key = (BAD_FULL, case[6:]) if case.startswith("full: ") else (BAD_LORA, case)
+    make_model, make_finetuned, kw, error, match = table[key]
+    model = make_model()
+    finetuned = make_finetuned(tmp_path)
+    with pytest.raises(error, match=match):
+        _build(model, tmp_path, model if finetuned is _SAME else finetuned, data, toy_tokenizer, **kw)
+
+
+def test_weight_space_config_errors(tmp_path):
+    with pytest.raises(MergeTuneConfigError, match="fisher_chunk_size"):
+        _args(tmp_path, fisher_chunk_size=0)
