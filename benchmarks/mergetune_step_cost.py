@@ -83,6 +83,9 @@ def main(argv=None):
         "pixel_values": torch.randn(a.batch, 3, size, size, generator=g),
         "labels": torch.randint(0, a.classes, (a.batch,), generator=g),
     }
+    device = t_mt.args.device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    cuda = device.type == "cuda"
     params = [q for q in coop.parameters() if q.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3)
     inputs = t_coop._text_inputs(train=True)
@@ -104,15 +107,22 @@ def main(argv=None):
         "naive_mergetune": naive_step,
     }
     times = {k: [] for k in steps}
+    peak = dict.fromkeys(steps, 0)
     t_coop.model.train()
     t_mt.model.train()
     for r in range(a.repeats + 1):
         for name, fn in steps.items():
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             loss = fn()
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if cuda:
+                torch.cuda.synchronize()
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
             if r:  # first round is warm-up
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -125,27 +135,30 @@ def main(argv=None):
         "median_seconds": med,
         "ratio_mergetune_vs_coop": med["mergetune"] / med["coop"],
         "ratio_naive_vs_coop": med["naive_mergetune"] / med["coop"],
+        "peak_gpu_memory_mib": {k: v / 2**20 for k, v in peak.items()} if cuda else None,
         "machine": {
             "platform": platform.platform(),
             "cuda": torch.cuda.is_available(),
+            "gpu": torch.cuda.get_device_name() if cuda else None,
             "threads": torch.get_num_threads(),
         },
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    stem = "mergetune_step_cost" + ("-small" if a.shape == "small" else "")
+    stem = "mergetune_step_cost" + ("-small" if a.shape == "small" else "") + ("-gpu" if cuda else "")
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# MergeTune step cost ({a.shape}, batch {a.batch}, {a.classes} classes, N_α = 5)",
         "",
         f"Measured in one run on {result['machine']['platform']} ({result['machine']['threads']} threads, "
-        f"{'GPU' if result['machine']['cuda'] else 'no GPU'}), medians of {a.repeats} repetitions.",
+        f"{result['machine']['gpu'] or 'no GPU'}), medians of {a.repeats} repetitions.",
         "",
-        "| step | median (s) | × CoOp step |",
-        "|---|---|---|",
+        "| step | median (s) | × CoOp step | peak GPU memory (MiB) |",
+        "|---|---|---|---|",
     ]
     for k in steps:
-        lines.append(f"| {k} | {med[k]:.3f} | {med[k] / med['coop']:.2f} |")
+        mem = f"{peak[k] / 2**20:.0f}" if cuda else "n/a (CPU)"
+        lines.append(f"| {k} | {med[k]:.4f} | {med[k] / med['coop']:.2f} | {mem} |")
     (a.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     import shutil
 

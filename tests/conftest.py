@@ -10,6 +10,10 @@ import torch  # noqa: E402
 
 from hf_cft.testing import tiny_clip  # noqa: E402
 
+# Tiny models are dominated by per-op overhead: one intra-op thread is as fast on an idle machine and up to ~30x
+# faster on a busy 2-core one (threads spin-waiting on each other). HF_CFT_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("HF_CFT_TEST_THREADS", "1")))
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("HF_CFT_DATA_DIR", REPO.parent / "shared" / "data"))
 BPE_FILE = SHARED_DATA / "assets" / "bpe_simple_vocab_16e6.txt.gz"
