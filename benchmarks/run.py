@@ -31,6 +31,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from hf_cft.data import (  # noqa: E402
     SHARED_DATASETS,
@@ -276,13 +277,51 @@ def protocol_headroom(model, tok, size, args) -> dict:
     }
 
 
+def protocol_b2n(model, tok, size, args) -> dict:
+    import b2n
+
+    hp = {
+        "optimizer": args.coop_optimizer,
+        "lr": (args.coop_lrs or [0.002 if args.coop_optimizer == "sgd" else 0.002])[0],
+        "epochs": args.coop_epochs or (20 if args.quick else 50),
+        "batch_size": 32,
+        "lam": args.mt_lambda,
+        "beta": args.mt_beta,
+        "tau": args.mt_tau,
+    }
+    per_dataset = {}
+    for name in args.datasets or (("dtd10", "aid30", "gtsrb") if args.quick else PROTOCOL_A):
+        t0 = time.perf_counter()
+        task = load_classification_dataset(name, data_dir=args.data_dir)
+        test_f, test_y = split_features(model, task, "test", size, name, 1000 if args.quick else None)
+        train_f, train_y = split_features(model, task, "train", size, name)
+        _, down = split_per_class_indices(train_y.numpy(), 0.7, seed=0)  # the downstream pool (30%)
+        feats = {"test_f": test_f, "test_y": test_y, "down_f": train_f[down], "down_y": train_y[down]}
+        per_dataset[name] = b2n.run_dataset(
+            model, tok, task, feats, args.seeds, hp, log=lambda m: print(m, flush=True)
+        )
+        print(f"{name}: {time.perf_counter() - t0:.0f}s", flush=True)
+    summary = b2n.summarise(per_dataset)
+    summary["targets"] = b2n.targets(summary)
+    summary["hyper_parameters"] = hp
+    t = summary["targets"]
+    lines = b2n.markdown(summary) + [
+        "",
+        f"MergeTune HM > CoOp HM on {t['datasets_mt_beats_coop']} of {len(per_dataset)} datasets; average HM gain "
+        f"{t['avg_hm_gain']:+.2f}; novel loss recovered {t['novel_loss_recovered_fraction']}; base drop vs CoOp "
+        f"{t['base_drop_vs_coop']:+.2f}; beats TIES, DARE and WiSE on average HM: {t['beats_ties_dare_wise']}.",
+    ]
+    rows = {r: summary["average"][r] for r in b2n.ROWS}
+    return {**summary, "table": lines, "rows": rows, "plot": ("bars", ["base", "novel", "hm"])}
+
+
 def bt_logits(model, feats, head):
     from hf_cft.models import clip_logits
 
     return clip_logits(model, feats, head)
 
 
-PROTOCOLS = {"zeroshot": protocol_zeroshot, "headroom": protocol_headroom}
+PROTOCOLS = {"zeroshot": protocol_zeroshot, "headroom": protocol_headroom, "b2n": protocol_b2n}
 
 
 def plot(result: dict, png: Path, title: str):
@@ -318,6 +357,10 @@ def main(argv=None):
     p.add_argument("--coop_lrs", type=float, nargs="+", default=None, help="CoOp lr grid (chosen on validation)")
     p.add_argument("--coop_optimizer", choices=("sgd", "adamw"), default="sgd", help="CoOp optimiser")
     p.add_argument("--coop_n_ctx", type=int, default=None, help="CoOp context length (default: 'a photo of a' init)")
+    p.add_argument("--mt_lambda", type=float, default=8.0, help="MergeTune anchor weight (b2n)")
+    p.add_argument("--mt_beta", type=float, default=0.5, help="MergeTune path weight (b2n)")
+    p.add_argument("--mt_tau", type=float, default=0.3, help="MergeTune τ-initialisation (b2n)")
+    p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--coop_epochs", type=int, default=None, help="CoOp epochs (default 50; quick 20)")
     args = p.parse_args(argv)
     args.seeds = args.seeds or ([1] if args.quick else [1, 2, 3])
@@ -348,7 +391,7 @@ def main(argv=None):
         **{k: v for k, v in result.items() if k != "plot"},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.protocol + ("-quick" if args.quick else "")
+    stem = args.protocol + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     head = (
         f"# {args.protocol}{' (quick)' if args.quick else ''}\n\nSmall pretrained CLIP ({_tilde(ckpt)}), "

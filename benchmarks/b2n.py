@@ -1,0 +1,259 @@
+"""Protocol A (base-to-novel) of ``../shared/docs/benchmarks.md`` for MergeTune, on cached image features.
+
+Per dataset and seed: 16 training + 4 validation shots per base class (the first ⌈n/2⌉ class ids) from the
+downstream pool; base and novel classes tested separately on the test split, each in its own label space.
+
+Rows (prompt family, CoOp context ``ctx`` initialised from "a photo of a"):
+
+- ``zs_single`` / ``zs_ensemble``: zero-shot with "a photo of a {}." (the literature's reference; the CoOp prompt
+  at initialisation) and with the dataset's template ensemble;
+- ``coop``: CoOp trained on the base shots (ŵ2);
+- ``mergetune``: CoOp + MergeTune with the paper's defaults (λ = 8, β = 0.5, N = 5, τ = 0.3, cosine anchor);
+  ŵ1 = the single-template zero-shot classifier; same optimiser, learning rate and epochs as CoOp (§8);
+- ``mergetune_fisher``: the diagonal-Fisher anchor (Fisher of ŵ1's predictions on the training shots, labels
+  sampled, normalised to mean 1 + 1e-3);
+- ``mergetune_lam0`` / ``mergetune_beta0``: ablations without the anchor / without the path term;
+- ``ties`` / ``dare``: CoOp ⊕ zero-shot in context space, τ = ctx_CoOp − E("a photo of a") merged with
+  ``hf_cft.merging.ties`` (k = 0.2, λ = 1) / ``dare`` (ρ = 0.9, then task arithmetic with λ = 1);
+- ``wise``: ctx = (1 − γ)·E(p0) + γ·ctx_CoOp with γ ∈ {0, 0.1, …, 1} chosen on the base validation shots;
+- ``output_ensemble``: mean of the zero-shot and CoOp class probabilities.
+
+Every model is taken at its last epoch (like with like; the official MergeTune code picks its best validation
+epoch but CoOp's last). Average row: the HM of the averaged base and novel accuracies (mergetune.md §11).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+ROWS = (
+    "zs_single",
+    "zs_ensemble",
+    "coop",
+    "mergetune",
+    "mergetune_fisher",
+    "mergetune_lam0",
+    "mergetune_beta0",
+    "ties",
+    "dare",
+    "wise",
+    "output_ensemble",
+)
+
+
+def hm(b: float, n: float) -> float:
+    return 2 * b * n / (b + n) if b + n > 0 else 0.0
+
+
+def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == y).float().mean() * 100)
+
+
+def _subset(feats, labels, ids):
+    remap = torch.full((int(labels.max()) + 1,), -1, dtype=torch.long)
+    remap[torch.tensor(ids)] = torch.arange(len(ids))
+    keep = remap[labels] >= 0
+    return feats[keep], remap[labels[keep]]
+
+
+def _draw_shots(pool_y: torch.Tensor, n_classes: int, seed: int):
+    from hf_cft.data import few_shot_indices
+
+    with warnings.catch_warnings():  # small classes have fewer than 20 images: take them all
+        warnings.simplefilter("ignore")
+        idx = torch.as_tensor(few_shot_indices(pool_y.numpy(), 20, seed=seed, on_short="take_all"))
+    tr, va = [], []
+    for c in range(n_classes):
+        rows_c = idx[pool_y[idx] == c]
+        perm = rows_c[torch.randperm(len(rows_c), generator=torch.Generator().manual_seed(seed))]
+        tr.append(perm[:16])
+        va.append(perm[16:])
+    return torch.cat(tr), torch.cat(va)
+
+
+class _Context:
+    """One CoOp adapter on the model whose context is swapped in and out to evaluate every row."""
+
+    def __init__(self, model, tok):
+        from peft import get_peft_model
+
+        from hf_cft import CoOpConfig
+
+        self.tok = tok
+        self.peft = get_peft_model(model, CoOpConfig(ctx_init="a photo of a").set_tokenizer(tok))
+        self.param = self.peft.base_model._coop_layer().coop_ctx[self.peft.active_adapter]
+        self.e0 = self.param.detach().clone()  # E(p0): the token embeddings of "a photo of a"
+
+    def set(self, ctx: torch.Tensor):
+        with torch.no_grad():
+            self.param.copy_(ctx)
+
+    def get(self) -> torch.Tensor:
+        return self.param.detach().clone()
+
+    @torch.no_grad()
+    def heads(self, base_names, novel_names):
+        return (
+            self.peft.class_text_features(self.tok, base_names).float(),
+            self.peft.class_text_features(self.tok, novel_names).float(),
+        )
+
+    def close(self):
+        return self.peft.unload()
+
+
+def run_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print) -> dict:
+    """All rows for one dataset; ``feats`` holds test/downstream-pool features and labels."""
+    from hf_cft.data import base_novel_classes
+    from hf_cft.merging import dare, ties
+    from hf_cft.models import build_zeroshot_classifier
+    from hf_cft.models.clip import logit_scale
+    from hf_cft.trainers.feature_training import (
+        coop_context_init,
+        train_coop_on_features,
+        train_mergetune_on_features,
+    )
+    from hf_cft.trainers.mergetune_losses import classifier_fisher, normalize_fisher
+
+    base_ids, novel_ids = base_novel_classes(task.num_classes)
+    base_names = [task.classnames[i] for i in base_ids]
+    novel_names = [task.classnames[i] for i in novel_ids]
+    bt_f, bt_y = _subset(feats["test_f"], feats["test_y"], base_ids)
+    nt_f, nt_y = _subset(feats["test_f"], feats["test_y"], novel_ids)
+    pool_f, pool_y = _subset(feats["down_f"], feats["down_y"], base_ids)
+    scale = logit_scale(model).detach().float()
+    single = ["a photo of a {}."]
+    with torch.no_grad():
+        zs_b = build_zeroshot_classifier(model, tok, base_names, single).float()
+        zs_n = build_zeroshot_classifier(model, tok, novel_names, single).float()
+        ens_b = build_zeroshot_classifier(model, tok, base_names, task.templates).float()
+        ens_n = build_zeroshot_classifier(model, tok, novel_names, task.templates).float()
+
+    def evaluate(hb, hn):
+        return _acc(scale * bt_f @ hb.t(), bt_y), _acc(scale * nt_f @ hn.t(), nt_y)
+
+    out = {row: [] for row in ROWS}
+    ctx_model = _Context(model, tok)
+    try:
+        for seed in seeds:
+            t0 = time.perf_counter()
+            tr, va = _draw_shots(pool_y, len(base_ids), seed)
+            x, y = pool_f[tr], pool_y[tr]
+            out["zs_single"].append(evaluate(zs_b, zs_n))
+            out["zs_ensemble"].append(evaluate(ens_b, ens_n))
+            common = dict(epochs=hp["epochs"], lr=hp["lr"], batch_size=hp["batch_size"], optimizer=hp["optimizer"])
+            # CoOp (ŵ2)
+            ctx_model.set(ctx_model.e0)
+            train_coop_on_features(ctx_model.peft, tok, base_names, x, y, seed=seed, **common)
+            ctx_ft = ctx_model.get()
+            coop_b, coop_n = ctx_model.heads(base_names, novel_names)
+            out["coop"].append(evaluate(coop_b, coop_n))
+            # MergeTune and its variants: same data, optimiser and epochs
+            fisher = None
+            with torch.no_grad():
+                fw, _ = classifier_fisher(
+                    F.normalize(x, dim=-1),
+                    scale * F.normalize(x, dim=-1) @ zs_b.t(),
+                    float(scale),
+                    "sample",
+                    torch.Generator().manual_seed(seed),
+                )
+                fisher = normalize_fisher([fw], 1e-3)[0]
+            variants = {
+                "mergetune": dict(),
+                "mergetune_fisher": dict(anchor="fisher", fisher=fisher),
+                "mergetune_lam0": dict(anchor_weight=0.0),
+                "mergetune_beta0": dict(path_weight=0.0),
+            }
+            for row, kw in variants.items():
+                ctx_model.set(ctx_ft)
+                coop_context_init(ctx_model.peft, tok, ctx_ft, "a photo of a", tau=hp["tau"])
+                kw = {"anchor_weight": hp["lam"], "path_weight": hp["beta"], **kw}
+                train_mergetune_on_features(
+                    ctx_model.peft, tok, base_names, x, y, zs_b, coop_b, num_alphas=5, seed=seed, **common, **kw
+                )
+                out[row].append(evaluate(*ctx_model.heads(base_names, novel_names)))
+            # merges of CoOp with zero-shot in context space
+            tau_vec = {"ctx": ctx_ft - ctx_model.e0}
+            for row, merged in (
+                ("ties", ties([tau_vec], k=0.2, lam=1.0)),
+                ("dare", dare([tau_vec], rho=0.9, seed=seed, then="ta", lam=1.0)),
+            ):
+                ctx_model.set(ctx_model.e0 + merged["ctx"])
+                out[row].append(evaluate(*ctx_model.heads(base_names, novel_names)))
+            # WiSE: γ chosen on the base validation shots (ties -> the smaller γ)
+            best = None
+            for g10 in range(11):
+                gamma = g10 / 10
+                ctx_model.set((1 - gamma) * ctx_model.e0 + gamma * ctx_ft)
+                hb, hn = ctx_model.heads(base_names, novel_names)
+                val = _acc(scale * pool_f[va] @ hb.t(), pool_y[va]) if len(va) else 0.0
+                if best is None or val > best[0]:
+                    best = (val, gamma, evaluate(hb, hn))
+            out["wise"].append(best[2])
+            out.setdefault("wise_gamma", []).append(best[1])
+            # output ensemble of zero-shot and CoOp
+            pb = ((scale * bt_f @ zs_b.t()).softmax(-1) + (scale * bt_f @ coop_b.t()).softmax(-1)) / 2
+            pn = ((scale * nt_f @ zs_n.t()).softmax(-1) + (scale * nt_f @ coop_n.t()).softmax(-1)) / 2
+            out["output_ensemble"].append((_acc(pb, bt_y), _acc(pn, nt_y)))
+            log(
+                f"  {task.name} seed {seed}: "
+                + ", ".join(f"{r} {hm(*out[r][-1]):.1f}" for r in ("zs_single", "coop", "mergetune", "wise"))
+                + f" (HM; {time.perf_counter() - t0:.0f}s)"
+            )
+    finally:
+        ctx_model.close()
+    return out
+
+
+def summarise(per_dataset: dict) -> dict:
+    """Means over seeds per dataset, HM of the means, and the average row (HM of averaged B and N)."""
+    table = {}
+    for name, rows in per_dataset.items():
+        table[name] = {}
+        for row in ROWS:
+            runs = rows[row]
+            b = sum(r[0] for r in runs) / len(runs)
+            n = sum(r[1] for r in runs) / len(runs)
+            table[name][row] = {"base": b, "novel": n, "hm": hm(b, n), "runs": runs}
+    avg = {}
+    for row in ROWS:
+        b = sum(t[row]["base"] for t in table.values()) / len(table)
+        n = sum(t[row]["novel"] for t in table.values()) / len(table)
+        avg[row] = {"base": b, "novel": n, "hm": hm(b, n)}
+    return {"datasets": table, "average": avg}
+
+
+def markdown(summary: dict) -> list[str]:
+    avg, table = summary["average"], summary["datasets"]
+    lines = ["| method | base | novel | HM |", "|---|---|---|---|"]
+    lines += [f"| {r} | {avg[r]['base']:.2f} | {avg[r]['novel']:.2f} | {avg[r]['hm']:.2f} |" for r in ROWS]
+    names = list(table)
+    lines += ["", "HM per dataset (mean of seeds):", ""]
+    lines += ["| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {r} | " + " | ".join(f"{table[d][r]['hm']:.1f}" for d in names) + " |" for r in ROWS]
+    lines += ["", "Base / novel per dataset:", ""]
+    lines += ["| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [
+        f"| {r} | " + " | ".join(f"{table[d][r]['base']:.1f} / {table[d][r]['novel']:.1f}" for d in names) + " |"
+        for r in ROWS
+    ]
+    return lines
+
+
+def targets(summary: dict) -> dict:
+    avg, table = summary["average"], summary["datasets"]
+    zs, coop, mt = avg["zs_single"], avg["coop"], avg["mergetune"]
+    loss = zs["novel"] - coop["novel"]
+    return {
+        "mt_hm_gt_coop_every_dataset": all(t["mergetune"]["hm"] > t["coop"]["hm"] for t in table.values()),
+        "datasets_mt_beats_coop": sum(t["mergetune"]["hm"] > t["coop"]["hm"] for t in table.values()),
+        "avg_hm_gain": mt["hm"] - coop["hm"],
+        "novel_loss_recovered_fraction": (mt["novel"] - coop["novel"]) / loss if loss > 0 else None,
+        "base_drop_vs_coop": coop["base"] - mt["base"],
+        "beats_ties_dare_wise": all(mt["hm"] > avg[r]["hm"] for r in ("ties", "dare", "wise")),
+    }
