@@ -34,7 +34,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -610,13 +610,29 @@ class FunctionalExpert:
     expert's weights in place, e.g. ``expert.run(hf_cft.models.image_features, pixel_values)``.
     """
 
-    def __init__(self, model: nn.Module, delta: Mapping[str, torch.Tensor], scale: float = 1.0, check: bool = True):
-        named = _check_against_model(model, delta) if check else _named_tensors(model)
+    def __init__(
+        self,
+        model: nn.Module,
+        delta: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+        scale: float = 1.0,
+        check: bool = True,
+    ):
+        if isinstance(delta, Mapping) and check:
+            named = _check_against_model(model, delta)
+            items: Iterable[tuple[str, torch.Tensor]] = delta.items()
+        else:  # a stream of (key, δ) pairs (e.g. DeltaFusionMerger.iter_expert_delta): keys checked as they come
+            named = _named_tensors(model)
+            items = delta.items() if isinstance(delta, Mapping) else delta
         self.model = model
         self.params: dict[str, torch.Tensor] = {}
-        for k, d in delta.items():
-            base = named[k]
-            self.params[k] = base + scale * d.to(device=base.device, dtype=base.dtype)
+        for k, d in items:
+            base = named.get(k)
+            if base is None or tuple(base.shape) != tuple(d.shape):
+                what = (
+                    "is not a parameter or buffer" if base is None else f"has shape {tuple(d.shape)}, not the model's"
+                )
+                raise DeltaError(f"Delta key {k!r} {what} of {type(model).__name__}.")
+            self.params[k] = base.detach() + scale * d.to(device=base.device, dtype=base.dtype)
 
     def __call__(self, *args, **kwargs):
         from torch.func import functional_call
