@@ -202,10 +202,10 @@ class SemanticRouter:
             self._protos = None
             self._version = self.merger.version
 
-    def _warn_once(self, key: tuple[str, object], msg: str) -> None:
+    def _warn_once(self, key: tuple[str, object], msg: str, stacklevel: int = 4) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(msg, UserWarning, stacklevel=3)
+            warnings.warn(msg, UserWarning, stacklevel=stacklevel)
 
     @property
     def _scale(self) -> float:
@@ -267,7 +267,6 @@ class SemanticRouter:
 
     # ---------------------------------------------------------------------------------------------- routing
 
-    @torch.no_grad()
     def route(self, image_feats: torch.Tensor) -> Routing:
         """Top-K tasks per sample from θ⁰ image features ``[N, d]`` (normalised here; condu.md §7 "Routing").
 
@@ -281,13 +280,16 @@ class SemanticRouter:
         k = min(self.top_k, len(names))
         if k < self.top_k:
             self._warn_once(
-                ("k", len(names)), f"top_k={self.top_k} but only {len(names)} task(s) are stored: using K={k}."
+                ("k", len(names)),
+                f"top_k={self.top_k} but only {len(names)} task(s) are stored: using K={k}.",
+                stacklevel=3,
             )
         protos, sizes = self._prototype_matrix()
-        z = F.normalize(image_feats.to(protos.device, torch.float32), dim=-1)
-        sims = z @ protos.t()
-        all_scores = torch.stack([s.max(dim=1).values for s in sims.split(sizes, dim=1)], dim=1)
-        scores, indices = all_scores.topk(k, dim=1)
+        with torch.no_grad():
+            z = F.normalize(image_feats.to(protos.device, torch.float32), dim=-1)
+            sims = z @ protos.t()
+            all_scores = torch.stack([s.max(dim=1).values for s in sims.split(sizes, dim=1)], dim=1)
+            scores, indices = all_scores.topk(k, dim=1)
         return Routing(indices=indices, scores=scores, all_scores=all_scores, task_names=names)
 
     def voter_weights(self, routing: Routing) -> tuple[float, torch.Tensor]:
