@@ -268,3 +268,19 @@ def test_10_decoupled_experts_reproduce_their_originals_on_tiny_clip(clip_model,
     routed = router.logits(px, CLASSES, TEMPLATES[:1])  # task-agnostic: routing + fusion
     assert routed.shape == (12, 3) and bool(torch.isfinite(routed).all())
     assert router.last_routing.indices.shape == (12, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_router_on_cuda_matches_cpu(clip_model, toy_tokenizer, merger5, px, deltas5):
+    cuda_model = copy.deepcopy(clip_model).cuda()
+    merger = DeltaFusionMerger(base_model=cuda_model)
+    for t, d in enumerate(deltas5[:3]):  # deltas handed over on the GPU are moved to the merger's CPU state
+        merger.add_task({k: v.cuda() for k, v in d.items()}, f"task{t}", prototypes=merger5.prototypes(f"task{t}"))
+    assert all(u.device.type == "cpu" for u in merger.unified_delta.values())
+    cpu_router = SemanticRouter(merger, clip_model, toy_tokenizer, top_k=2, weighting="similarity")
+    gpu_router = SemanticRouter(merger, cuda_model, toy_tokenizer, top_k=2, weighting="similarity")
+    want = cpu_router.logits(px, CLASSES, TEMPLATES)
+    got = gpu_router.logits(px.cuda(), CLASSES, TEMPLATES)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)
+    protos = compute_prototypes(cuda_model, toy_tokenizer, [{"pixel_values": px, "labels": torch.zeros(6)}], CLASSES)
+    assert protos.device.type == "cpu"

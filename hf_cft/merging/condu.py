@@ -484,7 +484,7 @@ class DeltaFusionMerger:
 
             def get(i, key=key, u_old=u_old, old_masks=old_masks):
                 if i == n - 1:
-                    return new[key]
+                    return new[key].cpu()  # u and the masks live on the CPU
                 return _decoupled(u_old, old_masks[i], old_lams[i])
 
             u, pm, a, b = _unify_key(get, n, self.config.rescaler)

@@ -220,7 +220,7 @@ def base_fingerprint(base: nn.Module | Mapping[str, torch.Tensor] | str | os.Pat
         h.update(f"{k}:{list(src.shape(k))};".encode())
     if keys:
         for k in sorted({keys[0], keys[len(keys) // 2], keys[-1]}):
-            h.update(src.head_values(k, _FINGERPRINT_VALUES).to(torch.float32).contiguous().numpy().tobytes())
+            h.update(src.head_values(k, _FINGERPRINT_VALUES).to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
