@@ -407,3 +407,23 @@ def test_warnings_only_for_newly_collapsed_tasks():
         warnings.simplefilter("error", CollapsedTaskWarning)
         m.add_task(d, "ok")  # "zero" stays collapsed; no new warning
     assert m.tasks[0].collapsed
+
+
+def test_model_card_lists_tasks_storage_and_results(monkeypatch):
+    from pathlib import Path
+
+    import hf_cft.hub.cards as cards
+
+    repo_cards = Path(__file__).resolve().parents[1] / "model_cards"  # this checkout's templates
+    monkeypatch.setattr(cards.resources, "files", lambda pkg: repo_cards)
+    m = DeltaFusionMerger(base_model_name_or_path="openai/clip-vit-base-patch16")
+    (d,) = rand(0, 1)
+    m.add_task(d, "dtd", classnames=["a", "b"], dataset="dtd")
+    with pytest.warns(CollapsedTaskWarning):
+        m.add_task({k: torch.zeros_like(v) for k, v in d.items()}, "mnist", dataset="mnist")
+    card = m.model_card(results=[{"name": "dtd", "accuracy": 71.25}], summary={"Last": 80.5})
+    text = str(card)
+    assert "| 0 | dtd | dtd | 2 | 1.0000 |" in text and "| 1 | mnist | mnist |  | 0.0000 | yes |" in text
+    assert "| dtd | 71.25 |" in text and "| Last | 80.50 |" in text
+    assert "base_model: openai/clip-vit-base-patch16" in text and "value: 71.25" in text
+    assert f"{m.storage_bytes()['bundle'] / 1e6:.2f}" in text

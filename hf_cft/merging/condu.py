@@ -663,6 +663,63 @@ class DeltaFusionMerger:
         merger.version = 1
         return merger
 
+    def model_card(
+        self,
+        *,
+        model_name: str = "ConDU bundle",
+        results: Sequence[Mapping[str, Any]] | None = None,
+        summary: Mapping[str, float] | None = None,
+        results_note: str = "",
+        limitations: str = "",
+        repo_id: str | None = None,
+    ):
+        """A ``huggingface_hub.ModelCard`` for this bundle (``model_cards/condu_bundle.md``): tasks with λ and
+        flags, storage, loading snippet; ``results`` rows ``{"name": dataset, "accuracy": percent}`` become
+        model-index entries, ``summary`` (e.g. Transfer / Average / Last) a table. ``card.save(folder/"README.md")``.
+        """
+        from huggingface_hub import EvalResult, ModelCardData
+
+        from hf_cft.hub.cards import render_card
+
+        base = self.base_model_name_or_path
+        eval_results = [
+            EvalResult(
+                task_type="image-classification",
+                dataset_type=str(row["name"]),
+                dataset_name=str(row["name"]),
+                metric_type="accuracy",
+                metric_value=round(float(row["accuracy"]), 4),
+            )
+            for row in results or []
+        ]
+        card_data = ModelCardData(
+            model_name=model_name,
+            library_name="hf_cft",
+            base_model=base,
+            tags=["hf_cft", "clip", "condu", "model-merging", "continual-learning"],
+            eval_results=eval_results or None,
+            license="apache-2.0",
+        )
+        return render_card(
+            "condu_bundle",
+            card_data,
+            model_name=model_name,
+            base_model=base,
+            base_model_url=f"https://huggingface.co/{base}" if base and "/" in base else "#",
+            tasks=self.tasks,
+            config=self.config,
+            num_keys=len(self._shapes),
+            num_entries=sum(math.prod(s) for s in self._shapes.values()),
+            fingerprint=self.base_fingerprint,
+            results=list(results or []),
+            summary=dict(summary or {}),
+            results_note=results_note,
+            storage=self.storage_bytes(),
+            limitations=limitations
+            or "Experts are rebuilt approximately (λ·M⊙u, condu.md §3); accuracy is only known where reported above.",
+            repo_id=repo_id,
+        )
+
     def __repr__(self) -> str:
         return (
             f"DeltaFusionMerger({len(self._records)} tasks, {len(self._shapes)} keys, rescaler={self.config.rescaler!r}, "
