@@ -134,7 +134,8 @@ class _Source:
     def is_floating(self, key: str) -> bool:
         if self._files is not None:
             return self._handle(key).get_slice(key).get_dtype() in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-        return torch.is_floating_point(self._tensors[key])
+        t = self._tensors[key]
+        return isinstance(t, torch.Tensor) and t.is_floating_point()
 
     def get(self, key: str) -> torch.Tensor:
         if self._files is not None:
