@@ -88,6 +88,10 @@ class BundleError(HfCftError, ValueError):
     """A saved bundle or checkpoint folder is missing files, is corrupt, or is not safetensors."""
 
 
+class MergeConfigError(HfCftError, ValueError):
+    """A merger is configured with an unknown option value (names the option and the allowed values)."""
+
+
 # --- ConDU and routing (hf_cft.merging.condu, hf_cft.routing) ---
 
 

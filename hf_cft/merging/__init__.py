@@ -1,4 +1,22 @@
-"""Task deltas and model merging: ConDU (DeltaFusionMerger), PAM and the standard baselines."""
+"""Task deltas and model merging: ConDU (DeltaFusionMerger), PAM and the standard baselines.
+
+- :mod:`hf_cft.merging.deltas` — task deltas from models, safetensors checkpoints and LoRA adapters; experts
+  θ⁰ + s·δ through ``functional_call``.
+- :mod:`hf_cft.merging.masks` — bit-packed boolean masks.
+- :mod:`hf_cft.merging.condu` — ConDU's decouple/unify loop (:class:`DeltaFusionMerger`) and bundles.
+- :mod:`hf_cft.merging.router` — ConDU's semantic router (prototypes, top-K routing, logit fusion).
+- :mod:`hf_cft.merging.baselines` — task arithmetic, running mean, WiSE-FT, TIES, DARE, MagMax, EMR, TALL/consensus,
+  OPCM, one-shot and continual (pam.md §9).
+- :mod:`hf_cft.merging.pam` — PAM aligned merging of global/task LoRA adapters (pam.md §1–§6).
+
+Example::
+
+    from hf_cft.merging import DeltaFusionMerger, SemanticRouter, compute_prototypes, delta_from_models
+
+    merger = DeltaFusionMerger()
+    merger.add_task(delta_from_models(clip, expert, keys="trainable"), "task0", prototypes=protos, classnames=names)
+    router = SemanticRouter(merger, clip, tokenizer, top_k=4)
+"""
 
 # --- baselines (pam.md §9) and PAM (pam.md §1–§6)
 from hf_cft.merging.baselines import (
@@ -23,6 +41,30 @@ from hf_cft.merging.baselines import (
     trim_top_k,
     wise_ft,
 )
+from hf_cft.merging.condu import (
+    CollapsedTaskWarning,
+    DeltaFusionMerger,
+    DeltaFusionMergerConfig,
+    TaskRecord,
+    UnifyResult,
+    decouple,
+    elected_sign,
+    unify,
+)
+from hf_cft.merging.deltas import (
+    FunctionalExpert,
+    TaskDelta,
+    apply_delta,
+    base_fingerprint,
+    check_compatible,
+    delta_from_lora,
+    delta_from_models,
+    functional_expert,
+    iter_delta,
+    lora_factor_delta,
+    validate_delta,
+)
+from hf_cft.merging.masks import PackedMask, pack_mask, packed_nbytes, unpack_mask
 from hf_cft.merging.pam import (
     PAMCallback,
     PAMConfig,
@@ -36,30 +78,54 @@ from hf_cft.merging.pam import (
     prepare_pam_model,
     sign_misalignment,
 )
+from hf_cft.merging.router import RouterStats, Routing, SemanticRouter, compute_prototypes
 
-__all__ = list(globals().get("__all__", []))  # keep exports appended by other sections of this file
-__all__ += [
+__all__ = [
+    "CollapsedTaskWarning",
     "ContinualMerger",
     "ContinualTIES",
     "ContinualTaskArithmetic",
+    "DeltaFusionMerger",
+    "DeltaFusionMergerConfig",
     "EMRResult",
+    "FunctionalExpert",
     "MagMaxMerger",
     "OPCMMerger",
     "PAMCallback",
     "PAMConfig",
     "PAMState",
+    "PackedMask",
+    "RouterStats",
+    "Routing",
     "RunningMean",
+    "SemanticRouter",
     "TallMasksResult",
+    "TaskDelta",
+    "TaskRecord",
+    "UnifyResult",
     "adapter_state",
+    "apply_delta",
+    "base_fingerprint",
+    "check_compatible",
+    "compute_prototypes",
     "consensus",
     "dare",
+    "decouple",
     "default_lora_config",
+    "delta_from_lora",
+    "delta_from_models",
+    "elected_sign",
     "emr",
     "emr_task_delta",
     "factor_merge_gap",
+    "functional_expert",
     "importance_masks",
+    "iter_delta",
+    "lora_factor_delta",
     "magmax",
     "magnitude_prune",
+    "pack_mask",
+    "packed_nbytes",
     "pam_align",
     "pam_merge",
     "prepare_pam_model",
@@ -69,5 +135,8 @@ __all__ += [
     "task_arithmetic",
     "ties",
     "trim_top_k",
+    "unify",
+    "unpack_mask",
+    "validate_delta",
     "wise_ft",
 ]

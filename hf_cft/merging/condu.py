@@ -1,0 +1,805 @@
+"""ConDU: continual decoupling and unifying of task deltas (docs/methods/condu.md §1–§5).
+
+State kept between sessions (§1): the unified delta ``u`` (fp32, one tensor per delta key), one trigger per
+task (bit-packed mask ``M^i`` per key and scalar rescaler ``λ^i``), the task's prototypes and its record.
+One session (§2, :meth:`DeltaFusionMerger.add_task`) decouples every stored task (``δ̃^i = λ^i·M^i⊙u``), adds
+the new delta and re-unifies all of them with EMR-Merging's rule (§3):
+
+- elected sign ``σ = +1`` where ``Σ_i δ^i > 0`` (equivalently the mean), else ``−1``;
+- mask ``M^i = [σ·δ^i > 0]``;
+- unified delta ``u = σ ⊙ max_i(M^i ⊙ |δ^i|)``;
+- rescaler ``λ^i = Σ_p mean|δ^i_p| / Σ_p mean|M^i_p ⊙ u_p|`` (``"mean"``, as released) or the EMR paper's
+  ``Σ_p ‖δ^i_p‖₁ / Σ_p ‖M^i_p ⊙ u_p‖₁`` (``"global_sum"``).
+
+Everything runs key by key, so memory stays at ``u`` + the packed masks + a few tensors of one key. Degenerate
+triggers (all-zero delta, or no entry agreeing with σ) get ``λ = 0`` and are flagged ``collapsed`` with a
+warning instead of the released code's NaN/inf (§3 "Edge cases"); ``strict=True`` raises instead.
+
+Example::
+
+    from hf_cft.merging import DeltaFusionMerger, delta_from_models
+
+    merger = DeltaFusionMerger(rescaler="mean")
+    for name, model in finetuned_models.items():                 # one session per task
+        merger.add_task(delta_from_models(clip, model, keys="trainable"), name, classnames=..., templates=...)
+    expert = merger.expert_delta("dtd")                          # δ̃ = λ·M⊙u for one task
+    merger.save_pretrained("condu_bundle")                       # safetensors + manifest.json
+    merger = DeltaFusionMerger.from_pretrained("condu_bundle")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_cft.errors import BundleError, DeltaError, MergeConfigError, NonFiniteError, TaskError
+from hf_cft.merging.deltas import (
+    TaskDelta,
+    _is_peft_model,
+    base_fingerprint,
+    delta_from_lora,
+    lora_factor_delta,
+    validate_delta,
+)
+from hf_cft.merging.masks import PackedMask, packed_nbytes
+
+__all__ = [
+    "CollapsedTaskWarning",
+    "DeltaFusionMerger",
+    "DeltaFusionMergerConfig",
+    "TaskRecord",
+    "UnifyResult",
+    "decouple",
+    "elected_sign",
+    "unify",
+]
+
+BUNDLE_FORMAT = "hf_cft.condu_bundle"
+BUNDLE_VERSION = 1
+MANIFEST = "manifest.json"
+UNIFIED_FILE = "unified.safetensors"
+MASKS_FILE = "masks.safetensors"
+PROTOTYPES_FILE = "prototypes.safetensors"
+
+RESCALERS = ("mean", "global_sum")
+LORA_MERGES = ("dense", "factors")
+
+
+class CollapsedTaskWarning(UserWarning):
+    """A task's trigger collapsed (all-zero delta or empty mask): λ = 0, its expert is θ⁰ (condu.md §3)."""
+
+
+# ------------------------------------------------------------------------------------------------ the unify rule
+
+
+def elected_sign(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """σ (fp32, ±1): +1 where ``Σ_i δ^i > 0``, else −1 — ties and all-zero entries get −1 (condu.md §3).
+
+    The sum has the sign of the mean, and is what the paper's "sum > 0 → max, else min" tests.
+    """
+    total = torch.zeros_like(deltas[0], dtype=torch.float32)
+    for d in deltas:
+        total += d
+    return torch.where(total > 0, 1.0, -1.0)
+
+
+def _unify_key(
+    get: Callable[[int], torch.Tensor], n: int, rescaler: str
+) -> tuple[torch.Tensor, list[PackedMask], list[float], list[float]]:
+    """Unify the ``n`` tensors ``get(0..n-1)`` of one key (fp32) without stacking them.
+
+    Returns ``u_p``, the packed masks ``M^i_p`` and, per task, this key's numerator and denominator terms of λ
+    (``mean|δ^i_p|`` and ``mean|M^i_p⊙u_p|``, or the L1 sums under ``global_sum``), accumulated in float64.
+    ``get(i)`` is called twice per task (once for σ, once for M and u) so only one δ^i is live at a time.
+    """
+    first = get(0)
+    numel = first.numel()
+    total = first.to(torch.float32).clone()
+    for i in range(1, n):
+        total += get(i)
+    sigma = torch.where(total > 0, 1.0, -1.0)
+    del total
+    u_abs = torch.zeros_like(sigma)
+    masks, num = [], []
+    for i in range(n):
+        sd = sigma * get(i)  # σ·δ^i: positive exactly where the entry agrees with the elected sign
+        m = sd > 0
+        torch.maximum(u_abs, sd.clamp_min(0.0), out=u_abs)  # max_i M^i⊙|δ^i|
+        masks.append(PackedMask.pack(m))
+        num.append(float(sd.abs().sum(dtype=torch.float64)))
+        del sd, m
+    den = [float((u_abs * pm.unpack()).sum(dtype=torch.float64)) for pm in masks]
+    if rescaler == "mean" and numel > 0:
+        num = [x / numel for x in num]
+        den = [x / numel for x in den]
+    u = torch.where(u_abs > 0, sigma * u_abs, 0.0)  # no negative zeros where nothing was selected
+    return u, masks, num, den
+
+
+def _decoupled(u: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
+    """δ̃ = λ·M⊙u. The product λ·u is formed in float64 and rounded once to fp32, so λ's own fp32 rounding
+    never biases the whole tensor (keeps each expert's L1 mass to ~1e-8 over many sessions, §8 test 3)."""
+    if lam == 0.0:
+        return torch.zeros_like(u)
+    return torch.where(mask, (u.to(torch.float64) * lam).to(torch.float32), 0.0)
+
+
+def _rescalers(num: Sequence[float], den: Sequence[float]) -> tuple[list[float], list[bool]]:
+    """λ^i = num/den; a zero denominator (all-zero delta, or empty mask) gives λ = 0 and ``collapsed``."""
+    lams, collapsed = [], []
+    for a, b in zip(num, den):
+        ok = b > 0.0 and a > 0.0 and math.isfinite(a / b)
+        lams.append(a / b if ok else 0.0)
+        collapsed.append(not ok)
+    return lams, collapsed
+
+
+@dataclass
+class UnifyResult:
+    """Output of :func:`unify`: ``unified`` (u), per-task boolean ``masks``, ``lambdas`` and ``collapsed`` flags."""
+
+    unified: dict[str, torch.Tensor]
+    masks: list[dict[str, torch.Tensor]]
+    lambdas: list[float]
+    collapsed: list[bool]
+
+
+def unify(deltas: Sequence[Mapping[str, torch.Tensor]], rescaler: str = "mean") -> UnifyResult:
+    """One-shot EMR unify of ``deltas`` (condu.md §3); the same rule :class:`DeltaFusionMerger` runs per session.
+
+    All deltas must share keys and shapes (else :class:`DeltaError`). Collapsed triggers get λ = 0 (no warning
+    here; the merger warns). Example::
+
+        res = unify([delta_a, delta_b])
+        rebuilt_a = decouple(res, 0)          # λ^0 · M^0 ⊙ u
+    """
+    if rescaler not in RESCALERS:
+        raise MergeConfigError(f"rescaler must be one of {RESCALERS}, got {rescaler!r}.")
+    if not deltas:
+        raise TaskError("unify() needs at least one delta.")
+    ref = validate_delta(deltas[0], name="delta 0")
+    shapes = {k: tuple(t.shape) for k, t in ref.items()}
+    checked = [ref] + [validate_delta(d, shapes, name=f"delta {i}") for i, d in enumerate(deltas[1:], start=1)]
+    n = len(checked)
+    unified: dict[str, torch.Tensor] = {}
+    masks: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+    num, den = [0.0] * n, [0.0] * n
+    for key in shapes:
+        u, pm, a, b = _unify_key(lambda i, key=key: checked[i][key], n, rescaler)
+        unified[key] = u
+        for i in range(n):
+            masks[i][key] = pm[i].unpack()
+            num[i] += a[i]
+            den[i] += b[i]
+    lams, collapsed = _rescalers(num, den)
+    return UnifyResult(unified, masks, lams, collapsed)
+
+
+def decouple(result: UnifyResult, index: int) -> dict[str, torch.Tensor]:
+    """δ̃^i = λ^i · M^i ⊙ u from a :class:`UnifyResult`."""
+    lam = result.lambdas[index]
+    return {k: _decoupled(u, result.masks[index][k], lam) for k, u in result.unified.items()}
+
+
+# ------------------------------------------------------------------------------------------------------ merger
+
+
+@dataclass
+class DeltaFusionMergerConfig:
+    """Options of :class:`DeltaFusionMerger`.
+
+    - ``rescaler``: ``"mean"`` (per-tensor-mean λ, as released; default) or ``"global_sum"`` (EMR paper).
+    - ``lora_merge``: how :meth:`DeltaFusionMerger.add_task` turns a LoRA adapter into a delta: ``"dense"``
+      (default, ΔW = s·B@A keyed by base weights) or ``"factors"`` (A and B unified as tensors, ConDU (LoRA)).
+    - ``strict``: raise :class:`TaskError` instead of collapsing a degenerate trigger to λ = 0.
+    """
+
+    rescaler: str = "mean"
+    lora_merge: str = "dense"
+    strict: bool = False
+
+    def __post_init__(self):
+        if self.rescaler not in RESCALERS:
+            raise MergeConfigError(f"rescaler must be one of {RESCALERS}, got {self.rescaler!r}.")
+        if self.lora_merge not in LORA_MERGES:
+            raise MergeConfigError(f"lora_merge must be one of {LORA_MERGES}, got {self.lora_merge!r}.")
+        if not isinstance(self.strict, bool):
+            raise MergeConfigError(f"strict must be a bool, got {self.strict!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DeltaFusionMergerConfig:
+        unknown = set(d) - {"rescaler", "lora_merge", "strict"}
+        if unknown:
+            raise MergeConfigError(f"Unknown DeltaFusionMergerConfig option(s): {sorted(unknown)}.")
+        return cls(**d)
+
+
+@dataclass
+class TaskRecord:
+    """What the merger keeps about one task besides its trigger tensors (condu.md §1)."""
+
+    name: str
+    order: int
+    lam: float = 1.0
+    collapsed: bool = False
+    dataset: str | None = None
+    classnames: list[str] | None = None
+    templates: list[str] | None = None
+    has_prototypes: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class DeltaFusionMerger:
+    """ConDU's merger (condu.md §1–§5): one :meth:`add_task` per session; experts rebuilt on demand.
+
+    ``base_model`` (optional) is only needed to turn LoRA adapters given to :meth:`add_task` into deltas
+    (``lora_merge="dense"``: the plain CLIP; ``"factors"``: a ``PeftModel`` holding θ⁰ plus the initial adapter)
+    and to record the base fingerprint up front; deltas from :func:`delta_from_models` carry the fingerprint
+    themselves. Example::
+
+        merger = DeltaFusionMerger(strict=False)
+        merger.add_task(delta_1, "aircraft", classnames=names_1, templates=tpl_1, prototypes=protos_1)
+        merger.add_task(delta_2, "caltech101", ...)
+        merger.tasks[0].lam, merger.expert_delta("aircraft")
+    """
+
+    def __init__(
+        self,
+        config: DeltaFusionMergerConfig | None = None,
+        *,
+        base_model: nn.Module | None = None,
+        base_model_name_or_path: str | None = None,
+        **options,
+    ):
+        if config is None:
+            config = DeltaFusionMergerConfig(**options)
+        elif options:
+            config = DeltaFusionMergerConfig(**{**config.to_dict(), **options})
+        self.config = config
+        self.base_model = base_model
+        self.base_fingerprint: str | None = base_fingerprint(base_model) if base_model is not None else None
+        if base_model_name_or_path is None and base_model is not None:
+            cfg = getattr(base_model, "config", None)
+            base_model_name_or_path = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None)
+        self.base_model_name_or_path = base_model_name_or_path or None
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._u: dict[str, torch.Tensor] = {}
+        self._masks: list[dict[str, PackedMask]] = []
+        self._records: list[TaskRecord] = []
+        self._prototypes: dict[str, torch.Tensor] = {}
+        self._interrupted = False
+        #: Incremented by every session (and on load): routers drop cached expert heads when it changes.
+        self.version = 0
+
+    # ------------------------------------------------------------------------------------------------ access
+
+    @property
+    def task_names(self) -> list[str]:
+        return [r.name for r in self._records]
+
+    @property
+    def tasks(self) -> list[TaskRecord]:
+        """Copies of the task records, in training order."""
+        return [TaskRecord(**{**r.to_dict(), "extra": dict(r.extra)}) for r in self._records]
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    @property
+    def unified_delta(self) -> dict[str, torch.Tensor]:
+        """u (read-only view: the merger's own tensors; do not modify them)."""
+        self._check_usable()
+        return dict(self._u)
+
+    def task_index(self, name: str) -> int:
+        for i, r in enumerate(self._records):
+            if r.name == name:
+                return i
+        raise TaskError(f"Unknown task {name!r}; the merger holds {self.task_names}.")
+
+    def record(self, name: str) -> TaskRecord:
+        return self.tasks[self.task_index(name)]
+
+    def mask(self, name: str, key: str) -> torch.Tensor:
+        """The boolean mask M^i of task ``name`` for ``key`` (unpacked on demand)."""
+        i = self.task_index(name)
+        if key not in self._shapes:
+            raise DeltaError(f"Unknown delta key {key!r}.")
+        return self._masks[i][key].unpack()
+
+    def packed_mask(self, name: str, key: str) -> PackedMask:
+        return self._masks[self.task_index(name)][key]
+
+    def prototypes(self, name: str) -> torch.Tensor | None:
+        """Task ``name``'s prototypes ``[C, d]`` (unit rows) or ``None`` if none were given."""
+        self.task_index(name)
+        return self._prototypes.get(name)
+
+    def set_prototypes(self, name: str, prototypes: torch.Tensor) -> None:
+        """Attach (or replace) the prototypes of a stored task, e.g. computed after :meth:`add_task`."""
+        i = self.task_index(name)
+        self._prototypes[name] = self._check_prototypes(prototypes, name, self._records[i].classnames)
+        self._records[i].has_prototypes = True
+        self.version += 1
+
+    def _check_usable(self) -> None:
+        if self._interrupted:
+            raise TaskError(
+                "A previous add_task() was interrupted while it rewrote the unified delta; this merger is "
+                "inconsistent. Reload the last saved bundle with DeltaFusionMerger.from_pretrained()."
+            )
+
+    # ------------------------------------------------------------------------------------------- one session
+
+    def _as_delta(self, source: Any, name: str) -> Mapping[str, torch.Tensor]:
+        if isinstance(source, Mapping):
+            return source
+        if _is_peft_model(source) or isinstance(source, (str, os.PathLike)):
+            if self.base_model is None:
+                raise DeltaError(
+                    f"Task {name!r} was given as a LoRA adapter; the merger needs base_model= to turn it into a "
+                    "delta (or pass delta_from_lora(adapter, base_model))."
+                )
+            if self.config.lora_merge == "factors":
+                return lora_factor_delta(source, self.base_model)
+            return delta_from_lora(source, self.base_model)
+        raise DeltaError(
+            f"Task {name!r}: expected a delta (dict of tensors), a PeftModel or an adapter folder, "
+            f"got {type(source).__name__}."
+        )
+
+    def _check_prototypes(self, prototypes: Any, name: str, classnames: Sequence[str] | None) -> torch.Tensor:
+        if not isinstance(prototypes, torch.Tensor) or prototypes.ndim != 2 or prototypes.shape[0] == 0:
+            raise TaskError(f"Prototypes of task {name!r} must be a non-empty [C, d] tensor.")
+        p = prototypes.detach().to("cpu", torch.float32)
+        if not bool(torch.isfinite(p).all()):
+            raise NonFiniteError(f"Prototypes of task {name!r} hold NaN/inf values.")
+        if bool((p.norm(dim=-1) == 0).any()):
+            raise TaskError(f"Prototypes of task {name!r} contain an all-zero row (cannot be normalised).")
+        if classnames is not None and p.shape[0] != len(classnames):
+            raise TaskError(f"Task {name!r} has {len(classnames)} class names but {p.shape[0]} prototype rows.")
+        for other, q in self._prototypes.items():
+            if other != name and q.shape[1] != p.shape[1]:
+                raise TaskError(
+                    f"Prototypes of task {name!r} are {p.shape[1]}-d but task {other!r}'s are {q.shape[1]}-d."
+                )
+        return torch.nn.functional.normalize(p, dim=-1).contiguous()
+
+    def add_task(
+        self,
+        delta: Mapping[str, torch.Tensor] | nn.Module | str | os.PathLike,
+        name: str,
+        prototypes: torch.Tensor | None = None,
+        classnames: Sequence[str] | None = None,
+        templates: Sequence[str] | None = None,
+        dataset: str | None = None,
+    ) -> TaskRecord:
+        """Run one ConDU session (condu.md §2 steps 2–5) for task ``name`` and return its record.
+
+        ``delta``: the task delta δ^t = θ^t − θ⁰ (a dict of tensors, e.g. from :func:`delta_from_models` /
+        :func:`delta_from_lora`), or a LoRA ``PeftModel`` / adapter folder (converted per ``lora_merge``; needs
+        ``base_model``). Every stored task is decoupled (δ̃^i = λ^i M^i⊙u), the new delta added, and **all**
+        triggers recomputed (§3). ``prototypes`` (``[C, d]``, see :func:`hf_cft.merging.compute_prototypes`),
+        ``classnames``, ``templates`` and ``dataset`` are stored in the task record for routing.
+
+        Raises :class:`TaskError` for a duplicate or empty name; :class:`DeltaError` naming a key that does not
+        match the stored keys/shapes or a delta from another base model; :class:`NonFiniteError` naming a NaN key.
+        A degenerate trigger gets λ = 0, ``collapsed=True`` and a :class:`CollapsedTaskWarning` (``strict``:
+        :class:`TaskError`, and the merger is left unchanged).
+        """
+        self._check_usable()
+        if not isinstance(name, str) or not name.strip():
+            raise TaskError(f"Task names must be non-empty strings, got {name!r}.")
+        if name in self.task_names:
+            raise TaskError(f"Task {name!r} was already added (tasks: {self.task_names}); task names must be unique.")
+        classnames = list(classnames) if classnames is not None else None
+        templates = list(templates) if templates is not None else None
+        delta = self._as_delta(delta, name)
+        checked = validate_delta(delta, self._shapes or None, name=f"delta of task {name!r}")
+        fp = checked.base_fingerprint
+        if fp is not None and self.base_fingerprint is not None and fp != self.base_fingerprint:
+            raise DeltaError(
+                f"The delta of task {name!r} was taken from another base model (fingerprint {fp}) than the "
+                f"merger's (fingerprint {self.base_fingerprint})."
+            )
+        protos = self._check_prototypes(prototypes, name, classnames) if prototypes is not None else None
+
+        if self.config.strict:  # dry run first: a strict failure must leave the merger unchanged
+            lams, collapsed, _ = self._session(checked, commit=False)
+            if any(collapsed):
+                bad = [n for n, c in zip([*self.task_names, name], collapsed) if c]
+                raise TaskError(
+                    f"strict=True: the trigger of task(s) {bad} would collapse (all-zero delta, or no entry agreeing "
+                    "with the elected sign; λ would be 0/0 or x/0). Nothing was changed."
+                )
+        if not self._shapes:
+            self._shapes = {k: tuple(t.shape) for k, t in checked.items()}
+        lams, collapsed, new_masks = self._session(checked, commit=True)
+
+        was_collapsed = [r.collapsed for r in self._records] + [False]
+        newly = [n for n, c, w in zip([*self.task_names, name], collapsed, was_collapsed) if c and not w]
+        self._masks = new_masks
+        for r, lam, c in zip(self._records, lams, collapsed):
+            r.lam, r.collapsed = lam, c
+        record = TaskRecord(
+            name=name,
+            order=len(self._records),
+            lam=lams[-1],
+            collapsed=collapsed[-1],
+            dataset=dataset,
+            classnames=classnames,
+            templates=templates,
+            has_prototypes=protos is not None,
+        )
+        self._records.append(record)
+        if protos is not None:
+            self._prototypes[name] = protos
+        if self.base_fingerprint is None:
+            self.base_fingerprint = fp
+        self.version += 1
+        if newly:
+            warnings.warn(
+                f"ConDU trigger of task(s) {newly} collapsed (all-zero delta, or no entry agrees with the elected "
+                "sign): λ = 0, so the decoupled expert is θ⁰ (condu.md §3).",
+                CollapsedTaskWarning,
+                stacklevel=2,
+            )
+        return TaskRecord(**{**record.to_dict(), "extra": {}})
+
+    def _session(self, new: TaskDelta, commit: bool) -> tuple[list[float], list[bool], list[dict[str, PackedMask]]]:
+        """Decouple stored tasks, add ``new``, unify key by key. With ``commit``, u is replaced key by key in
+        place (peak memory: u + masks + one key's temporaries); masks and λ are returned for the caller to swap in."""
+        old_lams = [r.lam for r in self._records]
+        n = len(self._records) + 1
+        num, den = [0.0] * n, [0.0] * n
+        masks: list[dict[str, PackedMask]] = [{} for _ in range(n)]
+        keys = list(self._shapes) if self._shapes else list(new)
+        if commit:
+            self._interrupted = True
+        for key in keys:
+            u_old = self._u.get(key)
+            old_masks = [self._masks[i][key].unpack() for i in range(n - 1)]
+
+            def get(i, key=key, u_old=u_old, old_masks=old_masks):
+                if i == n - 1:
+                    return new[key].cpu()  # u and the masks live on the CPU
+                return _decoupled(u_old, old_masks[i], old_lams[i])
+
+            u, pm, a, b = _unify_key(get, n, self.config.rescaler)
+            for i in range(n):
+                masks[i][key] = pm[i]
+                num[i] += a[i]
+                den[i] += b[i]
+            if commit:
+                self._u[key] = u
+            del u, old_masks
+        if commit:
+            self._interrupted = False
+        lams, collapsed = _rescalers(num, den)
+        return lams, collapsed, masks
+
+    # ------------------------------------------------------------------------------------------------ experts
+
+    def iter_expert_delta(self, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(key, δ̃^i_key)`` for task ``name``, one key at a time (masks unpacked per key)."""
+        self._check_usable()
+        i = self.task_index(name)
+        lam = self._records[i].lam
+        for key, u in self._u.items():
+            yield key, _decoupled(u, self._masks[i][key].unpack(u.device), lam)
+
+    def expert_delta(self, name: str) -> TaskDelta:
+        """δ̃^i = λ^i · M^i ⊙ u for task ``name`` (condu.md §3 "decouple"); expert θ̃^i = θ⁰ + δ̃^i."""
+        return TaskDelta(self.iter_expert_delta(name), base_fingerprint=self.base_fingerprint)
+
+    # ------------------------------------------------------------------------------------------------ storage
+
+    def storage_bytes(self) -> dict[str, int]:
+        """Bytes of the state beyond θ⁰ (condu.md §4), and of the alternatives it replaces.
+
+        - ``unified``: u in fp32; ``masks_packed``: all masks at 1 bit/entry; ``masks_bool``: the same at 1
+          byte/entry (torch ``bool``, as released); ``prototypes``: fp32;
+        - ``bundle`` = unified + masks_packed + prototypes (what :meth:`save_pretrained` stores, plus a manifest);
+        - ``bundle_bool_masks`` = the same with 1-byte masks;
+        - ``experts``: every task's delta kept separately in fp32 (T × u).
+        """
+        unified = sum(t.numel() * t.element_size() for t in self._u.values())
+        entries = sum(math.prod(s) for s in self._shapes.values())
+        packed = sum(packed_nbytes(s) for s in self._shapes.values()) * len(self._records)
+        protos = sum(p.numel() * p.element_size() for p in self._prototypes.values())
+        return {
+            "unified": unified,
+            "masks_packed": packed,
+            "masks_bool": entries * len(self._records),
+            "prototypes": protos,
+            "bundle": unified + packed + protos,
+            "bundle_bool_masks": unified + entries * len(self._records) + protos,
+            "experts": unified * len(self._records),
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write the bundle: ``unified.safetensors`` (u), ``masks.safetensors`` (uint8 bit-packed masks, keys
+        ``"<task index>/<delta key>"``), ``prototypes.safetensors`` and ``manifest.json`` (config, task order,
+        λ, flags, class names, templates, base model reference and fingerprint, key shapes, file checksums).
+
+        Each file is written atomically (temporary file + rename) and the manifest last, so a reader sees the old
+        bundle or the new one; a torn mix fails the checksums in :meth:`from_pretrained` with :class:`BundleError`.
+        """
+        self._check_usable()
+        if not self._records:
+            raise TaskError("Nothing to save: no task was added to the merger.")
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        masks = {f"{i}/{k}": pm.bits for i, per in enumerate(self._masks) for k, pm in per.items()}
+        protos = {str(i): self._prototypes[r.name] for i, r in enumerate(self._records) if r.name in self._prototypes}
+        files = {
+            UNIFIED_FILE: _atomic_save_file(self._u, out / UNIFIED_FILE),
+            MASKS_FILE: _atomic_save_file(masks, out / MASKS_FILE),
+            PROTOTYPES_FILE: _atomic_save_file(protos, out / PROTOTYPES_FILE),
+        }
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "format_version": BUNDLE_VERSION,
+            "config": self.config.to_dict(),
+            "base_model": {"name_or_path": self.base_model_name_or_path, "fingerprint": self.base_fingerprint},
+            "keys": [{"key": k, "shape": list(s)} for k, s in self._shapes.items()],
+            "mask_bit_order": "big",
+            "tasks": [r.to_dict() for r in self._records],
+            "files": files,
+        }
+        from hf_cft.utils import atomic_write_json
+
+        atomic_write_json(out / MANIFEST, manifest)
+        return out
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        *,
+        base_model: nn.Module | None = None,
+        revision: str | None = None,
+        verify: bool = True,
+    ) -> DeltaFusionMerger:
+        """Load a bundle from a local folder or a Hub model repo (``huggingface_hub.snapshot_download``).
+
+        Raises :class:`BundleError` for a missing or corrupt manifest or safetensors file (checksums verified
+        unless ``verify=False``), and for tensors that disagree with the manifest. With ``base_model``, its
+        fingerprint must match the bundle's (else :class:`DeltaError`).
+        """
+        folder = Path(path_or_repo_id)
+        if not folder.is_dir():
+            folder = _download_bundle(str(path_or_repo_id), revision)
+        manifest = _read_manifest(folder)
+        try:
+            config = DeltaFusionMergerConfig.from_dict(manifest["config"])
+            shapes = {e["key"]: tuple(int(x) for x in e["shape"]) for e in manifest["keys"]}
+            records = [TaskRecord(**t) for t in manifest["tasks"]]
+            base_info = manifest.get("base_model") or {}
+            files = manifest["files"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"Bundle {str(folder)!r}: malformed manifest.json ({exc!r}).") from exc
+        if [r.order for r in records] != list(range(len(records))) or len({r.name for r in records}) != len(records):
+            raise BundleError(f"Bundle {str(folder)!r}: task order/names in manifest.json are inconsistent.")
+        for r in records:
+            if not isinstance(r.lam, (int, float)) or not math.isfinite(r.lam) or r.lam < 0:
+                raise BundleError(f"Bundle {str(folder)!r}: task {r.name!r} has an invalid rescaler λ={r.lam!r}.")
+        tensors = {
+            fname: _load_checked(folder, fname, files.get(fname), verify)
+            for fname in (UNIFIED_FILE, MASKS_FILE, PROTOTYPES_FILE)
+        }
+
+        merger = cls(config, base_model_name_or_path=base_info.get("name_or_path"))
+        merger.base_fingerprint = base_info.get("fingerprint")
+        if base_model is not None:
+            fp = base_fingerprint(base_model)
+            if merger.base_fingerprint is not None and fp != merger.base_fingerprint:
+                raise DeltaError(
+                    f"Bundle {str(folder)!r} was built on another base model (fingerprint {merger.base_fingerprint}, "
+                    f"given model {fp})."
+                )
+            merger.base_model = base_model
+        unified = tensors[UNIFIED_FILE]
+        if set(unified) != set(shapes):
+            extra = sorted(set(unified) ^ set(shapes))
+            raise BundleError(f"Bundle {str(folder)!r}: {UNIFIED_FILE} and the manifest disagree on key {extra[0]!r}.")
+        for k, s in shapes.items():
+            t = unified[k]
+            if tuple(t.shape) != s or t.dtype != torch.float32:
+                raise BundleError(
+                    f"Bundle {str(folder)!r}: unified tensor {k!r} is {t.dtype} {tuple(t.shape)}, expected fp32 {s}."
+                )
+            if not bool(torch.isfinite(t).all()):
+                raise BundleError(f"Bundle {str(folder)!r}: unified tensor {k!r} holds NaN/inf.")
+        merger._shapes = shapes
+        merger._u = {k: unified[k] for k in shapes}
+        packed = tensors[MASKS_FILE]
+        masks: list[dict[str, PackedMask]] = []
+        for i in range(len(records)):
+            per = {}
+            for k, s in shapes.items():
+                bits = packed.get(f"{i}/{k}")
+                if bits is None or bits.dtype != torch.uint8 or bits.ndim != 1 or bits.numel() != packed_nbytes(s):
+                    raise BundleError(
+                        f"Bundle {str(folder)!r}: mask of task {records[i].name!r} for key {k!r} is missing or malformed."
+                    )
+                per[k] = PackedMask(bits, s)
+            masks.append(per)
+        if len(packed) != len(records) * len(shapes):
+            raise BundleError(f"Bundle {str(folder)!r}: {MASKS_FILE} holds masks the manifest does not list.")
+        merger._masks = masks
+        protos = tensors[PROTOTYPES_FILE]
+        for i, r in enumerate(records):
+            p = protos.get(str(i))
+            if r.has_prototypes != (p is not None):
+                raise BundleError(f"Bundle {str(folder)!r}: prototypes of task {r.name!r} missing or unexpected.")
+            if p is not None:
+                if p.ndim != 2 or not bool(torch.isfinite(p).all()):
+                    raise BundleError(f"Bundle {str(folder)!r}: prototypes of task {r.name!r} are malformed.")
+                merger._prototypes[r.name] = p
+        merger._records = records
+        merger.version = 1
+        return merger
+
+    def model_card(
+        self,
+        *,
+        model_name: str = "ConDU bundle",
+        results: Sequence[Mapping[str, Any]] | None = None,
+        summary: Mapping[str, float] | None = None,
+        results_note: str = "",
+        limitations: str = "",
+        repo_id: str | None = None,
+    ):
+        """A ``huggingface_hub.ModelCard`` for this bundle (``model_cards/condu_bundle.md``): tasks with λ and
+        flags, storage, loading snippet; ``results`` rows ``{"name": dataset, "accuracy": percent}`` become
+        model-index entries, ``summary`` (e.g. Transfer / Average / Last) a table. ``card.save(folder/"README.md")``.
+        """
+        from huggingface_hub import EvalResult, ModelCardData
+
+        from hf_cft.hub.cards import render_card
+
+        base = self.base_model_name_or_path
+        eval_results = [
+            EvalResult(
+                task_type="image-classification",
+                dataset_type=str(row["name"]),
+                dataset_name=str(row["name"]),
+                metric_type="accuracy",
+                metric_value=round(float(row["accuracy"]), 4),
+            )
+            for row in results or []
+        ]
+        card_data = ModelCardData(
+            model_name=model_name,
+            library_name="hf_cft",
+            base_model=base,
+            tags=["hf_cft", "clip", "condu", "model-merging", "continual-learning"],
+            eval_results=eval_results or None,
+            license="apache-2.0",
+        )
+        return render_card(
+            "condu_bundle",
+            card_data,
+            model_name=model_name,
+            base_model=base,
+            base_model_url=f"https://huggingface.co/{base}" if base and "/" in base else "#",
+            tasks=self.tasks,
+            config=self.config,
+            num_keys=len(self._shapes),
+            num_entries=sum(math.prod(s) for s in self._shapes.values()),
+            fingerprint=self.base_fingerprint,
+            results=list(results or []),
+            summary=dict(summary or {}),
+            results_note=results_note,
+            storage=self.storage_bytes(),
+            limitations=limitations
+            or "Experts are rebuilt approximately (λ·M⊙u, condu.md §3); accuracy is only known where reported above.",
+            repo_id=repo_id,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"DeltaFusionMerger({len(self._records)} tasks, {len(self._shapes)} keys, rescaler={self.config.rescaler!r}, "
+            f"lora_merge={self.config.lora_merge!r}, strict={self.config.strict})"
+        )
+
+
+# --------------------------------------------------------------------------------------------- bundle file I/O
+
+
+def _atomic_save_file(tensors: Mapping[str, torch.Tensor], path: Path) -> str:
+    """``safetensors.torch.save_file`` to a temporary file in the same folder, fsync, rename; return its sha256.
+
+    Streams to disk (unlike ``utils.atomic_save_safetensors``, which serialises to bytes first, doubling memory
+    for a ViT-B/16 unified delta)."""
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        digest = _sha256(Path(tmp))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return digest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_manifest(folder: Path) -> dict:
+    file = folder / MANIFEST
+    if not file.is_file():
+        raise BundleError(f"{str(folder)!r} is not a ConDU bundle: {MANIFEST} is missing.")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"Bundle {str(folder)!r}: {MANIFEST} is not valid JSON ({exc}).") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"Bundle {str(folder)!r}: {MANIFEST} is not a {BUNDLE_FORMAT} manifest.")
+    if manifest.get("format_version") != BUNDLE_VERSION:
+        raise BundleError(
+            f"Bundle {str(folder)!r} has format version {manifest.get('format_version')!r}; this hf_cft reads {BUNDLE_VERSION}."
+        )
+    return manifest
+
+
+def _load_checked(folder: Path, fname: str, digest: str | None, verify: bool) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    file = folder / fname
+    if not file.is_file():
+        raise BundleError(f"Bundle {str(folder)!r} lacks {fname}.")
+    if verify and digest is not None and _sha256(file) != digest:
+        raise BundleError(
+            f"Bundle {str(folder)!r}: {fname} does not match the checksum in {MANIFEST} (corrupt, or a save was "
+            "interrupted)."
+        )
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors raises SafetensorError / OSError on damaged headers
+        raise BundleError(f"Bundle {str(folder)!r}: cannot read {fname} ({exc}).") from exc
+
+
+def _download_bundle(repo_id: str, revision: str | None) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=[MANIFEST, "*.safetensors", "*.md"]))
+    except Exception as exc:  # offline, unknown repo, auth: one typed error naming the repo
+        raise BundleError(
+            f"{repo_id!r} is neither a local bundle folder nor a downloadable Hub repo ({type(exc).__name__}: {exc})."
+        ) from exc

@@ -1,0 +1,656 @@
+"""Task deltas δ = θ − θ⁰: from models, state dicts, safetensors folders and LoRA adapters, plus experts run as
+θ⁰ + s·δ without copying the model.
+
+A delta is a plain ``dict[str, torch.Tensor]`` (fp32) keyed by the base model's state-dict keys. Functions here
+return :class:`TaskDelta`, a ``dict`` subclass that also carries the *base fingerprint* (a short hash of the
+base model's keys, shapes and a few values), so that deltas taken against different base models are caught
+before they are merged (:func:`check_compatible`).
+
+Why these pieces (docs/architecture.md, "Engineering rules"; docs/methods/condu.md §1, §5):
+
+- merging works in dense delta space; a LoRA adapter becomes ``ΔW = s·B@A`` per target linear, keyed by the
+  **base** weight key (``text_model.encoder.layers.0.mlp.fc1.weight``), with ``s = lora_alpha/r`` or
+  ``lora_alpha/√r`` under rsLoRA (condu.md §5, "dense");
+- ``lora_merge="factors"`` (condu.md §5) needs the A/B factors as tensors of their own: :func:`lora_factor_delta`;
+- checkpoints on disk are read tensor by tensor with ``safetensors.safe_open`` (:func:`iter_delta`), so taking
+  the delta of two large checkpoints needs memory for one delta plus a couple of tensors;
+- :class:`FunctionalExpert` runs θ⁰ + s·δ through ``torch.func.functional_call``: the base model is never
+  copied or modified (condu.md §7, "Cost").
+
+Example::
+
+    from hf_cft.merging import delta_from_models, delta_from_lora, functional_expert
+
+    delta = delta_from_models(base_model, finetuned_model, keys="trainable")
+    lora_delta = delta_from_lora("path/to/adapter", base_model)      # dense ΔW = s·B@A per target linear
+    expert = functional_expert(base_model, delta)                     # θ⁰ + δ, no copy
+    feats = expert.run(lambda m, x: hf_cft.models.image_features(m, x), pixel_values)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_cft.errors import AdapterError, BundleError, DeltaError, NonFiniteError
+
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "FunctionalExpert",
+    "TaskDelta",
+    "apply_delta",
+    "base_fingerprint",
+    "check_compatible",
+    "delta_from_lora",
+    "delta_from_models",
+    "functional_expert",
+    "iter_delta",
+    "lora_factor_delta",
+    "validate_delta",
+]
+
+#: State-dict entries never part of a task delta: CLIP's temperature is not trained (condu.md §1, §5).
+DEFAULT_EXCLUDE: tuple[str, ...] = ("logit_scale",)
+
+_FINGERPRINT_VALUES = 1024  # values hashed from each sampled tensor
+
+
+class TaskDelta(dict):
+    """A task delta: ``dict[str, Tensor]`` (fp32) plus the fingerprint of the base model it was taken from.
+
+    ``base_fingerprint`` is ``None`` for a delta built by hand; such a delta is only checked by keys and shapes.
+    """
+
+    def __init__(self, *args, base_fingerprint: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.base_fingerprint = base_fingerprint
+
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.values())
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.values())
+
+    def __repr__(self) -> str:
+        return f"TaskDelta({len(self)} tensors, {self.numel():,} entries, base={self.base_fingerprint})"
+
+
+# ----------------------------------------------------------------------------------------------- tensor sources
+
+
+class _Source:
+    """Read-only access to named tensors: a module, a mapping, or safetensors files (read lazily)."""
+
+    def __init__(self, obj: Any, role: str):
+        self.role = role
+        self.module: nn.Module | None = None
+        self._files: dict[str, str] | None = None  # key -> safetensors file
+        self._handles: dict[str, Any] = {}
+        if isinstance(obj, nn.Module):
+            self.module = obj
+            self._tensors: Mapping[str, torch.Tensor] = obj.state_dict(keep_vars=False)
+        elif isinstance(obj, Mapping):
+            self._tensors = obj
+        elif isinstance(obj, (str, os.PathLike)):
+            self._tensors = {}
+            self._files = _safetensors_index(Path(obj), role)
+        else:
+            raise DeltaError(
+                f"The {role} must be an nn.Module, a state dict or a safetensors file/folder, got {type(obj).__name__}."
+            )
+        self.description = str(obj) if self._files is not None else type(obj).__name__
+
+    def names(self) -> list[str]:
+        return list(self._files) if self._files is not None else list(self._tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in (self._files if self._files is not None else self._tensors)
+
+    def _handle(self, key: str):
+        from safetensors import safe_open
+
+        file = self._files[key]
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(file, framework="pt", device="cpu")
+            except Exception as exc:  # safetensors raises its own error types
+                raise BundleError(f"Cannot read safetensors file {file!r} of the {self.role}: {exc}") from exc
+        return self._handles[file]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self._files is not None:
+            return tuple(self._handle(key).get_slice(key).get_shape())
+        return tuple(self._tensors[key].shape)
+
+    def is_floating(self, key: str) -> bool:
+        if self._files is not None:
+            return self._handle(key).get_slice(key).get_dtype() in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+        t = self._tensors[key]
+        return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._files is not None:
+            try:
+                return self._handle(key).get_tensor(key)
+            except Exception as exc:
+                raise BundleError(
+                    f"Cannot read tensor {key!r} of the {self.role} ({self._files[key]}): {exc}"
+                ) from exc
+        return self._tensors[key].detach()
+
+    def head_values(self, key: str, n: int) -> torch.Tensor:
+        """The first ``n`` values of ``key`` (flattened), reading only the rows needed from disk."""
+        if self._files is not None:
+            sl = self._handle(key).get_slice(key)
+            shape = sl.get_shape()
+            if not shape:
+                return self._handle(key).get_tensor(key).reshape(-1)[:n]
+            row = max(1, math.prod(shape[1:]))
+            return sl[: max(1, -(-n // row))].reshape(-1)[:n]
+        return self._tensors[key].detach().reshape(-1)[:n]
+
+    def trainable_keys(self) -> list[str]:
+        if self.module is None:
+            raise DeltaError(
+                f"keys='trainable' needs the {self.role} as an nn.Module (requires_grad flags); got "
+                f"{self.description}. Pass the list of keys instead."
+            )
+        return [n for n, p in self.module.named_parameters() if p.requires_grad]
+
+
+def _safetensors_index(path: Path, role: str) -> dict[str, str]:
+    """Map every tensor key to its safetensors file, for a file or a (possibly sharded) checkpoint folder."""
+    from safetensors import safe_open
+
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            raise DeltaError(
+                f"{str(path)!r} ({role}) is a PEFT adapter folder; take its delta with delta_from_lora(folder, base)."
+            )
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise BundleError(f"Corrupt safetensors index {str(index)!r} of the {role}: {exc}") from exc
+            return {k: str(path / f) for k, f in weight_map.items()}
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            hint = f" It holds {', '.join(others)}: hf_cft reads safetensors only (never pickle)." if others else ""
+            raise BundleError(f"No safetensors weights in {str(path)!r} ({role}).{hint}")
+    else:
+        raise BundleError(f"The {role} path {str(path)!r} does not exist.")
+    out: dict[str, str] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as h:
+                for k in h.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                    out[k] = str(f)
+        except Exception as exc:
+            raise BundleError(f"Cannot read safetensors file {str(f)!r} of the {role}: {exc}") from exc
+    return out
+
+
+def _as_source(obj: Any, role: str) -> _Source:
+    return obj if isinstance(obj, _Source) else _Source(obj, role)
+
+
+# ------------------------------------------------------------------------------------------------- fingerprint
+
+
+def base_fingerprint(base: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike) -> str:
+    """A short hash identifying a base model: every floating-point key with its shape, plus the first 1024
+    values (as fp32) of the first, middle and last key in sorted order. Cheap (reads three slices from disk) and
+    equal for a model, its state dict and its safetensors checkpoint."""
+    src = _as_source(base, "base model")
+    keys = sorted(k for k in src.names() if src.is_floating(k))
+    h = hashlib.blake2b(digest_size=12)
+    for k in keys:
+        h.update(f"{k}:{list(src.shape(k))};".encode())
+    if keys:
+        for k in sorted({keys[0], keys[len(keys) // 2], keys[-1]}):
+            h.update(src.head_values(k, _FINGERPRINT_VALUES).to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def _check_finite(key: str, t: torch.Tensor, where: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteError(f"Tensor {key!r} {where} holds {bad} NaN/inf value(s).")
+
+
+def validate_delta(
+    delta: Mapping[str, torch.Tensor],
+    reference: Mapping[str, tuple[int, ...]] | None = None,
+    name: str = "delta",
+) -> TaskDelta:
+    """Check a delta and return it as an fp32 :class:`TaskDelta` (tensors are not copied when already fp32).
+
+    Raises :class:`DeltaError` for a non-tensor / non-floating entry or (with ``reference``: key → shape) a missing,
+    extra or mis-shaped key, and :class:`NonFiniteError` for NaN/inf — each naming the key.
+    """
+    if not isinstance(delta, Mapping):
+        raise DeltaError(f"The {name} must be a mapping from state-dict keys to tensors, got {type(delta).__name__}.")
+    if len(delta) == 0:
+        raise DeltaError(f"The {name} is empty (no tensors).")
+    if reference is not None:
+        missing = [k for k in reference if k not in delta]
+        extra = [k for k in delta if k not in reference]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(
+                    f"lacks key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                )
+            if extra:
+                parts.append(
+                    f"has unknown key {extra[0]!r}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                )
+            raise DeltaError(f"The {name} {' and '.join(parts)}; all task deltas must share the same keys.")
+    out = TaskDelta(base_fingerprint=getattr(delta, "base_fingerprint", None))
+    for k, t in delta.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise DeltaError(f"Entry {k!r} of the {name} is not a floating-point tensor ({type(t).__name__}).")
+        if reference is not None and tuple(t.shape) != tuple(reference[k]):
+            raise DeltaError(f"Key {k!r} of the {name} has shape {tuple(t.shape)}, expected {tuple(reference[k])}.")
+        t = t.detach().to(torch.float32)
+        _check_finite(k, t, f"of the {name}")
+        out[k] = t
+    return out
+
+
+def check_compatible(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], names=("delta a", "delta b")):
+    """Raise :class:`DeltaError` unless two deltas share keys, shapes and (when both carry one) base fingerprint."""
+    fa, fb = getattr(a, "base_fingerprint", None), getattr(b, "base_fingerprint", None)
+    if fa is not None and fb is not None and fa != fb:
+        raise DeltaError(
+            f"The {names[0]} and the {names[1]} were taken from different base models (fingerprints {fa} and {fb})."
+        )
+    validate_delta(b, {k: tuple(t.shape) for k, t in a.items()}, name=names[1])
+
+
+# ------------------------------------------------------------------------------------------ deltas from models
+
+
+def _select_keys(ft: _Source, keys, exclude: Sequence[str]) -> list[str]:
+    if keys is None:
+        selected = [k for k in ft.names() if ft.is_floating(k)]
+    elif isinstance(keys, str):
+        if keys != "trainable":
+            raise DeltaError(f"keys must be None, 'trainable' or a list of state-dict keys, got {keys!r}.")
+        selected = ft.trainable_keys()
+        if not selected:
+            raise DeltaError(
+                f"The fine-tuned model ({ft.description}) has no parameter with requires_grad=True; "
+                "pass the trained keys explicitly."
+            )
+    else:
+        selected = list(keys)
+        for k in selected:
+            if k not in ft:
+                raise DeltaError(f"Key {k!r} is not in the fine-tuned model ({ft.description}).")
+    selected = [k for k in selected if k.rsplit(".", 1)[-1] not in exclude and k not in exclude]
+    if not selected:
+        raise DeltaError("No delta keys left after selection and exclusions.")
+    return selected
+
+
+def iter_delta(
+    base: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
+    finetuned: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
+    keys: None | str | Sequence[str] = None,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(key, θ_ft[key] − θ⁰[key])`` in fp32, one tensor at a time.
+
+    ``base`` / ``finetuned``: an ``nn.Module``, a state dict, or a safetensors file or checkpoint folder (sharded
+    folders with ``model.safetensors.index.json`` work); files are opened with ``safe_open`` and read per key,
+    so memory stays at a couple of tensors beyond what the caller keeps.
+    ``keys``: ``None`` = every floating-point entry of ``finetuned``; ``"trainable"`` = parameters of the
+    fine-tuned module with ``requires_grad`` (hf_cft's rule, condu.md §1); or an explicit list.
+    ``exclude`` drops entries by full key or last name component (default ``logit_scale``).
+    Raises :class:`DeltaError` naming a key missing from the base or of another shape, :class:`NonFiniteError`
+    naming a key whose delta holds NaN/inf.
+    """
+    b, f = _as_source(base, "base model"), _as_source(finetuned, "fine-tuned model")
+    for k in _select_keys(f, keys, exclude):
+        if k not in b:
+            raise DeltaError(
+                f"Key {k!r} of the fine-tuned model is not in the base model ({b.description}); "
+                "are they the same architecture? (A PEFT-wrapped model needs delta_from_lora.)"
+            )
+        if b.shape(k) != f.shape(k):
+            raise DeltaError(f"Key {k!r} has shape {f.shape(k)} in the fine-tuned model but {b.shape(k)} in the base.")
+        if not b.is_floating(k) or not f.is_floating(k):
+            raise DeltaError(f"Key {k!r} is not a floating-point tensor; it cannot have a task delta.")
+        d = f.get(k).to(torch.float32) - b.get(k).to(torch.float32)
+        _check_finite(k, d, "of the delta (fine-tuned − base)")
+        yield k, d
+
+
+def delta_from_models(
+    base: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
+    finetuned: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
+    keys: None | str | Sequence[str] = None,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+) -> TaskDelta:
+    """The task delta θ_ft − θ⁰ as a :class:`TaskDelta` (fp32, tagged with the base fingerprint).
+
+    See :func:`iter_delta` for the accepted inputs and ``keys`` / ``exclude``. Example::
+
+        delta = delta_from_models(clip, finetuned_clip, keys="trainable")
+        delta = delta_from_models("ckpt/base", "ckpt/task3")          # safetensors folders, streamed
+    """
+    b = _as_source(base, "base model")
+    out = TaskDelta(iter_delta(b, finetuned, keys=keys, exclude=exclude))
+    out.base_fingerprint = base_fingerprint(b)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- LoRA adapters
+
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)\.(?P<param>weight|bias)$")
+
+
+def _is_peft_model(obj: Any) -> bool:
+    return isinstance(obj, nn.Module) and hasattr(obj, "peft_config") and isinstance(obj.peft_config, dict)
+
+
+def _read_adapter(adapter: Any, adapter_name: str | None) -> tuple[dict, dict[str, torch.Tensor], str]:
+    """(config dict, saved-form tensors ``base_model.model.<module>.lora_A.weight``, description)."""
+    if _is_peft_model(adapter):
+        from peft import get_peft_model_state_dict
+
+        name = adapter_name or getattr(adapter, "active_adapter", None) or "default"
+        if isinstance(name, (list, tuple)):
+            name = name[0]
+        if name not in adapter.peft_config:
+            raise AdapterError(f"Adapter {name!r} is not in the PEFT model (it has {sorted(adapter.peft_config)}).")
+        config = adapter.peft_config[name].to_dict()
+        tensors = get_peft_model_state_dict(adapter, adapter_name=name)
+        return config, {k: v.detach() for k, v in tensors.items()}, f"adapter {name!r}"
+    if isinstance(adapter, (str, os.PathLike)):
+        folder = Path(adapter)
+        cfg_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+        if not cfg_file.is_file():
+            raise AdapterError(f"{str(folder)!r} is not a PEFT adapter folder (no adapter_config.json).")
+        if not weights.is_file():
+            hint = (
+                " (only adapter_model.bin: hf_cft reads safetensors only)"
+                if (folder / "adapter_model.bin").exists()
+                else ""
+            )
+            raise AdapterError(f"Adapter folder {str(folder)!r} has no adapter_model.safetensors{hint}.")
+        try:
+            config = json.loads(cfg_file.read_text())
+        except ValueError as exc:
+            raise AdapterError(
+                f"Adapter folder {str(folder)!r}: adapter_config.json is not valid JSON ({exc})."
+            ) from exc
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(weights))
+        except Exception as exc:
+            raise BundleError(f"Cannot read {str(weights)!r}: {exc}") from exc
+        return config, tensors, f"adapter folder {str(folder)!r}"
+    raise AdapterError(f"Expected a PeftModel or an adapter folder, got {type(adapter).__name__}.")
+
+
+def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default):
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` rule: a pattern applies when it matches a dotted suffix of the
+    module name (``(.*\\.)?pattern$``); the first matching pattern wins."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _lora_groups(config: dict, tensors: Mapping[str, torch.Tensor], where: str) -> dict[str, dict]:
+    """Group saved LoRA tensors per target module and compute each module's scaling (refusing what isn't LoRA)."""
+    peft_type = str(config.get("peft_type", "")).split(".")[-1].upper()
+    if peft_type != "LORA":
+        raise AdapterError(
+            f"The {where} is a {config.get('peft_type')!r} adapter; only LoRA adapters have a delta here."
+        )
+    if config.get("use_dora"):
+        raise AdapterError(
+            f"The {where} uses DoRA (use_dora=True): its weight is a magnitude-normalised direction, not θ⁰ + s·B@A, "
+            "so it has no LoRA delta. Merge it with merge_and_unload() and use delta_from_models instead."
+        )
+    groups: dict[str, dict] = {}
+    unknown = []
+    for key, t in tensors.items():
+        m = _LORA_KEY.match(key)
+        if m is None:
+            unknown.append(key)
+            continue
+        groups.setdefault(m["module"], {})[f"{m['part']}.{m['param']}"] = t
+    if unknown:
+        raise AdapterError(
+            f"The {where} holds tensors that are not LoRA A/B factors, e.g. {unknown[0]!r} ({len(unknown)} in all: "
+            "modules_to_save, trained biases, embedding or token adapters); hf_cft takes deltas of LoRA linears only."
+        )
+    if not groups:
+        raise AdapterError(f"The {where} holds no LoRA tensors.")
+    for module, g in groups.items():
+        if "lora_A.weight" not in g or "lora_B.weight" not in g:
+            raise AdapterError(f"The {where} lacks lora_A or lora_B for module {module!r}.")
+        a, b = g["lora_A.weight"], g["lora_B.weight"]
+        if a.ndim != 2 or b.ndim != 2:
+            raise AdapterError(f"Module {module!r} of the {where} is not a linear LoRA (factor of {a.ndim} dims).")
+        r = int(_pattern_value(config.get("rank_pattern"), module, config.get("r")))
+        if a.shape[0] != r or b.shape[1] != r:
+            raise AdapterError(
+                f"Module {module!r} of the {where}: factors of rank {a.shape[0]} but the config says r={r}."
+            )
+        alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha")))
+        g["scaling"] = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        g["fan_in_fan_out"] = bool(config.get("fan_in_fan_out"))
+    return groups
+
+
+def delta_from_lora(
+    adapter: nn.Module | str | os.PathLike,
+    base_model: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
+    adapter_name: str | None = None,
+) -> TaskDelta:
+    """Dense delta of a LoRA adapter: ``ΔW = s·B@A`` per target linear, keyed by the base weight key
+    (condu.md §5 "dense"; architecture.md: merge in dense delta space).
+
+    ``adapter``: a ``PeftModel`` (its active adapter, or ``adapter_name``) or an adapter folder
+    (``adapter_config.json`` + ``adapter_model.safetensors``). ``s = lora_alpha/r``, or ``lora_alpha/√r`` with
+    ``use_rslora``; ``rank_pattern`` / ``alpha_pattern`` are honoured; ``fan_in_fan_out`` transposes; a LoRA-B
+    bias (``lora_bias=True``) adds ``s·b`` to the base bias. ``base_model`` (module, state dict or safetensors
+    path) gives the key names, shapes and the base fingerprint.
+
+    Raises :class:`AdapterError` for DoRA, non-LoRA adapters and tensors that are not LoRA factors;
+    :class:`DeltaError` naming a target whose base key is missing or of another shape. Example::
+
+        delta = delta_from_lora(peft_model, clip)        # {"vision_model...mlp.fc1.weight": s·B@A, ...}
+    """
+    config, tensors, where = _read_adapter(adapter, adapter_name)
+    groups = _lora_groups(config, tensors, where)
+    base = _as_source(base_model, "base model")
+    out = TaskDelta()
+    for module, g in groups.items():
+        a, b, s = g["lora_A.weight"].to(torch.float32), g["lora_B.weight"].to(torch.float32), g["scaling"]
+        dw = s * (b @ a)
+        if g["fan_in_fan_out"]:
+            dw = dw.t().contiguous()
+        entries = {f"{module}.weight": dw}
+        if "lora_B.bias" in g:
+            entries[f"{module}.bias"] = s * g["lora_B.bias"].to(torch.float32)
+        for key, t in entries.items():
+            if key not in base:
+                raise DeltaError(f"LoRA target {module!r} of the {where} has no base key {key!r} in the base model.")
+            if base.shape(key) != tuple(t.shape):
+                raise DeltaError(
+                    f"LoRA delta for {key!r} has shape {tuple(t.shape)} but the base weight is {base.shape(key)}."
+                )
+            _check_finite(key, t, f"of the LoRA delta ({where})")
+            out[key] = t
+    out.base_fingerprint = base_fingerprint(base)
+    return out
+
+
+def lora_factor_delta(
+    adapter: nn.Module | str | os.PathLike, reference: nn.Module, adapter_name: str | None = None
+) -> TaskDelta:
+    """Deltas of the LoRA factors themselves, for ``lora_merge="factors"`` (condu.md §5, ConDU (LoRA) as released):
+    ``δ_A = A − A⁰``, ``δ_B = B − B⁰``, keyed by the parameter names of ``reference``.
+
+    ``reference`` is a ``PeftModel`` holding θ⁰ plus the *initial* adapter (hf_cft: B⁰ = 0 and the fixed A⁰
+    seed shared by every task). Experts are then built over ``reference`` (θ⁰ + A⁰/B⁰ + λ·M⊙u). The adapter
+    must have the same targets, ranks and scalings as the reference (else :class:`DeltaError`).
+    """
+    if not _is_peft_model(reference):
+        raise AdapterError("lora_merge='factors' needs the reference as a PeftModel holding the initial adapter.")
+    ref_name = reference.active_adapter if isinstance(reference.active_adapter, str) else reference.active_adapter[0]
+    config, tensors, where = _read_adapter(adapter, adapter_name)
+    ref_config = reference.peft_config[ref_name].to_dict()
+    groups = _lora_groups(config, tensors, where)
+    ref_groups = _lora_groups(ref_config, _read_adapter(reference, ref_name)[1], f"reference adapter {ref_name!r}")
+    params = dict(reference.named_parameters())
+    out = TaskDelta()
+    for module, g in groups.items():
+        if module not in ref_groups:
+            raise DeltaError(f"LoRA target {module!r} of the {where} is not a target of the reference adapter.")
+        if not math.isclose(g["scaling"], ref_groups[module]["scaling"], rel_tol=1e-12):
+            raise DeltaError(
+                f"LoRA target {module!r}: scaling {g['scaling']} differs from the reference's "
+                f"{ref_groups[module]['scaling']}; factor deltas need the same r / lora_alpha / use_rslora."
+            )
+        for part in ("lora_A", "lora_B"):
+            key = f"base_model.model.{module}.{part}.{ref_name}.weight"
+            if key not in params:
+                raise DeltaError(f"The reference PeftModel has no parameter {key!r}.")
+            t = g[f"{part}.weight"].to(torch.float32) - params[key].detach().to(torch.float32)
+            if tuple(t.shape) != tuple(params[key].shape):
+                raise DeltaError(f"Factor {key!r} has shape {tuple(t.shape)}, reference {tuple(params[key].shape)}.")
+            _check_finite(key, t, f"of the LoRA factor delta ({where})")
+            out[key] = t
+    missing = set(ref_groups) - set(groups)
+    if missing:
+        raise DeltaError(f"The {where} lacks the reference's LoRA target {sorted(missing)[0]!r}.")
+    out.base_fingerprint = base_fingerprint(reference)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- experts θ⁰ + s·δ
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    named = dict(model.named_parameters())
+    named.update(dict(model.named_buffers()))
+    return named
+
+
+def _check_against_model(model: nn.Module, delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    named = _named_tensors(model)
+    for k, d in delta.items():
+        if k not in named:
+            raise DeltaError(f"Delta key {k!r} is not a parameter or buffer of {type(model).__name__}.")
+        if tuple(named[k].shape) != tuple(d.shape):
+            raise DeltaError(f"Delta key {k!r} has shape {tuple(d.shape)} but the model's is {tuple(named[k].shape)}.")
+    fp = getattr(delta, "base_fingerprint", None)
+    if fp is not None and fp != base_fingerprint(model):
+        raise DeltaError(
+            f"The delta was taken from another base model (fingerprint {fp}, model {base_fingerprint(model)})."
+        )
+    return named
+
+
+@torch.no_grad()
+def apply_delta(model: nn.Module, delta: Mapping[str, torch.Tensor], scale: float = 1.0) -> nn.Module:
+    """Add ``scale·δ`` to ``model``'s tensors **in place** and return the model (keys and shapes checked first).
+
+    Use :func:`functional_expert` to run θ⁰ + s·δ without touching the model.
+    """
+    named = _check_against_model(model, delta)
+    for k, d in delta.items():
+        _check_finite(k, d, "of the delta")
+    for k, d in delta.items():
+        t = named[k]
+        t.add_(d.to(device=t.device, dtype=t.dtype), alpha=scale)
+    return model
+
+
+class _Runner(nn.Module):
+    """Lets ``functional_call`` run any function of the model (e.g. ``get_image_features``), not just forward."""
+
+    def __init__(self, model: nn.Module, fn: Callable):
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, *args, **kwargs):
+        return self.fn(self.model, *args, **kwargs)
+
+
+class FunctionalExpert:
+    """θ⁰ + scale·δ run with ``torch.func.functional_call``: only the delta's keys are replaced (by new tensors
+    θ⁰[k] + s·δ[k]); the module and its other weights are shared, never copied or modified.
+
+    ``expert(*args)`` calls the model's forward; ``expert.run(fn, *args)`` calls ``fn(model, *args)`` with the
+    expert's weights in place, e.g. ``expert.run(hf_cft.models.image_features, pixel_values)``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        delta: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+        scale: float = 1.0,
+        check: bool = True,
+    ):
+        if isinstance(delta, Mapping) and check:
+            named = _check_against_model(model, delta)
+            items: Iterable[tuple[str, torch.Tensor]] = delta.items()
+        else:  # a stream of (key, δ) pairs (e.g. DeltaFusionMerger.iter_expert_delta): keys checked as they come
+            named = _named_tensors(model)
+            items = delta.items() if isinstance(delta, Mapping) else delta
+        self.model = model
+        self.params: dict[str, torch.Tensor] = {}
+        for k, d in items:
+            base = named.get(k)
+            if base is None or tuple(base.shape) != tuple(d.shape):
+                what = (
+                    "is not a parameter or buffer" if base is None else f"has shape {tuple(d.shape)}, not the model's"
+                )
+                raise DeltaError(f"Delta key {k!r} {what} of {type(model).__name__}.")
+            self.params[k] = base.detach() + scale * d.to(device=base.device, dtype=base.dtype)
+
+    def __call__(self, *args, **kwargs):
+        from torch.func import functional_call
+
+        return functional_call(self.model, self.params, args, kwargs, strict=False)
+
+    def run(self, fn: Callable, *args, **kwargs):
+        from torch.func import functional_call
+
+        params = {f"model.{k}": v for k, v in self.params.items()}
+        return functional_call(_Runner(self.model, fn), params, args, kwargs, strict=False)
+
+
+def functional_expert(model: nn.Module, delta: Mapping[str, torch.Tensor], scale: float = 1.0) -> FunctionalExpert:
+    """Shorthand for :class:`FunctionalExpert` (θ⁰ + scale·δ without a model copy). Example::
+
+    with torch.no_grad():
+        logits = functional_expert(clip, delta)(input_ids=ids, pixel_values=px).logits_per_image
+    """
+    return FunctionalExpert(model, delta, scale)

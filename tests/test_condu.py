@@ -1,0 +1,429 @@
+"""ConDU: the property tests of docs/methods/condu.md §8 (random dicts of tensors of several shapes), the λ
+formulas by hand, degenerate triggers, bit-packed masks, bundle save/load and its failure modes."""
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_cft.errors import BundleError, DeltaError, MergeConfigError, NonFiniteError, TaskError
+from hf_cft.merging import (
+    CollapsedTaskWarning,
+    DeltaFusionMerger,
+    PackedMask,
+    TaskDelta,
+    decouple,
+    elected_sign,
+    unify,
+)
+
+SHAPES = {"w": (6, 5), "b": (7,), "t": (2, 3, 4), "s": (1,)}
+FAST = settings(max_examples=12, deadline=None, derandomize=True)
+seeds = st.integers(0, 2**31 - 1)
+
+
+def rand(seed, n, shapes=SHAPES, kind="normal", sparsity=0.0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        d = {}
+        for k, s in shapes.items():
+            x = torch.randn(s, generator=g)
+            if kind == "positive":
+                x = x.abs() + 1e-3
+            if sparsity:
+                x = torch.where(torch.rand(s, generator=g) < sparsity, 0.0, x)
+            d[k] = x
+        out.append(d)
+    return out
+
+
+def mass(d, rescaler="mean"):
+    """The L1 mass in the rescaler's form (condu.md §3)."""
+    return sum(float(t.abs().sum(dtype=torch.float64)) / (t.numel() if rescaler == "mean" else 1) for t in d.values())
+
+
+def run_sessions(deltas, rescaler="mean", check=None):
+    m = DeltaFusionMerger(rescaler=rescaler)
+    for t, d in enumerate(deltas):
+        m.add_task(d, f"task{t}")
+        if check is not None:
+            check(m, t)
+    return m
+
+
+# ----------------------------------------------------------------------------------- §8 property tests 1-9
+
+
+@FAST
+@given(seed=seeds, sparsity=st.sampled_from([0.0, 0.3]), rescaler=st.sampled_from(["mean", "global_sum"]))
+def test_1_one_task_is_rebuilt_exactly(seed, sparsity, rescaler):
+    (d,) = rand(seed, 1, sparsity=sparsity)
+    m = run_sessions([d], rescaler)
+    rec = m.tasks[0]
+    assert rec.lam == 1.0 and not rec.collapsed
+    rebuilt = m.expert_delta("task0")
+    for k in d:
+        assert torch.equal(m.mask("task0", k), d[k] != 0)
+        assert torch.equal(rebuilt[k], d[k])
+
+
+@FAST
+@given(seed=seeds, n=st.integers(2, 6))
+def test_2_signs_and_masks(seed, n):
+    deltas = rand(seed, n, sparsity=0.2)
+    res = unify(deltas)
+    for k in SHAPES:
+        stack = torch.stack([d[k] for d in deltas])
+        sigma = elected_sign([d[k] for d in deltas])
+        assert torch.equal(sigma == -1, stack.mean(0) <= 0)  # σ = −1 where the mean is ≤ 0 (ties, all-zero)
+        for i, d in enumerate(deltas):
+            assert torch.equal(res.masks[i][k], sigma * d[k] > 0)
+            rebuilt = decouple(res, i)[k]
+            assert bool(((torch.sign(rebuilt) == torch.sign(res.unified[k])) | (rebuilt == 0)).all())
+    # over sessions, every decoupled expert agrees in sign with u
+    m = run_sessions(deltas)
+    for name in m.task_names:
+        for k, v in m.expert_delta(name).items():
+            assert bool(((torch.sign(v) == torch.sign(m.unified_delta[k])) | (v == 0)).all())
+
+
+@pytest.mark.parametrize("rescaler", ["mean", "global_sum"])
+def test_3_mass_is_kept_over_many_sessions(rescaler):
+    deltas = rand(7, 20)
+    original = [mass(d, rescaler) for d in deltas]
+
+    def check(m, t):
+        for i, rec in enumerate(m.tasks):
+            if not rec.collapsed:
+                got = mass(m.expert_delta(rec.name), rescaler)
+                assert abs(got - original[i]) <= 1e-6 * original[i], (t, i, got, original[i])
+
+    m = run_sessions(deltas, rescaler, check)
+    assert not any(r.collapsed for r in m.tasks)
+
+
+@FAST
+@given(seed=seeds, n=st.integers(2, 8))
+def test_4_same_sign_deltas(seed, n):
+    pattern = {k: torch.where(v > 0, 1.0, -1.0) for k, v in rand(seed + 1, 1)[0].items()}
+    deltas = [{k: pattern[k] * v for k, v in d.items()} for d in rand(seed, n, kind="positive")]
+    envelope = {k: torch.stack([d[k].abs() for d in deltas]).max(0).values for k in SHAPES}
+
+    def check(m, t):
+        seen = torch.stack
+        for rec in m.tasks:
+            assert rec.lam <= 1.0 + 1e-12
+            for k in SHAPES:
+                assert bool(m.mask(rec.name, k).all())
+        for k, u in m.unified_delta.items():
+            assert bool((u.abs() <= seen([d[k].abs() for d in deltas[: t + 1]]).max(0).values).all())
+            assert bool((u.abs() <= envelope[k]).all())
+
+    run_sessions(deltas, check=check)
+
+
+@FAST
+@given(seed=seeds, n=st.integers(2, 6))
+def test_5_disjoint_supports_rebuild_exactly(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    owner = {k: torch.randint(0, n, s, generator=g) for k, s in SHAPES.items()}
+    deltas = [{k: torch.where(owner[k] == i, v, 0.0) for k, v in d.items()} for i, d in enumerate(rand(seed, n))]
+
+    def check(m, t):
+        for i, rec in enumerate(m.tasks):
+            assert rec.lam == 1.0
+            for k, v in m.expert_delta(rec.name).items():
+                assert torch.equal(v, deltas[i][k])
+
+    run_sessions(deltas, check=check)
+
+
+@FAST
+@given(seed=seeds, n=st.integers(2, 5), c=st.floats(0.05, 20.0), exp=st.integers(-3, 3))
+def test_6_scale_and_permutation_equivariance(seed, n, c, exp):
+    deltas = rand(seed, n)
+    base = unify(deltas)
+    two = 2.0**exp  # exact in floating point: everything scales exactly
+    exact = unify([{k: two * v for k, v in d.items()} for d in deltas])
+    approx = unify([{k: c * v for k, v in d.items()} for d in deltas])
+    for k in SHAPES:
+        assert torch.equal(exact.unified[k], two * base.unified[k])
+        torch.testing.assert_close(approx.unified[k], c * base.unified[k], rtol=1e-5, atol=0)
+        for i in range(n):
+            assert torch.equal(exact.masks[i][k], base.masks[i][k])
+            assert torch.equal(approx.masks[i][k], base.masks[i][k])
+    assert exact.lambdas == base.lambdas
+    np.testing.assert_allclose(approx.lambdas, base.lambdas, rtol=1e-6)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    permuted = unify([deltas[p] for p in perm])
+    for k in SHAPES:
+        torch.testing.assert_close(permuted.unified[k], base.unified[k], rtol=1e-6, atol=0)
+        for j, p in enumerate(perm):
+            assert torch.equal(permuted.masks[j][k], base.masks[p][k])
+    np.testing.assert_allclose(permuted.lambdas, [base.lambdas[p] for p in perm], rtol=1e-6)
+
+
+@FAST
+@given(seed=seeds, sparsity=st.sampled_from([0.0, 0.5]))
+def test_7_the_same_delta_twice_is_rebuilt_twice(seed, sparsity):
+    (d,) = rand(seed, 1, sparsity=sparsity)
+    res = unify([d, d])
+    assert res.lambdas == [1.0, 1.0]
+    m = run_sessions([d, dict(d)])
+    for i, name in enumerate(m.task_names):
+        assert m.tasks[i].lam == 1.0
+        for k, v in m.expert_delta(name).items():
+            assert torch.equal(decouple(res, i)[k], d[k]) and torch.equal(v, d[k])
+
+
+def test_8_same_sign_iid_sessions_stay_bounded_and_stabilise():
+    shapes = {"w": (30, 30), "b": (30,), "t": (2, 5, 6)}
+    deltas = rand(3, 30, shapes=shapes, kind="positive")
+    envelope_l1, u_l1 = [], []
+
+    def check(m, t):
+        env = sum(float(torch.stack([d[k] for d in deltas[: t + 1]]).max(0).values.sum()) for k in shapes)
+        envelope_l1.append(env)
+        u_l1.append(sum(float(u.abs().sum()) for u in m.unified_delta.values()))
+        assert u_l1[-1] <= env * (1 + 1e-6)
+
+    run_sessions(deltas, check=check)
+    last, earlier = np.array(u_l1[-10:]), np.array(u_l1[10:20])
+    # a bounded, stationary magnitude (condu.md §8: not a fixed point): low variation over the last 10 sessions,
+    # the same level as ten sessions before, and well below the still-growing envelope
+    assert last.std() / last.mean() < 0.04, last
+    assert abs(last.mean() - earlier.mean()) / last.mean() < 0.04
+    assert u_l1[-1] < 0.6 * envelope_l1[-1]
+
+
+def test_9_degenerate_triggers_follow_the_policy():
+    (d,) = rand(0, 1)
+    zero = {k: torch.zeros_like(v) for k, v in d.items()}
+    m = DeltaFusionMerger()
+    with pytest.warns(CollapsedTaskWarning, match="'empty'"):
+        m.add_task(zero, "empty")
+    assert m.tasks[0].lam == 0.0 and m.tasks[0].collapsed
+    m.add_task(d, "real")
+    assert not m.tasks[1].collapsed and m.tasks[1].lam == 1.0
+    assert all(torch.equal(v, d[k]) for k, v in m.expert_delta("real").items())
+    assert all(not bool(v.any()) for v in m.expert_delta("empty").values())
+    # total sign conflict: the second delta outweighs the first everywhere, so the first loses every entry
+    conflict = DeltaFusionMerger()
+    conflict.add_task(d, "a")
+    with pytest.warns(CollapsedTaskWarning, match="'a'"):
+        conflict.add_task({k: -2 * v for k, v in d.items()}, "b")
+    a, b = conflict.tasks
+    assert a.collapsed and a.lam == 0.0 and not b.collapsed and b.lam == 1.0
+    for merger in (m, conflict):
+        for name in merger.task_names:
+            assert all(bool(torch.isfinite(v).all()) for v in merger.expert_delta(name).values())
+        assert all(math.isfinite(r.lam) for r in merger.tasks)
+    # strict: raise, and leave the merger exactly as it was
+    strict = DeltaFusionMerger(strict=True)
+    strict.add_task(d, "a")
+    before = {k: v.clone() for k, v in strict.unified_delta.items()}
+    with pytest.raises(TaskError, match="'a'"):
+        strict.add_task({k: -2 * v for k, v in d.items()}, "b")
+    with pytest.raises(TaskError, match="'z'"):
+        strict.add_task(zero, "z")
+    assert strict.task_names == ["a"] and strict.tasks[0].lam == 1.0
+    assert all(torch.equal(v, before[k]) for k, v in strict.unified_delta.items())
+    assert all(torch.equal(strict.mask("a", k), d[k] != 0) for k in d)
+
+
+# --------------------------------------------------------------------------------------------- λ by hand
+
+
+@pytest.mark.parametrize("rescaler", ["mean", "global_sum"])
+def test_rescaler_formulas_by_hand(rescaler):
+    d1 = {"x": torch.tensor([1.0, -2.0, 3.0, 0.0]), "y": torch.tensor([0.5, 0.5])}
+    d2 = {"x": torch.tensor([2.0, 1.0, -4.0, 1.0]), "y": torch.tensor([-1.0, 1.5])}
+    res = unify([d1, d2], rescaler)
+    # σ: x: [+, -, -, +]; y: [-, +]. u = σ·max agreeing |δ|: x [2, -2, -4, 1]; y [-1, 1.5]
+    assert torch.equal(res.unified["x"], torch.tensor([2.0, -2.0, -4.0, 1.0]))
+    assert torch.equal(res.unified["y"], torch.tensor([-1.0, 1.5]))
+    assert res.masks[0]["x"].tolist() == [True, True, False, False]
+    assert res.masks[1]["y"].tolist() == [True, True]
+    if rescaler == "mean":
+        lam1 = (6 / 4 + 1 / 2) / (4 / 4 + 1.5 / 2)
+        lam2 = (8 / 4 + 2.5 / 2) / (7 / 4 + 2.5 / 2)
+    else:
+        lam1 = (6 + 1) / (4 + 1.5)
+        lam2 = (8 + 2.5) / (7 + 2.5)
+    assert res.lambdas == pytest.approx([lam1, lam2], rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_named():
+    (d,) = rand(0, 1)
+    m = DeltaFusionMerger()
+    m.add_task(d, "a")
+    with pytest.raises(TaskError, match="'a' was already added"):
+        m.add_task(d, "a")
+    with pytest.raises(DeltaError, match="lacks key 'w'"):
+        m.add_task({k: v for k, v in d.items() if k != "w"}, "b")
+    with pytest.raises(DeltaError, match="'b' .*shape"):
+        m.add_task({**d, "b": torch.zeros(8)}, "c")
+    with pytest.raises(NonFiniteError, match="'t'"):
+        m.add_task({**d, "t": torch.full((2, 3, 4), float("nan"))}, "d")
+    m2 = DeltaFusionMerger()
+    m2.add_task(TaskDelta(d, base_fingerprint="one"), "a")
+    with pytest.raises(DeltaError, match="task 'b' was taken from another base model"):
+        m2.add_task(TaskDelta(d, base_fingerprint="two"), "b")
+    with pytest.raises(TaskError, match="Unknown task 'zz'"):
+        m.expert_delta("zz")
+    with pytest.raises(MergeConfigError, match="rescaler"):
+        DeltaFusionMerger(rescaler="median")
+    with pytest.raises(MergeConfigError, match="lora_merge"):
+        DeltaFusionMerger(lora_merge="sparse")
+    with pytest.raises(TaskError, match="prototype rows"):
+        m.add_task(d, "p", prototypes=torch.randn(3, 4), classnames=["x", "y"])
+    assert m.task_names == ["a"]
+
+
+# ------------------------------------------------------------------------------------------------ masks
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(shape=st.lists(st.integers(0, 9), min_size=0, max_size=3), seed=seeds, p=st.floats(0, 1))
+def test_packed_masks_round_trip_at_one_bit_per_entry(shape, seed, p):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(tuple(shape), generator=g) < p
+    packed = PackedMask.pack(mask)
+    assert packed.bits.dtype == torch.uint8 and packed.nbytes == -(-mask.numel() // 8)
+    assert torch.equal(packed.unpack(), mask) and packed.unpack().shape == mask.shape
+    assert packed.count() == int(mask.sum())
+    np.testing.assert_array_equal(packed.bits.numpy(), np.packbits(mask.numpy().reshape(-1)))
+
+
+def test_storage_report_uses_one_bit_masks():
+    m = run_sessions(rand(1, 3, shapes={"w": (64, 32), "b": (64,)}))
+    s = m.storage_bytes()
+    assert s["masks_packed"] == 3 * (64 * 32 + 64) // 8 and s["masks_bool"] == 3 * (64 * 32 + 64)
+    assert s["unified"] == 4 * (64 * 32 + 64) and s["experts"] == 3 * s["unified"]
+    assert s["bundle"] == s["unified"] + s["masks_packed"] + s["prototypes"] < s["bundle_bool_masks"] < s["experts"]
+
+
+# ------------------------------------------------------------------------------------------------ bundles
+
+
+def _merger_with_prototypes():
+    deltas = rand(4, 3)
+    m = DeltaFusionMerger(rescaler="global_sum")
+    for i, d in enumerate(deltas):
+        protos = torch.randn(2 + i, 5) if i != 1 else None
+        m.add_task(d, f"task{i}", prototypes=protos, classnames=[f"c{j}" for j in range(2 + i)], templates=["{}"])
+    return m
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    m = _merger_with_prototypes()
+    m.save_pretrained(tmp_path / "bundle")
+    files = sorted(p.name for p in (tmp_path / "bundle").iterdir())
+    assert files == ["manifest.json", "masks.safetensors", "prototypes.safetensors", "unified.safetensors"]
+    loaded = DeltaFusionMerger.from_pretrained(tmp_path / "bundle")
+    assert loaded.config == m.config and loaded.tasks == m.tasks and loaded.base_fingerprint == m.base_fingerprint
+    for k, u in m.unified_delta.items():
+        assert torch.equal(loaded.unified_delta[k], u)
+    for name in m.task_names:
+        for k in SHAPES:
+            assert loaded.packed_mask(name, k) == m.packed_mask(name, k)
+        assert (loaded.prototypes(name) is None) == (m.prototypes(name) is None)
+        if m.prototypes(name) is not None:
+            assert torch.equal(loaded.prototypes(name), m.prototypes(name))
+        assert all(torch.equal(v, m.expert_delta(name)[k]) for k, v in loaded.expert_delta(name).items())
+    (extra,) = rand(9, 1)  # the loaded merger continues exactly like the original
+    m.add_task(extra, "next")
+    loaded.add_task(extra, "next")
+    assert all(torch.equal(loaded.unified_delta[k], u) for k, u in m.unified_delta.items())
+    assert [r.lam for r in loaded.tasks] == [r.lam for r in m.tasks]
+
+
+def test_corrupt_or_missing_bundle_files_raise_bundle_error(tmp_path):
+    m = _merger_with_prototypes()
+    folder = m.save_pretrained(tmp_path / "b")
+    blob = (folder / "masks.safetensors").read_bytes()
+    (folder / "masks.safetensors").write_bytes(blob[:-3] + bytes(3 * [255]))
+    with pytest.raises(BundleError, match="masks.safetensors does not match the checksum"):
+        DeltaFusionMerger.from_pretrained(folder)
+    (folder / "masks.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(BundleError, match="cannot read masks.safetensors"):
+        DeltaFusionMerger.from_pretrained(folder, verify=False)
+    (folder / "masks.safetensors").write_bytes(blob)
+    DeltaFusionMerger.from_pretrained(folder)  # restored: loads again
+    (folder / "unified.safetensors").unlink()
+    with pytest.raises(BundleError, match="lacks unified.safetensors"):
+        DeltaFusionMerger.from_pretrained(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        DeltaFusionMerger.from_pretrained(folder)
+    manifest["tasks"][0]["lam"] = float("nan")
+    m.save_pretrained(folder)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="task0"):
+        DeltaFusionMerger.from_pretrained(folder)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="manifest.json is missing|not a local bundle"):
+        DeltaFusionMerger.from_pretrained(folder)
+    with pytest.raises(BundleError, match="no-such-user/no-such-bundle"):  # offline Hub id
+        DeltaFusionMerger.from_pretrained("no-such-user/no-such-bundle")
+
+
+def test_save_is_atomic_per_file(tmp_path, monkeypatch):
+    m = _merger_with_prototypes()
+    folder = m.save_pretrained(tmp_path / "b")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    (extra,) = rand(5, 1)
+    m.add_task(extra, "more")
+    import hf_cft.utils
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(hf_cft.utils, "atomic_write_json", boom)  # crash before the manifest is written
+    with pytest.raises(RuntimeError):
+        m.save_pretrained(folder)
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    with pytest.raises(BundleError, match="checksum"):  # new tensors, old manifest: detected, never mixed
+        DeltaFusionMerger.from_pretrained(folder)
+    assert (folder / "manifest.json").read_bytes() == before["manifest.json"]
+
+
+def test_warnings_only_for_newly_collapsed_tasks():
+    (d,) = rand(0, 1)
+    m = DeltaFusionMerger()
+    with pytest.warns(CollapsedTaskWarning):
+        m.add_task({k: torch.zeros_like(v) for k, v in d.items()}, "zero")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CollapsedTaskWarning)
+        m.add_task(d, "ok")  # "zero" stays collapsed; no new warning
+    assert m.tasks[0].collapsed
+
+
+def test_model_card_lists_tasks_storage_and_results(monkeypatch):
+    from pathlib import Path
+
+    import hf_cft.hub.cards as cards
+
+    repo_cards = Path(__file__).resolve().parents[1] / "model_cards"  # this checkout's templates
+    monkeypatch.setattr(cards.resources, "files", lambda pkg: repo_cards)
+    m = DeltaFusionMerger(base_model_name_or_path="openai/clip-vit-base-patch16")
+    (d,) = rand(0, 1)
+    m.add_task(d, "dtd", classnames=["a", "b"], dataset="dtd")
+    with pytest.warns(CollapsedTaskWarning):
+        m.add_task({k: torch.zeros_like(v) for k, v in d.items()}, "mnist", dataset="mnist")
+    card = m.model_card(results=[{"name": "dtd", "accuracy": 71.25}], summary={"Last": 80.5})
+    text = str(card)
+    assert "| 0 | dtd | dtd | 2 | 1.0000 |" in text and "| 1 | mnist | mnist |  | 0.0000 | yes |" in text
+    assert "| dtd | 71.25 |" in text and "| Last | 80.50 |" in text
+    assert "base_model: openai/clip-vit-base-patch16" in text and "value: 71.25" in text
+    assert f"{m.storage_bytes()['bundle'] / 1e6:.2f}" in text

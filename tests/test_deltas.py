@@ -1,0 +1,256 @@
+"""Task deltas: from models / state dicts / safetensors (streamed), from LoRA adapters (dense and factors),
+validation errors naming the key, base fingerprints, experts θ⁰ + s·δ via functional_call."""
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from hf_cft.errors import AdapterError, BundleError, DeltaError, NonFiniteError
+from hf_cft.merging import (
+    TaskDelta,
+    apply_delta,
+    base_fingerprint,
+    check_compatible,
+    delta_from_lora,
+    delta_from_models,
+    functional_expert,
+    iter_delta,
+    lora_factor_delta,
+    validate_delta,
+)
+from hf_cft.models import image_features
+from hf_cft.testing import tiny_clip
+
+FC1 = "text_model.encoder.layers.0.mlp.fc1.weight"
+
+
+def _perturbed(model, seed=1, scale=0.01, only=None):
+    ft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in ft.named_parameters():
+            if only is None or only in n:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return ft
+
+
+def _lora(model, seed=3, **cfg):
+    cfg = {"r": 4, "lora_alpha": 8, "target_modules": ["fc1", "fc2"], **cfg}
+    torch.manual_seed(seed)  # PEFT draws A from the global generator
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:  # PEFT zero-initialises B: make the adapter do something
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return peft_model
+
+
+def _merged_minus_base(peft_model, base):
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    sd, b = merged.state_dict(), base.state_dict()
+    return {k: sd[k] - b[k] for k in b if not torch.equal(sd[k], b[k])}
+
+
+# ------------------------------------------------------------------------------------------- full models
+
+
+def test_delta_from_models_is_the_difference_and_excludes_logit_scale(clip_model):
+    ft = _perturbed(clip_model)
+    with torch.no_grad():
+        ft.logit_scale.add_(1.0)
+    delta = delta_from_models(clip_model, ft)
+    assert isinstance(delta, TaskDelta) and "logit_scale" not in delta
+    sd_b, sd_f = clip_model.state_dict(), ft.state_dict()
+    assert set(delta) == {k for k in sd_b if k != "logit_scale"}
+    for k, d in delta.items():
+        assert d.dtype == torch.float32
+        torch.testing.assert_close(d, sd_f[k] - sd_b[k], rtol=0, atol=0)
+    assert delta.base_fingerprint == base_fingerprint(clip_model)
+
+
+def test_trainable_keys_and_explicit_keys(clip_model):
+    ft = _perturbed(clip_model, only="vision_model")
+    for n, p in ft.named_parameters():
+        p.requires_grad_("vision_model.encoder" in n)
+    delta = delta_from_models(clip_model, ft, keys="trainable")
+    assert delta and all(k.startswith("vision_model.encoder") for k in delta)
+    assert set(delta_from_models(clip_model, ft, keys=[FC1])) == {FC1}
+    for p in ft.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(DeltaError, match="requires_grad"):
+        delta_from_models(clip_model, ft, keys="trainable")
+    with pytest.raises(DeltaError, match="trainable"):
+        delta_from_models(clip_model.state_dict(), ft.state_dict(), keys="trainable")
+
+
+def test_state_dicts_and_safetensors_folders_stream_the_same_delta(clip_model, tmp_path):
+    ft = _perturbed(clip_model)
+    ref = delta_from_models(clip_model, ft)
+    clip_model.save_pretrained(tmp_path / "base")
+    ft.save_pretrained(tmp_path / "ft", max_shard_size="60KB")  # sharded: index.json + several files
+    assert (tmp_path / "ft" / "model.safetensors.index.json").is_file()
+    gen = iter_delta(tmp_path / "base", tmp_path / "ft")
+    assert iter(gen) is gen  # a generator: one tensor at a time
+    from_disk = delta_from_models(tmp_path / "base", tmp_path / "ft")
+    from_sd = delta_from_models(clip_model.state_dict(), ft.state_dict())
+    assert set(from_disk) == set(ref) == set(from_sd)
+    for k in ref:
+        assert torch.equal(from_disk[k], ref[k]) and torch.equal(from_sd[k], ref[k])
+    assert from_disk.base_fingerprint == from_sd.base_fingerprint == ref.base_fingerprint
+    only = delta_from_models(tmp_path / "base", {FC1: ft.state_dict()[FC1]})  # a trained-keys-only state dict
+    assert set(only) == {FC1}
+
+
+def test_fingerprint_distinguishes_bases_and_check_compatible(clip_model):
+    other = tiny_clip(seed=5)
+    assert base_fingerprint(other) != base_fingerprint(clip_model)
+    a = delta_from_models(clip_model, _perturbed(clip_model))
+    b = delta_from_models(other, _perturbed(other))
+    with pytest.raises(DeltaError, match="different base models"):
+        check_compatible(a, b)
+    check_compatible(a, delta_from_models(clip_model, _perturbed(clip_model, seed=2)))
+
+
+def test_errors_name_the_key(clip_model, tmp_path):
+    ft = clip_model.state_dict()
+    bad_shape = dict(ft)
+    bad_shape[FC1] = torch.zeros(3, 3)
+    with pytest.raises(DeltaError, match="mlp.fc1.weight"):
+        delta_from_models(clip_model, bad_shape)
+    extra = {**ft, "vision_model.extra.weight": torch.zeros(2)}
+    with pytest.raises(DeltaError, match="vision_model.extra.weight"):
+        delta_from_models(clip_model, extra)
+    nan = dict(ft)
+    nan[FC1] = ft[FC1].clone()
+    nan[FC1][0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="mlp.fc1.weight"):
+        delta_from_models(clip_model, nan)
+    with pytest.raises(NonFiniteError, match="k2"):
+        validate_delta({"k1": torch.zeros(2), "k2": torch.tensor([1.0, float("inf")])})
+    with pytest.raises(DeltaError, match="lacks key 'b'"):
+        validate_delta({"a": torch.zeros(2)}, {"a": (2,), "b": (3,)})
+    with pytest.raises(DeltaError, match="'a' .* shape"):
+        validate_delta({"a": torch.zeros(3)}, {"a": (2,)})
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(BundleError, match="safetensors only"):
+        delta_from_models(clip_model, tmp_path / "pickled")
+
+
+# ------------------------------------------------------------------------------------------------- LoRA
+
+
+@pytest.mark.filterwarnings("ignore:Adapter 'default'.*invalid shape")  # PEFT misreads lora_B.bias as a shard
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {},
+        {"use_rslora": True, "lora_alpha": 1, "r": 4},
+        {"alpha_pattern": {"fc2": 3}, "rank_pattern": {"fc2": 2}},
+        {"lora_bias": True},
+    ],
+    ids=["plain", "rslora", "patterns", "lora_bias"],
+)
+def test_lora_dense_delta_equals_merge_and_unload(clip_model, tmp_path, cfg):
+    peft_model = _lora(clip_model, **cfg)
+    if cfg.get("lora_bias"):
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_B" in n and n.endswith("bias"):
+                    p.normal_(0, 0.1)
+    expected = _merged_minus_base(peft_model, clip_model)
+    delta = delta_from_lora(peft_model, clip_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    from_folder = delta_from_lora(tmp_path / "adapter", clip_model)
+    assert set(delta) == set(expected) == set(from_folder)
+    assert FC1 in delta  # keyed by the base weight key
+    for k in expected:
+        torch.testing.assert_close(delta[k], expected[k], rtol=1e-5, atol=1e-7)
+        assert torch.equal(from_folder[k], delta[k])
+    assert delta.base_fingerprint == base_fingerprint(clip_model)
+
+
+def test_rslora_scaling_is_alpha_over_sqrt_r(clip_model):
+    plain = _lora(clip_model, r=4, lora_alpha=2)
+    rs = _lora(clip_model, r=4, lora_alpha=2, use_rslora=True)  # same seed: same A and B
+    d_plain, d_rs = delta_from_lora(plain, clip_model), delta_from_lora(rs, clip_model)
+    # plain: 2/4 = 0.5; rsLoRA: 2/sqrt(4) = 1.0
+    torch.testing.assert_close(d_rs[FC1], 2.0 * d_plain[FC1])
+    layer = rs.base_model.model.text_model.encoder.layers[0].mlp.fc1
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    torch.testing.assert_close(d_rs[FC1], (2 / 4**0.5) * b @ a)
+
+
+def test_dora_and_non_lora_are_refused(clip_model, tmp_path):
+    dora = get_peft_model(copy.deepcopy(clip_model), LoraConfig(r=2, target_modules=["fc1"], use_dora=True))
+    with pytest.raises(AdapterError, match="DoRA"):
+        delta_from_lora(dora, clip_model)
+    saved = _lora(clip_model, modules_to_save=["visual_projection"])
+    with pytest.raises(AdapterError, match="not LoRA A/B factors"):
+        delta_from_lora(saved, clip_model)
+    with pytest.raises(AdapterError, match="adapter_config.json"):
+        delta_from_lora(tmp_path, clip_model)
+    peft_model = _lora(clip_model)
+    peft_model.save_pretrained(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    cfg["use_dora"] = True
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match="DoRA"):
+        delta_from_lora(tmp_path / "a", clip_model)
+
+
+def test_lora_target_missing_from_base_names_the_key(clip_model):
+    peft_model = _lora(clip_model)
+    sd = {k: v for k, v in clip_model.state_dict().items() if k != FC1}
+    with pytest.raises(DeltaError, match="mlp.fc1.weight"):
+        delta_from_lora(peft_model, sd)
+
+
+def test_lora_factor_delta_rebuilds_the_adapter_through_the_reference(clip_model):
+    torch.manual_seed(11)
+    reference = get_peft_model(copy.deepcopy(clip_model), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1"]))
+    trained = copy.deepcopy(reference)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "lora_" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    delta = lora_factor_delta(trained, reference)
+    assert all(".lora_A.default.weight" in k or ".lora_B.default.weight" in k for k in delta)
+    assert len(delta) == 2 * 2 * 2  # fc1 in 2 layers of 2 towers, A and B each
+    px = torch.randn(2, 3, 30, 30)
+    with torch.no_grad():
+        want = image_features(trained, px)
+        got = functional_expert(reference, delta).run(image_features, px)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    other = get_peft_model(copy.deepcopy(clip_model), LoraConfig(r=4, lora_alpha=4, target_modules=["fc1"]))
+    with pytest.raises(DeltaError, match="scaling"):
+        lora_factor_delta(other, reference)
+
+
+# ---------------------------------------------------------------------------------------------- experts
+
+
+def test_functional_expert_equals_applied_delta_and_leaves_base_untouched(clip_model):
+    ft = _perturbed(clip_model, scale=0.05)
+    with torch.no_grad():
+        ft.logit_scale.copy_(clip_model.logit_scale)  # not part of the delta
+    delta = delta_from_models(clip_model, ft)
+    before = {k: v.clone() for k, v in clip_model.state_dict().items()}
+    px = torch.randn(3, 3, 30, 30)
+    with torch.no_grad():
+        got = functional_expert(clip_model, delta, scale=0.5).run(image_features, px)
+        ids = torch.tensor([[97, 5, 6, 98]])
+        fwd = functional_expert(clip_model, delta)(input_ids=ids, pixel_values=px).logits_per_image
+        want = image_features(apply_delta(copy.deepcopy(clip_model), delta, scale=0.5), px)
+        want_fwd = ft(input_ids=ids, pixel_values=px).logits_per_image
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fwd, want_fwd, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in clip_model.state_dict().items())
+    with pytest.raises(DeltaError, match="nope.weight"):
+        functional_expert(clip_model, {"nope.weight": torch.zeros(1)})
+    with pytest.raises(DeltaError, match="another base model"):
+        functional_expert(tiny_clip(seed=4), delta)

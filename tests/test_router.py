@@ -1,0 +1,286 @@
+"""ConDU's semantic router on tiny CLIPs: prototypes, top-K routing, weighting modes, fused logits against a
+by-hand reference, expert-count accounting and caches, task-id-known mode, and condu.md §8 test 10."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from tests_helpers import colour_dataset
+
+from hf_cft.errors import ClassNamesError, DeltaError, MergeConfigError, TaskError
+from hf_cft.merging import (
+    DeltaFusionMerger,
+    SemanticRouter,
+    compute_prototypes,
+    delta_from_lora,
+    delta_from_models,
+    functional_expert,
+)
+from hf_cft.models import build_zeroshot_classifier, image_features, text_features, tokenize_prompts
+from hf_cft.testing import tiny_clip
+
+CLASSES = ["cat", "dog", "sea lion"]
+TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
+
+
+def _expert(model, seed, scale=0.05, common=None, rho=0.0):
+    """θ⁰ + δ with δ = √ρ·common + √(1−ρ)·noise (all parameters but logit_scale)."""
+    ft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in ft.named_parameters():
+            if n == "logit_scale":
+                continue
+            noise = torch.randn(p.shape, generator=g)
+            if common is not None:
+                noise = rho**0.5 * common[n] + (1 - rho) ** 0.5 * noise
+            p.add_(scale * noise)
+    return ft
+
+
+def _logits(model, tokenizer, px, classnames=CLASSES, templates=TEMPLATES):
+    head = build_zeroshot_classifier(model, tokenizer, classnames, templates)
+    return 100.0 * image_features(model, px).float() @ head.t()
+
+
+@pytest.fixture
+def px():
+    return torch.randn(6, 3, 30, 30, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def deltas5():
+    base = tiny_clip(seed=0)  # the same weights as the clip_model fixture
+    return [delta_from_models(base, _expert(base, seed=10 + t)) for t in range(5)]
+
+
+@pytest.fixture
+def merger5(clip_model, px, deltas5):
+    """Five tasks; tasks 0-2 have the θ⁰ features of samples 0-2 as prototypes, tasks 3-4 point away from all."""
+    z0 = image_features(clip_model, px).detach()
+    merger = DeltaFusionMerger(base_model=clip_model)
+    for t, delta in enumerate(deltas5):
+        protos = torch.stack([z0[t], z0[t] + 0.01]) if t < 3 else -z0.mean(0, keepdim=True).repeat(2, 1)
+        merger.add_task(delta, f"task{t}", prototypes=protos, classnames=["a", "b"], templates=["{}"])
+    return merger
+
+
+# ---------------------------------------------------------------------------------------------- prototypes
+
+
+def test_prototypes_follow_the_spec(clip_model, toy_tokenizer, px):
+    feats = image_features(clip_model, px).detach()
+    labels = torch.tensor([0, 0, 1, 1, 0, 1])  # class 2 ("sea lion") has no images
+    protos = compute_prototypes(clip_model, toy_tokenizer, (feats * 3.0, labels), CLASSES, TEMPLATES)
+    per_template = []
+    for t in TEMPLATES:
+        enc = tokenize_prompts(toy_tokenizer, [t.format(c) for c in CLASSES], clip_model)
+        per_template.append(text_features(clip_model, enc["input_ids"], enc["attention_mask"]))
+    text = torch.stack(per_template).mean(0)  # mean of normalised features, not renormalised
+    for k in range(2):
+        image = feats[labels == k].mean(0)
+        torch.testing.assert_close(protos[k], F.normalize((image + text[k]) / 2, dim=-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(protos[2], F.normalize(text[2], dim=-1), rtol=1e-5, atol=1e-6)
+    batches = [{"pixel_values": px[:4], "labels": labels[:4]}, {"pixel_values": px[4:], "labels": labels[4:]}]
+    from_loader = compute_prototypes(clip_model, toy_tokenizer, batches, CLASSES, TEMPLATES)
+    torch.testing.assert_close(from_loader, protos, rtol=1e-5, atol=1e-6)
+    text_only = compute_prototypes(clip_model, toy_tokenizer, None, CLASSES, TEMPLATES)
+    torch.testing.assert_close(text_only, F.normalize(text, dim=-1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ClassNamesError, match="Label 3"):
+        compute_prototypes(clip_model, toy_tokenizer, (feats, torch.tensor([0, 1, 2, 3, 0, 0])), CLASSES)
+
+
+# ----------------------------------------------------------------------------------------------- routing
+
+
+def test_route_top_k_and_clamp(clip_model, toy_tokenizer, merger5, px):
+    router = SemanticRouter(merger5, clip_model, toy_tokenizer, top_k=2)
+    routing = router.route(image_features(clip_model, px))
+    assert routing.indices.shape == (6, 2) and routing.all_scores.shape == (6, 5)
+    assert routing.indices[:3, 0].tolist() == [0, 1, 2]  # each sample goes to the task holding its feature
+    assert routing.names(1)[0] == "task1"
+    assert not bool(torch.isin(routing.indices, torch.tensor([3, 4])).any())
+    assert bool((routing.scores[:, 0] >= routing.scores[:, 1]).all())
+    wide = SemanticRouter(merger5, clip_model, toy_tokenizer, top_k=9)
+    with pytest.warns(UserWarning, match="top_k=9 but only 5"):
+        assert wide.route(image_features(clip_model, px)).indices.shape == (6, 5)
+    empty = SemanticRouter(DeltaFusionMerger(), clip_model, toy_tokenizer)
+    with pytest.raises(TaskError, match="no task"):
+        empty.route(torch.randn(2, 16))
+    for bad in ({"top_k": 0}, {"weighting": "max"}, {"temperature": 0.0}):
+        with pytest.raises(MergeConfigError):
+            SemanticRouter(merger5, clip_model, toy_tokenizer, **bad)
+
+
+def test_weighting_modes(clip_model, toy_tokenizer, merger5, px):
+    z0 = image_features(clip_model, px)
+    k = 3
+    weights = {}
+    for mode in ("uniform", "similarity", "softmax"):
+        for zs in (True, False):
+            router = SemanticRouter(
+                merger5, clip_model, toy_tokenizer, top_k=k, weighting=mode, include_zero_shot=zs, temperature=0.05
+            )
+            routing = router.route(z0)
+            w0, w = router.voter_weights(routing)
+            assert w0 == (1 / (k + 1) if zs else 0.0)
+            torch.testing.assert_close(w.sum(1), torch.full((6,), 1 - w0))
+            weights[mode, zs] = (w, routing.scores)
+    w, s = weights["uniform", True]
+    assert torch.allclose(w, torch.full_like(w, 1 / (k + 1)))
+    w, s = weights["similarity", False]
+    torch.testing.assert_close(w, s.clamp_min(0) / s.clamp_min(0).sum(1, keepdim=True))
+    w, s = weights["softmax", True]
+    torch.testing.assert_close(w, torch.softmax(s / 0.05, dim=1) * k / (k + 1))
+    assert bool((w[:, 0] >= w[:, 1]).all())  # the best-matching expert weighs most
+
+
+# ------------------------------------------------------------------------------------------ fused logits
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "softmax"])
+def test_fused_logits_match_a_by_hand_reference_and_count_experts(clip_model, toy_tokenizer, merger5, px, weighting):
+    router = SemanticRouter(merger5, clip_model, toy_tokenizer, top_k=2, weighting=weighting, temperature=0.1)
+    with torch.no_grad():
+        got = router.logits(px, CLASSES, TEMPLATES)
+        routing = router.last_routing
+        w0, w = router.voter_weights(routing)
+        want = w0 * _logits(clip_model, toy_tokenizer, px)
+        for e in range(5):
+            expert = functional_expert(clip_model, merger5.expert_delta(f"task{e}"))
+            expert_logits = expert.run(_logits, toy_tokenizer, px)
+            want += ((routing.indices == e) * w).sum(1, keepdim=True) * expert_logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    used = torch.unique(routing.indices).numel()
+    s = router.stats
+    assert used < 5  # tasks 3 and 4 are never chosen, so never built
+    assert (s.expert_builds, s.expert_image_passes, s.zero_shot_passes) == (used, used, 1)
+    assert s.expert_samples == 6 * 2 and s.experts_per_batch == [used]
+    assert s.text_heads_built == used + 1
+    router.logits(px, CLASSES, TEMPLATES)  # heads cached per (voter, classes, templates)
+    assert s.text_heads_built == used + 1 and s.expert_builds == 2 * used
+    assert torch.equal(router.predict(px, CLASSES, TEMPLATES), got.argmax(-1))
+
+
+def test_heads_are_dropped_after_a_new_session(clip_model, toy_tokenizer, merger5, px):
+    router = SemanticRouter(merger5, clip_model, toy_tokenizer, top_k=1)
+    router.logits(px, CLASSES, TEMPLATES)
+    built = router.stats.text_heads_built
+    used = router.stats.expert_builds
+    merger5.add_task(delta_from_models(clip_model, _expert(clip_model, 99)), "task5", prototypes=torch.randn(2, 16))
+    router.logits(px, CLASSES, TEMPLATES)
+    assert router.stats.text_heads_built == built + used  # experts' heads rebuilt, θ⁰'s kept
+
+
+def test_task_known_mode_uses_the_single_expert(clip_model, toy_tokenizer, merger5, px):
+    router = SemanticRouter(merger5, clip_model, toy_tokenizer)
+    with torch.no_grad():
+        got = router.logits(px, task="task3")  # the task's own class names and templates
+        expert = functional_expert(clip_model, merger5.expert_delta("task3"))
+        want = expert.run(_logits, toy_tokenizer, px, ["a", "b"], ["{}"])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert router.stats.expert_builds == 1 and router.stats.zero_shot_passes == 0
+    with pytest.raises(TaskError, match="'nope'"):
+        router.logits(px, task="nope")
+
+
+def test_no_task_means_zero_shot_and_fallbacks(clip_model, toy_tokenizer, px):
+    empty = SemanticRouter(DeltaFusionMerger(), clip_model, toy_tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(empty.logits(px, CLASSES, TEMPLATES), _logits(clip_model, toy_tokenizer, px))
+    with pytest.raises(ClassNamesError):
+        empty.logits(px)
+    merger = DeltaFusionMerger()
+    merger.add_task(delta_from_models(clip_model, _expert(clip_model, 1)), "noproto", classnames=CLASSES)
+    router = SemanticRouter(merger, clip_model, toy_tokenizer, top_k=1)
+    with pytest.warns(UserWarning, match="text-only"):
+        assert router.logits(px, CLASSES).shape == (6, 3)
+    merger.add_task(delta_from_models(clip_model, _expert(clip_model, 2)), "bare")
+    with pytest.raises(TaskError, match="'bare'"):
+        router.logits(px, CLASSES)
+    with pytest.raises(DeltaError, match="fingerprint"):
+        SemanticRouter(merger, tiny_clip(seed=3), toy_tokenizer)
+
+
+# ------------------------------------------------------------------------------------------ LoRA inputs
+
+
+def test_merger_takes_lora_adapters_dense_and_factors(clip_model, toy_tokenizer, px):
+    torch.manual_seed(0)
+    reference = get_peft_model(copy.deepcopy(clip_model), LoraConfig(r=4, lora_alpha=4, target_modules=["fc1"]))
+    trained = copy.deepcopy(reference)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+        want = _logits(trained, toy_tokenizer, px)
+    dense = DeltaFusionMerger(base_model=clip_model)
+    dense.add_task(trained, "t", classnames=CLASSES, templates=TEMPLATES)
+    assert set(dense.keys) == set(delta_from_lora(trained, clip_model))
+    factors = DeltaFusionMerger(base_model=reference, lora_merge="factors")
+    factors.add_task(trained, "t", classnames=CLASSES, templates=TEMPLATES)
+    assert all(".lora_" in k for k in factors.keys)
+    for merger, base in ((dense, clip_model), (factors, reference)):
+        got = SemanticRouter(merger, base, toy_tokenizer).logits(px, task="t")
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(DeltaError, match="needs base_model"):
+        DeltaFusionMerger().add_task(trained, "t")
+
+
+# --------------------------------------------------------------------------------------- condu.md §8, 10
+
+
+def _train(model, tokenizer, px, classnames, labels, steps=3, lr=1e-2):
+    """A few full-batch Adam steps of plain cross-entropy from θ⁰ (condu.md §2 step 1), logit_scale frozen."""
+    ft = copy.deepcopy(model).train()
+    enc = tokenize_prompts(tokenizer, [f"a photo of a {c}." for c in classnames], ft)
+    opt = torch.optim.Adam([p for n, p in ft.named_parameters() if n != "logit_scale"], lr=lr)
+    for _ in range(steps):
+        out = ft(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=px)
+        loss = F.cross_entropy(out.logits_per_image, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return ft.eval()
+
+
+def test_10_decoupled_experts_reproduce_their_originals_on_tiny_clip(clip_model, toy_tokenizer):
+    data = colour_dataset(n=12)
+    px = torch.stack([torch.as_tensor(x["pixel_values"]) for x in data])
+    labels = torch.tensor([x["labels"] for x in data])
+    tasks = [(CLASSES, labels), (["red", "green", "blue"], (labels + 1) % 3)]
+    merger = DeltaFusionMerger(base_model=clip_model)
+    for t, (classnames, y) in enumerate(tasks):
+        ft = _train(clip_model, toy_tokenizer, px, classnames, y)
+        protos = compute_prototypes(clip_model, toy_tokenizer, [{"pixel_values": px, "labels": y}], classnames)
+        merger.add_task(delta_from_models(clip_model, ft), f"task{t}", prototypes=protos, classnames=classnames)
+        router = SemanticRouter(merger, clip_model, toy_tokenizer, top_k=2)
+        with torch.no_grad():
+            base = _logits(clip_model, toy_tokenizer, px, classnames, TEMPLATES[:1])
+            original = _logits(ft, toy_tokenizer, px, classnames, TEMPLATES[:1])
+            rebuilt = router.logits(px, task=f"task{t}", templates=TEMPLATES[:1])
+        if t == 0:  # one task: the decoupled expert is the original
+            torch.testing.assert_close(rebuilt, original, rtol=1e-4, atol=1e-4)
+        else:  # right after its session: much closer to the original than θ⁰ is (measured: 0.31)
+            assert (rebuilt - original).norm() < 0.5 * (base - original).norm()
+    routed = router.logits(px, CLASSES, TEMPLATES[:1])  # task-agnostic: routing + fusion
+    assert routed.shape == (12, 3) and bool(torch.isfinite(routed).all())
+    assert router.last_routing.indices.shape == (12, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_router_on_cuda_matches_cpu(clip_model, toy_tokenizer, merger5, px, deltas5):
+    cuda_model = copy.deepcopy(clip_model).cuda()
+    merger = DeltaFusionMerger(base_model=cuda_model)
+    for t, d in enumerate(deltas5[:3]):  # deltas handed over on the GPU are moved to the merger's CPU state
+        merger.add_task({k: v.cuda() for k, v in d.items()}, f"task{t}", prototypes=merger5.prototypes(f"task{t}"))
+    assert all(u.device.type == "cpu" for u in merger.unified_delta.values())
+    cpu_router = SemanticRouter(merger, clip_model, toy_tokenizer, top_k=2, weighting="similarity")
+    gpu_router = SemanticRouter(merger, cuda_model, toy_tokenizer, top_k=2, weighting="similarity")
+    want = cpu_router.logits(px, CLASSES, TEMPLATES)
+    got = gpu_router.logits(px.cuda(), CLASSES, TEMPLATES)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)
+    protos = compute_prototypes(cuda_model, toy_tokenizer, [{"pixel_values": px, "labels": torch.zeros(6)}], CLASSES)
+    assert protos.device.type == "cpu"
