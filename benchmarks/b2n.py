@@ -54,8 +54,8 @@ def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _subset(feats, labels, ids):
-    remap = torch.full((int(labels.max()) + 1,), -1, dtype=torch.long)
-    remap[torch.tensor(ids)] = torch.arange(len(ids))
+    remap = torch.full((int(labels.max()) + 1,), -1, dtype=torch.long, device=labels.device)
+    remap[torch.tensor(ids, device=labels.device)] = torch.arange(len(ids), device=labels.device)
     keep = remap[labels] >= 0
     return feats[keep], remap[labels[keep]]
 
@@ -63,6 +63,7 @@ def _subset(feats, labels, ids):
 def _draw_shots(pool_y: torch.Tensor, n_classes: int, seed: int):
     from hf_cft.data import few_shot_indices
 
+    pool_y = pool_y.cpu()
     with warnings.catch_warnings():  # small classes have fewer than 20 images: take them all
         warnings.simplefilter("ignore")
         idx = torch.as_tensor(few_shot_indices(pool_y.numpy(), 20, seed=seed, on_short="take_all"))
@@ -119,6 +120,8 @@ def run_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print) -> di
     )
     from hf_cft.trainers.mergetune_losses import classifier_fisher, normalize_fisher
 
+    dev = next(model.parameters()).device
+    feats = {k: v.to(dev) for k, v in feats.items()}
     base_ids, novel_ids = base_novel_classes(task.num_classes)
     base_names = [task.classnames[i] for i in base_ids]
     novel_names = [task.classnames[i] for i in novel_ids]
@@ -142,7 +145,8 @@ def run_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print) -> di
         for seed in seeds:
             t0 = time.perf_counter()
             tr, va = _draw_shots(pool_y, len(base_ids), seed)
-            x, y = pool_f[tr], pool_y[tr]
+            x, y = pool_f[tr.to(dev)], pool_y[tr.to(dev)]
+            va = va.to(dev)
             out["zs_single"].append(evaluate(zs_b, zs_n))
             out["zs_ensemble"].append(evaluate(ens_b, ens_n))
             common = dict(epochs=hp["epochs"], lr=hp["lr"], batch_size=hp["batch_size"], optimizer=hp["optimizer"])
@@ -160,7 +164,7 @@ def run_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print) -> di
                     scale * F.normalize(x, dim=-1) @ zs_b.t(),
                     float(scale),
                     "sample",
-                    torch.Generator().manual_seed(seed),
+                    torch.Generator(device=dev).manual_seed(seed),
                 )
                 fisher = normalize_fisher([fw], 1e-3)[0]
             variants = {

@@ -277,6 +277,21 @@ def protocol_headroom(model, tok, size, args) -> dict:
     }
 
 
+def _load_features(path):
+    """Tasks (name, class names, templates) and features written by ``--save_features``."""
+    from types import SimpleNamespace
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, "pt") as f:
+        meta = json.loads(f.metadata()["tasks"])
+    tensors = load_file(path)
+    tasks = {n: SimpleNamespace(name=n, num_classes=len(m["classnames"]), **m) for n, m in meta.items()}
+    feats = {n: {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(n + "/")} for n in meta}
+    return tasks, feats
+
+
 def protocol_b2n(model, tok, size, args) -> dict:
     import b2n
 
@@ -289,18 +304,32 @@ def protocol_b2n(model, tok, size, args) -> dict:
         "beta": args.mt_beta,
         "tau": args.mt_tau,
     }
-    per_dataset = {}
+    per_dataset, saved, meta = {}, {}, {}
+    loaded = _load_features(args.features) if args.features else None
     for name in args.datasets or (("dtd10", "aid30", "gtsrb") if args.quick else PROTOCOL_A):
         t0 = time.perf_counter()
-        task = load_classification_dataset(name, data_dir=args.data_dir)
-        test_f, test_y = split_features(model, task, "test", size, name, 1000 if args.quick else None)
-        train_f, train_y = split_features(model, task, "train", size, name)
-        _, down = split_per_class_indices(train_y.numpy(), 0.7, seed=0)  # the downstream pool (30%)
-        feats = {"test_f": test_f, "test_y": test_y, "down_f": train_f[down], "down_y": train_y[down]}
+        if loaded is not None:  # precomputed features (e.g. to run the protocol on another machine)
+            task, feats = loaded[0][name], loaded[1][name]
+        else:
+            task = load_classification_dataset(name, data_dir=args.data_dir)
+            test_f, test_y = split_features(model, task, "test", size, name, 1000 if args.quick else None)
+            train_f, train_y = split_features(model, task, "train", size, name)
+            _, down = split_per_class_indices(train_y.numpy(), 0.7, seed=0)  # the downstream pool (30%)
+            feats = {"test_f": test_f, "test_y": test_y, "down_f": train_f[down], "down_y": train_y[down]}
+        saved.update({f"{name}/{k}": v.contiguous() for k, v in feats.items()})
+        meta[name] = {"classnames": list(task.classnames), "templates": list(task.templates)}
+        if args.features_only:
+            continue
         per_dataset[name] = b2n.run_dataset(
             model, tok, task, feats, args.seeds, hp, log=lambda m: print(m, flush=True)
         )
         print(f"{name}: {time.perf_counter() - t0:.0f}s", flush=True)
+    if args.save_features:
+        from safetensors.torch import save_file
+
+        save_file(saved, args.save_features, metadata={"tasks": json.dumps(meta)})
+    if args.features_only:
+        raise SystemExit(f"features written to {args.save_features}")
     summary = b2n.summarise(per_dataset)
     summary["targets"] = b2n.targets(summary)
     summary["hyper_parameters"] = hp
@@ -361,15 +390,21 @@ def main(argv=None):
     p.add_argument("--mt_beta", type=float, default=0.5, help="MergeTune path weight (b2n)")
     p.add_argument("--mt_tau", type=float, default=0.3, help="MergeTune τ-initialisation (b2n)")
     p.add_argument("--tag", default="", help="suffix of the result files")
+    p.add_argument("--save_features", default=None, help="b2n: write the image features used to this file")
+    p.add_argument("--device", default=None, help="run on this torch device (e.g. cuda)")
+    p.add_argument("--features_only", action="store_true", help="b2n: only write --save_features")
+    p.add_argument("--features", default=None, help="b2n: read image features from this file (no images needed)")
     p.add_argument("--coop_epochs", type=int, default=None, help="CoOp epochs (default 50; quick 20)")
     args = p.parse_args(argv)
     args.seeds = args.seeds or ([1] if args.quick else [1, 2, 3])
-    if not Path(args.data_dir).is_dir():
+    if not args.features and not Path(args.data_dir).is_dir():
         raise SystemExit(f"data folder {args.data_dir} not found (pass --data_dir)")
     torch.manual_seed(0)
     t0 = time.perf_counter()
     ckpt = ensure_checkpoint(args.checkpoint, args.quick, args.data_dir)
     model, tok, size = load_model(ckpt)
+    if args.device:
+        model.to(args.device)
     result = PROTOCOLS[args.protocol](model, tok, size, args)
     summary_file = ckpt.parent / "zeroshot.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
