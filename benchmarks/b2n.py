@@ -261,3 +261,42 @@ def targets(summary: dict) -> dict:
         "base_drop_vs_coop": coop["base"] - mt["base"],
         "beats_ties_dare_wise": all(mt["hm"] > avg[r]["hm"] for r in ("ties", "dare", "wise")),
     }
+
+
+def combine(json_files: list[str], out_stem: str) -> dict:
+    """Merge b2n result files of disjoint dataset subsets (e.g. run in parallel) into one summary/table."""
+    import json
+    from pathlib import Path
+
+    per_dataset, records = {}, []
+    for f in json_files:
+        rec = json.loads(Path(f).read_text())
+        records.append(rec)
+        for name, rows in rec["datasets"].items():
+            per_dataset[name] = {row: [tuple(r) for r in rows[row]["runs"]] for row in ROWS}
+    summary = summarise(per_dataset)
+    summary["targets"] = targets(summary)
+    t = summary["targets"]
+    lines = markdown(summary) + [
+        "",
+        f"MergeTune HM > CoOp HM on {t['datasets_mt_beats_coop']} of {len(per_dataset)} datasets; average HM gain "
+        f"{t['avg_hm_gain']:+.2f}; novel loss recovered {t['novel_loss_recovered_fraction']}; base drop vs CoOp "
+        f"{t['base_drop_vs_coop']:+.2f}; beats TIES, DARE and WiSE on average HM: {t['beats_ties_dare_wise']}.",
+    ]
+    head = {k: records[0][k] for k in ("date", "machine", "versions", "checkpoint", "seeds", "hyper_parameters")}
+    head["seconds"] = sum(r["seconds"] for r in records)
+    Path(out_stem + ".json").write_text(json.dumps({**head, **summary, "table": lines}, indent=2) + "\n")
+    Path(out_stem + ".md").write_text(
+        f"# b2n (Protocol A)\n\nSmall pretrained CLIP ({head['checkpoint']['path']}), ../shared/data (small re-encoded "
+        f"subsets, not the official datasets); {head['machine']['cpus']} CPU cores, no GPU; {head['date']}; seeds "
+        f"{head['seeds']}; hyper-parameters {head['hyper_parameters']}.\n\n" + "\n".join(lines) + "\n"
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 4 or sys.argv[1] != "combine":
+        raise SystemExit("usage: python benchmarks/b2n.py combine OUT_STEM RESULT.json [RESULT.json ...]")
+    combine(sys.argv[3:], sys.argv[2])

@@ -3,9 +3,12 @@
     python benchmarks/run.py zeroshot [--quick]     # zero-shot table (template ensemble and single template)
     python benchmarks/run.py headroom [--quick]     # linear-probe gap and 16-shot CoOp base gain (Protocol A data;
                                                     # quick: dtd10, aid30, gtsrb only)
+    python benchmarks/run.py b2n [--quick]          # Protocol A for MergeTune: CoOp, MergeTune (+Fisher, ablations),
+                                                    # TIES / DARE / WiSE / output ensemble (benchmarks/b2n.py)
 
-Options: ``--checkpoint DIR`` (a CLIPModel folder; default ``~/.cache/hf_cft/benchmark-clip/model``, pretrained
-on first use with ``recipes/configs/pretrain_clip.yaml``; in quick mode a 3-minute model is built instead),
+Options: ``--checkpoint DIR`` (a CLIPModel folder; default ``~/.cache/hf_cft/benchmark-clip-described/model``,
+pretrained on first use with ``recipes/configs/pretrain_clip_described.yaml`` (design C, 5,000 steps); in quick
+mode a 150-step model is built instead),
 ``--data_dir`` (default ../shared/data), ``--out`` (default benchmarks/results), ``--seeds``.
 
 Each run writes ``<out>/<protocol>[-quick].json`` (machine, versions, date, checkpoint summary, numbers),
@@ -43,7 +46,7 @@ from hf_cft.data import (  # noqa: E402
 from hf_cft.data.image_pool import decode_split, normalize_batch  # noqa: E402
 
 PROTOCOL_A = ("caltech101", "stanford_cars", "gtsrb", "aid30", "dtd10", "cifar10", "mnist")
-DEFAULT_CKPT = Path("~/.cache/hf_cft/benchmark-clip-degraded/model").expanduser()
+DEFAULT_CKPT = Path("~/.cache/hf_cft/benchmark-clip-described/model").expanduser()
 QUICK_CKPT = Path("~/.cache/hf_cft/benchmark-clip-quick/model").expanduser()
 CACHE = Path("~/.cache/hf_cft/decoded").expanduser()
 
@@ -62,8 +65,8 @@ def ensure_checkpoint(path: Path | None, quick: bool, data_dir: str) -> Path:
         if candidate is not None and (candidate / "config.json").is_file():
             return candidate
     target = QUICK_CKPT if quick else DEFAULT_CKPT
-    minutes = "3" if quick else "60"
-    print(f"no checkpoint found: pretraining one ({minutes} min) into {_tilde(target.parent)}", flush=True)
+    steps = "150" if quick else "5000"
+    print(f"no checkpoint found: pretraining one ({steps} steps) into {_tilde(target.parent)}", flush=True)
     cmd = [
         sys.executable,
         "-m",
@@ -78,11 +81,11 @@ def ensure_checkpoint(path: Path | None, quick: bool, data_dir: str) -> Path:
         "no",
         str(REPO / "recipes" / "pretrain_clip.py"),
         "--config",
-        str(REPO / "recipes" / "configs" / "pretrain_clip.yaml"),
+        str(REPO / "recipes" / "configs" / "pretrain_clip_described.yaml"),
         "--data_dir",
         data_dir,
-        "--max_minutes",
-        minutes,
+        "--max_steps",
+        steps,
         "--output_dir",
         str(target.parent),
     ]
@@ -161,13 +164,18 @@ def protocol_headroom(model, tok, size, args) -> dict:
     lrs = tuple(args.coop_lrs) if args.coop_lrs else ((0.02,) if args.quick else (0.005, 0.02))
     epochs = args.coop_epochs or (20 if args.quick else 50)
     quick_sets = ("dtd10", "aid30", "gtsrb")  # the quick mode's subset (keeps it under 5 minutes)
+    loaded = _load_features(args.features) if args.features else None
     for name in args.datasets or (quick_sets if args.quick else PROTOCOL_A):
         t0 = time.perf_counter()
-        task = load_classification_dataset(name, data_dir=args.data_dir)
-        test_f, test_y = split_features(model, task, "test", size, name, 1000 if args.quick else None)
-        train_f, train_y = split_features(model, task, "train", size, name)
-        _, down = split_per_class_indices(train_y.numpy(), 0.7, seed=0)  # the downstream pool (30%)
-        down_f, down_y = train_f[down], train_y[down]
+        if loaded is not None:  # precomputed features
+            task, f = loaded[0][name], loaded[1][name]
+            test_f, test_y, down_f, down_y = f["test_f"], f["test_y"], f["down_f"], f["down_y"]
+        else:
+            task = load_classification_dataset(name, data_dir=args.data_dir)
+            test_f, test_y = split_features(model, task, "test", size, name, 1000 if args.quick else None)
+            train_f, train_y = split_features(model, task, "train", size, name)
+            _, down = split_per_class_indices(train_y.numpy(), 0.7, seed=0)  # the downstream pool (30%)
+            down_f, down_y = train_f[down], train_y[down]
         row = {
             "classes": task.num_classes,
             "chance": 100.0 / task.num_classes,
@@ -299,7 +307,7 @@ def protocol_b2n(model, tok, size, args) -> dict:
         "optimizer": args.coop_optimizer,
         "lr": (args.coop_lrs or [0.002 if args.coop_optimizer == "sgd" else 0.002])[0],
         "epochs": args.coop_epochs or (20 if args.quick else 50),
-        "batch_size": 32,
+        "batch_size": args.coop_batch_size,
         "lam": args.mt_lambda,
         "beta": args.mt_beta,
         "tau": args.mt_tau,
@@ -394,6 +402,7 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="run on this torch device (e.g. cuda)")
     p.add_argument("--features_only", action="store_true", help="b2n: only write --save_features")
     p.add_argument("--features", default=None, help="b2n: read image features from this file (no images needed)")
+    p.add_argument("--coop_batch_size", type=int, default=32, help="CoOp/MergeTune batch size (b2n)")
     p.add_argument("--coop_epochs", type=int, default=None, help="CoOp epochs (default 50; quick 20)")
     args = p.parse_args(argv)
     args.seeds = args.seeds or ([1] if args.quick else [1, 2, 3])
