@@ -107,8 +107,10 @@ class _Context:
         return self.peft.unload()
 
 
-def run_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print) -> dict:
-    """All rows for one dataset; ``feats`` holds test/downstream-pool features and labels."""
+def run_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print, paths_dir=None) -> dict:
+    """All rows for one dataset; ``feats`` holds test/downstream-pool features and labels. With ``paths_dir``,
+    the loss/accuracy curves along zero-shot→CoOp, zero-shot→MergeTune and CoOp→MergeTune (base and novel test
+    classes, first seed) are written there as ``paths-<dataset>.{json,png}``."""
     from hf_cft.data import base_novel_classes
     from hf_cft.merging import dare, ties
     from hf_cft.models import build_zeroshot_classifier
@@ -180,7 +182,18 @@ def run_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print) -> di
                 train_mergetune_on_features(
                     ctx_model.peft, tok, base_names, x, y, zs_b, coop_b, num_alphas=5, seed=seed, **common, **kw
                 )
-                out[row].append(evaluate(*ctx_model.heads(base_names, novel_names)))
+                heads_row = ctx_model.heads(base_names, novel_names)
+                out[row].append(evaluate(*heads_row))
+                if row == "mergetune" and paths_dir is not None and seed == seeds[0]:
+                    _write_paths(
+                        paths_dir,
+                        task.name,
+                        scale,
+                        (bt_f, bt_y, nt_f, nt_y),
+                        (zs_b, zs_n),
+                        (coop_b, coop_n),
+                        heads_row,
+                    )
             # merges of CoOp with zero-shot in context space
             tau_vec = {"ctx": ctx_ft - ctx_model.e0}
             for row, merged in (
@@ -212,6 +225,29 @@ def run_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print) -> di
     finally:
         ctx_model.close()
     return out
+
+
+def _write_paths(paths_dir, name, scale, data, zs, coop, mt):
+    import json
+    from pathlib import Path
+
+    from hf_cft.plots import interpolation_curves, plot_paths
+
+    bt_f, bt_y, nt_f, nt_y = data
+    paths = [("zero-shot", "CoOp"), ("zero-shot", "MergeTune"), ("CoOp", "MergeTune")]
+    curves = {
+        split: interpolation_curves(
+            f.cpu(), y.cpu(), {"zero-shot": z.cpu(), "CoOp": c.cpu(), "MergeTune": m.cpu()}, paths, float(scale)
+        )
+        for split, f, y, z, c, m in (
+            ("base classes", bt_f, bt_y, zs[0], coop[0], mt[0]),
+            ("novel classes", nt_f, nt_y, zs[1], coop[1], mt[1]),
+        )
+    }
+    out = Path(paths_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"paths-{name}.json").write_text(json.dumps(curves, indent=1) + "\n")
+    plot_paths(curves, out / f"paths-{name}.png", f"{name}: loss / accuracy along linear paths (test, first seed)")
 
 
 def summarise(per_dataset: dict) -> dict:

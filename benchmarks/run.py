@@ -329,7 +329,7 @@ def protocol_b2n(model, tok, size, args) -> dict:
         if args.features_only:
             continue
         per_dataset[name] = b2n.run_dataset(
-            model, tok, task, feats, args.seeds, hp, log=lambda m: print(m, flush=True)
+            model, tok, task, feats, args.seeds, hp, log=lambda m: print(m, flush=True), paths_dir=args.out
         )
         print(f"{name}: {time.perf_counter() - t0:.0f}s", flush=True)
     if args.save_features:
