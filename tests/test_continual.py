@@ -36,6 +36,15 @@ SIZE = 12
 TEMPLATES = ["a photo of a {}.", "a {} picture."]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny models' ops are too small for intra-op threads; one thread keeps training fast on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _colour_task(name, perm, classnames, seed, n=12):
     """Raw image/label rows whose dominant channel, permuted per task, is the class."""
     rng = np.random.default_rng(seed)
@@ -509,8 +518,9 @@ class FakeRouter:
         return 100.0 * image_features(self.model, pixel_values) @ head.t()
 
 
-def _prototypes(model, tokenizer, dataset, classnames, templates):
-    return torch.full((len(classnames), 4), float(len(dataset)))
+def _prototypes(model, tokenizer, batches, classnames, templates):
+    seen = sum(len(b["labels"]) for b in batches)  # the contract: batches of pixel_values and labels
+    return torch.full((len(classnames), 4), float(seen))
 
 
 def _condu(**kw):
@@ -575,3 +585,94 @@ def test_partial_matrix_markdown_and_heatmap(tmp_path):
     assert png.stat().st_size > 1000
     with pytest.raises(ValueError, match="3×3"):
         plot_accuracy_matrix(np.zeros((2, 2)), ["a", "b", "c"], tmp_path / "bad.png")
+
+
+# --------------------------------------------------------------------------- with the real hf_cft.merging
+
+
+def _real_merging():
+    import hf_cft.merging as merging
+
+    if not hasattr(merging, "DeltaFusionMerger"):
+        pytest.skip("hf_cft.merging.DeltaFusionMerger is not in this installation yet")
+    return merging
+
+
+def test_condu_with_the_real_merger_resumes_exactly(reference_runs, tmp_path, toy_tokenizer):
+    _real_merging()
+    ind_result = reference_runs["independent"][0]
+    full = ConDUStrategy(top_k=2)
+    reference = _runner(full, tmp_path / "full", toy_tokenizer).run()
+    # one task: λ = 1 and M = (δ ≠ 0), the rebuilt expert is the expert (condu.md §8.1)
+    assert reference.matrix.values[0, 0] == ind_result.matrix.values[0, 0]
+    with pytest.raises(RuntimeError):
+        _runner(_crash_in_learn(ConDUStrategy(top_k=2), 2), tmp_path / "resumed", toy_tokenizer).run()
+    resumed = ConDUStrategy(top_k=2)
+    result = _runner(resumed, tmp_path / "resumed", toy_tokenizer).run()
+    assert result.resumed_at == 2
+    np.testing.assert_array_equal(result.matrix.values, reference.matrix.values)
+    for name in "abc":
+        a, b = resumed.merger.expert_delta(name), full.merger.expert_delta(name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_condu_without_the_merging_package_names_it(tmp_path, toy_tokenizer, monkeypatch):
+    import hf_cft.merging as merging
+
+    monkeypatch.delattr(merging, "DeltaFusionMerger", raising=False)
+    with pytest.raises(ContinualError, match="hf_cft.merging.DeltaFusionMerger"):
+        _runner(ConDUStrategy(), tmp_path, toy_tokenizer).run()
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+def _load_recipe():
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "condu.py"
+    spec = importlib.util.spec_from_file_location("recipe_condu", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_condu_recipe_runs_the_digits_stream_end_to_end(tmp_path):
+    from huggingface_hub import ModelCard
+
+    import hf_cft.merging as merging
+    from hf_cft.data import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, format_prompts
+    from hf_cft.recipe_utils import demo_clip
+
+    model, tokenizer = demo_clip(format_prompts(DIGIT_CLASSNAMES, DIGIT_TEMPLATES), image_size=16)
+    model.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    strategies = ["zeroshot", "sequential", "independent"]
+    if hasattr(merging, "DeltaFusionMerger"):
+        strategies.append("condu")
+    rec = _load_recipe()
+    argv = ["--checkpoint", str(tmp_path / "clip"), "--benchmark", "digits", "--strategy", *strategies]
+    argv += ["--max_steps", "2", "--warmup_steps", "0", "--per_device_train_batch_size", "8", "--use_cpu", "true"]
+    argv += ["--output_dir", str(tmp_path / "out"), "--learning_rate", "1e-3"]
+    args, config = rec.parse_recipe_args(
+        rec.ConDURecipeArguments, ContinualConfig, args=argv, defaults=rec.RECIPE_DEFAULTS
+    )
+    assert config.max_steps == 2 and config.eval_batch_size == 256  # recipe default kept, flag overrides
+    summary = rec.main(args, config)
+    out = tmp_path / "out"
+    assert list(summary["results"]) == strategies
+    assert [t["name"] for t in summary["tasks"]] == ["digits-0-3", "digits-4-6", "digits-7-9"]
+    saved = json.loads((out / "results.json").read_text())
+    for name in strategies:
+        m = json.loads((out / name / "accuracy_matrix.json").read_text())
+        assert m["complete"] and saved["results"][name]["metrics"] == pytest.approx(m["metrics"])
+        assert (out / name / "accuracy_matrix.png").is_file()
+        card = ModelCard.load(out / name / "README.md")
+        assert "continual-learning" in card.data.tags and name in card.data.tags
+        index = card.data.to_dict()["model-index"][0]["results"]
+        assert [r["metrics"][0]["value"] for r in index] == [round(v, 4) for v in m["values"][-1]]
+    assert saved["results"]["independent"]["metrics"]["bwt"] == 0.0
+    assert "| zeroshot |" in (out / "results.md").read_text()

@@ -133,11 +133,13 @@ def continual_card(
     hyperparameters: dict,
     description: str,
     data_note: str = "",
+    files_note: str = "",
     limitations: str = "",
     repo_id: str | None = None,
 ):
     """A model card for the result of a continual run (``model_cards/continual.md``): the accuracy matrix, the
-    MTIL metrics, the per-task last accuracy as model-index entries, and the training settings."""
+    MTIL metrics, the per-task last accuracy as model-index entries, the training settings, and ``files_note``
+    saying where the run's weights are and how to load them."""
     from huggingface_hub import EvalResult, ModelCardData
 
     from hf_cft.hub import render_card
@@ -179,6 +181,7 @@ def continual_card(
         metrics={k.capitalize() if k != "bwt" else "BWT": _fmt(m[k]) for k in METRIC_NAMES},
         hyperparameters=hyperparameters,
         data_note=data_note,
+        files_note=files_note,
         limitations=limitations
         or "Evaluated only on the task stream listed above (task-incremental: each dataset's own label space).",
         repo_id=repo_id,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -132,16 +133,18 @@ class Strategy:
 
         ctx = self.context
         t0 = time.perf_counter()
-        delta = train_expert(
-            ctx.base_model,
-            ctx.tokenizer,
-            task,
-            ctx.config,
-            seed=task_seed(ctx.config.seed, index),
-            index=index,
-            output_dir=ctx.workdir / "runs" / f"{index:03d}",
-            start=start,
-        )
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"train-{index:03d}-", dir=ctx.workdir) as scratch:
+            delta = train_expert(
+                ctx.base_model,
+                ctx.tokenizer,
+                task,
+                ctx.config,
+                seed=task_seed(ctx.config.seed, index),
+                index=index,
+                output_dir=scratch,
+                start=start,
+            )
         self.timings["train_s"] = time.perf_counter() - t0
         return delta
 
@@ -385,17 +388,22 @@ class ConDUStrategy(Strategy):
     def new_merger(self):
         if self._merger_factory is not None:
             return self._merger_factory()
-        return self._merging("DeltaFusionMerger")(rescaler=self.rescaler, lora_merge=self.lora_merge, strict=False)
+        cls = self._merging("DeltaFusionMerger")
+        return cls(
+            rescaler=self.rescaler, lora_merge=self.lora_merge, strict=False, base_model=self.context.base_model
+        )
 
     def load_merger(self, directory: Path):
         if self._merger_loader is not None:
             return self._merger_loader(directory)
-        return self._merging("DeltaFusionMerger").from_pretrained(directory)
+        return self._merging("DeltaFusionMerger").from_pretrained(directory, base_model=self.context.base_model)
 
     def prototypes(self, task: TaskSpec) -> torch.Tensor:
+        """P^t with θ⁰ over one pass of the task's training rows through the train transform (§7): the function
+        gets a ``DataLoader`` of ``pixel_values``/``labels`` batches."""
         ctx = self.context
         fn = self._prototype_fn or self._merging("compute_prototypes")
-        return fn(ctx.base_model, ctx.tokenizer, task.train, task.classnames, task.templates)
+        return fn(ctx.base_model, ctx.tokenizer, ctx.evaluator.loader(task.train), task.classnames, task.templates)
 
     def router(self):
         if self._router is None:

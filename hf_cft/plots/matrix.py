@@ -38,8 +38,7 @@ def plot_accuracy_matrix(
     size = max(3.5, 0.62 * T + 2.2)
     fig, ax = plt.subplots(figsize=(size + 1.0, size))
     masked = np.ma.masked_invalid(A)
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#f0f0f0")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#f0f0f0")
     im = ax.imshow(masked, cmap=cmap, vmin=vmin, vmax=vmax)
     for r in range(T):
         for c in range(T):
