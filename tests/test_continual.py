@@ -336,6 +336,10 @@ def test_lora_expert_is_the_dense_adapter_delta(tmp_path, toy_tokenizer):
         for m in layers
     )
     assert all(d.abs().sum() > 0 for d in delta.values())
+    # sequential LoRA: a new adapter on θ⁰ + start; an untrained one (lr 0) returns start exactly
+    frozen = _config(finetune="lora", max_steps=1, learning_rate=0.0)
+    again = train_expert(model, toy_tokenizer, task, frozen, seed=0, index=0, output_dir=tmp_path / "r2", start=delta)
+    assert sorted(again) == sorted(delta) and all(torch.equal(again[k], delta[k]) for k in delta)
     # an untrained adapter is exactly θ⁰ (B = 0), and A is seeded the same for every task
     a1, a2 = build_training_model(model, cfg), build_training_model(model, cfg)
     for (n1, p1), (_, p2) in zip(a1.named_parameters(), a2.named_parameters()):
