@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from datasets import Image
 from safetensors.torch import load_file, save_file
 
 from hf_cft.continual import (
@@ -295,6 +296,26 @@ def test_class_split_tasks_relabel_disjoint_classes():
     assert sorted(set(tasks[1].train["label"])) == [0, 1, 2] and len(tasks[2].test) > 0
     with pytest.raises(ContinualError, match="overlap"):
         class_split_tasks(load_digits_dataset(image_size=8), [[0, 1], [1, 2]])
+
+
+@pytest.mark.data
+def test_mtil_mini_tasks_train_on_the_downstream_pool(shared_data):
+    from hf_cft.continual import MTIL_MINI_ORDERS, mtil_mini_tasks
+    from hf_cft.data import load_classification_dataset, split_per_class
+
+    assert sorted(MTIL_MINI_ORDERS["I"]) == sorted(MTIL_MINI_ORDERS["II"]) and len(MTIL_MINI_ORDERS["I"]) == 8
+    tasks = mtil_mini_tasks(["dtd10", "flowers5"], data_dir=str(shared_data), max_test=50)
+    ds = load_classification_dataset("dtd10", data_dir=str(shared_data))
+    pretrain, pool = split_per_class(ds["train"], 0.7, seed=0)
+    dtd = tasks[0]
+    assert dtd.name == "dtd10" and len(dtd.train) == len(pool) == len(ds["train"]) - len(pretrain)
+    paths = lambda d: {r["path"] for r in d.cast_column("image", Image(decode=False))["image"]}  # noqa: E731
+    assert paths(dtd.train) == paths(pool) and not paths(dtd.train) & paths(pretrain)
+    assert len(dtd.test) == 50 and dtd.classnames == ds.classnames and dtd.templates == ds.templates
+    few = mtil_mini_tasks(["flowers5"], data_dir=str(shared_data), shots=5)[0]
+    assert len(few.train) == 5 * few.num_classes and few.meta["shots"] == 5
+    with pytest.raises(ContinualError, match="unknown MTIL-mini order 'III'"):
+        mtil_mini_tasks("III")
 
 
 # --------------------------------------------------------------------------- weights
