@@ -174,7 +174,7 @@ def main(args: ConDURecipeArguments, config: ContinualConfig) -> dict:
     model_path = checkpoint or str(_demo_clip(args.demo_pretrain_steps))
     model, tokenizer, transform = load_clip(model_path)
     n_params = sum(p.numel() for p in model.parameters())
-    model_desc = checkpoint or (
+    model_desc = args.checkpoint or (
         f"digits demo CLIP ({n_params:,} parameters, pretrained {args.demo_pretrain_steps} steps on scikit-learn's "
         "digits)"
     )
