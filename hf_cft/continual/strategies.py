@@ -245,8 +245,11 @@ class DeltaMergeStrategy(Strategy):
 
     Example::
 
-        ta = DeltaMergeStrategy.from_function("task_arithmetic", lambda ds: {k: 0.3 * sum(d[k] for d in ds) for k in ds[0]})
-        magmax = DeltaMergeStrategy.from_merger("magmax", MagMaxMerger)
+        def task_arithmetic(deltas, lam=0.3):
+            return {k: lam * sum(d[k] for d in deltas) for k in deltas[0]}
+
+        ta = DeltaMergeStrategy.from_function("task_arithmetic", task_arithmetic, lam=0.3)
+        magmax = DeltaMergeStrategy.from_merger("magmax", MagMaxMerger)  # MagMaxMerger().add(delta) -> merged
     """
 
     def __init__(
