@@ -1,0 +1,501 @@
+"""Continual-learning strategies: what is learned from each task and which model answers each evaluation.
+
+A :class:`Strategy` is driven by :class:`~hf_cft.continual.ContinualRunner`: ``bind(context)`` once, then per task
+``learn(task, index)`` and ``evaluate(other_task, learned=...)`` for every task of the stream; between tasks the
+runner checkpoints it with ``save_checkpoint(dir)`` / ``load_checkpoint(dir)`` (by default ``state_dict()``'s
+tensors as safetensors plus its JSON metadata). Implemented:
+
+| strategy | learns | evaluates task j after task t |
+|---|---|---|
+| :class:`ZeroShotStrategy` | nothing | θ⁰ |
+| :class:`SequentialFineTuning` | each task from the *previous* model | the current model, every j |
+| :class:`IndependentExperts` | one expert per task from θ⁰ (on disk) | expert j if learned (task id known), else θ⁰ |
+| :class:`DeltaMergeStrategy` | experts from θ⁰, merged by a function or a stateful merger | θ⁰ + merged delta, every j |
+| :class:`ConDUStrategy` | experts from θ⁰, unified by ``DeltaFusionMerger`` | ``docs/methods/condu.md`` §7 table |
+
+Every expert is trained from θ⁰ except in sequential fine-tuning (condu.md §2.1); all weights are handled as dense
+deltas from θ⁰ and evaluated through ``functional_call`` (no model copy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hf_cft.continual.config import ContinualConfig, task_seed
+from hf_cft.continual.evaluation import DeltaEvaluator
+from hf_cft.continual.tasks import TaskSpec
+from hf_cft.continual.weights import Delta, DeltaStore, check_finite
+from hf_cft.errors import BundleError, ContinualError
+
+logger = logging.getLogger("hf_cft.continual")
+
+STATE_TENSORS = "strategy.safetensors"
+STATE_META = "strategy.json"
+
+
+@dataclass
+class RunContext:
+    """What a strategy may use: θ⁰ (never modified), its tokenizer, the run's config and evaluator, the whole task
+    stream, and ``workdir``, a folder the strategy owns for files that outlive one task (expert deltas)."""
+
+    base_model: nn.Module
+    tokenizer: object
+    config: ContinualConfig
+    evaluator: DeltaEvaluator
+    tasks: list[TaskSpec]
+    workdir: Path
+
+
+class Strategy:
+    """Base class of continual strategies (see the module docstring for the protocol).
+
+    Subclasses implement :meth:`learn` and :meth:`evaluate`, and :meth:`state_dict` / :meth:`load_state_dict`
+    (tensors that safetensors can store + JSON-able metadata) or override :meth:`save_checkpoint` /
+    :meth:`load_checkpoint`. :meth:`settings` returns the JSON-able options that change results; a run resumed
+    with other settings is refused.
+
+    Example (a strategy that keeps θ⁰ but logs what it sees)::
+
+        class Watcher(Strategy):
+            name = "watcher"
+            def learn(self, task, index):
+                print("learning", task.name)
+            def evaluate(self, task, learned):
+                return self.ctx.evaluator.accuracy(task)
+    """
+
+    name = "strategy"
+
+    def __init__(self):
+        self.ctx: RunContext | None = None
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ protocol
+
+    def bind(self, context: RunContext) -> None:
+        self.ctx = context
+
+    def learn(self, task: TaskSpec, index: int) -> None:
+        raise NotImplementedError
+
+    def evaluate(self, task: TaskSpec, learned: bool) -> float:
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        return {}
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return {}, {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+        if tensors or metadata:
+            raise ContinualError(f"strategy {self.name!r} keeps no state, but the checkpoint holds some")
+
+    def save_checkpoint(self, directory: Path) -> None:
+        from hf_cft.utils import atomic_save_safetensors, atomic_write_json
+
+        tensors, meta = self.state_dict()
+        atomic_save_safetensors(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, directory / STATE_TENSORS
+        )
+        atomic_write_json(directory / STATE_META, meta)
+
+    def load_checkpoint(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        for f in (STATE_TENSORS, STATE_META):
+            if not (directory / f).is_file():
+                raise BundleError(f"checkpoint {directory} of strategy {self.name!r} lacks {f}")
+        self.load_state_dict(
+            load_file(str(directory / STATE_TENSORS)), json.loads((directory / STATE_META).read_text())
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def context(self) -> RunContext:
+        if self.ctx is None:
+            raise ContinualError(f"strategy {self.name!r} is not bound to a run (ContinualRunner binds it)")
+        return self.ctx
+
+    def train_expert(self, task: TaskSpec, index: int, start: Delta | None = None) -> Delta:
+        """Train on ``task`` from θ⁰ (+ ``start``) with the run's config and the task's seed; time it."""
+        from hf_cft.continual.training import train_expert
+
+        ctx = self.context
+        t0 = time.perf_counter()
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"train-{index:03d}-", dir=ctx.workdir) as scratch:
+            delta = train_expert(
+                ctx.base_model,
+                ctx.tokenizer,
+                task,
+                ctx.config,
+                seed=task_seed(ctx.config.seed, index),
+                index=index,
+                output_dir=scratch,
+                start=start,
+            )
+        self.timings["train_s"] = time.perf_counter() - t0
+        return delta
+
+
+class ZeroShotStrategy(Strategy):
+    """θ⁰ throughout: the zero-shot row of the tables (every row identical)."""
+
+    name = "zeroshot"
+
+    def learn(self, task: TaskSpec, index: int) -> None:
+        self.timings = {}
+
+    def evaluate(self, task: TaskSpec, learned: bool) -> float:
+        return self.context.evaluator.accuracy(task)
+
+
+class SequentialFineTuning(Strategy):
+    """Continual fine-tuning: task t trains from the model left by task t−1 (θ⁰ for the first); after each task
+    that one model answers every dataset. The delta u = θ − θ⁰ is the state."""
+
+    name = "sequential"
+
+    def __init__(self):
+        super().__init__()
+        self.delta: Delta = {}
+        self.learned: list[str] = []
+
+    def learn(self, task: TaskSpec, index: int) -> None:
+        self.timings = {}
+        self.delta = self.train_expert(task, index, start=self.delta or None)
+        self.learned.append(task.name)
+
+    def evaluate(self, task: TaskSpec, learned: bool) -> float:
+        return self.context.evaluator.accuracy(task, self.delta or None)
+
+    def state_dict(self):
+        return dict(self.delta), {"learned": list(self.learned)}
+
+    def load_state_dict(self, tensors, metadata):
+        self.delta = {k: v.float() for k, v in tensors.items()}
+        self.learned = list(metadata.get("learned", []))
+
+
+class IndependentExperts(Strategy):
+    """One expert per task, trained from θ⁰ and kept on disk (``workdir/experts``); with the task id known, task j is
+    answered by its own expert once learned and by θ⁰ before (the upper bound with task id of Protocol B)."""
+
+    name = "independent"
+
+    def __init__(self):
+        super().__init__()
+        self.experts: dict[str, str] = {}  # task name -> store key
+        self._accuracy: dict[str, float] = {}  # an expert never changes: its accuracy is computed once
+
+    @property
+    def store(self) -> DeltaStore:
+        return DeltaStore(self.context.workdir / "experts")
+
+    def learn(self, task: TaskSpec, index: int) -> None:
+        self.timings = {}
+        delta = self.train_expert(task, index)
+        key = f"{index:03d}"
+        self.store.save(key, delta, {"task": task.name})
+        self.experts[task.name] = key
+
+    def expert_delta(self, name: str) -> Delta:
+        if name not in self.experts:
+            raise ContinualError(f"no expert for task {name!r}; learned: {list(self.experts)}")
+        return self.store.load(self.experts[name])
+
+    def evaluate(self, task: TaskSpec, learned: bool) -> float:
+        ev = self.context.evaluator
+        if not learned or task.name not in self.experts:
+            return ev.accuracy(task)
+        if task.name not in self._accuracy:
+            self._accuracy[task.name] = ev.accuracy(task, self.expert_delta(task.name))
+        return self._accuracy[task.name]
+
+    def state_dict(self):
+        return {}, {"experts": dict(self.experts)}
+
+    def load_state_dict(self, tensors, metadata):
+        self.experts = dict(metadata.get("experts", {}))
+        self._accuracy = {}
+        missing = [n for n, k in self.experts.items() if k not in self.store]
+        if missing:
+            raise BundleError(f"expert deltas of task(s) {missing} are missing from {self.store.directory}")
+
+
+class DeltaMergeStrategy(Strategy):
+    """Experts trained from θ⁰ (kept on disk), merged into one delta after each task; θ⁰ + merged answers every
+    dataset. The merge is either
+
+    - a one-shot function ``merge_fn(list_of_deltas) -> delta`` over all experts so far (task arithmetic, TIES,
+      one-shot EMR...), re-run after each task; or
+    - a stateful merger from ``merger_factory()`` with ``.add(delta) -> merged_delta`` (MagMax, OPCM...); on resume
+      its state is rebuilt by replaying ``add`` over the stored experts in order.
+
+    Example::
+
+        def task_arithmetic(deltas, lam=0.3):
+            return {k: lam * sum(d[k] for d in deltas) for k in deltas[0]}
+
+        ta = DeltaMergeStrategy.from_function("task_arithmetic", task_arithmetic, lam=0.3)
+        magmax = DeltaMergeStrategy.from_merger("magmax", MagMaxMerger)  # MagMaxMerger().add(delta) -> merged
+    """
+
+    def __init__(
+        self,
+        name: str,
+        merge_fn: Callable[[list[Delta]], Delta] | None = None,
+        merger_factory: Callable[[], object] | None = None,
+        settings: dict | None = None,
+    ):
+        super().__init__()
+        if (merge_fn is None) == (merger_factory is None):
+            raise ContinualError(f"DeltaMergeStrategy {name!r}: give exactly one of merge_fn and merger_factory")
+        self.name = name
+        self.merge_fn = merge_fn
+        self.merger_factory = merger_factory
+        self._settings = dict(settings or {})
+        self.merger = merger_factory() if merger_factory is not None else None
+        self.experts: list[str] = []  # store keys in learning order
+        self.merged: Delta = {}
+
+    @classmethod
+    def from_function(cls, name: str, merge_fn: Callable[[list[Delta]], Delta], **settings) -> DeltaMergeStrategy:
+        return cls(name, merge_fn=merge_fn, settings=settings)
+
+    @classmethod
+    def from_merger(cls, name: str, merger_factory: Callable[[], object], **settings) -> DeltaMergeStrategy:
+        return cls(name, merger_factory=merger_factory, settings=settings)
+
+    def settings(self) -> dict:
+        return {"merge": "function" if self.merge_fn is not None else "stateful", **self._settings}
+
+    @property
+    def store(self) -> DeltaStore:
+        return DeltaStore(self.context.workdir / "experts")
+
+    def learn(self, task: TaskSpec, index: int) -> None:
+        self.timings = {}
+        delta = self.train_expert(task, index)
+        key = f"{index:03d}"
+        self.store.save(key, delta, {"task": task.name})
+        self.experts.append(key)
+        t0 = time.perf_counter()
+        if self.merge_fn is not None:
+            del delta  # one-shot merges read every expert back from disk
+            merged = self.merge_fn([self.store.load(k) for k in self.experts])
+        else:
+            merged = self.merger.add(delta)
+        check_finite(merged, f"the {self.name} merge after task {task.name!r}")
+        self.merged = {k: v.detach().float().cpu() for k, v in merged.items()}
+        self.timings["merge_s"] = time.perf_counter() - t0
+
+    def evaluate(self, task: TaskSpec, learned: bool) -> float:
+        return self.context.evaluator.accuracy(task, self.merged or None)
+
+    def state_dict(self):
+        return dict(self.merged), {"experts": list(self.experts)}
+
+    def load_state_dict(self, tensors, metadata):
+        self.experts = list(metadata.get("experts", []))
+        self.merged = {k: v.float() for k, v in tensors.items()}
+        if self.merger_factory is not None:  # rebuild the stateful merger's state
+            self.merger = self.merger_factory()
+            for k in self.experts:
+                self.merger.add(self.store.load(k))
+
+
+class ConDUStrategy(Strategy):
+    """ConDU (``docs/methods/condu.md``): each task trains an expert from θ⁰; its delta joins the
+    ``DeltaFusionMerger`` (decouple every stored expert, add the new delta, re-unify; §2) together with the task's
+    prototypes computed with θ⁰ (§7); the delta is then dropped.
+
+    Evaluation (§7 table): a learned task with known id → the single rebuilt expert θ⁰ + δ̃^i with the dataset's own
+    head; a task not learned yet (Transfer entries), or every task with ``task_agnostic=True`` → the
+    ``SemanticRouter`` aggregation over θ⁰ and the top-K routed experts; nothing learned yet → θ⁰.
+
+    The merger, router and prototype function default to ``hf_cft.merging``'s ``DeltaFusionMerger``,
+    ``SemanticRouter`` and ``compute_prototypes``; pass factories to use others with the same contract.
+
+    Example::
+
+        runner = ContinualRunner(ConDUStrategy(top_k=4), tasks, clip, tokenizer, "outputs/condu")
+    """
+
+    name = "condu"
+
+    def __init__(
+        self,
+        top_k: int = 4,
+        weighting: str = "uniform",
+        include_zero_shot: bool = True,
+        task_agnostic: bool = False,
+        rescaler: str = "mean",
+        lora_merge: str = "dense",
+        merger_factory: Callable[[], object] | None = None,
+        merger_loader: Callable[[Path], object] | None = None,
+        router_factory: Callable[..., object] | None = None,
+        prototype_fn: Callable[..., torch.Tensor] | None = None,
+    ):
+        super().__init__()
+        if top_k < 1:
+            raise ContinualError(f"ConDUStrategy: top_k must be ≥ 1, got {top_k}")
+        if lora_merge != "dense":
+            # Experts reach the merger as dense deltas (s·B@A for LoRA), the project's default; "factors" would
+            # need the A/B factors themselves.
+            raise ContinualError(f"ConDUStrategy supports lora_merge='dense' only, got {lora_merge!r}")
+        self.top_k, self.weighting, self.include_zero_shot = top_k, weighting, include_zero_shot
+        self.task_agnostic, self.rescaler, self.lora_merge = task_agnostic, rescaler, lora_merge
+        self._merger_factory = merger_factory
+        self._merger_loader = merger_loader
+        self._router_factory = router_factory
+        self._prototype_fn = prototype_fn
+        self.merger = None
+        self._router = None
+
+    def settings(self) -> dict:
+        return {
+            "top_k": self.top_k,
+            "weighting": self.weighting,
+            "include_zero_shot": self.include_zero_shot,
+            "task_agnostic": self.task_agnostic,
+            "rescaler": self.rescaler,
+            "lora_merge": self.lora_merge,
+        }
+
+    # -------------------------------------------------------------- the hf_cft.merging contract
+
+    @staticmethod
+    def _merging(name: str):
+        try:
+            import hf_cft.merging as merging
+
+            return getattr(merging, name)
+        except (ImportError, AttributeError) as exc:
+            raise ContinualError(
+                f"ConDUStrategy needs hf_cft.merging.{name}, which this installation lacks ({exc}); "
+                "pass a factory with the same contract instead"
+            ) from exc
+
+    def new_merger(self):
+        if self._merger_factory is not None:
+            return self._merger_factory()
+        cls = self._merging("DeltaFusionMerger")
+        return cls(
+            rescaler=self.rescaler, lora_merge=self.lora_merge, strict=False, base_model=self.context.base_model
+        )
+
+    def load_merger(self, directory: Path):
+        if self._merger_loader is not None:
+            return self._merger_loader(directory)
+        return self._merging("DeltaFusionMerger").from_pretrained(directory, base_model=self.context.base_model)
+
+    def prototypes(self, task: TaskSpec) -> torch.Tensor:
+        """P^t with θ⁰ over one pass of the task's training rows through the train transform (§7): the function
+        gets a ``DataLoader`` of ``pixel_values``/``labels`` batches."""
+        ctx = self.context
+        fn = self._prototype_fn or self._merging("compute_prototypes")
+        return fn(ctx.base_model, ctx.tokenizer, ctx.evaluator.loader(task.train), task.classnames, task.templates)
+
+    def router(self):
+        if self._router is None:
+            ctx = self.context
+            factory = self._router_factory or self._merging("SemanticRouter")
+            self._router = factory(
+                self.merger,
+                ctx.base_model,
+                ctx.tokenizer,
+                top_k=self.top_k,
+                weighting=self.weighting,
+                include_zero_shot=self.include_zero_shot,
+            )
+        return self._router
+
+    # -------------------------------------------------------------- protocol
+
+    def bind(self, context: RunContext) -> None:
+        super().bind(context)
+        if self.merger is None:
+            self.merger = self.new_merger()
+
+    @property
+    def learned(self) -> list[str]:
+        return list(self.merger.task_names) if self.merger is not None else []
+
+    def learn(self, task: TaskSpec, index: int) -> None:
+        self.timings = {}
+        delta = self.train_expert(task, index)  # from θ⁰, never from the unified model (§2.1)
+        t0 = time.perf_counter()
+        protos = self.prototypes(task)  # with θ⁰, on the data trained on (§7, §9)
+        self.timings["prototypes_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.merger.add_task(
+            delta,
+            name=task.name,
+            prototypes=protos,
+            classnames=list(task.classnames),
+            templates=list(task.templates),
+            dataset=task.meta.get("source", task.name),
+        )
+        self.timings["merge_s"] = time.perf_counter() - t0
+        del delta  # §2.5: θ^t and δ^t are dropped
+        self._router = None  # every expert changed: heads cached by the router are stale
+
+    def evaluate(self, task: TaskSpec, learned: bool) -> float:
+        ev = self.context.evaluator
+        names = self.learned
+        if not names:
+            return ev.accuracy(task)  # nothing learned yet: θ⁰
+        if learned and not self.task_agnostic:
+            if task.name not in names:
+                raise ContinualError(f"task {task.name!r} is marked learned but the merger holds only {names}")
+            return ev.accuracy(task, self.merger.expert_delta(task.name))
+        router = self.router()
+        return ev.accuracy_from_logits(task, lambda px: router.logits(px, task.classnames, task.templates))
+
+    def save_checkpoint(self, directory: Path) -> None:
+        from hf_cft.utils import atomic_write_json
+
+        self.merger.save_pretrained(str(directory / "merger"))
+        atomic_write_json(directory / STATE_META, {"learned": self.learned})
+
+    def load_checkpoint(self, directory: Path) -> None:
+        if not (directory / "merger").is_dir():
+            raise BundleError(f"checkpoint {directory} of strategy 'condu' lacks the merger folder")
+        self.merger = self.load_merger(directory / "merger")
+        self._router = None
+        meta = json.loads((directory / STATE_META).read_text())
+        if list(meta.get("learned", [])) != self.learned:
+            raise BundleError(
+                f"checkpoint {directory}: the merger holds tasks {self.learned}, the manifest {meta.get('learned')}"
+            )
+
+
+STRATEGIES: dict[str, Callable[..., Strategy]] = {
+    "zeroshot": ZeroShotStrategy,
+    "sequential": SequentialFineTuning,
+    "independent": IndependentExperts,
+    "condu": ConDUStrategy,
+}
+
+
+def make_strategy(name: str, **kwargs) -> Strategy:
+    """A strategy by name (``zeroshot``, ``sequential``, ``independent``, ``condu``)."""
+    if name not in STRATEGIES:
+        raise ContinualError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
+    return STRATEGIES[name](**kwargs)
+
+
+def strategy_names() -> Sequence[str]:
+    return tuple(STRATEGIES)

@@ -1,0 +1,102 @@
+"""Train one expert of a continual run with :class:`~hf_cft.trainers.ClipClassificationTrainer` and return its
+dense delta from θ⁰.
+
+ConDU trains every expert **from θ⁰** with plain cross-entropy (``docs/methods/condu.md`` §2.1); sequential
+fine-tuning starts from the previous model instead (``start`` delta). Full fine-tuning trains every parameter of
+both towers except ``logit_scale`` (§5); LoRA adapts the configured linears (default: the two MLP linears of every
+block) with B = 0 at the start, so θ⁰ plus the untrained adapter is exactly θ⁰, and the same A seed for every task.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from hf_cft.continual.config import ContinualConfig
+from hf_cft.continual.tasks import TaskSpec
+from hf_cft.continual.weights import Delta, apply_delta_, check_finite, trained_delta
+
+logger = logging.getLogger("hf_cft.continual")
+
+
+def build_training_model(
+    base_model: nn.Module, config: ContinualConfig, start: Mapping[str, torch.Tensor] | None = None
+) -> nn.Module:
+    """A trainable copy of θ⁰ (+ ``start``): the full model, or a PEFT LoRA model around it."""
+    model = copy.deepcopy(base_model)
+    if start:
+        apply_delta_(model, start)
+    if config.finetune == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        use_rslora=config.lora_use_rslora,
+        target_modules=list(config.lora_target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        init_lora_weights=True,  # A Kaiming-uniform, B = 0
+    )
+    # One fixed A seed for every task (condu.md §5); the global RNG is re-seeded by the trainer afterwards.
+    torch.manual_seed(config.lora_init_seed)
+    return get_peft_model(model, lora)
+
+
+def train_expert(
+    base_model: nn.Module,
+    tokenizer,
+    task: TaskSpec,
+    config: ContinualConfig,
+    seed: int,
+    index: int,
+    output_dir: str | os.PathLike,
+    start: Mapping[str, torch.Tensor] | None = None,
+) -> Delta:
+    """Fine-tune θ⁰ (+ ``start``) on ``task`` (its ``train`` rows must be model-ready) with the Trainer seeded by
+    ``seed`` and the learning rate of position ``index``; return θ − θ⁰ as fp32 CPU tensors. θ⁰ itself is never
+    modified; the trained copy is dropped. ``output_dir`` is the Trainer's scratch folder, removed afterwards."""
+    from hf_cft.trainers import ClipClassificationTrainer, ClipTrainingArguments
+
+    model = build_training_model(base_model, config, start)
+    args = ClipTrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate_for(index),
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        optim=config.optim,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_steps,
+        label_smoothing=config.label_smoothing,
+        train_templates=config.train_templates,
+        logging_steps=config.logging_steps,
+        dataloader_num_workers=config.dataloader_num_workers,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        use_cpu=config.use_cpu,
+        disable_tqdm=not config.progress,
+    )
+    trainer = ClipClassificationTrainer(
+        model, args, task.classnames, task.templates, tokenizer, train_dataset=task.train
+    )
+    out = trainer.train()
+    logger.info("task %r: trained %d steps, final loss %.4f", task.name, out.global_step, out.training_loss)
+    model.eval()
+    delta = trained_delta(base_model, model, start)
+    check_finite(delta, f"the expert trained on task {task.name!r}")
+    del trainer, model
+    shutil.rmtree(output_dir, ignore_errors=True)  # trainer scratch (nothing is saved there)
+    return delta
