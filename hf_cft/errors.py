@@ -122,3 +122,7 @@ class CardError(HfCftError, ValueError):
 
 class HubError(HfCftError, ValueError):
     """An artefact cannot be pushed to or pulled from the Hub as asked (names the file, folder or repo)."""
+
+
+class CLIError(HfCftError, ValueError):
+    """An option or input file of the ``hf-cft`` command line is invalid (names the option or the file)."""

@@ -651,6 +651,8 @@ def _matrix(matrix: Mapping[str, Any] | None, where: str) -> dict[str, Any] | No
 
 
 def _stream_label(names: Sequence[str], stream_name: str | None) -> str:
+    """The task stream the summary metrics describe: ``stream_name``, else its datasets in order (the accuracy
+    matrix's names when there is one, else the artefact's tasks)."""
     return stream_name or ("task stream: " + " → ".join(names) if names else "task stream")
 
 
@@ -681,7 +683,7 @@ def condu_card(
     rows = _check_rows(results, where)
     summ = _check_summary(summary, where)
     mat = _matrix(matrix, where)
-    names = [t.name for t in tasks]
+    names = mat["names"] if mat else [t.name for t in tasks]
     eval_results = _dataset_results(rows) + _summary_results(
         summ, stream_id or "hf_cft/task-stream", _stream_label(names, stream_name)
     )
@@ -745,7 +747,7 @@ def pam_card(
     mat = _matrix(matrix, where)
     lora = dict(state.lora_config or {})
     base_model = base_model or lora.get("base_model_name_or_path") or None
-    names = [str(h.get("name") or f"task {h.get('task')}") for h in state.history]
+    names = mat["names"] if mat else [str(h.get("name") or f"task {h.get('task')}") for h in state.history]
     eval_results = _dataset_results(rows) + _summary_results(
         summ, stream_id or "hf_cft/task-stream", _stream_label(names, stream_name)
     )
