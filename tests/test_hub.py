@@ -170,11 +170,8 @@ def test_adapter_push_uploads_the_adapter_and_our_card_then_loads_back(
     assert meta["library_name"] == "peft" and meta["pipeline_tag"] == "zero-shot-image-classification"
     assert meta["base_model"] == BASE_ID and meta["base_model_relation"] == "adapter"
     assert {"hf_cft", "clip"} <= set(meta["tags"]) and meta["datasets"] == ["hf-cft/toy"]
-    assert _metrics(meta) == {
-        ("toy (base)", "accuracy"): 81.25,
-        ("toy (novel)", "accuracy"): 62.5,
-        ("toy (base-to-novel)", "hm"): 70.0,
-    }
+    assert _metrics(meta) == {("toy (base)", "accuracy"): 81.25, ("toy (novel)", "accuracy"): 62.5}
+    assert "Harmonic mean of base and novel accuracy: **70.00**" in card.text
     assert "| lr | 0.002 |" in card.text and "4 shots per class" in card.text
     # the new eval-results format, for the row on a Hub dataset only
     (entry,) = parse_eval_result_entries(yaml.safe_load(commit["files"][".eval_results/hf-cft__toy.yaml"]))
@@ -232,8 +229,9 @@ def test_mergetune_full_model_push_and_card(hub, tmp_path, monkeypatch):
 
 def test_mergetune_adapter_card_for_lora_and_coop(toy_tokenizer, tmp_path):
     lora = _adapter("lora", toy_tokenizer)
-    card = mergetune_card(lora, model_name="mt-lora", dataset_name="toy", results=ROWS[:1], hm=None)
+    card = mergetune_card(lora, model_name="mt-lora", dataset_name="toy", results=ROWS, hm=70.0)
     meta = validate_card(card)
+    assert _metrics(meta)[("toy (base-to-novel)", "hm")] == 70.0 and "**70.00**" in card.text
     assert meta["library_name"] == "peft" and "lora" in meta["tags"] and meta["base_model"] == BASE_ID
     assert "PeftModel.from_pretrained" in card.text and "weight space" in card.text
     coop = _adapter("coop", toy_tokenizer)

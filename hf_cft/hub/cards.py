@@ -446,7 +446,8 @@ def adapter_card(
     """A model card for a PEFT adapter (CoOp, VPT, linear head, LoRA) — a ``PeftModel`` or an adapter folder.
 
     ``results`` rows (``{"name": split, "num_classes": int, "accuracy": percent}``) become model-index entries
-    (task image-classification, metric accuracy), ``hm`` an extra ``hm`` entry. ``method`` overrides entries of
+    (task image-classification, metric accuracy, one per split); ``hm`` is printed in the card's text (it is
+    derived from the base and novel rows). ``method`` overrides entries of
     the method description (``name``, ``description``, ``paper``, ``tags``, ``citation``, ``usage``).
     """
     cfg, size, _ = _adapter_config_and_size(peft_model, adapter_name)
@@ -458,8 +459,7 @@ def adapter_card(
     base_model = base_model or cfg.base_model_name_or_path or None
     rows = _check_rows(results, f"adapter card {model_name!r}")
     summary = _check_summary({"hm": hm}, f"adapter card {model_name!r}")
-    eval_results = _split_results(rows, dataset_name, dataset_id)
-    eval_results += _summary_results(summary, dataset_id or dataset_name, f"{dataset_name} (base-to-novel)")
+    eval_results = _split_results(rows, dataset_name, dataset_id)  # HM is shown in the text (derived from rows)
     card_data = _card_data(
         model_name=model_name,
         library_name="peft",
@@ -577,7 +577,8 @@ def mergetune_card(
     """A model card for a MergeTune continued model (mergetune.md): a ``PeftModel`` / adapter folder (CoOp, head,
     LoRA) or a full model / model folder.
 
-    ``results``: rows of the continued model (e.g. base, novel); ``baselines``: ``{"zero-shot": {"base": ..,
+    ``results``: rows of the continued model (e.g. base, novel); ``hm`` (MergeTune's headline number) is also a
+    model-index entry (metric ``hm``, dataset "<name> (base-to-novel)"); ``baselines``: ``{"zero-shot": {"base": ..,
     "novel": ..}, "fine-tuned": {...}}`` accuracies shown beside them (not in model-index, which describes this
     model only); ``finetuned``: what ŵ2 was (a repo id or a description); ``hyperparameters``: λ, β, N, τ, anchor ...
     """
