@@ -11,8 +11,8 @@ its evaluation results"; ecosystem.md §6):
 
 Every card's YAML front matter carries ``library_name``, ``pipeline_tag: zero-shot-image-classification``,
 ``base_model`` (+ ``base_model_relation``), ``tags``, ``datasets`` (Hub ids when known) and the legacy
-``model-index`` (one entry per split or dataset, metric ``accuracy`` in %, plus HM or Transfer / Average / Last /
-BWT of a task stream). huggingface_hub 2.x calls model-index legacy and adds ``.eval_results/*.yaml`` files
+``model-index`` (one entry per split or dataset, metric ``accuracy`` in %, plus HM for MergeTune or Transfer /
+Average / Last / BWT of a task stream). huggingface_hub 2.x calls model-index legacy and adds ``.eval_results/*.yaml`` files
 (``EvalResultEntry``), which only datasets registered on the Hub can use: :func:`eval_result_entries` builds them
 for rows that carry a Hub dataset id and :func:`eval_results_files` their file contents;
 :func:`hf_cft.hub.push_to_hub` uploads both.
@@ -42,7 +42,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from hf_cft.errors import AdapterError, CardError
+from hf_cft.errors import AdapterError, BundleError, CardError
 
 __all__ = [
     "ADAPTER_METHODS",
@@ -398,8 +398,6 @@ def _adapter_config_and_size(source, adapter_name: str | None = None) -> tuple[A
         weights = folder / "adapter_model.safetensors"
         size = 0
         if weights.is_file():
-            from hf_cft.errors import BundleError
-
             try:
                 with safe_open(str(weights), framework="pt") as fh:
                     size = sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())  # noqa: SIM118

@@ -221,19 +221,18 @@ def push_to_hub(
         else:
             artefact.save_pretrained(str(folder))
         if card is None and (kind != "folder" or card_kwargs is not None):
-            card = _build_card(
-                kind if card_kind is None else card_kind, artefact, folder, kwargs, default_name, adapter_name
-            )
+            card = _build_card(kind if card_kind is None else card_kind, artefact, folder, kwargs, default_name)
         if eval_results is None:
             eval_results = eval_result_entries(kwargs.get("results") or [], kwargs.get("dataset_id"))
         return push_folder_to_hub(folder, repo_id, card=card, eval_results=eval_results, **push_kwargs)
 
 
-def _build_card(kind: str, artefact, folder: Path, kwargs: dict, default_name: str, adapter_name: str | None):
+def _build_card(kind: str, artefact, folder: Path, kwargs: dict, default_name: str):
+    """The artefact's card from ``kwargs``, reading the saved ``folder`` (the one adapter that was saved)."""
     kwargs.setdefault("model_name", default_name)
     if kind == "adapter":
         kwargs.setdefault("dataset_name", "unspecified")
-        return adapter_card(folder, adapter_name=None, **kwargs)
+        return adapter_card(folder, **kwargs)
     if kind in ("mergetune", "model"):
         kwargs.setdefault("dataset_name", "unspecified")
         return mergetune_card(folder, **kwargs)
