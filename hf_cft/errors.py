@@ -111,3 +111,18 @@ class ContinualError(HfCftError, ValueError):
 
 class AlignmentError(HfCftError, ValueError):
     """PAM's global/task adapters cannot be aligned or merged as configured (names the adapter)."""
+
+
+# --- Hub and model cards (hf_cft.hub, hf_cft.cli) ---
+
+
+class CardError(HfCftError, ValueError):
+    """A model card cannot be rendered or its metadata is invalid (names the field or the template)."""
+
+
+class HubError(HfCftError, ValueError):
+    """An artefact cannot be pushed to or pulled from the Hub as asked (names the file, folder or repo)."""
+
+
+class CLIError(HfCftError, ValueError):
+    """An option or input file of the ``hf-cft`` command line is invalid (names the option or the file)."""

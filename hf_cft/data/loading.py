@@ -270,7 +270,10 @@ def _finalize(
         if spec is not None:
             dd, label_names = _align_to_spec(dd, label_names, spec)
             label_feature = next(iter(dd.values())).features["label"]
-        validate_classnames(classnames, owner=f"dataset {name!r}", num_labels=label_feature.num_classes)
+        # a ClassLabel cannot hold a name twice: duplicates are an error here, not a warning
+        validate_classnames(
+            classnames, owner=f"dataset {name!r}", num_labels=label_feature.num_classes, duplicates="error"
+        )
         if list(classnames) != label_names:  # keep the ClassLabel names in line with the prompt names
             new = datasets.ClassLabel(names=list(classnames))
             dd = datasets.DatasetDict({k: v.cast_column("label", new) for k, v in dd.items()})
@@ -280,7 +283,7 @@ def _finalize(
                 f"The label column of dataset {name!r} is not a ClassLabel and no class names were given; pass "
                 "classnames=[...] in label-id order."
             )
-        classnames = validate_classnames(classnames, owner=f"dataset {name!r}")
+        classnames = validate_classnames(classnames, owner=f"dataset {name!r}", duplicates="error")
         for split, ds in dd.items():
             labels = ds.unique("label")
             bad = [lab for lab in labels if not isinstance(lab, int) or not 0 <= lab < len(classnames)]
@@ -381,7 +384,9 @@ def from_arrays(
     """Build a ClassificationDataset from in-memory images (PIL images or HxW(xC) uint8 arrays) and labels."""
     import numpy as np
 
-    classnames = validate_classnames(classnames, owner=f"dataset {name!r}")
+    classnames = validate_classnames(
+        classnames, owner=f"dataset {name!r}", duplicates="error"
+    )  # ClassLabel needs unique
     if len(images) != len(labels):
         raise DatasetFormatError(f"Dataset {name!r}: {len(images)} images but {len(labels)} labels.")
     if len(images) == 0:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from hf_cft.errors import ImageDecodeError
+from hf_cft.errors import DatasetFormatError, ImageDecodeError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -220,7 +220,7 @@ class ImageClassificationCollator:
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         if not rows:
-            raise ValueError("cannot collate an empty batch")
+            raise DatasetFormatError("Cannot collate an empty batch (an empty dataset or split?).")
         batch = {"pixel_values": torch.stack([torch.as_tensor(r["pixel_values"]) for r in rows])}
         label_key = "labels" if "labels" in rows[0] else ("label" if "label" in rows[0] else None)
         if label_key is not None:

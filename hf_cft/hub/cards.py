@@ -1,8 +1,71 @@
-"""Render model cards from hf_cft's templates with evaluation results in the Hub's model-index format."""
+"""Model cards for every hf_cft artefact, rendered from the Jinja templates in ``model_cards/`` through
+``huggingface_hub.ModelCard`` / ``ModelCardData``, with evaluation results in the Hub's formats.
+
+One card function per artefact kind (architecture.md: "every artefact ... is pushed with a model card that carries
+its evaluation results"; ecosystem.md §6):
+
+- :func:`adapter_card` — a PEFT adapter (CoOp, VPT, linear head, LoRA), ``model_cards/adapter.md``;
+- :func:`mergetune_card` — a MergeTune continued model (a PEFT adapter or a full model), ``model_cards/mergetune.md``;
+- :func:`condu_card` — a ConDU bundle (:class:`~hf_cft.merging.DeltaFusionMerger`), ``model_cards/condu_bundle.md``;
+- :func:`pam_card` — a PAM global adapter (:class:`~hf_cft.merging.PAMState`), ``model_cards/pam_global_adapter.md``.
+
+Every card's YAML front matter carries ``library_name``, ``pipeline_tag: zero-shot-image-classification``,
+``base_model`` (+ ``base_model_relation``), ``tags``, ``datasets`` (Hub ids when known) and the legacy
+``model-index`` (one entry per split or dataset, metric ``accuracy`` in %, plus HM for MergeTune or Transfer /
+Average / Last / BWT of a task stream). huggingface_hub 2.x calls model-index legacy and adds ``.eval_results/*.yaml`` files
+(``EvalResultEntry``), which only datasets registered on the Hub can use: :func:`eval_result_entries` builds them
+for rows that carry a Hub dataset id and :func:`eval_results_files` their file contents;
+:func:`hf_cft.hub.push_to_hub` uploads both.
+
+Result rows are dicts: ``{"name": split or dataset, "accuracy": percent}`` plus optionally ``"num_classes"``,
+``"split"`` (default ``test``), ``"dataset_id"`` (a Hub dataset id) and ``"task_id"`` (new-format task name).
+
+Example::
+
+    from hf_cft.hub import adapter_card, validate_card
+
+    card = adapter_card(peft_model, model_name="coop-dtd", dataset_name="dtd",
+                        results=[{"name": "base", "num_classes": 24, "accuracy": 78.1}],
+                        hyperparameters={"n_ctx": 4}, training_data="16 shots per base class")
+    validate_card(card)                      # parses the front matter back, checks model-index and values
+    card.save("adapter/README.md")
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
 from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from hf_cft.errors import AdapterError, BundleError, CardError
+
+__all__ = [
+    "ADAPTER_METHODS",
+    "CARD_KINDS",
+    "MERGETUNE_METHOD",
+    "PAM_METHOD",
+    "adapter_card",
+    "condu_card",
+    "eval_result_entries",
+    "eval_results_files",
+    "mergetune_card",
+    "pam_card",
+    "render_card",
+    "validate_card",
+]
+
+PIPELINE_TAG = "zero-shot-image-classification"
+TASK_TYPE = "image-classification"
+#: Card kinds, one template each (``model_cards/<template>.md``).
+CARD_KINDS = {"adapter": "adapter", "mergetune": "mergetune", "condu": "condu_bundle", "pam": "pam_global_adapter"}
+
+#: Metric keys of a task stream's summary (condu.md §10) and of base-to-novel evaluation, with their card names.
+SUMMARY_METRICS = {"transfer": "Transfer", "average": "Average", "last": "Last", "bwt": "BWT", "hm": "HM"}
 
 ADAPTER_METHODS = {
     "HF_CFT_COOP": {
@@ -34,15 +97,329 @@ ADAPTER_METHODS = {
         "  author={Wortsman, Mitchell and others},\n  booktitle={CVPR},\n  year={2022}\n}",
         "usage": "logits = model.classify(pixel_values)",
     },
+    "LORA": {
+        "name": "LoRA",
+        "description": "low-rank updates ΔW = s·B·A of the chosen linear layers of the CLIP towers.",
+        "paper": "Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022 (arXiv:2106.09685)",
+        "tags": ["lora"],
+        "citation": "@inproceedings{hu2022lora,\n  title={LoRA: Low-Rank Adaptation of Large Language Models},\n"
+        "  author={Hu, Edward J and Shen, Yelong and Wallis, Phillip and Allen-Zhu, Zeyuan and Li, Yuanzhi and "
+        "Wang, Shean and Wang, Lu and Chen, Weizhu},\n  booktitle={ICLR},\n  year={2022}\n}",
+        "usage": "head = hf_cft.build_zeroshot_classifier(model, tokenizer, classnames, templates)",
+    },
 }
+
+MERGETUNE_METHOD = {
+    "name": "MergeTune",
+    "paper": "Wang, Li, Zhu, Kittler, MergeTune: Continued Fine-Tuning of Vision-Language Models, ICLR 2026 "
+    "(arXiv:2601.10497)",
+    "tags": ["mergetune", "continued-fine-tuning", "linear-mode-connectivity"],
+    "citation": "@inproceedings{wang2026mergetune,\n  title={MergeTune: Continued Fine-Tuning of Vision-Language "
+    "Models},\n  author={Wang and Li and Zhu and Kittler},\n  booktitle={ICLR},\n  year={2026},\n"
+    "  note={arXiv:2601.10497}\n}",
+}
+
+PAM_METHOD = {
+    "name": "PAM (aligned model merging)",
+    "paper": "Sokar, Dziugaite, Arnab, Iscen, Castro, Schmid, Continual Learning in Vision-Language Models via "
+    "Aligned Model Merging, 2025 (arXiv:2506.03189)",
+    "tags": ["pam", "lora", "model-merging", "continual-learning"],
+    "citation": "@article{sokar2025pam,\n  title={Continual Learning in Vision-Language Models via Aligned Model "
+    "Merging},\n  author={Sokar, Ghada and Dziugaite, Gintare Karolina and Arnab, Anurag and Iscen, Ahmet and "
+    "Castro, Pablo Samuel and Schmid, Cordelia},\n  journal={arXiv preprint arXiv:2506.03189},\n  year={2025}\n}",
+}
+
+_FAMILIES = {
+    "coop": "CoOp prompts (classifier space: the class text features of the continued context)",
+    "head": "linear head (classifier space: W, b)",
+    "lora": "LoRA (weight space: the dense updates ΔW = s·B·A)",
+    "full": "full fine-tuning (weight space: every trainable tensor)",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+
+
+def _template_text(template: str) -> str:
+    """The template next to the ``hf_cft`` package actually imported: ``hf_cft/model_cards/`` in an installed wheel,
+    ``<checkout>/model_cards/`` in a source checkout; then the installed ``hf_cft.model_cards`` package. (An
+    editable install maps ``hf_cft.model_cards`` to the checkout it was installed from, which need not be the
+    checkout whose ``hf_cft`` is imported.)"""
+    package = Path(__file__).resolve().parents[1]
+    for folder in (package / "model_cards", package.parent / "model_cards"):
+        file = folder / f"{template}.md"
+        if file.is_file() and (folder / "__init__.py").is_file():
+            return file.read_text(encoding="utf-8")
+    try:
+        return resources.files("hf_cft.model_cards").joinpath(f"{template}.md").read_text(encoding="utf-8")
+    except (FileNotFoundError, OSError, ModuleNotFoundError) as exc:
+        raise CardError(f"No model-card template {template!r} in hf_cft.model_cards.") from exc
 
 
 def render_card(template: str, card_data, **variables):
-    """Render ``model_cards/<template>.md`` with ``card_data`` (a ``ModelCardData``) and template variables."""
+    """Render ``model_cards/<template>.md`` with ``card_data`` (a ``ModelCardData``) and template variables.
+
+    Raises :class:`~hf_cft.errors.CardError` naming the template when it is missing or does not render.
+    """
     from huggingface_hub import ModelCard
 
-    text = resources.files("hf_cft.model_cards").joinpath(f"{template}.md").read_text(encoding="utf-8")
-    return ModelCard.from_template(card_data, template_str=text, **variables)
+    text = _template_text(template)
+    try:
+        return ModelCard.from_template(card_data, template_str=text, **variables)
+    except Exception as exc:  # jinja2 raises its own error types (undefined variables, syntax)
+        raise CardError(f"Model-card template {template!r} does not render: {type(exc).__name__}: {exc}") from exc
+
+
+def _is_hub_id(value: str | None) -> bool:
+    return bool(value) and bool(_HUB_ID.match(str(value))) and not Path(str(value)).exists()
+
+
+def _base_url(base_model: str | None) -> str:
+    return f"https://huggingface.co/{base_model}" if _is_hub_id(base_model) else "#"
+
+
+def _accuracy(row: Mapping[str, Any], where: str) -> float:
+    if "accuracy" not in row or "name" not in row:
+        raise CardError(f"Result row {dict(row)!r} of {where} needs 'name' and 'accuracy' (percent).")
+    value = row["accuracy"]
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as exc:
+        raise CardError(f"Accuracy of {row['name']!r} in {where} is not a number: {value!r}.") from exc
+    if not math.isfinite(value):
+        raise CardError(f"Accuracy of {row['name']!r} in {where} is {value}; a card reports finite values only.")
+    return round(value, 4)
+
+
+def _check_rows(rows: Sequence[Mapping[str, Any]] | None, where: str) -> list[dict[str, Any]]:
+    out = []
+    for row in rows or []:
+        if not isinstance(row, Mapping):
+            raise CardError(f"Result rows of {where} must be dicts, got {type(row).__name__}.")
+        out.append({**row, "accuracy": _accuracy(row, where)})
+    names = [r["name"] for r in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise CardError(f"Result rows of {where} name {dup[0]!r} twice.")
+    return out
+
+
+def _check_summary(summary: Mapping[str, float] | None, where: str) -> dict[str, float]:
+    out = {}
+    for key, value in (summary or {}).items():
+        if value is None:
+            continue
+        try:
+            value = float(value)
+        except (TypeError, ValueError) as exc:
+            raise CardError(f"Summary metric {key!r} of {where} is not a number: {value!r}.") from exc
+        if not math.isfinite(value):
+            continue  # e.g. Transfer of a one-task stream is NaN by definition: left out, never written as NaN
+        out[str(key)] = round(value, 4)
+    return out
+
+
+def _split_results(rows, dataset_name: str, dataset_id: str | None) -> list:
+    """model-index entries for the splits of one dataset (base / novel / all classes ...)."""
+    from huggingface_hub import EvalResult
+
+    return [
+        EvalResult(
+            task_type=TASK_TYPE,
+            dataset_type=row.get("dataset_id") or dataset_id or dataset_name,
+            dataset_name=f"{dataset_name} ({row['name']})",
+            dataset_config=str(row["name"]),
+            dataset_split=row.get("split", "test"),
+            metric_type="accuracy",
+            metric_value=row["accuracy"],
+            metric_name=f"{row['name']} accuracy",
+        )
+        for row in rows
+    ]
+
+
+def _dataset_results(rows) -> list:
+    """model-index entries for rows that are datasets of their own (the tasks of a stream)."""
+    from huggingface_hub import EvalResult
+
+    return [
+        EvalResult(
+            task_type=TASK_TYPE,
+            dataset_type=row.get("dataset_id") or str(row["name"]),
+            dataset_name=str(row["name"]),
+            dataset_split=row.get("split", "test"),
+            metric_type="accuracy",
+            metric_value=row["accuracy"],
+            metric_name=f"{row['name']} accuracy",
+        )
+        for row in rows
+    ]
+
+
+def _summary_results(summary: Mapping[str, float], dataset_type: str, dataset_name: str) -> list:
+    """model-index entries for HM / Transfer / Average / Last / BWT (percent points)."""
+    from huggingface_hub import EvalResult
+
+    return [
+        EvalResult(
+            task_type=TASK_TYPE,
+            dataset_type=dataset_type,
+            dataset_name=dataset_name,
+            metric_type=key,
+            metric_value=value,
+            metric_name=SUMMARY_METRICS.get(key, key),
+        )
+        for key, value in summary.items()
+    ]
+
+
+def _card_data(
+    *,
+    model_name: str,
+    library_name: str,
+    base_model: str | None,
+    relation: str | None,
+    tags: Sequence[str],
+    eval_results: list,
+    datasets: Sequence[str] = (),
+    license: str | None = None,
+):
+    from huggingface_hub import ModelCardData
+
+    extra = {"base_model_relation": relation} if base_model and relation else {}
+    hub_datasets = sorted({d for d in datasets if _is_hub_id(d)})
+    return ModelCardData(
+        model_name=model_name,
+        library_name=library_name,
+        pipeline_tag=PIPELINE_TAG,
+        base_model=base_model or None,
+        tags=["hf_cft", "clip", *tags],
+        datasets=hub_datasets or None,
+        eval_results=eval_results or None,
+        license=license,
+        **extra,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def validate_card(card, require: Sequence[str] = ("library_name",)) -> dict[str, Any]:
+    """Parse a card (``ModelCard`` or its text) back as the Hub would and return its metadata dict.
+
+    Raises :class:`~hf_cft.errors.CardError` when the YAML front matter is missing or invalid, ``model-index`` does
+    not parse into evaluation results, a metric value is not a finite number, or one of ``require`` (default
+    ``library_name``, which the Hub needs to show how to load the model) is missing. hf_cft's own cards also set
+    ``pipeline_tag``; pass ``require=("library_name", "pipeline_tag")`` to insist on it.
+    """
+    from huggingface_hub import ModelCard
+
+    text = str(card)
+    try:
+        parsed = ModelCard(text, ignore_metadata_errors=False)
+    except Exception as exc:  # ValueError for bad YAML or a model-index that does not parse
+        raise CardError(f"The model card's metadata is invalid: {exc}") from exc
+    meta = parsed.data.to_dict()
+    if not meta:
+        raise CardError("The model card has no YAML metadata (front matter between '---' lines).")
+    for key in require:
+        if not meta.get(key):
+            raise CardError(f"The model card's metadata lacks {key!r}.")
+    for entry in meta.get("model-index", []) or []:
+        for result in entry.get("results", []):
+            for metric in result.get("metrics", []):
+                value = metric.get("value")
+                if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+                    raise CardError(
+                        f"model-index metric {metric.get('type')!r} of dataset "
+                        f"{result.get('dataset', {}).get('name')!r} is {value!r}, not a finite number."
+                    )
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------ new eval format
+
+
+def eval_result_entries(
+    rows: Sequence[Mapping[str, Any]], dataset_id: str | None = None, notes: str | None = None
+) -> list:
+    """``huggingface_hub.EvalResultEntry`` objects (the ``.eval_results/*.yaml`` format) for the rows whose dataset
+    is on the Hub: ``row["dataset_id"]`` or ``dataset_id`` must look like ``owner/name``; other rows are skipped
+    (the format only serves registered benchmark datasets). ``task_id`` is ``row["task_id"]`` or the row name.
+    """
+    from huggingface_hub import EvalResultEntry
+
+    out = []
+    for row in _check_rows(rows, "the evaluation results"):
+        did = row.get("dataset_id") or dataset_id
+        if not _is_hub_id(did):
+            continue
+        out.append(
+            EvalResultEntry(
+                dataset_id=did, task_id=str(row.get("task_id") or row["name"]), value=row["accuracy"], notes=notes
+            )
+        )
+    return out
+
+
+def eval_results_files(entries: Sequence[Any]) -> dict[str, bytes]:
+    """``{".eval_results/<owner>__<name>.yaml": yaml bytes}``: one file per Hub dataset, as the Hub reads them."""
+    import yaml
+    from huggingface_hub import eval_result_entries_to_yaml
+
+    per: dict[str, list] = {}
+    for e in entries:
+        per.setdefault(e.dataset_id, []).append(e)
+    return {
+        f".eval_results/{did.replace('/', '__')}.yaml": yaml.safe_dump(
+            eval_result_entries_to_yaml(group), sort_keys=False, allow_unicode=True
+        ).encode("utf-8")
+        for did, group in per.items()
+    }
+
+
+# ------------------------------------------------------------------------------------------------ adapters
+
+
+def _adapter_config_and_size(source, adapter_name: str | None = None) -> tuple[Any, int, str]:
+    """(PEFT config, number of adapter parameters, adapter name) of a ``PeftModel`` or an adapter folder."""
+    if isinstance(source, (str, os.PathLike)):
+        from peft import PeftConfig
+        from safetensors import safe_open
+
+        folder = Path(source)
+        if not (folder / "adapter_config.json").is_file():
+            raise AdapterError(f"{str(folder)!r} is not a PEFT adapter folder (no adapter_config.json).")
+        try:
+            cfg = PeftConfig.from_pretrained(str(folder))
+        except Exception as exc:  # unknown peft_type, bad JSON
+            raise AdapterError(f"Cannot read the adapter config of {str(folder)!r}: {exc}") from exc
+        weights = folder / "adapter_model.safetensors"
+        size = 0
+        if weights.is_file():
+            try:
+                with safe_open(str(weights), framework="pt") as fh:
+                    size = sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())  # noqa: SIM118
+            except Exception as exc:
+                raise BundleError(f"Cannot read {str(weights)!r}: {exc}") from exc
+        return cfg, size, adapter_name or "default"
+    peft_config = getattr(source, "peft_config", None)
+    if not isinstance(peft_config, dict):
+        raise AdapterError(f"Expected a PeftModel or an adapter folder, got {type(source).__name__}.")
+    name = adapter_name or source.active_adapter
+    if isinstance(name, (list, tuple)):
+        name = name[0]
+    if name not in peft_config:
+        raise AdapterError(f"Adapter {name!r} is not in the PEFT model (it has {sorted(peft_config)}).")
+    from peft import get_peft_model_state_dict
+
+    size = sum(t.numel() for t in get_peft_model_state_dict(source, adapter_name=name).values())
+    return peft_config[name], size, name
+
+
+def _peft_type(cfg) -> str:
+    return str(getattr(cfg.peft_type, "value", cfg.peft_type))
 
 
 def adapter_card(
@@ -51,75 +428,364 @@ def adapter_card(
     model_name: str,
     dataset_name: str,
     dataset_id: str | None = None,
-    results: list[dict],
-    hyperparameters: dict,
-    training_data: str,
+    results: Sequence[Mapping[str, Any]] = (),
+    hyperparameters: Mapping[str, Any] | None = None,
+    training_data: str = "",
     task_description: str = "image classification",
     hm: float | None = None,
     results_note: str = "",
     limitations: str = "",
     repo_id: str | None = None,
-    method: dict | None = None,
+    method: Mapping[str, Any] | None = None,
+    base_model: str | None = None,
+    license: str | None = "apache-2.0",
+    adapter_name: str | None = None,
 ):
-    """A model card for an hf_cft PEFT adapter (CoOp, VPT, linear head).
+    """A model card for a PEFT adapter (CoOp, VPT, linear head, LoRA) — a ``PeftModel`` or an adapter folder.
 
-    ``results`` rows: ``{"name": split name, "num_classes": int, "accuracy": percent}``; each becomes a
-    model-index entry (task image-classification, metric accuracy). ``method`` overrides entries of the method's
-    description (``name``, ``description``, ``paper``, ``tags``, ``citation``, ``usage``), e.g. for a MergeTune
-    continued CoOp adapter.
+    ``results`` rows (``{"name": split, "num_classes": int, "accuracy": percent}``) become model-index entries
+    (task image-classification, metric accuracy, one per split); ``hm`` is printed in the card's text (it is
+    derived from the base and novel rows). ``method`` overrides entries of
+    the method description (``name``, ``description``, ``paper``, ``tags``, ``citation``, ``usage``).
     """
-    from huggingface_hub import EvalResult, ModelCardData
-
-    adapter = peft_model.active_adapter
-    cfg = peft_model.peft_config[adapter]
-    known = ADAPTER_METHODS.get(str(cfg.peft_type))
-    if known is None:
-        raise ValueError(f"no card template for PEFT type {cfg.peft_type!r} (adapter {adapter!r})")
-    method = {**known, **(method or {})}
-    base_model = cfg.base_model_name_or_path or None
-    eval_results = [
-        EvalResult(
-            task_type="image-classification",
-            dataset_type=dataset_id or dataset_name,
-            dataset_name=f"{dataset_name} ({row['name']})",
-            dataset_config=row["name"],
-            dataset_split=row.get("split", "test"),
-            metric_type="accuracy",
-            metric_value=round(float(row["accuracy"]), 4),
-            metric_name=f"{row['name']} accuracy",
-        )
-        for row in results
-    ]
-    card_data = ModelCardData(
+    cfg, size, _ = _adapter_config_and_size(peft_model, adapter_name)
+    kind = _peft_type(cfg)
+    known = ADAPTER_METHODS.get(kind)
+    if known is None and method is None:
+        raise CardError(f"No card description for PEFT type {kind!r}; pass method={{...}} to describe it.")
+    method = {**(known or {}), **(method or {})}
+    base_model = base_model or cfg.base_model_name_or_path or None
+    rows = _check_rows(results, f"adapter card {model_name!r}")
+    summary = _check_summary({"hm": hm}, f"adapter card {model_name!r}")
+    eval_results = _split_results(rows, dataset_name, dataset_id)  # HM is shown in the text (derived from rows)
+    card_data = _card_data(
         model_name=model_name,
         library_name="peft",
-        pipeline_tag="zero-shot-image-classification",
         base_model=base_model,
-        tags=["hf_cft", "clip", *method["tags"]],
+        relation="adapter",
+        tags=method.get("tags", []),
         eval_results=eval_results,
-        license="apache-2.0",
+        datasets=[dataset_id or "", *(r.get("dataset_id") or "" for r in rows)],
+        license=license,
     )
-    trainable, _ = peft_model.get_nb_trainable_parameters()
     return render_card(
         "adapter",
         card_data,
         model_name=model_name,
         base_model=base_model,
-        base_model_url=f"https://huggingface.co/{base_model}" if base_model and "/" in base_model else "#",
-        method_name=method["name"],
-        method_description=method["description"],
-        paper=method["paper"],
-        peft_type=cfg.peft_type,
-        trainable_params=f"{trainable:,}",
+        base_model_url=_base_url(base_model),
+        method_name=method.get("name", kind),
+        method_description=method.get("description", ""),
+        paper=method.get("paper", ""),
+        peft_type=kind,
+        trainable_params=f"{size:,}",
         task_description=task_description,
         dataset_name=dataset_name,
-        results=results,
-        hm=hm,
+        results=rows,
+        hm=summary.get("hm"),
         results_note=results_note,
-        hyperparameters=hyperparameters,
-        training_data=training_data,
-        usage_snippet=method["usage"],
+        hyperparameters=dict(hyperparameters or {}),
+        training_data=training_data or "not recorded.",
+        usage_snippet=method.get("usage", ""),
         limitations=limitations or "Evaluated only on the data listed above; accuracy elsewhere is unknown.",
-        citation=method["citation"],
+        citation=method.get("citation", ""),
+        repo_id=repo_id,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ MergeTune
+
+
+def _continued_model_info(source, adapter_name: str | None) -> dict[str, Any]:
+    """Family, library, base model and size of a MergeTune continued model (PEFT adapter or full model)."""
+    is_folder = isinstance(source, (str, os.PathLike))
+    if (is_folder and (Path(source) / "adapter_config.json").is_file()) or isinstance(
+        getattr(source, "peft_config", None), dict
+    ):
+        cfg, size, name = _adapter_config_and_size(source, adapter_name)
+        kind = _peft_type(cfg)
+        family = {"HF_CFT_COOP": "coop", "HF_CFT_HEAD": "head", "LORA": "lora"}.get(kind)
+        if family is None:
+            raise CardError(
+                f"A MergeTune continued adapter is CoOp, a linear head or LoRA; adapter {name!r} is {kind!r}."
+            )
+        return {
+            "family": family,
+            "library": "peft",
+            "base_model": cfg.base_model_name_or_path,
+            "size": size,
+            "peft_type": kind,
+        }
+    if is_folder:
+        folder = Path(source)
+        config = folder / "config.json"
+        if not config.is_file() or not list(folder.glob("*.safetensors")):
+            raise CardError(
+                f"{str(folder)!r} is neither a PEFT adapter folder nor a model folder (config.json + safetensors)."
+            )
+        try:
+            name_or_path = json.loads(config.read_text(encoding="utf-8")).get("_name_or_path")
+        except ValueError as exc:
+            raise CardError(f"{str(config)!r} is not valid JSON: {exc}") from exc
+        from safetensors import safe_open
+
+        size = 0
+        for f in folder.glob("*.safetensors"):
+            with safe_open(str(f), framework="pt") as fh:
+                size += sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())  # noqa: SIM118
+        return {
+            "family": "full",
+            "library": "transformers",
+            "base_model": name_or_path or None,
+            "size": size,
+            "peft_type": None,
+        }
+    cfg = getattr(source, "config", None)
+    params = getattr(source, "parameters", None)
+    if cfg is None or params is None:
+        raise CardError(f"Expected a continued model (PeftModel, model, or folder), got {type(source).__name__}.")
+    return {
+        "family": "full",
+        "library": "transformers",
+        "base_model": getattr(cfg, "_name_or_path", None) or None,
+        "size": sum(p.numel() for p in source.parameters()),
+        "peft_type": None,
+    }
+
+
+def mergetune_card(
+    model,
+    *,
+    model_name: str,
+    dataset_name: str,
+    dataset_id: str | None = None,
+    results: Sequence[Mapping[str, Any]] = (),
+    hyperparameters: Mapping[str, Any] | None = None,
+    training_data: str = "",
+    finetuned: str | None = None,
+    baselines: Mapping[str, Mapping[str, float]] | None = None,
+    hm: float | None = None,
+    results_note: str = "",
+    limitations: str = "",
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+    adapter_name: str | None = None,
+):
+    """A model card for a MergeTune continued model (mergetune.md): a ``PeftModel`` / adapter folder (CoOp, head,
+    LoRA) or a full model / model folder.
+
+    ``results``: rows of the continued model (e.g. base, novel); ``hm`` (MergeTune's headline number) is also a
+    model-index entry (metric ``hm``, dataset "<name> (base-to-novel)"); ``baselines``: ``{"zero-shot": {"base": ..,
+    "novel": ..}, "fine-tuned": {...}}`` accuracies shown beside them (not in model-index, which describes this
+    model only); ``finetuned``: what ŵ2 was (a repo id or a description); ``hyperparameters``: λ, β, N, τ, anchor ...
+    """
+    info = _continued_model_info(model, adapter_name)
+    base_model = base_model or info["base_model"] or None
+    where = f"MergeTune card {model_name!r}"
+    rows = _check_rows(results, where)
+    summary = _check_summary({"hm": hm}, where)
+    baselines = {str(k): _check_summary(v, f"{where} (baseline {k!r})") for k, v in (baselines or {}).items()}
+    eval_results = _split_results(rows, dataset_name, dataset_id)
+    eval_results += _summary_results(summary, dataset_id or dataset_name, f"{dataset_name} (base-to-novel)")
+    card_data = _card_data(
+        model_name=model_name,
+        library_name=info["library"],
+        base_model=base_model,
+        relation="adapter" if info["library"] == "peft" else "finetune",
+        tags=[*MERGETUNE_METHOD["tags"], info["family"]],
+        eval_results=eval_results,
+        datasets=[dataset_id or "", *(r.get("dataset_id") or "" for r in rows)],
+        license=license,
+    )
+    columns = [r["name"] for r in rows]
+    return render_card(
+        "mergetune",
+        card_data,
+        model_name=model_name,
+        base_model=base_model,
+        base_model_url=_base_url(base_model),
+        family=info["family"],
+        family_description=_FAMILIES[info["family"]],
+        is_adapter=info["library"] == "peft",
+        peft_type=info["peft_type"],
+        num_params=f"{info['size']:,}",
+        finetuned=finetuned,
+        paper=MERGETUNE_METHOD["paper"],
+        dataset_name=dataset_name,
+        results=rows,
+        columns=columns,
+        baselines=baselines,
+        hm=summary.get("hm"),
+        results_note=results_note,
+        hyperparameters=dict(hyperparameters or {}),
+        training_data=training_data or "not recorded.",
+        limitations=limitations
+        or "MergeTune trades some accuracy on the fine-tuned classes for accuracy on unseen ones; only the data "
+        "listed above was evaluated.",
+        citation=MERGETUNE_METHOD["citation"],
+        repo_id=repo_id,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ task streams
+
+
+def _matrix(matrix: Mapping[str, Any] | None, where: str) -> dict[str, Any] | None:
+    """``{"names": [...], "values": [[...]]}`` (an AccuracyMatrix dict) checked and made printable."""
+    if matrix is None:
+        return None
+    try:
+        names = [str(n) for n in matrix["names"]]
+        values = [
+            [None if v is None or not math.isfinite(float(v)) else float(v) for v in row] for row in matrix["values"]
+        ]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CardError(
+            f"The accuracy matrix of {where} must be {{'names': [...], 'values': [[...]]}}: {exc}"
+        ) from exc
+    if len(values) != len(names) or any(len(row) != len(names) for row in values):
+        raise CardError(f"The accuracy matrix of {where} must be {len(names)}×{len(names)} for {len(names)} names.")
+    return {"names": names, "values": values}
+
+
+def _stream_label(names: Sequence[str], stream_name: str | None) -> str:
+    """The task stream the summary metrics describe: ``stream_name``, else its datasets in order (the accuracy
+    matrix's names when there is one, else the artefact's tasks)."""
+    return stream_name or ("task stream: " + " → ".join(names) if names else "task stream")
+
+
+def condu_card(
+    merger,
+    *,
+    model_name: str = "ConDU bundle",
+    results: Sequence[Mapping[str, Any]] = (),
+    summary: Mapping[str, float] | None = None,
+    matrix: Mapping[str, Any] | None = None,
+    stream_name: str | None = None,
+    stream_id: str | None = None,
+    results_note: str = "",
+    limitations: str = "",
+    repo_id: str | None = None,
+    license: str | None = None,
+):
+    """A model card for a ConDU bundle (``model_cards/condu_bundle.md``): task order with λ and collapse flags,
+    merge settings, storage, accuracy matrix, loading snippet.
+
+    ``results``: per-dataset rows (``{"name": dataset, "accuracy": %, "dataset_id": optional Hub id}``), e.g. the
+    last row of the accuracy matrix; ``summary``: Transfer / Average / Last / BWT (keys ``transfer``, ``average``,
+    ``last``, ``bwt``; NaN values are left out), written to model-index as metrics of the task stream
+    ``stream_id`` (default ``"hf_cft/task-stream"``); ``matrix``: ``{"names", "values"}`` shown as a table.
+    """
+    where = f"ConDU card {model_name!r}"
+    tasks = merger.tasks
+    rows = _check_rows(results, where)
+    summ = _check_summary(summary, where)
+    mat = _matrix(matrix, where)
+    names = mat["names"] if mat else [t.name for t in tasks]
+    eval_results = _dataset_results(rows) + _summary_results(
+        summ, stream_id or "hf_cft/task-stream", _stream_label(names, stream_name)
+    )
+    base = merger.base_model_name_or_path
+    card_data = _card_data(
+        model_name=model_name,
+        library_name="hf_cft",
+        base_model=base,
+        relation="merge",
+        tags=["condu", "model-merging", "continual-learning"],
+        eval_results=eval_results,
+        datasets=[r.get("dataset_id") or "" for r in rows],
+        license=license,
+    )
+    shapes = {k: tuple(v.shape) for k, v in merger.unified_delta.items()} if tasks else {}
+    return render_card(
+        "condu_bundle",
+        card_data,
+        model_name=model_name,
+        base_model=base,
+        base_model_url=_base_url(base),
+        tasks=tasks,
+        config=merger.config,
+        num_keys=len(shapes),
+        num_entries=sum(math.prod(s) for s in shapes.values()),
+        fingerprint=merger.base_fingerprint,
+        results=rows,
+        summary={SUMMARY_METRICS.get(k, k): v for k, v in summ.items()},
+        matrix=mat,
+        stream_name=_stream_label(names, stream_name),
+        results_note=results_note,
+        storage=merger.storage_bytes(),
+        limitations=limitations
+        or "Experts are rebuilt approximately (λ·M⊙u, condu.md §3); accuracy is only known where reported above.",
+        repo_id=repo_id,
+    )
+
+
+def pam_card(
+    state,
+    *,
+    model_name: str = "PAM global adapter",
+    base_model: str | None = None,
+    results: Sequence[Mapping[str, Any]] = (),
+    summary: Mapping[str, float] | None = None,
+    matrix: Mapping[str, Any] | None = None,
+    stream_name: str | None = None,
+    stream_id: str | None = None,
+    training_data: str = "",
+    results_note: str = "",
+    limitations: str = "",
+    repo_id: str | None = None,
+    license: str | None = None,
+):
+    """A model card for a PAM global adapter (``model_cards/pam_global_adapter.md``, pam.md): the deployed LoRA
+    adapter G after ``state.num_tasks`` tasks, its LoRA and PAM settings, the per-task merge log, per-dataset
+    accuracy and the stream's Transfer / Average / Last / BWT (as for :func:`condu_card`)."""
+    where = f"PAM card {model_name!r}"
+    rows = _check_rows(results, where)
+    summ = _check_summary(summary, where)
+    mat = _matrix(matrix, where)
+    lora = dict(state.lora_config or {})
+    base_model = base_model or lora.get("base_model_name_or_path") or None
+    names = mat["names"] if mat else [str(h.get("name") or f"task {h.get('task')}") for h in state.history]
+    eval_results = _dataset_results(rows) + _summary_results(
+        summ, stream_id or "hf_cft/task-stream", _stream_label(names, stream_name)
+    )
+    card_data = _card_data(
+        model_name=model_name,
+        library_name="peft",
+        base_model=base_model,
+        relation="adapter",
+        tags=PAM_METHOD["tags"],
+        eval_results=eval_results,
+        datasets=[r.get("dataset_id") or "" for r in rows],
+        license=license,
+    )
+    targets = lora.get("target_modules")
+    return render_card(
+        "pam_global_adapter",
+        card_data,
+        model_name=model_name,
+        base_model=base_model,
+        base_model_url=_base_url(base_model),
+        num_tasks=state.num_tasks,
+        num_params=f"{sum(v.numel() for v in state.global_state.values()):,}",
+        lora={
+            "r": lora.get("r"),
+            "lora_alpha": lora.get("lora_alpha"),
+            "target_modules": ", ".join(sorted(targets)) if isinstance(targets, (list, tuple, set)) else targets,
+        },
+        config=state.config.to_dict(),
+        history=state.history,
+        results=rows,
+        summary={SUMMARY_METRICS.get(k, k): v for k, v in summ.items()},
+        matrix=mat,
+        stream_name=_stream_label(names, stream_name),
+        training_data=training_data or "not recorded.",
+        results_note=results_note,
+        paper=PAM_METHOD["paper"],
+        limitations=limitations
+        or "One adapter serves every task without a task id; accuracy is only known where reported above. PAM's "
+        "hyper-parameters beyond the abstract's two ideas are library choices (pam.md).",
+        citation=PAM_METHOD["citation"],
         repo_id=repo_id,
     )

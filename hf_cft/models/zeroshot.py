@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_cft.data.templates import format_prompts, validate_classnames, validate_templates
+from hf_cft.errors import DatasetFormatError, NonFiniteError
 from hf_cft.models.clip import check_clip_like, clip_logits, image_features, model_device, text_features
 from hf_cft.models.tokenizer import tokenize_prompts
 
@@ -42,6 +43,13 @@ def build_zeroshot_classifier(
         mask = enc["attention_mask"][start : start + batch_size].to(device)
         feats.append(text_features(model, ids, mask, normalize=True).float())
     per_prompt = torch.cat(feats).view(len(classnames), len(templates), -1)
+    bad = (~torch.isfinite(per_prompt)).flatten(1).any(dim=1)
+    if bool(bad.any()):  # a NaN head would give arbitrary predictions and a meaningless accuracy
+        name = classnames[int(bad.nonzero()[0])]
+        raise NonFiniteError(
+            f"The text features of class {name!r} hold NaN/inf ({int(bad.sum())} of {len(classnames)} classes): "
+            "the model's text-tower weights are not finite."
+        )
     return F.normalize(per_prompt.mean(dim=1), dim=-1)
 
 
@@ -108,8 +116,24 @@ def encode_images(
         if isinstance(batch, dict) and "labels" in batch:
             labels.append(batch["labels"].cpu())
     if not feats:
-        raise ValueError("encode_images got no batches (empty dataset?)")
+        raise DatasetFormatError("encode_images got no batches: the dataset is empty.")
     return torch.cat(feats), (torch.cat(labels) if labels else None)
+
+
+@torch.no_grad()
+def _encode_gathered(model: nn.Module, loader, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image features and labels over a dataloader sharded by ``accelerator``, gathered batch by batch with
+    ``gather_for_metrics``, which drops the samples accelerate repeats to even out the last batches (gathering the
+    concatenated features once would keep them and count some images twice)."""
+    feats, labels = [], []
+    for batch in loader:
+        f = image_features(model, batch["pixel_values"].to(accelerator.device), normalize=True).float()
+        f, lab = accelerator.gather_for_metrics((f, batch["labels"].to(accelerator.device)))
+        feats.append(f.cpu())
+        labels.append(lab.cpu())
+    if not feats:
+        raise DatasetFormatError("The dataset to evaluate is empty.")
+    return torch.cat(feats), torch.cat(labels)
 
 
 @dataclass
@@ -199,13 +223,20 @@ def evaluate_zeroshot(
                 collate_fn=ImageClassificationCollator(),
                 num_workers=num_workers,
             )
+            if len(dataset) == 0:
+                raise DatasetFormatError(f"The dataset{f' {name!r}' if name else ''} to evaluate is empty.")
             if accelerator is not None:
                 loader = accelerator.prepare_data_loader(loader)
                 device = accelerator.device
-            feats, labels = encode_images(model, loader, device=device, progress=progress)
             if accelerator is not None and accelerator.num_processes > 1:
-                feats = accelerator.gather_for_metrics(feats.to(accelerator.device)).cpu()
-                labels = accelerator.gather_for_metrics(labels.to(accelerator.device)).cpu()
+                feats, labels = _encode_gathered(model, loader, accelerator)
+            else:
+                feats, labels = encode_images(model, loader, device=device, progress=progress)
+            if not bool(torch.isfinite(feats).all()):
+                raise NonFiniteError(
+                    f"The image features of{f' dataset {name!r}' if name else ' the dataset'} hold NaN/inf: the "
+                    "model's image-tower weights (or the images) are not finite."
+                )
             if cache is not None:
                 cache.put(key, {"features": feats, "labels": labels})
         if head is None:

@@ -61,5 +61,7 @@ class CoOpConfig(TokenizerAttachMixin, PeftConfig):
             )
         if self.n_ctx is not None and self.n_ctx < 1:
             raise AdapterError(f"n_ctx must be at least 1, got {self.n_ctx}")
+        if not self.init_std >= 0:  # also catches NaN
+            raise AdapterError(f"init_std must be a non-negative number, got {self.init_std}")
         if self.class_specific and not self.classnames:
             raise AdapterError("class_specific=True (CSC) needs classnames: one context is learned per class.")

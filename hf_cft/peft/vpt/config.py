@@ -36,6 +36,8 @@ class VPTConfig(PeftConfig):
         self.peft_type = VPT_PEFT_TYPE
         if self.n_tokens < 1:
             raise AdapterError(f"n_tokens must be at least 1, got {self.n_tokens}")
+        if self.init_range is not None and not self.init_range > 0:  # also catches NaN
+            raise AdapterError(f"init_range must be a positive number, got {self.init_range}")
         if self.target_modules is None:
             self.target_modules = (
                 r"^vision_model\.(embeddings|encoder\.layers\.\d+)$" if self.deep else ["vision_model.embeddings"]

@@ -1,0 +1,560 @@
+"""``hf-cft``: the command line of hf_cft — evaluate, merge, write cards, plot accuracy matrices, push.
+
+Subcommands (``hf-cft <command> --help`` for every option):
+
+- ``hf-cft eval --model DIR [--adapter DIR | --bundle DIR] --dataset NAME_OR_FOLDER [--split test]`` —
+  zero-shot accuracy of a CLIP-like model, of a PEFT adapter on it (CoOp, VPT, linear head, LoRA; also MergeTune
+  continued adapters) or of a ConDU bundle (semantic routing, or ``--task`` when the task id is known); prints
+  the accuracy and writes a JSON (``--output``) that ``hf-cft card --results`` reads.
+- ``hf-cft merge --base DIR --method {task_arithmetic,ties,dare,magmax,wise} --adapters A [B ...] --out DIR`` —
+  LoRA adapters and/or fine-tuned full models → dense task deltas (:mod:`hf_cft.merging.deltas`; a LoRA delta is
+  zero outside its targets) → one merged delta (:mod:`hf_cft.merging.baselines`) → θ⁰ + δ saved as a full model
+  folder (safetensors, with the base folder's tokenizer and image-processor files and ``merge_config.json``).
+- ``hf-cft card --kind {adapter,mergetune,condu,pam} --artefact DIR --out README.md [--results JSON]`` — a model
+  card from hf_cft's templates (:mod:`hf_cft.hub.cards`). ``--results`` takes the JSON of ``hf-cft eval``, a
+  continual run's ``accuracy_matrix.json`` (``names`` / ``values``), or ``{"results": [...], "summary": {...},
+  "hyperparameters": {...}, ...}`` (keys of the card functions).
+- ``hf-cft plot-matrix --matrix JSON --out PNG`` — accuracy-matrix heatmap (:func:`hf_cft.plots.matrix.plot_accuracy_matrix`).
+- ``hf-cft push --artefact DIR --repo_id ID [--card README.md]`` — upload a saved folder with its card
+  (:func:`hf_cft.hub.push_folder_to_hub`).
+
+Bad input exits with status 2 and one line naming the problem (hf_cft's typed errors), never a traceback.
+
+Example::
+
+    hf-cft eval --model clip --adapter out/coop --dataset dtd10 --output coop_eval.json
+    hf-cft card --kind adapter --artefact out/coop --results coop_eval.json --out out/coop/README.md
+    hf-cft merge --base clip --method ties --adapters out/lora_a out/lora_b --k 0.2 --out merged
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hf_cft.errors import CLIError, HfCftError, MergeConfigError
+
+MERGE_METHODS = ("task_arithmetic", "ties", "dare", "magmax", "wise")
+CARD_KINDS = ("adapter", "mergetune", "condu", "pam")
+#: Files copied from the base model folder next to a merged model, so the output loads like the base.
+_SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _read_json(path: str | None, option: str) -> dict[str, Any]:
+    if path is None:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"{option}: {path!r} does not exist.")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CLIError(f"{option}: {path!r} is not valid JSON ({exc}).") from exc
+    if not isinstance(data, dict):
+        raise CLIError(f"{option}: {path!r} must hold a JSON object, got {type(data).__name__}.")
+    return data
+
+
+def _load_clip(model: str, tokenizer: str | None):
+    """(model, tokenizer, transform, folder) with the safety checks of :func:`hf_cft.hub.load_model`."""
+    from hf_cft.data.transforms import ImageTransform
+    from hf_cft.hub import load_model, snapshot
+    from hf_cft.models.tokenizer import load_tokenizer
+
+    folder = snapshot(model)
+    clip = load_model(folder)
+    tok = load_tokenizer(tokenizer or folder)
+    transform = ImageTransform.from_model(clip)
+    if (folder / "preprocessor_config.json").is_file():
+        from transformers import AutoImageProcessor
+
+        transform = ImageTransform.from_processor(AutoImageProcessor.from_pretrained(str(folder)))
+    return clip, tok, transform, folder
+
+
+def _write_json(path: str, obj) -> Path:
+    from hf_cft.utils import atomic_write_json
+
+    out = Path(path)
+    atomic_write_json(out, obj)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+def _loader(dataset, transform, batch_size: int):
+    from torch.utils.data import DataLoader
+
+    from hf_cft.data.transforms import ImageClassificationCollator, apply_image_transform
+
+    return DataLoader(
+        apply_image_transform(dataset, transform), batch_size=batch_size, collate_fn=ImageClassificationCollator()
+    )
+
+
+def _accuracy_row(preds, labels, num_classes: int) -> dict[str, Any]:
+    from hf_cft.metrics import accuracy, per_class_accuracy
+
+    return {
+        "accuracy": accuracy(preds, labels),
+        "correct": int((preds == labels).sum()),
+        "total": int(labels.numel()),
+        "per_class_accuracy": per_class_accuracy(preds, labels, num_classes),
+    }
+
+
+def cmd_eval(args) -> int:
+    """Evaluate a model, an adapter on it, or a ConDU bundle on one split of a dataset."""
+    import torch
+
+    from hf_cft.data.templates import validate_templates
+    from hf_cft.recipe_utils import load_task
+
+    if args.batch_size < 1:
+        raise CLIError(f"--batch_size must be at least 1, got {args.batch_size}.")
+    if args.task is not None and args.bundle is None:
+        raise CLIError("--task selects a task of a ConDU bundle; give --bundle too.")
+    model, tokenizer, transform, _ = _load_clip(args.model, args.tokenizer)
+    task = load_task(args.dataset, args.data_dir)
+    split = task[args.split]
+    if args.limit is not None:
+        if args.limit < 1:
+            raise CLIError(f"--limit must be at least 1, got {args.limit}.")
+        split = split.select(range(min(args.limit, len(split))))
+    classnames = task.classnames
+    templates = validate_templates(args.templates or task.templates, owner=f"dataset {task.name!r}")
+    what = "zero-shot"
+    if args.adapter is not None:
+        from hf_cft.hub import load_adapter
+        from hf_cft.models import evaluate_zeroshot
+
+        peft_model = load_adapter(model, args.adapter)
+        cfg = peft_model.peft_config[peft_model.active_adapter]
+        kind = str(getattr(cfg.peft_type, "value", cfg.peft_type))
+        what = f"adapter {kind}"
+        if kind == "HF_CFT_HEAD":
+            from hf_cft.errors import AdapterError
+            from hf_cft.models import encode_images
+
+            if cfg.num_classes != len(classnames):
+                raise AdapterError(
+                    f"The linear-head adapter {args.adapter!r} has {cfg.num_classes} classes; dataset "
+                    f"{task.name!r} has {len(classnames)}."
+                )
+            feats, labels = encode_images(peft_model, _loader(split, transform, args.batch_size))
+            with torch.no_grad():
+                preds = peft_model.head_logits(feats).argmax(-1)
+            row = _accuracy_row(preds, labels, len(classnames))
+        else:
+            head = None
+            if kind == "HF_CFT_COOP":
+                with torch.no_grad():
+                    head = peft_model.class_text_features(tokenizer, classnames)
+            res = evaluate_zeroshot(
+                peft_model,
+                tokenizer,
+                split,
+                classnames,
+                templates,
+                args.batch_size,
+                transform,
+                name=task.name,
+                head=head,
+            )
+            row = res.to_dict()
+    elif args.bundle is not None:
+        from hf_cft.merging import DeltaFusionMerger, SemanticRouter
+
+        merger = DeltaFusionMerger.from_pretrained(args.bundle, base_model=model)
+        router = SemanticRouter(merger, model, tokenizer, top_k=args.top_k)
+        if args.task is not None:
+            merger.task_index(args.task)  # a typed TaskError naming the unknown task
+        preds, labels = [], []
+        for batch in _loader(split, transform, args.batch_size):
+            preds.append(router.predict(batch["pixel_values"], classnames, templates, task=args.task).cpu())
+            labels.append(batch["labels"])
+        if not preds:
+            from hf_cft.errors import DatasetFormatError
+
+            raise DatasetFormatError(f"Split {args.split!r} of dataset {task.name!r} has no images.")
+        row = _accuracy_row(torch.cat(preds), torch.cat(labels), len(classnames))
+        what = f"ConDU bundle ({'task ' + repr(args.task) if args.task else f'routing, top-{args.top_k}'})"
+    else:
+        from hf_cft.models import evaluate_zeroshot
+
+        row = evaluate_zeroshot(
+            model, tokenizer, split, classnames, templates, args.batch_size, transform, name=task.name
+        ).to_dict()
+    result = {
+        "model": str(args.model),
+        "adapter": None if args.adapter is None else str(args.adapter),
+        "bundle": None if args.bundle is None else str(args.bundle),
+        "task": args.task,
+        "evaluated": what,
+        "dataset": task.name,
+        "split": args.split,
+        "num_classes": len(classnames),
+        "num_templates": len(templates),
+        **row,
+        "results": [
+            {"name": task.name, "split": args.split, "num_classes": len(classnames), "accuracy": row["accuracy"]}
+        ],
+    }
+    out = _write_json(args.output, result)
+    print(
+        f"{task.name} ({args.split}, {row['total']} images, {len(classnames)} classes), {what}: "
+        f"accuracy {row['accuracy']:.2f}%  -> {out}"
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ merge
+
+
+def _fraction(name: str, value: float, low_open: bool = True, high_open: bool = False) -> float:
+    ok = math.isfinite(value) and (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
+    if not ok:
+        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise MergeConfigError(f"--{name} must lie in {interval}, got {value}.")
+    return value
+
+
+def _merge_fn(args, n: int):
+    """The merge as a function of the list of deltas, with its options checked (MergeConfigError names them)."""
+    from hf_cft.merging import baselines
+
+    lam = args.lam
+    if lam is not None and not math.isfinite(lam):
+        raise MergeConfigError(f"--lam must be finite, got {lam}.")
+    if args.method == "wise":
+        if n != 1:
+            raise MergeConfigError(f"--method wise interpolates one fine-tuned model; got {n} --adapters.")
+        if not math.isfinite(args.alpha):
+            raise MergeConfigError(f"--alpha must be finite, got {args.alpha}.")
+        return lambda ds: baselines.wise_ft(ds[0], alpha=args.alpha), {"alpha": args.alpha}
+    if args.method == "task_arithmetic":
+        lam = 0.3 if lam is None else lam
+        return lambda ds: baselines.task_arithmetic(ds, lam=lam), {"lam": lam}
+    if args.method == "ties":
+        k, lam = _fraction("k", args.k), 1.0 if lam is None else lam
+        return lambda ds: baselines.ties(ds, k=k, lam=lam), {"k": k, "lam": lam}
+    if args.method == "dare":
+        rho = _fraction("rho", args.rho, low_open=False, high_open=True)
+        if args.then not in ("ta", "ties"):
+            raise MergeConfigError(f"--then must be 'ta' or 'ties', got {args.then!r}.")
+        return (
+            lambda ds: baselines.dare(ds, rho=rho, seed=args.seed, then=args.then, lam=lam),
+            {"rho": rho, "seed": args.seed, "then": args.then, "lam": lam},
+        )
+    lam = 0.5 if lam is None else lam
+    return lambda ds: baselines.magmax(ds, lam=lam), {"lam": lam}
+
+
+def _delta_of(source: str, base_folder: Path, base_model):
+    """Dense delta of a LoRA adapter folder or a fine-tuned full-model folder (or Hub repo)."""
+    from hf_cft.errors import BundleError
+    from hf_cft.hub import snapshot
+    from hf_cft.merging import delta_from_lora, delta_from_models
+
+    folder = snapshot(source)
+    if (folder / "adapter_config.json").is_file():
+        return delta_from_lora(folder, base_model)
+    if (folder / "config.json").is_file():
+        return delta_from_models(base_folder, folder)  # streamed from the safetensors files, key by key
+    raise BundleError(f"--adapters: {source!r} is neither a PEFT adapter folder nor a model folder (config.json).")
+
+
+def cmd_merge(args) -> int:
+    """Merge LoRA adapters / fine-tuned models into the base model with one of the baseline methods."""
+    import torch
+
+    from hf_cft.hub import load_model, snapshot
+    from hf_cft.merging import apply_delta
+
+    merge, params = _merge_fn(args, len(args.adapters))
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise CLIError(f"--out {str(out)!r} is not empty; pass --overwrite to write into it.")
+    base_folder = snapshot(args.base)
+    model = load_model(base_folder)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    deltas = [_delta_of(a, base_folder, model) for a in args.adapters]
+    # A LoRA delta is zero outside its target weights: fill the union of keys so that adapters with different
+    # targets (or an adapter and a full model) merge entry by entry.
+    keys = sorted({k for d in deltas for k in d})
+    deltas = [{k: d[k] if k in d else torch.zeros(shapes[k]) for k in keys} for d in deltas]
+    merged = merge(deltas)
+    apply_delta(model, merged)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))  # safetensors (transformers' default)
+    for name in _SIDE_FILES:
+        if (base_folder / name).is_file():
+            shutil.copy2(base_folder / name, out / name)
+    _write_json(
+        str(out / "merge_config.json"),
+        {
+            "method": args.method,
+            **params,
+            "base": str(args.base),
+            "adapters": [str(a) for a in args.adapters],
+            "keys": len(keys),
+        },
+    )
+    print(f"merged {len(deltas)} delta(s) with {args.method} {params} over {len(keys)} key(s) -> {out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ card
+
+
+def _card_inputs(data: dict[str, Any]) -> dict[str, Any]:
+    """Normalise a --results JSON: hf-cft eval output, an accuracy_matrix.json, or card keyword arguments."""
+    data = dict(data)
+    if "names" in data and "values" in data:  # a continual run's accuracy matrix
+        names, values = data["names"], data["values"]
+        if not isinstance(values, list) or not values or len(values) != len(names):
+            raise CLIError("--results: an accuracy matrix needs 'names' and a square 'values' list.")
+        last = values[-1]
+        rows = [{"name": n, "accuracy": v} for n, v in zip(names, last) if v is not None]
+        metrics = data.get("metrics") or {}
+        return {"results": rows, "summary": metrics, "matrix": {"names": names, "values": values}}
+    if "dataset" in data and "dataset_name" not in data:
+        data["dataset_name"] = data["dataset"]
+    return data
+
+
+_CARD_KEYS = {
+    "adapter": (
+        "dataset_name",
+        "dataset_id",
+        "results",
+        "hyperparameters",
+        "training_data",
+        "hm",
+        "results_note",
+        "limitations",
+        "base_model",
+    ),
+    "mergetune": (
+        "dataset_name",
+        "dataset_id",
+        "results",
+        "hyperparameters",
+        "training_data",
+        "finetuned",
+        "baselines",
+        "hm",
+        "results_note",
+        "limitations",
+        "base_model",
+    ),
+    "condu": ("results", "summary", "matrix", "stream_name", "stream_id", "results_note", "limitations"),
+    "pam": (
+        "results",
+        "summary",
+        "matrix",
+        "stream_name",
+        "stream_id",
+        "training_data",
+        "results_note",
+        "limitations",
+        "base_model",
+    ),
+}
+
+
+def cmd_card(args) -> int:
+    """Render the model card of a saved artefact."""
+    from hf_cft import hub
+
+    data = _card_inputs(_read_json(args.results, "--results"))
+    for key in ("dataset_name", "dataset_id", "base_model"):
+        if getattr(args, key, None) is not None:
+            data[key] = getattr(args, key)
+    kwargs = {k: data[k] for k in _CARD_KEYS[args.kind] if data.get(k) is not None}
+    kwargs["model_name"] = args.model_name or data.get("model_name") or Path(args.artefact).resolve().name
+    if args.repo_id:
+        kwargs["repo_id"] = args.repo_id
+    if args.kind in ("adapter", "mergetune"):
+        kwargs.setdefault("dataset_name", "unspecified")
+        card = (hub.adapter_card if args.kind == "adapter" else hub.mergetune_card)(args.artefact, **kwargs)
+    elif args.kind == "condu":
+        from hf_cft.merging import DeltaFusionMerger
+
+        card = hub.condu_card(DeltaFusionMerger.from_pretrained(args.artefact), **kwargs)
+    else:
+        from hf_cft.merging import PAMState
+
+        card = hub.pam_card(PAMState.from_pretrained(args.artefact), **kwargs)
+    hub.validate_card(card)
+    from hf_cft.utils import atomic_write_bytes
+
+    atomic_write_bytes(args.out, str(card).encode("utf-8"))
+    print(f"{args.kind} card for {args.artefact} -> {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ plot-matrix
+
+
+def cmd_plot_matrix(args) -> int:
+    """Draw an accuracy matrix (JSON with ``names`` and ``values``) as a heatmap PNG."""
+    import numpy as np
+
+    from hf_cft.metrics import matrix_metrics
+
+    data = _read_json(args.matrix, "--matrix")
+    try:
+        names = [str(n) for n in data["names"]]
+        values = np.array([[np.nan if v is None else float(v) for v in row] for row in data["values"]], dtype=float)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CLIError(f"--matrix: {args.matrix!r} must hold 'names' and 'values' (a list of rows): {exc}") from exc
+    if len(set(names)) != len(names) or not names:
+        raise CLIError(f"--matrix: dataset names must be unique and non-empty, got {names}.")
+    if values.shape != (len(names), len(names)):
+        raise CLIError(f"--matrix: {len(names)} names need a {len(names)}×{len(names)} matrix, got {values.shape}.")
+    if np.isinf(values).any():
+        raise CLIError("--matrix: the matrix holds infinite values.")
+    metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else None
+    if metrics is None and np.isfinite(values).all():
+        metrics = matrix_metrics(values)
+    try:
+        from hf_cft.plots.matrix import plot_accuracy_matrix
+    except ImportError as exc:
+        raise CLIError(
+            f"plot-matrix needs matplotlib and hf_cft.plots.matrix (pip install 'hf-cft[plots]'): {exc}"
+        ) from exc
+    title = args.title if args.title is not None else str(data.get("strategy") or "")
+    png = plot_accuracy_matrix(values, names, args.out, title, metrics)
+    print(f"accuracy matrix ({len(names)} tasks) -> {png}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ push
+
+
+def cmd_push(args) -> int:
+    """Upload a saved artefact folder with its card."""
+    from hf_cft.hub import push_folder_to_hub
+
+    card = None
+    if args.card is not None:
+        if not Path(args.card).is_file():
+            raise CLIError(f"--card: {args.card!r} does not exist.")
+        card = Path(args.card).read_text(encoding="utf-8")
+    info = push_folder_to_hub(
+        args.artefact,
+        args.repo_id,
+        card=card,
+        endpoint=args.endpoint,
+        token=args.token,
+        private=args.private or None,
+        revision=args.revision,
+    )
+    print(f"pushed {args.artefact} -> {info.commit_url}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-cft", description="hf_cft command line: eval, merge, card, plot-matrix, push."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("eval", help="accuracy of a model, an adapter or a ConDU bundle on a dataset split")
+    p.add_argument("--model", required=True, help="CLIP-like model folder or Hub id (safetensors)")
+    p.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: the model's)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--adapter", help="PEFT adapter folder or Hub id (CoOp, VPT, linear head, LoRA)")
+    which.add_argument("--bundle", help="ConDU bundle folder or Hub id")
+    p.add_argument("--task", help="with --bundle: the task whose expert to use (task id known); default: routing")
+    p.add_argument("--top_k", type=int, default=4, help="with --bundle: experts per image when routing (default 4)")
+    p.add_argument("--dataset", required=True, help="dataset name (see hf_cft.data), folder, or Hub id; 'digits'")
+    p.add_argument("--data_dir", help="folder of local datasets (default: HF_CFT_DATA_DIR or ../shared/data)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--templates", nargs="+", help="prompt templates with one '{}' (default: the dataset's)")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
+    p.add_argument("--output", default="eval_results.json", help="JSON to write (default eval_results.json)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("merge", help="merge LoRA adapters / fine-tuned models into the base model")
+    p.add_argument("--base", required=True, help="base model folder or Hub id (θ⁰, safetensors)")
+    p.add_argument("--method", required=True, choices=MERGE_METHODS)
+    p.add_argument("--adapters", required=True, nargs="+", help="LoRA adapter folders and/or fine-tuned model folders")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument(
+        "--lam", type=float, help="λ (defaults: task_arithmetic 0.3, ties 1.0, dare per --then, magmax 0.5)"
+    )
+    p.add_argument("--k", type=float, default=0.2, help="ties: kept fraction per tensor (default 0.2)")
+    p.add_argument("--rho", type=float, default=0.9, help="dare: drop rate in [0, 1) (default 0.9)")
+    p.add_argument("--then", default="ta", help="dare: 'ta' (task arithmetic) or 'ties' after dropping")
+    p.add_argument("--seed", type=int, default=0, help="dare: seed of the drop masks")
+    p.add_argument("--alpha", type=float, default=0.5, help="wise: interpolation weight of the fine-tuned model")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("card", help="render the model card of a saved artefact")
+    p.add_argument("--kind", required=True, choices=CARD_KINDS)
+    p.add_argument("--artefact", required=True, help="the saved artefact folder")
+    p.add_argument("--out", required=True, help="card file to write (e.g. <artefact>/README.md)")
+    p.add_argument("--results", help="JSON: hf-cft eval output, accuracy_matrix.json, or card keyword arguments")
+    p.add_argument("--model_name")
+    p.add_argument("--dataset_name")
+    p.add_argument("--dataset_id", help="Hub dataset id of the evaluation data")
+    p.add_argument("--base_model", help="Hub id of the base model")
+    p.add_argument("--repo_id", help="the repo the artefact will live in (used in the loading snippet)")
+    p.set_defaults(func=cmd_card)
+
+    p = sub.add_parser("plot-matrix", help="accuracy-matrix heatmap")
+    p.add_argument("--matrix", required=True, help="JSON with 'names' and 'values' (e.g. accuracy_matrix.json)")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--title")
+    p.set_defaults(func=cmd_plot_matrix)
+
+    p = sub.add_parser("push", help="upload a saved artefact folder with its card")
+    p.add_argument("--artefact", required=True, help="the saved artefact folder (safetensors only)")
+    p.add_argument("--repo_id", required=True)
+    p.add_argument("--card", help="card file to upload as README.md (default: the folder's README.md)")
+    p.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or https://huggingface.co)")
+    p.add_argument("--token", help="Hub token (default: the saved login)")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--revision")
+    p.set_defaults(func=cmd_push)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``hf-cft``; returns the exit status (0, or 2 for bad input, with a one-line message)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except HfCftError as exc:
+        print(f"hf-cft {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The accelerate config files shipped with the recipes parse with accelerate's own config classes and turn into
+the launch settings they promise; the 2-process CPU one really runs two processes (slow, RUN_SLOW=1)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "accelerate_configs"
+EXPECTED = {
+    # file: (distributed_type, num_processes, launch flags that must be set, mixed precision)
+    "single_gpu": ("NO", 1, {}, "bf16"),
+    "multi_gpu_ddp": ("MULTI_GPU", 2, {"multi_gpu": True}, "bf16"),
+    "fsdp": ("FSDP", 2, {"use_fsdp": True, "fsdp_version": 2}, "bf16"),
+    "deepspeed_zero2": ("DEEPSPEED", 2, {"use_deepspeed": True, "zero_stage": 2}, "bf16"),
+    "cpu_2proc": ("MULTI_GPU", 2, {"multi_gpu": True, "use_cpu": True}, "no"),
+}
+
+
+def test_every_shipped_config_is_listed():
+    assert {p.stem for p in CONFIGS.glob("*.yaml")} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_parses_and_launches_as_documented(name):
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    file = str(CONFIGS / f"{name}.yaml")
+    dist, procs, flags, precision = EXPECTED[name]
+    cfg = load_config_from_file(file)  # raises on unknown top-level keys
+    assert isinstance(cfg, ClusterConfig)
+    assert cfg.distributed_type.value == dist and cfg.num_processes == procs and cfg.mixed_precision == precision
+    parser = launch_command_parser()
+    known = {a.dest for a in parser._actions}
+    for section, prefix in (("fsdp_config", "fsdp_"), ("deepspeed_config", "")):
+        for key in getattr(cfg, section):
+            # accelerate copies these onto launch arguments of the same name (fsdp_ added where missing), silently
+            # creating attributes for unknown ones: a typo would be ignored without this check
+            launch_key = key if key.startswith(prefix) else prefix + key
+            assert launch_key in known, f"{name}: {section}.{key} is not an accelerate launch option"
+    args, _, _ = _validate_launch_command(parser.parse_args(["--config_file", file, "train.py"]))
+    for flag, value in flags.items():
+        assert getattr(args, flag) == value, (name, flag)
+    assert args.num_processes == procs and args.mixed_precision == precision
+    # the environment the launcher would give the processes (no process is started)
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = list(cfg.deepspeed_config)
+        _, env = prepare_deepspeed_cmd_env(args)
+        assert env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "2"
+    elif args.multi_gpu or args.use_fsdp:
+        env = prepare_multi_gpu_env(args)
+        if args.use_fsdp:
+            assert env["FSDP_VERSION"] == "2" and env["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "CLIPEncoderLayer"
+            assert env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
+    assert args.mixed_precision == precision
+
+
+PROBE = textwrap.dedent(
+    """
+    import json, sys
+    import hf_cft
+    import torch
+    from accelerate import Accelerator
+    from hf_cft.data import from_arrays
+    from hf_cft.models import evaluate_zeroshot
+    from hf_cft.testing import tiny_clip
+    sys.path.insert(0, {tests!r})
+    from conftest import ToyTokenizer
+    import numpy as np
+
+    acc = Accelerator()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (30, 30, 3)).astype(np.uint8) for _ in range(10)]
+    ds = from_arrays(images, [i % 3 for i in range(10)], ["cat", "dog", "sea lion"])["train"]
+    res = evaluate_zeroshot(tiny_clip(), ToyTokenizer(), ds, batch_size=2, accelerator=acc)
+    total = acc.reduce(torch.tensor([1.0]), "sum").item()
+    if acc.is_main_process:
+        json.dump({{"hf_cft": hf_cft.__file__, "processes": acc.num_processes, "type": str(acc.distributed_type), "ranks": total,
+                   "accuracy": res.accuracy, "total": res.total}}, open({out!r}, "w"))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="launches two processes (~30 s); set RUN_SLOW=1")
+def test_cpu_2proc_config_runs_two_cpu_processes_with_one_process_results(tmp_path):
+    import numpy as np
+
+    from hf_cft.data import from_arrays
+    from hf_cft.models import evaluate_zeroshot
+    from hf_cft.testing import tiny_clip
+
+    script, out = tmp_path / "probe.py", tmp_path / "out.json"
+    script.write_text(PROBE.format(tests=str(Path(__file__).parent), out=str(out)))
+    repo = str(Path(__file__).resolve().parents[1])  # this checkout's hf_cft, not another installed one
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
+    accelerate = Path(sys.executable).with_name("accelerate")
+    proc = subprocess.run(
+        [str(accelerate), "launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"), str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=repo,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["hf_cft"].startswith(repo)
+    assert got["processes"] == 2 and got["ranks"] == 2.0 and got["type"] == "DistributedType.MULTI_CPU"
+    # sharded over two processes, gathered: the same numbers as one process
+    from conftest import ToyTokenizer
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (30, 30, 3)).astype(np.uint8) for _ in range(10)]
+    ds = from_arrays(images, [i % 3 for i in range(10)], ["cat", "dog", "sea lion"])["train"]
+    one = evaluate_zeroshot(tiny_clip(), ToyTokenizer(), ds, batch_size=2)
+    assert got["total"] == one.total == 10 and got["accuracy"] == one.accuracy
