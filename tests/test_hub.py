@@ -468,3 +468,13 @@ def test_eval_results_entries_only_for_hub_datasets():
     back = parse_eval_result_entries(yaml.safe_load(files[".eval_results/org__bench.yaml"]))
     assert back[0].task_id == "split_a" and back[0].value == 10.0
     assert eval_result_entries(ROWS, dataset_id="local-only") == eval_result_entries(ROWS[:1])
+
+
+def test_push_to_hub_methods_of_bundles_and_pam_states(hub):
+    """``DeltaFusionMerger.push_to_hub`` / ``PAMState.push_to_hub`` upload the same files as the function."""
+    _merger(tiny_clip()).push_to_hub("me/condu-method", api=hub.api, card_kwargs=dict(model_name="condu-toy"))
+    assert {"manifest.json", "unified.safetensors", "masks.safetensors", "README.md"} <= set(hub.commits[-1]["files"])
+    _pam_state().push_to_hub("me/pam-method", api=hub.api)
+    files = set(hub.commits[-1]["files"])
+    assert "README.md" in files and any(f.endswith(".safetensors") for f in files)
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)

@@ -539,6 +539,13 @@ class DeltaFusionMerger:
             "experts": unified * len(self._records),
         }
 
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Save to a temporary folder and upload it with its model card, like ``PeftModel.push_to_hub``
+        (delegates to :func:`hf_cft.hub.push_to_hub`; ``card_kwargs=`` / ``card=`` / ``token=`` / ``private=``)."""
+        from hf_cft.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write the bundle: ``unified.safetensors`` (u), ``masks.safetensors`` (uint8 bit-packed masks, keys
         ``"<task index>/<delta key>"``), ``prototypes.safetensors`` and ``manifest.json`` (config, task order,

@@ -593,6 +593,13 @@ class PAMState:
 
     # --- persistence
 
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Save to a temporary folder and upload it with its model card, like ``PeftModel.push_to_hub``
+        (delegates to :func:`hf_cft.hub.push_to_hub`; ``card_kwargs=`` / ``card=`` / ``token=`` / ``private=``)."""
+        from hf_cft.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         if not self.global_state:
             raise AlignmentError("PAMState has no global adapter tensors to save.")
