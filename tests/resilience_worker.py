@@ -134,9 +134,10 @@ def _child(mode: str, args: list[str]) -> None:
 
 
 def serve() -> None:
+    import test_continual  # noqa: F401
+
     import hf_cft.continual  # noqa: F401  (the imports the children share)
     import hf_cft.merging  # noqa: F401
-    import test_continual  # noqa: F401
 
     print("SERVER", flush=True)
     for line in sys.stdin:
