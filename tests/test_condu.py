@@ -378,10 +378,11 @@ def test_corrupt_or_missing_bundle_files_raise_bundle_error(tmp_path):
         DeltaFusionMerger.from_pretrained("no-such-user/no-such-bundle")
 
 
-def test_save_is_atomic_per_file(tmp_path, monkeypatch):
+def test_save_is_atomic(tmp_path, monkeypatch):
     m = _merger_with_prototypes()
     folder = m.save_pretrained(tmp_path / "b")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    old_names = m.task_names
     (extra,) = rand(5, 1)
     m.add_task(extra, "more")
     import hf_cft.utils
@@ -392,10 +393,14 @@ def test_save_is_atomic_per_file(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_cft.utils, "atomic_write_json", boom)  # crash before the manifest is written
     with pytest.raises(RuntimeError):
         m.save_pretrained(folder)
-    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
-    with pytest.raises(BundleError, match="checksum"):  # new tensors, old manifest: detected, never mixed
-        DeltaFusionMerger.from_pretrained(folder)
-    assert (folder / "manifest.json").read_bytes() == before["manifest.json"]
+    assert not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+    # the new tensors were only staged (no commit): the folder still holds the old bundle, whole
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    assert DeltaFusionMerger.from_pretrained(folder).task_names == old_names
+    monkeypatch.undo()
+    m.save_pretrained(folder)  # the next save drops the uncommitted staging folder
+    assert sorted(p.name for p in folder.iterdir()) == sorted(before)
+    assert DeltaFusionMerger.from_pretrained(folder).task_names == [*old_names, "more"]
 
 
 def test_warnings_only_for_newly_collapsed_tasks():

@@ -72,6 +72,8 @@ MANIFEST = "manifest.json"
 UNIFIED_FILE = "unified.safetensors"
 MASKS_FILE = "masks.safetensors"
 PROTOTYPES_FILE = "prototypes.safetensors"
+# A save stages its files here and commits by writing the staged manifest (see ``save_pretrained``).
+STAGING_DIR = ".pending-save"
 
 RESCALERS = ("mean", "global_sum")
 LORA_MERGES = ("dense", "factors")
@@ -551,20 +553,26 @@ class DeltaFusionMerger:
         ``"<task index>/<delta key>"``), ``prototypes.safetensors`` and ``manifest.json`` (config, task order,
         λ, flags, class names, templates, base model reference and fingerprint, key shapes, file checksums).
 
-        Each file is written atomically (temporary file + rename) and the manifest last, so a reader sees the old
-        bundle or the new one; a torn mix fails the checksums in :meth:`from_pretrained` with :class:`BundleError`.
+        Crash-safe in place: the new files are staged in ``.pending-save/`` (each written atomically), the staged
+        manifest written last is the commit point, then the files are moved into place and the manifest last.
+        A process killed at any moment leaves the old bundle (not committed yet) or the new one (committed: readers
+        take the staged files still waiting to be moved, and the next save finishes the move), never a mix. A
+        torn or foreign file still fails the checksums in :meth:`from_pretrained` with :class:`BundleError`.
         """
         self._check_usable()
         if not self._records:
             raise TaskError("Nothing to save: no task was added to the merger.")
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
+        _finish_pending_save(out)  # a save killed after its commit point: move its files in first
+        stage = out / STAGING_DIR
+        stage.mkdir()
         masks = {f"{i}/{k}": pm.bits for i, per in enumerate(self._masks) for k, pm in per.items()}
         protos = {str(i): self._prototypes[r.name] for i, r in enumerate(self._records) if r.name in self._prototypes}
         files = {
-            UNIFIED_FILE: _atomic_save_file(self._u, out / UNIFIED_FILE),
-            MASKS_FILE: _atomic_save_file(masks, out / MASKS_FILE),
-            PROTOTYPES_FILE: _atomic_save_file(protos, out / PROTOTYPES_FILE),
+            UNIFIED_FILE: _atomic_save_file(self._u, stage / UNIFIED_FILE),
+            MASKS_FILE: _atomic_save_file(masks, stage / MASKS_FILE),
+            PROTOTYPES_FILE: _atomic_save_file(protos, stage / PROTOTYPES_FILE),
         }
         manifest = {
             "format": BUNDLE_FORMAT,
@@ -578,7 +586,8 @@ class DeltaFusionMerger:
         }
         from hf_cft.utils import atomic_write_json
 
-        atomic_write_json(out / MANIFEST, manifest)
+        atomic_write_json(stage / MANIFEST, manifest)  # the commit point
+        _finish_pending_save(out)
         return out
 
     @classmethod
@@ -599,7 +608,8 @@ class DeltaFusionMerger:
         folder = Path(path_or_repo_id)
         if not folder.is_dir():
             folder = _download_bundle(str(path_or_repo_id), revision)
-        manifest = _read_manifest(folder)
+        paths = _committed_paths(folder)
+        manifest = _read_manifest(folder, paths[MANIFEST])
         try:
             config = DeltaFusionMergerConfig.from_dict(manifest["config"])
             shapes = {e["key"]: tuple(int(x) for x in e["shape"]) for e in manifest["keys"]}
@@ -614,7 +624,7 @@ class DeltaFusionMerger:
             if not isinstance(r.lam, (int, float)) or not math.isfinite(r.lam) or r.lam < 0:
                 raise BundleError(f"Bundle {str(folder)!r}: task {r.name!r} has an invalid rescaler λ={r.lam!r}.")
         tensors = {
-            fname: _load_checked(folder, fname, files.get(fname), verify)
+            fname: _load_checked(folder, paths[fname], files.get(fname), verify)
             for fname in (UNIFIED_FILE, MASKS_FILE, PROTOTYPES_FILE)
         }
 
@@ -767,8 +777,32 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_manifest(folder: Path) -> dict:
-    file = folder / MANIFEST
+def _committed_paths(folder: Path) -> dict[str, Path]:
+    """Where each bundle file of ``folder`` is: in the staging folder when a save was killed after its commit
+    point (staged manifest written) but before every file was moved into place, else in ``folder`` itself."""
+    stage = folder / STAGING_DIR
+    committed = (stage / MANIFEST).is_file()
+    names = (MANIFEST, UNIFIED_FILE, MASKS_FILE, PROTOTYPES_FILE)
+    return {n: stage / n if committed and (stage / n).is_file() else folder / n for n in names}
+
+
+def _finish_pending_save(folder: Path) -> None:
+    """Complete a committed save left in the staging folder (move its files into place, the manifest last), or
+    drop an uncommitted one; then remove the staging folder."""
+    import shutil
+
+    stage = folder / STAGING_DIR
+    if not stage.exists():
+        return
+    if (stage / MANIFEST).is_file():
+        for name in (UNIFIED_FILE, MASKS_FILE, PROTOTYPES_FILE, MANIFEST):
+            if (stage / name).is_file():
+                os.replace(stage / name, folder / name)
+    shutil.rmtree(stage)
+
+
+def _read_manifest(folder: Path, file: Path | None = None) -> dict:
+    file = file or folder / MANIFEST
     if not file.is_file():
         raise BundleError(f"{str(folder)!r} is not a ConDU bundle: {MANIFEST} is missing.")
     try:
@@ -784,10 +818,10 @@ def _read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def _load_checked(folder: Path, fname: str, digest: str | None, verify: bool) -> dict[str, torch.Tensor]:
+def _load_checked(folder: Path, file: Path, digest: str | None, verify: bool) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    file = folder / fname
+    fname = file.name
     if not file.is_file():
         raise BundleError(f"Bundle {str(folder)!r} lacks {fname}.")
     if verify and digest is not None and _sha256(file) != digest:
