@@ -58,7 +58,7 @@ __all__ = [
 
 #: Weight files that would be unpickled by their readers: never uploaded, never loaded by hf_cft.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz")
-_SKIP_DIRS = {".git", ".cache", "__pycache__"}
+_SKIP_DIRS = {".git", ".cache", "__pycache__", ".pending-save"}  # .pending-save: an interrupted bundle save
 
 
 # ------------------------------------------------------------------------------------------------ folders
