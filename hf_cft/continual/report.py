@@ -1,5 +1,6 @@
 """Outputs of a continual run: the accuracy matrix as JSON and Markdown with Transfer / Average / Last / BWT
-(``docs/methods/condu.md`` §10, via :mod:`hf_cft.metrics`), the heatmap, and a model card for the run.
+(``docs/methods/condu.md`` §10, via :mod:`hf_cft.metrics`) and Plasticity (``docs/methods/pam.md`` §7), the
+heatmap, and a model card for the run.
 
 Metrics are stored unrounded; tables print them rounded to one decimal with numpy (:func:`hf_cft.metrics.round1`,
 as the published tables do).
@@ -14,9 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from hf_cft.metrics import AccuracyMatrix, round1
-from hf_cft.metrics.continual import average_per_dataset, last_per_dataset, transfer_per_dataset
+from hf_cft.metrics.continual import (
+    average_per_dataset,
+    last_per_dataset,
+    plasticity_per_dataset,
+    transfer_per_dataset,
+)
 
-METRIC_NAMES = ("transfer", "average", "last", "bwt")
+METRIC_NAMES = ("transfer", "average", "last", "bwt", "plasticity")
 
 
 def _jsonable(x):
@@ -46,6 +52,7 @@ def matrix_report(matrix: AccuracyMatrix, strategy: str, extra: dict | None = No
                 "transfer": dict(zip(matrix.names[1:], transfer_per_dataset(matrix.values).tolist())),
                 "average": dict(zip(matrix.names, average_per_dataset(matrix.values).tolist())),
                 "last": dict(zip(matrix.names, last_per_dataset(matrix.values).tolist())),
+                "plasticity": dict(zip(matrix.names, plasticity_per_dataset(matrix.values).tolist())),
             }
         )
     if extra:
@@ -78,12 +85,13 @@ def matrix_markdown(matrix: AccuracyMatrix, title: str = "", note: str = "") -> 
     if matrix.complete:
         m = matrix.metrics()
         lines += [
-            "| Transfer | Average | Last | BWT |",
-            "|---|---|---|---|",
+            "| Transfer | Average | Last | BWT | Plasticity |",
+            "|---|---|---|---|---|",
             "| " + " | ".join(_fmt(m[k]) for k in METRIC_NAMES) + " |",
             "",
             "Transfer = mean over c ≥ 1 of mean_{r<c} A[r, c]; Average = mean over c of mean_r A[r, c]; "
-            "Last = mean_c A[T−1, c]; BWT = mean over c < T−1 of A[T−1, c] − A[c, c] (docs/methods/condu.md §10).",
+            "Last = mean_c A[T−1, c]; BWT = mean over c < T−1 of A[T−1, c] − A[c, c] (docs/methods/condu.md §10); "
+            "Plasticity = mean_c A[c, c] (docs/methods/pam.md §7).",
         ]
     else:
         lines.append(f"Incomplete run: {int(np.isfinite(matrix.values).all(axis=1).sum())} of {len(names)} rows.")
