@@ -54,6 +54,7 @@ from hf_cft.continual.strategies import (
     make_strategy,
     register_strategy,
     strategy_names,
+    strategy_options,
 )
 from hf_cft.continual.tasks import (
     MTIL_MINI_ORDERS,
@@ -113,6 +114,7 @@ __all__ = [
     "running_mean_strategy",
     "sequential_lora_strategy",
     "strategy_names",
+    "strategy_options",
     "task_arithmetic_strategy",
     "task_seed",
     "ties_strategy",

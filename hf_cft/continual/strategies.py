@@ -586,6 +586,18 @@ def strategy_names() -> Sequence[str]:
     return tuple(STRATEGIES)
 
 
+def strategy_options(name: str) -> set[str] | None:
+    """The option names strategy ``name`` accepts (``None``: any, its factory takes ``**kwargs``).
+
+    Example::
+
+        strategy_options("magmax")  # {"lam"}
+    """
+    if name not in STRATEGIES:
+        raise ContinualError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
+    return _accepted_options(STRATEGIES[name])
+
+
 def check_number(
     owner: str, option: str, value, low: float | None = None, high: float | None = None, low_open: bool = False
 ) -> float:
