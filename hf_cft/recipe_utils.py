@@ -282,6 +282,7 @@ def run_continual_recipe(
             "matrix": result.matrix.values.tolist(),
             "history": result.history,
             "seconds": time.perf_counter() - t0,
+            "resumed_at": result.resumed_at,  # 0: trained from scratch; T: a finished run re-read
         }
         if state.is_main_process:
             description, files_note = strategy_card_text(name)
