@@ -83,6 +83,7 @@ def test_global_adapter_is_the_pam_merge_of_the_task_adapters(runs, tmp_path):
         assert 0.0 < hist[t]["mean_step_misalignment"] <= 1.0
         assert pam.state.history[t]["misalignment"]["layers"]  # per layer in the state (pam_state.json)
     assert all(0.0 <= h["task_adapter_accuracy"] <= 100.0 for h in hist)
+    assert len({h["adapter_params"] for h in hist}) == 1  # one adapter of constant size (§1, §7)
     assert [m["name"] for m in pam.misalignment()] == ["a", "b", "c"]
     saved = json.loads((root / "accuracy_matrix.json").read_text())
     assert saved["history"][1]["reset_entries"] == hist[1]["reset_entries"]

@@ -325,6 +325,7 @@ class PAMStrategy(Strategy):
         record = self.state.history[-1]
         metrics: dict[str, float] = {
             "merge_weight": float(record["merge_weight"]),
+            "adapter_params": float(record["adapter_params"]),  # constant over tasks (pam.md §7)
             "alignment_steps": float(record.get("alignment_steps", 0)),
             "reset_entries": float(record.get("reset_entries", 0)),
         }
