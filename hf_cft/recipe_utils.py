@@ -1,9 +1,12 @@
-"""Helpers shared by the recipes in ``recipes/``: argument parsing with ``--config file.yaml`` and loading a
-CLIP-like model with its tokenizer and image transform from a folder or Hub id."""
+"""Helpers shared by the recipes in ``recipes/``: argument parsing with ``--config file.yaml``, loading a
+CLIP-like model with its tokenizer and image transform from a folder or Hub id, and the common body of the
+continual-learning recipes (``recipes/condu.py``, ``recipes/pam.py``, ``recipes/mtil.py``): stream arguments, task
+streams (digits demo, MTIL-mini, real MTIL) and :func:`run_continual_recipe`."""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -119,3 +122,205 @@ def base_novel_task(
         train = train.select(idx)
     names = {k: [task.classnames[i] for i in ids] for k, (ids, _) in splits.items()}
     return train, splits, names
+
+
+def load_sibling_recipe(caller_file: str, name: str):
+    """Import ``<folder of caller_file>/<name>.py`` (a recipe script, not a package module) and return it; the
+    recipes share helpers this way (e.g. the digits demo CLIP of ``recipes/mergetune.py``)."""
+    import importlib.util
+
+    path = Path(caller_file).with_name(f"{name}.py")
+    if not path.is_file():
+        raise SystemExit(f"recipe {name!r} not found next to {caller_file} ({path})")
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ------------------------------------------------------------------------------------------------ continual recipes
+
+CONTINUAL_BENCHMARKS = ("digits", "mtil_mini", "mtil")
+DIGITS_DEMO_GROUPS = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+
+
+@dataclass
+class ContinualStreamArguments:
+    """Command-line arguments every continual recipe shares (``recipes/condu.py``, ``pam.py``, ``mtil.py``)."""
+
+    checkpoint: str | None = field(
+        default=None, metadata={"help": "Pretrained CLIP folder or Hub id (default: the cached digits demo CLIP)."}
+    )
+    benchmark: str = field(
+        default="auto",
+        metadata={
+            "help": "'digits' (offline demo), 'mtil_mini' (Protocol B over ../shared/data), 'mtil' (the 11 real MTIL "
+            "datasets by Hub id), or 'auto': digits unless a checkpoint, datasets or a data_dir is given, then "
+            "mtil_mini."
+        },
+    )
+    order: str = field(default="I", metadata={"help": "Task order: I or II (MTIL-mini or MTIL)."})
+    datasets: list[str] | None = field(default=None, metadata={"help": "An explicit task stream (overrides order)."})
+    data_dir: str | None = field(default=None, metadata={"help": "Folder of local datasets (default ../shared/data)."})
+    shots: int = field(default=0, metadata={"help": "Images per class for training (0: all; 5: few-shot)."})
+    max_test: int | None = field(default=None, metadata={"help": "Keep N test rows per dataset (quick runs)."})
+    strategy: list[str] = field(
+        default_factory=lambda: ["zeroshot", "sequential", "independent"],
+        metadata={"help": "Strategies to run, each into output_dir/<name> (any of hf_cft.continual.STRATEGIES)."},
+    )
+    output_dir: str = field(default="outputs/continual", metadata={"help": "Output folder."})
+    demo_pretrain_steps: int = field(default=200, metadata={"help": "Pretraining steps of the digits demo CLIP."})
+
+
+def continual_benchmark(args) -> str:
+    """The benchmark ``args`` asks for (resolving ``"auto"``)."""
+    if args.benchmark == "auto":
+        return "mtil_mini" if (args.checkpoint or args.datasets or args.data_dir) else "digits"
+    if args.benchmark not in CONTINUAL_BENCHMARKS:
+        raise SystemExit(f"--benchmark must be auto or one of {CONTINUAL_BENCHMARKS}, got {args.benchmark!r}")
+    return args.benchmark
+
+
+def continual_tasks(args, benchmark: str, mtil_loader=None):
+    """``(tasks, stream description)`` of a continual recipe: the digits demo (3 tasks of disjoint classes),
+    MTIL-mini (downstream pools of ../shared/data) or the real MTIL stream from the specs (Hub)."""
+    from hf_cft.continual import class_split_tasks, mtil_mini_tasks, mtil_tasks
+
+    if benchmark == "digits":
+        return class_split_tasks(load_task("digits"), DIGITS_DEMO_GROUPS), "scikit-learn digits (offline)"
+    stream = "custom" if args.datasets else f"Order {args.order}"
+    shots = f", {args.shots}-shot" if args.shots else ""
+    if benchmark == "mtil":
+        tasks = mtil_tasks(args.datasets or args.order, shots=args.shots, max_test=args.max_test, loader=mtil_loader)
+        return tasks, f"MTIL {stream}{shots}"
+    tasks = mtil_mini_tasks(
+        args.datasets or args.order, args.data_dir, shots=args.shots, shot_seed=0, max_test=args.max_test
+    )
+    return tasks, f"MTIL-mini {stream}{shots}"
+
+
+def continual_data_note(benchmark: str, stream: str) -> str:
+    if benchmark == "mtil_mini":
+        return (
+            f"Stream: {stream}. The ../shared/data datasets are small re-encoded subsets, not the official datasets; "
+            "numbers are not comparable with published MTIL results."
+        )
+    if benchmark == "mtil":
+        return (
+            f"Stream: {stream}, the Hub copies named in hf_cft/data/resources/mtil.json (some splits differ from "
+            "ZSCL's; see each spec's notes)."
+        )
+    return f"Stream: {stream}, classes {DIGITS_DEMO_GROUPS} as three tasks (a demo, not a benchmark)."
+
+
+def run_continual_recipe(
+    args,
+    config,
+    strategies: dict,
+    demo_model=None,
+    labels: dict | None = None,
+    title: str = "Continual learning",
+    mtil_loader=None,
+) -> dict:
+    """Run ``strategies`` (``{name: Strategy}``, built by the recipe) one after the other on the recipe's stream with
+    :class:`~hf_cft.continual.ContinualRunner` into ``output_dir/<name>`` (resumable), write a model card per
+    strategy and ``results.{json,md}`` comparing them (ACC (Last) / BWT / Plasticity / Transfer / Average, and the
+    sign-misalignment log of the PAM strategies). Returns the summary written to ``results.json``.
+
+    ``demo_model(steps) -> path`` provides the digits demo CLIP when no ``--checkpoint`` is given; ``labels`` maps
+    a strategy name to its row label (default: the name, with the fine-tuning mode).
+    """
+    import platform
+    import time
+
+    import torch
+    from accelerate import PartialState
+
+    from hf_cft.continual import ContinualRunner, continual_card
+    from hf_cft.continual.report import results_markdown, strategy_card_text
+    from hf_cft.errors import ContinualError
+    from hf_cft.utils import atomic_write_bytes, atomic_write_json
+
+    state = PartialState()
+    t_start = time.perf_counter()
+    for name, strategy in strategies.items():  # refuse a bad combination before any training
+        try:
+            strategy.check_config(config)
+        except ContinualError as exc:
+            raise SystemExit(f"--strategy {name}: {exc}") from exc
+    benchmark = continual_benchmark(args)
+    checkpoint = str(Path(args.checkpoint).expanduser()) if args.checkpoint else None
+    if checkpoint is None and demo_model is None:
+        raise SystemExit("--checkpoint is required (this recipe has no demo model)")
+    model_path = checkpoint or str(demo_model(args.demo_pretrain_steps))
+    model, tokenizer, transform = load_clip(model_path)
+    n_params = sum(p.numel() for p in model.parameters())
+    model_desc = args.checkpoint or (
+        f"digits demo CLIP ({n_params:,} parameters, pretrained {args.demo_pretrain_steps} steps on scikit-learn's "
+        "digits)"
+    )
+    device = torch.device("cpu") if config.use_cpu else state.device
+    model.to(device)
+    if benchmark == "digits" and device.type == "cpu":
+        # The demo model's ops are tiny: intra-op threads only add synchronisation (on a shared 2-core machine
+        # one thread trained the demo ~20x faster than two).
+        torch.set_num_threads(1)
+    tasks, stream = continual_tasks(args, benchmark, mtil_loader)
+    finetune = "FT" if config.finetune == "full" else "LoRA"
+    out = Path(args.output_dir)
+    results: dict[str, dict] = {}
+    for name, strategy in strategies.items():
+        label = (labels or {}).get(name) or (name + (f" ({finetune})" if name != "zeroshot" else ""))
+        t0 = time.perf_counter()
+        result = ContinualRunner(
+            strategy, tasks, model, tokenizer, out / name, config, transform=transform, title=f"{label} — {stream}"
+        ).run()
+        results[name] = {
+            "label": label,
+            "metrics": result.metrics,
+            "matrix": result.matrix.values.tolist(),
+            "history": result.history,
+            "seconds": time.perf_counter() - t0,
+            "resumed_at": result.resumed_at,  # 0: trained from scratch; T: a finished run re-read
+        }
+        if state.is_main_process:
+            description, files_note = strategy_card_text(name)
+            card = continual_card(
+                model_name=f"{name}-{benchmark}-{config.finetune}",
+                strategy=name,
+                base_model=model_desc,
+                matrix=result.matrix,
+                tasks=[t.describe() for t in tasks],
+                hyperparameters={
+                    "fine-tuning": config.finetune,
+                    "steps per task": config.max_steps,
+                    "learning rate": config.learning_rates or config.learning_rate,
+                    "batch": config.per_device_train_batch_size,
+                    "label smoothing": config.label_smoothing,
+                    "seed": config.seed,
+                    **({"LoRA rank": config.lora_r} if config.finetune == "lora" else {}),
+                    **strategy.settings(),
+                },
+                description=description,
+                files_note=files_note,
+                data_note=continual_data_note(benchmark, stream),
+            )
+            card.save(str(out / name / "README.md"))
+    summary = {
+        "benchmark": benchmark,
+        "stream": stream,
+        "tasks": [t.describe() for t in tasks],
+        "model": model_desc,
+        "config": config.to_dict(),
+        "results": results,
+        "total_seconds": time.perf_counter() - t_start,
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "device": str(state.device)},
+    }
+    if state.is_main_process:
+        atomic_write_json(out / "results.json", summary)
+        table = results_markdown(results, f"{title} on {stream}", f"Model: {model_desc}.", [t.name for t in tasks])
+        atomic_write_bytes(out / "results.md", table.encode("utf-8"))
+        print("\n" + table)
+        print(f"written to {out}: results.{{json,md}} and one folder per strategy; {summary['total_seconds']:.0f}s")
+    return summary

@@ -13,6 +13,7 @@ from hf_cft.metrics import (
     last,
     matrix_metrics,
     per_class_accuracy,
+    plasticity,
     round1,
     transfer,
 )
@@ -86,7 +87,8 @@ def test_bwt_and_transfer_by_hand():
     assert transfer(A) == pytest.approx((30.0 + (20 + 25) / 2) / 2)
     assert average(A) == pytest.approx(np.mean([(80 + 70 + 60) / 3, (30 + 90 + 85) / 3, (20 + 25 + 95) / 3]))
     assert last(A) == pytest.approx((60 + 85 + 95) / 3)
-    assert set(matrix_metrics(A)) == {"transfer", "average", "last", "bwt"}
+    assert plasticity(A) == pytest.approx((80 + 90 + 95) / 3)
+    assert set(matrix_metrics(A)) == {"transfer", "average", "last", "bwt", "plasticity"}
 
 
 def test_single_task_matrix():

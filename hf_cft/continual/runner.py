@@ -302,6 +302,7 @@ class ContinualRunner:
                     "learn_s": learn_s,
                     "eval_s": eval_s,
                     **{k: float(v) for k, v in self.strategy.timings.items()},
+                    **{k: float(v) for k, v in getattr(self.strategy, "task_metrics", {}).items()},
                 }
             )
             logger.info(

@@ -10,17 +10,22 @@ tensors as safetensors plus its JSON metadata). Implemented:
 | :class:`ZeroShotStrategy` | nothing | θ⁰ |
 | :class:`SequentialFineTuning` | each task from the *previous* model | the current model, every j |
 | :class:`IndependentExperts` | one expert per task from θ⁰ (on disk) | expert j if learned (task id known), else θ⁰ |
-| :class:`DeltaMergeStrategy` | experts from θ⁰, merged by a function or a stateful merger | θ⁰ + merged delta, every j |
+| :class:`DeltaMergeStrategy` | experts from θ⁰ (or a sequential chain), merged by a function or a stateful merger | θ⁰ + merged delta, every j |
 | :class:`ConDUStrategy` | experts from θ⁰, unified by ``DeltaFusionMerger`` | ``docs/methods/condu.md`` §7 table |
 
-Every expert is trained from θ⁰ except in sequential fine-tuning (condu.md §2.1); all weights are handled as dense
-deltas from θ⁰ and evaluated through ``functional_call`` (no model copy).
+Every expert is trained from θ⁰ except in sequential fine-tuning (condu.md §2.1) and in merges of a sequential
+chain (MagMax, WiSE-FT of the sequential model); all weights are handled as dense deltas from θ⁰ and evaluated
+through ``functional_call`` (no model copy). The merging baselines (``hf_cft.continual.baseline_strategies``) and
+PAM (``hf_cft.continual.pam_strategy``) register themselves in :data:`STRATEGIES` through
+:func:`register_strategy`; :func:`make_strategy` builds any of them by name.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -34,10 +39,11 @@ from hf_cft.continual.config import ContinualConfig, task_seed
 from hf_cft.continual.evaluation import DeltaEvaluator
 from hf_cft.continual.tasks import TaskSpec
 from hf_cft.continual.weights import Delta, DeltaStore, check_finite
-from hf_cft.errors import BundleError, ContinualError
+from hf_cft.errors import BundleError, ContinualError, HfCftError
 
 logger = logging.getLogger("hf_cft.continual")
 
+START_FROM = ("theta0", "previous")
 STATE_TENSORS = "strategy.safetensors"
 STATE_META = "strategy.json"
 
@@ -78,10 +84,18 @@ class Strategy:
     def __init__(self):
         self.ctx: RunContext | None = None
         self.timings: dict[str, float] = {}
+        # Per-task scalar diagnostics of the last learn() (e.g. PAM's misalignment rate); the runner records them
+        # in the run's history next to the timings.
+        self.task_metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------------ protocol
 
+    def check_config(self, config: ContinualConfig) -> None:
+        """Raise :class:`~hf_cft.errors.ContinualError` if the strategy cannot run with ``config`` (called by
+        :meth:`bind`, i.e. before any training; recipes may call it up front for every strategy)."""
+
     def bind(self, context: RunContext) -> None:
+        self.check_config(context.config)
         self.ctx = context
 
     def learn(self, task: TaskSpec, index: int) -> None:
@@ -235,13 +249,18 @@ class IndependentExperts(Strategy):
 
 
 class DeltaMergeStrategy(Strategy):
-    """Experts trained from θ⁰ (kept on disk), merged into one delta after each task; θ⁰ + merged answers every
-    dataset. The merge is either
+    """Experts kept on disk, merged into one delta after each task; θ⁰ + merged answers every dataset. The merge is
+    either
 
     - a one-shot function ``merge_fn(list_of_deltas) -> delta`` over all experts so far (task arithmetic, TIES,
       one-shot EMR...), re-run after each task; or
     - a stateful merger from ``merger_factory()`` with ``.add(delta) -> merged_delta`` (MagMax, OPCM...); on resume
       its state is rebuilt by replaying ``add`` over the stored experts in order.
+
+    ``start_from`` says where each expert's training starts: ``"theta0"`` (default: independent experts from θ⁰,
+    condu.md §2.1) or ``"previous"``: a sequential fine-tuning chain, θ_t starts from θ_{t−1} (the previous
+    *expert*, never the merged model) so that τ_t = θ_t − θ⁰ is cumulative, as MagMax assumes (pam.md §9). On
+    resume the chain continues from the last stored expert.
 
     Example::
 
@@ -258,11 +277,17 @@ class DeltaMergeStrategy(Strategy):
         merge_fn: Callable[[list[Delta]], Delta] | None = None,
         merger_factory: Callable[[], object] | None = None,
         settings: dict | None = None,
+        start_from: str = "theta0",
     ):
         super().__init__()
         if (merge_fn is None) == (merger_factory is None):
             raise ContinualError(f"DeltaMergeStrategy {name!r}: give exactly one of merge_fn and merger_factory")
+        if start_from not in START_FROM:
+            raise ContinualError(
+                f"DeltaMergeStrategy {name!r}: start_from must be one of {START_FROM}, got {start_from!r}"
+            )
         self.name = name
+        self.start_from = start_from
         self.merge_fn = merge_fn
         self.merger_factory = merger_factory
         self._settings = dict(settings or {})
@@ -271,15 +296,28 @@ class DeltaMergeStrategy(Strategy):
         self.merged: Delta = {}
 
     @classmethod
-    def from_function(cls, name: str, merge_fn: Callable[[list[Delta]], Delta], **settings) -> DeltaMergeStrategy:
-        return cls(name, merge_fn=merge_fn, settings=settings)
+    def from_function(
+        cls, name: str, merge_fn: Callable[[list[Delta]], Delta], start_from: str = "theta0", **settings
+    ) -> DeltaMergeStrategy:
+        return cls(name, merge_fn=merge_fn, settings=settings, start_from=start_from)
 
     @classmethod
-    def from_merger(cls, name: str, merger_factory: Callable[[], object], **settings) -> DeltaMergeStrategy:
-        return cls(name, merger_factory=merger_factory, settings=settings)
+    def from_merger(
+        cls, name: str, merger_factory: Callable[[], object], start_from: str = "theta0", **settings
+    ) -> DeltaMergeStrategy:
+        return cls(name, merger_factory=merger_factory, settings=settings, start_from=start_from)
 
     def settings(self) -> dict:
-        return {"merge": "function" if self.merge_fn is not None else "stateful", **self._settings}
+        out = {"merge": "function" if self.merge_fn is not None else "stateful", **self._settings}
+        if self.start_from != "theta0":  # absent by default, so checkpoints of earlier versions still resume
+            out["start_from"] = self.start_from
+        return out
+
+    def training_start(self) -> Delta | None:
+        """Where the next expert starts: θ⁰ (``None``), or the last expert of a sequential chain."""
+        if self.start_from == "theta0" or not self.experts:
+            return None
+        return {k: v.float() for k, v in self.store.load(self.experts[-1]).items()}
 
     @property
     def store(self) -> DeltaStore:
@@ -287,7 +325,7 @@ class DeltaMergeStrategy(Strategy):
 
     def learn(self, task: TaskSpec, index: int) -> None:
         self.timings = {}
-        delta = self.train_expert(task, index)
+        delta = self.train_expert(task, index, start=self.training_start())
         key = f"{index:03d}"
         self.store.save(key, delta, {"task": task.name})
         self.experts.append(key)
@@ -490,12 +528,89 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
 }
 
 
-def make_strategy(name: str, **kwargs) -> Strategy:
-    """A strategy by name (``zeroshot``, ``sequential``, ``independent``, ``condu``)."""
+def register_strategy(name: str, factory: Callable[..., Strategy], replace: bool = False) -> None:
+    """Make ``factory(**options) -> Strategy`` available to :func:`make_strategy` (and the recipes) as ``name``.
+
+    Example::
+
+        register_strategy("ta_half", lambda: DeltaMergeStrategy.from_merger("ta_half", lambda: RunningSum()))
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ContinualError(f"a strategy name must be a non-empty string, got {name!r}")
+    if name in STRATEGIES and not replace and STRATEGIES[name] is not factory:
+        raise ContinualError(f"strategy {name!r} is already registered (pass replace=True to override it)")
+    STRATEGIES[name] = factory
+
+
+def _accepted_options(factory: Callable[..., Strategy]) -> set[str] | None:
+    """The keyword options ``factory`` accepts (``None``: any, it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature: let the call decide
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def make_strategy(name: str, **options) -> Strategy:
+    """A strategy by its registered name (see :data:`STRATEGIES`), built with ``options``.
+
+    An unknown name, an option the strategy does not take, or an option value it refuses raises
+    :class:`~hf_cft.errors.ContinualError` naming the strategy and the option.
+
+    Example::
+
+        pam = make_strategy("pam", top_p=0.5, align_every=10)
+        ta = make_strategy("task_arithmetic", lam=0.3)
+    """
     if name not in STRATEGIES:
         raise ContinualError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
-    return STRATEGIES[name](**kwargs)
+    factory = STRATEGIES[name]
+    accepted = _accepted_options(factory)
+    if accepted is not None:
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise ContinualError(
+                f"strategy {name!r} has no option(s) {unknown}; its options: {sorted(accepted) or 'none'}"
+            )
+    try:
+        return factory(**options)
+    except ContinualError:
+        raise
+    except (HfCftError, ValueError, TypeError) as exc:
+        raise ContinualError(f"strategy {name!r}: bad option value(s) {options}: {exc}") from exc
 
 
 def strategy_names() -> Sequence[str]:
     return tuple(STRATEGIES)
+
+
+def strategy_options(name: str) -> set[str] | None:
+    """The option names strategy ``name`` accepts (``None``: any, its factory takes ``**kwargs``).
+
+    Example::
+
+        strategy_options("magmax")  # {"lam"}
+    """
+    if name not in STRATEGIES:
+        raise ContinualError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
+    return _accepted_options(STRATEGIES[name])
+
+
+def check_number(
+    owner: str, option: str, value, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> float:
+    """``value`` as a finite float within [low, high] (``low_open``: (low, high]), else :class:`ContinualError`
+    naming ``owner`` and ``option``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+    if ok and low is not None:
+        ok = float(value) > low if low_open else float(value) >= low
+    if ok and high is not None:
+        ok = float(value) <= high
+    if not ok:
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        bounds = f"{'(' if low_open else '['}{lo}, {hi}]"
+        raise ContinualError(f"strategy {owner!r}: option {option} must be a finite number in {bounds}, got {value!r}")
+    return float(value)

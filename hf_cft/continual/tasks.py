@@ -5,6 +5,8 @@ validation, and builders for the project's streams.
   ``../shared/data``): each task trains on the **downstream pool** of its dataset (the 30% of each class's
   training images left after ``split_per_class(train, 0.7, seed=0)``, which the benchmark CLIP never saw) and is
   tested on its test split with the template ensemble of its own classes.
+- :func:`mtil_tasks`: the real MTIL stream (ZSCL's 11 datasets, Orders I and II) from the specs in
+  ``hf_cft/data/resources/mtil.json``, loaded by Hub id (needs the Hub or a local cache).
 - :func:`class_split_tasks`: one dataset cut into tasks of disjoint classes (the offline digits demo).
 
 A task's datasets are either raw (``image``/``label`` columns; the runner applies the model's transform, with a
@@ -15,11 +17,14 @@ fresh seeded augmentation per task so that runs repeat) or already model-ready (
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from hf_cft.data.templates import validate_classnames, validate_templates
 from hf_cft.errors import ContinualError
+
+# MTIL (ZSCL) orders by their names in hf_cft/data/resources/mtil.json.
+MTIL_ORDERS = {"I": "order_i", "II": "order_ii"}
 
 # docs/benchmarks.md, Protocol B.
 MTIL_MINI_ORDERS = {
@@ -171,4 +176,80 @@ def mtil_mini_tasks(
             test = test.select(range(max_test))
             meta["test_subset"] = f"first {max_test} rows of the shuffled test split"
         tasks.append(TaskSpec(n, pool, test, ds.classnames, ds.templates, meta))
+    return tasks
+
+
+def mtil_tasks(
+    order: str | Sequence[str] = "I",
+    shots: int = 0,
+    shot_seed: int = 0,
+    max_test: int | None = None,
+    test_seed: int = 0,
+    loader: Callable[[str], object] | None = None,
+) -> list[TaskSpec]:
+    """The real MTIL stream (ZSCL; ``docs/methods/condu.md`` §10) built from the 11 dataset specs of
+    ``hf_cft/data/resources/mtil.json``, each loaded by its Hub id.
+
+    Args:
+        order: ``"I"`` / ``"II"`` (or ``"order_i"`` / ``"order_ii"``), or an explicit list of MTIL dataset names
+            (``aircraft``, ``caltech101``, ... see ``hf_cft.data.list_specs("mtil")``).
+        shots: 0 trains on the whole train split (MTIL); > 0 takes that many images per class from it (seed
+            ``shot_seed``), the few-shot (5-shot) variant.
+        max_test: keep a seeded random subset of that many test rows per dataset (quick runs; Hub test splits are
+            often sorted by class, so a prefix would not do); ``None`` keeps all of it.
+        test_seed: the seed of that subset.
+        loader: ``loader(name) -> ClassificationDataset`` with ``train`` and ``test`` splits; default
+            ``load_classification_dataset("mtil/<name>")`` (the spec's Hub id, label names mapped to the spec's).
+
+    Class names and templates are the spec's (ZSCL's); evaluation ensembles all templates, training uses the
+    first. The Hub splits differ from ZSCL's for some datasets (ZSCL re-splits caltech101, eurosat and sun397 at
+    random; see each spec's ``notes``), so numbers are close to, not identical with, published MTIL tables.
+
+    Example::
+
+        tasks = mtil_tasks("II", shots=5)  # needs the Hub (or a filled cache)
+    """
+    from hf_cft.data import few_shot, get_spec, list_specs
+    from hf_cft.data.specs import benchmark_order
+
+    if isinstance(order, str):
+        key = MTIL_ORDERS.get(order, order)
+        if key not in MTIL_ORDERS.values():
+            raise ContinualError(f"unknown MTIL order {order!r}; known: {sorted(MTIL_ORDERS)} (or a list of names)")
+        names = benchmark_order("mtil", key)
+    else:
+        names = tuple(order)
+    known = [n.split("/", 1)[1] for n in list_specs("mtil")]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ContinualError(f"unknown MTIL dataset(s) {unknown}; known: {known}")
+    if not names:
+        raise ContinualError("the MTIL stream is empty: give at least one dataset")
+    if loader is None:
+        from hf_cft.data import load_classification_dataset
+
+        def loader(n):
+            return load_classification_dataset(f"mtil/{n}")
+
+    tasks = []
+    for n in names:
+        spec = get_spec(f"mtil/{n}")
+        ds = loader(n)
+        splits = list(ds.splits) if hasattr(ds, "splits") else []
+        if "train" not in ds or "test" not in ds:
+            raise ContinualError(f"MTIL dataset {n!r} needs train and test splits, it has {splits}")
+        if list(ds.classnames) != list(spec.classnames):
+            raise ContinualError(
+                f"MTIL dataset {n!r} was loaded with {len(ds.classnames)} class names that differ from its spec's "
+                f"{spec.num_classes} (labels must be mapped to the spec's order)"
+            )
+        train, test = ds["train"], ds["test"]
+        meta = {"source": f"mtil/{n}", "hub_id": spec.hub_id, "train_pool": "whole train split"}
+        if shots:
+            train = few_shot(train, shots, seed=shot_seed, on_short="take_all", name=n)
+            meta.update(shots=shots, shot_seed=shot_seed)
+        if max_test is not None and len(test) > max_test:
+            test = test.shuffle(seed=test_seed).select(range(max_test))
+            meta["test_subset"] = f"{max_test} random test rows (seed {test_seed})"
+        tasks.append(TaskSpec(n, train, test, spec.classnames, spec.templates, meta))
     return tasks

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -26,9 +27,13 @@ logger = logging.getLogger("hf_cft.continual")
 
 
 def build_training_model(
-    base_model: nn.Module, config: ContinualConfig, start: Mapping[str, torch.Tensor] | None = None
+    base_model: nn.Module,
+    config: ContinualConfig,
+    start: Mapping[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
 ) -> nn.Module:
-    """A trainable copy of θ⁰ (+ ``start``): the full model, or a PEFT LoRA model around it."""
+    """A trainable copy of θ⁰ (+ ``start``): the full model, or a PEFT LoRA model around it whose adapter is called
+    ``adapter_name``."""
     model = copy.deepcopy(base_model)
     if start:
         apply_delta_(model, start)
@@ -49,26 +54,21 @@ def build_training_model(
     )
     # One fixed A seed for every task (condu.md §5); the global RNG is re-seeded by the trainer afterwards.
     torch.manual_seed(config.lora_init_seed)
-    return get_peft_model(model, lora)
+    return get_peft_model(model, lora, adapter_name=adapter_name)
 
 
-def train_expert(
-    base_model: nn.Module,
-    tokenizer,
-    task: TaskSpec,
-    config: ContinualConfig,
-    seed: int,
-    index: int,
-    output_dir: str | os.PathLike,
-    start: Mapping[str, torch.Tensor] | None = None,
-) -> Delta:
-    """Fine-tune θ⁰ (+ ``start``) on ``task`` (its ``train`` rows must be model-ready) with the Trainer seeded by
-    ``seed`` and the learning rate of position ``index``; return θ − θ⁰ as fp32 CPU tensors. θ⁰ itself is never
-    modified; the trained copy is dropped. ``output_dir`` is the Trainer's scratch folder, removed afterwards."""
-    from hf_cft.trainers import ClipClassificationTrainer, ClipTrainingArguments
+def lora_scaling(config: ContinualConfig) -> float:
+    """The LoRA scaling s of the run's adapters: α/√r with ``lora_use_rslora``, else α/r (PEFT's rule)."""
+    r = config.lora_r
+    return config.lora_alpha / (math.sqrt(r) if config.lora_use_rslora else r)
 
-    model = build_training_model(base_model, config, start)
-    args = ClipTrainingArguments(
+
+def training_arguments(config: ContinualConfig, seed: int, index: int, output_dir: str | os.PathLike):
+    """The ``ClipTrainingArguments`` of task position ``index`` (learning rate, budget, seed) from the run config;
+    nothing is saved (``save_strategy="no"``, no reporting)."""
+    from hf_cft.trainers import ClipTrainingArguments
+
+    return ClipTrainingArguments(
         output_dir=str(output_dir),
         max_steps=config.max_steps,
         learning_rate=config.learning_rate_for(index),
@@ -89,14 +89,58 @@ def train_expert(
         use_cpu=config.use_cpu,
         disable_tqdm=not config.progress,
     )
+
+
+def fit(
+    model: nn.Module,
+    tokenizer,
+    task: TaskSpec,
+    config: ContinualConfig,
+    seed: int,
+    index: int,
+    output_dir: str | os.PathLike,
+    callbacks: Sequence | None = None,
+):
+    """Train ``model`` in place on ``task`` (model-ready ``train`` rows) with a fresh
+    :class:`~hf_cft.trainers.ClipClassificationTrainer` (fresh optimiser and schedule) seeded by ``seed``, with
+    optional ``TrainerCallback``s (e.g. PAM's); return the ``TrainOutput``. ``output_dir`` is the Trainer's scratch
+    folder, removed afterwards."""
+    from hf_cft.trainers import ClipClassificationTrainer
+
+    args = training_arguments(config, seed, index, output_dir)
     trainer = ClipClassificationTrainer(
-        model, args, task.classnames, task.templates, tokenizer, train_dataset=task.train
+        model,
+        args,
+        task.classnames,
+        task.templates,
+        tokenizer,
+        train_dataset=task.train,
+        callbacks=list(callbacks or []),
     )
     out = trainer.train()
     logger.info("task %r: trained %d steps, final loss %.4f", task.name, out.global_step, out.training_loss)
     model.eval()
+    del trainer
+    shutil.rmtree(output_dir, ignore_errors=True)  # trainer scratch (nothing is saved there)
+    return out
+
+
+def train_expert(
+    base_model: nn.Module,
+    tokenizer,
+    task: TaskSpec,
+    config: ContinualConfig,
+    seed: int,
+    index: int,
+    output_dir: str | os.PathLike,
+    start: Mapping[str, torch.Tensor] | None = None,
+) -> Delta:
+    """Fine-tune θ⁰ (+ ``start``) on ``task`` (its ``train`` rows must be model-ready) with the Trainer seeded by
+    ``seed`` and the learning rate of position ``index``; return θ − θ⁰ as fp32 CPU tensors. θ⁰ itself is never
+    modified; the trained copy is dropped. ``output_dir`` is the Trainer's scratch folder, removed afterwards."""
+    model = build_training_model(base_model, config, start)
+    fit(model, tokenizer, task, config, seed, index, output_dir)
     delta = trained_delta(base_model, model, start)
     check_finite(delta, f"the expert trained on task {task.name!r}")
-    del trainer, model
-    shutil.rmtree(output_dir, ignore_errors=True)  # trainer scratch (nothing is saved there)
+    del model
     return delta

@@ -1,8 +1,17 @@
 """Metrics in plain torch/numpy (no ``evaluate``): accuracy, base/novel/harmonic mean, and the
-accuracy-matrix metrics of continual learning (Transfer, Average, Last, BWT)."""
+accuracy-matrix metrics of continual learning (Transfer, Average, Last, BWT, Plasticity)."""
 
 from hf_cft.metrics.classification import accuracy, base_novel_hm, harmonic_mean, per_class_accuracy
-from hf_cft.metrics.continual import AccuracyMatrix, average, bwt, last, matrix_metrics, round1, transfer
+from hf_cft.metrics.continual import (
+    AccuracyMatrix,
+    average,
+    bwt,
+    last,
+    matrix_metrics,
+    plasticity,
+    round1,
+    transfer,
+)
 
 __all__ = [
     "AccuracyMatrix",
@@ -14,6 +23,7 @@ __all__ = [
     "last",
     "matrix_metrics",
     "per_class_accuracy",
+    "plasticity",
     "round1",
     "transfer",
 ]

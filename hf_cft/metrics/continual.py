@@ -5,7 +5,9 @@
 - Transfer = mean over c = 1..T−1 of mean_{r<c} A[r, c] (accuracy before learning c; the first task has none);
 - Average  = mean over c of mean over all r of A[r, c];
 - Last     = mean over c of A[T−1, c];
-- BWT      = mean over c < T−1 of (A[T−1, c] − A[c, c]) (hf_cft addition; not in the MTIL tables).
+- BWT      = mean over c < T−1 of (A[T−1, c] − A[c, c]) (hf_cft addition; not in the MTIL tables);
+- Plasticity = mean over c of A[c, c], the accuracy on each task right after learning it (``docs/methods/pam.md``
+  §7, "Plasticity (lib)"; hf_cft addition).
 
 Values are returned unrounded; :func:`round1` rounds like the published tables (numpy, round-half-to-even on
 the binary value: 65.35 → 65.4, where Python's ``round``/``"%.1f"`` give 65.3).
@@ -75,13 +77,31 @@ def bwt(A) -> float:
     return float(np.mean([M[T - 1, c] - M[c, c] for c in range(T - 1)]))
 
 
+def plasticity_per_dataset(A) -> np.ndarray:
+    """The diagonal A[c, c]: accuracy on each dataset right after its own task."""
+    M = _matrix(A)
+    _finite_rows(M, M.shape[0])
+    return np.diag(M).copy()
+
+
+def plasticity(A) -> float:
+    """Plasticity (pam.md §7): (1/T)·Σ_c A[c, c]."""
+    return float(plasticity_per_dataset(A).mean())
+
+
 def round1(x):
     """Round to one decimal with numpy, as the published tables do."""
     return np.round(np.asarray(x, dtype=np.float64), 1).tolist() if np.ndim(x) else float(np.round(x, 1))
 
 
 def matrix_metrics(A) -> dict[str, float]:
-    return {"transfer": transfer(A), "average": average(A), "last": last(A), "bwt": bwt(A)}
+    return {
+        "transfer": transfer(A),
+        "average": average(A),
+        "last": last(A),
+        "bwt": bwt(A),
+        "plasticity": plasticity(A),
+    }
 
 
 @dataclass

@@ -1,0 +1,221 @@
+"""The merging baselines of ``docs/methods/pam.md`` §9 as continual-driver strategies (Protocol B rows of
+``docs/benchmarks.md``), built on :class:`~hf_cft.continual.DeltaMergeStrategy` and the mergers of
+:mod:`hf_cft.merging.baselines`.
+
+| name | experts train from | after task t, deployed model | evaluation |
+|---|---|---|---|
+| ``task_arithmetic`` | θ⁰ | θ⁰ + λ·Σ_{i≤t} τ_i (continual form θ ← θ + λτ_t; λ = 0.3) | task-agnostic |
+| ``ties`` | θ⁰ | TIES on the pair (merged so far, τ_t) (k = 0.2, λ = 1) | task-agnostic |
+| ``magmax`` | θ_{t−1} (sequential chain, τ_t cumulative) | θ⁰ + λ·τ_MM, per entry the largest-magnitude τ_i (λ = 0.5) | task-agnostic |
+| ``opcm`` | θ⁰ | θ⁰ + S_t·mean‖τ_i‖/‖S_t‖, S_t the orthogonally projected running sum (α = 0.5) | task-agnostic |
+| ``running_mean`` | θ⁰ | θ⁰ + (1/t)·Σ_{i≤t} τ_i (uniform soup) | task-agnostic |
+| ``wise`` | θ_{t−1} (sequential chain) | (1−α)θ⁰ + α·θ_t, WiSE-FT of the sequential model (α = 0.5) | task-agnostic |
+| ``emr`` | θ⁰ | one-shot EMR over τ_1..τ_t: θ⁰ + λ_j·M_j ⊙ τ_uni for task j | task id (like ``independent``) |
+
+Every strategy keeps its experts (dense deltas θ_t − θ⁰; for LoRA the dense s·B·A, pam.md §9 "merge dense deltas")
+on disk in ``store/experts`` and resumes exactly: the stateful mergers are rebuilt by replaying ``add`` over the
+stored experts in order (deterministic on the same device), EMR is recomputed from them, and the sequential
+chains (MagMax, WiSE) continue from the last stored expert.
+
+Example::
+
+    from hf_cft.continual import ContinualRunner, make_strategy
+
+    runner = ContinualRunner(make_strategy("magmax", lam=0.5), tasks, clip, tokenizer, "outputs/magmax", config)
+    runner.run()
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+from hf_cft.continual.strategies import (
+    DeltaMergeStrategy,
+    Strategy,
+    check_number,
+    register_strategy,
+)
+from hf_cft.continual.tasks import TaskSpec
+from hf_cft.continual.weights import Delta, DeltaStore, check_finite
+from hf_cft.errors import BundleError, ContinualError
+
+
+class SequentialWiSE:
+    """Stateful merger for WiSE-FT of a sequential chain (pam.md §9): ``add(τ_t)`` returns α·τ_t, i.e. the deployed
+    model (1−α)·θ⁰ + α·θ_t. Only the newest (cumulative) delta matters; the chain itself lives in the stored
+    experts."""
+
+    def __init__(self, alpha: float = 0.5):
+        self.alpha = float(alpha)
+
+    def add(self, delta: Delta) -> Delta:
+        from hf_cft.merging.baselines import wise_ft
+
+        return wise_ft(delta, self.alpha)
+
+
+def task_arithmetic_strategy(lam: float = 0.3) -> DeltaMergeStrategy:
+    """Task arithmetic, continual form (pam.md §9): θ ← θ + λτ_t after each task, experts from θ⁰ (λ = 0.3, lib)."""
+    from hf_cft.merging.baselines import ContinualTaskArithmetic
+
+    lam = check_number("task_arithmetic", "lam", lam)
+    return DeltaMergeStrategy.from_merger("task_arithmetic", functools.partial(ContinualTaskArithmetic, lam), lam=lam)
+
+
+def ties_strategy(k: float = 0.2, lam: float = 1.0) -> DeltaMergeStrategy:
+    """TIES, continual form (pam.md §9): TIES on the pair (current merged delta, τ_t); τ_1 alone after the first
+    task (k = 0.2, λ = 1, lib)."""
+    from hf_cft.merging.baselines import ContinualTIES
+
+    k = check_number("ties", "k", k, 0.0, 1.0, low_open=True)
+    lam = check_number("ties", "lam", lam)
+    return DeltaMergeStrategy.from_merger("ties", functools.partial(ContinualTIES, k, lam), k=k, lam=lam)
+
+
+def magmax_strategy(lam: float = 0.5) -> DeltaMergeStrategy:
+    """MagMax (pam.md §9): *sequential* fine-tuning (θ_t starts from θ_{t−1}, τ_t = θ_t − θ⁰ cumulative), then per
+    entry the largest-magnitude τ_i seen so far, deployed as θ⁰ + λ·τ_MM (λ = 0.5, the repository default)."""
+    from hf_cft.merging.baselines import MagMaxMerger
+
+    lam = check_number("magmax", "lam", lam)
+    return DeltaMergeStrategy.from_merger(
+        "magmax", functools.partial(MagMaxMerger, lam), start_from="previous", lam=lam
+    )
+
+
+def opcm_strategy(alpha: float = 0.5) -> DeltaMergeStrategy:
+    """OPCM (pam.md §9): experts from θ⁰, each projected off the previous merged delta's leading singular
+    directions and added to the running sum, deployed rescaled to the mean task-vector norm (α = 0.5)."""
+    from hf_cft.merging.baselines import OPCMMerger
+
+    alpha = check_number("opcm", "alpha", alpha, 0.0, 1.0)
+    return DeltaMergeStrategy.from_merger("opcm", functools.partial(OPCMMerger, alpha), alpha=alpha)
+
+
+def running_mean_strategy() -> DeltaMergeStrategy:
+    """Running mean / uniform soup of experts trained from θ⁰ (pam.md §9)."""
+    from hf_cft.merging.baselines import RunningMean
+
+    return DeltaMergeStrategy.from_merger("running_mean", RunningMean)
+
+
+def wise_strategy(alpha: float = 0.5) -> DeltaMergeStrategy:
+    """WiSE-FT of the sequential model with θ⁰ (pam.md §9): the chain θ_t trains from θ_{t−1} (the fine-tuned
+    model, not the interpolated one) and (1−α)θ⁰ + αθ_t is deployed (α = 0.5, lib)."""
+    alpha = check_number("wise", "alpha", alpha, 0.0, 1.0)
+    return DeltaMergeStrategy.from_merger(
+        "wise", functools.partial(SequentialWiSE, alpha), start_from="previous", alpha=alpha
+    )
+
+
+class EMRStrategy(Strategy):
+    """One-shot EMR-merging (pam.md §9) over every expert so far, recomputed after each task; experts train from
+    θ⁰ and stay on disk.
+
+    EMR needs the task id: a learned task j is answered by θ⁰ + λ_j·M_j ⊙ τ_uni (its mask and rescaler from the
+    latest merge), a task not learned yet by θ⁰, as for :class:`~hf_cft.continual.IndependentExperts` (EMR has no
+    model for a task without a mask; Transfer is therefore zero-shot). A task-aware reference, not comparable with
+    the task-agnostic rows.
+
+    Example::
+
+        runner = ContinualRunner(EMRStrategy(), tasks, clip, tokenizer, "outputs/emr", config)
+    """
+
+    name = "emr"
+
+    def __init__(self):
+        super().__init__()
+        self.experts: list[str] = []  # store keys in learning order
+        self.task_names: list[str] = []
+        self.result = None  # hf_cft.merging.baselines.EMRResult over self.experts
+
+    @property
+    def store(self) -> DeltaStore:
+        return DeltaStore(self.context.workdir / "experts")
+
+    def _merge(self) -> None:
+        from hf_cft.merging.baselines import emr
+
+        result = emr([self.store.load(k) for k in self.experts])
+        check_finite(result.unified, f"the EMR unified delta over {self.task_names}")
+        self.result = result
+
+    def learn(self, task: TaskSpec, index: int) -> None:
+        self.timings = {}
+        delta = self.train_expert(task, index)
+        key = f"{index:03d}"
+        self.store.save(key, delta, {"task": task.name})
+        del delta
+        self.experts.append(key)
+        self.task_names.append(task.name)
+        t0 = time.perf_counter()
+        self._merge()
+        self.timings["merge_s"] = time.perf_counter() - t0
+        self.task_metrics = {f"rescaler/{n}": float(r) for n, r in zip(self.task_names, self.result.rescalers)}
+
+    def task_delta(self, name: str) -> Delta:
+        if self.result is None or name not in self.task_names:
+            raise ContinualError(f"EMR holds no task {name!r}; learned: {self.task_names}")
+        return self.result.task_delta(self.task_names.index(name))
+
+    def evaluate(self, task: TaskSpec, learned: bool) -> float:
+        ev = self.context.evaluator
+        if not learned or task.name not in self.task_names:
+            return ev.accuracy(task)
+        return ev.accuracy(task, self.task_delta(task.name))
+
+    def state_dict(self):
+        rescalers = list(self.result.rescalers) if self.result is not None else []
+        return {}, {"experts": list(self.experts), "tasks": list(self.task_names), "rescalers": rescalers}
+
+    def load_state_dict(self, tensors, metadata):
+        self.experts = list(metadata.get("experts", []))
+        self.task_names = list(metadata.get("tasks", []))
+        if len(self.experts) != len(self.task_names):
+            raise BundleError(f"EMR checkpoint lists {len(self.experts)} experts for tasks {self.task_names}")
+        self.result = None
+        if not self.experts:
+            return
+        missing = [n for n, k in zip(self.task_names, self.experts) if k not in self.store]
+        if missing:
+            raise BundleError(f"expert deltas of task(s) {missing} are missing from {self.store.directory}")
+        self._merge()
+        if [float(r) for r in self.result.rescalers] != [float(r) for r in metadata.get("rescalers", [])]:
+            raise BundleError(
+                f"EMR recomputed from {self.store.directory} gives rescalers {self.result.rescalers}, the checkpoint "
+                f"{metadata.get('rescalers')}: the stored experts changed"
+            )
+
+
+def emr_strategy() -> EMRStrategy:
+    """One-shot EMR over all experts so far, evaluated with the task id (pam.md §9)."""
+    return EMRStrategy()
+
+
+BASELINE_STRATEGIES = {
+    "task_arithmetic": task_arithmetic_strategy,
+    "ties": ties_strategy,
+    "magmax": magmax_strategy,
+    "opcm": opcm_strategy,
+    "running_mean": running_mean_strategy,
+    "wise": wise_strategy,
+    "emr": emr_strategy,
+}
+
+for _name, _factory in BASELINE_STRATEGIES.items():
+    register_strategy(_name, _factory)
+
+__all__ = [
+    "BASELINE_STRATEGIES",
+    "EMRStrategy",
+    "SequentialWiSE",
+    "emr_strategy",
+    "magmax_strategy",
+    "opcm_strategy",
+    "running_mean_strategy",
+    "task_arithmetic_strategy",
+    "ties_strategy",
+    "wise_strategy",
+]
