@@ -287,6 +287,8 @@ def _card_data(
 ):
     from huggingface_hub import ModelCardData
 
+    # the Hub's base_model must be a repo id: a local folder (e.g. the offline demo CLIP) stays out of the metadata
+    base_model = base_model if _is_hub_id(base_model) else None
     extra = {"base_model_relation": relation} if base_model and relation else {}
     hub_datasets = sorted({d for d in datasets if _is_hub_id(d)})
     return ModelCardData(
