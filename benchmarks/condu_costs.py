@@ -35,25 +35,13 @@ sys.path.insert(0, str(REPO))
 
 
 def _build(shape: str):
-    from transformers import CLIPModel
-
-    from hf_cft.models.tokenizer import train_clip_tokenizer
-    from hf_cft.testing import clip_vit_b16_config, tiny_clip_config
+    """The same random CLIP as the step-cost benchmark (ViT-B/16 shape or the small benchmark shape)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from mergetune_step_cost import build
 
     names = [f"class{i}" for i in range(10)]
-    tok = train_clip_tokenizer([f"a photo of a {c}." for c in names] + ["X"], vocab_size=1024)
-    if shape == "vit-b16":
-        cfg, size = clip_vit_b16_config(), 224
-        cfg.text_config.vocab_size = len(tok)
-    else:
-        cfg = tiny_clip_config(
-            vocab_size=len(tok), image_size=32, patch_size=8, hidden_size=128, projection_dim=128, num_layers=4
-        )
-        size = 32
-    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        setattr(cfg.text_config, k, getattr(tok, k))
-    torch.manual_seed(0)
-    return CLIPModel(cfg).eval(), tok, size, names
+    model, tok, size = build(shape, names)
+    return model, tok, size, names
 
 
 def _rss_mb() -> float:
