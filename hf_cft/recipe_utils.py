@@ -143,6 +143,32 @@ def load_sibling_recipe(caller_file: str, name: str):
 
 CONTINUAL_BENCHMARKS = ("digits", "mtil_mini", "mtil")
 DIGITS_DEMO_GROUPS = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+# The digits demo's training budget, shared by the continual recipes (each adds its output_dir and overrides).
+CONTINUAL_DEMO_DEFAULTS = {
+    "max_steps": 60,
+    "learning_rate": 5e-4,
+    "per_device_train_batch_size": 32,
+    "warmup_steps": 6,
+    "eval_batch_size": 256,
+    "logging_steps": 20,
+    "lora_r": 8,
+    "seed": 42,
+}
+
+
+def build_strategies(names, kwargs_for) -> dict:
+    """``{name: make_strategy(name, **kwargs_for(name))}`` for a recipe's ``--strategy`` list; an unknown name or a
+    bad option exits with the driver's message (no traceback)."""
+    from hf_cft.continual import STRATEGIES, make_strategy
+    from hf_cft.errors import ContinualError
+
+    unknown = [s for s in names if s not in STRATEGIES]
+    if unknown:
+        raise SystemExit(f"--strategy: unknown {unknown}; known: {list(STRATEGIES)}")
+    try:
+        return {name: make_strategy(name, **kwargs_for(name)) for name in names}
+    except ContinualError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 @dataclass

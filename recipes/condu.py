@@ -34,11 +34,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from hf_cft.continual import STRATEGIES, ContinualConfig, make_strategy
-from hf_cft.errors import ContinualError
+from hf_cft.continual import STRATEGIES, ContinualConfig
 from hf_cft.recipe_utils import (
+    CONTINUAL_DEMO_DEFAULTS,
     DIGITS_DEMO_GROUPS,
     ContinualStreamArguments,
+    build_strategies,
     load_sibling_recipe,
     parse_recipe_args,
     run_continual_recipe,
@@ -46,17 +47,7 @@ from hf_cft.recipe_utils import (
 
 DEMO_GROUPS = DIGITS_DEMO_GROUPS
 # What `accelerate launch recipes/condu.py` uses with no arguments: the digits demo's training budget.
-RECIPE_DEFAULTS = {
-    "output_dir": "outputs/condu",
-    "max_steps": 60,
-    "learning_rate": 5e-4,
-    "per_device_train_batch_size": 32,
-    "warmup_steps": 6,
-    "eval_batch_size": 256,
-    "logging_steps": 20,
-    "lora_r": 8,
-    "seed": 42,
-}
+RECIPE_DEFAULTS = {**CONTINUAL_DEMO_DEFAULTS, "output_dir": "outputs/condu"}
 
 
 @dataclass
@@ -91,13 +82,7 @@ def strategy_kwargs(name: str, args: ConDURecipeArguments) -> dict:
 
 
 def main(args: ConDURecipeArguments, config: ContinualConfig) -> dict:
-    unknown = [s for s in args.strategy if s not in STRATEGIES]
-    if unknown:
-        raise SystemExit(f"--strategy: unknown {unknown}; known: {list(STRATEGIES)}")
-    try:
-        strategies = {name: make_strategy(name, **strategy_kwargs(name, args)) for name in args.strategy}
-    except ContinualError as exc:
-        raise SystemExit(str(exc)) from exc
+    strategies = build_strategies(args.strategy, lambda name: strategy_kwargs(name, args))
     finetune = "FT" if config.finetune == "full" else "LoRA"
     labels = {}
     if "condu" in strategies and args.task_agnostic:

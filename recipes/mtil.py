@@ -35,21 +35,17 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from hf_cft.continual import STRATEGIES, ContinualConfig, make_strategy, strategy_options
-from hf_cft.errors import ContinualError
-from hf_cft.recipe_utils import ContinualStreamArguments, load_sibling_recipe, parse_recipe_args, run_continual_recipe
+from hf_cft.continual import STRATEGIES, ContinualConfig, strategy_options
+from hf_cft.recipe_utils import (
+    CONTINUAL_DEMO_DEFAULTS,
+    ContinualStreamArguments,
+    build_strategies,
+    load_sibling_recipe,
+    parse_recipe_args,
+    run_continual_recipe,
+)
 
-RECIPE_DEFAULTS = {
-    "output_dir": "outputs/mtil",
-    "max_steps": 60,
-    "learning_rate": 5e-4,
-    "per_device_train_batch_size": 32,
-    "warmup_steps": 6,
-    "eval_batch_size": 256,
-    "logging_steps": 20,
-    "lora_r": 8,
-    "seed": 42,
-}
+RECIPE_DEFAULTS = {**CONTINUAL_DEMO_DEFAULTS, "output_dir": "outputs/mtil"}
 
 
 @dataclass
@@ -99,14 +95,8 @@ def main(args: MTILRecipeArguments, config: ContinualConfig) -> dict | None:
     if args.list_strategies:
         print(strategy_table())
         return None
-    unknown = [s for s in args.strategy if s not in STRATEGIES]
-    if unknown:
-        raise SystemExit(f"--strategy: unknown {unknown}; known: {list(STRATEGIES)}")
     options = parse_strategy_options(args.strategy_options)
-    try:
-        strategies = {name: make_strategy(name, **options.get(name, {})) for name in args.strategy}
-    except ContinualError as exc:
-        raise SystemExit(str(exc)) from exc
+    strategies = build_strategies(args.strategy, lambda name: options.get(name, {}))
     return run_continual_recipe(args, config, strategies, demo_model=demo_clip, title="Continual learning")
 
 

@@ -35,10 +35,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from hf_cft.continual import STRATEGIES, ContinualConfig, make_strategy, strategy_options
-from hf_cft.errors import ContinualError
+from hf_cft.continual import STRATEGIES, ContinualConfig, strategy_options
 from hf_cft.merging.pam import DEFAULT_TARGET_MODULES
-from hf_cft.recipe_utils import ContinualStreamArguments, load_sibling_recipe, parse_recipe_args, run_continual_recipe
+from hf_cft.recipe_utils import (
+    ContinualStreamArguments,
+    build_strategies,
+    load_sibling_recipe,
+    parse_recipe_args,
+    run_continual_recipe,
+)
 
 # What `accelerate launch recipes/pam.py` uses with no arguments: the digits demo's LoRA budget (pam.md §6's
 # adapter layout at a rank that fits the 64-wide demo model; scaling α/r = 1 as in §6).
@@ -106,13 +111,7 @@ def strategy_kwargs(name: str, args: PAMRecipeArguments) -> dict:
 
 
 def main(args: PAMRecipeArguments, config: ContinualConfig) -> dict:
-    unknown = [s for s in args.strategy if s not in STRATEGIES]
-    if unknown:
-        raise SystemExit(f"--strategy: unknown {unknown}; known: {list(STRATEGIES)}")
-    try:
-        strategies = {name: make_strategy(name, **strategy_kwargs(name, args)) for name in args.strategy}
-    except ContinualError as exc:
-        raise SystemExit(str(exc)) from exc
+    strategies = build_strategies(args.strategy, lambda name: strategy_kwargs(name, args))
     labels = {
         "sequential_lora": "sequential LoRA (one adapter)",
         "merge_only": "merge only (no alignment)",
