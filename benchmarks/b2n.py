@@ -30,6 +30,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from hf_cft.metrics import harmonic_mean as hm
+
 ROWS = (
     "zs_single",
     "zs_ensemble",
@@ -43,10 +45,6 @@ ROWS = (
     "wise",
     "output_ensemble",
 )
-
-
-def hm(b: float, n: float) -> float:
-    return 2 * b * n / (b + n) if b + n > 0 else 0.0
 
 
 def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -299,6 +297,15 @@ def targets(summary: dict) -> dict:
     }
 
 
+def target_line(summary: dict) -> str:
+    t = summary["targets"]
+    return (
+        f"MergeTune HM > CoOp HM on {t['datasets_mt_beats_coop']} of {len(summary['datasets'])} datasets; average HM "
+        f"gain {t['avg_hm_gain']:+.2f}; novel loss recovered {t['novel_loss_recovered_fraction']}; base drop vs CoOp "
+        f"{t['base_drop_vs_coop']:+.2f}; beats TIES, DARE and WiSE on average HM: {t['beats_ties_dare_wise']}."
+    )
+
+
 def combine(json_files: list[str], out_stem: str) -> dict:
     """Merge b2n result files of disjoint dataset subsets (e.g. run in parallel) into one summary/table."""
     import json
@@ -312,13 +319,7 @@ def combine(json_files: list[str], out_stem: str) -> dict:
             per_dataset[name] = {row: [tuple(r) for r in rows[row]["runs"]] for row in ROWS}
     summary = summarise(per_dataset)
     summary["targets"] = targets(summary)
-    t = summary["targets"]
-    lines = markdown(summary) + [
-        "",
-        f"MergeTune HM > CoOp HM on {t['datasets_mt_beats_coop']} of {len(per_dataset)} datasets; average HM gain "
-        f"{t['avg_hm_gain']:+.2f}; novel loss recovered {t['novel_loss_recovered_fraction']}; base drop vs CoOp "
-        f"{t['base_drop_vs_coop']:+.2f}; beats TIES, DARE and WiSE on average HM: {t['beats_ties_dare_wise']}.",
-    ]
+    lines = markdown(summary) + ["", target_line(summary)]
     head = {k: records[0][k] for k in ("date", "machine", "versions", "checkpoint", "seeds", "hyper_parameters")}
     head["seconds"] = sum(r["seconds"] for r in records)
     Path(out_stem + ".json").write_text(json.dumps({**head, **summary, "table": lines}, indent=2) + "\n")

@@ -119,6 +119,18 @@ def split_features(model, task, split: str, size: int, name: str, limit: int | N
     return features(model, im), lab
 
 
+def task_features(model, size: int, name: str, args, loaded=None):
+    """``(task, {test_f, test_y, down_f, down_y})``: test-split and downstream-pool (the 30% of each class's training
+    images never seen in pretraining) features, from ``--features`` when given (no images needed) or computed."""
+    if loaded is not None:
+        return loaded[0][name], loaded[1][name]
+    task = load_classification_dataset(name, data_dir=args.data_dir)
+    test_f, test_y = split_features(model, task, "test", size, name, 1000 if args.quick else None)
+    train_f, train_y = split_features(model, task, "train", size, name)
+    _, down = split_per_class_indices(train_y.numpy(), 0.7, seed=0)
+    return task, {"test_f": test_f, "test_y": test_y, "down_f": train_f[down], "down_y": train_y[down]}
+
+
 def zs_accuracy(model, tok, feats, labels, classnames, templates) -> float:
     from hf_cft.models import build_zeroshot_classifier, clip_logits
 
@@ -167,15 +179,8 @@ def protocol_headroom(model, tok, size, args) -> dict:
     loaded = _load_features(args.features) if args.features else None
     for name in args.datasets or (quick_sets if args.quick else PROTOCOL_A):
         t0 = time.perf_counter()
-        if loaded is not None:  # precomputed features
-            task, f = loaded[0][name], loaded[1][name]
-            test_f, test_y, down_f, down_y = f["test_f"], f["test_y"], f["down_f"], f["down_y"]
-        else:
-            task = load_classification_dataset(name, data_dir=args.data_dir)
-            test_f, test_y = split_features(model, task, "test", size, name, 1000 if args.quick else None)
-            train_f, train_y = split_features(model, task, "train", size, name)
-            _, down = split_per_class_indices(train_y.numpy(), 0.7, seed=0)  # the downstream pool (30%)
-            down_f, down_y = train_f[down], train_y[down]
+        task, f = task_features(model, size, name, args, loaded)
+        test_f, test_y, down_f, down_y = f["test_f"], f["test_y"], f["down_f"], f["down_y"]
         row = {
             "classes": task.num_classes,
             "chance": 100.0 / task.num_classes,
@@ -316,14 +321,7 @@ def protocol_b2n(model, tok, size, args) -> dict:
     loaded = _load_features(args.features) if args.features else None
     for name in args.datasets or (("dtd10", "aid30", "gtsrb") if args.quick else PROTOCOL_A):
         t0 = time.perf_counter()
-        if loaded is not None:  # precomputed features (e.g. to run the protocol on another machine)
-            task, feats = loaded[0][name], loaded[1][name]
-        else:
-            task = load_classification_dataset(name, data_dir=args.data_dir)
-            test_f, test_y = split_features(model, task, "test", size, name, 1000 if args.quick else None)
-            train_f, train_y = split_features(model, task, "train", size, name)
-            _, down = split_per_class_indices(train_y.numpy(), 0.7, seed=0)  # the downstream pool (30%)
-            feats = {"test_f": test_f, "test_y": test_y, "down_f": train_f[down], "down_y": train_y[down]}
+        task, feats = task_features(model, size, name, args, loaded)
         saved.update({f"{name}/{k}": v.contiguous() for k, v in feats.items()})
         meta[name] = {"classnames": list(task.classnames), "templates": list(task.templates)}
         if args.features_only:
@@ -341,13 +339,7 @@ def protocol_b2n(model, tok, size, args) -> dict:
     summary = b2n.summarise(per_dataset)
     summary["targets"] = b2n.targets(summary)
     summary["hyper_parameters"] = hp
-    t = summary["targets"]
-    lines = b2n.markdown(summary) + [
-        "",
-        f"MergeTune HM > CoOp HM on {t['datasets_mt_beats_coop']} of {len(per_dataset)} datasets; average HM gain "
-        f"{t['avg_hm_gain']:+.2f}; novel loss recovered {t['novel_loss_recovered_fraction']}; base drop vs CoOp "
-        f"{t['base_drop_vs_coop']:+.2f}; beats TIES, DARE and WiSE on average HM: {t['beats_ties_dare_wise']}.",
-    ]
+    lines = b2n.markdown(summary) + ["", b2n.target_line(summary)]
     rows = {r: summary["average"][r] for r in b2n.ROWS}
     return {**summary, "table": lines, "rows": rows, "plot": ("bars", ["base", "novel", "hm"])}
 
