@@ -259,21 +259,20 @@ class MergeTuneTrainer(ClipClassificationTrainer):
                 f"the continued CoOp context has shape {tuple(ctx.shape)} but the fine-tuned one "
                 f"{tuple(self.ctx_ft.shape)}: give both the same n_ctx and class_specific setting."
             )
-        init = None
         if tau < 1.0:
             from hf_cft.peft.coop.model import _word_ids
+            from hf_cft.trainers.feature_training import coop_context_init
 
             ids = _word_ids(self.tokenizer, self.ft_ctx_init) if self.ft_ctx_init else []
-            if not self.ft_ctx_init or len(ids) != ctx.shape[-2] or self.ft_class_specific:
-                warnings.warn(
-                    "τ-initialisation needs the fine-tuned CoOp adapter's ctx_init with as many tokens as n_ctx and "
-                    "a shared context; starting at the fine-tuned context (τ = 1).",
-                    stacklevel=3,
-                )
-            else:
-                emb = self.clip_model.get_base_model().text_model.embeddings.get_base_layer().token_embedding
-                init = emb.weight[torch.tensor(ids, device=emb.weight.device)].float()
-        ctx.copy_(self.ctx_ft if init is None else (1 - tau) * init.to(ctx) + tau * self.ctx_ft)
+            if self.ft_ctx_init and len(ids) == ctx.shape[-2] and not self.ft_class_specific:
+                coop_context_init(self.clip_model, self.tokenizer, self.ctx_ft, self.ft_ctx_init, tau)
+                return
+            warnings.warn(
+                "τ-initialisation needs the fine-tuned CoOp adapter's ctx_init with as many tokens as n_ctx and "
+                "a shared context; starting at the fine-tuned context (τ = 1).",
+                stacklevel=3,
+            )
+        ctx.copy_(self.ctx_ft)
 
     @torch.no_grad()
     def _estimate_fisher(self, dataset):
