@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_cft.continual import ContinualConfig
+from hf_cft.continual import ContinualConfig, make_strategy
 from hf_cft.continual.report import results_markdown
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -210,7 +210,7 @@ def test_mtil_recipe_on_the_real_mtil_stream_with_a_mocked_hub(tmp_path):
     argv += ["--max_steps", "1", "--warmup_steps", "0", "--per_device_train_batch_size", "8", "--use_cpu", "true"]
     argv += ["--output_dir", str(tmp_path / "out")]
     args, config = _parse(mtil, mtil.MTILRecipeArguments, argv)
-    strategies = {n: mtil.make_strategy(n) for n in args.strategy}
+    strategies = {n: make_strategy(n) for n in args.strategy}
     summary = run_continual_recipe(args, config, strategies, mtil_loader=loader)
     assert calls == names and summary["benchmark"] == "mtil" and summary["stream"] == "MTIL custom"
     assert [t["source"] for t in summary["tasks"]] == ["mtil/mnist", "mtil/eurosat"]
