@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,15 +43,26 @@ def _build(shape: str):
     return model, tok, size, names
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
 
 
-def worker(folder: Path, tasks: int) -> dict:
-    """Unify the deltas of ``folder`` one session per task, in this (fresh) process."""
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def _peak_rss_mb() -> float:
+    """This process's own peak resident memory. Not ``getrusage().ru_maxrss``: Linux carries the parent's peak
+    over fork + exec into it, so a worker started by a large parent would report the parent's footprint."""
+    return _status_mb("VmHWM")
+
+
+def worker(folder: Path, tasks: int, load: str) -> dict:
+    """Unify the deltas of ``folder`` one session per task, in this (fresh) process: ``stream`` hands add_task the
+    file path (read key by key), ``memory`` loads each whole delta first (``safetensors.torch.load_file``)."""
     from safetensors.torch import load_file
 
     from hf_cft.merging import DeltaFusionMerger
@@ -62,11 +72,12 @@ def worker(folder: Path, tasks: int) -> dict:
     sessions = []
     for t in range(tasks):
         t0 = time.perf_counter()
-        delta = load_file(str(folder / f"delta{t}.safetensors"))
+        path = str(folder / f"delta{t}.safetensors")
+        delta = path if load == "stream" else load_file(path)
         merger.add_task(delta, f"task{t}")
         del delta
         sessions.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = _peak_rss_mb()
     return {"baseline_rss_mb": baseline, "peak_rss_mb": peak, "session_seconds": sessions, **merger.storage_bytes()}
 
 
@@ -79,9 +90,10 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--load", choices=["stream", "memory"], default="stream", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker is not None:
-        print(json.dumps(worker(a.worker, a.tasks)))
+        print(json.dumps(worker(a.worker, a.tasks, a.load)))
         return
     from safetensors.torch import save_file
 
@@ -98,26 +110,22 @@ def main(argv=None):
             delta = {k: 1e-3 * (shared[k] + torch.randn(shared[k].shape, generator=g)) for k in keys}
             save_file(delta, str(folder / f"delta{t}.safetensors"))
         del shared, delta
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, __file__, "--shape", a.shape, "--tasks", str(a.tasks), "--worker", str(folder)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        unify = json.loads(proc.stdout.strip().splitlines()[-1])
-        unify_wall = time.perf_counter() - t0
+        runs = {}
+        for load in ("stream", "memory"):  # each in a fresh process, so that its peak RSS is its own
+            t0 = time.perf_counter()
+            cmd = [sys.executable, __file__, "--shape", a.shape, "--tasks", str(a.tasks), "--worker", str(folder)]
+            proc = subprocess.run([*cmd, "--load", load], capture_output=True, text=True, check=True)
+            runs[load] = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[load]["process_wall_seconds"] = time.perf_counter() - t0
+        unify = runs["stream"]
+        unify_wall = unify["process_wall_seconds"]
         # routed inference: the merger rebuilt here (same deltas) with random prototypes per task
         merger = DeltaFusionMerger(base_model=model)
-        from safetensors.torch import load_file
-
         for t in range(a.tasks):
             protos = torch.nn.functional.normalize(
                 torch.randn(len(names), model.config.projection_dim, generator=g), dim=-1
             )
-            merger.add_task(
-                load_file(str(folder / f"delta{t}.safetensors")), f"task{t}", prototypes=protos, classnames=names
-            )
+            merger.add_task(str(folder / f"delta{t}.safetensors"), f"task{t}", prototypes=protos, classnames=names)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     pixels = torch.randn(a.batch, 3, size, size, generator=g).to(device)
@@ -143,6 +151,10 @@ def main(argv=None):
         "unify": unify,
         "unify_process_wall_seconds": unify_wall,
         "peak_memory_in_models": (unify["peak_rss_mb"] - unify["baseline_rss_mb"]) * 2**20 / model_bytes,
+        "peak_memory_in_models_whole_deltas": (runs["memory"]["peak_rss_mb"] - runs["memory"]["baseline_rss_mb"])
+        * 2**20
+        / model_bytes,
+        "unify_whole_deltas": runs["memory"],
         "storage_ratio_bundle_vs_experts": unify["bundle"] / unify["experts"],
         "routing": {"median_seconds": timing, "ratio_top_k_vs_all": timing["top_k"] / timing["all"], "stats": passes},
         "machine": {
@@ -164,9 +176,15 @@ def main(argv=None):
         "",
         "| quantity | value |",
         "|---|---|",
-        f"| peak memory while unifying {a.tasks} deltas (above baseline) | "
+        f"| peak memory while unifying {a.tasks} deltas streamed from their files (above baseline) | "
         f"{(unify['peak_rss_mb'] - unify['baseline_rss_mb']):.0f} MiB = {result['peak_memory_in_models']:.2f} models |",
-        "| unify time per session (s) | " + ", ".join(f"{s:.2f}" for s in unify["session_seconds"]) + " |",
+        f"| the same, each delta loaded whole first (`load_file`) | "
+        f"{(runs['memory']['peak_rss_mb'] - runs['memory']['baseline_rss_mb']):.0f} MiB = "
+        f"{result['peak_memory_in_models_whole_deltas']:.2f} models |",
+        "| unify time per session, streamed (s) | " + ", ".join(f"{s:.2f}" for s in unify["session_seconds"]) + " |",
+        "| unify time per session, whole deltas (s) | "
+        + ", ".join(f"{s:.2f}" for s in runs["memory"]["session_seconds"])
+        + " |",
         f"| bundle (u + packed masks + prototypes) | {unify['bundle'] / mb:.1f} MiB |",
         f"| bundle with 1-byte masks | {unify['bundle_bool_masks'] / mb:.1f} MiB |",
         f"| every expert kept (fp32) | {unify['experts'] / mb:.1f} MiB |",

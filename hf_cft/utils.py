@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes."""
+"""Small shared helpers: atomic writes, and handing freed memory back to the operating system."""
 
 from __future__ import annotations
 
@@ -39,3 +39,29 @@ def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: di
     from safetensors.torch import save
 
     atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+_LIBC = None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by torch back to the operating system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Tensors below glibc's mmap threshold (which adapts up to 32 MiB) live on the heap, and freed heap memory stays
+    resident until trimmed. Long key-by-key loops (ConDU sessions over a full-size model) free thousands of such
+    tensors; without a trim the process keeps them as resident memory although nothing uses them."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+        import sys
+
+        _LIBC = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                _LIBC = libc if hasattr(libc, "malloc_trim") else False
+            except OSError:
+                _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)

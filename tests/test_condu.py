@@ -432,3 +432,105 @@ def test_model_card_lists_tasks_storage_and_results(monkeypatch):
     assert "| dtd | 71.25 |" in text and "| Last | 80.50 |" in text
     assert "base_model: openai/clip-vit-base-patch16" in text and "value: 71.25" in text
     assert f"{m.storage_bytes()['bundle'] / 1e6:.2f}" in text
+
+
+# ------------------------------------------------------------------------------- slicing and streamed deltas
+
+
+@given(seeds, st.integers(1, 5), st.sampled_from(["mean", "global_sum"]))
+@FAST
+def test_slice_by_slice_unify_equals_one_slice(seed, n, rescaler):
+    """Unifying in slices of 8 entries gives the same u, masks and λ as one slice per key (the rule is
+    element-wise and λ's terms are sums), across several sessions of the merger."""
+    import hf_cft.merging.condu as condu_mod
+
+    deltas = rand(seed, n, sparsity=0.3)
+    results = []
+    for size in (8, 1 << 20):
+        old = condu_mod.UNIFY_SLICE
+        condu_mod.UNIFY_SLICE = size
+        try:
+            m = DeltaFusionMerger(rescaler=rescaler)
+            for i, d in enumerate(deltas):
+                m.add_task(d, f"t{i}")
+            results.append(m)
+        finally:
+            condu_mod.UNIFY_SLICE = old
+    a, b = results
+    for k in SHAPES:
+        assert torch.equal(a.unified_delta[k], b.unified_delta[k])
+        for name in a.task_names:
+            assert a.packed_mask(name, k) == b.packed_mask(name, k)
+    for ra, rb in zip(a.tasks, b.tasks):
+        assert ra.lam == pytest.approx(rb.lam, rel=1e-12)
+
+
+def test_packed_mask_unpack_range_matches_full_unpack():
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(5, 13, generator=g) > 0.5
+    pm = PackedMask.pack(m)
+    flat = m.reshape(-1)
+    for lo, hi in [(0, 65), (8, 16), (16, 61), (64, 65), (24, 24)]:
+        assert torch.equal(pm.unpack_range(lo, hi), flat[lo:hi])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pm.unpack_range(3, 10)
+    with pytest.raises(ValueError):
+        pm.unpack_range(0, 66)
+
+
+def test_delta_files_are_streamed_and_give_the_same_bundle(tmp_path):
+    """add_task(path) / LazyDelta: the same bundle as in-memory deltas; the base fingerprint travels in the file's
+    metadata; a second base's delta file is refused; keys are read one at a time."""
+    from hf_cft.merging import LazyDelta, save_delta
+
+    deltas = [TaskDelta(d, base_fingerprint="base-a") for d in rand(3, 3, sparsity=0.2)]
+    paths = [save_delta(d, tmp_path / f"d{i}.safetensors") for i, d in enumerate(deltas)]
+    mem, disk = DeltaFusionMerger(), DeltaFusionMerger()
+    for i, (d, p) in enumerate(zip(deltas, paths)):
+        mem.add_task(d, f"t{i}")
+        disk.add_task(str(p) if i % 2 else LazyDelta.from_file(p), f"t{i}")
+    assert disk.base_fingerprint == "base-a"
+    for k in SHAPES:
+        assert torch.equal(mem.unified_delta[k], disk.unified_delta[k])
+    # λ's float64 sums run over the keys in the file's (sorted) order: equal up to the last bits
+    assert [r.lam for r in mem.tasks] == pytest.approx([r.lam for r in disk.tasks], rel=1e-12)
+
+    lazy = LazyDelta.from_file(paths[0])
+    assert lazy.shapes() == {k: tuple(s) for k, s in SHAPES.items()} and len(lazy) == len(SHAPES)
+    reads = []
+    counting = LazyDelta(lazy.shapes(), lambda k: reads.append(k) or lazy[k], "base-a", "counting")
+    DeltaFusionMerger().add_task(counting, "t")
+    assert sorted(set(reads)) == sorted(SHAPES) and len(reads) == 2 * len(SHAPES)  # check pass + session pass
+
+    other = dict(rand(4, 1)[0])
+    save_delta(TaskDelta(other, base_fingerprint="base-b"), tmp_path / "other.safetensors")
+    with pytest.raises(DeltaError, match="another base model"):
+        disk.add_task(str(tmp_path / "other.safetensors"), "t9")
+    assert disk.task_names == ["t0", "t1", "t2"]
+
+
+def test_streamed_delta_bad_input_is_named_and_leaves_the_merger_unchanged(tmp_path):
+    from safetensors.torch import save_file
+
+    from hf_cft.merging import LazyDelta
+
+    m = DeltaFusionMerger()
+    m.add_task(rand(5, 1)[0], "a")
+    before = {k: v.clone() for k, v in m.unified_delta.items()}
+    bad = dict(rand(6, 1)[0])
+    bad["t"][0, 1, 2] = float("nan")
+    save_file({k: v.contiguous() for k, v in bad.items()}, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(NonFiniteError, match="'t'"):
+        m.add_task(str(tmp_path / "nan.safetensors"), "b")
+    wrong = dict(rand(6, 1)[0])
+    wrong["w"] = torch.randn(5, 6)
+    save_file({k: v.contiguous() for k, v in wrong.items()}, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(DeltaError, match="'w'.*shape"):
+        m.add_task(LazyDelta.from_file(tmp_path / "shape.safetensors"), "b")
+    missing = {k: v for k, v in rand(6, 1)[0].items() if k != "b"}
+    save_file({k: v.contiguous() for k, v in missing.items()}, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(DeltaError, match="lacks key 'b'"):
+        m.add_task(str(tmp_path / "missing.safetensors"), "b")
+    with pytest.raises(BundleError, match="does not exist"):
+        m.add_task(str(tmp_path / "absent.safetensors"), "b")
+    assert m.task_names == ["a"] and all(torch.equal(before[k], m.unified_delta[k]) for k in before)

@@ -53,6 +53,7 @@ from hf_cft.merging.condu import (
 )
 from hf_cft.merging.deltas import (
     FunctionalExpert,
+    LazyDelta,
     TaskDelta,
     apply_delta,
     base_fingerprint,
@@ -62,7 +63,9 @@ from hf_cft.merging.deltas import (
     functional_expert,
     iter_delta,
     lora_factor_delta,
+    save_delta,
     validate_delta,
+    validate_lazy_delta,
 )
 from hf_cft.merging.masks import PackedMask, pack_mask, packed_nbytes, unpack_mask
 from hf_cft.merging.pam import (
@@ -89,6 +92,7 @@ __all__ = [
     "DeltaFusionMergerConfig",
     "EMRResult",
     "FunctionalExpert",
+    "LazyDelta",
     "MagMaxMerger",
     "OPCMMerger",
     "PAMCallback",
@@ -130,6 +134,7 @@ __all__ = [
     "pam_merge",
     "prepare_pam_model",
     "running_mean",
+    "save_delta",
     "sign_misalignment",
     "tall_masks",
     "task_arithmetic",
@@ -138,5 +143,6 @@ __all__ = [
     "unify",
     "unpack_mask",
     "validate_delta",
+    "validate_lazy_delta",
     "wise_ft",
 ]

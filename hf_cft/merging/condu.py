@@ -46,14 +46,17 @@ from torch import nn
 
 from hf_cft.errors import BundleError, DeltaError, MergeConfigError, NonFiniteError, TaskError
 from hf_cft.merging.deltas import (
+    LazyDelta,
     TaskDelta,
     _is_peft_model,
     base_fingerprint,
     delta_from_lora,
     lora_factor_delta,
     validate_delta,
+    validate_lazy_delta,
 )
 from hf_cft.merging.masks import PackedMask, packed_nbytes
+from hf_cft.utils import release_freed_memory
 
 __all__ = [
     "CollapsedTaskWarning",
@@ -97,18 +100,17 @@ def elected_sign(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.where(total > 0, 1.0, -1.0)
 
 
-def _unify_key(
-    get: Callable[[int], torch.Tensor], n: int, rescaler: str
-) -> tuple[torch.Tensor, list[PackedMask], list[float], list[float]]:
-    """Unify the ``n`` tensors ``get(0..n-1)`` of one key (fp32) without stacking them.
+#: Entries per slice when a key is unified (a multiple of 8, so packed mask bytes of consecutive slices line up).
+#: Every step of the rule is element-wise and λ's terms are sums, so slicing changes no result; it bounds the
+#: temporaries (σ, |u|, one δ^i, one mask) to a few slices instead of a few copies of the largest tensor.
+UNIFY_SLICE = 1 << 20
 
-    Returns ``u_p``, the packed masks ``M^i_p`` and, per task, this key's numerator and denominator terms of λ
-    (``mean|δ^i_p|`` and ``mean|M^i_p⊙u_p|``, or the L1 sums under ``global_sum``), accumulated in float64.
-    ``get(i)`` is called twice per task (once for σ, once for M and u) so only one δ^i is live at a time.
-    """
-    first = get(0)
-    numel = first.numel()
-    total = first.to(torch.float32).clone()
+
+def _unify_slice(
+    get: Callable[[int], torch.Tensor], n: int
+) -> tuple[torch.Tensor, list[torch.Tensor], list[float], list[float]]:
+    """The unify rule on one flat slice: ``u``, each task's mask bits, and the raw L1 sums of λ's terms."""
+    total = get(0).to(torch.float32).clone()
     for i in range(1, n):
         total += get(i)
     sigma = torch.where(total > 0, 1.0, -1.0)
@@ -119,15 +121,48 @@ def _unify_key(
         sd = sigma * get(i)  # σ·δ^i: positive exactly where the entry agrees with the elected sign
         m = sd > 0
         torch.maximum(u_abs, sd.clamp_min(0.0), out=u_abs)  # max_i M^i⊙|δ^i|
-        masks.append(PackedMask.pack(m))
+        masks.append(m)
         num.append(float(sd.abs().sum(dtype=torch.float64)))
-        del sd, m
-    den = [float((u_abs * pm.unpack()).sum(dtype=torch.float64)) for pm in masks]
+        del sd
+    den = [float((u_abs * m).sum(dtype=torch.float64)) for m in masks]
+    u = torch.where(u_abs > 0, sigma * u_abs, 0.0)  # no negative zeros where nothing was selected
+    return u, [PackedMask.pack(m).bits for m in masks], num, den
+
+
+def _unify_key(
+    get: Callable[[int, int, int], torch.Tensor],
+    n: int,
+    shape: tuple[int, ...],
+    rescaler: str,
+    slice_size: int | None = None,
+) -> tuple[torch.Tensor, list[PackedMask], list[float], list[float]]:
+    """Unify the ``n`` tensors of one key (fp32) slice by slice, never stacking them.
+
+    ``get(i, start, stop)`` returns entries ``start:stop`` of task ``i``'s flattened tensor. Returns ``u_p``, the
+    packed masks ``M^i_p`` and, per task, this key's numerator and denominator terms of λ (``mean|δ^i_p|`` and
+    ``mean|M^i_p⊙u_p|``, or the L1 sums under ``global_sum``), accumulated in float64. ``get`` is called twice per
+    task and slice (once for σ, once for M and u), so only one task's slice is live at a time: peak memory is the
+    output ``u_p`` plus a few slices, whatever ``n``.
+    """
+    slice_size = UNIFY_SLICE if slice_size is None else slice_size
+    if slice_size <= 0 or slice_size % 8:
+        raise ValueError(f"slice_size must be a positive multiple of 8, got {slice_size}")
+    numel = math.prod(shape)
+    u = torch.empty(numel, dtype=torch.float32)
+    bits = [torch.zeros(packed_nbytes(shape), dtype=torch.uint8) for _ in range(n)]
+    num, den = [0.0] * n, [0.0] * n
+    for start in range(0, numel, slice_size):
+        stop = min(start + slice_size, numel)
+        u_s, bits_s, a, b = _unify_slice(lambda i, start=start, stop=stop: get(i, start, stop), n)
+        u[start:stop] = u_s
+        for i in range(n):
+            bits[i][start // 8 : start // 8 + bits_s[i].numel()] = bits_s[i]
+            num[i] += a[i]
+            den[i] += b[i]
     if rescaler == "mean" and numel > 0:
         num = [x / numel for x in num]
         den = [x / numel for x in den]
-    u = torch.where(u_abs > 0, sigma * u_abs, 0.0)  # no negative zeros where nothing was selected
-    return u, masks, num, den
+    return u.view(shape), [PackedMask(bt, tuple(shape)) for bt in bits], num, den
 
 
 def _decoupled(u: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
@@ -179,7 +214,8 @@ def unify(deltas: Sequence[Mapping[str, torch.Tensor]], rescaler: str = "mean") 
     masks: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
     num, den = [0.0] * n, [0.0] * n
     for key in shapes:
-        u, pm, a, b = _unify_key(lambda i, key=key: checked[i][key], n, rescaler)
+        flat = [checked[i][key].reshape(-1) for i in range(n)]
+        u, pm, a, b = _unify_key(lambda i, lo, hi, flat=flat: flat[i][lo:hi], n, shapes[key], rescaler)
         unified[key] = u
         for i in range(n):
             masks[i][key] = pm[i].unpack()
@@ -358,6 +394,8 @@ class DeltaFusionMerger:
     def _as_delta(self, source: Any, name: str) -> Mapping[str, torch.Tensor]:
         if isinstance(source, Mapping):
             return source
+        if isinstance(source, (str, os.PathLike)) and str(source).endswith(".safetensors"):
+            return LazyDelta.from_file(source)  # a delta file (save_delta): streamed key by key
         if _is_peft_model(source) or isinstance(source, (str, os.PathLike)):
             if self.base_model is None:
                 raise DeltaError(
@@ -401,8 +439,9 @@ class DeltaFusionMerger:
         """Run one ConDU session (condu.md §2 steps 2–5) for task ``name`` and return its record.
 
         ``delta``: the task delta δ^t = θ^t − θ⁰ (a dict of tensors, e.g. from :func:`delta_from_models` /
-        :func:`delta_from_lora`), or a LoRA ``PeftModel`` / adapter folder (converted per ``lora_merge``; needs
-        ``base_model``). Every stored task is decoupled (δ̃^i = λ^i M^i⊙u), the new delta added, and **all**
+        :func:`delta_from_lora`), a :class:`~hf_cft.merging.LazyDelta` or the path of a ``.safetensors`` delta file
+        (:func:`~hf_cft.merging.save_delta`), both streamed one key at a time so that memory stays near the bundle
+        itself, or a LoRA ``PeftModel`` / adapter folder (converted per ``lora_merge``; needs ``base_model``). Every stored task is decoupled (δ̃^i = λ^i M^i⊙u), the new delta added, and **all**
         triggers recomputed (§3). ``prototypes`` (``[C, d]``, see :func:`hf_cft.merging.compute_prototypes`),
         ``classnames``, ``templates`` and ``dataset`` are stored in the task record for routing.
 
@@ -419,7 +458,10 @@ class DeltaFusionMerger:
         classnames = list(classnames) if classnames is not None else None
         templates = list(templates) if templates is not None else None
         delta = self._as_delta(delta, name)
-        checked = validate_delta(delta, self._shapes or None, name=f"delta of task {name!r}")
+        if isinstance(delta, LazyDelta):  # checked key by key now, read again key by key in the session
+            checked = validate_lazy_delta(delta, self._shapes or None, name=f"delta of task {name!r}")
+        else:
+            checked = validate_delta(delta, self._shapes or None, name=f"delta of task {name!r}")
         fp = checked.base_fingerprint
         if fp is not None and self.base_fingerprint is not None and fp != self.base_fingerprint:
             raise DeltaError(
@@ -437,7 +479,9 @@ class DeltaFusionMerger:
                     "with the elected sign; λ would be 0/0 or x/0). Nothing was changed."
                 )
         if not self._shapes:
-            self._shapes = {k: tuple(t.shape) for k, t in checked.items()}
+            self._shapes = (
+                checked.shapes() if isinstance(checked, LazyDelta) else {k: tuple(t.shape) for k, t in checked.items()}
+            )
         lams, collapsed, new_masks = self._session(checked, commit=True)
 
         was_collapsed = [r.collapsed for r in self._records] + [False]
@@ -470,9 +514,15 @@ class DeltaFusionMerger:
             )
         return TaskRecord(**{**record.to_dict(), "extra": {}})
 
-    def _session(self, new: TaskDelta, commit: bool) -> tuple[list[float], list[bool], list[dict[str, PackedMask]]]:
-        """Decouple stored tasks, add ``new``, unify key by key. With ``commit``, u is replaced key by key in
-        place (peak memory: u + masks + one key's temporaries); masks and λ are returned for the caller to swap in."""
+    def _session(
+        self, new: Mapping[str, torch.Tensor], commit: bool
+    ) -> tuple[list[float], list[bool], list[dict[str, PackedMask]]]:
+        """Decouple stored tasks, add ``new``, unify key by key and slice by slice (:func:`_unify_key`).
+
+        Only one key of ``new`` is read at a time (a :class:`~hf_cft.merging.LazyDelta` streams it from disk), and
+        the stored experts are rebuilt slice by slice from u and their packed masks, never whole. With ``commit``,
+        u is replaced key by key (peak memory: u + old and new packed masks + one key of ``new`` and of the new u +
+        a few slices); masks and λ are returned for the caller to swap in."""
         old_lams = [r.lam for r in self._records]
         n = len(self._records) + 1
         num, den = [0.0] * n, [0.0] * n
@@ -481,22 +531,27 @@ class DeltaFusionMerger:
         if commit:
             self._interrupted = True
         for key in keys:
+            d_new = new[key].detach().to("cpu", torch.float32)  # u and the masks live on the CPU
+            shape = tuple(d_new.shape)
+            d_new = d_new.reshape(-1)
             u_old = self._u.get(key)
-            old_masks = [self._masks[i][key].unpack() for i in range(n - 1)]
+            u_flat = u_old.reshape(-1) if u_old is not None else None
+            old_masks = [self._masks[i][key] for i in range(n - 1)]
 
-            def get(i, key=key, u_old=u_old, old_masks=old_masks):
+            def get(i, lo, hi, d_new=d_new, u_flat=u_flat, old_masks=old_masks):
                 if i == n - 1:
-                    return new[key].cpu()  # u and the masks live on the CPU
-                return _decoupled(u_old, old_masks[i], old_lams[i])
+                    return d_new[lo:hi]
+                return _decoupled(u_flat[lo:hi], old_masks[i].unpack_range(lo, hi), old_lams[i])
 
-            u, pm, a, b = _unify_key(get, n, self.config.rescaler)
+            u, pm, a, b = _unify_key(get, n, shape, self.config.rescaler)
             for i in range(n):
                 masks[i][key] = pm[i]
                 num[i] += a[i]
                 den[i] += b[i]
             if commit:
                 self._u[key] = u
-            del u, old_masks
+            del u, d_new, u_flat
+            release_freed_memory()  # this key's temporaries, so that the session's footprint stays near u + masks
         if commit:
             self._interrupted = False
         lams, collapsed = _rescalers(num, den)

@@ -45,7 +45,9 @@ from hf_cft.errors import AdapterError, BundleError, DeltaError, NonFiniteError
 
 __all__ = [
     "DEFAULT_EXCLUDE",
+    "FINGERPRINT_METADATA",
     "FunctionalExpert",
+    "LazyDelta",
     "TaskDelta",
     "apply_delta",
     "base_fingerprint",
@@ -55,7 +57,9 @@ __all__ = [
     "functional_expert",
     "iter_delta",
     "lora_factor_delta",
+    "save_delta",
     "validate_delta",
+    "validate_lazy_delta",
 ]
 
 #: State-dict entries never part of a task delta: CLIP's temperature is not trained (condu.md §1, §5).
@@ -234,6 +238,21 @@ def _check_finite(key: str, t: torch.Tensor, where: str) -> None:
         raise NonFiniteError(f"Tensor {key!r} {where} holds {bad} NaN/inf value(s).")
 
 
+def _check_key_set(keys: Iterable[str], reference: Mapping[str, tuple[int, ...]], name: str) -> None:
+    """:class:`DeltaError` naming the first missing and the first unknown key of ``keys`` against ``reference``."""
+    keys = list(keys)
+    present = set(keys)
+    missing = [k for k in reference if k not in present]
+    extra = [k for k in keys if k not in reference]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"lacks key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        if extra:
+            parts.append(f"has unknown key {extra[0]!r}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        raise DeltaError(f"The {name} {' and '.join(parts)}; all task deltas must share the same keys.")
+
+
 def validate_delta(
     delta: Mapping[str, torch.Tensor],
     reference: Mapping[str, tuple[int, ...]] | None = None,
@@ -249,19 +268,7 @@ def validate_delta(
     if len(delta) == 0:
         raise DeltaError(f"The {name} is empty (no tensors).")
     if reference is not None:
-        missing = [k for k in reference if k not in delta]
-        extra = [k for k in delta if k not in reference]
-        if missing or extra:
-            parts = []
-            if missing:
-                parts.append(
-                    f"lacks key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                )
-            if extra:
-                parts.append(
-                    f"has unknown key {extra[0]!r}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-                )
-            raise DeltaError(f"The {name} {' and '.join(parts)}; all task deltas must share the same keys.")
+        _check_key_set(delta, reference, name)
     out = TaskDelta(base_fingerprint=getattr(delta, "base_fingerprint", None))
     for k, t in delta.items():
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -360,6 +367,154 @@ def delta_from_models(
     out = TaskDelta(iter_delta(b, finetuned, keys=keys, exclude=exclude))
     out.base_fingerprint = base_fingerprint(b)
     return out
+
+
+# ----------------------------------------------------------------------------------------------- streamed deltas
+
+#: safetensors metadata key holding the base fingerprint of a delta file written by :func:`save_delta`.
+FINGERPRINT_METADATA = "hf_cft_base_fingerprint"
+
+
+class LazyDelta(Mapping):
+    """A task delta read (or computed) one key at a time, for merging deltas larger than memory allows.
+
+    ``DeltaFusionMerger.add_task`` streams it: a first pass checks every key (shape, NaN/inf) one tensor at a time,
+    a second reads each key once while that key is unified, so memory holds the bundle plus about one tensor of
+    the delta rather than the whole delta (condu.md §7, issue "streamed tensor by tensor from safetensors").
+    Each access returns a fresh fp32 tensor; nothing is cached. Build one with :meth:`from_file` (a delta saved by
+    :func:`save_delta`) or :meth:`from_models` (θ_ft − θ⁰ of two checkpoints, computed per key). Example::
+
+        save_delta(delta_from_models(base, finetuned), "deltas/task3.safetensors")
+        merger.add_task(LazyDelta.from_file("deltas/task3.safetensors"), "task3")
+        merger.add_task("deltas/task4.safetensors", "task4")            # a .safetensors path does the same
+        merger.add_task(LazyDelta.from_models("ckpt/base", "ckpt/task5"), "task5")
+    """
+
+    def __init__(
+        self,
+        shapes: Mapping[str, tuple[int, ...]],
+        getter: Callable[[str], torch.Tensor],
+        base_fingerprint: str | None = None,
+        description: str = "lazy delta",
+    ):
+        self._shapes = {k: tuple(v) for k, v in shapes.items()}
+        self._getter = getter
+        self.base_fingerprint = base_fingerprint
+        self.description = description
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> LazyDelta:
+        """A delta stored in one safetensors file (every floating-point tensor is a key of the delta)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise BundleError(f"Delta file {str(path)!r} does not exist.")
+        src = _Source(path, f"delta file {path.name}")
+        bad = [k for k in src.names() if not src.is_floating(k)]
+        if bad:
+            raise DeltaError(f"Entry {bad[0]!r} of the delta file {str(path)!r} is not a floating-point tensor.")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as h:
+                fp = (h.metadata() or {}).get(FINGERPRINT_METADATA)
+        except Exception as exc:
+            raise BundleError(f"Cannot read safetensors file {str(path)!r}: {exc}") from exc
+        shapes = {k: src.shape(k) for k in src.names()}
+        del src  # closes its handles
+
+        def read(key: str) -> torch.Tensor:
+            # a fresh handle per key: safetensors maps the file, and a handle kept open would keep every page read
+            # so far resident (the whole delta again, by the end of a pass)
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as h:
+                    return h.get_tensor(key)
+            except Exception as exc:
+                raise BundleError(f"Cannot read tensor {key!r} of the delta file {str(path)!r}: {exc}") from exc
+
+        return cls(shapes, read, fp, str(path))
+
+    @classmethod
+    def from_models(
+        cls,
+        base: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
+        finetuned: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
+        keys: None | str | Sequence[str] = None,
+        exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    ) -> LazyDelta:
+        """θ_ft − θ⁰ computed key by key on access (see :func:`iter_delta` for the inputs and key rules)."""
+        b, f = _as_source(base, "base model"), _as_source(finetuned, "fine-tuned model")
+        selected = _select_keys(f, keys, exclude)
+        for k in selected:
+            if k not in b:
+                raise DeltaError(f"Key {k!r} of the fine-tuned model is not in the base model ({b.description}).")
+            if b.shape(k) != f.shape(k):
+                raise DeltaError(
+                    f"Key {k!r} has shape {f.shape(k)} in the fine-tuned model but {b.shape(k)} in the base."
+                )
+        return cls(
+            {k: f.shape(k) for k in selected},
+            lambda k: f.get(k).to(torch.float32) - b.get(k).to(torch.float32),
+            base_fingerprint(b),
+            f"{f.description} − {b.description}",
+        )
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shapes)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._shapes:
+            raise KeyError(key)
+        t = self._getter(key).detach().to(torch.float32)
+        if tuple(t.shape) != self._shapes[key]:
+            raise DeltaError(f"Key {key!r} of {self.description} changed shape while being read.")
+        _check_finite(key, t, f"of {self.description}")
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def materialize(self) -> TaskDelta:
+        """Every key in memory, as a :class:`TaskDelta`."""
+        return TaskDelta(((k, self[k]) for k in self), base_fingerprint=self.base_fingerprint)
+
+    def __repr__(self) -> str:
+        return f"LazyDelta({len(self)} tensors from {self.description}, base={self.base_fingerprint})"
+
+
+def validate_lazy_delta(
+    delta: LazyDelta, reference: Mapping[str, tuple[int, ...]] | None = None, name: str = "delta"
+) -> LazyDelta:
+    """:func:`validate_delta` for a :class:`LazyDelta`: the same checks and errors, reading one key at a time
+    and keeping none of them."""
+    if len(delta) == 0:
+        raise DeltaError(f"The {name} is empty (no tensors).")
+    if reference is not None:
+        _check_key_set(delta, reference, name)
+        for k, shape in delta.shapes().items():
+            if shape != tuple(reference[k]):
+                raise DeltaError(f"Key {k!r} of the {name} has shape {shape}, expected {tuple(reference[k])}.")
+    for k in delta:
+        try:
+            delta[k]  # reads the key, checks NaN/inf, drops it
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"{exc} (the {name})") from None
+    return delta
+
+
+def save_delta(delta: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Write a delta to one safetensors file atomically, with its base fingerprint in the metadata, for
+    :meth:`LazyDelta.from_file` / ``DeltaFusionMerger.add_task(path)``."""
+    from hf_cft.utils import atomic_save_safetensors
+
+    path = Path(path)
+    checked = validate_delta(delta, name=f"delta written to {path.name}")
+    fp = getattr(delta, "base_fingerprint", None)
+    tensors = {k: t.contiguous() for k, t in checked.items()}
+    atomic_save_safetensors(tensors, path, metadata={FINGERPRINT_METADATA: fp} if fp else None)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------- LoRA adapters
