@@ -57,6 +57,13 @@ class ConDURecipeArguments(ContinualStreamArguments):
         metadata={"help": f"Strategies to run, each into output_dir/<name>: {', '.join(STRATEGIES)}."},
     )
     task_agnostic: bool = field(default=False, metadata={"help": "ConDU: route every dataset (no task id)."})
+    track_fidelity: bool = field(
+        default=False,
+        metadata={
+            "help": "ConDU: keep each original delta on disk and log, after every session, each stored expert's "
+            "cosine / relative error to its original, mask density and λ (benchmark diagnostic)."
+        },
+    )
     top_k: int = field(default=4, metadata={"help": "ConDU: experts per sample in routing."})
     weighting: str = field(default="uniform", metadata={"help": "ConDU: uniform, similarity or softmax."})
     include_zero_shot: bool = field(default=True, metadata={"help": "ConDU: θ⁰ votes in routing."})
@@ -78,6 +85,7 @@ def strategy_kwargs(name: str, args: ConDURecipeArguments) -> dict:
         include_zero_shot=args.include_zero_shot,
         task_agnostic=args.task_agnostic,
         rescaler=args.rescaler,
+        track_fidelity=args.track_fidelity,
     )
 
 

@@ -641,6 +641,31 @@ def test_condu_with_the_real_merger_resumes_exactly(reference_runs, tmp_path, to
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_condu_fidelity_tracking_logs_cosines_density_and_lambda(reference_runs, tmp_path, toy_tokenizer):
+    """track_fidelity: after session s, every stored expert's cosine / relative error to its original delta, mask
+    density and λ are in the history; the first session's expert is exact (condu.md §8.1); results unchanged."""
+    _real_merging()
+    plain = _runner(ConDUStrategy(top_k=2), tmp_path / "plain", toy_tokenizer).run()
+    tracked = ConDUStrategy(top_k=2, track_fidelity=True)
+    result = _runner(tracked, tmp_path / "tracked", toy_tokenizer).run()
+    np.testing.assert_array_equal(result.matrix.values, plain.matrix.values)
+    first = result.history[0]
+    assert first["fidelity_cos/a"] == pytest.approx(1.0, abs=1e-6) and first["fidelity_rel_err/a"] < 1e-6
+    assert first["lambda/a"] == pytest.approx(1.0)
+    last = result.history[-1]
+    for name in "abc":
+        assert -1.0 <= last[f"fidelity_cos/{name}"] <= 1.0 + 1e-9
+        assert 0.0 < last[f"mask_density/{name}"] <= 1.0 and last[f"lambda/{name}"] > 0
+        # the logged cosine is the one of the rebuilt expert against the original kept on disk
+    from hf_cft.merging import LazyDelta
+
+    orig = LazyDelta.from_file(tracked._fidelity_file(0)).materialize()
+    rebuilt = tracked.merger.expert_delta("a")
+    dot = sum(float((orig[k].double() * rebuilt[k].double()).sum()) for k in orig)
+    norms = [sum(float((d[k].double() ** 2).sum()) for k in orig) ** 0.5 for d in (orig, rebuilt)]
+    assert last["fidelity_cos/a"] == pytest.approx(dot / (norms[0] * norms[1]), rel=1e-9)
+
+
 def test_condu_without_the_merging_package_names_it(tmp_path, toy_tokenizer, monkeypatch):
     import hf_cft.merging as merging
 

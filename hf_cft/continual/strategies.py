@@ -381,6 +381,7 @@ class ConDUStrategy(Strategy):
         task_agnostic: bool = False,
         rescaler: str = "mean",
         lora_merge: str = "dense",
+        track_fidelity: bool = False,
         merger_factory: Callable[[], object] | None = None,
         merger_loader: Callable[[Path], object] | None = None,
         router_factory: Callable[..., object] | None = None,
@@ -395,6 +396,7 @@ class ConDUStrategy(Strategy):
             raise ContinualError(f"ConDUStrategy supports lora_merge='dense' only, got {lora_merge!r}")
         self.top_k, self.weighting, self.include_zero_shot = top_k, weighting, include_zero_shot
         self.task_agnostic, self.rescaler, self.lora_merge = task_agnostic, rescaler, lora_merge
+        self.track_fidelity = bool(track_fidelity)
         self._merger_factory = merger_factory
         self._merger_loader = merger_loader
         self._router_factory = router_factory
@@ -487,8 +489,54 @@ class ConDUStrategy(Strategy):
             dataset=task.meta.get("source", task.name),
         )
         self.timings["merge_s"] = time.perf_counter() - t0
+        if self.track_fidelity:
+            self._save_original(delta, index)
+            self.task_metrics.update(self.fidelity())
         del delta  # §2.5: θ^t and δ^t are dropped
         self._router = None  # every expert changed: heads cached by the router are stale
+
+    # -------------------------------------------------------------- expert fidelity (benchmark diagnostics)
+
+    def _fidelity_file(self, index: int) -> Path:
+        return self.context.workdir / "fidelity" / f"{index:03d}.safetensors"
+
+    def _save_original(self, delta, index: int) -> None:
+        """Keep δ^t on disk (``track_fidelity`` only: a benchmark diagnostic; ConDU itself drops it, §2.5)."""
+        from accelerate import PartialState
+
+        from hf_cft.merging import save_delta
+
+        if PartialState().is_main_process:
+            self._fidelity_file(index).parent.mkdir(parents=True, exist_ok=True)
+            save_delta(delta, self._fidelity_file(index))
+        PartialState().wait_for_everyone()
+
+    def fidelity(self) -> dict[str, float]:
+        """For every stored task i, after the current session (docs/benchmarks.md Protocol B plots): the cosine
+        between the rebuilt delta δ̃^i = λ^i M^i⊙u and the original δ^i, the relative error ‖δ̃^i − δ^i‖/‖δ^i‖, the
+        mask density |M^i|/numel and λ^i; streamed key by key from the originals kept with ``track_fidelity``."""
+        from hf_cft.merging import LazyDelta
+
+        out = {}
+        for index, name in enumerate(self.learned):
+            original = LazyDelta.from_file(self._fidelity_file(index))
+            dot = n_orig = n_rebuilt = n_err = 0.0
+            ones = total = 0
+            for key, rebuilt in self.merger.iter_expert_delta(name):
+                d = original[key].to(rebuilt.device).double()
+                r = rebuilt.double()
+                dot += float((d * r).sum())
+                n_orig += float((d * d).sum())
+                n_rebuilt += float((r * r).sum())
+                n_err += float(((r - d) ** 2).sum())
+                ones += self.merger.packed_mask(name, key).count()
+                total += d.numel()
+            denom = (n_orig * n_rebuilt) ** 0.5
+            out[f"fidelity_cos/{name}"] = dot / denom if denom > 0 else 0.0
+            out[f"fidelity_rel_err/{name}"] = (n_err / n_orig) ** 0.5 if n_orig > 0 else 0.0
+            out[f"mask_density/{name}"] = ones / total if total else 0.0
+            out[f"lambda/{name}"] = float(self.merger.record(name).lam)
+        return out
 
     def evaluate(self, task: TaskSpec, learned: bool) -> float:
         ev = self.context.evaluator
