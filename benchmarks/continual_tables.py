@@ -143,6 +143,43 @@ def plot_fidelity(curves: dict[str, list], names: list[str], path: Path) -> None
     plt.close(fig)
 
 
+def session_curves(run: dict, names: list[str]) -> dict[str, list[list[float | None]]] | None:
+    """From a run with ``track_fidelity``: ``{quantity: C[s][c]}`` for the cosine of the rebuilt to the original
+    delta, the relative error, the mask density and λ of task c after session s (None before c is learned)."""
+    history = run.get("history") or []
+    if not any(k.startswith("fidelity_cos/") for h in history for k in h):
+        return None
+    out = {}
+    for q in ("fidelity_cos", "fidelity_rel_err", "mask_density", "lambda"):
+        out[q] = [[h.get(f"{q}/{n}") for n in names] for h in history]
+    return out
+
+
+def plot_session_curves(curves: dict[str, dict], names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    quantities = (
+        ("fidelity_cos", "cos(rebuilt δ̃, original δ)"),
+        ("mask_density", "mask density |M|/n"),
+        ("lambda", "rescaler λ"),
+    )
+    fig, axes = plt.subplots(len(curves), 3, figsize=(15, 3.8 * len(curves)), squeeze=False)
+    for row, (label, c) in zip(axes, curves.items()):
+        for ax, (q, title) in zip(row, quantities):
+            for j, name in enumerate(names):
+                xs = [s for s in range(len(c[q])) if c[q][s][j] is not None]
+                ax.plot(xs, [c[q][s][j] for s in xs], marker="o", ms=3, label=name)
+            ax.set_xticks(range(len(names)), [f"+{n}" for n in names], rotation=45, ha="right", fontsize=7)
+            ax.set_title(f"{label}: {title}", fontsize=9)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     from hf_cft.continual.report import results_markdown
 
@@ -190,6 +227,26 @@ def main(argv=None) -> None:
                         f"| {names[s]} | " + " | ".join("" if v is None else f"{100 * v:.1f}" for v in row) + " |"
                     )
                 md.append("")
+    weight_curves = {}
+    if a.kind == "condu":
+        weight_curves = {r["label"]: c for r in runs.values() if (c := session_curves(r, names)) is not None}
+    if weight_curves:
+        png = a.out.with_name(a.out.name + "-sessions.png")
+        plot_session_curves(weight_curves, names, png)
+        summary["sessions"] = weight_curves
+        md += [
+            "",
+            "## Rebuilt experts in weight space (track_fidelity)",
+            "",
+            "Cosine between each rebuilt delta δ̃^c = λ^c M^c⊙u and its original δ^c after every session "
+            f"(mask density and λ in `{png.name}` and the JSON):",
+            "",
+        ]
+        for label, c in weight_curves.items():
+            md += [f"{label}:", "", "| after ↓ / task → | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+            for s, row in enumerate(c["fidelity_cos"]):
+                md.append(f"| {names[s]} | " + " | ".join("" if v is None else f"{v:.3f}" for v in row) + " |")
+            md.append("")
     for tag, r in runs.items():
         png = Path(r["folder"]) / "accuracy_matrix.png"
         if png.is_file():
