@@ -18,6 +18,18 @@ Rows (prompt family, CoOp context ``ctx`` initialised from "a photo of a"):
 - ``wise``: ctx = (1 − γ)·E(p0) + γ·ctx_CoOp with γ ∈ {0, 0.1, …, 1} chosen on the base validation shots;
 - ``output_ensemble``: mean of the zero-shot and CoOp class probabilities.
 
+Linear-head family (``b2n_head``, rows ``HEAD_ROWS``): a head ``scale·x̂@Vᵀ`` over **all** class names (base and
+novel), initialised with the single-template zero-shot text features (V_zs, so ``head`` at step 0 is
+``zs_single``), fitted on the base shots with the softmax over all classes (so the novel rows move too: pushed
+away from base images, which is where a text-initialised linear probe forgets); base accuracy is read from the
+base rows, novel accuracy from the novel rows, each in its own label space. ``head_lp`` (ŵ2), ``head_mergetune``
+(λ = 8 on Σ(V − V_zs)²/(2C) — MergeTuneTrainer's Σ(W − W_zs)² anchor in the units of the prompt family's cosine
+anchor; β = 0.5, N = 5, τ = 0.3 interpolation init), its Fisher / λ = 0 / β = 0 variants, TIES / DARE of
+V_ft − V_zs, WiSE on the base validation shots and the output ensemble, with the prompt rows' optimiser, epochs and
+batch size; the probe's learning rate is chosen per dataset and seed on the base validation shots from
+``HEAD_LRS`` (a text-initialised head at the prompt rows' 0.01 over-fits 16 shots below zero-shot even on base
+classes) and the MergeTune rows reuse it.
+
 Every model is taken at its last epoch (like with like; the official MergeTune code picks its best validation
 epoch but CoOp's last). Average row: the HM of the averaged base and novel accuracies (mergetune.md §11).
 """
@@ -45,6 +57,25 @@ ROWS = (
     "wise",
     "output_ensemble",
 )
+HEAD_ROWS = (
+    "zs_single",
+    "head_lp",
+    "head_mergetune",
+    "head_mergetune_fisher",
+    "head_lam0",
+    "head_beta0",
+    "head_ties",
+    "head_dare",
+    "head_wise",
+    "head_output_ensemble",
+)
+#: Learning rates tried for the linear probe (chosen on the base validation shots, per dataset and seed).
+HEAD_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+#: Which rows play fine-tuned (ŵ2), MergeTune and the merging baselines in the targets of each family.
+ROLES = {
+    "prompt": {"ft": "coop", "mt": "mergetune", "ties": "ties", "dare": "dare", "wise": "wise"},
+    "head": {"ft": "head_lp", "mt": "head_mergetune", "ties": "head_ties", "dare": "head_dare", "wise": "head_wise"},
+}
 
 
 def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -225,6 +256,91 @@ def run_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print, paths
     return out
 
 
+def run_head_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print) -> dict:
+    """The linear-head rows (``HEAD_ROWS``, see the module docstring) for one dataset."""
+    from hf_cft.data import base_novel_classes
+    from hf_cft.merging import dare, ties
+    from hf_cft.models import build_zeroshot_classifier
+    from hf_cft.models.clip import logit_scale
+    from hf_cft.trainers import train_head_on_features
+    from hf_cft.trainers.mergetune_losses import classifier_fisher, normalize_fisher
+
+    dev = next(model.parameters()).device
+    feats = {k: v.to(dev) for k, v in feats.items()}
+    base_ids, novel_ids = base_novel_classes(task.num_classes)
+    nb = len(base_ids)
+    bt_f, bt_y = _subset(feats["test_f"], feats["test_y"], base_ids)
+    nt_f, nt_y = _subset(feats["test_f"], feats["test_y"], novel_ids)
+    pool_f, pool_y = _subset(feats["down_f"], feats["down_y"], base_ids)  # base ids are 0..nb-1: labels unchanged
+    scale = float(logit_scale(model).detach())
+    with torch.no_grad():
+        v_zs = build_zeroshot_classifier(model, tok, list(task.classnames), ["a photo of a {}."]).float().cpu()
+    bt_f, nt_f, pool_f = (F.normalize(t.float().cpu(), dim=-1) for t in (bt_f, nt_f, pool_f))
+    bt_y, nt_y, pool_y = bt_y.cpu(), nt_y.cpu(), pool_y.cpu()
+
+    def evaluate(v):
+        return _acc(bt_f @ v[:nb].t(), bt_y), _acc(nt_f @ v[nb:].t(), nt_y)
+
+    def probs(v, f, rows):
+        return (scale * f @ v[rows].t()).softmax(-1)
+
+    out = {row: [] for row in HEAD_ROWS}
+    common = dict(epochs=hp["epochs"], lr=hp["lr"], batch_size=hp["batch_size"], optimizer=hp["optimizer"])
+    for seed in seeds:
+        t0 = time.perf_counter()
+        tr, va = _draw_shots(pool_y, nb, seed)
+        x, y = pool_f[tr], pool_y[tr]
+        out["zs_single"].append(evaluate(v_zs))
+        # ŵ2: the linear probe, its learning rate chosen on the base validation shots (never the test split); the
+        # MergeTune rows then use the same optimiser, learning rate and epochs
+        fits = []
+        for lr in hp.get("head_lrs", HEAD_LRS):
+            v, _ = train_head_on_features(v_zs, x, y, scale, seed=seed, **{**common, "lr": lr})
+            val = _acc(pool_f[va] @ v[:nb].t(), pool_y[va]) if len(va) else 0.0
+            fits.append((val, -lr, v))
+        val, neg_lr, v_ft = max(fits, key=lambda f: (f[0], f[1]))  # ties -> the smaller learning rate
+        common = {**common, "lr": -neg_lr}
+        out.setdefault("head_lr", []).append(-neg_lr)
+        out["head_lp"].append(evaluate(v_ft))
+        with torch.no_grad():
+            fw, _ = classifier_fisher(x, scale * x @ v_zs.t(), scale, "sample", torch.Generator().manual_seed(seed))
+            fisher = normalize_fisher([fw], 1e-3)[0]
+        init = (1 - hp["tau"]) * v_zs + hp["tau"] * v_ft  # τ-initialisation (exact interpolation for a head)
+        mt = dict(weight_zs=v_zs, weight_ft=v_ft, anchor_weight=hp["lam"], path_weight=hp["beta"], num_alphas=5)
+        for row, kw in (
+            ("head_mergetune", {}),
+            ("head_mergetune_fisher", {"anchor": "fisher", "fisher": fisher}),
+            ("head_lam0", {"anchor_weight": 0.0}),
+            ("head_beta0", {"path_weight": 0.0}),
+        ):
+            v, _ = train_head_on_features(init, x, y, scale, seed=seed, **{**mt, **kw}, **common)
+            out[row].append(evaluate(v))
+        tau_vec = {"head": v_ft - v_zs}
+        for row, merged in (
+            ("head_ties", ties([tau_vec], k=0.2, lam=1.0)),
+            ("head_dare", dare([tau_vec], rho=0.9, seed=seed, then="ta", lam=1.0)),
+        ):
+            out[row].append(evaluate(v_zs + merged["head"]))
+        best = None
+        for g10 in range(11):
+            v = (1 - g10 / 10) * v_zs + g10 / 10 * v_ft
+            val = _acc(pool_f[va] @ v[:nb].t(), pool_y[va]) if len(va) else 0.0
+            if best is None or val > best[0]:
+                best = (val, g10 / 10, evaluate(v))
+        out["head_wise"].append(best[2])
+        out.setdefault("head_wise_gamma", []).append(best[1])
+        base, novel = list(range(nb)), list(range(nb, task.num_classes))
+        pb = (probs(v_zs, bt_f, base) + probs(v_ft, bt_f, base)) / 2
+        pn = (probs(v_zs, nt_f, novel) + probs(v_ft, nt_f, novel)) / 2
+        out["head_output_ensemble"].append((_acc(pb, bt_y), _acc(pn, nt_y)))
+        log(
+            f"  {task.name} seed {seed}: "
+            + ", ".join(f"{r} {hm(*out[r][-1]):.1f}" for r in ("zs_single", "head_lp", "head_mergetune", "head_wise"))
+            + f" (HM; {time.perf_counter() - t0:.0f}s)"
+        )
+    return out
+
+
 def _write_paths(paths_dir, name, scale, data, zs, coop, mt):
     import json
     from pathlib import Path
@@ -248,60 +364,62 @@ def _write_paths(paths_dir, name, scale, data, zs, coop, mt):
     plot_paths(curves, out / f"paths-{name}.png", f"{name}: loss / accuracy along linear paths (test, first seed)")
 
 
-def summarise(per_dataset: dict) -> dict:
+def summarise(per_dataset: dict, rows_order: tuple[str, ...] = ROWS) -> dict:
     """Means over seeds per dataset, HM of the means, and the average row (HM of averaged B and N)."""
     table = {}
     for name, rows in per_dataset.items():
         table[name] = {}
-        for row in ROWS:
+        for row in rows_order:
             runs = rows[row]
             b = sum(r[0] for r in runs) / len(runs)
             n = sum(r[1] for r in runs) / len(runs)
             table[name][row] = {"base": b, "novel": n, "hm": hm(b, n), "runs": runs}
     avg = {}
-    for row in ROWS:
+    for row in rows_order:
         b = sum(t[row]["base"] for t in table.values()) / len(table)
         n = sum(t[row]["novel"] for t in table.values()) / len(table)
         avg[row] = {"base": b, "novel": n, "hm": hm(b, n)}
     return {"datasets": table, "average": avg}
 
 
-def markdown(summary: dict) -> list[str]:
+def markdown(summary: dict, rows_order: tuple[str, ...] = ROWS) -> list[str]:
     avg, table = summary["average"], summary["datasets"]
     lines = ["| method | base | novel | HM |", "|---|---|---|---|"]
-    lines += [f"| {r} | {avg[r]['base']:.2f} | {avg[r]['novel']:.2f} | {avg[r]['hm']:.2f} |" for r in ROWS]
+    lines += [f"| {r} | {avg[r]['base']:.2f} | {avg[r]['novel']:.2f} | {avg[r]['hm']:.2f} |" for r in rows_order]
     names = list(table)
     lines += ["", "HM per dataset (mean of seeds):", ""]
     lines += ["| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    lines += [f"| {r} | " + " | ".join(f"{table[d][r]['hm']:.1f}" for d in names) + " |" for r in ROWS]
+    lines += [f"| {r} | " + " | ".join(f"{table[d][r]['hm']:.1f}" for d in names) + " |" for r in rows_order]
     lines += ["", "Base / novel per dataset:", ""]
     lines += ["| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     lines += [
         f"| {r} | " + " | ".join(f"{table[d][r]['base']:.1f} / {table[d][r]['novel']:.1f}" for d in names) + " |"
-        for r in ROWS
+        for r in rows_order
     ]
     return lines
 
 
-def targets(summary: dict) -> dict:
+def targets(summary: dict, family: str = "prompt") -> dict:
+    r = ROLES[family]
     avg, table = summary["average"], summary["datasets"]
-    zs, coop, mt = avg["zs_single"], avg["coop"], avg["mergetune"]
+    zs, coop, mt = avg["zs_single"], avg[r["ft"]], avg[r["mt"]]
     loss = zs["novel"] - coop["novel"]
     return {
-        "mt_hm_gt_coop_every_dataset": all(t["mergetune"]["hm"] > t["coop"]["hm"] for t in table.values()),
-        "datasets_mt_beats_coop": sum(t["mergetune"]["hm"] > t["coop"]["hm"] for t in table.values()),
+        "mt_hm_gt_coop_every_dataset": all(t[r["mt"]]["hm"] > t[r["ft"]]["hm"] for t in table.values()),
+        "datasets_mt_beats_coop": sum(t[r["mt"]]["hm"] > t[r["ft"]]["hm"] for t in table.values()),
         "avg_hm_gain": mt["hm"] - coop["hm"],
         "novel_loss_recovered_fraction": (mt["novel"] - coop["novel"]) / loss if loss > 0 else None,
         "base_drop_vs_coop": coop["base"] - mt["base"],
-        "beats_ties_dare_wise": all(mt["hm"] > avg[r]["hm"] for r in ("ties", "dare", "wise")),
+        "beats_ties_dare_wise": all(mt["hm"] > avg[r[k]]["hm"] for k in ("ties", "dare", "wise")),
     }
 
 
-def target_line(summary: dict) -> str:
+def target_line(summary: dict, family: str = "prompt") -> str:
     t = summary["targets"]
+    ft = "CoOp" if family == "prompt" else "the linear head"
     return (
-        f"MergeTune HM > CoOp HM on {t['datasets_mt_beats_coop']} of {len(summary['datasets'])} datasets; average HM "
-        f"gain {t['avg_hm_gain']:+.2f}; novel loss recovered {t['novel_loss_recovered_fraction']}; base drop vs CoOp "
+        f"MergeTune HM > {ft} HM on {t['datasets_mt_beats_coop']} of {len(summary['datasets'])} datasets; average HM "
+        f"gain {t['avg_hm_gain']:+.2f}; novel loss recovered {t['novel_loss_recovered_fraction']}; base drop vs {ft} "
         f"{t['base_drop_vs_coop']:+.2f}; beats TIES, DARE and WiSE on average HM: {t['beats_ties_dare_wise']}."
     )
 

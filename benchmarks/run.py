@@ -344,13 +344,48 @@ def protocol_b2n(model, tok, size, args) -> dict:
     return {**summary, "table": lines, "rows": rows, "plot": ("bars", ["base", "novel", "hm"])}
 
 
+def protocol_b2n_head(model, tok, size, args) -> dict:
+    """Protocol A's linear-head rows (``b2n.HEAD_ROWS``) on the seven datasets, same shots and hyper-parameters."""
+    import b2n
+
+    hp = {
+        "optimizer": args.coop_optimizer,
+        "lr": (args.coop_lrs or [0.002])[0],
+        "epochs": args.coop_epochs or (20 if args.quick else 50),
+        "batch_size": args.coop_batch_size,
+        "lam": args.mt_lambda,
+        "beta": args.mt_beta,
+        "tau": args.mt_tau,
+    }
+    per_dataset = {}
+    loaded = _load_features(args.features) if args.features else None
+    for name in args.datasets or (("dtd10", "aid30", "gtsrb") if args.quick else PROTOCOL_A):
+        t0 = time.perf_counter()
+        task, feats = task_features(model, size, name, args, loaded)
+        per_dataset[name] = b2n.run_head_dataset(
+            model, tok, task, feats, args.seeds, hp, log=lambda m: print(m, flush=True)
+        )
+        print(f"{name}: {time.perf_counter() - t0:.0f}s", flush=True)
+    summary = b2n.summarise(per_dataset, b2n.HEAD_ROWS)
+    summary["targets"] = b2n.targets(summary, "head")
+    summary["hyper_parameters"] = hp
+    lines = b2n.markdown(summary, b2n.HEAD_ROWS) + ["", b2n.target_line(summary, "head")]
+    rows = {r: summary["average"][r] for r in b2n.HEAD_ROWS}
+    return {**summary, "table": lines, "rows": rows, "plot": ("bars", ["base", "novel", "hm"])}
+
+
 def bt_logits(model, feats, head):
     from hf_cft.models import clip_logits
 
     return clip_logits(model, feats, head)
 
 
-PROTOCOLS = {"zeroshot": protocol_zeroshot, "headroom": protocol_headroom, "b2n": protocol_b2n}
+PROTOCOLS = {
+    "zeroshot": protocol_zeroshot,
+    "headroom": protocol_headroom,
+    "b2n": protocol_b2n,
+    "b2n_head": protocol_b2n_head,
+}
 
 
 def plot(result: dict, png: Path, title: str):

@@ -1,4 +1,6 @@
+import pytest
 import torch
+import torch.nn.functional as F
 from peft import get_peft_model
 
 from hf_cft import CoOpConfig
@@ -104,3 +106,62 @@ def test_mergetune_anchor_weight_pulls_toward_zero_shot(toy_tokenizer):
             tw = model.class_text_features(toy_tokenizer, names)
         dist[lam] = float(1 - F.cosine_similarity(tw, t1, dim=-1).mean())
     assert dist[50.0] < dist[0.0]
+
+
+def test_head_on_features_first_step_loss_matches_the_formula():
+    """train_head_on_features with one batch and lr 0: the logged loss is CE + λ·Σ(V−V_zs)²/(2C) + β·mean_k CE at
+    V_ft + α_k(V − V_ft), computed here by hand; with lr 0 the head does not move."""
+    from hf_cft.trainers import train_head_on_features
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 5, generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
+    v0, vzs, vft = (F.normalize(torch.randn(4, 5, generator=g), dim=-1) for _ in range(3))
+    fisher = torch.rand(4, 5, generator=g) + 0.5
+    lam, beta, s = 3.0, 0.7, 10.0
+    for anchor in ("sq_l2", "fisher"):
+        v, hist = train_head_on_features(
+            v0,
+            x,
+            y,
+            s,
+            weight_zs=vzs,
+            weight_ft=vft,
+            anchor_weight=lam,
+            path_weight=beta,
+            anchor=anchor,
+            fisher=fisher,
+            epochs=1,
+            lr=0.0,
+            batch_size=6,
+            optimizer="sgd",
+        )
+        xn = F.normalize(x, dim=-1)
+        task = F.cross_entropy(s * xn @ v0.t(), y)
+        sq = (v0 - vzs) ** 2
+        d = (sq if anchor == "sq_l2" else fisher * sq).sum() / (2 * 4)
+        alphas = [(2 * k + 1) / 10 for k in range(5)]  # the midpoint grid of N = 5
+        path = sum(F.cross_entropy(s * xn @ (vft + a * (v0 - vft)).t(), y) for a in alphas) / 5
+        assert hist[0]["task"] == pytest.approx(float(task), rel=1e-5)
+        assert hist[0]["anchor"] == pytest.approx(float(d), rel=1e-5)
+        assert hist[0]["path"] == pytest.approx(float(path), rel=1e-5)
+        assert hist[0]["loss"] == pytest.approx(float(task + lam * d + beta * path), rel=1e-5)
+        assert torch.equal(v, v0)
+
+
+def test_head_on_features_fits_and_the_anchor_pulls_back():
+    from hf_cft.trainers import train_head_on_features
+
+    g = torch.Generator().manual_seed(1)
+    centers = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    y = torch.arange(3).repeat(20)
+    x = centers[y] + 0.3 * torch.randn(60, 8, generator=g)
+    vzs = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    acc = lambda v: float(((x @ v.t()).argmax(-1) == y).float().mean())  # noqa: E731
+    lp, _ = train_head_on_features(vzs, x, y, 10.0, epochs=30, lr=0.05, batch_size=16)
+    assert acc(lp) > max(acc(vzs), 0.9)
+    pulled, _ = train_head_on_features(vzs, x, y, 10.0, weight_zs=vzs, anchor_weight=1e4, epochs=30, lr=0.05)
+    assert (pulled - vzs).norm() < 0.2 * (lp - vzs).norm()
+    with pytest.raises(ValueError, match="weight_zs"):
+        train_head_on_features(vzs, x, y, 10.0, anchor_weight=1.0)
+    with pytest.raises(ValueError, match="weight_ft"):
+        train_head_on_features(vzs, x, y, 10.0, path_weight=1.0)

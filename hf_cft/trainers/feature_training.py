@@ -188,3 +188,81 @@ def train_mergetune_on_features(
         history.append({k: v / n for k, v in sums.items()})
     peft_model.eval()
     return history
+
+
+def train_head_on_features(
+    weight: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    scale: float | torch.Tensor,
+    weight_zs: torch.Tensor | None = None,
+    weight_ft: torch.Tensor | None = None,
+    anchor_weight: float = 0.0,
+    path_weight: float = 0.0,
+    num_alphas: int = 5,
+    anchor: str = "sq_l2",
+    fisher: torch.Tensor | None = None,
+    epochs: int = 50,
+    lr: float = 1e-2,
+    batch_size: int = 128,
+    optimizer: str = "adamw",
+    seed: int = 0,
+) -> tuple[torch.Tensor, list[dict]]:
+    """A linear head ``logits = scale · x̂ @ Vᵀ`` over precomputed (normalised) image features, trained from
+    ``weight`` (``V [C, d]``, e.g. the unit zero-shot text features, so that ``W = scale·V`` is the zero-shot
+    classifier); with ``anchor_weight``/``path_weight`` it is MergeTune's head-family loss (``mergetune.md`` §4):
+
+        CE(V) + λ·D(V, V_zs) + β·(1/N)Σ_k CE(V_ft + α_k(V − V_ft)),   D = Σ(V − V_zs)²/(2C)  or  Σ F⊙(V − V_zs)²/(2C)
+
+    — :class:`~hf_cft.trainers.MergeTuneTrainer`'s head loss on ``W = scale·V`` with its Σ(W − W_zs)² anchor
+    weighted λ/(2·C·scale²): the isotropic anchor in the units of the prompt family's cosine anchor (rows of unit
+    norm: ½‖V̂_c − V̂_zs,c‖² = 1 − cos), so the paper's λ = 8 means the same pull for prompts and heads.
+    Returns ``(V, per-epoch means of each term)``; ``weight`` is not modified."""
+    from hf_cft.trainers.mergetune_losses import alpha_grid, fisher_anchor, path_loss_head, sq_l2_anchor
+
+    if anchor not in ("sq_l2", "fisher"):
+        raise ValueError(f"anchor must be 'sq_l2' or 'fisher', got {anchor!r}")
+    if anchor_weight and weight_zs is None:
+        raise ValueError("anchor_weight > 0 needs weight_zs")
+    if path_weight and weight_ft is None:
+        raise ValueError("path_weight > 0 needs weight_ft")
+    if anchor == "fisher" and anchor_weight and fisher is None:
+        raise ValueError("anchor='fisher' needs the fisher tensor")
+    v = weight.detach().float().clone().requires_grad_(True)
+    opt = (
+        torch.optim.SGD([v], lr=lr, momentum=0.9)
+        if optimizer == "sgd"
+        else torch.optim.AdamW([v], lr=lr, weight_decay=0.0)
+    )
+    n, num_classes = len(labels), v.shape[0]
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * max(1, -(-n // batch_size)))
+    g = torch.Generator().manual_seed(seed)
+    feats = F.normalize(features.float(), dim=-1)
+    s = float(scale)
+    alphas = alpha_grid(num_alphas)
+    history = []
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        sums = {"loss": 0.0, "task": 0.0, "anchor": 0.0, "path": 0.0}
+        for i in range(0, n, batch_size):
+            idx = perm[i : i + batch_size]
+            task = F.cross_entropy(s * feats[idx] @ v.t(), labels[idx])
+            d = torch.zeros(())
+            if anchor_weight:
+                d = (
+                    sq_l2_anchor([v], [weight_zs.float()])
+                    if anchor == "sq_l2"
+                    else fisher_anchor([v], [weight_zs.float()], [fisher])
+                ) / (2.0 * num_classes)
+            path = torch.zeros(())
+            if path_weight:
+                path = path_loss_head(feats[idx], s * v, None, s * weight_ft.float(), None, labels[idx], alphas)
+            loss = task + anchor_weight * d + path_weight * path
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            for k, val in (("loss", loss), ("task", task), ("anchor", d), ("path", path)):
+                sums[k] += float(val.detach()) * len(idx)
+        history.append({k: val / n for k, val in sums.items()})
+    return v.detach(), history
