@@ -97,3 +97,19 @@ def test_trainer_rejects_mismatched_head(toy_tokenizer, tmp_path):
     model = get_peft_model(tiny_clip(), LinearHeadConfig(num_classes=5, init="zeros"))
     with pytest.raises(AdapterError, match="5 classes"):
         ClipClassificationTrainer(model, _args(tmp_path), CLASSES, TEMPLATES, toy_tokenizer)
+
+
+def test_trainer_advances_the_keyed_crop_epoch(toy_tokenizer, tmp_path, monkeypatch):
+    """Every epoch starts with set_epoch(e) on the training transform: a row's crop is keyed by (seed, epoch,
+    image), so 1- and N-process runs (and resumed runs) augment alike."""
+    from hf_cft.data import ImageTransform, apply_image_transform
+
+    seen = []
+    monkeypatch.setattr(ImageTransform, "set_epoch", lambda self, e: seen.append(e))
+    raw = colour_dataset(8).with_format(None)  # undo the eval transform of the helper
+    train = apply_image_transform(raw, ImageTransform(size=30, crop_size=30, train=True, seed=0))
+    args = _args(tmp_path, num_train_epochs=3, per_device_train_batch_size=4)
+    ClipClassificationTrainer(
+        _peft("coop", toy_tokenizer), args, CLASSES, TEMPLATES, toy_tokenizer, train_dataset=train
+    ).train()
+    assert seen == [0, 1, 2]

@@ -8,11 +8,18 @@ graph, and a frozen text tower's head is computed once and reused.
 The user's model is wrapped in a small :class:`ClipClassifier` module so that, under DDP, the whole computation
 runs through the wrapped module's ``forward`` (gradients are synchronised only for work done inside it);
 checkpoints and ``save_model`` still save the user's model (a PEFT adapter folder or a full model).
+
+Multi-process runs (``accelerate launch``) follow the Trainer's semantics: ``per_device_train_batch_size`` is per
+process, so N processes with B/N each see the same global batches as one process with B (accelerate shards each
+global batch of the seeded sampler over the ranks; DDP averages the per-rank mean losses' gradients). Random crops
+from :func:`~hf_cft.data.apply_image_transform` are keyed by (seed, epoch, image), with the epoch set by a callback
+here, so they do not depend on which rank transforms an image either.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Sequence
 
@@ -20,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from hf_cft.data.templates import format_prompts, validate_classnames, validate_templates
 from hf_cft.data.transforms import ImageClassificationCollator
@@ -122,6 +129,19 @@ class ClipClassifier(nn.Module):
         return scale * img @ head.to(img.dtype).t()
 
 
+class TransformEpochCallback(TrainerCallback):
+    """Tell a keyed training transform (:func:`~hf_cft.data.set_transform_epoch`) which epoch starts, so that an
+    image's random crop is a function of (seed, epoch, image) — identical in 1- and N-process runs and on resume."""
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        from hf_cft.data.transforms import set_transform_epoch
+
+        dataset = getattr(train_dataloader, "dataset", None)
+        if dataset is not None:
+            # state.epoch is e + (steps done)/(steps per epoch): e when epoch e starts, or resumes mid-way
+            set_transform_epoch(dataset, int(math.floor((state.epoch or 0.0) + 1e-6)))
+
+
 class ClipClassificationTrainer(Trainer):
     """A ``Trainer`` for CLIP-like classification with class-name text heads.
 
@@ -183,6 +203,7 @@ class ClipClassificationTrainer(Trainer):
             **kwargs,
         )
         self.model_accepts_loss_kwargs = False
+        self.add_callback(TransformEpochCallback())
         self._metric_sums: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
 
     def _record(self, mode: str, name: str, value: torch.Tensor) -> None:
