@@ -16,9 +16,9 @@ Launch (from the repository root; CPU is fine for the defaults):
 Multi-process (``accelerate launch --num_processes N``, e.g. ``ACCELERATE_USE_CPU=1 accelerate launch --config_file
 recipes/accelerate_configs/cpu_2proc.yaml recipes/coop.py --per_device_train_batch_size 16``):
 ``per_device_train_batch_size`` is per process (the Trainer's rule), so give B/N to train on the same global batches
-as one process with B; with the number of training images a multiple of B (no partial last batch, which accelerate
-pads by repeating samples) the results equal the 1-process run up to float rounding. Evaluation is replicated on
-every process; only the main process writes.
+as one process with B; the results then equal the 1-process run up to float rounding (a partial last batch
+included: the trainer drops the samples accelerate repeats to fill it). Evaluation is replicated on every process;
+only the main process writes.
 
 Writes to ``output_dir``: the adapter (``adapter/``, loadable with ``PeftModel.from_pretrained`` after
 ``import hf_cft``), its tokenizer, ``README.md`` (model card with evaluation results) and ``results.json``.

@@ -17,9 +17,9 @@ Launch (from the repository root; CPU is fine for the defaults):
 Multi-process (``accelerate launch --num_processes N``, e.g. ``ACCELERATE_USE_CPU=1 accelerate launch --config_file
 recipes/accelerate_configs/cpu_2proc.yaml recipes/mergetune.py --per_device_train_batch_size 16``): the batch size
 is per process (the Trainer's rule), so give B/N to train on the same global batches as one process with B — the
-CoOp step uses the same per-device size. With the shot count a multiple of the global batch (no partial last batch,
-which accelerate would pad by repeating samples) the results equal the 1-process run up to float rounding.
-Evaluation is replicated on every process; only the main process writes.
+CoOp step uses the same per-device size. The results then equal the 1-process run up to float rounding (a partial
+last batch included: the trainer drops the samples accelerate repeats to fill it). Evaluation is replicated on every
+process; only the main process writes.
 
 Steps: (1) zero-shot evaluation; (2) CoOp on the base classes (or ``--finetuned DIR``, an existing CoOp adapter);
 (3) MergeTune from the pair (λ = anchor_weight, β = path_weight, N = num_alphas, τ = tau); (4) base / novel / HM

@@ -5,9 +5,9 @@ Each recipe runs twice on the offline digits demo at the smallest settings that 
 ``python recipes/<r>.py`` and once as ``accelerate launch --config_file cpu_2proc.yaml recipes/<r>.py``, each into
 its own output folder, and the final numbers they write are compared. The 2-process run keeps the global batch:
 the Trainer recipes (coop, mergetune, condu, pam, mtil) take *per-device* batch sizes, so it gets half of the
-1-process ``per_device_train_batch_size``; ``pretrain_clip``'s ``--batch_size`` is global (the same flag). Training
-set sizes are multiples of the global batch (accelerate pads a partial last batch by repeating samples, which one
-process does not do).
+1-process ``per_device_train_batch_size``; ``pretrain_clip``'s ``--batch_size`` is global (the same flag). CoOp and
+MergeTune train 20 images with global batches of 6 and 8, so every epoch ends with a partial batch that accelerate
+pads with repeated samples on 2 processes (the trainer trains on the real rows only).
 
 Tolerances (float32 sums taken in another order, then a few optimiser steps):
 
@@ -150,10 +150,11 @@ def test_zeroshot(tmp_path, cache):
 
 
 def test_coop(tmp_path, cache):
-    # 4 shots x 5 base digits = 20 images, global batch 10: 2 steps per epoch, 2 epochs
+    # 4 shots x 5 base digits = 20 images, global batch 6: 4 steps per epoch, the last one of 2 images (on 2
+    # processes: 2 real + 1 repeated on rank 0, 3 repeated on rank 1), 2 epochs
     args = ["--shots", "4", "--num_train_epochs", "2", "--learning_rate", "0.05", "--optim", "adamw_torch"]
     args += ["--logging_steps", "1", "--use_cpu", "true", "--disable_tqdm", "true"]
-    (o1, o2), times = both("coop", args, tmp_path, cache, per_device=10)
+    (o1, o2), times = both("coop", args, tmp_path, cache, per_device=6)
     r1, r2 = (json.loads((o / "results.json").read_text()) for o in (o1, o2))
     for row in ("zero-shot", "CoOp"):
         splits = list(r1["results"][row])
@@ -173,12 +174,13 @@ def test_coop(tmp_path, cache):
 
 
 def test_mergetune(tmp_path, cache):
-    # the README's main job at demo size: CoOp 2 epochs, MergeTune 2 epochs, 20 shots, global batch 10
+    # the README's main job at demo size: CoOp 2 epochs, MergeTune 2 epochs, 20 shots, global batch 8 (the last
+    # batch of each epoch: 4 images, all on rank 0 of 2 processes)
     args = ["--shots", "4", "--coop_epochs", "2", "--num_train_epochs", "2"]
     args += ["--demo_pretrain_steps", str(DEMO_STEPS), "--logging_steps", "1", "--use_cpu", "true"]
     args += ["--disable_tqdm", "true"]
     cold = tmp_path / "cold-cache"  # the 2-process run pretrains the demo CLIP itself
-    (o1, o2), times = both("mergetune", args, tmp_path, cache, per_device=10, cache2=cold)
+    (o1, o2), times = both("mergetune", args, tmp_path, cache, per_device=8, cache2=cold)
     demo = Path("mergetune-demo-clip") / f"steps{DEMO_STEPS}-seed0" / "model" / "model.safetensors"
     demo_diff = assert_close_weights(cache / demo, cold / demo)
     r1, r2 = (json.loads((o / "results.json").read_text()) for o in (o1, o2))
