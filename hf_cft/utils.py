@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic writes, and handing freed memory back to the operating system."""
+"""Small shared helpers: atomic writes, hf_cft's cache folder, and handing freed memory back to the operating
+system."""
 
 from __future__ import annotations
 
@@ -39,6 +40,18 @@ def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: di
     from safetensors.torch import save
 
     atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def hf_cft_cache_dir(*parts: str) -> Path:
+    """hf_cft's cache folder (the demo CLIP, decoded images): ``$HF_CFT_CACHE``, else ``~/.cache/hf_cft``; ``parts``
+    are joined below it.
+
+    Example::
+
+        hf_cft_cache_dir("decoded")  # ~/.cache/hf_cft/decoded unless HF_CFT_CACHE is set
+    """
+    root = os.environ.get("HF_CFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hf_cft")
+    return Path(root).expanduser().joinpath(*parts)
 
 
 _LIBC = None

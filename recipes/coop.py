@@ -13,6 +13,13 @@ Launch (from the repository root; CPU is fine for the defaults):
     accelerate launch recipes/coop.py --model_name_or_path openai/clip-vit-base-patch16 --dataset mtil/dtd \\
         --shots 16 --base_to_novel true --output_dir outputs/coop-dtd
 
+Multi-process (``accelerate launch --num_processes N``, e.g. ``ACCELERATE_USE_CPU=1 accelerate launch --config_file
+recipes/accelerate_configs/cpu_2proc.yaml recipes/coop.py --per_device_train_batch_size 16``):
+``per_device_train_batch_size`` is per process (the Trainer's rule), so give B/N to train on the same global batches
+as one process with B; the results then equal the 1-process run up to float rounding (a partial last batch
+included: the trainer drops the samples accelerate repeats to fill it). Evaluation is replicated on every process;
+only the main process writes.
+
 Writes to ``output_dir``: the adapter (``adapter/``, loadable with ``PeftModel.from_pretrained`` after
 ``import hf_cft``), its tokenizer, ``README.md`` (model card with evaluation results) and ``results.json``.
 """
@@ -128,8 +135,8 @@ def main(args: CoOpRecipeArguments, targs: ClipTrainingArguments) -> dict:
         "train_loss_first_last": _first_last_loss(trainer),
         "machine": {"platform": platform.platform(), "torch": torch.__version__},
     }
+    trainer.save_model(str(out / "adapter"))  # on every process (collective under FSDP/DeepSpeed); main writes
     if trainer.is_world_process_zero():
-        trainer.save_model(str(out / "adapter"))
         rows = [
             {"name": s, "num_classes": len(names[s]), "accuracy": a, "split": "train" if s == "train" else "test"}
             for s, a in results["CoOp"].items()

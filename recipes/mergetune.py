@@ -14,6 +14,13 @@ Launch (from the repository root; CPU is fine for the defaults):
     accelerate launch recipes/mergetune.py --model_name_or_path openai/clip-vit-base-patch16 --dataset mtil/dtd \\
         --coop_epochs 50 --num_train_epochs 50 --learning_rate 0.002 --optim sgd --output_dir outputs/mt-dtd
 
+Multi-process (``accelerate launch --num_processes N``, e.g. ``ACCELERATE_USE_CPU=1 accelerate launch --config_file
+recipes/accelerate_configs/cpu_2proc.yaml recipes/mergetune.py --per_device_train_batch_size 16``): the batch size
+is per process (the Trainer's rule), so give B/N to train on the same global batches as one process with B — the
+CoOp step uses the same per-device size. The results then equal the 1-process run up to float rounding (a partial
+last batch included: the trainer drops the samples accelerate repeats to fill it). Evaluation is replicated on every
+process; only the main process writes.
+
 Steps: (1) zero-shot evaluation; (2) CoOp on the base classes (or ``--finetuned DIR``, an existing CoOp adapter);
 (3) MergeTune from the pair (λ = anchor_weight, β = path_weight, N = num_alphas, τ = tau); (4) base / novel / HM
 table, ``paths.png`` (loss and accuracy along zero-shot→CoOp, zero-shot→MergeTune, CoOp→MergeTune),
@@ -41,9 +48,9 @@ from hf_cft.models import FeatureCache, build_zeroshot_classifier, evaluate_zero
 from hf_cft.plots import interpolation_curves, plot_paths
 from hf_cft.recipe_utils import base_novel_task, load_clip, load_task, parse_recipe_args
 from hf_cft.trainers import ClipClassificationTrainer, ClipTrainingArguments, MergeTuneConfig, MergeTuneTrainer
-from hf_cft.utils import atomic_write_json
+from hf_cft.utils import atomic_write_json, hf_cft_cache_dir
 
-DEMO_CACHE = Path("~/.cache/hf_cft/mergetune-demo-clip").expanduser()
+DEMO_CACHE = hf_cft_cache_dir("mergetune-demo-clip")
 # What `accelerate launch recipes/mergetune.py` uses with no arguments (also in configs/mergetune.yaml).
 RECIPE_DEFAULTS = {
     "output_dir": "outputs/mergetune",
@@ -81,9 +88,22 @@ class MergeTuneRecipeArguments:
 
 def demo_clip(steps: int, seed: int = 0) -> Path:
     """The demo's zero-shot model: a ~0.2M-parameter CLIP pretrained briefly (so it still forgets under CoOp) on
-    scikit-learn's digits with recipes/pretrain_clip.py, built on first use and cached."""
+    scikit-learn's digits with recipes/pretrain_clip.py, built on first use and cached in ``DEMO_CACHE``
+    (``$HF_CFT_CACHE/mergetune-demo-clip``, default ``~/.cache/hf_cft/...``).
+
+    Under ``accelerate launch`` every process calls this: the main process decides whether the cache is there and
+    tells the others, so that they either all read it or all pretrain together (pretrain_clip shards the global
+    batch of 128 and only the main process writes; the model folder appears by one rename, so a reader never sees
+    half of it). The model is the same whatever the number of processes (up to float rounding)."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
     out = DEMO_CACHE / f"steps{steps}-seed{seed}"
-    if (out / "model" / "config.json").is_file():
+    state = PartialState()
+    cached = [(out / "model" / "config.json").is_file()]
+    if state.num_processes > 1:
+        broadcast_object_list(cached, from_process=0)
+    if cached[0]:
         return out / "model"
     spec = importlib.util.spec_from_file_location("pretrain_clip", Path(__file__).with_name("pretrain_clip.py"))
     mod = importlib.util.module_from_spec(spec)
@@ -170,6 +190,7 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
         head_fn = lambda n: peft_model.class_text_features(tokenizer, n).detach()  # noqa: E731
         return evaluate(peft_model, tokenizer, splits, names, task.templates, transform, cache, args, head_fn)
 
+    coop_losses = {}
     if args.finetuned is None:  # (2) the fine-tuned solution: CoOp on the base classes
         coop_args = ClipTrainingArguments(
             output_dir=str(out / "coop-run"),
@@ -186,10 +207,14 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
             disable_tqdm=targs.disable_tqdm,
             use_cpu=targs.use_cpu,
         )
-        ClipClassificationTrainer(
+        coop_trainer = ClipClassificationTrainer(
             peft_model, coop_args, names["base"], task.templates, tokenizer, train_dataset=train_data
-        ).train()
-        peft_model.save_pretrained(str(coop_dir))
+        )
+        coop_trainer.train()
+        coop_losses["CoOp"] = _first_last_loss(coop_trainer)
+        if coop_trainer.is_world_process_zero():
+            peft_model.save_pretrained(str(coop_dir))
+        coop_trainer.accelerator.wait_for_everyone()  # every process reads ŵ2 from coop_dir below
     else:
         peft_model.load_adapter(str(coop_dir), adapter_name="default")
     peft_model.eval()
@@ -247,6 +272,7 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
             )
         },
         "mergetune_seconds": mt_seconds,
+        "train_loss_first_last": {"MergeTune": _first_last_loss(mt), **coop_losses},
         "total_seconds": time.perf_counter() - t_start,
         "paths": curves,
         "machine": {"platform": platform.platform(), "torch": torch.__version__},
@@ -294,6 +320,12 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
             f"{result['total_seconds']:.0f}s in all"
         )
     return result
+
+
+def _first_last_loss(trainer) -> list[float]:
+    """First and last logged training loss (averaged over the processes by the Trainer)."""
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return [losses[0], losses[-1]] if losses else []
 
 
 def _save_adapter(peft_model, name: str, target: Path) -> Path:

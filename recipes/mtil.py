@@ -22,6 +22,12 @@ Launch (from the repository root):
         --strategy_options '{"pam": {"top_p": 0.5, "align_every": 10}}' --output_dir outputs/mtil-pam
         # the real MTIL Order I (ZSCL's 11 datasets from hf_cft/data/resources/mtil.json; needs the Hub)
 
+Multi-process (``ACCELERATE_USE_CPU=1 accelerate launch --config_file recipes/accelerate_configs/cpu_2proc.yaml
+recipes/mtil.py --per_device_train_batch_size 16`` on 2 CPU processes): ``per_device_train_batch_size`` is per
+process (the Trainer's rule), so give B/N to train every task on the 1-process global batches; the accuracy
+matrices and losses then equal the 1-process run up to float rounding (tests/test_distributed_parity.py). Only the
+main process writes (checkpoints, expert deltas, cards, results); evaluation is replicated on every process.
+
 ``--strategy_options`` is a JSON object ``{strategy: {option: value}}`` (in a YAML config, a mapping); a strategy's
 options are its factory's keyword arguments (``hf_cft.continual.strategy_options(name)``), e.g. ``lam`` of
 ``task_arithmetic``, ``k`` of ``ties``, ``top_p``/``align_every`` of ``pam``, ``top_k``/``task_agnostic`` of

@@ -22,6 +22,14 @@ Launch (hardware used for the benchmark model: 2 CPU cores, no GPU):
 Writes ``<output_dir>/model`` (``CLIPModel.from_pretrained``-loadable, with tokenizer and image processor),
 ``<output_dir>/curve.jsonl`` (loss, throughput, periodic zero-shot accuracy), ``curve.png``, ``zeroshot.json``,
 and a resumable checkpoint ``<output_dir>/checkpoint`` (safetensors + JSON, written atomically).
+
+Multi-process (``accelerate launch --num_processes N``): ``--batch_size`` is the *global* batch (unlike the
+Trainer recipes' per-device sizes), so the same command gives the same run on any number of processes. Every
+process draws the same global batch, augmentation and captions (one shared generator), then encodes only its
+contiguous 1/N of the batch; the contrastive loss is computed against the features of the whole global batch,
+all-gathered with gradient, so 2 processes × B/2 images compute the 1-process loss over B images and its gradient
+(up to float rounding; ``batch_size`` must be divisible by N). The time budget, learning-rate schedule and
+evaluation times follow the main process's clock; only the main process evaluates and writes.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from tqdm.auto import tqdm
 from hf_cft.data import SHARED_DATASETS, format_prompts, split_per_class
 from hf_cft.data.image_pool import BatchAugment, decode_split, normalize_batch
 from hf_cft.recipe_utils import load_task, parse_recipe_args
-from hf_cft.utils import atomic_save_safetensors, atomic_write_json
+from hf_cft.utils import atomic_save_safetensors, atomic_write_json, hf_cft_cache_dir
 
 GENERIC_TEMPLATES = (
     "a photo of a {}.",
@@ -103,7 +111,10 @@ class PretrainArguments:
         default="none",
         metadata={"help": "'tensorboard' logs loss, lr, throughput and zero-shot checks (needs tensorboard)."},
     )
-    cache_dir: str | None = field(default=None, metadata={"help": "Decoded-image cache (default ~/.cache/hf_cft)."})
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Decoded-image cache (default $HF_CFT_CACHE/decoded, ~/.cache/hf_cft/decoded)."},
+    )
     resume: bool = field(default=False, metadata={"help": "Continue from <output_dir>/checkpoint."})
     seed: int = field(default=0, metadata={"help": "Seed of init, sampling and augmentation."})
 
@@ -115,7 +126,7 @@ class CaptionedPool:
     """All pretraining images (uint8) with their (dataset, class) and a table of tokenised captions."""
 
     def __init__(self, args: PretrainArguments, tokenizer):
-        cache = args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "hf_cft", "decoded")
+        cache = args.cache_dir or str(hf_cft_cache_dir("decoded"))
         images, owners, prompt_rows = [], [], []
         texts: list[str] = []
         self.tasks = {}
@@ -253,6 +264,45 @@ def lr_at(step: int, progress: float, args: PretrainArguments) -> float:
     return args.learning_rate * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather equal-sized ``[b, d]`` tensors of every process into ``[N·b, d]`` (rank order), with a backward
+    that sums every process's gradient of the gathered tensor and returns this process's slice: each rank's loss
+    depends on every rank's features. Only all_gather and all_reduce are used (gloo has no reduce_scatter)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def contrastive_loss(image_embeds, text_embeds, scale, num_processes: int = 1, rank: int = 0) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE over the global batch: this process's ``b`` images (texts) against the texts
+    (images) of all ``num_processes·b`` pairs, mean over this process's rows. The mean of the processes' losses is
+    the 1-process loss of the global batch, and DDP's gradient averaging then gives its gradient (the all-gather
+    carries gradient back to the features' owners)."""
+    img, txt = image_embeds.float(), text_embeds.float()
+    if num_processes > 1:
+        all_img, all_txt = _GatherWithGrad.apply(img), _GatherWithGrad.apply(txt)
+    else:
+        all_img, all_txt = img, txt
+    target = torch.arange(rank * img.shape[0], (rank + 1) * img.shape[0], device=img.device)
+    return (
+        F.cross_entropy(scale * img @ all_txt.t(), target) + F.cross_entropy(scale * txt @ all_img.t(), target)
+    ) / 2
+
+
 # --------------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -292,7 +342,7 @@ def zero_shot_table(model, tokenizer, pool: CaptionedPool, args, max_images: int
     from hf_cft.models import build_zeroshot_classifier, clip_logits, image_features
 
     model.eval()
-    cache = args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "hf_cft", "decoded")
+    cache = args.cache_dir or str(hf_cft_cache_dir("decoded"))
     out = {}
     for name, info in pool.tasks.items():
         task = info["task"]
@@ -339,6 +389,7 @@ def plot_curve(curve_path: Path, png: Path):
 
 def main(args: PretrainArguments) -> Path:
     from accelerate import Accelerator
+    from accelerate.utils import broadcast
 
     out = Path(os.path.expanduser(args.output_dir))
     out.mkdir(parents=True, exist_ok=True)
@@ -346,11 +397,18 @@ def main(args: PretrainArguments) -> Path:
         raise SystemExit(f"--report_to must be 'none' or 'tensorboard', got {args.report_to!r}")
     tracking = args.report_to == "tensorboard"
     accelerator = Accelerator(log_with="tensorboard" if tracking else None, project_dir=str(out / "runs"))
+    procs, rank, main_process = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if args.batch_size % procs:
+        raise SystemExit(
+            f"--batch_size {args.batch_size} (the global batch) must be divisible by the {procs} processes"
+        )
+    local = args.batch_size // procs
     if tracking:
         accelerator.init_trackers("pretrain_clip", config={k: str(v) for k, v in asdict(args).items()})
     torch.manual_seed(args.seed)
     tokenizer = build_tokenizer(args)
-    pool = CaptionedPool(args, tokenizer)
+    with accelerator.main_process_first():  # the main process decodes and caches the images, the others read them
+        pool = CaptionedPool(args, tokenizer)
     model = build_model(args, tokenizer)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.98), eps=1e-6)
     gen = torch.Generator().manual_seed(args.seed)
@@ -379,18 +437,29 @@ def main(args: PretrainArguments) -> Path:
     budget = args.max_minutes * 60
     n = len(pool)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + state["epoch"]))
-    curve = (out / "curve.jsonl").open("a")
+    curve = (out / "curve.jsonl").open("a") if main_process else None
     n_params = sum(p.numel() for p in model.parameters())
     accelerator.print(
-        f"pretraining pool: {n} images from {len(args.datasets)} datasets; model {n_params:,} parameters"
+        f"pretraining pool: {n} images from {len(args.datasets)} datasets; model {n_params:,} parameters; "
+        f"{procs} process(es) x {local} images per step"
     )
-    bar = tqdm(total=int(budget), initial=int(state["elapsed"]), unit="s", disable=not accelerator.is_main_process)
+    bar = tqdm(total=int(budget), initial=int(state["elapsed"]), unit="s", disable=not main_process)
     t_start, elapsed0, last_save = time.perf_counter(), state["elapsed"], time.perf_counter()
+
+    def clock() -> float:
+        """Seconds of training so far, by the main process's clock on every process: the stop decision, the
+        time-based schedule and the evaluation times must agree (or the processes would diverge or deadlock)."""
+        value = elapsed0 + time.perf_counter() - t_start
+        if procs == 1:
+            return value
+        return float(broadcast(torch.tensor([value], dtype=torch.float64, device=accelerator.device)).item())
+
     window = []
+    loss = torch.zeros(())
     model.train()
     interrupted = False
     while True:
-        elapsed = elapsed0 + time.perf_counter() - t_start
+        elapsed = clock()
         if (args.max_steps and state["step"] >= args.max_steps) or (not args.max_steps and elapsed >= budget):
             break
         if args.stop_after_steps and state["step"] >= args.stop_after_steps:
@@ -403,21 +472,23 @@ def main(args: PretrainArguments) -> Path:
         idx = order[state["order_pos"] : state["order_pos"] + args.batch_size]
         state["order_pos"] += args.batch_size
         t0 = time.perf_counter()
+        # the whole global batch's random draws on every process (the generator stays in step), then this
+        # process's contiguous share
         views = aug(pool.images[idx].float().div_(255.0), gen, return_info=True)
         pixels = normalize_batch((views[0] * 255.0).round().clamp_(0, 255))
         ids, mask = pool.caption_ids(idx, gen, views[1] if args.describe_views else None)
+        mine = slice(rank * local, (rank + 1) * local)
         progress = state["step"] / args.max_steps if args.max_steps else elapsed / budget
         for group in opt.param_groups:
             group["lr"] = lr_at(state["step"], progress, args)
         with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=args.bf16):
             outputs = model(
-                input_ids=ids.to(accelerator.device),
-                attention_mask=mask.to(accelerator.device),
-                pixel_values=pixels.to(accelerator.device),
+                input_ids=ids[mine].to(accelerator.device),
+                attention_mask=mask[mine].to(accelerator.device),
+                pixel_values=pixels[mine].to(accelerator.device),
             )
-        logits = outputs.logits_per_image.float()
-        target = torch.arange(len(idx), device=logits.device)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        scale = accelerator.unwrap_model(model).logit_scale.exp().float()
+        loss = contrastive_loss(outputs.image_embeds, outputs.text_embeds, scale, procs, rank)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         opt.step()
@@ -426,46 +497,50 @@ def main(args: PretrainArguments) -> Path:
         state["step"] += 1
         state["images"] += len(idx)
         window.append((len(idx), time.perf_counter() - t0))
-        elapsed = elapsed0 + time.perf_counter() - t_start
-        state["elapsed"] = elapsed
-        bar.update(int(elapsed) - bar.n)
+        state["elapsed"] = elapsed0 + time.perf_counter() - t_start
+        bar.update(int(state["elapsed"]) - bar.n)
         if state["step"] % 20 == 0:
             ips = sum(a for a, _ in window) / sum(b for _, b in window)
             window = []
+            global_loss = float(accelerator.reduce(loss.detach(), "mean"))  # = the loss of the global batch
             rec = {
                 "step": state["step"],
-                "minutes": elapsed / 60,
-                "loss": float(loss),
+                "minutes": state["elapsed"] / 60,
+                "loss": global_loss,
                 "images_per_s": ips,
                 "lr": opt.param_groups[0]["lr"],
                 "epoch": state["epoch"],
             }
-            curve.write(json.dumps(rec) + "\n")
-            curve.flush()
+            if main_process:
+                curve.write(json.dumps(rec) + "\n")
+                curve.flush()
             if tracking:
                 accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=state["step"])
-            bar.set_postfix(loss=f"{float(loss):.3f}", ips=f"{ips:.0f}")
+            bar.set_postfix(loss=f"{global_loss:.3f}", ips=f"{ips:.0f}")
         if args.eval_every_minutes and elapsed - state["last_eval"] >= args.eval_every_minutes * 60:
             state["last_eval"] = elapsed
-            table = zero_shot_table(accelerator.unwrap_model(model), tokenizer, pool, args, args.eval_images)
-            curve.write(json.dumps({"step": state["step"], "minutes": elapsed / 60, "zeroshot": table}) + "\n")
-            curve.flush()
-            if tracking:
-                accelerator.log({f"zeroshot/{k}": v["ensemble"] for k, v in table.items()}, step=state["step"])
-        if time.perf_counter() - last_save >= args.save_every_minutes * 60 and accelerator.is_main_process:
+            if main_process:  # the others wait in the next step's gradient all-reduce
+                table = zero_shot_table(accelerator.unwrap_model(model), tokenizer, pool, args, args.eval_images)
+                curve.write(json.dumps({"step": state["step"], "minutes": elapsed / 60, "zeroshot": table}) + "\n")
+                curve.flush()
+                if tracking:
+                    accelerator.log({f"zeroshot/{k}": v["ensemble"] for k, v in table.items()}, step=state["step"])
+        if time.perf_counter() - last_save >= args.save_every_minutes * 60 and main_process:
             save_checkpoint(ckpt, accelerator.unwrap_model(model), opt, state, gen)
             last_save = time.perf_counter()
     bar.close()
+    final_loss = float(accelerator.reduce(loss.detach().float().to(accelerator.device), "mean"))
     if tracking:
         accelerator.end_training()
     final = accelerator.unwrap_model(model)
     if interrupted:
-        if accelerator.is_main_process:
+        if main_process:
             save_checkpoint(ckpt, final, opt, state, gen)
-        curve.close()
+            curve.close()
+        accelerator.wait_for_everyone()
         return ckpt
-    table = zero_shot_table(final, tokenizer, pool, args, None)
-    if accelerator.is_main_process:
+    if main_process:
+        table = zero_shot_table(final, tokenizer, pool, args, None)
         curve.write(json.dumps({"step": state["step"], "minutes": state["elapsed"] / 60, "zeroshot": table}) + "\n")
         curve.close()
         save_checkpoint(ckpt, final, opt, state, gen)
@@ -473,11 +548,13 @@ def main(args: PretrainArguments) -> Path:
         summary = {
             "zeroshot": table,
             "steps": state["step"],
+            "final_loss": final_loss,
             "images_seen": state["images"],
             "minutes": state["elapsed"] / 60,
             "images_per_s": state["images"] / max(state["elapsed"], 1e-9),
             "parameters": n_params,
             "pool_images": n,
+            "processes": procs,
             "args": asdict(args),
         }
         atomic_write_json(out / "zeroshot.json", summary)
@@ -491,18 +568,32 @@ def main(args: PretrainArguments) -> Path:
         for name, r in table.items():
             accelerator.print(f"| {name} | {r['ensemble']:.1f} | {r['single']:.1f} | {r['chance']:.1f} |")
         accelerator.print(f"model: {out / 'model'}")
+    accelerator.wait_for_everyone()  # the model folder is complete before any process returns its path
     return out / "model"
 
 
 def _save_model(model, tokenizer, args: PretrainArguments, path: Path):
+    """Model, tokenizer and image processor written into a fresh folder that then replaces ``path`` by a rename:
+    a reader (e.g. another job checking a cache) sees the old folder, none, or the whole new one."""
+    import shutil
+    import tempfile
+
     from transformers import CLIPImageProcessor
 
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    CLIPImageProcessor(
-        size={"shortest_edge": args.image_size}, crop_size={"height": args.image_size, "width": args.image_size}
-    ).save_pretrained(str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        CLIPImageProcessor(
+            size={"shortest_edge": args.image_size}, crop_size={"height": args.image_size, "width": args.image_size}
+        ).save_pretrained(str(tmp))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 if __name__ == "__main__":

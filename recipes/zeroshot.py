@@ -13,7 +13,9 @@ Launch (from the repository root; hardware: any, CPU is fine):
         --datasets dtd10 cifar10 --data_dir ../shared/data
     accelerate launch recipes/zeroshot.py --config recipes/configs/zeroshot.yaml
 
-Writes ``<output_dir>/zeroshot_results.json`` and prints a Markdown table.
+Writes ``<output_dir>/zeroshot_results.json`` and prints a Markdown table. Under ``accelerate launch`` the images
+are sharded over the processes and their features gathered with ``gather_for_metrics`` (no padded image counted
+twice): the same numbers as one process; only the main process writes.
 """
 
 from __future__ import annotations

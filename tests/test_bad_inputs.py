@@ -147,6 +147,24 @@ def _mergetune_under_fsdp(ctx, tmp_path, monkeypatch):
     MergeTuneTrainer(tiny_clip(), args, CLASSES, TEMPLATES, ctx.tok, finetuned=tiny_clip(seed=1))
 
 
+def _mergetune_lora_under_deepspeed(ctx, tmp_path, monkeypatch):
+    """The same guard for the LoRA family under DeepSpeed (ZeRO-3 shards the base weights the path runs at)."""
+    from transformers import Trainer
+
+    original = Trainer.create_accelerator_and_postprocess
+
+    def with_deepspeed(self):
+        original(self)
+        self.is_deepspeed_enabled = True
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", with_deepspeed)
+    ft = ctx.lora()
+    ft.save_pretrained(tmp_path / "lora_ft")
+    continued = get_peft_model(tiny_clip(), LoraConfig(r=2, target_modules=["q_proj"]))
+    args = MergeTuneConfig(**trainer_kwargs(tmp_path, max_steps=1))
+    MergeTuneTrainer(continued, args, CLASSES, TEMPLATES, ctx.tok, finetuned=str(tmp_path / "lora_ft"))
+
+
 def _mergetune_other_method(ctx, tmp_path, monkeypatch):
     vpt = get_peft_model(tiny_clip(), VPTConfig(n_tokens=2))
     vpt.save_pretrained(tmp_path / "vpt")
@@ -459,6 +477,7 @@ CASES = [
         "is a HF_CFT_VPT adapter but the continued model is LORA",
     ),
     ("MergeTune weight space under FSDP", _mergetune_under_fsdp, HfCftError, "does not support FSDP"),
+    ("MergeTune LoRA under DeepSpeed", _mergetune_lora_under_deepspeed, HfCftError, "lora family does not support"),
     # --- Hub and cards
     ("card with a NaN accuracy", _card_nan, CardError, "'base' .* is nan"),
     ("pickle file in a folder to push", _push_pickle, HubError, "training_args.bin"),

@@ -97,3 +97,65 @@ def test_trainer_rejects_mismatched_head(toy_tokenizer, tmp_path):
     model = get_peft_model(tiny_clip(), LinearHeadConfig(num_classes=5, init="zeros"))
     with pytest.raises(AdapterError, match="5 classes"):
         ClipClassificationTrainer(model, _args(tmp_path), CLASSES, TEMPLATES, toy_tokenizer)
+
+
+def test_trainer_advances_the_keyed_crop_epoch(toy_tokenizer, tmp_path, monkeypatch):
+    """Every epoch starts with set_epoch(e) on the training transform: a row's crop is keyed by (seed, epoch,
+    image), so 1- and N-process runs (and resumed runs) augment alike."""
+    from hf_cft.data import ImageTransform, apply_image_transform
+
+    seen = []
+    monkeypatch.setattr(ImageTransform, "set_epoch", lambda self, e: seen.append(e))
+    raw = colour_dataset(8).with_format(None)  # undo the eval transform of the helper
+    train = apply_image_transform(raw, ImageTransform(size=30, crop_size=30, train=True, seed=0))
+    args = _args(tmp_path, num_train_epochs=3, per_device_train_batch_size=4)
+    ClipClassificationTrainer(
+        _peft("coop", toy_tokenizer), args, CLASSES, TEMPLATES, toy_tokenizer, train_dataset=train
+    ).train()
+    assert seen == [0, 1, 2]
+
+
+def test_padded_last_batch_keeps_real_rows_and_weights_the_loss(toy_tokenizer, tmp_path, monkeypatch):
+    """Multi-process: accelerate fills the last global batch of an epoch with repeated samples; the trainer tags
+    each process's last batch with (real rows, real·N/remainder) and trains on the real rows at that weight, so the
+    processes' average is the 1-process loss of the partial batch (the 2-process runs: tests/test_distributed_parity)."""
+    from types import SimpleNamespace
+
+    from hf_cft.trainers.clip_trainer import PADDING_KEY
+
+    data = _data(8)
+    trainer = ClipClassificationTrainer(
+        _peft("coop", toy_tokenizer), _args(tmp_path), CLASSES, TEMPLATES, toy_tokenizer, train_dataset=data
+    )
+    batch = trainer.data_collator([data[i] for i in range(4)])
+    real_accelerator = trainer.accelerator
+    tags = []
+    for rank in (0, 1, 2):  # 3 processes x 4 rows, 6 real rows in the global batch: 4 + 2 + 0
+        state = SimpleNamespace(end_of_dataloader=True, remainder=6)
+        trainer.accelerator = SimpleNamespace(num_processes=3, process_index=rank, gradient_state=state)
+        batches, _ = trainer.get_batch_samples(iter([dict(batch)]), 1, "cpu")
+        tags.append(batches[0][PADDING_KEY])
+        state.end_of_dataloader = False  # not the end of an epoch: nothing tagged
+        assert PADDING_KEY not in trainer.get_batch_samples(iter([dict(batch)]), 1, "cpu")[0][0]
+    trainer.accelerator = real_accelerator
+    assert tags == [(4, 2.0), (2, 1.0), (0, 0.0)]
+    assert sum(w * 1.0 for _, w in tags) / 3 == 1.0  # the average weights every real row alike
+    # the Trainer's own step (backward, GA scaling) replaced by the loss it would back-propagate
+    from transformers import Trainer
+
+    seen = []
+
+    def step(self, model, inputs, num_items_in_batch=None):
+        seen.append(int(inputs["labels"].shape[0]))
+        return self.compute_loss(model, inputs)
+
+    monkeypatch.setattr(Trainer, "training_step", step)
+    trainer.model.eval()
+    with torch.no_grad():
+        full_two = trainer.compute_loss(trainer.model, {k: v[:2] for k, v in batch.items()})
+        tagged = trainer.training_step(trainer.model, {**batch, PADDING_KEY: (2, 1.5)})
+        zero = trainer.training_step(trainer.model, {**batch, PADDING_KEY: (0, 0.0)})
+        plain = trainer.training_step(trainer.model, dict(batch))
+    torch.testing.assert_close(tagged, 1.5 * full_two)
+    assert float(zero) == 0.0 and float(plain) > 0 and trainer._padding_weight is None
+    assert seen == [2, 4, 4]  # the real rows only; all rows (for the graph) when none is real; untouched

@@ -84,6 +84,7 @@ def _config(**kw):
         lora_r=2,
         eval_batch_size=16,
         seed=3,
+        logging_steps=1,  # result-neutral; gives every task a logged (process-averaged) training loss
     )
     base.update(kw)
     return ContinualConfig(**base)
@@ -442,8 +443,13 @@ def test_sequential_and_independent_behave_as_defined(reference_runs, tmp_path, 
     # every expert trains from θ⁰ with its task's seed: expert of task b is what training b alone from θ⁰ gives
     runner = _runner(IndependentExperts(), tmp_path, toy_tokenizer)
     task_b = runner._prepare(_tasks()[1], task_seed(3, 1))
-    alone = train_expert(runner.base_model, toy_tokenizer, task_b, _config(), task_seed(3, 1), 1, tmp_path / "r")
+    metrics = {}
+    alone = train_expert(
+        runner.base_model, toy_tokenizer, task_b, _config(), task_seed(3, 1), 1, tmp_path / "r", metrics=metrics
+    )
     assert all(torch.equal(alone[k], v) for k, v in ind.expert_delta("b").items())
+    # its last logged training loss is in the run's history (the same on every process of a multi-process run)
+    assert ind_result.history[1]["train_loss"] == metrics["train_loss"] > 0
     # sequential: first task identical to the independent expert, later tasks start from the previous model
     seq_state = seq.state_dict()[0]
     assert not all(torch.allclose(seq_state[k], ind.expert_delta("c")[k]) for k in seq_state)

@@ -4,6 +4,7 @@ import warnings
 import datasets
 import numpy as np
 import pytest
+import torch
 
 from hf_cft.data import (
     ImageClassificationCollator,
@@ -348,3 +349,32 @@ def test_hub_missing_class_is_named(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.DatasetDict({"train": raw}))
     with pytest.raises(DatasetFormatError, match=r"no label for class\(es\) \['bee', 'wasp'\]"):
         loading._load_spec(spec, None, None)
+
+
+def test_keyed_train_crops_depend_on_seed_epoch_and_image_only():
+    """A row's random crop is a function of (seed, epoch, image): fetched alone, in another batch, or by another
+    transform instance (another process, a DataLoader worker) it is the same; a new epoch or seed changes it."""
+    from hf_cft.data import image_key, set_transform_epoch
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (20, 20, 3), dtype=np.uint8) for _ in range(6)]
+    raw = from_arrays(images, [i % 3 for i in range(6)], ["a", "b", "c"])["train"]
+
+    def train_ds(seed=1):
+        return apply_image_transform(
+            raw, ImageTransform(size=16, crop_size=16, train=True, scale=(0.3, 1.0), seed=seed)
+        )
+
+    one = train_ds()
+    whole = one[list(range(6))]["pixel_values"]
+    shard = train_ds()[[4, 1]]["pixel_values"]  # "rank 1" sees rows 4 and 1 only, in its own order
+    assert torch.equal(shard[0], whole[4]) and torch.equal(shard[1], whole[1])
+    assert torch.equal(one[1]["pixel_values"], whole[1])  # repeated calls: the same draw, not the next one
+    assert not torch.equal(whole[0], train_ds(seed=2)[0]["pixel_values"])
+    assert set_transform_epoch(one, 1)
+    epoch1 = one[list(range(6))]["pixel_values"]
+    assert not all(torch.equal(a, b) for a, b in zip(whole, epoch1))
+    set_transform_epoch(one, 0)
+    assert torch.equal(one[4]["pixel_values"], whole[4])
+    assert not set_transform_epoch(raw, 1)  # no hf_cft transform on it: nothing to set
+    assert image_key(images[0]) == image_key(images[0].copy()) != image_key(images[1])

@@ -143,6 +143,10 @@ def test_feature_cache_reuses_and_persists(clip_model, toy_tokenizer, tmp_path, 
         clip_model.visual_projection.weight.add_(0.1)
     evaluate_zeroshot(clip_model, toy_tokenizer, ds, cache=cache, batch_size=4)
     assert calls["n"] == 2 * n_first
+    # a non-main process of a multi-process run keeps its gathered features in memory but writes nothing
+    quiet = FeatureCache(tmp_path / "other")
+    quiet.put("k", {"features": torch.ones(2, 3)}, persist=False)
+    assert quiet.get("k") is not None and not (tmp_path / "other").exists()
 
 
 def test_siglip_plugs_in(toy_tokenizer):

@@ -53,6 +53,7 @@ from hf_cft.continual.strategies import (
     ZeroShotStrategy,
     make_strategy,
     register_strategy,
+    save_expert,
     strategy_names,
     strategy_options,
 )
@@ -112,6 +113,7 @@ __all__ = [
     "pam_ties_strategy",
     "register_strategy",
     "running_mean_strategy",
+    "save_expert",
     "sequential_lora_strategy",
     "strategy_names",
     "strategy_options",

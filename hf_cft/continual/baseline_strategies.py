@@ -35,6 +35,7 @@ from hf_cft.continual.strategies import (
     Strategy,
     check_number,
     register_strategy,
+    save_expert,
 )
 from hf_cft.continual.tasks import TaskSpec
 from hf_cft.continual.weights import Delta, DeltaStore, check_finite
@@ -146,14 +147,14 @@ class EMRStrategy(Strategy):
         self.timings = {}
         delta = self.train_expert(task, index)
         key = f"{index:03d}"
-        self.store.save(key, delta, {"task": task.name})
+        save_expert(self.store, key, delta, {"task": task.name})
         del delta
         self.experts.append(key)
         self.task_names.append(task.name)
         t0 = time.perf_counter()
         self._merge()
         self.timings["merge_s"] = time.perf_counter() - t0
-        self.task_metrics = {f"rescaler/{n}": float(r) for n, r in zip(self.task_names, self.result.rescalers)}
+        self.task_metrics.update({f"rescaler/{n}": float(r) for n, r in zip(self.task_names, self.result.rescalers)})
 
     def task_delta(self, name: str) -> Delta:
         if self.result is None or name not in self.task_names:

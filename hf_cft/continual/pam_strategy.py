@@ -313,7 +313,9 @@ class PAMStrategy(Strategy):
         )
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f"train-{index:03d}-", dir=ctx.workdir) as scratch:
-            fit(model, ctx.tokenizer, task, ctx.config, task_seed(ctx.config.seed, index), index, scratch, [callback])
+            out = fit(
+                model, ctx.tokenizer, task, ctx.config, task_seed(ctx.config.seed, index), index, scratch, [callback]
+            )
         self.timings["train_s"] = time.perf_counter() - t0
         if callback.state.num_tasks != len(self.learned) + 1:
             raise ContinualError(f"strategy {self.name!r}: task {task.name!r} was not merged into the global adapter")
@@ -329,6 +331,8 @@ class PAMStrategy(Strategy):
             "alignment_steps": float(record.get("alignment_steps", 0)),
             "reset_entries": float(record.get("reset_entries", 0)),
         }
+        if out.metrics.get("last_logged_loss") is not None:
+            metrics["train_loss"] = out.metrics["last_logged_loss"]
         if record.get("mean_step_misalignment") is not None:
             metrics["mean_step_misalignment"] = float(record["mean_step_misalignment"])
         for key, value in (record.get("misalignment") or {}).items():

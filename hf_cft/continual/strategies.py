@@ -142,12 +142,14 @@ class Strategy:
         return self.ctx
 
     def train_expert(self, task: TaskSpec, index: int, start: Delta | None = None) -> Delta:
-        """Train on ``task`` from θ⁰ (+ ``start``) with the run's config and the task's seed; time it."""
+        """Train on ``task`` from θ⁰ (+ ``start``) with the run's config and the task's seed; time it, and keep its
+        last logged training loss in :attr:`task_metrics` (``train_loss``, recorded in the run's history)."""
         from hf_cft.continual.training import train_expert
 
         ctx = self.context
         t0 = time.perf_counter()
         ctx.workdir.mkdir(parents=True, exist_ok=True)
+        self.task_metrics = {}  # this task's: the last logged training loss, then whatever learn() adds
         with tempfile.TemporaryDirectory(prefix=f"train-{index:03d}-", dir=ctx.workdir) as scratch:
             delta = train_expert(
                 ctx.base_model,
@@ -158,9 +160,23 @@ class Strategy:
                 index=index,
                 output_dir=scratch,
                 start=start,
+                metrics=self.task_metrics,
             )
         self.timings["train_s"] = time.perf_counter() - t0
         return delta
+
+
+def save_expert(store: DeltaStore, key: str, delta: Delta, metadata: dict[str, str] | None = None) -> None:
+    """``store.save(key, delta, metadata)`` in a run of one or more processes (``accelerate launch``): every process
+    trained the same expert (DDP keeps the replicas equal), so the main process writes it and every process waits
+    until it is on disk before anyone reads it back. Every process must call this."""
+    from accelerate import PartialState
+
+    check_finite(delta, f"expert {key!r}")  # on every process: all raise, none is left waiting at the barrier
+    state = PartialState()
+    if state.is_main_process:
+        store.save(key, delta, metadata)
+    state.wait_for_everyone()
 
 
 class ZeroShotStrategy(Strategy):
@@ -221,7 +237,7 @@ class IndependentExperts(Strategy):
         self.timings = {}
         delta = self.train_expert(task, index)
         key = f"{index:03d}"
-        self.store.save(key, delta, {"task": task.name})
+        save_expert(self.store, key, delta, {"task": task.name})
         self.experts[task.name] = key
 
     def expert_delta(self, name: str) -> Delta:
@@ -327,7 +343,7 @@ class DeltaMergeStrategy(Strategy):
         self.timings = {}
         delta = self.train_expert(task, index, start=self.training_start())
         key = f"{index:03d}"
-        self.store.save(key, delta, {"task": task.name})
+        save_expert(self.store, key, delta, {"task": task.name})
         self.experts.append(key)
         t0 = time.perf_counter()
         if self.merge_fn is not None:

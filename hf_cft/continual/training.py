@@ -91,6 +91,14 @@ def training_arguments(config: ContinualConfig, seed: int, index: int, output_di
     )
 
 
+def last_logged_loss(trainer) -> float | None:
+    """The last training loss the Trainer logged (the mean over its logging window, averaged over the processes),
+    or ``None``. Unlike ``TrainOutput.training_loss`` — whose steps after the last log are this process's own —
+    it is the same on every process and in a 1-process run."""
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return float(losses[-1]) if losses else None
+
+
 def fit(
     model: nn.Module,
     tokenizer,
@@ -118,6 +126,7 @@ def fit(
         callbacks=list(callbacks or []),
     )
     out = trainer.train()
+    out.metrics["last_logged_loss"] = last_logged_loss(trainer)
     logger.info("task %r: trained %d steps, final loss %.4f", task.name, out.global_step, out.training_loss)
     model.eval()
     del trainer
@@ -134,12 +143,16 @@ def train_expert(
     index: int,
     output_dir: str | os.PathLike,
     start: Mapping[str, torch.Tensor] | None = None,
+    metrics: dict | None = None,
 ) -> Delta:
     """Fine-tune θ⁰ (+ ``start``) on ``task`` (its ``train`` rows must be model-ready) with the Trainer seeded by
     ``seed`` and the learning rate of position ``index``; return θ − θ⁰ as fp32 CPU tensors. θ⁰ itself is never
-    modified; the trained copy is dropped. ``output_dir`` is the Trainer's scratch folder, removed afterwards."""
+    modified; the trained copy is dropped. ``output_dir`` is the Trainer's scratch folder, removed afterwards.
+    ``metrics``, if given, receives ``train_loss`` (:func:`last_logged_loss`)."""
     model = build_training_model(base_model, config, start)
-    fit(model, tokenizer, task, config, seed, index, output_dir)
+    out = fit(model, tokenizer, task, config, seed, index, output_dir)
+    if metrics is not None and out.metrics.get("last_logged_loss") is not None:
+        metrics["train_loss"] = out.metrics["last_logged_loss"]
     delta = trained_delta(base_model, model, start)
     check_finite(delta, f"the expert trained on task {task.name!r}")
     del model

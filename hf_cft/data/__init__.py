@@ -25,6 +25,8 @@ from hf_cft.data.transforms import (
     ImageTransform,
     apply_image_transform,
     decode_image,
+    image_key,
+    set_transform_epoch,
 )
 
 __all__ = [
@@ -47,11 +49,13 @@ __all__ = [
     "format_prompts",
     "from_arrays",
     "get_spec",
+    "image_key",
     "labels_of",
     "list_specs",
     "load_classification_dataset",
     "load_digits_dataset",
     "select_classes",
+    "set_transform_epoch",
     "split_per_class",
     "split_per_class_indices",
     "validate_classnames",

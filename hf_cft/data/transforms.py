@@ -8,6 +8,7 @@ corrupt image raise :class:`~hf_cft.errors.ImageDecodeError` naming its source i
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import random
@@ -88,7 +89,17 @@ class ImageTransform:
     """PIL → normalised ``[3, crop, crop]`` float tensor, as a CLIP image processor does it.
 
     ``train=True`` adds a random resized crop (area ``scale``) and optional horizontal flip, seeded per
-    instance (``seed``) so that runs repeat.
+    instance (``seed``) so that runs repeat. Called with a per-sample ``key`` (what :func:`apply_image_transform`
+    passes: a hash of the encoded image), the random draws of a sample are a function of ``(seed, epoch, key)``
+    alone — not of which process or DataLoader worker transforms it, nor of the samples transformed before it — so
+    a run sharded over N processes augments every image exactly as one process does. ``epoch`` is advanced by
+    :func:`set_transform_epoch` (``ClipClassificationTrainer`` calls it when each epoch starts). Without a key the
+    draws come from one stream seeded by ``seed`` (successive calls differ).
+
+    Example::
+
+        t = ImageTransform(size=224, crop_size=224, train=True, seed=1)
+        x = t(image, key="sample-7")  # the same crop for sample-7 in epoch 0, in any process
     """
 
     size: int = 224
@@ -101,6 +112,7 @@ class ImageTransform:
     seed: int = 0
     source: str = "dataset"
     _rng: random.Random = field(default=None, init=False, repr=False, compare=False)
+    epoch: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self._rng = random.Random(self.seed)
@@ -129,12 +141,18 @@ class ImageTransform:
         image_size = int(getattr(vision, "image_size", 224))
         return cls(size=image_size, crop_size=image_size, **kwargs)
 
-    def __call__(self, image) -> torch.Tensor:
+    def set_epoch(self, epoch: int) -> None:
+        """The training epoch that starts: keyed random draws (see the class docstring) change with it."""
+        self.epoch = int(epoch)
+
+    def __call__(self, image, key: str | None = None) -> torch.Tensor:
         Image = _pil()
         img = decode_image(image, self.source)
         if self.train:
-            img = self._random_resized_crop(img)
-            if self.hflip and self._rng.random() < 0.5:
+            # a str seed is hashed with SHA-512 by `random`: the same stream in every process (no PYTHONHASHSEED)
+            rng = self._rng if key is None else random.Random(f"{self.seed}|{self.epoch}|{key}")
+            img = self._random_resized_crop(img, rng)
+            if self.hflip and rng.random() < 0.5:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         else:
             w, h = img.size
@@ -158,16 +176,16 @@ class ImageTransform:
         left, top = int(round((w - c) / 2.0)), int(round((h - c) / 2.0))
         return img.crop((left, top, left + c, top + c))
 
-    def _random_resized_crop(self, img):
+    def _random_resized_crop(self, img, rng: random.Random):
         Image = _pil()
         w, h = img.size
         area = w * h
         for _ in range(10):
-            target = area * self._rng.uniform(*self.scale)
-            ratio = math.exp(self._rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            target = area * rng.uniform(*self.scale)
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
             cw, ch = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
             if 0 < cw <= w and 0 < ch <= h:
-                left, top = self._rng.randint(0, w - cw), self._rng.randint(0, h - ch)
+                left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
                 return img.resize(
                     (self.crop_size, self.crop_size), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch)
                 )
@@ -181,6 +199,42 @@ class ImageTransform:
         )
 
 
+def image_key(item) -> str:
+    """A short content hash of an undecoded image (``{"bytes", "path"}`` dict, bytes, array or PIL image): the
+    per-sample key of keyed augmentation. Identical images share a key (and so a crop), which is harmless."""
+    h = hashlib.blake2b(digest_size=8)
+    if isinstance(item, dict):
+        raw = item.get("bytes")
+        h.update(raw if raw is not None else str(item.get("path")).encode())
+    elif isinstance(item, (bytes, bytearray)):
+        h.update(item)
+    elif hasattr(item, "tobytes") and hasattr(item, "size") and hasattr(item, "mode"):  # PIL image
+        h.update(f"{item.mode}|{item.size}".encode())
+        h.update(item.tobytes())
+    else:
+        arr = np.ascontiguousarray(np.asarray(item.detach().cpu() if isinstance(item, torch.Tensor) else item))
+        h.update(f"{arr.dtype}|{arr.shape}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+class _ImageBatchTransform:
+    """The ``with_transform`` function of :func:`apply_image_transform` (a class, so that
+    :func:`set_transform_epoch` can find the :class:`ImageTransform` inside a dataset)."""
+
+    def __init__(self, transform: ImageTransform, image_column: str, label_column: str):
+        self.transform, self.image_column, self.label_column = transform, image_column, label_column
+
+    def __call__(self, batch):
+        tf = self.transform
+        items = batch[self.image_column]
+        keys = [image_key(img) for img in items] if tf.train else [None] * len(items)
+        out = {"pixel_values": [tf(img, key=k) for img, k in zip(items, keys)]}
+        if self.label_column in batch:
+            out["labels"] = batch[self.label_column]
+        return out
+
+
 def apply_image_transform(
     dataset,
     transform: ImageTransform,
@@ -191,7 +245,9 @@ def apply_image_transform(
     """``dataset.with_transform`` that yields ``pixel_values`` (and ``labels``) for each row.
 
     Images are decoded by :func:`decode_image` (never by ``datasets``) so that a corrupt image raises a typed
-    error naming its path.
+    error naming its path. A training transform is called with each image's :func:`image_key`, so a row's random
+    crop depends on (seed, epoch, image) only: the same in a 1-process and an N-process run, and with DataLoader
+    workers.
     """
     import datasets
 
@@ -199,14 +255,24 @@ def apply_image_transform(
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     if name:
         transform.source = f"dataset {name!r}"
+    return dataset.with_transform(_ImageBatchTransform(transform, image_column, label_column))
 
-    def _fn(batch):
-        out = {"pixel_values": [transform(img) for img in batch[image_column]]}
-        if label_column in batch:
-            out["labels"] = batch[label_column]
-        return out
 
-    return dataset.with_transform(_fn)
+def set_transform_epoch(dataset, epoch: int) -> bool:
+    """Set the epoch of the training :class:`ImageTransform` that :func:`apply_image_transform` put on
+    ``dataset`` (a ``datasets.Dataset``); ``False`` when it has none (any other dataset: nothing to do).
+
+    Example::
+
+        train = apply_image_transform(ds, ImageTransform(train=True, seed=0))
+        set_transform_epoch(train, 3)  # keyed crops of epoch 3 from now on
+    """
+    fmt = getattr(dataset, "format", None)
+    fn = fmt.get("format_kwargs", {}).get("transform") if isinstance(fmt, dict) else None
+    if isinstance(fn, _ImageBatchTransform):
+        fn.transform.set_epoch(epoch)
+        return True
+    return False
 
 
 class ImageClassificationCollator:

@@ -87,9 +87,11 @@ class FeatureCache:
             return self._mem[key]
         return None
 
-    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+    def put(self, key: str, tensors: dict[str, torch.Tensor], persist: bool = True) -> None:
+        """Keep ``tensors`` in memory, and on disk unless ``persist`` is false (in a multi-process run only the main
+        process writes; every process holds the gathered features)."""
         self._mem[key] = tensors
-        if self.directory is not None:
+        if self.directory is not None and persist:
             from hf_cft.utils import atomic_save_safetensors
 
             atomic_save_safetensors(
@@ -238,7 +240,11 @@ def evaluate_zeroshot(
                     "model's image-tower weights (or the images) are not finite."
                 )
             if cache is not None:
-                cache.put(key, {"features": feats, "labels": labels})
+                cache.put(
+                    key,
+                    {"features": feats, "labels": labels},
+                    persist=accelerator is None or accelerator.is_main_process,
+                )
         if head is None:
             head = build_zeroshot_classifier(model, tokenizer, classnames, templates, device=device)
         elif head.shape[0] != len(classnames):

@@ -8,11 +8,25 @@ graph, and a frozen text tower's head is computed once and reused.
 The user's model is wrapped in a small :class:`ClipClassifier` module so that, under DDP, the whole computation
 runs through the wrapped module's ``forward`` (gradients are synchronised only for work done inside it);
 checkpoints and ``save_model`` still save the user's model (a PEFT adapter folder or a full model).
+
+Multi-process runs (``accelerate launch``) follow the Trainer's semantics: ``per_device_train_batch_size`` is per
+process, so N processes with B/N each see the same global batches as one process with B (accelerate shards each
+global batch of the seeded sampler over the ranks; DDP averages the per-rank mean losses' gradients). Two things
+would still make N processes differ from one, and are handled here:
+
+- random crops from :func:`~hf_cft.data.apply_image_transform` are keyed by (seed, epoch, image), with the epoch set
+  by a callback, so they do not depend on which rank transforms an image;
+- when an epoch's size is not a multiple of the global batch, accelerate completes the last global batch with
+  samples repeated from the epoch's start (``even_batches``), which one process does not train on. The trainer
+  tags that last batch (:meth:`get_batch_samples`): each process keeps only its real rows and weights its loss by
+  ``real rows · N / real rows of the global batch``, so DDP's average is the mean over the real rows — the
+  1-process loss and gradient of the partial batch (a process with no real row contributes zero).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Sequence
 
@@ -20,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from hf_cft.data.templates import format_prompts, validate_classnames, validate_templates
 from hf_cft.data.transforms import ImageClassificationCollator
@@ -122,6 +136,23 @@ class ClipClassifier(nn.Module):
         return scale * img @ head.to(img.dtype).t()
 
 
+class TransformEpochCallback(TrainerCallback):
+    """Tell a keyed training transform (:func:`~hf_cft.data.set_transform_epoch`) which epoch starts, so that an
+    image's random crop is a function of (seed, epoch, image) — identical in 1- and N-process runs and on resume."""
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        from hf_cft.data.transforms import set_transform_epoch
+
+        dataset = getattr(train_dataloader, "dataset", None)
+        if dataset is not None:
+            # state.epoch is e + (steps done)/(steps per epoch): e when epoch e starts, or resumes mid-way
+            set_transform_epoch(dataset, int(math.floor((state.epoch or 0.0) + 1e-6)))
+
+
+# Key of the (real rows, loss weight) tag put on a process's last, padded training batch (see the module docstring)
+PADDING_KEY = "_hf_cft_padding"
+
+
 class ClipClassificationTrainer(Trainer):
     """A ``Trainer`` for CLIP-like classification with class-name text heads.
 
@@ -136,6 +167,7 @@ class ClipClassificationTrainer(Trainer):
     """
 
     loss_is_scaled_for_ga = False  # compute_loss returns a batch mean: the Trainer divides by the GA steps
+    _padding_weight: float | None = None  # set while training on a padded last batch (multi-process)
 
     def __init__(
         self,
@@ -183,12 +215,55 @@ class ClipClassificationTrainer(Trainer):
             **kwargs,
         )
         self.model_accepts_loss_kwargs = False
+        self.add_callback(TransformEpochCallback())
         self._metric_sums: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
 
     def _record(self, mode: str, name: str, value: torch.Tensor) -> None:
-        """Keep a detached, process-averaged value to be averaged into the next log (train) or eval log."""
-        v = self.accelerator.gather(value.detach().float().reshape(1)).mean()
+        """Keep a detached, process-averaged value to be averaged into the next log (train) or eval log (weighted
+        like the loss on a padded last batch, so that the average is over the real rows)."""
+        value = value.detach().float().reshape(1)
+        if self._padding_weight is not None and mode == "train":
+            value = value * self._padding_weight
+        v = self.accelerator.gather(value).mean()
         self._metric_sums[mode].setdefault(name, []).append(float(v))
+
+    # ------------------------------------------------------------------------------------------------ padding
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's micro-batches of one optimiser step; in a multi-process run the last batch of an epoch
+        whose size is not a multiple of the global batch is tagged with (real rows of this process, loss weight):
+        accelerate padded the global batch with repeated samples, and only its first ``remainder`` rows (in process
+        order) are real."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        state, procs = self.accelerator.gradient_state, self.accelerator.num_processes
+        if procs > 1 and batches and state.end_of_dataloader and state.remainder > 0:
+            last = batches[-1]
+            if isinstance(last, dict) and isinstance(last.get("labels"), torch.Tensor):
+                rows = int(last["labels"].shape[0])
+                real = min(max(state.remainder - self.accelerator.process_index * rows, 0), rows)
+                batches[-1] = {**last, PADDING_KEY: (real, real * procs / state.remainder)}
+        return batches, num_items
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        tag = inputs.pop(PADDING_KEY, None) if isinstance(inputs, dict) else None
+        if tag is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        real, weight = tag
+        if real > 0:  # only the real rows; with none, the padded rows keep the graph (DDP) at weight 0
+            rows = int(inputs["labels"].shape[0])
+            inputs = {
+                k: v[:real] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == rows else v
+                for k, v in inputs.items()
+            }
+        self._padding_weight = float(weight)
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._padding_weight = None
+
+    def _weighted(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` times the padding weight of this process's batch (1 outside a padded last batch)."""
+        return loss if self._padding_weight is None else loss * self._padding_weight
 
     # ------------------------------------------------------------------------------------------------ inputs
 
@@ -236,6 +311,7 @@ class ClipClassificationTrainer(Trainer):
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing)
         mode = "train" if model.training else "eval"
         self._record(mode, "accuracy", (logits.detach().argmax(-1) == labels).float().mean() * 100.0)
+        loss = self._weighted(loss)
         return (loss, logits) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

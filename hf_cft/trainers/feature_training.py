@@ -1,6 +1,14 @@
 """Training on frozen, precomputed image features: a linear probe and prompt learning (CoOp) whose image tower
 is frozen. Image features are computed once for the whole dataset instead of once per step, which is what
-makes these methods cheap (MergeTune's efficiency rule: never re-encode frozen images)."""
+makes these methods cheap (MergeTune's efficiency rule: never re-encode frozen images).
+
+Multi-process runs: these loops are deliberately *not* sharded. They are plain torch loops (no Accelerator, no
+collective) over a feature matrix that every process holds whole, with their own seeded ``torch.Generator`` for
+the shuffling, so under ``accelerate launch`` every process computes exactly the same steps and ends with the same
+probe / context — the 1-process result — with no communication. Sharding them would save nothing worth a
+gradient all-reduce per step: a step costs one text-tower pass over the class prompts and a ``[b, d] @ [d, C]``
+matmul. Only the feature extraction before them is worth spreading over processes (``evaluate_zeroshot`` with an
+``accelerator`` gathers features on every process); write their results from the main process only."""
 
 from __future__ import annotations
 

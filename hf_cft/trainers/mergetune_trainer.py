@@ -471,4 +471,5 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         self._record(mode, "loss_anchor", anchor)
         self._record(mode, "loss_path", path)
         self._record(mode, "accuracy", (logits.detach().argmax(-1) == labels).float().mean() * 100.0)
+        loss = self._weighted(loss)  # a padded last batch of a multi-process run (ClipClassificationTrainer)
         return (loss, logits) if return_outputs else loss
