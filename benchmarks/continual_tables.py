@@ -31,8 +31,9 @@ sys.path.insert(0, str(REPO))
 
 
 def load_sources(specs: list[str]) -> tuple[dict, dict]:
-    """``{tag: result}`` (the one strategy of each results.json, relabelled) and ``{tag: run metadata}``."""
-    runs, meta = {}, {}
+    """``{tag: result}`` (the one strategy of each results.json, relabelled), ``{tag: run metadata}`` and
+    ``{tag: the strategy's output folder}``."""
+    runs, meta, folders = {}, {}, {}
     for spec in specs:
         tag, _, rest = spec.partition("=")
         path, _, label = rest.partition("#")
@@ -43,12 +44,14 @@ def load_sources(specs: list[str]) -> tuple[dict, dict]:
         if len(results) != 1:
             raise SystemExit(f"{path}: expected one strategy per results.json, found {sorted(results)}")
         ((strategy, result),) = results.items()
-        result = dict(result, strategy=strategy, folder=str(Path(path).parent / strategy))
+        result = dict(result, strategy=strategy)
         if label:
             result["label"] = label
         runs[tag] = result
-        meta[tag] = {k: data.get(k) for k in ("benchmark", "stream", "model", "config", "machine", "total_seconds")}
-    return runs, meta
+        folders[tag] = Path(path).parent / strategy
+        # where the run kept its model and outputs is a path of the machine it ran on: not recorded here
+        meta[tag] = {k: data.get(k) for k in ("benchmark", "stream", "config", "machine", "total_seconds")}
+    return runs, meta, folders
 
 
 def _metric(runs: dict, tag: str, key: str) -> float | None:
@@ -190,9 +193,9 @@ def main(argv=None) -> None:
     p.add_argument("--title", default="Protocol B (MTIL-mini)")
     p.add_argument("--note", default="", help="setting and command lines, printed under the title")
     a = p.parse_args(argv)
-    runs, meta = load_sources(a.sources)
-    first = next(iter(runs.values()))
-    names = [t["name"] for t in json.loads((Path(first["folder"]).parent / "results.json").read_text())["tasks"]]
+    runs, meta, folders = load_sources(a.sources)
+    first = next(iter(folders.values()))
+    names = [t["name"] for t in json.loads((first.parent / "results.json").read_text())["tasks"]]
     md = results_markdown(runs, a.title, a.note, task_names=names).rstrip().splitlines()
     targets = condu_targets(runs) if a.kind == "condu" else pam_targets(runs) if a.kind == "pam" else []
     if targets:
@@ -247,8 +250,8 @@ def main(argv=None) -> None:
             for s, row in enumerate(c["fidelity_cos"]):
                 md.append(f"| {names[s]} | " + " | ".join("" if v is None else f"{v:.3f}" for v in row) + " |")
             md.append("")
-    for tag, r in runs.items():
-        png = Path(r["folder"]) / "accuracy_matrix.png"
+    for tag in runs:
+        png = folders[tag] / "accuracy_matrix.png"
         if png.is_file():
             shutil.copyfile(png, a.out.with_name(f"{a.out.name}-{tag}.png"))
     a.out.parent.mkdir(parents=True, exist_ok=True)
