@@ -65,6 +65,42 @@ def _lbfgs(x, y, num_classes, wd, max_iter):
     return (scale * w).detach(), b.detach()
 
 
+def _minibatch_epochs(
+    params: list[torch.Tensor],
+    n: int,
+    step_losses,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    optimizer: str,
+    seed: int,
+) -> list[dict[str, float]]:
+    """The loop every cached-feature trainer here shares: SGD (momentum 0.9) or AdamW (no weight decay) with a cosine
+    schedule over all steps, a seeded permutation per epoch, and per step ``step_losses(idx)`` → a dict of loss
+    terms whose ``"loss"`` is minimised. Returns each term's per-epoch mean (weighted by batch size)."""
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * max(1, -(-n // batch_size)))
+    g = torch.Generator().manual_seed(seed)
+    history = []
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        sums: dict[str, float] = {}
+        for i in range(0, n, batch_size):
+            idx = perm[i : i + batch_size]
+            terms = step_losses(idx)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+            sched.step()
+            for k, val in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(val.detach()) * len(idx)
+        history.append({k: val / n for k, val in sums.items()})
+    return history
+
+
 def train_coop_on_features(
     peft_model,
     tokenizer,
@@ -82,35 +118,19 @@ def train_coop_on_features(
     cosine schedule, as CoOp. Returns the mean loss of each epoch."""
     from hf_cft.models.clip import logit_scale
 
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
-    else:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    n = len(labels)
-    steps = epochs * max(1, -(-n // batch_size))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    g = torch.Generator().manual_seed(seed)
     feats = F.normalize(features.float(), dim=-1)
     scale = logit_scale(peft_model).detach()
     enc = peft_model.build_prompts(tokenizer, list(classnames))
-    history = []
+
+    def step(idx):
+        text = peft_model.class_text_features(tokenizer, classnames, prompts=enc)
+        return {"loss": F.cross_entropy(scale * feats[idx] @ text.t(), labels[idx])}
+
     peft_model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        total = 0.0
-        for i in range(0, n, batch_size):
-            idx = perm[i : i + batch_size]
-            text = peft_model.class_text_features(tokenizer, classnames, prompts=enc)
-            loss = F.cross_entropy(scale * feats[idx] @ text.t(), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-        history.append(total / n)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    history = _minibatch_epochs(params, len(labels), step, epochs, lr, batch_size, optimizer, seed)
     peft_model.eval()
-    return history
+    return [h["loss"] for h in history]
 
 
 @torch.no_grad()
@@ -159,41 +179,24 @@ def train_mergetune_on_features(
 
     if anchor == "fisher" and fisher is None:
         raise ValueError("anchor='fisher' needs the fisher tensor")
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = (
-        torch.optim.SGD(params, lr=lr, momentum=0.9)
-        if optimizer == "sgd"
-        else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    )
-    n = len(labels)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * max(1, -(-n // batch_size)))
-    g = torch.Generator().manual_seed(seed)
     feats = F.normalize(features.float(), dim=-1)
     scale = logit_scale(peft_model).detach()
     enc = peft_model.build_prompts(tokenizer, list(classnames))
     alphas = alpha_grid(num_alphas)
-    history = []
+
+    def step(idx):
+        text = peft_model.class_text_features(tokenizer, classnames, prompts=enc).float()
+        task = F.cross_entropy(scale * feats[idx] @ text.t(), labels[idx])
+        if anchor == "cosine":
+            d = cosine_anchor(text, text_zs)
+        else:  # scaled so that F ≡ 1 equals the cosine form, as the trainer
+            d = fisher_anchor([text], [text_zs], [fisher], normalizer=2.0 * text.shape[0])
+        path = path_loss_prompts(feats[idx], text, text_ft, labels[idx], scale, alphas)
+        return {"loss": task + anchor_weight * d + path_weight * path, "task": task, "anchor": d, "path": path}
+
     peft_model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        sums = {"loss": 0.0, "task": 0.0, "anchor": 0.0, "path": 0.0}
-        for i in range(0, n, batch_size):
-            idx = perm[i : i + batch_size]
-            text = peft_model.class_text_features(tokenizer, classnames, prompts=enc).float()
-            task = F.cross_entropy(scale * feats[idx] @ text.t(), labels[idx])
-            if anchor == "cosine":
-                d = cosine_anchor(text, text_zs)
-            else:  # scaled so that F ≡ 1 equals the cosine form, as the trainer
-                d = fisher_anchor([text], [text_zs], [fisher], normalizer=2.0 * text.shape[0])
-            path = path_loss_prompts(feats[idx], text, text_ft, labels[idx], scale, alphas)
-            loss = task + anchor_weight * d + path_weight * path
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            for k, v in (("loss", loss), ("task", task), ("anchor", d), ("path", path)):
-                sums[k] += float(v.detach()) * len(idx)
-        history.append({k: v / n for k, v in sums.items()})
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    history = _minibatch_epochs(params, len(labels), step, epochs, lr, batch_size, optimizer, seed)
     peft_model.eval()
     return history
 
@@ -237,40 +240,23 @@ def train_head_on_features(
     if anchor == "fisher" and anchor_weight and fisher is None:
         raise ValueError("anchor='fisher' needs the fisher tensor")
     v = weight.detach().float().clone().requires_grad_(True)
-    opt = (
-        torch.optim.SGD([v], lr=lr, momentum=0.9)
-        if optimizer == "sgd"
-        else torch.optim.AdamW([v], lr=lr, weight_decay=0.0)
-    )
-    n, num_classes = len(labels), v.shape[0]
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * max(1, -(-n // batch_size)))
-    g = torch.Generator().manual_seed(seed)
+    num_classes = v.shape[0]
     feats = F.normalize(features.float(), dim=-1)
     s = float(scale)
     alphas = alpha_grid(num_alphas)
-    history = []
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        sums = {"loss": 0.0, "task": 0.0, "anchor": 0.0, "path": 0.0}
-        for i in range(0, n, batch_size):
-            idx = perm[i : i + batch_size]
-            task = F.cross_entropy(s * feats[idx] @ v.t(), labels[idx])
-            d = torch.zeros(())
-            if anchor_weight:
-                d = (
-                    sq_l2_anchor([v], [weight_zs.float()])
-                    if anchor == "sq_l2"
-                    else fisher_anchor([v], [weight_zs.float()], [fisher])
-                ) / (2.0 * num_classes)
-            path = torch.zeros(())
-            if path_weight:
-                path = path_loss_head(feats[idx], s * v, None, s * weight_ft.float(), None, labels[idx], alphas)
-            loss = task + anchor_weight * d + path_weight * path
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            for k, val in (("loss", loss), ("task", task), ("anchor", d), ("path", path)):
-                sums[k] += float(val.detach()) * len(idx)
-        history.append({k: val / n for k, val in sums.items()})
+
+    def step(idx):
+        task = F.cross_entropy(s * feats[idx] @ v.t(), labels[idx])
+        d = torch.zeros(())
+        if anchor_weight:
+            zs = [weight_zs.float()]
+            d = (sq_l2_anchor([v], zs) if anchor == "sq_l2" else fisher_anchor([v], zs, [fisher])) / (
+                2.0 * num_classes
+            )
+        path = torch.zeros(())
+        if path_weight:
+            path = path_loss_head(feats[idx], s * v, None, s * weight_ft.float(), None, labels[idx], alphas)
+        return {"loss": task + anchor_weight * d + path_weight * path, "task": task, "anchor": d, "path": path}
+
+    history = _minibatch_epochs([v], len(labels), step, epochs, lr, batch_size, optimizer, seed)
     return v.detach(), history
