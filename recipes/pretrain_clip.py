@@ -75,6 +75,9 @@ class PretrainArguments:
     width: int = field(default=128, metadata={"help": "Hidden size of both towers."})
     layers: int = field(default=4, metadata={"help": "Layers per tower."})
     heads: int = field(default=4, metadata={"help": "Attention heads."})
+    text_width: int | None = field(default=None, metadata={"help": "Hidden size of the text tower (default: width)."})
+    text_layers: int | None = field(default=None, metadata={"help": "Text tower layers (default: layers)."})
+    text_heads: int | None = field(default=None, metadata={"help": "Text tower attention heads (default: heads)."})
     projection_dim: int = field(default=128, metadata={"help": "Joint embedding size."})
     captions: str = field(default="mixed", metadata={"help": "own | generic | mixed (own with prob. own_prob)."})
     own_prob: float = field(default=0.5, metadata={"help": "In 'mixed', probability of the dataset's own template."})
@@ -226,12 +229,13 @@ def build_tokenizer(args: PretrainArguments):
 def build_model(args: PretrainArguments, tokenizer):
     from transformers import CLIPConfig, CLIPModel
 
+    text_width = args.text_width or args.width
     text = dict(
         vocab_size=len(tokenizer),
-        hidden_size=args.width,
-        intermediate_size=4 * args.width,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
+        hidden_size=text_width,
+        intermediate_size=4 * text_width,
+        num_hidden_layers=args.text_layers or args.layers,
+        num_attention_heads=args.text_heads or args.heads,
         max_position_embeddings=77,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
