@@ -102,3 +102,18 @@ def test_saved_model_loads_with_tokenizer_and_processor(pc, tmp_path):
     model, tok, transform = load_clip(str(path))
     assert isinstance(model, CLIPModel) and transform.crop_size == 16
     assert AutoTokenizer.from_pretrained(str(path))("zero")["input_ids"] == tok("zero")["input_ids"]
+
+
+def test_text_tower_can_be_sized_apart_from_the_image_tower(pc, tmp_path):
+    args = _args(pc, tmp_path, text_width=48, text_layers=3, text_heads=2)
+    tok = pc.build_tokenizer(args)
+    cfg = pc.build_model(args, tok).config
+    assert (cfg.text_config.hidden_size, cfg.text_config.num_hidden_layers, cfg.text_config.num_attention_heads) == (
+        48,
+        3,
+        2,
+    )
+    assert cfg.text_config.intermediate_size == 4 * 48
+    assert cfg.vision_config.hidden_size == args.width and cfg.vision_config.num_hidden_layers == args.layers
+    same = pc.build_model(_args(pc, tmp_path), tok).config  # default: both towers alike
+    assert same.text_config.hidden_size == same.vision_config.hidden_size == args.width
