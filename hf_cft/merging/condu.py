@@ -550,10 +550,13 @@ class DeltaFusionMerger:
                 den[i] += b[i]
             if commit:
                 self._u[key] = u
+            big = d_new.numel() >= UNIFY_SLICE
             del u, d_new, u_flat
-            release_freed_memory()  # this key's temporaries, so that the session's footprint stays near u + masks
+            if big:  # a large key's temporaries: trimmed now, so that the footprint stays near u + masks
+                release_freed_memory()
         if commit:
             self._interrupted = False
+        release_freed_memory()  # the small keys' temporaries, once per session (a trim per key costs ~10%)
         lams, collapsed = _rescalers(num, den)
         return lams, collapsed, masks
 
