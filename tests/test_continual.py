@@ -665,7 +665,7 @@ def test_condu_fidelity_tracking_logs_cosines_density_and_lambda(reference_runs,
         # the logged cosine is the one of the rebuilt expert against the original kept on disk
     from hf_cft.merging import LazyDelta
 
-    orig = LazyDelta.from_file(tracked._fidelity_file(0)).materialize()
+    orig = LazyDelta.from_file(tracked._fidelity_store().path("000")).materialize()
     rebuilt = tracked.merger.expert_delta("a")
     dot = sum(float((orig[k].double() * rebuilt[k].double()).sum()) for k in orig)
     norms = [sum(float((d[k].double() ** 2).sum()) for k in orig) ** 0.5 for d in (orig, rebuilt)]

@@ -506,26 +506,16 @@ class ConDUStrategy(Strategy):
         )
         self.timings["merge_s"] = time.perf_counter() - t0
         if self.track_fidelity:
-            self._save_original(delta, index)
+            save_expert(self._fidelity_store(), f"{index:03d}", delta, {"task": task.name})
             self.task_metrics.update(self.fidelity())
         del delta  # §2.5: θ^t and δ^t are dropped
         self._router = None  # every expert changed: heads cached by the router are stale
 
     # -------------------------------------------------------------- expert fidelity (benchmark diagnostics)
 
-    def _fidelity_file(self, index: int) -> Path:
-        return self.context.workdir / "fidelity" / f"{index:03d}.safetensors"
-
-    def _save_original(self, delta, index: int) -> None:
-        """Keep δ^t on disk (``track_fidelity`` only: a benchmark diagnostic; ConDU itself drops it, §2.5)."""
-        from accelerate import PartialState
-
-        from hf_cft.merging import save_delta
-
-        if PartialState().is_main_process:
-            self._fidelity_file(index).parent.mkdir(parents=True, exist_ok=True)
-            save_delta(delta, self._fidelity_file(index))
-        PartialState().wait_for_everyone()
+    def _fidelity_store(self) -> DeltaStore:
+        """Where ``track_fidelity`` keeps each original δ^t (a benchmark diagnostic; ConDU itself drops it, §2.5)."""
+        return DeltaStore(self.context.workdir / "fidelity")
 
     def fidelity(self) -> dict[str, float]:
         """For every stored task i, after the current session (docs/benchmarks.md Protocol B plots): the cosine
@@ -535,7 +525,7 @@ class ConDUStrategy(Strategy):
 
         out = {}
         for index, name in enumerate(self.learned):
-            original = LazyDelta.from_file(self._fidelity_file(index))
+            original = LazyDelta.from_file(self._fidelity_store().path(f"{index:03d}"))
             dot = n_orig = n_rebuilt = n_err = 0.0
             ones = total = 0
             for key, rebuilt in self.merger.iter_expert_delta(name):
