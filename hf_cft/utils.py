@@ -10,20 +10,34 @@ import tempfile
 from pathlib import Path
 
 
-def _atomic_write(path: Path, write) -> None:
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path next to ``path``; when the block succeeds it is fsynced and moved over ``path`` with
+    ``os.replace`` (readers see the old file or the new one, never a torn one), else removed.
+
+    Example::
+
+        with atomic_path("out/model.safetensors") as tmp:
+            save_file(tensors, tmp)       # streams to disk; no in-memory copy of the file
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _atomic_write(path: Path, write) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        write(fh)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -29,12 +29,10 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -56,7 +54,7 @@ from hf_cft.merging.deltas import (
     validate_lazy_delta,
 )
 from hf_cft.merging.masks import PackedMask, packed_nbytes
-from hf_cft.utils import release_freed_memory
+from hf_cft.utils import atomic_path, release_freed_memory
 
 __all__ = [
     "CollapsedTaskWarning",
@@ -812,18 +810,9 @@ def _atomic_save_file(tensors: Mapping[str, torch.Tensor], path: Path) -> str:
     for a ViT-B/16 unified delta)."""
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-        digest = _sha256(Path(tmp))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        digest = _sha256(tmp)
     return digest
 
 
