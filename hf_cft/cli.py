@@ -30,7 +30,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import sys
@@ -59,18 +58,9 @@ _SIDE_FILES = (
 
 
 def _read_json(path: str | None, option: str) -> dict[str, Any]:
-    if path is None:
-        return {}
-    file = Path(path)
-    if not file.is_file():
-        raise CLIError(f"{option}: {path!r} does not exist.")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CLIError(f"{option}: {path!r} is not valid JSON ({exc}).") from exc
-    if not isinstance(data, dict):
-        raise CLIError(f"{option}: {path!r} must hold a JSON object, got {type(data).__name__}.")
-    return data
+    from hf_cft.utils import read_json_object
+
+    return {} if path is None else read_json_object(path, CLIError, option)
 
 
 def _load_clip(model: str, tokenizer: str | None):

@@ -40,6 +40,21 @@ def _atomic_write(path: Path, write) -> None:
         write(fh)
 
 
+def read_json_object(path: str | os.PathLike, error: type[Exception], what: str) -> dict:
+    """The JSON object in ``path``; ``error(...)`` naming ``what`` (e.g. "manifest.json of bundle 'x'") when the
+    file is missing, is not valid JSON or does not hold an object."""
+    file = Path(path)
+    if not file.is_file():
+        raise error(f"{what}: {str(file)!r} does not exist.")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise error(f"{what}: {str(file)!r} is not valid JSON ({exc}).") from exc
+    if not isinstance(data, dict):
+        raise error(f"{what}: {str(file)!r} must hold a JSON object, got {type(data).__name__}.")
+    return data
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and ``os.replace``: readers see old or new, never torn."""
     _atomic_write(Path(path), lambda fh: fh.write(data))

@@ -27,7 +27,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -289,13 +288,12 @@ def snapshot(
 def _check_adapter_folder(folder: Path) -> dict:
     from safetensors import safe_open
 
+    from hf_cft.utils import read_json_object
+
     cfg_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not cfg_file.is_file():
         raise AdapterError(f"{str(folder)!r} is not a PEFT adapter folder (no adapter_config.json).")
-    try:
-        config = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"adapter_config.json of {str(folder)!r} is not valid JSON ({exc}).") from exc
+    config = read_json_object(cfg_file, AdapterError, f"adapter_config.json of {str(folder)!r}")
     if not weights.is_file():
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         hint = f" It holds {', '.join(pickled)}: hf_cft reads safetensors only (never pickle)." if pickled else ""

@@ -30,7 +30,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import warnings
@@ -54,7 +53,7 @@ from hf_cft.merging.deltas import (
     validate_lazy_delta,
 )
 from hf_cft.merging.masks import PackedMask, packed_nbytes
-from hf_cft.utils import atomic_path, release_freed_memory
+from hf_cft.utils import atomic_path, read_json_object, release_freed_memory
 
 __all__ = [
     "CollapsedTaskWarning",
@@ -852,11 +851,8 @@ def _read_manifest(folder: Path, file: Path | None = None) -> dict:
     file = file or folder / MANIFEST
     if not file.is_file():
         raise BundleError(f"{str(folder)!r} is not a ConDU bundle: {MANIFEST} is missing.")
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BundleError(f"Bundle {str(folder)!r}: {MANIFEST} is not valid JSON ({exc}).") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+    manifest = read_json_object(file, BundleError, f"Bundle {str(folder)!r}: {MANIFEST}")
+    if manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"Bundle {str(folder)!r}: {MANIFEST} is not a {BUNDLE_FORMAT} manifest.")
     if manifest.get("format_version") != BUNDLE_VERSION:
         raise BundleError(
