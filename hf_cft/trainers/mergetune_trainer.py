@@ -275,19 +275,23 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         ctx.copy_(self.ctx_ft)
 
     @torch.no_grad()
-    def _estimate_fisher(self, dataset):
-        """Diagonal Fisher of the zero-shot classifier on the downstream images (no labels used), in closed form
-        per example; normalised to mean 1 plus damping. Its cost is kept in ``fisher_info``."""
+    def _fisher_loader(self, dataset):
+        """The downstream images both Fisher estimates read (at most ``fisher_max_images``), in eval batches."""
         from torch.utils.data import DataLoader
-
-        from hf_cft.models.zeroshot import encode_images
 
         if dataset is None:
             raise HfCftError("anchor='fisher' needs images: pass fisher_dataset (or train_dataset)")
-        t0 = time.perf_counter()
         if self.args.fisher_max_images and len(dataset) > self.args.fisher_max_images:
             dataset = dataset.select(range(self.args.fisher_max_images))
-        loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator)
+        return DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator)
+
+    def _estimate_fisher(self, dataset):
+        """Diagonal Fisher of the zero-shot classifier on the downstream images (no labels used), in closed form
+        per example; normalised to mean 1 plus damping. Its cost is kept in ``fisher_info``."""
+        from hf_cft.models.zeroshot import encode_images
+
+        t0 = time.perf_counter()
+        loader = self._fisher_loader(dataset)
         self.clip_model.eval()
         feats, _ = encode_images(self.clip_model, loader, device=self.args.device)
         feats = feats.to(self.args.device)
@@ -376,14 +380,8 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         """Diagonal Fisher at ŵ1 over the continued coordinates (ΔW entries for LoRA), from per-example gradients
         on the downstream images (labels unused; eval mode, eval templates); normalised to mean 1 plus damping.
         Its cost is kept in ``fisher_info``."""
-        from torch.utils.data import DataLoader
-
-        if dataset is None:
-            raise HfCftError("anchor='fisher' needs images: pass fisher_dataset (or train_dataset)")
         t0 = time.perf_counter()
-        if self.args.fisher_max_images and len(dataset) > self.args.fisher_max_images:
-            dataset = dataset.select(range(self.args.fisher_max_images))
-        loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator)
+        loader = self._fisher_loader(dataset)
         was_training = self.clip_model.training
         self.clip_model.eval()
         try:
