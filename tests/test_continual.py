@@ -37,15 +37,6 @@ SIZE = 12
 TEMPLATES = ["a photo of a {}.", "a {} picture."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models' ops are too small for intra-op threads; one thread keeps training fast on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _colour_task(name, perm, classnames, seed, n=12):
     """Raw image/label rows whose dominant channel, permuted per task, is the class."""
     rng = np.random.default_rng(seed)
@@ -684,15 +675,9 @@ def test_condu_without_the_merging_package_names_it(tmp_path, toy_tokenizer, mon
 
 
 def _load_recipe():
-    import importlib.util
-    import sys
+    from tests_helpers import load_recipe
 
-    path = Path(__file__).resolve().parents[1] / "recipes" / "condu.py"
-    spec = importlib.util.spec_from_file_location("recipe_condu", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_recipe("condu")
 
 
 @pytest.mark.slow

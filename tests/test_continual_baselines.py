@@ -25,14 +25,6 @@ from hf_cft.errors import BundleError, ContinualError
 from hf_cft.merging.baselines import OPCMMerger, RunningMean, emr, magmax, ties, wise_ft
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def independent(tmp_path_factory):
     """Independent experts from θ⁰ on the three colour tasks: what every from-θ⁰ baseline must train too."""

@@ -1,14 +1,12 @@
 """recipes/pam.py and recipes/mtil.py: options reaching the right strategies, errors before any training, the
 results tables, and (slow) end-to-end runs on the digits stream and on a mocked real-MTIL stream with resume."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from tests_helpers import load_recipe
 
 from hf_cft.continual import ContinualConfig, make_strategy
 from hf_cft.continual.report import results_markdown
@@ -16,28 +14,12 @@ from hf_cft.continual.report import results_markdown
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _parse(rec, cls, argv):
     return rec.parse_recipe_args(cls, ContinualConfig, args=argv, defaults=rec.RECIPE_DEFAULTS)
 
 
 def test_pam_recipe_gives_each_strategy_the_options_it_takes():
-    rec = _load("pam")
+    rec = load_recipe("pam")
     argv = ["--top_p", "0.7", "--align_every", "5", "--merge_weight", "running", "--ties_k", "0.5"]
     args, config = _parse(rec, rec.PAMRecipeArguments, argv)
     assert config.finetune == "lora" and config.lora_target_modules[:2] == ["q_proj", "k_proj"]
@@ -56,7 +38,7 @@ def test_pam_recipe_gives_each_strategy_the_options_it_takes():
 
 
 def test_recipes_refuse_bad_strategies_and_options_before_training(tmp_path):
-    rec = _load("pam")
+    rec = load_recipe("pam")
     missing = str(tmp_path / "no-model")  # never loaded: every refusal comes first
     base = ["--checkpoint", missing, "--output_dir", str(tmp_path / "out")]
     for extra, needle in (
@@ -67,7 +49,7 @@ def test_recipes_refuse_bad_strategies_and_options_before_training(tmp_path):
         args, config = _parse(rec, rec.PAMRecipeArguments, base + extra)
         with pytest.raises(SystemExit, match=needle):
             rec.main(args, config)
-    mtil = _load("mtil")
+    mtil = load_recipe("mtil")
     for extra, needle in (
         (["--strategy_options", "{not json"], "not valid JSON"),
         (["--strategy_options", '{"nope": {}}'], r"unknown strategy name\(s\) \['nope'\]"),
@@ -88,7 +70,7 @@ def test_recipes_refuse_bad_strategies_and_options_before_training(tmp_path):
 def test_mtil_recipe_lists_every_registered_strategy(capsys):
     from hf_cft.continual import STRATEGIES
 
-    mtil = _load("mtil")
+    mtil = load_recipe("mtil")
     args, config = _parse(mtil, mtil.MTILRecipeArguments, ["--list_strategies", "true"])
     assert mtil.main(args, config) is None
     lines = capsys.readouterr().out.strip().splitlines()
@@ -154,7 +136,7 @@ def test_pam_recipe_runs_the_digits_stream_and_resumes(tmp_path):
     from hf_cft.merging.pam import PAMState
 
     clip = _demo_checkpoint(tmp_path / "clip", DIGIT_CLASSNAMES, DIGIT_TEMPLATES)
-    rec = _load("pam")
+    rec = load_recipe("pam")
     strategies = ["zeroshot", "merge_only", "pam"]
     argv = ["--checkpoint", str(clip), "--benchmark", "digits", "--strategy", *strategies, "--align_every", "1"]
     argv += ["--max_steps", "2", "--warmup_steps", "0", "--per_device_train_batch_size", "8", "--use_cpu", "true"]
@@ -205,7 +187,7 @@ def test_mtil_recipe_on_the_real_mtil_stream_with_a_mocked_hub(tmp_path):
         ds.splits["test"] = ds.splits["train"]
         return ds
 
-    mtil = _load("mtil")
+    mtil = load_recipe("mtil")
     argv = ["--checkpoint", str(clip), "--benchmark", "mtil", "--datasets", *names, "--strategy", "zeroshot", "wise"]
     argv += ["--max_steps", "1", "--warmup_steps", "0", "--per_device_train_batch_size", "8", "--use_cpu", "true"]
     argv += ["--output_dir", str(tmp_path / "out")]

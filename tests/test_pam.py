@@ -31,15 +31,6 @@ def T(x):
     return torch.tensor(x, dtype=torch.float32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run ~30x faster on one intra-op thread than on two contended ones (shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------------ config
 
 

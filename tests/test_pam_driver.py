@@ -21,14 +21,6 @@ LORA = dict(finetune="lora", max_steps=3, learning_rate=0.05)
 PAM_OPTIONS = dict(top_p=1.0, align_every=1)  # align after every step on all of G's entries: resets happen
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _recording(strategy):
     """Keep L_t (before the merge) and G (after it) of every task."""
     strategy.adapters, strategy.globals = [], []

@@ -1,6 +1,4 @@
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,11 +11,9 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "pretrain_clip.py"
 
 @pytest.fixture(scope="module")
 def pc():
-    spec = importlib.util.spec_from_file_location("recipe_pretrain_clip", RECIPE)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    from tests_helpers import load_recipe
+
+    return load_recipe("pretrain_clip")
 
 
 def test_batch_augment_is_seeded_and_bounded():

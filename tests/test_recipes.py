@@ -1,23 +1,14 @@
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from tests_helpers import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_zeroshot_recipe_offline_default(tmp_path):
-    zs = _load("zeroshot")
+    zs = load_recipe("zeroshot")
     (args,) = zs.parse_recipe_args(zs.ZeroShotArguments, args=["--output_dir", str(tmp_path)])
     assert args.datasets == ["digits"] and args.model_name_or_path is None
     result = zs.main(args)
@@ -29,7 +20,7 @@ def test_zeroshot_recipe_offline_default(tmp_path):
 
 
 def test_recipe_config_file_and_overrides(tmp_path):
-    zs = _load("zeroshot")
+    zs = load_recipe("zeroshot")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("datasets: [a, b]\nbatch_size: 7\n")
     (args,) = zs.parse_recipe_args(zs.ZeroShotArguments, args=["--config", str(cfg), "--batch_size", "9"])
@@ -43,7 +34,7 @@ def test_coop_recipe_offline_default_writes_adapter_card_results(tmp_path):
     from huggingface_hub import ModelCard
     from peft import PeftConfig
 
-    coop = _load("coop")
+    coop = load_recipe("coop")
     argv = [
         "--output_dir",
         str(tmp_path),
@@ -75,7 +66,7 @@ def test_coop_recipe_offline_default_writes_adapter_card_results(tmp_path):
 
 
 def test_mergetune_recipe_runs_end_to_end(tmp_path, monkeypatch):
-    mt = _load("mergetune")
+    mt = load_recipe("mergetune")
     monkeypatch.setattr(mt, "DEMO_CACHE", tmp_path / "demo-cache")
     argv = [
         "--output_dir",

@@ -38,3 +38,12 @@ def trainer_kwargs(tmp_path, **overrides) -> dict:
     )
     base.update(overrides)
     return base
+
+
+def load_recipe(name: str):
+    """Import ``recipes/<name>.py`` as module ``recipe_<name>`` (the library's own loader for recipe scripts)."""
+    from pathlib import Path
+
+    from hf_cft.recipe_utils import load_sibling_recipe
+
+    return load_sibling_recipe(str(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"), name)
