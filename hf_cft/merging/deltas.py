@@ -66,6 +66,7 @@ __all__ = [
 DEFAULT_EXCLUDE: tuple[str, ...] = ("logit_scale",)
 
 _FINGERPRINT_VALUES = 1024  # values hashed from each sampled tensor
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # safetensors' floating-point dtype names
 
 
 class TaskDelta(dict):
@@ -137,7 +138,7 @@ class _Source:
 
     def is_floating(self, key: str) -> bool:
         if self._files is not None:
-            return self._handle(key).get_slice(key).get_dtype() in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+            return self._handle(key).get_slice(key).get_dtype() in _FLOAT_DTYPES
         t = self._tensors[key]
         return isinstance(t, torch.Tensor) and t.is_floating_point()
 
@@ -410,17 +411,16 @@ class LazyDelta(Mapping):
         path = Path(path)
         if not path.is_file():
             raise BundleError(f"Delta file {str(path)!r} does not exist.")
-        src = _Source(path, f"delta file {path.name}")
-        bad = [k for k in src.names() if not src.is_floating(k)]
-        if bad:
-            raise DeltaError(f"Entry {bad[0]!r} of the delta file {str(path)!r} is not a floating-point tensor.")
-        try:
+        try:  # one look at the header: keys, shapes, dtypes, metadata (no tensor is read)
             with safe_open(str(path), framework="pt", device="cpu") as h:
                 fp = (h.metadata() or {}).get(FINGERPRINT_METADATA)
+                slices = {k: h.get_slice(k) for k in h.keys()}  # noqa: SIM118 - safe_open handles are not mappings
+                shapes = {k: tuple(sl.get_shape()) for k, sl in slices.items()}
+                bad = [k for k, sl in slices.items() if sl.get_dtype() not in _FLOAT_DTYPES]
         except Exception as exc:
             raise BundleError(f"Cannot read safetensors file {str(path)!r}: {exc}") from exc
-        shapes = {k: src.shape(k) for k in src.names()}
-        del src  # closes its handles
+        if bad:
+            raise DeltaError(f"Entry {bad[0]!r} of the delta file {str(path)!r} is not a floating-point tensor.")
 
         def read(key: str) -> torch.Tensor:
             # a fresh handle per key: safetensors maps the file, and a handle kept open would keep every page read

@@ -244,18 +244,19 @@ def train_head_on_features(
     feats = F.normalize(features.float(), dim=-1)
     s = float(scale)
     alphas = alpha_grid(num_alphas)
+    zs = [weight_zs.float()] if anchor_weight else None  # the fixed anchors, converted once rather than per step
+    w_ft = s * weight_ft.float() if path_weight else None
 
     def step(idx):
         task = F.cross_entropy(s * feats[idx] @ v.t(), labels[idx])
         d = torch.zeros(())
         if anchor_weight:
-            zs = [weight_zs.float()]
             d = (sq_l2_anchor([v], zs) if anchor == "sq_l2" else fisher_anchor([v], zs, [fisher])) / (
                 2.0 * num_classes
             )
         path = torch.zeros(())
         if path_weight:
-            path = path_loss_head(feats[idx], s * v, None, s * weight_ft.float(), None, labels[idx], alphas)
+            path = path_loss_head(feats[idx], s * v, None, w_ft, None, labels[idx], alphas)
         return {"loss": task + anchor_weight * d + path_weight * path, "task": task, "anchor": d, "path": path}
 
     history = _minibatch_epochs([v], len(labels), step, epochs, lr, batch_size, optimizer, seed)
