@@ -50,7 +50,7 @@ def load_sources(specs: list[str]) -> tuple[dict, dict]:
         runs[tag] = result
         folders[tag] = Path(path).parent / strategy
         # where the run kept its model and outputs is a path of the machine it ran on: not recorded here
-        meta[tag] = {k: data.get(k) for k in ("benchmark", "stream", "config", "machine", "total_seconds")}
+        meta[tag] = {k: data.get(k) for k in ("benchmark", "stream", "tasks", "config", "machine", "total_seconds")}
     return runs, meta, folders
 
 
@@ -194,8 +194,7 @@ def main(argv=None) -> None:
     p.add_argument("--note", default="", help="setting and command lines, printed under the title")
     a = p.parse_args(argv)
     runs, meta, folders = load_sources(a.sources)
-    first = next(iter(folders.values()))
-    names = [t["name"] for t in json.loads((first.parent / "results.json").read_text())["tasks"]]
+    names = [t["name"] for t in next(iter(meta.values()))["tasks"]]
     md = results_markdown(runs, a.title, a.note, task_names=names).rstrip().splitlines()
     targets = condu_targets(runs) if a.kind == "condu" else pam_targets(runs) if a.kind == "pam" else []
     if targets:
