@@ -61,6 +61,50 @@ GENERIC_TEMPLATES = (
     "a low resolution photo of a {}.",
 )
 
+# Design E's web-like caption pool: phrasings a photo site or forum might carry, none of which is an evaluation
+# prompt ("a photo of a {}." or any dataset's own template; checked when the pool is built), and none uses the
+# words "photo" or "of". Zero-shot classification with the hand-crafted prompts is then a transfer to an unseen
+# phrasing, as it is for real CLIP, and a learned prompt context has something to recover.
+WEB_TEMPLATES = (
+    "{}",
+    "a {}",
+    "the {}",
+    "my {}",
+    "this {}",
+    "one {}",
+    "just a {}",
+    "here is a {}",
+    "there is a {} here",
+    "look at this {}",
+    "a {} i saw today",
+    "an image showing a {}",
+    "a picture with a {}",
+    "snapshot: {}",
+    "found a {}",
+    "example: {}",
+    "a nice {}",
+    "what a {}",
+    "an old {}",
+    "a {}, seen up there",
+    "{} in the picture",
+    "our {}",
+    "a shot with a {}",
+    "a {} for you",
+)
+# Design F adds phrasings that use the words "photo" and "of" -- still never an evaluation prompt -- so that the
+# hand-crafted prompt "a photo of a {}." is an unseen combination of seen words rather than of untrained tokens.
+WEB_PHOTO_TEMPLATES = (
+    "a photo of my {}",
+    "photo of the {}",
+    "the photo shows a {}",
+    "a {} in a photo",
+    "a photo with a {}",
+    "photo: {}",
+    "a picture of the {}",
+    "an image of my {}",
+)
+CAPTION_MODES = ("own", "generic", "mixed", "web", "web_photo")
+
 
 @dataclass
 class PretrainArguments:
@@ -79,8 +123,16 @@ class PretrainArguments:
     text_layers: int | None = field(default=None, metadata={"help": "Text tower layers (default: layers)."})
     text_heads: int | None = field(default=None, metadata={"help": "Text tower attention heads (default: heads)."})
     projection_dim: int = field(default=128, metadata={"help": "Joint embedding size."})
-    captions: str = field(default="mixed", metadata={"help": "own | generic | mixed (own with prob. own_prob)."})
-    own_prob: float = field(default=0.5, metadata={"help": "In 'mixed', probability of the dataset's own template."})
+    captions: str = field(
+        default="mixed",
+        metadata={
+            "help": "own | generic | mixed (own with prob. own_prob, else GENERIC_TEMPLATES) | web (own with prob. "
+            "own_prob, else WEB_TEMPLATES; design E) | web_photo (web plus WEB_PHOTO_TEMPLATES; design F)."
+        },
+    )
+    own_prob: float = field(
+        default=0.5, metadata={"help": "In 'mixed' and 'web*', probability of the dataset's own template."}
+    )
     describe_views: bool = field(
         default=False,
         metadata={"help": "Captions name how a degraded view looks ('a blurry black and white photo of a {}.')."},
@@ -129,7 +181,12 @@ class CaptionedPool:
     """All pretraining images (uint8) with their (dataset, class) and a table of tokenised captions."""
 
     def __init__(self, args: PretrainArguments, tokenizer):
+        if args.captions not in CAPTION_MODES:
+            raise ValueError(f"captions={args.captions!r} is not one of {CAPTION_MODES}")
         cache = args.cache_dir or str(hf_cft_cache_dir("decoded"))
+        self.pool_templates = {"web": WEB_TEMPLATES, "web_photo": WEB_TEMPLATES + WEB_PHOTO_TEMPLATES}.get(
+            args.captions, GENERIC_TEMPLATES
+        )
         images, owners, prompt_rows = [], [], []
         texts: list[str] = []
         self.tasks = {}
@@ -144,10 +201,14 @@ class CaptionedPool:
             images.append(im)
             # caption table of this dataset: own templates and generic templates for every class
             own = format_prompts(task.classnames, task.templates)
-            gen = format_prompts(task.classnames, GENERIC_TEMPLATES)
+            if args.captions.startswith("web"):
+                seen = set(self.pool_templates) & {"a photo of a {}.", *task.templates}
+                if seen:
+                    raise ValueError(f"WEB_TEMPLATES contains evaluation prompts of dataset {name!r}: {sorted(seen)}")
+            gen = format_prompts(task.classnames, self.pool_templates)
             base = len(texts)
             texts += own + gen
-            n_own, n_gen = len(task.templates), len(GENERIC_TEMPLATES)
+            n_own, n_gen = len(task.templates), len(self.pool_templates)
             self.tasks[name] = {"task": task, "own": (base, n_own), "gen": (base + len(own), n_gen)}
             owners.append(torch.stack([torch.full_like(lab, d), lab], 1))
             prompt_rows.append((base, n_own, base + len(own), n_gen))
@@ -195,7 +256,10 @@ class CaptionedPool:
                     if said[r, 2]:
                         words.append("black and white" if bool(views["grayscale"][r]) else "color")
                     name = self.classnames[int(d[r])][int(c[r])]
-                    texts.append(f"a {' '.join(words)} photo of a {name}.")
+                    if self.captions.startswith("web"):  # traits as adjectives inside the image's own web caption
+                        texts.append(self.pool_templates[int(t_gen[r])].format(f"{' '.join(words)} {name}"))
+                    else:
+                        texts.append(f"a {' '.join(words)} photo of a {name}.")
                 enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=77, return_tensors="pt")
                 new_width = max(width, enc["input_ids"].shape[1])
                 pad_id = self.tokenizer.pad_token_id or 0

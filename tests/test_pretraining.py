@@ -113,3 +113,36 @@ def test_text_tower_can_be_sized_apart_from_the_image_tower(pc, tmp_path):
     assert cfg.vision_config.hidden_size == args.width and cfg.vision_config.num_hidden_layers == args.layers
     same = pc.build_model(_args(pc, tmp_path), tok).config  # default: both towers alike
     assert same.text_config.hidden_size == same.vision_config.hidden_size == args.width
+
+
+def test_web_captions_avoid_the_evaluation_prompts_and_name_the_traits(pc, tmp_path):
+    args = _args(pc, tmp_path, captions="web", own_prob=0.0, describe_views=True, describe_prob=1.0)
+    tok = pc.build_tokenizer(args)
+    pool = pc.CaptionedPool(args, tok)
+    n = 48
+    idx = torch.arange(n)
+    names = pool.tasks["digits"]["task"].classnames
+    plain, _ = pool.caption_ids(idx, torch.Generator().manual_seed(0))
+    views = {  # every view degraded, blurry, close-up; the first half black and white
+        "degraded": torch.ones(n, dtype=torch.bool),
+        "crop_area": torch.full((n,), 0.4),
+        "blur_sigma": torch.full((n,), 1.5),
+        "grayscale": torch.arange(n) < n // 2,
+    }
+    ids, mask = pool.caption_ids(idx, torch.Generator().manual_seed(0), views)
+    web = {t.format("").replace(" ", "") for t in pc.WEB_TEMPLATES}
+    for i in range(n):
+        text = " ".join(tok.decode(ids[i][mask[i].bool()], skip_special_tokens=True).split())
+        name = names[int(pool.owner[i, 1])]
+        color = "black and white" if i < n // 2 else "color"
+        phrase = f"close-up blurry {color} {name}"
+        assert phrase.replace(" ", "") in text.replace(" ", ""), text
+        assert "photo" not in text and text.replace(" ", "").replace(phrase.replace(" ", ""), "") in web, text
+        first = tok.decode(plain[i], skip_special_tokens=True)
+        assert "photo" not in first and name in first.replace(" ", "")
+
+
+def test_unknown_caption_mode_is_a_typed_error(pc, tmp_path):
+    args = _args(pc, tmp_path, captions="webby")
+    with pytest.raises(ValueError, match="webby"):
+        pc.CaptionedPool(args, pc.build_tokenizer(args))
