@@ -6,9 +6,13 @@
     python benchmarks/run.py b2n [--quick]          # Protocol A for MergeTune: CoOp, MergeTune (+Fisher, ablations),
                                                     # TIES / DARE / WiSE / output ensemble (benchmarks/b2n.py)
 
-Options: ``--checkpoint DIR`` (a CLIPModel folder; default ``~/.cache/hf_cft/benchmark-clip-described/model``,
-pretrained on first use with ``recipes/configs/pretrain_clip_described.yaml`` (design C, 5,000 steps); in quick
-mode a 150-step model is built instead),
+Options: ``--checkpoint DIR`` (a CLIPModel folder). Without it each protocol uses its design's model, pretrained
+on first use (5,000 steps; in quick mode a 150-step model) outside the repository: ``zeroshot`` and ``headroom``
+use design F (``recipes/configs/pretrain_clip_web.yaml``, ``~/.cache/hf_cft/benchmark-clip-web/model``: web-like
+captions, the zero-shot model with CLIP-like headroom), ``b2n`` and ``b2n_head`` design C
+(``recipes/configs/pretrain_clip_described.yaml``, ``~/.cache/hf_cft/benchmark-clip-described/model``), on which
+prompt learning forgets novel classes -- what MergeTune must recover; on design F a learned context improves the
+novel classes too (benchmarks/README.md). ``--design C|F`` overrides the protocol's design.
 ``--data_dir`` (default ../shared/data), ``--out`` (default benchmarks/results), ``--seeds``.
 
 Each run writes ``<out>/<protocol>[-quick].json`` (machine, versions, date, checkpoint summary, numbers),
@@ -44,10 +48,15 @@ from hf_cft.data import (  # noqa: E402
     split_per_class_indices,
 )
 from hf_cft.data.image_pool import decode_split, normalize_batch  # noqa: E402
+from hf_cft.utils import atomic_path, atomic_write_bytes, atomic_write_json  # noqa: E402
 
 PROTOCOL_A = ("caltech101", "stanford_cars", "gtsrb", "aid30", "dtd10", "cifar10", "mnist")
-DEFAULT_CKPT = Path("~/.cache/hf_cft/benchmark-clip-described/model").expanduser()
-QUICK_CKPT = Path("~/.cache/hf_cft/benchmark-clip-quick/model").expanduser()
+# design -> (pretraining config, cache folder of its model); the protocol's default design
+DESIGNS = {
+    "C": ("pretrain_clip_described.yaml", "benchmark-clip-described"),
+    "F": ("pretrain_clip_web.yaml", "benchmark-clip-web"),
+}
+PROTOCOL_DESIGN = {"zeroshot": "F", "headroom": "F", "b2n": "C", "b2n_head": "C"}
 CACHE = Path("~/.cache/hf_cft/decoded").expanduser()
 
 
@@ -56,17 +65,26 @@ def _tilde(p: Path) -> str:
     return str(p).replace(home, "~", 1) if str(p).startswith(home) else str(p)
 
 
-def ensure_checkpoint(path: Path | None, quick: bool, data_dir: str) -> Path:
+def design_checkpoint(design: str, quick: bool = False) -> Path:
+    """Where the harness keeps (and builds on first use) the model of ``design``."""
+    if design not in DESIGNS:
+        raise SystemExit(f"unknown design {design!r}; choose one of {sorted(DESIGNS)}")
+    folder = DESIGNS[design][1] + ("-quick" if quick else "")
+    return Path(f"~/.cache/hf_cft/{folder}/model").expanduser()
+
+
+def ensure_checkpoint(path: Path | None, quick: bool, data_dir: str, design: str = "C") -> Path:
     if path is not None:
         if not (Path(path) / "config.json").is_file():
             raise SystemExit(f"--checkpoint {path} is not a model folder (no config.json)")
         return Path(path)
-    for candidate in (DEFAULT_CKPT, QUICK_CKPT if quick else None):
+    full, small = design_checkpoint(design), design_checkpoint(design, quick=True)
+    for candidate in (full, small if quick else None):
         if candidate is not None and (candidate / "config.json").is_file():
             return candidate
-    target = QUICK_CKPT if quick else DEFAULT_CKPT
+    target = small if quick else full
     steps = "150" if quick else "5000"
-    print(f"no checkpoint found: pretraining one ({steps} steps) into {_tilde(target.parent)}", flush=True)
+    print(f"no checkpoint found: pretraining design {design} ({steps} steps) into {_tilde(target.parent)}", flush=True)
     cmd = [
         sys.executable,
         "-m",
@@ -81,7 +99,7 @@ def ensure_checkpoint(path: Path | None, quick: bool, data_dir: str) -> Path:
         "no",
         str(REPO / "recipes" / "pretrain_clip.py"),
         "--config",
-        str(REPO / "recipes" / "configs" / "pretrain_clip_described.yaml"),
+        str(REPO / "recipes" / "configs" / DESIGNS[design][0]),
         "--data_dir",
         data_dir,
         "--max_steps",
@@ -405,7 +423,8 @@ def plot(result: dict, png: Path, title: str):
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -414,6 +433,9 @@ def main(argv=None):
     p.add_argument("protocol", choices=sorted(PROTOCOLS))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--checkpoint", type=Path, default=None)
+    p.add_argument(
+        "--design", choices=sorted(DESIGNS), default=None, help="pretraining design of the default model (C or F)"
+    )
     p.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
@@ -437,7 +459,8 @@ def main(argv=None):
         raise SystemExit(f"data folder {args.data_dir} not found (pass --data_dir)")
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    ckpt = ensure_checkpoint(args.checkpoint, args.quick, args.data_dir)
+    design = args.design or PROTOCOL_DESIGN[args.protocol]
+    ckpt = ensure_checkpoint(args.checkpoint, args.quick, args.data_dir, design)
     model, tok, size = load_model(ckpt)
     if args.device:
         model.to(args.device)
@@ -463,13 +486,13 @@ def main(argv=None):
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.protocol + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(args.out / f"{stem}.json", record)
     head = (
         f"# {args.protocol}{' (quick)' if args.quick else ''}\n\nSmall pretrained CLIP ({_tilde(ckpt)}), "
         f"../shared/data (small re-encoded subsets, not the official datasets); {record['machine']['cpus']} CPU "
         f"cores, no GPU; {record['date']}; seeds {args.seeds}.\n\n"
     )
-    (args.out / f"{stem}.md").write_text(head + "\n".join(result["table"]) + "\n")
+    atomic_write_bytes(args.out / f"{stem}.md", (head + "\n".join(result["table"]) + "\n").encode())
     plot(result, args.out / f"{stem}.png", f"{args.protocol} — small pretrained CLIP on ../shared/data")
     print("\n".join(result["table"]))
     print(f"\nwritten: {args.out / stem}.{{json,md,png}} in {record['seconds']:.0f}s")

@@ -1,0 +1,87 @@
+"""The benchmark harness's model selection and the pretraining-curve tool (no model is trained here)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def run():
+    return _load("run")
+
+
+def test_every_protocol_has_a_design_with_a_config(run):
+    assert set(run.PROTOCOL_DESIGN) == set(run.PROTOCOLS)
+    configs = BENCH.parent / "recipes" / "configs"
+    for design in set(run.PROTOCOL_DESIGN.values()):
+        assert (configs / run.DESIGNS[design][0]).is_file()
+    assert run.PROTOCOL_DESIGN["headroom"] == "F" and run.PROTOCOL_DESIGN["b2n"] == "C"
+
+
+def test_design_checkpoints_are_distinct_cache_folders(run):
+    paths = {run.design_checkpoint(d, quick=q) for d in run.DESIGNS for q in (False, True)}
+    assert len(paths) == 2 * len(run.DESIGNS)
+    assert run.design_checkpoint("F").parent.name == "benchmark-clip-web"
+    with pytest.raises(SystemExit, match="unknown design 'Z'"):
+        run.design_checkpoint("Z")
+
+
+def test_a_checkpoint_without_config_is_refused_by_name(run, tmp_path):
+    with pytest.raises(SystemExit, match=str(tmp_path)):
+        run.ensure_checkpoint(tmp_path, quick=False, data_dir=str(tmp_path), design="F")
+    (tmp_path / "config.json").write_text("{}")
+    assert run.ensure_checkpoint(tmp_path, quick=False, data_dir=str(tmp_path), design="F") == tmp_path
+
+
+def _curve(path, steps, evals=()):
+    lines = [
+        {"step": s, "minutes": s / 100, "loss": 5.0 - s / 100, "images_per_s": 100.0 + s, "lr": 1e-3, "epoch": 0}
+        for s in steps
+    ]
+    lines += [
+        {"step": s, "minutes": s / 100, "zeroshot": {"a": {"ensemble": acc}, "b": {"ensemble": 0.0}}}
+        for s, acc in evals
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    return path
+
+
+def test_pretrain_curves_summarise_and_plot(tmp_path):
+    pc = _load("pretrain_curves")
+    f = _curve(tmp_path / "f.jsonl", range(10, 210, 10), evals=[(100, 40.0), (200, 60.0)])
+    c = _curve(tmp_path / "c.jsonl", range(10, 110, 10))
+    s = pc.summarise(pc.read_curve(f))
+    assert s["steps"] == 200 and s["minutes"] == 2.0
+    assert s["final_loss"] == pytest.approx(sum(5.0 - k / 100 for k in range(110, 210, 10)) / 10)
+    assert s["median_images_per_s"] == pytest.approx(100.0 + 105.0)
+    pc.main([str(tmp_path / "out" / "curves"), f"F={f}", f"C={c}", "--batch_size", "8"])
+    md = (tmp_path / "out" / "curves.md").read_text()
+    assert "| F | 200 | 1,600 |" in md and "| C | 100 | 800 |" in md
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
+
+
+def test_pretrain_curves_bad_inputs_name_the_file(tmp_path):
+    pc = _load("pretrain_curves")
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        pc.read_curve(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 1, "loss": 2}\nnot json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        pc.read_curve(bad)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"step": 1, "zeroshot": {}}\n')
+    with pytest.raises(ValueError, match="no loss records"):
+        pc.read_curve(empty)
+    with pytest.raises(SystemExit, match="LABEL=PATH"):
+        pc.main([str(tmp_path / "x"), "no-label"])
