@@ -191,7 +191,7 @@ def protocol_headroom(model, tok, size, args) -> dict:
     from hf_cft.trainers import fit_linear_probe, train_coop_on_features
 
     rows = {}
-    lrs = tuple(args.coop_lrs) if args.coop_lrs else ((0.02,) if args.quick else (0.005, 0.02))
+    lrs = tuple(args.coop_lrs) if args.coop_lrs else (0.01,)
     epochs = args.coop_epochs or (20 if args.quick else 50)
     quick_sets = ("dtd10", "aid30", "gtsrb")  # the quick mode's subset (keeps it under 5 minutes)
     loaded = _load_features(args.features) if args.features else None
@@ -328,7 +328,7 @@ def protocol_b2n(model, tok, size, args) -> dict:
 
     hp = {
         "optimizer": args.coop_optimizer,
-        "lr": (args.coop_lrs or [0.002 if args.coop_optimizer == "sgd" else 0.002])[0],
+        "lr": (args.coop_lrs or [0.01])[0],
         "epochs": args.coop_epochs or (20 if args.quick else 50),
         "batch_size": args.coop_batch_size,
         "lam": args.mt_lambda,
@@ -368,7 +368,7 @@ def protocol_b2n_head(model, tok, size, args) -> dict:
 
     hp = {
         "optimizer": args.coop_optimizer,
-        "lr": (args.coop_lrs or [0.002])[0],
+        "lr": (args.coop_lrs or [0.01])[0],
         "epochs": args.coop_epochs or (20 if args.quick else 50),
         "batch_size": args.coop_batch_size,
         "lam": args.mt_lambda,
@@ -440,8 +440,11 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--datasets", nargs="+", default=None, help="restrict to these datasets")
-    p.add_argument("--coop_lrs", type=float, nargs="+", default=None, help="CoOp lr grid (chosen on validation)")
-    p.add_argument("--coop_optimizer", choices=("sgd", "adamw"), default="sgd", help="CoOp optimiser")
+    # CoOp defaults are the settings of every committed table: AdamW, lr 0.01, 50 epochs, batch 128
+    p.add_argument(
+        "--coop_lrs", type=float, nargs="+", default=None, help="CoOp lr grid (chosen on validation; default 0.01)"
+    )
+    p.add_argument("--coop_optimizer", choices=("sgd", "adamw"), default="adamw", help="CoOp optimiser")
     p.add_argument("--coop_n_ctx", type=int, default=None, help="CoOp context length (default: 'a photo of a' init)")
     p.add_argument("--mt_lambda", type=float, default=8.0, help="MergeTune anchor weight (b2n)")
     p.add_argument("--mt_beta", type=float, default=0.5, help="MergeTune path weight (b2n)")
@@ -451,7 +454,7 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="run on this torch device (e.g. cuda)")
     p.add_argument("--features_only", action="store_true", help="b2n: only write --save_features")
     p.add_argument("--features", default=None, help="b2n: read image features from this file (no images needed)")
-    p.add_argument("--coop_batch_size", type=int, default=32, help="CoOp/MergeTune batch size (b2n)")
+    p.add_argument("--coop_batch_size", type=int, default=128, help="CoOp/MergeTune batch size (b2n)")
     p.add_argument("--coop_epochs", type=int, default=None, help="CoOp epochs (default 50; quick 20)")
     args = p.parse_args(argv)
     args.seeds = args.seeds or ([1] if args.quick else [1, 2, 3])
