@@ -97,6 +97,9 @@ def ensure_checkpoint(path: Path | None, quick: bool, data_dir: str, design: str
         "no",
         "--dynamo_backend",
         "no",
+        # without it accelerate launch sets OMP_NUM_THREADS=1 on a machine without a GPU (half the speed on 2 cores)
+        "--num_cpu_threads_per_process",
+        os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count() or 1),
         str(REPO / "recipes" / "pretrain_clip.py"),
         "--config",
         str(REPO / "recipes" / "configs" / DESIGNS[design][0]),
