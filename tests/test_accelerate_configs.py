@@ -84,6 +84,8 @@ PROBE = textwrap.dedent(
     if acc.is_main_process:
         json.dump({{"hf_cft": hf_cft.__file__, "processes": acc.num_processes, "type": str(acc.distributed_type), "ranks": total,
                    "accuracy": res.accuracy, "total": res.total}}, open({out!r}, "w"))
+    acc.wait_for_everyone()
+    acc.end_training()  # destroys the process group: no gloo teardown race at interpreter exit
     """
 )
 
