@@ -187,6 +187,30 @@ def protocol_zeroshot(model, tok, size, args) -> dict:
     return {"rows": rows, "mean": mean, "table": lines, "plot": ("bars", ["chance", "single", "ensemble"])}
 
 
+QUICK_SETS = ("dtd10", "aid30", "gtsrb")  # the Protocol A datasets of quick mode (keeps it under 5 minutes)
+
+
+def _datasets(args) -> tuple[str, ...]:
+    return tuple(args.datasets) if args.datasets else (QUICK_SETS if args.quick else PROTOCOL_A)
+
+
+def _coop_epochs(args) -> int:
+    return args.coop_epochs or (20 if args.quick else 50)
+
+
+def _b2n_hyper_parameters(args) -> dict:
+    """CoOp / MergeTune settings shared by the prompt and head rows of Protocol A (first lr of the grid)."""
+    return {
+        "optimizer": args.coop_optimizer,
+        "lr": (args.coop_lrs or [0.01])[0],
+        "epochs": _coop_epochs(args),
+        "batch_size": args.coop_batch_size,
+        "lam": args.mt_lambda,
+        "beta": args.mt_beta,
+        "tau": args.mt_tau,
+    }
+
+
 def protocol_headroom(model, tok, size, args) -> dict:
     from peft import get_peft_model
 
@@ -195,10 +219,9 @@ def protocol_headroom(model, tok, size, args) -> dict:
 
     rows = {}
     lrs = tuple(args.coop_lrs) if args.coop_lrs else (0.01,)
-    epochs = args.coop_epochs or (20 if args.quick else 50)
-    quick_sets = ("dtd10", "aid30", "gtsrb")  # the quick mode's subset (keeps it under 5 minutes)
+    epochs = _coop_epochs(args)
     loaded = _load_features(args.features) if args.features else None
-    for name in args.datasets or (quick_sets if args.quick else PROTOCOL_A):
+    for name in _datasets(args):
         t0 = time.perf_counter()
         task, f = task_features(model, size, name, args, loaded)
         test_f, test_y, down_f, down_y = f["test_f"], f["test_y"], f["down_f"], f["down_y"]
@@ -329,18 +352,10 @@ def _load_features(path):
 def protocol_b2n(model, tok, size, args) -> dict:
     import b2n
 
-    hp = {
-        "optimizer": args.coop_optimizer,
-        "lr": (args.coop_lrs or [0.01])[0],
-        "epochs": args.coop_epochs or (20 if args.quick else 50),
-        "batch_size": args.coop_batch_size,
-        "lam": args.mt_lambda,
-        "beta": args.mt_beta,
-        "tau": args.mt_tau,
-    }
+    hp = _b2n_hyper_parameters(args)
     per_dataset, saved, meta = {}, {}, {}
     loaded = _load_features(args.features) if args.features else None
-    for name in args.datasets or (("dtd10", "aid30", "gtsrb") if args.quick else PROTOCOL_A):
+    for name in _datasets(args):
         t0 = time.perf_counter()
         task, feats = task_features(model, size, name, args, loaded)
         saved.update({f"{name}/{k}": v.contiguous() for k, v in feats.items()})
@@ -369,18 +384,10 @@ def protocol_b2n_head(model, tok, size, args) -> dict:
     """Protocol A's linear-head rows (``b2n.HEAD_ROWS``) on the seven datasets, same shots and hyper-parameters."""
     import b2n
 
-    hp = {
-        "optimizer": args.coop_optimizer,
-        "lr": (args.coop_lrs or [0.01])[0],
-        "epochs": args.coop_epochs or (20 if args.quick else 50),
-        "batch_size": args.coop_batch_size,
-        "lam": args.mt_lambda,
-        "beta": args.mt_beta,
-        "tau": args.mt_tau,
-    }
+    hp = _b2n_hyper_parameters(args)
     per_dataset = {}
     loaded = _load_features(args.features) if args.features else None
-    for name in args.datasets or (("dtd10", "aid30", "gtsrb") if args.quick else PROTOCOL_A):
+    for name in _datasets(args):
         t0 = time.perf_counter()
         task, feats = task_features(model, size, name, args, loaded)
         per_dataset[name] = b2n.run_head_dataset(
