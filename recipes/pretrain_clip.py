@@ -184,6 +184,7 @@ class CaptionedPool:
         if args.captions not in CAPTION_MODES:
             raise ValueError(f"captions={args.captions!r} is not one of {CAPTION_MODES}")
         cache = args.cache_dir or str(hf_cft_cache_dir("decoded"))
+        self.web = args.captions in ("web", "web_photo")
         self.pool_templates = {"web": WEB_TEMPLATES, "web_photo": WEB_TEMPLATES + WEB_PHOTO_TEMPLATES}.get(
             args.captions, GENERIC_TEMPLATES
         )
@@ -199,12 +200,14 @@ class CaptionedPool:
             )
             im, lab = decode_split(pool, args.image_size, cache, f"{name}-pretrain-pool")
             images.append(im)
-            # caption table of this dataset: own templates and generic templates for every class
+            # caption table of this dataset: own templates and pool (generic or web) templates for every class
             own = format_prompts(task.classnames, task.templates)
-            if args.captions.startswith("web"):
+            if self.web:
                 seen = set(self.pool_templates) & {"a photo of a {}.", *task.templates}
                 if seen:
-                    raise ValueError(f"WEB_TEMPLATES contains evaluation prompts of dataset {name!r}: {sorted(seen)}")
+                    raise ValueError(
+                        f"the web caption pool contains evaluation prompts of dataset {name!r}: {sorted(seen)}"
+                    )
             gen = format_prompts(task.classnames, self.pool_templates)
             base = len(texts)
             texts += own + gen
@@ -256,7 +259,7 @@ class CaptionedPool:
                     if said[r, 2]:
                         words.append("black and white" if bool(views["grayscale"][r]) else "color")
                     name = self.classnames[int(d[r])][int(c[r])]
-                    if self.captions.startswith("web"):  # traits as adjectives inside the image's own web caption
+                    if self.web:  # traits as adjectives inside the image's own web caption
                         texts.append(self.pool_templates[int(t_gen[r])].format(f"{' '.join(words)} {name}"))
                     else:
                         texts.append(f"a {' '.join(words)} photo of a {name}.")
