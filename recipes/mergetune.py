@@ -74,7 +74,7 @@ class MergeTuneRecipeArguments:
     dataset: str = field(default="digits", metadata={"help": "Dataset name, folder or Hub id ('digits': offline)."})
     data_dir: str | None = field(default=None, metadata={"help": "Folder of local datasets (default ../shared/data)."})
     shots: int = field(default=16, metadata={"help": "Training images per base class."})
-    downstream_pool: bool = field(default=False, metadata={"help": "Shots from the 30% downstream pool (benchmarks)."})
+    downstream_pool: bool = field(default=False, metadata={"help": "Shots from the 30%% downstream pool (benchmarks)."})
     finetuned: str | None = field(default=None, metadata={"help": "An existing CoOp adapter (skips CoOp training)."})
     ctx_init: str = field(default="a photo of a", metadata={"help": "CoOp context initialisation."})
     coop_epochs: float = field(default=40, metadata={"help": "CoOp epochs (the fine-tuned solution)."})

@@ -11,7 +11,7 @@ What goes up is exactly the artefact's saved folder (safetensors weights + JSON 
   :class:`~hf_cft.merging.DeltaFusionMerger` (ConDU bundle) or a :class:`~hf_cft.merging.PAMState`; it is saved
   to a temporary folder, its card built from ``card_kwargs`` by the matching function of :mod:`hf_cft.hub.cards`.
 - :func:`push_adapter_to_hub` — :func:`push_to_hub` for PEFT adapters.
-- :func:`snapshot`, :func:`load_adapter`, :func:`load_model` — a local folder or a Hub repo id (through
+- :func:`snapshot`, :func:`load_adapter_model`, :func:`load_model` — a local folder or a Hub repo id (through
   ``huggingface_hub.snapshot_download``) checked for safetensors-only, readable weights before loading, with typed
   errors. ``DeltaFusionMerger.from_pretrained`` and ``PAMState.from_pretrained`` take repo ids themselves.
 
@@ -48,6 +48,7 @@ __all__ = [
     "PICKLE_SUFFIXES",
     "artefact_kind",
     "load_adapter",
+    "load_adapter_model",
     "load_model",
     "push_adapter_to_hub",
     "push_folder_to_hub",
@@ -307,7 +308,7 @@ def _check_adapter_folder(folder: Path) -> dict:
     return config
 
 
-def load_adapter(
+def load_adapter_model(
     base_model,
     path_or_repo_id: str | os.PathLike,
     adapter_name: str = "default",
@@ -328,6 +329,20 @@ def load_adapter(
         raise AdapterError(
             f"Cannot load adapter {str(path_or_repo_id)!r} into {type(base_model).__name__}: {exc}"
         ) from exc
+
+
+def load_adapter(base_model, path_or_repo_id: str | os.PathLike, *args, **kwargs):
+    """Deprecated alias of :func:`load_adapter_model` (removed in the next release): its name shadowed
+    ``PeftModel.load_adapter(path, adapter_name)``, which takes other arguments and adds an adapter to a model."""
+    import warnings
+
+    warnings.warn(
+        "hf_cft.hub.load_adapter(base, path) is renamed load_adapter_model(base, path) (it differs from PEFT's "
+        "PeftModel.load_adapter(path, adapter_name)); the old name goes in the next release.",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return load_adapter_model(base_model, path_or_repo_id, *args, **kwargs)
 
 
 def load_model(path_or_repo_id: str | os.PathLike, revision: str | None = None):
