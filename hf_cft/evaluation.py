@@ -73,6 +73,19 @@ def _is_merger(model) -> bool:
     return isinstance(model, DeltaFusionMerger)
 
 
+def _torch_model(model) -> torch.nn.Module:
+    """The ``nn.Module`` that runs the images: the model itself, or a ConDU router's / merger's base model."""
+    if _is_router(model) or _is_merger(model):
+        if model.base_model is None:
+            raise AdapterError(
+                "A DeltaFusionMerger is evaluated through its semantic router, which needs the base model: load it "
+                "with DeltaFusionMerger.from_pretrained(path, base_model=clip), or pass SemanticRouter(merger, clip, "
+                "tokenizer)."
+            )
+        return model.base_model
+    return model
+
+
 def describe_model(model, task: str | None = None) -> str:
     """What :func:`evaluate` evaluates, in words (e.g. ``"CoOp adapter 'default'"``,
     ``"ConDU bundle (routing, top-4)"``, ``"CLIPModel, template-ensembled text head"``)."""
@@ -150,13 +163,7 @@ def _classifier(
     if _is_merger(model):
         from hf_cft.merging.router import SemanticRouter
 
-        if model.base_model is None:
-            raise AdapterError(
-                "A DeltaFusionMerger is evaluated through its semantic router, which needs the base model: load it "
-                "with DeltaFusionMerger.from_pretrained(path, base_model=clip), or pass SemanticRouter(merger, clip, "
-                "tokenizer)."
-            )
-        model = SemanticRouter(model, model.base_model, tokenizer, top_k=top_k)
+        model = SemanticRouter(model, _torch_model(model), tokenizer, top_k=top_k)
     if _is_router(model):
         if task is not None:
             model.merger.task_index(task)  # a TaskError naming an unknown task
@@ -202,12 +209,20 @@ def class_logits(
 
     ``pixel_values`` are already transformed (``[N, 3, H, W]``; see :func:`eval_transform`). Evaluating many
     batches? :func:`evaluate` computes the text side once.
+
+    **transformers' pipeline.** A plain CLIP folder as hf_cft writes it (model, tokenizer and
+    ``preprocessor_config.json``: the pretraining recipe, ``hf-cft merge``) works as
+    ``pipeline("zero-shot-image-classification", model=folder)``, with the probabilities of
+    ``class_logits(model, tokenizer, pixel_values, labels, ["This is a photo of {}."]).softmax(-1)``; a LoRA
+    adapter too after ``peft_model.merge_and_unload()`` (pass ``tokenizer=`` and ``image_processor=``). CoOp
+    prompts and a linear head cannot be used there: the pipeline writes its own text prompts and reads the
+    model's ``logits_per_image``, which has no place for learned context vectors or a classification head (and a
+    ConDU bundle is several models) — use this function or :func:`evaluate` for them.
     """
     from hf_cft.models.clip import model_device
 
     fn = _classifier(model, tokenizer, classnames, templates, task=task)
-    target = model.base_model if (_is_router(model) or _is_merger(model)) else model
-    return fn(pixel_values.to(model_device(target)))
+    return fn(pixel_values.to(model_device(_torch_model(model))))
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -304,9 +319,7 @@ def eval_transform(model):
     from hf_cft.data.transforms import ImageTransform
     from hf_cft.models.clip import unwrap_model
 
-    if _is_router(model) or _is_merger(model):
-        model = model.base_model
-    base = unwrap_model(model)
+    base = unwrap_model(_torch_model(model))
     folder = getattr(getattr(base, "config", None), "_name_or_path", None)
     if folder and (Path(folder) / "preprocessor_config.json").is_file():
         from transformers import AutoImageProcessor
@@ -452,7 +465,7 @@ def evaluate(
         }
     else:
         parts = {"all": (data, classnames)}
-    target = model.base_model if (_is_router(model) or _is_merger(model)) else model
+    target = _torch_model(model)
     transform = transform or eval_transform(model)
     device = model_device(target)
     was_training = target.training

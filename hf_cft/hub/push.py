@@ -64,6 +64,11 @@ _SKIP_DIRS = {".git", ".cache", "__pycache__", ".pending-save"}  # .pending-save
 # ------------------------------------------------------------------------------------------------ folders
 
 
+def _cause(exc: BaseException) -> str:
+    """``"Type: message"`` of a Hub / network error on one line (huggingface_hub's messages span several)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
 def _folder_files(folder: Path) -> list[Path]:
     """The files of an artefact folder to upload (relative paths), after refusing pickle and unreadable weights."""
     from safetensors import safe_open
@@ -117,7 +122,9 @@ def push_folder_to_hub(
     folder when no card is given. ``eval_results``: ``EvalResultEntry`` objects (see
     :func:`~hf_cft.hub.eval_result_entries`) written as ``.eval_results/*.yaml``. ``api`` (an ``HfApi``) or
     ``endpoint`` / ``token`` choose the server. The folder must hold safetensors weights and no pickle files
-    (:class:`~hf_cft.errors.HubError`); unreadable safetensors raise :class:`~hf_cft.errors.BundleError`.
+    (:class:`~hf_cft.errors.HubError`); unreadable safetensors raise :class:`~hf_cft.errors.BundleError`. A failed
+    upload (no network, connection refused, authentication, a rejected commit) raises
+    :class:`~hf_cft.errors.HubError` naming the repo and the endpoint.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
@@ -135,15 +142,19 @@ def push_folder_to_hub(
     operations += [CommitOperationAdd(path_in_repo=f.as_posix(), path_or_fileobj=str(folder / f)) for f in files]
     operations += [CommitOperationAdd(path_in_repo=p, path_or_fileobj=data) for p, data in extra.items()]
     api = api if api is not None else HfApi(endpoint=endpoint, token=token)
-    if create_repo:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    return api.create_commit(
-        repo_id,
-        operations=operations,
-        commit_message=commit_message or f"Upload {folder.name} with hf_cft",
-        revision=revision,
-        repo_type="model",
-    )
+    try:
+        if create_repo:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        return api.create_commit(
+            repo_id,
+            operations=operations,
+            commit_message=commit_message or f"Upload {folder.name} with hf_cft",
+            revision=revision,
+            repo_type="model",
+        )
+    except Exception as exc:  # no network, refused, auth, rejected commit: one typed error naming the repo
+        where = getattr(api, "endpoint", None) or endpoint or "the Hub"
+        raise HubError(f"Cannot push {str(folder)!r} to {repo_id!r} at {where} ({_cause(exc)}).") from exc
 
 
 # ------------------------------------------------------------------------------------------------ artefacts
@@ -281,8 +292,7 @@ def snapshot(
         return Path(snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=patterns))
     except Exception as exc:  # offline, unknown repo, auth, bad id: one typed error naming the repo
         raise HubError(
-            f"{str(path_or_repo_id)!r} is neither a local folder nor a downloadable Hub repo "
-            f"({type(exc).__name__}: {exc})."
+            f"{str(path_or_repo_id)!r} is neither a local folder nor a downloadable Hub repo ({_cause(exc)})."
         ) from exc
 
 
