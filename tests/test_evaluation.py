@@ -85,7 +85,7 @@ def test_evaluate_uses_what_the_model_carries(kind, data, toy_tokenizer):
     text = repr(res)
     assert "tensor" not in text and len(text) < 200 and "toy5 test" in text
     if kind != "plain":
-        assert f"adapter 'default'" in res.evaluated
+        assert "adapter 'default'" in res.evaluated
 
 
 @pytest.mark.parametrize("kind", ["plain", "coop", "head"])
