@@ -652,6 +652,12 @@ def strategy_options(name: str) -> set[str] | None:
     return _accepted_options(STRATEGIES[name])
 
 
+def check_choice(owner: str, option: str, value, choices) -> None:
+    """Raise :class:`ContinualError` naming ``owner`` and ``option`` unless ``value`` is one of ``choices``."""
+    if isinstance(value, bool) or value not in tuple(choices):
+        raise ContinualError(f"strategy {owner!r}: option {option} must be one of {tuple(choices)}, got {value!r}")
+
+
 def check_number(
     owner: str, option: str, value, low: float | None = None, high: float | None = None, low_open: bool = False
 ) -> float:

@@ -397,9 +397,11 @@ class LazyDelta(Mapping):
         getter: Callable[[str], torch.Tensor],
         base_fingerprint: str | None = None,
         description: str = "lazy delta",
+        range_getter: Callable[[str, int, int], torch.Tensor] | None = None,
     ):
         self._shapes = {k: tuple(v) for k, v in shapes.items()}
         self._getter = getter
+        self._range_getter = range_getter
         self.base_fingerprint = base_fingerprint
         self.description = description
 
@@ -431,7 +433,21 @@ class LazyDelta(Mapping):
             except Exception as exc:
                 raise BundleError(f"Cannot read tensor {key!r} of the delta file {str(path)!r}: {exc}") from exc
 
-        return cls(shapes, read, fp, str(path))
+        def read_range(key: str, start: int, stop: int) -> torch.Tensor:
+            # only the rows that hold flat entries start:stop are read (safetensors slices the first dimension)
+            shape = shapes[key]
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as h:
+                    if len(shape) == 0:
+                        return h.get_tensor(key).reshape(-1)[start:stop]
+                    row = math.prod(shape[1:])
+                    first, last = start // row, -(-stop // row)
+                    rows = h.get_slice(key)[first:last].reshape(-1)
+                    return rows[start - first * row : stop - first * row]
+            except Exception as exc:
+                raise BundleError(f"Cannot read tensor {key!r} of the delta file {str(path)!r}: {exc}") from exc
+
+        return cls(shapes, read, fp, str(path), range_getter=read_range)
 
     @classmethod
     def from_models(
@@ -467,6 +483,17 @@ class LazyDelta(Mapping):
         t = self._getter(key).detach().to(torch.float32)
         if tuple(t.shape) != self._shapes[key]:
             raise DeltaError(f"Key {key!r} of {self.description} changed shape while being read.")
+        _check_finite(key, t, f"of {self.description}")
+        return t
+
+    def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Entries ``start:stop`` of ``key``'s flattened tensor as fp32, checked for NaN/inf. A delta file reads
+        only the rows that hold them; other lazy deltas compute the whole key and slice it."""
+        if key not in self._shapes:
+            raise KeyError(key)
+        if self._range_getter is None:
+            return self[key].reshape(-1)[start:stop]
+        t = self._range_getter(key, start, stop).detach().to(torch.float32)
         _check_finite(key, t, f"of {self.description}")
         return t
 
@@ -788,7 +815,11 @@ class FunctionalExpert:
                     "is not a parameter or buffer" if base is None else f"has shape {tuple(d.shape)}, not the model's"
                 )
                 raise DeltaError(f"Delta key {k!r} {what} of {type(model).__name__}.")
-            self.params[k] = base.detach() + scale * d.to(device=base.device, dtype=base.dtype)
+            # θ⁰ + s·δ in fp32, rounded once to θ⁰'s dtype: the evaluator's rule (continual.weights.delta_parameters);
+            # adding δ already rounded to a bf16 θ⁰'s dtype rounded twice (issue 17 item 12)
+            wide = torch.promote_types(base.dtype, torch.float32)
+            w = base.detach().to(wide) + scale * d.to(device=base.device, dtype=wide)
+            self.params[k] = w.to(base.dtype)
 
     def __call__(self, *args, **kwargs):
         from torch.func import functional_call
