@@ -519,7 +519,7 @@ def emr(deltas: Sequence[Mapping[str, Tensor]], rescaler: str = "mean", zero_sig
     unified: Delta = {}
     packed: list[dict[str, PackedMask]] = [{} for _ in range(n)]
     num, den = [0.0] * n, [0.0] * n
-    for key, shape in shapes.items():
+    for key, shape in sorted(shapes.items()):  # one order whatever the source (a file lists its keys sorted)
         flats = [None if isinstance(d, LazyDelta) else _f32(d[key]).reshape(-1) for d in deltas]
 
         def get(i, lo, hi, key=key, flats=flats):

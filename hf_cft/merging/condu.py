@@ -125,12 +125,13 @@ def _unify_slice(
     u_abs = torch.zeros_like(sigma)
     masks, num = [], []
     for i in range(n):
-        sd = sigma * get(i)  # σ·δ^i: positive exactly where the entry agrees with the elected sign
+        d = get(i)
+        sd = sigma * d  # σ·δ^i: positive exactly where the entry agrees with the elected sign
         m = sd > 0
         torch.maximum(u_abs, sd.clamp_min(0.0), out=u_abs)  # max_i M^i⊙|δ^i|
         masks.append(m)
-        num.append(float(sd.abs().sum(dtype=torch.float64)))
-        del sd
+        num.append(float(d.abs().sum(dtype=torch.float64)))  # |δ^i|, also where σ = 0
+        del sd, d
     den = [float((u_abs * m).sum(dtype=torch.float64)) for m in masks]
     u = torch.where(u_abs > 0, sigma * u_abs, 0.0)  # no negative zeros where nothing was selected
     return u, [PackedMask.pack(m).bits for m in masks], num, den

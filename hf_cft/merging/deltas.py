@@ -56,6 +56,7 @@ __all__ = [
     "delta_from_models",
     "functional_expert",
     "iter_delta",
+    "dense_delta_from_factors",
     "lora_factor_delta",
     "save_delta",
     "validate_delta",
@@ -731,6 +732,35 @@ def lora_factor_delta(
     if missing:
         raise DeltaError(f"The {where} lacks the reference's LoRA target {sorted(missing)[0]!r}.")
     out.base_fingerprint = base_fingerprint(reference)
+    return out
+
+
+def dense_delta_from_factors(factor_delta: Mapping[str, torch.Tensor], reference: nn.Module) -> TaskDelta:
+    """The dense weight delta of factor deltas (``lora_merge="factors"``): per LoRA target of ``reference``,
+    ``ΔW = s·(B⁰ + δ_B)(A⁰ + δ_A) − s·B⁰A⁰``, keyed by the base weight (``<module>.weight``), fp32.
+
+    ``factor_delta`` is keyed like :func:`lora_factor_delta` (``base_model.model.<module>.lora_A.<adapter>.weight``),
+    e.g. a rebuilt ConDU (LoRA) expert λ·M⊙u; ``reference`` is the ``PeftModel`` holding θ⁰ and the initial adapter
+    (A⁰, B⁰). θ⁰ + ΔW is the model that θ⁰ + the adapter (A⁰ + δ_A, B⁰ + δ_B) computes, so the expert can be run on
+    the plain θ⁰ (no PEFT wrapper), like a ``"dense"`` one. A target missing from ``factor_delta`` raises
+    :class:`DeltaError` naming it."""
+    if not _is_peft_model(reference):
+        raise AdapterError("dense_delta_from_factors needs the reference as a PeftModel holding the initial adapter.")
+    ref_name = reference.active_adapter if isinstance(reference.active_adapter, str) else reference.active_adapter[0]
+    config, tensors, where = _read_adapter(reference, ref_name)
+    groups = _lora_groups(config, tensors, f"reference adapter {ref_name!r}")
+    out = TaskDelta()
+    for module, g in groups.items():
+        factors = {}
+        for part in ("lora_A", "lora_B"):
+            key = f"base_model.model.{module}.{part}.{ref_name}.weight"
+            if key not in factor_delta:
+                raise DeltaError(f"The factor delta lacks {key!r}, a factor of the reference adapter.")
+            factors[part] = g[f"{part}.weight"].to(torch.float32) + factor_delta[key].to(torch.float32).cpu()
+        a0, b0, s = g["lora_A.weight"].to(torch.float32), g["lora_B.weight"].to(torch.float32), g["scaling"]
+        dw = s * (factors["lora_B"] @ factors["lora_A"] - b0 @ a0)
+        out[f"{module}.weight"] = dw.t().contiguous() if g["fan_in_fan_out"] else dw
+    out.base_fingerprint = None  # keyed by θ⁰'s weights, not by the reference's (whose fingerprint the factors carry)
     return out
 
 
