@@ -25,6 +25,7 @@ from hf_cft.data.transforms import (
     ImageTransform,
     apply_image_transform,
     decode_image,
+    eval_view,
     image_key,
     set_transform_epoch,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "load_classification_dataset",
     "load_digits_dataset",
     "select_classes",
+    "eval_view",
     "set_transform_epoch",
     "split_per_class",
     "split_per_class_indices",
