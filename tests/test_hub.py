@@ -13,8 +13,7 @@ import huggingface_hub
 import pytest
 import torch
 import yaml
-from hub_fake import FakeHub
-from huggingface_hub import HfApi, ModelCard, parse_eval_result_entries
+from huggingface_hub import ModelCard, parse_eval_result_entries
 from peft import LoraConfig, get_peft_model
 
 from hf_cft import CoOpConfig, LinearHeadConfig, VPTConfig
@@ -48,21 +47,6 @@ ROWS = [
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # PEFT looks for the base model's config to decide on saving embeddings; offline it cannot, and says so
 pytestmark = pytest.mark.filterwarnings("ignore:Could not find a config file:UserWarning")
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    """The fake Hub, online; any request not made through ``hub.api`` also lands there (and is recorded), never on
-    the internet. Call ``offline(monkeypatch)`` before pulling, so loaders do not look for base-model files."""
-    constants = huggingface_hub.constants
-    with FakeHub() as server:
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest sets HF_HUB_OFFLINE=1
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(
-            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
-        )
-        server.api = HfApi(endpoint=server.url, token="hf_fake")
-        yield server
 
 
 def offline(monkeypatch):

@@ -26,6 +26,7 @@ from hf_cft.data.transforms import (
     apply_image_transform,
     decode_image,
     image_key,
+    model_transform,
     set_transform_epoch,
 )
 
@@ -54,6 +55,7 @@ __all__ = [
     "list_specs",
     "load_classification_dataset",
     "load_digits_dataset",
+    "model_transform",
     "select_classes",
     "set_transform_epoch",
     "split_per_class",
