@@ -23,8 +23,8 @@ novel), initialised with the single-template zero-shot text features (V_zs, so `
 ``zs_single``), fitted on the base shots with the softmax over all classes (so the novel rows move too: pushed
 away from base images, which is where a text-initialised linear probe forgets); base accuracy is read from the
 base rows, novel accuracy from the novel rows, each in its own label space. ``head_lp`` (ŵ2), ``head_mergetune``
-(λ = 8 on Σ(V − V_zs)²/(2C) — MergeTuneTrainer's Σ(W − W_zs)² anchor in the units of the prompt family's cosine
-anchor; β = 0.5, N = 5, τ = 0.3 interpolation init), its Fisher / λ = 0 / β = 0 variants, TIES / DARE of
+(the one head anchor Σ(W − W_zs)² on W = scale·V with λ = 8/(2C·scale²), i.e. λ = 8 in the units of the prompt
+family's cosine anchor; β = 0.5, N = 5, τ = 0.3 interpolation init), its Fisher / λ = 0 / β = 0 variants, TIES / DARE of
 V_ft − V_zs, WiSE on the base validation shots and the output ensemble, with the prompt rows' optimiser, epochs and
 batch size; the probe's learning rate is chosen per dataset and seed on the base validation shots from
 ``HEAD_LRS`` (a text-initialised head at the prompt rows' 0.01 over-fits 16 shots below zero-shot even on base
@@ -306,7 +306,10 @@ def run_head_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print) 
             fw, _ = classifier_fisher(x, scale * x @ v_zs.t(), scale, "sample", torch.Generator().manual_seed(seed))
             fisher = normalize_fisher([fw], 1e-3)[0]
         init = (1 - hp["tau"]) * v_zs + hp["tau"] * v_ft  # τ-initialisation (exact interpolation for a head)
-        mt = dict(weight_zs=v_zs, weight_ft=v_ft, anchor_weight=hp["lam"], path_weight=hp["beta"], num_alphas=5)
+        # the head anchor Σ(W − W_zs)² on W = s·V is 2·C·s² times the prompt family's cosine anchor for unit rows:
+        # λ/(2·C·s²) gives the head the pull of the paper's λ (head_anchor's docstring)
+        lam_head = hp["lam"] / (2.0 * task.num_classes * scale**2)
+        mt = dict(weight_zs=v_zs, weight_ft=v_ft, anchor_weight=lam_head, path_weight=hp["beta"], num_alphas=5)
         for row, kw in (
             ("head_mergetune", {}),
             ("head_mergetune_fisher", {"anchor": "fisher", "fisher": fisher}),

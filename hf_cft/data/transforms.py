@@ -282,6 +282,20 @@ def apply_image_transform(
     return dataset.with_transform(_ImageBatchTransform(transform, image_column, label_column))
 
 
+def eval_view(dataset):
+    """``dataset`` as evaluation sees it: when :func:`apply_image_transform` put a training (augmenting)
+    :class:`ImageTransform` on it, the same rows with that transform's ``train=False`` twin (resize + centre crop,
+    same size and statistics); any other dataset is returned unchanged."""
+    import dataclasses
+
+    fmt = getattr(dataset, "format", None)
+    fn = fmt.get("format_kwargs", {}).get("transform") if isinstance(fmt, dict) else None
+    if isinstance(fn, _ImageBatchTransform) and fn.transform.train:
+        tf = dataclasses.replace(fn.transform, train=False)
+        return dataset.with_transform(_ImageBatchTransform(tf, fn.image_column, fn.label_column))
+    return dataset
+
+
 def set_transform_epoch(dataset, epoch: int) -> bool:
     """Set the epoch of the training :class:`ImageTransform` that :func:`apply_image_transform` put on
     ``dataset`` (a ``datasets.Dataset``); ``False`` when it has none (any other dataset: nothing to do).

@@ -143,6 +143,7 @@ _FAMILIES = {
     "head": "linear head (classifier space: W, b)",
     "lora": "LoRA (weight space: the dense updates ΔW = s·B·A)",
     "full": "full fine-tuning (weight space: every trainable tensor)",
+    "vpt": "VPT prompts (prompt space: the vision tower's prompt tokens)",
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -590,10 +591,10 @@ def _continued_model_info(source, adapter_name: str | None) -> dict[str, Any]:
     ):
         cfg, size, name = _adapter_config_and_size(source, adapter_name)
         kind = _peft_type(cfg)
-        family = {"HF_CFT_COOP": "coop", "HF_CFT_HEAD": "head", "LORA": "lora"}.get(kind)
+        family = {"HF_CFT_COOP": "coop", "HF_CFT_HEAD": "head", "LORA": "lora", "HF_CFT_VPT": "vpt"}.get(kind)
         if family is None:
             raise CardError(
-                f"A MergeTune continued adapter is CoOp, a linear head or LoRA; adapter {name!r} is {kind!r}."
+                f"A MergeTune continued adapter is CoOp, a linear head, LoRA or VPT; adapter {name!r} is {kind!r}."
             )
         return {
             "family": family,

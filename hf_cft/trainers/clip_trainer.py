@@ -193,10 +193,12 @@ class ClipClassifier(nn.Module):
         return _has_trainable(self.model, ("vision_model", "visual_projection"))
 
     def class_head(
-        self, input_ids, attention_mask, num_templates: int, row_classes=None, ctx_mask=None
-    ) -> torch.Tensor:
+        self, input_ids, attention_mask, num_templates: int, row_classes=None, ctx_mask=None, raw: bool = False
+    ):
+        """Normalised class text features ``[C, d]``; with ``raw`` (one template per class, e.g. CoOp) the pair
+        ``(normalised, unnormalised text-encoder outputs)``."""
         key = (input_ids.data_ptr(), tuple(input_ids.shape), num_templates)
-        if not self.text_trainable() and key in self._frozen_text:
+        if not raw and not self.text_trainable() and key in self._frozen_text:
             return self._frozen_text[key]
         context = contextlib.nullcontext()
         if ctx_mask is not None:
@@ -205,7 +207,12 @@ class ClipClassifier(nn.Module):
             layer = next(m for m in self.model.modules() if isinstance(m, CoOpLayer))
             context = layer.prompt_context(ctx_mask, row_classes)
         with context, torch.set_grad_enabled(torch.is_grad_enabled() and self.text_trainable()):
-            feats = text_features(self.model, input_ids, attention_mask, normalize=True)
+            out = text_features(self.model, input_ids, attention_mask, normalize=False)
+        feats = F.normalize(out, dim=-1)
+        if raw:
+            if num_templates > 1:
+                raise ValueError("raw class text features exist for one template per class only")
+            return feats, out
         if num_templates > 1:
             feats = F.normalize(feats.view(-1, num_templates, feats.shape[-1]).mean(1), dim=-1)
         if not self.text_trainable():
@@ -223,8 +230,9 @@ class ClipClassifier(nn.Module):
         return_parts: bool = False,
     ):
         """Class logits; with ``return_parts`` the pieces they are made of instead: ``{"image": normalised image
-        features, "scale": exp(logit_scale)}`` plus ``"text"`` (normalised class text features) or, for a linear
-        head, ``"weight"`` and ``"bias"`` — what MergeTune interpolates."""
+        features, "scale": exp(logit_scale)}`` plus ``"text"`` (normalised class text features; for CoOp also
+        ``"text_raw"``, the unnormalised ones) or, for a linear head, ``"weight"`` and ``"bias"`` — what MergeTune
+        interpolates."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_trainable()):
             img = image_features(self.model, pixel_values, normalize=True)
         scale = logit_scale(self.model).to(img.dtype)
@@ -234,6 +242,9 @@ class ClipClassifier(nn.Module):
                 weight, bias = tuner.head_parameters()
                 return {"image": img, "scale": scale, "weight": weight, "bias": bias}
             return tuner.head_logits(img)
+        if return_parts and self.mode == "coop":  # MergeTune's raw path interpolates the unnormalised outputs
+            head, raw = self.class_head(input_ids, attention_mask, num_templates, row_classes, ctx_mask, raw=True)
+            return {"image": img, "scale": scale, "text": head, "text_raw": raw}
         head = self.class_head(input_ids, attention_mask, num_templates, row_classes, ctx_mask)
         if return_parts:
             return {"image": img, "scale": scale, "text": head}
@@ -339,7 +350,6 @@ class ClipClassificationTrainer(Trainer):
         self._text_inputs_cache: dict[bool, dict] = {}
         self._saved_files: dict[str, list[str]] = {}
         self._check_hub_strategy(args)
-        self.raw_train_dataset = train_dataset if _is_raw_image_dataset(train_dataset) else None
         train_dataset = self.prepare_dataset(train_dataset, train=True, what="train_dataset")
         eval_dataset = self.prepare_dataset(eval_dataset, train=False, what="eval_dataset")
         super().__init__(
@@ -353,6 +363,7 @@ class ClipClassificationTrainer(Trainer):
             **kwargs,
         )
         self.model_accepts_loss_kwargs = False
+        self.kg_text = self._kg_anchor() if args.kg_weight > 0 else None
         self.add_callback(TransformEpochCallback())
         self._metric_sums: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
         if type(self) is ClipClassificationTrainer:  # subclasses call it when their own set-up is done
@@ -395,6 +406,22 @@ class ClipClassificationTrainer(Trainer):
         """``Trainer.predict``; a raw image dataset gets the evaluation transform first."""
         test_dataset = self.prepare_dataset(test_dataset, train=False, what="test_dataset")
         return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    @torch.no_grad()
+    def _kg_anchor(self) -> torch.Tensor:
+        """KgCoOp's T^clip: the frozen model's hand-crafted class features (``kg_templates``: first template or
+        all, ensembled), computed once with the adapter disabled."""
+        from hf_cft.models.zeroshot import build_zeroshot_classifier
+
+        if self.model.mode != "coop":
+            raise AdapterError(
+                f"kg_weight (KgCoOp) regularises CoOp prompts; the model's active method is {self.model.mode!r}. "
+                "Use a CoOp adapter or kg_weight=0."
+            )
+        templates = self.templates[:1] if self.args.kg_templates == "first" else self.templates
+        with self.clip_model.disable_adapter():
+            head = build_zeroshot_classifier(self.clip_model, self.tokenizer, self.classnames, templates)
+        return head.float().to(self.args.device)
 
     def _record(self, mode: str, name: str, value: torch.Tensor) -> None:
         """Keep a detached, process-averaged value to be averaged into the next log (train) or eval log (weighted
@@ -485,9 +512,23 @@ class ClipClassificationTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
-        logits = model(pixel_values=inputs["pixel_values"], **self._text_inputs(train=model.training))
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing)
         mode = "train" if model.training else "eval"
+        if self.kg_text is not None:  # KgCoOp: CE + λ·(1 − mean cos(T(w), T^clip))
+            from hf_cft.trainers.mergetune_losses import cosine_anchor
+
+            parts = model(
+                pixel_values=inputs["pixel_values"], **self._text_inputs(train=model.training), return_parts=True
+            )
+            text = parts["text"].float()
+            logits = parts["scale"].float() * parts["image"].float() @ text.t()
+            kg = cosine_anchor(text, self.kg_text)
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.args.label_smoothing)
+            self._record(mode, "loss_task", loss)
+            self._record(mode, "loss_kg", kg)
+            loss = loss + self.args.kg_weight * kg
+        else:
+            logits = model(pixel_values=inputs["pixel_values"], **self._text_inputs(train=model.training))
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing)
         self._record(mode, "accuracy", (logits.detach().argmax(-1) == labels).float().mean() * 100.0)
         loss = self._weighted(loss)
         return (loss, logits) if return_outputs else loss
@@ -511,7 +552,35 @@ class ClipClassificationTrainer(Trainer):
         self._metric_sums[mode] = {}
         super().log(logs, start_time)
 
+    # ------------------------------------------------------------------------------------------------ schedule
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The Trainer's scheduler, or with ``constant_warmup_epochs > 0`` CoOp/Dassl's constant warm-up followed
+        by a cosine stepped once per epoch (:func:`~hf_cft.trainers.schedules.get_constant_warmup_cosine_schedule`)."""
+        if self.args.constant_warmup_epochs <= 0 or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        from hf_cft.trainers.schedules import get_constant_warmup_cosine_schedule
+
+        args = self.args
+        batches = math.ceil(len(self.train_dataset) / (args.per_device_train_batch_size * args.world_size))
+        steps_per_epoch = max(1, math.ceil(batches / args.gradient_accumulation_steps))
+        epochs = math.ceil(num_training_steps / steps_per_epoch) if args.max_steps > 0 else args.num_train_epochs
+        self.lr_scheduler = get_constant_warmup_cosine_schedule(
+            optimizer if optimizer is not None else self.optimizer,
+            steps_per_epoch,
+            max(1, math.ceil(epochs)),
+            args.constant_warmup_epochs,
+            args.constant_warmup_lr,
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
     # ------------------------------------------------------------------------------------------------ saving
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint holds the user's model (an adapter folder or a full
+        model, see :meth:`_save`), not the wrapper's state dict; load it like a resumed checkpoint."""
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the artefact to ``output_dir`` (a checkpoint or ``save_model``'s folder): a PEFT adapter folder +

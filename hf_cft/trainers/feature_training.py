@@ -221,15 +221,15 @@ def train_head_on_features(
 ) -> tuple[torch.Tensor, list[dict]]:
     """A linear head ``logits = scale · x̂ @ Vᵀ`` over precomputed (normalised) image features, trained from
     ``weight`` (``V [C, d]``, e.g. the unit zero-shot text features, so that ``W = scale·V`` is the zero-shot
-    classifier); with ``anchor_weight``/``path_weight`` it is MergeTune's head-family loss (``mergetune.md`` §4):
+    classifier); with ``anchor_weight``/``path_weight`` it is MergeTune's head-family loss (``mergetune.md`` §4) —
+    :class:`~hf_cft.trainers.MergeTuneTrainer`'s, term for term, on the head ``W = scale·V``:
 
-        CE(V) + λ·D(V, V_zs) + β·(1/N)Σ_k CE(V_ft + α_k(V − V_ft)),   D = Σ(V − V_zs)²/(2C)  or  Σ F⊙(V − V_zs)²/(2C)
+        CE(W) + λ·D(W, W_zs) + β·(1/N)Σ_k CE(W_ft + α_k(W − W_ft)),   D = Σ(W − W_zs)²  or  Σ F⊙(W − W_zs)²
 
-    — :class:`~hf_cft.trainers.MergeTuneTrainer`'s head loss on ``W = scale·V`` with its Σ(W − W_zs)² anchor
-    weighted λ/(2·C·scale²): the isotropic anchor in the units of the prompt family's cosine anchor (rows of unit
-    norm: ½‖V̂_c − V̂_zs,c‖² = 1 − cos), so the paper's λ = 8 means the same pull for prompts and heads.
-    Returns ``(V, per-epoch means of each term)``; ``weight`` is not modified."""
-    from hf_cft.trainers.mergetune_losses import alpha_grid, fisher_anchor, path_loss_head, sq_l2_anchor
+    with D the one head anchor (:func:`~hf_cft.trainers.mergetune_losses.head_anchor`). For unit rows it is
+    2·C·scale² times the prompt family's cosine anchor, so λ = λ_prompt/(2·C·scale²) gives a head the pull of
+    the paper's λ_prompt. Returns ``(V, per-epoch means of each term)``; ``weight`` is not modified."""
+    from hf_cft.trainers.mergetune_losses import alpha_grid, head_anchor, path_loss_head
 
     if anchor not in ("sq_l2", "fisher"):
         raise ValueError(f"anchor must be 'sq_l2' or 'fisher', got {anchor!r}")
@@ -240,20 +240,18 @@ def train_head_on_features(
     if anchor == "fisher" and anchor_weight and fisher is None:
         raise ValueError("anchor='fisher' needs the fisher tensor")
     v = weight.detach().float().clone().requires_grad_(True)
-    num_classes = v.shape[0]
     feats = F.normalize(features.float(), dim=-1)
     s = float(scale)
     alphas = alpha_grid(num_alphas)
-    zs = [weight_zs.float()] if anchor_weight else None  # the fixed anchors, converted once rather than per step
+    zs = [s * weight_zs.float()] if anchor_weight else None  # the fixed anchors, converted once rather than per step
+    fishers = [fisher] if anchor == "fisher" else None
     w_ft = s * weight_ft.float() if path_weight else None
 
     def step(idx):
         task = F.cross_entropy(s * feats[idx] @ v.t(), labels[idx])
         d = torch.zeros(())
         if anchor_weight:
-            d = (sq_l2_anchor([v], zs) if anchor == "sq_l2" else fisher_anchor([v], zs, [fisher])) / (
-                2.0 * num_classes
-            )
+            d = head_anchor([s * v], zs, anchor, fishers)
         path = torch.zeros(())
         if path_weight:
             path = path_loss_head(feats[idx], s * v, None, w_ft, None, labels[idx], alphas)
