@@ -222,8 +222,13 @@ def test_mergetune_adapter_card_for_lora_and_coop(toy_tokenizer, tmp_path):
     coop.save_pretrained(tmp_path / "coop")
     folder_card = mergetune_card(tmp_path / "coop", model_name="mt-coop", dataset_name="toy", results=ROWS)
     assert "class_text_features" in folder_card.text and "coop" in validate_card(folder_card)["tags"]
-    with pytest.raises(CardError, match="CoOp, a linear head or LoRA"):
-        mergetune_card(_adapter("vpt", toy_tokenizer), model_name="x", dataset_name="toy")
+    vpt_card = mergetune_card(_adapter("vpt", toy_tokenizer), model_name="mt-vpt", dataset_name="toy")
+    assert "vpt" in validate_card(vpt_card)["tags"] and "prompt space" in vpt_card.text
+    from peft import IA3Config
+
+    ia3 = get_peft_model(_named(tiny_clip()), IA3Config(target_modules=["q_proj", "fc2"], feedforward_modules=["fc2"]))
+    with pytest.raises(CardError, match="CoOp, a linear head, LoRA or VPT"):
+        mergetune_card(ia3, model_name="x", dataset_name="toy")
 
 
 # ------------------------------------------------------------------------------------------------ ConDU
