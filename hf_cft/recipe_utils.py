@@ -46,7 +46,7 @@ def load_clip(name_or_path: str, tokenizer_name_or_path: str | None = None):
     processor when there is one, else from the model's image size with CLIP statistics."""
     from transformers import AutoImageProcessor, AutoModel
 
-    from hf_cft.data.transforms import ImageTransform
+    from hf_cft.data.transforms import model_transform
     from hf_cft.models.clip import check_clip_like
     from hf_cft.models.tokenizer import load_tokenizer
 
@@ -54,10 +54,10 @@ def load_clip(name_or_path: str, tokenizer_name_or_path: str | None = None):
     check_clip_like(model)
     tokenizer = load_tokenizer(tokenizer_name_or_path or name_or_path)
     try:
-        transform = ImageTransform.from_processor(AutoImageProcessor.from_pretrained(name_or_path))
+        processor = AutoImageProcessor.from_pretrained(name_or_path)
     except (OSError, ValueError):
-        transform = ImageTransform.from_model(model)
-    return model.eval(), tokenizer, transform
+        processor = None
+    return model.eval(), tokenizer, model_transform(model, processor)
 
 
 def demo_clip(prompts: list[str], image_size: int, seed: int = 0, **config_kwargs):
