@@ -27,6 +27,7 @@ from hf_cft.data.transforms import (
     decode_image,
     eval_view,
     image_key,
+    model_transform,
     set_transform_epoch,
 )
 
@@ -55,6 +56,7 @@ __all__ = [
     "list_specs",
     "load_classification_dataset",
     "load_digits_dataset",
+    "model_transform",
     "select_classes",
     "eval_view",
     "set_transform_epoch",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -197,6 +198,29 @@ class ImageTransform:
             f"ImageTransform(size={self.size},crop={self.crop_size},mean={self.mean},std={self.std},"
             f"train={self.train},scale={self.scale},hflip={self.hflip},seed={self.seed})"
         )
+
+
+def model_transform(model, image_processor=None) -> ImageTransform:
+    """The evaluation :class:`ImageTransform` of ``model``: from ``image_processor`` (a transformers image processor,
+    a ``CLIPProcessor`` or an :class:`ImageTransform`) when given, else from the image processor saved in the
+    model's local folder (``model.name_or_path``), else :meth:`ImageTransform.from_model` (the vision config's
+    image size, CLIP statistics). Use ``dataclasses.replace(t, train=True, seed=...)`` for the training one."""
+    if isinstance(image_processor, ImageTransform):
+        return image_processor
+    if image_processor is not None:
+        return ImageTransform.from_processor(image_processor)
+    from hf_cft.models.clip import unwrap_model
+
+    base = unwrap_model(model)
+    folder = getattr(base, "name_or_path", None) or ""
+    if folder and os.path.isfile(os.path.join(os.path.expanduser(str(folder)), "preprocessor_config.json")):
+        from transformers import AutoImageProcessor
+
+        try:
+            return ImageTransform.from_processor(AutoImageProcessor.from_pretrained(os.path.expanduser(str(folder))))
+        except (OSError, ValueError):
+            pass
+    return ImageTransform.from_model(base)
 
 
 def image_key(item) -> str:

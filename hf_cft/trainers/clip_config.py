@@ -5,12 +5,23 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 
+def _accelerator_available() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None:
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+
+
 @dataclass
 class ClipTrainingArguments(TrainingArguments):
     """``TrainingArguments`` for classification fine-tuning of CLIP-like models with class-name text heads.
 
     Sets the defaults CLIP training needs with ``Trainer``: ``label_names=["labels"]`` (CLIP's forward has no
-    label argument) and ``remove_unused_columns=False`` (the image transform produces the model inputs).
+    label argument) and ``remove_unused_columns=False`` (the image transform produces the model inputs); and
+    ``dataloader_pin_memory=False`` when training on the CPU (``use_cpu`` or no accelerator), where pinning does
+    nothing but warn.
 
     CoOp's official optimiser (Dassl): ``optim="sgd", optim_args="momentum=0.9", weight_decay=5e-4,
     lr_scheduler_type="cosine", constant_warmup_epochs=1, constant_warmup_lr=1e-5`` (HF's ``optim="sgd"`` alone
@@ -57,6 +68,8 @@ class ClipTrainingArguments(TrainingArguments):
         if self.label_names is None:
             self.label_names = ["labels"]
         self.remove_unused_columns = False
+        if self.dataloader_pin_memory and (self.use_cpu or not _accelerator_available()):
+            self.dataloader_pin_memory = False  # torch warns that pinning needs an accelerator, and does nothing
         if self.constant_warmup_epochs < 0:
             raise ValueError(f"constant_warmup_epochs must be >= 0, got {self.constant_warmup_epochs}")
         if self.constant_warmup_epochs and str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)) != (

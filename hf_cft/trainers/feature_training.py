@@ -112,19 +112,29 @@ def train_coop_on_features(
     batch_size: int = 32,
     optimizer: str = "sgd",
     seed: int = 0,
+    kg_weight: float = 0.0,
+    kg_text: torch.Tensor | None = None,
 ) -> list[float]:
     """Train a CoOp adapter against precomputed normalised image features (frozen image tower, no
     augmentation): per step one text-tower pass for all classes and one matmul. SGD (momentum 0.9) with a
-    cosine schedule, as CoOp. Returns the mean loss of each epoch."""
+    cosine schedule, as CoOp. With ``kg_weight = λ > 0`` it is KgCoOp: the loss adds
+    ``λ·(1 − mean_c cos(T_c, kg_text_c))`` (``kg_text``: the hand-crafted zero-shot class features; the same term
+    as ``ClipTrainingArguments.kg_weight``). Returns the mean loss of each epoch."""
     from hf_cft.models.clip import logit_scale
+    from hf_cft.trainers.mergetune_losses import cosine_anchor
 
+    if kg_weight and kg_text is None:
+        raise ValueError("kg_weight > 0 (KgCoOp) needs kg_text, the hand-crafted zero-shot class features")
     feats = F.normalize(features.float(), dim=-1)
     scale = logit_scale(peft_model).detach()
     enc = peft_model.build_prompts(tokenizer, list(classnames))
 
     def step(idx):
         text = peft_model.class_text_features(tokenizer, classnames, prompts=enc)
-        return {"loss": F.cross_entropy(scale * feats[idx] @ text.t(), labels[idx])}
+        loss = F.cross_entropy(scale * feats[idx] @ text.t(), labels[idx])
+        if kg_weight:
+            loss = loss + kg_weight * cosine_anchor(text.float(), kg_text.float())
+        return {"loss": loss}
 
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]

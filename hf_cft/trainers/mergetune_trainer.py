@@ -112,6 +112,11 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         if not isinstance(args, MergeTuneConfig):
             raise TypeError("MergeTuneTrainer needs a MergeTuneConfig")
         super().__init__(model, args, classnames, templates, tokenizer, train_dataset, eval_dataset, **kwargs)
+        self.finetuned_description = _describe_finetuned(finetuned)
+        self._setup(args, finetuned, fisher_dataset, zero_shot)
+        self._check_card_for_hub()
+
+    def _setup(self, args, finetuned, fisher_dataset, zero_shot) -> None:
         self.family = self._detect_family()
         self.anchor_kind = args.anchor if args.anchor != "auto" else ("cosine" if self.family == "coop" else "sq_l2")
         if self.family != "coop" and self.anchor_kind == "cosine":
@@ -129,7 +134,11 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         self._eval_gen = torch.Generator().manual_seed(args.seed + 1)
         self._fisher_gen = torch.Generator().manual_seed(args.seed)
         self.fisher_info: dict = {}
-        fisher_data = fisher_dataset if fisher_dataset is not None else train_dataset
+        # a raw fisher_dataset gets the evaluation transform; the training set's is swapped by _fisher_loader
+        if fisher_dataset is not None:
+            fisher_data = self.prepare_dataset(fisher_dataset, train=False, what="fisher_dataset")
+        else:
+            fisher_data = self.train_dataset
         if self.family in ("lora", "full", "vpt"):
             if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
                 # ecosystem.md §4: the path evaluates the network at interpolated weights, which needs the full
@@ -157,6 +166,32 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         self._initialise(args.tau)
         if self.anchor_kind == "fisher":
             self._estimate_fisher(fisher_data)
+
+    # ------------------------------------------------------------------------------------------------ model card
+
+    def _card_kind(self) -> str:
+        return "mergetune"
+
+    def card_hyperparameters(self) -> dict:
+        """The card's hyper-parameters: MergeTune's (λ, β, N, α grid, τ, anchor, family) then the training ones."""
+        args = self.args
+        return {
+            "family": getattr(self, "family", None),
+            "λ (anchor_weight)": args.anchor_weight,
+            "β (path_weight)": args.path_weight,
+            "N (num_alphas)": args.num_alphas,
+            "α grid": args.alpha_grid,
+            "τ (initialisation)": args.tau,
+            "anchor": getattr(self, "anchor_kind", args.anchor),
+            **super().card_hyperparameters(),
+        }
+
+    def _mergetune_model_card(self, kwargs: dict):
+        from hf_cft.hub import mergetune_card
+
+        kwargs = {k: v for k, v in kwargs.items() if k != "method"}
+        kwargs.setdefault("finetuned", self.finetuned_description)
+        return mergetune_card(self.clip_model, **kwargs)
 
     def _detect_family(self) -> str:
         if self.model.mode in ("coop", "head"):
@@ -551,3 +586,15 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         self._record(mode, "accuracy", (logits.detach().argmax(-1) == labels).float().mean() * 100.0)
         loss = self._weighted(loss)  # a padded last batch of a multi-process run (ClipClassificationTrainer)
         return (loss, logits) if return_outputs else loss
+
+
+def _describe_finetuned(finetuned) -> str:
+    """What ŵ2 was, for the model card: a folder or repo id as given, an adapter's name, or the object's type."""
+    if isinstance(finetuned, (str, Path)):
+        return f"`{finetuned}`"
+    peft_config = getattr(finetuned, "peft_config", None)
+    if isinstance(peft_config, dict):
+        cfg = peft_config.get(finetuned.active_adapter)
+        kind = getattr(getattr(cfg, "peft_type", None), "value", getattr(cfg, "peft_type", None))
+        return f"a {kind} adapter given in memory"
+    return f"a {type(finetuned).__name__} given in memory"
