@@ -421,3 +421,66 @@ ClipClassificationTrainer(model, args, CLASSES, ["a photo of a {{}}."], tok, tra
     )
     assert "is_gradient_checkpointing" not in out.stderr
     assert "pin_memory" not in out.stderr
+
+
+# ------------------------------------------------------------------------------------------------ recipe checkpoints
+
+PRETRAIN_C = "accelerate launch recipes/pretrain_clip.py --config recipes/configs/pretrain_clip_described.yaml"
+
+
+def test_resolve_checkpoint_names_the_pretraining_command(tmp_path, monkeypatch):
+    from hf_cft.errors import MissingCheckpointError
+    from hf_cft.recipe_utils import pretrain_command, resolve_checkpoint
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(MissingCheckpointError, match=f"build it with `{PRETRAIN_C}`"):
+        resolve_checkpoint("~/.cache/hf_cft/benchmark-clip-described/model")
+    with pytest.raises(
+        MissingCheckpointError, match="--max_steps 150 --output_dir ~/.cache/hf_cft/benchmark-clip-web-quick"
+    ):
+        resolve_checkpoint(str(tmp_path / ".cache/hf_cft/benchmark-clip-web-quick/model"))
+    with pytest.raises(MissingCheckpointError, match="does not exist"):
+        resolve_checkpoint("~/elsewhere/model")
+    assert resolve_checkpoint("openai/clip-vit-base-patch16") == "openai/clip-vit-base-patch16"  # a Hub id
+    (tmp_path / "m").mkdir()
+    assert resolve_checkpoint("~/m") == str(tmp_path / "m")
+    assert pretrain_command("C") == PRETRAIN_C
+
+
+@pytest.mark.parametrize("recipe", ["condu", "pam"])
+def test_recipe_configs_without_their_checkpoint_fail_in_one_line(recipe, tmp_path, monkeypatch):
+    """recipes/configs/{condu,pam}.yaml name the project's pretrained CLIP: before it is built, the recipe stops in
+    one line naming the command that builds it (pretraining is ~1 hour on a CPU: not started implicitly)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "HOME": str(tmp_path)}
+    if recipe == "condu":  # as a user runs it
+        out = subprocess.run(
+            [sys.executable, "recipes/condu.py", "--config", "recipes/configs/condu.yaml"],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 1
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and PRETRAIN_C in lines[0], out.stderr
+        return
+    from tests_helpers import load_recipe
+
+    from hf_cft.continual import ContinualConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    rec = load_recipe("pam")
+    args, config = rec.parse_recipe_args(
+        rec.PAMRecipeArguments,
+        ContinualConfig,
+        args=["--config", str(repo / "recipes/configs/pam.yaml")],
+        defaults=rec.RECIPE_DEFAULTS,
+    )
+    with pytest.raises(SystemExit, match=f"has not been pretrained yet: build it with `{PRETRAIN_C}`"):
+        rec.main(args, config)
