@@ -51,7 +51,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hf_cft.errors import DeltaError, NonFiniteError, TaskError
+from hf_cft.errors import DeltaError, MergeConfigError, NonFiniteError, TaskError
+from hf_cft.validation import check_choice, check_int, check_number
 
 Delta = dict[str, Tensor]
 
@@ -132,25 +133,28 @@ def _f32(t: Tensor) -> Tensor:
 
 
 def _check_fraction(name: str, value: float, low_open: bool = True) -> float:
-    """``value`` as a float in (0, 1] (``low_open``) or [0, 1], else ``ValueError`` naming ``name``."""
-    value = float(value)
-    low_ok = value > 0.0 if low_open else value >= 0.0
-    if not (math.isfinite(value) and low_ok and value <= 1.0):
-        raise ValueError(f"{name} must lie in {'(0, 1]' if low_open else '[0, 1]'}, got {value}.")
-    return value
+    """``value`` as a float in (0, 1] (``low_open``) or [0, 1], else :class:`MergeConfigError` naming ``name``."""
+    return check_number(value, name, low=0.0, high=1.0, low_open=low_open, error=MergeConfigError)
 
 
 def _weights(lam: float | Sequence[float], n: int, name: str = "lam") -> list[float]:
     if isinstance(lam, (int, float)):
-        values = [float(lam)] * n
-    else:
-        values = [float(x) for x in lam]
-        if len(values) != n:
-            raise TaskError(f"{name} has {len(values)} values but there are {n} task deltas.")
-    for i, v in enumerate(values):
-        if not math.isfinite(v):
-            raise ValueError(f"{name} for task {i} is {v}; it must be finite.")
-    return values
+        return [check_number(lam, name, error=MergeConfigError)] * n
+    values = list(lam)
+    if len(values) != n:
+        raise TaskError(f"{name} has {len(values)} values but there are {n} task deltas.")
+    return [check_number(v, f"{name} for task {i}", error=MergeConfigError) for i, v in enumerate(values)]
+
+
+def _finite_result(delta: Delta, blame: str) -> Delta:
+    """``delta`` when every entry is finite; else :class:`MergeConfigError` blaming ``blame`` (the option that
+    scaled finite inputs out of float range, e.g. ``alpha=1e308``) and naming the first overflowing key."""
+    for key, v in delta.items():
+        if not bool(torch.isfinite(v).all()):
+            raise MergeConfigError(
+                f"{blame} scales the finite delta at key {key!r} beyond the float range (inf); use a smaller value."
+            )
+    return delta
 
 
 # ------------------------------------------------------------------------------------------------ building blocks
@@ -215,7 +219,9 @@ def task_arithmetic(deltas: Sequence[Mapping[str, Tensor]], lam: float | Sequenc
     """
     deltas = _check_deltas(deltas)
     w = _weights(lam, len(deltas))
-    return {key: sum(wi * _f32(d[key]) for wi, d in zip(w, deltas)) for key in deltas[0]}
+    return _finite_result(
+        {key: sum(wi * _f32(d[key]) for wi, d in zip(w, deltas)) for key in deltas[0]}, f"lam={lam!r}"
+    )
 
 
 def running_mean(deltas: Sequence[Mapping[str, Tensor]]) -> Delta:
@@ -228,10 +234,8 @@ def running_mean(deltas: Sequence[Mapping[str, Tensor]]) -> Delta:
 def wise_ft(delta: Mapping[str, Tensor], alpha: float = 0.5) -> Delta:
     """WiSE-FT (arXiv:2109.01903; pam.md §9): θ = (1−α)θ0 + αθ_ft, so the merged delta is α·τ (α = 0.5, lib)."""
     (delta,) = _check_deltas([delta], what="delta")
-    alpha = float(alpha)
-    if not math.isfinite(alpha):
-        raise ValueError(f"alpha must be finite, got {alpha}.")
-    return {key: alpha * _f32(v) for key, v in delta.items()}
+    alpha = check_number(alpha, "alpha", error=MergeConfigError)
+    return _finite_result({key: alpha * _f32(v) for key, v in delta.items()}, f"alpha={alpha!r}")
 
 
 def magnitude_prune(
@@ -263,7 +267,7 @@ def ties(deltas: Sequence[Mapping[str, Tensor]], k: float = 0.2, lam: float = 1.
     for key in deltas[0]:
         stacked = torch.stack([trim_top_k(_f32(d[key]), k) for d in deltas])
         out[key] = lam * _elect_disjoint_mean(stacked)
-    return out
+    return _finite_result(out, f"lam={lam!r}")
 
 
 def dare(
@@ -285,11 +289,8 @@ def dare(
         lam: λ; defaults to 0.3 for ``"ta"`` and 1.0 for ``"ties"`` (the defaults of those methods).
     """
     deltas = _check_deltas(deltas)
-    rho = float(rho)
-    if not (math.isfinite(rho) and 0.0 <= rho < 1.0):
-        raise ValueError(f"rho (the drop rate) must lie in [0, 1), got {rho}.")
-    if then not in ("ta", "ties"):
-        raise ValueError(f"then must be 'ta' or 'ties', got {then!r}.")
+    rho = check_number(rho, "rho (the drop rate)", low=0.0, high=1.0, high_open=True, error=MergeConfigError)
+    check_choice(then, "then", ("ta", "ties"), error=MergeConfigError)
     lam = _weights((0.3 if then == "ta" else 1.0) if lam is None else lam, 1)[0]
     out = {}
     for key in deltas[0]:
@@ -298,7 +299,7 @@ def dare(
             out[key] = lam * sum(dropped)
         else:
             out[key] = lam * _elect_disjoint_mean(torch.stack(dropped))
-    return out
+    return _finite_result(out, f"lam={lam!r} (with the 1/(1-rho) rescale)")
 
 
 def magmax(deltas: Sequence[Mapping[str, Tensor]], lam: float = 0.5) -> Delta:
@@ -315,7 +316,7 @@ def magmax(deltas: Sequence[Mapping[str, Tensor]], lam: float = 0.5) -> Delta:
         stacked = torch.stack([_f32(d[key]) for d in deltas])
         winner = stacked.abs().argmax(dim=0, keepdim=True)
         out[key] = lam * stacked.gather(0, winner).squeeze(0)
-    return out
+    return _finite_result(out, f"lam={lam!r}")
 
 
 @dataclass
@@ -424,8 +425,7 @@ def consensus(
     Raises :class:`~hf_cft.errors.TaskError` if ``k`` exceeds the number of tasks (every entry would be dropped).
     """
     deltas = _check_deltas(deltas)
-    if int(k) != k or k < 0:
-        raise ValueError(f"k must be a non-negative integer, got {k!r}.")
+    k = check_int(k, "k", low=0, error=MergeConfigError)
     if k > len(deltas):
         raise TaskError(
             f"consensus k={k} exceeds the number of tasks ({len(deltas)}): no entry could be kept; lower k."
