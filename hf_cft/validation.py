@@ -66,7 +66,7 @@ def check_number(
     if below or above:
         left = "(" if low_open or low is None else "["
         right = ")" if high_open or high is None else "]"
-        interval = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+        interval = f"{left}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{right}"
         _fail(error, f"{name} must lie in {interval}, got {value!r}.")
     return v
 
@@ -220,7 +220,11 @@ def check_state_keys(
 
 
 def safetensors_files(
-    folder: str | os.PathLike, error: type[HfCftError], what: str, pickle_suffixes: Sequence[str] = ()
+    folder: str | os.PathLike,
+    error: type[HfCftError],
+    what: str,
+    pickle_suffixes: Sequence[str] = (),
+    verb: str = "loads",
 ) -> dict[str, Path]:
     """Every tensor key of a model folder mapped to the safetensors file holding it: the files a
     ``model.safetensors.index.json`` names (each a ``.safetensors`` file inside the folder: never a pickle, never a
@@ -262,7 +266,7 @@ def safetensors_files(
     paths = sorted(folder.glob("*.safetensors"))
     if not paths:
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in tuple(pickle_suffixes))
-        hint = f" It holds {', '.join(pickled)}: hf_cft loads safetensors only (never pickle)." if pickled else ""
+        hint = f" It holds {', '.join(pickled)}: hf_cft {verb} safetensors only (never pickle)." if pickled else ""
         raise error(f"{what}: no safetensors weights in {str(folder)!r}.{hint}")
     keys = {}
     for path in paths:

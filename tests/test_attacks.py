@@ -19,7 +19,6 @@ import math
 import os
 import re
 import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +40,7 @@ from hf_cft.errors import (
     ClassNamesError,
     ContinualError,
     DatasetFormatError,
-    DeltaError,
     HfCftError,
-    HubError,
     ImageDecodeError,
     MergeConfigError,
     NonFiniteError,
@@ -193,7 +190,7 @@ def _model_empty_weights(a, tmp, mp):
 def _sharded(a, tmp, weight_map_edit):
     folder = _copy(a["model"], tmp)
     keys = list(load_file(str(folder / "model.safetensors")))
-    index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in keys}}
+    index = {"metadata": {}, "weight_map": dict.fromkeys(keys, "model.safetensors")}
     weight_map_edit(index["weight_map"], folder)
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     return folder
@@ -486,18 +483,27 @@ def _preprocessor(a, tmp, cfg):
 
 
 def _checkpoint(a, tmp, edit):
-    from hf_cft.continual import ContinualRunner, ZeroShotStrategy
     from test_continual import _colour_task, _config
 
+    from hf_cft.continual import ContinualRunner, ZeroShotStrategy
     from hf_cft.data import ImageTransform as T
 
-    tasks = [_colour_task("a", [0, 1, 2], ["cat", "dog", "fox"], 0), _colour_task("b", [2, 0, 1], ["car", "bus", "van"], 1)]
+    tasks = [
+        _colour_task("a", [0, 1, 2], ["cat", "dog", "fox"], 0),
+        _colour_task("b", [2, 0, 1], ["car", "bus", "van"], 1),
+    ]
     from conftest import ToyTokenizer
 
     def runner():
         return ContinualRunner(
-            ZeroShotStrategy(), tasks, tiny_clip(image_size=12, patch_size=4), ToyTokenizer(), tmp / "run",
-            _config(), transform=T(size=12, crop_size=12), plot=False,
+            ZeroShotStrategy(),
+            tasks,
+            tiny_clip(image_size=12, patch_size=4),
+            ToyTokenizer(),
+            tmp / "run",
+            _config(),
+            transform=T(size=12, crop_size=12),
+            plot=False,
         )
 
     runner().run()
@@ -554,7 +560,12 @@ ERRORS = [
     ("adapter: weights symlinked to another", _adapter_symlink, AdapterError, r"adapter_model\.safetensors.*outside"),
     ("adapter: NaN CoOp context", _adapter_nan_context, NonFiniteError, r"NaN"),
     ("adapter: CoOp of another base model", _coop_other_base, AdapterError, r"another base model"),
-    ("bundle: λ edited to 1e30", lambda a, t, m: _bundle_edit(a, t, _set_lam), BundleError, r"manifest\.json.*checksum"),
+    (
+        "bundle: λ edited to 1e30",
+        lambda a, t, m: _bundle_edit(a, t, _set_lam),
+        BundleError,
+        r"manifest\.json.*checksum",
+    ),
     ("bundle: class names edited", lambda a, t, m: _bundle_edit(a, t, _set_classnames), BundleError, r"checksum"),
     ("bundle: files = {}", lambda a, t, m: _bundle_edit(a, t, _files_empty, True), BundleError, r"'files'"),
     ("bundle: files = {} (unhashed)", lambda a, t, m: _bundle_edit(a, t, _files_empty), BundleError, r"checksum"),
@@ -602,8 +613,18 @@ ERRORS = [
     ("dare rho = 1", T(lambda: baselines.dare(_deltas(), rho=1.0)), MergeConfigError, r"rho"),
     ("dare rho = -0.1", T(lambda: baselines.dare(_deltas(), rho=-0.1)), MergeConfigError, r"rho"),
     ("dare then = 'x'", T(lambda: baselines.dare(_deltas(), then="x")), MergeConfigError, r"then"),
-    ("task_arithmetic lam = nan", T(lambda: baselines.task_arithmetic(_deltas(), lam=float("nan"))), MergeConfigError, "lam"),
-    ("task_arithmetic lam = [1, inf]", T(lambda: baselines.task_arithmetic(_deltas(), lam=[1, math.inf])), MergeConfigError, "lam"),
+    (
+        "task_arithmetic lam = nan",
+        T(lambda: baselines.task_arithmetic(_deltas(), lam=float("nan"))),
+        MergeConfigError,
+        "lam",
+    ),
+    (
+        "task_arithmetic lam = [1, inf]",
+        T(lambda: baselines.task_arithmetic(_deltas(), lam=[1, math.inf])),
+        MergeConfigError,
+        "lam",
+    ),
     ("magmax lam = -inf", T(lambda: baselines.magmax(_deltas(), lam=-math.inf)), MergeConfigError, "lam"),
     ("wise alpha = nan", T(lambda: baselines.wise_ft(_deltas(1)[0], alpha=float("nan"))), MergeConfigError, "alpha"),
     ("wise alpha overflows the delta", _wise_alpha_overflow, MergeConfigError, r"alpha"),
@@ -623,7 +644,12 @@ ERRORS = [
     ("training loss becomes NaN", _train_until_nan, NonFiniteError, r"loss"),
     ("NaN pixel in a float image", _nan_image, ImageDecodeError, r"nanny"),
     # --- 4. validation that means it
-    ("template 'a photo of a {{}}.'", T(lambda: validate_templates(["a photo of a {{}}."])), TemplateError, r"\{\{\}\}"),
+    (
+        "template 'a photo of a {{}}.'",
+        T(lambda: validate_templates(["a photo of a {{}}."])),
+        TemplateError,
+        r"\{\{\}\}",
+    ),
     ("template 'a {0} {}'", T(lambda: validate_templates(["a {0} {}"])), TemplateError, r"a \{0\} \{\}"),
     ("template '{name} {}'", T(lambda: validate_templates(["{name} {}"])), TemplateError, r"\{name\} \{\}"),
     ("template 'photo of {}}'", T(lambda: validate_templates(["photo of {}}"])), TemplateError, r"photo of \{\}\}"),
@@ -633,15 +659,30 @@ ERRORS = [
     ("template 5", T(lambda: validate_templates([5])), TemplateError, r"5"),
     ("template in from_arrays", T(lambda: _from_arrays(templates=["a {{}}"])), TemplateError, r"\{\{\}\}"),
     ("template in format_prompts", T(lambda: format_prompts(["cat"], ["{0} {}"])), TemplateError, r"\{0\}"),
-    ("template in meta.json", lambda a, t, m: _meta(a, t, {"classnames": CLASSES, "templates": ["x {{}}"]}), TemplateError, r"x \{\{\}\}"),
+    (
+        "template in meta.json",
+        lambda a, t, m: _meta(a, t, {"classnames": CLASSES, "templates": ["x {{}}"]}),
+        TemplateError,
+        r"x \{\{\}\}",
+    ),
     ("ClassLabel value 5 in Parquet", _load_bad_labels(5), DatasetFormatError, r"\b5\b"),
     ("ClassLabel value -1 in Parquet", _load_bad_labels(-1), DatasetFormatError, r"-1"),
-    ("from_arrays label 3 of 3 classes", T(lambda: _from_arrays(labels=[0, 1, 2, 3, 0, 1])), ClassNamesError, r"\b3\b"),
+    (
+        "from_arrays label 3 of 3 classes",
+        T(lambda: _from_arrays(labels=[0, 1, 2, 3, 0, 1])),
+        ClassNamesError,
+        r"\b3\b",
+    ),
     ("class names a string", T(lambda: _from_arrays(classnames="cat")), ClassNamesError, r"str"),
     ("class names a dict", T(lambda: _from_arrays(classnames={"cat": 0})), ClassNamesError, r"dict"),
     ("class name an int", T(lambda: _from_arrays(classnames=["cat", 1, "dog"])), ClassNamesError, r"#1"),
     ("meta.json a list", lambda a, t, m: _meta(a, t, ["cat"]), DatasetFormatError, r"meta\.json"),
-    ("meta.json classnames a string", lambda a, t, m: _meta(a, t, {"classnames": "cat dog fox"}), DatasetFormatError, r"classnames"),
+    (
+        "meta.json classnames a string",
+        lambda a, t, m: _meta(a, t, {"classnames": "cat dog fox"}),
+        DatasetFormatError,
+        r"classnames",
+    ),
     ("meta.json templates a number", lambda a, t, m: _meta(a, t, {"templates": 3}), DatasetFormatError, r"templates"),
     ("meta.json classnames of ints", lambda a, t, m: _meta(a, t, {"classnames": [0, 1, 2]}), ClassNamesError, r"#0"),
     ("task name not a string", T(lambda: DeltaFusionMerger().add_task({"w": torch.ones(2)}, 3)), HfCftError, r"3"),
@@ -652,14 +693,39 @@ ERRORS = [
     ("split_per_class 1.5", T(lambda: split_per_class(_toy_ds(), 1.5)), OptionError, r"fraction"),
     ("split_per_class nan", T(lambda: split_per_class(_toy_ds(), float("nan"))), OptionError, r"fraction"),
     ("tokenizer ids beyond the vocabulary", _tokenizer_beyond_vocab, TokenizerError, r"vocab"),
-    ("preprocessor size -5", lambda a, t, m: _preprocessor(a, t, {"size": {"shortest_edge": -5}}), OptionError, r"size"),
-    ("preprocessor crop 0", lambda a, t, m: _preprocessor(a, t, {"crop_size": {"height": -2, "width": -2}}), OptionError, r"crop"),
+    (
+        "preprocessor size -5",
+        lambda a, t, m: _preprocessor(a, t, {"size": {"shortest_edge": -5}}),
+        OptionError,
+        r"size",
+    ),
+    (
+        "preprocessor crop 0",
+        lambda a, t, m: _preprocessor(a, t, {"crop_size": {"height": -2, "width": -2}}),
+        OptionError,
+        r"crop",
+    ),
     ("preprocessor std 0", lambda a, t, m: _preprocessor(a, t, {"image_std": [0.0, 1.0, 1.0]}), OptionError, r"std"),
     ("ImageTransform size 0", T(lambda: ImageTransform(size=0)), OptionError, r"size"),
     ("ImageTransform mean nan", T(lambda: ImageTransform(mean=(float("nan"), 0, 0))), OptionError, r"mean"),
-    ("checkpoint completed missing", lambda a, t, m: _checkpoint(a, t, lambda d: d.pop("completed")), ContinualError, r"completed"),
-    ("checkpoint completed 99", lambda a, t, m: _checkpoint(a, t, lambda d: d.update(completed=99)), ContinualError, r"completed"),
-    ("checkpoint completed -2", lambda a, t, m: _checkpoint(a, t, lambda d: d.update(completed=-2)), ContinualError, r"completed"),
+    (
+        "checkpoint completed missing",
+        lambda a, t, m: _checkpoint(a, t, lambda d: d.pop("completed")),
+        ContinualError,
+        r"completed",
+    ),
+    (
+        "checkpoint completed 99",
+        lambda a, t, m: _checkpoint(a, t, lambda d: d.update(completed=99)),
+        ContinualError,
+        r"completed",
+    ),
+    (
+        "checkpoint completed -2",
+        lambda a, t, m: _checkpoint(a, t, lambda d: d.update(completed=-2)),
+        ContinualError,
+        r"completed",
+    ),
 ]
 
 
@@ -940,7 +1006,18 @@ def _no_leftovers(folder: Path):
 
 
 def _merge_argv(a, out, *extra):
-    return ["merge", "--base", a["model"], "--method", "task_arithmetic", "--adapters", a["lora"], "--out", out, *extra]
+    return [
+        "merge",
+        "--base",
+        a["model"],
+        "--method",
+        "task_arithmetic",
+        "--adapters",
+        a["lora"],
+        "--out",
+        out,
+        *extra,
+    ]
 
 
 def _prev_merge(a, tmp):
@@ -952,7 +1029,18 @@ def _prev_merge(a, tmp):
 def cli_merge_into_base(a, tmp, mp):
     base = _copy(a["model"], tmp, "base")
     snap = Snap(base)
-    argv = ["merge", "--base", base, "--method", "task_arithmetic", "--adapters", a["lora"], "--out", base, "--overwrite"]
+    argv = [
+        "merge",
+        "--base",
+        base,
+        "--method",
+        "task_arithmetic",
+        "--adapters",
+        a["lora"],
+        "--out",
+        base,
+        "--overwrite",
+    ]
     return argv, snap.unchanged
 
 
@@ -1028,7 +1116,19 @@ def cli_merge_not_a_merge_folder(a, tmp, mp):
 
 
 def cli_merge_alpha_huge(a, tmp, mp):
-    argv = ["merge", "--base", a["model"], "--method", "wise", "--adapters", a["full"], "--out", tmp / "o", "--alpha", "1e308"]
+    argv = [
+        "merge",
+        "--base",
+        a["model"],
+        "--method",
+        "wise",
+        "--adapters",
+        a["full"],
+        "--out",
+        tmp / "o",
+        "--alpha",
+        "1e308",
+    ]
     return argv, lambda: None
 
 
@@ -1038,7 +1138,19 @@ def cli_merge_k_zero(a, tmp, mp):
 
 
 def cli_merge_rho_one(a, tmp, mp):
-    argv = ["merge", "--base", a["model"], "--method", "dare", "--adapters", a["lora"], "--out", tmp / "o", "--rho", "1"]
+    argv = [
+        "merge",
+        "--base",
+        a["model"],
+        "--method",
+        "dare",
+        "--adapters",
+        a["lora"],
+        "--out",
+        tmp / "o",
+        "--rho",
+        "1",
+    ]
     return argv, lambda: None
 
 
@@ -1117,7 +1229,15 @@ def cli_eval_enospc(a, tmp, mp):
 def cli_card_out_is_weights(a, tmp, mp):
     lora = _copy(a["lora"], tmp, "lora")
     snap = Snap(lora)
-    return ["card", "--kind", "adapter", "--artefact", lora, "--out", lora / "adapter_model.safetensors"], snap.unchanged
+    return [
+        "card",
+        "--kind",
+        "adapter",
+        "--artefact",
+        lora,
+        "--out",
+        lora / "adapter_model.safetensors",
+    ], snap.unchanged
 
 
 def cli_card_ctrl_c(a, tmp, mp):

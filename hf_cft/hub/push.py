@@ -345,7 +345,9 @@ def load_adapter(
     config = _check_adapter_folder(folder)
     _check_same_base(base_model, config, what)
     try:
-        model = PeftModel.from_pretrained(base_model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
+        model = PeftModel.from_pretrained(
+            base_model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable
+        )
     except Exception as exc:  # size mismatch (another base model), unknown peft_type, bad config values
         raise AdapterError(
             f"Cannot load adapter {str(path_or_repo_id)!r} into {type(base_model).__name__}: {exc}"
@@ -366,7 +368,9 @@ def _check_same_base(base_model, config: dict, what: str) -> None:
     fingerprint of keys, shapes and a few values) must agree: a CoOp context trained on another CLIP of the same
     shape loads without any size error but means nothing there."""
     recorded = config.get("base_model_name_or_path")
-    own = getattr(getattr(base_model, "config", None), "_name_or_path", None) or getattr(base_model, "name_or_path", None)
+    own = getattr(getattr(base_model, "config", None), "_name_or_path", None) or getattr(
+        base_model, "name_or_path", None
+    )
     if not recorded or not Path(str(recorded)).is_dir() or not (Path(str(recorded)) / "config.json").is_file():
         return
     if own and Path(str(own)).exists() and Path(str(own)).resolve() == Path(str(recorded)).resolve():

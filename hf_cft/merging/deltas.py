@@ -185,7 +185,12 @@ def _safetensors_index(path: Path, role: str) -> dict[str, str]:
             )
         from hf_cft.validation import safetensors_files
 
-        return {k: str(f) for k, f in safetensors_files(path, BundleError, f"{role} {str(path)!r}", (".bin", ".pt", ".pth", ".ckpt")).items()}
+        return {
+            k: str(f)
+            for k, f in safetensors_files(
+                path, BundleError, f"{role} {str(path)!r}", (".bin", ".pt", ".pth", ".ckpt"), "reads"
+            ).items()
+        }
     else:
         raise BundleError(f"The {role} path {str(path)!r} does not exist.")
     out: dict[str, str] = {}
