@@ -95,8 +95,12 @@ def staged_folder(path: str | os.PathLike, keep: Callable[[str], bool] | None = 
         yield stage
         if keep is not None and path.is_dir():
             for old in path.iterdir():
-                if old.is_file() and not old.is_symlink() and keep(old.name) and not (stage / old.name).exists():
+                if old.is_symlink() or not keep(old.name) or (stage / old.name).exists():
+                    continue
+                if old.is_file():
                     shutil.copy2(old, stage / old.name)
+                elif old.is_dir():
+                    shutil.copytree(old, stage / old.name, symlinks=True)
         _fsync_tree(stage)
         if path.is_dir() and not path.is_symlink():
             if _exchange(stage, path):
@@ -113,6 +117,21 @@ def staged_folder(path: str | os.PathLike, keep: Callable[[str], bool] | None = 
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def save_pretrained_atomic(artefact, save_directory: str | os.PathLike, **kwargs) -> Path:
+    """``artefact.save_pretrained(save_directory, **kwargs)`` (a ``PeftModel``, a transformers model, a tokenizer,
+    ...) made crash-safe: written into a sibling staging folder and swapped in whole (:func:`staged_folder`), so a
+    kill leaves the previous save or the new one, never new weights beside an old config. Markdown files of the
+    previous folder (its model card) are kept.
+
+    Example::
+
+        save_pretrained_atomic(peft_model, "out/coop")   # adapter_config.json + adapter_model.safetensors
+    """
+    with staged_folder(save_directory, keep=lambda name: name.endswith(".md")) as stage:
+        artefact.save_pretrained(str(stage), **kwargs)
+    return Path(save_directory)
 
 
 def _fsync_tree(folder: Path) -> None:
