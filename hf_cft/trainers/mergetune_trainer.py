@@ -183,6 +183,10 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             "α grid": args.alpha_grid,
             "τ (initialisation)": args.tau,
             "anchor": getattr(self, "anchor_kind", args.anchor),
+            "preset": args.preset,
+            "path features": args.path_features,
+            "ŵ1 templates": args.anchor_templates,
+            "weight ensemble γ": args.weight_ensemble,
             **super().card_hyperparameters(),
         }
 
