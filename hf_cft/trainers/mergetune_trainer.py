@@ -184,6 +184,10 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             "α grid": args.alpha_grid,
             "τ (initialisation)": args.tau,
             "anchor": getattr(self, "anchor_kind", args.anchor),
+            "preset": args.preset,
+            "path features": args.path_features,
+            "ŵ1 templates": args.anchor_templates,
+            "weight ensemble γ": args.weight_ensemble,
             **super().card_hyperparameters(),
         }
 
@@ -594,9 +598,16 @@ class MergeTuneTrainer(ClipClassificationTrainer):
 
 
 def _describe_finetuned(finetuned) -> str:
-    """What ŵ2 was, for the model card: a folder or repo id as given, an adapter's name, or the object's type."""
+    """What ŵ2 was, for the model card: a Hub repo (linked), a local folder (its name only: a card never shows a
+    path of the machine it was written on), an adapter's name, or the object's type."""
     if isinstance(finetuned, (str, Path)):
-        return f"`{finetuned}`"
+        text = str(finetuned)
+        if Path(text).expanduser().exists():
+            kind = "adapter" if (Path(text).expanduser() / "adapter_config.json").is_file() else "model"
+            return f"a local {kind} folder (`{Path(text).expanduser().resolve().name}`)"
+        if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+            return f"[{text}](https://huggingface.co/{text})"
+        return f"adapter `{text}` (loaded in the same model)"
     peft_config = getattr(finetuned, "peft_config", None)
     if isinstance(peft_config, dict):
         cfg = peft_config.get(finetuned.active_adapter)
