@@ -214,6 +214,7 @@ def cmd_eval(args) -> int:
         "split": args.split,
         "num_classes": task.num_classes,
         "num_templates": len(templates),
+        "dataset_terms": task.meta.get("license_note") or task.meta.get("license"),
     }
     if args.base_novel:
         result.update({key: res.splits[key].to_dict() for key in res.splits})
@@ -412,7 +413,10 @@ def cmd_card(args) -> int:
     for key in ("dataset_name", "dataset_id", "base_model"):
         if getattr(args, key, None) is not None:
             data[key] = getattr(args, key)
-    kwargs = {k: data[k] for k in _CARD_KEYS[args.kind] if data.get(k) is not None}
+    if args.license is not None:
+        data["license"] = args.license
+    keys = (*_CARD_KEYS[args.kind], "license", "dataset_terms")  # every card states its license and data terms
+    kwargs = {k: data[k] for k in keys if data.get(k) is not None}
     kwargs["model_name"] = args.model_name or data.get("model_name") or Path(args.artefact).resolve().name
     if args.repo_id:
         kwargs["repo_id"] = args.repo_id
@@ -553,6 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset_name")
     p.add_argument("--dataset_id", help="Hub dataset id of the evaluation data")
     p.add_argument("--base_model", help="Hub id of the base model")
+    p.add_argument(
+        "--license",
+        help="license of the artefact (Hub identifier, e.g. apache-2.0); default: the base model card's, else unknown",
+    )
     p.add_argument("--repo_id", help="the repo the artefact will live in (used in the loading snippet)")
     p.set_defaults(func=cmd_card)
 

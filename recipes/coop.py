@@ -150,6 +150,7 @@ def main(args: CoOpRecipeArguments, targs: ClipTrainingArguments) -> dict:
             peft_model,
             model_name=f"{'kgcoop' if targs.kg_weight else 'coop'}-{task.name}",
             dataset_name=task.name,
+            dataset_terms=task.meta.get("license_note"),
             results=rows,
             hm=results["CoOp"].get("hm"),
             results_note=f"Zero-shot before CoOp: {_fmt(results['zero-shot'])}. Base model: {model_desc}.",

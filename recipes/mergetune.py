@@ -321,6 +321,7 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
             peft_model,
             model_name=f"mergetune-{method}-{task.name}",
             dataset_name=task.name,
+            dataset_terms=task.meta.get("license_note"),
             results=[{"name": s, "num_classes": len(names[s]), "accuracy": row[s]} for s in ("base", "novel")],
             hm=row.get("hm"),
             results_note="Before MergeTune — "
