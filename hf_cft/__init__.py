@@ -213,6 +213,7 @@ _LAZY_IMPORTS: dict[str, tuple[str, ...]] = {
         "validate_card",
     ),
     "hf_cft.plots": (
+        "accuracy_matrix_figure",
         "interpolation_curves",
         "plot_accuracy_matrix",
         "plot_paths",
@@ -400,6 +401,7 @@ if TYPE_CHECKING:  # the same names for type checkers and IDEs (kept equal to _L
         VPTModel,
     )
     from hf_cft.plots import (
+        accuracy_matrix_figure,
         interpolation_curves,
         plot_accuracy_matrix,
         plot_paths,
