@@ -47,7 +47,7 @@ from hf_cft.data.transforms import (
     apply_image_transform,
     model_transform,
 )
-from hf_cft.errors import AdapterError, CardError, DatasetFormatError, HubError
+from hf_cft.errors import AdapterError, CardError, DatasetFormatError, HubError, NonFiniteError
 from hf_cft.models.clip import check_clip_like, image_features, logit_scale, text_features
 from hf_cft.models.tokenizer import tokenize_prompts
 from hf_cft.trainers.clip_config import ClipTrainingArguments
@@ -453,7 +453,7 @@ class ClipClassificationTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         tag = inputs.pop(PADDING_KEY, None) if isinstance(inputs, dict) else None
         if tag is None:
-            return super().training_step(model, inputs, num_items_in_batch)
+            return self._finite_loss(super().training_step(model, inputs, num_items_in_batch))
         real, weight = tag
         if real > 0:  # only the real rows; with none, the padded rows keep the graph (DDP) at weight 0
             rows = int(inputs["labels"].shape[0])
@@ -463,9 +463,22 @@ class ClipClassificationTrainer(Trainer):
             }
         self._padding_weight = float(weight)
         try:
-            return super().training_step(model, inputs, num_items_in_batch)
+            return self._finite_loss(super().training_step(model, inputs, num_items_in_batch))
         finally:
             self._padding_weight = None
+
+    def _finite_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Stop training with :class:`~hf_cft.errors.NonFiniteError` at the first NaN/inf loss, before the optimizer
+        steps on its gradients (the Trainer's ``logging_nan_inf_filter`` would otherwise hide it from the logs and
+        the weights would turn NaN)."""
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise NonFiniteError(
+                f"The training loss is {float(loss.detach().float().mean())} at step {self.state.global_step + 1} "
+                f"(learning rate {self._get_learning_rate() if self.lr_scheduler is not None else self.args.learning_rate}"
+                "); training stopped before the optimizer step. Lower the learning rate, or check the inputs and "
+                "weights for NaN/inf."
+            )
+        return loss
 
     def _weighted(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss`` times the padding weight of this process's batch (1 outside a padded last batch)."""

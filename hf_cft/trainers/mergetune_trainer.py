@@ -68,6 +68,7 @@ from hf_cft.trainers.mergetune_weightspace import (
     estimate_weight_fisher,
     fisher_rows,
 )
+from hf_cft.validation import check_finite_tensor
 
 _FT_ADAPTER = "mergetune_finetuned"
 
@@ -291,10 +292,14 @@ class MergeTuneTrainer(ClipClassificationTrainer):
                 self.ctx_ft = tuner._coop_layer().coop_ctx[name].detach().clone()
                 self.ft_ctx_init = cfg_ft.ctx_init
                 self.ft_class_specific = cfg_ft.class_specific
+                check_finite_tensor(self.ctx_ft, "the fine-tuned CoOp context (ŵ2)")
+                check_finite_tensor(self.text_ft, "the fine-tuned CoOp class text features (ŵ2)")
             else:
                 w, b = _find_tuner(owner, "LinearHeadModel").head_parameters(name)
                 self.w_ft = w.detach().clone().to(device)
                 self.b_ft = (b.detach().clone() if b is not None else torch.zeros(w.shape[0])).to(device)
+                check_finite_tensor(self.w_ft, "the fine-tuned head weight (ŵ2)")
+                check_finite_tensor(self.b_ft, "the fine-tuned head bias (ŵ2)")
         finally:
             if owner is self.clip_model:
                 owner.set_adapter(continued)
