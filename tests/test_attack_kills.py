@@ -27,7 +27,7 @@ from hf_cft.merging import PAMState
 from hf_cft.testing import tiny_clip
 from hf_cft.utils import stale_staging
 
-KILLS = 8
+KILLS = 12
 
 
 @pytest.fixture(scope="module")
