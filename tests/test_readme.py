@@ -71,7 +71,7 @@ def extract_blocks(path: Path) -> list[dict]:
 
 
 # The program the fresh process runs: the blocks, in order, each compiled with its README line numbers.
-DRIVER = r'''
+DRIVER = r"""
 import json, os, subprocess, sys, traceback
 spec = json.load(open(sys.argv[1], encoding="utf-8"))
 ns = {"__name__": "__main__"}
@@ -140,7 +140,7 @@ for block in spec["blocks"]:
             fake_hub_off()
 timing()
 print("[readme-test] all blocks ran", flush=True)
-'''
+"""
 
 
 def _shared_data() -> Path | None:
@@ -232,7 +232,9 @@ def test_readme_blocks_are_marked_and_python_parses():
     assert blocks[0]["lang"] == "bash" and "bash scripts/main.sh" in blocks[0]["code"]
     assert "bash scripts/test.sh" in blocks[0]["code"] and blocks[0]["mode"] == "skip"
     for b in blocks:
-        assert b["lang"] in ("python", "bash", "text", "yaml", "json"), f"README.md:{b['line']}: language {b['lang']!r}"
+        assert b["lang"] in ("python", "bash", "text", "yaml", "json"), (
+            f"README.md:{b['line']}: language {b['lang']!r}"
+        )
         if b["mode"] == "skip":
             assert b["reason"], f"README.md:{b['line']}: a skipped block must state its reason"
         if b["lang"] == "python":
