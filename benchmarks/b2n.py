@@ -18,13 +18,25 @@ Rows (prompt family, CoOp context ``ctx`` initialised from "a photo of a"):
 - ``wise``: ctx = (1 − γ)·E(p0) + γ·ctx_CoOp with γ ∈ {0, 0.1, …, 1} chosen on the base validation shots;
 - ``output_ensemble``: mean of the zero-shot and CoOp class probabilities.
 
+Rows computed only when asked for (``run.py b2n --methods ...``; ``EXTRA_ROWS``):
+
+- ``kgcoop``: KgCoOp — CoOp with the knowledge-guided term λ_kg·(1 − mean cos(T(w), T_zs)), λ_kg = 8 and T_zs the
+  single-template zero-shot head (the official code's setting), same optimiser / epochs as CoOp;
+- ``kgcoop_mergetune``: MergeTune with ŵ2 = the KgCoOp context (λ = 8 as the official KgCoOp+MT scripts, β, N, τ
+  as ``mergetune``);
+- ``vpt`` / ``vpt_mergetune``: shallow VPT (8 tokens) trained through ``ClipClassificationTrainer`` on the base
+  shots' images (the image tower runs every step, so these rows need the images, not cached features), the text
+  head the frozen single-template zero-shot one; then ``MergeTuneTrainer`` on the VPT adapter: ŵ1 = the prompts'
+  initialisation (the same seeded init ŵ2 started from), path P2 + α(P − P2), anchor λ·Σ(P − P1)²/numel(P)
+  (λ = 8 on the mean squared token move: no published value), β, N, τ as ``mergetune``; AdamW at ``vpt_lr``.
+
 Linear-head family (``b2n_head``, rows ``HEAD_ROWS``): a head ``scale·x̂@Vᵀ`` over **all** class names (base and
 novel), initialised with the single-template zero-shot text features (V_zs, so ``head`` at step 0 is
 ``zs_single``), fitted on the base shots with the softmax over all classes (so the novel rows move too: pushed
 away from base images, which is where a text-initialised linear probe forgets); base accuracy is read from the
 base rows, novel accuracy from the novel rows, each in its own label space. ``head_lp`` (ŵ2), ``head_mergetune``
-(λ = 8 on Σ(V − V_zs)²/(2C) — MergeTuneTrainer's Σ(W − W_zs)² anchor in the units of the prompt family's cosine
-anchor; β = 0.5, N = 5, τ = 0.3 interpolation init), its Fisher / λ = 0 / β = 0 variants, TIES / DARE of
+(the one head anchor Σ(W − W_zs)² on W = scale·V with λ = 8/(2C·scale²), i.e. λ = 8 in the units of the prompt
+family's cosine anchor; β = 0.5, N = 5, τ = 0.3 interpolation init), its Fisher / λ = 0 / β = 0 variants, TIES / DARE of
 V_ft − V_zs, WiSE on the base validation shots and the output ensemble, with the prompt rows' optimiser, epochs and
 batch size; the probe's learning rate is chosen per dataset and seed on the base validation shots from
 ``HEAD_LRS`` (a text-initialised head at the prompt rows' 0.01 over-fits 16 shots below zero-shot even on base
@@ -69,6 +81,12 @@ HEAD_ROWS = (
     "head_wise",
     "head_output_ensemble",
 )
+#: Rows computed only on request (``--methods``), each with the rows it is compared with.
+EXTRA_ROWS = ("kgcoop", "kgcoop_mergetune", "vpt", "vpt_mergetune")
+#: KgCoOp's λ (the official code's 8) and the VPT rows' learning rate and prompt count.
+KG_WEIGHT = 8.0
+VPT_LR = 1e-2
+VPT_TOKENS = 8
 #: Learning rates tried for the linear probe (chosen on the base validation shots, per dataset and seed).
 HEAD_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 #: Which rows play fine-tuned (ŵ2), MergeTune and the merging baselines in the targets of each family.
@@ -136,9 +154,10 @@ class _Context:
         return self.peft.unload()
 
 
-def run_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print, paths_dir=None) -> dict:
-    """All rows for one dataset; ``feats`` holds test/downstream-pool features and labels. With ``paths_dir``,
-    the loss/accuracy curves along zero-shot→CoOp, zero-shot→MergeTune and CoOp→MergeTune (base and novel test
+def run_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print, paths_dir=None, rows=ROWS) -> dict:
+    """The ``rows`` (default ``ROWS``) for one dataset; ``feats`` holds test/downstream-pool features and labels
+    (and, for the VPT rows, the images ``test_im`` / ``down_im`` in the same order). With ``paths_dir``, the
+    loss/accuracy curves along zero-shot→CoOp, zero-shot→MergeTune and CoOp→MergeTune (base and novel test
     classes, first seed) are written there as ``paths-<dataset>.{json,png}``."""
     from hf_cft.data import base_novel_classes
     from hf_cft.merging import dare, ties
@@ -170,7 +189,20 @@ def run_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print, paths
     def evaluate(hb, hn):
         return _acc(scale * bt_f @ hb.t(), bt_y), _acc(scale * nt_f @ hn.t(), nt_y)
 
-    out = {row: [] for row in ROWS}
+    rows = tuple(rows)
+    unknown = [r for r in rows if r not in ROWS + EXTRA_ROWS]
+    if unknown:
+        raise ValueError(f"unknown base-to-novel rows {unknown}; choose from {ROWS + EXTRA_ROWS}")
+    out = {row: [] for row in rows}
+    want = set(rows)
+    vpt_results = {}  # on copies of the model without the CoOp adapter the other rows put on it
+    for seed in seeds if want & {"vpt", "vpt_mergetune"} else ():
+        tr, _ = _draw_shots(pool_y, len(base_ids), seed)
+        vpt = _vpt_rows(model, tok, base_names, feats, base_ids, novel_ids, tr, seed, hp, want)
+        vpt_results[seed] = {  # the VPT image features under the frozen zero-shot heads
+            row: (_acc(scale * fb @ zs_b.t(), bt_y), _acc(scale * fn @ zs_n.t(), nt_y))
+            for row, (fb, fn) in vpt.items()
+        }
     ctx_model = _Context(model, tok)
     try:
         for seed in seeds:
@@ -178,15 +210,42 @@ def run_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print, paths
             tr, va = _draw_shots(pool_y, len(base_ids), seed)
             x, y = pool_f[tr.to(dev)], pool_y[tr.to(dev)]
             va = va.to(dev)
-            out["zs_single"].append(evaluate(zs_b, zs_n))
-            out["zs_ensemble"].append(evaluate(ens_b, ens_n))
+            if "zs_single" in want:
+                out["zs_single"].append(evaluate(zs_b, zs_n))
+            if "zs_ensemble" in want:
+                out["zs_ensemble"].append(evaluate(ens_b, ens_n))
             common = dict(epochs=hp["epochs"], lr=hp["lr"], batch_size=hp["batch_size"], optimizer=hp["optimizer"])
             # CoOp (ŵ2)
             ctx_model.set(ctx_model.e0)
             train_coop_on_features(ctx_model.peft, tok, base_names, x, y, seed=seed, **common)
             ctx_ft = ctx_model.get()
             coop_b, coop_n = ctx_model.heads(base_names, novel_names)
-            out["coop"].append(evaluate(coop_b, coop_n))
+            if "coop" in want:
+                out["coop"].append(evaluate(coop_b, coop_n))
+            mt_common = dict(num_alphas=5, seed=seed, **common)
+            if want & {"kgcoop", "kgcoop_mergetune"}:  # KgCoOp (ŵ2 of its MergeTune row), from "a photo of a"
+                ctx_model.set(ctx_model.e0)
+                train_coop_on_features(
+                    ctx_model.peft, tok, base_names, x, y, seed=seed, kg_weight=KG_WEIGHT, kg_text=zs_b, **common
+                )
+                ctx_kg = ctx_model.get()
+                kg_b, kg_n = ctx_model.heads(base_names, novel_names)
+                if "kgcoop" in want:
+                    out["kgcoop"].append(evaluate(kg_b, kg_n))
+                if "kgcoop_mergetune" in want:
+                    ctx_model.set(ctx_kg)
+                    coop_context_init(ctx_model.peft, tok, ctx_kg, "a photo of a", tau=hp["tau"])
+                    train_mergetune_on_features(
+                        ctx_model.peft, tok, base_names, x, y, zs_b, kg_b, anchor_weight=KG_WEIGHT,
+                        path_weight=hp["beta"], **mt_common,
+                    )  # fmt: skip
+                    out["kgcoop_mergetune"].append(evaluate(*ctx_model.heads(base_names, novel_names)))
+            for row in ("vpt", "vpt_mergetune"):
+                if row in want:
+                    out[row].append(vpt_results[seed][row])
+            if not want & set(ROWS[3:]):
+                log(f"  {task.name} seed {seed}: " + ", ".join(f"{r} {hm(*out[r][-1]):.1f}" for r in rows))
+                continue
             # MergeTune and its variants: same data, optimiser and epochs
             fisher = None
             with torch.no_grad():
@@ -205,6 +264,8 @@ def run_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print, paths
                 "mergetune_beta0": dict(path_weight=0.0),
             }
             for row, kw in variants.items():
+                if row not in want:
+                    continue
                 ctx_model.set(ctx_ft)
                 coop_context_init(ctx_model.peft, tok, ctx_ft, "a photo of a", tau=hp["tau"])
                 kw = {"anchor_weight": hp["lam"], "path_weight": hp["beta"], **kw}
@@ -229,31 +290,118 @@ def run_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print, paths
                 ("ties", ties([tau_vec], k=0.2, lam=1.0)),
                 ("dare", dare([tau_vec], rho=0.9, seed=seed, then="ta", lam=1.0)),
             ):
+                if row not in want:
+                    continue
                 ctx_model.set(ctx_model.e0 + merged["ctx"])
                 out[row].append(evaluate(*ctx_model.heads(base_names, novel_names)))
             # WiSE: γ chosen on the base validation shots (ties -> the smaller γ)
             best = None
-            for g10 in range(11):
+            for g10 in range(11 if "wise" in want else 0):
                 gamma = g10 / 10
                 ctx_model.set((1 - gamma) * ctx_model.e0 + gamma * ctx_ft)
                 hb, hn = ctx_model.heads(base_names, novel_names)
                 val = _acc(scale * pool_f[va] @ hb.t(), pool_y[va]) if len(va) else 0.0
                 if best is None or val > best[0]:
                     best = (val, gamma, evaluate(hb, hn))
-            out["wise"].append(best[2])
-            out.setdefault("wise_gamma", []).append(best[1])
-            # output ensemble of zero-shot and CoOp
-            pb = ((scale * bt_f @ zs_b.t()).softmax(-1) + (scale * bt_f @ coop_b.t()).softmax(-1)) / 2
-            pn = ((scale * nt_f @ zs_n.t()).softmax(-1) + (scale * nt_f @ coop_n.t()).softmax(-1)) / 2
-            out["output_ensemble"].append((_acc(pb, bt_y), _acc(pn, nt_y)))
+            if best is not None:
+                out["wise"].append(best[2])
+                out.setdefault("wise_gamma", []).append(best[1])
+            if "output_ensemble" in want:  # output ensemble of zero-shot and CoOp
+                pb = ((scale * bt_f @ zs_b.t()).softmax(-1) + (scale * bt_f @ coop_b.t()).softmax(-1)) / 2
+                pn = ((scale * nt_f @ zs_n.t()).softmax(-1) + (scale * nt_f @ coop_n.t()).softmax(-1)) / 2
+                out["output_ensemble"].append((_acc(pb, bt_y), _acc(pn, nt_y)))
+            shown = [r for r in ("zs_single", "coop", "mergetune", "wise", *EXTRA_ROWS) if r in want]
             log(
                 f"  {task.name} seed {seed}: "
-                + ", ".join(f"{r} {hm(*out[r][-1]):.1f}" for r in ("zs_single", "coop", "mergetune", "wise"))
+                + ", ".join(f"{r} {hm(*out[r][-1]):.1f}" for r in shown)
                 + f" (HM; {time.perf_counter() - t0:.0f}s)"
             )
     finally:
         ctx_model.close()
     return out
+
+
+class _Images(torch.utils.data.Dataset):
+    """Normalised images and labels as the rows a ``ClipClassificationTrainer`` reads."""
+
+    def __init__(self, images_u8: torch.Tensor, labels: torch.Tensor):
+        from hf_cft.data.image_pool import normalize_batch
+
+        self.x, self.y = normalize_batch(images_u8.cpu()), labels.cpu()
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": int(self.y[i])}
+
+
+def _keep(labels: torch.Tensor, ids) -> torch.Tensor:
+    """The rows of ``labels`` whose class is in ``ids`` (in row order: the order of :func:`_subset`)."""
+    return torch.isin(labels.cpu(), torch.as_tensor(list(ids)))
+
+
+@torch.no_grad()
+def _image_feats(model, images_u8: torch.Tensor, dev) -> torch.Tensor:
+    from hf_cft.data.image_pool import normalize_batch
+    from hf_cft.models import image_features
+
+    model.eval()
+    return torch.cat(
+        [image_features(model, normalize_batch(images_u8[i : i + 256]).to(dev)) for i in range(0, len(images_u8), 256)]
+    ).float()
+
+
+def _vpt_rows(model, tok, base_names, feats, base_ids, novel_ids, tr, seed, hp, want) -> dict:
+    """``vpt`` (ŵ2) and ``vpt_mergetune`` for one seed: ``{row: (base test features, novel test features)}``
+    through the row's prompts. Each adapter lives on its own copy of the model (the shared one is not touched)."""
+    import copy
+    import tempfile
+
+    from peft import get_peft_model
+
+    from hf_cft import VPTConfig
+    from hf_cft.trainers import ClipClassificationTrainer, ClipTrainingArguments, MergeTuneConfig, MergeTuneTrainer
+
+    if "down_im" not in feats or "test_im" not in feats:
+        raise ValueError(
+            "the VPT rows train the image tower: they need the images (run.py passes them with --methods)"
+        )
+    dev = next(model.parameters()).device
+    down_y, test_y = feats["down_y"].cpu(), feats["test_y"].cpu()
+    pool_im, pool_y = feats["down_im"].cpu()[_keep(down_y, base_ids)], down_y[_keep(down_y, base_ids)]
+    bt_im, nt_im = (feats["test_im"].cpu()[_keep(test_y, ids)] for ids in (base_ids, novel_ids))
+    shots = _Images(pool_im[tr.cpu()], pool_y[tr.cpu()])
+    single = ["a photo of a {}."]
+
+    def vpt_model():  # the same seeded prompt initialisation for ŵ2's start and ŵ1 of MergeTune
+        torch.manual_seed(seed)
+        return get_peft_model(copy.deepcopy(model), VPTConfig(n_tokens=VPT_TOKENS))
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        common = dict(
+            per_device_train_batch_size=hp["batch_size"], num_train_epochs=hp["epochs"], learning_rate=VPT_LR,
+            optim="adamw_torch", lr_scheduler_type="cosine", save_strategy="no", report_to=[], seed=seed,
+            disable_tqdm=True, logging_steps=10**6, use_cpu=dev.type == "cpu",
+        )  # fmt: skip
+        ft = vpt_model()
+        ClipClassificationTrainer(
+            ft, ClipTrainingArguments(output_dir=f"{tmp}/vpt-run", **common), base_names, single, tok,
+            train_dataset=shots,
+        ).train()  # fmt: skip
+        out["vpt"] = (_image_feats(ft, bt_im, dev), _image_feats(ft, nt_im, dev))
+        if "vpt_mergetune" in want:
+            ft.save_pretrained(f"{tmp}/vpt")
+            mt = vpt_model()
+            numel = sum(p.numel() for p in mt.parameters() if p.requires_grad)
+            args = MergeTuneConfig(
+                output_dir=f"{tmp}/mt-run", anchor_weight=hp["lam"] / numel, path_weight=hp["beta"], num_alphas=5,
+                tau=hp["tau"], **common,
+            )  # fmt: skip
+            MergeTuneTrainer(mt, args, base_names, single, tok, finetuned=f"{tmp}/vpt", train_dataset=shots).train()
+            out["vpt_mergetune"] = (_image_feats(mt, bt_im, dev), _image_feats(mt, nt_im, dev))
+    return {row: v for row, v in out.items() if row in want}
 
 
 def run_head_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print) -> dict:
@@ -306,7 +454,10 @@ def run_head_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print) 
             fw, _ = classifier_fisher(x, scale * x @ v_zs.t(), scale, "sample", torch.Generator().manual_seed(seed))
             fisher = normalize_fisher([fw], 1e-3)[0]
         init = (1 - hp["tau"]) * v_zs + hp["tau"] * v_ft  # τ-initialisation (exact interpolation for a head)
-        mt = dict(weight_zs=v_zs, weight_ft=v_ft, anchor_weight=hp["lam"], path_weight=hp["beta"], num_alphas=5)
+        # the head anchor Σ(W − W_zs)² on W = s·V is 2·C·s² times the prompt family's cosine anchor for unit rows:
+        # λ/(2·C·s²) gives the head the pull of the paper's λ (head_anchor's docstring)
+        lam_head = hp["lam"] / (2.0 * task.num_classes * scale**2)
+        mt = dict(weight_zs=v_zs, weight_ft=v_ft, anchor_weight=lam_head, path_weight=hp["beta"], num_alphas=5)
         for row, kw in (
             ("head_mergetune", {}),
             ("head_mergetune_fisher", {"anchor": "fisher", "fisher": fisher}),

@@ -48,14 +48,12 @@ from hf_cft.data import (  # noqa: E402
     split_per_class_indices,
 )
 from hf_cft.data.image_pool import decode_split, normalize_batch  # noqa: E402
+from hf_cft.recipe_utils import PRETRAIN_DESIGNS as DESIGNS  # noqa: E402
+from hf_cft.recipe_utils import QUICK_PRETRAIN_STEPS, design_checkpoint  # noqa: E402
 from hf_cft.utils import atomic_path, atomic_write_bytes, atomic_write_json  # noqa: E402
 
 PROTOCOL_A = ("caltech101", "stanford_cars", "gtsrb", "aid30", "dtd10", "cifar10", "mnist")
-# design -> (pretraining config, cache folder of its model); the protocol's default design
-DESIGNS = {
-    "C": ("pretrain_clip_described.yaml", "benchmark-clip-described"),
-    "F": ("pretrain_clip_web.yaml", "benchmark-clip-web"),
-}
+# the default pretraining design (hf_cft.recipe_utils.PRETRAIN_DESIGNS) of each protocol
 PROTOCOL_DESIGN = {"zeroshot": "F", "headroom": "F", "b2n": "C", "b2n_head": "C"}
 CACHE = Path("~/.cache/hf_cft/decoded").expanduser()
 
@@ -63,14 +61,6 @@ CACHE = Path("~/.cache/hf_cft/decoded").expanduser()
 def _tilde(p: Path) -> str:
     home = str(Path.home())
     return str(p).replace(home, "~", 1) if str(p).startswith(home) else str(p)
-
-
-def design_checkpoint(design: str, quick: bool = False) -> Path:
-    """Where the harness keeps (and builds on first use) the model of ``design``."""
-    if design not in DESIGNS:
-        raise SystemExit(f"unknown design {design!r}; choose one of {sorted(DESIGNS)}")
-    folder = DESIGNS[design][1] + ("-quick" if quick else "")
-    return Path(f"~/.cache/hf_cft/{folder}/model").expanduser()
 
 
 def ensure_checkpoint(path: Path | None, quick: bool, data_dir: str, design: str = "C") -> Path:
@@ -83,7 +73,7 @@ def ensure_checkpoint(path: Path | None, quick: bool, data_dir: str, design: str
         if candidate is not None and (candidate / "config.json").is_file():
             return candidate
     target = small if quick else full
-    steps = "150" if quick else "5000"
+    steps = str(QUICK_PRETRAIN_STEPS) if quick else "5000"
     print(f"no checkpoint found: pretraining design {design} ({steps} steps) into {_tilde(target.parent)}", flush=True)
     cmd = [
         sys.executable,
@@ -130,26 +120,38 @@ def features(model, images_u8: torch.Tensor) -> torch.Tensor:
     )
 
 
-def split_features(model, task, split: str, size: int, name: str, limit: int | None = None):
+def split_images(task, split: str, size: int, name: str, limit: int | None = None):
+    """The decoded ``(uint8 images, labels)`` of a split's first ``limit`` rows (cached on disk)."""
     ds = task[split]
     if limit is not None and len(ds) > limit:
         ds = ds.select(range(limit))
-    im, lab = decode_split(
+    return decode_split(
         ds, size, CACHE, f"{name}-{split}" + (f"-first{limit}" if limit and len(task[split]) > limit else "")
     )
+
+
+def split_features(model, task, split: str, size: int, name: str, limit: int | None = None):
+    im, lab = split_images(task, split, size, name, limit)
     return features(model, im), lab
 
 
-def task_features(model, size: int, name: str, args, loaded=None):
+def task_features(model, size: int, name: str, args, loaded=None, images: bool = False):
     """``(task, {test_f, test_y, down_f, down_y})``: test-split and downstream-pool (the 30% of each class's training
-    images never seen in pretraining) features, from ``--features`` when given (no images needed) or computed."""
-    if loaded is not None:
+    images never seen in pretraining) features, from ``--features`` when given (no images needed) or computed;
+    with ``images`` also the images themselves (``test_im``, ``down_im``, same rows; for rows that train the image
+    tower)."""
+    if loaded is not None and not images:
         return loaded[0][name], loaded[1][name]
     task = load_classification_dataset(name, data_dir=args.data_dir)
-    test_f, test_y = split_features(model, task, "test", size, name, 1000 if args.quick else None)
+    limit = 1000 if args.quick else None
+    test_f, test_y = split_features(model, task, "test", size, name, limit)
     train_f, train_y = split_features(model, task, "train", size, name)
     _, down = split_per_class_indices(train_y.numpy(), 0.7, seed=0)
-    return task, {"test_f": test_f, "test_y": test_y, "down_f": train_f[down], "down_y": train_y[down]}
+    out = {"test_f": test_f, "test_y": test_y, "down_f": train_f[down], "down_y": train_y[down]}
+    if images:
+        out["test_im"] = split_images(task, "test", size, name, limit)[0]
+        out["down_im"] = split_images(task, "train", size, name)[0][down]
+    return task, out
 
 
 def zs_accuracy(model, tok, feats, labels, classnames, templates) -> float:
@@ -349,21 +351,35 @@ def _load_features(path):
     return tasks, feats
 
 
+def _b2n_rows(args) -> tuple[str, ...]:
+    """``b2n.ROWS``, or with ``--methods`` the zero-shot and CoOp reference rows plus the methods asked for."""
+    import b2n
+
+    if not args.methods:
+        return b2n.ROWS
+    unknown = [m for m in args.methods if m not in b2n.ROWS + b2n.EXTRA_ROWS]
+    if unknown:
+        raise SystemExit(f"unknown --methods {unknown}; choose from {b2n.ROWS + b2n.EXTRA_ROWS}")
+    return tuple(dict.fromkeys(("zs_single", "coop", *args.methods)))
+
+
 def protocol_b2n(model, tok, size, args) -> dict:
     import b2n
 
     hp = _b2n_hyper_parameters(args)
+    rows = _b2n_rows(args)
+    images = bool({"vpt", "vpt_mergetune"} & set(rows))
     per_dataset, saved, meta = {}, {}, {}
     loaded = _load_features(args.features) if args.features else None
     for name in _datasets(args):
         t0 = time.perf_counter()
-        task, feats = task_features(model, size, name, args, loaded)
-        saved.update({f"{name}/{k}": v.contiguous() for k, v in feats.items()})
+        task, feats = task_features(model, size, name, args, loaded, images=images)
+        saved.update({f"{name}/{k}": v.contiguous() for k, v in feats.items() if not k.endswith("_im")})
         meta[name] = {"classnames": list(task.classnames), "templates": list(task.templates)}
         if args.features_only:
             continue
         per_dataset[name] = b2n.run_dataset(
-            model, tok, task, feats, args.seeds, hp, log=lambda m: print(m, flush=True), paths_dir=args.out
+            model, tok, task, feats, args.seeds, hp, log=lambda m: print(m, flush=True), paths_dir=args.out, rows=rows
         )
         print(f"{name}: {time.perf_counter() - t0:.0f}s", flush=True)
     if args.save_features:
@@ -372,12 +388,14 @@ def protocol_b2n(model, tok, size, args) -> dict:
         save_file(saved, args.save_features, metadata={"tasks": json.dumps(meta)})
     if args.features_only:
         raise SystemExit(f"features written to {args.save_features}")
-    summary = b2n.summarise(per_dataset)
-    summary["targets"] = b2n.targets(summary)
+    summary = b2n.summarise(per_dataset, rows)
     summary["hyper_parameters"] = hp
-    lines = b2n.markdown(summary) + ["", b2n.target_line(summary)]
-    rows = {r: summary["average"][r] for r in b2n.ROWS}
-    return {**summary, "table": lines, "rows": rows, "plot": ("bars", ["base", "novel", "hm"])}
+    lines = b2n.markdown(summary, rows)
+    if rows == b2n.ROWS:
+        summary["targets"] = b2n.targets(summary)
+        lines += ["", b2n.target_line(summary)]
+    averages = {r: summary["average"][r] for r in rows}
+    return {**summary, "table": lines, "rows": averages, "plot": ("bars", ["base", "novel", "hm"])}
 
 
 def protocol_b2n_head(model, tok, size, args) -> dict:
@@ -466,6 +484,12 @@ def main(argv=None):
     p.add_argument("--features", default=None, help="b2n: read image features from this file (no images needed)")
     p.add_argument("--coop_batch_size", type=int, default=128, help="CoOp/MergeTune batch size (b2n)")
     p.add_argument("--coop_epochs", type=int, default=None, help="CoOp epochs (default 50; quick 20)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="b2n: only these rows (with zs_single and coop), e.g. kgcoop kgcoop_mergetune vpt vpt_mergetune",
+    )
     args = p.parse_args(argv)
     args.seeds = args.seeds or ([1] if args.quick else [1, 2, 3])
     if not args.features and not Path(args.data_dir).is_dir():

@@ -116,6 +116,11 @@ class AlignmentError(HfCftError, ValueError):
 # --- Hub and model cards (hf_cft.hub, hf_cft.cli) ---
 
 
+class MissingCheckpointError(HfCftError, FileNotFoundError):
+    """A model folder a recipe or config names does not exist (names it, and the command that builds it when it is
+    one of the project's pretrained CLIPs)."""
+
+
 class CardError(HfCftError, ValueError):
     """A model card cannot be rendered or its metadata is invalid (names the field or the template)."""
 

@@ -15,6 +15,9 @@ Launch (from the repository root; CPU is fine for the demo):
         # MTIL-mini Order I over ../shared/data with the project's small pretrained CLIP (see the YAML)
     accelerate launch recipes/condu.py --checkpoint path/to/clip --order II --strategy condu --finetune lora \\
         --learning_rate 1e-3 --max_steps 500 --output_dir outputs/condu-lora-order2
+    accelerate launch recipes/condu.py --strategy condu --finetune lora --lora_merge factors \\
+        --output_dir outputs/condu-lora-factors
+        # the released ConDU (LoRA): A and B unified separately (docs/methods/merging-fidelity.md)
 
 MTIL-mini: each task trains on the downstream pool of its dataset (the 30% of every class's training images left
 after ``split_per_class(train, 0.7, seed=0)``, never seen in pretraining; ``--shots 5`` for the few-shot variant)
@@ -74,6 +77,20 @@ class ConDURecipeArguments(ContinualStreamArguments):
     weighting: str = field(default="uniform", metadata={"help": "ConDU: uniform, similarity or softmax."})
     include_zero_shot: bool = field(default=True, metadata={"help": "ConDU: θ⁰ votes in routing."})
     rescaler: str = field(default="mean", metadata={"help": "ConDU: 'mean' (released) or 'global_sum'."})
+    rescaler_groups: str = field(
+        default="tensor",
+        metadata={
+            "help": "ConDU: the parts of the per-tensor-mean λ: 'tensor' (each weight) or 'openai' (q/k/v of each "
+            "attention layer fused, as the released code's in_proj: its λ for full fine-tuning)."
+        },
+    )
+    lora_merge: str = field(
+        default="dense",
+        metadata={
+            "help": "ConDU with --finetune lora: 'dense' (s·B@A unified per linear, default) or 'factors' (A and B "
+            "unified separately, the released ConDU (LoRA))."
+        },
+    )
     output_dir: str = field(default="outputs/condu", metadata={"help": "Output folder."})
 
 
@@ -91,6 +108,8 @@ def strategy_kwargs(name: str, args: ConDURecipeArguments) -> dict:
         include_zero_shot=args.include_zero_shot,
         task_agnostic=args.task_agnostic,
         rescaler=args.rescaler,
+        rescaler_groups=args.rescaler_groups,
+        lora_merge=args.lora_merge,
         track_fidelity=args.track_fidelity,
     )
 

@@ -67,6 +67,26 @@ def legacy_clip_model():
     return tiny_clip(seed=0, eos_token_id=2)
 
 
+@pytest.fixture
+def hub(monkeypatch):
+    """The fake Hub of ``tests/hub_fake.py``, online; any request not made through ``hub.api`` also lands there
+    (and is recorded), never on the internet. ``monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE",
+    True)`` before pulling, so loaders do not look for base-model files."""
+    import huggingface_hub
+    from hub_fake import FakeHub
+    from huggingface_hub import HfApi
+
+    constants = huggingface_hub.constants
+    with FakeHub() as server:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # HF_HUB_OFFLINE=1 above
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        server.api = HfApi(endpoint=server.url, token="hf_fake")
+        yield server
+
+
 def _require(path: Path, what: str):
     if not path.exists():
         reason = f"{what} not found at {path} (set HF_CFT_DATA_DIR to ../shared/data)"

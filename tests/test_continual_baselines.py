@@ -113,7 +113,7 @@ def test_magmax_trains_sequentially_merges_by_magnitude_and_resumes_exactly(inde
     assert not _equal(taus[1], independent[1].expert_delta("b"))  # not an expert from θ⁰
     assert taus[0].keys() == taus[1].keys()
     assert _equal(reference.merged, magmax(taus, lam=0.5))
-    assert reference.settings() == {"merge": "stateful", "lam": 0.5, "start_from": "previous"}
+    assert reference.settings() == {"merge": "stateful", "lam": 0.5, "tie_break": "later", "start_from": "previous"}
 
     with pytest.raises(RuntimeError, match="simulated crash"):
         _runner(_crash_in_learn(make_strategy("magmax"), 2), tmp_path / "crash", ToyTokenizer()).run()

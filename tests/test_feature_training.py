@@ -109,7 +109,7 @@ def test_mergetune_anchor_weight_pulls_toward_zero_shot(toy_tokenizer):
 
 
 def test_head_on_features_first_step_loss_matches_the_formula():
-    """train_head_on_features with one batch and lr 0: the logged loss is CE + λ·Σ(V−V_zs)²/(2C) + β·mean_k CE at
+    """train_head_on_features with one batch and lr 0: the logged loss is CE + λ·Σ(sV−sV_zs)² + β·mean_k CE at
     V_ft + α_k(V − V_ft), computed here by hand; with lr 0 the head does not move."""
     from hf_cft.trainers import train_head_on_features
 
@@ -138,7 +138,7 @@ def test_head_on_features_first_step_loss_matches_the_formula():
         xn = F.normalize(x, dim=-1)
         task = F.cross_entropy(s * xn @ v0.t(), y)
         sq = (v0 - vzs) ** 2
-        d = (sq if anchor == "sq_l2" else fisher * sq).sum() / (2 * 4)
+        d = (sq if anchor == "sq_l2" else fisher * sq).sum() * s**2  # the head anchor on W = s·V
         alphas = [(2 * k + 1) / 10 for k in range(5)]  # the midpoint grid of N = 5
         path = sum(F.cross_entropy(s * xn @ (vft + a * (v0 - vft)).t(), y) for a in alphas) / 5
         assert hist[0]["task"] == pytest.approx(float(task), rel=1e-5)
@@ -159,7 +159,7 @@ def test_head_on_features_fits_and_the_anchor_pulls_back():
     acc = lambda v: float(((x @ v.t()).argmax(-1) == y).float().mean())  # noqa: E731
     lp, _ = train_head_on_features(vzs, x, y, 10.0, epochs=30, lr=0.05, batch_size=16)
     assert acc(lp) > max(acc(vzs), 0.9)
-    pulled, _ = train_head_on_features(vzs, x, y, 10.0, weight_zs=vzs, anchor_weight=1e4, epochs=30, lr=0.05)
+    pulled, _ = train_head_on_features(vzs, x, y, 10.0, weight_zs=vzs, anchor_weight=10.0, epochs=30, lr=0.05)
     assert (pulled - vzs).norm() < 0.2 * (lp - vzs).norm()
     with pytest.raises(ValueError, match="weight_zs"):
         train_head_on_features(vzs, x, y, 10.0, anchor_weight=1.0)

@@ -13,8 +13,7 @@ import huggingface_hub
 import pytest
 import torch
 import yaml
-from hub_fake import FakeHub
-from huggingface_hub import HfApi, ModelCard, parse_eval_result_entries
+from huggingface_hub import ModelCard, parse_eval_result_entries
 from peft import LoraConfig, get_peft_model
 
 from hf_cft import CoOpConfig, LinearHeadConfig, VPTConfig
@@ -48,21 +47,6 @@ ROWS = [
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # PEFT looks for the base model's config to decide on saving embeddings; offline it cannot, and says so
 pytestmark = pytest.mark.filterwarnings("ignore:Could not find a config file:UserWarning")
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    """The fake Hub, online; any request not made through ``hub.api`` also lands there (and is recorded), never on
-    the internet. Call ``offline(monkeypatch)`` before pulling, so loaders do not look for base-model files."""
-    constants = huggingface_hub.constants
-    with FakeHub() as server:
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest sets HF_HUB_OFFLINE=1
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(
-            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
-        )
-        server.api = HfApi(endpoint=server.url, token="hf_fake")
-        yield server
 
 
 def offline(monkeypatch):
@@ -238,8 +222,13 @@ def test_mergetune_adapter_card_for_lora_and_coop(toy_tokenizer, tmp_path):
     coop.save_pretrained(tmp_path / "coop")
     folder_card = mergetune_card(tmp_path / "coop", model_name="mt-coop", dataset_name="toy", results=ROWS)
     assert "class_text_features" in folder_card.text and "coop" in validate_card(folder_card)["tags"]
-    with pytest.raises(CardError, match="CoOp, a linear head or LoRA"):
-        mergetune_card(_adapter("vpt", toy_tokenizer), model_name="x", dataset_name="toy")
+    vpt_card = mergetune_card(_adapter("vpt", toy_tokenizer), model_name="mt-vpt", dataset_name="toy")
+    assert "vpt" in validate_card(vpt_card)["tags"] and "prompt space" in vpt_card.text
+    from peft import IA3Config
+
+    ia3 = get_peft_model(_named(tiny_clip()), IA3Config(target_modules=["q_proj", "fc2"], feedforward_modules=["fc2"]))
+    with pytest.raises(CardError, match="CoOp, a linear head, LoRA or VPT"):
+        mergetune_card(ia3, model_name="x", dataset_name="toy")
 
 
 # ------------------------------------------------------------------------------------------------ ConDU

@@ -121,9 +121,10 @@ def test_dare_mask_of_a_key_does_not_depend_on_other_keys():
 
 def test_magmax_by_hand():
     tasks = [{"x": T([1.0, -3.0, 2.0])}, {"x": T([-2.0, 1.0, -2.0])}, {"x": T([0.5, 2.5, -1.0])}]
-    # per entry the largest |.|: -2 (task 2), -3 (task 1), tie 2 vs -2 → the first task: 2
-    close(magmax(tasks, lam=1.0), {"x": [-2.0, -3.0, 2.0]})
-    close(magmax(tasks), {"x": [-1.0, -1.5, 1.0]})
+    # per entry the largest |.|: -2 (task 2), -3 (task 1), tie 2 vs -2 → the later task (official): -2
+    close(magmax(tasks, lam=1.0), {"x": [-2.0, -3.0, -2.0]})
+    close(magmax(tasks), {"x": [-1.0, -1.5, -1.0]})
+    close(magmax(tasks, lam=1.0, tie_break="earlier"), {"x": [-2.0, -3.0, 2.0]})
 
 
 EMR_TASKS = [
@@ -142,7 +143,11 @@ def test_emr_by_hand():
         [True, True, True],
         [False, True, False],
     ]
-    # λ_t = Σ|τ_t| / Σ|M_t ⊙ τ_uni| over all keys
+    # default (official EMR / FusionBench): λ_t = Σ_p mean|τ_t,p| / Σ_p mean|M_t,p ⊙ τ_uni,p|
+    assert res.rescalers == pytest.approx([(1.5 + 0.5) / 1.0, (2.0 + 1.0) / (2.5 + 1.0), (1.0 + 0.2) / 1.5])
+    close(res.task_delta(1), {"a": [2 * 6 / 7, 3 * 6 / 7], "b": [-6 / 7]})
+    # the EMR paper's formula: λ_t = Σ|τ_t| / Σ|M_t ⊙ τ_uni| over all keys
+    res = emr(EMR_TASKS, rescaler="global_sum")
     assert res.rescalers == pytest.approx([3.5 / 2, 5 / 6, 2.2 / 3])
     close(res.task_delta(0), {"a": [3.5, 0.0], "b": [0.0]})
     close(emr_task_delta(res, 1), {"a": [5 / 3, 2.5], "b": [-5 / 6]})
@@ -273,7 +278,7 @@ def test_continual_forms_match_their_one_shot_counterparts():
 
 def test_continual_ties_is_ties_on_the_pair():
     c = ContinualTIES(k=0.4, lam=1.0)
-    close(c.add(TIES_TASKS[0]), TIES_TASKS[0])  # first task: kept as is
+    close(c.add(TIES_TASKS[0]), {"x": [3.0, 0.0, 0.0, -4.0, 0.0]})  # first task: trimmed too (issue 17 bug 2)
     m2 = c.add(TIES_TASKS[1])
     # trimmed [3,0,0,-4,0] and [-2,5,0,0,0]: sum [1,5,0,-4,0] → [3, 5, 0, -4, 0]
     close(m2, {"x": [3.0, 5.0, 0.0, -4.0, 0.0]})

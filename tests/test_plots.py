@@ -41,4 +41,5 @@ def test_plot_command(tmp_path):
         text=True,
         timeout=120,
     )
-    assert out.returncode == 0, out.stderr and (tmp_path / "o.png").is_file()
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "o.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -270,6 +270,25 @@ def test_10_decoupled_experts_reproduce_their_originals_on_tiny_clip(clip_model,
     assert router.last_routing.indices.shape == (12, 2)
 
 
+def test_router_matches_across_cpu_thread_counts(clip_model, toy_tokenizer, merger5, px):
+    """The CI-runnable half of the device check below: routing and fused logits do not depend on how the CPU
+    splits the work (1 thread vs 2), up to float rounding; the routing decision itself is identical."""
+    router = SemanticRouter(merger5, clip_model, toy_tokenizer, top_k=2, weighting="similarity")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = router.logits(px, CLASSES, TEMPLATES)
+        idx_one = router.last_routing.indices.clone()
+        torch.set_num_threads(2)
+        two = router.logits(px, CLASSES, TEMPLATES)
+        idx_two = router.last_routing.indices.clone()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(idx_one, idx_two)
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)
+
+
+# Runs only on a machine with a CUDA device (CI pins CPU torch): part of the GPU check when one is lent.
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_router_on_cuda_matches_cpu(clip_model, toy_tokenizer, merger5, px, deltas5):
     cuda_model = copy.deepcopy(clip_model).cuda()

@@ -5,7 +5,7 @@
 | name | experts train from | after task t, deployed model | evaluation |
 |---|---|---|---|
 | ``task_arithmetic`` | θ⁰ | θ⁰ + λ·Σ_{i≤t} τ_i (continual form θ ← θ + λτ_t; λ = 0.3) | task-agnostic |
-| ``ties`` | θ⁰ | TIES on the pair (merged so far, τ_t) (k = 0.2, λ = 1) | task-agnostic |
+| ``ties`` | θ⁰ | λ × the TIES merge of the pair (unscaled merge so far, τ_t) (k = 0.2, λ = 1) | task-agnostic |
 | ``magmax`` | θ_{t−1} (sequential chain, τ_t cumulative) | θ⁰ + λ·τ_MM, per entry the largest-magnitude τ_i (λ = 0.5) | task-agnostic |
 | ``opcm`` | θ⁰ | θ⁰ + S_t·mean‖τ_i‖/‖S_t‖, S_t the orthogonally projected running sum (α = 0.5) | task-agnostic |
 | ``running_mean`` | θ⁰ | θ⁰ + (1/t)·Σ_{i≤t} τ_i (uniform soup) | task-agnostic |
@@ -33,6 +33,7 @@ import time
 from hf_cft.continual.strategies import (
     DeltaMergeStrategy,
     Strategy,
+    check_choice,
     check_number,
     register_strategy,
     save_expert,
@@ -64,34 +65,54 @@ def task_arithmetic_strategy(lam: float = 0.3) -> DeltaMergeStrategy:
     return DeltaMergeStrategy.from_merger("task_arithmetic", functools.partial(ContinualTaskArithmetic, lam), lam=lam)
 
 
-def ties_strategy(k: float = 0.2, lam: float = 1.0) -> DeltaMergeStrategy:
-    """TIES, continual form (pam.md §9): TIES on the pair (current merged delta, τ_t); τ_1 alone after the first
-    task (k = 0.2, λ = 1, lib)."""
-    from hf_cft.merging.baselines import ContinualTIES
+def ties_strategy(
+    k: float = 0.2, lam: float = 1.0, trim_scope: str = "tensor", merge: str = "mean"
+) -> DeltaMergeStrategy:
+    """TIES, continual form (pam.md §9): the unscaled TIES merge of the pair (merged so far, τ_t), deployed ×λ
+    (k = 0.2, λ = 1, lib); ``trim_scope`` / ``merge`` as :func:`hf_cft.merging.baselines.ties`."""
+    from hf_cft.merging.baselines import DISJOINT_MERGES, TRIM_SCOPES, ContinualTIES
 
     k = check_number("ties", "k", k, 0.0, 1.0, low_open=True)
     lam = check_number("ties", "lam", lam)
-    return DeltaMergeStrategy.from_merger("ties", functools.partial(ContinualTIES, k, lam), k=k, lam=lam)
-
-
-def magmax_strategy(lam: float = 0.5) -> DeltaMergeStrategy:
-    """MagMax (pam.md §9): *sequential* fine-tuning (θ_t starts from θ_{t−1}, τ_t = θ_t − θ⁰ cumulative), then per
-    entry the largest-magnitude τ_i seen so far, deployed as θ⁰ + λ·τ_MM (λ = 0.5, the repository default)."""
-    from hf_cft.merging.baselines import MagMaxMerger
-
-    lam = check_number("magmax", "lam", lam)
+    check_choice("ties", "trim_scope", trim_scope, TRIM_SCOPES)
+    check_choice("ties", "merge", merge, DISJOINT_MERGES)
+    # trim_scope and merge are always recorded: a checkpoint written before the λ fix (issue 17 bug 2), which lacks
+    # them, holds other results and is refused on resume rather than continued with the fixed merger
     return DeltaMergeStrategy.from_merger(
-        "magmax", functools.partial(MagMaxMerger, lam), start_from="previous", lam=lam
+        "ties",
+        functools.partial(ContinualTIES, k, lam, trim_scope, merge),
+        k=k,
+        lam=lam,
+        trim_scope=trim_scope,
+        merge=merge,
     )
 
 
-def opcm_strategy(alpha: float = 0.5) -> DeltaMergeStrategy:
+def magmax_strategy(lam: float = 0.5, tie_break: str = "later") -> DeltaMergeStrategy:
+    """MagMax (pam.md §9): *sequential* fine-tuning (θ_t starts from θ_{t−1}, τ_t = θ_t − θ⁰ cumulative), then per
+    entry the largest-magnitude τ_i seen so far (the later task on ties, as the official code), deployed as
+    θ⁰ + λ·τ_MM (λ = 0.5, the repository default)."""
+    from hf_cft.merging.baselines import MAGMAX_TIE_BREAKS, MagMaxMerger
+
+    lam = check_number("magmax", "lam", lam)
+    check_choice("magmax", "tie_break", tie_break, MAGMAX_TIE_BREAKS)
+    return DeltaMergeStrategy.from_merger(
+        "magmax", functools.partial(MagMaxMerger, lam, tie_break), start_from="previous", lam=lam, tie_break=tie_break
+    )
+
+
+def opcm_strategy(alpha: float = 0.5, rank_rule: str = "at_most") -> DeltaMergeStrategy:
     """OPCM (pam.md §9): experts from θ⁰, each projected off the previous merged delta's leading singular
-    directions and added to the running sum, deployed rescaled to the mean task-vector norm (α = 0.5)."""
+    directions and added to the running sum, deployed rescaled to the mean task-vector norm (α = 0.5);
+    ``rank_rule`` as :class:`hf_cft.merging.baselines.OPCMMerger`."""
     from hf_cft.merging.baselines import OPCMMerger
 
     alpha = check_number("opcm", "alpha", alpha, 0.0, 1.0)
-    return DeltaMergeStrategy.from_merger("opcm", functools.partial(OPCMMerger, alpha), alpha=alpha)
+    check_choice("opcm", "rank_rule", rank_rule, OPCMMerger.RANK_RULES)
+    settings = {"alpha": alpha} if rank_rule == "at_most" else {"alpha": alpha, "rank_rule": rank_rule}
+    return DeltaMergeStrategy.from_merger(
+        "opcm", functools.partial(OPCMMerger, alpha, rank_rule=rank_rule), **settings
+    )
 
 
 def running_mean_strategy() -> DeltaMergeStrategy:
@@ -119,6 +140,12 @@ class EMRStrategy(Strategy):
     model for a task without a mask; Transfer is therefore zero-shot). A task-aware reference, not comparable with
     the task-agnostic rows.
 
+    It streams like ConDU: every merge reads the stored experts as :class:`~hf_cft.merging.LazyDelta` files, slice
+    by slice per key, and keeps the masks bit-packed, so memory holds τ_uni, T packed masks and a few slices, never
+    the T experts or T unpacked masks; an evaluation builds one task's delta at a time. ``rescaler`` and
+    ``zero_sign`` as :func:`hf_cft.merging.baselines.emr` (default: the official EMR code's per-tensor mean and
+    σ = −1 on exact ties).
+
     Example::
 
         runner = ContinualRunner(EMRStrategy(), tasks, clip, tokenizer, "outputs/emr", config)
@@ -126,20 +153,31 @@ class EMRStrategy(Strategy):
 
     name = "emr"
 
-    def __init__(self):
+    def __init__(self, rescaler: str = "mean", zero_sign: int = -1):
+        from hf_cft.merging.baselines import EMR_RESCALERS, EMR_ZERO_SIGNS
+
         super().__init__()
+        check_choice("emr", "rescaler", rescaler, EMR_RESCALERS)
+        check_choice("emr", "zero_sign", zero_sign, EMR_ZERO_SIGNS)
+        self.rescaler, self.zero_sign = rescaler, int(zero_sign)
         self.experts: list[str] = []  # store keys in learning order
         self.task_names: list[str] = []
         self.result = None  # hf_cft.merging.baselines.EMRResult over self.experts
+
+    def settings(self) -> dict:
+        return {"rescaler": self.rescaler, "zero_sign": self.zero_sign}
 
     @property
     def store(self) -> DeltaStore:
         return DeltaStore(self.context.workdir / "experts")
 
     def _merge(self) -> None:
+        from hf_cft.merging import LazyDelta
         from hf_cft.merging.baselines import emr
 
-        result = emr([self.store.load(k) for k in self.experts])
+        self.result = None  # the previous merge's τ_uni is dropped before the new one is built
+        experts = [LazyDelta.from_file(self.store.path(k)) for k in self.experts]
+        result = emr(experts, rescaler=self.rescaler, zero_sign=self.zero_sign)
         check_finite(result.unified, f"the EMR unified delta over {self.task_names}")
         self.result = result
 
@@ -190,9 +228,9 @@ class EMRStrategy(Strategy):
             )
 
 
-def emr_strategy() -> EMRStrategy:
-    """One-shot EMR over all experts so far, evaluated with the task id (pam.md §9)."""
-    return EMRStrategy()
+def emr_strategy(rescaler: str = "mean", zero_sign: int = -1) -> EMRStrategy:
+    """One-shot EMR over all experts so far, streamed from disk, evaluated with the task id (pam.md §9)."""
+    return EMRStrategy(rescaler=rescaler, zero_sign=zero_sign)
 
 
 BASELINE_STRATEGIES = {

@@ -141,9 +141,12 @@ class Strategy:
             raise ContinualError(f"strategy {self.name!r} is not bound to a run (ContinualRunner binds it)")
         return self.ctx
 
-    def train_expert(self, task: TaskSpec, index: int, start: Delta | None = None) -> Delta:
+    def train_expert(
+        self, task: TaskSpec, index: int, start: Delta | None = None, factors_reference: nn.Module | None = None
+    ) -> Delta:
         """Train on ``task`` from θ⁰ (+ ``start``) with the run's config and the task's seed; time it, and keep its
-        last logged training loss in :attr:`task_metrics` (``train_loss``, recorded in the run's history)."""
+        last logged training loss in :attr:`task_metrics` (``train_loss``, recorded in the run's history).
+        ``factors_reference``: return LoRA factor deltas (:func:`~hf_cft.continual.training.train_expert`)."""
         from hf_cft.continual.training import train_expert
 
         ctx = self.context
@@ -161,6 +164,7 @@ class Strategy:
                 output_dir=scratch,
                 start=start,
                 metrics=self.task_metrics,
+                factors_reference=factors_reference,
             )
         self.timings["train_s"] = time.perf_counter() - t0
         return delta
@@ -382,6 +386,14 @@ class ConDUStrategy(Strategy):
     The merger, router and prototype function default to ``hf_cft.merging``'s ``DeltaFusionMerger``,
     ``SemanticRouter`` and ``compute_prototypes``; pass factories to use others with the same contract.
 
+    ``lora_merge`` (with ``finetune="lora"``): ``"dense"`` (default, the project rule: every expert reaches the
+    merger as s·B@A per adapted linear) or ``"factors"``, the released ConDU (LoRA) (condu.md §5): each expert
+    reaches the merger as its factor deltas A − A⁰ and B − B⁰ (B⁰ = 0, A⁰ the run's fixed seed), A and B are
+    unified as tensors of their own with one λ per task, and a rebuilt expert is θ⁰ + s·(λM_B⊙u_B)(A⁰ + λM_A⊙u_A),
+    run on θ⁰ as its dense delta (:func:`hf_cft.merging.dense_delta_from_factors`); routing runs on the reference
+    ``PeftModel`` (θ⁰ + the initial adapter, held once per run). ``rescaler_groups``: see
+    :class:`hf_cft.merging.DeltaFusionMergerConfig` (``"openai"`` gives the released λ for full fine-tuning).
+
     Example::
 
         runner = ContinualRunner(ConDUStrategy(top_k=4), tasks, clip, tokenizer, "outputs/condu")
@@ -398,6 +410,7 @@ class ConDUStrategy(Strategy):
         rescaler: str = "mean",
         lora_merge: str = "dense",
         track_fidelity: bool = False,
+        rescaler_groups: str = "tensor",
         merger_factory: Callable[[], object] | None = None,
         merger_loader: Callable[[Path], object] | None = None,
         router_factory: Callable[..., object] | None = None,
@@ -406,12 +419,12 @@ class ConDUStrategy(Strategy):
         super().__init__()
         if top_k < 1:
             raise ContinualError(f"ConDUStrategy: top_k must be ≥ 1, got {top_k}")
-        if lora_merge != "dense":
-            # Experts reach the merger as dense deltas (s·B@A for LoRA), the project's default; "factors" would
-            # need the A/B factors themselves.
-            raise ContinualError(f"ConDUStrategy supports lora_merge='dense' only, got {lora_merge!r}")
+        check_choice("condu", "lora_merge", lora_merge, ("dense", "factors"))
+        check_choice("condu", "rescaler_groups", rescaler_groups, ("tensor", "openai"))
         self.top_k, self.weighting, self.include_zero_shot = top_k, weighting, include_zero_shot
         self.task_agnostic, self.rescaler, self.lora_merge = task_agnostic, rescaler, lora_merge
+        self.rescaler_groups = rescaler_groups
+        self._reference: nn.Module | None = None  # lora_merge="factors": θ⁰ + the initial adapter
         self.track_fidelity = bool(track_fidelity)
         self._merger_factory = merger_factory
         self._merger_loader = merger_loader
@@ -428,7 +441,33 @@ class ConDUStrategy(Strategy):
             "task_agnostic": self.task_agnostic,
             "rescaler": self.rescaler,
             "lora_merge": self.lora_merge,
+            # absent by default, so that checkpoints of earlier versions still resume
+            **({"rescaler_groups": self.rescaler_groups} if self.rescaler_groups != "tensor" else {}),
         }
+
+    def check_config(self, config: ContinualConfig) -> None:
+        if self.lora_merge == "factors" and config.finetune != "lora":
+            raise ContinualError(
+                f"ConDUStrategy(lora_merge='factors') unifies LoRA factors: it needs finetune='lora', got "
+                f"{config.finetune!r}"
+            )
+
+    def reference_model(self) -> nn.Module:
+        """``lora_merge="factors"``: the ``PeftModel`` holding θ⁰ and the initial adapter every expert starts from
+        (built once, frozen); the model factor deltas are taken against and routing runs on."""
+        if self._reference is None:
+            from hf_cft.continual.training import build_training_model
+
+            ctx = self.context
+            self._reference = build_training_model(ctx.base_model, ctx.config).eval()
+            for p in self._reference.parameters():
+                p.requires_grad_(False)
+        return self._reference
+
+    @property
+    def _merge_base(self) -> nn.Module:
+        """The model the merger's deltas are taken from: θ⁰, or the factor reference."""
+        return self.reference_model() if self.lora_merge == "factors" else self.context.base_model
 
     # -------------------------------------------------------------- the hf_cft.merging contract
 
@@ -449,13 +488,17 @@ class ConDUStrategy(Strategy):
             return self._merger_factory()
         cls = self._merging("DeltaFusionMerger")
         return cls(
-            rescaler=self.rescaler, lora_merge=self.lora_merge, strict=False, base_model=self.context.base_model
+            rescaler=self.rescaler,
+            lora_merge=self.lora_merge,
+            rescaler_groups=self.rescaler_groups,
+            strict=False,
+            base_model=self._merge_base,
         )
 
     def load_merger(self, directory: Path):
         if self._merger_loader is not None:
             return self._merger_loader(directory)
-        return self._merging("DeltaFusionMerger").from_pretrained(directory, base_model=self.context.base_model)
+        return self._merging("DeltaFusionMerger").from_pretrained(directory, base_model=self._merge_base)
 
     def prototypes(self, task: TaskSpec) -> torch.Tensor:
         """P^t with θ⁰ over one pass of the task's training rows through the train transform (§7): the function
@@ -470,7 +513,7 @@ class ConDUStrategy(Strategy):
             factory = self._router_factory or self._merging("SemanticRouter")
             self._router = factory(
                 self.merger,
-                ctx.base_model,
+                self._merge_base,
                 ctx.tokenizer,
                 top_k=self.top_k,
                 weighting=self.weighting,
@@ -491,7 +534,8 @@ class ConDUStrategy(Strategy):
 
     def learn(self, task: TaskSpec, index: int) -> None:
         self.timings = {}
-        delta = self.train_expert(task, index)  # from θ⁰, never from the unified model (§2.1)
+        factors = self.reference_model() if self.lora_merge == "factors" else None
+        delta = self.train_expert(task, index, factors_reference=factors)  # from θ⁰, never from u (§2.1)
         t0 = time.perf_counter()
         protos = self.prototypes(task)  # with θ⁰, on the data trained on (§7, §9)
         self.timings["prototypes_s"] = time.perf_counter() - t0
@@ -544,6 +588,16 @@ class ConDUStrategy(Strategy):
             out[f"lambda/{name}"] = float(self.merger.record(name).lam)
         return out
 
+    def expert_weights_delta(self, name: str) -> Delta:
+        """The rebuilt expert of task ``name`` as a delta of θ⁰'s weights: δ̃ = λM⊙u, or with
+        ``lora_merge="factors"`` the dense s·B̃Ã − s·B⁰A⁰ of its rebuilt factors."""
+        delta = self.merger.expert_delta(name)
+        if self.lora_merge != "factors":
+            return delta
+        from hf_cft.merging import dense_delta_from_factors
+
+        return dict(dense_delta_from_factors(delta, self.reference_model()))
+
     def evaluate(self, task: TaskSpec, learned: bool) -> float:
         ev = self.context.evaluator
         names = self.learned
@@ -552,7 +606,7 @@ class ConDUStrategy(Strategy):
         if learned and not self.task_agnostic:
             if task.name not in names:
                 raise ContinualError(f"task {task.name!r} is marked learned but the merger holds only {names}")
-            return ev.accuracy(task, self.merger.expert_delta(task.name))
+            return ev.accuracy(task, self.expert_weights_delta(task.name))
         router = self.router()
         return ev.accuracy_from_logits(task, lambda px: router.logits(px, task.classnames, task.templates))
 
@@ -650,6 +704,12 @@ def strategy_options(name: str) -> set[str] | None:
     if name not in STRATEGIES:
         raise ContinualError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
     return _accepted_options(STRATEGIES[name])
+
+
+def check_choice(owner: str, option: str, value, choices) -> None:
+    """Raise :class:`ContinualError` naming ``owner`` and ``option`` unless ``value`` is one of ``choices``."""
+    if isinstance(value, bool) or value not in tuple(choices):
+        raise ContinualError(f"strategy {owner!r}: option {option} must be one of {tuple(choices)}, got {value!r}")
 
 
 def check_number(

@@ -22,6 +22,7 @@ from torch import nn
 from hf_cft.continual.config import ContinualConfig
 from hf_cft.continual.tasks import TaskSpec
 from hf_cft.continual.weights import Delta, apply_delta_, check_finite, trained_delta
+from hf_cft.errors import ContinualError
 
 logger = logging.getLogger("hf_cft.continual")
 
@@ -144,16 +145,29 @@ def train_expert(
     output_dir: str | os.PathLike,
     start: Mapping[str, torch.Tensor] | None = None,
     metrics: dict | None = None,
+    factors_reference: nn.Module | None = None,
 ) -> Delta:
     """Fine-tune θ⁰ (+ ``start``) on ``task`` (its ``train`` rows must be model-ready) with the Trainer seeded by
     ``seed`` and the learning rate of position ``index``; return θ − θ⁰ as fp32 CPU tensors. θ⁰ itself is never
     modified; the trained copy is dropped. ``output_dir`` is the Trainer's scratch folder, removed afterwards.
-    ``metrics``, if given, receives ``train_loss`` (:func:`last_logged_loss`)."""
+    ``metrics``, if given, receives ``train_loss`` (:func:`last_logged_loss`).
+
+    ``factors_reference`` (LoRA only; ConDU's ``lora_merge="factors"``): the ``PeftModel`` of
+    :func:`build_training_model` before training (θ⁰ + the initial adapter A⁰, B⁰ = 0); the expert is then returned
+    as the deltas of its factors, A − A⁰ and B − B⁰, keyed by the reference's parameter names
+    (:func:`hf_cft.merging.lora_factor_delta`), instead of the dense s·B@A."""
+    if factors_reference is not None and (config.finetune != "lora" or start):
+        raise ContinualError("factor deltas need finetune='lora' and an expert trained from θ⁰ (no start delta)")
     model = build_training_model(base_model, config, start)
     out = fit(model, tokenizer, task, config, seed, index, output_dir)
     if metrics is not None and out.metrics.get("last_logged_loss") is not None:
         metrics["train_loss"] = out.metrics["last_logged_loss"]
-    delta = trained_delta(base_model, model, start)
+    if factors_reference is not None:
+        from hf_cft.merging import lora_factor_delta
+
+        delta = {k: v.detach().float().cpu() for k, v in lora_factor_delta(model, factors_reference).items()}
+    else:
+        delta = trained_delta(base_model, model, start)
     check_finite(delta, f"the expert trained on task {task.name!r}")
     del model
     return delta

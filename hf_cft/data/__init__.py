@@ -25,7 +25,9 @@ from hf_cft.data.transforms import (
     ImageTransform,
     apply_image_transform,
     decode_image,
+    eval_view,
     image_key,
+    model_transform,
     set_transform_epoch,
 )
 
@@ -54,7 +56,9 @@ __all__ = [
     "list_specs",
     "load_classification_dataset",
     "load_digits_dataset",
+    "model_transform",
     "select_classes",
+    "eval_view",
     "set_transform_epoch",
     "split_per_class",
     "split_per_class_indices",

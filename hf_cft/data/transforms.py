@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -199,6 +200,29 @@ class ImageTransform:
         )
 
 
+def model_transform(model, image_processor=None) -> ImageTransform:
+    """The evaluation :class:`ImageTransform` of ``model``: from ``image_processor`` (a transformers image processor,
+    a ``CLIPProcessor`` or an :class:`ImageTransform`) when given, else from the image processor saved in the
+    model's local folder (``model.name_or_path``), else :meth:`ImageTransform.from_model` (the vision config's
+    image size, CLIP statistics). Use ``dataclasses.replace(t, train=True, seed=...)`` for the training one."""
+    if isinstance(image_processor, ImageTransform):
+        return image_processor
+    if image_processor is not None:
+        return ImageTransform.from_processor(image_processor)
+    from hf_cft.models.clip import unwrap_model
+
+    base = unwrap_model(model)
+    folder = getattr(base, "name_or_path", None) or ""
+    if folder and os.path.isfile(os.path.join(os.path.expanduser(str(folder)), "preprocessor_config.json")):
+        from transformers import AutoImageProcessor
+
+        try:
+            return ImageTransform.from_processor(AutoImageProcessor.from_pretrained(os.path.expanduser(str(folder))))
+        except (OSError, ValueError):
+            pass
+    return ImageTransform.from_model(base)
+
+
 def image_key(item) -> str:
     """A short content hash of an undecoded image (``{"bytes", "path"}`` dict, bytes, array or PIL image): the
     per-sample key of keyed augmentation. Identical images share a key (and so a crop), which is harmless."""
@@ -256,6 +280,20 @@ def apply_image_transform(
     if name:
         transform.source = f"dataset {name!r}"
     return dataset.with_transform(_ImageBatchTransform(transform, image_column, label_column))
+
+
+def eval_view(dataset):
+    """``dataset`` as evaluation sees it: when :func:`apply_image_transform` put a training (augmenting)
+    :class:`ImageTransform` on it, the same rows with that transform's ``train=False`` twin (resize + centre crop,
+    same size and statistics); any other dataset is returned unchanged."""
+    import dataclasses
+
+    fmt = getattr(dataset, "format", None)
+    fn = fmt.get("format_kwargs", {}).get("transform") if isinstance(fmt, dict) else None
+    if isinstance(fn, _ImageBatchTransform) and fn.transform.train:
+        tf = dataclasses.replace(fn.transform, train=False)
+        return dataset.with_transform(_ImageBatchTransform(tf, fn.image_column, fn.label_column))
+    return dataset
 
 
 def set_transform_epoch(dataset, epoch: int) -> bool:

@@ -5,6 +5,7 @@ One card function per artefact kind (every artefact is pushed with a model card 
 results; ``docs/hub.md``):
 
 - :func:`adapter_card` — a PEFT adapter (CoOp, VPT, linear head, LoRA), ``model_cards/adapter.md``;
+- :func:`finetuned_model_card` — a fully fine-tuned CLIP-like model, ``model_cards/finetuned_model.md``;
 - :func:`mergetune_card` — a MergeTune continued model (a PEFT adapter or a full model), ``model_cards/mergetune.md``;
 - :func:`condu_card` — a ConDU bundle (:class:`~hf_cft.merging.DeltaFusionMerger`), ``model_cards/condu_bundle.md``;
 - :func:`pam_card` — a PAM global adapter (:class:`~hf_cft.merging.PAMState`), ``model_cards/pam_global_adapter.md``.
@@ -53,6 +54,8 @@ __all__ = [
     "condu_card",
     "eval_result_entries",
     "eval_results_files",
+    "finetuned_model_card",
+    "harmonic_mean_of",
     "mergetune_card",
     "pam_card",
     "render_card",
@@ -62,7 +65,13 @@ __all__ = [
 PIPELINE_TAG = "zero-shot-image-classification"
 TASK_TYPE = "image-classification"
 #: Card kinds, one template each (``model_cards/<template>.md``).
-CARD_KINDS = {"adapter": "adapter", "mergetune": "mergetune", "condu": "condu_bundle", "pam": "pam_global_adapter"}
+CARD_KINDS = {
+    "adapter": "adapter",
+    "finetuned": "finetuned_model",
+    "mergetune": "mergetune",
+    "condu": "condu_bundle",
+    "pam": "pam_global_adapter",
+}
 
 #: Metric keys of a task stream's summary (condu.md §10) and of base-to-novel evaluation, with their card names.
 SUMMARY_METRICS = {"transfer": "Transfer", "average": "Average", "last": "Last", "bwt": "BWT", "hm": "HM"}
@@ -134,6 +143,7 @@ _FAMILIES = {
     "head": "linear head (classifier space: W, b)",
     "lora": "LoRA (weight space: the dense updates ΔW = s·B·A)",
     "full": "full fine-tuning (weight space: every trainable tensor)",
+    "vpt": "VPT prompts (prompt space: the vision tower's prompt tokens)",
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -495,6 +505,81 @@ def adapter_card(
     )
 
 
+def harmonic_mean_of(rows: Sequence[Mapping[str, Any]]) -> float | None:
+    """The harmonic mean of the ``base`` and ``novel`` rows' accuracy (base-to-novel HM), ``None`` without both."""
+    acc = {str(r.get("name")): float(r["accuracy"]) for r in rows or [] if "accuracy" in r}
+    if "base" not in acc or "novel" not in acc:
+        return None
+    b, n = acc["base"], acc["novel"]
+    return 0.0 if b + n == 0 else 2 * b * n / (b + n)
+
+
+# ------------------------------------------------------------------------------------------------ full models
+
+
+def finetuned_model_card(
+    model,
+    *,
+    model_name: str,
+    dataset_name: str,
+    dataset_id: str | None = None,
+    results: Sequence[Mapping[str, Any]] = (),
+    hyperparameters: Mapping[str, Any] | None = None,
+    training_data: str = "",
+    classnames: Sequence[str] = (),
+    templates: Sequence[str] = ("a photo of a {}.",),
+    hm: float | None = None,
+    results_note: str = "",
+    limitations: str = "",
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+):
+    """A model card for a fully fine-tuned CLIP-like model (a model or its saved folder),
+    ``model_cards/finetuned_model.md``: library ``transformers``, ``base_model_relation: finetune``, results rows
+    as for :func:`adapter_card` (model-index, accuracy in %), and a loading snippet with the task's
+    ``classnames`` and ``templates``."""
+    info = _continued_model_info(model, None)
+    if info["family"] != "full":
+        raise CardError(
+            f"finetuned_model_card is for full models; {type(model).__name__} is a PEFT adapter (use adapter_card)."
+        )
+    base_model = base_model or info["base_model"] or None
+    where = f"fine-tuned model card {model_name!r}"
+    rows = _check_rows(results, where)
+    summary = _check_summary({"hm": hm}, where)
+    card_data = _card_data(
+        model_name=model_name,
+        library_name="transformers",
+        base_model=base_model,
+        relation="finetune",
+        tags=["full-fine-tuning"],
+        eval_results=_split_results(rows, dataset_name, dataset_id),
+        datasets=[dataset_id or "", *(r.get("dataset_id") or "" for r in rows)],
+        license=license,
+    )
+    return render_card(
+        "finetuned_model",
+        card_data,
+        model_name=model_name,
+        base_model=base_model,
+        base_model_url=_base_url(base_model),
+        num_params=f"{info['size']:,}",
+        dataset_name=dataset_name,
+        results=rows,
+        hm=summary.get("hm"),
+        results_note=results_note,
+        hyperparameters=dict(hyperparameters or {}),
+        training_data=training_data or "not recorded.",
+        classnames=[str(c) for c in classnames],
+        templates=[str(t) for t in templates],
+        limitations=limitations
+        or "Every weight was fine-tuned on the data above, which can lower accuracy on other classes and data "
+        "(compare with the base model before use); only the data listed above was evaluated.",
+        repo_id=repo_id,
+    )
+
+
 # ------------------------------------------------------------------------------------------------ MergeTune
 
 
@@ -506,10 +591,10 @@ def _continued_model_info(source, adapter_name: str | None) -> dict[str, Any]:
     ):
         cfg, size, name = _adapter_config_and_size(source, adapter_name)
         kind = _peft_type(cfg)
-        family = {"HF_CFT_COOP": "coop", "HF_CFT_HEAD": "head", "LORA": "lora"}.get(kind)
+        family = {"HF_CFT_COOP": "coop", "HF_CFT_HEAD": "head", "LORA": "lora", "HF_CFT_VPT": "vpt"}.get(kind)
         if family is None:
             raise CardError(
-                f"A MergeTune continued adapter is CoOp, a linear head or LoRA; adapter {name!r} is {kind!r}."
+                f"A MergeTune continued adapter is CoOp, a linear head, LoRA or VPT; adapter {name!r} is {kind!r}."
             )
         return {
             "family": family,

@@ -45,13 +45,14 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from hf_cft.errors import DeltaError, NonFiniteError, TaskError
+from hf_cft.merging.masks import PackedMask
 
 Delta = dict[str, Tensor]
 
@@ -175,13 +176,73 @@ def trim_top_k(tensor: Tensor, k: float) -> Tensor:
     return out.view_as(tensor)
 
 
-def _elect_disjoint_mean(stacked: Tensor) -> Tensor:
-    """TIES steps 2–3 on deltas stacked on dim 0: σ = sign(Σ_t τ_t), then the mean over the non-zero entries whose
-    sign equals σ. Where Σ_t τ_t = 0 exactly, σ = 0 and the result is 0 (peft elects + there instead)."""
+TRIM_SCOPES = ("tensor", "model")
+DISJOINT_MERGES = ("mean", "sum", "max")
+
+
+def _elect_disjoint(stacked: Tensor, merge: str = "mean", zero_sign: float | None = None) -> Tensor:
+    """TIES steps 2–3 on deltas stacked on dim 0: σ = sign(Σ_t τ_t), then the disjoint merge of the non-zero entries
+    whose sign equals σ: their ``"mean"`` (TIES), ``"sum"`` or ``σ·max|·|`` (``"max"``; FusionBench's variants).
+
+    Where Σ_t τ_t = 0 exactly: with ``zero_sign=None`` σ = 0 and the result is 0 (hf_cft's per-tensor rule; peft
+    elects + there); with a number, σ takes that value (FusionBench: the model-wide majority sign) and, where that
+    is 0 too, the negative entries are kept, as FusionBench's ``where(σ > 0, τ > 0, τ < 0)`` does."""
     elected = torch.sign(stacked.sum(dim=0))
-    agree = (torch.sign(stacked) == elected) & (elected != 0)
-    count = agree.sum(dim=0).clamp(min=1)
-    return (stacked * agree).sum(dim=0) / count
+    if zero_sign is None:
+        agree = (torch.sign(stacked) == elected) & (elected != 0)
+    else:
+        elected = torch.where(elected == 0, float(zero_sign), elected)
+        agree = torch.where(elected > 0, stacked > 0, stacked < 0)
+    selected = stacked * agree
+    if merge == "mean":
+        return selected.sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+    if merge == "sum":
+        return selected.sum(dim=0)
+    return selected.abs().amax(dim=0) * elected
+
+
+def model_trim_threshold(delta: Mapping[str, Tensor], k: float) -> float:
+    """The TIES paper's / FusionBench's trim over the whole task vector: the magnitude that the top-``k`` fraction
+    must reach. With ``d`` the number of entries of all keys together, it is the ``(d − ⌊k·d⌋)``-th smallest
+    ``|τ|`` (``kthvalue``), and the trim keeps every entry with ``|τ| ≥`` it, as FusionBench's
+    ``topk_values_mask`` does (so ``⌊k·d⌋ + 1`` entries without magnitude ties; at ``k = 1`` every entry, where
+    the reference's ``kthvalue(0)`` fails)."""
+    flat = torch.cat([_f32(v).reshape(-1).abs() for v in delta.values()])
+    rank = flat.numel() - int(flat.numel() * k)
+    if rank < 1:
+        return 0.0
+    return float(flat.kthvalue(rank).values)
+
+
+def _trimmed(deltas: Sequence[Mapping[str, Tensor]], k: float, trim_scope: str) -> list[dict[str, Tensor]]:
+    """Each delta trimmed to its top-``k`` magnitudes per tensor (:func:`trim_top_k`, peft) or over the whole task
+    vector (:func:`model_trim_threshold`, TIES paper / FusionBench)."""
+    if trim_scope == "tensor":
+        return [{key: trim_top_k(_f32(v), k) for key, v in d.items()} for d in deltas]
+    out = []
+    for d in deltas:
+        threshold = model_trim_threshold(d, k)
+        out.append({key: _f32(v) * (_f32(v).abs() >= threshold) for key, v in d.items()})
+    return out
+
+
+def _check_ties_options(k: float, trim_scope: str, merge: str) -> float:
+    if trim_scope not in TRIM_SCOPES:
+        raise ValueError(f"trim_scope must be one of {TRIM_SCOPES}, got {trim_scope!r}.")
+    if merge not in DISJOINT_MERGES:
+        raise ValueError(f"merge must be one of {DISJOINT_MERGES}, got {merge!r}.")
+    return _check_fraction("k", k)
+
+
+def _ties_unscaled(deltas: Sequence[Mapping[str, Tensor]], k: float, trim_scope: str, merge: str) -> Delta:
+    """TIES steps 1–3 without λ (the deltas already checked)."""
+    trimmed = _trimmed(deltas, k, trim_scope)
+    keys = list(deltas[0])
+    zero_sign = None
+    if trim_scope == "model":  # FusionBench: σ = 0 entries take the majority sign of the whole elected vector
+        votes = sum(float(torch.sign(sum(t[key] for t in trimmed)).sum(dtype=torch.float64)) for key in keys)
+        zero_sign = float(math.copysign(1.0, votes)) if votes != 0 else 0.0
+    return {key: _elect_disjoint(torch.stack([t[key] for t in trimmed]), merge, zero_sign) for key in keys}
 
 
 def _key_seed(seed: int, key: str) -> int:
@@ -245,25 +306,37 @@ def magnitude_prune(
     return {key: sum(wi * trim_top_k(_f32(d[key]), k) for wi, d in zip(w, deltas)) for key in deltas[0]}
 
 
-def ties(deltas: Sequence[Mapping[str, Tensor]], k: float = 0.2, lam: float = 1.0) -> Delta:
+def ties(
+    deltas: Sequence[Mapping[str, Tensor]],
+    k: float = 0.2,
+    lam: float = 1.0,
+    trim_scope: str = "tensor",
+    merge: str = "mean",
+) -> Delta:
     """TIES-merging (arXiv:2306.01708; pam.md §9), key by key:
 
-    1. τ̃_t = the top-``k`` fraction of τ_t's entries by magnitude (per task, per tensor; the TIES paper trims over
-       the whole flattened model, peft and hf_cft per tensor);
+    1. τ̃_t = the top-``k`` fraction of τ_t's entries by magnitude;
     2. σ = sign(Σ_t τ̃_t);
-    3. τ_m = mean of τ̃_t over the tasks whose entry is non-zero with sign σ (0 where none);
+    3. τ_m = the disjoint merge of τ̃_t over the tasks whose entry is non-zero with sign σ (0 where none);
 
-    returns λ·τ_m (k = 0.2, λ = 1; lib). Equals peft's ``ties(weights=[λ]*T, density=k)`` except where
-    Σ_t τ̃_t = 0 exactly (peft elects +, here σ = 0 gives 0) and on tiny tensors (see :func:`trim_top_k`).
+    returns λ·τ_m (k = 0.2, λ = 1; lib).
+
+    Args:
+        trim_scope: ``"tensor"`` (default): step 1 per tensor, keeping ``max(1, ⌊k·n⌋)`` entries
+            (:func:`trim_top_k`), as peft; equals peft's ``ties(weights=[λ]*T, density=k)`` except where
+            Σ_t τ̃_t = 0 exactly (peft elects +, here σ = 0 gives 0) and on tiny tensors. ``"model"``: the TIES
+            paper's and FusionBench's trim over the whole task vector (:func:`model_trim_threshold`), with
+            FusionBench's sign rule (σ = 0 entries take the majority sign of the elected vector). The default
+            stays per tensor: it streams key by key, every tensor keeps its top entries (a model-wide trim can
+            empty small-magnitude tensors such as LayerNorms), and it is what peft users get.
+        merge: the disjoint merge of step 3: ``"mean"`` (default, the TIES paper), ``"sum"`` or ``"max"``
+            (σ·max|τ̃|), FusionBench's ``merge_func`` variants (its configs default to ``"sum"``). The default
+            stays the paper's mean.
     """
     deltas = _check_deltas(deltas)
-    k = _check_fraction("k", k)
+    k = _check_ties_options(k, trim_scope, merge)
     lam = _weights(lam, 1)[0]
-    out = {}
-    for key in deltas[0]:
-        stacked = torch.stack([trim_top_k(_f32(d[key]), k) for d in deltas])
-        out[key] = lam * _elect_disjoint_mean(stacked)
-    return out
+    return {key: lam * v for key, v in _ties_unscaled(deltas, k, trim_scope, merge).items()}
 
 
 def dare(
@@ -297,77 +370,170 @@ def dare(
         if then == "ta":
             out[key] = lam * sum(dropped)
         else:
-            out[key] = lam * _elect_disjoint_mean(torch.stack(dropped))
+            out[key] = lam * _elect_disjoint(torch.stack(dropped))
     return out
 
 
-def magmax(deltas: Sequence[Mapping[str, Tensor]], lam: float = 0.5) -> Delta:
-    """MagMax (danielm1405/magmax; pam.md §9): τ_MM[j] = τ_{t*}[j], t* = argmax_t |τ_t[j]| (first task on ties);
-    returns λ·τ_MM (λ = 0.5, the repository default).
+MAGMAX_TIE_BREAKS = ("later", "earlier")
+
+
+def _check_tie_break(tie_break: str) -> str:
+    if tie_break not in MAGMAX_TIE_BREAKS:
+        raise ValueError(f"tie_break must be one of {MAGMAX_TIE_BREAKS}, got {tie_break!r}.")
+    return tie_break
+
+
+def _magmax_step(best: Tensor, value: Tensor, tie_break: str) -> Tensor:
+    """One fold of MagMax: ``value`` replaces ``best`` where its magnitude is larger (``"earlier"``) or larger or
+    equal (``"later"``: the official ``merge_max_abs``'s ``>=``)."""
+    wins = value.abs() >= best.abs() if tie_break == "later" else value.abs() > best.abs()
+    return torch.where(wins, value, best)
+
+
+def magmax(deltas: Sequence[Mapping[str, Tensor]], lam: float = 0.5, tie_break: str = "later") -> Delta:
+    """MagMax (danielm1405/magmax; pam.md §9): τ_MM[j] = τ_{t*}[j], t* = argmax_t |τ_t[j]|; returns λ·τ_MM
+    (λ = 0.5, the repository default).
+
+    ``tie_break``: which task wins equal magnitudes: ``"later"`` (default since issue 17: the official code folds
+    the tasks in order with ``>=``, and so does FusionBench) or ``"earlier"`` (hf_cft before). The default follows
+    the reference: exact magnitude ties are rare in trained deltas, so the only effect of the choice is agreeing
+    with it (e.g. on τ and −τ).
 
     MagMax assumes *sequential* fine-tuning: θ_t starts from θ_{t−1} and τ_t = θ_t − θ0 is cumulative. On
     independently fine-tuned deltas it still runs, but it is then not the method of the paper.
     """
     deltas = _check_deltas(deltas)
     lam = _weights(lam, 1)[0]
+    tie_break = _check_tie_break(tie_break)
     out = {}
     for key in deltas[0]:
-        stacked = torch.stack([_f32(d[key]) for d in deltas])
-        winner = stacked.abs().argmax(dim=0, keepdim=True)
-        out[key] = lam * stacked.gather(0, winner).squeeze(0)
+        best = _f32(deltas[0][key])
+        for d in deltas[1:]:
+            best = _magmax_step(best, _f32(d[key]), tie_break)
+        out[key] = lam * best
     return out
+
+
+EMR_RESCALERS = ("mean", "global_sum")
+EMR_ZERO_SIGNS = (-1, 0)
 
 
 @dataclass
 class EMRResult:
-    """EMR-merging output: the unified delta τ_uni, one boolean mask M_t per task and one scalar rescaler λ_t.
+    """EMR-merging output: the unified delta τ_uni, one bit-packed mask M_t per task and one scalar rescaler λ_t.
 
-    The task-t model is θ0 + λ_t·M_t ⊙ τ_uni (:meth:`task_delta`). It needs the task id at inference, so EMR is a
-    task-aware reference, not comparable with PAM (pam.md §9).
+    The task-t model is θ0 + λ_t·M_t ⊙ τ_uni (:meth:`task_delta`, or :meth:`iter_task_delta` one key at a time).
+    It needs the task id at inference, so EMR is a task-aware reference, not comparable with PAM (pam.md §9). The
+    masks stay packed (1 bit per entry); :attr:`masks` unpacks all of them (small models, tests).
     """
 
     unified: Delta
-    masks: list[dict[str, Tensor]]
+    packed_masks: list[dict[str, PackedMask]]
     rescalers: list[float]
 
     @property
     def num_tasks(self) -> int:
-        return len(self.masks)
+        return len(self.packed_masks)
+
+    @property
+    def masks(self) -> list[dict[str, Tensor]]:
+        """Every task's boolean masks, unpacked (T × the model's entries in bytes)."""
+        return [{k: pm.unpack() for k, pm in per.items()} for per in self.packed_masks]
+
+    def _index(self, i: int) -> int:
+        if not -self.num_tasks <= i < self.num_tasks:
+            raise TaskError(f"task index {i} is out of range: EMR merged {self.num_tasks} task(s).")
+        return i % self.num_tasks
+
+    def iter_task_delta(self, i: int) -> Iterator[tuple[str, Tensor]]:
+        """``(key, λ_i·M_i ⊙ τ_uni)`` one key at a time (one mask unpacked at a time)."""
+        from hf_cft.merging.condu import _decoupled
+
+        i = self._index(i)
+        for key, u in self.unified.items():
+            yield key, _decoupled(u, self.packed_masks[i][key].unpack(u.device), self.rescalers[i])
 
     def task_delta(self, i: int) -> Delta:
         """λ_i·M_i ⊙ τ_uni, the delta of task ``i`` (0-based)."""
-        if not -self.num_tasks <= i < self.num_tasks:
-            raise TaskError(f"task index {i} is out of range: EMR merged {self.num_tasks} task(s).")
-        mask, scale = self.masks[i], self.rescalers[i]
-        return {key: scale * mask[key].to(v.dtype) * v for key, v in self.unified.items()}
+        return dict(self.iter_task_delta(i))
 
 
-def emr(deltas: Sequence[Mapping[str, Tensor]]) -> EMRResult:
-    """EMR-merging (arXiv:2405.17461; pam.md §9).
+def _check_lazy_deltas(deltas: Sequence[Mapping[str, Tensor]]) -> dict[str, tuple]:
+    """Key → shape shared by every delta; a :class:`~hf_cft.merging.LazyDelta` is checked from its header (its
+    values are checked for NaN/inf slice by slice as they are read), a dict in full (:func:`_check_delta_against`)."""
+    from hf_cft.merging.deltas import LazyDelta
 
-    * σ = sign(Σ_t τ_t); ε_j = max |τ_{t,j}| over the tasks whose sign agrees with σ_j; τ_uni = σ ⊙ ε.
-    * M_t = 1[τ_t ⊙ σ > 0]; λ_t = Σ|τ_t| / Σ|M_t ⊙ τ_uni|, both sums over all keys (one scalar per task). Where the
-      denominator is 0 the mask is empty and the task delta is 0 whatever λ_t is; λ_t is then set to 0.
+    if isinstance(deltas, Mapping):
+        raise TaskError("deltas must be a list of deltas (dicts), got one dict; wrap it in a list.")
+    if not deltas:
+        raise TaskError("deltas is empty: at least one task delta is needed.")
+    ref = None
+    for i, d in enumerate(deltas):
+        if isinstance(d, LazyDelta):
+            shapes = d.shapes()
+            if ref is None:
+                ref = shapes
+            for key in set(ref) ^ set(shapes):
+                where = "lacks" if key in ref else "has"
+                raise DeltaError(
+                    f"delta of task {i} {where} key {key!r} that the other deltas {'have' if key in ref else 'lack'}."
+                )
+            for key, shape in shapes.items():
+                if shape != ref[key]:
+                    raise DeltaError(f"key {key!r} has shape {shape} in task {i} but {ref[key]} in the other deltas.")
+        elif ref is None:
+            (first,) = _check_deltas([d])
+            ref = {k: tuple(v.shape) for k, v in first.items()}
+        else:
+            _check_delta_against(d, ref, i)
+    return ref
+
+
+def emr(deltas: Sequence[Mapping[str, Tensor]], rescaler: str = "mean", zero_sign: int = -1) -> EMRResult:
+    """EMR-merging (arXiv:2405.17461; pam.md §9), key by key with ConDU's unify rule (:mod:`hf_cft.merging.condu`):
+
+    * σ = +1 where Σ_t τ_t > 0, −1 where < 0, and ``zero_sign`` where the sum is 0 exactly; ε_j = max |τ_{t,j}|
+      over the tasks whose sign agrees with σ_j; τ_uni = σ ⊙ ε; M_t = 1[τ_t ⊙ σ > 0];
+    * λ_t = Σ_p mean|τ_{t,p}| / Σ_p mean|M_{t,p} ⊙ τ_uni,p| over the tensors p (``rescaler="mean"``) or
+      Σ|τ_t| / Σ|M_t ⊙ τ_uni| over all entries (``"global_sum"``, the EMR paper's formula). Where the denominator
+      is 0 (empty mask, or an all-zero delta) the task delta is 0 whatever λ_t is; λ_t is then 0 (the reference
+      code gives NaN/inf).
+
+    Defaults (changed in issue 17 from ``"global_sum"`` and σ = 0): ``rescaler="mean"`` and ``zero_sign=-1``, as
+    the official EMR code and FusionBench, whose numbers the baseline is compared with; EMR then equals ConDU's
+    one-shot :func:`~hf_cft.merging.unify` exactly.
+
+    Memory: a :class:`~hf_cft.merging.LazyDelta` in ``deltas`` (e.g. ``LazyDelta.from_file``) is read slice by
+    slice when its key is unified, never whole, and masks are kept bit-packed, so peak memory is τ_uni plus T
+    packed masks plus a few slices whatever T (plain dicts are held by the caller anyway).
     """
-    deltas = _check_deltas(deltas)
+    from hf_cft.merging.condu import _rescalers, _unify_key
+    from hf_cft.merging.deltas import LazyDelta
+
+    if rescaler not in EMR_RESCALERS:
+        raise ValueError(f"rescaler must be one of {EMR_RESCALERS}, got {rescaler!r}.")
+    if zero_sign not in EMR_ZERO_SIGNS or isinstance(zero_sign, bool):
+        raise ValueError(f"zero_sign must be one of {EMR_ZERO_SIGNS}, got {zero_sign!r}.")
+    shapes = _check_lazy_deltas(deltas)
     n = len(deltas)
     unified: Delta = {}
-    masks: list[dict[str, Tensor]] = [{} for _ in range(n)]
-    num = [0.0] * n
-    den = [0.0] * n
-    for key in deltas[0]:
-        stacked = torch.stack([_f32(d[key]) for d in deltas])
-        sigma = torch.sign(stacked.sum(dim=0))
-        agree = stacked * sigma > 0
-        eps = (stacked.abs() * agree).amax(dim=0)
-        uni = sigma * eps
-        unified[key] = uni
+    packed: list[dict[str, PackedMask]] = [{} for _ in range(n)]
+    num, den = [0.0] * n, [0.0] * n
+    for key, shape in sorted(shapes.items()):  # one order whatever the source (a file lists its keys sorted)
+        flats = [None if isinstance(d, LazyDelta) else _f32(d[key]).reshape(-1) for d in deltas]
+
+        def get(i, lo, hi, key=key, flats=flats):
+            return deltas[i].read_flat(key, lo, hi) if flats[i] is None else flats[i][lo:hi]
+
+        u, pm, a, b = _unify_key(get, n, shape, rescaler, zero_sign=float(zero_sign))
+        del flats
+        unified[key] = u
         for t in range(n):
-            masks[t][key] = agree[t]
-            num[t] += float(stacked[t].abs().sum(dtype=torch.float64))
-            den[t] += float((uni * agree[t]).abs().sum(dtype=torch.float64))
-    rescalers = [nt / dt if dt > 0 else 0.0 for nt, dt in zip(num, den)]
-    return EMRResult(unified=unified, masks=masks, rescalers=rescalers)
+            packed[t][key] = pm[t]
+            num[t] += a[t]
+            den[t] += b[t]
+    rescalers, _ = _rescalers(num, den)
+    return EMRResult(unified=unified, packed_masks=packed, rescalers=rescalers)
 
 
 def emr_task_delta(result: EMRResult, i: int) -> Delta:
@@ -554,30 +720,46 @@ class RunningMean(ContinualMerger):
 
 
 class ContinualTIES(ContinualMerger):
-    """TIES, continual form (pam.md §9): after the first task the merged delta is τ_1 (nothing to merge with; lib),
-    then m_t = :func:`ties` ([m_{t−1}, τ_t], k, λ) on the pair (current merged delta, new delta)."""
+    """TIES, continual form (pam.md §9): the state m_t is the *unscaled* TIES merge (steps 1–3) of the pair
+    (m_{t−1}, τ_t), with m_1 = τ_1 trimmed, and the deployed delta is λ·m_t.
+
+    λ is applied once, on output: for the same delta δ every task, m_t = trim(δ) and the result equals the one-shot
+    :func:`ties` of t copies at every λ (issue 17 bug 2: λ used to multiply the already scaled state, giving
+    δ, 0.5δ, 0.375δ at λ = 0.5, and task 1 was never trimmed). ``k``, ``trim_scope`` and ``merge`` as in
+    :func:`ties`.
+    """
 
     _state_names = ("current",)
 
-    def __init__(self, k: float = 0.2, lam: float = 1.0) -> None:
+    def __init__(self, k: float = 0.2, lam: float = 1.0, trim_scope: str = "tensor", merge: str = "mean") -> None:
         super().__init__()
-        self.k = _check_fraction("k", k)
+        self.k = _check_ties_options(k, trim_scope, merge)
+        self.trim_scope, self.merge = trim_scope, merge
         self.lam = _weights(lam, 1)[0]
         self.current: Delta = {}
 
     def _add(self, delta: Delta) -> None:
-        if not self.current:
-            self.current = {k: v.clone() for k, v in delta.items()}
-        else:
-            self.current = ties([self.current, delta], k=self.k, lam=self.lam)
+        pair = [self.current, delta] if self.current else [delta]
+        self.current = _ties_unscaled(pair, self.k, self.trim_scope, self.merge)
 
     def _merged(self) -> Delta:
-        return self.current
+        return {k: self.lam * v for k, v in self.current.items()}
+
+    def _extra_state(self) -> dict[str, Tensor]:
+        # marks a state written since the λ fix (its "current" is unscaled); older states held λ·m_t
+        return {"meta.unscaled": torch.tensor(1, dtype=torch.int64)}
+
+    def _load_extra_state(self, state: Mapping[str, Tensor]) -> None:
+        if int(state.get("meta.num_tasks", 0)) > 0 and "meta.unscaled" not in state:
+            raise DeltaError(
+                "ContinualTIES state lacks 'meta.unscaled': it was written before the λ fix (its merged delta "
+                "holds λ compounded over the tasks); rebuild it by adding the task deltas again."
+            )
 
 
 class MagMaxMerger(ContinualMerger):
-    """MagMax, continual form (pam.md §9): keeps τ_MM[j] = the largest-magnitude value seen so far at entry j (the
-    earlier task on ties) and returns λ·τ_MM (λ = 0.5).
+    """MagMax, continual form (pam.md §9): keeps τ_MM[j] = the largest-magnitude value seen so far at entry j (on
+    ties the later task, as the official code; ``tie_break="earlier"`` for the first) and returns λ·τ_MM (λ = 0.5).
 
     Feed it *cumulative* deltas τ_t = θ_t − θ0 of sequential fine-tuning (θ_t starts from θ_{t−1}), as MagMax
     assumes; with independent deltas it runs but is not the published method.
@@ -585,9 +767,10 @@ class MagMaxMerger(ContinualMerger):
 
     _state_names = ("best",)
 
-    def __init__(self, lam: float = 0.5) -> None:
+    def __init__(self, lam: float = 0.5, tie_break: str = "later") -> None:
         super().__init__()
         self.lam = _weights(lam, 1)[0]
+        self.tie_break = _check_tie_break(tie_break)
         self.best: Delta = {}
 
     def _add(self, delta: Delta) -> None:
@@ -595,7 +778,7 @@ class MagMaxMerger(ContinualMerger):
             if key not in self.best:
                 self.best[key] = value.clone()
             else:
-                self.best[key] = torch.where(value.abs() > self.best[key].abs(), value, self.best[key])
+                self.best[key] = _magmax_step(self.best[key], value, self.tie_break)
 
     def _merged(self) -> Delta:
         return {k: self.lam * v for k, v in self.best.items()}
@@ -619,17 +802,30 @@ class OPCMMerger(ContinualMerger):
         alpha: α ∈ [0, 1].
         linear_keys: which keys are linear weights: a predicate ``(key, tensor) -> bool`` or a set of keys
             (default :func:`default_opcm_linear_key`).
+        rank_rule: how r_α is read off the cumulative shares c_i = Σ_{j≤i} S_j / Σ S: ``"at_most"`` (default) the
+            number of c_i ≤ α; ``"fusion_bench"`` FusionBench's ``argmax(c > α)``, the index of the first c_i > α
+            and 0 when there is none. They differ only when no share exceeds α, i.e. at α = 1 (up to rounding):
+            ``"at_most"`` zeroes the whole leading block (on a square weight the projected task delta is 0),
+            FusionBench zeroes only P's diagonal (rank 0). The default is kept: for α < 1 the rules agree, and at
+            α = 1 ``"at_most"`` is the limit of the rule as α → 1, where FusionBench's rank 0 comes from the argmax
+            of an all-false comparison.
     """
 
     _state_names = ("total",)
+
+    RANK_RULES = ("at_most", "fusion_bench")
 
     def __init__(
         self,
         alpha: float = 0.5,
         linear_keys: Callable[[str, Tensor], bool] | Iterable[str] | None = None,
+        rank_rule: str = "at_most",
     ) -> None:
         super().__init__()
         self.alpha = _check_fraction("alpha", alpha, low_open=False)
+        if rank_rule not in self.RANK_RULES:
+            raise ValueError(f"rank_rule must be one of {self.RANK_RULES}, got {rank_rule!r}.")
+        self.rank_rule = rank_rule
         if linear_keys is None:
             self._is_linear = default_opcm_linear_key
         elif callable(linear_keys):
@@ -641,18 +837,21 @@ class OPCMMerger(ContinualMerger):
         self.norms: list[float] = []
 
     @staticmethod
-    def split_rank(singular_values: Tensor, alpha: float) -> int:
-        """r_α: number of leading singular values whose cumulative share of their sum is ≤ α."""
+    def split_rank(singular_values: Tensor, alpha: float, rule: str = "at_most") -> int:
+        """r_α: the number of leading singular values whose cumulative share of their sum is ≤ α (``"at_most"``),
+        or the index of the first share > α, 0 if none (``"fusion_bench"``)."""
         total = singular_values.sum()
         if float(total) <= 0.0:
             return 0
         share = singular_values.cumsum(0) / total
+        if rule == "fusion_bench":
+            return int((share > alpha).to(torch.float32).argmax())
         return int((share <= alpha).sum())
 
     def project(self, previous: Tensor, delta: Tensor) -> Tensor:
         """τ′ = U P Vᵀ with P = Uᵀ τ V stripped of its diagonal and leading r_α × r_α block."""
         u, s, vh = torch.linalg.svd(previous.double(), full_matrices=True)
-        r = self.split_rank(s, self.alpha)
+        r = self.split_rank(s, self.alpha, self.rank_rule)
         p = u.T @ delta.double() @ vh.T
         p.diagonal().zero_()
         p[:r, :r] = 0

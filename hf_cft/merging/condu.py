@@ -9,7 +9,9 @@ the new delta and re-unifies all of them with EMR-Merging's rule (§3):
 - mask ``M^i = [σ·δ^i > 0]``;
 - unified delta ``u = σ ⊙ max_i(M^i ⊙ |δ^i|)``;
 - rescaler ``λ^i = Σ_p mean|δ^i_p| / Σ_p mean|M^i_p ⊙ u_p|`` (``"mean"``, as released) or the EMR paper's
-  ``Σ_p ‖δ^i_p‖₁ / Σ_p ‖M^i_p ⊙ u_p‖₁`` (``"global_sum"``).
+  ``Σ_p ‖δ^i_p‖₁ / Σ_p ‖M^i_p ⊙ u_p‖₁`` (``"global_sum"``). Under ``"mean"`` the parts ``p`` are the delta's
+  tensors (``rescaler_groups="tensor"``, default) or groups of them: ``"openai"`` fuses HF CLIP's separate
+  q/k/v projections of each attention layer into one part, as OpenAI's ``in_proj`` in the released code.
 
 Everything runs key by key, so memory stays at ``u`` + the packed masks + a few tensors of one key. Degenerate
 triggers (all-zero delta, or no entry agreeing with σ) get ``λ = 0`` and are flagged ``collapsed`` with a
@@ -29,9 +31,11 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -63,6 +67,8 @@ __all__ = [
     "UnifyResult",
     "decouple",
     "elected_sign",
+    "openai_rescaler_group",
+    "resolve_rescaler_groups",
     "unify",
 ]
 
@@ -77,6 +83,7 @@ STAGING_DIR = ".pending-save"
 
 RESCALERS = ("mean", "global_sum")
 LORA_MERGES = ("dense", "factors")
+RESCALER_GROUPS = ("tensor", "openai")
 
 
 class CollapsedTaskWarning(UserWarning):
@@ -104,23 +111,27 @@ UNIFY_SLICE = 1 << 20
 
 
 def _unify_slice(
-    get: Callable[[int], torch.Tensor], n: int
+    get: Callable[[int], torch.Tensor], n: int, zero_sign: float = -1.0
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[float], list[float]]:
-    """The unify rule on one flat slice: ``u``, each task's mask bits, and the raw L1 sums of λ's terms."""
+    """The unify rule on one flat slice: ``u``, each task's mask bits, and the raw L1 sums of λ's terms.
+
+    ``zero_sign`` is σ where ``Σ_i δ^i = 0`` exactly: −1 (condu.md §3, the released code, EMR's official code and
+    FusionBench) or 0 (no task is selected there; hf_cft's EMR before the ``zero_sign`` option)."""
     total = get(0).to(torch.float32).clone()
     for i in range(1, n):
         total += get(i)
-    sigma = torch.where(total > 0, 1.0, -1.0)
+    sigma = torch.where(total > 0, 1.0, -1.0 if zero_sign == -1.0 else torch.where(total < 0, -1.0, zero_sign))
     del total
     u_abs = torch.zeros_like(sigma)
     masks, num = [], []
     for i in range(n):
-        sd = sigma * get(i)  # σ·δ^i: positive exactly where the entry agrees with the elected sign
+        d = get(i)
+        sd = sigma * d  # σ·δ^i: positive exactly where the entry agrees with the elected sign
         m = sd > 0
         torch.maximum(u_abs, sd.clamp_min(0.0), out=u_abs)  # max_i M^i⊙|δ^i|
         masks.append(m)
-        num.append(float(sd.abs().sum(dtype=torch.float64)))
-        del sd
+        num.append(float(d.abs().sum(dtype=torch.float64)))  # |δ^i|, also where σ = 0
+        del sd, d
     den = [float((u_abs * m).sum(dtype=torch.float64)) for m in masks]
     u = torch.where(u_abs > 0, sigma * u_abs, 0.0)  # no negative zeros where nothing was selected
     return u, [PackedMask.pack(m).bits for m in masks], num, den
@@ -132,14 +143,18 @@ def _unify_key(
     shape: tuple[int, ...],
     rescaler: str,
     slice_size: int | None = None,
+    mean_over: int | None = None,
+    zero_sign: float = -1.0,
 ) -> tuple[torch.Tensor, list[PackedMask], list[float], list[float]]:
     """Unify the ``n`` tensors of one key (fp32) slice by slice, never stacking them.
 
     ``get(i, start, stop)`` returns entries ``start:stop`` of task ``i``'s flattened tensor. Returns ``u_p``, the
-    packed masks ``M^i_p`` and, per task, this key's numerator and denominator terms of λ (``mean|δ^i_p|`` and
-    ``mean|M^i_p⊙u_p|``, or the L1 sums under ``global_sum``), accumulated in float64. ``get`` is called twice per
-    task and slice (once for σ, once for M and u), so only one task's slice is live at a time: peak memory is the
-    output ``u_p`` plus a few slices, whatever ``n``.
+    packed masks ``M^i_p`` and, per task, this key's numerator and denominator terms of λ (``Σ|δ^i_p|/N`` and
+    ``Σ|M^i_p⊙u_p|/N`` with ``N = mean_over``, default the key's size, i.e. the per-tensor means; or the L1 sums
+    under ``global_sum``), accumulated in float64. A key that belongs to a rescaler group passes the group's size
+    as ``mean_over``, so that the group's terms add up to the group's mean. ``get`` is called twice per task and
+    slice (once for σ, once for M and u), so only one task's slice is live at a time: peak memory is the output
+    ``u_p`` plus a few slices, whatever ``n``.
     """
     slice_size = UNIFY_SLICE if slice_size is None else slice_size
     if slice_size <= 0 or slice_size % 8:
@@ -150,16 +165,72 @@ def _unify_key(
     num, den = [0.0] * n, [0.0] * n
     for start in range(0, numel, slice_size):
         stop = min(start + slice_size, numel)
-        u_s, bits_s, a, b = _unify_slice(lambda i, start=start, stop=stop: get(i, start, stop), n)
+        u_s, bits_s, a, b = _unify_slice(lambda i, start=start, stop=stop: get(i, start, stop), n, zero_sign)
         u[start:stop] = u_s
         for i in range(n):
             bits[i][start // 8 : start // 8 + bits_s[i].numel()] = bits_s[i]
             num[i] += a[i]
             den[i] += b[i]
-    if rescaler == "mean" and numel > 0:
-        num = [x / numel for x in num]
-        den = [x / numel for x in den]
+    divisor = numel if mean_over is None else mean_over
+    if rescaler == "mean" and divisor > 0:
+        num = [x / divisor for x in num]
+        den = [x / divisor for x in den]
     return u.view(shape), [PackedMask(bt, tuple(shape)) for bt in bits], num, den
+
+
+_QKV_KEY = re.compile(r"^(?P<prefix>.*\.)(?:q_proj|k_proj|v_proj)\.(?P<param>weight|bias)$")
+
+
+def openai_rescaler_group(key: str) -> str:
+    """The rescaler group of ``key`` in OpenAI CLIP's layout: an attention layer's ``q_proj``, ``k_proj`` and
+    ``v_proj`` weights (biases) share the group ``<layer>.in_proj_weight`` (``_bias``), as OpenAI's fused
+    ``in_proj``; every other key is its own group. HF CLIP ViT-B/16's 397 trainable keys give OpenAI's 301
+    (condu.md §1, issue 17 item 9). Example::
+
+        openai_rescaler_group("vision_model.encoder.layers.0.self_attn.k_proj.weight")
+        # 'vision_model.encoder.layers.0.self_attn.in_proj_weight'
+    """
+    m = _QKV_KEY.match(key)
+    return f"{m['prefix']}in_proj_{m['param']}" if m else key
+
+
+def resolve_rescaler_groups(
+    spec: str | Mapping[str, str] | Callable[[str], str], keys: Sequence[str]
+) -> dict[str, str]:
+    r"""``{key: group}`` for the per-group-mean rescaler: ``"tensor"`` (every key alone), ``"openai"``
+    (:func:`openai_rescaler_group`), a mapping that names every key's group, or a callable ``key -> group``
+    (e.g. ``lambda k: re.sub(r"\.(q|k|v)_proj\.", ".in_proj.", k)``). Raises :class:`MergeConfigError` naming
+    a key the mapping lacks or a group name that is not a string."""
+    if isinstance(spec, str):
+        if spec not in RESCALER_GROUPS:
+            raise MergeConfigError(
+                f"rescaler_groups must be one of {RESCALER_GROUPS}, a mapping or a callable, got {spec!r}."
+            )
+        fn = (lambda k: k) if spec == "tensor" else openai_rescaler_group
+        return {k: fn(k) for k in keys}
+    if isinstance(spec, Mapping):
+        missing = [k for k in keys if k not in spec]
+        if missing:
+            raise MergeConfigError(f"rescaler_groups names no group for delta key {missing[0]!r}.")
+        out = {k: spec[k] for k in keys}
+    elif callable(spec):
+        out = {k: spec(k) for k in keys}
+    else:
+        raise MergeConfigError(
+            f"rescaler_groups must be a string, a mapping or a callable, got {type(spec).__name__}."
+        )
+    bad = [k for k, g in out.items() if not isinstance(g, str) or not g]
+    if bad:
+        raise MergeConfigError(f"rescaler_groups gives delta key {bad[0]!r} the group {out[bad[0]]!r}, not a name.")
+    return out
+
+
+def _group_sizes(shapes: Mapping[str, tuple[int, ...]], groups: Mapping[str, str]) -> dict[str, int]:
+    """``{key: number of entries of the key's rescaler group}`` (the ``mean_over`` of :func:`_unify_key`)."""
+    size: dict[str, int] = {}
+    for k, s in shapes.items():
+        size[groups[k]] = size.get(groups[k], 0) + math.prod(s)
+    return {k: size[groups[k]] for k in shapes}
 
 
 def _decoupled(u: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
@@ -190,29 +261,34 @@ class UnifyResult:
     collapsed: list[bool]
 
 
-def unify(deltas: Sequence[Mapping[str, torch.Tensor]], rescaler: str = "mean") -> UnifyResult:
+def unify(
+    deltas: Sequence[Mapping[str, torch.Tensor]],
+    rescaler: str = "mean",
+    rescaler_groups: str | Mapping[str, str] | Callable[[str], str] = "tensor",
+) -> UnifyResult:
     """One-shot EMR unify of ``deltas`` (condu.md §3); the same rule :class:`DeltaFusionMerger` runs per session.
 
     All deltas must share keys and shapes (else :class:`DeltaError`). Collapsed triggers get λ = 0 (no warning
-    here; the merger warns). Example::
+    here; the merger warns). ``rescaler_groups``: see :class:`DeltaFusionMergerConfig`. Example::
 
         res = unify([delta_a, delta_b])
         rebuilt_a = decouple(res, 0)          # λ^0 · M^0 ⊙ u
     """
-    if rescaler not in RESCALERS:
-        raise MergeConfigError(f"rescaler must be one of {RESCALERS}, got {rescaler!r}.")
+    DeltaFusionMergerConfig(rescaler=rescaler, rescaler_groups=rescaler_groups)  # checks both options
     if not deltas:
         raise TaskError("unify() needs at least one delta.")
     ref = validate_delta(deltas[0], name="delta 0")
     shapes = {k: tuple(t.shape) for k, t in ref.items()}
     checked = [ref] + [validate_delta(d, shapes, name=f"delta {i}") for i, d in enumerate(deltas[1:], start=1)]
     n = len(checked)
+    mean_over = _group_sizes(shapes, resolve_rescaler_groups(rescaler_groups, list(shapes)))
     unified: dict[str, torch.Tensor] = {}
     masks: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
     num, den = [0.0] * n, [0.0] * n
     for key in shapes:
         flat = [checked[i][key].reshape(-1) for i in range(n)]
-        u, pm, a, b = _unify_key(lambda i, lo, hi, flat=flat: flat[i][lo:hi], n, shapes[key], rescaler)
+        get = lambda i, lo, hi, flat=flat: flat[i][lo:hi]  # noqa: E731
+        u, pm, a, b = _unify_key(get, n, shapes[key], rescaler, mean_over=mean_over[key])
         unified[key] = u
         for i in range(n):
             masks[i][key] = pm[i].unpack()
@@ -239,26 +315,55 @@ class DeltaFusionMergerConfig:
     - ``lora_merge``: how :meth:`DeltaFusionMerger.add_task` turns a LoRA adapter into a delta: ``"dense"``
       (default, ΔW = s·B@A keyed by base weights) or ``"factors"`` (A and B unified as tensors, ConDU (LoRA)).
     - ``strict``: raise :class:`TaskError` instead of collapsing a degenerate trigger to λ = 0.
+    - ``rescaler_groups`` (``"mean"`` only): the parts whose means λ adds up. ``"tensor"`` (default): every delta
+      key. ``"openai"``: HF CLIP's q/k/v projections of one attention layer form one part, as the released code's
+      fused ``in_proj`` (:func:`openai_rescaler_group`), so λ equals the released one for full fine-tuning (the
+      per-tensor mean otherwise weighs the attention input projection 3×: 397 parts instead of 301). Or a
+      mapping ``{key: group}`` / a callable ``key -> group`` (resolved to a mapping at the first task, so that the
+      bundle stores it). The default stays ``"tensor"``: it is defined for any model's own layout (SigLIP, LoRA
+      factors, other towers), while ``"openai"`` encodes one checkpoint format's fusion.
     """
 
     rescaler: str = "mean"
     lora_merge: str = "dense"
     strict: bool = False
+    rescaler_groups: str | dict[str, str] | Callable[[str], str] = "tensor"
 
     def __post_init__(self):
         if self.rescaler not in RESCALERS:
             raise MergeConfigError(f"rescaler must be one of {RESCALERS}, got {self.rescaler!r}.")
+        groups = self.rescaler_groups
+        if isinstance(groups, str):
+            resolve_rescaler_groups(groups, [])
+        elif isinstance(groups, Mapping):
+            self.rescaler_groups = dict(resolve_rescaler_groups(groups, list(groups)))
+        elif not callable(groups):
+            raise MergeConfigError(
+                f"rescaler_groups must be a string, a mapping or a callable, got {type(groups).__name__}."
+            )
+        if groups != "tensor" and self.rescaler != "mean":
+            raise MergeConfigError(
+                f"rescaler_groups={groups!r} needs rescaler='mean': the {self.rescaler!r} rescaler sums over every "
+                "entry, so grouping tensors changes nothing."
+            )
         if self.lora_merge not in LORA_MERGES:
             raise MergeConfigError(f"lora_merge must be one of {LORA_MERGES}, got {self.lora_merge!r}.")
         if not isinstance(self.strict, bool):
             raise MergeConfigError(f"strict must be a bool, got {self.strict!r}.")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        if callable(self.rescaler_groups) and not isinstance(self.rescaler_groups, (str, Mapping)):
+            raise MergeConfigError(
+                "rescaler_groups is a callable that no task has resolved yet; add a task (or pass a mapping) first."
+            )
+        out = asdict(self)
+        if out["rescaler_groups"] == "tensor":  # the default stays out, so bundles read by older hf_cft still load
+            del out["rescaler_groups"]
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DeltaFusionMergerConfig:
-        unknown = set(d) - {"rescaler", "lora_merge", "strict"}
+        unknown = set(d) - {"rescaler", "lora_merge", "strict", "rescaler_groups"}
         if unknown:
             raise MergeConfigError(f"Unknown DeltaFusionMergerConfig option(s): {sorted(unknown)}.")
         return cls(**d)
@@ -307,7 +412,7 @@ class DeltaFusionMerger:
         if config is None:
             config = DeltaFusionMergerConfig(**options)
         elif options:
-            config = DeltaFusionMergerConfig(**{**config.to_dict(), **options})
+            config = dataclasses.replace(config, **options)
         self.config = config
         self.base_model = base_model
         self.base_fingerprint: str | None = base_fingerprint(base_model) if base_model is not None else None
@@ -475,6 +580,10 @@ class DeltaFusionMerger:
                     f"strict=True: the trigger of task(s) {bad} would collapse (all-zero delta, or no entry agreeing "
                     "with the elected sign; λ would be 0/0 or x/0). Nothing was changed."
                 )
+        groups = self.config.rescaler_groups
+        if not isinstance(groups, (str, Mapping)):  # a callable: resolved once, so that the bundle can store it
+            keys = list(self._shapes or checked)
+            self.config = dataclasses.replace(self.config, rescaler_groups=resolve_rescaler_groups(groups, keys))
         if not self._shapes:
             self._shapes = (
                 checked.shapes() if isinstance(checked, LazyDelta) else {k: tuple(t.shape) for k, t in checked.items()}
@@ -524,7 +633,11 @@ class DeltaFusionMerger:
         n = len(self._records) + 1
         num, den = [0.0] * n, [0.0] * n
         masks: list[dict[str, PackedMask]] = [{} for _ in range(n)]
-        keys = list(self._shapes) if self._shapes else list(new)
+        shapes = self._shapes or (
+            new.shapes() if isinstance(new, LazyDelta) else {k: tuple(t.shape) for k, t in new.items()}
+        )
+        keys = list(shapes)
+        mean_over = _group_sizes(shapes, resolve_rescaler_groups(self.config.rescaler_groups, keys))
         if commit:
             self._interrupted = True
         for key in keys:
@@ -540,7 +653,7 @@ class DeltaFusionMerger:
                     return d_new[lo:hi]
                 return _decoupled(u_flat[lo:hi], old_masks[i].unpack_range(lo, hi), old_lams[i])
 
-            u, pm, a, b = _unify_key(get, n, shape, self.config.rescaler)
+            u, pm, a, b = _unify_key(get, n, shape, self.config.rescaler, mean_over=mean_over[key])
             for i in range(n):
                 masks[i][key] = pm[i]
                 num[i] += a[i]
@@ -795,6 +908,7 @@ class DeltaFusionMerger:
     def __repr__(self) -> str:
         return (
             f"DeltaFusionMerger({len(self._records)} tasks, {len(self._shapes)} keys, rescaler={self.config.rescaler!r}, "
+            f"rescaler_groups={self.config.rescaler_groups if isinstance(self.config.rescaler_groups, str) else 'custom'!r}, "
             f"lora_merge={self.config.lora_merge!r}, strict={self.config.strict})"
         )
 

@@ -56,6 +56,7 @@ __all__ = [
     "delta_from_models",
     "functional_expert",
     "iter_delta",
+    "dense_delta_from_factors",
     "lora_factor_delta",
     "save_delta",
     "validate_delta",
@@ -397,9 +398,11 @@ class LazyDelta(Mapping):
         getter: Callable[[str], torch.Tensor],
         base_fingerprint: str | None = None,
         description: str = "lazy delta",
+        range_getter: Callable[[str, int, int], torch.Tensor] | None = None,
     ):
         self._shapes = {k: tuple(v) for k, v in shapes.items()}
         self._getter = getter
+        self._range_getter = range_getter
         self.base_fingerprint = base_fingerprint
         self.description = description
 
@@ -431,7 +434,21 @@ class LazyDelta(Mapping):
             except Exception as exc:
                 raise BundleError(f"Cannot read tensor {key!r} of the delta file {str(path)!r}: {exc}") from exc
 
-        return cls(shapes, read, fp, str(path))
+        def read_range(key: str, start: int, stop: int) -> torch.Tensor:
+            # only the rows that hold flat entries start:stop are read (safetensors slices the first dimension)
+            shape = shapes[key]
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as h:
+                    if len(shape) == 0:
+                        return h.get_tensor(key).reshape(-1)[start:stop]
+                    row = math.prod(shape[1:])
+                    first, last = start // row, -(-stop // row)
+                    rows = h.get_slice(key)[first:last].reshape(-1)
+                    return rows[start - first * row : stop - first * row]
+            except Exception as exc:
+                raise BundleError(f"Cannot read tensor {key!r} of the delta file {str(path)!r}: {exc}") from exc
+
+        return cls(shapes, read, fp, str(path), range_getter=read_range)
 
     @classmethod
     def from_models(
@@ -467,6 +484,17 @@ class LazyDelta(Mapping):
         t = self._getter(key).detach().to(torch.float32)
         if tuple(t.shape) != self._shapes[key]:
             raise DeltaError(f"Key {key!r} of {self.description} changed shape while being read.")
+        _check_finite(key, t, f"of {self.description}")
+        return t
+
+    def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Entries ``start:stop`` of ``key``'s flattened tensor as fp32, checked for NaN/inf. A delta file reads
+        only the rows that hold them; other lazy deltas compute the whole key and slice it."""
+        if key not in self._shapes:
+            raise KeyError(key)
+        if self._range_getter is None:
+            return self[key].reshape(-1)[start:stop]
+        t = self._range_getter(key, start, stop).detach().to(torch.float32)
         _check_finite(key, t, f"of {self.description}")
         return t
 
@@ -707,6 +735,35 @@ def lora_factor_delta(
     return out
 
 
+def dense_delta_from_factors(factor_delta: Mapping[str, torch.Tensor], reference: nn.Module) -> TaskDelta:
+    """The dense weight delta of factor deltas (``lora_merge="factors"``): per LoRA target of ``reference``,
+    ``ΔW = s·(B⁰ + δ_B)(A⁰ + δ_A) − s·B⁰A⁰``, keyed by the base weight (``<module>.weight``), fp32.
+
+    ``factor_delta`` is keyed like :func:`lora_factor_delta` (``base_model.model.<module>.lora_A.<adapter>.weight``),
+    e.g. a rebuilt ConDU (LoRA) expert λ·M⊙u; ``reference`` is the ``PeftModel`` holding θ⁰ and the initial adapter
+    (A⁰, B⁰). θ⁰ + ΔW is the model that θ⁰ + the adapter (A⁰ + δ_A, B⁰ + δ_B) computes, so the expert can be run on
+    the plain θ⁰ (no PEFT wrapper), like a ``"dense"`` one. A target missing from ``factor_delta`` raises
+    :class:`DeltaError` naming it."""
+    if not _is_peft_model(reference):
+        raise AdapterError("dense_delta_from_factors needs the reference as a PeftModel holding the initial adapter.")
+    ref_name = reference.active_adapter if isinstance(reference.active_adapter, str) else reference.active_adapter[0]
+    config, tensors, where = _read_adapter(reference, ref_name)
+    groups = _lora_groups(config, tensors, f"reference adapter {ref_name!r}")
+    out = TaskDelta()
+    for module, g in groups.items():
+        factors = {}
+        for part in ("lora_A", "lora_B"):
+            key = f"base_model.model.{module}.{part}.{ref_name}.weight"
+            if key not in factor_delta:
+                raise DeltaError(f"The factor delta lacks {key!r}, a factor of the reference adapter.")
+            factors[part] = g[f"{part}.weight"].to(torch.float32) + factor_delta[key].to(torch.float32).cpu()
+        a0, b0, s = g["lora_A.weight"].to(torch.float32), g["lora_B.weight"].to(torch.float32), g["scaling"]
+        dw = s * (factors["lora_B"] @ factors["lora_A"] - b0 @ a0)
+        out[f"{module}.weight"] = dw.t().contiguous() if g["fan_in_fan_out"] else dw
+    out.base_fingerprint = None  # keyed by θ⁰'s weights, not by the reference's (whose fingerprint the factors carry)
+    return out
+
+
 # ---------------------------------------------------------------------------------------- experts θ⁰ + s·δ
 
 
@@ -788,7 +845,11 @@ class FunctionalExpert:
                     "is not a parameter or buffer" if base is None else f"has shape {tuple(d.shape)}, not the model's"
                 )
                 raise DeltaError(f"Delta key {k!r} {what} of {type(model).__name__}.")
-            self.params[k] = base.detach() + scale * d.to(device=base.device, dtype=base.dtype)
+            # θ⁰ + s·δ in fp32, rounded once to θ⁰'s dtype: the evaluator's rule (continual.weights.delta_parameters);
+            # adding δ already rounded to a bf16 θ⁰'s dtype rounded twice (issue 17 item 12)
+            wide = torch.promote_types(base.dtype, torch.float32)
+            w = base.detach().to(wide) + scale * d.to(device=base.device, dtype=wide)
+            self.params[k] = w.to(base.dtype)
 
     def __call__(self, *args, **kwargs):
         from torch.func import functional_call

@@ -45,6 +45,14 @@ def _check_version():
         )
 
 
+def _quiet_peft_deprecation() -> None:
+    """PEFT 0.21's ``PeftModel.__init__`` reads ``model.is_gradient_checkpointing``, which transformers 5.x
+    deprecated in favour of ``is_activation_checkpointing`` (same value): every ``get_peft_model`` /
+    ``PeftModel.from_pretrained`` then warns about PEFT's own code, which a user can do nothing about. hf_cft pins
+    PEFT 0.21, so it silences exactly that message (nothing else) here."""
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def register() -> None:
     """Register hf_cft's method types with PEFT. Idempotent; raises if a type string belongs to another class."""
     try:
@@ -52,6 +60,7 @@ def register() -> None:
     except ImportError as exc:  # pragma: no cover - peft is a dependency
         raise HfCftError("hf_cft's PEFT methods need peft installed") from exc
     _check_version()
+    _quiet_peft_deprecation()
     tables = []
     for attr in ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING"):
         table = getattr(mapping, attr, None)

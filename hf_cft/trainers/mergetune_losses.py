@@ -13,8 +13,8 @@ def alpha_grid(num: int, kind: str = "midpoint", generator: torch.Generator | No
     """The α points of the path loss.
 
     - ``midpoint``: α_k = (k − ½)/N, the midpoint rule for E_{α~U[0,1)} (never α = 1, which would duplicate L2(w));
-    - ``official``: 0.1, 0.1 + 1/N, … up to and including 1.0, as the released code (for N = 5 identical to the
-      midpoints; N = 10 includes α = 1, N = 1 gives {0.1});
+    - ``official``: ``np.arange(0.1, 1.01, 1/N)``, exactly the released code's grid: ⌈0.91·N⌉ points 0.1 + k/N,
+      so for N = 5 the midpoints, N = 10 includes α = 1, N = 11, 21, 22 … a point in (1.0, 1.01), N = 1 gives {0.1};
     - ``random``: N draws from U[0, 1) per call.
     """
     if num < 1:
@@ -22,11 +22,9 @@ def alpha_grid(num: int, kind: str = "midpoint", generator: torch.Generator | No
     if kind == "midpoint":
         return (torch.arange(1, num + 1, dtype=torch.float64) - 0.5) / num
     if kind == "official":
-        points, a = [], 0.1
-        while a <= 1.0 + 1e-9:
-            points.append(round(a, 10))
-            a += 1.0 / num
-        return torch.tensor(points, dtype=torch.float64)
+        import numpy as np
+
+        return torch.from_numpy(np.arange(0.1, 1.01, 1.0 / num)).to(torch.float64)
     if kind == "random":
         return torch.rand(num, generator=generator, dtype=torch.float64)
     raise ValueError(f"unknown alpha grid {kind!r}")
@@ -42,23 +40,28 @@ def interpolate_text(t_from: torch.Tensor, t_to: torch.Tensor, alpha: float) -> 
     return F.normalize(t_from + alpha * (t_to - t_from), dim=-1)
 
 
-def path_loss_prompts(image, text_w, text_ft, labels, scale, alphas) -> torch.Tensor:
+def path_loss_prompts(image, text_w, text_ft, labels, scale, alphas, label_smoothing: float = 0.0) -> torch.Tensor:
     """(1/N)·Σ_k CE(s·f·normalise(T2 + α_k(T(w) − T2))ᵀ, y): one interpolation and one matmul per α, image
-    features shared by all α."""
+    features shared by all α. Pass unit features for the library's path, the raw text-encoder outputs for the
+    official one (``path_features="raw"``: interpolate, then normalise). ``label_smoothing`` as the task term's."""
     losses = [
-        F.cross_entropy(prompt_logits(image, interpolate_text(text_ft, text_w, float(a)), scale), labels)
+        F.cross_entropy(
+            prompt_logits(image, interpolate_text(text_ft, text_w, float(a)), scale),
+            labels,
+            label_smoothing=label_smoothing,
+        )
         for a in alphas
     ]
     return torch.stack(losses).mean()
 
 
-def path_loss_head(image, w, b, w_ft, b_ft, labels, alphas) -> torch.Tensor:
+def path_loss_head(image, w, b, w_ft, b_ft, labels, alphas, label_smoothing: float = 0.0) -> torch.Tensor:
     """The same for a linear head: W_α = W2 + α(W − W2), b_α likewise."""
     losses = []
     for a in alphas:
         wa = w_ft + float(a) * (w - w_ft)
         ba = None if b is None else b_ft + float(a) * (b - b_ft)
-        losses.append(F.cross_entropy(F.linear(image, wa, ba), labels))
+        losses.append(F.cross_entropy(F.linear(image, wa, ba), labels, label_smoothing=label_smoothing))
     return torch.stack(losses).mean()
 
 
@@ -77,6 +80,27 @@ def fisher_anchor(
 ) -> torch.Tensor:
     """Σ_j F_j (w_j − ŵ1_j)² / normalizer (diagonal-Fisher surrogate, §3.2)."""
     return sum((f * (p - a) ** 2).sum() for p, a, f in zip(params, anchors, fishers)) / normalizer
+
+
+def head_anchor(
+    params: list[torch.Tensor],
+    anchors: list[torch.Tensor],
+    kind: str = "sq_l2",
+    fishers: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The linear-head family's anchor D(w, ŵ1) (§3.1 / §3.2), **the** one definition used by
+    :class:`~hf_cft.trainers.MergeTuneTrainer` and :func:`~hf_cft.trainers.feature_training.train_head_on_features`:
+    ``Σ_j (w_j − ŵ1_j)²`` (``sq_l2``) or ``Σ_j F_j (w_j − ŵ1_j)²`` (``fisher``) over the head's entries as it
+    computes logits, i.e. W = s·V for ``logits = x̂·Wᵀ (+ b)`` (ŵ1 = s·T_zs, 0). Scale: with unit-norm rows
+    V, V_zs this is 2·C·s² times the prompt family's cosine anchor ``1 − mean cos`` (= ½·mean‖V̂ − V̂_zs‖²), so
+    λ_head = λ_prompt / (2·C·s²) gives the same pull (what the base-to-novel benchmark does)."""
+    if kind == "sq_l2":
+        return sq_l2_anchor(params, anchors)
+    if kind == "fisher":
+        if fishers is None:
+            raise ValueError("the Fisher head anchor needs the Fisher tensors")
+        return fisher_anchor(params, anchors, fishers)
+    raise ValueError(f"unknown head anchor {kind!r} (sq_l2 or fisher)")
 
 
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -19,6 +19,11 @@ Families (§5), chosen from the continued model:
 - Full fine-tuning (weight space, a plain ``CLIPModel``/``SiglipModel``): w is every trainable tensor; ŵ1 the
   model's own weights when the trainer is built (or ``zero_shot``), ŵ2 a fine-tuned model or folder; the path
   substitutes ŵ2 + α(w − ŵ2); D is ``Σ(w − ŵ1)²`` (default) or the diagonal Fisher.
+- VPT (prompt space, a ``PeftModel`` with an active VPT adapter): w is the prompt tokens P; ŵ2 the fine-tuned
+  adapter's tokens P2; ŵ1 the continued adapter's tokens when the trainer is built (its initialisation: no point
+  of prompt space is "no prompts", so the zero-shot end is the prompts' init — give the continued adapter the
+  init the fine-tuned one started from); the path runs the vision tower with P2 + α(P − P2); D is ``Σ(P − P1)²``
+  or the Fisher of the tokens at P1.
 
 ŵ1 and ŵ2 are held as tensors for the trainable keys only, never as model copies (``held_anchor_tensors()``).
 Classifier space, per step: one image-tower pass per batch (frozen, without a graph), one text-tower pass for all
@@ -48,6 +53,7 @@ from hf_cft.trainers.mergetune_losses import (
     classifier_fisher,
     cosine_anchor,
     fisher_anchor,
+    head_anchor,
     normalize_fisher,
     path_loss_head,
     path_loss_prompts,
@@ -57,8 +63,10 @@ from hf_cft.trainers.mergetune_weightspace import (
     ClassLogits,
     FullWeightSpace,
     LoraWeightSpace,
+    VptWeightSpace,
     _is_weights_folder,
     estimate_weight_fisher,
+    fisher_rows,
 )
 
 _FT_ADAPTER = "mergetune_finetuned"
@@ -104,6 +112,11 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         if not isinstance(args, MergeTuneConfig):
             raise TypeError("MergeTuneTrainer needs a MergeTuneConfig")
         super().__init__(model, args, classnames, templates, tokenizer, train_dataset, eval_dataset, **kwargs)
+        self.finetuned_description = _describe_finetuned(finetuned)
+        self._setup(args, finetuned, fisher_dataset, zero_shot)
+        self._check_card_for_hub()
+
+    def _setup(self, args, finetuned, fisher_dataset, zero_shot) -> None:
         self.family = self._detect_family()
         self.anchor_kind = args.anchor if args.anchor != "auto" else ("cosine" if self.family == "coop" else "sq_l2")
         if self.family != "coop" and self.anchor_kind == "cosine":
@@ -115,10 +128,18 @@ class MergeTuneTrainer(ClipClassificationTrainer):
                 f"zero_shot is for full fine-tuning only; the {self.family} family defines ŵ1 from the base model"
             )
         device = self.args.device
+        # separate streams: training α (random grid), evaluation α (reset at every evaluation) and the Fisher's
+        # labels, so that how often one evaluates, or whether a Fisher is estimated, never shifts training's draws
         self._gen = torch.Generator().manual_seed(args.seed)
+        self._eval_gen = torch.Generator().manual_seed(args.seed + 1)
+        self._fisher_gen = torch.Generator().manual_seed(args.seed)
         self.fisher_info: dict = {}
-        fisher_data = fisher_dataset if fisher_dataset is not None else train_dataset
-        if self.family in ("lora", "full"):
+        # a raw fisher_dataset gets the evaluation transform; the training set's is swapped by _fisher_loader
+        if fisher_dataset is not None:
+            fisher_data = self.prepare_dataset(fisher_dataset, train=False, what="fisher_dataset")
+        else:
+            fisher_data = self.train_dataset
+        if self.family in ("lora", "full", "vpt"):
             if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
                 # docs/distributed.md: the path evaluates the network at interpolated weights, which needs the full
                 # (gathered) parameters on every process; only DDP / single-device runs are supported.
@@ -129,7 +150,10 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             self._logits_fn = ClassLogits(self.clip_model)  # references the model: functional_call runs it
             if self.family == "lora":
                 self.weight_space = LoraWeightSpace(self.clip_model)
-                self._lora_finetuned(finetuned)
+                self._adapter_finetuned(finetuned)
+            elif self.family == "vpt":
+                self.weight_space = VptWeightSpace(self.clip_model)
+                self._adapter_finetuned(finetuned)
             else:
                 self.weight_space = FullWeightSpace(self.clip_model, zero_shot)
                 self.weight_space.attach_finetuned(finetuned)
@@ -143,6 +167,32 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         if self.anchor_kind == "fisher":
             self._estimate_fisher(fisher_data)
 
+    # ------------------------------------------------------------------------------------------------ model card
+
+    def _card_kind(self) -> str:
+        return "mergetune"
+
+    def card_hyperparameters(self) -> dict:
+        """The card's hyper-parameters: MergeTune's (λ, β, N, α grid, τ, anchor, family) then the training ones."""
+        args = self.args
+        return {
+            "family": getattr(self, "family", None),
+            "λ (anchor_weight)": args.anchor_weight,
+            "β (path_weight)": args.path_weight,
+            "N (num_alphas)": args.num_alphas,
+            "α grid": args.alpha_grid,
+            "τ (initialisation)": args.tau,
+            "anchor": getattr(self, "anchor_kind", args.anchor),
+            **super().card_hyperparameters(),
+        }
+
+    def _mergetune_model_card(self, kwargs: dict):
+        from hf_cft.hub import mergetune_card
+
+        kwargs = {k: v for k, v in kwargs.items() if k != "method"}
+        kwargs.setdefault("finetuned", self.finetuned_description)
+        return mergetune_card(self.clip_model, **kwargs)
+
     def _detect_family(self) -> str:
         if self.model.mode in ("coop", "head"):
             return self.model.mode
@@ -152,8 +202,10 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             cfg = self.clip_model.peft_config[self.clip_model.active_adapter]
             if cfg.peft_type == "LORA":
                 return "lora"
+            if str(getattr(cfg.peft_type, "value", cfg.peft_type)) == "HF_CFT_VPT":
+                return "vpt"
             raise HfCftError(
-                "MergeTuneTrainer supports CoOp, linear-head and LoRA adapters and full fine-tuning; the active "
+                "MergeTuneTrainer supports CoOp, linear-head, LoRA and VPT adapters and full fine-tuning; the active "
                 f"adapter {self.clip_model.active_adapter!r} is {getattr(cfg.peft_type, 'value', cfg.peft_type)!r}."
             )
         return "full"
@@ -161,9 +213,9 @@ class MergeTuneTrainer(ClipClassificationTrainer):
     def held_anchor_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the trainer holds for ŵ1 and ŵ2 (and nothing else): for weight space only the continued
         model's trainable keys, so their size shows that no model copy is kept."""
-        if self.family in ("lora", "full"):
+        if self.family in ("lora", "full", "vpt"):
             return self.weight_space.held_tensors()
-        names = ("text_zs", "text_ft", "ctx_ft", "w_zs", "b_zs", "w_ft", "b_ft")
+        names = ("text_zs", "text_ft", "text_ft_raw", "ctx_ft", "w_zs", "b_zs", "w_ft", "b_ft")
         return {n: getattr(self, n) for n in names if isinstance(getattr(self, n, None), torch.Tensor)}
 
     # ------------------------------------------------------------------------------------------------ anchors
@@ -172,8 +224,9 @@ class MergeTuneTrainer(ClipClassificationTrainer):
     def _zero_shot_anchor(self, device):
         from hf_cft.models.zeroshot import build_zeroshot_classifier
 
+        templates = self.templates[:1] if self.args.anchor_templates == "first" else self.templates
         with self.clip_model.disable_adapter():
-            t1 = build_zeroshot_classifier(self.clip_model, self.tokenizer, self.classnames, self.templates)
+            t1 = build_zeroshot_classifier(self.clip_model, self.tokenizer, self.classnames, templates)
         self.text_zs = t1.to(device)
         self.scale = float(logit_scale(self.clip_model))
         if self.family == "head":
@@ -228,6 +281,9 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             if self.family == "coop":
                 tuner = _find_tuner(owner, "CoOpModel")
                 self.text_ft = tuner.class_text_features(self.tokenizer, self.classnames, name).detach().to(device)
+                if self.args.path_features == "raw":  # the official path interpolates the raw encoder outputs
+                    raw = tuner.class_text_features(self.tokenizer, self.classnames, name, normalize=False)
+                    self.text_ft_raw = raw.detach().float().to(device)
                 self.ctx_ft = tuner._coop_layer().coop_ctx[name].detach().clone()
                 self.ft_ctx_init = cfg_ft.ctx_init
                 self.ft_class_specific = cfg_ft.class_specific
@@ -276,13 +332,22 @@ class MergeTuneTrainer(ClipClassificationTrainer):
 
     @torch.no_grad()
     def _fisher_loader(self, dataset):
-        """The downstream images both Fisher estimates read (at most ``fisher_max_images``), in eval batches."""
-        from torch.utils.data import DataLoader
+        """The downstream images both Fisher estimates read, in eval batches: with ``fisher_transform="eval"``
+        the training dataset's augmenting transform is swapped for its evaluation twin (§3.2: no augmentation);
+        at most ``fisher_max_images`` rows, a sample seeded by ``seed`` (``fisher_sample="random"``, in row order)
+        or the first rows (``"first"``)."""
+        from torch.utils.data import DataLoader, Subset
+
+        from hf_cft.data.transforms import eval_view
 
         if dataset is None:
             raise HfCftError("anchor='fisher' needs images: pass fisher_dataset (or train_dataset)")
-        if self.args.fisher_max_images and len(dataset) > self.args.fisher_max_images:
-            dataset = dataset.select(range(self.args.fisher_max_images))
+        if self.args.fisher_transform == "eval":
+            dataset = eval_view(dataset)
+        limit = self.args.fisher_max_images
+        if limit and len(dataset) > limit:
+            rows = fisher_rows(len(dataset), limit, self.args.fisher_sample, self.args.seed)
+            dataset = dataset.select(rows) if hasattr(dataset, "select") else Subset(dataset, rows)
         return DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator)
 
     def _estimate_fisher(self, dataset):
@@ -297,11 +362,11 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         feats = feats.to(self.args.device)
         if self.family == "coop":
             logits = self.scale * feats @ self.text_zs.t()
-            fw, _ = classifier_fisher(feats, logits, self.scale, self.args.fisher_labels, self._gen)
+            fw, _ = classifier_fisher(feats, logits, self.scale, self.args.fisher_labels, self._fisher_gen)
             self.fisher = normalize_fisher([fw], self.args.fisher_damping)
         else:
             logits = feats @ self.w_zs.t() + self.b_zs
-            fw, fb = classifier_fisher(feats, logits, 1.0, self.args.fisher_labels, self._gen, with_bias=True)
+            fw, fb = classifier_fisher(feats, logits, 1.0, self.args.fisher_labels, self._fisher_gen, with_bias=True)
             self.fisher = normalize_fisher([fw, fb], self.args.fisher_damping)
         self.fisher_info = {
             "images": int(feats.shape[0]),
@@ -322,9 +387,9 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             )
         return True
 
-    def _lora_finetuned(self, finetuned) -> None:
-        """ŵ2 for LoRA: factors read from a folder (loaded temporarily under a private name, then deleted), an
-        adapter loaded in the same model, or another ``PeftModel``."""
+    def _adapter_finetuned(self, finetuned) -> None:
+        """ŵ2 for LoRA / VPT: factors or tokens read from a folder (loaded temporarily under a private name, then
+        deleted), an adapter loaded in the same model, or another ``PeftModel``."""
         from peft import PeftConfig, PeftModel
 
         model, continued = self.clip_model, self.clip_model.active_adapter
@@ -336,8 +401,8 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             if not (path / "adapter_config.json").is_file():
                 if path.is_dir() and _is_weights_folder(path):
                     raise AdapterError(
-                        f"{str(path)!r} holds a full model but the continued model is a LoRA adapter: MergeTune "
-                        "needs both of the same method type."
+                        f"{str(path)!r} holds a full model but the continued model is a {self.family.upper()} "
+                        "adapter: MergeTune needs both of the same method type."
                     )
                 raise AdapterError(f"{str(path)!r} holds no adapter (no adapter_config.json).")
             try:
@@ -368,7 +433,7 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         elif isinstance(finetuned, nn.Module):
             raise AdapterError(
                 f"the fine-tuned solution is a full model ({type(finetuned).__name__}) but the continued model is a "
-                "LoRA adapter: MergeTune needs both of the same method type."
+                f"{self.family.upper()} adapter: MergeTune needs both of the same method type."
             )
         else:
             raise AdapterError(
@@ -394,7 +459,7 @@ class MergeTuneTrainer(ClipClassificationTrainer):
                 self._text_inputs(train=False),
                 self.weight_space.towers,
                 labels=self.args.fisher_labels,
-                generator=self._gen,
+                generator=self._fisher_gen,
                 chunk_size=self.args.fisher_chunk_size,
             )
         finally:
@@ -419,21 +484,67 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         losses = []
         for a in alphas:
             params = {f"model.{k}": v for k, v in self.weight_space.path_params(float(a)).items()}
-            losses.append(F.cross_entropy(functional_call(self._logits_fn, params, (), kw).float(), labels))
+            logits = functional_call(self._logits_fn, params, (), kw).float()
+            losses.append(F.cross_entropy(logits, labels, label_smoothing=self.args.label_smoothing))
         return torch.stack(losses).mean()
+
+    # ------------------------------------------------------------------------------------------------ ensemble
+
+    @torch.no_grad()
+    def apply_weight_ensemble(self, gamma: float) -> None:
+        """The weight ensemble (1 − γ)·ŵ1 + γ·w of §9 (robust fine-tuning), in place on the continued model, in
+        each family's own coordinates: the CoOp context ((1 − γ)·E(p0) + γ·ctx, as the τ-initialisation; needs
+        the fine-tuned adapter's ctx_init with n_ctx tokens and a shared context), the head (W, b), LoRA's dense
+        ΔW (B ← γ·B, exact), full fine-tuning's tensors and VPT's prompt tokens. γ = 1 keeps w, γ = 0 gives ŵ1."""
+        if not 0.0 <= gamma <= 1.0:
+            raise MergeTuneConfigError(f"the weight-ensemble γ must be in [0, 1], got {gamma}")
+        if self.family in ("lora", "full", "vpt"):
+            self.weight_space.ensemble(gamma)
+        elif self.family == "head":
+            w, b = _find_tuner(self.clip_model, "LinearHeadModel").head_parameters()
+            w.copy_((1 - gamma) * self.w_zs.to(w) + gamma * w)
+            if b is not None:
+                b.copy_((1 - gamma) * self.b_zs.to(b) + gamma * b)
+        else:
+            from hf_cft.peft.coop.model import _word_ids
+            from hf_cft.trainers.feature_training import coop_context_init
+
+            ctx = _find_tuner(self.clip_model, "CoOpModel")._coop_layer().coop_ctx[self.clip_model.active_adapter]
+            n_ids = len(_word_ids(self.tokenizer, self.ft_ctx_init)) if self.ft_ctx_init else 0
+            if not self.ft_ctx_init or n_ids != ctx.shape[-2] or self.ft_class_specific:
+                raise AdapterError(
+                    "the CoOp weight ensemble interpolates contexts with ŵ1's context E(ctx_init): it needs the "
+                    "fine-tuned adapter's ctx_init with as many tokens as n_ctx and a shared context."
+                )
+            coop_context_init(self.clip_model, self.tokenizer, ctx.detach().clone(), self.ft_ctx_init, gamma)
+
+    def train(self, *args, **kwargs):
+        """``Trainer.train``; with ``weight_ensemble = γ`` the result (the best model when
+        ``load_best_model_at_end``) is then replaced by (1 − γ)·ŵ1 + γ·w."""
+        output = super().train(*args, **kwargs)
+        if self.args.weight_ensemble is not None:
+            self.apply_weight_ensemble(self.args.weight_ensemble)
+        return output
 
     # ------------------------------------------------------------------------------------------------ loss
 
-    def _alphas(self) -> torch.Tensor:
-        return alpha_grid(self.args.num_alphas, self.args.alpha_grid, self._gen)
+    def _alphas(self, training: bool = True) -> torch.Tensor:
+        """The α points of one step; a random grid draws from the training stream in training and from the
+        evaluation stream (reset at every evaluation) otherwise."""
+        return alpha_grid(self.args.num_alphas, self.args.alpha_grid, self._gen if training else self._eval_gen)
+
+    def evaluate(self, *args, **kwargs):
+        self._eval_gen.manual_seed(self.args.seed + 1)  # the same α at every evaluation, whatever came before
+        return super().evaluate(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         text_inputs = self._text_inputs(train=model.training)
         parts = model(pixel_values=inputs["pixel_values"], **text_inputs, return_parts=True)
         img = parts["image"].float()
-        alphas = self._alphas()
-        if self.family in ("lora", "full"):
+        alphas = self._alphas(model.training)
+        smoothing = self.args.label_smoothing  # one L2: the task and the path terms alike
+        if self.family in ("lora", "full", "vpt"):
             text = parts["text"].float()
             logits = parts["scale"].float() * img @ text.t()
             anchor = self.weight_space.anchor(self.anchor_kind, getattr(self, "fisher", None))
@@ -450,7 +561,12 @@ class MergeTuneTrainer(ClipClassificationTrainer):
                 anchor = sq_l2_anchor([text], [self.text_zs])
             else:  # Fisher-weighted, scaled so that F ≡ 1 equals the cosine form: ½·mean_c‖T_c − T1_c‖²
                 anchor = fisher_anchor([text], [self.text_zs], self.fisher, normalizer=2.0 * text.shape[0])
-            path = path_loss_prompts(img, text, self.text_ft, labels, scale, alphas)
+            if self.args.path_features == "raw":  # official: interpolate the raw outputs, then normalise
+                path = path_loss_prompts(
+                    img, parts["text_raw"].float(), self.text_ft_raw, labels, scale, alphas, smoothing
+                )
+            else:
+                path = path_loss_prompts(img, text, self.text_ft, labels, scale, alphas, smoothing)
         else:
             w, b = parts["weight"], parts["bias"]
             logits = F.linear(img, w, b)
@@ -458,11 +574,10 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             if b is not None:
                 params.append(b)
                 zs.append(self.b_zs)
-            anchor = (
-                sq_l2_anchor(params, zs) if self.anchor_kind == "sq_l2" else fisher_anchor(params, zs, self.fisher)
-            )
-            path = path_loss_head(img, w, b, self.w_ft, self.b_ft if b is not None else None, labels, alphas)
-        task = F.cross_entropy(logits, labels, label_smoothing=self.args.label_smoothing)
+            anchor = head_anchor(params, zs, self.anchor_kind, getattr(self, "fisher", None))
+            b_ft = self.b_ft if b is not None else None
+            path = path_loss_head(img, w, b, self.w_ft, b_ft, labels, alphas, smoothing)
+        task = F.cross_entropy(logits, labels, label_smoothing=smoothing)
         loss = task + self.args.anchor_weight * anchor + self.args.path_weight * path
         mode = "train" if model.training else "eval"
         self._record(mode, "loss_task", task)
@@ -471,3 +586,15 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         self._record(mode, "accuracy", (logits.detach().argmax(-1) == labels).float().mean() * 100.0)
         loss = self._weighted(loss)  # a padded last batch of a multi-process run (ClipClassificationTrainer)
         return (loss, logits) if return_outputs else loss
+
+
+def _describe_finetuned(finetuned) -> str:
+    """What ŵ2 was, for the model card: a folder or repo id as given, an adapter's name, or the object's type."""
+    if isinstance(finetuned, (str, Path)):
+        return f"`{finetuned}`"
+    peft_config = getattr(finetuned, "peft_config", None)
+    if isinstance(peft_config, dict):
+        cfg = peft_config.get(finetuned.active_adapter)
+        kind = getattr(getattr(cfg, "peft_type", None), "value", getattr(cfg, "peft_type", None))
+        return f"a {kind} adapter given in memory"
+    return f"a {type(finetuned).__name__} given in memory"

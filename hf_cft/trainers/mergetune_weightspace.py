@@ -257,6 +257,12 @@ class LoraWeightSpace:
             slot.a.copy_(slot.a_ft)
             slot.b.copy_(tau * (slot.scaling_ft / slot.scaling) * slot.b_ft)
 
+    @torch.no_grad()
+    def ensemble(self, gamma: float) -> None:
+        """§9 weight ensemble: ΔW ← (1 − γ)·0 + γ·ΔW, exactly, by B ← γ·B."""
+        for slot in self.slots.values():
+            slot.b.mul_(gamma)
+
     def deltas(self) -> dict[str, torch.Tensor]:
         """The dense ΔW_l = s_l·B_l·A_l of the continued adapter (differentiable), keyed by module."""
         return {p: lora_delta(s.a, s.b, s.scaling) for p, s in self.slots.items()}
@@ -286,6 +292,8 @@ class LoraWeightSpace:
         coords, fixed, keys = {}, {}, {}
         for path, s in self.slots.items():
             coords[s.base_key] = s.layer.get_base_layer().weight.detach()
+            # both factors are substituted by detached tensors: the live (trainable) A must not enter the graph
+            fixed[s.a_key] = s.a.detach()
             fixed[s.b_key] = torch.zeros_like(s.b.detach())
             keys[s.base_key] = path
         return coords, fixed, keys
@@ -428,6 +436,12 @@ class FullWeightSpace:
         for name, p in self.params.items():
             p.copy_(((1 - tau) * self.w_zs[name].float() + tau * self.w_ft[name].float()).to(p.dtype))
 
+    @torch.no_grad()
+    def ensemble(self, gamma: float) -> None:
+        """§9 weight ensemble: w ← (1 − γ)·ŵ1 + γ·w for every trainable tensor (in fp32)."""
+        for name, p in self.params.items():
+            p.copy_(((1 - gamma) * self.w_zs[name].float() + gamma * p.float()).to(p.dtype))
+
     def path_params(self, alpha: float) -> dict[str, torch.Tensor]:
         """ŵ2 + α(w − ŵ2) per trainable tensor (interpolated in fp32)."""
         out = {}
@@ -454,7 +468,65 @@ class FullWeightSpace:
         return out
 
 
+# ==================================================================================================== VPT
+
+
+class VptWeightSpace(FullWeightSpace):
+    """w = the prompt tokens of the active VPT adapter of ``model`` (a ``PeftModel``); ŵ1 = those tokens when this
+    object is built (the adapter's initialisation: prompt space has no point equal to "no prompts"); ŵ2 = the
+    tokens of a fine-tuned VPT adapter with the same layers and token counts. Everything else (τ-initialisation,
+    path, anchor, Fisher, weight ensemble) is the full-fine-tuning machinery on these tensors."""
+
+    family = "vpt"
+
+    def __init__(self, model: nn.Module):
+        self.adapter = model.active_adapter
+        super().__init__(model)
+        extra = [n for n in self.params if f"vpt_prompts.{self.adapter}" not in n]
+        if extra:
+            raise AdapterError(
+                f"the continued VPT adapter {self.adapter!r} trains tensors besides its prompt tokens ({extra[0]!r}): "
+                "MergeTune's w is the prompts only; drop modules_to_save."
+            )
+
+    @torch.no_grad()
+    def attach_finetuned(self, owner: nn.Module, adapter: str, where: str) -> None:  # type: ignore[override]
+        """Read ŵ2's tokens from ``owner``'s VPT adapter ``adapter`` (cloned: prompts are small)."""
+        named = dict(owner.named_parameters())
+        out = {}
+        for name, p in self.params.items():
+            key = name.replace(f"vpt_prompts.{self.adapter}", f"vpt_prompts.{adapter}")
+            if key not in named:
+                raise AdapterError(
+                    f"the fine-tuned VPT adapter ({where}) has no prompts at {name.split('.vpt_prompts')[0]!r}: "
+                    "MergeTune needs the same layers (deep or shallow) in both adapters."
+                )
+            t = named[key]
+            if t.shape != p.shape:
+                raise AdapterError(
+                    f"VPT prompts differ in shape at {name!r}: continued {tuple(p.shape)}, fine-tuned ({where}) "
+                    f"{tuple(t.shape)}; give both adapters the same n_tokens."
+                )
+            _check_finite(t, name, f"the fine-tuned solution ({where})")
+            out[name] = t.detach().clone().to(device=p.device, dtype=p.dtype)
+        self.w_ft = out
+
+
 # ==================================================================================================== Fisher
+
+
+def fisher_rows(num_rows: int, limit: int, sample: str = "random", seed: int = 0) -> list[int]:
+    """The rows a Fisher estimate reads: all when ``limit`` is 0 or ≥ ``num_rows``; else ``limit`` rows drawn
+    without replacement by a generator seeded with ``seed``, in increasing order (``"random"``), or the first
+    ``limit`` rows (``"first"``)."""
+    if not limit or limit >= num_rows:
+        return list(range(num_rows))
+    if sample == "first":
+        return list(range(limit))
+    if sample != "random":
+        raise ValueError(f"unknown Fisher sample {sample!r} (random or first)")
+    perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
+    return sorted(perm[:limit].tolist())
 
 
 def estimate_weight_fisher(
@@ -474,8 +546,21 @@ def estimate_weight_fisher(
     substitutions. Per-example gradients come from ``vmap(grad(·))`` over chunks of ``chunk_size`` images and are
     squared before averaging (never a batch-mean gradient). ``labels``: ``sample`` (ŷ ~ p, one draw), ``argmax``
     or ``expected`` (Σ_ŷ p_ŷ·g_ŷ², C passes). A tower outside ``towers`` is computed once without a graph.
-    Returns ``(F per coordinate key, number of images)``.
+    Returns ``(F per coordinate key, number of images)``: detached tensors (no ``grad_fn``) — the estimate runs
+    under ``torch.no_grad`` (``torch.func.grad`` differentiates inside regardless) and every substituted tensor is
+    detached, so no live parameter of the model enters its graph.
     """
+    with torch.no_grad():
+        return _estimate_weight_fisher(
+            logits_module, coords, fixed, batches, text_inputs, towers, labels, generator, chunk_size
+        )
+
+
+def _estimate_weight_fisher(
+    logits_module, coords, fixed, batches, text_inputs, towers, labels, generator, chunk_size
+) -> tuple[dict[str, torch.Tensor], int]:
+    coords = {k: v.detach() for k, v in coords.items()}
+    fixed = {k: v.detach() for k, v in fixed.items()}
     names = list(coords)
     prefixed_fixed = {f"model.{k}": v for k, v in fixed.items()}
     text_kw = dict(text_inputs)
@@ -521,7 +606,7 @@ def estimate_weight_fisher(
                 weight = weight.to(probs.device, torch.float32)
                 grads = per_example({k: coords[k] for k in names}, p_vals, target)
                 for k in names:
-                    g2 = grads[k].float() ** 2
+                    g2 = grads[k].detach().float() ** 2
                     fisher[k] += torch.einsum("n,n...->...", weight, g2)
             count += n
     if count == 0:

@@ -1,0 +1,197 @@
+"""Hand-computed cases that tell each core rule from its nearest wrong variant.
+
+Each test here was written against a bug planted in the core that the rest of the suite did not catch (issue 20):
+the comment above it names the planted bug it kills.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+
+import hf_cft  # noqa: F401  (registers the method types)
+from hf_cft import CoOpConfig
+from hf_cft.merging.baselines import emr
+from hf_cft.merging.condu import decouple, unify
+from hf_cft.models import text_features, tokenize_prompts
+from hf_cft.peft.coop import CoOpLayer
+from hf_cft.testing import tiny_clip
+from hf_cft.trainers.mergetune_losses import path_loss_head, path_loss_prompts
+from hf_cft.utils import atomic_path, atomic_write_bytes
+
+# ----------------------------------------------------------------------------------- unify: u over agreeing tasks
+
+
+def _three_task_case():
+    """σ = sign(3 − 2 − 2) = −1: task 0 disagrees with the elected sign, so u must come from tasks 1 and 2 only."""
+    return [{"w": torch.tensor([3.0, 1.0])}, {"w": torch.tensor([-2.0, 4.0])}, {"w": torch.tensor([-2.0, -1.0])}]
+
+
+# planted bug: u = σ·max over *all* |δⁱ| (not only the tasks that agree with σ) -> u[0] = −3, λ = 2/3 for task 1
+def test_condu_unify_takes_u_from_the_agreeing_tasks_only():
+    res = unify(_three_task_case())
+    # entry 0: σ = −1, agreeing tasks 1 and 2 (|δ| = 2, 2) -> u = −2; entry 1: σ = +1 (1 + 4 − 1), agreeing 0, 1 -> u = 4
+    assert res.unified["w"].tolist() == [-2.0, 4.0]
+    assert [m["w"].tolist() for m in res.masks] == [[False, True], [True, True], [True, False]]
+    # λ^i = mean|δ^i| / mean|M^i ⊙ u|: task 0: 4/4, task 1: 6/6, task 2: 3/2
+    assert res.lambdas == pytest.approx([1.0, 1.0, 1.5], abs=1e-12)
+    assert decouple(res, 2)["w"].tolist() == [-3.0, 0.0]
+
+
+def test_condu_unify_with_one_task_against_two_is_not_scaled_by_the_loser():
+    res = unify([{"w": torch.tensor([3.0])}, {"w": torch.tensor([-2.0])}, {"w": torch.tensor([-2.0])}])
+    assert res.unified["w"].tolist() == [-2.0]
+    assert res.lambdas == pytest.approx([0.0, 1.0, 1.0], abs=1e-12)
+    assert res.collapsed == [True, False, False]
+
+
+# planted bug (the same in EMR): ε over all tasks instead of the agreeing ones
+def test_emr_epsilon_is_the_largest_agreeing_magnitude():
+    res = emr(_three_task_case())
+    assert res.unified["w"].tolist() == [-2.0, 4.0]
+    # global sums: task 0: Σ|δ| = 4, Σ|M⊙u| = 4; task 1: 6 / 6; task 2: 3 / 2
+    assert res.rescalers == pytest.approx([1.0, 1.0, 1.5], abs=1e-12)
+    assert res.task_delta(0)["w"].tolist() == [0.0, 4.0]
+
+
+# ----------------------------------------------------------------------------------- MergeTune path: orientation
+
+
+def _path_inputs():
+    g = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    text_w = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    text_ft = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    return image, text_w, text_ft, labels, torch.tensor(20.0)
+
+
+# planted bug: the path's endpoints swapped (α ↔ 1 − α); every earlier reference used a symmetric α set
+@pytest.mark.parametrize("alphas", [[0.1], [0.2, 0.3], [0.9]])
+def test_path_loss_prompts_runs_from_the_finetuned_end(alphas):
+    image, text_w, text_ft, labels, scale = _path_inputs()
+    want = torch.stack(
+        [
+            F.cross_entropy(scale * image @ F.normalize((1 - a) * text_ft + a * text_w, dim=-1).t(), labels)
+            for a in alphas
+        ]
+    ).mean()
+    got = path_loss_prompts(image, text_w, text_ft, labels, scale, torch.tensor(alphas, dtype=torch.float64))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    swapped = path_loss_prompts(image, text_ft, text_w, labels, scale, torch.tensor(alphas, dtype=torch.float64))
+    assert abs(float(swapped) - float(want)) > 1e-3  # the case does tell the orientations apart
+
+
+def test_path_loss_head_runs_from_the_finetuned_end():
+    g = torch.Generator().manual_seed(1)
+    image = torch.randn(5, 4, generator=g)
+    w, w_ft = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    b, b_ft = torch.randn(3, generator=g), torch.randn(3, generator=g)
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    a = 0.2
+    want = F.cross_entropy(image @ (w_ft + a * (w - w_ft)).t() + b_ft + a * (b - b_ft), labels)
+    got = path_loss_head(image, w, b, w_ft, b_ft, labels, [a])
+    torch.testing.assert_close(got, want)
+    assert abs(float(path_loss_head(image, w_ft, b_ft, w, b, labels, [a])) - float(want)) > 1e-3
+
+
+# ----------------------------------------------------------------------------------- CoOp: context scope and order
+
+CLASSES = ["cat", "dog", "sea lion"]
+
+
+def _plain_features(model, tok, prompts_shape):
+    """Features of ordinary prompts (the bare class names, shorter than the CoOp prompts) padded to the CoOp
+    prompts' shape, so a stale context mask of that shape would apply to them."""
+    enc = tokenize_prompts(tok, CLASSES, model)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    pad = prompts_shape[1] - ids.shape[1]
+    assert pad > 0
+    pad_id = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else int(ids[0, -1])
+    ids = F.pad(ids, (0, pad), value=pad_id)
+    mask = F.pad(mask, (0, pad), value=0)
+    assert tuple(ids.shape) == prompts_shape
+    with torch.no_grad():
+        return text_features(model, ids, mask)
+
+
+# planted bug: prompt_context does not restore the previous (empty) mask on exit
+def test_coop_context_mask_does_not_outlive_its_block(toy_tokenizer):
+    model = get_peft_model(tiny_clip(), CoOpConfig(n_ctx=4, classnames=CLASSES).set_tokenizer(toy_tokenizer))
+    layer = next(m for m in model.modules() if isinstance(m, CoOpLayer))
+    with torch.no_grad():
+        layer.coop_ctx["default"].add_(torch.randn(layer.coop_ctx["default"].shape) * 2.0)
+    shape = tuple(model.build_prompts(toy_tokenizer, CLASSES)["input_ids"].shape)
+    before = _plain_features(model, toy_tokenizer, shape)
+    model.class_text_features(toy_tokenizer)
+    after = _plain_features(model, toy_tokenizer, shape)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    with model.disable_adapter():
+        base = _plain_features(model, toy_tokenizer, shape)
+    torch.testing.assert_close(after, base, rtol=0, atol=1e-6)
+
+
+# planted bug: class-specific contexts assigned in reversed order (the older test perturbed the middle class only)
+@pytest.mark.parametrize("which", [0, 2])
+def test_coop_class_specific_context_row_belongs_to_its_class(toy_tokenizer, which):
+    cfg = CoOpConfig(n_ctx=3, class_specific=True, classnames=CLASSES).set_tokenizer(toy_tokenizer)
+    model = get_peft_model(tiny_clip(), cfg)
+    layer = next(m for m in model.modules() if isinstance(m, CoOpLayer))
+    before = model.class_text_features(toy_tokenizer).detach()
+    with torch.no_grad():
+        layer.coop_ctx["default"][which].add_(1.0)
+    after = model.class_text_features(toy_tokenizer).detach()
+    changed = ((after - before).abs().sum(1) > 1e-6).tolist()
+    assert changed == [i == which for i in range(3)]
+
+
+# ----------------------------------------------------------------------------------- atomic writes, not mocked
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+# planted bugs: no temp-file cleanup on error; writing in place instead of temp + os.replace
+def test_atomic_path_keeps_the_old_file_and_leaves_no_temp_on_error(tmp_path):
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"old")
+    with pytest.raises(_Boom), atomic_path(target) as tmp:
+        Path(tmp).write_bytes(b"half-written")
+        assert target.read_bytes() == b"old"  # the writer never touches the target before it commits
+        raise _Boom
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_atomic_path_commits_by_rename(tmp_path):
+    target = tmp_path / "a.json"
+    target.write_bytes(b"old")
+    old_inode = os.stat(target).st_ino
+    with atomic_path(target) as tmp:
+        assert Path(tmp).parent == tmp_path and Path(tmp) != target
+        Path(tmp).write_bytes(b"new")
+        tmp_inode = os.stat(tmp).st_ino
+        assert target.read_bytes() == b"old"
+    assert target.read_bytes() == b"new"
+    assert os.stat(target).st_ino == tmp_inode != old_inode  # the temp file itself became the target
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_atomic_write_bytes_interrupted_mid_write_leaves_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "results.json"
+    target.write_bytes(b"old")
+    real_fsync = os.fsync
+
+    def interrupted(fd):  # the process is interrupted after the data was written, before the commit
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_bytes(target, b"new")
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
