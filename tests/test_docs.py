@@ -170,3 +170,14 @@ def test_mkdocs_nav_lists_every_page():
     listed = set(pages(config["nav"]))
     present = {str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md")}
     assert listed == present, f"not in nav: {sorted(present - listed)}; missing files: {sorted(listed - present)}"
+
+
+@pytest.mark.parametrize("md", sorted(DOCS.rglob("*.md")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_docs_python_snippets_compile(md):
+    """The docs pages' Python examples are fragments (they continue the README's names), so they are compiled,
+    not run: a syntax error in one fails here with its line."""
+    from test_readme import extract_blocks
+
+    for block in extract_blocks(md):
+        if block["lang"] == "python":
+            compile(block["code"], f"{md.relative_to(ROOT)}:{block['line']}", "exec")
