@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 from hf_cft import CoOpConfig
 from hf_cft.data import from_arrays
-from hf_cft.errors import DatasetFormatError, HubError
+from hf_cft.errors import CardError, DatasetFormatError, HubError
 from hf_cft.testing import tiny_clip
 from hf_cft.trainers import ClipClassificationTrainer, ClipTrainingArguments, MergeTuneConfig, MergeTuneTrainer
 
@@ -112,6 +112,8 @@ def test_push_to_hub_uploads_exactly_the_artefact_and_our_card(kind, hub, toy_to
     assert meta["library_name"] == library
     assert {"hf_cft", "clip"} | tags <= set(meta["tags"])
     metrics = _metrics(meta)
+    assert {n for n, m in metrics if m == "accuracy"} == {"colours (base)", "colours (novel)"}  # the last evaluation
+    assert str(tmp_path) not in card.text
     assert metrics[("colours (base)", "accuracy")] == pytest.approx(base, abs=1e-3)
     assert metrics[("colours (novel)", "accuracy")] == pytest.approx(novel, abs=1e-3)
     assert "| learning rate | 0.05 |" in card.text and "| steps trained | 2 |" in card.text
@@ -120,7 +122,7 @@ def test_push_to_hub_uploads_exactly_the_artefact_and_our_card(kind, hub, toy_to
         assert "| λ (anchor_weight) |" in card.text and "| β (path_weight) | 0.5 |" in card.text
         hm = 2 * base * novel / (base + novel) if base + novel else 0.0
         assert metrics[("colours (base-to-novel)", "hm")] == pytest.approx(hm, abs=1e-3)
-        assert "_ft`" in card.text  # the fine-tuned solution ŵ2 is named
+        assert f"a local adapter folder (`{kind.split('_')[1]}_ft`)" in card.text  # ŵ2 named, not its path
     if kind == "coop":
         assert "| n_ctx | 4 |" in card.text
     # the pushed weights are the trained model's
@@ -164,7 +166,7 @@ def test_hub_problems_fail_before_any_request(hub, toy_tokenizer, tmp_path):
     trainer = ClipClassificationTrainer(model, _args("coop", tmp_path), CLASSES, TEMPLATES, toy_tokenizer)
     trainer.args.hub_model_id = "me/x"
     trainer.state.log_history.append({"eval_accuracy": float("nan"), "step": 0})  # a card the Hub would reject
-    with pytest.raises(Exception, match="finite"):
+    with pytest.raises(CardError, match="finite"), pytest.warns(UserWarning, match="no model card written"):
         trainer.push_to_hub()
     assert hub.requests == []
 

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hf_cft.errors import AdapterError, BundleError, HubError, NotCLIPLikeError
+from hf_cft.errors import AdapterError, BundleError, HfCftError, HubError, NotCLIPLikeError
 from hf_cft.hub.cards import (
     adapter_card,
     condu_card,
@@ -72,7 +72,14 @@ def _folder_files(folder: Path) -> list[Path]:
     files = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if not path.is_file() or any(part in _SKIP_DIRS for part in rel.parts):
+        if any(part in _SKIP_DIRS for part in rel.parts):
+            continue
+        if path.is_symlink():
+            raise HubError(
+                f"{str(rel)!r} in {str(folder)!r} is a symlink (to {os.readlink(path)!r}): hf_cft uploads only the "
+                "folder's own regular files. Replace it with a copy or remove it."
+            )
+        if not path.is_file():
             continue
         if path.name.startswith(".") and path.name.endswith(".tmp"):
             continue  # a temporary file of an interrupted atomic write
@@ -313,45 +320,121 @@ def load_adapter(
     adapter_name: str = "default",
     is_trainable: bool = False,
     revision: str | None = None,
+    strict: bool = True,
 ):
     """``PeftModel.from_pretrained`` of an adapter folder or Hub repo, after checking it: ``adapter_config.json``
     valid, ``adapter_model.safetensors`` present and readable (a folder with only ``adapter_model.bin`` is refused,
     never unpickled). Raises :class:`~hf_cft.errors.AdapterError` naming the adapter (also when its tensors do not
-    fit ``base_model``) or :class:`~hf_cft.errors.BundleError` for corrupt weights."""
-    from peft import PeftModel
+    fit ``base_model``) or :class:`~hf_cft.errors.BundleError` for corrupt weights.
+
+    What PEFT would only warn about is refused (``AdapterError`` naming the keys or files): adapter keys missing from
+    the file (an empty or renamed CoOp context would stay random) or keys the adapter does not have, integer
+    tensors for float weights, files symlinked out of the folder, an adapter recorded as trained on another base
+    model (``base_model_name_or_path`` a local folder whose weights differ from ``base_model``'s); NaN/inf weights
+    raise :class:`~hf_cft.errors.NonFiniteError`. ``strict=False`` is the explicit opt-in to a partial load."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from hf_cft.validation import check_finite_tensor, check_state_keys, inside_folder
 
     folder = snapshot(path_or_repo_id, ["adapter_config.json", "adapter_model.safetensors", "*.md"], revision)
-    _check_adapter_folder(folder)
+    what = f"adapter {str(path_or_repo_id)!r}"
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if (folder / name).exists():
+            inside_folder(folder, name, AdapterError, what)
+    config = _check_adapter_folder(folder)
+    _check_same_base(base_model, config, what)
     try:
-        return PeftModel.from_pretrained(base_model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
+        model = PeftModel.from_pretrained(
+            base_model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable
+        )
     except Exception as exc:  # size mismatch (another base model), unknown peft_type, bad config values
         raise AdapterError(
             f"Cannot load adapter {str(path_or_repo_id)!r} into {type(base_model).__name__}: {exc}"
         ) from exc
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    check_state_keys(expected, saved, what, error=AdapterError, strict=strict)
+    for key, t in saved.items():
+        ref = expected.get(key)
+        if ref is not None and ref.is_floating_point() and not t.is_floating_point():
+            raise AdapterError(f"{what}: tensor {key!r} is {t.dtype} but the adapter's is {ref.dtype}.")
+        check_finite_tensor(t, f"{what}: tensor {key!r}")
+    return model
 
 
-def load_model(path_or_repo_id: str | os.PathLike, revision: str | None = None):
+def _check_same_base(base_model, config: dict, what: str) -> None:
+    """When the adapter records its base as a local model folder other than ``base_model``'s, their weights (a
+    fingerprint of keys, shapes and a few values) must agree: a CoOp context trained on another CLIP of the same
+    shape loads without any size error but means nothing there."""
+    recorded = config.get("base_model_name_or_path")
+    own = getattr(getattr(base_model, "config", None), "_name_or_path", None) or getattr(
+        base_model, "name_or_path", None
+    )
+    if not recorded or not Path(str(recorded)).is_dir() or not (Path(str(recorded)) / "config.json").is_file():
+        return
+    if own and Path(str(own)).exists() and Path(str(own)).resolve() == Path(str(recorded)).resolve():
+        return
+    from hf_cft.merging.deltas import base_fingerprint
+
+    try:
+        theirs = base_fingerprint(str(recorded))
+    except HfCftError:
+        return  # the recorded folder is not readable as weights: nothing to compare with
+    if theirs != base_fingerprint(base_model):
+        raise AdapterError(
+            f"{what} was trained on another base model ({str(recorded)!r}, fingerprint {theirs}) than the one given "
+            f"({type(base_model).__name__} {own!r}, fingerprint {base_fingerprint(base_model)})."
+        )
+
+
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def _check_loaded_dtypes(files, state: dict, error, what: str) -> None:
+    """A floating tensor of the model may only come from a floating tensor of the files (no silent int→float)."""
+    from hf_cft.validation import safetensors_dtypes
+
+    for path in sorted(set(files.values())):
+        for key, dtype in safetensors_dtypes(path).items():
+            t = state.get(key)
+            if t is not None and t.is_floating_point() and dtype not in _FLOAT_DTYPES:
+                raise error(f"{what}: tensor {key!r} in {path.name!r} is {dtype} but the model's is {t.dtype}.")
+
+
+def load_model(path_or_repo_id: str | os.PathLike, revision: str | None = None, strict: bool = True):
     """A CLIP-like model (``AutoModel``, eval mode) from a folder or Hub repo holding ``config.json`` and
     safetensors weights. A folder with only pickle weights (``pytorch_model.bin``) raises
     :class:`~hf_cft.errors.BundleError` instead of being unpickled; a model that is not a dual encoder raises
-    :class:`~hf_cft.errors.NotCLIPLikeError`."""
+    :class:`~hf_cft.errors.NotCLIPLikeError`.
+
+    What cannot be vouched for raises :class:`~hf_cft.errors.BundleError` naming the key or file: weights missing
+    for some of the model's keys (transformers would fill them with random values) or keys the model does not
+    have, integer tensors for float weights, a ``model.safetensors.index.json`` naming anything but safetensors
+    files inside the folder, weight files symlinked out of the folder. ``strict=False`` is the explicit opt-in to a
+    partial load (missing keys keep the model's initial values, with transformers' warning)."""
     from transformers import AutoModel
 
     from hf_cft.models.clip import check_clip_like
+    from hf_cft.validation import check_state_keys, safetensors_files
 
     folder = snapshot(path_or_repo_id, None, revision)
+    what = f"model {str(path_or_repo_id)!r}"
     if not (folder / "config.json").is_file():
         raise BundleError(f"{str(path_or_repo_id)!r} is not a model folder (no config.json).")
-    if not list(folder.glob("*.safetensors")):
-        pickled = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-        hint = f" It holds {', '.join(pickled)}: hf_cft loads safetensors only (never pickle)." if pickled else ""
-        raise BundleError(f"No safetensors weights in {str(path_or_repo_id)!r}.{hint}")
+    files = safetensors_files(folder, BundleError, what, PICKLE_SUFFIXES)
     try:
-        model = AutoModel.from_pretrained(str(folder), use_safetensors=True)
+        model, info = AutoModel.from_pretrained(str(folder), use_safetensors=True, output_loading_info=True)
     except Exception as exc:  # corrupt weights or config: transformers raises many types
         raise BundleError(f"Cannot load a model from {str(path_or_repo_id)!r}: {type(exc).__name__}: {exc}") from exc
     try:
         check_clip_like(model)
     except NotCLIPLikeError as exc:
         raise NotCLIPLikeError(f"{str(path_or_repo_id)!r}: {exc}") from exc
+    state = model.state_dict()
+    tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or ())
+    check_state_keys(state, files, what, error=BundleError, strict=strict, allow_missing=tied)
+    if strict and info.get("mismatched_keys"):
+        raise BundleError(f"{what}: tensor(s) of another shape: {list(info['mismatched_keys'])[:4]}.")
+    _check_loaded_dtypes(files, state, BundleError, what)
     return model.eval()

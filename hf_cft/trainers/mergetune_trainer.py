@@ -68,6 +68,7 @@ from hf_cft.trainers.mergetune_weightspace import (
     estimate_weight_fisher,
     fisher_rows,
 )
+from hf_cft.validation import check_finite_tensor
 
 _FT_ADAPTER = "mergetune_finetuned"
 
@@ -183,6 +184,10 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             "α grid": args.alpha_grid,
             "τ (initialisation)": args.tau,
             "anchor": getattr(self, "anchor_kind", args.anchor),
+            "preset": args.preset,
+            "path features": args.path_features,
+            "ŵ1 templates": args.anchor_templates,
+            "weight ensemble γ": args.weight_ensemble,
             **super().card_hyperparameters(),
         }
 
@@ -287,10 +292,14 @@ class MergeTuneTrainer(ClipClassificationTrainer):
                 self.ctx_ft = tuner._coop_layer().coop_ctx[name].detach().clone()
                 self.ft_ctx_init = cfg_ft.ctx_init
                 self.ft_class_specific = cfg_ft.class_specific
+                check_finite_tensor(self.ctx_ft, "the fine-tuned CoOp context (ŵ2)")
+                check_finite_tensor(self.text_ft, "the fine-tuned CoOp class text features (ŵ2)")
             else:
                 w, b = _find_tuner(owner, "LinearHeadModel").head_parameters(name)
                 self.w_ft = w.detach().clone().to(device)
                 self.b_ft = (b.detach().clone() if b is not None else torch.zeros(w.shape[0])).to(device)
+                check_finite_tensor(self.w_ft, "the fine-tuned head weight (ŵ2)")
+                check_finite_tensor(self.b_ft, "the fine-tuned head bias (ŵ2)")
         finally:
             if owner is self.clip_model:
                 owner.set_adapter(continued)
@@ -589,9 +598,16 @@ class MergeTuneTrainer(ClipClassificationTrainer):
 
 
 def _describe_finetuned(finetuned) -> str:
-    """What ŵ2 was, for the model card: a folder or repo id as given, an adapter's name, or the object's type."""
+    """What ŵ2 was, for the model card: a Hub repo (linked), a local folder (its name only: a card never shows a
+    path of the machine it was written on), an adapter's name, or the object's type."""
     if isinstance(finetuned, (str, Path)):
-        return f"`{finetuned}`"
+        text = str(finetuned)
+        if Path(text).expanduser().exists():
+            kind = "adapter" if (Path(text).expanduser() / "adapter_config.json").is_file() else "model"
+            return f"a local {kind} folder (`{Path(text).expanduser().resolve().name}`)"
+        if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+            return f"[{text}](https://huggingface.co/{text})"
+        return f"adapter `{text}` (loaded in the same model)"
     peft_config = getattr(finetuned, "peft_config", None)
     if isinstance(peft_config, dict):
         cfg = peft_config.get(finetuned.active_adapter)
