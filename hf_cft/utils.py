@@ -76,8 +76,8 @@ def staged_folder(path: str | os.PathLike, keep: Callable[[str], bool] | None = 
     one atomic step (``renameat2(RENAME_EXCHANGE)`` on Linux, else two renames) and the old folder is removed;
     when it fails (an error, Ctrl-C) the staging folder is removed and ``path`` is untouched. A process killed at
     any moment leaves the old folder or the new one, never a mix; its staging leftovers are removed by the next
-    call. ``keep(name)``: files of the old folder (top level) to carry into the new one when it lacks them (e.g.
-    a README.md).
+    call. ``keep(name)``: entries of the old folder (top level: files and sub-folders) to carry into the new one;
+    a kept file replaces one the block wrote under the same name (a user's README.md over a generated one).
 
     Example::
 
@@ -95,12 +95,13 @@ def staged_folder(path: str | os.PathLike, keep: Callable[[str], bool] | None = 
         yield stage
         if keep is not None and path.is_dir():
             for old in path.iterdir():
-                if old.is_symlink() or not keep(old.name) or (stage / old.name).exists():
+                if old.is_symlink() or not keep(old.name):
                     continue
-                if old.is_file():
-                    shutil.copy2(old, stage / old.name)
-                elif old.is_dir():
-                    shutil.copytree(old, stage / old.name, symlinks=True)
+                new = stage / old.name
+                if old.is_file() and not new.is_dir():
+                    shutil.copy2(old, new)
+                elif old.is_dir() and not new.exists():
+                    shutil.copytree(old, new, symlinks=True)
         _fsync_tree(stage)
         if path.is_dir() and not path.is_symlink():
             if _exchange(stage, path):
@@ -123,7 +124,7 @@ def save_pretrained_atomic(artefact, save_directory: str | os.PathLike, **kwargs
     """``artefact.save_pretrained(save_directory, **kwargs)`` (a ``PeftModel``, a transformers model, a tokenizer,
     ...) made crash-safe: written into a sibling staging folder and swapped in whole (:func:`staged_folder`), so a
     kill leaves the previous save or the new one, never new weights beside an old config. Markdown files of the
-    previous folder (its model card) are kept.
+    previous folder (its model card) are kept, over the card ``save_pretrained`` may generate.
 
     Example::
 

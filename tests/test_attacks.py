@@ -402,6 +402,29 @@ def _mergetune_nan_finetuned(a, tmp, mp):
     return MergeTuneTrainer(cont, args, CLASSES, TEMPLATES, a["tok"], finetuned=str(folder))
 
 
+def _mergetune_ft_edit(a, tmp, edit):
+    """MergeTune with a fine-tuned CoOp folder whose weights file was edited (PEFT would only warn)."""
+    from hf_cft.trainers import MergeTuneTrainer
+
+    folder = _copy(a["coop"], tmp)
+    _edit_safetensors(folder / "adapter_model.safetensors", edit)
+    cont = get_peft_model(a["base"](), CoOpConfig(n_ctx=4, classnames=CLASSES).set_tokenizer(a["tok"]))
+    args = MergeTuneConfig(**trainer_kwargs(tmp, max_steps=1))
+    return MergeTuneTrainer(cont, args, CLASSES, TEMPLATES, a["tok"], finetuned=str(folder))
+
+
+def _mergetune_lora_ft_missing(a, tmp, mp):
+    from hf_cft.trainers import MergeTuneTrainer
+
+    folder = _copy(a["lora"], tmp)
+    _edit_safetensors(
+        folder / "adapter_model.safetensors", lambda t: {k: v for k, v in t.items() if "v_proj" not in k}
+    )
+    cont = get_peft_model(a["base"](), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    args = MergeTuneConfig(**trainer_kwargs(tmp, max_steps=1))
+    return MergeTuneTrainer(cont, args, CLASSES, TEMPLATES, a["tok"], finetuned=str(folder))
+
+
 def _train_until_nan(a, tmp, mp):
     """SGD with a learning rate of 1e30 makes the weights inf after one step: the next loss is NaN."""
     from hf_cft.trainers import ClipClassificationTrainer, ClipTrainingArguments
@@ -642,6 +665,45 @@ ERRORS = [
     ("NaN CoOp context at evaluation", _nan_coop_eval, NonFiniteError, r"head|CoOp|context"),
     ("MergeTune NaN fine-tuned CoOp", _mergetune_nan_finetuned, NonFiniteError, r"fine-tuned|finetuned"),
     ("training loss becomes NaN", _train_until_nan, NonFiniteError, r"loss"),
+    (
+        "MergeTune empty fine-tuned CoOp file",
+        lambda a, t, m: _mergetune_ft_edit(a, t, lambda x: {}),
+        AdapterError,
+        r"fine-tuned adapter.*missing",
+    ),
+    (
+        "MergeTune renamed fine-tuned CoOp key",
+        lambda a, t, m: _mergetune_ft_edit(a, t, _rename_first),
+        AdapterError,
+        r"_renamed",
+    ),
+    ("MergeTune fine-tuned LoRA lacks v_proj", _mergetune_lora_ft_missing, AdapterError, r"missing key.*v_proj"),
+    ("MergeTune weight_ensemble = nan", _mt(weight_ensemble=float("nan")), MergeTuneConfigError, r"weight_ensemble"),
+    ("MergeTune tau = 1.5", _mt(tau=1.5), MergeTuneConfigError, r"tau"),
+    ("MergeTune num_alphas = True", _mt(num_alphas=True), MergeTuneConfigError, r"num_alphas"),
+    ("consensus k = -1", T(lambda: baselines.consensus(_deltas(), k=-1)), MergeConfigError, r"\bk\b"),
+    ("consensus k = 1.5", T(lambda: baselines.consensus(_deltas(), k=1.5)), MergeConfigError, r"\bk\b"),
+    ("ties lam overflows", T(lambda: baselines.ties(_deltas(), lam=1e308)), MergeConfigError, r"lam"),
+    ("magmax lam overflows", T(lambda: baselines.magmax(_deltas(), lam=-1e308)), MergeConfigError, r"lam"),
+    (
+        "task_arithmetic lam overflows",
+        T(lambda: baselines.task_arithmetic(_deltas(), lam=1e308)),
+        MergeConfigError,
+        r"lam",
+    ),
+    ("dare lam = 'x'", T(lambda: baselines.dare(_deltas(), lam="x")), MergeConfigError, r"lam"),
+    (
+        "NaN in a uint8-less float array image",
+        lambda a, t, m: decode_image(np.full((4, 4), np.inf), "dataset 'infy'"),
+        ImageDecodeError,
+        r"infy",
+    ),
+    (
+        "empty image array",
+        lambda a, t, m: decode_image(np.zeros((0, 4, 3), np.uint8), "dataset 'void'"),
+        ImageDecodeError,
+        r"void",
+    ),
     ("NaN pixel in a float image", _nan_image, ImageDecodeError, r"nanny"),
     # --- 4. validation that means it
     (
@@ -946,6 +1008,83 @@ def _check_push_ignores_leftovers(a, tmp, mp):
     assert not any(".tmp" in f or "pending" in f for f in files), files
 
 
+def _check_merge_overwrite_replaces_whole(a, tmp, mp):
+    out = _prev_merge(a, tmp)
+    (out / "stale_from_old_run.json").write_text("{}")
+    stale = tmp / f".{out.name}.hf-cft-staging-dead"
+    stale.mkdir()
+    assert main([str(x) for x in _merge_argv(a, out, "--overwrite", "--lam", "0.5")]) == 0
+    assert json.loads((out / "merge_config.json").read_text())["lam"] == 0.5
+    assert not (out / "stale_from_old_run.json").exists()
+    _no_leftovers(out)
+
+
+def _check_merge_result_is_base_plus_lam_delta(a, tmp, mp):
+    out = tmp / "m"
+    assert main([str(x) for x in _merge_argv(a, out, "--lam", "0.25")]) == 0
+    merged = load_model(out).state_dict()
+    base = load_model(a["model"]).state_dict()
+    delta = delta_from_lora(a["lora"], a["base"]())
+    for k, d in delta.items():
+        assert torch.allclose(merged[k], base[k] + 0.25 * d, atol=1e-6), k
+    _no_leftovers(out)
+
+
+def _check_eval_output_replaces_previous_result(a, tmp, mp):
+    coop = _copy(a["coop"], tmp, "coop")
+    out = coop / "eval.json"
+    argv = ["eval", "--model", a["model"], "--dataset", a["data"], "--adapter", coop, "--output", out]
+    assert main([str(x) for x in argv]) == 0
+    first = json.loads(out.read_text())
+    assert main([str(x) for x in argv]) == 0  # a previous result of hf-cft eval may be replaced
+    assert json.loads(out.read_text())["accuracy"] == first["accuracy"]
+
+
+def _check_card_into_artefact_readme(a, tmp, mp):
+    lora = _copy(a["lora"], tmp, "lora")
+    (lora / "README.md").write_text("old card")
+    assert main(["card", "--kind", "adapter", "--artefact", str(lora), "--out", str(lora / "README.md")]) == 0
+    assert "hf_cft" in (lora / "README.md").read_text()
+
+
+def _check_pam_save_keeps_readme(a, tmp, mp):
+    from resilience_worker import artefact_version
+
+    folder = tmp / "pam"
+    artefact_version("pam", 0).save_pretrained(folder)
+    (folder / "README.md").write_text("card")
+    (folder / "extra").mkdir()
+    artefact_version("pam", 1).save_pretrained(folder)
+    assert (folder / "README.md").read_text() == "card" and (folder / "extra").is_dir()
+    assert hf_cft.merging.PAMState.from_pretrained(folder).num_tasks == 2
+    _no_leftovers(folder)
+
+
+def _check_save_pretrained_atomic(a, tmp, mp):
+    from hf_cft.utils import save_pretrained_atomic
+
+    folder = tmp / "lora"
+    lora = get_peft_model(a["base"](), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    save_pretrained_atomic(lora, folder)
+    (folder / "README.md").write_text("my card")
+    (folder / "adapter_model.safetensors.stale").write_text("x")
+    save_pretrained_atomic(lora, folder)
+    assert (folder / "README.md").read_text() == "my card"
+    assert not (folder / "adapter_model.safetensors.stale").exists()
+    load_adapter(a["base"](), folder)
+    _no_leftovers(folder)
+
+
+def _check_mergetune_ft_coop_loads(a, tmp, mp):
+    from hf_cft.trainers import MergeTuneTrainer
+
+    cont = get_peft_model(a["base"](), CoOpConfig(n_ctx=4, classnames=CLASSES).set_tokenizer(a["tok"]))
+    args = MergeTuneConfig(**trainer_kwargs(tmp, max_steps=1))
+    trainer = MergeTuneTrainer(cont, args, CLASSES, TEMPLATES, a["tok"], finetuned=str(a["coop"]))
+    saved = next(iter(load_file(str(a["coop"] / "adapter_model.safetensors")).values()))
+    assert torch.equal(trainer.ctx_ft.cpu(), saved)
+
+
 RESULTS = [
     ("16-bit grey PNG is scaled, not clipped", _check_grey16),
     ("float TIFF in 0..1 is scaled", _check_float_tiff),
@@ -975,6 +1114,13 @@ RESULTS = [
     ("apply_delta scale 0 leaves the model", _check_apply_delta_scale_zero),
     ("MergeTune boundary values pass", _check_mergetune_bounds_ok),
     ("push skips staging leftovers", _check_push_ignores_leftovers),
+    ("merge --overwrite replaces the whole output", _check_merge_overwrite_replaces_whole),
+    ("merged weights are θ0 + λ·δ", _check_merge_result_is_base_plus_lam_delta),
+    ("eval may replace its own earlier result", _check_eval_output_replaces_previous_result),
+    ("card may replace the artefact's README.md", _check_card_into_artefact_readme),
+    ("PAM save keeps README.md and sub-folders", _check_pam_save_keeps_readme),
+    ("save_pretrained_atomic replaces, keeps the card", _check_save_pretrained_atomic),
+    ("MergeTune reads an intact fine-tuned CoOp", _check_mergetune_ft_coop_loads),
 ]
 
 
@@ -1105,6 +1251,28 @@ def cli_merge_ctrl_c(a, tmp, mp):
         _no_leftovers(out)
 
     return _merge_argv(a, out, "--overwrite", "--lam", "0.5"), check
+
+
+def cli_merge_read_only(a, tmp, mp):
+    """A read-only output file system (simulated: the process runs as root, so chmod would not stop it)."""
+    out = _prev_merge(a, tmp)
+    snap = Snap(out)
+    import tempfile
+
+    def read_only(*args, **kw):
+        raise OSError(errno.EROFS, "Read-only file system", str(kw.get("dir") or tmp))
+
+    mp.setattr(tempfile, "mkdtemp", read_only)
+    return _merge_argv(a, out, "--overwrite", "--lam", "0.5"), snap.unchanged
+
+
+def cli_merge_stale_staging(a, tmp, mp):
+    """Leftovers of a killed merge beside --out are removed by the next merge, and never mixed into it."""
+    out = _prev_merge(a, tmp)
+    stale = tmp / f".{out.name}.hf-cft-staging-dead"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"torn")
+    return _merge_argv(a, out, "--overwrite", "--lam", "nan"), lambda: None
 
 
 def cli_merge_not_a_merge_folder(a, tmp, mp):
@@ -1287,6 +1455,8 @@ CLI = [
     ("merge with a full disk", cli_merge_enospc, r"No space left"),
     ("merge interrupted (Ctrl-C)", cli_merge_ctrl_c, r"interrupted"),
     ("merge --overwrite of a non-merge folder", cli_merge_not_a_merge_folder, r"merge_config\.json"),
+    ("merge onto a read-only file system", cli_merge_read_only, r"Read-only file system"),
+    ("merge --lam nan beside stale staging", cli_merge_stale_staging, r"--lam"),
     ("merge --alpha 1e308", cli_merge_alpha_huge, r"alpha"),
     ("merge --k 0", cli_merge_k_zero, r"--k|\bk\b"),
     ("merge --rho 1", cli_merge_rho_one, r"rho"),

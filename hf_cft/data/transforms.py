@@ -268,12 +268,13 @@ def model_transform(model, image_processor=None) -> ImageTransform:
     from hf_cft.models.clip import unwrap_model
 
     base = unwrap_model(model)
-    folder = getattr(base, "name_or_path", None) or ""
-    if folder and os.path.isfile(os.path.join(os.path.expanduser(str(folder)), "preprocessor_config.json")):
+    folder = os.path.expanduser(str(getattr(base, "name_or_path", None) or ""))
+    saved = ("preprocessor_config.json", "processor_config.json")  # an image processor, or a whole processor
+    if folder and any(os.path.isfile(os.path.join(folder, name)) for name in saved):
         from transformers import AutoImageProcessor
 
         try:
-            return ImageTransform.from_processor(AutoImageProcessor.from_pretrained(os.path.expanduser(str(folder))))
+            return ImageTransform.from_processor(AutoImageProcessor.from_pretrained(folder))
         except (OSError, ValueError):
             pass
     return ImageTransform.from_model(base)

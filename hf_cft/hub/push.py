@@ -332,10 +332,9 @@ def load_adapter(
     tensors for float weights, files symlinked out of the folder, an adapter recorded as trained on another base
     model (``base_model_name_or_path`` a local folder whose weights differ from ``base_model``'s); NaN/inf weights
     raise :class:`~hf_cft.errors.NonFiniteError`. ``strict=False`` is the explicit opt-in to a partial load."""
-    from peft import PeftModel, get_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft import PeftModel
 
-    from hf_cft.validation import check_finite_tensor, check_state_keys, inside_folder
+    from hf_cft.validation import inside_folder
 
     folder = snapshot(path_or_repo_id, ["adapter_config.json", "adapter_model.safetensors", "*.md"], revision)
     what = f"adapter {str(path_or_repo_id)!r}"
@@ -352,7 +351,27 @@ def load_adapter(
         raise AdapterError(
             f"Cannot load adapter {str(path_or_repo_id)!r} into {type(base_model).__name__}: {exc}"
         ) from exc
-    saved = load_file(str(folder / "adapter_model.safetensors"))
+    check_loaded_adapter(model, folder, adapter_name, what, strict=strict)
+    return model
+
+
+def check_loaded_adapter(model, folder: str | os.PathLike, adapter_name: str, what: str, strict: bool = True) -> None:
+    """After PEFT loaded the adapter of ``folder`` into ``model`` as ``adapter_name``: with ``strict``,
+    :class:`~hf_cft.errors.AdapterError` naming the adapter's keys the file lacks (PEFT keeps their random
+    initialisation with only a warning: an empty or renamed CoOp context) and the file's keys the adapter does not
+    have; always an ``AdapterError`` for integer tensors where the adapter's are float and
+    :class:`~hf_cft.errors.NonFiniteError` naming a NaN/inf tensor. Used by :func:`load_adapter` and by
+    ``MergeTuneTrainer`` for the fine-tuned adapter it loads."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from hf_cft.validation import check_finite_tensor, check_state_keys, inside_folder
+
+    weights = inside_folder(folder, "adapter_model.safetensors", AdapterError, what)
+    try:
+        saved = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types
+        raise BundleError(f"{str(weights)!r} is not a readable safetensors file: {exc}") from exc
     expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
     check_state_keys(expected, saved, what, error=AdapterError, strict=strict)
     for key, t in saved.items():
@@ -360,7 +379,6 @@ def load_adapter(
         if ref is not None and ref.is_floating_point() and not t.is_floating_point():
             raise AdapterError(f"{what}: tensor {key!r} is {t.dtype} but the adapter's is {ref.dtype}.")
         check_finite_tensor(t, f"{what}: tensor {key!r}")
-    return model
 
 
 def _check_same_base(base_model, config: dict, what: str) -> None:

@@ -45,6 +45,7 @@ from torch import nn
 from torch.func import functional_call
 
 from hf_cft.errors import AdapterError, HfCftError
+from hf_cft.hub.push import check_loaded_adapter
 from hf_cft.models.clip import logit_scale
 from hf_cft.trainers.clip_trainer import ClipClassificationTrainer, _find_tuner
 from hf_cft.trainers.mergetune_config import MergeTuneConfig, MergeTuneConfigError
@@ -275,6 +276,13 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             self._check_compatible(cfg_ft, str(finetuned))
             self.clip_model.load_adapter(str(finetuned), adapter_name=_FT_ADAPTER)
             owner, name = self.clip_model, _FT_ADAPTER
+            try:
+                if path.is_dir():  # a local folder (a Hub id was downloaded by PEFT itself)
+                    check_loaded_adapter(owner, path, _FT_ADAPTER, f"the fine-tuned adapter {str(finetuned)!r}")
+            except BaseException:
+                owner.delete_adapter(_FT_ADAPTER)
+                owner.set_adapter(continued)
+                raise
         elif isinstance(finetuned, PeftModel):
             owner, name = finetuned, finetuned.active_adapter
             self._check_compatible(finetuned.peft_config[name], "the given PeftModel")
@@ -427,6 +435,7 @@ class MergeTuneTrainer(ClipClassificationTrainer):
                         f"cannot load the fine-tuned adapter {str(path)!r} into the continued model (another base "
                         f"model?): {exc}"
                     ) from exc
+                check_loaded_adapter(model, path, _FT_ADAPTER, f"the fine-tuned adapter {str(path)!r}")
                 self.weight_space.attach_finetuned(model, _FT_ADAPTER, str(path))
             finally:
                 if _FT_ADAPTER in model.peft_config:
