@@ -2,7 +2,7 @@
 
 What goes up is exactly the artefact's saved folder (safetensors weights + JSON configs) plus the card as
 ``README.md`` and, for results on Hub-registered datasets, ``.eval_results/*.yaml``; pickle files (``.bin``,
-``.pt``, ...) are refused, so nothing unsafe is ever published (architecture.md: "Safetensors only").
+``.pt``, ...) are refused, so nothing unsafe is ever published (``docs/architecture.md``: "Safetensors only").
 
 - :func:`push_folder_to_hub` — any saved folder: ``create_repo`` + one ``create_commit`` whose ``README.md`` is the
   card given (not whatever ``save_pretrained`` wrote: PEFT's own card would replace hf_cft's tags and results).
