@@ -125,9 +125,10 @@ def _is_eval_result(path: Path) -> bool:
 
 
 def _write_json(path: str, obj) -> Path:
-    from hf_cft.utils import atomic_write_json
+    from hf_cft.utils import atomic_write_json, remove_stale_temps
 
     out = Path(path)
+    remove_stale_temps(out)  # a killed earlier run's half-written temporary
     atomic_write_json(out, obj)
     return out
 
@@ -432,8 +433,9 @@ def cmd_card(args) -> int:
 
         card = hub.pam_card(PAMState.from_pretrained(args.artefact), **kwargs)
     hub.validate_card(card)
-    from hf_cft.utils import atomic_write_bytes
+    from hf_cft.utils import atomic_write_bytes, remove_stale_temps
 
+    remove_stale_temps(args.out)
     atomic_write_bytes(args.out, str(card).encode("utf-8"))
     print(f"{args.kind} card for {args.artefact} -> {args.out}")
     return 0

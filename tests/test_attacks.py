@@ -333,6 +333,12 @@ def _lora_config(a, tmp, edit):
     return delta_from_lora(folder, a["base"]())
 
 
+def _load_lora_config(a, tmp, edit):
+    folder = _copy(a["lora"], tmp)
+    _edit_json(folder / "adapter_config.json", edit)
+    return load_adapter(a["base"](), folder)
+
+
 # ------------------------------------------------------------------------------------------------ 2. finiteness
 
 
@@ -610,6 +616,30 @@ ERRORS = [
     (
         "LoRA config r=0",
         lambda a, t, m: _lora_config(a, t, lambda c: c.update(r=0)),
+        AdapterError,
+        r"'r'",
+    ),
+    (
+        "load_adapter: LoRA config without r",
+        lambda a, t, m: _load_lora_config(a, t, lambda c: c.pop("r")),
+        AdapterError,
+        r"'r'",
+    ),
+    (
+        "load_adapter: lora_alpha='abc'",
+        lambda a, t, m: _load_lora_config(a, t, lambda c: c.update(lora_alpha="abc")),
+        AdapterError,
+        r"lora_alpha",
+    ),
+    (
+        "load_adapter: rank_pattern r=-1",
+        lambda a, t, m: _load_lora_config(a, t, lambda c: c.update(rank_pattern={"q_proj": -1})),
+        AdapterError,
+        r"rank_pattern\['q_proj'\]",
+    ),
+    (
+        "load_adapter: LoRA r = nan",
+        lambda a, t, m: _load_lora_config(a, t, lambda c: c.update(r=float("nan"))),
         AdapterError,
         r"'r'",
     ),
@@ -1040,6 +1070,15 @@ def _check_eval_output_replaces_previous_result(a, tmp, mp):
     assert json.loads(out.read_text())["accuracy"] == first["accuracy"]
 
 
+def _check_eval_clears_stale_temp(a, tmp, mp):
+    out = tmp / "e.json"
+    orphan = tmp / ".e.json.abc123.tmp"  # what a kill during an earlier write leaves
+    orphan.write_text('{"torn')
+    assert main([str(x) for x in _eval_argv(a, "--output", out)]) == 0
+    assert json.loads(out.read_text())["total"] == 12
+    assert not orphan.exists()
+
+
 def _check_card_into_artefact_readme(a, tmp, mp):
     lora = _copy(a["lora"], tmp, "lora")
     (lora / "README.md").write_text("old card")
@@ -1118,6 +1157,7 @@ RESULTS = [
     ("merged weights are θ0 + λ·δ", _check_merge_result_is_base_plus_lam_delta),
     ("eval may replace its own earlier result", _check_eval_output_replaces_previous_result),
     ("card may replace the artefact's README.md", _check_card_into_artefact_readme),
+    ("eval removes a killed write's .tmp orphan", _check_eval_clears_stale_temp),
     ("PAM save keeps README.md and sub-folders", _check_pam_save_keeps_readme),
     ("save_pretrained_atomic replaces, keeps the card", _check_save_pretrained_atomic),
     ("MergeTune reads an intact fine-tuned CoOp", _check_mergetune_ft_coop_loads),
@@ -1367,6 +1407,12 @@ def cli_eval_empty_coop(a, tmp, mp):
     return _eval_argv(a, "--adapter", coop, "--output", tmp / "e.json"), lambda: None
 
 
+def cli_eval_lora_alpha_abc(a, tmp, mp):
+    lora = _copy(a["lora"], tmp, "lora")
+    _edit_json(lora / "adapter_config.json", lambda c: c.update(lora_alpha="abc"))
+    return _eval_argv(a, "--adapter", lora, "--output", tmp / "e.json"), lambda: None
+
+
 def cli_eval_bad_labels(a, tmp, mp):
     folder = _parquet_labels(a, tmp, 5)
     return ["eval", "--model", a["model"], "--dataset", folder, "--output", tmp / "e.json"], lambda: None
@@ -1468,6 +1514,7 @@ CLI = [
     ("eval on a model without vision keys", cli_eval_missing_vision, r"missing key.*vision_model"),
     ("eval of an empty CoOp", cli_eval_empty_coop, r"missing"),
     ("eval on labels outside the names", cli_eval_bad_labels, r"\b5\b"),
+    ("eval of a LoRA with lora_alpha='abc'", cli_eval_lora_alpha_abc, r"lora_alpha"),
     ("eval --templates 'a photo of a {{}}.'", cli_eval_bad_template, r"\{\{\}\}"),
     ("eval --output under a file", cli_eval_output_under_file, r"afile"),
     ("eval with a full disk", cli_eval_enospc, r"No space left"),

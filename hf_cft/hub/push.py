@@ -2,7 +2,7 @@
 
 What goes up is exactly the artefact's saved folder (safetensors weights + JSON configs) plus the card as
 ``README.md`` and, for results on Hub-registered datasets, ``.eval_results/*.yaml``; pickle files (``.bin``,
-``.pt``, ...) are refused, so nothing unsafe is ever published (architecture.md: "Safetensors only").
+``.pt``, ...) are refused, so nothing unsafe is ever published (``docs/architecture.md``: "Safetensors only").
 
 - :func:`push_folder_to_hub` — any saved folder: ``create_repo`` + one ``create_commit`` whose ``README.md`` is the
   card given (not whatever ``save_pretrained`` wrote: PEFT's own card would replace hf_cft's tags and results).
@@ -312,6 +312,7 @@ def _check_adapter_folder(folder: Path) -> dict:
     if not cfg_file.is_file():
         raise AdapterError(f"{str(folder)!r} is not a PEFT adapter folder (no adapter_config.json).")
     config = read_json_object(cfg_file, AdapterError, f"adapter_config.json of {str(folder)!r}")
+    _check_lora_numbers(config, f"adapter_config.json of {str(folder)!r}")
     if not weights.is_file():
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         hint = f" It holds {', '.join(pickled)}: hf_cft reads safetensors only (never pickle)." if pickled else ""
@@ -323,6 +324,27 @@ def _check_adapter_folder(folder: Path) -> dict:
     except Exception as exc:
         raise BundleError(f"{str(weights)!r} is not a readable safetensors file: {exc}") from exc
     return config
+
+
+def _check_lora_numbers(config: dict, what: str) -> None:
+    """A LoRA config's rank and alpha (and their per-module patterns) must be a positive integer and a finite
+    number: PEFT would fill in ``r = 8`` for a missing rank and fail deep inside on ``lora_alpha = "abc"``."""
+    from hf_cft.validation import check_int, check_number
+
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        return
+    if "r" not in config:
+        raise AdapterError(f"{what} has no LoRA rank 'r'.")
+    check_int(config["r"], f"{what}: 'r'", low=1, error=AdapterError)
+    if "lora_alpha" in config:
+        check_number(config["lora_alpha"], f"{what}: 'lora_alpha'", error=AdapterError)
+    for field, check in (("rank_pattern", check_int), ("alpha_pattern", check_number)):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise AdapterError(f"{what}: {field!r} must be an object, got {type(pattern).__name__}.")
+        for module, value in pattern.items():
+            kw = {"low": 1} if check is check_int else {}
+            check(value, f"{what}: {field}[{module!r}]", error=AdapterError, **kw)
 
 
 def load_adapter_model(

@@ -143,7 +143,7 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             fisher_data = self.train_dataset
         if self.family in ("lora", "full", "vpt"):
             if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
-                # ecosystem.md §4: the path evaluates the network at interpolated weights, which needs the full
+                # docs/distributed.md: the path evaluates the network at interpolated weights, which needs the full
                 # (gathered) parameters on every process; only DDP / single-device runs are supported.
                 raise HfCftError(
                     f"MergeTune's {self.family} family does not support FSDP or DeepSpeed (the path loss runs the model "
