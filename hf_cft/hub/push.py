@@ -393,7 +393,7 @@ def check_loaded_adapter(model, folder: str | os.PathLike, adapter_name: str, wh
     :class:`~hf_cft.errors.AdapterError` naming the adapter's keys the file lacks (PEFT keeps their random
     initialisation with only a warning: an empty or renamed CoOp context) and the file's keys the adapter does not
     have; always an ``AdapterError`` for integer tensors where the adapter's are float and
-    :class:`~hf_cft.errors.NonFiniteError` naming a NaN/inf tensor. Used by :func:`load_adapter` and by
+    :class:`~hf_cft.errors.NonFiniteError` naming a NaN/inf tensor. Used by :func:`load_adapter_model` and by
     ``MergeTuneTrainer`` for the fine-tuned adapter it loads."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
