@@ -246,7 +246,7 @@ def _merge_fn(args, n: int):
         return lambda ds: baselines.task_arithmetic(ds, lam=lam), {"lam": lam}
     if args.method == "ties":
         k, lam = _fraction("k", args.k), 1.0 if lam is None else lam
-        opts = {"trim_scope": args.trim_scope, "merge": args.ties_merge}
+        opts = {"trim_scope": args.trim_scope, "merge": args.disjoint_merge}
         return lambda ds: baselines.ties(ds, k=k, lam=lam, **opts), {"k": k, "lam": lam, **opts}
     if args.method == "dare":
         rho = _fraction("rho", args.rho, low_open=False, high_open=True)
@@ -510,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ties: trim per tensor (peft, default) or over the whole task vector (TIES paper / FusionBench)",
     )
     p.add_argument(
-        "--ties_merge",
+        "--disjoint_merge",
         default="mean",
         choices=["mean", "sum", "max"],
         help="ties: disjoint merge of the agreeing entries (default mean, the paper; sum / max as FusionBench)",

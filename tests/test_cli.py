@@ -221,7 +221,7 @@ def _weights(folder):
         ("ties", ["--k", "0.5"], lambda ds: baselines.ties(ds, k=0.5, lam=1.0)),
         (
             "ties",
-            ["--k", "0.5", "--trim_scope", "model", "--ties_merge", "sum"],
+            ["--k", "0.5", "--trim_scope", "model", "--disjoint_merge", "sum"],
             lambda ds: baselines.ties(ds, k=0.5, lam=1.0, trim_scope="model", merge="sum"),
         ),
         ("dare", ["--rho", "0.5", "--seed", "3"], lambda ds: baselines.dare(ds, rho=0.5, seed=3, then="ta")),
