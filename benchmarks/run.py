@@ -48,14 +48,12 @@ from hf_cft.data import (  # noqa: E402
     split_per_class_indices,
 )
 from hf_cft.data.image_pool import decode_split, normalize_batch  # noqa: E402
+from hf_cft.recipe_utils import PRETRAIN_DESIGNS as DESIGNS  # noqa: E402
+from hf_cft.recipe_utils import QUICK_PRETRAIN_STEPS, design_checkpoint  # noqa: E402
 from hf_cft.utils import atomic_path, atomic_write_bytes, atomic_write_json  # noqa: E402
 
 PROTOCOL_A = ("caltech101", "stanford_cars", "gtsrb", "aid30", "dtd10", "cifar10", "mnist")
-# design -> (pretraining config, cache folder of its model); the protocol's default design
-DESIGNS = {
-    "C": ("pretrain_clip_described.yaml", "benchmark-clip-described"),
-    "F": ("pretrain_clip_web.yaml", "benchmark-clip-web"),
-}
+# the default pretraining design (hf_cft.recipe_utils.PRETRAIN_DESIGNS) of each protocol
 PROTOCOL_DESIGN = {"zeroshot": "F", "headroom": "F", "b2n": "C", "b2n_head": "C"}
 CACHE = Path("~/.cache/hf_cft/decoded").expanduser()
 
@@ -63,14 +61,6 @@ CACHE = Path("~/.cache/hf_cft/decoded").expanduser()
 def _tilde(p: Path) -> str:
     home = str(Path.home())
     return str(p).replace(home, "~", 1) if str(p).startswith(home) else str(p)
-
-
-def design_checkpoint(design: str, quick: bool = False) -> Path:
-    """Where the harness keeps (and builds on first use) the model of ``design``."""
-    if design not in DESIGNS:
-        raise SystemExit(f"unknown design {design!r}; choose one of {sorted(DESIGNS)}")
-    folder = DESIGNS[design][1] + ("-quick" if quick else "")
-    return Path(f"~/.cache/hf_cft/{folder}/model").expanduser()
 
 
 def ensure_checkpoint(path: Path | None, quick: bool, data_dir: str, design: str = "C") -> Path:
@@ -83,7 +73,7 @@ def ensure_checkpoint(path: Path | None, quick: bool, data_dir: str, design: str
         if candidate is not None and (candidate / "config.json").is_file():
             return candidate
     target = small if quick else full
-    steps = "150" if quick else "5000"
+    steps = str(QUICK_PRETRAIN_STEPS) if quick else "5000"
     print(f"no checkpoint found: pretraining design {design} ({steps} steps) into {_tilde(target.parent)}", flush=True)
     cmd = [
         sys.executable,

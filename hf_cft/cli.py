@@ -30,7 +30,7 @@ Example::
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import shutil
 import sys
 from collections.abc import Sequence
@@ -80,10 +80,54 @@ def _load_clip(model: str, tokenizer: str | None):
     return clip, tok, transform, folder
 
 
+def _overlap(out: str | Path, inputs: dict[str, Any], out_option: str) -> None:
+    """Refuse an output folder that is, contains or lies inside an input (``inputs``: option → local path)."""
+    o = Path(out).resolve()
+    for option, value in inputs.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is None or not Path(str(v)).exists():
+                continue  # a Hub id: never a local folder to harm
+            i = Path(str(v)).resolve()
+            if o == i or i in o.parents or o in i.parents:
+                raise CLIError(
+                    f"{out_option} {str(out)!r} overlaps {option} {str(v)!r}: writing there would destroy an input. "
+                    f"Choose another {out_option}."
+                )
+
+
+def _check_output_file(out: str | Path, inputs: dict[str, Any], out_option: str, ours) -> None:
+    """Refuse an output file that would replace a file of an input folder (a config, weights, meta.json); ``ours``
+    (a path → bool) accepts a file this command wrote before (a previous result it may replace)."""
+    o = Path(out)
+    if o.is_dir():
+        raise CLIError(f"{out_option} {str(out)!r} is a folder; give a file name.")
+    if not o.exists():
+        return
+    r = o.resolve()
+    for option, value in inputs.items():
+        if value is None or not Path(str(value)).exists():
+            continue
+        i = Path(str(value)).resolve()
+        if (r == i or i in r.parents) and not ours(o):
+            raise CLIError(
+                f"{out_option} {str(out)!r} is a file of {option} {str(value)!r}: writing there would destroy an "
+                f"input. Choose another {out_option}."
+            )
+
+
+def _is_eval_result(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and "evaluated" in data and "accuracy" in data
+
+
 def _write_json(path: str, obj) -> Path:
-    from hf_cft.utils import atomic_write_json
+    from hf_cft.utils import atomic_write_json, remove_stale_temps
 
     out = Path(path)
+    remove_stale_temps(out)  # a killed earlier run's half-written temporary
     atomic_write_json(out, obj)
     return out
 
@@ -123,6 +167,9 @@ def cmd_eval(args) -> int:
         raise CLIError(f"--batch_size must be at least 1, got {args.batch_size}.")
     if args.task is not None and args.bundle is None:
         raise CLIError("--task selects a task of a ConDU bundle; give --bundle too.")
+    inputs = {"--model": args.model, "--tokenizer": args.tokenizer, "--adapter": args.adapter, "--bundle": args.bundle}
+    inputs["--dataset"] = args.dataset
+    _check_output_file(args.output, inputs, "--output", _is_eval_result)
     model, tokenizer, transform, _ = _load_clip(args.model, args.tokenizer)
     task = load_task(args.dataset, args.data_dir)
     split = task[args.split]
@@ -221,25 +268,23 @@ def cmd_eval(args) -> int:
 
 
 def _fraction(name: str, value: float, low_open: bool = True, high_open: bool = False) -> float:
-    ok = math.isfinite(value) and (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
-    if not ok:
-        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
-        raise MergeConfigError(f"--{name} must lie in {interval}, got {value}.")
-    return value
+    from hf_cft.validation import check_number
+
+    return check_number(
+        value, f"--{name}", low=0.0, high=1.0, low_open=low_open, high_open=high_open, error=MergeConfigError
+    )
 
 
 def _merge_fn(args, n: int):
     """The merge as a function of the list of deltas, with its options checked (MergeConfigError names them)."""
     from hf_cft.merging import baselines
+    from hf_cft.validation import check_number
 
-    lam = args.lam
-    if lam is not None and not math.isfinite(lam):
-        raise MergeConfigError(f"--lam must be finite, got {lam}.")
+    lam = args.lam if args.lam is None else check_number(args.lam, "--lam", error=MergeConfigError)
     if args.method == "wise":
         if n != 1:
             raise MergeConfigError(f"--method wise interpolates one fine-tuned model; got {n} --adapters.")
-        if not math.isfinite(args.alpha):
-            raise MergeConfigError(f"--alpha must be finite, got {args.alpha}.")
+        check_number(args.alpha, "--alpha", error=MergeConfigError)
         return lambda ds: baselines.wise_ft(ds[0], alpha=args.alpha), {"alpha": args.alpha}
     if args.method == "task_arithmetic":
         lam = 0.3 if lam is None else lam
@@ -283,11 +328,21 @@ def cmd_merge(args) -> int:
 
     from hf_cft.hub import load_model, snapshot
     from hf_cft.merging import apply_delta
+    from hf_cft.utils import staged_folder
 
     merge, params = _merge_fn(args, len(args.adapters))
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise CLIError(f"--out {str(out)!r} is not empty; pass --overwrite to write into it.")
+    _overlap(out, {"--base": args.base, "--adapters": list(args.adapters)}, "--out")
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {str(out)!r} is a file, not a folder.")
+    if out.is_dir() and any(out.iterdir()):
+        if not args.overwrite:
+            raise CLIError(f"--out {str(out)!r} is not empty; pass --overwrite to replace it.")
+        if not (out / "merge_config.json").is_file():
+            raise CLIError(
+                f"--out {str(out)!r} is not the output of an earlier hf-cft merge (no merge_config.json): "
+                "--overwrite replaces a whole merge output, never another folder. Choose another --out."
+            )
     base_folder = snapshot(args.base)
     model = load_model(base_folder)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -298,21 +353,23 @@ def cmd_merge(args) -> int:
     deltas = [{k: d[k] if k in d else torch.zeros(shapes[k]) for k in keys} for d in deltas]
     merged = merge(deltas)
     apply_delta(model, merged)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))  # safetensors (transformers' default)
-    for name in _SIDE_FILES:
-        if (base_folder / name).is_file():
-            shutil.copy2(base_folder / name, out / name)
-    _write_json(
-        str(out / "merge_config.json"),
-        {
-            "method": args.method,
-            **params,
-            "base": str(args.base),
-            "adapters": [str(a) for a in args.adapters],
-            "keys": len(keys),
-        },
-    )
+    # the whole output is written beside --out and swapped in at once: a kill or Ctrl-C leaves the old output or
+    # the new one, never new weights beside an old merge_config.json
+    with staged_folder(out) as stage:
+        model.save_pretrained(str(stage))  # safetensors (transformers' default)
+        for name in _SIDE_FILES:
+            if (base_folder / name).is_file():
+                shutil.copy2(base_folder / name, stage / name)
+        _write_json(
+            str(stage / "merge_config.json"),
+            {
+                "method": args.method,
+                **params,
+                "base": str(args.base),
+                "adapters": [str(a) for a in args.adapters],
+                "keys": len(keys),
+            },
+        )
     print(f"merged {len(deltas)} delta(s) with {args.method} {params} over {len(keys)} key(s) -> {out}")
     return 0
 
@@ -380,6 +437,9 @@ def cmd_card(args) -> int:
     """Render the model card of a saved artefact."""
     from hf_cft import hub
 
+    _check_output_file(
+        args.out, {"--artefact": args.artefact, "--results": args.results}, "--out", lambda p: p.suffix == ".md"
+    )
     data = _card_inputs(_read_json(args.results, "--results"))
     for key in ("dataset_name", "dataset_id", "base_model"):
         if getattr(args, key, None) is not None:
@@ -400,8 +460,9 @@ def cmd_card(args) -> int:
 
         card = hub.pam_card(PAMState.from_pretrained(args.artefact), **kwargs)
     hub.validate_card(card)
-    from hf_cft.utils import atomic_write_bytes
+    from hf_cft.utils import atomic_write_bytes, remove_stale_temps
 
+    remove_stale_temps(args.out)
     atomic_write_bytes(args.out, str(card).encode("utf-8"))
     print(f"{args.kind} card for {args.artefact} -> {args.out}")
     return 0
@@ -561,11 +622,38 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hf-cft``; returns the exit status (0, or 2 for bad input, with a one-line message)."""
     args = build_parser().parse_args(argv)
+    _quiet_progress_bars()
     try:
         return int(args.func(args) or 0)
     except HfCftError as exc:
-        print(f"hf-cft {args.command}: error: {exc}", file=sys.stderr)
+        print(f"hf-cft {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"hf-cft {args.command}: interrupted; outputs left as they were.", file=sys.stderr)
+        return 130
+    except OSError as exc:  # read-only or full file system, an output path under a file, ...
+        print(f"hf-cft {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _quiet_progress_bars() -> None:
+    """The CLI prints one result line (or one error line): no loading / writing progress bars on stderr."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 if __name__ == "__main__":

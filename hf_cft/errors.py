@@ -28,6 +28,10 @@ class UnknownDatasetError(HfCftError, KeyError):
         return self.args[0]
 
 
+class OptionError(HfCftError, ValueError):
+    """A numeric or choice option is not finite, out of its range or not one of the allowed values (names it)."""
+
+
 class TemplateError(HfCftError, ValueError):
     """A prompt template does not contain exactly one ``{}`` placeholder."""
 
@@ -88,7 +92,7 @@ class BundleError(HfCftError, ValueError):
     """A saved bundle or checkpoint folder is missing files, is corrupt, or is not safetensors."""
 
 
-class MergeConfigError(HfCftError, ValueError):
+class MergeConfigError(OptionError):
     """A merger is configured with an unknown option value (names the option and the allowed values)."""
 
 
@@ -114,6 +118,11 @@ class AlignmentError(HfCftError, ValueError):
 
 
 # --- Hub and model cards (hf_cft.hub, hf_cft.cli) ---
+
+
+class MissingCheckpointError(HfCftError, FileNotFoundError):
+    """A model folder a recipe or config names does not exist (names it, and the command that builds it when it is
+    one of the project's pretrained CLIPs)."""
 
 
 class CardError(HfCftError, ValueError):

@@ -41,10 +41,64 @@ def parse_recipe_args(*dataclass_types, args: list[str] | None = None, defaults:
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+#: The project's small pretrained CLIPs (the benchmark harness's designs): design → (pretraining config in
+#: ``recipes/configs/``, folder under ``~/.cache/hf_cft``; the model is its ``model/`` subfolder).
+PRETRAIN_DESIGNS = {
+    "C": ("pretrain_clip_described.yaml", "benchmark-clip-described"),
+    "F": ("pretrain_clip_web.yaml", "benchmark-clip-web"),
+}
+QUICK_PRETRAIN_STEPS = 150  # the harness's --quick model (the configs' own budget is 5,000 steps)
+
+
+def design_checkpoint(design: str, quick: bool = False) -> Path:
+    """Where the model of pretraining ``design`` is kept (``-quick``: the short pretraining of ``--quick`` runs)."""
+    if design not in PRETRAIN_DESIGNS:
+        raise SystemExit(f"unknown design {design!r}; choose one of {sorted(PRETRAIN_DESIGNS)}")
+    folder = PRETRAIN_DESIGNS[design][1] + ("-quick" if quick else "")
+    return Path(f"~/.cache/hf_cft/{folder}/model").expanduser()
+
+
+def pretrain_command(design: str, quick: bool = False) -> str:
+    """The command (from the repository root) that pretrains ``design`` into :func:`design_checkpoint`."""
+    config = PRETRAIN_DESIGNS[design][0]
+    cmd = f"accelerate launch recipes/pretrain_clip.py --config recipes/configs/{config}"
+    if quick:
+        folder = design_checkpoint(design, quick=True).parent.name
+        cmd += f" --max_steps {QUICK_PRETRAIN_STEPS} --output_dir ~/.cache/hf_cft/{folder}"
+    return cmd
+
+
+def resolve_checkpoint(name_or_path: str) -> str:
+    """``name_or_path`` ready for ``from_pretrained``: ``~`` expanded; a Hub id as it is. A local path that does not
+    exist raises :class:`~hf_cft.errors.MissingCheckpointError` in one line, naming the command that builds it when
+    it is one of the project's pretrained CLIPs (:data:`PRETRAIN_DESIGNS`, e.g. the checkpoint of
+    ``recipes/configs/condu.yaml``)."""
+    from hf_cft.errors import MissingCheckpointError
+
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.exists():
+        return str(path)
+    for design in PRETRAIN_DESIGNS:
+        for quick in (False, True):
+            if path == design_checkpoint(design, quick) or path == design_checkpoint(design, quick).parent:
+                steps = f"{QUICK_PRETRAIN_STEPS} steps" if quick else "5,000 steps, about an hour on a CPU"
+                raise MissingCheckpointError(
+                    f"checkpoint {text} has not been pretrained yet: build it with "
+                    f"`{pretrain_command(design, quick)}` ({steps}), or pass --checkpoint <CLIP folder or Hub id>"
+                )
+    if text.startswith(("~", "/", ".")) or text.count("/") > 1 or "\\" in text:
+        raise MissingCheckpointError(f"checkpoint {text} does not exist (no such folder, and not a Hub repo id)")
+    return text
+
+
 def load_clip(name_or_path: str, tokenizer_name_or_path: str | None = None):
     """Load ``(model, tokenizer, transform)`` from a folder or Hub id; the transform comes from the saved image
-    processor when there is one, else from the model's image size with CLIP statistics."""
+    processor when there is one, else from the model's image size with CLIP statistics. A local folder that does not
+    exist raises :class:`~hf_cft.errors.MissingCheckpointError` (:func:`resolve_checkpoint`)."""
     from transformers import AutoImageProcessor, AutoModel
+
+    name_or_path = resolve_checkpoint(name_or_path)
 
     from hf_cft.data.transforms import model_transform
     from hf_cft.models.clip import check_clip_like
@@ -276,7 +330,14 @@ def run_continual_recipe(
         except ContinualError as exc:
             raise SystemExit(f"--strategy {name}: {exc}") from exc
     benchmark = continual_benchmark(args)
-    checkpoint = str(Path(args.checkpoint).expanduser()) if args.checkpoint else None
+    checkpoint = None
+    if args.checkpoint:
+        from hf_cft.errors import MissingCheckpointError
+
+        try:
+            checkpoint = resolve_checkpoint(args.checkpoint)
+        except MissingCheckpointError as exc:  # one line, before any work
+            raise SystemExit(f"error: {exc}") from exc
     if checkpoint is None and demo_model is None:
         raise SystemExit("--checkpoint is required (this recipe has no demo model)")
     model_path = checkpoint or str(demo_model(args.demo_pretrain_steps))

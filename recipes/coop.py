@@ -12,6 +12,10 @@ Launch (from the repository root; CPU is fine for the defaults):
         # CoOp on ../shared/data/dtd10 (set model_name_or_path to a pretrained CLIP folder for real numbers)
     accelerate launch recipes/coop.py --model_name_or_path openai/clip-vit-base-patch16 --dataset mtil/dtd \\
         --shots 16 --base_to_novel true --output_dir outputs/coop-dtd
+    accelerate launch recipes/coop.py --kg_weight 8
+        # KgCoOp: CoOp + 8·(1 − mean cos) to the first template's zero-shot class features (kg_templates)
+    accelerate launch recipes/coop.py --optim_args momentum=0.9 --weight_decay 5e-4 --constant_warmup_epochs 1
+        # CoOp's official (Dassl) optimiser: SGD momentum 0.9, wd 5e-4, one constant warm-up epoch at 1e-5, cosine
 
 Multi-process (``accelerate launch --num_processes N``, e.g. ``ACCELERATE_USE_CPU=1 accelerate launch --config_file
 recipes/accelerate_configs/cpu_2proc.yaml recipes/coop.py --per_device_train_batch_size 16``):
@@ -144,7 +148,7 @@ def main(args: CoOpRecipeArguments, targs: ClipTrainingArguments) -> dict:
         ]
         card = adapter_card(
             peft_model,
-            model_name=f"coop-{task.name}",
+            model_name=f"{'kgcoop' if targs.kg_weight else 'coop'}-{task.name}",
             dataset_name=task.name,
             results=rows,
             hm=results["CoOp"].get("hm"),
@@ -155,6 +159,7 @@ def main(args: CoOpRecipeArguments, targs: ClipTrainingArguments) -> dict:
                 "ctx_init": args.ctx_init,
                 "class-specific": args.class_specific,
                 "learning rate": targs.learning_rate,
+                **({"KgCoOp weight (kg_weight)": targs.kg_weight} if targs.kg_weight else {}),
                 "epochs": targs.num_train_epochs,
                 "batch size": targs.per_device_train_batch_size,
                 "seed": targs.seed,

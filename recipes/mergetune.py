@@ -21,10 +21,22 @@ CoOp step uses the same per-device size. The results then equal the 1-process ru
 last batch included: the trainer drops the samples accelerate repeats to fill it). Evaluation is replicated on every
 process; only the main process writes.
 
-Steps: (1) zero-shot evaluation; (2) CoOp on the base classes (or ``--finetuned DIR``, an existing CoOp adapter);
+Steps: (1) zero-shot evaluation; (2) CoOp on the base classes (or ``--finetuned DIR``, an existing adapter);
 (3) MergeTune from the pair (λ = anchor_weight, β = path_weight, N = num_alphas, τ = tau); (4) base / novel / HM
 table, ``paths.png`` (loss and accuracy along zero-shot→CoOp, zero-shot→MergeTune, CoOp→MergeTune),
 ``mergetune/`` (the continued adapter with its model card) and ``results.json`` in ``output_dir``.
+
+Other base methods and the reference's settings:
+
+    accelerate launch recipes/mergetune.py --base_method kgcoop --base_kg_weight 8   # KgCoOp, then MergeTune on it
+    accelerate launch recipes/mergetune.py --base_method vpt --vpt_tokens 8     # VPT, then MergeTune on its prompts
+    accelerate launch recipes/mergetune.py --preset official --num_train_epochs 50
+        # the released code's recipe (MergeTuneConfig.OFFICIAL_PRESET: SGD momentum 0.9, wd 5e-4, lr 0.002, one
+        # constant warm-up epoch at 1e-5 then a per-epoch cosine, λ 10, β 1, τ 1, raw path features, one template)
+    accelerate launch recipes/mergetune.py --weight_ensemble 0.5   # deploy (1 − γ)·ŵ1 + γ·w (§9)
+
+With ``--preset`` the recipe's own optimiser defaults step aside for the preset's; explicit flags still win.
+VPT has no class-feature path, so its run writes no ``paths.png``.
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 
-from hf_cft import CoOpConfig
+from hf_cft import CoOpConfig, VPTConfig
 from hf_cft.data import apply_image_transform
 from hf_cft.hub import adapter_card
 from hf_cft.metrics import harmonic_mean
@@ -75,7 +87,14 @@ class MergeTuneRecipeArguments:
     data_dir: str | None = field(default=None, metadata={"help": "Folder of local datasets (default ../shared/data)."})
     shots: int = field(default=16, metadata={"help": "Training images per base class."})
     downstream_pool: bool = field(default=False, metadata={"help": "Shots from the 30% downstream pool (benchmarks)."})
-    finetuned: str | None = field(default=None, metadata={"help": "An existing CoOp adapter (skips CoOp training)."})
+    base_method: str = field(
+        default="coop", metadata={"help": "The fine-tuned solution's method: coop, kgcoop or vpt."}
+    )
+    base_kg_weight: float = field(default=8.0, metadata={"help": "KgCoOp's λ (base_method kgcoop; official: 8)."})
+    vpt_tokens: int = field(default=8, metadata={"help": "VPT prompt tokens (base_method vpt)."})
+    finetuned: str | None = field(
+        default=None, metadata={"help": "An existing adapter of base_method's type (skips its training)."}
+    )
     ctx_init: str = field(default="a photo of a", metadata={"help": "CoOp context initialisation."})
     coop_epochs: float = field(default=40, metadata={"help": "CoOp epochs (the fine-tuned solution)."})
     coop_learning_rate: float = field(default=0.01, metadata={"help": "CoOp learning rate."})
@@ -177,17 +196,25 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
         ),
     }
     out = Path(targs.output_dir)
-    coop_dir = Path(args.finetuned) if args.finetuned else out / "coop"
+    method = args.base_method
+    if method not in ("coop", "kgcoop", "vpt"):
+        raise SystemExit(f"--base_method must be coop, kgcoop or vpt, got {method!r}")
+    label = {"coop": "CoOp", "kgcoop": "KgCoOp", "vpt": "VPT"}[method]
+    prompts = method != "vpt"  # CoOp / KgCoOp: a class-feature path (curves, prompt heads)
+    coop_dir = Path(args.finetuned) if args.finetuned else out / method
 
-    def coop_config():
+    def coop_config():  # the adapter of ŵ2 and of the continued model (VPT: the same seeded prompt init for both)
+        if not prompts:
+            torch.manual_seed(targs.seed)
+            return VPTConfig(n_tokens=args.vpt_tokens, base_model_name_or_path=args.model_name_or_path)
         return CoOpConfig(
             ctx_init=args.ctx_init, classnames=names["base"], base_model_name_or_path=args.model_name_or_path
         ).set_tokenizer(tokenizer)
 
     peft_model = get_peft_model(model, coop_config())
 
-    def evaluate_adapter():  # the active CoOp adapter's prompt head for the classes of each split
-        head_fn = lambda n: peft_model.class_text_features(tokenizer, n).detach()  # noqa: E731
+    def evaluate_adapter():  # CoOp: the active adapter's prompt head per split; VPT: the template heads
+        head_fn = (lambda n: peft_model.class_text_features(tokenizer, n).detach()) if prompts else None
         return evaluate(peft_model, tokenizer, splits, names, task.templates, transform, cache, args, head_fn)
 
     coop_losses = {}
@@ -206,21 +233,23 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
             seed=targs.seed,
             disable_tqdm=targs.disable_tqdm,
             use_cpu=targs.use_cpu,
+            kg_weight=args.base_kg_weight if method == "kgcoop" else 0.0,  # KgCoOp: CoOp + λ·(1 − cos to hand-crafted)
         )
         coop_trainer = ClipClassificationTrainer(
             peft_model, coop_args, names["base"], task.templates, tokenizer, train_dataset=train_data
         )
         coop_trainer.train()
-        coop_losses["CoOp"] = _first_last_loss(coop_trainer)
+        coop_losses[label] = _first_last_loss(coop_trainer)
         if coop_trainer.is_world_process_zero():
             peft_model.save_pretrained(str(coop_dir))
         coop_trainer.accelerator.wait_for_everyone()  # every process reads ŵ2 from coop_dir below
     else:
         peft_model.load_adapter(str(coop_dir), adapter_name="default")
     peft_model.eval()
-    results["CoOp"] = evaluate_adapter()
-    with torch.no_grad():
-        coop_heads = {s: peft_model.class_text_features(tokenizer, names[s]) for s in ("base", "novel")}
+    results[label] = evaluate_adapter()
+    if prompts:
+        with torch.no_grad():
+            coop_heads = {s: peft_model.class_text_features(tokenizer, names[s]) for s in ("base", "novel")}
 
     # (3) MergeTune: a new adapter on the same base model, initialised from the pair
     peft_model.add_adapter("mergetune", coop_config())
@@ -232,25 +261,25 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
     mt.train()
     mt_seconds = time.perf_counter() - t0
     peft_model.eval()
-    results["CoOp + MergeTune"] = evaluate_adapter()
+    results[f"{label} + MergeTune"] = evaluate_adapter()
 
     # (4) LMC paths on the test images of base and novel classes
     curves = {}
     with torch.no_grad():
-        for split in ("base", "novel"):
+        for split in ("base", "novel") if prompts else ():
             feats, labels = _features(peft_model, splits[split][1], transform, cache, args)
             with peft_model.disable_adapter():
                 zs = build_zeroshot_classifier(peft_model, tokenizer, names[split], task.templates)
             sols = {
                 "zero-shot": zs,
-                "CoOp": coop_heads[split],
+                label: coop_heads[split],
                 "MergeTune": peft_model.class_text_features(tokenizer, names[split]),
             }
             curves[split] = interpolation_curves(
                 feats,
                 labels,
                 sols,
-                [("zero-shot", "CoOp"), ("zero-shot", "MergeTune"), ("CoOp", "MergeTune")],
+                [("zero-shot", label), ("zero-shot", "MergeTune"), (label, "MergeTune")],
                 scale=float(peft_model.get_base_model().logit_scale.exp()),
             )
     result = {
@@ -269,8 +298,13 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
                 "anchor",
                 "learning_rate",
                 "num_train_epochs",
+                "preset",
+                "path_features",
+                "anchor_templates",
+                "weight_ensemble",
             )
         },
+        "base_method": method,
         "mergetune_seconds": mt_seconds,
         "train_loss_first_last": {"MergeTune": _first_last_loss(mt), **coop_losses},
         "total_seconds": time.perf_counter() - t_start,
@@ -278,13 +312,14 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
         "machine": {"platform": platform.platform(), "torch": torch.__version__},
     }
     if mt.is_world_process_zero():
-        atomic_write_json(out / "path_curves.json", curves)
-        plot_paths(curves, out / "paths.png", f"MergeTune on {task.name}: loss / accuracy along linear paths")
+        if curves:
+            atomic_write_json(out / "path_curves.json", curves)
+            plot_paths(curves, out / "paths.png", f"MergeTune on {task.name}: loss / accuracy along linear paths")
         adapter_dir = _save_adapter(peft_model, "mergetune", out / "mergetune")
-        row = results["CoOp + MergeTune"]
+        row = results[f"{label} + MergeTune"]
         card = adapter_card(
             peft_model,
-            model_name=f"mergetune-coop-{task.name}",
+            model_name=f"mergetune-{method}-{task.name}",
             dataset_name=task.name,
             results=[{"name": s, "num_classes": len(names[s]), "accuracy": row[s]} for s in ("base", "novel")],
             hm=row.get("hm"),
@@ -292,16 +327,17 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
             + "; ".join(
                 f"{k}: base {v['base']:.2f}, novel {v['novel']:.2f}, HM {v['hm']:.2f}"
                 for k, v in results.items()
-                if k != "CoOp + MergeTune"
+                if k != f"{label} + MergeTune"
             )
             + f". Base model: {model_desc}.",
             hyperparameters={**result["mergetune"], "shots per base class": args.shots, "seed": targs.seed},
-            training_data=f"{args.shots} images per base class of {task.name}; the CoOp solution was trained on the same.",
+            training_data=f"{args.shots} images per base class of {task.name}; the {label} solution was trained on "
+            "the same.",
             method={
-                "name": "MergeTune (continued CoOp)",
-                "tags": ["coop", "mergetune", "prompt-learning"],
-                "description": "CoOp context continued between the zero-shot and the CoOp solution with an LMC "
-                "path loss and a surrogate anchor toward zero-shot.",
+                "name": f"MergeTune (continued {label})",
+                "tags": [method, "mergetune", "prompt-learning"],
+                "description": f"{label} prompts continued between the zero-shot and the {label} solution with an "
+                "LMC path loss and a surrogate anchor toward zero-shot.",
                 "paper": "Wang et al., MergeTune: Continued Fine-Tuning of Vision-Language Models, ICLR 2026 "
                 "(arXiv:2601.10497)",
                 "citation": "@inproceedings{wang2026mergetune,\n  title={MergeTune: Continued Fine-Tuning of "
@@ -316,7 +352,8 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
         for name, row in results.items():
             print(f"| {name} | {row['base']:.2f} | {row['novel']:.2f} | {row['hm']:.2f} |")
         print(
-            f"\nwritten to {out}: results.json, paths.png, coop/, mergetune/ (adapter + model card); "
+            f"\nwritten to {out}: results.json{', paths.png' if curves else ''}, {coop_dir.name}/, mergetune/ "
+            "(adapter + model card); "
             f"{result['total_seconds']:.0f}s in all"
         )
     return result
@@ -357,5 +394,10 @@ def _features(model, dataset, transform, cache, args):
 
 
 if __name__ == "__main__":
-    recipe_args, mt_args = parse_recipe_args(MergeTuneRecipeArguments, MergeTuneConfig, defaults=RECIPE_DEFAULTS)
+    from hf_cft.trainers.mergetune_config import OFFICIAL_PRESET
+
+    defaults = RECIPE_DEFAULTS
+    if any(a == "--preset" or a.startswith("--preset=") for a in sys.argv[1:]):  # the preset's optimiser, not ours
+        defaults = {k: v for k, v in RECIPE_DEFAULTS.items() if k not in OFFICIAL_PRESET}
+    recipe_args, mt_args = parse_recipe_args(MergeTuneRecipeArguments, MergeTuneConfig, defaults=defaults)
     main(recipe_args, mt_args)

@@ -85,3 +85,16 @@ def test_pretrain_curves_bad_inputs_name_the_file(tmp_path):
         pc.read_curve(empty)
     with pytest.raises(SystemExit, match="LABEL=PATH"):
         pc.main([str(tmp_path / "x"), "no-label"])
+
+
+def test_b2n_methods_filter_keeps_the_reference_rows(run, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import b2n
+
+    assert run._b2n_rows(SimpleNamespace(methods=None)) == b2n.ROWS
+    rows = run._b2n_rows(SimpleNamespace(methods=["kgcoop", "vpt_mergetune", "coop"]))
+    assert rows == ("zs_single", "coop", "kgcoop", "vpt_mergetune")
+    with pytest.raises(SystemExit, match="kgcop"):
+        run._b2n_rows(SimpleNamespace(methods=["kgcop"]))

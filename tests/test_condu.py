@@ -369,8 +369,10 @@ def test_corrupt_or_missing_bundle_files_raise_bundle_error(tmp_path):
     manifest["tasks"][0]["lam"] = float("nan")
     m.save_pretrained(folder)
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="task0"):
+    with pytest.raises(BundleError, match="manifest.json does not match its checksum"):  # an edited manifest
         DeltaFusionMerger.from_pretrained(folder)
+    with pytest.raises(BundleError, match="task0"):  # and its λ is still checked without verification
+        DeltaFusionMerger.from_pretrained(folder, verify=False)
     (folder / "manifest.json").unlink()
     with pytest.raises(BundleError, match="manifest.json is missing|not a local bundle"):
         DeltaFusionMerger.from_pretrained(folder)

@@ -99,3 +99,23 @@ def test_mergetune_recipe_runs_end_to_end(tmp_path, monkeypatch):
     cards = list((out / "mergetune").rglob("README.md"))
     assert cards and "MergeTune" in cards[0].read_text()
     assert set(result["paths"]["base"]["paths"]) == {"zero-shot → CoOp", "zero-shot → MergeTune", "CoOp → MergeTune"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["kgcoop", "vpt"])
+def test_mergetune_recipe_other_base_methods(method, tmp_path, monkeypatch):
+    """--base_method kgcoop / vpt: the fine-tuned solution is KgCoOp / VPT, then MergeTune on its adapter."""
+    mt = load_recipe("mergetune")
+    monkeypatch.setattr(mt, "DEMO_CACHE", tmp_path / "demo-cache")
+    argv = ["--output_dir", str(tmp_path / "out"), "--num_train_epochs", "1", "--coop_epochs", "1", "--shots", "4"]
+    argv += ["--demo_pretrain_steps", "3", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true"]
+    argv += ["--disable_tqdm", "true", "--base_method", method, "--weight_ensemble", "0.5"]
+    args, targs = mt.parse_recipe_args(mt.MergeTuneRecipeArguments, mt.MergeTuneConfig, args=argv)
+    result = mt.main(args, targs)
+    label = {"kgcoop": "KgCoOp", "vpt": "VPT"}[method]
+    assert {label, f"{label} + MergeTune"} <= set(result["results"])
+    assert result["base_method"] == method and result["mergetune"]["weight_ensemble"] == 0.5
+    out = tmp_path / "out"
+    assert (out / method / "adapter_config.json").is_file() and (out / "paths.png").is_file() == (method != "vpt")
+    cards = list((out / "mergetune").rglob("README.md"))
+    assert cards and f"continued {label}" in cards[0].read_text()

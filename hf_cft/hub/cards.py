@@ -1,8 +1,8 @@
 """Model cards for every hf_cft artefact, rendered from the Jinja templates in ``model_cards/`` through
 ``huggingface_hub.ModelCard`` / ``ModelCardData``, with evaluation results in the Hub's formats.
 
-One card function per artefact kind (architecture.md: "every artefact ... is pushed with a model card that carries
-its evaluation results"; ecosystem.md §6):
+One card function per artefact kind (every artefact is pushed with a model card that carries its evaluation
+results; ``docs/hub.md``):
 
 - :func:`adapter_card` — a PEFT adapter (CoOp, VPT, linear head, LoRA), ``model_cards/adapter.md``;
 - :func:`finetuned_model_card` — a fully fine-tuned CLIP-like model, ``model_cards/finetuned_model.md``;

@@ -2,7 +2,7 @@
 
 What goes up is exactly the artefact's saved folder (safetensors weights + JSON configs) plus the card as
 ``README.md`` and, for results on Hub-registered datasets, ``.eval_results/*.yaml``; pickle files (``.bin``,
-``.pt``, ...) are refused, so nothing unsafe is ever published (architecture.md: "Safetensors only").
+``.pt``, ...) are refused, so nothing unsafe is ever published (``docs/architecture.md``: "Safetensors only").
 
 - :func:`push_folder_to_hub` — any saved folder: ``create_repo`` + one ``create_commit`` whose ``README.md`` is the
   card given (not whatever ``save_pretrained`` wrote: PEFT's own card would replace hf_cft's tags and results).
@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hf_cft.errors import AdapterError, BundleError, HubError, NotCLIPLikeError
+from hf_cft.errors import AdapterError, BundleError, HfCftError, HubError, NotCLIPLikeError
 from hf_cft.hub.cards import (
     adapter_card,
     condu_card,
@@ -72,7 +72,14 @@ def _folder_files(folder: Path) -> list[Path]:
     files = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if not path.is_file() or any(part in _SKIP_DIRS for part in rel.parts):
+        if any(part in _SKIP_DIRS for part in rel.parts):
+            continue
+        if path.is_symlink():
+            raise HubError(
+                f"{str(rel)!r} in {str(folder)!r} is a symlink (to {os.readlink(path)!r}): hf_cft uploads only the "
+                "folder's own regular files. Replace it with a copy or remove it."
+            )
+        if not path.is_file():
             continue
         if path.name.startswith(".") and path.name.endswith(".tmp"):
             continue  # a temporary file of an interrupted atomic write
@@ -294,6 +301,7 @@ def _check_adapter_folder(folder: Path) -> dict:
     if not cfg_file.is_file():
         raise AdapterError(f"{str(folder)!r} is not a PEFT adapter folder (no adapter_config.json).")
     config = read_json_object(cfg_file, AdapterError, f"adapter_config.json of {str(folder)!r}")
+    _check_lora_numbers(config, f"adapter_config.json of {str(folder)!r}")
     if not weights.is_file():
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         hint = f" It holds {', '.join(pickled)}: hf_cft reads safetensors only (never pickle)." if pickled else ""
@@ -307,51 +315,169 @@ def _check_adapter_folder(folder: Path) -> dict:
     return config
 
 
+def _check_lora_numbers(config: dict, what: str) -> None:
+    """A LoRA config's rank and alpha (and their per-module patterns) must be a positive integer and a finite
+    number: PEFT would fill in ``r = 8`` for a missing rank and fail deep inside on ``lora_alpha = "abc"``."""
+    from hf_cft.validation import check_int, check_number
+
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        return
+    if "r" not in config:
+        raise AdapterError(f"{what} has no LoRA rank 'r'.")
+    check_int(config["r"], f"{what}: 'r'", low=1, error=AdapterError)
+    if "lora_alpha" in config:
+        check_number(config["lora_alpha"], f"{what}: 'lora_alpha'", error=AdapterError)
+    for field, check in (("rank_pattern", check_int), ("alpha_pattern", check_number)):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise AdapterError(f"{what}: {field!r} must be an object, got {type(pattern).__name__}.")
+        for module, value in pattern.items():
+            kw = {"low": 1} if check is check_int else {}
+            check(value, f"{what}: {field}[{module!r}]", error=AdapterError, **kw)
+
+
 def load_adapter(
     base_model,
     path_or_repo_id: str | os.PathLike,
     adapter_name: str = "default",
     is_trainable: bool = False,
     revision: str | None = None,
+    strict: bool = True,
 ):
     """``PeftModel.from_pretrained`` of an adapter folder or Hub repo, after checking it: ``adapter_config.json``
     valid, ``adapter_model.safetensors`` present and readable (a folder with only ``adapter_model.bin`` is refused,
     never unpickled). Raises :class:`~hf_cft.errors.AdapterError` naming the adapter (also when its tensors do not
-    fit ``base_model``) or :class:`~hf_cft.errors.BundleError` for corrupt weights."""
+    fit ``base_model``) or :class:`~hf_cft.errors.BundleError` for corrupt weights.
+
+    What PEFT would only warn about is refused (``AdapterError`` naming the keys or files): adapter keys missing from
+    the file (an empty or renamed CoOp context would stay random) or keys the adapter does not have, integer
+    tensors for float weights, files symlinked out of the folder, an adapter recorded as trained on another base
+    model (``base_model_name_or_path`` a local folder whose weights differ from ``base_model``'s); NaN/inf weights
+    raise :class:`~hf_cft.errors.NonFiniteError`. ``strict=False`` is the explicit opt-in to a partial load."""
     from peft import PeftModel
 
+    from hf_cft.validation import inside_folder
+
     folder = snapshot(path_or_repo_id, ["adapter_config.json", "adapter_model.safetensors", "*.md"], revision)
-    _check_adapter_folder(folder)
+    what = f"adapter {str(path_or_repo_id)!r}"
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if (folder / name).exists():
+            inside_folder(folder, name, AdapterError, what)
+    config = _check_adapter_folder(folder)
+    _check_same_base(base_model, config, what)
     try:
-        return PeftModel.from_pretrained(base_model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
+        model = PeftModel.from_pretrained(
+            base_model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable
+        )
     except Exception as exc:  # size mismatch (another base model), unknown peft_type, bad config values
         raise AdapterError(
             f"Cannot load adapter {str(path_or_repo_id)!r} into {type(base_model).__name__}: {exc}"
         ) from exc
+    check_loaded_adapter(model, folder, adapter_name, what, strict=strict)
+    return model
 
 
-def load_model(path_or_repo_id: str | os.PathLike, revision: str | None = None):
+def check_loaded_adapter(model, folder: str | os.PathLike, adapter_name: str, what: str, strict: bool = True) -> None:
+    """After PEFT loaded the adapter of ``folder`` into ``model`` as ``adapter_name``: with ``strict``,
+    :class:`~hf_cft.errors.AdapterError` naming the adapter's keys the file lacks (PEFT keeps their random
+    initialisation with only a warning: an empty or renamed CoOp context) and the file's keys the adapter does not
+    have; always an ``AdapterError`` for integer tensors where the adapter's are float and
+    :class:`~hf_cft.errors.NonFiniteError` naming a NaN/inf tensor. Used by :func:`load_adapter` and by
+    ``MergeTuneTrainer`` for the fine-tuned adapter it loads."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from hf_cft.validation import check_finite_tensor, check_state_keys, inside_folder
+
+    weights = inside_folder(folder, "adapter_model.safetensors", AdapterError, what)
+    try:
+        saved = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types
+        raise BundleError(f"{str(weights)!r} is not a readable safetensors file: {exc}") from exc
+    expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    check_state_keys(expected, saved, what, error=AdapterError, strict=strict)
+    for key, t in saved.items():
+        ref = expected.get(key)
+        if ref is not None and ref.is_floating_point() and not t.is_floating_point():
+            raise AdapterError(f"{what}: tensor {key!r} is {t.dtype} but the adapter's is {ref.dtype}.")
+        check_finite_tensor(t, f"{what}: tensor {key!r}")
+
+
+def _check_same_base(base_model, config: dict, what: str) -> None:
+    """When the adapter records its base as a local model folder other than ``base_model``'s, their weights (a
+    fingerprint of keys, shapes and a few values) must agree: a CoOp context trained on another CLIP of the same
+    shape loads without any size error but means nothing there."""
+    recorded = config.get("base_model_name_or_path")
+    own = getattr(getattr(base_model, "config", None), "_name_or_path", None) or getattr(
+        base_model, "name_or_path", None
+    )
+    if not recorded or not Path(str(recorded)).is_dir() or not (Path(str(recorded)) / "config.json").is_file():
+        return
+    if own and Path(str(own)).exists() and Path(str(own)).resolve() == Path(str(recorded)).resolve():
+        return
+    from hf_cft.merging.deltas import base_fingerprint
+
+    try:
+        theirs = base_fingerprint(str(recorded))
+    except HfCftError:
+        return  # the recorded folder is not readable as weights: nothing to compare with
+    if theirs != base_fingerprint(base_model):
+        raise AdapterError(
+            f"{what} was trained on another base model ({str(recorded)!r}, fingerprint {theirs}) than the one given "
+            f"({type(base_model).__name__} {own!r}, fingerprint {base_fingerprint(base_model)})."
+        )
+
+
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def _check_loaded_dtypes(files, state: dict, error, what: str) -> None:
+    """A floating tensor of the model may only come from a floating tensor of the files (no silent int→float)."""
+    from hf_cft.validation import safetensors_dtypes
+
+    for path in sorted(set(files.values())):
+        for key, dtype in safetensors_dtypes(path).items():
+            t = state.get(key)
+            if t is not None and t.is_floating_point() and dtype not in _FLOAT_DTYPES:
+                raise error(f"{what}: tensor {key!r} in {path.name!r} is {dtype} but the model's is {t.dtype}.")
+
+
+def load_model(path_or_repo_id: str | os.PathLike, revision: str | None = None, strict: bool = True):
     """A CLIP-like model (``AutoModel``, eval mode) from a folder or Hub repo holding ``config.json`` and
     safetensors weights. A folder with only pickle weights (``pytorch_model.bin``) raises
     :class:`~hf_cft.errors.BundleError` instead of being unpickled; a model that is not a dual encoder raises
-    :class:`~hf_cft.errors.NotCLIPLikeError`."""
+    :class:`~hf_cft.errors.NotCLIPLikeError`.
+
+    What cannot be vouched for raises :class:`~hf_cft.errors.BundleError` naming the key or file: weights missing
+    for some of the model's keys (transformers would fill them with random values) or keys the model does not
+    have, integer tensors for float weights, a ``model.safetensors.index.json`` naming anything but safetensors
+    files inside the folder, weight files symlinked out of the folder. ``strict=False`` is the explicit opt-in to a
+    partial load (missing keys keep the model's initial values, with transformers' warning)."""
     from transformers import AutoModel
 
     from hf_cft.models.clip import check_clip_like
+    from hf_cft.validation import check_state_keys, safetensors_files
 
     folder = snapshot(path_or_repo_id, None, revision)
+    what = f"model {str(path_or_repo_id)!r}"
     if not (folder / "config.json").is_file():
         raise BundleError(f"{str(path_or_repo_id)!r} is not a model folder (no config.json).")
-    if not list(folder.glob("*.safetensors")):
-        pickled = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-        hint = f" It holds {', '.join(pickled)}: hf_cft loads safetensors only (never pickle)." if pickled else ""
-        raise BundleError(f"No safetensors weights in {str(path_or_repo_id)!r}.{hint}")
+    files = safetensors_files(folder, BundleError, what, PICKLE_SUFFIXES)
     try:
-        model = AutoModel.from_pretrained(str(folder), use_safetensors=True)
+        model, info = AutoModel.from_pretrained(str(folder), use_safetensors=True, output_loading_info=True)
     except Exception as exc:  # corrupt weights or config: transformers raises many types
         raise BundleError(f"Cannot load a model from {str(path_or_repo_id)!r}: {type(exc).__name__}: {exc}") from exc
     try:
         check_clip_like(model)
     except NotCLIPLikeError as exc:
         raise NotCLIPLikeError(f"{str(path_or_repo_id)!r}: {exc}") from exc
+    state = model.state_dict()
+    # transformers' own accounting: it already forgives what the architecture declares ignorable (e.g. the
+    # position_ids buffers older CLIP checkpoints hold) and tied weights
+    missing = set(info.get("missing_keys") or ())
+    unexpected = set(info.get("unexpected_keys") or ())
+    check_state_keys(state, (set(state) - missing) | unexpected, what, error=BundleError, strict=strict)
+    if strict and info.get("mismatched_keys"):
+        raise BundleError(f"{what}: tensor(s) of another shape: {list(info['mismatched_keys'])[:4]}.")
+    _check_loaded_dtypes(files, state, BundleError, what)
     return model.eval()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import re
@@ -80,6 +81,9 @@ MASKS_FILE = "masks.safetensors"
 PROTOTYPES_FILE = "prototypes.safetensors"
 # A save stages its files here and commits by writing the staged manifest (see ``save_pretrained``).
 STAGING_DIR = ".pending-save"
+#: sha256 of the manifest's other fields (canonical JSON): an edited λ, class name or file checksum is corruption.
+MANIFEST_CHECKSUM = "manifest_sha256"
+_BUNDLE_FILES = (UNIFIED_FILE, MASKS_FILE, PROTOTYPES_FILE)
 
 RESCALERS = ("mean", "global_sum")
 LORA_MERGES = ("dense", "factors")
@@ -754,6 +758,7 @@ class DeltaFusionMerger:
         }
         from hf_cft.utils import atomic_write_json
 
+        manifest[MANIFEST_CHECKSUM] = _manifest_digest(manifest)
         atomic_write_json(stage / MANIFEST, manifest)  # the commit point
         _finish_pending_save(out)
         return out
@@ -778,6 +783,8 @@ class DeltaFusionMerger:
             folder = _download_bundle(str(path_or_repo_id), revision)
         paths = _committed_paths(folder)
         manifest = _read_manifest(folder, paths[MANIFEST])
+        if verify:
+            _check_manifest_integrity(folder, manifest)
         try:
             config = DeltaFusionMergerConfig.from_dict(manifest["config"])
             shapes = {e["key"]: tuple(int(x) for x in e["shape"]) for e in manifest["keys"]}
@@ -941,7 +948,8 @@ def _committed_paths(folder: Path) -> dict[str, Path]:
     """Where each bundle file of ``folder`` is: in the staging folder when a save was killed after its commit
     point (staged manifest written) but before every file was moved into place, else in ``folder`` itself."""
     stage = folder / STAGING_DIR
-    committed = (stage / MANIFEST).is_file()
+    # a staging folder is the bundle's own real sub-folder: a symlink (to another bundle) never redirects a load
+    committed = not stage.is_symlink() and stage.is_dir() and (stage / MANIFEST).is_file()
     names = (MANIFEST, UNIFIED_FILE, MASKS_FILE, PROTOTYPES_FILE)
     return {n: stage / n if committed and (stage / n).is_file() else folder / n for n in names}
 
@@ -952,6 +960,9 @@ def _finish_pending_save(folder: Path) -> None:
     import shutil
 
     stage = folder / STAGING_DIR
+    if stage.is_symlink():
+        stage.unlink()  # never a save of this bundle (saves create a real folder): drop it, never follow it
+        return
     if not stage.exists():
         return
     if (stage / MANIFEST).is_file():
@@ -959,6 +970,29 @@ def _finish_pending_save(folder: Path) -> None:
             if (stage / name).is_file():
                 os.replace(stage / name, folder / name)
     shutil.rmtree(stage)
+
+
+def _manifest_digest(manifest: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=True).encode("utf-8")).hexdigest()
+
+
+def _check_manifest_integrity(folder: Path, manifest: dict) -> None:
+    """The manifest's own checksum, and a sha256 in ``files`` for every bundle file (a missing entry is
+    corruption, not a reason to skip verification)."""
+    digest = manifest.get(MANIFEST_CHECKSUM)
+    if not isinstance(digest, str) or digest != _manifest_digest(manifest):
+        what = "has no checksum" if digest is None else "does not match its checksum"
+        raise BundleError(
+            f"Bundle {str(folder)!r}: {MANIFEST} {what} ({MANIFEST_CHECKSUM}): it was edited or is corrupt; "
+            "re-save the bundle (or load with verify=False to accept it as is)."
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise BundleError(f"Bundle {str(folder)!r}: {MANIFEST} has no 'files' checksums.")
+    for name in _BUNDLE_FILES:
+        if not isinstance(files.get(name), str):
+            raise BundleError(f"Bundle {str(folder)!r}: {MANIFEST} has no checksum for {name} in 'files'.")
 
 
 def _read_manifest(folder: Path, file: Path | None = None) -> dict:

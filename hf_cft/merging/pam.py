@@ -603,24 +603,28 @@ class PAMState:
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         if not self.global_state:
             raise AlignmentError("PAMState has no global adapter tensors to save.")
-        path = Path(save_directory)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.global_state.items()}
-        atomic_save_safetensors(tensors, path / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
-        if self.lora_config is not None:
-            lora_cfg = _json_safe(self.lora_config)
-            lora_cfg["inference_mode"] = True
-            atomic_write_json(path / ADAPTER_CONFIG_NAME, lora_cfg)
-        atomic_write_json(
-            path / PAM_STATE_NAME,
-            {
-                "format_version": _FORMAT_VERSION,
-                "config": self.config.to_dict(),
-                "num_tasks": self.num_tasks,
-                "keys": sorted(self.global_state),
-                "history": _json_safe(self.history),
-            },
-        )
+        from hf_cft.utils import staged_folder
+
+        own = {ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, PAM_STATE_NAME}
+        # the three files are written together beside the folder and swapped in at once: a kill leaves the old
+        # state or the new one, never new weights beside the old pam_state.json (other files, e.g. a README, stay)
+        with staged_folder(save_directory, keep=lambda name: name not in own) as path:
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.global_state.items()}
+            atomic_save_safetensors(tensors, path / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
+            if self.lora_config is not None:
+                lora_cfg = _json_safe(self.lora_config)
+                lora_cfg["inference_mode"] = True
+                atomic_write_json(path / ADAPTER_CONFIG_NAME, lora_cfg)
+            atomic_write_json(
+                path / PAM_STATE_NAME,
+                {
+                    "format_version": _FORMAT_VERSION,
+                    "config": self.config.to_dict(),
+                    "num_tasks": self.num_tasks,
+                    "keys": sorted(self.global_state),
+                    "history": _json_safe(self.history),
+                },
+            )
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> PAMState:

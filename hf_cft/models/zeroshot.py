@@ -18,6 +18,7 @@ from hf_cft.data.templates import format_prompts, validate_classnames, validate_
 from hf_cft.errors import DatasetFormatError, NonFiniteError
 from hf_cft.models.clip import check_clip_like, clip_logits, image_features, model_device, text_features
 from hf_cft.models.tokenizer import tokenize_prompts
+from hf_cft.validation import check_finite_tensor
 
 
 @torch.no_grad()
@@ -249,7 +250,8 @@ def evaluate_zeroshot(
             head = build_zeroshot_classifier(model, tokenizer, classnames, templates, device=device)
         elif head.shape[0] != len(classnames):
             raise ValueError(f"head has {head.shape[0]} rows for {len(classnames)} classes")
-        head = head.detach()
+        head = check_finite_tensor(head.detach(), "The classifier head (class text features)")
+        check_finite_tensor(base.logit_scale.detach(), "The model's logit_scale")
         with torch.no_grad():
             logits = clip_logits(base, feats.to(head.device), head).cpu()
     finally:

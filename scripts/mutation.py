@@ -1,0 +1,154 @@
+"""Mutation testing of hf_cft's core with mutmut: run it per module, then write the score table and the survivors.
+
+    pip install -c constraints/dev.txt -e ".[dev,mutation]"
+    python scripts/mutation.py                       # every core module (hours on 2 cores: run it in the background)
+    python scripts/mutation.py merging.condu metrics # some modules
+    python scripts/mutation.py --report              # only rewrite the tables from mutmut's last results
+
+mutmut (configured in pyproject.toml's ``[tool.mutmut]``) copies the package to ``mutants/``, plants one small
+change at a time in the core modules and runs the tests that cover the changed function (it learns which tests
+cover which function in one traced run of ``pytest_add_cli_args_test_selection``, the union of ``TESTS`` below).
+A mutant is *killed* when a test fails, *survives* when all pass. A survivor is either killed by a new test or
+listed in ``benchmarks/results/mutation-equivalent.tsv`` (mutant name, a tab, one line on why no test can tell it
+from the original). The score of a module is killed / (mutants − equivalent − not reached by any test).
+
+Writes ``benchmarks/results/mutation.md`` / ``.json`` (per module: mutants, killed, equivalent, survived, no tests,
+timeout, score) and ``benchmarks/results/mutation-survivors.md`` (each survivor's diff).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+EQUIVALENT = RESULTS / "mutation-equivalent.tsv"
+
+# core module (under hf_cft/) -> the test files that exercise it (their union is mutmut's test selection)
+TESTS = {
+    "merging.condu": ["test_condu.py", "test_router.py", "test_rule_gaps.py"],
+    "merging.masks": ["test_condu.py", "test_deltas.py"],
+    "merging.deltas": ["test_deltas.py", "test_condu.py"],
+    "merging.baselines": ["test_merging_baselines.py", "test_merging_fidelity.py", "test_rule_gaps.py"],
+    "merging.pam": ["test_pam.py"],
+    "merging.router": ["test_router.py"],
+    "trainers.mergetune_losses": ["test_mergetune.py", "test_mergetune_fidelity.py", "test_rule_gaps.py"],
+    "trainers.mergetune_trainer": ["test_mergetune.py", "test_mergetune_fidelity.py"],
+    "trainers.mergetune_weightspace": ["test_mergetune_weightspace.py"],
+    "trainers.feature_training": ["test_feature_training.py"],
+    "metrics": ["test_metrics.py", "test_continual.py"],
+    "peft": ["test_peft_methods.py", "test_rule_gaps.py"],
+    "utils": ["test_rule_gaps.py", "test_condu.py"],
+}
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 36: "timeout", 24: "timeout"}
+
+
+def _status(code) -> str:
+    if code is None:
+        return "not checked"
+    return STATUS.get(code, "timeout" if code in (-24, 152, 255) else "other")
+
+
+def _equivalent() -> dict[str, str]:
+    if not EQUIVALENT.is_file():
+        return {}
+    out = {}
+    for line in EQUIVALENT.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, why = line.partition("\t")
+            out[name.strip()] = why.strip()
+    return out
+
+
+def _results(module: str) -> dict[str, str]:
+    """mutant name -> status, from mutmut's ``.meta`` files under ``mutants/`` for one module."""
+    base = ROOT / "mutants" / "hf_cft" / Path(*module.split("."))
+    metas = sorted(base.rglob("*.py.meta")) if base.is_dir() else [base.with_suffix(".py.meta")]
+    out = {}
+    for meta in metas:
+        if meta.is_file():
+            codes = json.loads(meta.read_text(encoding="utf-8"))["exit_code_by_key"]
+            out.update({name: _status(code) for name, code in codes.items()})
+    return out
+
+
+def run(modules: list[str], children: int) -> None:
+    """One mutmut invocation for all ``modules`` (it runs the clean test selection and the coverage trace once)."""
+    print(f"[mutation] {' '.join(modules)}", flush=True)
+    patterns = [f"hf_cft.{module}.*" for module in modules]
+    subprocess.run([sys.executable, "-m", "mutmut", "run", *patterns, "--max-children", str(children)], cwd=ROOT)
+
+
+def report(modules: list[str], tag: str) -> dict:
+    equivalent = _equivalent()
+    table, survivors = {}, []
+    for module in modules:
+        res = _results(module)
+        count = Counter()
+        for name, status in res.items():
+            count["equivalent" if status == "survived" and name in equivalent else status] += 1
+            if status == "survived" and name not in equivalent:
+                survivors.append(name)
+        reached = len(res) - count["equivalent"] - count["no tests"] - count["not checked"]
+        table[module] = {
+            "mutants": len(res),
+            "killed": count["killed"],
+            "equivalent": count["equivalent"],
+            "survived": count["survived"],
+            "no tests": count["no tests"],
+            "timeout": count["timeout"],
+            "not checked": count["not checked"],
+            "score": round(100.0 * count["killed"] / reached, 1) if reached else None,
+        }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"mutation{'-' + tag if tag else ''}"
+    stem.with_suffix(".json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+    cols = ["mutants", "killed", "equivalent", "survived", "no tests", "timeout", "not checked", "score"]
+    lines = [
+        f"# Mutation testing{' (' + tag + ')' if tag else ''}",
+        "",
+        "mutmut over hf_cft's core (`python scripts/mutation.py`); score = killed / (mutants − equivalent − no "
+        "tests), in %.",
+        "",
+        "| module | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
+    lines += [f"| {m} | " + " | ".join(str(row[c]) for c in cols) + " |" for m, row in table.items()]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    shown = []
+    for name in survivors:
+        diff = subprocess.run(
+            [sys.executable, "-m", "mutmut", "show", name], cwd=ROOT, capture_output=True, text=True
+        ).stdout
+        shown.append(f"## {name}\n\n```diff\n{diff.strip()}\n```\n")
+    (RESULTS / f"mutation-survivors{'-' + tag if tag else ''}.md").write_text(
+        "# Surviving mutants\n\n" + "\n".join(shown), encoding="utf-8"
+    )
+    print("\n".join(lines))
+    return table
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help=f"core modules (default: all): {', '.join(TESTS)}")
+    parser.add_argument("--report", action="store_true", help="only write the tables from the last results")
+    parser.add_argument("--children", type=int, default=1, help="parallel mutant runs (default 1)")
+    parser.add_argument("--tag", default="", help="suffix of the result files (e.g. before / after)")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.modules if m not in TESTS]
+    if unknown:
+        parser.error(f"unknown module(s) {unknown}; choose from {list(TESTS)}")
+    modules = args.modules or list(TESTS)
+    if not args.report:
+        run(modules, args.children)
+    report(modules, args.tag)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
