@@ -265,7 +265,8 @@ def _merge_fn(args, n: int):
         return lambda ds: baselines.task_arithmetic(ds, lam=lam), {"lam": lam}
     if args.method == "ties":
         k, lam = _fraction("k", args.k), 1.0 if lam is None else lam
-        return lambda ds: baselines.ties(ds, k=k, lam=lam), {"k": k, "lam": lam}
+        opts = {"trim_scope": args.trim_scope, "merge": args.disjoint_merge}
+        return lambda ds: baselines.ties(ds, k=k, lam=lam, **opts), {"k": k, "lam": lam, **opts}
     if args.method == "dare":
         rho = _fraction("rho", args.rho, low_open=False, high_open=True)
         if args.then not in ("ta", "ties"):
@@ -275,7 +276,10 @@ def _merge_fn(args, n: int):
             {"rho": rho, "seed": args.seed, "then": args.then, "lam": lam},
         )
     lam = 0.5 if lam is None else lam
-    return lambda ds: baselines.magmax(ds, lam=lam), {"lam": lam}
+    return lambda ds: baselines.magmax(ds, lam=lam, tie_break=args.tie_break), {
+        "lam": lam,
+        "tie_break": args.tie_break,
+    }
 
 
 def _delta_of(source: str, base_folder: Path, base_model):
@@ -542,7 +546,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lam", type=float, help="λ (defaults: task_arithmetic 0.3, ties 1.0, dare per --then, magmax 0.5)"
     )
-    p.add_argument("--k", type=float, default=0.2, help="ties: kept fraction per tensor (default 0.2)")
+    p.add_argument("--k", type=float, default=0.2, help="ties: kept fraction (default 0.2)")
+    p.add_argument(
+        "--trim_scope",
+        default="tensor",
+        choices=["tensor", "model"],
+        help="ties: trim per tensor (peft, default) or over the whole task vector (TIES paper / FusionBench)",
+    )
+    p.add_argument(
+        "--disjoint_merge",
+        default="mean",
+        choices=["mean", "sum", "max"],
+        help="ties: disjoint merge of the agreeing entries (default mean, the paper; sum / max as FusionBench)",
+    )
+    p.add_argument(
+        "--tie_break",
+        default="later",
+        choices=["later", "earlier"],
+        help="magmax: which task wins equal magnitudes (default later, as the official code)",
+    )
     p.add_argument("--rho", type=float, default=0.9, help="dare: drop rate in [0, 1) (default 0.9)")
     p.add_argument("--then", default="ta", help="dare: 'ta' (task arithmetic) or 'ties' after dropping")
     p.add_argument("--seed", type=int, default=0, help="dare: seed of the drop masks")

@@ -965,6 +965,22 @@ def _check_symlink_inside_ok(a, tmp, mp):
     assert torch.equal(model.text_projection.weight, a["base"]().text_projection.weight)
 
 
+def _check_legacy_position_ids_ok(a, tmp, mp):
+    """Older CLIP checkpoints (openai/clip-vit-base-patch16) hold position_ids buffers the model no longer saves:
+    transformers ignores them by design, so strict loading accepts them."""
+    folder = _copy(a["model"], tmp)
+    _edit_safetensors(
+        folder / "model.safetensors",
+        lambda t: {
+            **t,
+            "text_model.embeddings.position_ids": torch.arange(77)[None],
+            "vision_model.embeddings.position_ids": torch.arange(17)[None],
+        },
+    )
+    model = load_model(folder)
+    assert torch.equal(model.text_projection.weight, a["base"]().text_projection.weight)
+
+
 def _check_sharded_ok(a, tmp, mp):
     folder = _sharded(a, tmp, lambda wm, f: None)
     model = load_model(folder)
@@ -1146,6 +1162,7 @@ RESULTS = [
     ("partial load with strict=False", _check_partial_load_opt_in),
     ("weights symlinked inside the folder", _check_symlink_inside_ok),
     ("sharded index of safetensors", _check_sharded_ok),
+    ("legacy position_ids buffers are accepted", _check_legacy_position_ids_ok),
     (".pending-save symlink does not redirect", _check_pending_save_symlink),
     ("bundle save/load round trip", _check_bundle_roundtrip),
     ("CoOp on its own base loads", _check_coop_same_base_ok),

@@ -254,8 +254,14 @@ def _weights(folder):
     [
         ("task_arithmetic", ["--lam", "0.4"], lambda ds: baselines.task_arithmetic(ds, lam=0.4)),
         ("ties", ["--k", "0.5"], lambda ds: baselines.ties(ds, k=0.5, lam=1.0)),
+        (
+            "ties",
+            ["--k", "0.5", "--trim_scope", "model", "--disjoint_merge", "sum"],
+            lambda ds: baselines.ties(ds, k=0.5, lam=1.0, trim_scope="model", merge="sum"),
+        ),
         ("dare", ["--rho", "0.5", "--seed", "3"], lambda ds: baselines.dare(ds, rho=0.5, seed=3, then="ta")),
         ("magmax", [], lambda ds: baselines.magmax(ds, lam=0.5)),
+        ("magmax", ["--tie_break", "earlier"], lambda ds: baselines.magmax(ds, lam=0.5, tie_break="earlier")),
     ],
 )
 def test_merge_lora_and_full_model_equals_the_library_merge(method, extra, reference, assets, tmp_path):

@@ -497,8 +497,11 @@ def load_model(path_or_repo_id: str | os.PathLike, revision: str | None = None, 
     except NotCLIPLikeError as exc:
         raise NotCLIPLikeError(f"{str(path_or_repo_id)!r}: {exc}") from exc
     state = model.state_dict()
-    tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or ())
-    check_state_keys(state, files, what, error=BundleError, strict=strict, allow_missing=tied)
+    # transformers' own accounting: it already forgives what the architecture declares ignorable (e.g. the
+    # position_ids buffers older CLIP checkpoints hold) and tied weights
+    missing = set(info.get("missing_keys") or ())
+    unexpected = set(info.get("unexpected_keys") or ())
+    check_state_keys(state, (set(state) - missing) | unexpected, what, error=BundleError, strict=strict)
     if strict and info.get("mismatched_keys"):
         raise BundleError(f"{what}: tensor(s) of another shape: {list(info['mismatched_keys'])[:4]}.")
     _check_loaded_dtypes(files, state, BundleError, what)
