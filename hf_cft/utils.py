@@ -142,6 +142,19 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary siblings (``.<name>.*.tmp``) that :func:`atomic_path` writes to ``path`` left by a
+    killed process; return them. Call it where one process owns ``path`` (the command line's outputs)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    stale = [p for p in path.parent.glob(f".{path.name}.*.tmp") if p.is_file() and not p.is_symlink()]
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return stale
+
+
 def _atomic_write(path: Path, write) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         write(fh)

@@ -48,7 +48,7 @@ from hf_cft.errors import (
     TemplateError,
     TokenizerError,
 )
-from hf_cft.hub import load_adapter, load_model
+from hf_cft.hub import load_adapter_model, load_model
 from hf_cft.merging import DeltaFusionMerger, apply_delta, baselines, delta_from_lora, delta_from_models
 from hf_cft.recipe_utils import demo_clip
 from hf_cft.testing import tiny_clip
@@ -259,7 +259,7 @@ def _delta_index_dotdot(a, tmp, mp):
 def _adapter(a, tmp, which, edit):
     folder = _copy(a[which], tmp)
     _edit_safetensors(folder / "adapter_model.safetensors", edit)
-    return load_adapter(a["base"](), folder)
+    return load_adapter_model(a["base"](), folder)
 
 
 def _adapter_symlink(a, tmp, mp):
@@ -267,7 +267,7 @@ def _adapter_symlink(a, tmp, mp):
     other = _copy(a["lora"], tmp, "other")
     (folder / "adapter_model.safetensors").unlink()
     os.symlink(other / "adapter_model.safetensors", folder / "adapter_model.safetensors")
-    return load_adapter(a["base"](), folder)
+    return load_adapter_model(a["base"](), folder)
 
 
 def _adapter_nan_context(a, tmp, mp):
@@ -284,7 +284,7 @@ def _coop_other_base(a, tmp, mp):
         load_model(tmp / "other_clip"), CoOpConfig(n_ctx=4, classnames=CLASSES).set_tokenizer(a["tok"])
     )
     coop.save_pretrained(tmp / "coop_other")
-    return load_adapter(a["base"](), tmp / "coop_other")
+    return load_adapter_model(a["base"](), tmp / "coop_other")
 
 
 def _bundle_edit(a, tmp, edit, rehash=False):
@@ -331,6 +331,12 @@ def _lora_config(a, tmp, edit):
     folder = _copy(a["lora"], tmp)
     _edit_json(folder / "adapter_config.json", edit)
     return delta_from_lora(folder, a["base"]())
+
+
+def _load_lora_config(a, tmp, edit):
+    folder = _copy(a["lora"], tmp)
+    _edit_json(folder / "adapter_config.json", edit)
+    return load_adapter_model(a["base"](), folder)
 
 
 # ------------------------------------------------------------------------------------------------ 2. finiteness
@@ -610,6 +616,30 @@ ERRORS = [
     (
         "LoRA config r=0",
         lambda a, t, m: _lora_config(a, t, lambda c: c.update(r=0)),
+        AdapterError,
+        r"'r'",
+    ),
+    (
+        "load_adapter: LoRA config without r",
+        lambda a, t, m: _load_lora_config(a, t, lambda c: c.pop("r")),
+        AdapterError,
+        r"'r'",
+    ),
+    (
+        "load_adapter: lora_alpha='abc'",
+        lambda a, t, m: _load_lora_config(a, t, lambda c: c.update(lora_alpha="abc")),
+        AdapterError,
+        r"lora_alpha",
+    ),
+    (
+        "load_adapter: rank_pattern r=-1",
+        lambda a, t, m: _load_lora_config(a, t, lambda c: c.update(rank_pattern={"q_proj": -1})),
+        AdapterError,
+        r"rank_pattern\['q_proj'\]",
+    ),
+    (
+        "load_adapter: LoRA r = nan",
+        lambda a, t, m: _load_lora_config(a, t, lambda c: c.update(r=float("nan"))),
         AdapterError,
         r"'r'",
     ),
@@ -935,6 +965,22 @@ def _check_symlink_inside_ok(a, tmp, mp):
     assert torch.equal(model.text_projection.weight, a["base"]().text_projection.weight)
 
 
+def _check_legacy_position_ids_ok(a, tmp, mp):
+    """Older CLIP checkpoints (openai/clip-vit-base-patch16) hold position_ids buffers the model no longer saves:
+    transformers ignores them by design, so strict loading accepts them."""
+    folder = _copy(a["model"], tmp)
+    _edit_safetensors(
+        folder / "model.safetensors",
+        lambda t: {
+            **t,
+            "text_model.embeddings.position_ids": torch.arange(77)[None],
+            "vision_model.embeddings.position_ids": torch.arange(17)[None],
+        },
+    )
+    model = load_model(folder)
+    assert torch.equal(model.text_projection.weight, a["base"]().text_projection.weight)
+
+
 def _check_sharded_ok(a, tmp, mp):
     folder = _sharded(a, tmp, lambda wm, f: None)
     model = load_model(folder)
@@ -967,7 +1013,7 @@ def _check_bundle_roundtrip(a, tmp, mp):
 def _check_coop_same_base_ok(a, tmp, mp):
     from peft import get_peft_model_state_dict
 
-    peft = load_adapter(a["base"](), a["coop"])
+    peft = load_adapter_model(a["base"](), a["coop"])
     ref = load_file(str(a["coop"] / "adapter_model.safetensors"))
     got = get_peft_model_state_dict(peft)
     assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
@@ -1040,6 +1086,15 @@ def _check_eval_output_replaces_previous_result(a, tmp, mp):
     assert json.loads(out.read_text())["accuracy"] == first["accuracy"]
 
 
+def _check_eval_clears_stale_temp(a, tmp, mp):
+    out = tmp / "e.json"
+    orphan = tmp / ".e.json.abc123.tmp"  # what a kill during an earlier write leaves
+    orphan.write_text('{"torn')
+    assert main([str(x) for x in _eval_argv(a, "--output", out)]) == 0
+    assert json.loads(out.read_text())["total"] == 12
+    assert not orphan.exists()
+
+
 def _check_card_into_artefact_readme(a, tmp, mp):
     lora = _copy(a["lora"], tmp, "lora")
     (lora / "README.md").write_text("old card")
@@ -1071,7 +1126,7 @@ def _check_save_pretrained_atomic(a, tmp, mp):
     save_pretrained_atomic(lora, folder)
     assert (folder / "README.md").read_text() == "my card"
     assert not (folder / "adapter_model.safetensors.stale").exists()
-    load_adapter(a["base"](), folder)
+    load_adapter_model(a["base"](), folder)
     _no_leftovers(folder)
 
 
@@ -1107,6 +1162,7 @@ RESULTS = [
     ("partial load with strict=False", _check_partial_load_opt_in),
     ("weights symlinked inside the folder", _check_symlink_inside_ok),
     ("sharded index of safetensors", _check_sharded_ok),
+    ("legacy position_ids buffers are accepted", _check_legacy_position_ids_ok),
     (".pending-save symlink does not redirect", _check_pending_save_symlink),
     ("bundle save/load round trip", _check_bundle_roundtrip),
     ("CoOp on its own base loads", _check_coop_same_base_ok),
@@ -1118,6 +1174,7 @@ RESULTS = [
     ("merged weights are θ0 + λ·δ", _check_merge_result_is_base_plus_lam_delta),
     ("eval may replace its own earlier result", _check_eval_output_replaces_previous_result),
     ("card may replace the artefact's README.md", _check_card_into_artefact_readme),
+    ("eval removes a killed write's .tmp orphan", _check_eval_clears_stale_temp),
     ("PAM save keeps README.md and sub-folders", _check_pam_save_keeps_readme),
     ("save_pretrained_atomic replaces, keeps the card", _check_save_pretrained_atomic),
     ("MergeTune reads an intact fine-tuned CoOp", _check_mergetune_ft_coop_loads),
@@ -1367,6 +1424,12 @@ def cli_eval_empty_coop(a, tmp, mp):
     return _eval_argv(a, "--adapter", coop, "--output", tmp / "e.json"), lambda: None
 
 
+def cli_eval_lora_alpha_abc(a, tmp, mp):
+    lora = _copy(a["lora"], tmp, "lora")
+    _edit_json(lora / "adapter_config.json", lambda c: c.update(lora_alpha="abc"))
+    return _eval_argv(a, "--adapter", lora, "--output", tmp / "e.json"), lambda: None
+
+
 def cli_eval_bad_labels(a, tmp, mp):
     folder = _parquet_labels(a, tmp, 5)
     return ["eval", "--model", a["model"], "--dataset", folder, "--output", tmp / "e.json"], lambda: None
@@ -1468,6 +1531,7 @@ CLI = [
     ("eval on a model without vision keys", cli_eval_missing_vision, r"missing key.*vision_model"),
     ("eval of an empty CoOp", cli_eval_empty_coop, r"missing"),
     ("eval on labels outside the names", cli_eval_bad_labels, r"\b5\b"),
+    ("eval of a LoRA with lora_alpha='abc'", cli_eval_lora_alpha_abc, r"lora_alpha"),
     ("eval --templates 'a photo of a {{}}.'", cli_eval_bad_template, r"\{\{\}\}"),
     ("eval --output under a file", cli_eval_output_under_file, r"afile"),
     ("eval with a full disk", cli_eval_enospc, r"No space left"),

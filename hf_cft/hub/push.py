@@ -11,7 +11,7 @@ What goes up is exactly the artefact's saved folder (safetensors weights + JSON 
   :class:`~hf_cft.merging.DeltaFusionMerger` (ConDU bundle) or a :class:`~hf_cft.merging.PAMState`; it is saved
   to a temporary folder, its card built from ``card_kwargs`` by the matching function of :mod:`hf_cft.hub.cards`.
 - :func:`push_adapter_to_hub` — :func:`push_to_hub` for PEFT adapters.
-- :func:`snapshot`, :func:`load_adapter`, :func:`load_model` — a local folder or a Hub repo id (through
+- :func:`snapshot`, :func:`load_adapter_model`, :func:`load_model` — a local folder or a Hub repo id (through
   ``huggingface_hub.snapshot_download``) checked for safetensors-only, readable weights before loading, with typed
   errors. ``DeltaFusionMerger.from_pretrained`` and ``PAMState.from_pretrained`` take repo ids themselves.
 
@@ -48,6 +48,7 @@ __all__ = [
     "PICKLE_SUFFIXES",
     "artefact_kind",
     "load_adapter",
+    "load_adapter_model",
     "load_model",
     "push_adapter_to_hub",
     "push_folder_to_hub",
@@ -61,6 +62,11 @@ _SKIP_DIRS = {".git", ".cache", "__pycache__", ".pending-save"}  # .pending-save
 
 
 # ------------------------------------------------------------------------------------------------ folders
+
+
+def _cause(exc: BaseException) -> str:
+    """``"Type: message"`` of a Hub / network error on one line (huggingface_hub's messages span several)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def _folder_files(folder: Path) -> list[Path]:
@@ -123,7 +129,9 @@ def push_folder_to_hub(
     folder when no card is given. ``eval_results``: ``EvalResultEntry`` objects (see
     :func:`~hf_cft.hub.eval_result_entries`) written as ``.eval_results/*.yaml``. ``api`` (an ``HfApi``) or
     ``endpoint`` / ``token`` choose the server. The folder must hold safetensors weights and no pickle files
-    (:class:`~hf_cft.errors.HubError`); unreadable safetensors raise :class:`~hf_cft.errors.BundleError`.
+    (:class:`~hf_cft.errors.HubError`); unreadable safetensors raise :class:`~hf_cft.errors.BundleError`. A failed
+    upload (no network, connection refused, authentication, a rejected commit) raises
+    :class:`~hf_cft.errors.HubError` naming the repo and the endpoint.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
@@ -141,15 +149,19 @@ def push_folder_to_hub(
     operations += [CommitOperationAdd(path_in_repo=f.as_posix(), path_or_fileobj=str(folder / f)) for f in files]
     operations += [CommitOperationAdd(path_in_repo=p, path_or_fileobj=data) for p, data in extra.items()]
     api = api if api is not None else HfApi(endpoint=endpoint, token=token)
-    if create_repo:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    return api.create_commit(
-        repo_id,
-        operations=operations,
-        commit_message=commit_message or f"Upload {folder.name} with hf_cft",
-        revision=revision,
-        repo_type="model",
-    )
+    try:
+        if create_repo:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        return api.create_commit(
+            repo_id,
+            operations=operations,
+            commit_message=commit_message or f"Upload {folder.name} with hf_cft",
+            revision=revision,
+            repo_type="model",
+        )
+    except Exception as exc:  # no network, refused, auth, rejected commit: one typed error naming the repo
+        where = getattr(api, "endpoint", None) or endpoint or "the Hub"
+        raise HubError(f"Cannot push {str(folder)!r} to {repo_id!r} at {where} ({_cause(exc)}).") from exc
 
 
 # ------------------------------------------------------------------------------------------------ artefacts
@@ -287,8 +299,7 @@ def snapshot(
         return Path(snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=patterns))
     except Exception as exc:  # offline, unknown repo, auth, bad id: one typed error naming the repo
         raise HubError(
-            f"{str(path_or_repo_id)!r} is neither a local folder nor a downloadable Hub repo "
-            f"({type(exc).__name__}: {exc})."
+            f"{str(path_or_repo_id)!r} is neither a local folder nor a downloadable Hub repo ({_cause(exc)})."
         ) from exc
 
 
@@ -301,6 +312,7 @@ def _check_adapter_folder(folder: Path) -> dict:
     if not cfg_file.is_file():
         raise AdapterError(f"{str(folder)!r} is not a PEFT adapter folder (no adapter_config.json).")
     config = read_json_object(cfg_file, AdapterError, f"adapter_config.json of {str(folder)!r}")
+    _check_lora_numbers(config, f"adapter_config.json of {str(folder)!r}")
     if not weights.is_file():
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         hint = f" It holds {', '.join(pickled)}: hf_cft reads safetensors only (never pickle)." if pickled else ""
@@ -314,7 +326,28 @@ def _check_adapter_folder(folder: Path) -> dict:
     return config
 
 
-def load_adapter(
+def _check_lora_numbers(config: dict, what: str) -> None:
+    """A LoRA config's rank and alpha (and their per-module patterns) must be a positive integer and a finite
+    number: PEFT would fill in ``r = 8`` for a missing rank and fail deep inside on ``lora_alpha = "abc"``."""
+    from hf_cft.validation import check_int, check_number
+
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        return
+    if "r" not in config:
+        raise AdapterError(f"{what} has no LoRA rank 'r'.")
+    check_int(config["r"], f"{what}: 'r'", low=1, error=AdapterError)
+    if "lora_alpha" in config:
+        check_number(config["lora_alpha"], f"{what}: 'lora_alpha'", error=AdapterError)
+    for field, check in (("rank_pattern", check_int), ("alpha_pattern", check_number)):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise AdapterError(f"{what}: {field!r} must be an object, got {type(pattern).__name__}.")
+        for module, value in pattern.items():
+            kw = {"low": 1} if check is check_int else {}
+            check(value, f"{what}: {field}[{module!r}]", error=AdapterError, **kw)
+
+
+def load_adapter_model(
     base_model,
     path_or_repo_id: str | os.PathLike,
     adapter_name: str = "default",
@@ -360,7 +393,7 @@ def check_loaded_adapter(model, folder: str | os.PathLike, adapter_name: str, wh
     :class:`~hf_cft.errors.AdapterError` naming the adapter's keys the file lacks (PEFT keeps their random
     initialisation with only a warning: an empty or renamed CoOp context) and the file's keys the adapter does not
     have; always an ``AdapterError`` for integer tensors where the adapter's are float and
-    :class:`~hf_cft.errors.NonFiniteError` naming a NaN/inf tensor. Used by :func:`load_adapter` and by
+    :class:`~hf_cft.errors.NonFiniteError` naming a NaN/inf tensor. Used by :func:`load_adapter_model` and by
     ``MergeTuneTrainer`` for the fine-tuned adapter it loads."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
@@ -379,6 +412,20 @@ def check_loaded_adapter(model, folder: str | os.PathLike, adapter_name: str, wh
         if ref is not None and ref.is_floating_point() and not t.is_floating_point():
             raise AdapterError(f"{what}: tensor {key!r} is {t.dtype} but the adapter's is {ref.dtype}.")
         check_finite_tensor(t, f"{what}: tensor {key!r}")
+
+
+def load_adapter(base_model, path_or_repo_id: str | os.PathLike, *args, **kwargs):
+    """Deprecated alias of :func:`load_adapter_model` (removed in the next release): its name shadowed
+    ``PeftModel.load_adapter(path, adapter_name)``, which takes other arguments and adds an adapter to a model."""
+    import warnings
+
+    warnings.warn(
+        "hf_cft.hub.load_adapter(base, path) is renamed load_adapter_model(base, path) (it differs from PEFT's "
+        "PeftModel.load_adapter(path, adapter_name)); the old name goes in the next release.",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return load_adapter_model(base_model, path_or_repo_id, *args, **kwargs)
 
 
 def _check_same_base(base_model, config: dict, what: str) -> None:
@@ -450,8 +497,11 @@ def load_model(path_or_repo_id: str | os.PathLike, revision: str | None = None, 
     except NotCLIPLikeError as exc:
         raise NotCLIPLikeError(f"{str(path_or_repo_id)!r}: {exc}") from exc
     state = model.state_dict()
-    tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or ())
-    check_state_keys(state, files, what, error=BundleError, strict=strict, allow_missing=tied)
+    # transformers' own accounting: it already forgives what the architecture declares ignorable (e.g. the
+    # position_ids buffers older CLIP checkpoints hold) and tied weights
+    missing = set(info.get("missing_keys") or ())
+    unexpected = set(info.get("unexpected_keys") or ())
+    check_state_keys(state, (set(state) - missing) | unexpected, what, error=BundleError, strict=strict)
     if strict and info.get("mismatched_keys"):
         raise BundleError(f"{what}: tensor(s) of another shape: {list(info['mismatched_keys'])[:4]}.")
     _check_loaded_dtypes(files, state, BundleError, what)
