@@ -524,9 +524,14 @@ def emr(deltas: Sequence[Mapping[str, Tensor]], rescaler: str = "mean", zero_sig
     num, den = [0.0] * n, [0.0] * n
     for key, shape in sorted(shapes.items()):  # one order whatever the source (a file lists its keys sorted)
         flats = [None if isinstance(d, LazyDelta) else _f32(d[key]).reshape(-1) for d in deltas]
+        checked: set[tuple[int, int]] = set()  # each slice is read twice (σ, then M and u): NaN/inf checked once
 
-        def get(i, lo, hi, key=key, flats=flats):
-            return deltas[i].read_flat(key, lo, hi) if flats[i] is None else flats[i][lo:hi]
+        def get(i, lo, hi, key=key, flats=flats, checked=checked):
+            if flats[i] is not None:
+                return flats[i][lo:hi]
+            first = (i, lo) not in checked
+            checked.add((i, lo))
+            return deltas[i].read_flat(key, lo, hi, check=first)
 
         u, pm, a, b = _unify_key(get, n, shape, rescaler, zero_sign=float(zero_sign))
         del flats

@@ -483,15 +483,17 @@ class LazyDelta(Mapping):
         _check_finite(key, t, f"of {self.description}")
         return t
 
-    def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Entries ``start:stop`` of ``key``'s flattened tensor as fp32, checked for NaN/inf. A delta file reads
-        only the rows that hold them; other lazy deltas compute the whole key and slice it."""
+    def read_flat(self, key: str, start: int, stop: int, check: bool = True) -> torch.Tensor:
+        """Entries ``start:stop`` of ``key``'s flattened tensor as fp32, checked for NaN/inf unless ``check=False``
+        (a caller that reads the same entries again checks them once). A delta file reads only the rows that hold
+        them; other lazy deltas compute the whole key and slice it."""
         if key not in self._shapes:
             raise KeyError(key)
         if self._range_getter is None:
             return self[key].reshape(-1)[start:stop]
         t = self._range_getter(key, start, stop).detach().to(torch.float32)
-        _check_finite(key, t, f"of {self.description}")
+        if check:
+            _check_finite(key, t, f"of {self.description}")
         return t
 
     def __iter__(self) -> Iterator[str]:
