@@ -1,4 +1,4 @@
-"""Protocol A (base-to-novel) of ``../shared/docs/benchmarks.md`` for MergeTune, on cached image features.
+"""Protocol A (base-to-novel) of ``docs/benchmarks.md`` for MergeTune, on cached image features.
 
 Per dataset and seed: 16 training + 4 validation shots per base class (the first ⌈n/2⌉ class ids) from the
 downstream pool; base and novel classes tested separately on the test split, each in its own label space.

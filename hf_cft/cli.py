@@ -2,9 +2,10 @@
 
 Subcommands (``hf-cft <command> --help`` for every option):
 
-- ``hf-cft eval --model DIR [--adapter DIR | --bundle DIR] --dataset NAME_OR_FOLDER [--split test]`` —
-  zero-shot accuracy of a CLIP-like model, of a PEFT adapter on it (CoOp, VPT, linear head, LoRA; also MergeTune
-  continued adapters) or of a ConDU bundle (semantic routing, or ``--task`` when the task id is known); prints
+- ``hf-cft eval --model DIR [--adapter DIR | --bundle DIR] --dataset NAME_OR_FOLDER [--split test] [--base_novel]``
+  — accuracy of a CLIP-like model (template-ensembled text head), of a PEFT adapter on it (CoOp, VPT, linear head,
+  LoRA; also MergeTune continued adapters) or of a ConDU bundle (semantic routing, or ``--task`` when the task id
+  is known), through :func:`hf_cft.evaluate`; ``--base_novel`` reports base, novel and their harmonic mean. Prints
   the accuracy and writes a JSON (``--output``) that ``hf-cft card --results`` reads.
 - ``hf-cft merge --base DIR --method {task_arithmetic,ties,dare,magmax,wise} --adapters A [B ...] --out DIR`` —
   LoRA adapters and/or fine-tuned full models → dense task deltas (:mod:`hf_cft.merging.deltas`; a LoRA delta is
@@ -30,7 +31,7 @@ Example::
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import shutil
 import sys
 from collections.abc import Sequence
@@ -80,10 +81,54 @@ def _load_clip(model: str, tokenizer: str | None):
     return clip, tok, transform, folder
 
 
+def _overlap(out: str | Path, inputs: dict[str, Any], out_option: str) -> None:
+    """Refuse an output folder that is, contains or lies inside an input (``inputs``: option → local path)."""
+    o = Path(out).resolve()
+    for option, value in inputs.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is None or not Path(str(v)).exists():
+                continue  # a Hub id: never a local folder to harm
+            i = Path(str(v)).resolve()
+            if o == i or i in o.parents or o in i.parents:
+                raise CLIError(
+                    f"{out_option} {str(out)!r} overlaps {option} {str(v)!r}: writing there would destroy an input. "
+                    f"Choose another {out_option}."
+                )
+
+
+def _check_output_file(out: str | Path, inputs: dict[str, Any], out_option: str, ours) -> None:
+    """Refuse an output file that would replace a file of an input folder (a config, weights, meta.json); ``ours``
+    (a path → bool) accepts a file this command wrote before (a previous result it may replace)."""
+    o = Path(out)
+    if o.is_dir():
+        raise CLIError(f"{out_option} {str(out)!r} is a folder; give a file name.")
+    if not o.exists():
+        return
+    r = o.resolve()
+    for option, value in inputs.items():
+        if value is None or not Path(str(value)).exists():
+            continue
+        i = Path(str(value)).resolve()
+        if (r == i or i in r.parents) and not ours(o):
+            raise CLIError(
+                f"{out_option} {str(out)!r} is a file of {option} {str(value)!r}: writing there would destroy an "
+                f"input. Choose another {out_option}."
+            )
+
+
+def _is_eval_result(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and "evaluated" in data and ("accuracy" in data or "hm" in data)
+
+
 def _write_json(path: str, obj) -> Path:
-    from hf_cft.utils import atomic_write_json
+    from hf_cft.utils import atomic_write_json, remove_stale_temps
 
     out = Path(path)
+    remove_stale_temps(out)  # a killed earlier run's half-written temporary
     atomic_write_json(out, obj)
     return out
 
@@ -91,109 +136,75 @@ def _write_json(path: str, obj) -> Path:
 # ------------------------------------------------------------------------------------------------ eval
 
 
-def _loader(dataset, transform, batch_size: int):
-    from torch.utils.data import DataLoader
+def _model_folder_kind(folder: Path) -> str | None:
+    """What a full-model folder is, from what hf_cft writes next to it: ``merge_config.json`` (``hf-cft merge``) or
+    the card's ``base_model_relation`` / tags; ``None`` when nothing says (e.g. a pretrained CLIP)."""
+    from hf_cft.utils import read_json_object
 
-    from hf_cft.data.transforms import ImageClassificationCollator, apply_image_transform
+    if (folder / "merge_config.json").is_file():
+        config = read_json_object(folder / "merge_config.json", CLIError, "merge_config.json")
+        return f"merged model ({config.get('method', 'unknown method')} of {len(config.get('adapters') or [])} delta(s))"
+    if (folder / "README.md").is_file():
+        from huggingface_hub import ModelCard
 
-    return DataLoader(
-        apply_image_transform(dataset, transform), batch_size=batch_size, collate_fn=ImageClassificationCollator()
-    )
-
-
-def _accuracy_row(preds, labels, num_classes: int) -> dict[str, Any]:
-    from hf_cft.metrics import accuracy, per_class_accuracy
-
-    return {
-        "accuracy": accuracy(preds, labels),
-        "correct": int((preds == labels).sum()),
-        "total": int(labels.numel()),
-        "per_class_accuracy": per_class_accuracy(preds, labels, num_classes),
-    }
+        try:
+            meta = ModelCard((folder / "README.md").read_text(encoding="utf-8")).data.to_dict()
+        except Exception:  # noqa: BLE001 - a hand-written README without metadata says nothing
+            return None
+        tags = set(meta.get("tags") or [])
+        if "mergetune" in tags:
+            return "MergeTune continued model"
+        relation = meta.get("base_model_relation")
+        if relation in ("finetune", "merge"):
+            return {"finetune": "fine-tuned model", "merge": "merged model"}[relation]
+    return None
 
 
 def cmd_eval(args) -> int:
-    """Evaluate a model, an adapter on it, or a ConDU bundle on one split of a dataset."""
-    import torch
-
+    """Evaluate a model, an adapter on it, or a ConDU bundle on one split of a dataset (``hf_cft.evaluate``)."""
     from hf_cft.data.templates import validate_templates
+    from hf_cft.evaluation import evaluate
     from hf_cft.recipe_utils import load_task
 
     if args.batch_size < 1:
         raise CLIError(f"--batch_size must be at least 1, got {args.batch_size}.")
     if args.task is not None and args.bundle is None:
         raise CLIError("--task selects a task of a ConDU bundle; give --bundle too.")
-    model, tokenizer, transform, _ = _load_clip(args.model, args.tokenizer)
+    if args.limit is not None and args.limit < 1:
+        raise CLIError(f"--limit must be at least 1, got {args.limit}.")
+    inputs = {"--model": args.model, "--tokenizer": args.tokenizer, "--adapter": args.adapter, "--bundle": args.bundle}
+    inputs["--dataset"] = args.dataset
+    _check_output_file(args.output, inputs, "--output", _is_eval_result)
+    model, tokenizer, transform, folder = _load_clip(args.model, args.tokenizer)
     task = load_task(args.dataset, args.data_dir)
-    split = task[args.split]
-    if args.limit is not None:
-        if args.limit < 1:
-            raise CLIError(f"--limit must be at least 1, got {args.limit}.")
-        split = split.select(range(min(args.limit, len(split))))
-    classnames = task.classnames
+    task[args.split]  # a typed error naming the missing split, before any model work
     templates = validate_templates(args.templates or task.templates, owner=f"dataset {task.name!r}")
-    what = "zero-shot"
+    what = None
     if args.adapter is not None:
-        from hf_cft.hub import load_adapter
-        from hf_cft.models import evaluate_zeroshot
+        from hf_cft.hub import load_adapter_model
 
-        peft_model = load_adapter(model, args.adapter)
-        cfg = peft_model.peft_config[peft_model.active_adapter]
-        kind = str(getattr(cfg.peft_type, "value", cfg.peft_type))
-        what = f"adapter {kind}"
-        if kind == "HF_CFT_HEAD":
-            from hf_cft.errors import AdapterError
-            from hf_cft.models import encode_images
-
-            if cfg.num_classes != len(classnames):
-                raise AdapterError(
-                    f"The linear-head adapter {args.adapter!r} has {cfg.num_classes} classes; dataset "
-                    f"{task.name!r} has {len(classnames)}."
-                )
-            feats, labels = encode_images(peft_model, _loader(split, transform, args.batch_size))
-            with torch.no_grad():
-                preds = peft_model.head_logits(feats).argmax(-1)
-            row = _accuracy_row(preds, labels, len(classnames))
-        else:
-            head = None
-            if kind == "HF_CFT_COOP":
-                with torch.no_grad():
-                    head = peft_model.class_text_features(tokenizer, classnames)
-            res = evaluate_zeroshot(
-                peft_model,
-                tokenizer,
-                split,
-                classnames,
-                templates,
-                args.batch_size,
-                transform,
-                name=task.name,
-                head=head,
-            )
-            row = res.to_dict()
+        model = load_adapter_model(model, args.adapter)
     elif args.bundle is not None:
         from hf_cft.merging import DeltaFusionMerger, SemanticRouter
 
         merger = DeltaFusionMerger.from_pretrained(args.bundle, base_model=model)
-        router = SemanticRouter(merger, model, tokenizer, top_k=args.top_k)
-        if args.task is not None:
-            merger.task_index(args.task)  # a typed TaskError naming the unknown task
-        preds, labels = [], []
-        for batch in _loader(split, transform, args.batch_size):
-            preds.append(router.predict(batch["pixel_values"], classnames, templates, task=args.task).cpu())
-            labels.append(batch["labels"])
-        if not preds:
-            from hf_cft.errors import DatasetFormatError
-
-            raise DatasetFormatError(f"Split {args.split!r} of dataset {task.name!r} has no images.")
-        row = _accuracy_row(torch.cat(preds), torch.cat(labels), len(classnames))
-        what = f"ConDU bundle ({'task ' + repr(args.task) if args.task else f'routing, top-{args.top_k}'})"
+        model = SemanticRouter(merger, model, tokenizer, top_k=args.top_k)
     else:
-        from hf_cft.models import evaluate_zeroshot
-
-        row = evaluate_zeroshot(
-            model, tokenizer, split, classnames, templates, args.batch_size, transform, name=task.name
-        ).to_dict()
+        kind = _model_folder_kind(folder)
+        what = f"{kind}, template-ensembled text head" if kind else None
+    res = evaluate(
+        model,
+        tokenizer,
+        task,
+        templates=templates,
+        split=args.split,
+        base_novel=args.base_novel,
+        task=args.task,
+        transform=transform,
+        batch_size=args.batch_size,
+        limit=args.limit,
+    )
+    what = what or res.evaluated
     result = {
         "model": str(args.model),
         "adapter": None if args.adapter is None else str(args.adapter),
@@ -202,18 +213,28 @@ def cmd_eval(args) -> int:
         "evaluated": what,
         "dataset": task.name,
         "split": args.split,
-        "num_classes": len(classnames),
+        "num_classes": task.num_classes,
         "num_templates": len(templates),
-        **row,
-        "results": [
-            {"name": task.name, "split": args.split, "num_classes": len(classnames), "accuracy": row["accuracy"]}
-        ],
+        "dataset_terms": task.meta.get("license_note") or task.meta.get("license"),
     }
+    if args.base_novel:
+        result.update({key: res.splits[key].to_dict() for key in res.splits})
+        result["hm"] = res.hm
+        results = [{**row, "split": args.split} for row in res.rows()]
+    else:
+        result.update(res.splits["all"].to_dict())
+        results = [{"name": task.name, "split": args.split, "num_classes": task.num_classes, "accuracy": res.accuracy}]
+    result["results"] = results
     out = _write_json(args.output, result)
-    print(
-        f"{task.name} ({args.split}, {row['total']} images, {len(classnames)} classes), {what}: "
-        f"accuracy {row['accuracy']:.2f}%  -> {out}"
-    )
+    for key, r in res.splits.items():
+        label = "" if key == "all" else f" {key} classes"
+        print(
+            f"{task.name} ({args.split}{label}, {r.total} images, {len(res.classnames[key])} classes), {what}: "
+            f"accuracy {r.accuracy:.2f}%"
+        )
+    if res.hm is not None:
+        print(f"{task.name} ({args.split}), {what}: harmonic mean of base and novel {res.hm:.2f}")
+    print(f"-> {out}")
     return 0
 
 
@@ -221,32 +242,31 @@ def cmd_eval(args) -> int:
 
 
 def _fraction(name: str, value: float, low_open: bool = True, high_open: bool = False) -> float:
-    ok = math.isfinite(value) and (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
-    if not ok:
-        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
-        raise MergeConfigError(f"--{name} must lie in {interval}, got {value}.")
-    return value
+    from hf_cft.validation import check_number
+
+    return check_number(
+        value, f"--{name}", low=0.0, high=1.0, low_open=low_open, high_open=high_open, error=MergeConfigError
+    )
 
 
 def _merge_fn(args, n: int):
     """The merge as a function of the list of deltas, with its options checked (MergeConfigError names them)."""
     from hf_cft.merging import baselines
+    from hf_cft.validation import check_number
 
-    lam = args.lam
-    if lam is not None and not math.isfinite(lam):
-        raise MergeConfigError(f"--lam must be finite, got {lam}.")
+    lam = args.lam if args.lam is None else check_number(args.lam, "--lam", error=MergeConfigError)
     if args.method == "wise":
         if n != 1:
             raise MergeConfigError(f"--method wise interpolates one fine-tuned model; got {n} --adapters.")
-        if not math.isfinite(args.alpha):
-            raise MergeConfigError(f"--alpha must be finite, got {args.alpha}.")
+        check_number(args.alpha, "--alpha", error=MergeConfigError)
         return lambda ds: baselines.wise_ft(ds[0], alpha=args.alpha), {"alpha": args.alpha}
     if args.method == "task_arithmetic":
         lam = 0.3 if lam is None else lam
         return lambda ds: baselines.task_arithmetic(ds, lam=lam), {"lam": lam}
     if args.method == "ties":
         k, lam = _fraction("k", args.k), 1.0 if lam is None else lam
-        return lambda ds: baselines.ties(ds, k=k, lam=lam), {"k": k, "lam": lam}
+        opts = {"trim_scope": args.trim_scope, "merge": args.disjoint_merge}
+        return lambda ds: baselines.ties(ds, k=k, lam=lam, **opts), {"k": k, "lam": lam, **opts}
     if args.method == "dare":
         rho = _fraction("rho", args.rho, low_open=False, high_open=True)
         if args.then not in ("ta", "ties"):
@@ -256,7 +276,10 @@ def _merge_fn(args, n: int):
             {"rho": rho, "seed": args.seed, "then": args.then, "lam": lam},
         )
     lam = 0.5 if lam is None else lam
-    return lambda ds: baselines.magmax(ds, lam=lam), {"lam": lam}
+    return lambda ds: baselines.magmax(ds, lam=lam, tie_break=args.tie_break), {
+        "lam": lam,
+        "tie_break": args.tie_break,
+    }
 
 
 def _delta_of(source: str, base_folder: Path, base_model):
@@ -279,11 +302,21 @@ def cmd_merge(args) -> int:
 
     from hf_cft.hub import load_model, snapshot
     from hf_cft.merging import apply_delta
+    from hf_cft.utils import staged_folder
 
     merge, params = _merge_fn(args, len(args.adapters))
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise CLIError(f"--out {str(out)!r} is not empty; pass --overwrite to write into it.")
+    _overlap(out, {"--base": args.base, "--adapters": list(args.adapters)}, "--out")
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {str(out)!r} is a file, not a folder.")
+    if out.is_dir() and any(out.iterdir()):
+        if not args.overwrite:
+            raise CLIError(f"--out {str(out)!r} is not empty; pass --overwrite to replace it.")
+        if not (out / "merge_config.json").is_file():
+            raise CLIError(
+                f"--out {str(out)!r} is not the output of an earlier hf-cft merge (no merge_config.json): "
+                "--overwrite replaces a whole merge output, never another folder. Choose another --out."
+            )
     base_folder = snapshot(args.base)
     model = load_model(base_folder)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -294,21 +327,23 @@ def cmd_merge(args) -> int:
     deltas = [{k: d[k] if k in d else torch.zeros(shapes[k]) for k in keys} for d in deltas]
     merged = merge(deltas)
     apply_delta(model, merged)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))  # safetensors (transformers' default)
-    for name in _SIDE_FILES:
-        if (base_folder / name).is_file():
-            shutil.copy2(base_folder / name, out / name)
-    _write_json(
-        str(out / "merge_config.json"),
-        {
-            "method": args.method,
-            **params,
-            "base": str(args.base),
-            "adapters": [str(a) for a in args.adapters],
-            "keys": len(keys),
-        },
-    )
+    # the whole output is written beside --out and swapped in at once: a kill or Ctrl-C leaves the old output or
+    # the new one, never new weights beside an old merge_config.json
+    with staged_folder(out) as stage:
+        model.save_pretrained(str(stage))  # safetensors (transformers' default)
+        for name in _SIDE_FILES:
+            if (base_folder / name).is_file():
+                shutil.copy2(base_folder / name, stage / name)
+        _write_json(
+            str(stage / "merge_config.json"),
+            {
+                "method": args.method,
+                **params,
+                "base": str(args.base),
+                "adapters": [str(a) for a in args.adapters],
+                "keys": len(keys),
+            },
+        )
     print(f"merged {len(deltas)} delta(s) with {args.method} {params} over {len(keys)} key(s) -> {out}")
     return 0
 
@@ -376,11 +411,17 @@ def cmd_card(args) -> int:
     """Render the model card of a saved artefact."""
     from hf_cft import hub
 
+    _check_output_file(
+        args.out, {"--artefact": args.artefact, "--results": args.results}, "--out", lambda p: p.suffix == ".md"
+    )
     data = _card_inputs(_read_json(args.results, "--results"))
     for key in ("dataset_name", "dataset_id", "base_model"):
         if getattr(args, key, None) is not None:
             data[key] = getattr(args, key)
-    kwargs = {k: data[k] for k in _CARD_KEYS[args.kind] if data.get(k) is not None}
+    if args.license is not None:
+        data["license"] = args.license
+    keys = (*_CARD_KEYS[args.kind], "license", "dataset_terms")  # every card states its license and data terms
+    kwargs = {k: data[k] for k in keys if data.get(k) is not None}
     kwargs["model_name"] = args.model_name or data.get("model_name") or Path(args.artefact).resolve().name
     if args.repo_id:
         kwargs["repo_id"] = args.repo_id
@@ -396,8 +437,9 @@ def cmd_card(args) -> int:
 
         card = hub.pam_card(PAMState.from_pretrained(args.artefact), **kwargs)
     hub.validate_card(card)
-    from hf_cft.utils import atomic_write_bytes
+    from hf_cft.utils import atomic_write_bytes, remove_stale_temps
 
+    remove_stale_temps(args.out)
     atomic_write_bytes(args.out, str(card).encode("utf-8"))
     print(f"{args.kind} card for {args.artefact} -> {args.out}")
     return 0
@@ -487,6 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", nargs="+", help="prompt templates with one '{}' (default: the dataset's)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
+    p.add_argument(
+        "--base_novel",
+        action="store_true",
+        help="base-to-novel: evaluate the first ceil(C/2) classes and the rest separately, each over its own "
+        "classes, and print their harmonic mean (the recipes' class split)",
+    )
     p.add_argument("--output", default="eval_results.json", help="JSON to write (default eval_results.json)")
     p.set_defaults(func=cmd_eval)
 
@@ -498,7 +546,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lam", type=float, help="λ (defaults: task_arithmetic 0.3, ties 1.0, dare per --then, magmax 0.5)"
     )
-    p.add_argument("--k", type=float, default=0.2, help="ties: kept fraction per tensor (default 0.2)")
+    p.add_argument("--k", type=float, default=0.2, help="ties: kept fraction (default 0.2)")
+    p.add_argument(
+        "--trim_scope",
+        default="tensor",
+        choices=["tensor", "model"],
+        help="ties: trim per tensor (peft, default) or over the whole task vector (TIES paper / FusionBench)",
+    )
+    p.add_argument(
+        "--disjoint_merge",
+        default="mean",
+        choices=["mean", "sum", "max"],
+        help="ties: disjoint merge of the agreeing entries (default mean, the paper; sum / max as FusionBench)",
+    )
+    p.add_argument(
+        "--tie_break",
+        default="later",
+        choices=["later", "earlier"],
+        help="magmax: which task wins equal magnitudes (default later, as the official code)",
+    )
     p.add_argument("--rho", type=float, default=0.9, help="dare: drop rate in [0, 1) (default 0.9)")
     p.add_argument("--then", default="ta", help="dare: 'ta' (task arithmetic) or 'ties' after dropping")
     p.add_argument("--seed", type=int, default=0, help="dare: seed of the drop masks")
@@ -515,6 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset_name")
     p.add_argument("--dataset_id", help="Hub dataset id of the evaluation data")
     p.add_argument("--base_model", help="Hub id of the base model")
+    p.add_argument(
+        "--license",
+        help="license of the artefact (Hub identifier, e.g. apache-2.0); default: the base model card's, else unknown",
+    )
     p.add_argument("--repo_id", help="the repo the artefact will live in (used in the loading snippet)")
     p.set_defaults(func=cmd_card)
 
@@ -539,11 +609,38 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hf-cft``; returns the exit status (0, or 2 for bad input, with a one-line message)."""
     args = build_parser().parse_args(argv)
+    _quiet_progress_bars()
     try:
         return int(args.func(args) or 0)
     except HfCftError as exc:
-        print(f"hf-cft {args.command}: error: {exc}", file=sys.stderr)
+        print(f"hf-cft {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"hf-cft {args.command}: interrupted; outputs left as they were.", file=sys.stderr)
+        return 130
+    except OSError as exc:  # read-only or full file system, an output path under a file, ...
+        print(f"hf-cft {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _quiet_progress_bars() -> None:
+    """The CLI prints one result line (or one error line): no loading / writing progress bars on stderr."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 if __name__ == "__main__":

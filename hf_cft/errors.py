@@ -28,6 +28,10 @@ class UnknownDatasetError(HfCftError, KeyError):
         return self.args[0]
 
 
+class OptionError(HfCftError, ValueError):
+    """A numeric or choice option is not finite, out of its range or not one of the allowed values (names it)."""
+
+
 class TemplateError(HfCftError, ValueError):
     """A prompt template does not contain exactly one ``{}`` placeholder."""
 
@@ -88,7 +92,7 @@ class BundleError(HfCftError, ValueError):
     """A saved bundle or checkpoint folder is missing files, is corrupt, or is not safetensors."""
 
 
-class MergeConfigError(HfCftError, ValueError):
+class MergeConfigError(OptionError):
     """A merger is configured with an unknown option value (names the option and the allowed values)."""
 
 

@@ -17,7 +17,7 @@ def tiny_clip_config(
     num_layers: int = 2,
     max_position_embeddings: int = 77,
 ):
-    """A ~44k-parameter ``CLIPConfig`` (ecosystem.md §2). ``eos_token_id=2`` gives the legacy argmax pooling."""
+    """A ~44k-parameter ``CLIPConfig``. ``eos_token_id=2`` gives the legacy argmax pooling."""
     from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
     text = CLIPTextConfig(
@@ -118,3 +118,85 @@ def tiny_siglip(seed: int = 0, max_position_embeddings: int = 16):
         ),
     )
     return SiglipModel(cfg).eval()
+
+
+def save_tiny_clip(
+    folder,
+    bpe_path=None,
+    texts=None,
+    *,
+    seed: int = 0,
+    image_size: int = 32,
+    patch_size: int = 4,
+    hidden_size: int = 64,
+    projection_dim: int = 32,
+    num_layers: int = 2,
+    vocab_size: int = 1024,
+):
+    """Save a tiny random ``CLIPModel`` with a CLIP tokenizer and image processor into ``folder``, so that
+    ``CLIPModel.from_pretrained(folder)``, ``AutoTokenizer.from_pretrained(folder)`` and
+    ``AutoImageProcessor.from_pretrained(folder)`` load it (for examples and tests; no download).
+
+    The tokenizer is the real 49,408-token CLIP vocabulary rebuilt from OpenAI's BPE merge list when ``bpe_path``
+    is given (:func:`hf_cft.models.build_clip_tokenizer`), else a small BPE with CLIP's layout learned on ``texts``
+    (:func:`hf_cft.models.train_clip_tokenizer`, ``vocab_size`` tokens; by default a few generic photo captions).
+    The model's vocabulary and special token ids follow the tokenizer. The folder is written next to its final
+    place and renamed into it, so a reader sees no half-written folder. Returns the folder as a ``Path``.
+
+    Example::
+
+        save_tiny_clip("tiny-clip", "../shared/data/assets/bpe_simple_vocab_16e6.txt.gz")
+        model = CLIPModel.from_pretrained("tiny-clip")
+    """
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    try:  # the PIL backend: no torchvision needed (transformers 5.x)
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor
+
+    from hf_cft.models.tokenizer import build_clip_tokenizer, train_clip_tokenizer
+
+    folder = Path(folder)
+    if bpe_path is not None:
+        tokenizer = build_clip_tokenizer(bpe_path)
+    else:
+        texts = list(texts) if texts is not None else [f"a photo of a {w}." for w in _DEFAULT_WORDS]
+        tokenizer = train_clip_tokenizer(texts, vocab_size=vocab_size)
+    model = tiny_clip(
+        seed=seed,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=hidden_size,
+        projection_dim=projection_dim,
+        num_layers=num_layers,
+    )
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the saved folder is an ordinary one
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        processor.save_pretrained(str(tmp))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.replace(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+_DEFAULT_WORDS = ("cat", "dog", "bird", "car", "plane", "ship", "truck", "horse", "flower", "tree", "house", "road")

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -33,6 +34,133 @@ def atomic_path(path: str | os.PathLike):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+_STAGING_TAG = ".hf-cft-staging-"
+_OLD_TAG = ".hf-cft-old-"
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL / ENOSYS / EOPNOTSUPP: the file system cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def stale_staging(path: str | os.PathLike) -> list[Path]:
+    """Leftovers of interrupted :func:`staged_folder` writes to ``path`` (siblings ``.<name>.hf-cft-*``)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    prefixes = (f".{path.name}{_STAGING_TAG}", f".{path.name}{_OLD_TAG}")
+    return [p for p in path.parent.iterdir() if p.name.startswith(prefixes)]
+
+
+@contextlib.contextmanager
+def staged_folder(path: str | os.PathLike, keep: Callable[[str], bool] | None = None):
+    """Yield an empty sibling folder to write a whole output into; when the block succeeds it replaces ``path`` in
+    one atomic step (``renameat2(RENAME_EXCHANGE)`` on Linux, else two renames) and the old folder is removed;
+    when it fails (an error, Ctrl-C) the staging folder is removed and ``path`` is untouched. A process killed at
+    any moment leaves the old folder or the new one, never a mix; its staging leftovers are removed by the next
+    call. ``keep(name)``: entries of the old folder (top level: files and sub-folders) to carry into the new one;
+    a kept file replaces one the block wrote under the same name (a user's README.md over a generated one).
+
+    Example::
+
+        with staged_folder("merged") as tmp:
+            model.save_pretrained(tmp)
+    """
+    import shutil
+
+    path = Path(os.path.abspath(path))  # "." or "out/.." name their folder, not a child of it
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in stale_staging(path):
+        shutil.rmtree(stale, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}{_STAGING_TAG}", dir=str(path.parent)))
+    try:
+        # mkdtemp makes a private (0700) folder: give the output the old folder's mode, else the usual one
+        os.chmod(stage, path.stat().st_mode & 0o7777 if path.is_dir() else 0o777 & ~_umask())
+        yield stage
+        if keep is not None and path.is_dir():
+            for old in path.iterdir():
+                if old.is_symlink() or not keep(old.name):
+                    continue
+                new = stage / old.name
+                if old.is_file() and not new.is_dir():
+                    shutil.copy2(old, new)
+                elif old.is_dir() and not new.exists():
+                    shutil.copytree(old, new, symlinks=True)
+        _fsync_tree(stage)
+        if path.is_dir() and not path.is_symlink():
+            if _exchange(stage, path):
+                shutil.rmtree(stage)  # now the old folder
+            else:
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}{_OLD_TAG}", dir=str(path.parent)))
+                os.replace(path, old / "x")
+                os.replace(stage, path)
+                shutil.rmtree(old)
+        else:
+            if path.is_symlink() or path.exists():
+                path.unlink()
+            os.replace(stage, path)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def save_pretrained_atomic(artefact, save_directory: str | os.PathLike, **kwargs) -> Path:
+    """``artefact.save_pretrained(save_directory, **kwargs)`` (a ``PeftModel``, a transformers model, a tokenizer,
+    ...) made crash-safe: written into a sibling staging folder and swapped in whole (:func:`staged_folder`), so a
+    kill leaves the previous save or the new one, never new weights beside an old config. Markdown files of the
+    previous folder (its model card) are kept, over the card ``save_pretrained`` may generate.
+
+    Example::
+
+        save_pretrained_atomic(peft_model, "out/coop")   # adapter_config.json + adapter_model.safetensors
+    """
+    with staged_folder(save_directory, keep=lambda name: name.endswith(".md")) as stage:
+        artefact.save_pretrained(str(stage), **kwargs)
+    return Path(save_directory)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary siblings (``.<name>.*.tmp``) that :func:`atomic_path` writes to ``path`` left by a
+    killed process; return them. Call it where one process owns ``path`` (the command line's outputs)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    stale = [p for p in path.parent.glob(f".{path.name}.*.tmp") if p.is_file() and not p.is_symlink()]
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return stale
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -15,6 +15,9 @@ mid-write. Modes:
     Saves :class:`~hf_cft.merging.DeltaFusionMerger` bundles into the same folder ``OUT`` forever, version after
     version (version ``v`` holds the tasks built from seeds ``0..v``, see :func:`bundle_version`), printing
     ``SAVED v`` after each complete save.
+``artefact-loop OUT KIND``
+    The same for a LoRA adapter, a full model, a PAM state (``KIND`` = ``adapter``, ``model``, ``pam``) and for
+    ``hf-cft merge --overwrite`` into ``OUT`` (``merge``), versions 0, 1, 2 in turn (:func:`artefact_version`).
 ``checkpoint-loop OUT``
     The same with ``ContinualRunner._write_checkpoint`` (a ConDU strategy holding version ``v``'s merger, the
     manifest saying ``completed = v``) into ``OUT``.
@@ -109,7 +112,89 @@ def checkpoint_loop(out: str) -> None:
         v += 1
 
 
-JOBS = {"continual": run_continual, "bundle-loop": bundle_loop, "checkpoint-loop": checkpoint_loop}
+def artefact_version(kind: str, v: int, root: str | None = None):
+    """Version ``v`` (0..2) of a looped artefact of ``kind``: a LoRA ``PeftModel`` of rank v+1 whose factors are
+    all v+1 (config and weights disagree if mixed), a tiny CLIP built from seed v, or a PAM state merged v+1 times.
+    ``merge`` versions are the ``--lam`` values of ``hf-cft merge`` (their weights are compared by the test)."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_cft.testing import tiny_clip
+
+    if kind == "adapter":
+        peft = get_peft_model(tiny_clip(), LoraConfig(r=v + 1, target_modules=["q_proj", "v_proj", "fc1"]))
+        with torch.no_grad():
+            for n, p in peft.named_parameters():
+                if "lora_" in n:
+                    p.fill_(float(v + 1))
+        return peft
+    if kind == "model":
+        return tiny_clip(seed=v)
+    if kind == "pam":
+        from hf_cft.merging import PAMConfig, PAMState, adapter_state, prepare_pam_model
+
+        pam = prepare_pam_model(tiny_clip(), LoraConfig(r=2, target_modules=["fc1"]), PAMConfig())
+        state = PAMState.from_model(pam)
+        for t in range(v + 1):
+            state.merge({k: x + 0.1 * (t + 1) for k, x in adapter_state(pam, "task").items()}, f"t{t}")
+        return state
+    if kind == "merge":
+        return MERGE_LAMS[v]
+    raise ValueError(kind)
+
+
+MERGE_LAMS = (0.1, 0.2, 0.3)
+
+
+def merge_assets(root: Path) -> tuple[Path, Path]:
+    """A base model folder and a LoRA adapter folder under ``root`` for the ``hf-cft merge`` loop."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_cft.testing import tiny_clip
+
+    base, lora = root / "merge_base", root / "merge_lora"
+    if not base.is_dir():
+        tiny_clip().save_pretrained(base)
+        torch.manual_seed(0)
+        get_peft_model(tiny_clip(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)).save_pretrained(
+            lora
+        )
+    return base, lora
+
+
+def artefact_loop(out: str, kind: str) -> None:
+    """Save versions 0, 1, 2, 0, ... of an artefact of ``kind`` into ``out`` forever, each through hf_cft's
+    crash-safe save (``save_pretrained_atomic`` for adapters and models, ``PAMState.save_pretrained``, ``hf-cft
+    merge --overwrite``), printing ``SAVED v`` after each."""
+    from hf_cft.utils import save_pretrained_atomic
+
+    out_path = Path(out)
+    if kind == "merge":
+        from hf_cft.cli import main
+
+        base, lora = merge_assets(out_path.parent)
+    versions = [artefact_version(kind, v) for v in range(3)]
+    print("READY", flush=True)
+    v = 0
+    while True:
+        x = versions[v % 3]
+        if kind in ("adapter", "model"):
+            save_pretrained_atomic(x, out_path)
+        elif kind == "pam":
+            x.save_pretrained(out_path)
+        else:
+            argv = ["merge", "--base", str(base), "--method", "task_arithmetic", "--adapters", str(lora)]
+            status = main([*argv, "--out", out, "--lam", str(x), "--overwrite"])
+            assert status == 0, status
+        print(f"SAVED {v % 3}", flush=True)
+        v += 1
+
+
+JOBS = {
+    "continual": run_continual,
+    "bundle-loop": bundle_loop,
+    "checkpoint-loop": checkpoint_loop,
+    "artefact-loop": artefact_loop,
+}
 
 
 def _child(mode: str, args: list[str]) -> None:

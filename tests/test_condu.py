@@ -369,8 +369,10 @@ def test_corrupt_or_missing_bundle_files_raise_bundle_error(tmp_path):
     manifest["tasks"][0]["lam"] = float("nan")
     m.save_pretrained(folder)
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="task0"):
+    with pytest.raises(BundleError, match="manifest.json does not match its checksum"):  # an edited manifest
         DeltaFusionMerger.from_pretrained(folder)
+    with pytest.raises(BundleError, match="task0"):  # and its λ is still checked without verification
+        DeltaFusionMerger.from_pretrained(folder, verify=False)
     (folder / "manifest.json").unlink()
     with pytest.raises(BundleError, match="manifest.json is missing|not a local bundle"):
         DeltaFusionMerger.from_pretrained(folder)
@@ -426,7 +428,7 @@ def test_model_card_lists_tasks_storage_and_results(monkeypatch):
     m.add_task(d, "dtd", classnames=["a", "b"], dataset="dtd")
     with pytest.warns(CollapsedTaskWarning):
         m.add_task({k: torch.zeros_like(v) for k, v in d.items()}, "mnist", dataset="mnist")
-    card = m.model_card(results=[{"name": "dtd", "accuracy": 71.25}], summary={"Last": 80.5})
+    card = cards.condu_card(m, results=[{"name": "dtd", "accuracy": 71.25}], summary={"Last": 80.5})
     text = str(card)
     assert "| 0 | dtd | dtd | 2 | 1.0000 |" in text and "| 1 | mnist | mnist |  | 0.0000 | yes |" in text
     assert "| dtd | 71.25 |" in text and "| Last | 80.50 |" in text

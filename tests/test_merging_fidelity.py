@@ -467,3 +467,35 @@ def test_lora_peft_reference_for_dense_factors_conversion(clip_model):
     assert max_diff(dict(dense), dict(want)) < 1e-6
     with pytest.raises(DeltaError, match="lacks"):
         dense_delta_from_factors({}, reference)
+
+
+def test_strategy_options_reach_the_mergers_and_bad_values_are_refused():
+    from hf_cft.continual import make_strategy
+    from hf_cft.errors import ContinualError
+
+    ties_s = make_strategy("ties", k=0.3, lam=0.5, trim_scope="model", disjoint_merge="max")
+    assert ties_s.settings() == {
+        "merge": "stateful",
+        "k": 0.3,
+        "lam": 0.5,
+        "trim_scope": "model",
+        "disjoint_merge": "max",
+    }
+    assert (ties_s.merger.trim_scope, ties_s.merger.merge, ties_s.merger.lam) == ("model", "max", 0.5)
+    assert make_strategy("magmax", tie_break="earlier").merger.tie_break == "earlier"
+    assert make_strategy("opcm", rank_rule="fusion_bench").merger.rank_rule == "fusion_bench"
+    assert make_strategy("opcm").settings() == {"merge": "stateful", "alpha": 0.5}  # old checkpoints still resume
+    emr_s = make_strategy("emr", rescaler="global_sum", zero_sign=0)
+    assert emr_s.settings() == {"rescaler": "global_sum", "zero_sign": 0}
+    assert make_strategy("condu", rescaler_groups="openai").settings()["rescaler_groups"] == "openai"
+    for name, option in (
+        ("ties", {"trim_scope": "layer"}),
+        ("ties", {"disjoint_merge": "median"}),
+        ("magmax", {"tie_break": "random"}),
+        ("opcm", {"rank_rule": "argmax"}),
+        ("emr", {"zero_sign": 1}),
+        ("emr", {"rescaler": "sum"}),
+        ("condu", {"rescaler_groups": "layer"}),
+    ):
+        with pytest.raises(ContinualError, match=next(iter(option))):
+            make_strategy(name, **option)

@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 from hf_cft import CoOpConfig
 from hf_cft.data import from_arrays
-from hf_cft.errors import DatasetFormatError, HubError
+from hf_cft.errors import CardError, DatasetFormatError, HubError
 from hf_cft.testing import tiny_clip
 from hf_cft.trainers import ClipClassificationTrainer, ClipTrainingArguments, MergeTuneConfig, MergeTuneTrainer
 
@@ -112,6 +112,8 @@ def test_push_to_hub_uploads_exactly_the_artefact_and_our_card(kind, hub, toy_to
     assert meta["library_name"] == library
     assert {"hf_cft", "clip"} | tags <= set(meta["tags"])
     metrics = _metrics(meta)
+    assert {n for n, m in metrics if m == "accuracy"} == {"colours (base)", "colours (novel)"}  # the last evaluation
+    assert str(tmp_path) not in card.text
     assert metrics[("colours (base)", "accuracy")] == pytest.approx(base, abs=1e-3)
     assert metrics[("colours (novel)", "accuracy")] == pytest.approx(novel, abs=1e-3)
     assert "| learning rate | 0.05 |" in card.text and "| steps trained | 2 |" in card.text
@@ -120,7 +122,7 @@ def test_push_to_hub_uploads_exactly_the_artefact_and_our_card(kind, hub, toy_to
         assert "| λ (anchor_weight) |" in card.text and "| β (path_weight) | 0.5 |" in card.text
         hm = 2 * base * novel / (base + novel) if base + novel else 0.0
         assert metrics[("colours (base-to-novel)", "hm")] == pytest.approx(hm, abs=1e-3)
-        assert "_ft`" in card.text  # the fine-tuned solution ŵ2 is named
+        assert f"a local adapter folder (`{kind.split('_')[1]}_ft`)" in card.text  # ŵ2 named, not its path
     if kind == "coop":
         assert "| n_ctx | 4 |" in card.text
     # the pushed weights are the trained model's
@@ -164,7 +166,7 @@ def test_hub_problems_fail_before_any_request(hub, toy_tokenizer, tmp_path):
     trainer = ClipClassificationTrainer(model, _args("coop", tmp_path), CLASSES, TEMPLATES, toy_tokenizer)
     trainer.args.hub_model_id = "me/x"
     trainer.state.log_history.append({"eval_accuracy": float("nan"), "step": 0})  # a card the Hub would reject
-    with pytest.raises(Exception, match="finite"):
+    with pytest.raises(CardError, match="finite"), pytest.warns(UserWarning, match="no model card written"):
         trainer.push_to_hub()
     assert hub.requests == []
 
@@ -240,6 +242,10 @@ def test_full_finetune_saves_processor_and_reloads(tmp_path):
     reloaded = CLIPModel.from_pretrained(folder)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[k], v)
+    from hf_cft.data import model_transform
+
+    tf = model_transform(reloaded)  # a reloaded model's raw datasets get the saved processor's transform
+    assert (tf.size, tf.crop_size) == (32, 32) and tf.mean == trainer.image_transform().mean
     processor = AutoProcessor.from_pretrained(folder)
     assert isinstance(processor, CLIPProcessor)
     assert processor.image_processor.crop_size == {"height": 32, "width": 32}
@@ -451,36 +457,62 @@ def test_resolve_checkpoint_names_the_pretraining_command(tmp_path, monkeypatch)
 def test_recipe_configs_without_their_checkpoint_fail_in_one_line(recipe, tmp_path, monkeypatch):
     """recipes/configs/{condu,pam}.yaml name the project's pretrained CLIP: before it is built, the recipe stops in
     one line naming the command that builds it (pretraining is ~1 hour on a CPU: not started implicitly)."""
-    import subprocess
-    import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
-    env = {**__import__("os").environ, "HOME": str(tmp_path)}
-    if recipe == "condu":  # as a user runs it
-        out = subprocess.run(
-            [sys.executable, "recipes/condu.py", "--config", "recipes/configs/condu.yaml"],
-            cwd=repo,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert out.returncode == 1
-        lines = [line for line in out.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and PRETRAIN_C in lines[0], out.stderr
-        return
     from tests_helpers import load_recipe
 
     from hf_cft.continual import ContinualConfig
 
     monkeypatch.setenv("HOME", str(tmp_path))
-    rec = load_recipe("pam")
+    rec = load_recipe(recipe)
+    cls = rec.ConDURecipeArguments if recipe == "condu" else rec.PAMRecipeArguments
+    config_file = Path(__file__).resolve().parents[1] / "recipes" / "configs" / f"{recipe}.yaml"
     args, config = rec.parse_recipe_args(
-        rec.PAMRecipeArguments,
-        ContinualConfig,
-        args=["--config", str(repo / "recipes/configs/pam.yaml")],
-        defaults=rec.RECIPE_DEFAULTS,
+        cls, ContinualConfig, args=["--config", str(config_file)], defaults=rec.RECIPE_DEFAULTS
     )
-    with pytest.raises(SystemExit, match=f"has not been pretrained yet: build it with `{PRETRAIN_C}`"):
+    with pytest.raises(SystemExit, match=f"has not been pretrained yet: build it with `{PRETRAIN_C}`") as exc:
         rec.main(args, config)
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.slow
+def test_condu_config_without_its_checkpoint_as_a_user_runs_it(tmp_path):
+    """``python recipes/condu.py --config recipes/configs/condu.yaml``: exit status 1, one line on stderr."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run(
+        [sys.executable, "recipes/condu.py", "--config", "recipes/configs/condu.yaml"],
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 1
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and PRETRAIN_C in lines[0], out.stderr
+
+
+@pytest.mark.data
+def test_shared_dataset_splits_and_few_shot_rows_go_straight_in(shared_data, toy_tokenizer, tmp_path):
+    """Rows as load_classification_dataset / few_shot give them (an encoded Image column): trained and evaluated
+    without a transform call, with the model's image size."""
+    from hf_cft.data import few_shot, load_classification_dataset
+
+    ds = load_classification_dataset("flowers5", data_dir=str(shared_data))
+    model = get_peft_model(tiny_clip(), CoOpConfig(n_ctx=4).set_tokenizer(toy_tokenizer))
+    trainer = ClipClassificationTrainer(
+        model,
+        _args("coop", tmp_path, max_steps=1),
+        ds.classnames,
+        ds.templates,
+        toy_tokenizer,
+        train_dataset=few_shot(ds["train"], 2),
+        dataset_name=ds.name,
+    )
+    trainer.train()
+    metrics = trainer.evaluate(ds["test"].select(range(10)))
+    assert 0.0 <= metrics["eval_accuracy"] <= 100.0 and np.isfinite(metrics["eval_loss"])

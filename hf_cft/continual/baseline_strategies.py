@@ -66,25 +66,26 @@ def task_arithmetic_strategy(lam: float = 0.3) -> DeltaMergeStrategy:
 
 
 def ties_strategy(
-    k: float = 0.2, lam: float = 1.0, trim_scope: str = "tensor", merge: str = "mean"
+    k: float = 0.2, lam: float = 1.0, trim_scope: str = "tensor", disjoint_merge: str = "mean"
 ) -> DeltaMergeStrategy:
     """TIES, continual form (pam.md §9): the unscaled TIES merge of the pair (merged so far, τ_t), deployed ×λ
-    (k = 0.2, λ = 1, lib); ``trim_scope`` / ``merge`` as :func:`hf_cft.merging.baselines.ties`."""
+    (k = 0.2, λ = 1, lib); ``trim_scope`` and ``disjoint_merge`` are :func:`hf_cft.merging.baselines.ties`'s
+    ``trim_scope`` and ``merge``."""
     from hf_cft.merging.baselines import DISJOINT_MERGES, TRIM_SCOPES, ContinualTIES
 
     k = check_number("ties", "k", k, 0.0, 1.0, low_open=True)
     lam = check_number("ties", "lam", lam)
     check_choice("ties", "trim_scope", trim_scope, TRIM_SCOPES)
-    check_choice("ties", "merge", merge, DISJOINT_MERGES)
-    # trim_scope and merge are always recorded: a checkpoint written before the λ fix (issue 17 bug 2), which lacks
-    # them, holds other results and is refused on resume rather than continued with the fixed merger
+    check_choice("ties", "disjoint_merge", disjoint_merge, DISJOINT_MERGES)
+    # trim_scope and disjoint_merge are always recorded: a checkpoint written before the λ fix (issue 17 bug 2)
+    # lacks them and holds other results, so it is refused on resume instead of continued with the fixed merger
     return DeltaMergeStrategy.from_merger(
         "ties",
-        functools.partial(ContinualTIES, k, lam, trim_scope, merge),
+        functools.partial(ContinualTIES, k, lam, trim_scope, disjoint_merge),
         k=k,
         lam=lam,
         trim_scope=trim_scope,
-        merge=merge,
+        disjoint_merge=disjoint_merge,
     )
 
 

@@ -233,7 +233,7 @@ STRATEGY_CARDS: dict[str, tuple[str, str]] = {
         _DELTA_FILES,
     ),
     "ties": (
-        "TIES on the pair (merged so far, new expert) after each task, experts from θ⁰ (pam.md §9).",
+        "TIES on the pair (unscaled merge so far, new expert) after each task, ×λ once, experts from θ⁰ (pam.md §9).",
         _DELTA_FILES,
     ),
     "magmax": (

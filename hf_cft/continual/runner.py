@@ -272,8 +272,15 @@ class ContinualRunner:
                 saved = json.loads((found / MANIFEST).read_text())
             except json.JSONDecodeError as exc:
                 raise BundleError(f"{found / MANIFEST} is not valid JSON: {exc}") from exc
+            if not isinstance(saved, dict):
+                raise ContinualError(f"{found / MANIFEST} must hold a JSON object.")
             self._check_identity(saved, identity, found)
-            start = int(saved["completed"])
+            start = saved.get("completed")
+            if isinstance(start, bool) or not isinstance(start, int) or not 1 <= start <= T:
+                raise ContinualError(
+                    f"{found / MANIFEST}: 'completed' must be the number of finished tasks, 1..{T}, got {start!r}; "
+                    "the checkpoint is corrupt (remove it to start over)."
+                )
             values = [[float("nan") if v is None else v for v in row] for row in saved["matrix"]]
             matrix = AccuracyMatrix(names, values)
             history = list(saved.get("history", []))

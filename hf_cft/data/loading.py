@@ -16,7 +16,6 @@ Resolution of ``load_classification_dataset(source)``:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -29,6 +28,7 @@ import datasets
 from hf_cft.data.specs import DatasetSpec, get_spec, has_spec
 from hf_cft.data.templates import DEFAULT_TEMPLATES, validate_classnames, validate_templates
 from hf_cft.errors import ClassNamesError, DatasetFormatError, UnknownDatasetError
+from hf_cft.validation import check_labels
 
 SHARED_DATASETS = (
     "aid30",
@@ -151,10 +151,17 @@ def _load_folder(folder, name, image_column, label_column, classnames, templates
     meta: dict = {}
     meta_path = folder / "meta.json"
     if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DatasetFormatError(f"{meta_path} of dataset {name!r} is not valid JSON: {exc}") from exc
+        from hf_cft.utils import read_json_object
+
+        meta = read_json_object(meta_path, DatasetFormatError, f"meta.json of dataset {name!r}")
+        for key in ("classnames", "templates"):
+            value = meta.get(key)
+            if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+                if key == "classnames" and isinstance(value, list):
+                    continue  # validate_classnames names the entry that is not a string
+                raise DatasetFormatError(
+                    f"meta.json of dataset {name!r}: {key!r} must be a list of strings, got {value!r:.80}."
+                )
     files = _parquet_files(folder)
     if files:
         dd = datasets.load_dataset("parquet", data_files=files)
@@ -274,6 +281,10 @@ def _finalize(
         validate_classnames(
             classnames, owner=f"dataset {name!r}", num_labels=label_feature.num_classes, duplicates="error"
         )
+        # a ClassLabel does not check the stored ints (Parquet written by other tools): values outside the names
+        # would be scored as errors of a class that does not exist
+        for split, ds in dd.items():
+            check_labels(ds.unique("label"), label_feature.num_classes, f"split {split!r} of dataset {name!r}")
         if list(classnames) != label_names:  # keep the ClassLabel names in line with the prompt names
             new = datasets.ClassLabel(names=list(classnames))
             dd = datasets.DatasetDict({k: v.cast_column("label", new) for k, v in dd.items()})

@@ -15,6 +15,7 @@ import datasets
 import numpy as np
 
 from hf_cft.errors import DatasetFormatError, FewShotError
+from hf_cft.validation import check_choice, check_int, check_number
 
 
 def labels_of(ds: datasets.Dataset, label_column: str = "label") -> np.ndarray:
@@ -51,10 +52,8 @@ def few_shot_indices(
     changes the rows drawn for another. ``on_short``: ``"error"`` raises :class:`FewShotError` naming the class;
     ``"take_all"`` takes every row of a short class and warns.
     """
-    if k <= 0:
-        raise ValueError(f"k must be a positive number of shots, got {k}")
-    if on_short not in ("error", "take_all"):
-        raise ValueError(f"on_short must be 'error' or 'take_all', got {on_short!r}")
+    k = check_int(k, "k (shots per class)", low=1)
+    check_choice(on_short, "on_short", ("error", "take_all"))
     rng = np.random.default_rng(seed)
     present = np.unique(labels)
     classes = sorted(int(c) for c in (present if classes is None else classes))
@@ -92,8 +91,7 @@ def few_shot(
 
 def split_per_class_indices(labels: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Split each class's rows into a ``fraction`` part and the rest (``floor(fraction·n_c + 0.5)`` rows)."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    fraction = check_number(fraction, "fraction", low=0.0, high=1.0)
     rng = np.random.default_rng(seed)
     first, second = [], []
     for c in np.unique(labels):

@@ -6,12 +6,15 @@ import warnings
 from collections.abc import Sequence
 
 from hf_cft.errors import ClassNamesError, TemplateError
+from hf_cft.validation import check_class_names_type, check_template
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
 def validate_templates(templates: Sequence[str], owner: str = "") -> list[str]:
-    """Check that there is at least one template and each has exactly one ``{}``; return them as a list."""
+    """Check that there is at least one template and that formatting a class name into each gives the name exactly
+    once (:func:`hf_cft.validation.check_template`: ``'a {{}}'``, ``'a {0} {}'``, ``'{name} {}'`` are refused);
+    return them as a list."""
     where = f" of {owner}" if owner else ""
     if isinstance(templates, str):
         templates = [templates]
@@ -19,10 +22,7 @@ def validate_templates(templates: Sequence[str], owner: str = "") -> list[str]:
     if not templates:
         raise TemplateError(f"The template list{where} is empty; give at least one, e.g. 'a photo of a {{}}.'.")
     for t in templates:
-        if not isinstance(t, str) or t.count("{}") != 1:
-            raise TemplateError(
-                f"Template {t!r}{where} must contain exactly one '{{}}' placeholder for the class name."
-            )
+        check_template(t, owner)
     return templates
 
 
@@ -36,7 +36,7 @@ def validate_classnames(
     :class:`ClassNamesError`, ``"ignore"`` accepts them silently.
     """
     where = f" of {owner}" if owner else ""
-    names = list(classnames)
+    names = check_class_names_type(classnames, owner)
     if not names:
         raise ClassNamesError(f"The class-name list{where} is empty.")
     for i, n in enumerate(names):

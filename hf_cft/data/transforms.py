@@ -56,10 +56,20 @@ def decode_image(item, source: str = "dataset"):
             raise ImageDecodeError(f"Cannot decode image {path or '<bytes>'} of {source}: {exc}") from exc
     elif isinstance(item, (np.ndarray, torch.Tensor, list)):
         arr = np.asarray(item.detach().cpu() if isinstance(item, torch.Tensor) else item)
-        if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
             arr = arr.transpose(1, 2, 0)
-        if arr.dtype != np.uint8:
-            arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        if arr.size == 0:
+            raise ImageDecodeError(f"An image array of shape {arr.shape} from {source} is empty.")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ImageDecodeError(
+                f"An image array from {source} holds {int((~np.isfinite(arr)).sum())} NaN/inf pixel value(s)."
+            )
+        if arr.dtype == np.uint16:  # 16-bit: scaled to 8 bits, not clipped
+            arr = np.round(arr.astype(np.float64) / 257.0).astype(np.uint8)
+        elif arr.dtype == np.bool_:
+            arr = arr.astype(np.uint8) * 255
+        elif arr.dtype != np.uint8:
+            arr = np.clip(np.round(arr * (255.0 if arr.max() <= 1.0 else 1.0)), 0, 255).astype(np.uint8)
         if arr.ndim == 3 and arr.shape[-1] == 1:
             arr = arr[..., 0]
         try:
@@ -70,19 +80,54 @@ def decode_image(item, source: str = "dataset"):
         raise ImageDecodeError(f"An image of {source} is missing (None).")
     else:
         raise ImageDecodeError(f"Cannot decode an image of type {type(item).__name__} from {source}.")
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return to_rgb(img, source)
 
 
-def _size_value(size, default: int) -> int:
+def to_rgb(img, source: str = "dataset"):
+    """An RGB ``PIL.Image`` of ``img`` whatever its mode, as transformers' image processors convert it (alpha and
+    palette transparency composited onto white), except that high-bit-depth modes are *scaled* to 8 bits where
+    PIL's ``convert`` clips them: 16-bit grey (``I;16*``, and ``I`` holding values above 255) is divided by 257,
+    a float image (``F``) in [0, 1] is multiplied by 255 (other float ranges are taken as 0..255). NaN/inf pixels
+    raise :class:`~hf_cft.errors.ImageDecodeError` naming ``source``."""
+    Image = _pil()
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        arr = np.asarray(img)
+        if arr.ndim == 3:  # a multi-band integer image: keep PIL's own conversion
+            return img.convert("RGB")
+        arr = arr.astype(np.float64)
+        if not np.isfinite(arr).all():
+            raise ImageDecodeError(f"A {img.mode} image of {source} holds NaN/inf pixel values.")
+        if img.mode.startswith("I;16") or (img.mode == "I" and arr.max() > 255):
+            arr = arr / (65535.0 if arr.max() <= 65535 else arr.max()) * 255.0
+        elif img.mode == "F" and arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+            arr = arr * 255.0
+        grey = np.clip(np.round(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _size_value(size, default: int, name: str = "size") -> int:
+    from hf_cft.validation import check_int
+
     if size is None:
         return default
     if isinstance(size, int):
-        return size
+        return check_int(size, f"image processor {name}", low=1)
     if isinstance(size, dict):
         for key in ("shortest_edge", "height", "width"):
-            if size.get(key):
-                return int(size[key])
-    return int(getattr(size, "shortest_edge", None) or getattr(size, "height", None) or default)
+            if size.get(key) is not None:
+                return check_int(size[key], f"image processor {name}[{key!r}]", low=1)
+        return default
+    for key in ("shortest_edge", "height"):
+        if getattr(size, key, None) is not None:
+            return check_int(getattr(size, key), f"image processor {name}.{key}", low=1)
+    return default
 
 
 @dataclass
@@ -116,16 +161,27 @@ class ImageTransform:
     epoch: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        from hf_cft.validation import check_int, check_number
+
         self._rng = random.Random(self.seed)
-        self.mean = tuple(float(m) for m in self.mean)
-        self.std = tuple(float(s) for s in self.std)
+        self.size = check_int(self.size, "size (image processor's resize size)", low=1)
+        self.crop_size = check_int(self.crop_size, "crop_size (image processor's crop size)", low=1)
+        if len(self.mean) != 3 or len(self.std) != 3:
+            from hf_cft.errors import OptionError
+
+            raise OptionError(f"image mean and std need 3 values (RGB), got mean={self.mean!r}, std={self.std!r}.")
+        self.mean = tuple(check_number(m, f"image mean[{i}]") for i, m in enumerate(self.mean))
+        self.std = tuple(check_number(s, f"image std[{i}]", low=0.0, low_open=True) for i, s in enumerate(self.std))
+        lo, hi = self.scale
+        check_number(lo, "scale[0] (random crop area)", low=0.0, low_open=True, high=1.0)
+        check_number(hi, "scale[1] (random crop area)", low=lo, high=1.0)
 
     @classmethod
     def from_processor(cls, processor, **kwargs) -> ImageTransform:
         """Read size, crop size, mean and std from a transformers image processor (or a ``CLIPProcessor``)."""
         proc = getattr(processor, "image_processor", processor)
-        crop = _size_value(getattr(proc, "crop_size", None), 0)
-        size = _size_value(getattr(proc, "size", None), crop or 224)
+        crop = _size_value(getattr(proc, "crop_size", None), 0, "crop_size")
+        size = _size_value(getattr(proc, "size", None), crop or 224, "size")
         return cls(
             size=size,
             crop_size=crop or size,
@@ -212,12 +268,13 @@ def model_transform(model, image_processor=None) -> ImageTransform:
     from hf_cft.models.clip import unwrap_model
 
     base = unwrap_model(model)
-    folder = getattr(base, "name_or_path", None) or ""
-    if folder and os.path.isfile(os.path.join(os.path.expanduser(str(folder)), "preprocessor_config.json")):
+    folder = os.path.expanduser(str(getattr(base, "name_or_path", None) or ""))
+    saved = ("preprocessor_config.json", "processor_config.json")  # an image processor, or a whole processor
+    if folder and any(os.path.isfile(os.path.join(folder, name)) for name in saved):
         from transformers import AutoImageProcessor
 
         try:
-            return ImageTransform.from_processor(AutoImageProcessor.from_pretrained(os.path.expanduser(str(folder))))
+            return ImageTransform.from_processor(AutoImageProcessor.from_pretrained(folder))
         except (OSError, ValueError):
             pass
     return ImageTransform.from_model(base)

@@ -51,8 +51,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hf_cft.errors import DeltaError, NonFiniteError, TaskError
+from hf_cft.errors import DeltaError, MergeConfigError, NonFiniteError, TaskError
 from hf_cft.merging.masks import PackedMask
+from hf_cft.validation import check_choice, check_int, check_number
 
 Delta = dict[str, Tensor]
 
@@ -133,25 +134,28 @@ def _f32(t: Tensor) -> Tensor:
 
 
 def _check_fraction(name: str, value: float, low_open: bool = True) -> float:
-    """``value`` as a float in (0, 1] (``low_open``) or [0, 1], else ``ValueError`` naming ``name``."""
-    value = float(value)
-    low_ok = value > 0.0 if low_open else value >= 0.0
-    if not (math.isfinite(value) and low_ok and value <= 1.0):
-        raise ValueError(f"{name} must lie in {'(0, 1]' if low_open else '[0, 1]'}, got {value}.")
-    return value
+    """``value`` as a float in (0, 1] (``low_open``) or [0, 1], else :class:`MergeConfigError` naming ``name``."""
+    return check_number(value, name, low=0.0, high=1.0, low_open=low_open, error=MergeConfigError)
 
 
 def _weights(lam: float | Sequence[float], n: int, name: str = "lam") -> list[float]:
     if isinstance(lam, (int, float)):
-        values = [float(lam)] * n
-    else:
-        values = [float(x) for x in lam]
-        if len(values) != n:
-            raise TaskError(f"{name} has {len(values)} values but there are {n} task deltas.")
-    for i, v in enumerate(values):
-        if not math.isfinite(v):
-            raise ValueError(f"{name} for task {i} is {v}; it must be finite.")
-    return values
+        return [check_number(lam, name, error=MergeConfigError)] * n
+    values = list(lam)
+    if len(values) != n:
+        raise TaskError(f"{name} has {len(values)} values but there are {n} task deltas.")
+    return [check_number(v, f"{name} for task {i}", error=MergeConfigError) for i, v in enumerate(values)]
+
+
+def _finite_result(delta: Delta, blame: str) -> Delta:
+    """``delta`` when every entry is finite; else :class:`MergeConfigError` blaming ``blame`` (the option that
+    scaled finite inputs out of float range, e.g. ``alpha=1e308``) and naming the first overflowing key."""
+    for key, v in delta.items():
+        if not bool(torch.isfinite(v).all()):
+            raise MergeConfigError(
+                f"{blame} scales the finite delta at key {key!r} beyond the float range (inf); use a smaller value."
+            )
+    return delta
 
 
 # ------------------------------------------------------------------------------------------------ building blocks
@@ -228,9 +232,9 @@ def _trimmed(deltas: Sequence[Mapping[str, Tensor]], k: float, trim_scope: str) 
 
 def _check_ties_options(k: float, trim_scope: str, merge: str) -> float:
     if trim_scope not in TRIM_SCOPES:
-        raise ValueError(f"trim_scope must be one of {TRIM_SCOPES}, got {trim_scope!r}.")
+        raise MergeConfigError(f"trim_scope must be one of {TRIM_SCOPES}, got {trim_scope!r}.")
     if merge not in DISJOINT_MERGES:
-        raise ValueError(f"merge must be one of {DISJOINT_MERGES}, got {merge!r}.")
+        raise MergeConfigError(f"merge must be one of {DISJOINT_MERGES}, got {merge!r}.")
     return _check_fraction("k", k)
 
 
@@ -276,7 +280,9 @@ def task_arithmetic(deltas: Sequence[Mapping[str, Tensor]], lam: float | Sequenc
     """
     deltas = _check_deltas(deltas)
     w = _weights(lam, len(deltas))
-    return {key: sum(wi * _f32(d[key]) for wi, d in zip(w, deltas)) for key in deltas[0]}
+    return _finite_result(
+        {key: sum(wi * _f32(d[key]) for wi, d in zip(w, deltas)) for key in deltas[0]}, f"lam={lam!r}"
+    )
 
 
 def running_mean(deltas: Sequence[Mapping[str, Tensor]]) -> Delta:
@@ -289,10 +295,8 @@ def running_mean(deltas: Sequence[Mapping[str, Tensor]]) -> Delta:
 def wise_ft(delta: Mapping[str, Tensor], alpha: float = 0.5) -> Delta:
     """WiSE-FT (arXiv:2109.01903; pam.md §9): θ = (1−α)θ0 + αθ_ft, so the merged delta is α·τ (α = 0.5, lib)."""
     (delta,) = _check_deltas([delta], what="delta")
-    alpha = float(alpha)
-    if not math.isfinite(alpha):
-        raise ValueError(f"alpha must be finite, got {alpha}.")
-    return {key: alpha * _f32(v) for key, v in delta.items()}
+    alpha = check_number(alpha, "alpha", error=MergeConfigError)
+    return _finite_result({key: alpha * _f32(v) for key, v in delta.items()}, f"alpha={alpha!r}")
 
 
 def magnitude_prune(
@@ -336,7 +340,9 @@ def ties(
     deltas = _check_deltas(deltas)
     k = _check_ties_options(k, trim_scope, merge)
     lam = _weights(lam, 1)[0]
-    return {key: lam * v for key, v in _ties_unscaled(deltas, k, trim_scope, merge).items()}
+    return _finite_result(
+        {key: lam * v for key, v in _ties_unscaled(deltas, k, trim_scope, merge).items()}, f"lam={lam!r}"
+    )
 
 
 def dare(
@@ -358,11 +364,8 @@ def dare(
         lam: λ; defaults to 0.3 for ``"ta"`` and 1.0 for ``"ties"`` (the defaults of those methods).
     """
     deltas = _check_deltas(deltas)
-    rho = float(rho)
-    if not (math.isfinite(rho) and 0.0 <= rho < 1.0):
-        raise ValueError(f"rho (the drop rate) must lie in [0, 1), got {rho}.")
-    if then not in ("ta", "ties"):
-        raise ValueError(f"then must be 'ta' or 'ties', got {then!r}.")
+    rho = check_number(rho, "rho (the drop rate)", low=0.0, high=1.0, high_open=True, error=MergeConfigError)
+    check_choice(then, "then", ("ta", "ties"), error=MergeConfigError)
     lam = _weights((0.3 if then == "ta" else 1.0) if lam is None else lam, 1)[0]
     out = {}
     for key in deltas[0]:
@@ -371,7 +374,7 @@ def dare(
             out[key] = lam * sum(dropped)
         else:
             out[key] = lam * _elect_disjoint(torch.stack(dropped))
-    return out
+    return _finite_result(out, f"lam={lam!r} (with the 1/(1-rho) rescale)")
 
 
 MAGMAX_TIE_BREAKS = ("later", "earlier")
@@ -379,7 +382,7 @@ MAGMAX_TIE_BREAKS = ("later", "earlier")
 
 def _check_tie_break(tie_break: str) -> str:
     if tie_break not in MAGMAX_TIE_BREAKS:
-        raise ValueError(f"tie_break must be one of {MAGMAX_TIE_BREAKS}, got {tie_break!r}.")
+        raise MergeConfigError(f"tie_break must be one of {MAGMAX_TIE_BREAKS}, got {tie_break!r}.")
     return tie_break
 
 
@@ -411,7 +414,7 @@ def magmax(deltas: Sequence[Mapping[str, Tensor]], lam: float = 0.5, tie_break: 
         for d in deltas[1:]:
             best = _magmax_step(best, _f32(d[key]), tie_break)
         out[key] = lam * best
-    return out
+    return _finite_result(out, f"lam={lam!r}")
 
 
 EMR_RESCALERS = ("mean", "global_sum")
@@ -511,9 +514,9 @@ def emr(deltas: Sequence[Mapping[str, Tensor]], rescaler: str = "mean", zero_sig
     from hf_cft.merging.deltas import LazyDelta
 
     if rescaler not in EMR_RESCALERS:
-        raise ValueError(f"rescaler must be one of {EMR_RESCALERS}, got {rescaler!r}.")
+        raise MergeConfigError(f"rescaler must be one of {EMR_RESCALERS}, got {rescaler!r}.")
     if zero_sign not in EMR_ZERO_SIGNS or isinstance(zero_sign, bool):
-        raise ValueError(f"zero_sign must be one of {EMR_ZERO_SIGNS}, got {zero_sign!r}.")
+        raise MergeConfigError(f"zero_sign must be one of {EMR_ZERO_SIGNS}, got {zero_sign!r}.")
     shapes = _check_lazy_deltas(deltas)
     n = len(deltas)
     unified: Delta = {}
@@ -521,9 +524,14 @@ def emr(deltas: Sequence[Mapping[str, Tensor]], rescaler: str = "mean", zero_sig
     num, den = [0.0] * n, [0.0] * n
     for key, shape in sorted(shapes.items()):  # one order whatever the source (a file lists its keys sorted)
         flats = [None if isinstance(d, LazyDelta) else _f32(d[key]).reshape(-1) for d in deltas]
+        checked: set[tuple[int, int]] = set()  # each slice is read twice (σ, then M and u): NaN/inf checked once
 
-        def get(i, lo, hi, key=key, flats=flats):
-            return deltas[i].read_flat(key, lo, hi) if flats[i] is None else flats[i][lo:hi]
+        def get(i, lo, hi, key=key, flats=flats, checked=checked):
+            if flats[i] is not None:
+                return flats[i][lo:hi]
+            first = (i, lo) not in checked
+            checked.add((i, lo))
+            return deltas[i].read_flat(key, lo, hi, check=first)
 
         u, pm, a, b = _unify_key(get, n, shape, rescaler, zero_sign=float(zero_sign))
         del flats
@@ -590,8 +598,7 @@ def consensus(
     Raises :class:`~hf_cft.errors.TaskError` if ``k`` exceeds the number of tasks (every entry would be dropped).
     """
     deltas = _check_deltas(deltas)
-    if int(k) != k or k < 0:
-        raise ValueError(f"k must be a non-negative integer, got {k!r}.")
+    k = check_int(k, "k", low=0, error=MergeConfigError)
     if k > len(deltas):
         raise TaskError(
             f"consensus k={k} exceeds the number of tasks ({len(deltas)}): no entry could be kept; lower k."
@@ -824,7 +831,7 @@ class OPCMMerger(ContinualMerger):
         super().__init__()
         self.alpha = _check_fraction("alpha", alpha, low_open=False)
         if rank_rule not in self.RANK_RULES:
-            raise ValueError(f"rank_rule must be one of {self.RANK_RULES}, got {rank_rule!r}.")
+            raise MergeConfigError(f"rank_rule must be one of {self.RANK_RULES}, got {rank_rule!r}.")
         self.rank_rule = rank_rule
         if linear_keys is None:
             self._is_linear = default_opcm_linear_key

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import re
@@ -56,6 +57,7 @@ from hf_cft.merging.deltas import (
     validate_delta,
     validate_lazy_delta,
 )
+from hf_cft.merging.hub_hint import MovedToHubMixin
 from hf_cft.merging.masks import PackedMask, packed_nbytes
 from hf_cft.utils import atomic_path, read_json_object, release_freed_memory
 
@@ -80,6 +82,9 @@ MASKS_FILE = "masks.safetensors"
 PROTOTYPES_FILE = "prototypes.safetensors"
 # A save stages its files here and commits by writing the staged manifest (see ``save_pretrained``).
 STAGING_DIR = ".pending-save"
+#: sha256 of the manifest's other fields (canonical JSON): an edited λ, class name or file checksum is corruption.
+MANIFEST_CHECKSUM = "manifest_sha256"
+_BUNDLE_FILES = (UNIFIED_FILE, MASKS_FILE, PROTOTYPES_FILE)
 
 RESCALERS = ("mean", "global_sum")
 LORA_MERGES = ("dense", "factors")
@@ -387,7 +392,7 @@ class TaskRecord:
         return asdict(self)
 
 
-class DeltaFusionMerger:
+class DeltaFusionMerger(MovedToHubMixin):
     """ConDU's merger (condu.md §1–§5): one :meth:`add_task` per session; experts rebuilt on demand.
 
     ``base_model`` (optional) is only needed to turn LoRA adapters given to :meth:`add_task` into deltas
@@ -399,7 +404,14 @@ class DeltaFusionMerger:
         merger.add_task(delta_1, "aircraft", classnames=names_1, templates=tpl_1, prototypes=protos_1)
         merger.add_task(delta_2, "caltech101", ...)
         merger.tasks[0].lam, merger.expert_delta("aircraft")
+
+    Push it with ``hf_cft.hub.push_to_hub(merger, repo_id)``; its card is ``hf_cft.hub.condu_card(merger, ...)``.
     """
+
+    _MOVED_TO_HUB = {
+        "push_to_hub": "hf_cft.hub.push_to_hub(merger, repo_id, card_kwargs=...)",
+        "model_card": "hf_cft.hub.condu_card(merger, results=..., summary=...)",
+    }
 
     def __init__(
         self,
@@ -709,13 +721,6 @@ class DeltaFusionMerger:
             "experts": unified * len(self._records),
         }
 
-    def push_to_hub(self, repo_id: str, **kwargs):
-        """Save to a temporary folder and upload it with its model card, like ``PeftModel.push_to_hub``
-        (delegates to :func:`hf_cft.hub.push_to_hub`; ``card_kwargs=`` / ``card=`` / ``token=`` / ``private=``)."""
-        from hf_cft.hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
-
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write the bundle: ``unified.safetensors`` (u), ``masks.safetensors`` (uint8 bit-packed masks, keys
         ``"<task index>/<delta key>"``), ``prototypes.safetensors`` and ``manifest.json`` (config, task order,
@@ -754,6 +759,7 @@ class DeltaFusionMerger:
         }
         from hf_cft.utils import atomic_write_json
 
+        manifest[MANIFEST_CHECKSUM] = _manifest_digest(manifest)
         atomic_write_json(stage / MANIFEST, manifest)  # the commit point
         _finish_pending_save(out)
         return out
@@ -778,6 +784,8 @@ class DeltaFusionMerger:
             folder = _download_bundle(str(path_or_repo_id), revision)
         paths = _committed_paths(folder)
         manifest = _read_manifest(folder, paths[MANIFEST])
+        if verify:
+            _check_manifest_integrity(folder, manifest)
         try:
             config = DeltaFusionMergerConfig.from_dict(manifest["config"])
             shapes = {e["key"]: tuple(int(x) for x in e["shape"]) for e in manifest["keys"]}
@@ -848,63 +856,6 @@ class DeltaFusionMerger:
         merger.version = 1
         return merger
 
-    def model_card(
-        self,
-        *,
-        model_name: str = "ConDU bundle",
-        results: Sequence[Mapping[str, Any]] | None = None,
-        summary: Mapping[str, float] | None = None,
-        results_note: str = "",
-        limitations: str = "",
-        repo_id: str | None = None,
-    ):
-        """A ``huggingface_hub.ModelCard`` for this bundle (``model_cards/condu_bundle.md``): tasks with λ and
-        flags, storage, loading snippet; ``results`` rows ``{"name": dataset, "accuracy": percent}`` become
-        model-index entries, ``summary`` (e.g. Transfer / Average / Last) a table. ``card.save(folder/"README.md")``.
-        """
-        from huggingface_hub import EvalResult, ModelCardData
-
-        from hf_cft.hub.cards import render_card
-
-        base = self.base_model_name_or_path
-        eval_results = [
-            EvalResult(
-                task_type="image-classification",
-                dataset_type=str(row["name"]),
-                dataset_name=str(row["name"]),
-                metric_type="accuracy",
-                metric_value=round(float(row["accuracy"]), 4),
-            )
-            for row in results or []
-        ]
-        card_data = ModelCardData(
-            model_name=model_name,
-            library_name="hf_cft",
-            base_model=base,
-            tags=["hf_cft", "clip", "condu", "model-merging", "continual-learning"],
-            eval_results=eval_results or None,
-            license="apache-2.0",
-        )
-        return render_card(
-            "condu_bundle",
-            card_data,
-            model_name=model_name,
-            base_model=base,
-            base_model_url=f"https://huggingface.co/{base}" if base and "/" in base else "#",
-            tasks=self.tasks,
-            config=self.config,
-            num_keys=len(self._shapes),
-            num_entries=sum(math.prod(s) for s in self._shapes.values()),
-            fingerprint=self.base_fingerprint,
-            results=list(results or []),
-            summary=dict(summary or {}),
-            results_note=results_note,
-            storage=self.storage_bytes(),
-            limitations=limitations
-            or "Experts are rebuilt approximately (λ·M⊙u, condu.md §3); accuracy is only known where reported above.",
-            repo_id=repo_id,
-        )
-
     def __repr__(self) -> str:
         return (
             f"DeltaFusionMerger({len(self._records)} tasks, {len(self._shapes)} keys, rescaler={self.config.rescaler!r}, "
@@ -941,7 +892,8 @@ def _committed_paths(folder: Path) -> dict[str, Path]:
     """Where each bundle file of ``folder`` is: in the staging folder when a save was killed after its commit
     point (staged manifest written) but before every file was moved into place, else in ``folder`` itself."""
     stage = folder / STAGING_DIR
-    committed = (stage / MANIFEST).is_file()
+    # a staging folder is the bundle's own real sub-folder: a symlink (to another bundle) never redirects a load
+    committed = not stage.is_symlink() and stage.is_dir() and (stage / MANIFEST).is_file()
     names = (MANIFEST, UNIFIED_FILE, MASKS_FILE, PROTOTYPES_FILE)
     return {n: stage / n if committed and (stage / n).is_file() else folder / n for n in names}
 
@@ -952,6 +904,9 @@ def _finish_pending_save(folder: Path) -> None:
     import shutil
 
     stage = folder / STAGING_DIR
+    if stage.is_symlink():
+        stage.unlink()  # never a save of this bundle (saves create a real folder): drop it, never follow it
+        return
     if not stage.exists():
         return
     if (stage / MANIFEST).is_file():
@@ -959,6 +914,29 @@ def _finish_pending_save(folder: Path) -> None:
             if (stage / name).is_file():
                 os.replace(stage / name, folder / name)
     shutil.rmtree(stage)
+
+
+def _manifest_digest(manifest: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=True).encode("utf-8")).hexdigest()
+
+
+def _check_manifest_integrity(folder: Path, manifest: dict) -> None:
+    """The manifest's own checksum, and a sha256 in ``files`` for every bundle file (a missing entry is
+    corruption, not a reason to skip verification)."""
+    digest = manifest.get(MANIFEST_CHECKSUM)
+    if not isinstance(digest, str) or digest != _manifest_digest(manifest):
+        what = "has no checksum" if digest is None else "does not match its checksum"
+        raise BundleError(
+            f"Bundle {str(folder)!r}: {MANIFEST} {what} ({MANIFEST_CHECKSUM}): it was edited or is corrupt; "
+            "re-save the bundle (or load with verify=False to accept it as is)."
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise BundleError(f"Bundle {str(folder)!r}: {MANIFEST} has no 'files' checksums.")
+    for name in _BUNDLE_FILES:
+        if not isinstance(files.get(name), str):
+            raise BundleError(f"Bundle {str(folder)!r}: {MANIFEST} has no checksum for {name} in 'files'.")
 
 
 def _read_manifest(folder: Path, file: Path | None = None) -> dict:

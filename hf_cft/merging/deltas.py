@@ -184,18 +184,14 @@ def _safetensors_index(path: Path, role: str) -> dict[str, str]:
             raise DeltaError(
                 f"{str(path)!r} ({role}) is a PEFT adapter folder; take its delta with delta_from_lora(folder, base)."
             )
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise BundleError(f"Corrupt safetensors index {str(index)!r} of the {role}: {exc}") from exc
-            return {k: str(path / f) for k, f in weight_map.items()}
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-            hint = f" It holds {', '.join(others)}: hf_cft reads safetensors only (never pickle)." if others else ""
-            raise BundleError(f"No safetensors weights in {str(path)!r} ({role}).{hint}")
+        from hf_cft.validation import safetensors_files
+
+        return {
+            k: str(f)
+            for k, f in safetensors_files(
+                path, BundleError, f"{role} {str(path)!r}", (".bin", ".pt", ".pth", ".ckpt"), "reads"
+            ).items()
+        }
     else:
         raise BundleError(f"The {role} path {str(path)!r} does not exist.")
     out: dict[str, str] = {}
@@ -487,15 +483,17 @@ class LazyDelta(Mapping):
         _check_finite(key, t, f"of {self.description}")
         return t
 
-    def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Entries ``start:stop`` of ``key``'s flattened tensor as fp32, checked for NaN/inf. A delta file reads
-        only the rows that hold them; other lazy deltas compute the whole key and slice it."""
+    def read_flat(self, key: str, start: int, stop: int, check: bool = True) -> torch.Tensor:
+        """Entries ``start:stop`` of ``key``'s flattened tensor as fp32, checked for NaN/inf unless ``check=False``
+        (a caller that reads the same entries again checks them once). A delta file reads only the rows that hold
+        them; other lazy deltas compute the whole key and slice it."""
         if key not in self._shapes:
             raise KeyError(key)
         if self._range_getter is None:
             return self[key].reshape(-1)[start:stop]
         t = self._range_getter(key, start, stop).detach().to(torch.float32)
-        _check_finite(key, t, f"of {self.description}")
+        if check:
+            _check_finite(key, t, f"of {self.description}")
         return t
 
     def __iter__(self) -> Iterator[str]:
@@ -637,12 +635,23 @@ def _lora_groups(config: dict, tensors: Mapping[str, torch.Tensor], where: str) 
         a, b = g["lora_A.weight"], g["lora_B.weight"]
         if a.ndim != 2 or b.ndim != 2:
             raise AdapterError(f"Module {module!r} of the {where} is not a linear LoRA (factor of {a.ndim} dims).")
-        r = int(_pattern_value(config.get("rank_pattern"), module, config.get("r")))
+        from hf_cft.validation import check_int, check_number
+
+        r = check_int(
+            _pattern_value(config.get("rank_pattern"), module, config.get("r")),
+            f"LoRA rank 'r' of module {module!r} ({where}'s adapter_config.json)",
+            low=1,
+            error=AdapterError,
+        )
         if a.shape[0] != r or b.shape[1] != r:
             raise AdapterError(
                 f"Module {module!r} of the {where}: factors of rank {a.shape[0]} but the config says r={r}."
             )
-        alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha")))
+        alpha = check_number(
+            _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha")),
+            f"lora_alpha of module {module!r} ({where}'s adapter_config.json)",
+            error=AdapterError,
+        )
         g["scaling"] = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         g["fan_in_fan_out"] = bool(config.get("fan_in_fan_out"))
     return groups
@@ -794,12 +803,28 @@ def apply_delta(model: nn.Module, delta: Mapping[str, torch.Tensor], scale: floa
 
     Use :func:`functional_expert` to run θ⁰ + s·δ without touching the model.
     """
+    from hf_cft.validation import check_number
+
+    scale = check_number(scale, "scale")
     named = _check_against_model(model, delta)
     for k, d in delta.items():
         _check_finite(k, d, "of the delta")
+    # every key is checked before the first is changed: a scale that overflows a key leaves the model as it was
     for k, d in delta.items():
         t = named[k]
-        t.add_(d.to(device=t.device, dtype=t.dtype), alpha=scale)
+        if not t.is_floating_point():
+            continue
+        fits = abs(scale) <= torch.finfo(t.dtype).max
+        if not fits or not bool(
+            torch.isfinite(torch.add(t.detach(), d.to(device=t.device, dtype=t.dtype), alpha=scale)).all()
+        ):
+            raise NonFiniteError(
+                f"scale={scale!r} times the delta at key {k!r} overflows {t.dtype} (inf); the model is unchanged."
+            )
+    with torch.no_grad():
+        for k, d in delta.items():
+            t = named[k]
+            t.add_(d.to(device=t.device, dtype=t.dtype), alpha=scale)
     return model
 
 

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from hf_cft.errors import AdapterError, AlignmentError, BundleError, NonFiniteError
+from hf_cft.merging.hub_hint import MovedToHubMixin
 from hf_cft.utils import atomic_save_safetensors, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -518,13 +519,19 @@ def _json_safe(value):
     return str(value)
 
 
-class PAMState:
+class PAMState(MovedToHubMixin):
     """The global adapter G (fp32 factor tensors), the number of tasks merged so far, the LoRA config and the
     per-task log (misalignment before each merge, merge weight, factor-average gap, alignment counts).
 
     ``save_pretrained(dir)`` writes ``adapter_model.safetensors`` + ``adapter_config.json`` (a regular PEFT LoRA
     folder: ``PeftModel.from_pretrained(base, dir)`` deploys G) and ``pam_state.json`` (written last), each atomically.
+    Push it with ``hf_cft.hub.push_to_hub(state, repo_id)``; its card is ``hf_cft.hub.pam_card(state, ...)``.
     """
+
+    _MOVED_TO_HUB = {
+        "push_to_hub": "hf_cft.hub.push_to_hub(state, repo_id, card_kwargs=...)",
+        "model_card": "hf_cft.hub.pam_card(state, results=..., summary=...)",
+    }
 
     def __init__(
         self,
@@ -593,34 +600,31 @@ class PAMState:
 
     # --- persistence
 
-    def push_to_hub(self, repo_id: str, **kwargs):
-        """Save to a temporary folder and upload it with its model card, like ``PeftModel.push_to_hub``
-        (delegates to :func:`hf_cft.hub.push_to_hub`; ``card_kwargs=`` / ``card=`` / ``token=`` / ``private=``)."""
-        from hf_cft.hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
-
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         if not self.global_state:
             raise AlignmentError("PAMState has no global adapter tensors to save.")
-        path = Path(save_directory)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.global_state.items()}
-        atomic_save_safetensors(tensors, path / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
-        if self.lora_config is not None:
-            lora_cfg = _json_safe(self.lora_config)
-            lora_cfg["inference_mode"] = True
-            atomic_write_json(path / ADAPTER_CONFIG_NAME, lora_cfg)
-        atomic_write_json(
-            path / PAM_STATE_NAME,
-            {
-                "format_version": _FORMAT_VERSION,
-                "config": self.config.to_dict(),
-                "num_tasks": self.num_tasks,
-                "keys": sorted(self.global_state),
-                "history": _json_safe(self.history),
-            },
-        )
+        from hf_cft.utils import staged_folder
+
+        own = {ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, PAM_STATE_NAME}
+        # the three files are written together beside the folder and swapped in at once: a kill leaves the old
+        # state or the new one, never new weights beside the old pam_state.json (other files, e.g. a README, stay)
+        with staged_folder(save_directory, keep=lambda name: name not in own) as path:
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.global_state.items()}
+            atomic_save_safetensors(tensors, path / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
+            if self.lora_config is not None:
+                lora_cfg = _json_safe(self.lora_config)
+                lora_cfg["inference_mode"] = True
+                atomic_write_json(path / ADAPTER_CONFIG_NAME, lora_cfg)
+            atomic_write_json(
+                path / PAM_STATE_NAME,
+                {
+                    "format_version": _FORMAT_VERSION,
+                    "config": self.config.to_dict(),
+                    "num_tasks": self.num_tasks,
+                    "keys": sorted(self.global_state),
+                    "history": _json_safe(self.history),
+                },
+            )
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> PAMState:

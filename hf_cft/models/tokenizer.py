@@ -131,6 +131,19 @@ def tokenize_prompts(
             )
     padding = "max_length" if (model is not None and is_siglip(model)) else "longest"
     enc = tokenizer(prompts, padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
+    if model is not None:
+        from hf_cft.models.clip import check_clip_like
+
+        cfg = check_clip_like(model).config
+        vocab = getattr(getattr(cfg, "text_config", cfg), "vocab_size", None)
+        ids = enc["input_ids"]
+        if vocab is not None and ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+            bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+            row = int((ids == bad).any(dim=1).nonzero()[0, 0])
+            raise TokenizerError(
+                f"The tokenizer gives token id {bad} for prompt {prompts[row]!r}, outside the text tower's vocabulary "
+                f"of {vocab} ids: the tokenizer does not belong to this model."
+            )
     return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
 

@@ -31,6 +31,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,7 +47,7 @@ from hf_cft.data.transforms import (
     apply_image_transform,
     model_transform,
 )
-from hf_cft.errors import AdapterError, DatasetFormatError, HubError
+from hf_cft.errors import AdapterError, CardError, DatasetFormatError, HubError, NonFiniteError
 from hf_cft.models.clip import check_clip_like, image_features, logit_scale, text_features
 from hf_cft.models.tokenizer import tokenize_prompts
 from hf_cft.trainers.clip_config import ClipTrainingArguments
@@ -452,7 +453,7 @@ class ClipClassificationTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         tag = inputs.pop(PADDING_KEY, None) if isinstance(inputs, dict) else None
         if tag is None:
-            return super().training_step(model, inputs, num_items_in_batch)
+            return self._finite_loss(super().training_step(model, inputs, num_items_in_batch))
         real, weight = tag
         if real > 0:  # only the real rows; with none, the padded rows keep the graph (DDP) at weight 0
             rows = int(inputs["labels"].shape[0])
@@ -462,9 +463,22 @@ class ClipClassificationTrainer(Trainer):
             }
         self._padding_weight = float(weight)
         try:
-            return super().training_step(model, inputs, num_items_in_batch)
+            return self._finite_loss(super().training_step(model, inputs, num_items_in_batch))
         finally:
             self._padding_weight = None
+
+    def _finite_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Stop training with :class:`~hf_cft.errors.NonFiniteError` at the first NaN/inf loss, before the optimizer
+        steps on its gradients (the Trainer's ``logging_nan_inf_filter`` would otherwise hide it from the logs and
+        the weights would turn NaN)."""
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise NonFiniteError(
+                f"The training loss is {float(loss.detach().float().mean())} at step {self.state.global_step + 1} "
+                f"(learning rate {self._get_learning_rate() if self.lr_scheduler is not None else self.args.learning_rate}"
+                "); training stopped before the optimizer step. Lower the learning rate, or check the inputs and "
+                "weights for NaN/inf."
+            )
+        return loss
 
     def _weighted(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss`` times the padding weight of this process's batch (1 outside a padded last batch)."""
@@ -542,11 +556,15 @@ class ClipClassificationTrainer(Trainer):
         return loss.detach(), logits.detach(), inputs["labels"]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Average the recorded extra terms into the log: ``train_<name>`` in training, ``eval_<name>`` in
-        evaluation (``eval_accuracy`` from ``compute_metrics`` wins over the batch average)."""
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        """Average the recorded extra terms into the log: ``train_<name>`` in training, ``<prefix>_<name>`` in
+        evaluation (``eval_<name>``, or e.g. ``eval_base_<name>`` for ``metric_key_prefix="eval_base"`` or a dict of
+        eval datasets; ``<prefix>_accuracy`` from ``compute_metrics`` wins over the batch average)."""
+        prefix = next((k[: -len("_runtime")] for k in logs if k.endswith("_runtime") and k != "train_runtime"), None)
+        if prefix is None:
+            prefix = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        mode = "train" if prefix == "train" else "eval"
         for name, values in self._metric_sums[mode].items():
-            key = f"{mode}_{name}"
+            key = f"{prefix}_{name}"
             if values and key not in logs:
                 logs[key] = float(np.mean(values))
         self._metric_sums[mode] = {}
@@ -597,7 +615,10 @@ class ClipClassificationTrainer(Trainer):
             state_dict = _strip_prefix(state_dict, "model.")
         with tempfile.TemporaryDirectory(dir=output_dir, prefix=".hf_cft_save_") as stage:
             self._write_artefact(stage, state_dict)
-            self._model_card().save(os.path.join(stage, "README.md"))
+            try:
+                self._model_card().save(os.path.join(stage, "README.md"))
+            except CardError as exc:  # a checkpoint is still saved; create_model_card / push_to_hub raise it
+                warnings.warn(f"no model card written to {output_dir}: {exc}", stacklevel=2)
             files = sorted(
                 os.path.relpath(os.path.join(root, name), stage) for root, _, names in os.walk(stage) for name in names
             )
@@ -705,7 +726,8 @@ class ClipClassificationTrainer(Trainer):
             "seed": args.seed,
         }
         cfg = getattr(self.clip_model, "peft_config", {}).get(getattr(self.clip_model, "active_adapter", None))
-        for key in _ADAPTER_CARD_FIELDS:
+        peft_type = getattr(cfg, "peft_type", None)
+        for key in _ADAPTER_CARD_FIELDS.get(str(getattr(peft_type, "value", peft_type)), ()):
             value = getattr(cfg, key, None)
             if value is not None and value != "" and value != []:
                 hp[key] = ", ".join(sorted(value)) if isinstance(value, (set, list, tuple)) else value
@@ -906,8 +928,13 @@ def _accuracy_metric(eval_pred) -> dict[str, float]:
     return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean() * 100.0)}
 
 
-# PEFT config fields shown among a card's hyper-parameters (CoOp, VPT, linear head, LoRA)
-_ADAPTER_CARD_FIELDS = ("n_ctx", "ctx_init", "class_specific", "n_tokens", "init", "r", "lora_alpha", "target_modules")
+# PEFT config fields shown among a card's hyper-parameters, per PEFT type
+_ADAPTER_CARD_FIELDS = {
+    "HF_CFT_COOP": ("n_ctx", "ctx_init", "class_specific"),
+    "HF_CFT_VPT": ("n_tokens", "deep"),
+    "HF_CFT_HEAD": ("init",),
+    "LORA": ("r", "lora_alpha", "lora_dropout", "target_modules"),
+}
 
 
 def _strip_prefix(state_dict: dict, prefix: str) -> dict:

@@ -2,17 +2,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from hf_cft.errors import HfCftError
+from hf_cft.errors import OptionError
 from hf_cft.trainers.clip_config import ClipTrainingArguments
+from hf_cft.validation import check_int, check_number
 
 
-class MergeTuneConfigError(HfCftError, ValueError):
+class MergeTuneConfigError(OptionError):
     """A MergeTune hyper-parameter is out of its range."""
 
 
 ALPHA_GRIDS = ("midpoint", "official", "random")
 ANCHORS = ("auto", "cosine", "sq_l2", "fisher")
 FISHER_LABELS = ("sample", "argmax", "expected")
+#: Upper bound of ``num_alphas``: every step evaluates the path loss N times, so N = 2,000,000 would run one step
+#: for minutes without saying why.
+MAX_NUM_ALPHAS = 1000
 PRESETS = ("official",)
 #: ``preset="official"``: the released code's CoOp+MergeTune recipe (mergetune.md §8, official column), applied to
 #: every listed field that is still at its default value.
@@ -165,22 +169,29 @@ class MergeTuneConfig(ClipTrainingArguments):
                 "(λ) instead, and pass the KgCoOp adapter as the fine-tuned solution."
             )
         super().__post_init__()
-        if self.anchor_weight < 0:
-            raise MergeTuneConfigError(f"anchor_weight (λ) must be >= 0, got {self.anchor_weight}")
-        if self.path_weight < 0:
-            raise MergeTuneConfigError(f"path_weight (β) must be >= 0, got {self.path_weight}")
-        if self.num_alphas < 1:
-            raise MergeTuneConfigError(f"num_alphas must be at least 1, got {self.num_alphas}")
-        if not 0.0 <= self.tau <= 1.0:
-            raise MergeTuneConfigError(f"tau must be in [0, 1], got {self.tau}")
+        err = MergeTuneConfigError
+        self.anchor_weight = check_number(self.anchor_weight, "anchor_weight (λ)", low=0.0, error=err)
+        self.path_weight = check_number(self.path_weight, "path_weight (β)", low=0.0, error=err)
+        self.num_alphas = check_int(
+            self.num_alphas,
+            "num_alphas (N)",
+            low=1,
+            high=MAX_NUM_ALPHAS,
+            error=err,
+            hint="Each training step evaluates the path loss at N points; a few (the paper uses 5) suffice.",
+        )
+        self.tau = check_number(self.tau, "tau (τ)", low=0.0, high=1.0, error=err)
+        self.fisher_damping = check_number(self.fisher_damping, "fisher_damping", low=0.0, error=err)
+        self.fisher_max_images = check_int(
+            self.fisher_max_images, "fisher_max_images", low=0, error=err, hint="0 means every image."
+        )
+        self.fisher_chunk_size = check_int(self.fisher_chunk_size, "fisher_chunk_size", low=1, error=err)
         if self.alpha_grid not in ALPHA_GRIDS:
             raise MergeTuneConfigError(f"alpha_grid must be one of {ALPHA_GRIDS}, got {self.alpha_grid!r}")
         if self.anchor not in ANCHORS:
             raise MergeTuneConfigError(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
         if self.fisher_labels not in FISHER_LABELS:
             raise MergeTuneConfigError(f"fisher_labels must be one of {FISHER_LABELS}, got {self.fisher_labels!r}")
-        if self.fisher_chunk_size < 1:
-            raise MergeTuneConfigError(f"fisher_chunk_size must be at least 1, got {self.fisher_chunk_size}")
         for name, allowed in (
             ("path_features", ("normalized", "raw")),
             ("anchor_templates", ("all", "first")),
@@ -189,7 +200,7 @@ class MergeTuneConfig(ClipTrainingArguments):
         ):
             if getattr(self, name) not in allowed:
                 raise MergeTuneConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.weight_ensemble is not None and not 0.0 <= self.weight_ensemble <= 1.0:
-            raise MergeTuneConfigError(f"weight_ensemble (γ) must be in [0, 1], got {self.weight_ensemble}")
-        if self.fisher_damping < 0:
-            raise MergeTuneConfigError(f"fisher_damping must be >= 0, got {self.fisher_damping}")
+        if self.weight_ensemble is not None:
+            self.weight_ensemble = check_number(
+                self.weight_ensemble, "weight_ensemble (γ)", low=0.0, high=1.0, error=err
+            )

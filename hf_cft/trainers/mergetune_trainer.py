@@ -45,6 +45,7 @@ from torch import nn
 from torch.func import functional_call
 
 from hf_cft.errors import AdapterError, HfCftError
+from hf_cft.hub.push import check_loaded_adapter
 from hf_cft.models.clip import logit_scale
 from hf_cft.trainers.clip_trainer import ClipClassificationTrainer, _find_tuner
 from hf_cft.trainers.mergetune_config import MergeTuneConfig, MergeTuneConfigError
@@ -68,6 +69,7 @@ from hf_cft.trainers.mergetune_weightspace import (
     estimate_weight_fisher,
     fisher_rows,
 )
+from hf_cft.validation import check_finite_tensor
 
 _FT_ADAPTER = "mergetune_finetuned"
 
@@ -141,7 +143,7 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             fisher_data = self.train_dataset
         if self.family in ("lora", "full", "vpt"):
             if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
-                # ecosystem.md §4: the path evaluates the network at interpolated weights, which needs the full
+                # docs/distributed.md: the path evaluates the network at interpolated weights, which needs the full
                 # (gathered) parameters on every process; only DDP / single-device runs are supported.
                 raise HfCftError(
                     f"MergeTune's {self.family} family does not support FSDP or DeepSpeed (the path loss runs the model "
@@ -274,6 +276,13 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             self._check_compatible(cfg_ft, str(finetuned))
             self.clip_model.load_adapter(str(finetuned), adapter_name=_FT_ADAPTER)
             owner, name = self.clip_model, _FT_ADAPTER
+            try:
+                if path.is_dir():  # a local folder (a Hub id was downloaded by PEFT itself)
+                    check_loaded_adapter(owner, path, _FT_ADAPTER, f"the fine-tuned adapter {str(finetuned)!r}")
+            except BaseException:
+                owner.delete_adapter(_FT_ADAPTER)
+                owner.set_adapter(continued)
+                raise
         elif isinstance(finetuned, PeftModel):
             owner, name = finetuned, finetuned.active_adapter
             self._check_compatible(finetuned.peft_config[name], "the given PeftModel")
@@ -291,10 +300,14 @@ class MergeTuneTrainer(ClipClassificationTrainer):
                 self.ctx_ft = tuner._coop_layer().coop_ctx[name].detach().clone()
                 self.ft_ctx_init = cfg_ft.ctx_init
                 self.ft_class_specific = cfg_ft.class_specific
+                check_finite_tensor(self.ctx_ft, "the fine-tuned CoOp context (ŵ2)")
+                check_finite_tensor(self.text_ft, "the fine-tuned CoOp class text features (ŵ2)")
             else:
                 w, b = _find_tuner(owner, "LinearHeadModel").head_parameters(name)
                 self.w_ft = w.detach().clone().to(device)
                 self.b_ft = (b.detach().clone() if b is not None else torch.zeros(w.shape[0])).to(device)
+                check_finite_tensor(self.w_ft, "the fine-tuned head weight (ŵ2)")
+                check_finite_tensor(self.b_ft, "the fine-tuned head bias (ŵ2)")
         finally:
             if owner is self.clip_model:
                 owner.set_adapter(continued)
@@ -422,6 +435,7 @@ class MergeTuneTrainer(ClipClassificationTrainer):
                         f"cannot load the fine-tuned adapter {str(path)!r} into the continued model (another base "
                         f"model?): {exc}"
                     ) from exc
+                check_loaded_adapter(model, path, _FT_ADAPTER, f"the fine-tuned adapter {str(path)!r}")
                 self.weight_space.attach_finetuned(model, _FT_ADAPTER, str(path))
             finally:
                 if _FT_ADAPTER in model.peft_config:
@@ -593,9 +607,16 @@ class MergeTuneTrainer(ClipClassificationTrainer):
 
 
 def _describe_finetuned(finetuned) -> str:
-    """What ŵ2 was, for the model card: a folder or repo id as given, an adapter's name, or the object's type."""
+    """What ŵ2 was, for the model card: a Hub repo (linked), a local folder (its name only: a card never shows a
+    path of the machine it was written on), an adapter's name, or the object's type."""
     if isinstance(finetuned, (str, Path)):
-        return f"`{finetuned}`"
+        text = str(finetuned)
+        if Path(text).expanduser().exists():
+            kind = "adapter" if (Path(text).expanduser() / "adapter_config.json").is_file() else "model"
+            return f"a local {kind} folder (`{Path(text).expanduser().resolve().name}`)"
+        if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+            return f"[{text}](https://huggingface.co/{text})"
+        return f"adapter `{text}` (loaded in the same model)"
     peft_config = getattr(finetuned, "peft_config", None)
     if isinstance(peft_config, dict):
         cfg = peft_config.get(finetuned.active_adapter)
