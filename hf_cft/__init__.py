@@ -1,58 +1,479 @@
-"""hf_cft: continued and continual fine-tuning of CLIP-like vision-language models on the Hugging Face stack."""
+"""hf_cft: continued and continual fine-tuning of CLIP-like vision-language models on the Hugging Face stack.
+
+The names users reach for are importable from the top level, as in ``from trl import SFTTrainer``::
+
+    from hf_cft import MergeTuneTrainer, MergeTuneConfig, DeltaFusionMerger, SemanticRouter, evaluate
+
+They are imported lazily (on first access), so ``import hf_cft`` only loads what registering hf_cft's PEFT method
+types (CoOp, VPT, linear head) with PEFT needs; ``hf_cft.<subpackage>`` loads a subpackage the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0.dev0"
 
 from hf_cft import errors
-from hf_cft.data import (
-    ClassificationDataset,
-    DatasetSpec,
-    ImageClassificationCollator,
-    ImageTransform,
-    base_novel_split,
-    few_shot,
-    get_spec,
-    list_specs,
-    load_classification_dataset,
-    load_digits_dataset,
-    split_per_class,
-)
-from hf_cft.metrics import AccuracyMatrix, accuracy, base_novel_hm, matrix_metrics
-from hf_cft.models import (
-    FeatureCache,
-    build_clip_tokenizer,
-    build_zeroshot_classifier,
-    evaluate_zeroshot,
-    load_tokenizer,
-)
-from hf_cft.peft import CoOpConfig, LinearHeadConfig, VPTConfig  # noqa: E402
-from hf_cft.peft.registration import register as _register_peft_methods  # noqa: E402
+from hf_cft.peft.registration import register as _register_peft_methods
 
 _register_peft_methods()
 
-__all__ = [
-    "CoOpConfig",
-    "LinearHeadConfig",
-    "VPTConfig",
-    "AccuracyMatrix",
-    "ClassificationDataset",
-    "DatasetSpec",
-    "FeatureCache",
-    "ImageClassificationCollator",
-    "ImageTransform",
-    "__version__",
-    "accuracy",
-    "base_novel_hm",
-    "base_novel_split",
-    "build_clip_tokenizer",
-    "build_zeroshot_classifier",
-    "errors",
-    "evaluate_zeroshot",
-    "few_shot",
-    "get_spec",
-    "list_specs",
-    "load_classification_dataset",
-    "load_digits_dataset",
-    "load_tokenizer",
-    "matrix_metrics",
-    "split_per_class",
-]
+
+def _install_peft_card_hook() -> None:
+    """``PeftModel.save_pretrained`` writes hf_cft's adapter card for hf_cft's adapters (and LoRA on CLIP) instead
+    of PEFT's generic one (:mod:`hf_cft.hub.peft_cards`, imported only when a card is written)."""
+    from peft import PeftModel
+
+    original = PeftModel.create_or_update_model_card
+    if getattr(original, "_hf_cft", False):
+        return
+
+    def create_or_update_model_card(self, output_dir: str):
+        from hf_cft.hub.peft_cards import write_peft_card
+
+        if not write_peft_card(self, output_dir):
+            original(self, output_dir)
+
+    create_or_update_model_card._hf_cft = True
+    PeftModel.create_or_update_model_card = create_or_update_model_card
+
+
+_install_peft_card_hook()
+
+#: Public names by the module that defines them (resolved on first access by :func:`__getattr__`).
+_LAZY_IMPORTS: dict[str, tuple[str, ...]] = {
+    "hf_cft.data": (
+        "ClassificationDataset",
+        "DatasetSpec",
+        "ImageClassificationCollator",
+        "ImageTransform",
+        "base_novel_split",
+        "few_shot",
+        "get_spec",
+        "list_specs",
+        "load_classification_dataset",
+        "load_digits_dataset",
+        "split_per_class",
+    ),
+    "hf_cft.metrics": (
+        "AccuracyMatrix",
+        "accuracy",
+        "base_novel_summary",
+        "harmonic_mean",
+        "matrix_metrics",
+    ),
+    "hf_cft.models": (
+        "FeatureCache",
+        "ZeroShotResult",
+        "build_clip_tokenizer",
+        "build_zeroshot_classifier",
+        "evaluate_zeroshot",
+        "image_features",
+        "load_tokenizer",
+        "text_features",
+    ),
+    "hf_cft.evaluation": (
+        "EvaluationResult",
+        "class_logits",
+        "eval_transform",
+        "evaluate",
+    ),
+    "hf_cft.peft": (
+        "CoOpConfig",
+        "CoOpModel",
+        "LinearHeadConfig",
+        "LinearHeadModel",
+        "VPTConfig",
+        "VPTModel",
+    ),
+    "hf_cft.trainers": (
+        "ClipClassificationTrainer",
+        "ClipClassifier",
+        "ClipTrainingArguments",
+        "MergeTuneConfig",
+        "MergeTuneConfigError",
+        "MergeTuneTrainer",
+        "fit_linear_probe",
+        "train_coop_on_features",
+        "train_head_on_features",
+    ),
+    "hf_cft.merging": (
+        "CollapsedTaskWarning",
+        "ContinualMerger",
+        "ContinualTIES",
+        "ContinualTaskArithmetic",
+        "DeltaFusionMerger",
+        "DeltaFusionMergerConfig",
+        "EMRResult",
+        "FunctionalExpert",
+        "LazyDelta",
+        "MagMaxMerger",
+        "OPCMMerger",
+        "PAMCallback",
+        "PAMConfig",
+        "PAMState",
+        "PackedMask",
+        "RouterStats",
+        "Routing",
+        "RunningMean",
+        "SemanticRouter",
+        "TallMasksResult",
+        "TaskDelta",
+        "TaskRecord",
+        "UnifyResult",
+        "adapter_state",
+        "apply_delta",
+        "base_fingerprint",
+        "check_compatible",
+        "compute_prototypes",
+        "consensus",
+        "dare",
+        "decouple",
+        "default_lora_config",
+        "delta_from_lora",
+        "delta_from_models",
+        "elected_sign",
+        "emr",
+        "emr_task_delta",
+        "factor_merge_gap",
+        "functional_expert",
+        "importance_masks",
+        "iter_delta",
+        "lora_factor_delta",
+        "magmax",
+        "magnitude_prune",
+        "pack_mask",
+        "packed_nbytes",
+        "pam_align",
+        "pam_merge",
+        "prepare_pam_model",
+        "running_mean",
+        "save_delta",
+        "sign_misalignment",
+        "tall_masks",
+        "task_arithmetic",
+        "ties",
+        "trim_top_k",
+        "unify",
+        "unpack_mask",
+        "validate_delta",
+        "validate_lazy_delta",
+        "wise_ft",
+    ),
+    "hf_cft.continual": (
+        "BASELINE_STRATEGIES",
+        "MTIL_MINI_ORDERS",
+        "MTIL_ORDERS",
+        "PAM_STRATEGIES",
+        "STRATEGIES",
+        "ConDUStrategy",
+        "ContinualConfig",
+        "ContinualResult",
+        "ContinualRunner",
+        "DeltaEvaluator",
+        "DeltaMergeStrategy",
+        "DeltaStore",
+        "EMRStrategy",
+        "IndependentExperts",
+        "PAMStrategy",
+        "RunContext",
+        "SequentialFineTuning",
+        "SequentialWiSE",
+        "Strategy",
+        "TaskSpec",
+        "ZeroShotStrategy",
+        "build_training_model",
+        "call_with_delta",
+        "class_split_tasks",
+        "continual_card",
+        "emr_strategy",
+        "lora_dense_delta",
+        "lora_scaling",
+        "magmax_strategy",
+        "make_strategy",
+        "matrix_markdown",
+        "matrix_report",
+        "merge_only_strategy",
+        "model_fingerprint",
+        "mtil_mini_tasks",
+        "mtil_tasks",
+        "opcm_strategy",
+        "pam_strategy",
+        "pam_ties_strategy",
+        "register_strategy",
+        "running_mean_strategy",
+        "save_expert",
+        "sequential_lora_strategy",
+        "strategy_names",
+        "strategy_options",
+        "task_arithmetic_strategy",
+        "task_seed",
+        "ties_strategy",
+        "train_expert",
+        "trained_delta",
+        "validate_tasks",
+        "wise_strategy",
+        "write_matrix_outputs",
+    ),
+    "hf_cft.hub": (
+        "adapter_card",
+        "artefact_kind",
+        "condu_card",
+        "eval_result_entries",
+        "eval_results_files",
+        "load_adapter_model",
+        "load_model",
+        "mergetune_card",
+        "pam_card",
+        "push_adapter_to_hub",
+        "push_folder_to_hub",
+        "push_to_hub",
+        "render_card",
+        "snapshot",
+        "validate_card",
+    ),
+    "hf_cft.plots": (
+        "accuracy_matrix_figure",
+        "interpolation_curves",
+        "plot_accuracy_matrix",
+        "plot_paths",
+    ),
+}
+
+if TYPE_CHECKING:  # the same names for type checkers and IDEs (kept equal to _LAZY_IMPORTS by a test)
+    from hf_cft.continual import (
+        BASELINE_STRATEGIES,
+        MTIL_MINI_ORDERS,
+        MTIL_ORDERS,
+        PAM_STRATEGIES,
+        STRATEGIES,
+        ConDUStrategy,
+        ContinualConfig,
+        ContinualResult,
+        ContinualRunner,
+        DeltaEvaluator,
+        DeltaMergeStrategy,
+        DeltaStore,
+        EMRStrategy,
+        IndependentExperts,
+        PAMStrategy,
+        RunContext,
+        SequentialFineTuning,
+        SequentialWiSE,
+        Strategy,
+        TaskSpec,
+        ZeroShotStrategy,
+        build_training_model,
+        call_with_delta,
+        class_split_tasks,
+        continual_card,
+        emr_strategy,
+        lora_dense_delta,
+        lora_scaling,
+        magmax_strategy,
+        make_strategy,
+        matrix_markdown,
+        matrix_report,
+        merge_only_strategy,
+        model_fingerprint,
+        mtil_mini_tasks,
+        mtil_tasks,
+        opcm_strategy,
+        pam_strategy,
+        pam_ties_strategy,
+        register_strategy,
+        running_mean_strategy,
+        save_expert,
+        sequential_lora_strategy,
+        strategy_names,
+        strategy_options,
+        task_arithmetic_strategy,
+        task_seed,
+        ties_strategy,
+        train_expert,
+        trained_delta,
+        validate_tasks,
+        wise_strategy,
+        write_matrix_outputs,
+    )
+    from hf_cft.data import (
+        ClassificationDataset,
+        DatasetSpec,
+        ImageClassificationCollator,
+        ImageTransform,
+        base_novel_split,
+        few_shot,
+        get_spec,
+        list_specs,
+        load_classification_dataset,
+        load_digits_dataset,
+        split_per_class,
+    )
+    from hf_cft.evaluation import (
+        EvaluationResult,
+        class_logits,
+        eval_transform,
+        evaluate,
+    )
+    from hf_cft.hub import (
+        adapter_card,
+        artefact_kind,
+        condu_card,
+        eval_result_entries,
+        eval_results_files,
+        load_adapter_model,
+        load_model,
+        mergetune_card,
+        pam_card,
+        push_adapter_to_hub,
+        push_folder_to_hub,
+        push_to_hub,
+        render_card,
+        snapshot,
+        validate_card,
+    )
+    from hf_cft.merging import (
+        CollapsedTaskWarning,
+        ContinualMerger,
+        ContinualTaskArithmetic,
+        ContinualTIES,
+        DeltaFusionMerger,
+        DeltaFusionMergerConfig,
+        EMRResult,
+        FunctionalExpert,
+        LazyDelta,
+        MagMaxMerger,
+        OPCMMerger,
+        PackedMask,
+        PAMCallback,
+        PAMConfig,
+        PAMState,
+        RouterStats,
+        Routing,
+        RunningMean,
+        SemanticRouter,
+        TallMasksResult,
+        TaskDelta,
+        TaskRecord,
+        UnifyResult,
+        adapter_state,
+        apply_delta,
+        base_fingerprint,
+        check_compatible,
+        compute_prototypes,
+        consensus,
+        dare,
+        decouple,
+        default_lora_config,
+        delta_from_lora,
+        delta_from_models,
+        elected_sign,
+        emr,
+        emr_task_delta,
+        factor_merge_gap,
+        functional_expert,
+        importance_masks,
+        iter_delta,
+        lora_factor_delta,
+        magmax,
+        magnitude_prune,
+        pack_mask,
+        packed_nbytes,
+        pam_align,
+        pam_merge,
+        prepare_pam_model,
+        running_mean,
+        save_delta,
+        sign_misalignment,
+        tall_masks,
+        task_arithmetic,
+        ties,
+        trim_top_k,
+        unify,
+        unpack_mask,
+        validate_delta,
+        validate_lazy_delta,
+        wise_ft,
+    )
+    from hf_cft.metrics import (
+        AccuracyMatrix,
+        accuracy,
+        base_novel_summary,
+        harmonic_mean,
+        matrix_metrics,
+    )
+    from hf_cft.models import (
+        FeatureCache,
+        ZeroShotResult,
+        build_clip_tokenizer,
+        build_zeroshot_classifier,
+        evaluate_zeroshot,
+        image_features,
+        load_tokenizer,
+        text_features,
+    )
+    from hf_cft.peft import (
+        CoOpConfig,
+        CoOpModel,
+        LinearHeadConfig,
+        LinearHeadModel,
+        VPTConfig,
+        VPTModel,
+    )
+    from hf_cft.plots import (
+        accuracy_matrix_figure,
+        interpolation_curves,
+        plot_accuracy_matrix,
+        plot_paths,
+    )
+    from hf_cft.trainers import (
+        ClipClassificationTrainer,
+        ClipClassifier,
+        ClipTrainingArguments,
+        MergeTuneConfig,
+        MergeTuneConfigError,
+        MergeTuneTrainer,
+        fit_linear_probe,
+        train_coop_on_features,
+        train_head_on_features,
+    )
+
+_NAME_TO_MODULE = {name: module for module, names in _LAZY_IMPORTS.items() for name in names}
+#: Names kept for one release; calling them emits a FutureWarning naming the replacement (not in ``__all__``).
+_DEPRECATED = {"base_novel_hm": "hf_cft.metrics"}
+_SUBMODULES = (
+    "cli",
+    "continual",
+    "data",
+    "evaluation",
+    "hub",
+    "merging",
+    "metrics",
+    "models",
+    "peft",
+    "plots",
+    "recipe_utils",
+    "testing",
+    "trainers",
+    "utils",
+)
+
+__all__ = ["__version__", "errors", *_NAME_TO_MODULE]
+
+
+def __getattr__(name: str) -> Any:
+    module = _NAME_TO_MODULE.get(name) or _DEPRECATED.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))

@@ -2,9 +2,10 @@
 
 Subcommands (``hf-cft <command> --help`` for every option):
 
-- ``hf-cft eval --model DIR [--adapter DIR | --bundle DIR] --dataset NAME_OR_FOLDER [--split test]`` —
-  zero-shot accuracy of a CLIP-like model, of a PEFT adapter on it (CoOp, VPT, linear head, LoRA; also MergeTune
-  continued adapters) or of a ConDU bundle (semantic routing, or ``--task`` when the task id is known); prints
+- ``hf-cft eval --model DIR [--adapter DIR | --bundle DIR] --dataset NAME_OR_FOLDER [--split test] [--base_novel]``
+  — accuracy of a CLIP-like model (template-ensembled text head), of a PEFT adapter on it (CoOp, VPT, linear head,
+  LoRA; also MergeTune continued adapters) or of a ConDU bundle (semantic routing, or ``--task`` when the task id
+  is known), through :func:`hf_cft.evaluate`; ``--base_novel`` reports base, novel and their harmonic mean. Prints
   the accuracy and writes a JSON (``--output``) that ``hf-cft card --results`` reads.
 - ``hf-cft merge --base DIR --method {task_arithmetic,ties,dare,magmax,wise} --adapters A [B ...] --out DIR`` —
   LoRA adapters and/or fine-tuned full models → dense task deltas (:mod:`hf_cft.merging.deltas`; a LoRA delta is
@@ -120,7 +121,7 @@ def _is_eval_result(path: Path) -> bool:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
         return False
-    return isinstance(data, dict) and "evaluated" in data and "accuracy" in data
+    return isinstance(data, dict) and "evaluated" in data and ("accuracy" in data or "hm" in data)
 
 
 def _write_json(path: str, obj) -> Path:
@@ -135,112 +136,75 @@ def _write_json(path: str, obj) -> Path:
 # ------------------------------------------------------------------------------------------------ eval
 
 
-def _loader(dataset, transform, batch_size: int):
-    from torch.utils.data import DataLoader
+def _model_folder_kind(folder: Path) -> str | None:
+    """What a full-model folder is, from what hf_cft writes next to it: ``merge_config.json`` (``hf-cft merge``) or
+    the card's ``base_model_relation`` / tags; ``None`` when nothing says (e.g. a pretrained CLIP)."""
+    from hf_cft.utils import read_json_object
 
-    from hf_cft.data.transforms import ImageClassificationCollator, apply_image_transform
+    if (folder / "merge_config.json").is_file():
+        config = read_json_object(folder / "merge_config.json", CLIError, "merge_config.json")
+        return f"merged model ({config.get('method', 'unknown method')} of {len(config.get('adapters') or [])} delta(s))"
+    if (folder / "README.md").is_file():
+        from huggingface_hub import ModelCard
 
-    return DataLoader(
-        apply_image_transform(dataset, transform), batch_size=batch_size, collate_fn=ImageClassificationCollator()
-    )
-
-
-def _accuracy_row(preds, labels, num_classes: int) -> dict[str, Any]:
-    from hf_cft.metrics import accuracy, per_class_accuracy
-
-    return {
-        "accuracy": accuracy(preds, labels),
-        "correct": int((preds == labels).sum()),
-        "total": int(labels.numel()),
-        "per_class_accuracy": per_class_accuracy(preds, labels, num_classes),
-    }
+        try:
+            meta = ModelCard((folder / "README.md").read_text(encoding="utf-8")).data.to_dict()
+        except Exception:  # noqa: BLE001 - a hand-written README without metadata says nothing
+            return None
+        tags = set(meta.get("tags") or [])
+        if "mergetune" in tags:
+            return "MergeTune continued model"
+        relation = meta.get("base_model_relation")
+        if relation in ("finetune", "merge"):
+            return {"finetune": "fine-tuned model", "merge": "merged model"}[relation]
+    return None
 
 
 def cmd_eval(args) -> int:
-    """Evaluate a model, an adapter on it, or a ConDU bundle on one split of a dataset."""
-    import torch
-
+    """Evaluate a model, an adapter on it, or a ConDU bundle on one split of a dataset (``hf_cft.evaluate``)."""
     from hf_cft.data.templates import validate_templates
+    from hf_cft.evaluation import evaluate
     from hf_cft.recipe_utils import load_task
 
     if args.batch_size < 1:
         raise CLIError(f"--batch_size must be at least 1, got {args.batch_size}.")
     if args.task is not None and args.bundle is None:
         raise CLIError("--task selects a task of a ConDU bundle; give --bundle too.")
+    if args.limit is not None and args.limit < 1:
+        raise CLIError(f"--limit must be at least 1, got {args.limit}.")
     inputs = {"--model": args.model, "--tokenizer": args.tokenizer, "--adapter": args.adapter, "--bundle": args.bundle}
     inputs["--dataset"] = args.dataset
     _check_output_file(args.output, inputs, "--output", _is_eval_result)
-    model, tokenizer, transform, _ = _load_clip(args.model, args.tokenizer)
+    model, tokenizer, transform, folder = _load_clip(args.model, args.tokenizer)
     task = load_task(args.dataset, args.data_dir)
-    split = task[args.split]
-    if args.limit is not None:
-        if args.limit < 1:
-            raise CLIError(f"--limit must be at least 1, got {args.limit}.")
-        split = split.select(range(min(args.limit, len(split))))
-    classnames = task.classnames
+    task[args.split]  # a typed error naming the missing split, before any model work
     templates = validate_templates(args.templates or task.templates, owner=f"dataset {task.name!r}")
-    what = "zero-shot"
+    what = None
     if args.adapter is not None:
-        from hf_cft.hub import load_adapter
-        from hf_cft.models import evaluate_zeroshot
+        from hf_cft.hub import load_adapter_model
 
-        peft_model = load_adapter(model, args.adapter)
-        cfg = peft_model.peft_config[peft_model.active_adapter]
-        kind = str(getattr(cfg.peft_type, "value", cfg.peft_type))
-        what = f"adapter {kind}"
-        if kind == "HF_CFT_HEAD":
-            from hf_cft.errors import AdapterError
-            from hf_cft.models import encode_images
-
-            if cfg.num_classes != len(classnames):
-                raise AdapterError(
-                    f"The linear-head adapter {args.adapter!r} has {cfg.num_classes} classes; dataset "
-                    f"{task.name!r} has {len(classnames)}."
-                )
-            feats, labels = encode_images(peft_model, _loader(split, transform, args.batch_size))
-            with torch.no_grad():
-                preds = peft_model.head_logits(feats).argmax(-1)
-            row = _accuracy_row(preds, labels, len(classnames))
-        else:
-            head = None
-            if kind == "HF_CFT_COOP":
-                with torch.no_grad():
-                    head = peft_model.class_text_features(tokenizer, classnames)
-            res = evaluate_zeroshot(
-                peft_model,
-                tokenizer,
-                split,
-                classnames,
-                templates,
-                args.batch_size,
-                transform,
-                name=task.name,
-                head=head,
-            )
-            row = res.to_dict()
+        model = load_adapter_model(model, args.adapter)
     elif args.bundle is not None:
         from hf_cft.merging import DeltaFusionMerger, SemanticRouter
 
         merger = DeltaFusionMerger.from_pretrained(args.bundle, base_model=model)
-        router = SemanticRouter(merger, model, tokenizer, top_k=args.top_k)
-        if args.task is not None:
-            merger.task_index(args.task)  # a typed TaskError naming the unknown task
-        preds, labels = [], []
-        for batch in _loader(split, transform, args.batch_size):
-            preds.append(router.predict(batch["pixel_values"], classnames, templates, task=args.task).cpu())
-            labels.append(batch["labels"])
-        if not preds:
-            from hf_cft.errors import DatasetFormatError
-
-            raise DatasetFormatError(f"Split {args.split!r} of dataset {task.name!r} has no images.")
-        row = _accuracy_row(torch.cat(preds), torch.cat(labels), len(classnames))
-        what = f"ConDU bundle ({'task ' + repr(args.task) if args.task else f'routing, top-{args.top_k}'})"
+        model = SemanticRouter(merger, model, tokenizer, top_k=args.top_k)
     else:
-        from hf_cft.models import evaluate_zeroshot
-
-        row = evaluate_zeroshot(
-            model, tokenizer, split, classnames, templates, args.batch_size, transform, name=task.name
-        ).to_dict()
+        kind = _model_folder_kind(folder)
+        what = f"{kind}, template-ensembled text head" if kind else None
+    res = evaluate(
+        model,
+        tokenizer,
+        task,
+        templates=templates,
+        split=args.split,
+        base_novel=args.base_novel,
+        task=args.task,
+        transform=transform,
+        batch_size=args.batch_size,
+        limit=args.limit,
+    )
+    what = what or res.evaluated
     result = {
         "model": str(args.model),
         "adapter": None if args.adapter is None else str(args.adapter),
@@ -249,18 +213,28 @@ def cmd_eval(args) -> int:
         "evaluated": what,
         "dataset": task.name,
         "split": args.split,
-        "num_classes": len(classnames),
+        "num_classes": task.num_classes,
         "num_templates": len(templates),
-        **row,
-        "results": [
-            {"name": task.name, "split": args.split, "num_classes": len(classnames), "accuracy": row["accuracy"]}
-        ],
+        "dataset_terms": task.meta.get("license_note") or task.meta.get("license"),
     }
+    if args.base_novel:
+        result.update({key: res.splits[key].to_dict() for key in res.splits})
+        result["hm"] = res.hm
+        results = [{**row, "split": args.split} for row in res.rows()]
+    else:
+        result.update(res.splits["all"].to_dict())
+        results = [{"name": task.name, "split": args.split, "num_classes": task.num_classes, "accuracy": res.accuracy}]
+    result["results"] = results
     out = _write_json(args.output, result)
-    print(
-        f"{task.name} ({args.split}, {row['total']} images, {len(classnames)} classes), {what}: "
-        f"accuracy {row['accuracy']:.2f}%  -> {out}"
-    )
+    for key, r in res.splits.items():
+        label = "" if key == "all" else f" {key} classes"
+        print(
+            f"{task.name} ({args.split}{label}, {r.total} images, {len(res.classnames[key])} classes), {what}: "
+            f"accuracy {r.accuracy:.2f}%"
+        )
+    if res.hm is not None:
+        print(f"{task.name} ({args.split}), {what}: harmonic mean of base and novel {res.hm:.2f}")
+    print(f"-> {out}")
     return 0
 
 
@@ -444,7 +418,10 @@ def cmd_card(args) -> int:
     for key in ("dataset_name", "dataset_id", "base_model"):
         if getattr(args, key, None) is not None:
             data[key] = getattr(args, key)
-    kwargs = {k: data[k] for k in _CARD_KEYS[args.kind] if data.get(k) is not None}
+    if args.license is not None:
+        data["license"] = args.license
+    keys = (*_CARD_KEYS[args.kind], "license", "dataset_terms")  # every card states its license and data terms
+    kwargs = {k: data[k] for k in keys if data.get(k) is not None}
     kwargs["model_name"] = args.model_name or data.get("model_name") or Path(args.artefact).resolve().name
     if args.repo_id:
         kwargs["repo_id"] = args.repo_id
@@ -552,6 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", nargs="+", help="prompt templates with one '{}' (default: the dataset's)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
+    p.add_argument(
+        "--base_novel",
+        action="store_true",
+        help="base-to-novel: evaluate the first ceil(C/2) classes and the rest separately, each over its own "
+        "classes, and print their harmonic mean (the recipes' class split)",
+    )
     p.add_argument("--output", default="eval_results.json", help="JSON to write (default eval_results.json)")
     p.set_defaults(func=cmd_eval)
 
@@ -598,6 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset_name")
     p.add_argument("--dataset_id", help="Hub dataset id of the evaluation data")
     p.add_argument("--base_model", help="Hub id of the base model")
+    p.add_argument(
+        "--license",
+        help="license of the artefact (Hub identifier, e.g. apache-2.0); default: the base model card's, else unknown",
+    )
     p.add_argument("--repo_id", help="the repo the artefact will live in (used in the loading snippet)")
     p.set_defaults(func=cmd_card)
 

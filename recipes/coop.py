@@ -56,7 +56,7 @@ class CoOpRecipeArguments:
     shots: int = field(default=16, metadata={"help": "Training images per class (0 = all)."})
     base_to_novel: bool = field(default=True, metadata={"help": "Train on base classes, test base and novel."})
     downstream_pool: bool = field(
-        default=False, metadata={"help": "Sample shots from the 30% downstream pool (benchmarks.md) of train."}
+        default=False, metadata={"help": "Sample shots from the 30%% downstream pool (benchmarks.md) of train."}
     )
     n_ctx: int | None = field(default=None, metadata={"help": "Context vectors (default 16, or len(ctx_init))."})
     ctx_init: str | None = field(default="a photo of a", metadata={"help": "Context initialisation text."})
@@ -150,6 +150,7 @@ def main(args: CoOpRecipeArguments, targs: ClipTrainingArguments) -> dict:
             peft_model,
             model_name=f"{'kgcoop' if targs.kg_weight else 'coop'}-{task.name}",
             dataset_name=task.name,
+            dataset_terms=task.meta.get("license_note"),
             results=rows,
             hm=results["CoOp"].get("hm"),
             results_note=f"Zero-shot before CoOp: {_fmt(results['zero-shot'])}. Base model: {model_desc}.",

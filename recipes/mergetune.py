@@ -86,7 +86,7 @@ class MergeTuneRecipeArguments:
     dataset: str = field(default="digits", metadata={"help": "Dataset name, folder or Hub id ('digits': offline)."})
     data_dir: str | None = field(default=None, metadata={"help": "Folder of local datasets (default ../shared/data)."})
     shots: int = field(default=16, metadata={"help": "Training images per base class."})
-    downstream_pool: bool = field(default=False, metadata={"help": "Shots from the 30% downstream pool (benchmarks)."})
+    downstream_pool: bool = field(default=False, metadata={"help": "Shots from the 30%% downstream pool (benchmarks)."})
     base_method: str = field(
         default="coop", metadata={"help": "The fine-tuned solution's method: coop, kgcoop or vpt."}
     )
@@ -321,6 +321,7 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
             peft_model,
             model_name=f"mergetune-{method}-{task.name}",
             dataset_name=task.name,
+            dataset_terms=task.meta.get("license_note"),
             results=[{"name": s, "num_classes": len(names[s]), "accuracy": row[s]} for s in ("base", "novel")],
             hm=row.get("hm"),
             results_note="Before MergeTune — "

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from test_resilience import ForkServer, _killed, _log
 
 from hf_cft.cli import main
-from hf_cft.hub import load_adapter, load_model
+from hf_cft.hub import load_adapter_model, load_model
 from hf_cft.merging import PAMState
 from hf_cft.testing import tiny_clip
 from hf_cft.utils import stale_staging
@@ -42,7 +42,7 @@ def _version_of_adapter(out: Path, ref) -> int:
     r = json.loads((out / "adapter_config.json").read_text())["r"]
     tensors = load_file(str(out / "adapter_model.safetensors"))
     assert tensors and all(bool((t == float(r)).all()) and r in t.shape for t in tensors.values()), "mixed adapter"
-    load_adapter(tiny_clip(), out)  # strict: every key present, shapes fit the config's rank
+    load_adapter_model(tiny_clip(), out)  # strict: every key present, shapes fit the config's rank
     return r - 1
 
 

@@ -48,7 +48,7 @@ from hf_cft.errors import (
     TemplateError,
     TokenizerError,
 )
-from hf_cft.hub import load_adapter, load_model
+from hf_cft.hub import load_adapter_model, load_model
 from hf_cft.merging import DeltaFusionMerger, apply_delta, baselines, delta_from_lora, delta_from_models
 from hf_cft.recipe_utils import demo_clip
 from hf_cft.testing import tiny_clip
@@ -259,7 +259,7 @@ def _delta_index_dotdot(a, tmp, mp):
 def _adapter(a, tmp, which, edit):
     folder = _copy(a[which], tmp)
     _edit_safetensors(folder / "adapter_model.safetensors", edit)
-    return load_adapter(a["base"](), folder)
+    return load_adapter_model(a["base"](), folder)
 
 
 def _adapter_symlink(a, tmp, mp):
@@ -267,7 +267,7 @@ def _adapter_symlink(a, tmp, mp):
     other = _copy(a["lora"], tmp, "other")
     (folder / "adapter_model.safetensors").unlink()
     os.symlink(other / "adapter_model.safetensors", folder / "adapter_model.safetensors")
-    return load_adapter(a["base"](), folder)
+    return load_adapter_model(a["base"](), folder)
 
 
 def _adapter_nan_context(a, tmp, mp):
@@ -284,7 +284,7 @@ def _coop_other_base(a, tmp, mp):
         load_model(tmp / "other_clip"), CoOpConfig(n_ctx=4, classnames=CLASSES).set_tokenizer(a["tok"])
     )
     coop.save_pretrained(tmp / "coop_other")
-    return load_adapter(a["base"](), tmp / "coop_other")
+    return load_adapter_model(a["base"](), tmp / "coop_other")
 
 
 def _bundle_edit(a, tmp, edit, rehash=False):
@@ -336,7 +336,7 @@ def _lora_config(a, tmp, edit):
 def _load_lora_config(a, tmp, edit):
     folder = _copy(a["lora"], tmp)
     _edit_json(folder / "adapter_config.json", edit)
-    return load_adapter(a["base"](), folder)
+    return load_adapter_model(a["base"](), folder)
 
 
 # ------------------------------------------------------------------------------------------------ 2. finiteness
@@ -1013,7 +1013,7 @@ def _check_bundle_roundtrip(a, tmp, mp):
 def _check_coop_same_base_ok(a, tmp, mp):
     from peft import get_peft_model_state_dict
 
-    peft = load_adapter(a["base"](), a["coop"])
+    peft = load_adapter_model(a["base"](), a["coop"])
     ref = load_file(str(a["coop"] / "adapter_model.safetensors"))
     got = get_peft_model_state_dict(peft)
     assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
@@ -1062,6 +1062,7 @@ def _check_merge_overwrite_replaces_whole(a, tmp, mp):
     assert main([str(x) for x in _merge_argv(a, out, "--overwrite", "--lam", "0.5")]) == 0
     assert json.loads((out / "merge_config.json").read_text())["lam"] == 0.5
     assert not (out / "stale_from_old_run.json").exists()
+    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not the staging folder's private 0700
     _no_leftovers(out)
 
 
@@ -1126,7 +1127,7 @@ def _check_save_pretrained_atomic(a, tmp, mp):
     save_pretrained_atomic(lora, folder)
     assert (folder / "README.md").read_text() == "my card"
     assert not (folder / "adapter_model.safetensors.stale").exists()
-    load_adapter(a["base"](), folder)
+    load_adapter_model(a["base"](), folder)
     _no_leftovers(folder)
 
 
@@ -1199,6 +1200,12 @@ class Snap:
         for f, b in zip(self.folders, self.before):
             now = _files(f) if f.is_dir() else f.read_bytes() if f.exists() else None
             assert now == b, f"{f} changed"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _no_leftovers(folder: Path):

@@ -178,7 +178,42 @@ def test_eval_adapter_matches_a_direct_computation(kind, assets, tmp_path):
             logits = image_features(peft, px) @ head.t()
     expected = 100.0 * int((logits.argmax(-1) == labels).sum()) / len(labels)
     assert math.isclose(got["accuracy"], expected, abs_tol=1e-9)
-    assert got["evaluated"].startswith("adapter") and got["adapter"] == str(assets[kind])
+    assert "adapter 'default'" in got["evaluated"] and got["adapter"] == str(assets[kind])
+
+
+@pytest.mark.parametrize("kind", ["model", "coop", "head"])
+def test_eval_base_novel_matches_hf_cft_evaluate(kind, assets, tmp_path, capsys):
+    """``--base_novel``: base (first ⌈C/2⌉ classes) and novel each over their own classes, and their HM — the numbers
+    of ``hf_cft.evaluate(..., base_novel=True)`` with the adapter loaded by hand."""
+    import hf_cft
+    from hf_cft.data import load_classification_dataset
+
+    extra = [] if kind == "model" else ["--adapter", assets[kind]]
+    got = _eval_json(tmp_path, "--model", assets["model"], *extra, "--dataset", assets["data"], "--base_novel")
+    printed = capsys.readouterr().out
+    model = assets["base"]() if kind == "model" else PeftModel.from_pretrained(assets["base"](), assets[kind])
+    ref = hf_cft.evaluate(model, assets["tok"], load_classification_dataset(assets["data"]), base_novel=True)
+    if kind == "head":  # a head trained on all 3 classes: base/novel are its columns 0-1 and 2
+        assert ref.classnames == {"base": CLASSES[:2], "novel": CLASSES[2:]}
+    assert (got["base"]["accuracy"], got["novel"]["accuracy"], got["hm"]) == (ref.base, ref.novel, ref.hm)
+    assert [(r["name"], r["num_classes"]) for r in got["results"]] == [("base", 2), ("novel", 1)]
+    assert f"base classes, {got['base']['total']} images, 2 classes" in printed
+    assert f"harmonic mean of base and novel {ref.hm:.2f}" in printed
+    card = tmp_path / "README.md"
+    if kind != "model":  # the eval JSON feeds the card, HM included
+        assert run("card", "--kind", "adapter", "--artefact", assets[kind], "--results", tmp_path / "eval.json",
+                   "--out", card) == 0
+        assert f"Harmonic mean of base and novel accuracy: **{ref.hm:.2f}**" in card.read_text()
+
+
+def test_eval_labels_a_merged_model_as_merged(assets, tmp_path):
+    out = tmp_path / "merged"
+    assert run("merge", "--base", assets["model"], "--method", "ties", "--adapters", assets["lora_a"], assets["full"],
+               "--out", out) == 0
+    got = _eval_json(tmp_path, "--model", out, "--dataset", assets["data"])
+    assert got["evaluated"] == "merged model (ties of 2 delta(s)), template-ensembled text head"
+    plain = _eval_json(tmp_path, "--model", assets["model"], "--dataset", assets["data"])
+    assert plain["evaluated"] == "CLIPModel, template-ensembled text head"
 
 
 def test_eval_condu_bundle_routing_and_known_task(assets, tmp_path):
@@ -341,7 +376,7 @@ def test_card_from_eval_json_for_every_kind(assets, tmp_path):
     meta = ModelCard.load(readme).data.to_dict()
     (result,) = meta["model-index"][0]["results"]
     assert (
-        result["metrics"][0]["value"] == round(ev["accuracy"], 4) and result["dataset"]["name"] == "colours (colours)"
+        result["metrics"][0]["value"] == round(ev["accuracy"], 4) and result["dataset"]["name"] == "colours"  # not "colours (colours)"
     )
     assert meta["base_model"] == "openai/clip-vit-base-patch16" and meta["library_name"] == "peft"
     assert (

@@ -428,7 +428,7 @@ def test_model_card_lists_tasks_storage_and_results(monkeypatch):
     m.add_task(d, "dtd", classnames=["a", "b"], dataset="dtd")
     with pytest.warns(CollapsedTaskWarning):
         m.add_task({k: torch.zeros_like(v) for k, v in d.items()}, "mnist", dataset="mnist")
-    card = m.model_card(results=[{"name": "dtd", "accuracy": 71.25}], summary={"Last": 80.5})
+    card = cards.condu_card(m, results=[{"name": "dtd", "accuracy": 71.25}], summary={"Last": 80.5})
     text = str(card)
     assert "| 0 | dtd | dtd | 2 | 1.0000 |" in text and "| 1 | mnist | mnist |  | 0.0000 | yes |" in text
     assert "| dtd | 71.25 |" in text and "| Last | 80.50 |" in text

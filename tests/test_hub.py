@@ -24,6 +24,7 @@ from hf_cft.hub import (
     eval_result_entries,
     eval_results_files,
     load_adapter,
+    load_adapter_model,
     load_model,
     mergetune_card,
     pam_card,
@@ -163,7 +164,7 @@ def test_adapter_push_uploads_the_adapter_and_our_card_then_loads_back(
     # pull: the uploaded files give the same adapter
     offline(monkeypatch)
     folder = hub.materialise("me/adapter", tmp_path / "pulled")
-    loaded = load_adapter(tiny_clip(), folder)
+    loaded = load_adapter_model(tiny_clip(), folder)
     torch.testing.assert_close(_outputs(loaded, toy_tokenizer, kind), before, rtol=0, atol=0)
 
 
@@ -309,14 +310,20 @@ def test_condu_bundle_push_pull_round_trip(hub, monkeypatch, tmp_path):
             assert torch.equal(pulled.expert_delta(name)[k], v)
 
 
-def test_condu_card_leaves_out_nan_and_keeps_merger_model_card_working():
+def test_condu_card_leaves_out_nan_and_the_merger_points_at_the_hub_layer():
     merger = _merger(tiny_clip(), tasks=("only",))
     card = condu_card(merger, summary={"transfer": math.nan, "average": 50.0})  # Transfer of one task is NaN
     meta = validate_card(card)
     assert _metrics(meta) == {("task stream: only", "average"): 50.0}
     assert "nan" not in card.text.lower().replace("nanoseconds", "")
-    legacy = merger.model_card(results=[{"name": "only", "accuracy": 50.0}], summary={"Average": 50.0})
-    assert validate_card(legacy)["library_name"] == "hf_cft" and "| Average | 50.00 |" in legacy.text
+    with pytest.raises(AttributeError, match=r"hf_cft\.hub\.condu_card\(merger"):
+        merger.model_card()
+    with pytest.raises(AttributeError, match=r"hf_cft\.hub\.push_to_hub\(merger, repo_id"):
+        merger.push_to_hub("me/x")
+    with pytest.raises(AttributeError, match=r"hf_cft\.hub\.push_to_hub\(state, repo_id"):
+        _pam_state().push_to_hub("me/x")
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        merger.nothing  # noqa: B018
 
 
 # ------------------------------------------------------------------------------------------------ PAM
@@ -357,7 +364,7 @@ def test_pam_state_push_pull_round_trip(hub, monkeypatch, tmp_path):
     assert pulled.num_tasks == 2 and pulled.history == state.history
     for k, v in state.global_state.items():
         assert torch.equal(pulled.global_state[k], v)
-    deployed = load_adapter(tiny_clip(), tmp_path / "pulled" / "me__pam")  # the pulled folder is a PEFT LoRA adapter
+    deployed = load_adapter_model(tiny_clip(), tmp_path / "pulled" / "me__pam")  # the pulled folder is a PEFT LoRA adapter
     for k, v in adapter_state(deployed, "default").items():
         assert torch.equal(v, state.global_state[k]), k
     card2 = pam_card(pulled)
@@ -392,6 +399,17 @@ def test_push_refuses_pickles_corrupt_weights_and_bad_cards_before_any_request(h
     assert [p for p in hub.paths() if p.startswith("POST")] == []
 
 
+def test_load_adapter_is_a_deprecated_alias_of_load_adapter_model(tmp_path, toy_tokenizer):
+    model = _adapter("lora", toy_tokenizer)
+    model.save_pretrained(tmp_path / "lora")
+    with pytest.warns(FutureWarning, match="load_adapter_model"):
+        old = load_adapter(tiny_clip(), tmp_path / "lora")
+    new = load_adapter_model(tiny_clip(), tmp_path / "lora")
+    assert type(old) is type(new) and old.peft_config["default"].peft_type == new.peft_config["default"].peft_type
+    for (k, a), (_, b) in zip(old.state_dict().items(), new.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
 def test_pull_errors_are_typed(tmp_path, toy_tokenizer):
     with pytest.raises(HubError, match="neither a local folder nor a downloadable Hub repo"):
         snapshot("me/not-here")  # conftest: HF_HUB_OFFLINE=1
@@ -399,10 +417,10 @@ def test_pull_errors_are_typed(tmp_path, toy_tokenizer):
     model.save_pretrained(tmp_path / "lora")
     (tmp_path / "lora" / "adapter_model.safetensors").rename(tmp_path / "lora" / "adapter_model.bin")
     with pytest.raises(AdapterError, match="adapter_model.bin: hf_cft reads safetensors only"):
-        load_adapter(tiny_clip(), tmp_path / "lora")
+        load_adapter_model(tiny_clip(), tmp_path / "lora")
     model.save_pretrained(tmp_path / "lora2")
     with pytest.raises(AdapterError, match="Cannot load adapter"):
-        load_adapter(tiny_clip(hidden_size=40), tmp_path / "lora2")  # another base model: shapes differ
+        load_adapter_model(tiny_clip(hidden_size=40), tmp_path / "lora2")  # another base model: shapes differ
     tiny_clip().save_pretrained(tmp_path / "full")
     (tmp_path / "full" / "model.safetensors").rename(tmp_path / "full" / "pytorch_model.bin")
     with pytest.raises(BundleError, match="pytorch_model.bin: hf_cft loads safetensors only"):
@@ -459,11 +477,11 @@ def test_eval_results_entries_only_for_hub_datasets():
     assert eval_result_entries(ROWS, dataset_id="local-only") == eval_result_entries(ROWS[:1])
 
 
-def test_push_to_hub_methods_of_bundles_and_pam_states(hub):
-    """``DeltaFusionMerger.push_to_hub`` / ``PAMState.push_to_hub`` upload the same files as the function."""
-    _merger(tiny_clip()).push_to_hub("me/condu-method", api=hub.api, card_kwargs=dict(model_name="condu-toy"))
+def test_push_to_hub_of_bundles_and_pam_states(hub):
+    """``hf_cft.hub.push_to_hub`` uploads a ConDU bundle and a PAM state with their cards."""
+    push_to_hub(_merger(tiny_clip()), "me/condu-method", api=hub.api, card_kwargs=dict(model_name="condu-toy"))
     assert {"manifest.json", "unified.safetensors", "masks.safetensors", "README.md"} <= set(hub.commits[-1]["files"])
-    _pam_state().push_to_hub("me/pam-method", api=hub.api)
+    push_to_hub(_pam_state(), "me/pam-method", api=hub.api)
     files = set(hub.commits[-1]["files"])
     assert "README.md" in files and any(f.endswith(".safetensors") for f in files)
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)

@@ -8,6 +8,7 @@ from hf_cft.metrics import (
     accuracy,
     average,
     base_novel_hm,
+    base_novel_summary,
     bwt,
     harmonic_mean,
     last,
@@ -137,5 +138,12 @@ def test_harmonic_mean_published_rows():
     assert round(harmonic_mean(82.69, 63.22), 2) == 71.66
     assert round(harmonic_mean(80.82, 73.97), 2) == 77.24
     assert harmonic_mean(0.0, 0.0) == 0.0
-    row = base_novel_hm([80.0, 60.0], [40.0, 20.0])
+    row = base_novel_summary([80.0, 60.0], [40.0, 20.0])
     assert row["base"] == 70.0 and row["novel"] == 30.0 and row["hm"] == pytest.approx(42.0)
+    assert isinstance(harmonic_mean(70.0, 30.0), float) and harmonic_mean(70.0, 30.0) == pytest.approx(42.0)
+
+
+def test_base_novel_hm_is_a_deprecated_alias_of_base_novel_summary():
+    with pytest.warns(FutureWarning, match="base_novel_summary"):
+        row = base_novel_hm(80.0, 40.0)
+    assert row == base_novel_summary(80.0, 40.0)

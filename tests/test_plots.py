@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -43,3 +44,28 @@ def test_plot_command(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "o.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("tasks", [2, 11])
+def test_accuracy_matrix_title_is_never_cut_off(tasks):
+    """A long title (strategy, protocol, order) plus the metrics line stays inside the figure, wrapped."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from hf_cft.plots.matrix import accuracy_matrix_figure
+
+    values = np.tril(np.full((tasks, tasks), 55.0)) + np.triu(np.full((tasks, tasks), 20.0), 1)
+    names = [f"dataset_{i}" for i in range(tasks)]
+    title = "ConDU (fine-tuned experts, lora_merge=factors), Protocol B, MTIL-mini order I, seed 0 of 3, 200 steps"
+    metrics = {"transfer": 61.23, "average": 70.12, "last": 80.55, "bwt": -1.25}
+    fig = accuracy_matrix_figure(values, names, title, metrics)
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        box, page = fig.axes[0].title.get_window_extent(renderer), fig.bbox
+        assert box.x0 >= page.x0 and box.x1 <= page.x1 and box.y1 <= page.y1, (box, page)
+        text = fig.axes[0].get_title().replace("\u00a0", " ")
+        assert "\n" in text and text.replace("\n", " ").startswith(title[:40])
+        assert "Transfer 61.2" in text and "BWT -1.2" in text
+    finally:
+        plt.close(fig)

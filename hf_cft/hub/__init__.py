@@ -3,10 +3,10 @@ safe loading of artefacts from folders or Hub repos.
 
 Example::
 
-    from hf_cft.hub import adapter_card, push_to_hub, load_adapter
+    from hf_cft.hub import adapter_card, push_to_hub, load_adapter_model
 
     push_to_hub(peft_model, "me/coop-dtd", card_kwargs=dict(dataset_name="dtd", results=rows))
-    model = load_adapter(clip, "me/coop-dtd")          # safetensors only, typed errors
+    model = load_adapter_model(clip, "me/coop-dtd")    # PeftModel; safetensors only, typed errors
 """
 
 from hf_cft.hub.cards import (
@@ -28,6 +28,7 @@ from hf_cft.hub.push import (
     PICKLE_SUFFIXES,
     artefact_kind,
     load_adapter,
+    load_adapter_model,
     load_model,
     push_adapter_to_hub,
     push_folder_to_hub,
@@ -48,6 +49,7 @@ __all__ = [
     "eval_results_files",
     "finetuned_model_card",
     "load_adapter",
+    "load_adapter_model",
     "load_model",
     "mergetune_card",
     "pam_card",

@@ -85,7 +85,7 @@ ADAPTER_METHODS = {
         "citation": "@article{zhou2022coop,\n  title={Learning to Prompt for Vision-Language Models},\n"
         "  author={Zhou, Kaiyang and Yang, Jingkang and Loy, Chen Change and Liu, Ziwei},\n"
         "  journal={International Journal of Computer Vision},\n  year={2022}\n}",
-        "usage": "features = model.class_text_features(AutoTokenizer.from_pretrained(...), classnames)",
+        "usage": "head = model.class_text_features(tokenizer, classnames)  # [C, d] text head of the learned prompts",
     },
     "HF_CFT_VPT": {
         "name": "VPT",
@@ -95,7 +95,7 @@ ADAPTER_METHODS = {
         "citation": "@inproceedings{jia2022vpt,\n  title={Visual Prompt Tuning},\n"
         "  author={Jia, Menglin and Tang, Luming and Chen, Bor-Chun and Cardie, Claire and Belongie, Serge and "
         "Hariharan, Bharath and Lim, Ser-Nam},\n  booktitle={ECCV},\n  year={2022}\n}",
-        "usage": "image_features = hf_cft.models.image_features(model, pixel_values)",
+        "usage": "image_features = hf_cft.image_features(model, pixel_values)  # [1, d], through the visual prompts",
     },
     "HF_CFT_HEAD": {
         "name": "Zero-shot-initialised linear head",
@@ -104,7 +104,7 @@ ADAPTER_METHODS = {
         "tags": ["linear-probe"],
         "citation": "@inproceedings{wortsman2022robust,\n  title={Robust fine-tuning of zero-shot models},\n"
         "  author={Wortsman, Mitchell and others},\n  booktitle={CVPR},\n  year={2022}\n}",
-        "usage": "logits = model.classify(pixel_values)",
+        "usage": "head_logits = model.classify(pixel_values)  # [1, num_classes]: every class of the head",
     },
     "LORA": {
         "name": "LoRA",
@@ -114,7 +114,7 @@ ADAPTER_METHODS = {
         "citation": "@inproceedings{hu2022lora,\n  title={LoRA: Low-Rank Adaptation of Large Language Models},\n"
         "  author={Hu, Edward J and Shen, Yelong and Wallis, Phillip and Allen-Zhu, Zeyuan and Li, Yuanzhi and "
         "Wang, Shean and Wang, Lu and Chen, Weizhu},\n  booktitle={ICLR},\n  year={2022}\n}",
-        "usage": "head = hf_cft.build_zeroshot_classifier(model, tokenizer, classnames, templates)",
+        "usage": "head = hf_cft.build_zeroshot_classifier(model, tokenizer, classnames, [\"a photo of a {}.\"])",
     },
 }
 
@@ -170,10 +170,17 @@ def _template_text(template: str) -> str:
 def render_card(template: str, card_data, **variables):
     """Render ``model_cards/<template>.md`` with ``card_data`` (a ``ModelCardData``) and template variables.
 
+    Every template also gets ``base_model_link`` (a Hub id as a link, a local folder as plain text), ``terms``
+    (the license ``card_data`` states and ``dataset_terms``) and ``classnames_literal`` (for loading snippets).
     Raises :class:`~hf_cft.errors.CardError` naming the template when it is missing or does not render.
     """
     from huggingface_hub import ModelCard
 
+    base = variables.get("base_model")
+    variables.setdefault("base_model_link", _base_link(base))
+    license_id = getattr(card_data, "license", None) or UNKNOWN_LICENSE
+    variables["terms"] = _terms(license_id, base, variables.pop("dataset_terms", None))
+    variables.setdefault("classnames_literal", _classnames_literal(None))
     text = _template_text(template)
     try:
         return ModelCard.from_template(card_data, template_str=text, **variables)
@@ -185,8 +192,70 @@ def _is_hub_id(value: str | None) -> bool:
     return bool(value) and bool(_HUB_ID.match(str(value))) and not Path(str(value)).exists()
 
 
-def _base_url(base_model: str | None) -> str:
-    return f"https://huggingface.co/{base_model}" if _is_hub_id(base_model) else "#"
+def _base_link(base_model: str | None) -> str:
+    """The base model in a card's text: a Hub id as a link, a local folder as plain text (a link would be dead)."""
+    if not base_model:
+        return "a CLIP-like model"
+    if _is_hub_id(base_model):
+        return f"[{base_model}](https://huggingface.co/{base_model})"
+    return f"`{base_model}` (a local model folder)"
+
+
+#: The card license when none is stated and the base model's card gives none (a valid Hub license identifier).
+UNKNOWN_LICENSE = "unknown"
+
+
+def base_model_license(base_model: str | None) -> str | None:
+    """The ``license`` of the base model's card, read without network: ``README.md`` of a local model folder, or
+    the copy of a Hub repo's card in the local Hub cache; ``None`` when neither is there or it states none."""
+    if not base_model:
+        return None
+    path = Path(str(base_model))
+    readme = path / "README.md" if path.is_dir() else None
+    if readme is None and _is_hub_id(base_model):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(base_model), "README.md")
+        except Exception:  # noqa: BLE001 - a malformed id or an unreadable cache: nothing known
+            cached = None
+        readme = Path(cached) if isinstance(cached, str) else None
+    if readme is None or not readme.is_file():
+        return None
+    try:
+        from huggingface_hub import ModelCard
+
+        found = ModelCard(readme.read_text(encoding="utf-8")).data.license
+    except Exception:  # noqa: BLE001 - a README without valid metadata states no license
+        return None
+    return str(found) if found else None
+
+
+def resolve_license(license: str | None, base_model: str | None) -> str:
+    """The license a card states: ``license`` when given, else the base model's (:func:`base_model_license`),
+    else ``"unknown"`` — never a guess such as ``apache-2.0``, since weights trained on data inherit its terms."""
+    return license or base_model_license(base_model) or UNKNOWN_LICENSE
+
+
+def _terms(license_id: str, base_model: str | None, dataset_terms: str | None) -> str:
+    """The card's "License and data terms" lines."""
+    if license_id == UNKNOWN_LICENSE:
+        lic = (
+            "`unknown` — none was stated and the base model's card gives none; check the base model's and the "
+            "data's terms before using or redistributing these weights."
+        )
+    elif license_id == base_model_license(base_model):
+        lic = f"`{license_id}` (the base model's license)."
+    else:
+        lic = f"`{license_id}`."
+    data = " ".join(str(dataset_terms).split()) if dataset_terms else "not recorded; check the terms of the data above."
+    return f"- **License:** {lic}\n- **Data terms:** {data}"
+
+
+def _classnames_literal(classnames: Sequence[str] | None) -> str:
+    """Python source for the loading snippets' ``classnames``: the artefact's own, else a placeholder list."""
+    names = [str(c) for c in classnames or []]
+    return repr(names) if names else '["cat", "dog"]  # your class names'
 
 
 def _accuracy(row: Mapping[str, Any], where: str) -> float:
@@ -238,7 +307,7 @@ def _split_results(rows, dataset_name: str, dataset_id: str | None) -> list:
         EvalResult(
             task_type=TASK_TYPE,
             dataset_type=row.get("dataset_id") or dataset_id or dataset_name,
-            dataset_name=f"{dataset_name} ({row['name']})",
+            dataset_name=dataset_name if str(row["name"]) == dataset_name else f"{dataset_name} ({row['name']})",
             dataset_config=str(row["name"]),
             dataset_split=row.get("split", "test"),
             metric_type="accuracy",
@@ -297,6 +366,7 @@ def _card_data(
 ):
     from huggingface_hub import ModelCardData
 
+    license = resolve_license(license, base_model)
     # the Hub's base_model must be a repo id: a local folder (e.g. the offline demo CLIP) stays out of the metadata
     base_model = base_model if _is_hub_id(base_model) else None
     extra = {"base_model_relation": relation} if base_model and relation else {}
@@ -450,8 +520,9 @@ def adapter_card(
     repo_id: str | None = None,
     method: Mapping[str, Any] | None = None,
     base_model: str | None = None,
-    license: str | None = "apache-2.0",
+    license: str | None = None,
     adapter_name: str | None = None,
+    dataset_terms: str | None = None,
 ):
     """A model card for a PEFT adapter (CoOp, VPT, linear head, LoRA) — a ``PeftModel`` or an adapter folder.
 
@@ -483,9 +554,10 @@ def adapter_card(
     return render_card(
         "adapter",
         card_data,
+        dataset_terms=dataset_terms,
+        classnames_literal=_classnames_literal(getattr(cfg, "classnames", None)),
         model_name=model_name,
         base_model=base_model,
-        base_model_url=_base_url(base_model),
         method_name=method.get("name", kind),
         method_description=method.get("description", ""),
         paper=method.get("paper", ""),
@@ -534,6 +606,7 @@ def finetuned_model_card(
     repo_id: str | None = None,
     base_model: str | None = None,
     license: str | None = None,
+    dataset_terms: str | None = None,
 ):
     """A model card for a fully fine-tuned CLIP-like model (a model or its saved folder),
     ``model_cards/finetuned_model.md``: library ``transformers``, ``base_model_relation: finetune``, results rows
@@ -561,9 +634,10 @@ def finetuned_model_card(
     return render_card(
         "finetuned_model",
         card_data,
+        dataset_terms=dataset_terms,
+        classnames_literal=_classnames_literal(classnames),
         model_name=model_name,
         base_model=base_model,
-        base_model_url=_base_url(base_model),
         num_params=f"{info['size']:,}",
         dataset_name=dataset_name,
         results=rows,
@@ -602,6 +676,7 @@ def _continued_model_info(source, adapter_name: str | None) -> dict[str, Any]:
             "base_model": cfg.base_model_name_or_path,
             "size": size,
             "peft_type": kind,
+            "classnames": getattr(cfg, "classnames", None),
         }
     if is_folder:
         folder = Path(source)
@@ -657,6 +732,7 @@ def mergetune_card(
     repo_id: str | None = None,
     base_model: str | None = None,
     license: str | None = None,
+    dataset_terms: str | None = None,
     adapter_name: str | None = None,
 ):
     """A model card for a MergeTune continued model (mergetune.md): a ``PeftModel`` / adapter folder (CoOp, head,
@@ -673,6 +749,11 @@ def mergetune_card(
     rows = _check_rows(results, where)
     summary = _check_summary({"hm": hm}, where)
     baselines = {str(k): _check_summary(v, f"{where} (baseline {k!r})") for k, v in (baselines or {}).items()}
+    for row in baselines.values():  # a baseline's HM cell is never blank when its base and novel are known
+        if "hm" not in row and "base" in row and "novel" in row:
+            from hf_cft.metrics.classification import harmonic_mean
+
+            row["hm"] = round(harmonic_mean(row["base"], row["novel"]), 4)
     eval_results = _split_results(rows, dataset_name, dataset_id)
     eval_results += _summary_results(summary, dataset_id or dataset_name, f"{dataset_name} (base-to-novel)")
     card_data = _card_data(
@@ -689,9 +770,10 @@ def mergetune_card(
     return render_card(
         "mergetune",
         card_data,
+        dataset_terms=dataset_terms,
+        classnames_literal=_classnames_literal(info.get("classnames")),
         model_name=model_name,
         base_model=base_model,
-        base_model_url=_base_url(base_model),
         family=info["family"],
         family_description=_FAMILIES[info["family"]],
         is_adapter=info["library"] == "peft",
@@ -755,6 +837,7 @@ def condu_card(
     limitations: str = "",
     repo_id: str | None = None,
     license: str | None = None,
+    dataset_terms: str | None = None,
 ):
     """A model card for a ConDU bundle (``model_cards/condu_bundle.md``): task order with λ and collapse flags,
     merge settings, storage, accuracy matrix, loading snippet.
@@ -788,9 +871,10 @@ def condu_card(
     return render_card(
         "condu_bundle",
         card_data,
+        dataset_terms=dataset_terms,
+        classnames_literal=_classnames_literal(tasks[0].classnames if tasks else None),
         model_name=model_name,
         base_model=base,
-        base_model_url=_base_url(base),
         tasks=tasks,
         config=merger.config,
         num_keys=len(shapes),
@@ -823,6 +907,7 @@ def pam_card(
     limitations: str = "",
     repo_id: str | None = None,
     license: str | None = None,
+    dataset_terms: str | None = None,
 ):
     """A model card for a PAM global adapter (``model_cards/pam_global_adapter.md``, pam.md): the deployed LoRA
     adapter G after ``state.num_tasks`` tasks, its LoRA and PAM settings, the per-task merge log, per-dataset
@@ -851,9 +936,10 @@ def pam_card(
     return render_card(
         "pam_global_adapter",
         card_data,
+        dataset_terms=dataset_terms,
+        classnames_literal=_classnames_literal(None),
         model_name=model_name,
         base_model=base_model,
-        base_model_url=_base_url(base_model),
         num_tasks=state.num_tasks,
         num_params=f"{sum(v.numel() for v in state.global_state.values()):,}",
         lora={

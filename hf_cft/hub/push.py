@@ -11,7 +11,7 @@ What goes up is exactly the artefact's saved folder (safetensors weights + JSON 
   :class:`~hf_cft.merging.DeltaFusionMerger` (ConDU bundle) or a :class:`~hf_cft.merging.PAMState`; it is saved
   to a temporary folder, its card built from ``card_kwargs`` by the matching function of :mod:`hf_cft.hub.cards`.
 - :func:`push_adapter_to_hub` — :func:`push_to_hub` for PEFT adapters.
-- :func:`snapshot`, :func:`load_adapter`, :func:`load_model` — a local folder or a Hub repo id (through
+- :func:`snapshot`, :func:`load_adapter_model`, :func:`load_model` — a local folder or a Hub repo id (through
   ``huggingface_hub.snapshot_download``) checked for safetensors-only, readable weights before loading, with typed
   errors. ``DeltaFusionMerger.from_pretrained`` and ``PAMState.from_pretrained`` take repo ids themselves.
 
@@ -48,6 +48,7 @@ __all__ = [
     "PICKLE_SUFFIXES",
     "artefact_kind",
     "load_adapter",
+    "load_adapter_model",
     "load_model",
     "push_adapter_to_hub",
     "push_folder_to_hub",
@@ -61,6 +62,11 @@ _SKIP_DIRS = {".git", ".cache", "__pycache__", ".pending-save"}  # .pending-save
 
 
 # ------------------------------------------------------------------------------------------------ folders
+
+
+def _cause(exc: BaseException) -> str:
+    """``"Type: message"`` of a Hub / network error on one line (huggingface_hub's messages span several)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def _folder_files(folder: Path) -> list[Path]:
@@ -123,7 +129,9 @@ def push_folder_to_hub(
     folder when no card is given. ``eval_results``: ``EvalResultEntry`` objects (see
     :func:`~hf_cft.hub.eval_result_entries`) written as ``.eval_results/*.yaml``. ``api`` (an ``HfApi``) or
     ``endpoint`` / ``token`` choose the server. The folder must hold safetensors weights and no pickle files
-    (:class:`~hf_cft.errors.HubError`); unreadable safetensors raise :class:`~hf_cft.errors.BundleError`.
+    (:class:`~hf_cft.errors.HubError`); unreadable safetensors raise :class:`~hf_cft.errors.BundleError`. A failed
+    upload (no network, connection refused, authentication, a rejected commit) raises
+    :class:`~hf_cft.errors.HubError` naming the repo and the endpoint.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
@@ -141,15 +149,19 @@ def push_folder_to_hub(
     operations += [CommitOperationAdd(path_in_repo=f.as_posix(), path_or_fileobj=str(folder / f)) for f in files]
     operations += [CommitOperationAdd(path_in_repo=p, path_or_fileobj=data) for p, data in extra.items()]
     api = api if api is not None else HfApi(endpoint=endpoint, token=token)
-    if create_repo:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    return api.create_commit(
-        repo_id,
-        operations=operations,
-        commit_message=commit_message or f"Upload {folder.name} with hf_cft",
-        revision=revision,
-        repo_type="model",
-    )
+    try:
+        if create_repo:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        return api.create_commit(
+            repo_id,
+            operations=operations,
+            commit_message=commit_message or f"Upload {folder.name} with hf_cft",
+            revision=revision,
+            repo_type="model",
+        )
+    except Exception as exc:  # no network, refused, auth, rejected commit: one typed error naming the repo
+        where = getattr(api, "endpoint", None) or endpoint or "the Hub"
+        raise HubError(f"Cannot push {str(folder)!r} to {repo_id!r} at {where} ({_cause(exc)}).") from exc
 
 
 # ------------------------------------------------------------------------------------------------ artefacts
@@ -287,8 +299,7 @@ def snapshot(
         return Path(snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=patterns))
     except Exception as exc:  # offline, unknown repo, auth, bad id: one typed error naming the repo
         raise HubError(
-            f"{str(path_or_repo_id)!r} is neither a local folder nor a downloadable Hub repo "
-            f"({type(exc).__name__}: {exc})."
+            f"{str(path_or_repo_id)!r} is neither a local folder nor a downloadable Hub repo ({_cause(exc)})."
         ) from exc
 
 
@@ -336,7 +347,7 @@ def _check_lora_numbers(config: dict, what: str) -> None:
             check(value, f"{what}: {field}[{module!r}]", error=AdapterError, **kw)
 
 
-def load_adapter(
+def load_adapter_model(
     base_model,
     path_or_repo_id: str | os.PathLike,
     adapter_name: str = "default",
@@ -382,7 +393,7 @@ def check_loaded_adapter(model, folder: str | os.PathLike, adapter_name: str, wh
     :class:`~hf_cft.errors.AdapterError` naming the adapter's keys the file lacks (PEFT keeps their random
     initialisation with only a warning: an empty or renamed CoOp context) and the file's keys the adapter does not
     have; always an ``AdapterError`` for integer tensors where the adapter's are float and
-    :class:`~hf_cft.errors.NonFiniteError` naming a NaN/inf tensor. Used by :func:`load_adapter` and by
+    :class:`~hf_cft.errors.NonFiniteError` naming a NaN/inf tensor. Used by :func:`load_adapter_model` and by
     ``MergeTuneTrainer`` for the fine-tuned adapter it loads."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
@@ -401,6 +412,20 @@ def check_loaded_adapter(model, folder: str | os.PathLike, adapter_name: str, wh
         if ref is not None and ref.is_floating_point() and not t.is_floating_point():
             raise AdapterError(f"{what}: tensor {key!r} is {t.dtype} but the adapter's is {ref.dtype}.")
         check_finite_tensor(t, f"{what}: tensor {key!r}")
+
+
+def load_adapter(base_model, path_or_repo_id: str | os.PathLike, *args, **kwargs):
+    """Deprecated alias of :func:`load_adapter_model` (removed in the next release): its name shadowed
+    ``PeftModel.load_adapter(path, adapter_name)``, which takes other arguments and adds an adapter to a model."""
+    import warnings
+
+    warnings.warn(
+        "hf_cft.hub.load_adapter(base, path) is renamed load_adapter_model(base, path) (it differs from PEFT's "
+        "PeftModel.load_adapter(path, adapter_name)); the old name goes in the next release.",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return load_adapter_model(base_model, path_or_repo_id, *args, **kwargs)
 
 
 def _check_same_base(base_model, config: dict, what: str) -> None:

@@ -57,6 +57,7 @@ from hf_cft.merging.deltas import (
     validate_delta,
     validate_lazy_delta,
 )
+from hf_cft.merging.hub_hint import MovedToHubMixin
 from hf_cft.merging.masks import PackedMask, packed_nbytes
 from hf_cft.utils import atomic_path, read_json_object, release_freed_memory
 
@@ -391,7 +392,7 @@ class TaskRecord:
         return asdict(self)
 
 
-class DeltaFusionMerger:
+class DeltaFusionMerger(MovedToHubMixin):
     """ConDU's merger (condu.md §1–§5): one :meth:`add_task` per session; experts rebuilt on demand.
 
     ``base_model`` (optional) is only needed to turn LoRA adapters given to :meth:`add_task` into deltas
@@ -403,7 +404,14 @@ class DeltaFusionMerger:
         merger.add_task(delta_1, "aircraft", classnames=names_1, templates=tpl_1, prototypes=protos_1)
         merger.add_task(delta_2, "caltech101", ...)
         merger.tasks[0].lam, merger.expert_delta("aircraft")
+
+    Push it with ``hf_cft.hub.push_to_hub(merger, repo_id)``; its card is ``hf_cft.hub.condu_card(merger, ...)``.
     """
+
+    _MOVED_TO_HUB = {
+        "push_to_hub": "hf_cft.hub.push_to_hub(merger, repo_id, card_kwargs=...)",
+        "model_card": "hf_cft.hub.condu_card(merger, results=..., summary=...)",
+    }
 
     def __init__(
         self,
@@ -713,13 +721,6 @@ class DeltaFusionMerger:
             "experts": unified * len(self._records),
         }
 
-    def push_to_hub(self, repo_id: str, **kwargs):
-        """Save to a temporary folder and upload it with its model card, like ``PeftModel.push_to_hub``
-        (delegates to :func:`hf_cft.hub.push_to_hub`; ``card_kwargs=`` / ``card=`` / ``token=`` / ``private=``)."""
-        from hf_cft.hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
-
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write the bundle: ``unified.safetensors`` (u), ``masks.safetensors`` (uint8 bit-packed masks, keys
         ``"<task index>/<delta key>"``), ``prototypes.safetensors`` and ``manifest.json`` (config, task order,
@@ -854,63 +855,6 @@ class DeltaFusionMerger:
         merger._records = records
         merger.version = 1
         return merger
-
-    def model_card(
-        self,
-        *,
-        model_name: str = "ConDU bundle",
-        results: Sequence[Mapping[str, Any]] | None = None,
-        summary: Mapping[str, float] | None = None,
-        results_note: str = "",
-        limitations: str = "",
-        repo_id: str | None = None,
-    ):
-        """A ``huggingface_hub.ModelCard`` for this bundle (``model_cards/condu_bundle.md``): tasks with λ and
-        flags, storage, loading snippet; ``results`` rows ``{"name": dataset, "accuracy": percent}`` become
-        model-index entries, ``summary`` (e.g. Transfer / Average / Last) a table. ``card.save(folder/"README.md")``.
-        """
-        from huggingface_hub import EvalResult, ModelCardData
-
-        from hf_cft.hub.cards import render_card
-
-        base = self.base_model_name_or_path
-        eval_results = [
-            EvalResult(
-                task_type="image-classification",
-                dataset_type=str(row["name"]),
-                dataset_name=str(row["name"]),
-                metric_type="accuracy",
-                metric_value=round(float(row["accuracy"]), 4),
-            )
-            for row in results or []
-        ]
-        card_data = ModelCardData(
-            model_name=model_name,
-            library_name="hf_cft",
-            base_model=base,
-            tags=["hf_cft", "clip", "condu", "model-merging", "continual-learning"],
-            eval_results=eval_results or None,
-            license="apache-2.0",
-        )
-        return render_card(
-            "condu_bundle",
-            card_data,
-            model_name=model_name,
-            base_model=base,
-            base_model_url=f"https://huggingface.co/{base}" if base and "/" in base else "#",
-            tasks=self.tasks,
-            config=self.config,
-            num_keys=len(self._shapes),
-            num_entries=sum(math.prod(s) for s in self._shapes.values()),
-            fingerprint=self.base_fingerprint,
-            results=list(results or []),
-            summary=dict(summary or {}),
-            results_note=results_note,
-            storage=self.storage_bytes(),
-            limitations=limitations
-            or "Experts are rebuilt approximately (λ·M⊙u, condu.md §3); accuracy is only known where reported above.",
-            repo_id=repo_id,
-        )
 
     def __repr__(self) -> str:
         return (

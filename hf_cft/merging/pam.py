@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from hf_cft.errors import AdapterError, AlignmentError, BundleError, NonFiniteError
+from hf_cft.merging.hub_hint import MovedToHubMixin
 from hf_cft.utils import atomic_save_safetensors, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -518,13 +519,19 @@ def _json_safe(value):
     return str(value)
 
 
-class PAMState:
+class PAMState(MovedToHubMixin):
     """The global adapter G (fp32 factor tensors), the number of tasks merged so far, the LoRA config and the
     per-task log (misalignment before each merge, merge weight, factor-average gap, alignment counts).
 
     ``save_pretrained(dir)`` writes ``adapter_model.safetensors`` + ``adapter_config.json`` (a regular PEFT LoRA
     folder: ``PeftModel.from_pretrained(base, dir)`` deploys G) and ``pam_state.json`` (written last), each atomically.
+    Push it with ``hf_cft.hub.push_to_hub(state, repo_id)``; its card is ``hf_cft.hub.pam_card(state, ...)``.
     """
+
+    _MOVED_TO_HUB = {
+        "push_to_hub": "hf_cft.hub.push_to_hub(state, repo_id, card_kwargs=...)",
+        "model_card": "hf_cft.hub.pam_card(state, results=..., summary=...)",
+    }
 
     def __init__(
         self,
@@ -592,13 +599,6 @@ class PAMState:
         return LoraConfig(**{k: v for k, v in self.lora_config.items() if k in names and k != "peft_type"})
 
     # --- persistence
-
-    def push_to_hub(self, repo_id: str, **kwargs):
-        """Save to a temporary folder and upload it with its model card, like ``PeftModel.push_to_hub``
-        (delegates to :func:`hf_cft.hub.push_to_hub`; ``card_kwargs=`` / ``card=`` / ``token=`` / ``private=``)."""
-        from hf_cft.hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         if not self.global_state:

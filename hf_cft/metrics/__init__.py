@@ -1,7 +1,13 @@
-"""Metrics in plain torch/numpy (no ``evaluate``): accuracy, base/novel/harmonic mean, and the
+"""Metrics in plain torch/numpy (no ``evaluate`` package): accuracy, base/novel/harmonic mean, and the
 accuracy-matrix metrics of continual learning (Transfer, Average, Last, BWT, Plasticity)."""
 
-from hf_cft.metrics.classification import accuracy, base_novel_hm, harmonic_mean, per_class_accuracy
+from hf_cft.metrics.classification import (
+    accuracy,
+    base_novel_hm,
+    base_novel_summary,
+    harmonic_mean,
+    per_class_accuracy,
+)
 from hf_cft.metrics.continual import (
     AccuracyMatrix,
     average,
@@ -18,6 +24,7 @@ __all__ = [
     "accuracy",
     "average",
     "base_novel_hm",
+    "base_novel_summary",
     "bwt",
     "harmonic_mean",
     "last",

@@ -43,9 +43,24 @@ def harmonic_mean(base: float, novel: float) -> float:
     return 0.0 if base + novel == 0 else 2.0 * base * novel / (base + novel)
 
 
-def base_novel_hm(base: float | list[float], novel: float | list[float]) -> dict[str, float]:
-    """Base, novel and harmonic mean. Given lists (one entry per dataset), the average row is the HM of the
-    averaged base and novel accuracies (as in the CoCoOp tables), not the mean of per-dataset HMs."""
+def base_novel_summary(base: float | list[float], novel: float | list[float]) -> dict[str, float]:
+    """``{"base": B, "novel": N, "hm": HM}``. Given lists (one entry per dataset), the average row is the HM of the
+    averaged base and novel accuracies (as in the CoCoOp tables), not the mean of per-dataset HMs. For the number
+    alone, use :func:`harmonic_mean`."""
     b = float(np.mean(base)) if isinstance(base, (list, tuple, np.ndarray)) else float(base)
     n = float(np.mean(novel)) if isinstance(novel, (list, tuple, np.ndarray)) else float(novel)
     return {"base": b, "novel": n, "hm": harmonic_mean(b, n)}
+
+
+def base_novel_hm(base: float | list[float], novel: float | list[float]) -> dict[str, float]:
+    """Deprecated alias of :func:`base_novel_summary` (it returns a dict, not the HM; :func:`harmonic_mean` returns
+    the number). Removed in the next release."""
+    import warnings
+
+    warnings.warn(
+        "hf_cft.metrics.base_novel_hm is renamed base_novel_summary (it returns a dict); use harmonic_mean(base, "
+        "novel) for the number. The old name goes in the next release.",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return base_novel_summary(base, novel)

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_cft.data.templates import format_prompts, validate_classnames, validate_templates
-from hf_cft.errors import DatasetFormatError, NonFiniteError
+from hf_cft.errors import AdapterError, DatasetFormatError, NonFiniteError
 from hf_cft.models.clip import check_clip_like, clip_logits, image_features, model_device, text_features
 from hf_cft.models.tokenizer import tokenize_prompts
 from hf_cft.validation import check_finite_tensor
@@ -139,9 +139,10 @@ def _encode_gathered(model: nn.Module, loader, accelerator) -> tuple[torch.Tenso
     return torch.cat(feats), torch.cat(labels)
 
 
-@dataclass
+@dataclass(repr=False)
 class ZeroShotResult:
-    """Accuracy (percent) and the pieces it came from."""
+    """Accuracy (percent) and the pieces it came from (``predictions`` / ``labels``: ``[N]`` tensors, left out of
+    the repr)."""
 
     accuracy: float
     correct: int
@@ -157,6 +158,12 @@ class ZeroShotResult:
             "total": self.total,
             "per_class_accuracy": self.per_class_accuracy,
         }
+
+    def __repr__(self) -> str:
+        return (
+            f"ZeroShotResult(accuracy={self.accuracy:.2f}%, correct={self.correct}/{self.total}, "
+            f"{len(self.per_class_accuracy)} classes)"
+        )
 
 
 def evaluate_zeroshot(
@@ -184,6 +191,11 @@ def evaluate_zeroshot(
     images are sharded over the processes and the features gathered (every process gets the full result).
     ``head`` (``[C, d]``, normalised) replaces the template-ensembled text head, e.g. a CoOp adapter's
     ``class_text_features`` — the same loop then evaluates a prompt-learned classifier.
+
+    A ``PeftModel`` whose active adapter *is* the classifier (CoOp prompts, a linear head) raises
+    :class:`~hf_cft.errors.AdapterError` unless ``head`` is given: a zero-shot head would silently ignore what it
+    learned. :func:`hf_cft.evaluate` evaluates such models (and every other kind) with what they carry; for the
+    zero-shot baseline, pass ``model.get_base_model()`` or use ``with model.disable_adapter():``.
     """
     from torch.utils.data import DataLoader
 
@@ -192,6 +204,16 @@ def evaluate_zeroshot(
     from hf_cft.metrics import accuracy, per_class_accuracy
 
     base = check_clip_like(model)
+    if head is None:
+        from hf_cft.evaluation import classifier_adapter
+
+        carried = classifier_adapter(model)
+        if carried is not None:
+            raise AdapterError(
+                f"evaluate_zeroshot builds a template-ensembled zero-shot head and would ignore the {carried[1]} of "
+                f"adapter {carried[0]!r}: call hf_cft.evaluate(model, tokenizer, dataset) to evaluate the adapter, or "
+                "pass model.get_base_model() (or use `with model.disable_adapter():`) for the zero-shot baseline."
+            )
     if isinstance(dataset, ClassificationDataset):
         name = name or dataset.name
         classnames = classnames if classnames is not None else dataset.classnames

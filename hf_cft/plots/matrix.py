@@ -20,12 +20,42 @@ def plot_accuracy_matrix(
 ) -> Path:
     """Render ``values`` (``[T, T]`` accuracies in %, NaN for missing entries) as an annotated heatmap.
 
-    ``metrics`` (e.g. Transfer/Average/Last/BWT) are printed under the title. Returns the PNG path.
+    ``metrics`` (e.g. Transfer/Average/Last/BWT) are printed under the title; a title too long for the figure is
+    wrapped onto several lines (never cut off). Returns the PNG path.
 
     Example::
 
         plot_accuracy_matrix(matrix.values, matrix.names, "matrix.png", "ConDU (FT), Order I", matrix.metrics())
     """
+    import matplotlib.pyplot as plt
+
+    fig = accuracy_matrix_figure(values, names, title, metrics, vmin, vmax)
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
+
+
+def _wrap_title(head: str, width_inches: float, fontsize: float) -> str:
+    """``head`` with every line wrapped to the figure's width (an average glyph is ~0.6 em wide)."""
+    import textwrap
+
+    chars = max(12, int(width_inches * 72 / (0.6 * fontsize)) - 2)
+    return "\n".join(
+        textwrap.fill(line, chars, break_on_hyphens=False) if line else line for line in head.split("\n")
+    )
+
+
+def accuracy_matrix_figure(
+    values,
+    names: Sequence[str],
+    title: str = "",
+    metrics: dict[str, float] | None = None,
+    vmin: float = 0.0,
+    vmax: float = 100.0,
+):
+    """The ``matplotlib`` figure that :func:`plot_accuracy_matrix` saves (e.g. to show it in a notebook)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,14 +96,12 @@ def plot_accuracy_matrix(
     if metrics:
         label = {"bwt": "BWT"}
         parts = [
-            f"{label.get(k, k.capitalize())} {v:.1f}" for k, v in metrics.items() if v is not None and np.isfinite(v)
+            f"{label.get(k, k.capitalize())}\u00a0{v:.1f}"  # no-break space: a metric stays on one line
+            for k, v in metrics.items()
+            if v is not None and np.isfinite(v)
         ]
         head = f"{title}\n{' / '.join(parts)}" if title else " / ".join(parts)
     if head:
-        ax.set_title(head, fontsize=9)
+        ax.set_title(_wrap_title(head, 0.75 * fig.get_figwidth(), 9), fontsize=9)  # centred on the axes
     fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return png
+    return fig
