@@ -20,6 +20,28 @@ from hf_cft.peft.registration import register as _register_peft_methods
 
 _register_peft_methods()
 
+
+def _install_peft_card_hook() -> None:
+    """``PeftModel.save_pretrained`` writes hf_cft's adapter card for hf_cft's adapters (and LoRA on CLIP) instead
+    of PEFT's generic one (:mod:`hf_cft.hub.peft_cards`, imported only when a card is written)."""
+    from peft import PeftModel
+
+    original = PeftModel.create_or_update_model_card
+    if getattr(original, "_hf_cft", False):
+        return
+
+    def create_or_update_model_card(self, output_dir: str):
+        from hf_cft.hub.peft_cards import write_peft_card
+
+        if not write_peft_card(self, output_dir):
+            original(self, output_dir)
+
+    create_or_update_model_card._hf_cft = True
+    PeftModel.create_or_update_model_card = create_or_update_model_card
+
+
+_install_peft_card_hook()
+
 #: Public names by the module that defines them (resolved on first access by :func:`__getattr__`).
 _LAZY_IMPORTS: dict[str, tuple[str, ...]] = {
     "hf_cft.data": (

@@ -86,12 +86,14 @@ def staged_folder(path: str | os.PathLike, keep: Callable[[str], bool] | None = 
     """
     import shutil
 
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # "." or "out/.." name their folder, not a child of it
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in stale_staging(path):
         shutil.rmtree(stale, ignore_errors=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{path.name}{_STAGING_TAG}", dir=str(path.parent)))
     try:
+        # mkdtemp makes a private (0700) folder: give the output the old folder's mode, else the usual one
+        os.chmod(stage, path.stat().st_mode & 0o7777 if path.is_dir() else 0o777 & ~_umask())
         yield stage
         if keep is not None and path.is_dir():
             for old in path.iterdir():
@@ -133,6 +135,12 @@ def save_pretrained_atomic(artefact, save_directory: str | os.PathLike, **kwargs
     with staged_folder(save_directory, keep=lambda name: name.endswith(".md")) as stage:
         artefact.save_pretrained(str(stage), **kwargs)
     return Path(save_directory)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -1062,6 +1062,7 @@ def _check_merge_overwrite_replaces_whole(a, tmp, mp):
     assert main([str(x) for x in _merge_argv(a, out, "--overwrite", "--lam", "0.5")]) == 0
     assert json.loads((out / "merge_config.json").read_text())["lam"] == 0.5
     assert not (out / "stale_from_old_run.json").exists()
+    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not the staging folder's private 0700
     _no_leftovers(out)
 
 
@@ -1199,6 +1200,12 @@ class Snap:
         for f, b in zip(self.folders, self.before):
             now = _files(f) if f.is_dir() else f.read_bytes() if f.exists() else None
             assert now == b, f"{f} changed"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _no_leftovers(folder: Path):

@@ -197,3 +197,27 @@ def test_mtil_recipe_on_the_real_mtil_stream_with_a_mocked_hub(tmp_path):
     assert calls == names and summary["benchmark"] == "mtil" and summary["stream"] == "MTIL custom"
     assert [t["source"] for t in summary["tasks"]] == ["mtil/mnist", "mtil/eurosat"]
     assert np.isfinite(np.array(summary["results"]["wise"]["matrix"])).all()
+
+
+def test_condu_recipe_and_mtil_options_run_the_released_modes():
+    """recipes/condu.py passes --lora_merge and --rescaler_groups to ConDU (issue 17 items 9, 10); recipes/mtil.py
+    reaches the same options and the baselines' reference switches through --strategy_options."""
+    from hf_cft.continual import ConDUStrategy
+
+    rec = load_recipe("condu")
+    argv = ["--finetune", "lora", "--lora_merge", "factors", "--rescaler_groups", "openai"]
+    args, config = _parse(rec, rec.ConDURecipeArguments, argv)
+    kwargs = rec.strategy_kwargs("condu", args)
+    assert kwargs["lora_merge"] == "factors" and kwargs["rescaler_groups"] == "openai"
+    strategy = make_strategy("condu", **kwargs)
+    assert isinstance(strategy, ConDUStrategy) and strategy.settings()["lora_merge"] == "factors"
+    strategy.check_config(config)  # factor mode with LoRA: accepted
+    mtil = load_recipe("mtil")
+    options = mtil.parse_strategy_options(
+        '{"condu": {"lora_merge": "factors"}, "ties": {"trim_scope": "model", "disjoint_merge": "sum"}, '
+        '"magmax": {"tie_break": "earlier"}, "emr": {"rescaler": "global_sum", "zero_sign": 0}, '
+        '"opcm": {"rank_rule": "fusion_bench"}}'
+    )
+    built = {name: make_strategy(name, **opts) for name, opts in options.items()}
+    assert built["ties"].merger.trim_scope == "model" and built["magmax"].merger.tie_break == "earlier"
+    assert built["emr"].settings() == {"rescaler": "global_sum", "zero_sign": 0}

@@ -249,3 +249,11 @@ def test_readme_guide_runs_top_to_bottom(tmp_path):
     n, elapsed, out = run_markdown(README, tmp_path, timeout=900)
     assert n >= 15, f"only {n} blocks ran"
     assert "[readme-test] all blocks ran" in out
+
+
+@pytest.mark.data
+def test_getting_started_page_runs(tmp_path):
+    """docs/getting-started.md is self-contained (its own setup block): its Python blocks run in order too. The
+    other pages' examples continue the README's names and are compile-checked in tests/test_docs.py."""
+    n, _, out = run_markdown(ROOT / "docs" / "getting-started.md", tmp_path, timeout=600)
+    assert n >= 2 and "[readme-test] all blocks ran" in out

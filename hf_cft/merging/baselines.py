@@ -510,8 +510,9 @@ def emr(deltas: Sequence[Mapping[str, Tensor]], rescaler: str = "mean", zero_sig
     slice when its key is unified, never whole, and masks are kept bit-packed, so peak memory is τ_uni plus T
     packed masks plus a few slices whatever T (plain dicts are held by the caller anyway).
     """
-    from hf_cft.merging.condu import _rescalers, _unify_key
+    from hf_cft.merging.condu import UNIFY_SLICE, _rescalers, _unify_key
     from hf_cft.merging.deltas import LazyDelta
+    from hf_cft.utils import release_freed_memory
 
     if rescaler not in EMR_RESCALERS:
         raise MergeConfigError(f"rescaler must be one of {EMR_RESCALERS}, got {rescaler!r}.")
@@ -534,12 +535,15 @@ def emr(deltas: Sequence[Mapping[str, Tensor]], rescaler: str = "mean", zero_sig
             return deltas[i].read_flat(key, lo, hi, check=first)
 
         u, pm, a, b = _unify_key(get, n, shape, rescaler, zero_sign=float(zero_sign))
-        del flats
+        del flats, get
+        if math.prod(shape) >= UNIFY_SLICE:  # a large key's freed slices: trimmed now, as ConDU's session does
+            release_freed_memory()
         unified[key] = u
         for t in range(n):
             packed[t][key] = pm[t]
             num[t] += a[t]
             den[t] += b[t]
+    release_freed_memory()
     rescalers, _ = _rescalers(num, den)
     return EMRResult(unified=unified, packed_masks=packed, rescalers=rescalers)
 

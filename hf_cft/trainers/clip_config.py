@@ -48,7 +48,8 @@ class ClipTrainingArguments(TrainingArguments):
         default=0,
         metadata={
             "help": "Epochs at the constant constant_warmup_lr before the schedule (CoOp/Dassl's constant warm-up); "
-            "> 0 needs lr_scheduler_type='cosine' and then steps the cosine once per epoch, as Dassl does."
+            "> 0 needs lr_scheduler_type='cosine' and then steps the cosine once per epoch, as Dassl does "
+            "(warmup_steps / warmup_ratio are then unused)."
         },
     )
     constant_warmup_lr: float = field(default=1e-5, metadata={"help": "Learning rate of the constant warm-up."})
