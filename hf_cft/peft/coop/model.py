@@ -16,7 +16,8 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
     """CoOp soft prompts on the text tower of a CLIP-like model (see :class:`CoOpConfig`).
 
     Use :meth:`class_text_features` to get the prompt-learned text head ``[C, d]`` for any class names (shared
-    context) or for the adapter's own classes (class-specific context).
+    context) or for the adapter's own classes (class-specific context); :func:`hf_cft.class_logits` gives the class
+    logits of images in one call, :func:`hf_cft.evaluate` the accuracy (base/novel too).
     """
 
     prefix: str = "coop_"

@@ -98,7 +98,8 @@ class LinearHeadModel(NoMergeTunerMixin, BaseTuner):
         return F.linear(feats.to(w.dtype), w, b)
 
     def classify(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N, C]`` for images."""
+        """Logits ``[N, C]`` for images (every class of the head). :func:`hf_cft.class_logits` gives class logits for
+        every model kind (CoOp, VPT, LoRA, this head restricted to given class names, ConDU) with one call."""
         from hf_cft.models.clip import image_features
 
         return self.head_logits(image_features(self.model, pixel_values, normalize=True))
