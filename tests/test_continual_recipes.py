@@ -75,7 +75,7 @@ def test_mtil_recipe_lists_every_registered_strategy(capsys):
     assert mtil.main(args, config) is None
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == list(STRATEGIES)
-    assert "magmax: lam" in lines and "ties: k, lam" in lines
+    assert "magmax: lam, tie_break" in lines and "ties: disjoint_merge, k, lam, trim_scope" in lines
 
 
 def test_results_markdown_reports_metrics_and_the_misalignment_log():
