@@ -154,6 +154,8 @@ def _model_folder_kind(folder: Path) -> str | None:
         tags = set(meta.get("tags") or [])
         if "mergetune" in tags:
             return "MergeTune continued model"
+        if "full-fine-tuning" in tags:
+            return "fine-tuned model"
         relation = meta.get("base_model_relation")
         if relation in ("finetune", "merge"):
             return {"finetune": "fine-tuned model", "merge": "merged model"}[relation]

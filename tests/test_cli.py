@@ -214,6 +214,16 @@ def test_eval_labels_a_merged_model_as_merged(assets, tmp_path):
     assert got["evaluated"] == "merged model (ties of 2 delta(s)), template-ensembled text head"
     plain = _eval_json(tmp_path, "--model", assets["model"], "--dataset", assets["data"])
     assert plain["evaluated"] == "CLIPModel, template-ensembled text head"
+    # a full fine-tune saved with hf_cft's card (the trainer's save_model writes it) is labelled as one
+    import shutil
+
+    from hf_cft.hub import finetuned_model_card
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(assets["model"], tuned)
+    finetuned_model_card(tuned, model_name="ft", dataset_name="colours", classnames=CLASSES).save(tuned / "README.md")
+    got = _eval_json(tmp_path, "--model", tuned, "--dataset", assets["data"])
+    assert got["evaluated"] == "fine-tuned model, template-ensembled text head"
 
 
 def test_eval_condu_bundle_routing_and_known_task(assets, tmp_path):
