@@ -129,7 +129,7 @@ def check_template(template, owner: str = "") -> str:
         raise TemplateError(f"Template {template!r}{where} must be a string, got {type(template).__name__}.")
     try:
         text = template.format(PROBE_CLASS_NAME)
-    except (IndexError, KeyError, ValueError) as exc:
+    except (IndexError, KeyError, ValueError, AttributeError, TypeError) as exc:  # "{.0}", "{[0]}", "{:d}"
         raise TemplateError(
             f"Template {template!r}{where} is not a valid format string with one '{{}}' for the class name "
             f"({type(exc).__name__}: {exc})."

@@ -601,14 +601,12 @@ def main(args: PretrainArguments) -> Path:
             last_save = time.perf_counter()
     bar.close()
     final_loss = float(accelerator.reduce(loss.detach().float().to(accelerator.device), "mean"))
-    if tracking:
-        accelerator.end_training()
     final = accelerator.unwrap_model(model)
     if interrupted:
         if main_process:
             save_checkpoint(ckpt, final, opt, state, gen)
             curve.close()
-        accelerator.wait_for_everyone()
+        _finish(accelerator)
         return ckpt
     if main_process:
         table = zero_shot_table(final, tokenizer, pool, args, None)
@@ -639,8 +637,15 @@ def main(args: PretrainArguments) -> Path:
         for name, r in table.items():
             accelerator.print(f"| {name} | {r['ensemble']:.1f} | {r['single']:.1f} | {r['chance']:.1f} |")
         accelerator.print(f"model: {out / 'model'}")
-    accelerator.wait_for_everyone()  # the model folder is complete before any process returns its path
+    _finish(accelerator)  # the model folder is complete before any process returns its path
     return out / "model"
+
+
+def _finish(accelerator) -> None:
+    """Every process waits for the others, then trackers stop and the process group is destroyed: left to
+    interpreter exit, gloo's teardown can abort a process (SIGABRT) after its work was written."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def _save_model(model, tokenizer, args: PretrainArguments, path: Path):

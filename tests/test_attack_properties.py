@@ -10,7 +10,7 @@ import string
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from hf_cft.data import few_shot, from_arrays, split_per_class
@@ -28,13 +28,16 @@ def _oracle_template_ok(t: str) -> bool:
     """A template is usable iff ``t.format(name)`` works and shows ``name`` exactly once, with one bare ``{}``."""
     try:
         text = t.format(PROBE_CLASS_NAME)
-    except (IndexError, KeyError, ValueError):
+    except (IndexError, KeyError, ValueError, AttributeError, TypeError):  # e.g. "{.0}" (attribute access)
         return False
     bare = t.replace("{{", "").replace("}}", "")
     return text.count(PROBE_CLASS_NAME) == 1 and bare.count("{") == bare.count("}") == 1 and "{}" in bare
 
 
 @SETTINGS
+@example("{.0}")  # attribute access on the class name: found by hypothesis in a CI run
+@example("{0.real}")
+@example("{[0]}")
 @given(st.text(alphabet=TEMPLATE_ALPHABET, max_size=14))
 def test_template_validation_agrees_with_formatting(template):
     if _oracle_template_ok(template):
