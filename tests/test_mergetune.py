@@ -226,3 +226,31 @@ def test_mergetune_recovers_zero_shot_agreement(toy_tokenizer, tmp_path, data):
     trainer.train()
     after = F.cosine_similarity(model.class_text_features(toy_tokenizer, CLASSES).detach(), t1).mean()
     assert after > before
+
+
+# planted bug (issue 20): the Fisher ignored in the CoOp anchor (F ≡ 1 used instead of the estimate)
+def test_fisher_weights_the_coop_anchor_entry_by_entry(toy_tokenizer, tmp_path, data):
+    from hf_cft.models import logit_scale
+
+    _finetuned_coop(toy_tokenizer, tmp_path)
+    model = _continued_coop(toy_tokenizer)
+    args = _args(tmp_path, anchor="fisher", anchor_weight=1.0, path_weight=0.0, label_smoothing=0.0)
+    trainer = MergeTuneTrainer(
+        model, args, CLASSES, TEMPLATES, toy_tokenizer, finetuned=tmp_path / "ft", train_dataset=data
+    )
+    with torch.no_grad():  # move the context away from ŵ1 so the anchor is not ~0
+        next(p for p in model.parameters() if p.requires_grad).add_(0.5)
+    C, d = trainer.text_zs.shape
+    fisher = torch.rand(C, d, generator=torch.Generator().manual_seed(0)) * 10.0
+    trainer.fisher = [fisher]
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    with torch.no_grad():
+        got = trainer.compute_loss(trainer.model, batch)
+        text = model.class_text_features(toy_tokenizer, CLASSES)
+        img = image_features(model, batch["pixel_values"])
+        task = F.cross_entropy(logit_scale(model) * img @ text.t(), batch["labels"])
+        anchor = (fisher * (text - trainer.text_zs) ** 2).sum() / (2 * C)
+        uniform = ((text - trainer.text_zs) ** 2).sum() / (2 * C)
+    torch.testing.assert_close(got, task + anchor, rtol=1e-5, atol=1e-6)
+    assert abs(float(anchor - uniform)) > 1e-3 * float(uniform)  # the case tells F from F ≡ 1

@@ -195,3 +195,68 @@ def test_atomic_write_bytes_interrupted_mid_write_leaves_the_old_file(tmp_path, 
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+# ----------------------------------------------------------------------------------- MergeTune loss terms (mutmut survivors)
+
+
+def test_fisher_anchor_divides_by_its_normalizer():
+    from hf_cft.trainers.mergetune_losses import fisher_anchor
+
+    p, a, f = torch.tensor([1.0, 3.0]), torch.tensor([0.0, 1.0]), torch.tensor([2.0, 0.5])
+    # Σ F (w − ŵ1)² = 2·1 + 0.5·4 = 4, over normalizer 4 -> 1
+    assert float(fisher_anchor([p], [a], [f], normalizer=4.0)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("scaling", [0.5, 3.0])
+def test_lora_sq_norm_is_the_dense_update_norm(scaling):
+    from hf_cft.trainers.mergetune_losses import lora_delta, lora_sq_norm
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 5, generator=g), torch.randn(4, 2, generator=g)
+    want = (lora_delta(a, b, scaling) ** 2).sum()
+    torch.testing.assert_close(lora_sq_norm(a, b, scaling), want, rtol=1e-5, atol=1e-6)
+
+
+def test_normalize_fisher_rescales_to_mean_one_and_refuses_degenerate_estimates():
+    from hf_cft.trainers.mergetune_losses import normalize_fisher
+
+    out = normalize_fisher([torch.tensor([1.0, 3.0]), torch.tensor([4.0, 0.0])], damping=0.25)
+    assert [t.tolist() for t in out] == [[0.75, 1.75], [2.25, 0.25]]  # mean 2 -> F/2 + 0.25
+    for bad in ([torch.zeros(3)], [torch.tensor([1.0, float("nan")])], [torch.tensor([1.0, float("inf")])]):
+        with pytest.raises(ValueError, match=r"^the estimated Fisher is zero or not finite \(degenerate zero-shot predictions\?\)$"):
+            normalize_fisher(bad, damping=0.0)
+
+
+def test_head_anchor_default_kind_and_errors():
+    from hf_cft.trainers.mergetune_losses import head_anchor
+
+    w, w0 = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]])
+    assert float(head_anchor([w], [w0])) == pytest.approx(5.0)  # sq_l2 by default
+    assert float(head_anchor([w], [w0], "fisher", [torch.tensor([[2.0, 0.5]])])) == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="^the Fisher head anchor needs the Fisher tensors$"):
+        head_anchor([w], [w0], "fisher")
+    with pytest.raises(ValueError, match=r"^unknown head anchor 'l1' \(sq_l2 or fisher\)$"):
+        head_anchor([w], [w0], "l1")
+
+
+def test_path_loss_head_applies_label_smoothing():
+    g = torch.Generator().manual_seed(2)
+    image, w, w_ft = torch.randn(5, 4, generator=g), torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    wa = w_ft + 0.5 * (w - w_ft)
+    want = F.cross_entropy(image @ wa.t(), labels, label_smoothing=0.2)
+    got = path_loss_head(image, w, None, w_ft, None, labels, [0.5], 0.2)
+    torch.testing.assert_close(got, want)
+    assert abs(float(got) - float(path_loss_head(image, w, None, w_ft, None, labels, [0.5]))) > 1e-4
+
+
+def test_alpha_grid_errors_and_dtypes():
+    from hf_cft.trainers.mergetune_losses import alpha_grid
+
+    with pytest.raises(ValueError, match="^num must be >= 1, got 0$"):
+        alpha_grid(0)
+    with pytest.raises(ValueError, match="^unknown alpha grid 'uniform'$"):
+        alpha_grid(3, "uniform")
+    for kind in ("midpoint", "official", "random"):
+        assert alpha_grid(4, kind, torch.Generator().manual_seed(0)).dtype == torch.float64
