@@ -260,3 +260,43 @@ def test_alpha_grid_errors_and_dtypes():
         alpha_grid(3, "uniform")
     for kind in ("midpoint", "official", "random"):
         assert alpha_grid(4, kind, torch.Generator().manual_seed(0)).dtype == torch.float64
+
+
+# ----------------------------------------------------------------------------------- metrics and masks (mutmut survivors)
+
+
+def test_per_class_accuracy_from_logits_and_empty_classes():
+    import warnings
+
+    from hf_cft.metrics.classification import per_class_accuracy
+
+    logits = torch.tensor([[0.1, 2.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.2, 0.1], [0.0, 0.0, 1.0]])
+    labels = torch.tensor([1, 0, 0, 1])  # predictions 1, 0, 1, 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a class without examples is NaN by rule, not by a mean over nothing
+        out = per_class_accuracy(logits, labels, num_classes=4)
+    assert out[:2] == [50.0, 50.0] and all(v != v for v in out[2:])
+
+
+def test_harmonic_mean_edges():
+    from hf_cft.metrics.classification import base_novel_summary, harmonic_mean
+
+    assert harmonic_mean(50.0, 50.0) == 50.0
+    assert harmonic_mean(0.0, 0.0) == 0.0
+    assert harmonic_mean(80.0, 40.0) == pytest.approx(2 * 80 * 40 / 120)
+    for base, novel in ((-1.0, 50.0), (50.0, -1.0)):
+        with pytest.raises(ValueError, match=rf"^accuracies must be non-negative, got base={base}, novel={novel}$"):
+            harmonic_mean(base, novel)
+    assert base_novel_summary(80.0, 40.0)["hm"] == pytest.approx(160 / 3)
+    assert base_novel_summary([70.0, 90.0], [30.0, 50.0]) == pytest.approx({"base": 80.0, "novel": 40.0, "hm": 160 / 3})
+
+
+def test_packed_masks_are_equal_only_with_equal_bits_and_shape():
+    from hf_cft.merging.masks import pack_mask
+
+    a = pack_mask(torch.tensor([True, False, True, False]))
+    assert a == pack_mask(torch.tensor([True, False, True, False]))
+    assert a != pack_mask(torch.tensor([True, True, True, False]))  # same shape, other bits
+    assert a != pack_mask(torch.tensor([[True, False], [True, False]]))  # same bits, other shape
+    assert a != "not a mask"
+    assert a.count() == 2
