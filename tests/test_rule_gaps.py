@@ -300,3 +300,98 @@ def test_packed_masks_are_equal_only_with_equal_bits_and_shape():
     assert a != pack_mask(torch.tensor([[True, False], [True, False]]))  # same bits, other shape
     assert a != "not a mask"
     assert a.count() == 2
+
+
+# ----------------------------------------------------------------------------------- utils (mutmut survivors)
+
+
+@pytest.mark.skipif(os.uname().sysname != "Linux", reason="renameat2(RENAME_EXCHANGE) is Linux-only")
+def test_exchange_swaps_two_folders_atomically(tmp_path):
+    from hf_cft.utils import _exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "which").write_text("a")
+    (b / "which").write_text("b")
+    assert _exchange(a, b) is True
+    assert (a / "which").read_text() == "b" and (b / "which").read_text() == "a"
+
+
+@pytest.mark.skipif(os.uname().sysname != "Linux", reason="renameat2(RENAME_EXCHANGE) is Linux-only")
+def test_exchange_with_a_missing_path_raises_enoent_naming_it(tmp_path):
+    import errno
+
+    from hf_cft.utils import _exchange
+
+    (tmp_path / "a").mkdir()
+    missing = tmp_path / "missing"
+    with pytest.raises(OSError) as info:
+        _exchange(tmp_path / "a", missing)
+    assert info.value.errno == errno.ENOENT
+    assert info.value.strerror == os.strerror(errno.ENOENT)
+    assert info.value.filename == str(missing)
+
+
+def test_stale_staging_lists_only_this_outputs_leftovers(tmp_path):
+    from hf_cft.utils import _OLD_TAG, _STAGING_TAG, stale_staging
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    mine = [tmp_path / f".merged{_STAGING_TAG}1", tmp_path / f".merged{_OLD_TAG}2"]
+    for p in [*mine, tmp_path / f".other{_STAGING_TAG}3", tmp_path / "merged-2"]:
+        p.mkdir()
+    assert sorted(p.name for p in stale_staging(out)) == sorted(p.name for p in mine)
+    assert stale_staging(tmp_path / "no-such-parent" / "x") == []
+
+
+def test_fsync_tree_reads_every_regular_file_and_skips_symlinks(tmp_path, monkeypatch):
+    from hf_cft import utils
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.bin").write_bytes(b"1")
+    (tmp_path / "sub" / "b.bin").write_bytes(b"2")
+    (tmp_path / "link").symlink_to(tmp_path / "a.bin")
+    synced = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    utils._fsync_tree(tmp_path)
+    if os.path.exists("/proc/self/fd"):
+        assert sorted(Path(p).name for p in synced) == ["a.bin", "b.bin"]
+    else:
+        assert len(synced) == 2
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, r"^manifest: '{path}' does not exist\.$"),
+        ("{not json", r"^manifest: '{path}' is not valid JSON \(.+\)\.$"),
+        ("[1, 2]", r"^manifest: '{path}' must hold a JSON object, got list\.$"),
+    ],
+)
+def test_read_json_object_errors_name_the_file(tmp_path, content, message):
+    import re
+
+    from hf_cft.errors import BundleError
+    from hf_cft.utils import read_json_object
+
+    path = tmp_path / "m.json"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(BundleError, match=message.format(path=re.escape(str(path)))):
+        read_json_object(path, BundleError, "manifest")
+
+
+def test_read_json_object_reads_utf8(tmp_path):
+    from hf_cft.errors import BundleError
+    from hf_cft.utils import read_json_object
+
+    path = tmp_path / "m.json"
+    path.write_bytes('{"name": "café ☕"}'.encode())
+    assert read_json_object(path, BundleError, "manifest") == {"name": "café ☕"}
