@@ -458,7 +458,7 @@ def plot_curve(curve_path: Path, png: Path):
 # --------------------------------------------------------------------------------------------------- main
 
 
-def main(args: PretrainArguments) -> Path:
+def main(args: PretrainArguments, end_process_group: bool = False) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import broadcast
 
@@ -606,7 +606,7 @@ def main(args: PretrainArguments) -> Path:
         if main_process:
             save_checkpoint(ckpt, final, opt, state, gen)
             curve.close()
-        _finish(accelerator)
+        _finish(accelerator, end_process_group)
         return ckpt
     if main_process:
         table = zero_shot_table(final, tokenizer, pool, args, None)
@@ -637,15 +637,20 @@ def main(args: PretrainArguments) -> Path:
         for name, r in table.items():
             accelerator.print(f"| {name} | {r['ensemble']:.1f} | {r['single']:.1f} | {r['chance']:.1f} |")
         accelerator.print(f"model: {out / 'model'}")
-    _finish(accelerator)  # the model folder is complete before any process returns its path
+    _finish(accelerator, end_process_group)  # the model folder is complete before any process returns its path
     return out / "model"
 
 
-def _finish(accelerator) -> None:
-    """Every process waits for the others, then trackers stop and the process group is destroyed: left to
-    interpreter exit, gloo's teardown can abort a process (SIGABRT) after its work was written."""
+def _finish(accelerator, end_process_group: bool) -> None:
+    """Every process waits for the others, then the trackers stop. Run as a script (``end_process_group``), the
+    process group is destroyed too: left to interpreter exit, gloo's teardown can abort a process (SIGABRT) after
+    its work was written. Called in-process (the MergeTune demo pretrains its CLIP, then trains in the same
+    processes), the group stays for the caller."""
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    if end_process_group:
+        accelerator.end_training()
 
 
 def _save_model(model, tokenizer, args: PretrainArguments, path: Path):
@@ -674,4 +679,4 @@ def _save_model(model, tokenizer, args: PretrainArguments, path: Path):
 
 if __name__ == "__main__":
     (pretrain_args,) = parse_recipe_args(PretrainArguments)
-    main(pretrain_args)
+    main(pretrain_args, end_process_group=True)
