@@ -5,6 +5,8 @@ streams (digits demo, MTIL-mini, real MTIL) and :func:`run_continual_recipe`."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,10 @@ def parse_recipe_args(*dataclass_types, args: list[str] | None = None, defaults:
         if not isinstance(config, dict):
             raise SystemExit(f"--config: {path} must hold a mapping of argument names to values")
         del argv[i : i + 2]
-    parser = HfArgumentParser(dataclass_types)
+    doc = (sys.modules["__main__"].__doc__ or "").strip()
+    parser = HfArgumentParser(
+        dataclass_types, description=doc or None, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     if defaults:
         parser.set_defaults(**defaults)
     known = {a.dest for a in parser._actions}
@@ -38,7 +43,28 @@ def parse_recipe_args(*dataclass_types, args: list[str] | None = None, defaults:
     if unknown:
         raise SystemExit(f"--config: unknown argument(s) {unknown}")
     parser.set_defaults(**config)
-    return parser.parse_args_into_dataclasses(args=argv)
+    if "-h" in argv or "--help" in argv:  # listed for --help only: parsing has already consumed it above
+        parser.add_argument(
+            "--config", metavar="FILE.yaml", help="argument values from a YAML mapping; command-line flags override it"
+        )
+    try:
+        return parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as exc:  # e.g. "Some specified arguments are not used by the HfArgumentParser: ['--bogus']"
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Around a recipe's ``main``: a typed hf_cft error (bad dataset name, missing file, bad option) ends in one
+    line on stderr and exit status 2, as the ``hf-cft`` commands do; anything else keeps its traceback."""
+    from hf_cft.errors import HfCftError
+
+    try:
+        yield
+    except HfCftError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 #: The project's small pretrained CLIPs (the benchmark harness's designs): design → (pretraining config in

@@ -52,6 +52,7 @@ from hf_cft.recipe_utils import (
     load_sibling_recipe,
     parse_recipe_args,
     run_continual_recipe,
+    user_errors,
 )
 
 DEMO_GROUPS = DIGITS_DEMO_GROUPS
@@ -126,4 +127,5 @@ def main(args: ConDURecipeArguments, config: ContinualConfig) -> dict:
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(name)s %(message)s", level=logging.INFO)
     recipe_args, continual_config = parse_recipe_args(ConDURecipeArguments, ContinualConfig, defaults=RECIPE_DEFAULTS)
-    main(recipe_args, continual_config)
+    with user_errors():
+        main(recipe_args, continual_config)

@@ -43,7 +43,7 @@ from hf_cft.data import ImageTransform, apply_image_transform, format_prompts
 from hf_cft.hub import adapter_card
 from hf_cft.metrics import harmonic_mean
 from hf_cft.models import FeatureCache, evaluate_zeroshot
-from hf_cft.recipe_utils import base_novel_task, demo_clip, load_clip, load_task, parse_recipe_args
+from hf_cft.recipe_utils import base_novel_task, demo_clip, load_clip, load_task, parse_recipe_args, user_errors
 from hf_cft.trainers import ClipClassificationTrainer, ClipTrainingArguments
 from hf_cft.utils import atomic_write_json
 
@@ -201,4 +201,5 @@ if __name__ == "__main__":
         "seed": 1,
     }
     recipe_args, training_args = parse_recipe_args(CoOpRecipeArguments, ClipTrainingArguments, defaults=defaults)
-    main(recipe_args, training_args)
+    with user_errors():
+        main(recipe_args, training_args)

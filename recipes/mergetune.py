@@ -58,7 +58,7 @@ from hf_cft.hub import adapter_card
 from hf_cft.metrics import harmonic_mean
 from hf_cft.models import FeatureCache, build_zeroshot_classifier, evaluate_zeroshot
 from hf_cft.plots import interpolation_curves, plot_paths
-from hf_cft.recipe_utils import base_novel_task, load_clip, load_task, parse_recipe_args
+from hf_cft.recipe_utils import base_novel_task, load_clip, load_task, parse_recipe_args, user_errors
 from hf_cft.trainers import ClipClassificationTrainer, ClipTrainingArguments, MergeTuneConfig, MergeTuneTrainer
 from hf_cft.utils import atomic_write_json, hf_cft_cache_dir
 
@@ -401,4 +401,5 @@ if __name__ == "__main__":
     if any(a == "--preset" or a.startswith("--preset=") for a in sys.argv[1:]):  # the preset's optimiser, not ours
         defaults = {k: v for k, v in RECIPE_DEFAULTS.items() if k not in OFFICIAL_PRESET}
     recipe_args, mt_args = parse_recipe_args(MergeTuneRecipeArguments, MergeTuneConfig, defaults=defaults)
-    main(recipe_args, mt_args)
+    with user_errors():
+        main(recipe_args, mt_args)

@@ -49,6 +49,7 @@ from hf_cft.recipe_utils import (
     load_sibling_recipe,
     parse_recipe_args,
     run_continual_recipe,
+    user_errors,
 )
 
 RECIPE_DEFAULTS = {**CONTINUAL_DEMO_DEFAULTS, "output_dir": "outputs/mtil"}
@@ -109,4 +110,5 @@ def main(args: MTILRecipeArguments, config: ContinualConfig) -> dict | None:
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(name)s %(message)s", level=logging.INFO)
     recipe_args, continual_config = parse_recipe_args(MTILRecipeArguments, ContinualConfig, defaults=RECIPE_DEFAULTS)
-    main(recipe_args, continual_config)
+    with user_errors():
+        main(recipe_args, continual_config)

@@ -49,6 +49,7 @@ from hf_cft.recipe_utils import (
     load_sibling_recipe,
     parse_recipe_args,
     run_continual_recipe,
+    user_errors,
 )
 
 # What `accelerate launch recipes/pam.py` uses with no arguments: the digits demo's LoRA budget (pam.md §6's
@@ -131,4 +132,5 @@ def main(args: PAMRecipeArguments, config: ContinualConfig) -> dict:
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(name)s %(message)s", level=logging.INFO)
     recipe_args, continual_config = parse_recipe_args(PAMRecipeArguments, ContinualConfig, defaults=RECIPE_DEFAULTS)
-    main(recipe_args, continual_config)
+    with user_errors():
+        main(recipe_args, continual_config)

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from hf_cft.data import SHARED_DATASETS, format_prompts, split_per_class
 from hf_cft.data.image_pool import BatchAugment, decode_split, normalize_batch
-from hf_cft.recipe_utils import load_task, parse_recipe_args
+from hf_cft.recipe_utils import load_task, parse_recipe_args, user_errors
 from hf_cft.utils import atomic_save_safetensors, atomic_write_json, hf_cft_cache_dir
 
 GENERIC_TEMPLATES = (
@@ -514,7 +514,14 @@ def main(args: PretrainArguments, end_process_group: bool = False) -> Path:
         f"pretraining pool: {n} images from {len(args.datasets)} datasets; model {n_params:,} parameters; "
         f"{procs} process(es) x {local} images per step"
     )
-    bar = tqdm(total=int(budget), initial=int(state["elapsed"]), unit="s", disable=not main_process)
+    # the bar counts what ends the run: steps with --max_steps, else seconds of the time budget
+    by_steps = bool(args.max_steps)
+    bar = tqdm(
+        total=args.max_steps if by_steps else int(budget),
+        initial=state["step"] if by_steps else int(state["elapsed"]),
+        unit="step" if by_steps else "s",
+        disable=not main_process,
+    )
     t_start, elapsed0, last_save = time.perf_counter(), state["elapsed"], time.perf_counter()
 
     def clock() -> float:
@@ -569,7 +576,7 @@ def main(args: PretrainArguments, end_process_group: bool = False) -> Path:
         state["images"] += len(idx)
         window.append((len(idx), time.perf_counter() - t0))
         state["elapsed"] = elapsed0 + time.perf_counter() - t_start
-        bar.update(int(state["elapsed"]) - bar.n)
+        bar.update((state["step"] if by_steps else int(state["elapsed"])) - bar.n)
         if state["step"] % 20 == 0:
             ips = sum(a for a, _ in window) / sum(b for _, b in window)
             window = []
@@ -679,4 +686,5 @@ def _save_model(model, tokenizer, args: PretrainArguments, path: Path):
 
 if __name__ == "__main__":
     (pretrain_args,) = parse_recipe_args(PretrainArguments)
-    main(pretrain_args, end_process_group=True)
+    with user_errors():
+        main(pretrain_args, end_process_group=True)

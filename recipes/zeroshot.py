@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from hf_cft.data import format_prompts
 from hf_cft.metrics import accuracy
 from hf_cft.models import FeatureCache, evaluate_zeroshot
-from hf_cft.recipe_utils import demo_clip, load_clip, load_task, parse_recipe_args
+from hf_cft.recipe_utils import demo_clip, load_clip, load_task, parse_recipe_args, user_errors
 from hf_cft.utils import atomic_write_json
 
 
@@ -115,4 +115,5 @@ def main(args: ZeroShotArguments) -> dict:
 
 if __name__ == "__main__":
     (zs_args,) = parse_recipe_args(ZeroShotArguments)
-    main(zs_args)
+    with user_errors():
+        main(zs_args)

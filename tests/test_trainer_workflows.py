@@ -516,3 +516,22 @@ def test_shared_dataset_splits_and_few_shot_rows_go_straight_in(shared_data, toy
     trainer.train()
     metrics = trainer.evaluate(ds["test"].select(range(10)))
     assert 0.0 <= metrics["eval_accuracy"] <= 100.0 and np.isfinite(metrics["eval_loss"])
+
+
+def test_adapter_folder_loads_with_auto_peft_model(tmp_path):
+    """A trainer-saved LoRA adapter on CLIP loads with PEFT's AutoPeftModel (no tokenizer beside the adapter: PEFT
+    would resize the base model's token embeddings through get_input_embeddings, which CLIPModel lacks)."""
+    from peft import AutoPeftModel, LoraConfig, get_peft_model
+
+    base, tok = _demo_model()
+    base.save_pretrained(tmp_path / "base")
+    base = type(base).from_pretrained(tmp_path / "base")
+    lora = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    trainer = ClipClassificationTrainer(
+        lora, _args("lora", tmp_path, max_steps=1), CLASSES, TEMPLATES, tok, train_dataset=raw_colours(size=32)
+    )
+    trainer.save_model(tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "tokenizer_config.json").exists()
+    again = AutoPeftModel.from_pretrained(tmp_path / "adapter")
+    for k, v in lora.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v)

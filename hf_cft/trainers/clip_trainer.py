@@ -639,8 +639,8 @@ class ClipClassificationTrainer(Trainer):
                 for item in os.listdir(os.path.join(folder, name)):
                     os.replace(os.path.join(folder, name, item), os.path.join(folder, item))
                 os.rmdir(os.path.join(folder, name))
-            if hasattr(self.processing_class, "save_pretrained"):
-                self.processing_class.save_pretrained(folder)
+            # no tokenizer beside an adapter: it belongs to the base model, and PEFT's AutoPeftModel resizes the
+            # base model's token embeddings when it finds one (get_input_embeddings, which CLIPModel lacks)
             return
         model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         processor = self._processor_for_saving()
