@@ -162,6 +162,19 @@ def _model_folder_kind(folder: Path) -> str | None:
     return None
 
 
+def _adapter_base_model(adapter: str | None) -> str:
+    """``--model`` when it is left out: the base model an adapter folder records (``base_model_name_or_path``)."""
+    from hf_cft.utils import read_json_object
+
+    if adapter is None or not (Path(adapter) / "adapter_config.json").is_file():
+        raise CLIError("--model is required (it can be left out only with a local --adapter folder that names its base).")
+    config = read_json_object(Path(adapter) / "adapter_config.json", CLIError, f"--adapter {adapter}")
+    base = config.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise CLIError(f"--adapter {adapter} does not record its base model (base_model_name_or_path): pass --model.")
+    return base
+
+
 def cmd_eval(args) -> int:
     """Evaluate a model, an adapter on it, or a ConDU bundle on one split of a dataset (``hf_cft.evaluate``)."""
     from hf_cft.data.templates import validate_templates
@@ -174,6 +187,8 @@ def cmd_eval(args) -> int:
         raise CLIError("--task selects a task of a ConDU bundle; give --bundle too.")
     if args.limit is not None and args.limit < 1:
         raise CLIError(f"--limit must be at least 1, got {args.limit}.")
+    if args.model is None:
+        args.model = _adapter_base_model(args.adapter)
     inputs = {"--model": args.model, "--tokenizer": args.tokenizer, "--adapter": args.adapter, "--bundle": args.bundle}
     inputs["--dataset"] = args.dataset
     _check_output_file(args.output, inputs, "--output", _is_eval_result)
@@ -518,7 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("eval", help="accuracy of a model, an adapter or a ConDU bundle on a dataset split")
-    p.add_argument("--model", required=True, help="CLIP-like model folder or Hub id (safetensors)")
+    p.add_argument(
+        "--model", help="CLIP-like model folder or Hub id (safetensors); default with --adapter: the base it records"
+    )
     p.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: the model's)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--adapter", help="PEFT adapter folder or Hub id (CoOp, VPT, linear head, LoRA)")

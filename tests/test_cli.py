@@ -4,6 +4,7 @@ merge (every method, LoRA and full models), card, plot-matrix, push; and bad inp
 import json
 import math
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -179,6 +180,23 @@ def test_eval_adapter_matches_a_direct_computation(kind, assets, tmp_path):
     expected = 100.0 * int((logits.argmax(-1) == labels).sum()) / len(labels)
     assert math.isclose(got["accuracy"], expected, abs_tol=1e-9)
     assert "adapter 'default'" in got["evaluated"] and got["adapter"] == str(assets[kind])
+
+
+def test_eval_adapter_without_model_uses_the_base_it_records(assets, tmp_path, capsys):
+    with_model = _eval_json(tmp_path, "--model", assets["model"], "--adapter", assets["coop"], "--dataset", assets["data"])
+    without = _eval_json(tmp_path, "--adapter", assets["coop"], "--dataset", assets["data"])
+    assert without["accuracy"] == with_model["accuracy"] and without["model"] == str(assets["model"])
+    # no --model and nothing recorded: one line naming what to pass
+    bare = tmp_path / "bare"
+    shutil.copytree(assets["coop"], bare)
+    cfg = json.loads((bare / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = None
+    (bare / "adapter_config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert run("eval", "--adapter", bare, "--dataset", assets["data"]) == 2
+    assert "does not record its base model" in capsys.readouterr().err
+    assert run("eval", "--dataset", assets["data"]) == 2
+    assert "--model is required" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["model", "coop", "head"])
