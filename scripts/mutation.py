@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -51,7 +52,7 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests"
 def _status(code) -> str:
     if code is None:
         return "not checked"
-    return STATUS.get(code, "timeout" if code in (-24, 152, 255) else "other")
+    return STATUS.get(code, "timeout" if code in (-24, -9, 152, 255) else "other")  # -9: a hung child killed
 
 
 def _equivalent() -> dict[str, str]:
@@ -81,7 +82,14 @@ def run(modules: list[str], children: int) -> None:
     """One mutmut invocation for all ``modules`` (it runs the clean test selection and the coverage trace once)."""
     print(f"[mutation] {' '.join(modules)}", flush=True)
     patterns = [f"hf_cft.{module}.*" for module in modules]
-    subprocess.run([sys.executable, "-m", "mutmut", "run", *patterns, "--max-children", str(children)], cwd=ROOT)
+    # mutmut forks one child per mutant from a process that has imported torch: with intra-op thread pools a child
+    # can inherit a held lock and wait forever (a wall-clock hang that mutmut's CPU-time limit never ends), so the
+    # run is single-threaded
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    subprocess.run(
+        [sys.executable, "-m", "mutmut", "run", *patterns, "--max-children", str(children)], cwd=ROOT, env=env
+    )
 
 
 def report(modules: list[str], tag: str) -> dict:
