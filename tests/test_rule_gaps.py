@@ -319,6 +319,18 @@ def test_exchange_swaps_two_folders_atomically(tmp_path):
 
 
 @pytest.mark.skipif(os.uname().sysname != "Linux", reason="renameat2(RENAME_EXCHANGE) is Linux-only")
+def test_exchange_resolves_relative_paths_from_the_working_directory(tmp_path, monkeypatch):
+    from hf_cft.utils import _exchange
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "which").write_text(name)
+    monkeypatch.chdir(tmp_path)  # relative names: the directory fds (AT_FDCWD) decide where they are looked up
+    assert _exchange(Path("a"), Path("b")) is True
+    assert (tmp_path / "a" / "which").read_text() == "b"
+
+
+@pytest.mark.skipif(os.uname().sysname != "Linux", reason="renameat2(RENAME_EXCHANGE) is Linux-only")
 def test_exchange_with_a_missing_path_raises_enoent_naming_it(tmp_path):
     import errno
 
