@@ -407,3 +407,20 @@ def test_read_json_object_reads_utf8(tmp_path):
     path = tmp_path / "m.json"
     path.write_bytes('{"name": "café ☕"}'.encode())
     assert read_json_object(path, BundleError, "manifest") == {"name": "café ☕"}
+
+
+def test_base_novel_hm_alias_warns_at_the_callers_line_and_returns_the_summary():
+    import warnings
+
+    from hf_cft.metrics.classification import base_novel_hm
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = base_novel_hm(80.0, 40.0)
+    assert out == pytest.approx({"base": 80.0, "novel": 40.0, "hm": 160 / 3})
+    (w,) = caught
+    assert w.category is FutureWarning and w.filename == __file__  # stacklevel=2: the user's line, not ours
+    assert str(w.message) == (
+        "hf_cft.metrics.base_novel_hm is renamed base_novel_summary (it returns a dict); use harmonic_mean(base, "
+        "novel) for the number. The old name goes in the next release."
+    )
