@@ -10,7 +10,7 @@ change at a time in the core modules and runs the tests that cover the changed f
 cover which function in one traced run of ``pytest_add_cli_args_test_selection``, the union of ``TESTS`` below).
 A mutant is *killed* when a test fails, *survives* when all pass. A survivor is either killed by a new test or
 listed in ``benchmarks/results/mutation-equivalent.tsv`` (mutant name, a tab, one line on why no test can tell it
-from the original). The score of a module is killed / (mutants − equivalent − not reached by any test).
+from the original). The score of a module is killed / (mutants − equivalent − not reached by any test − not run yet).
 
 Writes ``benchmarks/results/mutation.md`` / ``.json`` (per module: mutants, killed, equivalent, survived, no tests,
 timeout, score) and ``benchmarks/results/mutation-survivors.md`` (each survivor's diff).
@@ -120,8 +120,8 @@ def report(modules: list[str], tag: str) -> dict:
     lines = [
         f"# Mutation testing{' (' + tag + ')' if tag else ''}",
         "",
-        "mutmut over hf_cft's core (`python scripts/mutation.py`); score = killed / (mutants − equivalent − no "
-        "tests), in %.",
+        "mutmut over hf_cft's core (`python scripts/mutation.py`); score = killed / (mutants − equivalent − no tests − not "
+        "checked), in %.",
         "",
         "| module | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 1) + "|",
