@@ -231,7 +231,9 @@ def test_della_matches_magprune_then_ties_with_the_documented_draws():
         sign = np.sign(stacked.sum(axis=0))
         expected = np.zeros_like(sign)
         for idx in np.ndindex(sign.shape):  # TIES: mean of the non-zero entries whose sign is the elected one
-            vals = [stacked[(t, *idx)] for t in range(3) if sign[idx] != 0 and np.sign(stacked[(t, *idx)]) == sign[idx]]
+            vals = [
+                stacked[(t, *idx)] for t in range(3) if sign[idx] != 0 and np.sign(stacked[(t, *idx)]) == sign[idx]
+            ]
             expected[idx] = sum(vals) / len(vals) if vals else 0.0
         assert_close_np(out[key], lam * expected.reshape(ds[0][key].shape))
 
