@@ -71,6 +71,7 @@ __all__ = [
     "dare",
     "emr",
     "emr_task_delta",
+    "key_predicate",
     "magmax",
     "magnitude_prune",
     "running_mean",
@@ -823,6 +824,22 @@ def default_opcm_linear_key(key: str, tensor: Tensor) -> bool:
     return tensor.ndim == 2 and key.endswith("weight") and "embed" not in key.lower()
 
 
+def key_predicate(
+    keys: Callable[[str, Tensor], bool] | Iterable[str] | None,
+) -> Callable[[str, Tensor], bool]:
+    """Which keys a matrix method (OPCM, TSV-M, Iso-C, ...) treats as matrices: ``None`` →
+    :func:`default_opcm_linear_key` (2-D weights that are not embeddings), a predicate ``(key, tensor) -> bool``
+    as given, or a collection of keys (those of them that are 2-D)."""
+    if keys is None:
+        return default_opcm_linear_key
+    if callable(keys):
+        return keys
+    if isinstance(keys, str):
+        raise MergeConfigError(f"matrix keys must be a predicate or a collection of keys, got the string {keys!r}.")
+    chosen = set(keys)
+    return lambda key, tensor: key in chosen and tensor.ndim == 2
+
+
 class OPCMMerger(ContinualMerger):
     """OPCM, orthogonal-projection continual merging (arXiv:2501.09522; pam.md §9).
 
@@ -860,13 +877,7 @@ class OPCMMerger(ContinualMerger):
         if rank_rule not in self.RANK_RULES:
             raise MergeConfigError(f"rank_rule must be one of {self.RANK_RULES}, got {rank_rule!r}.")
         self.rank_rule = rank_rule
-        if linear_keys is None:
-            self._is_linear = default_opcm_linear_key
-        elif callable(linear_keys):
-            self._is_linear = linear_keys
-        else:
-            keys = set(linear_keys)
-            self._is_linear = lambda key, tensor: key in keys and tensor.ndim == 2
+        self._is_linear = key_predicate(linear_keys)
         self.total: Delta = {}
         self.norms: list[float] = []
 
