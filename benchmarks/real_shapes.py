@@ -220,7 +220,8 @@ pid = os.fork()
 if pid == 0:
     os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 _, status, usage = os.wait4(pid, 0)
-print(f"__real_shapes_peak_rss_kib__ {usage.ru_maxrss}", flush=True)
+cpu = usage.ru_utime + usage.ru_stime
+print(f"__real_shapes_peak_rss_kib__ {usage.ru_maxrss} {cpu:.1f} {os.nice(0)}", flush=True)
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 _PEAK = "__real_shapes_peak_rss_kib__ "
@@ -238,9 +239,13 @@ def run_one(argv: list[str], log: Path) -> dict:
         )
     seconds = time.perf_counter() - t0
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    peaks = [int(ln[len(_PEAK) :]) for ln in lines if ln.startswith(_PEAK)]
+    peaks = [ln[len(_PEAK) :].split() for ln in lines if ln.startswith(_PEAK)]
     lines = [ln for ln in lines if not ln.startswith(_PEAK)]
-    row = {"seconds": round(seconds, 1), "peak_rss_mib": round(peaks[-1] / 1024, 1) if peaks else None, "exit": code}
+    row = {"seconds": round(seconds, 1), "peak_rss_mib": round(int(peaks[-1][0]) / 1024, 1) if peaks else None}
+    # CPU time (user + system) says more than wall time on a shared machine; the niceness at the end, because
+    # a long run on a shared machine may be reniced by others
+    row.update(cpu_seconds=float(peaks[-1][1]) if peaks else None, nice=int(peaks[-1][2]) if peaks else None)
+    row["exit"] = code
     if code == 0:
         row["status"] = "ok"
     else:
@@ -260,8 +265,9 @@ def write_results(result: dict, out: Path) -> None:
         f"{result['machine']} · torch {result['versions']['torch']} · transformers "
         f"{result['versions']['transformers']} · {result['date']}. Each cell: one recipe process, {STEPS} optimiser "
         f"steps per training phase at batch {BATCH}, {THREADS} intra-op thread, tiny data (benchmarks/real_shapes.py); wall time (s) / peak "
-        "resident memory (GiB, the process's ru_maxrss). Times include loading the checkpoint, every evaluation "
-        "and every save, on a shared machine: they show scale, not a speed to compare.",
+        "resident memory (GiB, the recipe process's ru_maxrss); CPU = its user + system time where recorded. "
+        "Times include loading the checkpoint, every evaluation and every save, on a shared machine (other jobs, and "
+        "niceness that others may raise: see `nice` in the JSON): they show scale, not a speed to compare.",
         "",
         "| recipe | " + " | ".join(f"{s} ({result['shapes'][s]['parameters'] / 1e6:.1f}M)" for s in shapes) + " |",
         "|---|" + "---|" * len(shapes),
@@ -275,7 +281,8 @@ def write_results(result: dict, out: Path) -> None:
                 cells.append("not run")
                 continue
             peak = r["peak_rss_mib"]
-            cell = f"{r['seconds']:.0f} s / " + (f"{peak / 1024:.2f} GiB" if peak is not None else "? GiB")
+            cpu = f" (CPU {r['cpu_seconds']:.0f} s)" if r.get("cpu_seconds") is not None else ""
+            cell = f"{r['seconds']:.0f} s{cpu} / " + (f"{peak / 1024:.2f} GiB" if peak is not None else "? GiB")
             if r["status"] != "ok":
                 notes.append(f"- {run} on {s}: **{r['status']}** — `{r['message']}`")
                 cell = f"{r['status']} ({cell})"
