@@ -288,7 +288,7 @@ def write_results(result: dict, out: Path) -> None:
                 cell = f"{r['status']} ({cell})"
             cells.append(cell)
         lines.append(f"| {run} | " + " | ".join(cells) + " |")
-    lines += ["", *(notes or ["Every run finished (exit 0)."]), ""]
+    lines += ["", *(notes or ["Every run finished (exit 0)."]), *([result["note"]] if result.get("note") else []), ""]
     for s, info in result["shapes"].items():
         lines.append(f"- `{s}`: shapes of `{info['reference']}`; {info['tokenizer']}")
     atomic_write_bytes(out / "real_shapes.md", ("\n".join(lines) + "\n").encode())
