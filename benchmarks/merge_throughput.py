@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -136,23 +135,28 @@ def prepare_files(shape: str, t_max: int, cache: Path, dtype: torch.dtype) -> Pa
     return root
 
 
+_PEAK = (
+    "import sys\nfrom hf_cft.cli import main\nrc = main(sys.argv[1:])\n"
+    "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+    "print('PEAK', int(hwm) * 1024)\nsys.exit(rc)\n"
+)
+
+
 def _child_merge(argv: list[str]) -> tuple[float, int]:
-    """Run ``hf-cft merge`` in a child; (seconds, peak RSS bytes of the child)."""
-    code = "import sys; from hf_cft.cli import main; sys.exit(main(sys.argv[1:]))"
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run ``hf-cft merge`` in a child; (seconds, the child's peak RSS in bytes: VmHWM of its own address space,
+    which a fork's inherited pages do not inflate as ``ru_maxrss`` does)."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code, *argv], check=True, stdout=subprocess.DEVNULL)
+    out = subprocess.run([sys.executable, "-c", _PEAK, *argv], check=True, capture_output=True, text=True)
     took = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return took, max(peak, before) * 1024
+    peak = next(int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("PEAK"))
+    return took, peak
 
 
 def _child_baseline() -> int:
     """Peak RSS of a child that only imports hf_cft's command line (the interpreter, torch, transformers)."""
-    code = "import hf_cft.cli, hf_cft.merging.streaming, hf_cft.hub"
-    out = subprocess.run(
-        [sys.executable, "-c", code + "; import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
-        check=True, capture_output=True, text=True)
+    code = ("import hf_cft.cli, hf_cft.merging.streaming, hf_cft.hub\n"
+            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return int(out.stdout.strip()) * 1024
 
 
