@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_cft.errors import NotCLIPLikeError
+from hf_cft.errors import ImageInputsError, NotCLIPLikeError
 
 _REQUIRED = ("get_text_features", "get_image_features", "logit_scale")
 
@@ -70,10 +70,40 @@ def text_features(
     return F.normalize(out, dim=-1) if normalize else out
 
 
-def image_features(model: nn.Module, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """Projected image features ``[N, d]`` (L2-normalised unless ``normalize=False``)."""
+def image_features(
+    model: nn.Module, pixel_values: torch.Tensor, normalize: bool = True, **image_inputs: torch.Tensor | None
+) -> torch.Tensor:
+    """Projected image features ``[N, d]`` (L2-normalised unless ``normalize=False``).
+
+    ``image_inputs`` are the family's inputs besides ``pixel_values`` (SigLIP2 NaFlex: ``pixel_attention_mask`` and
+    ``spatial_shapes``, as its image processor returns them; :func:`hf_cft.models.families.image_inputs` picks them
+    from a batch). A family that needs them and does not get them raises :class:`~hf_cft.errors.ImageInputsError`;
+    so does one that is given inputs it has no use for.
+    """
+    from hf_cft.models.families import IMAGE_INPUT_KEYS, family_of
+
     base = check_clip_like(model)
-    out = _pooled(base.get_image_features(pixel_values=pixel_values))
+    given = {k: v for k, v in image_inputs.items() if v is not None}
+    unknown = sorted(set(given) - set(IMAGE_INPUT_KEYS))
+    if unknown:
+        raise TypeError(f"image_features got unexpected inputs {unknown}; known: {list(IMAGE_INPUT_KEYS)}")
+    family = family_of(base)
+    missing = [k for k in family.image_inputs if k not in given]
+    extra = [k for k in given if k not in family.image_inputs]
+    if missing or extra:
+        raise ImageInputsError(
+            f"{type(base).__name__} ({family.model_type}) "
+            + (
+                f"needs {' and '.join(missing)} with pixel_values (the patches of its own image processor, e.g. "
+                "ImageTransform.from_model(model) or the model's AutoImageProcessor)"
+                if missing
+                else f"takes pixel_values alone, not {' or '.join(extra)}"
+            )
+            + "."
+        )
+    device = pixel_values.device
+    given = {k: v.to(device) for k, v in given.items()}
+    out = _pooled(base.get_image_features(pixel_values=pixel_values, **given))
     return F.normalize(out, dim=-1) if normalize else out
 
 
