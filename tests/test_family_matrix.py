@@ -415,10 +415,27 @@ def test_family_matrix(family, method, tmp_path):
 
 
 def test_siglip2_mergetune_fisher_is_refused_with_the_reason(tmp_path):
-    """The one refusal: the weight-space Fisher's per-example vmap cannot trace NaFlex's value-sized grid."""
+    """The one refusal: the weight-space Fisher's per-example vmap cannot trace NaFlex's value-sized grid. The
+    head's closed-form Fisher (image features only) works on SigLIP2."""
     from hf_cft.trainers import MergeTuneConfig, MergeTuneTrainer
 
     tok, _, rows = _family("siglip2")
+    head_cfg = LinearHeadConfig(classnames=CLASSES, templates=TEMPLATES)
+    _perturb(get_peft_model(_model("siglip2"), head_cfg.set_tokenizer(tok)), 3, scale=0.3).save_pretrained(
+        tmp_path / "h"
+    )
+    trainer = MergeTuneTrainer(
+        get_peft_model(
+            _model("siglip2"), LinearHeadConfig(classnames=CLASSES, templates=TEMPLATES).set_tokenizer(tok)
+        ),
+        _args(tmp_path, MergeTuneConfig, anchor="fisher", fisher_max_images=4),
+        CLASSES,
+        TEMPLATES,
+        tok,
+        finetuned=tmp_path / "h",
+        train_dataset=RowDataset(rows),
+    )
+    assert trainer.fisher_info["images"] == 4 and all(torch.isfinite(f).all() for f in trainer.fisher)
 
     def make():
         return get_peft_model(_model("siglip2"), LoraConfig(r=2, lora_alpha=4, target_modules=LORA_TARGETS))

@@ -1,4 +1,5 @@
-"""Uniform access to CLIP-like dual encoders (``CLIPModel`` first, ``SiglipModel`` second).
+"""Uniform access to CLIP-like dual encoders (``CLIPModel``, ``SiglipModel``, ``Siglip2Model`` and the other
+families of :mod:`hf_cft.models.families`).
 
 transformers 5.x returns output objects from ``get_text_features`` / ``get_image_features`` (the projected
 vector is ``.pooler_output``); 4.x returned tensors. Everything in hf_cft goes through these helpers so
@@ -26,7 +27,8 @@ def check_clip_like(model: nn.Module) -> nn.Module:
     if missing:
         raise NotCLIPLikeError(
             f"{type(base).__name__} is not a CLIP-like dual encoder: it lacks {', '.join(missing)}. "
-            "hf_cft works with transformers' CLIPModel and SiglipModel (or models exposing the same methods)."
+            "hf_cft works with transformers' CLIP-like dual encoders (CLIPModel, SiglipModel, Siglip2Model, "
+            "MetaClip2Model, AltCLIPModel, ChineseCLIPModel) or models exposing the same methods."
         )
     return base
 
