@@ -142,5 +142,10 @@ class HubError(HfCftError, ValueError):
     """An artefact cannot be pushed to or pulled from the Hub as asked (names the file, folder or repo)."""
 
 
+class UnsupportedArchitectureError(HfCftError, ValueError):
+    """A checkpoint's architecture has no equivalent transformers model in the converter asked for (names the
+    architecture and the option that selects it, e.g. an open_clip ConvNeXt tower or CoCa)."""
+
+
 class CLIError(HfCftError, ValueError):
     """An option or input file of the ``hf-cft`` command line is invalid (names the option or the file)."""

@@ -91,6 +91,42 @@ def clip_vit_b16_config():
     )
 
 
+def siglip_base_config(
+    vocab_size: int = 32000, pad_token_id: int = 1, bos_token_id: int = 49406, eos_token_id: int = 49407
+):
+    """The ``SiglipConfig`` of ``google/siglip-base-patch16-224`` (203.2M parameters: 768 wide, 12 + 12 layers,
+    patch 16 at 224 px, 64 text positions, a 32,000-token vocabulary), for shape-true benchmarks with random
+    weights. The special ids default to the released config's; a benchmark with its own tokenizer passes its ids."""
+    from transformers import SiglipConfig
+
+    return SiglipConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            max_position_embeddings=64,
+            hidden_act="gelu_pytorch_tanh",
+            layer_norm_eps=1e-6,
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            image_size=224,
+            patch_size=16,
+            num_channels=3,
+            hidden_act="gelu_pytorch_tanh",
+            layer_norm_eps=1e-6,
+        ),
+    )
+
+
 def tiny_siglip(seed: int = 0, max_position_embeddings: int = 16):
     """A tiny random ``SiglipModel`` (text vocab 99, BOS 97, EOS 98, pad 1; 30×30 images), in eval mode."""
     from transformers import SiglipConfig, SiglipModel
