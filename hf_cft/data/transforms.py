@@ -34,7 +34,8 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 
 RESIZE_MODES = ("shortest_edge", "squash", "patches")
 HIGH_BIT_DEPTH = ("scale", "clip")
-# the extra image inputs of a NaFlex (SigLIP2) model, named as transformers' forward kwargs
+# the extra image inputs of a NaFlex (SigLIP2) model, named as transformers' forward kwargs (hf_cft.models.families
+# uses them as IMAGE_INPUT_KEYS)
 PATCH_INPUT_KEYS = ("pixel_attention_mask", "spatial_shapes")
 _BICUBIC, _BILINEAR = 3, 2  # PIL.Image.Resampling codes, as processors store them in their configs
 
@@ -610,7 +611,8 @@ class ImageClassificationCollator:
 
     NaFlex rows (see :class:`ImageTransform`'s ``"patches"``) give ``pixel_values [B, max_num_patches, D]`` and
     carry ``pixel_attention_mask [B, max_num_patches]`` and ``spatial_shapes [B, 2]`` into the batch (the keyword
-    names of a SigLIP2 forward). Extra integer keys (e.g. ``task_ids``) are stacked too; anything else is dropped.
+    names of a SigLIP2 forward) when the rows carry them. Extra integer keys (e.g. ``task_ids``) are stacked too;
+    anything else is dropped.
     """
 
     def __init__(self, extra_keys: Sequence[str] = ()):
@@ -620,12 +622,12 @@ class ImageClassificationCollator:
         if not rows:
             raise DatasetFormatError("Cannot collate an empty batch (an empty dataset or split?).")
         batch = {"pixel_values": torch.stack([torch.as_tensor(r["pixel_values"]) for r in rows])}
-        for key in PATCH_INPUT_KEYS:
-            if key in rows[0]:
-                batch[key] = torch.stack([torch.as_tensor(r[key]) for r in rows])
         label_key = "labels" if "labels" in rows[0] else ("label" if "label" in rows[0] else None)
         if label_key is not None:
             batch["labels"] = torch.as_tensor([int(r[label_key]) for r in rows], dtype=torch.long)
         for key in self.extra_keys:
             batch[key] = torch.as_tensor([r[key] for r in rows])
+        for key in PATCH_INPUT_KEYS:
+            if rows[0].get(key) is not None and key not in batch:
+                batch[key] = torch.stack([torch.as_tensor(r[key]) for r in rows])
         return batch
