@@ -248,3 +248,34 @@ def test_feature_cache_key_names_every_option():
     a = ImageTransform(size=32)
     assert a.key() != dataclasses.replace(a, resample=2).key() != dataclasses.replace(a, high_bit_depth="clip").key()
     assert "resize_mode='shortest_edge'" in a.key() and "source" not in a.key()
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip", "siglip2"])
+def test_raw_dataset_evaluation_is_the_processor_path(family):
+    """evaluate() on raw images (transform → rows → collator → model, NaFlex inputs included) predicts exactly
+    what the model predicts on the family's own processor outputs; from_model gives that family's resize."""
+    from hf_cft.evaluation import class_logits, evaluate
+    from hf_cft.testing import tiny_family, tiny_family_image_processor
+
+    model, tok = tiny_family(family)
+    proc = tiny_family_image_processor(family)
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(30, 30), (18, 47), (61, 25), (9, 9)] * 3]
+    classes = ["cat", "dog", "sea lion"]
+    ds = from_arrays(arrays, [i % 3 for i in range(len(arrays))], classes)
+    res = evaluate(
+        model,
+        tok,
+        ds,
+        split="train",
+        templates=["a photo of a {}."],
+        transform=ImageTransform.from_processor(proc),
+        batch_size=5,
+    )
+    ref = proc(images=[ds["train"][i]["image"] for i in range(len(arrays))], return_tensors="pt")
+    extra = {k: ref[k] for k in ("pixel_attention_mask", "spatial_shapes") if k in ref}
+    with torch.no_grad():
+        logits = class_logits(model, tok, ref["pixel_values"], classes, ["a photo of a {}."], **extra)
+    assert torch.equal(res.splits["all"].predictions.cpu(), logits.argmax(-1).cpu())
+    expected = {"clip": "shortest_edge", "siglip": "squash", "siglip2": "patches"}[family]
+    assert ImageTransform.from_model(model).resize_mode == expected
