@@ -11,6 +11,9 @@
 | ``running_mean`` | θ⁰ | θ⁰ + (1/t)·Σ_{i≤t} τ_i (uniform soup) | task-agnostic |
 | ``wise`` | θ_{t−1} (sequential chain) | (1−α)θ⁰ + α·θ_t, WiSE-FT of the sequential model (α = 0.5) | task-agnostic |
 | ``emr`` | θ⁰ | one-shot EMR over τ_1..τ_t: θ⁰ + λ_j·M_j ⊙ τ_uni for task j | task id (like ``independent``) |
+| ``tall`` | θ⁰ | TALL masks over τ_1..τ_t: θ⁰ + m_j ⊙ Σ_i τ_i for task j (λ = 0.4) | task id |
+| ``dare``, ``consensus``, ``tsv_m``, ``iso_c``, ``iso_cts``, ``breadcrumbs``, ``della``, ``model_stock`` | θ⁰ | the one-shot method of :mod:`hf_cft.merging` over τ_1..τ_t, re-run after each task | task-agnostic |
+| ``slerp`` | θ⁰ | m_t = slerp(m_{t−1}, τ_t, 1/t), the spherical running mean | task-agnostic |
 
 Every strategy keeps its experts (dense deltas θ_t − θ⁰; for LoRA the dense s·B·A, pam.md §9 "merge dense deltas")
 on disk in ``store/experts`` and resumes exactly: the stateful mergers are rebuilt by replaying ``add`` over the
