@@ -938,9 +938,10 @@ class OPCMMerger(ContinualMerger):
 # function's (λ·trim, λ·drop, λ·argmax and the sign election commute with a common λ).
 
 
-def _present(deltas: list[Tensor], ctx) -> list[tuple[Tensor, dict]]:
-    """(delta, per-input options) of the inputs that have a delta at this key (absent inputs add nothing)."""
-    return [(d, inp) for d, inp, here in zip(deltas, ctx.inputs, ctx.present) if here]
+def _present(deltas: Sequence[Tensor], ctx) -> Iterator[tuple[Tensor, dict]]:
+    """(delta, per-input options) of the inputs that have a delta at this key (absent inputs add nothing), one at a
+    time: a streamed merge reads each input's tensor only when it is reached."""
+    return ((deltas[t], inp) for t, (inp, here) in enumerate(zip(ctx.inputs, ctx.present)) if here)
 
 
 def _scaled(d: Tensor, w: float, fresh: bool = False) -> Tensor:
@@ -953,9 +954,9 @@ def _scaled(d: Tensor, w: float, fresh: bool = False) -> Tensor:
 def _ta_tensor(deltas: list[Tensor], ctx) -> Tensor:
     """Σ_t w_t·τ_t (task arithmetic; w_t = λ)."""
     items = _present(deltas, ctx)
-    (first, inp), rest = items[0], items[1:]
+    first, inp = next(items)
     out = first * inp["weight"]
-    for d, inp in rest:
+    for d, inp in items:
         out.add_(d, alpha=inp["weight"])
     return out
 
@@ -1033,8 +1034,9 @@ def _dare_check(options: dict, inputs: list[dict], where: str) -> None:
 def _magmax_tensor(deltas: list[Tensor], ctx) -> Tensor:
     """Per entry the largest-magnitude w_t·τ_t (ties: ``tie_break``)."""
     items = _present(deltas, ctx)
-    best = items[0][0] * items[0][1]["weight"]
-    for d, inp in items[1:]:
+    first, inp = next(items)
+    best = first * inp["weight"]
+    for d, inp in items:
         best = _magmax_step(best, _scaled(d, inp["weight"]), ctx.options["tie_break"])
     return best
 
