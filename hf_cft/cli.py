@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,19 +41,7 @@ from typing import Any
 
 from hf_cft.errors import CLIError, HfCftError, MergeConfigError
 
-MERGE_METHODS = ("task_arithmetic", "ties", "dare", "magmax", "wise")
 CARD_KINDS = ("adapter", "mergetune", "condu", "pam")
-#: Files copied from the base model folder next to a merged model, so the output loads like the base.
-_SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -268,64 +255,85 @@ def _fraction(name: str, value: float, low_open: bool = True, high_open: bool = 
     )
 
 
-def _merge_fn(args, n: int):
-    """The merge as a function of the list of deltas, with its options checked (MergeConfigError names them)."""
-    from hf_cft.merging import baselines
+def _param(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` of ``--param`` (the value read as YAML: numbers, true/false, lists, strings)."""
+    import yaml
+
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise MergeConfigError(f"--param takes NAME=VALUE (e.g. --param density=0.3), got {text!r}.")
+    try:
+        return name.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise MergeConfigError(f"--param {text!r}: the value is not valid YAML ({exc}).") from exc
+
+
+def _flag_config(args) -> dict[str, Any]:
+    """The merge config of the flag form: the legacy flags mapped onto the registered method's options (checked
+    here with their flag names), ``--param NAME=VALUE`` for any other option, ``--lam`` one value or one per model."""
+    from hf_cft.merging.registry import get_method
     from hf_cft.validation import check_number
 
-    lam = args.lam if args.lam is None else check_number(args.lam, "--lam", error=MergeConfigError)
+    for flag in ("base", "method", "adapters"):
+        if getattr(args, flag) is None:
+            raise CLIError(f"--{flag} is required (or give the whole merge as --config merge.yaml).")
+    method = get_method(args.method, "--method")
+    n = len(args.adapters)
+    params: dict[str, Any] = {}
+    per_input: list[dict[str, Any]] = [{} for _ in range(n)]
     if args.method == "wise":
         if n != 1:
             raise MergeConfigError(f"--method wise interpolates one fine-tuned model; got {n} --adapters.")
-        check_number(args.alpha, "--alpha", error=MergeConfigError)
-        return lambda ds: baselines.wise_ft(ds[0], alpha=args.alpha), {"alpha": args.alpha}
-    if args.method == "task_arithmetic":
-        lam = 0.3 if lam is None else lam
-        return lambda ds: baselines.task_arithmetic(ds, lam=lam), {"lam": lam}
+        params["weight"] = check_number(args.alpha, "--alpha", error=MergeConfigError)
+    if args.lam is not None and method.option("weight") is not None and args.method != "wise":
+        if len(args.lam) not in (1, n):
+            raise MergeConfigError(f"--lam takes one value or one per model ({n}), got {len(args.lam)}.")
+        lams = [check_number(v, "--lam", error=MergeConfigError) for v in args.lam]
+        if len(lams) == 1:
+            params["weight"] = lams[0]
+        else:
+            for row, lam in zip(per_input, lams):
+                row["weight"] = lam
     if args.method == "ties":
-        k, lam = _fraction("k", args.k), 1.0 if lam is None else lam
-        opts = {"trim_scope": args.trim_scope, "merge": args.disjoint_merge}
-        return lambda ds: baselines.ties(ds, k=k, lam=lam, **opts), {"k": k, "lam": lam, **opts}
-    if args.method == "dare":
+        params.update(density=_fraction("k", args.k), trim_scope=args.trim_scope, merge=args.disjoint_merge)
+    elif args.method == "dare":
         rho = _fraction("rho", args.rho, low_open=False, high_open=True)
         if args.then not in ("ta", "ties"):
             raise MergeConfigError(f"--then must be 'ta' or 'ties', got {args.then!r}.")
-        return (
-            lambda ds: baselines.dare(ds, rho=rho, seed=args.seed, then=args.then, lam=lam),
-            {"rho": rho, "seed": args.seed, "then": args.then, "lam": lam},
-        )
-    lam = 0.5 if lam is None else lam
-    return lambda ds: baselines.magmax(ds, lam=lam, tie_break=args.tie_break), {
-        "lam": lam,
-        "tie_break": args.tie_break,
-    }
-
-
-def _delta_of(source: str, base_folder: Path, base_model):
-    """Dense delta of a LoRA adapter folder or a fine-tuned full-model folder (or Hub repo)."""
-    from hf_cft.errors import BundleError
-    from hf_cft.hub import snapshot
-    from hf_cft.merging import delta_from_lora, delta_from_models
-
-    folder = snapshot(source)
-    if (folder / "adapter_config.json").is_file():
-        return delta_from_lora(folder, base_model)
-    if (folder / "config.json").is_file():
-        return delta_from_models(base_folder, folder)  # streamed from the safetensors files, key by key
-    raise BundleError(f"--adapters: {source!r} is neither a PEFT adapter folder nor a model folder (config.json).")
+        params.update(density=1.0 - rho, then=args.then, seed=args.seed)
+    elif args.method == "magmax":
+        params["tie_break"] = args.tie_break
+    for text in args.param or []:
+        name, value = _param(text)
+        params[name] = value
+    inputs = [{"model": str(a), "parameters": row} for a, row in zip(args.adapters, per_input)]
+    config = {"base_model": str(args.base), "method": args.method, "parameters": params, "inputs": inputs}
+    for key in ("out_dtype", "max_shard_size", "lora_rank", "model_name"):
+        if getattr(args, key, None) is not None:
+            config[key] = getattr(args, key)
+    return config
 
 
 def cmd_merge(args) -> int:
-    """Merge LoRA adapters / fine-tuned models into the base model with one of the baseline methods."""
-    import torch
+    """Merge LoRA adapters / fine-tuned models into the base model with a registered method, key by key from the
+    inputs' safetensors (flags, or the whole merge as ``--config merge.yaml``)."""
+    from hf_cft.hub import run_merge
+    from hf_cft.merging.config import MergeConfig
 
-    from hf_cft.hub import load_model, snapshot
-    from hf_cft.merging import apply_delta
-    from hf_cft.utils import staged_folder
-
-    merge, params = _merge_fn(args, len(args.adapters))
+    if args.config is not None:
+        config = MergeConfig.from_yaml(args.config)
+        overrides = {k: getattr(args, k) for k in ("out_dtype", "max_shard_size", "lora_rank", "model_name")}
+        if any(v is not None for v in overrides.values()):
+            data = config.resolve()
+            data.update({k: v for k, v in overrides.items() if v is not None})
+            config = MergeConfig.from_dict(data)
+    else:
+        config = MergeConfig.from_dict(_flag_config(args))
     out = Path(args.out)
-    _overlap(out, {"--base": args.base, "--adapters": list(args.adapters)}, "--out")
+    named = {"--base": config.base_model, "--adapters": [i.model for i in config.inputs]}
+    if args.config is not None:
+        named["--config"] = args.config
+    _overlap(out, named, "--out")
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {str(out)!r} is a file, not a folder.")
     if out.is_dir() and any(out.iterdir()):
@@ -336,34 +344,15 @@ def cmd_merge(args) -> int:
                 f"--out {str(out)!r} is not the output of an earlier hf-cft merge (no merge_config.json): "
                 "--overwrite replaces a whole merge output, never another folder. Choose another --out."
             )
-    base_folder = snapshot(args.base)
-    model = load_model(base_folder)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    deltas = [_delta_of(a, base_folder, model) for a in args.adapters]
-    # A LoRA delta is zero outside its target weights: fill the union of keys so that adapters with different
-    # targets (or an adapter and a full model) merge entry by entry.
-    keys = sorted({k for d in deltas for k in d})
-    deltas = [{k: d[k] if k in d else torch.zeros(shapes[k]) for k in keys} for d in deltas]
-    merged = merge(deltas)
-    apply_delta(model, merged)
-    # the whole output is written beside --out and swapped in at once: a kill or Ctrl-C leaves the old output or
-    # the new one, never new weights beside an old merge_config.json
-    with staged_folder(out) as stage:
-        model.save_pretrained(str(stage))  # safetensors (transformers' default)
-        for name in _SIDE_FILES:
-            if (base_folder / name).is_file():
-                shutil.copy2(base_folder / name, stage / name)
-        _write_json(
-            str(stage / "merge_config.json"),
-            {
-                "method": args.method,
-                **params,
-                "base": str(args.base),
-                "adapters": [str(a) for a in args.adapters],
-                "keys": len(keys),
-            },
-        )
-    print(f"merged {len(deltas)} delta(s) with {args.method} {params} over {len(keys)} key(s) -> {out}")
+    results = _card_inputs(_read_json(args.results, "--results")).get("results") if args.results else ()
+    run_merge(config, out, results=results or (), repo_id=args.repo_id)
+    summary = run_merge.last_summary
+    resolved = config.resolve()
+    what = f"LoRA adapter (r={config.lora_rank})" if config.lora_rank else "model"
+    print(
+        f"merged {len(config.inputs)} input(s) with {resolved['method']} {resolved['parameters']} "
+        f"({summary['keys_merged']} key(s) changed) -> {what} in {out} ({', '.join(summary['files'])})"
+    )
     return 0
 
 
@@ -575,15 +564,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="eval_results.json", help="JSON to write (default eval_results.json)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("merge", help="merge LoRA adapters / fine-tuned models into the base model")
-    p.add_argument("--base", required=True, help="base model folder or Hub id (θ⁰, safetensors)")
-    p.add_argument("--method", required=True, choices=MERGE_METHODS)
-    p.add_argument("--adapters", required=True, nargs="+", help="LoRA adapter folders and/or fine-tuned model folders")
-    p.add_argument("--out", required=True, help="output model folder")
-    p.add_argument(
-        "--lam", type=float, help="λ (defaults: task_arithmetic 0.3, ties 1.0, dare per --then, magmax 0.5)"
+    p = sub.add_parser(
+        "merge",
+        help="merge LoRA adapters / fine-tuned models into the base model (flags or --config merge.yaml)",
+        description="Merge key by key from the inputs' safetensors into sharded safetensors. Methods: every name "
+        "of hf_cft.merging.registry (task_arithmetic, ties, dare, magmax, wise, consensus, magnitude_prune, and "
+        "the methods other modules register); their options through the flags below or --param NAME=VALUE.",
     )
-    p.add_argument("--k", type=float, default=0.2, help="ties: kept fraction (default 0.2)")
+    p.add_argument("--config", help="the whole merge as a YAML file (docs: merging via config); flags then only "
+                   "override out_dtype / max_shard_size / lora_rank / model_name")
+    p.add_argument("--base", help="base model folder or Hub id (θ⁰, safetensors)")
+    p.add_argument("--method", help="a registered merging method, e.g. task_arithmetic, ties, dare, magmax, wise")
+    p.add_argument("--adapters", nargs="+", help="LoRA adapter folders, fine-tuned model folders or Hub ids")
+    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    p.add_argument(
+        "--lam",
+        type=float,
+        nargs="+",
+        help="λ: one value for every model or one per model (defaults: task_arithmetic 0.3, ties 1.0, dare per "
+        "--then, magmax 0.5)",
+    )
+    p.add_argument("--k", type=float, default=0.2, help="ties: kept fraction (density; default 0.2)")
     p.add_argument(
         "--trim_scope",
         default="tensor",
@@ -602,11 +603,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["later", "earlier"],
         help="magmax: which task wins equal magnitudes (default later, as the official code)",
     )
-    p.add_argument("--rho", type=float, default=0.9, help="dare: drop rate in [0, 1) (default 0.9)")
+    p.add_argument("--rho", type=float, default=0.9, help="dare: drop rate in [0, 1) (default 0.9; density 1 − ρ)")
     p.add_argument("--then", default="ta", help="dare: 'ta' (task arithmetic) or 'ties' after dropping")
     p.add_argument("--seed", type=int, default=0, help="dare: seed of the drop masks")
     p.add_argument("--alpha", type=float, default=0.5, help="wise: interpolation weight of the fine-tuned model")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="any option of the method (repeatable)")
+    p.add_argument("--out_dtype", choices=["float32", "float16", "bfloat16"], help="default: the base's dtypes")
+    p.add_argument("--max_shard_size", help="largest output shard, e.g. 2GB or 500MB (default 5GB)")
+    p.add_argument("--lora_rank", type=int, help="write a LoRA adapter of this rank (LoRA inputs only)")
+    p.add_argument("--model_name", help="name in the merge card (default: the --out folder's name)")
+    p.add_argument("--results", help="evaluation JSON for the merge card (hf-cft eval output or {'results': [...]})")
+    p.add_argument("--repo_id", help="the repo the merge will be pushed to (used in the card's loading snippet)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier merge output in --out")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("card", help="render the model card of a saved artefact")

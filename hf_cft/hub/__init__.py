@@ -19,11 +19,13 @@ from hf_cft.hub.cards import (
     eval_result_entries,
     eval_results_files,
     finetuned_model_card,
+    merge_card,
     mergetune_card,
     pam_card,
     render_card,
     validate_card,
 )
+from hf_cft.hub.merge import run_merge
 from hf_cft.hub.push import (
     PICKLE_SUFFIXES,
     artefact_kind,
@@ -51,12 +53,14 @@ __all__ = [
     "load_adapter",
     "load_adapter_model",
     "load_model",
+    "merge_card",
     "mergetune_card",
     "pam_card",
     "push_adapter_to_hub",
     "push_folder_to_hub",
     "push_to_hub",
     "render_card",
+    "run_merge",
     "snapshot",
     "validate_card",
 ]

@@ -56,6 +56,7 @@ __all__ = [
     "eval_results_files",
     "finetuned_model_card",
     "harmonic_mean_of",
+    "merge_card",
     "mergetune_card",
     "pam_card",
     "render_card",
@@ -71,6 +72,7 @@ CARD_KINDS = {
     "mergetune": "mergetune",
     "condu": "condu_bundle",
     "pam": "pam_global_adapter",
+    "merge": "merge",
 }
 
 #: Metric keys of a task stream's summary (condu.md §10) and of base-to-novel evaluation, with their card names.
@@ -960,5 +962,86 @@ def pam_card(
         or "One adapter serves every task without a task id; accuracy is only known where reported above. PAM's "
         "hyper-parameters beyond the abstract's two ideas are library choices (pam.md).",
         citation=PAM_METHOD["citation"],
+        repo_id=repo_id,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ merges
+
+
+def merge_card(
+    resolved: Mapping[str, Any],
+    *,
+    input_kinds: Sequence[str] = (),
+    model_name: str | None = None,
+    results: Sequence[Mapping[str, Any]] = (),
+    results_note: str = "",
+    limitations: str = "",
+    repo_id: str | None = None,
+    license: str | None = None,
+    dataset_terms: str | None = None,
+):
+    """A model card for the output of ``hf-cft merge`` (``model_cards/merge.md``): inputs with their per-input
+    options, the method and its parameters, evaluation rows when given (``{"name": dataset, "accuracy": %}``, into
+    model-index), the resolved config (a :meth:`~hf_cft.merging.config.MergeConfig.resolve` dict) as YAML, and a
+    loading snippet (a full model, or a PEFT LoRA adapter when ``lora_rank`` is set). ``input_kinds``: per input
+    ``"LoRA adapter"`` / ``"full model"``. Metadata: ``base_model_relation: merge`` (``adapter`` for a LoRA
+    output), tags ``model-merging`` and the method."""
+    import yaml
+
+    from hf_cft.merging.registry import get_method
+
+    method = get_method(resolved.get("method"))
+    model_name = model_name or resolved.get("model_name") or "merged model"
+    where = f"merge card {model_name!r}"
+    rows = _check_rows(results, where)
+    base = resolved.get("base_model")
+    lora_rank = resolved.get("lora_rank")
+    inputs = []
+    columns: list[str] = []
+    for t, row in enumerate(resolved.get("inputs") or []):
+        options = {k: row[k] for k in ("weight", "density") if k in row}
+        options.update(row.get("parameters") or {})
+        for name in options:
+            if name not in columns:
+                columns.append(name)
+        kind = input_kinds[t] if t < len(input_kinds) else "model"
+        model = str(row.get("model"))
+        label = f"[{model}](https://huggingface.co/{model})" if _is_hub_id(model) else f"`{model}`"
+        inputs.append({"label": row.get("name") or label, "kind": kind, "options": options})
+    kinds = ", ".join(f"{input_kinds.count(k)} {k}{'s' if input_kinds.count(k) > 1 else ''}"
+                      for k in dict.fromkeys(input_kinds)) or "models"
+    card_data = _card_data(
+        model_name=model_name,
+        library_name="peft" if lora_rank else "transformers",
+        base_model=base,
+        relation="adapter" if lora_rank else "merge",
+        tags=["model-merging", "merge", method.name.replace("_", "-"), *(["lora"] if lora_rank else [])],
+        eval_results=_dataset_results(rows),
+        datasets=[r.get("dataset_id") or "" for r in rows],
+        license=license or resolved.get("license"),
+    )
+    return render_card(
+        "merge",
+        card_data,
+        dataset_terms=dataset_terms,
+        model_name=model_name,
+        base_model=base,
+        method=method.name,
+        method_summary=method.summary or method.name,
+        method_reference=method.reference,
+        inputs=inputs,
+        input_columns=columns,
+        kinds=kinds,
+        parameters=dict(resolved.get("parameters") or {}),
+        out_dtype=resolved.get("out_dtype"),
+        lora_rank=lora_rank,
+        results=rows,
+        results_note=results_note,
+        resolved_yaml=yaml.safe_dump(dict(resolved), sort_keys=False, allow_unicode=True),
+        limitations=limitations
+        or "A merge trades accuracy between its inputs' tasks: check every task you need on its own data (only "
+        "the data listed above was evaluated)."
+        + (" The LoRA output approximates the merged ΔW by a rank-limited SVD." if lora_rank else ""),
         repo_id=repo_id,
     )

@@ -7,6 +7,8 @@
 - :mod:`hf_cft.merging.router` — ConDU's semantic router (prototypes, top-K routing, logit fusion).
 - :mod:`hf_cft.merging.baselines` — task arithmetic, running mean, WiSE-FT, TIES, DARE, MagMax, EMR, TALL/consensus,
   OPCM, one-shot and continual (pam.md §9).
+- :mod:`hf_cft.merging.methods` — TSV-M, Iso-C/Iso-CTS, model stock, breadcrumbs, DELLA, SLERP.
+- :mod:`hf_cft.merging.data_dependent` — RegMean and Fisher merging from a calibration loader.
 - :mod:`hf_cft.merging.pam` — PAM aligned merging of global/task LoRA adapters (pam.md §1–§6).
 
 Example::
@@ -51,6 +53,16 @@ from hf_cft.merging.condu import (
     elected_sign,
     unify,
 )
+from hf_cft.merging.data_dependent import (
+    LinearGrams,
+    clip_log_probs,
+    fisher_diagonal,
+    fisher_merge,
+    fisher_merging,
+    linear_input_grams,
+    regmean,
+    regmean_merge,
+)
 from hf_cft.merging.deltas import (
     FunctionalExpert,
     LazyDelta,
@@ -69,6 +81,16 @@ from hf_cft.merging.deltas import (
     validate_lazy_delta,
 )
 from hf_cft.merging.masks import PackedMask, pack_mask, packed_nbytes, unpack_mask
+from hf_cft.merging.methods import (
+    ContinualSLERP,
+    breadcrumbs,
+    della,
+    iso_c,
+    iso_cts,
+    model_stock,
+    slerp,
+    tsv_m,
+)
 from hf_cft.merging.pam import (
     PAMCallback,
     PAMConfig,
@@ -87,6 +109,7 @@ from hf_cft.merging.router import RouterStats, Routing, SemanticRouter, compute_
 __all__ = [
     "CollapsedTaskWarning",
     "ContinualMerger",
+    "ContinualSLERP",
     "ContinualTIES",
     "ContinualTaskArithmetic",
     "DeltaFusionMerger",
@@ -94,6 +117,7 @@ __all__ = [
     "EMRResult",
     "FunctionalExpert",
     "LazyDelta",
+    "LinearGrams",
     "MagMaxMerger",
     "OPCMMerger",
     "PAMCallback",
@@ -111,37 +135,51 @@ __all__ = [
     "adapter_state",
     "apply_delta",
     "base_fingerprint",
+    "breadcrumbs",
     "check_compatible",
+    "clip_log_probs",
     "compute_prototypes",
     "consensus",
     "dare",
     "decouple",
     "default_lora_config",
+    "della",
     "delta_from_lora",
     "delta_from_models",
+    "dense_delta_from_factors",
     "elected_sign",
     "emr",
     "emr_task_delta",
     "factor_merge_gap",
+    "fisher_diagonal",
+    "fisher_merge",
+    "fisher_merging",
     "functional_expert",
     "importance_masks",
+    "iso_c",
+    "iso_cts",
     "iter_delta",
-    "dense_delta_from_factors",
+    "linear_input_grams",
     "lora_factor_delta",
     "magmax",
     "magnitude_prune",
+    "model_stock",
     "pack_mask",
     "packed_nbytes",
     "pam_align",
     "pam_merge",
     "prepare_pam_model",
+    "regmean",
+    "regmean_merge",
     "running_mean",
     "save_delta",
     "sign_misalignment",
+    "slerp",
     "tall_masks",
     "task_arithmetic",
     "ties",
     "trim_top_k",
+    "tsv_m",
     "unify",
     "unpack_mask",
     "validate_delta",

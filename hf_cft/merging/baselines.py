@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 from hf_cft.errors import DeltaError, MergeConfigError, NonFiniteError, TaskError
+from hf_cft.merging.deltas import all_finite
 from hf_cft.merging.masks import PackedMask
 from hf_cft.validation import check_choice, check_int, check_number
 
@@ -70,6 +71,7 @@ __all__ = [
     "dare",
     "emr",
     "emr_task_delta",
+    "key_predicate",
     "magmax",
     "magnitude_prune",
     "running_mean",
@@ -102,7 +104,7 @@ def _check_delta_against(delta: Mapping[str, Tensor], ref: Mapping[str, tuple], 
                 f"key {key!r} has shape {tuple(value.shape)} in task {index} but {ref[key]} in the other deltas."
             )
         if value.is_floating_point() or value.is_complex():
-            if not bool(torch.isfinite(value).all()):
+            if not all_finite(value):
                 raise NonFiniteError(f"delta of task {index} holds NaN or inf at key {key!r}.")
         elif value.dtype == torch.bool:
             raise DeltaError(f"key {key!r} of task {index} is a bool tensor, not a delta.")
@@ -151,7 +153,7 @@ def _finite_result(delta: Delta, blame: str) -> Delta:
     """``delta`` when every entry is finite; else :class:`MergeConfigError` blaming ``blame`` (the option that
     scaled finite inputs out of float range, e.g. ``alpha=1e308``) and naming the first overflowing key."""
     for key, v in delta.items():
-        if not bool(torch.isfinite(v).all()):
+        if not all_finite(v):
             raise MergeConfigError(
                 f"{blame} scales the finite delta at key {key!r} beyond the float range (inf); use a smaller value."
             )
@@ -174,10 +176,27 @@ def trim_top_k(tensor: Tensor, k: float) -> Tensor:
     if keep >= n:
         return tensor.clone()
     flat = tensor.reshape(-1)
-    idx = torch.topk(flat.abs(), keep, largest=True, sorted=False).indices
+    magnitude = flat.abs()
+    # the keep-th largest magnitude by selection (O(n), no sort); when no other entry ties with it, the entries
+    # at or above it are exactly the top-keep, as torch.topk would pick them (ties fall back to topk's choice)
+    selected = magnitude >= _kth_largest(magnitude, keep)
+    if int(selected.sum()) == keep:
+        return flat.where(selected, 0.0).view_as(tensor)
+    idx = torch.topk(magnitude, keep, largest=True, sorted=False).indices
     out = torch.zeros_like(flat)
     out[idx] = flat[idx]
     return out.view_as(tensor)
+
+
+def _kth_largest(values: Tensor, k: int) -> float:
+    """The ``k``-th largest entry of a flat tensor (1-based): numpy's introselect on CPU (several times faster than
+    ``torch.kthvalue`` there), ``kthvalue`` elsewhere."""
+    n = values.numel()
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        import numpy as np
+
+        return float(np.partition(values.numpy(), n - k)[n - k])
+    return float(values.kthvalue(n - k + 1).values)
 
 
 TRIM_SCOPES = ("tensor", "model")
@@ -255,15 +274,20 @@ def _key_seed(seed: int, key: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(key.encode("utf-8"))) % (2**63 - 1)
 
 
-def _dare_drop(tensors: list[Tensor], rho: float, seed: int, key: str) -> list[Tensor]:
-    """τ̃ = m ⊙ τ / (1 − ρ), m ~ Bernoulli(1 − ρ), one generator per key seeded from (seed, key), tasks in order."""
-    if rho == 0.0:
+def _dare_drop(tensors: list[Tensor], rho: float | Sequence[float], seed: int, key: str) -> list[Tensor]:
+    """τ̃ = m ⊙ τ / (1 − ρ), m ~ Bernoulli(1 − ρ), one generator per key seeded from (seed, key), tasks in order;
+    ``rho``: one drop rate for all tensors or one each (a tensor with ρ = 0 is kept whole and draws no mask)."""
+    rhos = [float(rho)] * len(tensors) if isinstance(rho, (int, float)) else [float(r) for r in rho]
+    if all(r == 0.0 for r in rhos):
         return tensors
     gen = torch.Generator(device=tensors[0].device)
     gen.manual_seed(_key_seed(seed, key))
-    keep = 1.0 - rho
     out = []
-    for t in tensors:
+    for t, r in zip(tensors, rhos):
+        if r == 0.0:
+            out.append(t)
+            continue
+        keep = 1.0 - r
         mask = torch.bernoulli(torch.full_like(t, keep), generator=gen)
         out.append(t * mask / keep)
     return out
@@ -800,6 +824,22 @@ def default_opcm_linear_key(key: str, tensor: Tensor) -> bool:
     return tensor.ndim == 2 and key.endswith("weight") and "embed" not in key.lower()
 
 
+def key_predicate(
+    keys: Callable[[str, Tensor], bool] | Iterable[str] | None,
+) -> Callable[[str, Tensor], bool]:
+    """Which keys a matrix method (OPCM, TSV-M, Iso-C, ...) treats as matrices: ``None`` →
+    :func:`default_opcm_linear_key` (2-D weights that are not embeddings), a predicate ``(key, tensor) -> bool``
+    as given, or a collection of keys (those of them that are 2-D)."""
+    if keys is None:
+        return default_opcm_linear_key
+    if callable(keys):
+        return keys
+    if isinstance(keys, str):
+        raise MergeConfigError(f"matrix keys must be a predicate or a collection of keys, got the string {keys!r}.")
+    chosen = set(keys)
+    return lambda key, tensor: key in chosen and tensor.ndim == 2
+
+
 class OPCMMerger(ContinualMerger):
     """OPCM, orthogonal-projection continual merging (arXiv:2501.09522; pam.md §9).
 
@@ -837,13 +877,7 @@ class OPCMMerger(ContinualMerger):
         if rank_rule not in self.RANK_RULES:
             raise MergeConfigError(f"rank_rule must be one of {self.RANK_RULES}, got {rank_rule!r}.")
         self.rank_rule = rank_rule
-        if linear_keys is None:
-            self._is_linear = default_opcm_linear_key
-        elif callable(linear_keys):
-            self._is_linear = linear_keys
-        else:
-            keys = set(linear_keys)
-            self._is_linear = lambda key, tensor: key in keys and tensor.ndim == 2
+        self._is_linear = key_predicate(linear_keys)
         self.total: Delta = {}
         self.norms: list[float] = []
 
@@ -895,3 +929,246 @@ class OPCMMerger(ContinualMerger):
                 f"OPCMMerger state has {len(norms)} task norms for {int(state['meta.num_tasks'])} task(s)."
             )
         self.norms = norms
+
+
+# ------------------------------------------------------------------------------------------------ registry
+# The per-key forms of the one-shot methods, registered by name (hf_cft.merging.registry) for ``hf-cft merge``, the
+# merge config and the streaming merge. Each input's delta is scaled by its ``weight`` before the method runs, so
+# that a per-input λ_t generalises the methods' single λ: with one λ for every input the result is the one-shot
+# function's (λ·trim, λ·drop, λ·argmax and the sign election commute with a common λ).
+
+
+def _present(deltas: Sequence[Tensor], ctx) -> Iterator[tuple[Tensor, dict]]:
+    """(delta, per-input options) of the inputs that have a delta at this key (absent inputs add nothing), one at a
+    time: a streamed merge reads each input's tensor only when it is reached."""
+    return ((deltas[t], inp) for t, (inp, here) in enumerate(zip(ctx.inputs, ctx.present)) if here)
+
+
+def _scaled(d: Tensor, w: float, fresh: bool = False) -> Tensor:
+    """w·d; in place only when ``d`` is a tensor the kernel made itself (``fresh``), never an input."""
+    if w == 1.0:
+        return d
+    return d.mul_(w) if fresh else d * w
+
+
+def _ta_tensor(deltas: list[Tensor], ctx) -> Tensor:
+    """Σ_t w_t·τ_t (task arithmetic; w_t = λ)."""
+    items = _present(deltas, ctx)
+    first, inp = next(items)
+    out = first * inp["weight"]
+    for d, inp in items:
+        out.add_(d, alpha=inp["weight"])
+    return out
+
+
+def _magnitude_prune_tensor(deltas: list[Tensor], ctx) -> Tensor:
+    """Σ_t w_t·trim_{density_t}(τ_t) (peft's ``magnitude_prune``)."""
+    out = None
+    for d, inp in _present(deltas, ctx):
+        t = trim_top_k(d, inp["density"])
+        out = t.mul_(inp["weight"]) if out is None else out.add_(t, alpha=inp["weight"])
+    return out
+
+
+def _ties_tensor(deltas: list[Tensor], ctx) -> Tensor:
+    """TIES steps 1–3 on w_t·τ_t: per-tensor trim to each input's density (or the model-wide thresholds of the
+    prepare pass), sign election, disjoint merge."""
+    opts = ctx.options
+    if opts["trim_scope"] == "model":
+        thresholds = ctx.state["thresholds"]
+        trimmed = [d * (d.abs() >= thr) for d, thr in zip(deltas, thresholds)]
+        zero_sign = ctx.state["zero_sign"]
+    else:
+        trimmed = [trim_top_k(d, inp["density"]) for d, inp in zip(deltas, ctx.inputs)]
+        zero_sign = None
+    trimmed = [_scaled(t, inp["weight"], fresh=True) for t, inp in zip(trimmed, ctx.inputs)]
+    return _elect_disjoint(torch.stack(trimmed), opts["merge"], zero_sign)
+
+
+def _ties_prepare(deltas, ctx) -> dict:
+    """``trim_scope="model"``: each input's model-wide trim threshold (:func:`model_trim_threshold` over every key of
+    θ⁰, the keys an input has no delta for counting as zeros; one input's delta in memory at a time), then the
+    majority sign of the elected vector over every key (FusionBench's rule for σ = 0), key by key."""
+    if ctx.options["trim_scope"] != "model":
+        return {}
+    total_entries = sum(math.prod(s) for s in ctx.shapes.values())
+    thresholds = []
+    for d, inp in zip(deltas, ctx.inputs):
+        flat = torch.cat([d[k].reshape(-1).abs() for k in d]) if len(d) else torch.zeros(0)
+        zeros = total_entries - flat.numel()
+        rank = total_entries - int(total_entries * inp["density"])  # the rank-th smallest |τ| is the threshold
+        thresholds.append(0.0 if rank <= zeros else float(flat.kthvalue(rank - zeros).values))
+        del flat
+    votes = 0.0
+    for key in ctx.shapes:
+        total = None
+        for d, thr, inp in zip(deltas, thresholds, ctx.inputs):
+            if key in d:
+                v = d[key]
+                v = (v * (v.abs() >= thr)).mul_(inp["weight"])
+                total = v if total is None else total.add_(v)
+        if total is not None:
+            votes += float(torch.sign(total).sum(dtype=torch.float64))
+    return {"thresholds": thresholds, "zero_sign": float(math.copysign(1.0, votes)) if votes != 0 else 0.0}
+
+
+def _dare_tensor(deltas: list[Tensor], ctx) -> Tensor:
+    """DARE on every input (drop rate 1 − density_t, seeded per key), scaled by w_t, then TA or TIES."""
+    rhos = [1.0 - inp["density"] for inp in ctx.inputs]
+    dropped = _dare_drop(deltas, rhos, ctx.options["seed"], ctx.key)
+    dropped = [_scaled(t, inp["weight"], fresh=t is not d) for t, d, inp in zip(dropped, deltas, ctx.inputs)]
+    if ctx.options["then"] == "ta":
+        out = dropped[0].clone() if dropped[0] is deltas[0] else dropped[0]
+        for t in dropped[1:]:
+            out.add_(t)
+        return out
+    return _elect_disjoint(torch.stack(dropped))
+
+
+def _dare_check(options: dict, inputs: list[dict], where: str) -> None:
+    for inp in inputs:  # λ's default follows the combination, as in dare()
+        if inp["weight"] is None:
+            inp["weight"] = 0.3 if options["then"] == "ta" else 1.0
+
+
+def _magmax_tensor(deltas: list[Tensor], ctx) -> Tensor:
+    """Per entry the largest-magnitude w_t·τ_t (ties: ``tie_break``)."""
+    items = _present(deltas, ctx)
+    first, inp = next(items)
+    best = first * inp["weight"]
+    for d, inp in items:
+        best = _magmax_step(best, _scaled(d, inp["weight"]), ctx.options["tie_break"])
+    return best
+
+
+def _consensus_tensor(deltas: list[Tensor], ctx) -> Tensor:
+    """Consensus (TALL masks) on w_t·τ_t: keep the entries of Σ_t w_t·τ_t selected by at least k masks."""
+    scaled = [_scaled(d, inp["weight"]) for d, inp in zip(deltas, ctx.inputs)]
+    total = scaled[0].clone()
+    for t in scaled[1:]:
+        total.add_(t)
+    votes = torch.zeros(total.shape, dtype=torch.int32)
+    for t, inp in zip(scaled, ctx.inputs):
+        votes += t.abs() > inp["tall_lambda"] * (total - t).abs()
+    return total.mul_(votes >= ctx.options["k"])
+
+
+def _consensus_check(options: dict, inputs: list[dict], where: str) -> None:
+    if options["k"] > len(inputs):
+        raise TaskError(
+            f"{where}.k={options['k']} exceeds the number of inputs ({len(inputs)}): no entry could be kept; lower k."
+        )
+
+
+def _register_builtins() -> None:
+    from hf_cft.merging.registry import MergeMethod, Option, register
+
+    def weight(default, help="λ_t: each input's delta is scaled by it before merging"):
+        return Option("weight", default, per_input=True, help=help)
+
+    def density(default, help):
+        return Option("density", default, low=0.0, high=1.0, low_open=True, per_input=True, help=help)
+
+    register(
+        MergeMethod(
+            "task_arithmetic",
+            "tensor",
+            _ta_tensor,
+            (weight(0.3, "λ_t of Σ_t λ_t·τ_t (one λ for all: --lam)"),),
+            summary="Σ_t λ_t·τ_t (λ = 0.3)",
+            reference="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
+        )
+    )
+    register(
+        MergeMethod(
+            "magnitude_prune",
+            "tensor",
+            _magnitude_prune_tensor,
+            (weight(0.3), density(0.2, "fraction of each tensor's entries kept, by magnitude")),
+            summary="Σ_t λ_t·trim_{density}(τ_t) (λ = 0.3, density 0.2; peft's magnitude_prune)",
+            reference="peft add_weighted_adapter(combination_type='magnitude_prune')",
+        )
+    )
+    register(
+        MergeMethod(
+            "ties",
+            "tensor",
+            _ties_tensor,
+            (
+                weight(1.0),
+                density(0.2, "TIES k: fraction of entries kept by magnitude (--k)"),
+                Option("trim_scope", "tensor", "choice", choices=TRIM_SCOPES, help="trim per tensor or model-wide"),
+                Option("merge", "mean", "choice", choices=DISJOINT_MERGES, help="disjoint merge (--disjoint_merge)"),
+            ),
+            summary="trim to density, elect sign, disjoint mean of λ_t·τ̃_t (density 0.2, λ = 1)",
+            prepare=_ties_prepare,
+            reference="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv:2306.01708)",
+        )
+    )
+    register(
+        MergeMethod(
+            "dare",
+            "tensor",
+            _dare_tensor,
+            (
+                weight(None, "λ_t (default 0.3 with then=ta, 1.0 with then=ties)"),
+                Option(
+                    "density",
+                    0.1,
+                    low=0.0,
+                    high=1.0,
+                    low_open=True,
+                    per_input=True,
+                    help="kept fraction 1 − ρ (--rho ρ: drop rate)",
+                ),
+                Option("then", "ta", "choice", choices=("ta", "ties"), help="task arithmetic or TIES after the drop"),
+                Option("seed", 0, "int", help="seed of the drop masks (drawn per key)"),
+            ),
+            summary="drop with rate 1 − density and rescale, then TA or TIES (density 0.1)",
+            reference="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv:2311.03099)",
+            check=_dare_check,
+        )
+    )
+    register(
+        MergeMethod(
+            "magmax",
+            "tensor",
+            _magmax_tensor,
+            (
+                weight(0.5),
+                Option("tie_break", "later", "choice", choices=MAGMAX_TIE_BREAKS, help="which input wins equal |τ|"),
+            ),
+            summary="per entry the largest-magnitude λ_t·τ_t (λ = 0.5)",
+            reference="Marczak et al., MagMax, ECCV 2024 (danielm1405/magmax)",
+        )
+    )
+    register(
+        MergeMethod(
+            "wise",
+            "tensor",
+            _ta_tensor,
+            (weight(0.5, "α: θ = (1 − α)θ⁰ + α·θ_ft (--alpha)"),),
+            min_inputs=1,
+            max_inputs=1,
+            summary="α·τ of one fine-tuned model (α = 0.5)",
+            reference="Wortsman et al., Robust fine-tuning of zero-shot models (WiSE-FT), CVPR 2022 (arXiv:2109.01903)",
+        )
+    )
+    register(
+        MergeMethod(
+            "consensus",
+            "tensor",
+            _consensus_tensor,
+            (
+                weight(0.3),
+                Option("tall_lambda", 0.4, low=0.0, per_input=True, help="TALL mask λ_t"),
+                Option("k", 2, "int", low=0, help="masks that must agree"),
+            ),
+            summary="Σ_t λ_t·τ_t kept where ≥ k TALL masks agree (λ = 0.3, TALL λ 0.4, k = 2)",
+            reference="Wang et al., Localizing Task Information (TALL masks / consensus), ICML 2024 (arXiv:2405.07813)",
+            check=_consensus_check,
+        )
+    )
+
+
+_register_builtins()

@@ -1,0 +1,103 @@
+"""Run a declarative merge end to end: resolve the base model and the inputs (local folders or Hub ids, through
+``huggingface_hub.snapshot_download``), merge them key by key (:mod:`hf_cft.merging.streaming`), and write the
+output with its merge card (``README.md``, ``model_cards/merge.md``), the resolved config (``merge.yaml``, which
+``hf-cft merge --config`` takes back) and ``merge_config.json``. ``hf-cft push --artefact OUT --repo_id ID`` then
+uploads the folder with its card.
+
+Example::
+
+    from hf_cft.hub import run_merge
+
+    run_merge("merge.yaml", "merged")                            # or a MergeConfig, or a dict
+    run_merge(config, "merged", results=[{"name": "dtd", "accuracy": 61.2}])   # rows for the card
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hf_cft.errors import MergeConfigError
+
+__all__ = ["run_merge"]
+
+
+def _overlap(out: Path, named: Mapping[str, str]) -> None:
+    o = out.resolve()
+    for field_name, value in named.items():
+        if not Path(value).exists():
+            continue  # a Hub id: never a local folder to harm
+        i = Path(value).resolve()
+        if o == i or i in o.parents or o in i.parents:
+            raise MergeConfigError(
+                f"The output {str(out)!r} overlaps {field_name} {value!r}: writing there would destroy an input."
+            )
+
+
+def run_merge(
+    config,
+    out: str | os.PathLike,
+    *,
+    results: Sequence[Mapping[str, Any]] = (),
+    results_note: str = "",
+    repo_id: str | None = None,
+) -> Path:
+    """Merge as ``config`` says (a :class:`~hf_cft.merging.config.MergeConfig`, a mapping, or a YAML file) into the
+    folder ``out`` (replaced atomically). ``results``: evaluation rows for the card (``{"name", "accuracy"}``).
+    Returns ``out``. Bad fields raise :class:`~hf_cft.errors.MergeConfigError` naming them; an input that cannot be
+    fetched raises :class:`~hf_cft.errors.HubError` naming it."""
+    import yaml
+
+    from hf_cft.hub.cards import merge_card, validate_card
+    from hf_cft.hub.push import snapshot
+    from hf_cft.merging.config import MergeConfig
+    from hf_cft.merging.streaming import merge_folders
+
+    if isinstance(config, (str, os.PathLike)):
+        config = MergeConfig.from_yaml(config)
+    config = MergeConfig.from_dict(config)
+    resolved = config.resolve()
+    out = Path(out)
+    named = {"base_model": config.base_model, **{f"inputs[{t}].model": i.model for t, i in enumerate(config.inputs)}}
+    _overlap(out, named)
+    base = snapshot(config.base_model, revision=config.base_revision)
+    folders = [snapshot(i.model, revision=i.revision) for i in config.inputs]
+    kinds = ["LoRA adapter" if (f / "adapter_config.json").is_file() else "full model" for f in folders]
+    card = merge_card(
+        resolved,
+        input_kinds=kinds,
+        model_name=config.model_name or out.resolve().name,
+        results=results,
+        results_note=results_note,
+        repo_id=repo_id,
+        license=config.license,
+    )
+    validate_card(card)
+    legacy = {  # what hf-cft eval reads to label a merged model, plus the resolved config
+        "method": resolved["method"],
+        "base": config.base_model,
+        "adapters": [i.model for i in config.inputs],
+        **resolved,
+    }
+    summary = merge_folders(
+        base,
+        folders,
+        resolved["method"],
+        resolved["parameters"],
+        out=out,
+        inputs=config.per_input_options(),
+        out_dtype=config.out_dtype,
+        max_shard_size=config.max_shard_size,
+        lora_rank=config.lora_rank,
+        source_names=[i.model for i in config.inputs],
+        extra_files={
+            "README.md": str(card).encode("utf-8"),
+            "merge.yaml": yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True).encode("utf-8"),
+            "merge_config.json": (json.dumps(legacy, indent=2) + "\n").encode("utf-8"),
+        },
+    )
+    run_merge.last_summary = summary  # keys merged and files written, for the command line's report line
+    return out

@@ -1,0 +1,459 @@
+"""Current CLIP merging methods on dense task deltas (FusionBench's and recent papers' baselines), key by key.
+
+Every function takes a list of task deltas τ_t = θ_t − θ0 (``dict[str, Tensor]`` with identical keys and shapes;
+for LoRA the dense s·B·A, see :mod:`hf_cft.merging.baselines`) and returns the merged delta τ_m in fp32, scaling
+already applied, so that the deployed model is θ0 + τ_m. Each key is merged from that key's tensors only, so every
+method here can run one tensor at a time (the streaming merge reads one tensor of each input per key).
+
+=====================  ==========================================================================================
+:func:`tsv_m`           Task Singular Vectors merge (arXiv:2412.00081): per matrix, each task's top 1/T singular
+                        triplets, U and V orthogonalised (Procrustes), reassembled; other keys averaged (α = 1)
+:func:`iso_c`           Isotropic merging in the common subspace (arXiv:2502.04959): SVD of Σ_t τ_t, every
+                        singular value replaced by their mean; other keys averaged (α = 1)
+:func:`iso_cts`         Iso-CTS: the top 80 % directions of Σ_t τ_t plus each task's top directions outside them,
+                        orthogonalised, with isotropic singular values (α = 1)
+:func:`model_stock`     Model Stock (arXiv:2403.19522): per tensor t·mean_t τ_t, t = T·cos/(1 + (T−1)·cos)
+:func:`breadcrumbs`     Model Breadcrumbs (arXiv:2312.06795): per task and tensor drop the top-γ and the smallest
+                        magnitudes, keep a ``density`` band, then task arithmetic (γ = 0.01, density 0.1, λ = 0.3)
+:func:`della`           DELLA (arXiv:2406.11617): MagPrune (magnitude-ranked drop probabilities, 1/(1−p_i)
+                        rescale), then TIES's sign election and disjoint mean, ×λ (density 0.3, ε = 0.1, λ = 1)
+:func:`slerp`           spherical interpolation of two deltas (or of two models θ0 + τ with ``base``), per tensor,
+                        linear where the two are (nearly) colinear (t = 0.5)
+=====================  ==========================================================================================
+
+Continual form: :class:`ContinualSLERP` (m_t = slerp(m_{t−1}, τ_t, 1/t), the spherical running mean). The other
+methods are re-run over the experts so far by the continual driver (``hf_cft.continual.baseline_strategies``).
+
+Example::
+
+    from hf_cft.merging.methods import tsv_m, iso_cts, breadcrumbs, slerp
+
+    merged = tsv_m([delta_1, delta_2, delta_3])              # {key: fp32 tensor}, θ = θ0 + merged
+    merged = breadcrumbs([delta_1, delta_2], density=0.1, gamma=0.01, lam=0.3)
+    halfway = slerp([delta_1, delta_2], t=0.5)
+
+Bad input raises the typed errors of :mod:`hf_cft.merging.baselines`: an empty list → :class:`~hf_cft.errors.TaskError`,
+keys or shapes that differ → :class:`~hf_cft.errors.DeltaError` naming the key, NaN/inf →
+:class:`~hf_cft.errors.NonFiniteError`, an option out of range → :class:`~hf_cft.errors.MergeConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from hf_cft.errors import DeltaError, MergeConfigError, TaskError
+from hf_cft.merging.baselines import (
+    ContinualMerger,
+    Delta,
+    _check_deltas,
+    _check_fraction,
+    _elect_disjoint,
+    _f32,
+    _finite_result,
+    _key_seed,
+    _weights,
+    key_predicate,
+)
+from hf_cft.validation import check_choice, check_number
+
+__all__ = [
+    "ContinualSLERP",
+    "breadcrumbs",
+    "breadcrumbs_mask",
+    "della",
+    "iso_c",
+    "iso_cts",
+    "magprune",
+    "model_stock",
+    "model_stock_ratio",
+    "procrustes",
+    "slerp",
+    "slerp_tensor",
+    "tsv_m",
+]
+
+MatrixKeys = Callable[[str, Tensor], bool] | Iterable[str] | None
+
+
+def _scale(name: str, value: float) -> float:
+    return check_number(value, name, error=MergeConfigError)
+
+
+def _mean(tensors: Sequence[Tensor]) -> Tensor:
+    return sum(tensors) / len(tensors)
+
+
+# ------------------------------------------------------------------------------------------------ SVD methods
+
+
+def procrustes(x: Tensor) -> Tensor:
+    """The (semi-)orthogonal matrix nearest to ``x`` in Frobenius norm: P·Qᵀ for x = P·Σ·Qᵀ (the orthogonal
+    Procrustes solution; TSV-M and Iso-CTS "whiten" their concatenated singular vectors with it)."""
+    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    return p @ qh
+
+
+def _tsv_matrix(tensors: Sequence[Tensor]) -> Tensor:
+    """TSV-M on one matrix: each task's top ⌊r/T⌋ singular triplets (at least one), U and V orthogonalised."""
+    n = len(tensors)
+    us, ss, vs = [], [], []
+    for t in tensors:
+        u, s, vh = torch.linalg.svd(t, full_matrices=False)
+        k = max(1, s.shape[0] // n)
+        us.append(u[:, :k])
+        ss.append(s[:k])
+        vs.append(vh[:k].T)
+    u_cat, s_cat, v_cat = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vs, dim=1)
+    return procrustes(u_cat) @ torch.diag(s_cat) @ procrustes(v_cat).T
+
+
+def tsv_m(deltas: Sequence[Mapping[str, Tensor]], alpha: float = 1.0, matrix_keys: MatrixKeys = None) -> Delta:
+    """TSV-M, Task Singular Vectors merging (Gargiulo et al., CVPR 2025, arXiv:2412.00081), key by key:
+
+    * a matrix key (``matrix_keys``; default 2-D weights that are not embeddings): for every task the SVD
+      τ_t = U_t S_t V_tᵀ, its top k = ⌊r/T⌋ singular triplets (r = min(m, n)); the concatenations
+      U = [U_1,k … U_T,k], V = [V_1,k … V_T,k] are replaced by their nearest orthogonal matrices (:func:`procrustes`)
+      and τ_m = U_⊥ · diag(S_1,k … S_T,k) · V_⊥ᵀ;
+    * any other key (biases, LayerNorms, embeddings): the mean (1/T)·Σ_t τ_t, as the reference code;
+
+    returns α·τ_m (α = 1, the paper's setting). Where r < T the reference keeps ⌊r/T⌋ = 0 triplets and zeroes the
+    matrix; here every task keeps at least one (the concatenation then has T > r columns, and its Procrustes factor
+    has orthonormal rows instead).
+    """
+    deltas = _check_deltas(deltas)
+    alpha = _scale("alpha", alpha)
+    is_matrix = key_predicate(matrix_keys)
+    out = {}
+    for key, first in deltas[0].items():
+        tensors = [_f32(d[key]) for d in deltas]
+        merged = _tsv_matrix(tensors) if is_matrix(key, first) else _mean(tensors)
+        out[key] = alpha * merged
+    return _finite_result(out, f"alpha={alpha!r}")
+
+
+def _isotropic(u: Tensor, s: Tensor, vh: Tensor) -> Tensor:
+    return s.mean() * (u @ vh)
+
+
+def iso_c(deltas: Sequence[Mapping[str, Tensor]], alpha: float = 1.0, matrix_keys: MatrixKeys = None) -> Delta:
+    """Iso-C, isotropic merging in the common subspace (Marczak et al., ICML 2025, arXiv:2502.04959):
+
+    * a matrix key: Σ_t τ_t = U S Vᵀ and τ_m = mean(S)·U Vᵀ (every singular value replaced by their mean, so the
+      merge acts equally in every direction the task sum spans);
+    * any other key: the mean (1/T)·Σ_t τ_t (as the reference code and FusionBench);
+
+    returns α·τ_m (α = 1, FusionBench's default; the paper tunes it on validation data).
+    """
+    deltas = _check_deltas(deltas)
+    alpha = _scale("alpha", alpha)
+    is_matrix = key_predicate(matrix_keys)
+    out = {}
+    for key, first in deltas[0].items():
+        tensors = [_f32(d[key]) for d in deltas]
+        if is_matrix(key, first):
+            merged = _isotropic(*torch.linalg.svd(sum(tensors), full_matrices=False))
+        else:
+            merged = _mean(tensors)
+        out[key] = alpha * merged
+    return _finite_result(out, f"alpha={alpha!r}")
+
+
+def iso_cts_split(rank: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
+    """(common directions k_c, directions per task k_t) of Iso-CTS for a matrix of rank ``rank``: k_c starts at
+    ⌊f·r⌋, the rest r − k_c is rounded to a multiple of T (so each task gets the same share) and
+    k_c = r − T·k_t. The concatenation then has exactly r columns."""
+    common = int(rank * common_fraction)
+    per_task = round((rank - common) / num_tasks)
+    return rank - per_task * num_tasks, per_task
+
+
+def _iso_cts_matrix(tensors: Sequence[Tensor], common_fraction: float) -> Tensor:
+    rank = min(tensors[0].shape)
+    k_c, k_t = iso_cts_split(rank, len(tensors), common_fraction)
+    u, s, vh = torch.linalg.svd(sum(tensors), full_matrices=False)
+    u_c = u[:, :k_c]
+    us, ss, vs = [u_c], [s[:k_c]], [vh[:k_c]]
+    for t in tensors:
+        specific = t - u_c @ (u_c.T @ t)  # the task's part outside the common subspace
+        ut, st, vht = torch.linalg.svd(specific, full_matrices=False)
+        us.append(ut[:, :k_t])
+        ss.append(st[:k_t])
+        vs.append(vht[:k_t])
+    u_cat, s_cat, vh_cat = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vs, dim=0)
+    return s_cat.mean() * (procrustes(u_cat) @ procrustes(vh_cat.T).T)
+
+
+def iso_cts(
+    deltas: Sequence[Mapping[str, Tensor]],
+    alpha: float = 1.0,
+    common_fraction: float = 0.8,
+    matrix_keys: MatrixKeys = None,
+) -> Delta:
+    """Iso-CTS, isotropic merging with common and task-specific subspaces (arXiv:2502.04959):
+
+    * a matrix key of rank r: the top k_c singular directions of Σ_t τ_t (k_c ≈ ``common_fraction``·r, see
+      :func:`iso_cts_split`), plus for every task the top k_t directions of τ_t − U_c U_cᵀ τ_t (its part outside the
+      common subspace); the concatenated U and V are orthogonalised (:func:`procrustes`) and every singular value is
+      replaced by the mean of the concatenated ones: τ_m = mean(S)·U_⊥ V_⊥ᵀ;
+    * any other key: the mean (1/T)·Σ_t τ_t;
+
+    returns α·τ_m (α = 1, ``common_fraction`` = 0.8: FusionBench's defaults).
+    """
+    deltas = _check_deltas(deltas)
+    alpha = _scale("alpha", alpha)
+    common_fraction = _check_fraction("common_fraction", common_fraction, low_open=False)
+    is_matrix = key_predicate(matrix_keys)
+    out = {}
+    for key, first in deltas[0].items():
+        tensors = [_f32(d[key]) for d in deltas]
+        merged = _iso_cts_matrix(tensors, common_fraction) if is_matrix(key, first) else _mean(tensors)
+        out[key] = alpha * merged
+    return _finite_result(out, f"alpha={alpha!r}")
+
+
+# ------------------------------------------------------------------------------------------------ Model Stock
+
+MODEL_STOCK_AVERAGES = ("cosine", "angle")
+
+
+def model_stock_ratio(tensors: Sequence[Tensor], average: str = "cosine") -> float:
+    """Model Stock's interpolation ratio t = T·cos θ / (1 + (T−1)·cos θ) for one tensor, cos θ the mean pairwise
+    cosine between the task deltas (``average="angle"``: the cosine of the mean pairwise angle, as FusionBench).
+
+    A pair with a zero delta has cosine 0. cos θ < 0 (deltas pointing apart, outside the paper's assumption of a
+    common angle below 90°; the formula's denominator can vanish there) is clipped to 0, i.e. t = 0: θ0 for that
+    tensor."""
+    flat = [t.reshape(-1).double() for t in tensors]
+    norms = [float(f.norm()) for f in flat]
+    values = []
+    for i in range(len(flat)):
+        for j in range(i + 1, len(flat)):
+            denom = norms[i] * norms[j]
+            cos = float(flat[i] @ flat[j]) / denom if denom > 0 else 0.0
+            values.append(min(1.0, max(-1.0, cos)))
+    if average == "angle":
+        cos = math.cos(sum(math.acos(c) for c in values) / len(values))
+    else:
+        cos = sum(values) / len(values)
+    cos = max(0.0, cos)
+    n = len(flat)
+    return n * cos / (1.0 + (n - 1) * cos)
+
+
+def model_stock(deltas: Sequence[Mapping[str, Tensor]], average: str = "cosine") -> Delta:
+    """Model Stock (Jang et al., ECCV 2024, arXiv:2403.19522), per tensor: w_H = t·w_avg + (1−t)·w_0 with
+    t = T·cos θ/(1 + (T−1)·cos θ), i.e. τ_m = t·(1/T)·Σ_t τ_t (see :func:`model_stock_ratio`).
+
+    Needs T ≥ 2 fine-tuned models (the angle between models is undefined for one): T = 1 raises
+    :class:`~hf_cft.errors.TaskError`. ``average``: ``"cosine"`` (default: the mean pairwise cosine, the paper's
+    cos θ when the pairwise angles are equal, as it assumes) or ``"angle"`` (FusionBench: the cosine of the mean
+    pairwise angle; equal for T = 2).
+    """
+    deltas = _check_deltas(deltas)
+    check_choice(average, "average", MODEL_STOCK_AVERAGES, error=MergeConfigError)
+    if len(deltas) < 2:
+        raise TaskError(
+            f"model stock needs at least 2 fine-tuned models (got {len(deltas)}): the angle between the task deltas "
+            "it interpolates with is undefined for one."
+        )
+    out = {}
+    for key in deltas[0]:
+        tensors = [_f32(d[key]) for d in deltas]
+        out[key] = model_stock_ratio(tensors, average) * _mean(tensors)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ sparsification
+
+
+def breadcrumbs_mask(tensor: Tensor, density: float, gamma: float) -> Tensor:
+    """Model Breadcrumbs' mask for one tensor: with its entries ranked by magnitude, largest first, drop the top
+    ⌊γ·n⌋ (outliers) and keep the next ⌊density·n⌋ (the smallest ones, the rest, are dropped too). Ties in magnitude
+    are broken by position (a stable sort)."""
+    n = tensor.numel()
+    drop_top = int(gamma * n)
+    keep = int(density * n)
+    order = torch.sort(tensor.reshape(-1).abs(), descending=True, stable=True).indices
+    mask = torch.zeros(n, dtype=torch.bool, device=tensor.device)
+    mask[order[drop_top : drop_top + keep]] = True
+    return mask.view_as(tensor)
+
+
+def breadcrumbs(
+    deltas: Sequence[Mapping[str, Tensor]],
+    density: float = 0.1,
+    gamma: float = 0.01,
+    lam: float | Sequence[float] = 0.3,
+) -> Delta:
+    """Model Breadcrumbs (Davari & Belilovsky, ECCV 2024, arXiv:2312.06795): per task and tensor, mask both tails of
+    the magnitude distribution (:func:`breadcrumbs_mask`: the top-γ outliers and everything below the ``density``
+    band), then task arithmetic τ_m = Σ_t λ_t·(m_t ⊙ τ_t).
+
+    Defaults (lib, mergekit's parameterisation): γ = 0.01 of the largest magnitudes dropped, ``density`` = 0.1 kept
+    (90 % sparsity, the paper's setting), λ = 0.3 (task arithmetic's default; tune on validation). ``lam`` is one λ
+    or one per task. ``density + gamma`` must not exceed 1.
+    """
+    deltas = _check_deltas(deltas)
+    density = _check_fraction("density", density)
+    gamma = _check_fraction("gamma", gamma, low_open=False)
+    if density + gamma > 1.0:
+        raise MergeConfigError(f"density + gamma must not exceed 1, got density={density!r}, gamma={gamma!r}.")
+    w = _weights(lam, len(deltas))
+    out = {}
+    for key in deltas[0]:
+        total = None
+        for wi, d in zip(w, deltas):
+            v = _f32(d[key])
+            term = wi * (v * breadcrumbs_mask(v, density, gamma))
+            total = term if total is None else total + term
+        out[key] = total
+    return _finite_result(out, f"lam={lam!r}")
+
+
+DELLA_RANK_SCOPES = ("row", "tensor")
+
+
+def _magprune_probabilities(tensor: Tensor, drop: float, epsilon: float, rank_scope: str) -> Tensor:
+    """p_i = p − ε/2 + ε·(n − 1 − r_i)/(n − 1) per group of n entries (a row, or the whole tensor), r_i the rank of
+    |τ_i| in ascending order within the group (0 = smallest, ties by position): the smallest magnitude gets
+    p + ε/2, the largest p − ε/2, linearly in between (one entry: p)."""
+    rows = tensor.reshape(tensor.shape[0], -1) if (rank_scope == "row" and tensor.ndim >= 2) else tensor.reshape(1, -1)
+    n = rows.shape[1]
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(n, device=rows.device).expand_as(order))
+    if n == 1:
+        probs = torch.full(rows.shape, drop, dtype=torch.float32, device=rows.device)
+    else:
+        probs = (drop - epsilon / 2) + epsilon * (n - 1 - ranks).to(torch.float32) / (n - 1)
+    return probs.view_as(tensor)
+
+
+def magprune(
+    tensor: Tensor, density: float, epsilon: float, generator: torch.Generator, rank_scope: str = "row"
+) -> Tensor:
+    """DELLA's MagPrune on one tensor: drop entry i with probability p_i (:func:`_magprune_probabilities`, mean drop
+    p = 1 − ``density``) and rescale the survivors by 1/(1 − p_i)."""
+    probs = _magprune_probabilities(tensor, 1.0 - density, epsilon, rank_scope)
+    keep = 1.0 - probs
+    mask = torch.bernoulli(keep, generator=generator)
+    return tensor * mask / keep
+
+
+def della(
+    deltas: Sequence[Mapping[str, Tensor]],
+    density: float = 0.3,
+    epsilon: float = 0.1,
+    lam: float = 1.0,
+    seed: int = 0,
+    rank_scope: str = "row",
+) -> Delta:
+    """DELLA-merging (Deep et al., 2024, arXiv:2406.11617), key by key:
+
+    1. **Drop** (MagPrune, :func:`magprune`): entries ranked by magnitude within each row (``rank_scope="row"``,
+       the paper's per-node ranking and mergekit's; ``"tensor"`` ranks the whole tensor), dropped with probabilities
+       from p + ε/2 (smallest) down to p − ε/2 (largest), p = 1 − ``density``;
+    2. **Rescale** the survivors by 1/(1 − p_i);
+    3. **Elect and fuse** as TIES: σ = sign(Σ_t τ̃_t), the mean of the entries that agree with σ;
+
+    returns λ·τ_m. Defaults (lib; tune on validation): ``density`` 0.3, ε = 0.1, λ = 1. The masks come from one
+    ``torch.Generator`` per key seeded from (``seed``, key), tasks in list order (as :func:`~hf_cft.merging.dare`),
+    so a key's result does not depend on the other keys. p ± ε/2 must stay within [0, 1).
+    """
+    deltas = _check_deltas(deltas)
+    density = _check_fraction("density", density)
+    epsilon = check_number(epsilon, "epsilon", low=0.0, error=MergeConfigError)
+    drop = 1.0 - density
+    if drop - epsilon / 2 < 0.0 or drop + epsilon / 2 >= 1.0:
+        raise MergeConfigError(
+            f"epsilon={epsilon!r} with density={density!r} gives drop probabilities outside [0, 1): "
+            f"[{drop - epsilon / 2:g}, {drop + epsilon / 2:g}]; lower epsilon."
+        )
+    check_choice(rank_scope, "rank_scope", DELLA_RANK_SCOPES, error=MergeConfigError)
+    lam = _weights(lam, 1)[0]
+    out = {}
+    for key in deltas[0]:
+        gen = torch.Generator(device=deltas[0][key].device)
+        gen.manual_seed(_key_seed(seed, key))
+        pruned = [magprune(_f32(d[key]), density, epsilon, gen, rank_scope) for d in deltas]
+        out[key] = lam * _elect_disjoint(torch.stack(pruned))
+    return _finite_result(out, f"lam={lam!r} (with the 1/(1-p) rescale)")
+
+
+# ------------------------------------------------------------------------------------------------ SLERP
+
+
+def slerp_tensor(a: Tensor, b: Tensor, t: float, dot_threshold: float = 0.9995) -> Tensor:
+    """Spherical interpolation of two tensors: with ω the angle between them (computed on normalised copies),
+    sin((1−t)ω)/sin ω · a + sin(tω)/sin ω · b; the linear (1−t)·a + t·b where |cos ω| > ``dot_threshold`` (nearly
+    colinear: sin ω → 0) or where either tensor is zero (no angle)."""
+    fa, fb = a.reshape(-1).double(), b.reshape(-1).double()
+    na, nb = float(fa.norm()), float(fb.norm())
+    if na == 0.0 or nb == 0.0:
+        return (1.0 - t) * a + t * b
+    dot = float(fa @ fb) / (na * nb)
+    if abs(dot) > dot_threshold:
+        return (1.0 - t) * a + t * b
+    omega = math.acos(max(-1.0, min(1.0, dot)))
+    sin_omega = math.sin(omega)
+    return (math.sin((1.0 - t) * omega) / sin_omega) * a + (math.sin(t * omega) / sin_omega) * b
+
+
+def slerp(
+    deltas: Sequence[Mapping[str, Tensor]],
+    t: float = 0.5,
+    base: Mapping[str, Tensor] | None = None,
+    dot_threshold: float = 0.9995,
+) -> Delta:
+    """SLERP of exactly two inputs, per tensor (:func:`slerp_tensor`; t = 0 gives the first, t = 1 the second).
+
+    Without ``base`` the task deltas τ_a, τ_b are interpolated (their angle is that of the two updates). With
+    ``base`` (θ0's tensors for the delta keys) the full weights θ0 + τ_a and θ0 + τ_b are, as mergekit and FusionBench
+    do, and the result is returned as a delta from θ0. ``dot_threshold`` (mergekit's 0.9995) switches to the linear
+    interpolation for nearly colinear tensors.
+    """
+    deltas = _check_deltas(deltas)
+    if len(deltas) != 2:
+        raise TaskError(f"slerp interpolates exactly 2 inputs, got {len(deltas)}.")
+    t = check_number(t, "t", low=0.0, high=1.0, error=MergeConfigError)
+    dot_threshold = check_number(dot_threshold, "dot_threshold", low=0.0, high=1.0, error=MergeConfigError)
+    a, b = deltas
+    out = {}
+    for key in a:
+        va, vb = _f32(a[key]), _f32(b[key])
+        if base is None:
+            out[key] = slerp_tensor(va, vb, t, dot_threshold)
+            continue
+        if key not in base:
+            raise DeltaError(f"base lacks key {key!r} that the deltas have.")
+        w0 = _f32(base[key]).to(va.device)
+        if w0.shape != va.shape:
+            raise DeltaError(f"key {key!r} has shape {tuple(w0.shape)} in base but {tuple(va.shape)} in the deltas.")
+        out[key] = slerp_tensor(w0 + va, w0 + vb, t, dot_threshold) - w0
+    return out
+
+
+class ContinualSLERP(ContinualMerger):
+    """SLERP, continual form: m_1 = τ_1, m_t = slerp(m_{t−1}, τ_t, 1/t) per tensor, the spherical counterpart of the
+    running mean (each new task gets the weight 1/t, as in the uniform soup). ``dot_threshold`` as :func:`slerp`."""
+
+    _state_names = ("current",)
+
+    def __init__(self, dot_threshold: float = 0.9995) -> None:
+        super().__init__()
+        self.dot_threshold = check_number(dot_threshold, "dot_threshold", low=0.0, high=1.0, error=MergeConfigError)
+        self.current: Delta = {}
+
+    def _add(self, delta: Delta) -> None:
+        if not self.current:
+            self.current = {k: v.clone() for k, v in delta.items()}
+            return
+        t = 1.0 / (self.num_tasks + 1)
+        self.current = {k: slerp_tensor(self.current[k], v, t, self.dot_threshold) for k, v in delta.items()}
+
+    def _merged(self) -> Delta:
+        return self.current

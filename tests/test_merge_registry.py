@@ -1,0 +1,128 @@
+"""The merging-method registry (hf_cft.merging.registry): option validation naming the field, per-input options,
+registration, and the per-key kernels of the built-in methods against the one-shot functions of
+hf_cft.merging.baselines (which follow the papers' definitions, tested in test_merging_baselines.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_cft.errors import MergeConfigError, TaskError
+from hf_cft.merging import baselines
+from hf_cft.merging.registry import MergeMethod, Option, TensorContext, get_method, method_names, register
+
+
+def _deltas(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"a.weight": (7, 5), "b.bias": (5,), "c.weight": (3, 4)}
+    return [{k: torch.randn(s, generator=g) for k, s in shapes.items()} for _ in range(n)]
+
+
+def _run(name, deltas, options=None, inputs=None):
+    """The registered kernel key by key over in-memory deltas (no prepare pass)."""
+    method = get_method(name)
+    opts, per = method.resolve(options or {}, inputs or [{} for _ in deltas])
+    out = {}
+    for i, key in enumerate(deltas[0]):
+        ctx = TensorContext(key, opts, per, [True] * len(deltas), lambda: None, i, len(deltas[0]))
+        before = [d[key].clone() for d in deltas]
+        out[key] = method.fn([d[key] for d in deltas], ctx)
+        for b, d in zip(before, deltas):
+            assert torch.equal(b, d[key]), f"{name} modified an input in place at {key}"
+    return out
+
+
+def _close(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_builtin_methods_are_registered():
+    names = method_names()
+    for name in ("task_arithmetic", "ties", "dare", "magmax", "wise", "consensus", "magnitude_prune"):
+        assert name in names and get_method(name).kind == "tensor"
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "reference"),
+    [
+        ("task_arithmetic", {"weight": 0.4}, lambda ds: baselines.task_arithmetic(ds, lam=0.4)),
+        ("task_arithmetic", {}, lambda ds: baselines.task_arithmetic(ds, lam=0.3)),
+        ("ties", {"density": 0.5}, lambda ds: baselines.ties(ds, k=0.5, lam=1.0)),
+        ("ties", {"density": 0.3, "weight": 0.7, "merge": "max"}, lambda ds: baselines.ties(ds, k=0.3, lam=0.7, merge="max")),
+        ("dare", {"density": 0.5, "seed": 3}, lambda ds: baselines.dare(ds, rho=0.5, seed=3, then="ta")),
+        ("dare", {"density": 0.4, "then": "ties"}, lambda ds: baselines.dare(ds, rho=0.6, then="ties")),
+        ("magmax", {}, lambda ds: baselines.magmax(ds, lam=0.5)),
+        ("magmax", {"tie_break": "earlier", "weight": -1.0}, lambda ds: baselines.magmax(ds, lam=-1.0, tie_break="earlier")),
+        ("consensus", {"k": 2}, lambda ds: baselines.consensus(ds, lambdas=0.4, k=2, lam=0.3)),
+        ("magnitude_prune", {"density": 0.4}, lambda ds: baselines.magnitude_prune(ds, k=0.4, lam=0.3)),
+    ],
+)
+def test_kernels_equal_the_one_shot_functions(name, options, reference):
+    deltas = _deltas()
+    _close(_run(name, deltas, options), reference(deltas))
+
+
+def test_per_input_weights_and_densities():
+    deltas = _deltas()
+    got = _run("task_arithmetic", deltas, inputs=[{"weight": 1.0}, {"weight": -0.5}, {}])
+    _close(got, {k: deltas[0][k] - 0.5 * deltas[1][k] + 0.3 * deltas[2][k] for k in deltas[0]})
+    # TIES with one density per input: each input trimmed to its own top fraction before the election
+    dens = [0.2, 0.6, 1.0]
+    got = _run("ties", deltas, inputs=[{"density": d} for d in dens])
+    for key in deltas[0]:
+        trimmed = torch.stack([baselines.trim_top_k(d[key], k) for d, k in zip(deltas, dens)])
+        sign = torch.sign(trimmed.sum(0))
+        agree = (torch.sign(trimmed) == sign) & (sign != 0)
+        torch.testing.assert_close(got[key], (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1))
+
+
+def test_resolve_names_the_offending_field():
+    ties = get_method("ties")
+    with pytest.raises(MergeConfigError, match=r"parameters\.density must lie in \(0, 1\]"):
+        ties.resolve({"density": 0}, [{}])
+    with pytest.raises(MergeConfigError, match=r"inputs\[1\]\.density must lie in \(0, 1\]"):
+        ties.resolve({}, [{}, {"density": 1.5}])
+    with pytest.raises(MergeConfigError, match=r"parameters\.trim_scope must be one of"):
+        ties.resolve({"trim_scope": "layer"}, [{}])
+    with pytest.raises(MergeConfigError, match=r"parameters\.lam is not an option of method 'ties'"):
+        ties.resolve({"lam": 1.0}, [{}])
+    with pytest.raises(MergeConfigError, match=r"inputs\[0\]\.merge is not a per-input option"):
+        ties.resolve({}, [{"merge": "sum"}])
+    with pytest.raises(MergeConfigError, match=r"merges exactly 1 input"):
+        get_method("wise").resolve({}, [{}, {}])
+    with pytest.raises(TaskError, match=r"k=3 exceeds the number of inputs \(2\)"):
+        get_method("consensus").resolve({"k": 3}, [{}, {}])
+    with pytest.raises(MergeConfigError, match=r"method must be one of .*task_arithmetic.*; got 'nope'"):
+        get_method("nope")
+
+
+def test_resolve_fills_defaults_per_input():
+    opts, per = get_method("dare").resolve({"then": "ties"}, [{}, {"weight": 2.0, "density": 0.5}])
+    assert opts == {"then": "ties", "seed": 0}
+    assert per == [{"weight": 1.0, "density": 0.1}, {"weight": 2.0, "density": 0.5}]
+    opts, per = get_method("ties").resolve({"density": 0.3}, [{}, {"density": 0.9}])
+    assert [p["density"] for p in per] == [0.3, 0.9] and "density" not in opts
+
+
+def test_register_a_method_and_refuse_a_taken_name():
+    def double(deltas, ctx):
+        return sum(d for d in deltas) * ctx.options["scale"]
+
+    method = MergeMethod("test_double_sum", "tensor", double, (Option("scale", 2.0, low=0.0),), summary="2·Σ τ")
+    register(method)
+    try:
+        assert "test_double_sum" in method_names()
+        deltas = _deltas(2)
+        _close(_run("test_double_sum", deltas), {k: 2.0 * (deltas[0][k] + deltas[1][k]) for k in deltas[0]})
+        with pytest.raises(MergeConfigError, match="already registered"):
+            register(MergeMethod("test_double_sum", "tensor", double))
+        with pytest.raises(MergeConfigError, match=r"parameters\.scale must lie in \[0, inf\)"):
+            get_method("test_double_sum").resolve({"scale": -1}, [{}])
+    finally:
+        from hf_cft.merging import registry
+
+        registry._METHODS.pop("test_double_sum", None)
+    with pytest.raises(MergeConfigError, match="kind must be one of"):
+        MergeMethod("x", "layer", double)

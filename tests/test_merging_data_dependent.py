@@ -1,0 +1,262 @@
+"""RegMean and Fisher merging (hf_cft.merging.data_dependent) against references written here from the papers'
+definitions: Gram matrices from an explicit forward pass and the closed form solved with NumPy; Fisher diagonals from
+the analytic per-example gradient of a softmax classifier. Plus the CLIP path (hooks on the image tower, the
+zero-shot log-probabilities) and bad input."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hf_cft.errors import DatasetFormatError, DeltaError, MergeConfigError, TaskError
+from hf_cft.merging import apply_delta, delta_from_models
+from hf_cft.merging.data_dependent import (
+    LinearGrams,
+    clip_log_probs,
+    fisher_diagonal,
+    fisher_merge,
+    fisher_merging,
+    linear_input_grams,
+    regmean,
+    regmean_merge,
+)
+from hf_cft.testing import tiny_clip
+
+
+def mlp(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def forward(model, batch):
+    return model(batch["x"])
+
+
+def batches(seed, n=3, b=6):
+    g = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randn(b, 4, generator=g), "labels": torch.randint(0, 3, (b,), generator=g)} for _ in range(n)]
+
+
+def ref_regmean_weight(weights, inputs, alpha):
+    """W* = (Σ_t W_t G̃_t)(Σ_t G̃_t)⁻¹, G_t = X_tᵀX_t with its off-diagonal entries scaled by α (explicit loops)."""
+    num, den = 0, 0
+    for w, x in zip(weights, inputs):
+        g = x.T @ x
+        gt = g.copy()
+        for i in range(g.shape[0]):
+            for j in range(g.shape[1]):
+                if i != j:
+                    gt[i, j] = alpha * g[i, j]
+        num = num + w @ gt
+        den = den + gt
+    return num @ np.linalg.inv(den)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.6, 0.0])
+def test_regmean_matches_the_closed_form_from_explicit_inputs(alpha):
+    base = mlp(0)
+    models = [mlp(s) for s in (1, 2)]
+    data = [batches(10), batches(11)]
+    merged = regmean_merge(base, models, data, alpha=alpha, forward=forward, keys=None)
+    inputs1, inputs2 = [], []
+    for m, d in zip(models, data):
+        x = torch.cat([b["x"] for b in d]).double().numpy()
+        inputs1.append(x)
+        h = np.tanh(x @ m[0].weight.detach().double().numpy().T + m[0].bias.detach().double().numpy())
+        inputs2.append(h)
+    for key, inputs, idx in (("0.weight", inputs1, 0), ("2.weight", inputs2, 2)):
+        ws = [m[idx].weight.detach().double().numpy() for m in models]
+        expected = ref_regmean_weight(ws, inputs, alpha) - base[idx].weight.detach().double().numpy()
+        np.testing.assert_allclose(merged[key].double().numpy(), expected, atol=1e-5, rtol=1e-4)
+    for key in ("0.bias", "2.bias"):  # no Gram: the plain mean of the deltas
+        expected = sum(dict(m.named_parameters())[key] - dict(base.named_parameters())[key] for m in models) / 2
+        torch.testing.assert_close(merged[key], expected.detach())
+
+
+def test_regmean_at_alpha_one_solves_the_least_squares_problem():
+    g = torch.Generator().manual_seed(0)
+    deltas = [{"w": torch.randn(3, 4, generator=g)} for _ in range(3)]
+    xs = [torch.randn(20, 4, generator=g).double() for _ in range(3)]
+    grams = [{"w": x.T @ x} for x in xs]
+    merged = regmean(deltas, grams, alpha=1.0)["w"].double()
+    # the normal equations of min Σ_t ‖X_t Wᵀ − X_t W_tᵀ‖²: Σ_t (W − W_t) G_t = 0
+    residual = sum((merged - d["w"].double()) @ gr["w"] for d, gr in zip(deltas, grams))
+    assert float(residual.abs().max()) < 1e-4
+    # with identical Gram matrices RegMean is the plain average
+    same = regmean(deltas, [grams[0]] * 3, alpha=0.6)["w"]
+    torch.testing.assert_close(same, sum(d["w"] for d in deltas) / 3, atol=1e-5, rtol=1e-5)
+
+
+def test_regmean_one_task_and_zero_deltas():
+    g = torch.Generator().manual_seed(1)
+    d = {"w": torch.randn(3, 4, generator=g)}
+    x = torch.randn(10, 4, generator=g).double()
+    torch.testing.assert_close(regmean([d], [{"w": x.T @ x}])["w"], d["w"], atol=1e-5, rtol=1e-5)
+    zero = regmean([{"w": torch.zeros(3, 4)}] * 2, [{"w": x.T @ x}] * 2)["w"]
+    assert torch.equal(zero, torch.zeros(3, 4))
+    # an input feature that is always 0: singular Σ G̃ at α = 1, solved by the pseudo-inverse (finite)
+    x0 = x.clone()
+    x0[:, 0] = 0
+    out = regmean([d, d], [{"w": x0.T @ x0}] * 2, alpha=1.0)["w"]
+    assert torch.isfinite(out).all()
+
+
+def test_regmean_bad_input_names_the_key():
+    d = {"w": torch.ones(3, 4), "b": torch.ones(3)}
+    gram = {"w": torch.eye(4)}
+    with pytest.raises(DeltaError, match="'w'.*task\\(s\\) \\[1\\]"):
+        regmean([d, d], [gram, {}])
+    with pytest.raises(DeltaError, match="'w'.*shape"):
+        regmean([d, d], [gram, {"w": torch.eye(3)}])
+    with pytest.raises(DeltaError, match="'b'"):
+        regmean([d, d], [{"b": torch.eye(3)}] * 2)
+    with pytest.raises(TaskError, match="2 task deltas"):
+        regmean([d, d], [gram])
+    with pytest.raises(MergeConfigError, match="alpha"):
+        regmean([d, d], [gram, gram], alpha=1.5)
+    with pytest.raises(DeltaError, match="'b'"):
+        regmean([d, {"w": torch.ones(3, 4)}], [gram, gram])
+
+
+def test_regmean_normalize_uses_the_per_row_average():
+    d1, d2 = {"w": torch.ones(2, 2)}, {"w": -torch.ones(2, 2)}
+    g = LinearGrams(grams={"w": 10 * torch.eye(2, dtype=torch.float64)}, rows={"w": 10})
+    h = LinearGrams(grams={"w": 2 * torch.eye(2, dtype=torch.float64)}, rows={"w": 2})
+    torch.testing.assert_close(regmean([d1, d2], [g, h], alpha=1.0)["w"], torch.full((2, 2), 8 / 12))
+    torch.testing.assert_close(regmean([d1, d2], [g, h], alpha=1.0, normalize=True)["w"], torch.zeros(2, 2))
+
+
+def test_linear_input_grams_on_clip_runs_the_image_tower_and_follows_the_delta():
+    clip = tiny_clip(seed=0)
+    px = torch.randn(2, 3, 30, 30, generator=torch.Generator().manual_seed(0))
+    data = [{"pixel_values": px, "labels": torch.tensor([0, 1])}]
+    grams = linear_input_grams(clip, data)
+    assert grams.keys() and all(k.startswith(("vision_model.", "visual_projection")) for k in grams)
+    q = grams["vision_model.encoder.layers.0.self_attn.q_proj.weight"]
+    assert q.shape == (32, 32) and torch.allclose(q, q.T)
+    assert grams.rows["vision_model.encoder.layers.0.self_attn.q_proj.weight"] == 2 * (15 * 15 + 1)  # tokens
+    delta = {"vision_model.encoder.layers.0.mlp.fc1.weight": 0.3 * torch.ones(37, 32)}
+    moved = linear_input_grams(clip, data, delta=delta)
+    copy_model = apply_delta(copy.deepcopy(clip), delta)
+    expected = linear_input_grams(copy_model, data)
+    key = "vision_model.encoder.layers.0.mlp.fc2.weight"  # after the changed fc1
+    torch.testing.assert_close(moved[key], expected[key])
+    assert not torch.allclose(moved[key], grams[key])
+    with pytest.raises(DatasetFormatError, match="no batch"):
+        linear_input_grams(clip, [])
+
+
+def ref_fisher_linear(w, b, xs, ys=None, probs_weighted=False):
+    """Diagonal Fisher of log softmax(W x + b): ∂log p_y/∂W = (e_y − p) xᵀ, ∂/∂b = e_y − p (analytic)."""
+    fw, fb = np.zeros_like(w), np.zeros_like(b)
+    for i, x in enumerate(xs):
+        z = w @ x + b
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        classes = range(len(b)) if probs_weighted else [ys[i]]
+        for c in classes:
+            weight = p[c] if probs_weighted else 1.0
+            e = np.zeros_like(b)
+            e[c] = 1
+            gb = e - p
+            fw += weight * np.outer(gb, x) ** 2
+            fb += weight * gb**2
+    return fw / len(xs), fb / len(xs)
+
+
+@pytest.mark.parametrize("labels", ["empirical", "expected"])
+def test_fisher_diagonal_matches_the_analytic_gradient(labels):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    data = batches(5)
+    f = fisher_diagonal(model, data, forward, labels=labels)
+    xs = torch.cat([b["x"] for b in data]).double().numpy()
+    ys = torch.cat([b["labels"] for b in data]).tolist()
+    fw, fb = ref_fisher_linear(
+        model.weight.detach().double().numpy(), model.bias.detach().double().numpy(), xs, ys, labels == "expected"
+    )
+    np.testing.assert_allclose(f["weight"].double().numpy(), fw, atol=1e-6, rtol=1e-4)
+    np.testing.assert_allclose(f["bias"].double().numpy(), fb, atol=1e-6, rtol=1e-4)
+    assert all(p.requires_grad for p in model.parameters())  # flags untouched
+
+
+def test_fisher_sampled_labels_converge_to_the_expectation_and_respect_the_delta():
+    torch.manual_seed(1)
+    model = nn.Linear(4, 3)
+    x = torch.randn(1, 4)
+    data = [{"x": x.repeat(300, 1)}]
+    sampled = fisher_diagonal(model, data, forward, labels="sample", seed=3)
+    exact = fisher_diagonal(model, data, forward, labels="expected")
+    torch.testing.assert_close(sampled["bias"], exact["bias"], atol=0.02, rtol=0.15)
+    delta = {"bias": torch.tensor([2.0, 0.0, -1.0])}
+    moved = fisher_diagonal(model, data[:1], forward, labels="expected", delta=delta)
+    shifted = copy.deepcopy(model)
+    with torch.no_grad():
+        shifted.bias += delta["bias"]
+    torch.testing.assert_close(moved["bias"], fisher_diagonal(shifted, data, forward, labels="expected")["bias"])
+
+
+def test_fisher_merging_matches_the_weighted_formula():
+    g = torch.Generator().manual_seed(2)
+    deltas = [{"w": torch.randn(3, 2, generator=g)} for _ in range(3)]
+    fishers = [{"w": torch.rand(3, 2, generator=g)} for _ in range(3)]
+    lam = [1.0, 0.5, 2.0]
+    out = fisher_merging(deltas, fishers, weights=lam, floor=1e-6)["w"]
+    num = sum(w * (f["w"].double() + 1e-6) * d["w"].double() for w, f, d in zip(lam, fishers, deltas))
+    den = sum(w * (f["w"].double() + 1e-6) for w, f in zip(lam, fishers))
+    torch.testing.assert_close(out.double(), num / den, atol=1e-6, rtol=1e-5)
+    # a huge Fisher wins its entry; an entry no data touched falls back to the weighted average
+    big = [{"w": torch.tensor([[1e6, 0.0]])}, {"w": torch.tensor([[0.0, 0.0]])}]
+    two = [{"w": torch.tensor([[1.0, 1.0]])}, {"w": torch.tensor([[-1.0, 3.0]])}]
+    torch.testing.assert_close(fisher_merging(two, big)["w"], torch.tensor([[1.0, 2.0]]), atol=1e-5, rtol=1e-5)
+    normalized = fisher_merging(
+        two, [{"w": torch.tensor([[3.0, 4.0]])}, {"w": torch.tensor([[6.0, 8.0]])}], normalize=True
+    )
+    torch.testing.assert_close(normalized["w"], torch.tensor([[0.0, 2.0]]), atol=1e-5, rtol=1e-5)
+
+
+def test_fisher_merging_bad_input():
+    d = {"w": torch.ones(2), "b": torch.ones(1)}
+    with pytest.raises(DeltaError, match="'w'.*task\\(s\\) \\[1\\]"):
+        fisher_merging([d, d], [{"w": torch.ones(2)}, {}])
+    with pytest.raises(DeltaError, match="'w'.*negative"):
+        fisher_merging([d, d], [{"w": -torch.ones(2)}] * 2)
+    with pytest.raises(MergeConfigError, match="floor"):
+        fisher_merging([d, d], [{"w": torch.zeros(2)}] * 2, floor=0.0)
+    with pytest.raises(TaskError):
+        fisher_merging([d, d], [{"w": torch.ones(2)}])
+    with pytest.raises(MergeConfigError, match="labels"):
+        fisher_diagonal(nn.Linear(4, 3), batches(0), forward, labels="hard")
+    with pytest.raises(DeltaError, match="'nope'"):
+        fisher_diagonal(nn.Linear(4, 3), batches(0), forward, keys=["nope"])
+
+
+def test_fisher_and_regmean_merge_tiny_clip_experts(toy_tokenizer):
+    base = tiny_clip(seed=0)
+    experts = []
+    for s in (1, 2):
+        e = copy.deepcopy(base)
+        g = torch.Generator().manual_seed(s)
+        with torch.no_grad():
+            for name, p in e.named_parameters():
+                if name.startswith("vision_model.encoder"):
+                    p.add_(0.02 * torch.randn(p.shape, generator=g))
+        experts.append(e)
+    px = torch.randn(4, 3, 30, 30, generator=torch.Generator().manual_seed(5))
+    data = [{"pixel_values": px, "labels": torch.tensor([0, 1, 2, 0])}]
+    names, templates = ["cat", "dog", "bird"], ["a photo of a {}."]
+    fn = clip_log_probs(toy_tokenizer, names, templates)
+    merged = fisher_merge(base, experts, data, fn, keys=None, labels="expected")
+    deltas = [delta_from_models(base, e) for e in experts]
+    assert set(merged) == set(deltas[0])
+    key = "vision_model.encoder.layers.1.mlp.fc2.weight"
+    lo = torch.minimum(deltas[0][key], deltas[1][key]) - 1e-6
+    hi = torch.maximum(deltas[0][key], deltas[1][key]) + 1e-6
+    assert bool(((merged[key] >= lo) & (merged[key] <= hi)).all())  # a convex combination per entry
+    assert not torch.allclose(merged[key], (deltas[0][key] + deltas[1][key]) / 2)  # not the plain average
+    text_key = "text_model.encoder.layers.0.mlp.fc1.weight"  # untouched and Fisher-free: stays 0
+    assert torch.equal(merged[text_key], torch.zeros_like(merged[text_key]))
+    rm = regmean_merge(base, experts, data, keys=None)
+    assert set(rm) == set(deltas[0]) and all(torch.isfinite(v).all() for v in rm.values())

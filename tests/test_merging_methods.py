@@ -1,0 +1,382 @@
+"""TSV-M, Iso-C, Iso-CTS, Model Stock, Breadcrumbs, DELLA and SLERP (hf_cft.merging.methods) against references
+written here from each paper's definition (NumPy float64, explicit loops; the implementation is never called to
+build an expected value), plus the edge cases: T = 1, zero deltas, bf16 inputs, mismatched keys."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hf_cft.errors import DeltaError, MergeConfigError, NonFiniteError, TaskError
+from hf_cft.merging.baselines import _key_seed
+from hf_cft.merging.methods import (
+    ContinualSLERP,
+    breadcrumbs,
+    della,
+    iso_c,
+    iso_cts,
+    model_stock,
+    slerp,
+    tsv_m,
+)
+
+
+def rand_deltas(n, shapes=None, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    shapes = shapes or {"enc.fc.weight": (7, 5), "enc.fc.bias": (7,)}
+    return [{k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()} for _ in range(n)]
+
+
+def npy(t):
+    return t.double().numpy()
+
+
+def assert_close_np(actual, expected, atol=1e-5, rtol=1e-4):
+    np.testing.assert_allclose(actual.double().numpy(), expected, atol=atol, rtol=rtol)
+
+
+# ------------------------------------------------------------------------------------------------ references
+
+
+def ref_polar(x):
+    """Nearest orthonormal-column matrix by the polar decomposition x (xᵀx)^{-1/2} (full column rank)."""
+    w, q = np.linalg.eigh(x.T @ x)
+    return x @ (q @ np.diag(w**-0.5) @ q.T)
+
+
+def ref_tsv_matrix(mats):
+    n = len(mats)
+    us, ss, vs = [], [], []
+    for m in mats:
+        u, s, vt = np.linalg.svd(m, full_matrices=False)
+        k = len(s) // n
+        us.append(u[:, :k])
+        ss.extend(s[:k])
+        vs.append(vt[:k].T)
+    u = ref_polar(np.concatenate(us, axis=1))
+    v = ref_polar(np.concatenate(vs, axis=1))
+    return u @ np.diag(ss) @ v.T
+
+
+def ref_iso_c_matrix(mats):
+    u, s, vt = np.linalg.svd(sum(mats), full_matrices=False)
+    return s.mean() * u @ vt
+
+
+def ref_iso_cts_matrix(mats, frac):
+    r, n = min(mats[0].shape), len(mats)
+    k_c = int(r * frac)
+    k_t = round((r - k_c) / n)
+    k_c = r - k_t * n
+    u, s, vt = np.linalg.svd(sum(mats), full_matrices=False)
+    uc = u[:, :k_c]
+    proj = np.eye(mats[0].shape[0]) - uc @ uc.T  # onto the complement of the common subspace
+    us, ss, vs = [uc], list(s[:k_c]), [vt[:k_c].T]
+    for m in mats:
+        ut, st, vtt = np.linalg.svd(proj @ m, full_matrices=False)
+        us.append(ut[:, :k_t])
+        ss.extend(st[:k_t])
+        vs.append(vtt[:k_t].T)
+    uo = ref_polar(np.concatenate(us, axis=1))
+    vo = ref_polar(np.concatenate(vs, axis=1))
+    return np.mean(ss) * uo @ vo.T
+
+
+def ref_model_stock(tensors):
+    flat = [npy(t).ravel() for t in tensors]
+    n = len(flat)
+    cosines = [
+        float(flat[i] @ flat[j] / (np.linalg.norm(flat[i]) * np.linalg.norm(flat[j])))
+        for i in range(n)
+        for j in range(i + 1, n)
+    ]
+    cos = sum(cosines) / len(cosines)
+    t = n * cos / (1 + (n - 1) * cos)
+    return t * sum(npy(x) for x in tensors) / n
+
+
+def ref_breadcrumbs_tensor(x, density, gamma):
+    flat = list(npy(x).ravel())
+    n = len(flat)
+    order = sorted(range(n), key=lambda i: -abs(flat[i]))  # stable: ties keep position order
+    kept = set(order[int(gamma * n) : int(gamma * n) + int(density * n)])
+    return np.array([flat[i] if i in kept else 0.0 for i in range(n)]).reshape(x.shape)
+
+
+def ref_slerp(a, b, t, threshold=0.9995):
+    a, b = npy(a).ravel(), npy(b).ravel()
+    cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+    if abs(cos) > threshold:
+        return (1 - t) * a + t * b
+    om = math.acos(cos)
+    return math.sin((1 - t) * om) / math.sin(om) * a + math.sin(t * om) / math.sin(om) * b
+
+
+# ------------------------------------------------------------------------------------------------ vs references
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_tsv_m_matches_the_papers_construction(n):
+    ds = rand_deltas(n, {"enc.fc.weight": (9, 6), "enc.fc.bias": (9,)}, seed=n)
+    out = tsv_m(ds, alpha=0.7)
+    assert_close_np(out["enc.fc.weight"], 0.7 * ref_tsv_matrix([npy(d["enc.fc.weight"]) for d in ds]))
+    assert_close_np(out["enc.fc.bias"], 0.7 * sum(npy(d["enc.fc.bias"]) for d in ds) / n)  # non-matrix: mean
+    assert out["enc.fc.weight"].dtype == torch.float32
+
+
+def test_tsv_m_one_task_gives_the_task_back_and_orthogonal_tasks_are_kept_exactly():
+    (d,) = rand_deltas(1)
+    torch.testing.assert_close(tsv_m([d])["enc.fc.weight"], d["enc.fc.weight"], atol=1e-5, rtol=1e-5)
+    # two rank-2 tasks in orthogonal row and column spaces: TSV-M keeps both whole (no interference)
+    # (each of rank r/T = 2, so the triplets kept are exactly theirs)
+    e = torch.eye(4)
+    a = 3.0 * torch.outer(e[0], e[1]) + 2.0 * torch.outer(e[1], e[0])
+    b = 5.0 * torch.outer(e[2], e[3]) + 1.0 * torch.outer(e[3], e[2])
+    out = tsv_m([{"x.weight": a}, {"x.weight": b}])
+    torch.testing.assert_close(out["x.weight"], a + b, atol=1e-5, rtol=1e-5)
+
+
+def test_iso_c_matches_the_paper_and_flattens_the_spectrum():
+    ds = rand_deltas(3, seed=4)
+    out = iso_c(ds, alpha=1.3)
+    assert_close_np(out["enc.fc.weight"], 1.3 * ref_iso_c_matrix([npy(d["enc.fc.weight"]) for d in ds]))
+    assert_close_np(out["enc.fc.bias"], 1.3 * sum(npy(d["enc.fc.bias"]) for d in ds) / 3)
+    s = torch.linalg.svdvals(out["enc.fc.weight"])
+    torch.testing.assert_close(s, torch.full_like(s, float(s.mean())), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("n", "frac"), [(2, 0.8), (3, 0.5), (4, 0.25)])
+def test_iso_cts_matches_the_papers_construction(n, frac):
+    ds = rand_deltas(n, {"enc.fc.weight": (12, 10), "enc.fc.bias": (12,)}, seed=10 + n)
+    out = iso_cts(ds, common_fraction=frac)
+    assert_close_np(out["enc.fc.weight"], ref_iso_cts_matrix([npy(d["enc.fc.weight"]) for d in ds], frac))
+    assert_close_np(out["enc.fc.bias"], sum(npy(d["enc.fc.bias"]) for d in ds) / n)
+
+
+def test_iso_cts_with_common_fraction_one_is_iso_c():
+    ds = rand_deltas(3, seed=5)
+    a, b = iso_cts(ds, common_fraction=1.0), iso_c(ds)
+    torch.testing.assert_close(a["enc.fc.weight"], b["enc.fc.weight"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_model_stock_matches_the_papers_formula(n):
+    g = torch.Generator().manual_seed(n)
+    shared = torch.randn(6, 4, generator=g)  # a common direction: cos θ > 0 as the paper assumes
+    ds = [{"w": shared + 0.8 * torch.randn(6, 4, generator=g), "b": torch.randn(3, generator=g) + 1} for _ in range(n)]
+    out = model_stock(ds)
+    for key in ("w", "b"):
+        assert_close_np(out[key], ref_model_stock([d[key] for d in ds]))
+
+
+def test_model_stock_two_models_is_the_papers_2cos_over_1_plus_cos():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])  # 45°: cos = 1/√2
+    cos = 1 / math.sqrt(2)
+    out = model_stock([{"w": a}, {"w": b}], average="angle")
+    torch.testing.assert_close(out["w"], (2 * cos / (1 + cos)) * (a + b) / 2)
+
+
+def test_model_stock_edge_cases():
+    with pytest.raises(TaskError, match="at least 2"):
+        model_stock(rand_deltas(1))
+    # deltas pointing apart (cos < 0): t is clipped to 0, never a negative or exploding ratio
+    out = model_stock([{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([-1.0, 0.2])}])
+    assert torch.equal(out["w"], torch.zeros(2))
+    with pytest.raises(MergeConfigError, match="average"):
+        model_stock(rand_deltas(2), average="median")
+
+
+@pytest.mark.parametrize(("density", "gamma"), [(0.1, 0.01), (0.5, 0.2), (0.3, 0.0), (1.0, 0.0)])
+def test_breadcrumbs_matches_a_naive_two_tailed_mask(density, gamma):
+    ds = rand_deltas(3, {"a.weight": (10, 12), "a.bias": (40,)}, seed=7)
+    ds[0]["a.bias"][:6] = 0.5  # magnitude ties: broken by position
+    out = breadcrumbs(ds, density=density, gamma=gamma, lam=[0.3, 0.5, -0.2])
+    for key in ("a.weight", "a.bias"):
+        expected = sum(w * ref_breadcrumbs_tensor(d[key], density, gamma) for w, d in zip([0.3, 0.5, -0.2], ds))
+        assert_close_np(out[key], expected)
+
+
+def test_breadcrumbs_drops_both_tails():
+    x = torch.arange(1.0, 101.0)  # magnitudes 1..100
+    out = breadcrumbs([{"x": x}], density=0.5, gamma=0.1, lam=1.0)["x"]
+    kept = out.nonzero().flatten() + 1
+    assert kept.min() == 41 and kept.max() == 90  # top 10 dropped, next 50 kept, smallest 40 dropped
+    with pytest.raises(MergeConfigError, match="density \\+ gamma"):
+        breadcrumbs([{"x": x}], density=0.95, gamma=0.1)
+
+
+def ref_della_probs(row, drop, eps):
+    n = len(row)
+    order = sorted(range(n), key=lambda i: abs(row[i]))  # ascending magnitude rank, ties by position
+    rank = {i: r for r, i in enumerate(order)}
+    if n == 1:
+        return [drop]
+    return [drop - eps / 2 + eps * (n - 1 - rank[i]) / (n - 1) for i in range(n)]
+
+
+def test_della_matches_magprune_then_ties_with_the_documented_draws():
+    ds = rand_deltas(3, {"m.weight": (4, 6), "m.bias": (6,)}, seed=3)
+    density, eps, lam, seed = 0.4, 0.2, 0.8, 11
+    out = della(ds, density=density, epsilon=eps, lam=lam, seed=seed)
+    for key in ("m.weight", "m.bias"):
+        rows = [npy(d[key]).reshape(d[key].shape[0] if d[key].ndim == 2 else 1, -1) for d in ds]
+        gen = torch.Generator().manual_seed(_key_seed(seed, key))  # the documented per-key generator
+        pruned = []
+        for r in rows:
+            probs = np.array([ref_della_probs(list(row), 1 - density, eps) for row in r])
+            keep = torch.bernoulli(torch.tensor(1 - probs, dtype=torch.float32), generator=gen).double().numpy()
+            pruned.append(r * keep / (1 - probs))
+        stacked = np.stack(pruned)
+        sign = np.sign(stacked.sum(axis=0))
+        expected = np.zeros_like(sign)
+        for idx in np.ndindex(sign.shape):  # TIES: mean of the non-zero entries whose sign is the elected one
+            vals = [
+                stacked[(t, *idx)] for t in range(3) if sign[idx] != 0 and np.sign(stacked[(t, *idx)]) == sign[idx]
+            ]
+            expected[idx] = sum(vals) / len(vals) if vals else 0.0
+        assert_close_np(out[key], lam * expected.reshape(ds[0][key].shape))
+
+
+def test_della_drop_probabilities_favour_large_magnitudes_and_rescale_is_unbiased():
+    x = torch.linspace(0.1, 2.0, 20)
+    kept = torch.zeros(20)
+    mean = torch.zeros(20)
+    runs = 3000
+    for s in range(runs):
+        out = della([{"x": x}], density=0.5, epsilon=0.4, lam=1.0, seed=s)["x"]
+        kept += out != 0
+        mean += out
+    rate = kept / runs  # keep probability 1 − p_i: from 0.3 (smallest) to 0.7 (largest)
+    assert abs(float(rate[0]) - 0.3) < 0.05 and abs(float(rate[-1]) - 0.7) < 0.05
+    torch.testing.assert_close(mean / runs, x, atol=0.12, rtol=0.1)  # E[τ̃] = τ
+
+
+def test_della_without_drop_is_ties_without_trim_and_checks_options():
+    ds = rand_deltas(2, seed=2)
+    out = della(ds, density=1.0, epsilon=0.0, lam=1.0)
+    for key in ds[0]:
+        st = np.stack([npy(d[key]) for d in ds])
+        sign = np.sign(st.sum(0))
+        agree = (np.sign(st) == sign) & (sign != 0)
+        assert_close_np(out[key], (st * agree).sum(0) / np.maximum(agree.sum(0), 1))
+    with pytest.raises(MergeConfigError, match="epsilon"):
+        della(ds, density=0.1, epsilon=0.4)  # p + ε/2 = 1.1
+    with pytest.raises(MergeConfigError, match="rank_scope"):
+        della(ds, rank_scope="layer")
+
+
+def test_della_key_does_not_depend_on_other_keys():
+    ds = rand_deltas(2, seed=9)
+    alone = della([{"enc.fc.weight": d["enc.fc.weight"]} for d in ds], seed=4)
+    both = della(ds, seed=4)
+    assert torch.equal(alone["enc.fc.weight"], both["enc.fc.weight"])
+
+
+@pytest.mark.parametrize("t", [0.0, 0.25, 0.5, 1.0])
+def test_slerp_matches_the_formula_on_deltas_and_on_full_weights(t):
+    a, b = rand_deltas(2, seed=21)
+    out = slerp([a, b], t=t)
+    for key in a:
+        assert_close_np(out[key].reshape(-1), ref_slerp(a[key], b[key], t))
+    base = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) for k, v in a.items()}
+    out = slerp([a, b], t=t, base=base)
+    for key in a:
+        expected = ref_slerp(base[key] + a[key], base[key] + b[key], t) - npy(base[key]).ravel()
+        assert_close_np(out[key].reshape(-1), expected)
+
+
+def test_slerp_keeps_unit_norm_and_falls_back_to_lerp():
+    e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    mid = slerp([{"w": e0}, {"w": e1}])["w"]
+    torch.testing.assert_close(mid, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))  # on the circle, not the chord
+    colinear = slerp([{"w": e0}, {"w": 3 * e0}], t=0.5)["w"]
+    torch.testing.assert_close(colinear, 2 * e0)
+    zero = slerp([{"w": torch.zeros(2)}, {"w": e1}], t=0.5)["w"]
+    torch.testing.assert_close(zero, 0.5 * e1)
+    with pytest.raises(TaskError, match="exactly 2"):
+        slerp(rand_deltas(3))
+    with pytest.raises(MergeConfigError, match="t must"):
+        slerp(rand_deltas(2), t=1.5)
+    with pytest.raises(DeltaError, match="enc.fc.bias"):
+        slerp(rand_deltas(2), base={"enc.fc.weight": torch.zeros(7, 5)})
+
+
+def test_continual_slerp_is_the_spherical_running_mean():
+    ds = rand_deltas(3, seed=8)
+    m = ContinualSLERP()
+    first = m.add(ds[0])
+    torch.testing.assert_close(first["enc.fc.weight"], ds[0]["enc.fc.weight"])
+    second = m.add(ds[1])
+    third = m.add(ds[2])
+    for key in ds[0]:
+        assert_close_np(second[key].reshape(-1), ref_slerp(ds[0][key], ds[1][key], 0.5))
+        expected = ref_slerp(second[key], ds[2][key], 1 / 3)
+        assert_close_np(third[key].reshape(-1), expected)
+    resumed = ContinualSLERP()
+    resumed.load_state_dict(m.state_dict())
+    assert resumed.num_tasks == 3 and torch.equal(resumed.merged["enc.fc.bias"], third["enc.fc.bias"])
+
+
+# ------------------------------------------------------------------------------------------------ edge cases
+
+METHODS = {
+    "tsv_m": tsv_m,
+    "iso_c": iso_c,
+    "iso_cts": iso_cts,
+    "model_stock": model_stock,
+    "breadcrumbs": breadcrumbs,
+    "della": della,
+    "slerp": slerp,
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_zero_deltas_merge_to_zero_without_nan(name):
+    zeros = [{"enc.fc.weight": torch.zeros(7, 5), "enc.fc.bias": torch.zeros(7)} for _ in range(2)]
+    out = METHODS[name](zeros)
+    for v in out.values():
+        assert torch.equal(v, torch.zeros_like(v))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_bf16_inputs_give_the_fp32_merge_of_the_same_values(name):
+    ds = rand_deltas(2, seed=6, dtype=torch.bfloat16)
+    up = [{k: v.float() for k, v in d.items()} for d in ds]
+    out, ref = METHODS[name](ds), METHODS[name](up)
+    for key in ref:
+        assert out[key].dtype == torch.float32
+        torch.testing.assert_close(out[key], ref[key], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_mismatched_keys_and_bad_values_raise_typed_errors_naming_the_key(name):
+    a, b = rand_deltas(2)
+    extra = dict(b, **{"enc.extra.weight": torch.zeros(2, 2)})
+    with pytest.raises(DeltaError, match="enc.extra.weight"):
+        METHODS[name]([a, extra])
+    with pytest.raises(DeltaError, match="enc.fc.bias"):
+        METHODS[name]([a, {"enc.fc.weight": b["enc.fc.weight"]}])
+    bad = dict(b, **{"enc.fc.bias": torch.full((7,), float("nan"))})
+    with pytest.raises(NonFiniteError, match="enc.fc.bias"):
+        METHODS[name]([a, bad])
+    with pytest.raises(TaskError):
+        METHODS[name]([])
+
+
+@pytest.mark.parametrize("name", ["tsv_m", "iso_c", "iso_cts", "breadcrumbs", "della"])
+def test_one_task(name):
+    (d,) = rand_deltas(1, seed=12)
+    out = METHODS[name]([d])
+    assert set(out) == set(d) and all(torch.isfinite(v).all() for v in out.values())
+    if name in ("iso_c", "iso_cts"):  # one task: its own singular vectors with the mean singular value
+        u, s, vh = torch.linalg.svd(d["enc.fc.weight"], full_matrices=False)
+        torch.testing.assert_close(out["enc.fc.weight"], s.mean() * u @ vh, atol=1e-5, rtol=1e-4)
+
+
+def test_matrix_keys_choose_what_is_decomposed():
+    ds = rand_deltas(2, seed=13)
+    out = iso_c(ds, matrix_keys=[])  # nothing is a matrix: every key is averaged
+    torch.testing.assert_close(out["enc.fc.weight"], (ds[0]["enc.fc.weight"] + ds[1]["enc.fc.weight"]) / 2)
+    with pytest.raises(MergeConfigError, match="string"):
+        tsv_m(ds, matrix_keys="enc.fc.weight")
