@@ -18,6 +18,9 @@ Subcommands (``hf-cft <command> --help`` for every option):
 - ``hf-cft plot-matrix --matrix JSON --out PNG`` — accuracy-matrix heatmap (:func:`hf_cft.plots.matrix.plot_accuracy_matrix`).
 - ``hf-cft push --artefact DIR --repo_id ID [--card README.md]`` — upload a saved folder with its card
   (:func:`hf_cft.hub.push_folder_to_hub`).
+- ``hf-cft convert-open-clip --checkpoint FILE --config JSON_OR_NAME --out DIR [--bpe FILE]`` — an open_clip ViT
+  CLIP checkpoint → a transformers ``CLIPModel`` folder with its tokenizer and image processor
+  (:func:`hf_cft.models.convert_open_clip`); other open_clip architectures are refused by name.
 - ``hf-cft config {list,path,show} [NAME]`` — the accelerate config files shipped inside the package
   (:mod:`hf_cft.accelerate_configs`): ``accelerate launch --config_file "$(hf-cft config path fsdp)" ...``.
 
@@ -132,7 +135,9 @@ def _model_folder_kind(folder: Path) -> str | None:
 
     if (folder / "merge_config.json").is_file():
         config = read_json_object(folder / "merge_config.json", CLIError, "merge_config.json")
-        return f"merged model ({config.get('method', 'unknown method')} of {len(config.get('adapters') or [])} delta(s))"
+        return (
+            f"merged model ({config.get('method', 'unknown method')} of {len(config.get('adapters') or [])} delta(s))"
+        )
     if (folder / "README.md").is_file():
         from huggingface_hub import ModelCard
 
@@ -156,7 +161,9 @@ def _adapter_base_model(adapter: str | None) -> str:
     from hf_cft.utils import read_json_object
 
     if adapter is None or not (Path(adapter) / "adapter_config.json").is_file():
-        raise CLIError("--model is required (it can be left out only with a local --adapter folder that names its base).")
+        raise CLIError(
+            "--model is required (it can be left out only with a local --adapter folder that names its base)."
+        )
     config = read_json_object(Path(adapter) / "adapter_config.json", CLIError, f"--adapter {adapter}")
     base = config.get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
@@ -514,6 +521,30 @@ def cmd_push(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ convert-open-clip
+
+
+def cmd_convert_open_clip(args) -> int:
+    """An open_clip checkpoint + config -> a CLIPModel folder (weights, tokenizer, image processor)."""
+    from hf_cft.models.open_clip_convert import convert_open_clip
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {str(out)!r} is a file, not a folder.")
+    if out.is_dir() and any(out.iterdir()):
+        if not args.overwrite:
+            raise CLIError(f"--out {str(out)!r} is not empty; pass --overwrite to replace it.")
+        if not (out / "open_clip_source.json").is_file():
+            raise CLIError(
+                f"--out {str(out)!r} is not the output of an earlier hf-cft convert-open-clip (no "
+                "open_clip_source.json): --overwrite replaces a converted model only. Choose another --out."
+            )
+    model = convert_open_clip(args.checkpoint, args.config, out, bpe_path=args.bpe)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.checkpoint} ({n:,} parameters) -> {out} (CLIPModel)")
+    return 0
+
+
 def cmd_config(args) -> int:
     """``hf-cft config list`` / ``path NAME`` / ``show NAME``: the shipped accelerate configs
     (:mod:`hf_cft.accelerate_configs`), e.g. ``accelerate launch --config_file "$(hf-cft config path fsdp)" ...``."""
@@ -535,7 +566,8 @@ def cmd_config(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hf-cft", description="hf_cft command line: eval, merge, card, plot-matrix, push, config."
+        prog="hf-cft",
+        description="hf_cft command line: eval, merge, card, plot-matrix, push, convert-open-clip, config.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -653,6 +685,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true")
     p.add_argument("--revision")
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("convert-open-clip", help="open_clip ViT CLIP checkpoint -> transformers CLIPModel folder")
+    p.add_argument("--checkpoint", required=True, help="open_clip weights (.safetensors, or .bin / .pt tensors)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="open_clip model config JSON (e.g. ViT-B-16.json, or a Hub repo's open_clip_config.json), or the name "
+        "of an open_clip built-in config (needs open_clip)",
+    )
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--bpe", help="CLIP BPE merge list for the tokenizer (default: the one shipped with open_clip)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in --out")
+    p.set_defaults(func=cmd_convert_open_clip)
     return parser
 
 

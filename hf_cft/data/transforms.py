@@ -373,7 +373,8 @@ def set_transform_epoch(dataset, epoch: int) -> bool:
 class ImageClassificationCollator:
     """Stack ``pixel_values`` into ``[B, 3, H, W]`` and labels into a ``long`` tensor.
 
-    Extra integer keys (e.g. ``task_ids``) are stacked too; anything else is dropped.
+    Extra integer keys (e.g. ``task_ids``) are stacked too, and so are SigLIP2's NaFlex inputs
+    (``pixel_attention_mask``, ``spatial_shapes``) when the rows carry them; anything else is dropped.
     """
 
     def __init__(self, extra_keys: Sequence[str] = ()):
@@ -388,4 +389,9 @@ class ImageClassificationCollator:
             batch["labels"] = torch.as_tensor([int(r[label_key]) for r in rows], dtype=torch.long)
         for key in self.extra_keys:
             batch[key] = torch.as_tensor([r[key] for r in rows])
+        from hf_cft.models.families import IMAGE_INPUT_KEYS
+
+        for key in IMAGE_INPUT_KEYS:
+            if rows[0].get(key) is not None and key not in batch:
+                batch[key] = torch.stack([torch.as_tensor(r[key]) for r in rows])
         return batch

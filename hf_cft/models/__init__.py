@@ -10,6 +10,7 @@ from hf_cft.models.clip import (
     text_features,
     unwrap_model,
 )
+from hf_cft.models.open_clip_convert import convert_open_clip
 from hf_cft.models.tokenizer import build_clip_tokenizer, load_tokenizer, read_clip_bpe, tokenize_prompts
 from hf_cft.models.zeroshot import (
     FeatureCache,
@@ -26,6 +27,7 @@ __all__ = [
     "build_zeroshot_classifier",
     "check_clip_like",
     "clip_logits",
+    "convert_open_clip",
     "encode_images",
     "evaluate_zeroshot",
     "image_features",

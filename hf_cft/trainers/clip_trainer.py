@@ -49,6 +49,7 @@ from hf_cft.data.transforms import (
 )
 from hf_cft.errors import AdapterError, CardError, DatasetFormatError, HubError, NonFiniteError
 from hf_cft.models.clip import check_clip_like, image_features, logit_scale, text_features
+from hf_cft.models.families import image_inputs
 from hf_cft.models.tokenizer import tokenize_prompts
 from hf_cft.trainers.clip_config import ClipTrainingArguments
 
@@ -229,13 +230,17 @@ class ClipClassifier(nn.Module):
         row_classes=None,
         ctx_mask=None,
         return_parts: bool = False,
+        pixel_attention_mask=None,
+        spatial_shapes=None,
     ):
         """Class logits; with ``return_parts`` the pieces they are made of instead: ``{"image": normalised image
         features, "scale": exp(logit_scale)}`` plus ``"text"`` (normalised class text features; for CoOp also
         ``"text_raw"``, the unnormalised ones) or, for a linear head, ``"weight"`` and ``"bias"`` — what MergeTune
-        interpolates."""
+        interpolates. ``pixel_attention_mask`` / ``spatial_shapes``: SigLIP2's NaFlex inputs, passed on with the
+        patches."""
+        extra = {"pixel_attention_mask": pixel_attention_mask, "spatial_shapes": spatial_shapes}
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_trainable()):
-            img = image_features(self.model, pixel_values, normalize=True)
+            img = image_features(self.model, pixel_values, normalize=True, **extra)
         scale = logit_scale(self.model).to(img.dtype)
         if self.mode == "head":
             tuner = _find_tuner(self.model, "LinearHeadModel")
@@ -533,7 +538,10 @@ class ClipClassificationTrainer(Trainer):
             from hf_cft.trainers.mergetune_losses import cosine_anchor
 
             parts = model(
-                pixel_values=inputs["pixel_values"], **self._text_inputs(train=model.training), return_parts=True
+                pixel_values=inputs["pixel_values"],
+                **image_inputs(inputs),
+                **self._text_inputs(train=model.training),
+                return_parts=True,
             )
             text = parts["text"].float()
             logits = parts["scale"].float() * parts["image"].float() @ text.t()
@@ -543,7 +551,9 @@ class ClipClassificationTrainer(Trainer):
             self._record(mode, "loss_kg", kg)
             loss = loss + self.args.kg_weight * kg
         else:
-            logits = model(pixel_values=inputs["pixel_values"], **self._text_inputs(train=model.training))
+            logits = model(
+                pixel_values=inputs["pixel_values"], **image_inputs(inputs), **self._text_inputs(train=model.training)
+            )
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing)
         self._record(mode, "accuracy", (logits.detach().argmax(-1) == labels).float().mean() * 100.0)
         loss = self._weighted(loss)

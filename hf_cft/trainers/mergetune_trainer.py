@@ -47,6 +47,7 @@ from torch.func import functional_call
 from hf_cft.errors import AdapterError, HfCftError
 from hf_cft.hub.push import check_loaded_adapter
 from hf_cft.models.clip import logit_scale
+from hf_cft.models.families import image_inputs
 from hf_cft.trainers.clip_trainer import ClipClassificationTrainer, _find_tuner
 from hf_cft.trainers.mergetune_config import MergeTuneConfig, MergeTuneConfigError
 from hf_cft.trainers.mergetune_losses import (
@@ -405,6 +406,20 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             dataset = dataset.select(rows) if hasattr(dataset, "select") else Subset(dataset, rows)
         return DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator)
 
+    def _fisher_pixels(self, batch) -> torch.Tensor:
+        """``pixel_values`` of one batch for the weight-space Fisher, which takes per-example gradients with
+        ``vmap``: SigLIP2's NaFlex inputs size the position grid from ``spatial_shapes`` values, which ``vmap``
+        cannot trace, so that family is refused with a typed error."""
+        if image_inputs(batch):
+            from hf_cft.errors import MethodNotApplicableError
+
+            raise MethodNotApplicableError(
+                f"MergeTune's weight-space Fisher anchor cannot apply to {type(self.clip_model).__name__}: its "
+                "per-example gradients use vmap, and NaFlex patches (pixel_attention_mask / spatial_shapes) size the "
+                "position grid from tensor values vmap cannot trace. Use anchor='cosine' or 'sq_l2'."
+            )
+        return batch["pixel_values"].to(self.args.device)
+
     def _estimate_fisher(self, dataset):
         """Diagonal Fisher of the zero-shot classifier on the downstream images (no labels used), in closed form
         per example; normalised to mean 1 plus damping. Its cost is kept in ``fisher_info``."""
@@ -511,7 +526,7 @@ class MergeTuneTrainer(ClipClassificationTrainer):
                 self._logits_fn,
                 coords,
                 fixed,
-                (batch["pixel_values"].to(self.args.device) for batch in loader),
+                (self._fisher_pixels(batch) for batch in loader),
                 self._text_inputs(train=False),
                 self.weight_space.towers,
                 labels=self.args.fisher_labels,
@@ -531,11 +546,13 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             "parameters": int(sum(f.numel() for f in self.fisher.values())),
         }
 
-    def _weight_space_path(self, pixel_values, image, text, text_inputs, labels, alphas) -> torch.Tensor:
+    def _weight_space_path(self, pixel_values, image, text, text_inputs, labels, alphas, extra=None) -> torch.Tensor:
         """(1/N)·Σ_k CE at the interpolated weights, one ``functional_call`` per α; towers that hold no part of w
-        reuse the task forward's features (``image``, ``text``)."""
+        reuse the task forward's features (``image``, ``text``). ``extra``: the batch's other image inputs
+        (SigLIP2's ``pixel_attention_mask`` / ``spatial_shapes``)."""
         kw = {}
-        kw.update({"pixel_values": pixel_values} if "vision" in self.weight_space.towers else {"image": image})
+        vision = "vision" in self.weight_space.towers
+        kw.update({"pixel_values": pixel_values, **(extra or {})} if vision else {"image": image})
         kw.update(text_inputs if "text" in self.weight_space.towers else {"text": text})
         losses = []
         for a in alphas:
@@ -563,7 +580,7 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         for a in alphas:
             reshard()
             with self.weight_space.at_path_point(float(a)):
-                logits = model(pixel_values=inputs["pixel_values"], **text_inputs).float()
+                logits = model(pixel_values=inputs["pixel_values"], **image_inputs(inputs), **text_inputs).float()
                 loss = F.cross_entropy(logits, labels, label_smoothing=self.args.label_smoothing)
                 if backward:
                     self.accelerator.backward(loss * (scale * float(a)))
@@ -627,7 +644,7 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         sharded = self.family == "full" and self._fsdp_shards()
         if sharded:  # before the task forward: no graph of it may be pending while the shards hold path points
             path = self._sharded_path(model, inputs, text_inputs, labels, alphas)
-        parts = model(pixel_values=inputs["pixel_values"], **text_inputs, return_parts=True)
+        parts = model(pixel_values=inputs["pixel_values"], **image_inputs(inputs), **text_inputs, return_parts=True)
         img = parts["image"].float()
         smoothing = self.args.label_smoothing  # one L2: the task and the path terms alike
         if self.family in ("lora", "full", "vpt"):
@@ -641,7 +658,13 @@ class MergeTuneTrainer(ClipClassificationTrainer):
                 anchor = anchor + (total - anchor.detach())
             else:
                 path = self._weight_space_path(
-                    inputs["pixel_values"], parts["image"], parts["text"], text_inputs, labels, alphas
+                    inputs["pixel_values"],
+                    parts["image"],
+                    parts["text"],
+                    text_inputs,
+                    labels,
+                    alphas,
+                    image_inputs(inputs),
                 )
         elif self.family == "coop":
             text = parts["text"].float()

@@ -86,12 +86,16 @@ class ClassLogits(nn.Module):
         image: torch.Tensor | None = None,
         text: torch.Tensor | None = None,
         what: str = "logits",
+        pixel_attention_mask=None,
+        spatial_shapes=None,
     ) -> torch.Tensor:
-        """Logits ``[B, C]``; ``what="image"`` / ``"text"`` returns only the normalised image / class features."""
+        """Logits ``[B, C]``; ``what="image"`` / ``"text"`` returns only the normalised image / class features.
+        ``pixel_attention_mask`` / ``spatial_shapes``: SigLIP2's NaFlex inputs, passed on with ``pixel_values``."""
         if what == "text":
             return class_text(self.model, input_ids, attention_mask, num_templates)
         if image is None:
-            image = image_features(self.model, pixel_values, normalize=True)
+            extra = {"pixel_attention_mask": pixel_attention_mask, "spatial_shapes": spatial_shapes}
+            image = image_features(self.model, pixel_values, normalize=True, **extra)
         if what == "image":
             return image
         if text is None:
