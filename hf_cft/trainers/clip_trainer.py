@@ -292,7 +292,7 @@ class ClipClassificationTrainer(Trainer):
             :class:`~hf_cft.errors.DatasetFormatError` here, before any work, naming what to call.
         image_processor: where the image transform of raw datasets comes from: a transformers image processor,
             a ``CLIPProcessor`` or an :class:`~hf_cft.data.ImageTransform`; default: the processor saved in the
-            model's folder, else the model's image size with CLIP statistics (:func:`~hf_cft.data.model_transform`).
+            model's folder, else its family's defaults at its image size (:func:`~hf_cft.data.model_transform`).
             It is also saved (with the tokenizer) beside a fully fine-tuned model.
         dataset_name: the dataset's name (or Hub dataset id) shown in the model card.
 
@@ -668,7 +668,7 @@ class ClipClassificationTrainer(Trainer):
         """The processor saved beside a full model: the image processor given (or one matching the image
         transform) joined with the tokenizer, so that ``AutoProcessor`` / ``AutoTokenizer`` /
         ``AutoImageProcessor`` load them from the model's folder; ``None`` without a savable tokenizer."""
-        from transformers import CLIPImageProcessor, CLIPProcessor, ProcessorMixin
+        from transformers import CLIPProcessor, ProcessorMixin
 
         if isinstance(self.image_processor, ProcessorMixin):
             return self.image_processor
@@ -677,16 +677,9 @@ class ClipClassificationTrainer(Trainer):
             return None
         image_processor = self.image_processor
         if image_processor is None or isinstance(image_processor, ImageTransform):
-            tf = self._image_transform
-            image_processor = CLIPImageProcessor(
-                size={"shortest_edge": tf.size},
-                crop_size={"height": tf.crop_size, "width": tf.crop_size},
-                image_mean=list(tf.mean),
-                image_std=list(tf.std),
-            )
-        if isinstance(image_processor, CLIPImageProcessor) and type(check_clip_like(self.clip_model)).__name__ in (
-            "CLIPModel",
-        ):
+            image_processor = self._image_transform.to_processor()  # the processor the transform reproduces
+        is_clip_processor = type(image_processor).__name__ in ("CLIPImageProcessor", "CLIPImageProcessorPil")
+        if is_clip_processor and type(check_clip_like(self.clip_model)).__name__ in ("CLIPModel",):
             try:
                 return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
             except (TypeError, ValueError):
