@@ -13,8 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-#: Inputs of ``get_image_features`` besides ``pixel_values`` (transformers' own names), in the order of its signature.
-IMAGE_INPUT_KEYS = ("pixel_attention_mask", "spatial_shapes")
+from hf_cft.data.transforms import PATCH_INPUT_KEYS
+
+#: Inputs of ``get_image_features`` besides ``pixel_values`` (transformers' own names), in the order of its signature:
+#: the NaFlex inputs that ``ImageTransform`` makes (one definition, in ``hf_cft.data.transforms``).
+IMAGE_INPUT_KEYS = PATCH_INPUT_KEYS
 
 
 @dataclass(frozen=True)
