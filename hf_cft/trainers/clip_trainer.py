@@ -369,6 +369,8 @@ class ClipClassificationTrainer(Trainer):
             **kwargs,
         )
         self.model_accepts_loss_kwargs = False
+        # FSDP2's fully_shard refuses 0-d parameters (CLIP's logit_scale); they train as [1] and are saved as 0-d
+        self._fsdp_scalars = fsdp_scalar_parameters(model) if self.is_fsdp_enabled else []
         self.kg_text = self._kg_anchor() if args.kg_weight > 0 else None
         self.add_callback(TransformEpochCallback())
         self._metric_sums: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
@@ -623,6 +625,9 @@ class ClipClassificationTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         if state_dict is not None:
             state_dict = _strip_prefix(state_dict, "model.")
+            for name in self._fsdp_scalars:  # back to the model's own (0-d) shape
+                if name in state_dict:
+                    state_dict[name] = state_dict[name].reshape(())
         with tempfile.TemporaryDirectory(dir=output_dir, prefix=".hf_cft_save_") as stage:
             self._write_artefact(stage, state_dict)
             try:
@@ -938,6 +943,21 @@ _ADAPTER_CARD_FIELDS = {
     "HF_CFT_HEAD": ("init",),
     "LORA": ("r", "lora_alpha", "lora_dropout", "target_modules"),
 }
+
+
+def fsdp_scalar_parameters(model: nn.Module) -> list[str]:
+    """Give every 0-d parameter of ``model`` the shape ``[1]`` (same value, same ``requires_grad``), in place, and
+    return their names: FSDP2's ``fully_shard`` raises ``ValueError: fully_shard doesn't support scalar
+    parameters`` for them (torch ``_fsdp_init._verify_managed_param``), and ``CLIPModel.logit_scale`` is one. The
+    models' forward passes broadcast a ``[1]`` scale like a 0-d one; :meth:`ClipClassificationTrainer._save` writes
+    them back with their 0-d shape."""
+    names = []
+    for prefix, module in model.named_modules():
+        for key, param in list(module._parameters.items()):
+            if param is not None and param.ndim == 0:
+                setattr(module, key, nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad))
+                names.append(f"{prefix}.{key}" if prefix else key)
+    return names
 
 
 def _strip_prefix(state_dict: dict, prefix: str) -> dict:

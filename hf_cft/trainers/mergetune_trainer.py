@@ -142,14 +142,9 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             fisher_data = self.prepare_dataset(fisher_dataset, train=False, what="fisher_dataset")
         else:
             fisher_data = self.train_dataset
+        self._fsdp_path = False
         if self.family in ("lora", "full", "vpt"):
-            if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
-                # docs/distributed.md: the path evaluates the network at interpolated weights, which needs the full
-                # (gathered) parameters on every process; only DDP / single-device runs are supported.
-                raise HfCftError(
-                    f"MergeTune's {self.family} family does not support FSDP or DeepSpeed (the path loss runs the model "
-                    "at interpolated full weights); use DDP or a single device."
-                )
+            self._check_sharding()
             self._logits_fn = ClassLogits(self.clip_model)  # references the model: functional_call runs it
             if self.family == "lora":
                 self.weight_space = LoraWeightSpace(self.clip_model)
@@ -169,6 +164,49 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         self._initialise(args.tau)
         if self.anchor_kind == "fisher":
             self._estimate_fisher(fisher_data)
+
+    def _check_sharding(self) -> None:
+        """Weight space under FSDP / DeepSpeed (docs/distributed.md): full fine-tuning runs under FSDP2 with the path
+        formed shard by shard; everything else is refused here, with the reason."""
+        if getattr(self, "is_deepspeed_enabled", False):
+            raise HfCftError(
+                f"MergeTune's {self.family} family does not support DeepSpeed (the path loss substitutes interpolated "
+                "weights, which ZeRO-3 shards inside DeepSpeed's engine); use DDP, or FSDP2 for full fine-tuning."
+            )
+        if not getattr(self, "is_fsdp_enabled", False):
+            return
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if self.family != "full":
+            why = {
+                "lora": "its path point W0 + ΔW2 + α(ΔW − ΔW2) has rank 2r, which FSDP's sharded rank-r factors cannot "
+                "hold in place (ΔW = s·B·A is not element-wise in the factors)",
+                "vpt": "it is untested under FSDP (its prompts are small: DDP costs no memory)",
+            }[self.family]
+            raise HfCftError(
+                f"MergeTune's {self.family} family does not support FSDP: {why}; use DDP (multi_gpu_ddp.yaml). Full "
+                "fine-tuning runs under FSDP2."
+            )
+        if getattr(plugin, "fsdp_version", 2) != 2:
+            raise HfCftError(
+                "MergeTune full fine-tuning under FSDP needs FSDP2 (fsdp_version: 2): FSDP1 flattens the parameters "
+                "into one buffer per unit, so ŵ1 and ŵ2 cannot be sharded like them."
+            )
+        self._fsdp_path = True
+
+    def _fsdp_shards(self) -> bool:
+        """Under FSDP2: once the Trainer has sharded the model (``fully_shard`` at ``accelerator.prepare``), shard ŵ1,
+        ŵ2 and the Fisher like it (once). True when the path is to be formed shard by shard."""
+        if not self._fsdp_path:
+            return False
+        if not self.weight_space.sharded:
+            from torch.distributed.tensor import DTensor
+
+            if not any(isinstance(p, DTensor) for p in self.clip_model.parameters()):
+                return False  # not wrapped yet (e.g. evaluate before train): the plain path is exact
+            fisher = self.weight_space.shard(getattr(self, "fisher", None))
+            if fisher is not None:
+                self.fisher = fisher
+        return True
 
     # ------------------------------------------------------------------------------------------------ model card
 
@@ -523,6 +561,33 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             losses.append(F.cross_entropy(logits, labels, label_smoothing=self.args.label_smoothing))
         return torch.stack(losses).mean()
 
+    def _sharded_path(self, model, inputs, text_inputs, labels, alphas) -> torch.Tensor:
+        """The path term under FSDP2: per α, the parameters' local shards are set to ŵ2 + α(w − ŵ2) and the FSDP
+        model runs on them (its all-gathers give each layer the interpolated full weights); in training the α term's
+        backward runs there too, scaled by α (∂θ/∂w = α) and like the Trainer's loss (β/N, gradient accumulation,
+        padding weight), so its reduce-scattered gradient adds to w's. Returns the detached (1/N)·Σ_k CE."""
+        from torch.distributed.fsdp import FSDPModule
+
+        def reshard():  # the root keeps its all-gathered parameters after a forward: drop them before values change
+            for m in model.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+
+        backward = model.training and torch.is_grad_enabled()
+        scale = self.args.path_weight / len(alphas) / self.current_gradient_accumulation_steps
+        scale *= 1.0 if self._padding_weight is None else self._padding_weight
+        losses = []
+        for a in alphas:
+            reshard()
+            with self.weight_space.at_path_point(float(a)):
+                logits = model(pixel_values=inputs["pixel_values"], **image_inputs(inputs), **text_inputs).float()
+                loss = F.cross_entropy(logits, labels, label_smoothing=self.args.label_smoothing)
+                if backward:
+                    self.accelerator.backward(loss * (scale * float(a)))
+                reshard()
+            losses.append(loss.detach())
+        return torch.stack(losses).mean()
+
     # ------------------------------------------------------------------------------------------------ ensemble
 
     @torch.no_grad()
@@ -575,23 +640,32 @@ class MergeTuneTrainer(ClipClassificationTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         text_inputs = self._text_inputs(train=model.training)
+        alphas = self._alphas(model.training)
+        sharded = self.family == "full" and self._fsdp_shards()
+        if sharded:  # before the task forward: no graph of it may be pending while the shards hold path points
+            path = self._sharded_path(model, inputs, text_inputs, labels, alphas)
         parts = model(pixel_values=inputs["pixel_values"], **image_inputs(inputs), **text_inputs, return_parts=True)
         img = parts["image"].float()
-        alphas = self._alphas(model.training)
         smoothing = self.args.label_smoothing  # one L2: the task and the path terms alike
         if self.family in ("lora", "full", "vpt"):
             text = parts["text"].float()
             logits = parts["scale"].float() * img @ text.t()
             anchor = self.weight_space.anchor(self.anchor_kind, getattr(self, "fisher", None))
-            path = self._weight_space_path(
-                inputs["pixel_values"],
-                parts["image"],
-                parts["text"],
-                text_inputs,
-                labels,
-                alphas,
-                image_inputs(inputs),
-            )
+            if sharded:
+                # the local anchor carries each shard's exact gradient; the logged value is the sum over processes
+                total = anchor.detach().clone()
+                torch.distributed.all_reduce(total)
+                anchor = anchor + (total - anchor.detach())
+            else:
+                path = self._weight_space_path(
+                    inputs["pixel_values"],
+                    parts["image"],
+                    parts["text"],
+                    text_inputs,
+                    labels,
+                    alphas,
+                    image_inputs(inputs),
+                )
         elif self.family == "coop":
             text = parts["text"].float()
             scale = parts["scale"].float()
