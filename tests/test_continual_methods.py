@@ -141,3 +141,32 @@ def test_pam_tall_masks_the_global_adapter_with_each_tasks_adapter(tmp_path):
     again = make_strategy("pam_tall", tall_lambda=0.4)
     assert _runner(again, tmp_path, ToyTokenizer(), tasks=two, **lora).run().resumed_at == 2
     assert same(again.task_delta("a"), want)
+
+
+@pytest.mark.slow
+def test_regmean_strategy_is_regmean_over_the_experts_so_far(tmp_path, monkeypatch):
+    from hf_cft.merging import data_dependent, regmean
+
+    seen = []
+    real = data_dependent.linear_input_grams
+
+    def spy(*args, **kwargs):  # the Gram matrices the strategy gathered on each task's (transformed) train data
+        out = real(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(data_dependent, "linear_input_grams", spy)
+    two = _tasks()[:2]
+    strategy = make_strategy("regmean", alpha=0.6, max_batches=2)
+    result = _runner(strategy, tmp_path, ToyTokenizer(), tasks=two).run()
+    experts = [strategy.store.load(k) for k in ("000", "001")]
+    assert len(seen) == 2 and any(k.startswith("vision_model.") for k in seen[0])
+    want = regmean(experts, seen, alpha=0.6)
+    assert sorted(strategy.merged) == sorted(want)
+    for k in want:
+        torch.testing.assert_close(strategy.merged[k], want[k], atol=1e-5, rtol=1e-4)
+    again = make_strategy("regmean", alpha=0.6, max_batches=2)
+    assert _runner(again, tmp_path, ToyTokenizer(), tasks=two).run().resumed_at == 2
+    for k in want:
+        torch.testing.assert_close(again.merged[k], strategy.merged[k])
+    assert result.matrix.values.shape == (2, 2)

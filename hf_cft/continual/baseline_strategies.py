@@ -14,6 +14,7 @@
 | ``tall`` | θ⁰ | TALL masks over τ_1..τ_t: θ⁰ + m_j ⊙ Σ_i τ_i for task j (λ = 0.4) | task id |
 | ``dare``, ``consensus``, ``tsv_m``, ``iso_c``, ``iso_cts``, ``breadcrumbs``, ``della``, ``model_stock`` | θ⁰ | the one-shot method of :mod:`hf_cft.merging` over τ_1..τ_t, re-run after each task | task-agnostic |
 | ``slerp`` | θ⁰ | m_t = slerp(m_{t−1}, τ_t, 1/t), the spherical running mean | task-agnostic |
+| ``regmean`` | θ⁰ | (Σ_i τ_i G̃_i)(Σ_i G̃_i)⁻¹ per linear from running sums, G_i on task i's train data (α = 0.6) | task-agnostic |
 
 Every strategy keeps its experts (dense deltas θ_t − θ⁰; for LoRA the dense s·B·A, pam.md §9 "merge dense deltas")
 on disk in ``store/experts`` and resumes exactly: the stateful mergers are rebuilt by replaying ``add`` over the
@@ -454,6 +455,92 @@ class TALLStrategy(Strategy):
             self._merge()
 
 
+class RegMeanStrategy(Strategy):
+    """RegMean, continual form (arXiv:2212.09849): RegMean's closed form is a ratio of sums over the tasks, so it is
+    exact incrementally. After task t trains its expert τ_t from θ⁰, the Gram matrices G_t of every ``nn.Linear``'s
+    inputs are gathered on ``max_batches`` batches of the task's training data (θ⁰ + τ_t, image tower) and the
+    state Σ_i τ_i G̃_i, Σ_i G̃_i (and Σ_i τ_i for the other keys) is updated; the deployed delta is
+    (Σ_i τ_i G̃_i)(Σ_i G̃_i)⁻¹, the mean elsewhere: :func:`~hf_cft.merging.regmean` over the experts so far, without
+    keeping their data. Task-agnostic. The experts are kept on disk (``store/experts``) as for the other merges."""
+
+    name = "regmean"
+
+    def __init__(self, alpha: float = 0.6, max_batches: int = 4):
+        super().__init__()
+        self.alpha = check_number("regmean", "alpha", alpha, 0.0, 1.0)
+        if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
+            raise ContinualError(f"strategy 'regmean': option max_batches must be an integer ≥ 1, got {max_batches!r}")
+        self.max_batches = max_batches
+        self.num: Delta = {}
+        self.den: Delta = {}
+        self.total: Delta = {}
+        self.learned: list[str] = []
+        self.merged: Delta = {}
+
+    def settings(self) -> dict:
+        return {"alpha": self.alpha, "max_batches": self.max_batches}
+
+    @property
+    def store(self) -> DeltaStore:
+        return DeltaStore(self.context.workdir / "experts")
+
+    def _deploy(self) -> None:
+        from hf_cft.merging.data_dependent import _solve_right
+
+        n = len(self.learned)
+        out = {k: (v / n).float() for k, v in self.total.items()}
+        out.update({k: _solve_right(self.num[k], self.den[k]).float() for k in self.num})
+        check_finite(out, f"the regmean merge after task {self.learned[-1]!r}")
+        self.merged = out
+
+    def learn(self, task: TaskSpec, index: int) -> None:
+        from hf_cft.merging.data_dependent import _reduce_off_diagonal, linear_input_grams
+
+        self.timings = {}
+        delta = self.train_expert(task, index)
+        save_expert(self.store, f"{index:03d}", delta, {"task": task.name})
+        t0 = time.perf_counter()
+        ctx = self.context
+        grams = linear_input_grams(
+            ctx.base_model, ctx.evaluator.loader(task.train), delta=delta, max_batches=self.max_batches
+        )
+        for key, d in delta.items():
+            if key in grams and d.ndim == 2:
+                g = _reduce_off_diagonal(grams[key], self.alpha)
+                term = d.double().cpu() @ g
+                self.num[key] = self.num[key] + term if key in self.num else term
+                self.den[key] = self.den[key] + g if key in self.den else g
+            else:
+                v = d.double().cpu()
+                self.total[key] = self.total[key] + v if key in self.total else v
+        self.learned.append(task.name)
+        self._deploy()
+        self.timings["merge_s"] = time.perf_counter() - t0
+
+    def evaluate(self, task: TaskSpec, learned: bool) -> float:
+        return self.context.evaluator.accuracy(task, self.merged or None)
+
+    def state_dict(self):
+        tensors = {f"{name}.{k}": v for name in ("num", "den", "total") for k, v in getattr(self, name).items()}
+        return tensors, {"learned": list(self.learned)}
+
+    def load_state_dict(self, tensors, metadata):
+        self.learned = list(metadata.get("learned", []))
+        for name in ("num", "den", "total"):
+            prefix = f"{name}."
+            setattr(self, name, {k[len(prefix) :]: v.double() for k, v in tensors.items() if k.startswith(prefix)})
+        if self.learned and not (self.num or self.total):
+            raise BundleError(f"regmean checkpoint lists tasks {self.learned} but holds no statistics")
+        self.merged = {}
+        if self.learned:
+            self._deploy()
+
+
+def regmean_strategy(alpha: float = 0.6, max_batches: int = 4) -> RegMeanStrategy:
+    """RegMean, continual form: running sums of τ_t·G̃_t and G̃_t, Gram matrices on each task's training data."""
+    return RegMeanStrategy(alpha=alpha, max_batches=max_batches)
+
+
 def tall_strategy(lambdas: float = 0.4) -> TALLStrategy:
     """TALL masks over all experts so far, evaluated with the task id (pam.md §9)."""
     return TALLStrategy(lambdas=lambdas)
@@ -477,6 +564,7 @@ BASELINE_STRATEGIES = {
     "della": della_strategy,
     "model_stock": model_stock_strategy,
     "slerp": slerp_strategy,
+    "regmean": regmean_strategy,
 }
 
 for _name, _factory in BASELINE_STRATEGIES.items():
