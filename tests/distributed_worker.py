@@ -69,6 +69,16 @@ def perturbed(model, seed: int, scale: float):
     return model
 
 
+def finetuned_full():
+    """ŵ2 of the full fine-tuning jobs: the pre-trained tiny CLIP moved on the tensors MergeTune trains (the logit
+    scale stays: ``freeze_logit_scale``)."""
+    from hf_cft.testing import tiny_clip
+
+    model = tiny_clip()
+    model.logit_scale.requires_grad_(False)
+    return perturbed(model, 3, 0.02)
+
+
 def lora(seed: int):
     from peft import LoraConfig, get_peft_model
 
@@ -93,7 +103,7 @@ def build(job: str, out: Path, world: int, bf16: bool = False):
         return ClipClassificationTrainer(tiny_clip(), args, CLASSES, templates, tok, train_dataset=data)
     if job == "mergetune-full":
         args = MergeTuneConfig(**kw, anchor_weight=1e-2, tau=0.5, num_alphas=2)
-        finetuned = perturbed(tiny_clip(), 3, 0.02)
+        finetuned = finetuned_full()
         return MergeTuneTrainer(tiny_clip(), args, CLASSES, templates, tok, finetuned=finetuned, train_dataset=data)
     if job == "mergetune-lora":
         args = MergeTuneConfig(**kw, anchor_weight=1e-2, tau=0.5, num_alphas=2)
