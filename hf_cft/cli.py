@@ -21,6 +21,8 @@ Subcommands (``hf-cft <command> --help`` for every option):
 - ``hf-cft convert-open-clip --checkpoint FILE --config JSON_OR_NAME --out DIR [--bpe FILE]`` — an open_clip ViT
   CLIP checkpoint → a transformers ``CLIPModel`` folder with its tokenizer and image processor
   (:func:`hf_cft.models.convert_open_clip`); other open_clip architectures are refused by name.
+- ``hf-cft config {list,path,show} [NAME]`` — the accelerate config files shipped inside the package
+  (:mod:`hf_cft.accelerate_configs`): ``accelerate launch --config_file "$(hf-cft config path fsdp)" ...``.
 
 Bad input exits with status 2 and one line naming the problem (hf_cft's typed errors), never a traceback.
 
@@ -543,12 +545,29 @@ def cmd_convert_open_clip(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    """``hf-cft config list`` / ``path NAME`` / ``show NAME``: the shipped accelerate configs
+    (:mod:`hf_cft.accelerate_configs`), e.g. ``accelerate launch --config_file "$(hf-cft config path fsdp)" ...``."""
+    from hf_cft.accelerate_configs import available, config_path
+
+    if args.action == "list":
+        for name, what in available().items():
+            print(f"{name:18s} {what}")
+        return 0
+    if not args.name:
+        raise CLIError(f"hf-cft config {args.action} needs a config name; shipped: {', '.join(available())}.")
+    path = config_path(args.name)
+    print(path if args.action == "path" else path.read_text(encoding="utf-8"), end="\n" if args.action == "path" else "")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hf-cft", description="hf_cft command line: eval, merge, card, plot-matrix, push, convert-open-clip."
+        prog="hf-cft",
+        description="hf_cft command line: eval, merge, card, plot-matrix, push, convert-open-clip, config.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -651,6 +670,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--title")
     p.set_defaults(func=cmd_plot_matrix)
+
+    p = sub.add_parser("config", help="the accelerate config files shipped with hf_cft: list them or print a path")
+    p.add_argument("action", choices=("list", "path", "show"), help="list the configs, print one's path or its text")
+    p.add_argument("name", nargs="?", help="a config name (path / show), e.g. fsdp")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("push", help="upload a saved artefact folder with its card")
     p.add_argument("--artefact", required=True, help="the saved artefact folder (safetensors only)")

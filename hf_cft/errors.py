@@ -65,6 +65,15 @@ class NotCLIPLikeError(HfCftError, TypeError):
     """A model does not expose the dual-encoder interface hf_cft needs."""
 
 
+class ImageInputsError(HfCftError, ValueError):
+    """The image inputs do not fit the model's family: SigLIP2 (NaFlex) needs ``pixel_attention_mask`` and
+    ``spatial_shapes`` with its patches, other families take ``pixel_values`` alone (names the model and inputs)."""
+
+
+class MethodNotApplicableError(HfCftError, TypeError):
+    """A method cannot apply to a model family (names the method, the family and why)."""
+
+
 class TokenizerError(HfCftError, ValueError):
     """A tokenizer cannot be loaded or built, or its output does not fit the model."""
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hf_cft.errors import AdapterError, DatasetFormatError, NonFiniteError
+from hf_cft.models.families import image_inputs
 from hf_cft.models.zeroshot import ZeroShotResult
 
 __all__ = ["EvaluationResult", "class_logits", "describe_model", "evaluate", "eval_transform"]
@@ -168,7 +169,7 @@ def _classifier(
         if task is not None:
             model.merger.task_index(task)  # a TaskError naming an unknown task
         router = model
-        return lambda px: router.logits(px, classnames, templates, task=task).float()
+        return lambda px, **kw: router.logits(px, classnames, templates, task=task, **kw).float()
     if task is not None:
         raise AdapterError(f"task={task!r} selects the expert of a ConDU bundle; {describe_model(model)} has none.")
     base = check_clip_like(model)
@@ -178,7 +179,7 @@ def _classifier(
         kind = None  # the adapter is disabled: the base model's zero-shot head
     if kind == "HF_CFT_HEAD":
         cols = torch.tensor(_head_columns(active[1], classnames, active[0]))
-        return lambda px: model.head_logits(image_features(model, px, normalize=True))[:, cols.to(px.device)].float()
+        return lambda px, **kw: model.head_logits(image_features(model, px, **kw))[:, cols.to(px.device)].float()
     with torch.no_grad():
         if kind == "HF_CFT_COOP":
             head = model.class_text_features(tokenizer, classnames).float()
@@ -187,7 +188,7 @@ def _classifier(
     if not bool(torch.isfinite(head).all()):
         raise NonFiniteError(f"The class text features of {describe_model(model)} hold NaN/inf.")
     head = head.to(model_device(model))
-    return lambda px: clip_logits(base, image_features(model, px, normalize=True).float(), head)
+    return lambda px, **kw: clip_logits(base, image_features(model, px, normalize=True, **kw).float(), head)
 
 
 @torch.no_grad()
@@ -199,6 +200,8 @@ def class_logits(
     templates: Sequence[str] | None = None,
     *,
     task: str | None = None,
+    pixel_attention_mask: torch.Tensor | None = None,
+    spatial_shapes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Class logits ``[N, C]`` (fp32) of ``model`` for images and class names — the one call for every hf_cft
     model, with whatever it carries (see the module table): a plain CLIP gets the template-ensembled zero-shot head
@@ -207,7 +210,9 @@ def class_logits(
     :class:`~hf_cft.merging.DeltaFusionMerger` with ``base_model`` ConDU's routed logits, or those of the expert of
     ``task`` when the task id is known.
 
-    ``pixel_values`` are already transformed (``[N, 3, H, W]``; see :func:`eval_transform`). Evaluating many
+    ``pixel_values`` are already transformed (``[N, 3, H, W]``; see :func:`eval_transform`); SigLIP2 (NaFlex) takes
+    its patches ``[N, P, 3·p²]`` with ``pixel_attention_mask`` and ``spatial_shapes``, as its image processor
+    returns them. Evaluating many
     batches? :func:`evaluate` computes the text side once.
 
     **transformers' pipeline.** A plain CLIP folder as hf_cft writes it (model, tokenizer and
@@ -222,7 +227,8 @@ def class_logits(
     from hf_cft.models.clip import model_device
 
     fn = _classifier(model, tokenizer, classnames, templates, task=task)
-    return fn(pixel_values.to(model_device(_torch_model(model))))
+    extra = {"pixel_attention_mask": pixel_attention_mask, "spatial_shapes": spatial_shapes}
+    return fn(pixel_values.to(model_device(_torch_model(model))), **{k: v for k, v in extra.items() if v is not None})
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -382,7 +388,7 @@ def _run(fn, dataset, transform, batch_size: int, num_workers: int, name: str | 
     )
     preds, labels = [], []
     for batch in tqdm(loader, desc=f"evaluate {name or ''}".strip(), disable=not progress, leave=False):
-        logits = fn(batch["pixel_values"].to(device))
+        logits = fn(batch["pixel_values"].to(device), **image_inputs(batch))
         if not bool(torch.isfinite(logits).all()):
             raise NonFiniteError(
                 f"The logits on{f' dataset {name!r}' if name else ' the dataset'} hold NaN/inf: the model's weights "

@@ -120,8 +120,8 @@ def resolve_checkpoint(name_or_path: str) -> str:
 
 def load_clip(name_or_path: str, tokenizer_name_or_path: str | None = None):
     """Load ``(model, tokenizer, transform)`` from a folder or Hub id; the transform comes from the saved image
-    processor when there is one, else from the model's image size with CLIP statistics. A local folder that does not
-    exist raises :class:`~hf_cft.errors.MissingCheckpointError` (:func:`resolve_checkpoint`)."""
+    processor when there is one, else from the defaults of the model's family at its image size. A local folder
+    that does not exist raises :class:`~hf_cft.errors.MissingCheckpointError` (:func:`resolve_checkpoint`)."""
     from transformers import AutoImageProcessor, AutoModel
 
     name_or_path = resolve_checkpoint(name_or_path)

@@ -236,3 +236,161 @@ def save_tiny_clip(
 
 
 _DEFAULT_WORDS = ("cat", "dog", "bird", "car", "plane", "ship", "truck", "horse", "flower", "tree", "house", "road")
+
+
+# ------------------------------------------------------------------------------------------------ every family
+
+#: The CLIP-like families :func:`tiny_family` builds: transformers' ``model_type`` values, plus ``"metaclip"`` (a
+#: ``CLIPModel`` configured as MetaCLIP 1 checkpoints are: ``eos_token_id=2``, i.e. argmax pooling).
+FAMILY_NAMES = ("clip", "metaclip", "metaclip_2", "siglip", "siglip2", "altclip", "chinese_clip")
+
+# Words the tiny tokenizers know as whole tokens (anything else falls back to characters / bytes).
+_FAMILY_WORDS = (
+    "a", "an", "the", "of", "photo", "drawing", "picture", "this", "is", "x", "cat", "dog", "sea", "lion", "bird",
+    "car", "plane", "ship", "truck", "horse", "flower", "tree", "house", "road", "red", "green", "blue",
+)  # fmt: skip
+_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,'-!?"
+
+
+def tiny_family_tokenizer(family: str):
+    """A small tokenizer of ``family``'s own class, built in code (no download): CLIP's byte-level BPE (CLIP,
+    MetaCLIP), SentencePiece-style Unigram (SigLIP's T5 layout, the XLM-R layout of AltCLIP and MetaCLIP 2), Gemma's
+    BPE (SigLIP2) and BERT's WordPiece (ChineseCLIP). It knows a few dozen words whole (``"a photo of a"``,
+    ``"cat"``, ``"x"``, ...) and spells anything else with characters."""
+    _check_family(family)
+    words = list(_FAMILY_WORDS)
+    if family in ("clip", "metaclip"):
+        from hf_cft.models.tokenizer import train_clip_tokenizer
+
+        texts = [f"a photo of a {w}." for w in words] * 2 + [" ".join(words)] * 2
+        return train_clip_tokenizer(texts, vocab_size=2 * 256 + 2 + 96)
+    if family == "siglip":  # SigLIP's tokenizer is T5's SentencePiece layout: <pad> 0, </s> 1, <unk> 2, EOS appended
+        from transformers import T5Tokenizer
+
+        vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + _unigram_pieces(words + ["X"])
+        return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=16)
+    if family in ("altclip", "metaclip_2"):  # XLM-R layout: <s> 0, <pad> 1, </s> 2, <unk> 3, ..., <mask> last
+        from transformers import XLMRobertaTokenizer
+
+        vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+        vocab += _unigram_pieces(words + ["X"]) + [("<mask>", 0.0)]
+        return XLMRobertaTokenizer(vocab=vocab, model_max_length=77)
+    if family == "siglip2":  # Gemma's BPE, lowercased; <pad> 0, <eos> 1, <bos> 2, <unk> 3, <mask> 4
+        from transformers import Siglip2Tokenizer
+
+        vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+        for ch in "▁" + _CHARS:
+            vocab.setdefault(ch, len(vocab))
+        merges = []
+        for w in words:
+            for piece in (w, "▁" + w):
+                for i in range(2, len(piece) + 1):
+                    left, right = piece[: i - 1], piece[i - 1]
+                    if piece[:i] not in vocab:
+                        vocab[piece[:i]] = len(vocab)
+                        merges.append((left, right))
+        tok = Siglip2Tokenizer(vocab=vocab, merges=merges, model_max_length=16)
+        tok.padding_side = "right"
+        return tok
+    from transformers import BertTokenizer  # chinese_clip
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_CHARS, *(w for w in words if w not in _CHARS)]
+    vocab += ["##" + c for c in _CHARS]
+    return BertTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(vocab))}, model_max_length=52)
+
+
+def _unigram_pieces(words) -> list[tuple[str, float]]:
+    pieces = [("▁" + w, -2.0) for w in words] + [("▁", -4.0)]
+    pieces += [(c, -5.0) for c in _CHARS + _CHARS.upper() if c not in ("▁",)]
+    return list(dict(pieces).items())
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILY_NAMES:
+        from hf_cft.errors import OptionError
+
+        raise OptionError(f"Unknown family {family!r}; known: {', '.join(FAMILY_NAMES)}.")
+
+
+def tiny_family_config(family: str, tokenizer=None):
+    """The config of a tiny random model of ``family`` whose vocabulary and special ids follow ``tokenizer``
+    (default :func:`tiny_family_tokenizer`): 2 layers, width 32, 30×30 images in 2×2 patches (SigLIP2: up to 64
+    NaFlex patches of 2×2)."""
+    _check_family(family)
+    tok = tokenizer if tokenizer is not None else tiny_family_tokenizer(family)
+    vocab = len(tok)
+    layers = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    vision = dict(image_size=30, patch_size=2, **layers)
+    if family in ("clip", "metaclip"):
+        return tiny_clip_config(
+            vocab_size=vocab,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=2 if family == "metaclip" else tok.eos_token_id,  # MetaCLIP 1 configs keep the legacy 2
+            pad_token_id=tok.pad_token_id,
+        )
+    if family == "metaclip_2":
+        from transformers import MetaClip2Config
+
+        text = dict(vocab_size=vocab, max_position_embeddings=77, **layers)
+        text.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        return MetaClip2Config(text_config=text, vision_config=vision, projection_dim=16)
+    if family in ("siglip", "siglip2"):
+        from transformers import Siglip2Config, SiglipConfig
+
+        text = dict(vocab_size=vocab, max_position_embeddings=16, **layers)
+        text.update(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        text["bos_token_id"] = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if family == "siglip":
+            return SiglipConfig(text_config=text, vision_config=vision)
+        vision = dict(num_patches=64, patch_size=2, **layers)
+        return Siglip2Config(text_config=text, vision_config=vision)
+    if family == "altclip":
+        from transformers import AltCLIPConfig
+
+        text = dict(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            project_dim=16,
+            max_position_embeddings=80,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        return AltCLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    from transformers import ChineseCLIPConfig
+
+    text = dict(vocab_size=vocab, max_position_embeddings=52, pad_token_id=tok.pad_token_id, **layers)
+    return ChineseCLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+
+
+def tiny_family(family: str, seed: int = 0):
+    """``(model, tokenizer)``: a tiny random dual encoder of ``family`` (one of :data:`FAMILY_NAMES`) in eval mode,
+    deterministic in ``seed``, with its offline tokenizer (:func:`tiny_family_tokenizer`). The model's class is the
+    family's own (``CLIPModel``, ``MetaClip2Model``, ``SiglipModel``, ``Siglip2Model``, ``AltCLIPModel``,
+    ``ChineseCLIPModel``)."""
+    from transformers import AutoModel
+
+    tok = tiny_family_tokenizer(family)
+    config = tiny_family_config(family, tok)
+    torch.manual_seed(seed)
+    return AutoModel.from_config(config).eval(), tok
+
+
+def tiny_family_image_processor(family: str):
+    """The family's own image processor (transformers' class, built from arguments) for :func:`tiny_family`'s
+    models: 30×30 images, or for SigLIP2 up to 64 NaFlex patches of 2×2."""
+    _check_family(family)
+    import transformers
+
+    def cls(name):  # the PIL backend where transformers has one (no torchvision needed)
+        return getattr(transformers, name + "Pil", None) or getattr(transformers, name)
+
+    if family == "siglip2":
+        return cls("Siglip2ImageProcessor")(patch_size=2, max_num_patches=64)
+    if family == "siglip":
+        return cls("SiglipImageProcessor")(size={"height": 30, "width": 30})
+    name = "ChineseCLIPImageProcessor" if family == "chinese_clip" else "CLIPImageProcessor"
+    return cls(name)(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})

@@ -27,7 +27,7 @@ learned task with its rebuilt expert and a task not learned yet by semantic rout
 routing everywhere). ``--benchmark mtil`` runs the 11 real MTIL datasets by Hub id instead (needs the Hub);
 ``recipes/mtil.py`` runs any registered strategy, ``recipes/pam.py`` PAM and its baselines.
 
-Multi-process (``ACCELERATE_USE_CPU=1 accelerate launch --config_file recipes/accelerate_configs/cpu_2proc.yaml
+Multi-process (``ACCELERATE_USE_CPU=1 accelerate launch --config_file hf_cft/accelerate_configs/cpu_2proc.yaml
 recipes/condu.py --per_device_train_batch_size 16`` on 2 CPU processes): ``per_device_train_batch_size`` is per
 process (the Trainer's rule), so give B/N to train every task on the 1-process global batches; the accuracy
 matrices and losses then equal the 1-process run up to float rounding (tests/test_distributed_parity.py). Only the

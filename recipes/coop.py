@@ -18,7 +18,7 @@ Launch (from the repository root; CPU is fine for the defaults):
         # CoOp's official (Dassl) optimiser: SGD momentum 0.9, wd 5e-4, one constant warm-up epoch at 1e-5, cosine
 
 Multi-process (``accelerate launch --num_processes N``, e.g. ``ACCELERATE_USE_CPU=1 accelerate launch --config_file
-recipes/accelerate_configs/cpu_2proc.yaml recipes/coop.py --per_device_train_batch_size 16``):
+hf_cft/accelerate_configs/cpu_2proc.yaml recipes/coop.py --per_device_train_batch_size 16``):
 ``per_device_train_batch_size`` is per process (the Trainer's rule), so give B/N to train on the same global batches
 as one process with B; the results then equal the 1-process run up to float rounding (a partial last batch
 included: the trainer drops the samples accelerate repeats to fill it). Evaluation is replicated on every process;

@@ -15,7 +15,7 @@ Launch (from the repository root; CPU is fine for the defaults):
         --coop_epochs 50 --num_train_epochs 50 --learning_rate 0.002 --optim sgd --output_dir outputs/mt-dtd
 
 Multi-process (``accelerate launch --num_processes N``, e.g. ``ACCELERATE_USE_CPU=1 accelerate launch --config_file
-recipes/accelerate_configs/cpu_2proc.yaml recipes/mergetune.py --per_device_train_batch_size 16``): the batch size
+hf_cft/accelerate_configs/cpu_2proc.yaml recipes/mergetune.py --per_device_train_batch_size 16``): the batch size
 is per process (the Trainer's rule), so give B/N to train on the same global batches as one process with B — the
 CoOp step uses the same per-device size. The results then equal the 1-process run up to float rounding (a partial
 last batch included: the trainer drops the samples accelerate repeats to fill it). Evaluation is replicated on every

@@ -22,7 +22,7 @@ Launch (from the repository root):
         --strategy_options '{"pam": {"top_p": 0.5, "align_every": 10}}' --output_dir outputs/mtil-pam
         # the real MTIL Order I (ZSCL's 11 datasets from hf_cft/data/resources/mtil.json; needs the Hub)
 
-Multi-process (``ACCELERATE_USE_CPU=1 accelerate launch --config_file recipes/accelerate_configs/cpu_2proc.yaml
+Multi-process (``ACCELERATE_USE_CPU=1 accelerate launch --config_file hf_cft/accelerate_configs/cpu_2proc.yaml
 recipes/mtil.py --per_device_train_batch_size 16`` on 2 CPU processes): ``per_device_train_batch_size`` is per
 process (the Trainer's rule), so give B/N to train every task on the 1-process global batches; the accuracy
 matrices and losses then equal the 1-process run up to float rounding (tests/test_distributed_parity.py). Only the

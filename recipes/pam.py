@@ -23,7 +23,7 @@ fc1/fc2 of both towers in the YAML); PAM's options (``--top_p``, ``--align_every
 ``--merge_weight``, ``--ties_k``) reach the strategies that take them. PAM, merge-only, post-hoc TIES and sequential
 LoRA deploy one adapter for every task (no task id); independent experts use the task id (upper bound).
 
-Multi-process (``ACCELERATE_USE_CPU=1 accelerate launch --config_file recipes/accelerate_configs/cpu_2proc.yaml
+Multi-process (``ACCELERATE_USE_CPU=1 accelerate launch --config_file hf_cft/accelerate_configs/cpu_2proc.yaml
 recipes/pam.py --per_device_train_batch_size 16`` on 2 CPU processes): ``per_device_train_batch_size`` is per
 process (the Trainer's rule), so give B/N to train every task on the 1-process global batches; the accuracy
 matrices and losses then equal the 1-process run up to float rounding (tests/test_distributed_parity.py). Only the

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "accelerate_configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "hf_cft" / "accelerate_configs"
 EXPECTED = {
     # file: (distributed_type, num_processes, launch flags that must be set, mixed precision)
     "single_gpu": ("NO", 1, {}, "bf16"),
@@ -18,6 +18,7 @@ EXPECTED = {
     "fsdp": ("FSDP", 2, {"use_fsdp": True, "fsdp_version": 2}, "bf16"),
     "deepspeed_zero2": ("DEEPSPEED", 2, {"use_deepspeed": True, "zero_stage": 2}, "bf16"),
     "cpu_2proc": ("MULTI_GPU", 2, {"multi_gpu": True, "use_cpu": True}, "no"),
+    "multi_node_ddp": ("MULTI_GPU", 16, {"multi_gpu": True, "num_machines": 2, "machine_rank": 0}, "bf16"),
 }
 
 
@@ -124,3 +125,64 @@ def test_cpu_2proc_config_runs_two_cpu_processes_with_one_process_results(tmp_pa
     ds = from_arrays(images, [i % 3 for i in range(10)], ["cat", "dog", "sea lion"])["train"]
     one = evaluate_zeroshot(tiny_clip(), ToyTokenizer(), ds, batch_size=2)
     assert got["total"] == one.total == 10 and got["accuracy"] == one.accuracy
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("same_network", [True, False])
+def test_multi_node_config_gives_torchrun_the_machines(rank, same_network):
+    """The multi-machine example: 16 processes over 2 machines = 8 per machine, this machine's rank from
+    ``--machine_rank``, and machine 0's address and port as torchrun's master (``--same_network``) or as the
+    rendezvous endpoint. accelerate 1.15 copies a top-level key from the file only onto an argument whose default is
+    None, so the file's ``same_network: true`` (a store_true flag, default False) is ignored: the flag is given on the
+    command line, as docs/distributed.md says."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    file = str(CONFIGS / "multi_node_ddp.yaml")
+    argv = ["--config_file", file, "--machine_rank", str(rank), "--main_process_port", "0"]
+    argv += ["--same_network"] if same_network else []
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args([*argv, "t.py"]))
+    port = args.main_process_port
+    prepare_multi_gpu_env(args)
+    assert (args.nproc_per_node, args.nnodes, args.node_rank) == ("8", "2", rank)
+    assert args.same_network is same_network
+    if same_network:
+        assert (args.master_addr, args.master_port) == ("10.0.0.1", str(args.main_process_port))
+    else:
+        assert args.rdzv_endpoint == f"10.0.0.1:{args.main_process_port}" and not hasattr(args, "master_addr")
+    assert port == 0 and int(args.main_process_port) > 0  # 0: a free port; a real multi-machine run fixes one
+
+
+def test_shipped_configs_are_package_data_with_a_path_helper_and_cli(capsys):
+    """``pip install`` users name the configs: they are package data of ``hf_cft.accelerate_configs`` (one copy),
+    ``config_path`` / ``hf-cft config path`` / ``python -m hf_cft.accelerate_configs`` resolve a name, and an
+    unknown name is a typed error listing the shipped ones."""
+    import tomllib
+
+    from hf_cft import accelerate_configs
+    from hf_cft.cli import main
+    from hf_cft.errors import OptionError
+
+    project = tomllib.loads((CONFIGS.parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "hf_cft.accelerate_configs" in project["packages"]
+    assert project["package-data"]["hf_cft.accelerate_configs"] == ["*.yaml"]
+    assert not (CONFIGS.parents[1] / "recipes" / "accelerate_configs").exists()  # no second copy
+    assert set(accelerate_configs.available()) == set(EXPECTED)
+    assert accelerate_configs.config_path("fsdp") == accelerate_configs.config_path("fsdp.yaml") == CONFIGS / "fsdp.yaml"
+    for bad in ("nope", "../pyproject", ""):
+        with pytest.raises(OptionError, match="shipped: cpu_2proc, deepspeed_zero2, fsdp"):
+            accelerate_configs.config_path(bad)
+    assert main(["config", "path", "multi_node_ddp"]) == 0
+    assert capsys.readouterr().out.strip() == str(CONFIGS / "multi_node_ddp.yaml")
+    assert main(["config", "show", "fsdp"]) == 0 and "fsdp_version: 2" in capsys.readouterr().out
+    assert main(["config", "list"]) == 0 and "multi_node_ddp" in capsys.readouterr().out
+    assert main(["config", "path", "nope"]) == 2 and "no shipped accelerate config 'nope'" in capsys.readouterr().err
+    proc = subprocess.run(
+        [sys.executable, "-m", "hf_cft.accelerate_configs", "cpu_2proc"],
+        capture_output=True,
+        text=True,
+        cwd=str(CONFIGS.parents[1]),
+        env={**os.environ, "PYTHONPATH": str(CONFIGS.parents[1])},
+        check=True,
+    )
+    assert proc.stdout.strip() == str(CONFIGS / "cpu_2proc.yaml")

@@ -132,8 +132,8 @@ def _lora_folder_with_bin_only(ctx, tmp_path):
 
 
 def _mergetune_under_fsdp(ctx, tmp_path, monkeypatch):
-    """The guard in MergeTuneTrainer (weight-space families under FSDP/DeepSpeed), with the Trainer made to believe
-    an FSDP plugin is active."""
+    """The guard in MergeTuneTrainer (the LoRA family under FSDP: its rank-2r path point has no sharded form; full
+    fine-tuning runs, tests/test_scale_out.py), with the Trainer made to believe an FSDP plugin is active."""
     from transformers import Trainer
 
     original = Trainer.create_accelerator_and_postprocess
@@ -144,7 +144,7 @@ def _mergetune_under_fsdp(ctx, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", with_fsdp)
     args = MergeTuneConfig(**trainer_kwargs(tmp_path, max_steps=1))
-    MergeTuneTrainer(tiny_clip(), args, CLASSES, TEMPLATES, ctx.tok, finetuned=tiny_clip(seed=1))
+    MergeTuneTrainer(ctx.lora(), args, CLASSES, TEMPLATES, ctx.tok, finetuned=ctx.lora())
 
 
 def _mergetune_lora_under_deepspeed(ctx, tmp_path, monkeypatch):
@@ -476,7 +476,7 @@ CASES = [
         AdapterError,
         "is a HF_CFT_VPT adapter but the continued model is LORA",
     ),
-    ("MergeTune weight space under FSDP", _mergetune_under_fsdp, HfCftError, "does not support FSDP"),
+    ("MergeTune LoRA under FSDP", _mergetune_under_fsdp, HfCftError, "lora family does not support FSDP: .*rank 2r"),
     ("MergeTune LoRA under DeepSpeed", _mergetune_lora_under_deepspeed, HfCftError, "lora family does not support"),
     # --- Hub and cards
     ("card with a NaN accuracy", _card_nan, CardError, "'base' .* is nan"),

@@ -590,4 +590,6 @@ def test_console_script_points_at_main():
         "card",
         "plot-matrix",
         "push",
+        "convert-open-clip",
+        "config",
     }

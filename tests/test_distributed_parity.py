@@ -1,5 +1,5 @@
 """Every recipe gives the same results under ``accelerate launch`` with 2 CPU processes (gloo,
-``recipes/accelerate_configs/cpu_2proc.yaml``) as with one process, up to float rounding (slow, RUN_SLOW=1).
+``hf_cft/accelerate_configs/cpu_2proc.yaml``) as with one process, up to float rounding (slow, RUN_SLOW=1).
 
 Each recipe runs twice on the offline digits demo at the smallest settings that still train and evaluate: once as
 ``python recipes/<r>.py`` and once as ``accelerate launch --config_file cpu_2proc.yaml recipes/<r>.py``, each into
@@ -38,7 +38,7 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "recipes" / "accelerate_configs" / "cpu_2proc.yaml"
+CONFIG = REPO / "hf_cft" / "accelerate_configs" / "cpu_2proc.yaml"
 ACC_TOL = 1.0
 LOSS_RTOL = 1e-4
 WEIGHT_ATOL = 1e-4

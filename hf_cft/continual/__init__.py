@@ -13,14 +13,16 @@ Example (MTIL-mini, Protocol B of ``docs/benchmarks.md``)::
 
 Every strategy of the Protocol B tables is registered by name (``make_strategy(name, **options)``): ``zeroshot``,
 ``sequential``, ``independent``, ``condu``, the merging baselines of ``docs/methods/pam.md`` §9 (``task_arithmetic``,
-``ties``, ``magmax``, ``opcm``, ``running_mean``, ``wise``, ``emr``) and the LoRA strategies of PAM (``pam``,
-``merge_only``, ``pam_ties``, ``sequential_lora``).
+``ties``, ``magmax``, ``opcm``, ``running_mean``, ``wise``, ``emr``), the methods of issue 18 (``dare``,
+``consensus``, ``tall``, ``tsv_m``, ``iso_c``, ``iso_cts``, ``breadcrumbs``, ``della``, ``model_stock``, ``slerp``) and
+the LoRA strategies of PAM (``pam``, ``merge_only``, ``pam_ties``, ``sequential_lora``, ``pam_tall``).
 """
 
 from hf_cft.continual.baseline_strategies import (
     BASELINE_STRATEGIES,
     EMRStrategy,
     SequentialWiSE,
+    TALLStrategy,
     emr_strategy,
     magmax_strategy,
     opcm_strategy,
@@ -34,9 +36,11 @@ from hf_cft.continual.evaluation import DeltaEvaluator
 from hf_cft.continual.pam_strategy import (
     PAM_STRATEGIES,
     PAMStrategy,
+    PAMTallStrategy,
     lora_factor_delta,
     merge_only_strategy,
     pam_strategy,
+    pam_tall_strategy,
     pam_ties_strategy,
     sequential_lora_strategy,
 )
@@ -85,10 +89,12 @@ __all__ = [
     "EMRStrategy",
     "IndependentExperts",
     "PAMStrategy",
+    "PAMTallStrategy",
     "RunContext",
     "SequentialFineTuning",
     "SequentialWiSE",
     "Strategy",
+    "TALLStrategy",
     "TaskSpec",
     "ZeroShotStrategy",
     "build_training_model",
@@ -110,6 +116,7 @@ __all__ = [
     "mtil_tasks",
     "opcm_strategy",
     "pam_strategy",
+    "pam_tall_strategy",
     "pam_ties_strategy",
     "register_strategy",
     "running_mean_strategy",

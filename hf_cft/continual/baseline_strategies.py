@@ -11,6 +11,10 @@
 | ``running_mean`` | θ⁰ | θ⁰ + (1/t)·Σ_{i≤t} τ_i (uniform soup) | task-agnostic |
 | ``wise`` | θ_{t−1} (sequential chain) | (1−α)θ⁰ + α·θ_t, WiSE-FT of the sequential model (α = 0.5) | task-agnostic |
 | ``emr`` | θ⁰ | one-shot EMR over τ_1..τ_t: θ⁰ + λ_j·M_j ⊙ τ_uni for task j | task id (like ``independent``) |
+| ``tall`` | θ⁰ | TALL masks over τ_1..τ_t: θ⁰ + m_j ⊙ Σ_i τ_i for task j (λ = 0.4) | task id |
+| ``dare``, ``consensus``, ``tsv_m``, ``iso_c``, ``iso_cts``, ``breadcrumbs``, ``della``, ``model_stock`` | θ⁰ | the one-shot method of :mod:`hf_cft.merging` over τ_1..τ_t, re-run after each task | task-agnostic |
+| ``slerp`` | θ⁰ | m_t = slerp(m_{t−1}, τ_t, 1/t), the spherical running mean | task-agnostic |
+| ``regmean`` | θ⁰ | (Σ_i τ_i G̃_i)(Σ_i G̃_i)⁻¹ per linear from running sums, G_i on task i's train data (α = 0.6) | task-agnostic |
 
 Every strategy keeps its experts (dense deltas θ_t − θ⁰; for LoRA the dense s·B·A, pam.md §9 "merge dense deltas")
 on disk in ``store/experts`` and resumes exactly: the stateful mergers are rebuilt by replaying ``add`` over the
@@ -234,6 +238,314 @@ def emr_strategy(rescaler: str = "mean", zero_sign: int = -1) -> EMRStrategy:
     return EMRStrategy(rescaler=rescaler, zero_sign=zero_sign)
 
 
+# ------------------------------------------------------------------------------------------------ issue 18 methods
+
+
+def _merge_so_far(name: str, fn, **options):
+    """A one-shot merge re-run over every expert so far (experts from θ⁰), named for the strategy's errors."""
+
+    def merge(deltas):
+        return fn(deltas, **options)
+
+    merge.__name__ = f"{name}_so_far"
+    return merge
+
+
+def dare_strategy(rho: float = 0.9, seed: int = 0, then: str = "ta", lam: float | None = None) -> DeltaMergeStrategy:
+    """DARE over the experts so far (pam.md §9): each expert dropped with rate ρ and rescaled by 1/(1−ρ), then task
+    arithmetic or TIES; re-run after every task. A task's masks depend only on (seed, key, its position), so the
+    experts already merged keep their masks as tasks arrive."""
+    from hf_cft.merging.baselines import dare
+
+    rho = check_number("dare", "rho", rho, 0.0, 1.0)
+    if rho >= 1.0:
+        raise ContinualError(f"strategy 'dare': option rho must be < 1 (every entry would be dropped), got {rho!r}")
+    check_choice("dare", "then", then, ("ta", "ties"))
+    lam = (0.3 if then == "ta" else 1.0) if lam is None else check_number("dare", "lam", lam)
+    fn = _merge_so_far("dare", dare, rho=rho, seed=int(seed), then=then, lam=lam)
+    return DeltaMergeStrategy.from_function("dare", fn, rho=rho, seed=int(seed), then=then, lam=lam)
+
+
+def consensus_strategy(lambdas: float = 0.4, k: int = 2, lam: float = 0.3) -> DeltaMergeStrategy:
+    """Consensus merging over the experts so far (task-agnostic): τ_MTL kept where ≥ k TALL masks agree, ×λ. While
+    fewer than k tasks are learned, k is the number learned (with one task the consensus of one mask is that task's
+    whole delta), so the first tasks are not answered by θ⁰."""
+    from hf_cft.merging.baselines import consensus
+
+    lambdas = check_number("consensus", "lambdas", lambdas, 0.0)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ContinualError(f"strategy 'consensus': option k must be an integer ≥ 1, got {k!r}")
+    lam = check_number("consensus", "lam", lam)
+
+    def merge(deltas):
+        return consensus(deltas, lambdas=lambdas, k=min(k, len(deltas)), lam=lam)
+
+    return DeltaMergeStrategy.from_function("consensus", merge, lambdas=lambdas, k=k, lam=lam)
+
+
+def _one_shot_strategy(name: str, fn_name: str, **options) -> DeltaMergeStrategy:
+    from hf_cft.merging import methods
+
+    return DeltaMergeStrategy.from_function(name, _merge_so_far(name, getattr(methods, fn_name), **options), **options)
+
+
+def tsv_m_strategy(alpha: float = 1.0) -> DeltaMergeStrategy:
+    """TSV-M over the experts so far (re-run after each task; r/T singular triplets per task, T tasks so far)."""
+    return _one_shot_strategy("tsv_m", "tsv_m", alpha=check_number("tsv_m", "alpha", alpha))
+
+
+def iso_c_strategy(alpha: float = 1.0) -> DeltaMergeStrategy:
+    """Iso-C over the experts so far."""
+    return _one_shot_strategy("iso_c", "iso_c", alpha=check_number("iso_c", "alpha", alpha))
+
+
+def iso_cts_strategy(alpha: float = 1.0, common_fraction: float = 0.8) -> DeltaMergeStrategy:
+    """Iso-CTS over the experts so far."""
+    alpha = check_number("iso_cts", "alpha", alpha)
+    common_fraction = check_number("iso_cts", "common_fraction", common_fraction, 0.0, 1.0)
+    return _one_shot_strategy("iso_cts", "iso_cts", alpha=alpha, common_fraction=common_fraction)
+
+
+def breadcrumbs_strategy(density: float = 0.1, gamma: float = 0.01, lam: float = 0.3) -> DeltaMergeStrategy:
+    """Model Breadcrumbs over the experts so far: each expert's two-tailed mask is its own, so this is the continual
+    task arithmetic of the masked experts."""
+    density = check_number("breadcrumbs", "density", density, 0.0, 1.0, low_open=True)
+    gamma = check_number("breadcrumbs", "gamma", gamma, 0.0, 1.0)
+    if density + gamma > 1.0:
+        raise ContinualError(f"strategy 'breadcrumbs': density + gamma must not exceed 1, got {density} + {gamma}")
+    lam = check_number("breadcrumbs", "lam", lam)
+    return _one_shot_strategy("breadcrumbs", "breadcrumbs", density=density, gamma=gamma, lam=lam)
+
+
+def della_strategy(
+    density: float = 0.3, epsilon: float = 0.1, lam: float = 1.0, seed: int = 0, rank_scope: str = "row"
+) -> DeltaMergeStrategy:
+    """DELLA over the experts so far (MagPrune per expert, then TIES's election and disjoint mean)."""
+    from hf_cft.merging.methods import DELLA_RANK_SCOPES
+
+    density = check_number("della", "density", density, 0.0, 1.0, low_open=True)
+    epsilon = check_number("della", "epsilon", epsilon, 0.0)
+    if 1.0 - density - epsilon / 2 < 0.0 or 1.0 - density + epsilon / 2 >= 1.0:
+        raise ContinualError(
+            f"strategy 'della': epsilon={epsilon} with density={density} gives drop probabilities outside [0, 1)"
+        )
+    lam = check_number("della", "lam", lam)
+    check_choice("della", "rank_scope", rank_scope, DELLA_RANK_SCOPES)
+    return _one_shot_strategy(
+        "della", "della", density=density, epsilon=epsilon, lam=lam, seed=int(seed), rank_scope=rank_scope
+    )
+
+
+def model_stock_strategy(average: str = "cosine") -> DeltaMergeStrategy:
+    """Model Stock over the experts so far; with one expert (no angle yet) the expert itself is deployed (t = 1,
+    the average of one model)."""
+    from hf_cft.merging.methods import MODEL_STOCK_AVERAGES, model_stock
+
+    check_choice("model_stock", "average", average, MODEL_STOCK_AVERAGES)
+
+    def merge(deltas):
+        if len(deltas) == 1:
+            return {k: v.float().clone() for k, v in deltas[0].items()}
+        return model_stock(deltas, average=average)
+
+    return DeltaMergeStrategy.from_function("model_stock", merge, average=average)
+
+
+def slerp_strategy(dot_threshold: float = 0.9995) -> DeltaMergeStrategy:
+    """SLERP, continual form (:class:`~hf_cft.merging.ContinualSLERP`): m_t = slerp(m_{t−1}, τ_t, 1/t)."""
+    from hf_cft.merging.methods import ContinualSLERP
+
+    dot_threshold = check_number("slerp", "dot_threshold", dot_threshold, 0.0, 1.0)
+    return DeltaMergeStrategy.from_merger(
+        "slerp", functools.partial(ContinualSLERP, dot_threshold), dot_threshold=dot_threshold
+    )
+
+
+class TALLStrategy(Strategy):
+    """TALL masks (arXiv:2405.07813; pam.md §9) over every expert so far, recomputed after each task; experts train
+    from θ⁰ and stay on disk. A learned task j is answered by θ⁰ + m_j ⊙ τ_MTL with τ_MTL = Σ_i τ_i and
+    m_j = 1[|τ_j| > λ·|τ_MTL − τ_j|]; a task not learned yet by θ⁰. It needs the task id: a task-aware reference,
+    like :class:`EMRStrategy`, not comparable with the task-agnostic rows.
+
+    It streams: τ_MTL and the masks are built key by key from the stored experts read as
+    :class:`~hf_cft.merging.LazyDelta` files, the masks kept bit-packed (1 bit per entry and task).
+
+    Example::
+
+        runner = ContinualRunner(TALLStrategy(lambdas=0.4), tasks, clip, tokenizer, "outputs/tall", config)
+    """
+
+    name = "tall"
+
+    def __init__(self, lambdas: float = 0.4):
+        super().__init__()
+        self.lambdas = check_number("tall", "lambdas", lambdas, 0.0)
+        self.experts: list[str] = []
+        self.task_names: list[str] = []
+        self.mtl: Delta = {}
+        self.packed: list[dict] = []
+
+    def settings(self) -> dict:
+        return {"lambdas": self.lambdas}
+
+    @property
+    def store(self) -> DeltaStore:
+        return DeltaStore(self.context.workdir / "experts")
+
+    def _merge(self) -> None:
+        import torch
+
+        from hf_cft.merging import LazyDelta, PackedMask
+
+        self.mtl, self.packed = {}, [{} for _ in self.experts]
+        experts = [LazyDelta.from_file(self.store.path(k)) for k in self.experts]
+        for key in experts[0]:
+            stacked = torch.stack([e[key].float() for e in experts])
+            total = stacked.sum(dim=0)
+            self.mtl[key] = total
+            for t in range(len(experts)):
+                self.packed[t][key] = PackedMask.pack(stacked[t].abs() > self.lambdas * (total - stacked[t]).abs())
+        check_finite(self.mtl, f"the TALL multi-task delta over {self.task_names}")
+
+    def learn(self, task: TaskSpec, index: int) -> None:
+        self.timings = {}
+        delta = self.train_expert(task, index)
+        key = f"{index:03d}"
+        save_expert(self.store, key, delta, {"task": task.name})
+        del delta
+        self.experts.append(key)
+        self.task_names.append(task.name)
+        t0 = time.perf_counter()
+        self._merge()
+        self.timings["merge_s"] = time.perf_counter() - t0
+        self.task_metrics.update(
+            {
+                f"mask_density/{n}": sum(m.count() for m in self.packed[i].values())
+                / max(1, sum(v.numel() for v in self.mtl.values()))
+                for i, n in enumerate(self.task_names)
+            }
+        )
+
+    def task_delta(self, name: str) -> Delta:
+        """m_j ⊙ τ_MTL for the learned task ``name``."""
+        if name not in self.task_names:
+            raise ContinualError(f"TALL holds no task {name!r}; learned: {self.task_names}")
+        masks = self.packed[self.task_names.index(name)]
+        return {k: masks[k].unpack(v.device).to(v.dtype) * v for k, v in self.mtl.items()}
+
+    def evaluate(self, task: TaskSpec, learned: bool) -> float:
+        ev = self.context.evaluator
+        if not learned or task.name not in self.task_names:
+            return ev.accuracy(task)
+        return ev.accuracy(task, self.task_delta(task.name))
+
+    def state_dict(self):
+        return {}, {"experts": list(self.experts), "tasks": list(self.task_names)}
+
+    def load_state_dict(self, tensors, metadata):
+        self.experts = list(metadata.get("experts", []))
+        self.task_names = list(metadata.get("tasks", []))
+        if len(self.experts) != len(self.task_names):
+            raise BundleError(f"TALL checkpoint lists {len(self.experts)} experts for tasks {self.task_names}")
+        self.mtl, self.packed = {}, []
+        missing = [n for n, k in zip(self.task_names, self.experts) if k not in self.store]
+        if missing:
+            raise BundleError(f"expert deltas of task(s) {missing} are missing from {self.store.directory}")
+        if self.experts:
+            self._merge()
+
+
+class RegMeanStrategy(Strategy):
+    """RegMean, continual form (arXiv:2212.09849): RegMean's closed form is a ratio of sums over the tasks, so it is
+    exact incrementally. After task t trains its expert τ_t from θ⁰, the Gram matrices G_t of every ``nn.Linear``'s
+    inputs are gathered on ``max_batches`` batches of the task's training data (θ⁰ + τ_t, image tower) and the
+    state Σ_i τ_i G̃_i, Σ_i G̃_i (and Σ_i τ_i for the other keys) is updated; the deployed delta is
+    (Σ_i τ_i G̃_i)(Σ_i G̃_i)⁻¹, the mean elsewhere: :func:`~hf_cft.merging.regmean` over the experts so far, without
+    keeping their data. Task-agnostic. The experts are kept on disk (``store/experts``) as for the other merges."""
+
+    name = "regmean"
+
+    def __init__(self, alpha: float = 0.6, max_batches: int = 4):
+        super().__init__()
+        self.alpha = check_number("regmean", "alpha", alpha, 0.0, 1.0)
+        if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
+            raise ContinualError(f"strategy 'regmean': option max_batches must be an integer ≥ 1, got {max_batches!r}")
+        self.max_batches = max_batches
+        self.num: Delta = {}
+        self.den: Delta = {}
+        self.total: Delta = {}
+        self.learned: list[str] = []
+        self.merged: Delta = {}
+
+    def settings(self) -> dict:
+        return {"alpha": self.alpha, "max_batches": self.max_batches}
+
+    @property
+    def store(self) -> DeltaStore:
+        return DeltaStore(self.context.workdir / "experts")
+
+    def _deploy(self) -> None:
+        from hf_cft.merging.data_dependent import _solve_right
+
+        n = len(self.learned)
+        out = {k: (v / n).float() for k, v in self.total.items()}
+        out.update({k: _solve_right(self.num[k], self.den[k]).float() for k in self.num})
+        check_finite(out, f"the regmean merge after task {self.learned[-1]!r}")
+        self.merged = out
+
+    def learn(self, task: TaskSpec, index: int) -> None:
+        from hf_cft.merging.data_dependent import _reduce_off_diagonal, linear_input_grams
+
+        self.timings = {}
+        delta = self.train_expert(task, index)
+        save_expert(self.store, f"{index:03d}", delta, {"task": task.name})
+        t0 = time.perf_counter()
+        ctx = self.context
+        grams = linear_input_grams(
+            ctx.base_model, ctx.evaluator.loader(task.train), delta=delta, max_batches=self.max_batches
+        )
+        for key, d in delta.items():
+            if key in grams and d.ndim == 2:
+                g = _reduce_off_diagonal(grams[key], self.alpha)
+                term = d.double().cpu() @ g
+                self.num[key] = self.num[key] + term if key in self.num else term
+                self.den[key] = self.den[key] + g if key in self.den else g
+            else:
+                v = d.double().cpu()
+                self.total[key] = self.total[key] + v if key in self.total else v
+        self.learned.append(task.name)
+        self._deploy()
+        self.timings["merge_s"] = time.perf_counter() - t0
+
+    def evaluate(self, task: TaskSpec, learned: bool) -> float:
+        return self.context.evaluator.accuracy(task, self.merged or None)
+
+    def state_dict(self):
+        tensors = {f"{name}.{k}": v for name in ("num", "den", "total") for k, v in getattr(self, name).items()}
+        return tensors, {"learned": list(self.learned)}
+
+    def load_state_dict(self, tensors, metadata):
+        self.learned = list(metadata.get("learned", []))
+        for name in ("num", "den", "total"):
+            prefix = f"{name}."
+            setattr(self, name, {k[len(prefix) :]: v.double() for k, v in tensors.items() if k.startswith(prefix)})
+        if self.learned and not (self.num or self.total):
+            raise BundleError(f"regmean checkpoint lists tasks {self.learned} but holds no statistics")
+        self.merged = {}
+        if self.learned:
+            self._deploy()
+
+
+def regmean_strategy(alpha: float = 0.6, max_batches: int = 4) -> RegMeanStrategy:
+    """RegMean, continual form: running sums of τ_t·G̃_t and G̃_t, Gram matrices on each task's training data."""
+    return RegMeanStrategy(alpha=alpha, max_batches=max_batches)
+
+
+def tall_strategy(lambdas: float = 0.4) -> TALLStrategy:
+    """TALL masks over all experts so far, evaluated with the task id (pam.md §9)."""
+    return TALLStrategy(lambdas=lambdas)
+
+
 BASELINE_STRATEGIES = {
     "task_arithmetic": task_arithmetic_strategy,
     "ties": ties_strategy,
@@ -242,6 +554,17 @@ BASELINE_STRATEGIES = {
     "running_mean": running_mean_strategy,
     "wise": wise_strategy,
     "emr": emr_strategy,
+    "dare": dare_strategy,
+    "consensus": consensus_strategy,
+    "tall": tall_strategy,
+    "tsv_m": tsv_m_strategy,
+    "iso_c": iso_c_strategy,
+    "iso_cts": iso_cts_strategy,
+    "breadcrumbs": breadcrumbs_strategy,
+    "della": della_strategy,
+    "model_stock": model_stock_strategy,
+    "slerp": slerp_strategy,
+    "regmean": regmean_strategy,
 }
 
 for _name, _factory in BASELINE_STRATEGIES.items():
@@ -251,6 +574,7 @@ __all__ = [
     "BASELINE_STRATEGIES",
     "EMRStrategy",
     "SequentialWiSE",
+    "TALLStrategy",
     "emr_strategy",
     "magmax_strategy",
     "opcm_strategy",

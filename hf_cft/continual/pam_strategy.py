@@ -22,6 +22,7 @@ Variants (all registered in :data:`~hf_cft.continual.STRATEGIES`):
 | ``merge_only`` | no | ω-average of the factors (PAM's ablation: "merge without alignment") |
 | ``pam_ties`` | no (option ``align=True`` adds it) | TIES on the factor pair (G, L_t): elect sign, disjoint mean |
 | ``sequential_lora`` | no | G ← L_t (ω = 1): one adapter trained on and on (§9 lower bound) |
+| ``pam_tall`` | yes (§3) | as ``pam``; a learned task j is answered by θ⁰ + m_j ⊙ τ_G, its TALL mask (task id) |
 
 ``pam_ties`` is hf_cft's reading of the §8 row "Merge + post-hoc TIES alignment", which pam.md does not specify
 further: train as merge-only, then resolve sign conflicts after training TIES-style (arXiv:2306.01708) on the pair
@@ -393,6 +394,74 @@ class PAMStrategy(Strategy):
         self.deployed = self.deployed_delta()
 
 
+class PAMTallStrategy(PAMStrategy):
+    """PAM + TALL (the best row of the PAM paper, pam.md §8): PAM trains and merges as :class:`PAMStrategy`, and
+    every task's adapter L_t (its LoRA factors at the end of the task, before the merge) is kept on disk. A learned
+    task j is answered with the task id by the TALL retrieval of the current global adapter (arXiv:2405.07813, with
+    the merged model θ_mt = θ0 + τ_G, as TALL allows for any merge): θ0 + m_j ⊙ τ_G with τ_G = s·B^G·A^G,
+    τ_j = s·B_j·A_j and m_j = 1[|τ_j| > λ·|τ_G − τ_j|] (λ = ``tall_lambda``, 0.4); a task not learned yet by the
+    deployed global adapter, as PAM (so Transfer is PAM's). How the PAM paper combined the two is not stated in the
+    text we have (pam.md §9); this is TALL's rule applied to PAM's merge. A task-aware row, like EMR and TALL.
+
+    The masks are recomputed from the stored adapters against the current G at every evaluation (G changes after
+    every task); the adapters are small (the LoRA factors), their dense deltas are built one task at a time.
+    """
+
+    name = "pam_tall"
+
+    def __init__(self, *args, tall_lambda: float = 0.4, **kwargs):
+        kwargs.setdefault("name", "pam_tall")
+        super().__init__(*args, **kwargs)
+        self.tall_lambda = check_number(self.name, "tall_lambda", tall_lambda, 0.0)
+        self._masked: dict[str, tuple[int, Delta]] = {}
+
+    def settings(self) -> dict:
+        return {**super().settings(), "tall_lambda": self.tall_lambda}
+
+    @property
+    def adapter_store(self):
+        from hf_cft.continual.weights import DeltaStore
+
+        return DeltaStore(self.context.workdir / "task_adapters")
+
+    def learn(self, task: TaskSpec, index: int) -> None:
+        from hf_cft.continual.strategies import save_expert
+
+        super().learn(task, index)
+        save_expert(self.adapter_store, f"{index:03d}", self.last_task_state, {"task": task.name})
+        self._masked = {}
+
+    def task_delta(self, name: str) -> Delta:
+        """θ − θ0 answering the learned task ``name``: m_j ⊙ τ_G (see the class docstring)."""
+        if name not in self.learned:
+            raise ContinualError(f"strategy {self.name!r} holds no task {name!r}; learned: {self.learned}")
+        cached = self._masked.get(name)
+        if cached is not None and cached[0] == len(self.learned):
+            return cached[1]
+        key = f"{self.learned.index(name):03d}"
+        if key not in self.adapter_store:
+            raise BundleError(f"the task adapter of {name!r} is missing from {self.adapter_store.directory}")
+        own = lora_factor_delta(self.adapter_store.load(key), self.scaling())
+        out = {}
+        for k, g in self.deployed.items():
+            t = own[k].to(g.device)
+            out[k] = (t.abs() > self.tall_lambda * (g - t).abs()).to(g.dtype) * g
+        self._masked = {name: (len(self.learned), out)}
+        return out
+
+    def evaluate(self, task: TaskSpec, learned: bool) -> float:
+        if not learned or task.name not in self.learned:
+            return super().evaluate(task, learned)
+        return self.context.evaluator.accuracy(task, self.task_delta(task.name))
+
+    def load_checkpoint(self, directory: Path) -> None:
+        super().load_checkpoint(directory)
+        self._masked = {}
+        missing = [n for i, n in enumerate(self.learned) if f"{i:03d}" not in self.adapter_store]
+        if missing:
+            raise BundleError(f"task adapters of {missing} are missing from {self.adapter_store.directory}")
+
+
 # ------------------------------------------------------------------------------------------------ registry
 
 
@@ -468,11 +537,39 @@ def sequential_lora_strategy(top_p: float = 0.5) -> PAMStrategy:
     return PAMStrategy(top_p=top_p, merge_weight=1.0, align=False, eval_task_adapter=False, name="sequential_lora")
 
 
+def pam_tall_strategy(
+    tall_lambda: float = 0.4,
+    top_p: float = 0.5,
+    align_every: int = 10,
+    reset: str = "zero",
+    moment_reset: str = "first",
+    merge_weight: str | float = "half",
+    factors: Sequence[str] = ("A", "B"),
+    eval_task_adapter: bool = True,
+) -> PAMTallStrategy:
+    """PAM + TALL (pam.md §8's best row; hf_cft's reading in :class:`PAMTallStrategy`): PAM, then each learned task
+    answered by its TALL mask over the global adapter (task id)."""
+    return PAMTallStrategy(
+        top_p,
+        align_every,
+        reset,
+        moment_reset,
+        merge_weight,
+        factors,
+        True,
+        "none",
+        1.0,
+        eval_task_adapter,
+        tall_lambda=tall_lambda,
+    )
+
+
 PAM_STRATEGIES = {
     "pam": pam_strategy,
     "merge_only": merge_only_strategy,
     "pam_ties": pam_ties_strategy,
     "sequential_lora": sequential_lora_strategy,
+    "pam_tall": pam_tall_strategy,
 }
 
 for _name, _factory in PAM_STRATEGIES.items():
@@ -481,9 +578,11 @@ for _name, _factory in PAM_STRATEGIES.items():
 __all__ = [
     "PAM_STRATEGIES",
     "PAMStrategy",
+    "PAMTallStrategy",
     "lora_factor_delta",
     "merge_only_strategy",
     "pam_strategy",
+    "pam_tall_strategy",
     "pam_ties_strategy",
     "sequential_lora_strategy",
 ]

@@ -28,6 +28,7 @@ from hf_cft.data.transforms import (
     eval_view,
     image_key,
     model_transform,
+    naflex_size,
     set_transform_epoch,
 )
 
@@ -57,6 +58,7 @@ __all__ = [
     "load_classification_dataset",
     "load_digits_dataset",
     "model_transform",
+    "naflex_size",
     "select_classes",
     "eval_view",
     "set_transform_epoch",

@@ -986,12 +986,13 @@ def _ties_tensor(deltas: list[Tensor], ctx) -> Tensor:
 
 
 def _ties_prepare(deltas, ctx) -> dict:
-    """``trim_scope="model"``: each input's model-wide trim threshold (:func:`model_trim_threshold` over every key of
-    θ⁰, the keys an input has no delta for counting as zeros; one input's delta in memory at a time), then the
+    """``trim_scope="model"``: each input's model-wide trim threshold (:func:`model_trim_threshold` over the keys that
+    some input changes, those an input has no delta for counting as zeros; one input's delta in memory at a time), then the
     majority sign of the elected vector over every key (FusionBench's rule for σ = 0), key by key."""
     if ctx.options["trim_scope"] != "model":
         return {}
-    total_entries = sum(math.prod(s) for s in ctx.shapes.values())
+    keys = [k for k in ctx.shapes if any(k in d for d in deltas)]  # the task vector: keys some input changes
+    total_entries = sum(math.prod(ctx.shapes[k]) for k in keys)
     thresholds = []
     for d, inp in zip(deltas, ctx.inputs):
         flat = torch.cat([d[k].reshape(-1).abs() for k in d]) if len(d) else torch.zeros(0)
@@ -1000,7 +1001,7 @@ def _ties_prepare(deltas, ctx) -> dict:
         thresholds.append(0.0 if rank <= zeros else float(flat.kthvalue(rank - zeros).values))
         del flat
     votes = 0.0
-    for key in ctx.shapes:
+    for key in keys:
         total = None
         for d, thr, inp in zip(deltas, thresholds, ctx.inputs):
             if key in d:

@@ -538,3 +538,136 @@ def fisher_merge(
         for m, d, fn, delta in zip(models, loaders, fns, deltas)
     ]
     return fisher_merging(deltas, fishers, weights=weights, floor=floor, normalize=normalize)
+
+
+# ------------------------------------------------------------------------------------------------ registry
+# ``kind="model"`` entries of hf_cft.merging.registry. What they need beyond the deltas comes through
+# ``ModelContext.extra``: ``calibration`` (one loader / dataset / list of batches for all inputs, or a list with one
+# per input), ``model`` (θ0 as an ``nn.Module``; default: loaded from ``ModelContext.base_model``), ``forward``
+# (RegMean's calibration forward) and for Fisher ``log_probs`` (a function or one per input) or ``tokenizer`` +
+# ``classnames`` (one list, or one per input) + ``templates``, for the CLIP zero-shot classifier.
+
+
+def _context_model(ctx) -> nn.Module:
+    model = ctx.extra.get("model")
+    if model is None:
+        model = ctx.base_model
+    if isinstance(model, nn.Module):
+        return model
+    if model is None:
+        raise MergeConfigError(
+            "this method runs the model on calibration data: pass the base model (a folder, or extra={'model': ...})."
+        )
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(str(model)).eval()
+
+
+def _context_data(ctx, name: str) -> list:
+    data = ctx.extra.get("calibration")
+    if data is None:
+        raise MergeConfigError(
+            f"method {name!r} needs calibration data: pass extra={{'calibration': loader}} (one for every input, or a "
+            "list with one per input)."
+        )
+    return _per_model(data, len(ctx.inputs))
+
+
+def _dense_deltas(deltas, ctx) -> list[dict[str, Tensor]]:
+    """Every input's delta over the union of the inputs' keys (zeros where an input has none)."""
+    keys = [k for k in ctx.shapes if any(k in d for d in deltas)]
+    return [{k: d[k] if k in d else torch.zeros(ctx.shapes[k]) for k in keys} for d in deltas]
+
+
+def _regmean_model(deltas, ctx):
+    model = _context_model(ctx)
+    data = _context_data(ctx, "regmean")
+    dense = _dense_deltas(deltas, ctx)
+    forward = ctx.extra.get("forward")
+    max_batches = ctx.options["max_batches"]
+    grams = [
+        linear_input_grams(model, d, forward, delta=delta, max_batches=max_batches) for d, delta in zip(data, dense)
+    ]
+    return regmean(dense, grams, alpha=ctx.options["alpha"], normalize=ctx.options["normalize"])
+
+
+def _fisher_log_probs(ctx) -> list:
+    fns = ctx.extra.get("log_probs")
+    n = len(ctx.inputs)
+    if fns is None:
+        tokenizer, names = ctx.extra.get("tokenizer"), ctx.extra.get("classnames")
+        if tokenizer is None or names is None:
+            raise MergeConfigError(
+                "method 'fisher' needs the classifier: extra={'log_probs': fn} or extra={'tokenizer': ..., "
+                "'classnames': [...], 'templates': [...]} (class names: one list, or one per input)."
+            )
+        templates = ctx.extra.get("templates") or ["a photo of a {}."]
+        per = names if names and isinstance(names[0], (list, tuple)) else [names] * n
+        fns = [clip_log_probs(tokenizer, c, templates) for c in per]
+    fns = list(fns) if isinstance(fns, (list, tuple)) else [fns] * n
+    if len(fns) != n:
+        raise MergeConfigError(f"got {len(fns)} log_probs functions for {n} inputs.")
+    return fns
+
+
+def _fisher_model(deltas, ctx):
+    model = _context_model(ctx)
+    data = _context_data(ctx, "fisher")
+    dense = _dense_deltas(deltas, ctx)
+    fns = _fisher_log_probs(ctx)
+    opts = ctx.options
+    fishers = [
+        fisher_diagonal(
+            model,
+            d,
+            fn,
+            keys=list(delta),
+            labels=opts["labels"],
+            delta=delta,
+            seed=opts["seed"],
+            max_batches=opts["max_batches"],
+        )
+        for d, fn, delta in zip(data, fns, dense)
+    ]
+    weights = [inp["weight"] for inp in ctx.inputs]
+    return fisher_merging(dense, fishers, weights=weights, floor=opts["floor"], normalize=opts["normalize"])
+
+
+def _register() -> None:
+    from hf_cft.merging.registry import MergeMethod, Option, register
+
+    batches = Option("max_batches", None, "int", low=1, help="calibration batches used per input (default: all)")
+    register(
+        MergeMethod(
+            "regmean",
+            "model",
+            _regmean_model,
+            (
+                Option("alpha", 0.6, low=0.0, high=1.0, help="off-diagonal scale of the Gram matrices"),
+                Option("normalize", False, "bool", help="divide each Gram matrix by its number of rows"),
+                batches,
+            ),
+            summary="per linear (Σ_t τ_t G̃_t)(Σ_t G̃_t)⁻¹ with Gram matrices of calibration inputs; others averaged",
+            reference="Jin et al., Dataless Knowledge Fusion (RegMean), ICLR 2023 (arXiv:2212.09849)",
+        )
+    )
+    register(
+        MergeMethod(
+            "fisher",
+            "model",
+            _fisher_model,
+            (
+                Option("weight", 1.0, per_input=True, help="λ_t of Σ_t λ_t F_t τ_t / Σ_t λ_t F_t"),
+                Option("labels", "sample", "choice", choices=FISHER_LABELS, help="y of the Fisher's log p(y|x)"),
+                Option("floor", 1e-6, low=0.0, help="added to every Fisher entry"),
+                Option("normalize", False, "bool", help="divide each task's Fisher by its L2 norm"),
+                Option("seed", 0, "int", help="seed of the sampled labels"),
+                batches,
+            ),
+            summary="per parameter Σ_t λ_t F_t τ_t / Σ_t λ_t F_t, F_t the diagonal Fisher on calibration data",
+            reference="Matena & Raffel, Merging Models with Fisher-Weighted Averaging, NeurIPS 2022 (arXiv:2111.09832)",
+        )
+    )
+
+
+_register()

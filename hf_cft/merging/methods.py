@@ -124,19 +124,28 @@ def tsv_m(deltas: Sequence[Mapping[str, Tensor]], alpha: float = 1.0, matrix_key
     matrix; here every task keeps at least one (the concatenation then has T > r columns, and its Procrustes factor
     has orthonormal rows instead).
     """
+    return _per_key(deltas, alpha, matrix_keys, _tsv_matrix)
+
+
+def _iso_c_matrix(tensors: Sequence[Tensor]) -> Tensor:
+    """Iso-C on one matrix: mean(S)·U Vᵀ of the SVD of the task sum."""
+    u, s, vh = torch.linalg.svd(sum(tensors), full_matrices=False)
+    return s.mean() * (u @ vh)
+
+
+def svd_key(key: str, tensors: Sequence[Tensor], matrix_fn: Callable, is_matrix=None) -> Tensor:
+    """One key of an SVD method: ``matrix_fn(tensors)`` for a matrix key (``is_matrix``, default
+    :func:`~hf_cft.merging.baselines.default_opcm_linear_key`), else the mean of the tensors."""
+    is_matrix = is_matrix or key_predicate(None)
+    return matrix_fn(tensors) if is_matrix(key, tensors[0]) else _mean(tensors)
+
+
+def _per_key(deltas, alpha: float, matrix_keys: MatrixKeys, matrix_fn: Callable) -> Delta:
     deltas = _check_deltas(deltas)
     alpha = _scale("alpha", alpha)
     is_matrix = key_predicate(matrix_keys)
-    out = {}
-    for key, first in deltas[0].items():
-        tensors = [_f32(d[key]) for d in deltas]
-        merged = _tsv_matrix(tensors) if is_matrix(key, first) else _mean(tensors)
-        out[key] = alpha * merged
+    out = {key: alpha * svd_key(key, [_f32(d[key]) for d in deltas], matrix_fn, is_matrix) for key in deltas[0]}
     return _finite_result(out, f"alpha={alpha!r}")
-
-
-def _isotropic(u: Tensor, s: Tensor, vh: Tensor) -> Tensor:
-    return s.mean() * (u @ vh)
 
 
 def iso_c(deltas: Sequence[Mapping[str, Tensor]], alpha: float = 1.0, matrix_keys: MatrixKeys = None) -> Delta:
@@ -148,18 +157,7 @@ def iso_c(deltas: Sequence[Mapping[str, Tensor]], alpha: float = 1.0, matrix_key
 
     returns α·τ_m (α = 1, FusionBench's default; the paper tunes it on validation data).
     """
-    deltas = _check_deltas(deltas)
-    alpha = _scale("alpha", alpha)
-    is_matrix = key_predicate(matrix_keys)
-    out = {}
-    for key, first in deltas[0].items():
-        tensors = [_f32(d[key]) for d in deltas]
-        if is_matrix(key, first):
-            merged = _isotropic(*torch.linalg.svd(sum(tensors), full_matrices=False))
-        else:
-            merged = _mean(tensors)
-        out[key] = alpha * merged
-    return _finite_result(out, f"alpha={alpha!r}")
+    return _per_key(deltas, alpha, matrix_keys, _iso_c_matrix)
 
 
 def iso_cts_split(rank: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -203,16 +201,8 @@ def iso_cts(
 
     returns α·τ_m (α = 1, ``common_fraction`` = 0.8: FusionBench's defaults).
     """
-    deltas = _check_deltas(deltas)
-    alpha = _scale("alpha", alpha)
     common_fraction = _check_fraction("common_fraction", common_fraction, low_open=False)
-    is_matrix = key_predicate(matrix_keys)
-    out = {}
-    for key, first in deltas[0].items():
-        tensors = [_f32(d[key]) for d in deltas]
-        merged = _iso_cts_matrix(tensors, common_fraction) if is_matrix(key, first) else _mean(tensors)
-        out[key] = alpha * merged
-    return _finite_result(out, f"alpha={alpha!r}")
+    return _per_key(deltas, alpha, matrix_keys, lambda tensors: _iso_cts_matrix(tensors, common_fraction))
 
 
 # ------------------------------------------------------------------------------------------------ Model Stock
@@ -303,15 +293,17 @@ def breadcrumbs(
     if density + gamma > 1.0:
         raise MergeConfigError(f"density + gamma must not exceed 1, got density={density!r}, gamma={gamma!r}.")
     w = _weights(lam, len(deltas))
-    out = {}
-    for key in deltas[0]:
-        total = None
-        for wi, d in zip(w, deltas):
-            v = _f32(d[key])
-            term = wi * (v * breadcrumbs_mask(v, density, gamma))
-            total = term if total is None else total + term
-        out[key] = total
+    out = {key: breadcrumbs_key([_f32(d[key]) for d in deltas], w, [density] * len(w), gamma) for key in deltas[0]}
     return _finite_result(out, f"lam={lam!r}")
+
+
+def breadcrumbs_key(tensors: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float], gamma: float):
+    """One key of :func:`breadcrumbs`: Σ_t w_t·(m_t ⊙ τ_t), each task with its own density."""
+    total = None
+    for v, w, density in zip(tensors, weights, densities):
+        term = w * (v * breadcrumbs_mask(v, density, gamma))
+        total = term if total is None else total + term
+    return total
 
 
 DELLA_RANK_SCOPES = ("row", "tensor")
@@ -377,11 +369,30 @@ def della(
     lam = _weights(lam, 1)[0]
     out = {}
     for key in deltas[0]:
-        gen = torch.Generator(device=deltas[0][key].device)
-        gen.manual_seed(_key_seed(seed, key))
-        pruned = [magprune(_f32(d[key]), density, epsilon, gen, rank_scope) for d in deltas]
-        out[key] = lam * _elect_disjoint(torch.stack(pruned))
+        tensors = [_f32(d[key]) for d in deltas]
+        out[key] = lam * della_key(
+            key, tensors, [1.0] * len(tensors), [density] * len(tensors), epsilon, seed, rank_scope
+        )
     return _finite_result(out, f"lam={lam!r} (with the 1/(1-p) rescale)")
+
+
+def della_key(
+    key: str,
+    tensors: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    epsilon: float,
+    seed: int,
+    rank_scope: str,
+) -> Tensor:
+    """One key of :func:`della` (unscaled): MagPrune each w_t·τ_t with its density (one generator seeded from
+    (seed, key), tasks in order), then TIES's election and disjoint mean."""
+    gen = torch.Generator(device=tensors[0].device)
+    gen.manual_seed(_key_seed(seed, key))
+    pruned = [
+        magprune(w * t if w != 1.0 else t, d, epsilon, gen, rank_scope) for t, w, d in zip(tensors, weights, densities)
+    ]
+    return _elect_disjoint(torch.stack(pruned))
 
 
 # ------------------------------------------------------------------------------------------------ SLERP
@@ -457,3 +468,165 @@ class ContinualSLERP(ContinualMerger):
 
     def _merged(self) -> Delta:
         return self.current
+
+
+# ------------------------------------------------------------------------------------------------ registry
+# Per-key kernels of the methods above, registered by name (hf_cft.merging.registry) for ``hf-cft merge``, the merge
+# config and the streaming merge. An input without a delta at a key counts as zeros there (ctx.present).
+
+
+def _alpha_svd_kernel(matrix_fn: Callable) -> Callable:
+    def kernel(deltas: list[Tensor], ctx) -> Tensor:
+        return ctx.options["alpha"] * svd_key(ctx.key, deltas, matrix_fn)
+
+    return kernel
+
+
+def _iso_cts_kernel(deltas: list[Tensor], ctx) -> Tensor:
+    fraction = ctx.options["common_fraction"]
+    return ctx.options["alpha"] * svd_key(ctx.key, deltas, lambda ts: _iso_cts_matrix(ts, fraction))
+
+
+def _model_stock_kernel(deltas: list[Tensor], ctx) -> Tensor:
+    return model_stock_ratio(deltas, ctx.options["average"]) * _mean(deltas)
+
+
+def _breadcrumbs_kernel(deltas: list[Tensor], ctx) -> Tensor:
+    return breadcrumbs_key(deltas, ctx.weights, [inp["density"] for inp in ctx.inputs], ctx.options["gamma"])
+
+
+def _breadcrumbs_check(options: dict, inputs: list[dict], where: str) -> None:
+    for t, inp in enumerate(inputs):
+        if inp["density"] + options["gamma"] > 1.0:
+            raise MergeConfigError(
+                f"inputs[{t}].density + {where}.gamma must not exceed 1, got {inp['density']} + {options['gamma']}."
+            )
+
+
+def _della_kernel(deltas: list[Tensor], ctx) -> Tensor:
+    opts = ctx.options
+    densities = [inp["density"] for inp in ctx.inputs]
+    return della_key(ctx.key, deltas, ctx.weights, densities, opts["epsilon"], opts["seed"], opts["rank_scope"])
+
+
+def _della_check(options: dict, inputs: list[dict], where: str) -> None:
+    eps = options["epsilon"]
+    for t, inp in enumerate(inputs):
+        drop = 1.0 - inp["density"]
+        if drop - eps / 2 < 0.0 or drop + eps / 2 >= 1.0:
+            raise MergeConfigError(
+                f"{where}.epsilon={eps} with inputs[{t}].density={inp['density']} gives drop probabilities outside "
+                "[0, 1); lower epsilon."
+            )
+
+
+def _slerp_kernel(deltas: list[Tensor], ctx) -> Tensor:
+    a, b = deltas
+    t, threshold = ctx.options["t"], ctx.options["dot_threshold"]
+    if ctx.options["space"] == "delta":
+        return slerp_tensor(a, b, t, threshold)
+    w0 = ctx.base().to(a.device)
+    return slerp_tensor(w0 + a, w0 + b, t, threshold) - w0
+
+
+def _register() -> None:
+    from hf_cft.merging.registry import MergeMethod, Option, register
+
+    alpha = Option("alpha", 1.0, help="α: scale of the merged delta")
+    for name, fn, summary, ref in (
+        (
+            "tsv_m",
+            _tsv_matrix,
+            "per matrix each task's top r/T singular triplets, U and V orthogonalised; other keys averaged (α = 1)",
+            "Gargiulo et al., Task Singular Vectors, CVPR 2025 (arXiv:2412.00081)",
+        ),
+        (
+            "iso_c",
+            _iso_c_matrix,
+            "per matrix mean(S)·U Vᵀ of the SVD of Σ_t τ_t; other keys averaged (α = 1)",
+            "Marczak et al., No Task Left Behind (Iso-C), ICML 2025 (arXiv:2502.04959)",
+        ),
+    ):
+        register(MergeMethod(name, "tensor", _alpha_svd_kernel(fn), (alpha,), summary=summary, reference=ref))
+    register(
+        MergeMethod(
+            "iso_cts",
+            "tensor",
+            _iso_cts_kernel,
+            (alpha, Option("common_fraction", 0.8, low=0.0, high=1.0, help="share of the rank kept common")),
+            summary="common top directions of Σ_t τ_t + each task's own, orthogonalised, isotropic (α = 1, 0.8)",
+            reference="Marczak et al., No Task Left Behind (Iso-CTS), ICML 2025 (arXiv:2502.04959)",
+        )
+    )
+    register(
+        MergeMethod(
+            "model_stock",
+            "tensor",
+            _model_stock_kernel,
+            (
+                Option(
+                    "average", "cosine", "choice", choices=MODEL_STOCK_AVERAGES, help="mean pairwise cosine or angle"
+                ),
+            ),
+            min_inputs=2,
+            summary="per tensor t·mean_t τ_t, t = T·cos/(1 + (T−1)·cos)",
+            reference="Jang et al., Model Stock, ECCV 2024 (arXiv:2403.19522)",
+        )
+    )
+    register(
+        MergeMethod(
+            "breadcrumbs",
+            "tensor",
+            _breadcrumbs_kernel,
+            (
+                Option("weight", 0.3, per_input=True, help="λ_t of Σ_t λ_t·(m_t ⊙ τ_t)"),
+                Option("density", 0.1, low=0.0, high=1.0, low_open=True, per_input=True, help="fraction kept"),
+                Option("gamma", 0.01, low=0.0, high=1.0, help="fraction of the largest magnitudes dropped"),
+            ),
+            summary="drop the top-γ and the smallest magnitudes, keep a density band, Σ_t λ_t (γ 0.01, 0.1, λ 0.3)",
+            reference="Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv:2312.06795)",
+            check=_breadcrumbs_check,
+        )
+    )
+    register(
+        MergeMethod(
+            "della",
+            "tensor",
+            _della_kernel,
+            (
+                Option("weight", 1.0, per_input=True, help="λ_t: each input's delta is scaled by it first"),
+                Option("density", 0.3, low=0.0, high=1.0, low_open=True, per_input=True, help="mean kept fraction"),
+                Option("epsilon", 0.1, low=0.0, help="spread of the drop probabilities"),
+                Option("seed", 0, "int", help="seed of the drop masks (drawn per key)"),
+                Option("rank_scope", "row", "choice", choices=DELLA_RANK_SCOPES, help="rank per row or per tensor"),
+            ),
+            summary="MagPrune (magnitude-ranked drop, 1/(1−p_i) rescale), elect sign, disjoint mean (0.3, ε 0.1)",
+            reference="Deep et al., DELLA-Merging, 2024 (arXiv:2406.11617)",
+            check=_della_check,
+        )
+    )
+    register(
+        MergeMethod(
+            "slerp",
+            "tensor",
+            _slerp_kernel,
+            (
+                Option("t", 0.5, low=0.0, high=1.0, help="0 gives the first input, 1 the second"),
+                Option("dot_threshold", 0.9995, low=0.0, high=1.0, help="|cos| above which it interpolates linearly"),
+                Option(
+                    "space",
+                    "weights",
+                    "choice",
+                    choices=("weights", "delta"),
+                    help="interpolate θ0 + τ (mergekit, FusionBench) or the deltas τ",
+                ),
+            ),
+            min_inputs=2,
+            max_inputs=2,
+            summary="per tensor spherical interpolation of two models (t = 0.5), linear when nearly colinear",
+            reference="Shoemake 1985; mergekit's slerp",
+        )
+    )
+
+
+_register()

@@ -68,7 +68,7 @@ METHOD_KINDS = ("tensor", "model")
 OPTION_KINDS = ("number", "int", "choice", "bool", "str", "numbers")
 
 #: Modules that register methods when imported (imported once, on the first look-up). Add yours here.
-PROVIDERS: list[str] = ["hf_cft.merging.baselines"]
+PROVIDERS: list[str] = ["hf_cft.merging.baselines", "hf_cft.merging.methods", "hf_cft.merging.data_dependent"]
 
 _METHODS: dict[str, MergeMethod] = {}
 _LOADED = False
@@ -349,4 +349,3 @@ def methods() -> dict[str, MergeMethod]:
     """name → :class:`MergeMethod` of every registered method."""
     _load_providers()
     return dict(sorted(_METHODS.items()))
-

@@ -316,6 +316,7 @@ class SemanticRouter:
         classnames: Sequence[str] | None = None,
         templates: Sequence[str] | None = None,
         task: str | None = None,
+        **image_inputs: torch.Tensor,
     ) -> torch.Tensor:
         """Fused logits ``[N, C]`` over the test dataset's classes (fp32, on the model's device).
 
@@ -327,18 +328,19 @@ class SemanticRouter:
         classnames, templates = self._resolve(classnames, templates, task)
         device = model_device(self.base_model)
         px = pixel_values.to(device)
+        extra = {k: v.to(device) for k, v in image_inputs.items() if v is not None}
         scale = self._scale
         self.stats.batches += 1
         if task is not None:
             expert = self.expert(task)
             head = self._head(task, expert, classnames, templates)
-            feats = expert.run(image_features, px).float()
+            feats = expert.run(image_features, px, **extra).float()
             self.stats.expert_image_passes += 1
             self.stats.expert_samples += px.shape[0]
             self.stats.experts_per_batch.append(1)
             return scale * feats @ head.t()
 
-        z0 = image_features(self.base_model, px).float()
+        z0 = image_features(self.base_model, px, **extra).float()
         self.stats.zero_shot_passes += 1
         head0 = self._head(ZERO_SHOT, None, classnames, templates)
         if not self.merger.task_names:
@@ -358,7 +360,7 @@ class SemanticRouter:
             name = routing.task_names[e]
             expert = self.expert(name)
             head = self._head(name, expert, classnames, templates)
-            feats = expert.run(image_features, px[rows]).float()
+            feats = expert.run(image_features, px[rows], **{k: v[rows] for k, v in extra.items()}).float()
             self.stats.expert_image_passes += 1
             self.stats.expert_samples += int(rows.sum())
             out[rows] += (weight * scale).unsqueeze(1) * (feats @ head.t())
@@ -372,6 +374,7 @@ class SemanticRouter:
         classnames: Sequence[str] | None = None,
         templates: Sequence[str] | None = None,
         task: str | None = None,
+        **image_inputs: torch.Tensor,
     ) -> torch.Tensor:
         """Arg-max class ids ``[N]`` of :meth:`logits`."""
-        return self.logits(pixel_values, classnames, templates, task=task).argmax(dim=-1)
+        return self.logits(pixel_values, classnames, templates, task=task, **image_inputs).argmax(dim=-1)

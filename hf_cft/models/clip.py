@@ -1,4 +1,5 @@
-"""Uniform access to CLIP-like dual encoders (``CLIPModel`` first, ``SiglipModel`` second).
+"""Uniform access to CLIP-like dual encoders (``CLIPModel``, ``SiglipModel``, ``Siglip2Model`` and the other
+families of :mod:`hf_cft.models.families`).
 
 transformers 5.x returns output objects from ``get_text_features`` / ``get_image_features`` (the projected
 vector is ``.pooler_output``); 4.x returned tensors. Everything in hf_cft goes through these helpers so
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_cft.errors import NotCLIPLikeError
+from hf_cft.errors import ImageInputsError, NotCLIPLikeError
 
 _REQUIRED = ("get_text_features", "get_image_features", "logit_scale")
 
@@ -26,7 +27,8 @@ def check_clip_like(model: nn.Module) -> nn.Module:
     if missing:
         raise NotCLIPLikeError(
             f"{type(base).__name__} is not a CLIP-like dual encoder: it lacks {', '.join(missing)}. "
-            "hf_cft works with transformers' CLIPModel and SiglipModel (or models exposing the same methods)."
+            "hf_cft works with transformers' CLIP-like dual encoders (CLIPModel, SiglipModel, Siglip2Model, "
+            "MetaClip2Model, AltCLIPModel, ChineseCLIPModel) or models exposing the same methods."
         )
     return base
 
@@ -70,10 +72,40 @@ def text_features(
     return F.normalize(out, dim=-1) if normalize else out
 
 
-def image_features(model: nn.Module, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """Projected image features ``[N, d]`` (L2-normalised unless ``normalize=False``)."""
+def image_features(
+    model: nn.Module, pixel_values: torch.Tensor, normalize: bool = True, **image_inputs: torch.Tensor | None
+) -> torch.Tensor:
+    """Projected image features ``[N, d]`` (L2-normalised unless ``normalize=False``).
+
+    ``image_inputs`` are the family's inputs besides ``pixel_values`` (SigLIP2 NaFlex: ``pixel_attention_mask`` and
+    ``spatial_shapes``, as its image processor returns them; :func:`hf_cft.models.families.image_inputs` picks them
+    from a batch). A family that needs them and does not get them raises :class:`~hf_cft.errors.ImageInputsError`;
+    so does one that is given inputs it has no use for.
+    """
+    from hf_cft.models.families import IMAGE_INPUT_KEYS, family_of
+
     base = check_clip_like(model)
-    out = _pooled(base.get_image_features(pixel_values=pixel_values))
+    given = {k: v for k, v in image_inputs.items() if v is not None}
+    unknown = sorted(set(given) - set(IMAGE_INPUT_KEYS))
+    if unknown:
+        raise TypeError(f"image_features got unexpected inputs {unknown}; known: {list(IMAGE_INPUT_KEYS)}")
+    family = family_of(base)
+    missing = [k for k in family.image_inputs if k not in given]
+    extra = [k for k in given if k not in family.image_inputs]
+    if missing or extra:
+        raise ImageInputsError(
+            f"{type(base).__name__} ({family.model_type}) "
+            + (
+                f"needs {' and '.join(missing)} with pixel_values (the patches of its own image processor, e.g. "
+                "ImageTransform.from_model(model) or the model's AutoImageProcessor)"
+                if missing
+                else f"takes pixel_values alone, not {' or '.join(extra)}"
+            )
+            + "."
+        )
+    device = pixel_values.device
+    given = {k: v.to(device) for k, v in given.items()}
+    out = _pooled(base.get_image_features(pixel_values=pixel_values, **given))
     return F.normalize(out, dim=-1) if normalize else out
 
 

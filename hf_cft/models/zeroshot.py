@@ -110,12 +110,15 @@ def encode_images(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Normalised image features ``[N, d]`` (fp32, CPU) and labels (or ``None``) over a batch iterable
     (e.g. a ``DataLoader`` with :class:`~hf_cft.data.ImageClassificationCollator`)."""
+    from hf_cft.models.families import image_inputs
+
     check_clip_like(model)
     device = torch.device(device) if device is not None else model_device(model)
     feats, labels = [], []
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         pixel_values = batch["pixel_values"] if isinstance(batch, dict) else batch
-        feats.append(image_features(model, pixel_values.to(device), normalize=True).float().cpu())
+        extra = image_inputs(batch)
+        feats.append(image_features(model, pixel_values.to(device), normalize=True, **extra).float().cpu())
         if isinstance(batch, dict) and "labels" in batch:
             labels.append(batch["labels"].cpu())
     if not feats:
@@ -128,9 +131,12 @@ def _encode_gathered(model: nn.Module, loader, accelerator) -> tuple[torch.Tenso
     """Image features and labels over a dataloader sharded by ``accelerator``, gathered batch by batch with
     ``gather_for_metrics``, which drops the samples accelerate repeats to even out the last batches (gathering the
     concatenated features once would keep them and count some images twice)."""
+    from hf_cft.models.families import image_inputs
+
     feats, labels = [], []
     for batch in loader:
-        f = image_features(model, batch["pixel_values"].to(accelerator.device), normalize=True).float()
+        px = batch["pixel_values"].to(accelerator.device)
+        f = image_features(model, px, normalize=True, **image_inputs(batch)).float()
         f, lab = accelerator.gather_for_metrics((f, batch["labels"].to(accelerator.device)))
         feats.append(f.cpu())
         labels.append(lab.cpu())

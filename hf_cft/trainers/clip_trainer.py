@@ -49,6 +49,7 @@ from hf_cft.data.transforms import (
 )
 from hf_cft.errors import AdapterError, CardError, DatasetFormatError, HubError, NonFiniteError
 from hf_cft.models.clip import check_clip_like, image_features, logit_scale, text_features
+from hf_cft.models.families import image_inputs
 from hf_cft.models.tokenizer import tokenize_prompts
 from hf_cft.trainers.clip_config import ClipTrainingArguments
 
@@ -229,13 +230,17 @@ class ClipClassifier(nn.Module):
         row_classes=None,
         ctx_mask=None,
         return_parts: bool = False,
+        pixel_attention_mask=None,
+        spatial_shapes=None,
     ):
         """Class logits; with ``return_parts`` the pieces they are made of instead: ``{"image": normalised image
         features, "scale": exp(logit_scale)}`` plus ``"text"`` (normalised class text features; for CoOp also
         ``"text_raw"``, the unnormalised ones) or, for a linear head, ``"weight"`` and ``"bias"`` — what MergeTune
-        interpolates."""
+        interpolates. ``pixel_attention_mask`` / ``spatial_shapes``: SigLIP2's NaFlex inputs, passed on with the
+        patches."""
+        extra = {"pixel_attention_mask": pixel_attention_mask, "spatial_shapes": spatial_shapes}
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_trainable()):
-            img = image_features(self.model, pixel_values, normalize=True)
+            img = image_features(self.model, pixel_values, normalize=True, **extra)
         scale = logit_scale(self.model).to(img.dtype)
         if self.mode == "head":
             tuner = _find_tuner(self.model, "LinearHeadModel")
@@ -287,7 +292,7 @@ class ClipClassificationTrainer(Trainer):
             :class:`~hf_cft.errors.DatasetFormatError` here, before any work, naming what to call.
         image_processor: where the image transform of raw datasets comes from: a transformers image processor,
             a ``CLIPProcessor`` or an :class:`~hf_cft.data.ImageTransform`; default: the processor saved in the
-            model's folder, else the model's image size with CLIP statistics (:func:`~hf_cft.data.model_transform`).
+            model's folder, else its family's defaults at its image size (:func:`~hf_cft.data.model_transform`).
             It is also saved (with the tokenizer) beside a fully fine-tuned model.
         dataset_name: the dataset's name (or Hub dataset id) shown in the model card.
 
@@ -364,6 +369,8 @@ class ClipClassificationTrainer(Trainer):
             **kwargs,
         )
         self.model_accepts_loss_kwargs = False
+        # FSDP2's fully_shard refuses 0-d parameters (CLIP's logit_scale); they train as [1] and are saved as 0-d
+        self._fsdp_scalars = fsdp_scalar_parameters(model) if self.is_fsdp_enabled else []
         self.kg_text = self._kg_anchor() if args.kg_weight > 0 else None
         self.add_callback(TransformEpochCallback())
         self._metric_sums: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
@@ -531,7 +538,10 @@ class ClipClassificationTrainer(Trainer):
             from hf_cft.trainers.mergetune_losses import cosine_anchor
 
             parts = model(
-                pixel_values=inputs["pixel_values"], **self._text_inputs(train=model.training), return_parts=True
+                pixel_values=inputs["pixel_values"],
+                **image_inputs(inputs),
+                **self._text_inputs(train=model.training),
+                return_parts=True,
             )
             text = parts["text"].float()
             logits = parts["scale"].float() * parts["image"].float() @ text.t()
@@ -541,7 +551,9 @@ class ClipClassificationTrainer(Trainer):
             self._record(mode, "loss_kg", kg)
             loss = loss + self.args.kg_weight * kg
         else:
-            logits = model(pixel_values=inputs["pixel_values"], **self._text_inputs(train=model.training))
+            logits = model(
+                pixel_values=inputs["pixel_values"], **image_inputs(inputs), **self._text_inputs(train=model.training)
+            )
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing)
         self._record(mode, "accuracy", (logits.detach().argmax(-1) == labels).float().mean() * 100.0)
         loss = self._weighted(loss)
@@ -613,6 +625,9 @@ class ClipClassificationTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         if state_dict is not None:
             state_dict = _strip_prefix(state_dict, "model.")
+            for name in self._fsdp_scalars:  # back to the model's own (0-d) shape
+                if name in state_dict:
+                    state_dict[name] = state_dict[name].reshape(())
         with tempfile.TemporaryDirectory(dir=output_dir, prefix=".hf_cft_save_") as stage:
             self._write_artefact(stage, state_dict)
             try:
@@ -653,7 +668,7 @@ class ClipClassificationTrainer(Trainer):
         """The processor saved beside a full model: the image processor given (or one matching the image
         transform) joined with the tokenizer, so that ``AutoProcessor`` / ``AutoTokenizer`` /
         ``AutoImageProcessor`` load them from the model's folder; ``None`` without a savable tokenizer."""
-        from transformers import CLIPImageProcessor, CLIPProcessor, ProcessorMixin
+        from transformers import CLIPProcessor, ProcessorMixin
 
         if isinstance(self.image_processor, ProcessorMixin):
             return self.image_processor
@@ -662,16 +677,9 @@ class ClipClassificationTrainer(Trainer):
             return None
         image_processor = self.image_processor
         if image_processor is None or isinstance(image_processor, ImageTransform):
-            tf = self._image_transform
-            image_processor = CLIPImageProcessor(
-                size={"shortest_edge": tf.size},
-                crop_size={"height": tf.crop_size, "width": tf.crop_size},
-                image_mean=list(tf.mean),
-                image_std=list(tf.std),
-            )
-        if isinstance(image_processor, CLIPImageProcessor) and type(check_clip_like(self.clip_model)).__name__ in (
-            "CLIPModel",
-        ):
+            image_processor = self._image_transform.to_processor()  # the processor the transform reproduces
+        is_clip_processor = type(image_processor).__name__ in ("CLIPImageProcessor", "CLIPImageProcessorPil")
+        if is_clip_processor and type(check_clip_like(self.clip_model)).__name__ in ("CLIPModel",):
             try:
                 return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
             except (TypeError, ValueError):
@@ -935,6 +943,21 @@ _ADAPTER_CARD_FIELDS = {
     "HF_CFT_HEAD": ("init",),
     "LORA": ("r", "lora_alpha", "lora_dropout", "target_modules"),
 }
+
+
+def fsdp_scalar_parameters(model: nn.Module) -> list[str]:
+    """Give every 0-d parameter of ``model`` the shape ``[1]`` (same value, same ``requires_grad``), in place, and
+    return their names: FSDP2's ``fully_shard`` raises ``ValueError: fully_shard doesn't support scalar
+    parameters`` for them (torch ``_fsdp_init._verify_managed_param``), and ``CLIPModel.logit_scale`` is one. The
+    models' forward passes broadcast a ``[1]`` scale like a 0-d one; :meth:`ClipClassificationTrainer._save` writes
+    them back with their 0-d shape."""
+    names = []
+    for prefix, module in model.named_modules():
+        for key, param in list(module._parameters.items()):
+            if param is not None and param.ndim == 0:
+                setattr(module, key, nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad))
+                names.append(f"{prefix}.{key}" if prefix else key)
+    return names
 
 
 def _strip_prefix(state_dict: dict, prefix: str) -> dict:

@@ -154,7 +154,7 @@ def coop_context_init(peft_model, tokenizer, ctx_finetuned: torch.Tensor, ctx_in
     ids = _word_ids(tokenizer, ctx_init)
     if len(ids) != ctx.shape[-2]:
         raise ValueError(f"ctx_init {ctx_init!r} has {len(ids)} tokens but the context has {ctx.shape[-2]}")
-    emb = peft_model.get_base_model().text_model.embeddings.get_base_layer().token_embedding
+    emb = layer.token_embedding
     e0 = emb.weight[torch.tensor(ids, device=emb.weight.device)].float()
     ctx.copy_((1 - tau) * e0.to(ctx) + tau * ctx_finetuned.to(ctx))
 

@@ -47,6 +47,7 @@ from torch.func import functional_call
 from hf_cft.errors import AdapterError, HfCftError
 from hf_cft.hub.push import check_loaded_adapter
 from hf_cft.models.clip import logit_scale
+from hf_cft.models.families import image_inputs
 from hf_cft.trainers.clip_trainer import ClipClassificationTrainer, _find_tuner
 from hf_cft.trainers.mergetune_config import MergeTuneConfig, MergeTuneConfigError
 from hf_cft.trainers.mergetune_losses import (
@@ -141,14 +142,9 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             fisher_data = self.prepare_dataset(fisher_dataset, train=False, what="fisher_dataset")
         else:
             fisher_data = self.train_dataset
+        self._fsdp_path = False
         if self.family in ("lora", "full", "vpt"):
-            if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
-                # docs/distributed.md: the path evaluates the network at interpolated weights, which needs the full
-                # (gathered) parameters on every process; only DDP / single-device runs are supported.
-                raise HfCftError(
-                    f"MergeTune's {self.family} family does not support FSDP or DeepSpeed (the path loss runs the model "
-                    "at interpolated full weights); use DDP or a single device."
-                )
+            self._check_sharding()
             self._logits_fn = ClassLogits(self.clip_model)  # references the model: functional_call runs it
             if self.family == "lora":
                 self.weight_space = LoraWeightSpace(self.clip_model)
@@ -168,6 +164,49 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         self._initialise(args.tau)
         if self.anchor_kind == "fisher":
             self._estimate_fisher(fisher_data)
+
+    def _check_sharding(self) -> None:
+        """Weight space under FSDP / DeepSpeed (docs/distributed.md): full fine-tuning runs under FSDP2 with the path
+        formed shard by shard; everything else is refused here, with the reason."""
+        if getattr(self, "is_deepspeed_enabled", False):
+            raise HfCftError(
+                f"MergeTune's {self.family} family does not support DeepSpeed (the path loss substitutes interpolated "
+                "weights, which ZeRO-3 shards inside DeepSpeed's engine); use DDP, or FSDP2 for full fine-tuning."
+            )
+        if not getattr(self, "is_fsdp_enabled", False):
+            return
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if self.family != "full":
+            why = {
+                "lora": "its path point W0 + ΔW2 + α(ΔW − ΔW2) has rank 2r, which FSDP's sharded rank-r factors cannot "
+                "hold in place (ΔW = s·B·A is not element-wise in the factors)",
+                "vpt": "it is untested under FSDP (its prompts are small: DDP costs no memory)",
+            }[self.family]
+            raise HfCftError(
+                f"MergeTune's {self.family} family does not support FSDP: {why}; use DDP (multi_gpu_ddp.yaml). Full "
+                "fine-tuning runs under FSDP2."
+            )
+        if getattr(plugin, "fsdp_version", 2) != 2:
+            raise HfCftError(
+                "MergeTune full fine-tuning under FSDP needs FSDP2 (fsdp_version: 2): FSDP1 flattens the parameters "
+                "into one buffer per unit, so ŵ1 and ŵ2 cannot be sharded like them."
+            )
+        self._fsdp_path = True
+
+    def _fsdp_shards(self) -> bool:
+        """Under FSDP2: once the Trainer has sharded the model (``fully_shard`` at ``accelerator.prepare``), shard ŵ1,
+        ŵ2 and the Fisher like it (once). True when the path is to be formed shard by shard."""
+        if not self._fsdp_path:
+            return False
+        if not self.weight_space.sharded:
+            from torch.distributed.tensor import DTensor
+
+            if not any(isinstance(p, DTensor) for p in self.clip_model.parameters()):
+                return False  # not wrapped yet (e.g. evaluate before train): the plain path is exact
+            fisher = self.weight_space.shard(getattr(self, "fisher", None))
+            if fisher is not None:
+                self.fisher = fisher
+        return True
 
     # ------------------------------------------------------------------------------------------------ model card
 
@@ -367,6 +406,20 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             dataset = dataset.select(rows) if hasattr(dataset, "select") else Subset(dataset, rows)
         return DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator)
 
+    def _fisher_pixels(self, batch) -> torch.Tensor:
+        """``pixel_values`` of one batch for the weight-space Fisher, which takes per-example gradients with
+        ``vmap``: SigLIP2's NaFlex inputs size the position grid from ``spatial_shapes`` values, which ``vmap``
+        cannot trace, so that family is refused with a typed error."""
+        if image_inputs(batch):
+            from hf_cft.errors import MethodNotApplicableError
+
+            raise MethodNotApplicableError(
+                f"MergeTune's weight-space Fisher anchor cannot apply to {type(self.clip_model).__name__}: its "
+                "per-example gradients use vmap, and NaFlex patches (pixel_attention_mask / spatial_shapes) size the "
+                "position grid from tensor values vmap cannot trace. Use anchor='cosine' or 'sq_l2'."
+            )
+        return batch["pixel_values"].to(self.args.device)
+
     def _estimate_fisher(self, dataset):
         """Diagonal Fisher of the zero-shot classifier on the downstream images (no labels used), in closed form
         per example; normalised to mean 1 plus damping. Its cost is kept in ``fisher_info``."""
@@ -473,7 +526,7 @@ class MergeTuneTrainer(ClipClassificationTrainer):
                 self._logits_fn,
                 coords,
                 fixed,
-                (batch["pixel_values"].to(self.args.device) for batch in loader),
+                (self._fisher_pixels(batch) for batch in loader),
                 self._text_inputs(train=False),
                 self.weight_space.towers,
                 labels=self.args.fisher_labels,
@@ -493,17 +546,46 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             "parameters": int(sum(f.numel() for f in self.fisher.values())),
         }
 
-    def _weight_space_path(self, pixel_values, image, text, text_inputs, labels, alphas) -> torch.Tensor:
+    def _weight_space_path(self, pixel_values, image, text, text_inputs, labels, alphas, extra=None) -> torch.Tensor:
         """(1/N)·Σ_k CE at the interpolated weights, one ``functional_call`` per α; towers that hold no part of w
-        reuse the task forward's features (``image``, ``text``)."""
+        reuse the task forward's features (``image``, ``text``). ``extra``: the batch's other image inputs
+        (SigLIP2's ``pixel_attention_mask`` / ``spatial_shapes``)."""
         kw = {}
-        kw.update({"pixel_values": pixel_values} if "vision" in self.weight_space.towers else {"image": image})
+        vision = "vision" in self.weight_space.towers
+        kw.update({"pixel_values": pixel_values, **(extra or {})} if vision else {"image": image})
         kw.update(text_inputs if "text" in self.weight_space.towers else {"text": text})
         losses = []
         for a in alphas:
             params = {f"model.{k}": v for k, v in self.weight_space.path_params(float(a)).items()}
             logits = functional_call(self._logits_fn, params, (), kw).float()
             losses.append(F.cross_entropy(logits, labels, label_smoothing=self.args.label_smoothing))
+        return torch.stack(losses).mean()
+
+    def _sharded_path(self, model, inputs, text_inputs, labels, alphas) -> torch.Tensor:
+        """The path term under FSDP2: per α, the parameters' local shards are set to ŵ2 + α(w − ŵ2) and the FSDP
+        model runs on them (its all-gathers give each layer the interpolated full weights); in training the α term's
+        backward runs there too, scaled by α (∂θ/∂w = α) and like the Trainer's loss (β/N, gradient accumulation,
+        padding weight), so its reduce-scattered gradient adds to w's. Returns the detached (1/N)·Σ_k CE."""
+        from torch.distributed.fsdp import FSDPModule
+
+        def reshard():  # the root keeps its all-gathered parameters after a forward: drop them before values change
+            for m in model.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+
+        backward = model.training and torch.is_grad_enabled()
+        scale = self.args.path_weight / len(alphas) / self.current_gradient_accumulation_steps
+        scale *= 1.0 if self._padding_weight is None else self._padding_weight
+        losses = []
+        for a in alphas:
+            reshard()
+            with self.weight_space.at_path_point(float(a)):
+                logits = model(pixel_values=inputs["pixel_values"], **image_inputs(inputs), **text_inputs).float()
+                loss = F.cross_entropy(logits, labels, label_smoothing=self.args.label_smoothing)
+                if backward:
+                    self.accelerator.backward(loss * (scale * float(a)))
+                reshard()
+            losses.append(loss.detach())
         return torch.stack(losses).mean()
 
     # ------------------------------------------------------------------------------------------------ ensemble
@@ -558,17 +640,32 @@ class MergeTuneTrainer(ClipClassificationTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         text_inputs = self._text_inputs(train=model.training)
-        parts = model(pixel_values=inputs["pixel_values"], **text_inputs, return_parts=True)
-        img = parts["image"].float()
         alphas = self._alphas(model.training)
+        sharded = self.family == "full" and self._fsdp_shards()
+        if sharded:  # before the task forward: no graph of it may be pending while the shards hold path points
+            path = self._sharded_path(model, inputs, text_inputs, labels, alphas)
+        parts = model(pixel_values=inputs["pixel_values"], **image_inputs(inputs), **text_inputs, return_parts=True)
+        img = parts["image"].float()
         smoothing = self.args.label_smoothing  # one L2: the task and the path terms alike
         if self.family in ("lora", "full", "vpt"):
             text = parts["text"].float()
             logits = parts["scale"].float() * img @ text.t()
             anchor = self.weight_space.anchor(self.anchor_kind, getattr(self, "fisher", None))
-            path = self._weight_space_path(
-                inputs["pixel_values"], parts["image"], parts["text"], text_inputs, labels, alphas
-            )
+            if sharded:
+                # the local anchor carries each shard's exact gradient; the logged value is the sum over processes
+                total = anchor.detach().clone()
+                torch.distributed.all_reduce(total)
+                anchor = anchor + (total - anchor.detach())
+            else:
+                path = self._weight_space_path(
+                    inputs["pixel_values"],
+                    parts["image"],
+                    parts["text"],
+                    text_inputs,
+                    labels,
+                    alphas,
+                    image_inputs(inputs),
+                )
         elif self.family == "coop":
             text = parts["text"].float()
             scale = parts["scale"].float()

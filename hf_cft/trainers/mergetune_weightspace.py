@@ -25,6 +25,7 @@ coordinates are the entries of ΔW_l (= the gradient with respect to the base we
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from collections.abc import Callable, Iterable
@@ -85,12 +86,16 @@ class ClassLogits(nn.Module):
         image: torch.Tensor | None = None,
         text: torch.Tensor | None = None,
         what: str = "logits",
+        pixel_attention_mask=None,
+        spatial_shapes=None,
     ) -> torch.Tensor:
-        """Logits ``[B, C]``; ``what="image"`` / ``"text"`` returns only the normalised image / class features."""
+        """Logits ``[B, C]``; ``what="image"`` / ``"text"`` returns only the normalised image / class features.
+        ``pixel_attention_mask`` / ``spatial_shapes``: SigLIP2's NaFlex inputs, passed on with ``pixel_values``."""
         if what == "text":
             return class_text(self.model, input_ids, attention_mask, num_templates)
         if image is None:
-            image = image_features(self.model, pixel_values, normalize=True)
+            extra = {"pixel_attention_mask": pixel_attention_mask, "spatial_shapes": spatial_shapes}
+            image = image_features(self.model, pixel_values, normalize=True, **extra)
         if what == "image":
             return image
         if text is None:
@@ -108,6 +113,14 @@ def class_text(model: nn.Module, input_ids, attention_mask, num_templates: int =
 def _check_finite(tensor: torch.Tensor, key: str, where: str) -> None:
     if not torch.isfinite(tensor).all():
         raise NonFiniteError(f"tensor {key!r} of {where} holds NaN or inf.")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of an FSDP2 (DTensor) parameter, the tensor itself otherwise (differentiable; under
+    ``torch.no_grad`` the shard's own storage, so writing to it writes the parameter)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _name_in(model: nn.Module) -> dict[int, str]:
@@ -343,9 +356,18 @@ def _folder_reader(path: Path) -> tuple[set[str], Callable[[str], torch.Tensor],
 
 
 class FullWeightSpace:
-    """w = every trainable tensor of a plain CLIP-like model; ŵ1 and ŵ2 detached tensors for those keys only."""
+    """w = every trainable tensor of a plain CLIP-like model; ŵ1 and ŵ2 detached tensors for those keys only.
+
+    Under FSDP2 (:meth:`shard`) every tensor of w is a DTensor sharded over the processes; ŵ1, ŵ2 (and a Fisher)
+    are then kept as this process's shards of the same layout, and everything MergeTune does with them is
+    element-wise per shard: the anchor is the sum over local shards (its gradient needs no communication), the
+    τ-initialisation and the weight ensemble write local shards, and the path point ŵ2 + α(w − ŵ2) is written into
+    the local shards themselves (:meth:`at_path_point`), so that FSDP's own layer-by-layer all-gathers run the model
+    at the interpolated weights — no process ever holds more than FSDP holds anyway.
+    """
 
     family = "full"
+    sharded = False
 
     def __init__(self, model: nn.Module, zero_shot=None):
         self.model = model
@@ -434,13 +456,67 @@ class FullWeightSpace:
     def initialise(self, tau: float) -> None:
         """§7: w0 = (1 − τ)·ŵ1 + τ·ŵ2 for every trainable tensor."""
         for name, p in self.params.items():
-            p.copy_(((1 - tau) * self.w_zs[name].float() + tau * self.w_ft[name].float()).to(p.dtype))
+            w = _local(p)
+            w.copy_(((1 - tau) * self.w_zs[name].float() + tau * self.w_ft[name].float()).to(w.dtype))
 
     @torch.no_grad()
     def ensemble(self, gamma: float) -> None:
         """§9 weight ensemble: w ← (1 − γ)·ŵ1 + γ·w for every trainable tensor (in fp32)."""
         for name, p in self.params.items():
-            p.copy_(((1 - gamma) * self.w_zs[name].float() + gamma * p.float()).to(p.dtype))
+            w = _local(p)
+            w.copy_(((1 - gamma) * self.w_zs[name].float() + gamma * w.float()).to(w.dtype))
+
+    @torch.no_grad()
+    def shard(self, fisher: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
+        """After FSDP2's ``fully_shard``: take the model's (new, DTensor) parameters of w and keep only this process's
+        shards of ŵ1, ŵ2 and ``fisher`` (cut locally with the parameters' own mesh and placements, no
+        communication); returns the sharded Fisher. A 0-d tensor that the trainer reshaped to ``[1]`` for FSDP
+        (the logit scale) is reshaped alike."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        params = {n: p for n, p in self.model.named_parameters() if n in self.params}
+        if set(params) != set(self.params):
+            missing = sorted(set(self.params) - set(params))
+            raise HfCftError(f"the FSDP-wrapped model has no parameter {missing[0]!r} of MergeTune's w.")
+
+        def local(name: str, full: torch.Tensor) -> torch.Tensor:
+            p = params[name]
+            if not isinstance(p, DTensor):
+                raise HfCftError(
+                    f"parameter {name!r} is not sharded by FSDP2 (a {type(p).__name__}); MergeTune shards ŵ1 and ŵ2 "
+                    "like the DTensor parameters of fully_shard (fsdp_version: 2)."
+                )
+            if full.is_meta:
+                raise HfCftError(
+                    f"ŵ1/ŵ2 tensor {name!r} is on the meta device on this process (the model was loaded on the main "
+                    "process only: fsdp_cpu_ram_efficient_loading); pass zero_shot= (and finetuned=) as model folders."
+                )
+            full = full.reshape(p.shape).to(device=p.device)
+            return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local().clone()
+
+        self.params = params
+        self.w_zs = {n: local(n, t) for n, t in self.w_zs.items()}
+        self.w_ft = {n: local(n, t) for n, t in self.w_ft.items()}
+        self.sharded = True
+        return {n: local(n, t) for n, t in fisher.items()} if fisher is not None else None
+
+    @contextlib.contextmanager
+    def at_path_point(self, alpha: float):
+        """Within the block the parameters of w hold ŵ2 + α(w − ŵ2) (in fp32, per local shard under FSDP2); they
+        get their values back on exit, exactly (a copy of w is kept, not recomputed from the interpolation)."""
+        saved = {}
+        with torch.no_grad():
+            for name, p in self.params.items():
+                w = _local(p)
+                saved[name] = w.clone()
+                ft = self.w_ft[name].float()
+                w.copy_((ft + alpha * (w.float() - ft)).to(w.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    _local(p).copy_(saved[name])
 
     def path_params(self, alpha: float) -> dict[str, torch.Tensor]:
         """ŵ2 + α(w − ŵ2) per trainable tensor (interpolated in fp32)."""
@@ -451,9 +527,10 @@ class FullWeightSpace:
         return out
 
     def anchor(self, kind: str, fisher: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """``sq_l2``: Σ_j (w_j − ŵ1_j)²; ``fisher``: Σ_j F_j (w_j − ŵ1_j)²."""
+        """``sq_l2``: Σ_j (w_j − ŵ1_j)²; ``fisher``: Σ_j F_j (w_j − ŵ1_j)². Sharded: the sum over this process's
+        shards (the sum over processes is the anchor; each shard's gradient is already exact)."""
         names = list(self.params)
-        params = [self.params[n].float() for n in names]
+        params = [_local(self.params[n]).float() for n in names]  # this process's shards under FSDP2
         anchors = [self.w_zs[n].float() for n in names]
         if kind == "sq_l2":
             return sq_l2_anchor(params, anchors)

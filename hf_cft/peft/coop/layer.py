@@ -11,7 +11,8 @@ from hf_cft.peft.base import single_active_adapter
 
 
 class CoOpLayer(nn.Module, BaseTunerLayer):
-    """Wraps a text-embeddings module (``CLIPTextEmbeddings``): replaces the token embeddings at placeholder
+    """Wraps a text-embeddings module (``CLIPTextEmbeddings``, or the BERT / RoBERTa embeddings of ChineseCLIP and
+    AltCLIP, which also take ``input_ids`` with ``inputs_embeds``): replaces the token embeddings at placeholder
     positions by learned context vectors, then lets the original module add position embeddings.
 
     Rows without placeholders are embedded unchanged, so ordinary prompts still encode as in the base model.
@@ -32,11 +33,18 @@ class CoOpLayer(nn.Module, BaseTunerLayer):
         self.update_layer(adapter_name, **kwargs)
 
     @property
+    def token_embedding(self) -> nn.Embedding:
+        """The wrapped module's token-embedding table (``token_embedding`` or BERT's ``word_embeddings``)."""
+        from hf_cft.models.families import token_embedding
+
+        return token_embedding(self.get_base_layer())
+
+    @property
     def embed_dim(self) -> int:
-        return self.get_base_layer().token_embedding.weight.shape[1]
+        return self.token_embedding.weight.shape[1]
 
     def update_layer(self, adapter_name, n_ctx, n_contexts, placeholder_id, init=None, init_std=0.02, **_):
-        weight = self.get_base_layer().token_embedding.weight
+        weight = self.token_embedding.weight
         shape = (n_contexts, n_ctx, self.embed_dim) if n_contexts else (n_ctx, self.embed_dim)
         ctx = torch.empty(shape, dtype=torch.float32, device=weight.device)
         if init is not None:
@@ -79,7 +87,7 @@ class CoOpLayer(nn.Module, BaseTunerLayer):
                 "class_text_features(), which marks the slots by position)."
             )
         if inputs_embeds is None:
-            inputs_embeds = base.token_embedding(input_ids)
+            inputs_embeds = self.token_embedding(input_ids)
         if bool(rows.any()):
             if ctx.dim() == 3:  # class-specific contexts: the caller says which class each row is
                 if self._row_classes is None:

@@ -25,12 +25,24 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
     target_module_mapping: dict = {}
     method_name = "CoOp"
 
+    def _prepare_adapter_config(self, peft_config, model_config):
+        """The default target (``text_model.embeddings``) becomes the family's text embeddings (AltCLIP keeps them
+        under ``text_model.roberta``; see :mod:`hf_cft.models.families`)."""
+        from hf_cft.models.families import family_of
+
+        path = family_of(self.model).text_embeddings
+        if peft_config.target_modules == ["text_model.embeddings"] and path != "text_model.embeddings":
+            peft_config.target_modules = [path]
+        return peft_config
+
     def _create_and_replace(self, peft_config: CoOpConfig, adapter_name, target, target_name, parent, current_key):
+        from hf_cft.models.families import token_embedding
+
         base = target.get_base_layer() if isinstance(target, CoOpLayer) else target
-        if not hasattr(base, "token_embedding"):
+        if token_embedding(base) is None:
             raise AdapterError(
                 f"CoOp adapter {adapter_name!r}: target {current_key!r} is a {type(base).__name__}, not a text "
-                "embeddings module with a token_embedding (CLIPTextEmbeddings)."
+                "embeddings module with a token-embedding table (token_embedding or word_embeddings)."
             )
         kwargs = self._layer_kwargs(peft_config, adapter_name, base)
         if isinstance(target, CoOpLayer):
@@ -39,6 +51,8 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
             self._replace_module(parent, target_name, CoOpLayer(target, adapter_name, **kwargs), target)
 
     def _layer_kwargs(self, config: CoOpConfig, adapter_name: str, embeddings) -> dict:
+        from hf_cft.models.families import token_embedding
+
         tokenizer = resolve_tokenizer(config)
         placeholder_id = config.placeholder_token_id
         init = None
@@ -54,7 +68,8 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
                     )
                 n_ctx = len(init_ids)
                 with torch.no_grad():
-                    init = embeddings.token_embedding.weight[torch.tensor(init_ids)].detach().float().clone()
+                    table = token_embedding(embeddings).weight
+                    init = table[torch.tensor(init_ids, device=table.device)].detach().float().clone()
         elif config.ctx_init and config.n_ctx is None:
             raise AdapterError(
                 f"CoOp adapter {adapter_name!r}: ctx_init={config.ctx_init!r} needs a tokenizer; call "
@@ -111,26 +126,34 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
                 f"CoOp adapter {name!r}: {cfg.n_ctx} context tokens plus {name_part} do not fit the text tower's "
                 f"positions ({exc})"
             ) from exc
-        # Context slots by position: CLIP-style pre-tokenisation splits on whitespace, so every placeholder word is
-        # one token and the class name's tokens sit between them exactly as tokenised alone. Positions (not the
-        # placeholder id) mark the slots, so a class name whose BPE contains the placeholder ("tsx" -> "ts" "x")
-        # is safe.
+        # Context slots by position, found from the ends of each prompt's run of placeholder tokens: the first run starts
+        # right after the leading special tokens (none for SigLIP, BOS / CLS for the others; after any left padding),
+        # and the last placeholders before the closing "." end the second run. A class name whose tokens include the
+        # placeholder ("tsx" -> "ts" "x") is therefore safe, and so is a tokenizer that spells the placeholder
+        # differently after a space (Gemma's "x" / "▁x", SigLIP2).
         ids = enc["input_ids"]
+        ph_ids = torch.tensor(_placeholder_ids(tokenizer, cfg.placeholder_token))
+        lead = _leading_specials(tokenizer, cfg.placeholder_token, ph_ids)
+        is_ph = torch.isin(ids, ph_ids)
+        mask = enc.get("attention_mask")
+        first_real = mask.long().argmax(dim=1) if mask is not None else torch.zeros(len(ids), dtype=torch.long)
         ctx_mask = torch.zeros_like(ids, dtype=torch.bool)
         rest = cfg.n_ctx - half
-        for row, c in enumerate(classnames):
-            k = len(_word_ids(tokenizer, c))
+        for row in range(len(classnames)):
+            start = int(first_real[row]) + lead
             if cfg.class_token_position == "end":
-                spans = [(1, cfg.n_ctx)]
-            elif cfg.class_token_position == "front":
-                spans = [(1 + k, cfg.n_ctx)]
-            else:
-                spans = [(1, half), (1 + half + k, rest)]
-            for start, length in spans:
-                ctx_mask[row, start : start + length] = True
-        ph_id = cfg.placeholder_token_id
-        bad = [c for c, ok in zip(classnames, ((ids == ph_id) | ~ctx_mask).all(1).tolist()) if not ok]
-        if bad or bool((ctx_mask.sum(1) != cfg.n_ctx).any()):
+                ctx_mask[row, start : start + cfg.n_ctx] = True
+                continue
+            if cfg.class_token_position == "middle":
+                ctx_mask[row, start : start + half] = True
+            tail = cfg.n_ctx if cfg.class_token_position == "front" else rest
+            where = is_ph[row].nonzero().flatten()
+            where = where[where >= start + (half if cfg.class_token_position == "middle" else 1)]
+            if len(where) >= tail:
+                ctx_mask[row, where[-tail:]] = True
+        bad = [c for c, ok in zip(classnames, (is_ph | ~ctx_mask).all(1).tolist()) if not ok]
+        runs_ok = all(_contiguous_runs(m) <= (2 if cfg.class_token_position == "middle" else 1) for m in ctx_mask)
+        if bad or not runs_ok or bool((ctx_mask.sum(1) != cfg.n_ctx).any()):
             raise AdapterError(
                 f"CoOp adapter {name!r}: the context slots of the prompt of class {(bad or classnames)[0]!r} do not "
                 f"hold the placeholder {cfg.placeholder_token!r}; the tokenizer does not split it as a separate word."
@@ -182,6 +205,26 @@ def _word_ids(tokenizer, text: str) -> list[int]:
     if ids and isinstance(ids[0], list):
         ids = ids[0]
     return [int(i) for i in ids]
+
+
+def _placeholder_ids(tokenizer, token: str) -> list[int]:
+    """The ids the placeholder word takes in a prompt: alone and after a space (the same for CLIP's BPE, WordPiece
+    and SentencePiece; Gemma's BPE spells "x" and "▁x" differently)."""
+    alone = _word_ids(tokenizer, token)
+    after_space = _word_ids(tokenizer, f"{token} {token}")[len(alone) :]
+    return sorted(set(alone) | set(after_space))
+
+
+def _leading_specials(tokenizer, token: str, ph_ids: torch.Tensor) -> int:
+    """How many special tokens the tokenizer puts before the text (BOS / CLS: 1; SigLIP's T5 layout: 0)."""
+    ids = tokenizer([f"{token} ."], add_special_tokens=True)["input_ids"][0]
+    hits = [i for i, t in enumerate(ids) if int(t) in set(ph_ids.tolist())]
+    return hits[0] if hits else 1
+
+
+def _contiguous_runs(mask: torch.Tensor) -> int:
+    m = mask.long()
+    return int(m[0]) + int(((m[1:] - m[:-1]) == 1).sum())
 
 
 def _single_token_id(tokenizer, token: str, adapter_name: str) -> int:

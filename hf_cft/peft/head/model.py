@@ -97,9 +97,9 @@ class LinearHeadModel(NoMergeTunerMixin, BaseTuner):
         feats = image_features if normalized else F.normalize(image_features, dim=-1)
         return F.linear(feats.to(w.dtype), w, b)
 
-    def classify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def classify(self, pixel_values: torch.Tensor, **image_inputs) -> torch.Tensor:
         """Logits ``[N, C]`` for images (every class of the head). :func:`hf_cft.class_logits` gives class logits for
         every model kind (CoOp, VPT, LoRA, this head restricted to given class names, ConDU) with one call."""
         from hf_cft.models.clip import image_features
 
-        return self.head_logits(image_features(self.model, pixel_values, normalize=True))
+        return self.head_logits(image_features(self.model, pixel_values, normalize=True, **image_inputs))

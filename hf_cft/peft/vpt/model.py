@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import re
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner
 
 from hf_cft.errors import AdapterError
-from hf_cft.peft.base import NoMergeTunerMixin
+from hf_cft.peft.base import NoMergeTunerMixin, single_active_adapter
 from hf_cft.peft.vpt.config import VPTConfig
 from hf_cft.peft.vpt.layer import VPTDeepLayer, VPTEmbeddingLayer, _VPTBase, default_init_range
 
@@ -49,9 +50,40 @@ class VPTModel(NoMergeTunerMixin, BaseTuner):
         else:
             cls = VPTEmbeddingLayer if is_embeddings else VPTDeepLayer
             self._replace_module(parent, target_name, cls(target, adapter_name, **kwargs), target)
+        if is_embeddings:
+            _extend_patch_mask(parent, target_name)
 
     def _vision_embeddings(self):
         for name, module in self.model.named_modules():
             if name == "vision_model.embeddings" or name.endswith(".vision_model.embeddings"):
                 return module.get_base_layer() if isinstance(module, _VPTBase) else module
         raise AdapterError("VPT needs a vision tower with an `embeddings` module (CLIPVisionEmbeddings).")
+
+
+def _extend_patch_mask(vision_tower, embeddings_name: str) -> None:
+    """SigLIP2 (NaFlex) masks padded patches with ``pixel_attention_mask`` ``[B, N]``, which its vision tower hands
+    to the encoder and the pooling head: the prompt tokens need ones in it, or the mask no longer fits the sequence.
+    A forward pre-hook on the tower (registered once) prepends them while a VPT adapter is active."""
+    import inspect
+
+    if getattr(vision_tower, "_hf_cft_vpt_mask_hook", False):
+        return
+    if "pixel_attention_mask" not in inspect.signature(vision_tower.forward).parameters:
+        return
+
+    def hook(module, args, kwargs):
+        mask = kwargs.get("pixel_attention_mask")
+        layer = getattr(module, embeddings_name, None)
+        if mask is None or not isinstance(layer, VPTEmbeddingLayer):
+            return None
+        adapter = single_active_adapter(layer, "VPT")
+        if adapter is None:
+            return None
+        n = layer.vpt_prompts[adapter].shape[0]
+        ones = torch.ones(mask.shape[0], n, dtype=mask.dtype, device=mask.device)
+        start = layer._start
+        kwargs["pixel_attention_mask"] = torch.cat([mask[:, :start], ones, mask[:, start:]], dim=1)
+        return args, kwargs
+
+    vision_tower.register_forward_pre_hook(hook, with_kwargs=True)
+    vision_tower._hf_cft_vpt_mask_hook = True

@@ -1,0 +1,227 @@
+"""Throughput and memory of hf_cft's merges (issue 18, item 2): method × T × model shape → time / bound and peak
+memory / one model.
+
+Two modes, both on random fp32 deltas of the true CLIP shapes (ViT-B/16, ViT-L/14; every floating-point key):
+
+- ``memory``: T deltas in memory merged key by key (:func:`hf_cft.merging.streaming.merge_deltas`); the bound is
+  cloning every input once, measured in the same run (the issue's definition);
+- ``files``: θ⁰ and T fine-tuned models saved as safetensors folders in a cache folder outside the repository
+  (``$HF_CFT_CACHE/merge-bench``, else ``~/.cache/hf_cft/merge-bench``), merged by ``hf-cft merge`` in a child
+  process (its peak RSS is the peak memory); the bound is copying the input files (θ⁰ + T models) once, in the same
+  run.
+
+Each number is the median of ``--reps`` runs. Example (the table in docs/methods/merging-config.md)::
+
+    nice -n 5 python benchmarks/merge_throughput.py --mode memory --shapes vit-b16 --T 2 4 8
+    nice -n 5 python benchmarks/merge_throughput.py --mode files --shapes vit-b16 --T 2 8 --methods task_arithmetic ties
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = {  # method → options (the registry's defaults otherwise)
+    "task_arithmetic": {},
+    "magmax": {},
+    "dare": {"density": 0.1},
+    "consensus": {},
+    "ties": {"density": 0.2},
+}
+
+
+def clip_config(shape: str):
+    from hf_cft.testing import clip_vit_b16_config
+
+    config = clip_vit_b16_config()
+    if shape == "vit-l14":
+        from transformers import CLIPConfig
+
+        config = CLIPConfig(
+            text_config=dict(config.text_config.to_dict(), hidden_size=768, intermediate_size=3072,
+                             num_attention_heads=12, projection_dim=768),
+            vision_config=dict(config.vision_config.to_dict(), hidden_size=1024, intermediate_size=4096,
+                               num_attention_heads=16, num_hidden_layers=24, patch_size=14, projection_dim=768),
+            projection_dim=768,
+        )
+    return config
+
+
+def shapes_of(shape: str) -> dict[str, tuple[int, ...]]:
+    from transformers import CLIPModel
+
+    with torch.device("meta"):
+        model = CLIPModel(clip_config(shape))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if v.is_floating_point() and k != "logit_scale"}
+
+
+def _median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_memory(shape: str, ts: list[int], methods: list[str], reps: int) -> list[dict]:
+    from hf_cft.merging.streaming import merge_deltas
+
+    shapes = shapes_of(shape)
+    model_bytes = 4 * sum(math.prod(s) for s in shapes.values())
+    rows = []
+    for t in ts:
+        g = torch.Generator().manual_seed(t)
+        deltas = [{k: 0.01 * torch.randn(s, generator=g) for k, s in shapes.items()} for _ in range(t)]
+
+        def clone_all(deltas=deltas):
+            for d in deltas:
+                for v in d.values():
+                    v.clone()
+
+        for method in methods:
+            bound = _median_time(clone_all, reps)  # the bound beside each row, in the same run
+            took = _median_time(lambda m=method, ds=deltas: merge_deltas(ds, m, METHODS[m]), reps)
+            rows.append({"mode": "memory", "shape": shape, "T": t, "method": method, "seconds": round(took, 3),
+                         "bound_seconds": round(bound, 3), "time_over_bound": round(took / bound, 2),
+                         "model_bytes": model_bytes})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _save_model(folder: Path, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+
+
+def prepare_files(shape: str, t_max: int, cache: Path, dtype: torch.dtype) -> Path:
+    """θ⁰ and ``t_max`` fine-tuned models of ``shape`` (random, fp32 or fp16 storage), written once."""
+    root = cache / f"{shape}-{str(dtype).split('.')[-1]}"
+    done = root / "done.json"
+    if done.is_file() and json.loads(done.read_text())["T"] >= t_max:
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    from transformers import CLIPModel
+
+    config = clip_config(shape)
+    with torch.device("meta"):
+        state = CLIPModel(config).state_dict()
+    g = torch.Generator().manual_seed(0)
+    base = {}
+    for k, v in state.items():
+        base[k] = (0.02 * torch.randn(v.shape, generator=g)).to(dtype) if v.is_floating_point() else torch.zeros(v.shape, dtype=v.dtype)
+    _save_model(root / "base", base)
+    config.save_pretrained(root / "base")
+    for i in range(t_max):
+        ft = {k: (v.float() + 0.001 * torch.randn(v.shape, generator=g)).to(dtype) if v.is_floating_point() else v
+              for k, v in base.items()}
+        _save_model(root / f"ft{i}", ft)
+        config.save_pretrained(root / f"ft{i}")
+        del ft
+    done.write_text(json.dumps({"T": t_max}))
+    return root
+
+
+_PEAK = (
+    "import sys\nfrom hf_cft.cli import main\nrc = main(sys.argv[1:])\n"
+    "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+    "print('PEAK', int(hwm) * 1024)\nsys.exit(rc)\n"
+)
+
+
+def _child_merge(argv: list[str]) -> tuple[float, int]:
+    """Run ``hf-cft merge`` in a child; (seconds, the child's peak RSS in bytes: VmHWM of its own address space,
+    which a fork's inherited pages do not inflate as ``ru_maxrss`` does)."""
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", _PEAK, *argv], check=True, capture_output=True, text=True)
+    took = time.perf_counter() - t0
+    peak = next(int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("PEAK"))
+    return took, peak
+
+
+def _child_baseline() -> int:
+    """Peak RSS of a child that only imports hf_cft's command line (the interpreter, torch, transformers)."""
+    code = ("import hf_cft.cli, hf_cft.merging.streaming, hf_cft.hub\n"
+            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return int(out.stdout.strip()) * 1024
+
+
+def bench_files(shape: str, ts: list[int], methods: list[str], reps: int, cache: Path, dtype: torch.dtype) -> list[dict]:
+    root = prepare_files(shape, max(ts), cache, dtype)
+    model_bytes = (root / "base" / "model.safetensors").stat().st_size
+    baseline = _child_baseline()
+    rows = []
+    scratch = Path(tempfile.mkdtemp(prefix="merge-bench-", dir=str(cache)))
+    try:
+        for t in ts:
+            inputs = [str(root / f"ft{i}") for i in range(t)]
+
+            def copy_inputs(inputs=inputs):
+                for i, folder in enumerate([root / "base", *map(Path, inputs)]):
+                    shutil.copyfile(folder / "model.safetensors", scratch / f"copy{i}.safetensors")
+
+            for method in methods:
+                copy = _median_time(copy_inputs, reps)
+                for f in scratch.glob("copy*.safetensors"):
+                    f.unlink()
+                argv = ["merge", "--base", str(root / "base"), "--method", method, "--adapters", *inputs,
+                        "--out", str(scratch / "out"), "--overwrite"]
+                for name, value in METHODS[method].items():
+                    argv += ["--param", f"{name}={value}"]
+                runs = [_child_merge(argv) for _ in range(reps)]
+                took = statistics.median(r[0] for r in runs)
+                peak = max(r[1] for r in runs)
+                rows.append({"mode": "files", "shape": shape, "storage": str(dtype).split(".")[-1], "T": t,
+                             "method": method, "seconds": round(took, 3), "copy_seconds": round(copy, 3),
+                             "time_over_copy": round(took / copy, 2), "peak_rss_bytes": peak,
+                             "import_rss_bytes": baseline, "model_bytes": model_bytes,
+                             "peak_over_model": round(peak / model_bytes, 2),
+                             "peak_above_imports_over_model": round((peak - baseline) / model_bytes, 2)})
+                print(json.dumps(rows[-1]), flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=["memory", "files"], default="memory")
+    parser.add_argument("--shapes", nargs="+", default=["vit-b16", "vit-l14"], choices=["vit-b16", "vit-l14"])
+    parser.add_argument("--T", nargs="+", type=int, default=[2, 4, 8])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--storage", choices=["float32", "float16"], default="float32",
+                        help="files mode: dtype of the saved models (float16 halves the disk space)")
+    parser.add_argument("--cache", default=None, help="folder for the saved models (outside the repository)")
+    parser.add_argument("--output", help="JSON file for the rows")
+    args = parser.parse_args()
+    from hf_cft.utils import hf_cft_cache_dir
+
+    cache = Path(args.cache) if args.cache else hf_cft_cache_dir("merge-bench")
+    cache.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for shape in args.shapes:
+        if args.mode == "memory":
+            rows += bench_memory(shape, args.T, args.methods, args.reps)
+        else:
+            rows += bench_files(shape, args.T, args.methods, args.reps, cache, getattr(torch, args.storage))
+    if args.output:
+        Path(args.output).write_text(json.dumps({"machine": f"{os.cpu_count()} CPU cores", "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""``python -m hf_cft.accelerate_configs [NAME]``: the path of a shipped accelerate config, or the list of them."""
+
+import sys
+
+from hf_cft.accelerate_configs import available, config_path
+from hf_cft.errors import OptionError
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        for name, what in available().items():
+            print(f"{name:18s} {what}")
+        return 0
+    try:
+        print(config_path(argv[0]))
+    except OptionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,370 @@
+"""Declarative, streamed merges: ``hf-cft merge --config merge.yaml`` and its Python form (hf_cft.merging.config,
+hf_cft.merging.streaming, hf_cft.hub.run_merge) on tiny CLIPs saved to folders — equality with the in-memory
+one-shot methods, per-input weights and densities, sharded output, out_dtype, the merge card and the resolved config
+written with the output, the LoRA output loaded with PeftModel.from_pretrained, Hub ids through snapshot_download
+(answered by the fake Hub), and typed errors naming the offending field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from hf_cft.cli import main
+from hf_cft.errors import BundleError, DeltaError, MergeConfigError
+from hf_cft.merging import baselines, delta_from_lora, delta_from_models
+from hf_cft.merging.config import MergeConfig
+from hf_cft.merging.streaming import SafetensorsFile, ShardedWriter, merge_deltas, parse_size
+from hf_cft.testing import save_tiny_clip
+
+pytestmark = pytest.mark.filterwarnings("ignore:Could not find a config file:UserWarning")
+
+
+def _noisy(model, seed, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n != "logit_scale":
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from transformers import AutoModel
+
+    root = tmp_path_factory.mktemp("merge")
+    a = {"root": root, "clip": save_tiny_clip(root / "clip", hidden_size=32, num_layers=2)}
+
+    def base():
+        return AutoModel.from_pretrained(a["clip"]).eval()
+
+    a["base"] = base
+    for name, cfg in {
+        "lora_a": LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        "lora_b": LoraConfig(r=2, target_modules=["fc1", "q_proj"], init_lora_weights=False, lora_alpha=4),
+    }.items():
+        torch.manual_seed(1 if name == "lora_a" else 2)
+        get_peft_model(base(), cfg).save_pretrained(root / name)
+        a[name] = root / name
+    for name, seed in (("ft_a", 3), ("ft_b", 4)):
+        _noisy(base(), seed).save_pretrained(root / name)
+        a[name] = root / name
+    return a
+
+
+def _weights(folder):
+    folder = Path(folder)
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _dense(assets, names):
+    base = assets["base"]()
+    deltas = [
+        delta_from_lora(assets[n], base) if n.startswith("lora") else delta_from_models(base, assets[n])
+        for n in names
+    ]
+    keys = sorted({k for d in deltas for k in d})
+    state = base.state_dict()
+    return state, keys, [{k: d.get(k, torch.zeros_like(state[k])) for k in keys} for d in deltas]
+
+
+def _write_yaml(path, data):
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ equality
+
+
+def test_config_merge_with_per_input_weights_equals_the_in_memory_merge(assets, tmp_path):
+    names = ["lora_a", "ft_a", "lora_b"]
+    config = _write_yaml(
+        tmp_path / "merge.yaml",
+        {
+            "base_model": str(assets["clip"]),
+            "method": "ties",
+            "parameters": {"density": 0.5},
+            "inputs": [
+                {"model": str(assets["lora_a"]), "weight": 1.0},
+                {"model": str(assets["ft_a"]), "weight": 0.5, "density": 0.3},
+                {"model": str(assets["lora_b"])},
+            ],
+        },
+    )
+    out = tmp_path / "merged"
+    assert main(["merge", "--config", str(config), "--out", str(out)]) == 0
+    state, keys, dense = _dense(assets, names)
+    # reference from the paper's steps: trim each to its density, scale by its weight, elect, disjoint mean
+    trimmed = [
+        {k: w * baselines.trim_top_k(d[k], dens) for k in keys}
+        for d, w, dens in zip(dense, [1.0, 0.5, 1.0], [0.5, 0.3, 0.5])
+    ]
+    got = _weights(out)
+    for k in keys:
+        stacked = torch.stack([t[k] for t in trimmed])
+        sign = torch.sign(stacked.sum(0))
+        agree = (torch.sign(stacked) == sign) & (sign != 0)
+        ref = (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+        torch.testing.assert_close(got[k], state[k] + ref, rtol=0, atol=1e-6)
+    untouched = [k for k in state if k not in keys]
+    assert untouched and all(torch.equal(got[k], state[k]) for k in untouched)  # logit_scale, position ids, ...
+    from hf_cft.hub import load_model
+
+    assert load_model(out) is not None
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "reference"),
+    [
+        ("task_arithmetic", {"weight": 0.4}, lambda ds: baselines.task_arithmetic(ds, lam=0.4)),
+        ("magmax", {}, lambda ds: baselines.magmax(ds, lam=0.5)),
+        ("dare", {"density": 0.5, "seed": 2}, lambda ds: baselines.dare(ds, rho=0.5, seed=2)),
+        ("consensus", {"k": 1}, lambda ds: baselines.consensus(ds, k=1)),
+        (
+            "ties",
+            {"trim_scope": "model", "merge": "sum", "density": 0.4},
+            lambda ds: baselines.ties(ds, k=0.4, trim_scope="model", merge="sum"),
+        ),
+    ],
+)
+def test_python_merge_equals_the_one_shot_function(method, params, reference, assets, tmp_path):
+    from hf_cft.hub import run_merge
+
+    names = ["lora_a", "lora_b", "ft_b"]
+    config = {"base_model": str(assets["clip"]), "method": method, "parameters": params,
+              "inputs": [str(assets[n]) for n in names]}
+    run_merge(config, tmp_path / "out")
+    state, keys, dense = _dense(assets, names)
+    merged = reference(dense)
+    got = _weights(tmp_path / "out")
+    for k in keys:
+        torch.testing.assert_close(got[k], state[k] + merged[k], rtol=0, atol=1e-6)
+
+
+def test_merge_deltas_never_needs_zero_filled_inputs():
+    g = torch.Generator().manual_seed(0)
+    a = {"x": torch.randn(4, 3, generator=g), "y": torch.randn(5, generator=g)}
+    b = {"x": torch.randn(4, 3, generator=g)}  # no "y": counts as zeros
+    dense_b = {**b, "y": torch.zeros(5)}
+    for method, ref in (("ties", baselines.ties([a, dense_b], k=0.5)), ("magmax", baselines.magmax([a, dense_b]))):
+        got = merge_deltas([a, b], method, {"density": 0.5} if method == "ties" else {})
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k])
+    with pytest.raises(DeltaError, match="key 'x' has shape"):
+        merge_deltas([a, {"x": torch.zeros(3)}], "task_arithmetic")
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def test_sharded_output_in_another_dtype_loads_and_holds_the_same_weights(assets, tmp_path):
+    args = ["merge", "--base", str(assets["clip"]), "--method", "task_arithmetic", "--adapters",
+            str(assets["ft_a"]), str(assets["lora_a"]), "--lam", "0.5", "-0.25"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--out", str(tmp_path / "sharded"), "--max_shard_size", "40KB"]) == 0
+    assert main([*args, "--out", str(tmp_path / "bf16"), "--out_dtype", "bfloat16", "--max_shard_size", "40KB"]) == 0
+    one, sharded = _weights(tmp_path / "one"), _weights(tmp_path / "sharded")
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0].startswith("model-00001-of-")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(one) and set(index["weight_map"].values()) == set(shards)
+    for f in shards:
+        assert (tmp_path / "sharded" / f).stat().st_size <= 40_000 + 4096 or len(load_file(str(tmp_path / "sharded" / f))) == 1
+    assert one.keys() == sharded.keys() and all(torch.equal(one[k], sharded[k]) for k in one)
+    bf16 = _weights(tmp_path / "bf16")
+    for k, v in one.items():
+        if v.is_floating_point():
+            assert bf16[k].dtype == torch.bfloat16 and torch.equal(bf16[k], v.to(torch.bfloat16))
+        else:
+            assert torch.equal(bf16[k], v)  # integer buffers keep their dtype
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text()).get("dtype") == "bfloat16"
+    state, keys, dense = _dense(assets, ["ft_a", "lora_a"])
+    ref = baselines.task_arithmetic(dense, lam=[0.5, -0.25])
+    for k in keys:
+        torch.testing.assert_close(one[k], state[k] + ref[k], rtol=0, atol=1e-6)
+    from hf_cft.hub import load_model
+
+    model = load_model(tmp_path / "sharded")
+    assert torch.equal(model.state_dict()["text_projection.weight"], one["text_projection.weight"])
+
+
+def test_card_resolved_config_and_rerun_from_it(assets, tmp_path):
+    results = tmp_path / "eval.json"
+    results.write_text(json.dumps({"results": [{"name": "colours", "accuracy": 71.25}]}))
+    out = tmp_path / "merged"
+    assert main(["merge", "--base", str(assets["clip"]), "--method", "dare", "--adapters", str(assets["lora_a"]),
+                 str(assets["ft_b"]), "--rho", "0.7", "--seed", "5", "--results", str(results),
+                 "--model_name", "clip-dare", "--out", str(out)]) == 0
+    card = ModelCard((out / "README.md").read_text())
+    meta = card.data.to_dict()
+    assert meta["library_name"] == "transformers" and "model-merging" in meta["tags"] and "dare" in meta["tags"]
+    assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == 71.25
+    text = card.text
+    assert "**dare**" in text and str(assets["lora_a"]) in text and "LoRA adapter" in text and "full model" in text
+    assert "| density | " in text or "density" in text
+    resolved = yaml.safe_load((out / "merge.yaml").read_text())
+    assert resolved["method"] == "dare" and resolved["parameters"] == {"then": "ta", "seed": 5}
+    assert [i["density"] for i in resolved["inputs"]] == pytest.approx([0.3, 0.3])
+    assert [i["weight"] for i in resolved["inputs"]] == [0.3, 0.3]
+    assert yaml.safe_dump(resolved, sort_keys=False) in text  # the card carries the resolved config
+    assert json.loads((out / "merge_config.json").read_text())["method"] == "dare"
+    again = tmp_path / "again"
+    assert main(["merge", "--config", str(out / "merge.yaml"), "--out", str(again)]) == 0
+    a, b = _weights(out), _weights(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_output_loads_with_peft_and_equals_the_merged_delta(assets, tmp_path):
+    from transformers import AutoModel
+
+    out = tmp_path / "lora_out"
+    # task arithmetic of two rank-2 adapters: the merged ΔW has rank ≤ 4 per target, so rank 4 is exact
+    config = {"base_model": str(assets["clip"]), "method": "task_arithmetic", "parameters": {"weight": 0.8},
+              "inputs": [str(assets["lora_a"]), str(assets["lora_b"])], "lora_rank": 4}
+    from hf_cft.hub import run_merge
+
+    run_merge(config, out)
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "merge.yaml"} <= {p.name for p in out.iterdir()}
+    assert ModelCard((out / "README.md").read_text()).data.library_name == "peft"
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(assets["clip"]), str(out))
+    merged = peft_model.merge_and_unload().state_dict()
+    state, keys, dense = _dense(assets, ["lora_a", "lora_b"])
+    ref = baselines.task_arithmetic(dense, lam=0.8)
+    for k in keys:
+        torch.testing.assert_close(merged[k], state[k] + ref[k], rtol=0, atol=1e-5)
+    # rank 1 is a truncation: the best rank-1 approximation of each merged ΔW (Eckart–Young), not the ΔW
+    run_merge({**config, "lora_rank": 1}, tmp_path / "r1")
+    with safe_open(str(tmp_path / "r1" / "adapter_model.safetensors"), "pt") as fh:
+        key = "text_model.encoder.layers.0.self_attn.q_proj"
+        b, a = fh.get_tensor(f"base_model.model.{key}.lora_B.weight"), fh.get_tensor(f"base_model.model.{key}.lora_A.weight")
+    u, s, vh = torch.linalg.svd(ref[f"{key}.weight"].double())
+    torch.testing.assert_close((b @ a).double(), s[0] * torch.outer(u[:, 0], vh[0]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(MergeConfigError, match="needs LoRA inputs only.*full model"):
+        run_merge({**config, "inputs": [str(assets["lora_a"]), str(assets["ft_a"])]}, tmp_path / "bad")
+
+
+# ------------------------------------------------------------------------------------------------ Hub
+
+
+def test_hub_ids_are_resolved_and_the_merge_is_pushed_with_its_card(assets, tmp_path, monkeypatch, hub):
+    from hf_cft.hub import push_folder_to_hub
+
+    push_folder_to_hub(assets["lora_b"], "me/lora-b", api=hub.api)
+    pulled = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        pulled.append((repo_id, revision))
+        return str(hub.materialise(repo_id, tmp_path / "pulled" / repo_id.replace("/", "__")))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    out = tmp_path / "merged"
+    config = _write_yaml(
+        tmp_path / "m.yaml",
+        {
+            "base_model": str(assets["clip"]),
+            "method": "task_arithmetic",
+            "inputs": [{"model": str(assets["lora_a"])}, {"model": "me/lora-b", "revision": "main"}],
+        },
+    )
+    assert main(["merge", "--config", str(config), "--out", str(out)]) == 0
+    assert pulled == [("me/lora-b", "main")]
+    assert "[me/lora-b](https://huggingface.co/me/lora-b)" in (out / "README.md").read_text()
+    state, keys, dense = _dense(assets, ["lora_a", "lora_b"])
+    ref = baselines.task_arithmetic(dense, lam=0.3)
+    got = _weights(out)
+    for k in keys:
+        torch.testing.assert_close(got[k], state[k] + ref[k], rtol=0, atol=1e-6)
+    assert main(["push", "--artefact", str(out), "--repo_id", "me/merged", "--endpoint", hub.url, "--token", "hf_fake"]) == 0
+    pushed = hub.files("me/merged")
+    assert pushed["README.md"] == (out / "README.md").read_bytes()
+    assert {"model.safetensors", "merge.yaml", "config.json"} <= set(pushed)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"inputs": [{"model": "x", "density": 0}]}, r"inputs\[0\]\.density must lie in \(0, 1\]"),
+        ({"inputs": [{"model": "x"}, {"weight": 1}]}, r"inputs\[1\]\.model is required"),
+        ({"inputs": [{"model": "x", "parameters": {"merge": "sum"}}]}, r"inputs\[0\]\.parameters\.merge is not a per-input option"),
+        ({"inputs": [{"model": "x", "dens": 0.2}]}, r"inputs\[0\]\.dens is not a field"),
+        ({"parameters": {"trim_scope": "layer"}}, r"parameters\.trim_scope must be one of"),
+        ({"parameters": {"k": 0.2}}, r"parameters\.k is not an option of method 'ties'"),
+        ({"method": "tie"}, r"method must be one of .*ties.*got 'tie'"),
+        ({"out_dtype": "fp8"}, r"out_dtype must be one of float32, float16, bfloat16"),
+        ({"max_shard_size": "2 parsecs"}, r"max_shard_size must be a size"),
+        ({"lora_rank": 0}, r"lora_rank must be at least 1"),
+        ({"inputs": []}, r"inputs is empty"),
+        ({"outdir": "x"}, r"outdir is not a field of a merge config"),
+        ({"inputs": [{"model": "x", "weight": 1, "parameters": {"weight": 2}}]}, r"inputs\[0\]\.weight is given twice"),
+    ],
+)
+def test_config_errors_name_the_field(change, message):
+    data = {"base_model": "clip", "method": "ties", "inputs": [{"model": "x"}], **change}
+    with pytest.raises(MergeConfigError, match=message):
+        MergeConfig.from_dict(data)
+
+
+def test_cli_config_errors_are_one_line(assets, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base_model: [unclosed\n")
+    assert main(["merge", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "is not valid YAML" in capsys.readouterr().err
+    cfg = _write_yaml(tmp_path / "c.yaml", {"base_model": str(assets["clip"]), "method": "ties",
+                                             "inputs": [{"model": str(assets["lora_a"]), "density": 2}]})
+    assert main(["merge", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("hf-cft merge: error: ") and "inputs[0].density must lie in (0, 1]" in err
+    assert main(["merge", "--base", str(assets["clip"]), "--method", "task_arithmetic", "--adapters",
+                 str(assets["lora_a"]), str(assets["lora_b"]), "--lam", "1", "2", "3", "--out", str(tmp_path / "o")]) == 2
+    assert "--lam takes one value or one per model (2), got 3" in capsys.readouterr().err
+    assert main(["merge", "--base", str(assets["clip"]), "--method", "ties", "--adapters", str(assets["lora_a"]),
+                 "--param", "trim_scope=layer", "--out", str(tmp_path / "o")]) == 2
+    assert "parameters.trim_scope must be one of" in capsys.readouterr().err
+    good = _write_yaml(tmp_path / "g.yaml", {"base_model": str(assets["clip"]), "method": "ties",
+                                              "inputs": [{"model": str(assets["lora_a"])}]})
+    assert main(["merge", "--config", str(good), "--out", str(assets["lora_a"] / "sub")]) == 2
+    assert "overlaps --adapters" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------ low level
+
+
+def test_sharded_writer_aligns_mixed_dtypes_and_refuses_what_was_not_planned(tmp_path):
+    tensors = {"a": torch.arange(3, dtype=torch.int8), "b": torch.randn(5, dtype=torch.float64),
+               "c": torch.randn(2, 3), "d": torch.arange(4, dtype=torch.int64), "e": torch.zeros(0)}
+    plan = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    writer = ShardedWriter(tmp_path, plan, max_shard_size=10**6)
+    for k in ["c", "a", "e", "b", "d"]:  # any order
+        writer.write(k, tensors[k])
+    assert writer.close() == ["model.safetensors"]
+    loaded = load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    f = SafetensorsFile(tmp_path / "model.safetensors")
+    assert all(e.start % max(1, e.dtype.itemsize) == 0 for e in f.entries.values())
+    assert torch.equal(f.read("b"), tensors["b"])
+    w = ShardedWriter(tmp_path / "x", plan, 10)
+    with pytest.raises(DeltaError, match="not in the output plan"):
+        w.write("z", torch.zeros(1))
+    with pytest.raises(DeltaError, match="planned"):
+        w.write("c", torch.zeros(3, 2))
+    torn = tmp_path / "torn.safetensors"
+    torn.write_bytes((tmp_path / "model.safetensors").read_bytes()[:-8])
+    with pytest.raises(BundleError, match="torn or inconsistent"):
+        SafetensorsFile(torn)
+    assert parse_size("1GiB") == 2**30 and parse_size("500MB") == 5 * 10**8 and parse_size(7) == 7
