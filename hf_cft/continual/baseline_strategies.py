@@ -136,6 +136,21 @@ def wise_strategy(alpha: float = 0.5) -> DeltaMergeStrategy:
     )
 
 
+def _store_expert_and_merge(strategy, task: TaskSpec, index: int) -> None:
+    """The ``learn`` step of the strategies that keep every expert on disk and re-merge them all (EMR, TALL): train
+    task ``index``'s expert, store it under ``"{index:03d}"``, then call ``strategy._merge()`` and time it."""
+    strategy.timings = {}
+    delta = strategy.train_expert(task, index)
+    key = f"{index:03d}"
+    save_expert(strategy.store, key, delta, {"task": task.name})
+    del delta
+    strategy.experts.append(key)
+    strategy.task_names.append(task.name)
+    t0 = time.perf_counter()
+    strategy._merge()
+    strategy.timings["merge_s"] = time.perf_counter() - t0
+
+
 class EMRStrategy(Strategy):
     """One-shot EMR-merging (pam.md §9) over every expert so far, recomputed after each task; experts train from
     θ⁰ and stay on disk.
@@ -187,16 +202,7 @@ class EMRStrategy(Strategy):
         self.result = result
 
     def learn(self, task: TaskSpec, index: int) -> None:
-        self.timings = {}
-        delta = self.train_expert(task, index)
-        key = f"{index:03d}"
-        save_expert(self.store, key, delta, {"task": task.name})
-        del delta
-        self.experts.append(key)
-        self.task_names.append(task.name)
-        t0 = time.perf_counter()
-        self._merge()
-        self.timings["merge_s"] = time.perf_counter() - t0
+        _store_expert_and_merge(self, task, index)
         self.task_metrics.update({f"rescaler/{n}": float(r) for n, r in zip(self.task_names, self.result.rescalers)})
 
     def task_delta(self, name: str) -> Delta:
@@ -408,16 +414,7 @@ class TALLStrategy(Strategy):
         check_finite(self.mtl, f"the TALL multi-task delta over {self.task_names}")
 
     def learn(self, task: TaskSpec, index: int) -> None:
-        self.timings = {}
-        delta = self.train_expert(task, index)
-        key = f"{index:03d}"
-        save_expert(self.store, key, delta, {"task": task.name})
-        del delta
-        self.experts.append(key)
-        self.task_names.append(task.name)
-        t0 = time.perf_counter()
-        self._merge()
-        self.timings["merge_s"] = time.perf_counter() - t0
+        _store_expert_and_merge(self, task, index)
         self.task_metrics.update(
             {
                 f"mask_density/{n}": sum(m.count() for m in self.packed[i].values())

@@ -475,19 +475,8 @@ def pam_strategy(
     eval_task_adapter: bool = True,
 ) -> PAMStrategy:
     """PAM with in-training alignment (pam.md §2–§5; defaults §6)."""
-    return PAMStrategy(
-        top_p,
-        align_every,
-        reset,
-        moment_reset,
-        merge_weight,
-        factors,
-        True,
-        "none",
-        1.0,
-        eval_task_adapter,
-        name="pam",
-    )
+    pam = dict(top_p=top_p, align_every=align_every, reset=reset, moment_reset=moment_reset)
+    return PAMStrategy(**pam, merge_weight=merge_weight, factors=factors, eval_task_adapter=eval_task_adapter)
 
 
 def merge_only_strategy(
@@ -549,19 +538,9 @@ def pam_tall_strategy(
 ) -> PAMTallStrategy:
     """PAM + TALL (pam.md §8's best row; hf_cft's reading in :class:`PAMTallStrategy`): PAM, then each learned task
     answered by its TALL mask over the global adapter (task id)."""
-    return PAMTallStrategy(
-        top_p,
-        align_every,
-        reset,
-        moment_reset,
-        merge_weight,
-        factors,
-        True,
-        "none",
-        1.0,
-        eval_task_adapter,
-        tall_lambda=tall_lambda,
-    )
+    pam = dict(top_p=top_p, align_every=align_every, reset=reset, moment_reset=moment_reset)
+    return PAMTallStrategy(**pam, merge_weight=merge_weight, factors=factors, eval_task_adapter=eval_task_adapter,
+                           tall_lambda=tall_lambda)  # fmt: skip
 
 
 PAM_STRATEGIES = {

@@ -41,12 +41,8 @@ _RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1}  # PIL cod
 
 # Vision / text config keys whose non-default value changes the computation in a way CLIPModel cannot follow:
 # key -> (default, what the architecture is called in the error)
-_VISION_UNSUPPORTED = {
-    "attentional_pool": (False, "attentional pooling (CoCa-style image tower)"),
-    "pos_embed_type": ("learnable", "fixed sin-cos position embeddings"),
+_TOWER_UNSUPPORTED = {  # either tower
     "ls_init_value": (None, "layer scale"),
-    "no_ln_pre": (False, "an image tower without ln_pre"),
-    "pool_type": ("tok", "image pooling other than the class token"),
     "act_kwargs": (None, "custom activation arguments"),
     "qk_norm": (False, "QK-norm attention"),
     "scaled_cosine_attn": (False, "scaled cosine attention"),
@@ -55,19 +51,19 @@ _VISION_UNSUPPORTED = {
     "scale_attn": (False, "post-attention LayerNorm"),
     "scale_fc": (False, "MLP LayerNorm"),
 }
+_VISION_UNSUPPORTED = {
+    "attentional_pool": (False, "attentional pooling (CoCa-style image tower)"),
+    "pos_embed_type": ("learnable", "fixed sin-cos position embeddings"),
+    "no_ln_pre": (False, "an image tower without ln_pre"),
+    "pool_type": ("tok", "image pooling other than the class token"),
+    **_TOWER_UNSUPPORTED,
+}
 _TEXT_UNSUPPORTED = {
-    "ls_init_value": (None, "layer scale"),
     "embed_cls": (False, "a text class token (CoCa)"),
     "no_causal_mask": (False, "a bidirectional text tower (SigLIP-style)"),
     "proj_bias": (False, "a text projection with bias"),
     "proj_type": ("linear", "a text projection other than linear"),
-    "act_kwargs": (None, "custom activation arguments"),
-    "qk_norm": (False, "QK-norm attention"),
-    "scaled_cosine_attn": (False, "scaled cosine attention"),
-    "scale_heads": (False, "per-head attention scales"),
-    "scale_attn_inner": (False, "inner attention LayerNorm"),
-    "scale_attn": (False, "post-attention LayerNorm"),
-    "scale_fc": (False, "MLP LayerNorm"),
+    **_TOWER_UNSUPPORTED,
 }
 
 
