@@ -82,6 +82,9 @@ def run_merge(
         "adapters": [i.model for i in config.inputs],
         **resolved,
     }
+    weights = [row.get("weight") for row in resolved["inputs"]]
+    if weights and None not in weights:  # the flag form's --lam, under its old key (scripts read it)
+        legacy["lam"] = weights[0] if len(set(weights)) == 1 else weights
     summary = merge_folders(
         base,
         folders,

@@ -133,7 +133,9 @@ class SafetensorsFile:
                 shape = tuple(int(s) for s in info["shape"])
                 begin, end = (int(x) for x in info["data_offsets"])
             except (KeyError, TypeError, ValueError) as exc:
-                raise BundleError(f"{what}: tensor {key!r} of {str(self.path)!r} has an unreadable header entry.") from exc
+                raise BundleError(
+                    f"{what}: tensor {key!r} of {str(self.path)!r} has an unreadable header entry."
+                ) from exc
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             if end - begin != nbytes or 8 + n + end > size:
                 raise BundleError(f"{what}: tensor {key!r} of {str(self.path)!r} has a torn or inconsistent entry.")
@@ -242,7 +244,9 @@ class _LoraInput(_Input):
                 entries[f"{module}.bias"] = "bias"
             for key, part in entries.items():
                 if key not in base:
-                    raise DeltaError(f"LoRA target {module!r} of the {what} has no base key {key!r} in the base model.")
+                    raise DeltaError(
+                        f"LoRA target {module!r} of the {what} has no base key {key!r} in the base model."
+                    )
                 b, a = g["lora_B.weight"], g["lora_A.weight"]
                 shape = (b.shape[0],) if part == "bias" else (b.shape[0], a.shape[1])
                 if g["fan_in_fan_out"] and part == "weight":
@@ -304,7 +308,9 @@ class _KeyDeltas(Sequence):
 
         d = self.inputs[t].delta(self.key, self.base())
         if not all_finite(d):
-            raise NonFiniteError(f"The delta of input {t} ({self.inputs[t].description}) holds NaN/inf at key {self.key!r}.")
+            raise NonFiniteError(
+                f"The delta of input {t} ({self.inputs[t].description}) holds NaN/inf at key {self.key!r}."
+            )
         return d
 
 
@@ -352,7 +358,9 @@ def _merged_keys(method, inputs: Sequence[_Input], shapes: Mapping[str, tuple], 
     key_sets = [inp.delta_keys() for inp in inputs]
     lazy = [_LazyInputDelta(inp, base_read) for inp in inputs]
     if method.kind == "model" or method.prepare is not None:
-        mctx = ModelContext(options, per_input, _LazyBase(shapes, base_read), dict(shapes), extra.get("base_model"), extra)
+        mctx = ModelContext(
+            options, per_input, _LazyBase(shapes, base_read), dict(shapes), extra.get("base_model"), extra
+        )
     if method.kind == "model":
         result = method.fn(lazy, mctx)
         merged = dict(result.items() if isinstance(result, Mapping) else result)
@@ -379,16 +387,20 @@ def _merged_keys(method, inputs: Sequence[_Input], shapes: Mapping[str, tuple], 
         yield key, method.fn(_KeyDeltas(inputs, present, key, shapes[key], base), ctx)
 
 
-def _check_merged(key: str, merged: torch.Tensor, shape: tuple, method: str) -> torch.Tensor:
+def _check_merged(
+    key: str, merged: torch.Tensor, shape: tuple, method: str, options=None, per_input=()
+) -> torch.Tensor:
     from hf_cft.merging.deltas import all_finite
 
     if not isinstance(merged, torch.Tensor) or tuple(merged.shape) != tuple(shape):
         got = tuple(merged.shape) if isinstance(merged, torch.Tensor) else type(merged).__name__
         raise DeltaError(f"Method {method!r} returned {got} for key {key!r}, expected a tensor of shape {shape}.")
     if not all_finite(merged):
+        weights = [row.get("weight") for row in per_input]
+        given = (f"its options {dict(options)} or " if options else "") + f"the inputs' weights {weights}"
         raise MergeConfigError(
-            f"The merged delta of {method!r} at key {key!r} holds NaN/inf: the weights scale finite inputs beyond the "
-            "float range; use smaller weights."
+            f"The merged delta of {method!r} at key {key!r} holds NaN/inf: {given} scale finite inputs beyond the "
+            "float range; use smaller values."
         )
     return merged
 
@@ -426,7 +438,11 @@ def merge_deltas(
     srcs = [_DeltaInput(d, f"delta {t}") for t, d in enumerate(deltas)]
     out = {}
     for key, merged in _merged_keys(m, srcs, dict(sorted(all_shapes.items())), lambda k: None, options, per_input, {}):
-        out[key] = torch.zeros(all_shapes[key]) if merged is None else _check_merged(key, merged, all_shapes[key], m.name)
+        out[key] = (
+            torch.zeros(all_shapes[key])
+            if merged is None
+            else _check_merged(key, merged, all_shapes[key], m.name, options, per_input)
+        )
     return out
 
 
@@ -443,8 +459,14 @@ class ShardedWriter:
     ``model.safetensors.index.json``. Within a shard tensors are ordered by element size (largest first), so every
     tensor is aligned to its element size, as safetensors' own writer does."""
 
-    def __init__(self, folder: str | os.PathLike, plan, max_shard_size: int, metadata: dict | None = None,
-                 filename: str = "model.safetensors"):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        plan,
+        max_shard_size: int,
+        metadata: dict | None = None,
+        filename: str = "model.safetensors",
+    ):
         self.folder = Path(folder)
         self.metadata = {"format": "pt", **(metadata or {})}
         shards: list[list[tuple[str, tuple, torch.dtype]]] = [[]]
@@ -611,7 +633,9 @@ def merge_folders(
             writer = ShardedWriter(stage, plan, shard_bytes)
             try:
                 merged_iter = dict.fromkeys(shapes)  # θ⁰'s order; the floating keys merged as they come
-                stream = _merged_keys(m, srcs, merge_shapes, base_read, options, per_input, {"base_model": base_folder})
+                stream = _merged_keys(
+                    m, srcs, merge_shapes, base_read, options, per_input, {"base_model": base_folder}
+                )
                 for key in merged_iter:
                     if key not in floating:
                         writer.write(key, base_src.read(key))
@@ -623,7 +647,7 @@ def merge_folders(
                         writer.write(key, base_src.read(key).to(dtype))
                         continue
                     changed += 1
-                    merged = _check_merged(key, merged, shapes[key], m.name)
+                    merged = _check_merged(key, merged, shapes[key], m.name, options, per_input)
                     writer.write(key, merged.add_(base_read(key)).to(dtype))
                 files = writer.close()
             except BaseException:
@@ -631,8 +655,20 @@ def merge_folders(
                 raise
             _write_model_side_files(base_folder, stage, out_dtype)
         else:
-            changed, files = _write_lora(m, srcs, merge_shapes, base_read, options, per_input, lora_rank, base, stage,
-                                         shard_bytes, out_dtype, base_folder)
+            changed, files = _write_lora(
+                m,
+                srcs,
+                merge_shapes,
+                base_read,
+                options,
+                per_input,
+                lora_rank,
+                base,
+                stage,
+                shard_bytes,
+                out_dtype,
+                base_folder,
+            )
         for name, data in (extra_files or {}).items():
             (stage / name).write_bytes(data)
     return {
@@ -658,7 +694,9 @@ def _write_model_side_files(base_folder: Path, stage: Path, out_dtype: str | Non
             shutil.copy2(base_folder / name, stage / name)
 
 
-def _write_lora(m, srcs, shapes, base_read, options, per_input, rank, base, stage, shard_bytes, out_dtype, base_folder):
+def _write_lora(
+    m, srcs, shapes, base_read, options, per_input, rank, base, stage, shard_bytes, out_dtype, base_folder
+):
     """The merged ΔW of every LoRA target as a rank-``rank`` LoRA adapter (truncated SVD), streamed key by key."""
     from hf_cft.validation import check_int
 
@@ -668,11 +706,15 @@ def _write_lora(m, srcs, shapes, base_read, options, per_input, rank, base, stag
         raise MergeConfigError(f"lora_rank: a LoRA output needs LoRA inputs only; {bad.description} is a full model.")
     if any(s.has_bias for s in srcs):
         bad = next(s for s in srcs if s.has_bias)
-        raise MergeConfigError(f"lora_rank: {bad.description} trains LoRA biases (lora_bias), which an SVD of ΔW drops.")
+        raise MergeConfigError(
+            f"lora_rank: {bad.description} trains LoRA biases (lora_bias), which an SVD of ΔW drops."
+        )
     targets = sorted(set().union(*(s.delta_keys() for s in srcs)))
     too_big = [k for k in targets if rank > min(shapes[k])]
     if too_big:
-        raise MergeConfigError(f"lora_rank={rank} exceeds the smaller dimension of {too_big[0]!r} {shapes[too_big[0]]}.")
+        raise MergeConfigError(
+            f"lora_rank={rank} exceeds the smaller dimension of {too_big[0]!r} {shapes[too_big[0]]}."
+        )
     dtype = OUT_DTYPES[out_dtype] if out_dtype else torch.float32
     plan = []
     for key in targets:
@@ -683,7 +725,11 @@ def _write_lora(m, srcs, shapes, base_read, options, per_input, rank, base, stag
     changed = 0
     try:
         for key, merged in _merged_keys(m, srcs, {k: shapes[k] for k in targets}, base_read, options, per_input, {}):
-            merged = torch.zeros(shapes[key]) if merged is None else _check_merged(key, merged, shapes[key], m.name)
+            merged = (
+                torch.zeros(shapes[key])
+                if merged is None
+                else _check_merged(key, merged, shapes[key], m.name, options, per_input)
+            )
             changed += 1
             u, s, vh = torch.linalg.svd(merged.double(), full_matrices=False)
             module = key[: -len(".weight")]
