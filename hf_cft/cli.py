@@ -275,6 +275,20 @@ def _param(text: str) -> tuple[str, Any]:
         raise MergeConfigError(f"--param {text!r}: the value is not valid YAML ({exc}).") from exc
 
 
+#: The flag form's method-specific flags: the methods that take each, and its default there. A flag given for
+#: another method is refused (never silently dropped).
+_METHOD_FLAGS = {
+    "k": (("ties",), 0.2),
+    "trim_scope": (("ties",), "tensor"),
+    "disjoint_merge": (("ties",), "mean"),
+    "tie_break": (("magmax",), "later"),
+    "rho": (("dare",), 0.9),
+    "then": (("dare",), "ta"),
+    "seed": (("dare",), 0),
+    "alpha": (("wise",), 0.5),
+}
+
+
 def _flag_config(args) -> dict[str, Any]:
     """The merge config of the flag form: the legacy flags mapped onto the registered method's options (checked
     here with their flag names), ``--param NAME=VALUE`` for any other option, ``--lam`` one value or one per model."""
@@ -285,6 +299,19 @@ def _flag_config(args) -> dict[str, Any]:
         if getattr(args, flag) is None:
             raise CLIError(f"--{flag} is required (or give the whole merge as --config merge.yaml).")
     method = get_method(args.method, "--method")
+    for flag, (owners, default) in _METHOD_FLAGS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
+        elif args.method not in owners:
+            raise MergeConfigError(
+                f"--{flag} is an option of --method {' / '.join(owners)}, not of {args.method!r}; give "
+                f"{args.method!r}'s options as --param NAME=VALUE (hf_cft.merging.registry lists them)."
+            )
+    if args.lam is not None and (method.option("weight") is None or args.method == "wise"):
+        raise MergeConfigError(
+            f"--lam sets the per-model weight, which --method {args.method!r} does not take"
+            + (" (use --alpha)." if args.method == "wise" else "; give its options as --param NAME=VALUE.")
+        )
     n = len(args.adapters)
     params: dict[str, Any] = {}
     per_input: list[dict[str, Any]] = [{} for _ in range(n)]
@@ -328,6 +355,13 @@ def cmd_merge(args) -> int:
     from hf_cft.merging.config import MergeConfig
 
     if args.config is not None:
+        given = [f"--{f}" for f in (*_METHOD_FLAGS, "lam", "param", "base", "method", "adapters")]
+        given = [f for f in given if getattr(args, f[2:]) is not None]
+        if given:
+            raise CLIError(
+                f"{', '.join(given)} cannot be combined with --config: the YAML file gives the base, inputs, method "
+                "and options (flags may only override out_dtype / max_shard_size / lora_rank / model_name)."
+            )
         config = MergeConfig.from_yaml(args.config)
         overrides = {k: getattr(args, k) for k in ("out_dtype", "max_shard_size", "lora_rank", "model_name")}
         if any(v is not None for v in overrides.values()):
@@ -360,6 +394,12 @@ def cmd_merge(args) -> int:
         f"merged {len(config.inputs)} input(s) with {resolved['method']} {resolved['parameters']} "
         f"({summary['keys_merged']} key(s) changed) -> {what} in {out} ({', '.join(summary['files'])})"
     )
+    if not summary["keys_merged"]:
+        print(
+            f"warning: {resolved['method']} changed no key: the output equals the base model (e.g. no entry agrees "
+            "across the inputs, or every weight is 0).",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -557,7 +597,9 @@ def cmd_config(args) -> int:
     if not args.name:
         raise CLIError(f"hf-cft config {args.action} needs a config name; shipped: {', '.join(available())}.")
     path = config_path(args.name)
-    print(path if args.action == "path" else path.read_text(encoding="utf-8"), end="\n" if args.action == "path" else "")
+    print(
+        path if args.action == "path" else path.read_text(encoding="utf-8"), end="\n" if args.action == "path" else ""
+    )
     return 0
 
 
@@ -600,11 +642,15 @@ def build_parser() -> argparse.ArgumentParser:
         "merge",
         help="merge LoRA adapters / fine-tuned models into the base model (flags or --config merge.yaml)",
         description="Merge key by key from the inputs' safetensors into sharded safetensors. Methods: every name "
-        "of hf_cft.merging.registry (task_arithmetic, ties, dare, magmax, wise, consensus, magnitude_prune, and "
-        "the methods other modules register); their options through the flags below or --param NAME=VALUE.",
+        "of hf_cft.merging.registry (hf_cft.merging.registry.method_names(); a wrong --method lists them all); "
+        "their options through the flags below (each refused for a method that does not take it) or --param "
+        "NAME=VALUE.",
     )
-    p.add_argument("--config", help="the whole merge as a YAML file (docs: merging via config); flags then only "
-                   "override out_dtype / max_shard_size / lora_rank / model_name")
+    p.add_argument(
+        "--config",
+        help="the whole merge as a YAML file (docs: merging via config); flags then only "
+        "override out_dtype / max_shard_size / lora_rank / model_name",
+    )
     p.add_argument("--base", help="base model folder or Hub id (θ⁰, safetensors)")
     p.add_argument("--method", help="a registered merging method, e.g. task_arithmetic, ties, dare, magmax, wise")
     p.add_argument("--adapters", nargs="+", help="LoRA adapter folders, fine-tuned model folders or Hub ids")
@@ -616,29 +662,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="λ: one value for every model or one per model (defaults: task_arithmetic 0.3, ties 1.0, dare per "
         "--then, magmax 0.5)",
     )
-    p.add_argument("--k", type=float, default=0.2, help="ties: kept fraction (density; default 0.2)")
+    p.add_argument("--k", type=float, help="ties: kept fraction (density; default 0.2)")
     p.add_argument(
         "--trim_scope",
-        default="tensor",
         choices=["tensor", "model"],
         help="ties: trim per tensor (peft, default) or over the whole task vector (TIES paper / FusionBench)",
     )
     p.add_argument(
         "--disjoint_merge",
-        default="mean",
         choices=["mean", "sum", "max"],
         help="ties: disjoint merge of the agreeing entries (default mean, the paper; sum / max as FusionBench)",
     )
     p.add_argument(
         "--tie_break",
-        default="later",
         choices=["later", "earlier"],
         help="magmax: which task wins equal magnitudes (default later, as the official code)",
     )
-    p.add_argument("--rho", type=float, default=0.9, help="dare: drop rate in [0, 1) (default 0.9; density 1 − ρ)")
-    p.add_argument("--then", default="ta", help="dare: 'ta' (task arithmetic) or 'ties' after dropping")
-    p.add_argument("--seed", type=int, default=0, help="dare: seed of the drop masks")
-    p.add_argument("--alpha", type=float, default=0.5, help="wise: interpolation weight of the fine-tuned model")
+    p.add_argument("--rho", type=float, help="dare: drop rate in [0, 1) (default 0.9; density 1 − ρ)")
+    p.add_argument("--then", help="dare: 'ta' (task arithmetic) or 'ties' after dropping")
+    p.add_argument("--seed", type=int, help="dare: seed of the drop masks")
+    p.add_argument("--alpha", type=float, help="wise: interpolation weight of the fine-tuned model")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="any option of the method (repeatable)")
     p.add_argument("--out_dtype", choices=["float32", "float16", "bfloat16"], help="default: the base's dtypes")
     p.add_argument("--max_shard_size", help="largest output shard, e.g. 2GB or 500MB (default 5GB)")

@@ -115,8 +115,7 @@ def classifier_adapter(model) -> tuple[str, str] | None:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     enabled = any(
-        isinstance(m, BaseTunerLayer) and not m.disable_adapters and name in m.active_adapters
-        for m in model.modules()
+        isinstance(m, BaseTunerLayer) and not m.disable_adapters and name in m.active_adapters for m in model.modules()
     )
     return (name, CLASSIFIER_PEFT_TYPES[kind]) if enabled else None
 

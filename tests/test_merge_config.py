@@ -7,6 +7,7 @@ written with the output, the LoRA output loaded with PeftModel.from_pretrained, 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import huggingface_hub
@@ -368,3 +369,40 @@ def test_sharded_writer_aligns_mixed_dtypes_and_refuses_what_was_not_planned(tmp
     with pytest.raises(BundleError, match="torn or inconsistent"):
         SafetensorsFile(torn)
     assert parse_size("1GiB") == 2**30 and parse_size("500MB") == 5 * 10**8 and parse_size(7) == 7
+
+
+@pytest.mark.parametrize(
+    "method, extra, message",
+    [
+        ("tsv_m", ["--alpha", "0.5"], "--alpha is an option of --method wise, not of 'tsv_m'"),
+        ("consensus", ["--k", "1"], "--k is an option of --method ties, not of 'consensus'"),
+        ("ties", ["--rho", "0.5"], "--rho is an option of --method dare, not of 'ties'"),
+        ("tsv_m", ["--lam", "0.5"], "--lam sets the per-model weight, which --method 'tsv_m' does not take"),
+        ("wise", ["--lam", "0.5"], "(use --alpha)"),
+    ],
+)
+def test_cli_flag_of_another_method_is_refused_not_dropped(assets, tmp_path, capsys, method, extra, message):
+    adapters = [str(assets["ft_a"])] if method == "wise" else [str(assets["ft_a"]), str(assets["ft_b"])]
+    argv = ["merge", "--base", str(assets["clip"]), "--method", method, "--adapters", *adapters, *extra]
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_config_refuses_method_flags_it_would_ignore(assets, tmp_path, capsys):
+    cfg = _write_yaml(tmp_path / "c.yaml", {"base_model": str(assets["clip"]), "method": "ties",
+                                             "inputs": [{"model": str(assets["lora_a"])}]})  # fmt: skip
+    for extra in (["--method", "dare"], ["--lam", "0.1"], ["--k", "0.5"]):
+        assert main(["merge", "--config", str(cfg), *extra, "--out", str(tmp_path / "o")]) == 2
+        assert f"{extra[0]} cannot be combined with --config" in capsys.readouterr().err
+
+
+def test_cli_counts_only_keys_whose_merged_delta_is_not_zero(assets, tmp_path, capsys):
+    base = ["merge", "--base", str(assets["clip"]), "--adapters", str(assets["lora_a"]), str(assets["lora_b"])]
+    assert main([*base, "--method", "task_arithmetic", "--lam", "0", "--out", str(tmp_path / "zero")]) == 0
+    captured = capsys.readouterr()
+    assert "(0 key(s) changed)" in captured.out and "changed no key" in captured.err
+    assert main([*base, "--method", "task_arithmetic", "--out", str(tmp_path / "ta")]) == 0
+    captured = capsys.readouterr()
+    n = int(re.search(r"\((\d+) key\(s\) changed\)", captured.out).group(1))
+    assert n > 0 and "changed no key" not in captured.err

@@ -116,7 +116,7 @@ ADAPTER_METHODS = {
         "citation": "@inproceedings{hu2022lora,\n  title={LoRA: Low-Rank Adaptation of Large Language Models},\n"
         "  author={Hu, Edward J and Shen, Yelong and Wallis, Phillip and Allen-Zhu, Zeyuan and Li, Yuanzhi and "
         "Wang, Shean and Wang, Lu and Chen, Weizhu},\n  booktitle={ICLR},\n  year={2022}\n}",
-        "usage": "head = hf_cft.build_zeroshot_classifier(model, tokenizer, classnames, [\"a photo of a {}.\"])",
+        "usage": 'head = hf_cft.build_zeroshot_classifier(model, tokenizer, classnames, ["a photo of a {}."])',
     },
 }
 
@@ -250,7 +250,9 @@ def _terms(license_id: str, base_model: str | None, dataset_terms: str | None) -
         lic = f"`{license_id}` (the base model's license)."
     else:
         lic = f"`{license_id}`."
-    data = " ".join(str(dataset_terms).split()) if dataset_terms else "not recorded; check the terms of the data above."
+    data = (
+        " ".join(str(dataset_terms).split()) if dataset_terms else "not recorded; check the terms of the data above."
+    )
     return f"- **License:** {lic}\n- **Data terms:** {data}"
 
 
@@ -1009,8 +1011,12 @@ def merge_card(
         model = str(row.get("model"))
         label = f"[{model}](https://huggingface.co/{model})" if _is_hub_id(model) else f"`{model}`"
         inputs.append({"label": row.get("name") or label, "kind": kind, "options": options})
-    kinds = ", ".join(f"{input_kinds.count(k)} {k}{'s' if input_kinds.count(k) > 1 else ''}"
-                      for k in dict.fromkeys(input_kinds)) or "models"
+    kinds = (
+        ", ".join(
+            f"{input_kinds.count(k)} {k}{'s' if input_kinds.count(k) > 1 else ''}" for k in dict.fromkeys(input_kinds)
+        )
+        or "models"
+    )
     card_data = _card_data(
         model_name=model_name,
         library_name="peft" if lora_rank else "transformers",

@@ -13,7 +13,7 @@ One-shot methods (a list of deltas → one merged delta):
 =====================  ==============================================================================
 :func:`task_arithmetic`  λ·Σ_t τ_t (λ = 0.3)
 :func:`running_mean`     (1/T)·Σ_t τ_t, the uniform soup
-:func:`wise_ft`          α·τ for one fine-tuned model (α = 0.5)
+:func:`wise_ft`          α·τ for one fine-tuned model (default α = 0.5)
 :func:`magnitude_prune`  λ·Σ_t trim_k(τ_t), task arithmetic on top-k trimmed deltas (peft's ``magnitude_prune``)
 :func:`ties`             trim top-k %, elect sign, disjoint mean, ×λ (k = 0.2, λ = 1)
 :func:`dare`             Bernoulli drop with rate ρ and 1/(1−ρ) rescale, then TA or TIES (ρ = 0.9)
@@ -1076,7 +1076,7 @@ def _register_builtins() -> None:
             "tensor",
             _ta_tensor,
             (weight(0.3, "λ_t of Σ_t λ_t·τ_t (one λ for all: --lam)"),),
-            summary="Σ_t λ_t·τ_t (λ = 0.3)",
+            summary="Σ_t λ_t·τ_t (default λ = 0.3)",
             reference="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
         )
     )
@@ -1086,7 +1086,7 @@ def _register_builtins() -> None:
             "tensor",
             _magnitude_prune_tensor,
             (weight(0.3), density(0.2, "fraction of each tensor's entries kept, by magnitude")),
-            summary="Σ_t λ_t·trim_{density}(τ_t) (λ = 0.3, density 0.2; peft's magnitude_prune)",
+            summary="Σ_t λ_t·trim_{density}(τ_t) (defaults λ = 0.3, density 0.2; peft's magnitude_prune)",
             reference="peft add_weighted_adapter(combination_type='magnitude_prune')",
         )
     )
@@ -1101,7 +1101,7 @@ def _register_builtins() -> None:
                 Option("trim_scope", "tensor", "choice", choices=TRIM_SCOPES, help="trim per tensor or model-wide"),
                 Option("merge", "mean", "choice", choices=DISJOINT_MERGES, help="disjoint merge (--disjoint_merge)"),
             ),
-            summary="trim to density, elect sign, disjoint mean of λ_t·τ̃_t (density 0.2, λ = 1)",
+            summary="trim to density, elect sign, disjoint mean of λ_t·τ̃_t (defaults density 0.2, λ = 1)",
             prepare=_ties_prepare,
             reference="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv:2306.01708)",
         )
@@ -1125,7 +1125,7 @@ def _register_builtins() -> None:
                 Option("then", "ta", "choice", choices=("ta", "ties"), help="task arithmetic or TIES after the drop"),
                 Option("seed", 0, "int", help="seed of the drop masks (drawn per key)"),
             ),
-            summary="drop with rate 1 − density and rescale, then TA or TIES (density 0.1)",
+            summary="drop with rate 1 − density and rescale, then TA or TIES (default density 0.1)",
             reference="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv:2311.03099)",
             check=_dare_check,
         )
@@ -1139,7 +1139,7 @@ def _register_builtins() -> None:
                 weight(0.5),
                 Option("tie_break", "later", "choice", choices=MAGMAX_TIE_BREAKS, help="which input wins equal |τ|"),
             ),
-            summary="per entry the largest-magnitude λ_t·τ_t (λ = 0.5)",
+            summary="per entry the largest-magnitude λ_t·τ_t (default λ = 0.5)",
             reference="Marczak et al., MagMax, ECCV 2024 (danielm1405/magmax)",
         )
     )
@@ -1151,7 +1151,7 @@ def _register_builtins() -> None:
             (weight(0.5, "α: θ = (1 − α)θ⁰ + α·θ_ft (--alpha)"),),
             min_inputs=1,
             max_inputs=1,
-            summary="α·τ of one fine-tuned model (α = 0.5)",
+            summary="α·τ of one fine-tuned model (default α = 0.5)",
             reference="Wortsman et al., Robust fine-tuning of zero-shot models (WiSE-FT), CVPR 2022 (arXiv:2109.01903)",
         )
     )
@@ -1165,7 +1165,7 @@ def _register_builtins() -> None:
                 Option("tall_lambda", 0.4, low=0.0, per_input=True, help="TALL mask λ_t"),
                 Option("k", 2, "int", low=0, help="masks that must agree"),
             ),
-            summary="Σ_t λ_t·τ_t kept where ≥ k TALL masks agree (λ = 0.3, TALL λ 0.4, k = 2)",
+            summary="Σ_t λ_t·τ_t kept where ≥ k TALL masks agree (defaults λ = 0.3, TALL λ 0.4, k = 2)",
             reference="Wang et al., Localizing Task Information (TALL masks / consensus), ICML 2024 (arXiv:2405.07813)",
             check=_consensus_check,
         )

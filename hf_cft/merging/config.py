@@ -74,8 +74,10 @@ def _known(data: Mapping, cls, where: str) -> None:
     names = [f.name for f in fields(cls)]
     for key in data:
         if key not in names:
-            raise MergeConfigError(f"{where}{key} is not a field of a merge config{' input' if where else ''}; "
-                                   f"known fields: {', '.join(names)}.")
+            raise MergeConfigError(
+                f"{where}{key} is not a field of a merge config{' input' if where else ''}; "
+                f"known fields: {', '.join(names)}."
+            )
 
 
 @dataclass
@@ -101,8 +103,9 @@ class MergeInput:
         if "model" not in data:
             raise MergeConfigError(f"{where}.model is required (a model folder, a LoRA adapter folder or a Hub id).")
         return cls(
-            model=_str(os.fspath(data["model"]) if isinstance(data["model"], os.PathLike) else data["model"],
-                       f"{where}.model"),
+            model=_str(
+                os.fspath(data["model"]) if isinstance(data["model"], os.PathLike) else data["model"], f"{where}.model"
+            ),
             weight=data.get("weight"),
             density=data.get("density"),
             parameters=_mapping(data.get("parameters"), f"{where}.parameters"),
@@ -155,8 +158,10 @@ class MergeConfig:
         if not raw_inputs:
             raise MergeConfigError("inputs is empty: a merge needs at least one input.")
         config = cls(
-            base_model=_str(os.fspath(data["base_model"]) if isinstance(data["base_model"], os.PathLike)
-                            else data["base_model"], "base_model"),
+            base_model=_str(
+                os.fspath(data["base_model"]) if isinstance(data["base_model"], os.PathLike) else data["base_model"],
+                "base_model",
+            ),
             method=_str(data["method"], "method"),
             inputs=[MergeInput.from_dict(x, f"inputs[{i}]") for i, x in enumerate(raw_inputs)],
             parameters=_mapping(data.get("parameters"), "parameters"),
@@ -181,7 +186,9 @@ class MergeConfig:
         try:
             data = yaml.safe_load(file.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise MergeConfigError(f"merge config {str(file)!r} is not valid YAML: {' '.join(str(exc).split())}") from exc
+            raise MergeConfigError(
+                f"merge config {str(file)!r} is not valid YAML: {' '.join(str(exc).split())}"
+            ) from exc
         return cls.from_dict(data)
 
     def resolve(self) -> dict[str, Any]:
@@ -193,7 +200,9 @@ class MergeConfig:
 
         method = get_method(self.method, "method")
         if self.out_dtype is not None and self.out_dtype not in OUT_DTYPES:
-            raise MergeConfigError(f"out_dtype must be one of {', '.join(OUT_DTYPES)} or null, got {self.out_dtype!r}.")
+            raise MergeConfigError(
+                f"out_dtype must be one of {', '.join(OUT_DTYPES)} or null, got {self.out_dtype!r}."
+            )
         parse_size(self.max_shard_size, "max_shard_size")
         if self.lora_rank is not None:
             check_int(self.lora_rank, "lora_rank", low=1, error=MergeConfigError)

@@ -554,7 +554,7 @@ def _register() -> None:
             "tensor",
             _iso_cts_kernel,
             (alpha, Option("common_fraction", 0.8, low=0.0, high=1.0, help="share of the rank kept common")),
-            summary="common top directions of Σ_t τ_t + each task's own, orthogonalised, isotropic (α = 1, 0.8)",
+            summary="common top directions of Σ_t τ_t + each task's own, orthogonalised, isotropic (defaults α = 1, 0.8)",
             reference="Marczak et al., No Task Left Behind (Iso-CTS), ICML 2025 (arXiv:2502.04959)",
         )
     )
@@ -583,7 +583,7 @@ def _register() -> None:
                 Option("density", 0.1, low=0.0, high=1.0, low_open=True, per_input=True, help="fraction kept"),
                 Option("gamma", 0.01, low=0.0, high=1.0, help="fraction of the largest magnitudes dropped"),
             ),
-            summary="drop the top-γ and the smallest magnitudes, keep a density band, Σ_t λ_t (γ 0.01, 0.1, λ 0.3)",
+            summary="drop the top-γ and the smallest magnitudes, keep a density band, Σ_t λ_t (defaults γ 0.01, 0.1, λ 0.3)",
             reference="Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv:2312.06795)",
             check=_breadcrumbs_check,
         )
@@ -600,7 +600,7 @@ def _register() -> None:
                 Option("seed", 0, "int", help="seed of the drop masks (drawn per key)"),
                 Option("rank_scope", "row", "choice", choices=DELLA_RANK_SCOPES, help="rank per row or per tensor"),
             ),
-            summary="MagPrune (magnitude-ranked drop, 1/(1−p_i) rescale), elect sign, disjoint mean (0.3, ε 0.1)",
+            summary="MagPrune (magnitude-ranked drop, 1/(1−p_i) rescale), elect sign, disjoint mean (defaults 0.3, ε 0.1)",
             reference="Deep et al., DELLA-Merging, 2024 (arXiv:2406.11617)",
             check=_della_check,
         )
@@ -623,7 +623,7 @@ def _register() -> None:
             ),
             min_inputs=2,
             max_inputs=2,
-            summary="per tensor spherical interpolation of two models (t = 0.5), linear when nearly colinear",
+            summary="per tensor spherical interpolation of two models (default t = 0.5), linear when nearly colinear",
             reference="Shoemake 1985; mergekit's slerp",
         )
     )

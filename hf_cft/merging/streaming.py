@@ -646,8 +646,8 @@ def merge_folders(
                     if merged is None:
                         writer.write(key, base_src.read(key).to(dtype))
                         continue
-                    changed += 1
                     merged = _check_merged(key, merged, shapes[key], m.name, options, per_input)
+                    changed += bool(merged.any())  # a key counts as changed only where its merged delta is not 0
                     writer.write(key, merged.add_(base_read(key)).to(dtype))
                 files = writer.close()
             except BaseException:
@@ -730,7 +730,7 @@ def _write_lora(
                 if merged is None
                 else _check_merged(key, merged, shapes[key], m.name, options, per_input)
             )
-            changed += 1
+            changed += bool(merged.any())
             u, s, vh = torch.linalg.svd(merged.double(), full_matrices=False)
             module = key[: -len(".weight")]
             writer.write(f"base_model.model.{module}.lora_A.weight", vh[:rank].to(dtype).contiguous())

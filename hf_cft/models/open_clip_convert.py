@@ -412,7 +412,7 @@ def _save(model, model_cfg: dict, preprocess_cfg: dict, folder: Path, bpe_path) 
         bpe = Path(bpe_path) if bpe_path is not None else _bundled_bpe()
         if bpe is None:
             raise UnsupportedArchitectureError(
-                "the CLIP tokenizer needs OpenAI's BPE merge list: pass bpe_path (bpe_simple_vocab_16e6.txt.gz) or "
+                "the CLIP tokenizer needs OpenAI's BPE merge list: pass bpe_path (--bpe on the command line; bpe_simple_vocab_16e6.txt.gz) or "
                 "install open_clip, which ships it"
             )
         tokenizer = build_clip_tokenizer(bpe, model_max_length=int(text.get("context_length", 77)))

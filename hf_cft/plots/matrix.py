@@ -42,9 +42,7 @@ def _wrap_title(head: str, width_inches: float, fontsize: float) -> str:
     import textwrap
 
     chars = max(12, int(width_inches * 72 / (0.6 * fontsize)) - 2)
-    return "\n".join(
-        textwrap.fill(line, chars, break_on_hyphens=False) if line else line for line in head.split("\n")
-    )
+    return "\n".join(textwrap.fill(line, chars, break_on_hyphens=False) if line else line for line in head.split("\n"))
 
 
 def accuracy_matrix_figure(

@@ -778,7 +778,9 @@ class ClipClassificationTrainer(Trainer):
                 kwargs["method"] = {"name": peft_type, "description": f"a PEFT {peft_type} adapter.", "tags": []}
             card = adapter_card(self.clip_model, **kwargs)
         elif kind == "finetuned":
-            card = finetuned_model_card(self.clip_model, classnames=self.classnames, templates=self.templates, **kwargs)
+            card = finetuned_model_card(
+                self.clip_model, classnames=self.classnames, templates=self.templates, **kwargs
+            )
         else:
             card = self._mergetune_model_card(kwargs)
         validate_card(card)
@@ -819,7 +821,9 @@ class ClipClassificationTrainer(Trainer):
             **card_kwargs,
         )
         if tags:
-            card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *([tags] if isinstance(tags, str) else tags)]))
+            card.data.tags = list(
+                dict.fromkeys([*(card.data.tags or []), *([tags] if isinstance(tags, str) else tags)])
+            )
         os.makedirs(self.args.output_dir, exist_ok=True)
         card.save(os.path.join(self.args.output_dir, "README.md"))
         return card

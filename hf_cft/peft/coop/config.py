@@ -46,7 +46,8 @@ class CoOpConfig(TokenizerAttachMixin, PeftConfig):
         default=None, metadata={"help": "Tokenizer for ctx_init (else base_model_name_or_path or set_tokenizer())."}
     )
     target_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "The text embeddings module (default: the family's, text_model.embeddings for most)."}
+        default=None,
+        metadata={"help": "The text embeddings module (default: the family's, text_model.embeddings for most)."},
     )
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra modules to train and save."})
 
