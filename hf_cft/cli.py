@@ -385,7 +385,14 @@ def cmd_merge(args) -> int:
                 f"--out {str(out)!r} is not the output of an earlier hf-cft merge (no merge_config.json): "
                 "--overwrite replaces a whole merge output, never another folder. Choose another --out."
             )
-    results = _card_inputs(_read_json(args.results, "--results")).get("results") if args.results else ()
+    results = ()
+    if args.results:
+        results = _card_inputs(_read_json(args.results, "--results")).get("results")
+        if not isinstance(results, list) or not results:
+            raise CLIError(
+                f"--results {args.results!r} holds no evaluation rows: give hf-cft eval's output, an "
+                'accuracy_matrix.json, or {"results": [{"name": ..., "accuracy": <percent>}, ...]}.'
+            )
     run_merge(config, out, results=results or (), repo_id=args.repo_id)
     summary = run_merge.last_summary
     resolved = config.resolve()

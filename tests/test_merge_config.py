@@ -73,8 +73,7 @@ def _weights(folder):
 def _dense(assets, names):
     base = assets["base"]()
     deltas = [
-        delta_from_lora(assets[n], base) if n.startswith("lora") else delta_from_models(base, assets[n])
-        for n in names
+        delta_from_lora(assets[n], base) if n.startswith("lora") else delta_from_models(base, assets[n]) for n in names
     ]
     keys = sorted({k for d in deltas for k in d})
     state = base.state_dict()
@@ -144,8 +143,12 @@ def test_python_merge_equals_the_one_shot_function(method, params, reference, as
     from hf_cft.hub import run_merge
 
     names = ["lora_a", "lora_b", "ft_b"]
-    config = {"base_model": str(assets["clip"]), "method": method, "parameters": params,
-              "inputs": [str(assets[n]) for n in names]}
+    config = {
+        "base_model": str(assets["clip"]),
+        "method": method,
+        "parameters": params,
+        "inputs": [str(assets[n]) for n in names],
+    }
     run_merge(config, tmp_path / "out")
     state, keys, dense = _dense(assets, names)
     merged = reference(dense)
@@ -171,8 +174,19 @@ def test_merge_deltas_never_needs_zero_filled_inputs():
 
 
 def test_sharded_output_in_another_dtype_loads_and_holds_the_same_weights(assets, tmp_path):
-    args = ["merge", "--base", str(assets["clip"]), "--method", "task_arithmetic", "--adapters",
-            str(assets["ft_a"]), str(assets["lora_a"]), "--lam", "0.5", "-0.25"]
+    args = [
+        "merge",
+        "--base",
+        str(assets["clip"]),
+        "--method",
+        "task_arithmetic",
+        "--adapters",
+        str(assets["ft_a"]),
+        str(assets["lora_a"]),
+        "--lam",
+        "0.5",
+        "-0.25",
+    ]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     assert main([*args, "--out", str(tmp_path / "sharded"), "--max_shard_size", "40KB"]) == 0
     assert main([*args, "--out", str(tmp_path / "bf16"), "--out_dtype", "bfloat16", "--max_shard_size", "40KB"]) == 0
@@ -182,7 +196,9 @@ def test_sharded_output_in_another_dtype_loads_and_holds_the_same_weights(assets
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(one) and set(index["weight_map"].values()) == set(shards)
     for f in shards:
-        assert (tmp_path / "sharded" / f).stat().st_size <= 40_000 + 4096 or len(load_file(str(tmp_path / "sharded" / f))) == 1
+        assert (tmp_path / "sharded" / f).stat().st_size <= 40_000 + 4096 or len(
+            load_file(str(tmp_path / "sharded" / f))
+        ) == 1
     assert one.keys() == sharded.keys() and all(torch.equal(one[k], sharded[k]) for k in one)
     bf16 = _weights(tmp_path / "bf16")
     for k, v in one.items():
@@ -205,9 +221,31 @@ def test_card_resolved_config_and_rerun_from_it(assets, tmp_path):
     results = tmp_path / "eval.json"
     results.write_text(json.dumps({"results": [{"name": "colours", "accuracy": 71.25}]}))
     out = tmp_path / "merged"
-    assert main(["merge", "--base", str(assets["clip"]), "--method", "dare", "--adapters", str(assets["lora_a"]),
-                 str(assets["ft_b"]), "--rho", "0.7", "--seed", "5", "--results", str(results),
-                 "--model_name", "clip-dare", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(assets["clip"]),
+                "--method",
+                "dare",
+                "--adapters",
+                str(assets["lora_a"]),
+                str(assets["ft_b"]),
+                "--rho",
+                "0.7",
+                "--seed",
+                "5",
+                "--results",
+                str(results),
+                "--model_name",
+                "clip-dare",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     card = ModelCard((out / "README.md").read_text())
     meta = card.data.to_dict()
     assert meta["library_name"] == "transformers" and "model-merging" in meta["tags"] and "dare" in meta["tags"]
@@ -232,12 +270,19 @@ def test_lora_output_loads_with_peft_and_equals_the_merged_delta(assets, tmp_pat
 
     out = tmp_path / "lora_out"
     # task arithmetic of two rank-2 adapters: the merged ΔW has rank ≤ 4 per target, so rank 4 is exact
-    config = {"base_model": str(assets["clip"]), "method": "task_arithmetic", "parameters": {"weight": 0.8},
-              "inputs": [str(assets["lora_a"]), str(assets["lora_b"])], "lora_rank": 4}
+    config = {
+        "base_model": str(assets["clip"]),
+        "method": "task_arithmetic",
+        "parameters": {"weight": 0.8},
+        "inputs": [str(assets["lora_a"]), str(assets["lora_b"])],
+        "lora_rank": 4,
+    }
     from hf_cft.hub import run_merge
 
     run_merge(config, out)
-    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "merge.yaml"} <= {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "merge.yaml"} <= {
+        p.name for p in out.iterdir()
+    }
     assert ModelCard((out / "README.md").read_text()).data.library_name == "peft"
     peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(assets["clip"]), str(out))
     merged = peft_model.merge_and_unload().state_dict()
@@ -249,7 +294,10 @@ def test_lora_output_loads_with_peft_and_equals_the_merged_delta(assets, tmp_pat
     run_merge({**config, "lora_rank": 1}, tmp_path / "r1")
     with safe_open(str(tmp_path / "r1" / "adapter_model.safetensors"), "pt") as fh:
         key = "text_model.encoder.layers.0.self_attn.q_proj"
-        b, a = fh.get_tensor(f"base_model.model.{key}.lora_B.weight"), fh.get_tensor(f"base_model.model.{key}.lora_A.weight")
+        b, a = (
+            fh.get_tensor(f"base_model.model.{key}.lora_B.weight"),
+            fh.get_tensor(f"base_model.model.{key}.lora_A.weight"),
+        )
     u, s, vh = torch.linalg.svd(ref[f"{key}.weight"].double())
     torch.testing.assert_close((b @ a).double(), s[0] * torch.outer(u[:, 0], vh[0]), rtol=1e-5, atol=1e-6)
     with pytest.raises(MergeConfigError, match="needs LoRA inputs only.*full model"):
@@ -287,7 +335,10 @@ def test_hub_ids_are_resolved_and_the_merge_is_pushed_with_its_card(assets, tmp_
     got = _weights(out)
     for k in keys:
         torch.testing.assert_close(got[k], state[k] + ref[k], rtol=0, atol=1e-6)
-    assert main(["push", "--artefact", str(out), "--repo_id", "me/merged", "--endpoint", hub.url, "--token", "hf_fake"]) == 0
+    assert (
+        main(["push", "--artefact", str(out), "--repo_id", "me/merged", "--endpoint", hub.url, "--token", "hf_fake"])
+        == 0
+    )
     pushed = hub.files("me/merged")
     assert pushed["README.md"] == (out / "README.md").read_bytes()
     assert {"model.safetensors", "merge.yaml", "config.json"} <= set(pushed)
@@ -301,7 +352,10 @@ def test_hub_ids_are_resolved_and_the_merge_is_pushed_with_its_card(assets, tmp_
     [
         ({"inputs": [{"model": "x", "density": 0}]}, r"inputs\[0\]\.density must lie in \(0, 1\]"),
         ({"inputs": [{"model": "x"}, {"weight": 1}]}, r"inputs\[1\]\.model is required"),
-        ({"inputs": [{"model": "x", "parameters": {"merge": "sum"}}]}, r"inputs\[0\]\.parameters\.merge is not a per-input option"),
+        (
+            {"inputs": [{"model": "x", "parameters": {"merge": "sum"}}]},
+            r"inputs\[0\]\.parameters\.merge is not a per-input option",
+        ),
         ({"inputs": [{"model": "x", "dens": 0.2}]}, r"inputs\[0\]\.dens is not a field"),
         ({"parameters": {"trim_scope": "layer"}}, r"parameters\.trim_scope must be one of"),
         ({"parameters": {"k": 0.2}}, r"parameters\.k is not an option of method 'ties'"),
@@ -311,7 +365,10 @@ def test_hub_ids_are_resolved_and_the_merge_is_pushed_with_its_card(assets, tmp_
         ({"lora_rank": 0}, r"lora_rank must be at least 1"),
         ({"inputs": []}, r"inputs is empty"),
         ({"outdir": "x"}, r"outdir is not a field of a merge config"),
-        ({"inputs": [{"model": "x", "weight": 1, "parameters": {"weight": 2}}]}, r"inputs\[0\]\.weight is given twice"),
+        (
+            {"inputs": [{"model": "x", "weight": 1, "parameters": {"weight": 2}}]},
+            r"inputs\[0\]\.weight is given twice",
+        ),
     ],
 )
 def test_config_errors_name_the_field(change, message):
@@ -325,19 +382,62 @@ def test_cli_config_errors_are_one_line(assets, tmp_path, capsys):
     bad.write_text("base_model: [unclosed\n")
     assert main(["merge", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "is not valid YAML" in capsys.readouterr().err
-    cfg = _write_yaml(tmp_path / "c.yaml", {"base_model": str(assets["clip"]), "method": "ties",
-                                             "inputs": [{"model": str(assets["lora_a"]), "density": 2}]})
+    cfg = _write_yaml(
+        tmp_path / "c.yaml",
+        {
+            "base_model": str(assets["clip"]),
+            "method": "ties",
+            "inputs": [{"model": str(assets["lora_a"]), "density": 2}],
+        },
+    )
     assert main(["merge", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("hf-cft merge: error: ") and "inputs[0].density must lie in (0, 1]" in err
-    assert main(["merge", "--base", str(assets["clip"]), "--method", "task_arithmetic", "--adapters",
-                 str(assets["lora_a"]), str(assets["lora_b"]), "--lam", "1", "2", "3", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(assets["clip"]),
+                "--method",
+                "task_arithmetic",
+                "--adapters",
+                str(assets["lora_a"]),
+                str(assets["lora_b"]),
+                "--lam",
+                "1",
+                "2",
+                "3",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "--lam takes one value or one per model (2), got 3" in capsys.readouterr().err
-    assert main(["merge", "--base", str(assets["clip"]), "--method", "ties", "--adapters", str(assets["lora_a"]),
-                 "--param", "trim_scope=layer", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(assets["clip"]),
+                "--method",
+                "ties",
+                "--adapters",
+                str(assets["lora_a"]),
+                "--param",
+                "trim_scope=layer",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "parameters.trim_scope must be one of" in capsys.readouterr().err
-    good = _write_yaml(tmp_path / "g.yaml", {"base_model": str(assets["clip"]), "method": "ties",
-                                              "inputs": [{"model": str(assets["lora_a"])}]})
+    good = _write_yaml(
+        tmp_path / "g.yaml",
+        {"base_model": str(assets["clip"]), "method": "ties", "inputs": [{"model": str(assets["lora_a"])}]},
+    )
     assert main(["merge", "--config", str(good), "--out", str(assets["lora_a"] / "sub")]) == 2
     assert "overlaps --adapters" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -347,8 +447,13 @@ def test_cli_config_errors_are_one_line(assets, tmp_path, capsys):
 
 
 def test_sharded_writer_aligns_mixed_dtypes_and_refuses_what_was_not_planned(tmp_path):
-    tensors = {"a": torch.arange(3, dtype=torch.int8), "b": torch.randn(5, dtype=torch.float64),
-               "c": torch.randn(2, 3), "d": torch.arange(4, dtype=torch.int64), "e": torch.zeros(0)}
+    tensors = {
+        "a": torch.arange(3, dtype=torch.int8),
+        "b": torch.randn(5, dtype=torch.float64),
+        "c": torch.randn(2, 3),
+        "d": torch.arange(4, dtype=torch.int64),
+        "e": torch.zeros(0),
+    }
     plan = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
     writer = ShardedWriter(tmp_path, plan, max_shard_size=10**6)
     for k in ["c", "a", "e", "b", "d"]:  # any order
@@ -406,3 +511,12 @@ def test_cli_counts_only_keys_whose_merged_delta_is_not_zero(assets, tmp_path, c
     captured = capsys.readouterr()
     n = int(re.search(r"\((\d+) key\(s\) changed\)", captured.out).group(1))
     assert n > 0 and "changed no key" not in captured.err
+
+
+def test_cli_results_without_rows_is_refused(assets, tmp_path, capsys):
+    bad = tmp_path / "r.json"
+    bad.write_text('{"acc": 0.5}')
+    argv = ["merge", "--base", str(assets["clip"]), "--method", "task_arithmetic", "--adapters", str(assets["lora_a"])]
+    assert main([*argv, "--results", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "holds no evaluation rows" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
