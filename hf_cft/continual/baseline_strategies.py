@@ -43,7 +43,7 @@ from hf_cft.continual.strategies import (
     save_expert,
 )
 from hf_cft.continual.tasks import TaskSpec
-from hf_cft.continual.weights import Delta, DeltaStore, check_finite
+from hf_cft.continual.weights import Delta, check_finite
 from hf_cft.errors import BundleError, ContinualError
 
 
@@ -186,10 +186,6 @@ class EMRStrategy(Strategy):
 
     def settings(self) -> dict:
         return {"rescaler": self.rescaler, "zero_sign": self.zero_sign}
-
-    @property
-    def store(self) -> DeltaStore:
-        return DeltaStore(self.context.workdir / "experts")
 
     def _merge(self) -> None:
         from hf_cft.merging import LazyDelta
@@ -394,10 +390,6 @@ class TALLStrategy(Strategy):
     def settings(self) -> dict:
         return {"lambdas": self.lambdas}
 
-    @property
-    def store(self) -> DeltaStore:
-        return DeltaStore(self.context.workdir / "experts")
-
     def _merge(self) -> None:
         import torch
 
@@ -476,10 +468,6 @@ class RegMeanStrategy(Strategy):
 
     def settings(self) -> dict:
         return {"alpha": self.alpha, "max_batches": self.max_batches}
-
-    @property
-    def store(self) -> DeltaStore:
-        return DeltaStore(self.context.workdir / "experts")
 
     def _deploy(self) -> None:
         from hf_cft.merging.data_dependent import _solve_right

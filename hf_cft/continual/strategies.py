@@ -79,6 +79,11 @@ class Strategy:
                 return self.ctx.evaluator.accuracy(task)
     """
 
+    @property
+    def store(self) -> DeltaStore:
+        """Where the strategies that keep expert deltas on disk keep them (``<workdir>/experts``)."""
+        return DeltaStore(self.context.workdir / "experts")
+
     name = "strategy"
 
     def __init__(self):
@@ -233,10 +238,6 @@ class IndependentExperts(Strategy):
         self.experts: dict[str, str] = {}  # task name -> store key
         self._accuracy: dict[str, float] = {}  # an expert never changes: its accuracy is computed once
 
-    @property
-    def store(self) -> DeltaStore:
-        return DeltaStore(self.context.workdir / "experts")
-
     def learn(self, task: TaskSpec, index: int) -> None:
         self.timings = {}
         delta = self.train_expert(task, index)
@@ -338,10 +339,6 @@ class DeltaMergeStrategy(Strategy):
         if self.start_from == "theta0" or not self.experts:
             return None
         return {k: v.float() for k, v in self.store.load(self.experts[-1]).items()}
-
-    @property
-    def store(self) -> DeltaStore:
-        return DeltaStore(self.context.workdir / "experts")
 
     def learn(self, task: TaskSpec, index: int) -> None:
         self.timings = {}
