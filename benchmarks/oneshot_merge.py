@@ -11,8 +11,8 @@ trains exactly these), so the table sits beside that run's Protocol B rows::
 
 Rows: zero-shot θ⁰; the experts themselves (task id, the upper bound); every registered merging method of
 ``hf-cft merge`` with its defaults (one merged model for all tasks), RegMean and Fisher merging with each expert's
-own training data as calibration (its first ``--calibration_batches`` evaluation batches, eval transform, as
-the ``regmean`` strategy); and the
+own training data as calibration (its first ``--calibration_batches`` evaluation batches for RegMean, as the
+``regmean`` strategy, and ``--fisher_batches`` for Fisher's per-example gradients; eval transform); and the
 methods that need the task id at inference: TALL masks, EMR and ConDU (one-shot ``unify`` over all experts,
 each task answered by its own rebuilt expert). SLERP takes two inputs and has no 8-task row. Writes
 ``OUT.json`` and ``OUT.md`` (accuracy per task, average, normalised average = mean of accuracy / the expert's own
@@ -85,7 +85,10 @@ def main(argv=None) -> dict:
     p.add_argument("--shots", type=int, default=0)
     p.add_argument("--max_test", type=int, default=500)
     p.add_argument("--eval_batch_size", type=int, default=256)
-    p.add_argument("--calibration_batches", type=int, default=4)
+    p.add_argument("--calibration_batches", type=int, default=4, help="RegMean: evaluation batches per expert")
+    p.add_argument(
+        "--fisher_batches", type=int, default=1, help="Fisher: evaluation batches per expert (per-example gradients)"
+    )
     p.add_argument("--methods", nargs="*", default=None, help="subset of the rows (default: all)")
     p.add_argument("--label", default="")
     p.add_argument("--out", required=True, help="output path without extension")
@@ -115,27 +118,24 @@ def main(argv=None) -> dict:
     experts = _experts(Path(args.run).expanduser(), names)
     T = len(experts)
 
-    def calibration():
+    def calibration(n):
         plain = dataclasses.replace(transform, train=False)
-        return [
-            [
-                b
-                for _, b in zip(
-                    range(args.calibration_batches), ev.loader(apply_image_transform(t.train, plain, name=t.name))
-                )
-            ]
-            for t in tasks
-        ]
+        loaders = [ev.loader(apply_image_transform(t.train, plain, name=t.name)) for t in tasks]
+        return [[b for _, b in zip(range(n), loader)] for loader in loaders]
 
     def shared(method):
         if method == "average":
             return merge_deltas(experts, "task_arithmetic", {"weight": 1.0 / T})
         if method == "regmean":
-            return merge_deltas(experts, "regmean", extra={"model": model, "calibration": calibration()})
+            return merge_deltas(
+                experts, "regmean", extra={"model": model, "calibration": calibration(args.calibration_batches)}
+            )
         if method == "fisher":
             fns = [clip_log_probs(tokenizer, t.classnames, t.templates) for t in tasks]
             return merge_deltas(
-                experts, "fisher", extra={"model": model, "calibration": calibration(), "log_probs": fns}
+                experts,
+                "fisher",
+                extra={"model": model, "calibration": calibration(args.fisher_batches), "log_probs": fns},
             )
         return merge_deltas(experts, method)
 
