@@ -595,11 +595,10 @@ def cmd_convert_open_clip(args) -> int:
 def cmd_config(args) -> int:
     """``hf-cft config list`` / ``path NAME`` / ``show NAME``: the shipped accelerate configs
     (:mod:`hf_cft.accelerate_configs`), e.g. ``accelerate launch --config_file "$(hf-cft config path fsdp)" ...``."""
-    from hf_cft.accelerate_configs import available, config_path
+    from hf_cft.accelerate_configs import available, config_path, listing
 
     if args.action == "list":
-        for name, what in available().items():
-            print(f"{name:18s} {what}")
+        print(listing())
         return 0
     if not args.name:
         raise CLIError(f"hf-cft config {args.action} needs a config name; shipped: {', '.join(available())}.")
