@@ -393,7 +393,11 @@ def cmd_merge(args) -> int:
                 f"--results {args.results!r} holds no evaluation rows: give hf-cft eval's output, an "
                 'accuracy_matrix.json, or {"results": [{"name": ..., "accuracy": <percent>}, ...]}.'
             )
-    run_merge(config, out, results=results or (), repo_id=args.repo_id)
+    field_names = None
+    if args.config is None:  # errors name the flags the user typed, not the config fields they became
+        field_names = {"base_model": "--base"}
+        field_names.update({f"inputs[{t}].model": f"--adapters entry {t + 1}" for t in range(len(config.inputs))})
+    run_merge(config, out, results=results or (), repo_id=args.repo_id, field_names=field_names)
     summary = run_merge.last_summary
     resolved = config.resolve()
     what = f"LoRA adapter (r={config.lora_rank})" if config.lora_rank else "model"

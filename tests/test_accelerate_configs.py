@@ -168,7 +168,9 @@ def test_shipped_configs_are_package_data_with_a_path_helper_and_cli(capsys):
     assert project["package-data"]["hf_cft.accelerate_configs"] == ["*.yaml"]
     assert not (CONFIGS.parents[1] / "recipes" / "accelerate_configs").exists()  # no second copy
     assert set(accelerate_configs.available()) == set(EXPECTED)
-    assert accelerate_configs.config_path("fsdp") == accelerate_configs.config_path("fsdp.yaml") == CONFIGS / "fsdp.yaml"
+    assert (
+        accelerate_configs.config_path("fsdp") == accelerate_configs.config_path("fsdp.yaml") == CONFIGS / "fsdp.yaml"
+    )
     for bad in ("nope", "../pyproject", ""):
         with pytest.raises(OptionError, match="shipped: cpu_2proc, deepspeed_zero2, fsdp"):
             accelerate_configs.config_path(bad)
