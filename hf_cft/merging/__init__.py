@@ -9,6 +9,7 @@
   OPCM, one-shot and continual (pam.md §9).
 - :mod:`hf_cft.merging.methods` — TSV-M, Iso-C/Iso-CTS, model stock, breadcrumbs, DELLA, SLERP.
 - :mod:`hf_cft.merging.data_dependent` — RegMean and Fisher merging from a calibration loader.
+- :func:`merge_deltas` — any registered method (``hf-cft merge --method``) on in-memory deltas, key by key.
 - :mod:`hf_cft.merging.pam` — PAM aligned merging of global/task LoRA adapters (pam.md §1–§6).
 
 Example::
@@ -105,6 +106,7 @@ from hf_cft.merging.pam import (
     sign_misalignment,
 )
 from hf_cft.merging.router import RouterStats, Routing, SemanticRouter, compute_prototypes
+from hf_cft.merging.streaming import merge_deltas
 
 __all__ = [
     "CollapsedTaskWarning",
@@ -163,6 +165,7 @@ __all__ = [
     "lora_factor_delta",
     "magmax",
     "magnitude_prune",
+    "merge_deltas",
     "model_stock",
     "pack_mask",
     "packed_nbytes",
