@@ -199,3 +199,29 @@ def test_della_masks_are_the_torch_generator_stream():
     gen = torch.Generator().manual_seed(_key_seed(2, "a.weight"))
     pruned = [magprune(t if w == 1.0 else w * t, d, 0.1, gen) for t, w, d in zip(ts, [1.0, 0.5, 1.0], [0.3, 0.3, 0.5])]
     assert bits_equal(got, _elect_disjoint(torch.stack(pruned)))
+
+
+def _run(code: str) -> str:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+
+
+def test_merge_command_starts_without_transformers_and_peft_registers_on_import():
+    """``hf-cft merge`` loads neither transformers nor PEFT (most of its start-up before); hf_cft's PEFT types are
+    registered as soon as PEFT is imported, whichever import brings it in."""
+    out = _run(
+        "import sys, hf_cft.cli, hf_cft.hub, hf_cft.merging.streaming\n"
+        "from hf_cft.merging.registry import methods\nmethods()\n"
+        "print(sorted(m for m in ('transformers', 'peft') if m in sys.modules))\n"
+        "import peft\nfrom peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING as M\n"
+        "print(sorted(k for k in M if str(k).startswith('HF_CFT')))\n"
+        "from peft import PeftModel\nprint(getattr(PeftModel.create_or_update_model_card, '_hf_cft', False))\n"
+    )
+    assert out.split("\n")[:3] == ["[]", "['HF_CFT_COOP', 'HF_CFT_HEAD', 'HF_CFT_VPT']", "True"]
+    out = _run(  # hf_cft.peft's own import pulls PEFT in: registered once it is complete
+        "from hf_cft.peft import CoOpConfig\nfrom peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING as M\n"
+        "print(M['HF_CFT_COOP'] is CoOpConfig)\n"
+    )
+    assert out.strip() == "True"

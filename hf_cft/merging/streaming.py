@@ -534,7 +534,7 @@ class ShardedWriter:
         while self._next[i] < len(layout) and layout[self._next[i]][0] in self._pending[i]:
             t = self._pending[i].pop(layout[self._next[i]][0])
             if t.numel():
-                fh.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                fh.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
             self._next[i] += 1
             self.written += 1
         if self._next[i] == len(layout):
@@ -622,8 +622,13 @@ def merge_folders(
     shapes = {k: base_src.entry(k).shape for k in base_src.files}
     floating = {k for k in shapes if base_src.entry(k).dtype.is_floating_point}
 
-    def base_read(key: str) -> torch.Tensor:
-        return base_src.read(key).to(torch.float32)
+    last: dict[str, torch.Tensor] = {}
+
+    def base_read(key: str) -> torch.Tensor:  # θ⁰ at the key being merged, read once for its deltas and the output
+        if key not in last:
+            last.clear()
+            last[key] = base_src.read(key).to(torch.float32)
+        return last[key]
 
     merge_shapes = {k: s for k, s in shapes.items() if k in floating}
     changed = 0
