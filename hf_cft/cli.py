@@ -393,7 +393,11 @@ def cmd_merge(args) -> int:
                 f"--results {args.results!r} holds no evaluation rows: give hf-cft eval's output, an "
                 'accuracy_matrix.json, or {"results": [{"name": ..., "accuracy": <percent>}, ...]}.'
             )
-    run_merge(config, out, results=results or (), repo_id=args.repo_id)
+    field_names = None
+    if args.config is None:  # errors name the flags the user typed, not the config fields they became
+        field_names = {"base_model": "--base"}
+        field_names.update({f"inputs[{t}].model": f"--adapters entry {t + 1}" for t in range(len(config.inputs))})
+    run_merge(config, out, results=results or (), repo_id=args.repo_id, field_names=field_names)
     summary = run_merge.last_summary
     resolved = config.resolve()
     what = f"LoRA adapter (r={config.lora_rank})" if config.lora_rank else "model"
@@ -595,11 +599,10 @@ def cmd_convert_open_clip(args) -> int:
 def cmd_config(args) -> int:
     """``hf-cft config list`` / ``path NAME`` / ``show NAME``: the shipped accelerate configs
     (:mod:`hf_cft.accelerate_configs`), e.g. ``accelerate launch --config_file "$(hf-cft config path fsdp)" ...``."""
-    from hf_cft.accelerate_configs import available, config_path
+    from hf_cft.accelerate_configs import available, config_path, listing
 
     if args.action == "list":
-        for name, what in available().items():
-            print(f"{name:18s} {what}")
+        print(listing())
         return 0
     if not args.name:
         raise CLIError(f"hf-cft config {args.action} needs a config name; shipped: {', '.join(available())}.")

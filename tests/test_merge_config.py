@@ -520,3 +520,59 @@ def test_cli_results_without_rows_is_refused(assets, tmp_path, capsys):
     assert main([*argv, "--results", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "holds no evaluation rows" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_input_neither_a_folder_nor_a_fetchable_hub_id_is_one_line_naming_it(assets, tmp_path, capsys, monkeypatch):
+    """Issue 18: a bare name that is no local folder, offline, fell through to huggingface_hub's long error."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # "mymodel" is no folder here
+    cfg = _write_yaml(
+        tmp_path / "m.yaml",
+        {
+            "base_model": str(assets["clip"]),
+            "method": "task_arithmetic",
+            "inputs": [{"model": str(assets["lora_a"])}, {"model": "mymodel"}],
+        },
+    )
+    assert main(["merge", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and len(err[0]) < 200, err
+    assert err[0] == (
+        "hf-cft merge: error: inputs[1].model 'mymodel' is neither a local folder nor a Hub id that could be fetched "
+        "(no such folder; offline (HF_HUB_OFFLINE) and not in the local Hub cache)."
+    )
+    flags = ["merge", "--base", str(assets["clip"]), "--method", "ties", "--out", str(tmp_path / "o")]
+    assert main([*flags, "--adapters", str(assets["lora_a"]), "mymodel"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--adapters entry 2 'mymodel' is neither a local folder nor a Hub id" in err[0]
+    assert main([*flags, "--adapters", "./gone"]) == 2
+    assert (
+        "--adapters entry 1 './gone' is neither a local folder nor a Hub id that could be fetched (no such folder)"
+        in (capsys.readouterr().err)
+    )
+    flags[2] = "no_base"
+    assert main([*flags, "--adapters", str(assets["lora_a"])]) == 2
+    assert "--base 'no_base' is neither a local folder" in capsys.readouterr().err
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def unknown(repo_id, **kwargs):
+        import importlib
+
+        from huggingface_hub import errors
+
+        url = f"https://huggingface.co/api/models/{repo_id}"
+        http = importlib.import_module(errors.Response.__module__.split(".")[0])  # the HTTP client the Hub uses
+        response = http.Response(404, request=http.Request("GET", url))
+        raise errors.RepositoryNotFoundError(
+            f"404 Client Error. Repository Not Found for url: {url}", response=response
+        )
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unknown)
+    from hf_cft.errors import HubError
+    from hf_cft.hub import run_merge
+
+    with pytest.raises(HubError, match=r"^inputs\[1\]\.model 'me/nothing' is neither .*no such model repo on the Hub"):
+        run_merge({**yaml.safe_load(cfg.read_text()), "inputs": [str(assets["lora_a"]), "me/nothing"]}, tmp_path / "o")
+    assert not (tmp_path / "o").exists()

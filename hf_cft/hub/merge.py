@@ -37,6 +37,44 @@ def _overlap(out: Path, named: Mapping[str, str]) -> None:
             )
 
 
+def _why_not_fetched(exc: BaseException, revision: str | None) -> str:
+    """A few words on why :func:`~hf_cft.hub.push.snapshot` found no folder and fetched nothing."""
+    import huggingface_hub.errors as hub_errors
+    from huggingface_hub import constants
+
+    cause = exc.__cause__
+    if cause is None:
+        return "no such folder"
+    if isinstance(cause, hub_errors.HFValidationError):
+        return "no such folder, and not a valid Hub repo id"
+    if isinstance(cause, hub_errors.GatedRepoError):
+        return "a gated Hub repo: accept its terms and log in (hf auth login)"
+    if isinstance(cause, hub_errors.RepositoryNotFoundError):
+        return "no such folder, and no such model repo on the Hub (or no access to it)"
+    if isinstance(cause, hub_errors.RevisionNotFoundError):
+        return f"the Hub repo has no revision {revision!r}"
+    if isinstance(cause, hub_errors.LocalEntryNotFoundError):
+        if constants.HF_HUB_OFFLINE:
+            return "no such folder; offline (HF_HUB_OFFLINE) and not in the local Hub cache"
+        return "no such folder; the Hub could not be reached and it is not in the local Hub cache"
+    return f"{type(cause).__name__}"
+
+
+def fetch_model(value: str, revision: str | None, field_name: str) -> Path:
+    """``value`` as a local folder, else its Hub snapshot; a one-line :class:`~hf_cft.errors.HubError` naming
+    ``field_name`` (``inputs[1].model``, ``--adapters entry 2``) when it is neither a folder nor a fetchable Hub id."""
+    from hf_cft.errors import HubError
+    from hf_cft.hub.push import snapshot
+
+    try:
+        return snapshot(value, revision=revision)
+    except HubError as exc:
+        raise HubError(
+            f"{field_name} {value!r} is neither a local folder nor a Hub id that could be fetched "
+            f"({_why_not_fetched(exc, revision)})."
+        ) from exc
+
+
 def run_merge(
     config,
     out: str | os.PathLike,
@@ -44,15 +82,16 @@ def run_merge(
     results: Sequence[Mapping[str, Any]] = (),
     results_note: str = "",
     repo_id: str | None = None,
+    field_names: Mapping[str, str] | None = None,
 ) -> Path:
     """Merge as ``config`` says (a :class:`~hf_cft.merging.config.MergeConfig`, a mapping, or a YAML file) into the
     folder ``out`` (replaced atomically). ``results``: evaluation rows for the card (``{"name", "accuracy"}``).
     Returns ``out``. Bad fields raise :class:`~hf_cft.errors.MergeConfigError` naming them; an input that cannot be
-    fetched raises :class:`~hf_cft.errors.HubError` naming it."""
+    fetched raises :class:`~hf_cft.errors.HubError` naming its field (``base_model``, ``inputs[1].model``, or what
+    ``field_names`` maps those to, e.g. the command line's flags)."""
     import yaml
 
     from hf_cft.hub.cards import merge_card, validate_card
-    from hf_cft.hub.push import snapshot
     from hf_cft.merging.config import MergeConfig
     from hf_cft.merging.streaming import merge_folders
 
@@ -63,8 +102,12 @@ def run_merge(
     out = Path(out)
     named = {"base_model": config.base_model, **{f"inputs[{t}].model": i.model for t, i in enumerate(config.inputs)}}
     _overlap(out, named)
-    base = snapshot(config.base_model, revision=config.base_revision)
-    folders = [snapshot(i.model, revision=i.revision) for i in config.inputs]
+    names = dict(field_names or {})
+    base = fetch_model(config.base_model, config.base_revision, names.get("base_model", "base_model"))
+    folders = [
+        fetch_model(i.model, i.revision, names.get(f"inputs[{t}].model", f"inputs[{t}].model"))
+        for t, i in enumerate(config.inputs)
+    ]
     kinds = ["LoRA adapter" if (f / "adapter_config.json").is_file() else "full model" for f in folders]
     card = merge_card(
         resolved,

@@ -9,6 +9,7 @@
   OPCM, one-shot and continual (pam.md §9).
 - :mod:`hf_cft.merging.methods` — TSV-M, Iso-C/Iso-CTS, model stock, breadcrumbs, DELLA, SLERP.
 - :mod:`hf_cft.merging.data_dependent` — RegMean and Fisher merging from a calibration loader.
+- :func:`merge_deltas` — any registered method (``hf-cft merge --method``) on in-memory deltas, key by key.
 - :mod:`hf_cft.merging.pam` — PAM aligned merging of global/task LoRA adapters (pam.md §1–§6).
 
 Example::
@@ -93,6 +94,7 @@ from hf_cft.merging.methods import (
     slerp,
     tsv_m,
 )
+from hf_cft.merging.streaming import merge_deltas
 
 # PAM (a transformers TrainerCallback) and the router (CLIP features) import transformers and PEFT: they load on
 # first access, so that the merges that need neither (``hf-cft merge``, the streaming merge) start without them.
@@ -203,6 +205,7 @@ __all__ = [
     "lora_factor_delta",
     "magmax",
     "magnitude_prune",
+    "merge_deltas",
     "model_stock",
     "pack_mask",
     "packed_nbytes",

@@ -411,13 +411,15 @@ def merge_deltas(
     parameters: Mapping[str, Any] | None = None,
     inputs: Sequence[Mapping[str, Any]] | None = None,
     shapes: Mapping[str, tuple] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge in-memory deltas with a registered method, key by key: ``{key: merged delta}`` (fp32).
 
     ``parameters``: method options (and defaults of per-input ones); ``inputs``: one dict of per-input options per
     delta (``weight``, ``density``, ...). Keys are the union of the deltas' keys (a delta without a key counts as
     zeros there, never materialised); ``shapes`` (key → shape) is needed only for keys no delta has, e.g. for a
-    model-wide TIES trim over the whole model. Example::
+    model-wide TIES trim over the whole model. ``extra`` reaches the methods that need more than the deltas
+    (``ModelContext.extra``), e.g. RegMean's ``{"model": θ⁰ module, "calibration": [loader per input]}``. Example::
 
         merged = merge_deltas([d1, d2], "ties", {"density": 0.2}, inputs=[{"weight": 1.0}, {"weight": 0.5}])
     """
@@ -437,7 +439,10 @@ def merge_deltas(
                 raise DeltaError(f"key {key!r} has shape {s} in delta {t} but {all_shapes[key]} elsewhere.")
     srcs = [_DeltaInput(d, f"delta {t}") for t, d in enumerate(deltas)]
     out = {}
-    for key, merged in _merged_keys(m, srcs, dict(sorted(all_shapes.items())), lambda k: None, options, per_input, {}):
+    merged_keys = _merged_keys(
+        m, srcs, dict(sorted(all_shapes.items())), lambda k: None, options, per_input, dict(extra or {})
+    )
+    for key, merged in merged_keys:
         out[key] = (
             torch.zeros(all_shapes[key])
             if merged is None
