@@ -225,3 +225,21 @@ def test_merge_command_starts_without_transformers_and_peft_registers_on_import(
         "print(M['HF_CFT_COOP'] is CoOpConfig)\n"
     )
     assert out.strip() == "True"
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare", "consensus", "wise"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_methods_that_skip_input_checks_still_name_a_nonfinite_input(method, bad):
+    """Methods flagged ``nonfinite_propagates`` check their inputs only when the merged delta is not finite: a NaN/inf
+    in an input (even one dropped by a mask or weighted 0) still raises NonFiniteError naming the input and key."""
+    from hf_cft.errors import NonFiniteError
+    from hf_cft.merging.registry import get_method
+
+    assert get_method(method).nonfinite_propagates
+    n = 1 if method == "wise" else 3
+    deltas = random_deltas(n, seed=7)
+    deltas[n - 1]["a.weight"][1, 5] = bad
+    inputs = [{"weight": 0.0 if method != "consensus" else 1.0} for _ in range(n)]
+    for params in ({}, {"then": "ties"} if method == "dare" else {}):
+        with pytest.raises(NonFiniteError, match=rf"input {n - 1} .*'a\.weight'"):
+            merge_deltas(deltas, method, params, inputs=inputs)

@@ -1287,6 +1287,7 @@ def _register_builtins() -> None:
             (weight(0.3, "λ_t of Σ_t λ_t·τ_t (one λ for all: --lam)"),),
             summary="Σ_t λ_t·τ_t (default λ = 0.3)",
             reference="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
+            nonfinite_propagates=True,
         )
     )
     register(
@@ -1337,6 +1338,7 @@ def _register_builtins() -> None:
             summary="drop with rate 1 − density and rescale, then TA or TIES (default density 0.1)",
             reference="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv:2311.03099)",
             check=_dare_check,
+            nonfinite_propagates=True,  # NaN·0 = NaN: a dropped NaN still shows, in TA and in the election
         )
     )
     register(
@@ -1362,6 +1364,7 @@ def _register_builtins() -> None:
             max_inputs=1,
             summary="α·τ of one fine-tuned model (default α = 0.5)",
             reference="Wortsman et al., Robust fine-tuning of zero-shot models (WiSE-FT), CVPR 2022 (arXiv:2109.01903)",
+            nonfinite_propagates=True,
         )
     )
     register(
@@ -1377,6 +1380,7 @@ def _register_builtins() -> None:
             summary="Σ_t λ_t·τ_t kept where ≥ k TALL masks agree (defaults λ = 0.3, TALL λ 0.4, k = 2)",
             reference="Wang et al., Localizing Task Information (TALL masks / consensus), ICML 2024 (arXiv:2405.07813)",
             check=_consensus_check,
+            nonfinite_propagates=True,  # the sum carries it; a masked-out NaN/inf is NaN·0 = NaN
         )
     )
 

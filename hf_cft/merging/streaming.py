@@ -293,8 +293,9 @@ class _KeyDeltas(Sequence):
     """The inputs' deltas at one key, read on access (each access reads again: a method that needs an input twice
     keeps it); an input without this key gives zeros."""
 
-    def __init__(self, inputs: Sequence[_Input], present: list[bool], key: str, shape, base):
+    def __init__(self, inputs: Sequence[_Input], present: list[bool], key: str, shape, base, check: bool = True):
         self.inputs, self.present, self.key, self.shape, self.base = inputs, present, key, shape, base
+        self.check = check  # False: the caller checks the merged delta and calls check_inputs() when it is not finite
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -304,14 +305,24 @@ class _KeyDeltas(Sequence):
             return [self[i] for i in range(*t.indices(len(self)))]
         if not self.present[t]:
             return torch.zeros(self.shape)
+        d = self.inputs[t].delta(self.key, self.base())
+        if self.check:
+            self._check(t, d)
+        return d
+
+    def _check(self, t: int, d: torch.Tensor) -> None:
         from hf_cft.merging.deltas import all_finite
 
-        d = self.inputs[t].delta(self.key, self.base())
         if not all_finite(d):
             raise NonFiniteError(
                 f"The delta of input {t} ({self.inputs[t].description}) holds NaN/inf at key {self.key!r}."
             )
-        return d
+
+    def check_inputs(self) -> None:
+        """Read every present input again and raise :class:`NonFiniteError` naming the first non-finite one."""
+        for t, here in enumerate(self.present):
+            if here:
+                self._check(t, self.inputs[t].delta(self.key, self.base()))
 
 
 class _LazyInputDelta(Mapping):
@@ -384,7 +395,14 @@ def _merged_keys(method, inputs: Sequence[_Input], shapes: Mapping[str, tuple], 
             return cache["t"]
 
         ctx = TensorContext(key, options, per_input, present, base, i, len(keys), state)
-        yield key, method.fn(_KeyDeltas(inputs, present, key, shapes[key], base), ctx)
+        deltas = _KeyDeltas(inputs, present, key, shapes[key], base, check=not method.nonfinite_propagates)
+        merged = method.fn(deltas, ctx)
+        if method.nonfinite_propagates and isinstance(merged, torch.Tensor):
+            from hf_cft.merging.deltas import all_finite
+
+            if not all_finite(merged):  # a non-finite input shows here; name it (else the options overflowed)
+                deltas.check_inputs()
+        yield key, merged
 
 
 def _check_merged(
