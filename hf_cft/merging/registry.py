@@ -218,7 +218,11 @@ class MergeMethod:
     :class:`MergeConfigError` naming the field; it may fill defaults that depend on other options).
     ``prepare``: an optional ``prepare(deltas, ctx) -> dict`` run before a ``"tensor"`` method's key-by-key pass,
     with the lazy deltas and a :class:`ModelContext` as a ``"model"`` method gets them, for statistics over the
-    whole model (e.g. TIES' model-wide trim threshold); its result is ``TensorContext.state``."""
+    whole model (e.g. TIES' model-wide trim threshold); its result is ``TensorContext.state``.
+    ``nonfinite_propagates``: a NaN/inf in any input's delta always makes the merged delta non-finite (sums, masks
+    applied by multiplication), so a streamed merge checks the inputs only when the merged delta is not finite —
+    one read of every input per key less — and still names the offending input. Leave it ``False`` for a method
+    that can drop a NaN (a max-magnitude selection, a trim by ranking)."""
 
     name: str
     kind: str
@@ -230,6 +234,7 @@ class MergeMethod:
     reference: str = ""
     check: Callable[[dict, list[dict], str], None] | None = None
     prepare: Callable[[list[Mapping[str, Any]], ModelContext], dict] | None = None
+    nonfinite_propagates: bool = False
 
     def __post_init__(self):
         if self.kind not in METHOD_KINDS:
