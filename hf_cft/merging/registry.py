@@ -223,7 +223,11 @@ class MergeMethod:
     ``calibration``: what a data-dependent method needs from each input's calibration data (``"images"``: batches of
     ``pixel_values``; ``"classes"``: the dataset's class names and templates, with θ⁰'s tokenizer, for a zero-shot
     head); non-empty means a merge config must name each input's data (``inputs[t].calibration``), and
-    ``hf-cft merge`` loads it into ``ModelContext.extra`` (RegMean, Fisher merging)."""
+    ``hf-cft merge`` loads it into ``ModelContext.extra`` (RegMean, Fisher merging).
+    ``nonfinite_propagates``: a NaN/inf in any input's delta always makes the merged delta non-finite (sums, masks
+    applied by multiplication), so a streamed merge checks the inputs only when the merged delta is not finite —
+    one read of every input per key less — and still names the offending input. Leave it ``False`` for a method
+    that can drop a NaN (a max-magnitude selection, a trim by ranking)."""
 
     name: str
     kind: str
@@ -236,6 +240,7 @@ class MergeMethod:
     check: Callable[[dict, list[dict], str], None] | None = None
     prepare: Callable[[list[Mapping[str, Any]], ModelContext], dict] | None = None
     calibration: tuple[str, ...] = ()
+    nonfinite_propagates: bool = False
 
     def __post_init__(self):
         if self.kind not in METHOD_KINDS:
