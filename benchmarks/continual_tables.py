@@ -12,7 +12,8 @@ exactly the rebuilt expert θ⁰ + λ^c M^c ⊙ u; the independent run trains th
         zeroshot=runs/I/condu-zeroshot/results.json sequential=... independent=... condu=... \\
         "condu_ta=runs/I/condu-condu_ta/results.json#ConDU FT (task-agnostic)"
 
-Each source is ``tag=path/to/results.json`` with an optional ``#label``; the tags the targets look for are
+Each source is ``tag=path/to/results.json`` with an optional ``@strategy`` (which strategy of a run that holds
+several) and ``#label``; the tags the targets look for are
 ``zeroshot, sequential, independent, condu, condu_ta, condu_lora, condu_lora_ta, independent_lora`` (``--kind
 condu``) and ``sequential_lora, merge_only, pam`` (``--kind pam``). Writes ``OUT.json``, ``OUT.md`` and
 ``OUT-<tag>.png`` (+ ``OUT-fidelity.png`` for ConDU).
@@ -37,12 +38,19 @@ def load_sources(specs: list[str]) -> tuple[dict, dict]:
     for spec in specs:
         tag, _, rest = spec.partition("=")
         path, _, label = rest.partition("#")
+        path, _, wanted = path.partition("@")
         if not tag or not path:
-            raise SystemExit(f"source {spec!r}: expected tag=path/to/results.json[#label]")
+            raise SystemExit(f"source {spec!r}: expected tag=path/to/results.json[@strategy][#label]")
         data = json.loads(Path(path).read_text())
         results = data["results"]
+        if wanted:
+            if wanted not in results:
+                raise SystemExit(f"{path}: no strategy {wanted!r}; it holds {sorted(results)}")
+            results = {wanted: results[wanted]}
         if len(results) != 1:
-            raise SystemExit(f"{path}: expected one strategy per results.json, found {sorted(results)}")
+            raise SystemExit(
+                f"{path}: expected one strategy per results.json, found {sorted(results)} (pick one with @name)"
+            )
         ((strategy, result),) = results.items()
         result = dict(result, strategy=strategy)
         if label:

@@ -13,12 +13,17 @@ image this differs by design, the "16-bit scale vs raw" column); whether ``spati
 ``pixel_attention_mask`` are identical (NaFlex only). When torchvision imports, ``--torchvision`` adds the largest |Δ|
 against the default (torchvision) backend of the same config, which is not the reference.
 
+A results file whose rows hold a column this run does not compute (the torchvision one, without ``--torchvision``)
+is never overwritten: the script stops with the reason before any work (``--out DIR`` writes elsewhere).
+
 ``tests/test_preprocessing.py`` runs the same cases and asserts max |Δ| ≤ 1e-5 and identical masks / shapes.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
@@ -137,6 +142,62 @@ def _both(a: bool | None, b: bool | None) -> bool | None:
     return None if a is None and b is None else (a is not False and b is not False)
 
 
+BASE_COLUMNS = (
+    "images",
+    "max_abs_8bit",
+    "max_abs_high_clip",
+    "max_abs_high_scale",
+    "max_abs_high_scale_vs_raw",
+    "masks_equal",
+    "worst",
+)
+TORCHVISION_COLUMNS = ("max_abs_torchvision",)
+
+
+def columns(torchvision: bool) -> tuple[str, ...]:
+    """The columns (keys of a row) a run computes: the torchvision one only with ``--torchvision``."""
+    return BASE_COLUMNS + (TORCHVISION_COLUMNS if torchvision else ())
+
+
+def check_overwrite(out: Path, torchvision: bool) -> None:
+    """Refuse (``SystemExit`` with the reason) to replace ``out/preprocessing_parity.json`` when its rows hold columns
+    this run cannot compute, e.g. the committed results' torchvision column in a run without ``--torchvision``: the
+    rewrite would silently drop them. ``--torchvision`` without torchvision installed is refused too."""
+    if torchvision:
+        try:
+            __import__("torchvision")
+        except ImportError:
+            raise SystemExit(
+                "preprocessing_parity: --torchvision needs torchvision, which is not installed here "
+                "(pip install torchvision), or run without --torchvision into another --out folder."
+            ) from None
+    file = out / "preprocessing_parity.json"
+    if not file.is_file():
+        return
+    try:
+        rows = json.loads(file.read_text(encoding="utf-8")).get("rows", {})
+        have = {key for row in rows.values() for key in row}
+    except (ValueError, AttributeError):
+        raise SystemExit(
+            f"preprocessing_parity: {file} exists but is not a results file of this script; it is left as it is. "
+            "Write elsewhere with --out DIR."
+        ) from None
+    lost = sorted(have - set(columns(torchvision)))
+    if lost:
+        hint = (
+            "pass --torchvision"
+            if "max_abs_torchvision" in lost and importlib.util.find_spec("torchvision") is not None
+            else "install torchvision and pass --torchvision"
+            if "max_abs_torchvision" in lost
+            else "run the script version that wrote them"
+        )
+        raise SystemExit(
+            f"preprocessing_parity: refusing to overwrite {file}: it has column(s) {', '.join(lost)} that this run "
+            f"cannot compute, and rewriting it would drop them. To keep them, {hint}; or write elsewhere with "
+            "--out DIR."
+        )
+
+
 def parity_row(name: str, imgs: list, torchvision: bool = False) -> dict:
     """One row of the table: the processor ``name`` against ``ImageTransform.from_processor`` on ``imgs``."""
     from hf_cft.data.transforms import ImageTransform, to_rgb
@@ -145,10 +206,7 @@ def parity_row(name: str, imgs: list, torchvision: bool = False) -> dict:
     default = ImageTransform.from_processor(proc)
     clip = ImageTransform.from_processor(proc, high_bit_depth="clip")
     tv = processor(name, "torchvision") if torchvision else None
-    row = {"images": len(imgs), "max_abs_8bit": 0.0, "max_abs_high_clip": 0.0, "max_abs_high_scale": 0.0}
-    row |= {"max_abs_high_scale_vs_raw": 0.0, "masks_equal": None, "worst": None}
-    if tv is not None:
-        row["max_abs_torchvision"] = 0.0
+    row = dict.fromkeys(columns(torchvision), 0.0) | {"images": len(imgs), "masks_equal": None, "worst": None}
     worst = -1.0
     for desc, img in imgs:
         high = getattr(img, "mode", "") in MODES_HIGH
@@ -193,6 +251,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--random-images", type=int, default=6, help="extra RGB images of random sizes")
     ap.add_argument("--torchvision", action="store_true", help="also compare with the torchvision backend")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    check_overwrite(out, args.torchvision)  # before any work: never compute what cannot be written
     import transformers
     from PIL import Image
 
@@ -215,7 +275,6 @@ def main(argv=None) -> dict:
     }
     if args.torchvision:
         result["versions"]["torchvision"] = __import__("torchvision").__version__
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "preprocessing_parity.json", result)
     lines = [f"# Preprocessing parity (transformers {transformers.__version__}, PIL backend)", "", *table(rows)]

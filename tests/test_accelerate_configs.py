@@ -168,7 +168,9 @@ def test_shipped_configs_are_package_data_with_a_path_helper_and_cli(capsys):
     assert project["package-data"]["hf_cft.accelerate_configs"] == ["*.yaml"]
     assert not (CONFIGS.parents[1] / "recipes" / "accelerate_configs").exists()  # no second copy
     assert set(accelerate_configs.available()) == set(EXPECTED)
-    assert accelerate_configs.config_path("fsdp") == accelerate_configs.config_path("fsdp.yaml") == CONFIGS / "fsdp.yaml"
+    assert (
+        accelerate_configs.config_path("fsdp") == accelerate_configs.config_path("fsdp.yaml") == CONFIGS / "fsdp.yaml"
+    )
     for bad in ("nope", "../pyproject", ""):
         with pytest.raises(OptionError, match="shipped: cpu_2proc, deepspeed_zero2, fsdp"):
             accelerate_configs.config_path(bad)
@@ -186,3 +188,28 @@ def test_shipped_configs_are_package_data_with_a_path_helper_and_cli(capsys):
         check=True,
     )
     assert proc.stdout.strip() == str(CONFIGS / "cpu_2proc.yaml")
+
+
+def test_config_list_prints_every_description_whole_and_wrapped(capsys, monkeypatch):
+    from hf_cft import accelerate_configs
+    from hf_cft.cli import main
+
+    described = accelerate_configs.available()
+    # the description goes on past the first line of the file (issue 18: it was cut after "of one")
+    assert described["deepspeed_zero2"].endswith("over all GPUs of one machine. Needs `pip install deepspeed`.")
+    assert described["multi_node_ddp"] == "DDP over several machines: 2 machines x 8 GPUs here."
+    for name, what in described.items():
+        head = (CONFIGS / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        assert (what.startswith(head) or head.startswith(what)) and "accelerate launch" not in what
+    monkeypatch.setenv("COLUMNS", "64")
+    assert main(["config", "list"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 64
+    blocks = {}
+    for line in out.splitlines():
+        if not line.startswith(" "):
+            name, _, rest = line.partition(" ")
+            blocks[name] = [rest]
+        else:
+            blocks[name].append(line)
+    assert {n: " ".join(" ".join(b).split()) for n, b in blocks.items()} == described

@@ -717,3 +717,45 @@ def test_condu_recipe_runs_the_digits_stream_end_to_end(tmp_path):
         assert [r["metrics"][0]["value"] for r in index] == [round(v, 4) for v in m["values"][-1]]
     assert saved["results"]["independent"]["metrics"]["bwt"] == 0.0
     assert "| zeroshot |" in (out / "results.md").read_text()
+
+
+# --------------------------------------------------------------------------- shared expert cache
+
+
+def test_expert_cache_reuses_theta0_experts_across_strategies_and_keys_every_setting(
+    reference_runs, tmp_path, toy_tokenizer
+):
+    ind_result, ind = reference_runs["independent"]
+    cache = tmp_path / "cache"
+    # 1. an independent run with a cache gives the reference results and fills the cache (one expert per task)
+    first = IndependentExperts()
+    r1 = _runner(first, tmp_path / "first", toy_tokenizer, expert_cache=str(cache)).run()
+    np.testing.assert_array_equal(r1.matrix.values, ind_result.matrix.values)
+    assert len(list(cache.glob("*.safetensors"))) == 3
+    assert [h.get("expert_cache_hit") for h in r1.history] == [None] * 3
+    # 2. another strategy with the same settings trains nothing: it reads the experts back (train() would raise)
+    import hf_cft.continual.training as training
+
+    def no_training(*a, **k):
+        raise AssertionError("the cached expert should have been reused")
+
+    original, training.train_expert = training.train_expert, no_training
+    try:
+        merge = DeltaMergeStrategy.from_function(
+            "mean", lambda ds: {k: sum(d[k] for d in ds) / len(ds) for k in ds[0]}
+        )
+        r2 = _runner(merge, tmp_path / "second", toy_tokenizer, expert_cache=str(cache)).run()
+    finally:
+        training.train_expert = original
+    assert [h["expert_cache_hit"] for h in r2.history] == [1.0] * 3
+    assert [h["train_loss"] for h in r2.history] == [h["train_loss"] for h in r1.history]
+    for key, v in merge.store.load("001").items():
+        assert torch.equal(v, ind.expert_delta("b")[key])
+    # 3. a setting that changes training (here the learning rate) misses the cache and trains its own experts
+    other = IndependentExperts()
+    _runner(other, tmp_path / "third", toy_tokenizer, expert_cache=str(cache), learning_rate=0.01).run()
+    assert len(list(cache.glob("*.safetensors"))) == 6
+    assert not torch.equal(other.expert_delta("a")[key], ind.expert_delta("a")[key])
+    # 4. a chain's experts (trained from the previous model) never touch the cache
+    _runner(SequentialFineTuning(), tmp_path / "fourth", toy_tokenizer, expert_cache=str(cache)).run()
+    assert len(list(cache.glob("*.safetensors"))) == 6

@@ -260,3 +260,29 @@ def test_fisher_and_regmean_merge_tiny_clip_experts(toy_tokenizer):
     assert torch.equal(merged[text_key], torch.zeros_like(merged[text_key]))
     rm = regmean_merge(base, experts, data, keys=None)
     assert set(rm) == set(deltas[0]) and all(torch.isfinite(v).all() for v in rm.values())
+
+
+def test_merge_deltas_passes_extra_to_the_data_dependent_methods():
+    """``merge_deltas(..., extra=...)`` runs RegMean in memory exactly as ``regmean_merge`` on the same models and
+    data; without ``extra`` the method names what it needs."""
+    from hf_cft.merging import merge_deltas
+
+    base = tiny_clip(seed=0)
+    experts = []
+    for s in (1, 2):
+        e = copy.deepcopy(base)
+        g = torch.Generator().manual_seed(s)
+        with torch.no_grad():
+            for name, p in e.named_parameters():
+                if name.startswith("vision_model.encoder"):
+                    p.add_(0.02 * torch.randn(p.shape, generator=g))
+        experts.append(e)
+    data = [[{"pixel_values": torch.randn(4, 3, 30, 30, generator=torch.Generator().manual_seed(s))}] for s in (5, 6)]
+    deltas = [delta_from_models(base, e, keys=None) for e in experts]
+    deltas = [{k: v for k, v in d.items() if v.any()} for d in deltas]
+    ref = regmean_merge(base, experts, data, keys=None)
+    got = merge_deltas(deltas, "regmean", extra={"model": base, "calibration": data})
+    key = "vision_model.encoder.layers.1.mlp.fc2.weight"
+    torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-7)
+    with pytest.raises(MergeConfigError, match="calibration"):
+        merge_deltas(deltas, "regmean", extra={"model": base})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import random
 import types
 from pathlib import Path
@@ -279,3 +280,35 @@ def test_raw_dataset_evaluation_is_the_processor_path(family):
     assert torch.equal(res.splits["all"].predictions.cpu(), logits.argmax(-1).cpu())
     expected = {"clip": "shortest_edge", "siglip": "squash", "siglip2": "patches"}[family]
     assert ImageTransform.from_model(model).resize_mode == expected
+
+
+def test_parity_script_never_drops_a_column_of_the_results_it_would_overwrite(tmp_path, monkeypatch):
+    """Issue 18: run without torchvision, the script rewrote the committed results without their torchvision column.
+    It now stops, naming the file and the column, before any work, and leaves the file as it was."""
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "preprocessing_parity.json"
+    (tmp_path / "preprocessing_parity.json").write_bytes(committed.read_bytes())
+    before = (tmp_path / "preprocessing_parity.json").read_bytes()
+    assert "max_abs_torchvision" in json.loads(before)["rows"][CLIP]
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("computed rows it could not write")
+
+    real_row = parity.parity_row
+
+    monkeypatch.setattr(parity, "parity_row", no_work)
+    with pytest.raises(SystemExit, match=r"refusing to overwrite .*preprocessing_parity\.json.*max_abs_torchvision"):
+        parity.main(["--out", str(tmp_path)])
+    assert (tmp_path / "preprocessing_parity.json").read_bytes() == before
+    assert not (tmp_path / "preprocessing_parity.md").exists()
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(SystemExit, match="--torchvision needs torchvision, which is not installed"):
+            parity.main(["--out", str(tmp_path), "--torchvision"])
+    # a results file with only the columns this run computes is rewritten (one small image keeps it fast)
+    monkeypatch.setattr(parity, "parity_row", real_row)
+    monkeypatch.setattr(parity, "images", lambda seed, n: [("RGB 9x7", _rgb(9, 7))])
+    fresh = tmp_path / "fresh"
+    parity.main(["--out", str(fresh)])
+    first = json.loads((fresh / "preprocessing_parity.json").read_text())
+    assert set(first["rows"][CLIP]) == set(parity.columns(False))
+    parity.main(["--out", str(fresh)])  # same columns: overwritten without complaint
+    assert json.loads((fresh / "preprocessing_parity.json").read_text())["rows"] == first["rows"]

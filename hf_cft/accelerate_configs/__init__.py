@@ -23,13 +23,47 @@ from hf_cft.errors import OptionError
 FOLDER = Path(__file__).resolve().parent
 
 
-def available() -> dict[str, str]:
-    """``{name: the file's first comment line}`` for every shipped config, sorted by name."""
-    out = {}
-    for file in sorted(FOLDER.glob("*.yaml")):
-        first = file.read_text(encoding="utf-8").splitlines()[0]
-        out[file.stem] = first.lstrip("#").strip()
+def description(text: str) -> str:
+    """The description a config file opens with: its leading comment lines, joined, up to the first indented one
+    (``#   accelerate launch ...``, a table of keys) or the first line that is not a comment; a closing sentence
+    that only introduces that indented block (ends with ``:``) is left out."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#") or line.startswith("#  ") or not line.strip("# "):
+            break
+        lines.append(line.lstrip("#").strip())
+    out = " ".join(lines)
+    if out.endswith(":"):
+        cut = max(out.rfind(". ", 0, len(out) - 1), out.rfind("; ", 0, len(out) - 1))
+        out = out[: cut + 1] if cut >= 0 else out
     return out
+
+
+def available() -> dict[str, str]:
+    """``{name: its whole description}`` (:func:`description`) for every shipped config, sorted by name."""
+    return {file.stem: description(file.read_text(encoding="utf-8")) for file in sorted(FOLDER.glob("*.yaml"))}
+
+
+def listing(width: int | None = None) -> str:
+    """The text of ``hf-cft config list``: every shipped config's name and its whole description, wrapped to
+    ``width`` columns (default: the terminal's, at least 60) under a hanging indent, never cut short."""
+    import shutil
+    import textwrap
+
+    width = width or max(60, shutil.get_terminal_size((100, 24)).columns)
+    names = available()
+    pad = max(len(n) for n in names) + 2
+    return "\n".join(
+        textwrap.fill(
+            what,
+            width=width,
+            initial_indent=name.ljust(pad),
+            subsequent_indent=" " * pad,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+        for name, what in names.items()
+    )
 
 
 def config_path(name: str) -> Path:

@@ -2,14 +2,13 @@
 
 import sys
 
-from hf_cft.accelerate_configs import available, config_path
+from hf_cft.accelerate_configs import config_path, listing
 from hf_cft.errors import OptionError
 
 
 def main(argv: list[str]) -> int:
     if not argv:
-        for name, what in available().items():
-            print(f"{name:18s} {what}")
+        print(listing())
         return 0
     try:
         print(config_path(argv[0]))

@@ -58,6 +58,14 @@ class ContinualConfig:
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader workers (training and evaluation)."})
     use_cpu: bool = field(default=False, metadata={"help": "Train on CPU even when an accelerator is present."})
     progress: bool = field(default=False, metadata={"help": "Progress bars in training and evaluation."})
+    expert_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of trained experts shared between runs: an expert trained from θ⁰ is stored there under a "
+            "hash of everything that decides it (θ⁰, task data, transform, seed, position and every training "
+            "setting) and reused by any later run or strategy that would train the same one."
+        },
+    )
 
     def __post_init__(self):
         if self.finetune not in FINETUNE_MODES:
@@ -98,7 +106,7 @@ class ContinualConfig:
 
 
 # Fields that change no result: a resumed run may differ in them.
-RESULT_NEUTRAL_FIELDS = frozenset({"logging_steps", "dataloader_num_workers", "progress"})
+RESULT_NEUTRAL_FIELDS = frozenset({"logging_steps", "dataloader_num_workers", "progress", "expert_cache"})
 
 
 def task_seed(seed: int, index: int) -> int:

@@ -256,7 +256,15 @@ class ContinualRunner:
         T = len(self.tasks)
         identity = self._identity()
         workdir = self.output_dir / "store"
-        context = RunContext(self.base_model, self.tokenizer, self.config, self.evaluator, self.tasks, workdir)
+        context = RunContext(
+            self.base_model,
+            self.tokenizer,
+            self.config,
+            self.evaluator,
+            self.tasks,
+            workdir,
+            expert_identity={k: identity[k] for k in ("base_model", "transform", "tasks")},
+        )
         self.strategy.bind(context)
         for stale in self.output_dir.glob(".checkpoint-*") if state.is_main_process else ():
             shutil.rmtree(stale, ignore_errors=True)  # torn temporaries of an interrupted write

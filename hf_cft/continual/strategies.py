@@ -22,6 +22,7 @@ PAM (``hf_cft.continual.pam_strategy``) register themselves in :data:`STRATEGIES
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
@@ -46,6 +47,7 @@ logger = logging.getLogger("hf_cft.continual")
 START_FROM = ("theta0", "previous")
 STATE_TENSORS = "strategy.safetensors"
 STATE_META = "strategy.json"
+EXPERT_CACHE_FORMAT = "hf_cft.expert-cache/1"
 
 
 @dataclass
@@ -59,6 +61,9 @@ class RunContext:
     evaluator: DeltaEvaluator
     tasks: list[TaskSpec]
     workdir: Path
+    # What identifies an expert beyond the config (θ⁰'s fingerprint, the image transform, each task's data
+    # fingerprint by name); set by the runner, used to key ``config.expert_cache``.
+    expert_identity: dict | None = None
 
 
 class Strategy:
@@ -158,6 +163,14 @@ class Strategy:
         t0 = time.perf_counter()
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         self.task_metrics = {}  # this task's: the last logged training loss, then whatever learn() adds
+        cached = self._expert_cache_entry(task, index, start, factors_reference)
+        if cached is not None and cached[1] in cached[0]:
+            delta, meta = cached[0].load_with_metadata(cached[1])
+            self.task_metrics.update({k: float(v) for k, v in meta.items() if k == "train_loss"})
+            self.task_metrics["expert_cache_hit"] = 1.0
+            logger.info("[%s] task %r: expert reused from %s", self.name, task.name, cached[0].path(cached[1]))
+            self.timings["train_s"] = time.perf_counter() - t0
+            return delta
         with tempfile.TemporaryDirectory(prefix=f"train-{index:03d}-", dir=ctx.workdir) as scratch:
             delta = train_expert(
                 ctx.base_model,
@@ -171,8 +184,43 @@ class Strategy:
                 metrics=self.task_metrics,
                 factors_reference=factors_reference,
             )
+        if cached is not None:
+            meta = {"task": task.name}
+            if "train_loss" in self.task_metrics:
+                meta["train_loss"] = repr(float(self.task_metrics["train_loss"]))
+            save_expert(cached[0], cached[1], delta, meta)
         self.timings["train_s"] = time.perf_counter() - t0
         return delta
+
+    def _expert_cache_entry(
+        self, task: TaskSpec, index: int, start: Delta | None, factors_reference: nn.Module | None
+    ) -> tuple[DeltaStore, str] | None:
+        """``(store, key)`` of this expert in ``config.expert_cache``, or ``None`` when there is no cache or the
+        expert does not start from θ⁰ (a chain's expert depends on the strategy's own history). The key hashes
+        everything that decides the trained weights: every result-changing config field, θ⁰, the transform, the
+        task's name and data fingerprint, its position (seed, learning rate) and the delta's form (dense or LoRA
+        factors)."""
+        ctx = self.context
+        if not ctx.config.expert_cache or start or ctx.expert_identity is None:
+            return None
+        from hf_cft.continual.config import RESULT_NEUTRAL_FIELDS
+
+        ident = ctx.expert_identity
+        fingerprints = {t["name"]: t["fingerprint"] for t in ident["tasks"]}
+        if task.name not in fingerprints:
+            return None
+        record = {
+            "format": EXPERT_CACHE_FORMAT,
+            "config": {k: v for k, v in ctx.config.to_dict().items() if k not in RESULT_NEUTRAL_FIELDS},
+            "base_model": ident["base_model"],
+            "transform": ident["transform"],
+            "task": [task.name, fingerprints[task.name]],
+            "index": index,
+            "seed": task_seed(ctx.config.seed, index),
+            "factors": factors_reference is not None,
+        }
+        digest = hashlib.blake2b(json.dumps(record, sort_keys=True, default=str).encode(), digest_size=16)
+        return DeltaStore(Path(ctx.config.expert_cache).expanduser()), f"{task.name}-{digest.hexdigest()}"
 
 
 def save_expert(store: DeltaStore, key: str, delta: Delta, metadata: dict[str, str] | None = None) -> None:

@@ -167,5 +167,13 @@ class DeltaStore:
         except Exception as exc:  # safetensors raises its own error types for torn or foreign files
             raise BundleError(f"expert delta {key!r} at {path} cannot be read: {exc}") from exc
 
+    def load_with_metadata(self, key: str) -> tuple[Delta, dict[str, str]]:
+        """:meth:`load` and the metadata the delta was saved with."""
+        from safetensors import safe_open
+
+        delta = self.load(key)
+        with safe_open(str(self.path(key)), framework="pt") as f:
+            return delta, dict(f.metadata() or {})
+
     def __contains__(self, key: str) -> bool:
         return self.path(key).is_file()

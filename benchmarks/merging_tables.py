@@ -1,0 +1,105 @@
+"""Protocol B (MTIL-mini) rows of every merging strategy, full fine-tuning and LoRA side by side (issue 18, item 5).
+
+Reads the ``results.json`` of continual recipe runs (one or more strategies each; a later file's strategy replaces
+an earlier one's) and writes one table per order: ACC (Last) / BWT / Transfer / Average for full fine-tuning and
+for LoRA, one row per strategy, the strategy's kind (task id needed or not) beside it::
+
+    python benchmarks/merging_tables.py benchmarks/results/protocolB-merging-order1 --title "Order I" \\
+        --full RUN_FULL/results.json ... --lora RUN_LORA/results.json ...
+
+Writes ``OUT.json`` and ``OUT.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# strategy → (label, needs the task id at inference)
+ROWS = {
+    "zeroshot": ("zero-shot θ⁰", False),
+    "independent": ("independent experts (upper bound)", True),
+    "task_arithmetic": ("task arithmetic", False),
+    "ties": ("TIES", False),
+    "dare": ("DARE (+ task arithmetic)", False),
+    "consensus": ("consensus (TALL + task arithmetic)", False),
+    "breadcrumbs": ("breadcrumbs", False),
+    "della": ("DELLA", False),
+    "model_stock": ("model stock", False),
+    "slerp": ("SLERP (running, t = 1/T)", False),
+    "tsv_m": ("TSV-M", False),
+    "iso_c": ("Iso-C", False),
+    "iso_cts": ("Iso-CTS", False),
+    "regmean": ("RegMean", False),
+    "fisher": ("Fisher merging", False),
+    "tall": ("TALL masks", True),
+    "emr": ("EMR", True),
+    "condu": ("ConDU", True),
+    "pam": ("PAM", False),
+    "pam_tall": ("PAM + TALL", True),
+}
+METRICS = ("last", "bwt", "transfer", "average")
+
+
+def gather(paths: list[str]) -> tuple[dict, dict]:
+    runs, meta = {}, {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for name, result in data["results"].items():
+            runs[name] = result
+        meta = {k: data.get(k) for k in ("benchmark", "stream", "tasks", "machine")} | {"config": data.get("config")}
+    return runs, meta
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out")
+    p.add_argument("--title", default="")
+    p.add_argument("--full", nargs="*", default=[])
+    p.add_argument("--lora", nargs="*", default=[])
+    p.add_argument("--note", default="")
+    a = p.parse_args(argv)
+    full, full_meta = gather(a.full)
+    lora, lora_meta = gather(a.lora)
+    names = [n for n in ROWS if n in full or n in lora] + sorted((set(full) | set(lora)) - set(ROWS))
+    table = {
+        n: {
+            "label": ROWS.get(n, (n, False))[0],
+            "task_id": ROWS.get(n, (n, False))[1],
+            "full": full[n]["metrics"] if n in full else None,
+            "lora": lora[n]["metrics"] if n in lora else None,
+            "seconds": {"full": full.get(n, {}).get("seconds"), "lora": lora.get(n, {}).get("seconds")},
+        }
+        for n in names
+    }
+    out = Path(a.out)
+    result = {"title": a.title, "rows": table, "full": full_meta, "lora": lora_meta, "note": a.note}
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(markdown(result))
+    return result
+
+
+def _cells(m: dict | None) -> list[str]:
+    return [f"{m[k]:.2f}" for k in METRICS] if m else [""] * len(METRICS)
+
+
+def markdown(result: dict) -> str:
+    head = ["strategy", "task id"] + [f"FT {k}" for k in METRICS] + [f"LoRA {k}" for k in METRICS]
+    lines = [f"# Protocol B (MTIL-mini) merging strategies — {result['title']}".rstrip(" —"), ""]
+    if result["note"]:
+        lines += [result["note"], ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in result["rows"].items():
+        row = [f"{r['label']} (`{name}`)", "yes" if r["task_id"] else "no", *_cells(r["full"]), *_cells(r["lora"])]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "ACC (Last) = mean accuracy after the last task; BWT = mean over c < T−1 of A[T−1, c] − A[c, c]; Transfer = "
+        "mean accuracy on a dataset before it is learned; Average = mean of all entries per dataset.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
