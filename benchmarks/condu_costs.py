@@ -67,15 +67,15 @@ def _peak_rss_mb() -> float:
     return _status_mb("VmHWM")
 
 
-def clone_bound(tensors: dict, n: int) -> float:
-    """Seconds to read and write ``n`` copies of ``tensors`` once: each tensor cloned ``n`` times, key by key (a
-    clone is freed before the next, so memory grows by one key)."""
-    t0 = time.perf_counter()
+def clone_bound(tensors: dict, n: int) -> tuple[float, float]:
+    """(wall, CPU) seconds to read and write ``n`` copies of ``tensors`` once: each tensor cloned ``n`` times, key
+    by key (a clone is freed before the next, so memory grows by one key)."""
+    c0, t0 = time.process_time(), time.perf_counter()
     for _ in range(n):
         for t in tensors.values():
             c = t.clone()
             del c
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def worker(folder: Path, tasks: int, load: str, device: str = "cpu") -> dict:
@@ -89,9 +89,9 @@ def worker(folder: Path, tasks: int, load: str, device: str = "cpu") -> dict:
 
     merger = DeltaFusionMerger(device=device)
     baseline = _rss_mb()
-    sessions, bounds = [], []
+    sessions, bounds, cpu, bounds_cpu = [], [], [], []
     for t in range(tasks):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         path = str(folder / f"delta{t}.safetensors")
         delta = path if load == "stream" else load_file(path)
         merger.add_task(delta, f"task{t}")
@@ -99,12 +99,18 @@ def worker(folder: Path, tasks: int, load: str, device: str = "cpu") -> dict:
         if device != "cpu":
             torch.cuda.synchronize()
         sessions.append(time.perf_counter() - t0)
-        bounds.append(clone_bound(merger.unified_delta, t + 1))
+        cpu.append(time.process_time() - c0)
+        wall, busy = clone_bound(merger.unified_delta, t + 1)
+        bounds.append(wall)
+        bounds_cpu.append(busy)
     return {
         "baseline_rss_mb": baseline,
         "peak_rss_mb": _peak_rss_mb(),
         "session_seconds": sessions,
         "bound_seconds": bounds,
+        "session_cpu_seconds": cpu,
+        "bound_cpu_seconds": bounds_cpu,
+        "threads": torch.get_num_threads(),
         "device": str(merger.device),
         **merger.storage_bytes(),
     }
@@ -154,11 +160,16 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present, else cpu)")
     p.add_argument("--parts", nargs="+", choices=["unify", "routing"], default=["unify", "routing"])
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads here and in the workers (default: torch's own)"
+    )
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--load", choices=["stream", "memory"], default="stream", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     if a.worker is not None:
         print(json.dumps(worker(a.worker, a.tasks, a.load, device)))
         return
@@ -187,9 +198,8 @@ def main(argv=None):
             for load in ("stream", "memory"):  # each in a fresh process, so that its peak RSS is its own
                 t0 = time.perf_counter()
                 cmd = [sys.executable, __file__, "--shape", a.shape, "--tasks", str(a.tasks), "--worker", str(folder)]
-                proc = subprocess.run(
-                    [*cmd, "--load", load, "--device", device], capture_output=True, text=True, check=True
-                )
+                cmd += ["--load", load, "--device", device] + (["--threads", str(a.threads)] if a.threads else [])
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 runs[load] = json.loads(proc.stdout.strip().splitlines()[-1])
                 runs[load]["process_wall_seconds"] = time.perf_counter() - t0
             unify = runs["stream"]
@@ -206,6 +216,9 @@ def main(argv=None):
                     "unify_whole_deltas": runs["memory"],
                     "storage_ratio_bundle_vs_experts": unify["bundle"] / unify["experts"],
                     "session_over_bound": [s / b for s, b in zip(unify["session_seconds"], unify["bound_seconds"])],
+                    "session_over_bound_cpu": [
+                        s / b for s, b in zip(unify["session_cpu_seconds"], unify["bound_cpu_seconds"])
+                    ],
                     "session_over_bound_whole_deltas": [
                         s / b for s, b in zip(runs["memory"]["session_seconds"], runs["memory"]["bound_seconds"])
                     ],
@@ -272,20 +285,20 @@ def main(argv=None):
         lines += [
             "",
             "Session of n tasks against its memory-traffic bound (reading and writing n model-sized fp32 tensors "
-            "once: u cloned n times, measured right after the session in the same process):",
+            "once: u cloned n times, measured right after the session in the same process); wall and CPU seconds "
+            "(CPU time is what a shared machine's load distorts least):",
             "",
-            "| n tasks | streamed session (s) | bound (s) | session / bound | whole-delta session (s) | bound (s) | "
-            "session / bound |",
-            "|---|---|---|---|---|---|---|",
+            "| n tasks | streamed session wall / bound (s) | ratio | CPU / bound (s) | ratio | whole-delta session "
+            "wall / bound (s) | ratio | CPU / bound (s) | ratio |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for n in range(a.tasks):
-            s1, b1, s2, b2 = (
-                unify["session_seconds"][n],
-                unify["bound_seconds"][n],
-                mem["session_seconds"][n],
-                mem["bound_seconds"][n],
-            )
-            lines.append(f"| {n + 1} | {s1:.2f} | {b1:.2f} | {s1 / b1:.1f} | {s2:.2f} | {b2:.2f} | {s2 / b2:.1f} |")
+            cells = []
+            for run in (unify, mem):
+                for sk, bk in (("session_seconds", "bound_seconds"), ("session_cpu_seconds", "bound_cpu_seconds")):
+                    sv, bv = run[sk][n], run[bk][n]
+                    cells += [f"{sv:.2f} / {bv:.2f}", f"{sv / bv:.1f}" if bv > 0 else "—"]
+            lines.append(f"| {n + 1} | " + " | ".join(cells) + " |")
     (a.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
