@@ -11,6 +11,8 @@ Subcommands (``hf-cft <command> --help`` for every option):
   LoRA adapters and/or fine-tuned full models → dense task deltas (:mod:`hf_cft.merging.deltas`; a LoRA delta is
   zero outside its targets) → one merged delta (:mod:`hf_cft.merging.baselines`) → θ⁰ + δ saved as a full model
   folder (safetensors, with the base folder's tokenizer and image-processor files and ``merge_config.json``).
+  ``--method regmean|fisher --calibration_data D1 D2 ...`` runs each model on its own task data (one dataset per
+  ``--adapters`` entry; ``--calibration_rows`` / ``_batch_size`` / ``_seed`` / ``_split``, ``--data_dir``).
 - ``hf-cft card --kind {adapter,mergetune,condu,pam} --artefact DIR --out README.md [--results JSON]`` — a model
   card from hf_cft's templates (:mod:`hf_cft.hub.cards`). ``--results`` takes the JSON of ``hf-cft eval``, a
   continual run's ``accuracy_matrix.json`` (``names`` / ``values``), or ``{"results": [...], "summary": {...},

@@ -266,3 +266,34 @@ def test_fisher_strategy_refuses_a_nan_fisher_naming_the_task():
     with pytest.raises(ContinualError, match="no Fisher for key 'm.weight'"):
         strategy.add(d, {"m.bias": torch.ones(6)}, "dtd")
     assert not strategy.learned and not strategy.num
+
+
+@pytest.mark.slow
+def test_fisher_strategy_end_to_end_is_fisher_merging_of_its_trained_experts(tmp_path, monkeypatch):
+    """With real training (the toy colour stream): the deployed delta is fisher_merging over the stored experts and
+    the Fishers the strategy gathered on each task's transformed train rows; a rerun resumes with the same merge."""
+    from hf_cft.merging import data_dependent, fisher_merging
+
+    seen = []
+    real = data_dependent.fisher_diagonal
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(data_dependent, "fisher_diagonal", spy)
+    two = _tasks()[:2]
+    strategy = make_strategy("fisher", max_batches=1)
+    result = _runner(strategy, tmp_path, ToyTokenizer(), tasks=two).run()
+    experts = [strategy.store.load(k) for k in ("000", "001")]
+    assert len(seen) == 2 and all(set(f) == set(e) for f, e in zip(seen, experts))
+    want = fisher_merging(experts, seen)
+    assert sorted(strategy.merged) == sorted(want)
+    for k in want:
+        torch.testing.assert_close(strategy.merged[k], want[k], rtol=1e-5, atol=1e-8)
+    again = make_strategy("fisher", max_batches=1)
+    assert _runner(again, tmp_path, ToyTokenizer(), tasks=two).run().resumed_at == 2
+    for k in want:
+        torch.testing.assert_close(again.merged[k], strategy.merged[k], rtol=0, atol=0)
+    assert result.matrix.values.shape == (2, 2)

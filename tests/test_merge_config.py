@@ -781,6 +781,9 @@ def test_calibration_data_errors_name_the_input_and_the_field(assets, calib, tmp
     ):
         with pytest.raises(MergeConfigError, match=message):
             run_merge(config(second, **calibration), tmp_path / "o")
+    wrong = dict(config({"data": str(calib / "parquet"), "classnames": ["a", "b", "c"]}), method="fisher")
+    with pytest.raises(MergeConfigError, match=r"^inputs\[1\]\.calibration\.classnames: 3 class names .* 2 classes"):
+        run_merge(wrong, tmp_path / "o")
     assert not (tmp_path / "o").exists()
     # a statistic that is NaN/inf names the input's data, not "task 1" (ft_b's fc1 overflows fp32 on any image)
     blown = assets["base"]()

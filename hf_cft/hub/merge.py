@@ -118,6 +118,8 @@ def calibration_extra(
                 rows_where=name("calibration.rows"),
                 split_where=name(f"{where}.split"),
                 batch_size_where=name("calibration.batch_size"),
+                classnames_where=name(f"{where}.classnames"),
+                templates_where=name(f"{where}.templates" if "templates" in own else "calibration.templates"),
             )
         )
     extra: dict[str, Any] = {

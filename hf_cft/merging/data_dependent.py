@@ -155,6 +155,8 @@ def load_calibration(
     rows_where: str = "calibration.rows",
     split_where: str = "calibration.split",
     batch_size_where: str = "calibration.batch_size",
+    classnames_where: str = "calibration.classnames",
+    templates_where: str = "calibration.templates",
 ) -> CalibrationData:
     """``rows`` rows of ``split`` of a dataset the library reads (a Parquet or ImageFolder folder, a name under
     ``data_dir`` / ``$HF_CFT_DATA_DIR`` / ``../shared/data``, a spec name or a Hub dataset id:
@@ -164,8 +166,9 @@ def load_calibration(
     ``batch_size``. ``classnames`` / ``templates`` override the dataset's.
 
     A source that cannot be read (missing, not a dataset, no image / label column), a missing or empty split, or
-    fewer than ``rows`` rows raise :class:`~hf_cft.errors.MergeConfigError` naming the field (``where``,
-    ``rows_where``, ``split_where``, ``batch_size_where``: how the caller's config spells them, e.g. ``inputs[1].calibration.data``)."""
+    fewer than ``rows`` rows, class names that do not match its labels raise :class:`~hf_cft.errors.MergeConfigError`
+    naming the field (``where``, ``rows_where``, ``split_where``, ``batch_size_where``, ``classnames_where``,
+    ``templates_where``: how the caller's config spells them, e.g. ``inputs[1].calibration.data``)."""
     from torch.utils.data import DataLoader
 
     from hf_cft.data import ClassificationDataset, load_classification_dataset
@@ -184,7 +187,7 @@ def load_calibration(
             )
         label = str(source)
         try:
-            task = load_classification_dataset(source, data_dir=data_dir, classnames=classnames, templates=templates)
+            task = load_classification_dataset(source, data_dir=data_dir)
         except HfCftError as exc:
             raise MergeConfigError(f"{where} {label!r} cannot be used as calibration data: {exc}") from exc
     if split not in task.splits:
@@ -201,8 +204,19 @@ def load_calibration(
             f"{rows_where} to at most {available}, or give a larger split."
         )
     chosen = calibration_rows(available, rows, seed)
-    names = validate_classnames(classnames if classnames is not None else task.classnames, owner=where)
-    tpl = validate_templates(templates if templates is not None else task.templates, owner=where)
+    try:
+        names = validate_classnames(
+            classnames if classnames is not None else task.classnames,
+            owner=f"{where} {label!r}",
+            num_labels=task.num_classes,
+            duplicates="error",
+        )
+    except HfCftError as exc:
+        raise MergeConfigError(f"{classnames_where}: {exc}") from exc
+    try:
+        tpl = validate_templates(templates if templates is not None else task.templates, owner=f"{where} {label!r}")
+    except HfCftError as exc:
+        raise MergeConfigError(f"{templates_where}: {exc}") from exc
     view = apply_image_transform(data.select(chosen), transform or ImageTransform(), name=task.name)
     loader = DataLoader(view, batch_size=batch_size, shuffle=False, collate_fn=ImageClassificationCollator())
     return CalibrationData(task.name, split, loader, list(names), list(tpl), chosen, available)
