@@ -241,6 +241,40 @@ def bench_files(shape: str, ts: list[int], methods: list[str], reps: int, cache:
     return rows
 
 
+GOALS = {"element-wise": 2.0, "selection": 4.0}  # issue 18: time / bound; peak memory below 1.5× one model (T = 8)
+SHAPE_NAMES = {"vit-b16": "ViT-B/16", "vit-l14": "ViT-L/14"}
+
+
+def render(runs: list[dict]) -> str:
+    """Markdown tables of this script's JSON outputs (``--render``): the memory rows, then the files rows."""
+    rows = [dict(r, command=run.get("command", "")) for run in runs for r in run["rows"]]
+    out = []
+    mem = [r for r in rows if r["mode"] == "memory"]
+    if mem:
+        out += ["| shape | T | method | group | time (s) | bound: clone (s) | time / bound | goal | met |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in mem:
+            goal = GOALS.get(r["group"])
+            met = "—" if goal is None else ("yes" if r["time_over_bound"] <= goal else "no")
+            out.append(f"| {SHAPE_NAMES[r['shape']]} | {r['T']} | {r['method']} | {r['group']} | {r['seconds']} | "
+                       f"{r['bound_seconds']} | {r['time_over_bound']} (reps {r['ratios']}) | "
+                       f"{'—' if goal is None else f'≤ {goal:g}'} | {met} |")
+    files = [r for r in rows if r["mode"] == "files"]
+    if files:
+        out += ["", "| shape | T | method | CLI wall (s) | of which start-up (s) | `main()` (s) | bound: copy (s) | "
+                "wall / copy | `main()` / copy | peak / one model | peak above imports / one model |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in files:
+            out.append(f"| {SHAPE_NAMES[r['shape']]} | {r['T']} | {r['method']} | {r['seconds']} | "
+                       f"{r.get('startup_seconds', '—')} | {r.get('main_seconds', '—')} | {r['copy_seconds']} | "
+                       f"{r['time_over_copy']} | {r.get('main_over_copy', '—')} | {r['peak_over_model']} | "
+                       f"{r['peak_above_imports_over_model']} |")
+    commands = sorted({r["command"] for r in rows if r["command"]})
+    if commands:
+        out += ["", "Commands:", "", *[f"    nice -n 5 python {c}" for c in commands]]
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=["memory", "files"], default="memory")
@@ -253,7 +287,19 @@ def main() -> None:
                         help="files mode: dtype of the saved models (float16 halves the disk space)")
     parser.add_argument("--cache", default=None, help="folder for the saved models (outside the repository)")
     parser.add_argument("--output", help="JSON file for the rows")
+    parser.add_argument("--render", nargs="+", metavar="JSON",
+                        help="merge these outputs into --output (JSON) and --markdown instead of measuring")
+    parser.add_argument("--markdown", help="with --render: the Markdown tables")
     args = parser.parse_args()
+    if args.render:
+        runs = [json.loads(Path(f).read_text()) for f in args.render]
+        if args.output:
+            Path(args.output).write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+        text = render(runs)
+        if args.markdown:
+            Path(args.markdown).write_text(text)
+        print(text)
+        return
     from hf_cft.utils import hf_cft_cache_dir
 
     cache = Path(args.cache) if args.cache else hf_cft_cache_dir("merge-bench")

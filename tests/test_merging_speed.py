@@ -70,7 +70,8 @@ def ref_magmax(tensors, weights, tie_break):
     return best
 
 
-def ref_trim(tensor, k):
+def ref_trim_topk(tensor, k):
+    """trim_top_k up to issue 18 (ties at the threshold resolved by torch.topk)."""
     n = tensor.numel()
     keep = max(1, int(k * n))
     if keep >= n:
@@ -85,6 +86,18 @@ def ref_trim(tensor, k):
     out = torch.zeros_like(flat)
     out[idx] = flat[idx]
     return out.view_as(tensor)
+
+
+def ref_trim(tensor, k):
+    """The definition: the first max(1, ⌊k·n⌋) entries of a stable descending sort of |τ| (ties by position)."""
+    n = tensor.numel()
+    keep = max(1, int(k * n))
+    if keep >= n:
+        return tensor.clone()
+    flat = tensor.reshape(-1)
+    kept = torch.zeros(n, dtype=torch.bool)
+    kept[torch.sort(flat.abs(), descending=True, stable=True).indices[:keep]] = True
+    return flat.where(kept, 0.0).view_as(tensor)
 
 
 def ref_ties(tensors, weights, densities, merge):
@@ -176,13 +189,23 @@ def test_ties_kernel_equals_trim_and_elect(merge):
     assert_bits(got, per_key(deltas, lambda key, ts: ref_ties(ts, weights, densities, merge)))
     for key, d in deltas[1].items():
         assert bits_equal(baselines.trim_top_k(d, 0.2), ref_trim(d, 0.2)), key
+        assert bits_equal(baselines.magnitude_prune([{key: d}], k=0.2, lam=1.0)[key], ref_trim(d, 0.2)), key
 
 
-def test_ties_trim_tie_falls_back_to_topk():
-    """Magnitude ties at the threshold: the kernel falls back to topk's choice, as trim_top_k."""
-    tied = [{"x": torch.tensor([1.0, -1.0, 1.0, 0.5] * 9000)}, {"x": torch.linspace(-1, 1, 36000)}]
+def test_trim_ties_keep_the_first_entries_by_position():
+    """Magnitude ties at the threshold keep the first tied entries in flat order (a stable sort's choice), in
+    trim_top_k and in the TIES kernel; without ties the trim is the earlier topk-based one, bit for bit."""
+    tied = [{"x": torch.tensor([1.0, -1.0, 1.0, 0.5] * 9000)}, {"x": torch.linspace(-1, 1, 36001)[:36000]}]
     got = merge_deltas(tied, "ties", {"density": 0.2})
     assert bits_equal(got["x"], ref_ties([d["x"] for d in tied], [1.0, 1.0], [0.2, 0.2], "mean"))
+    trimmed = baselines.trim_top_k(tied[0]["x"], 0.2)
+    assert bits_equal(trimmed, ref_trim(tied[0]["x"], 0.2))
+    assert int((trimmed != 0).sum()) == 7200 and not trimmed[9600:].any()  # the first 7200 of the 27000 ±1
+    g = torch.Generator().manual_seed(8)
+    distinct = (torch.randperm(BLOCK * 3, generator=g).float() + 1) * torch.sign(torch.randn(BLOCK * 3, generator=g))
+    for k in (0.01, 0.2, 0.5):
+        assert bits_equal(baselines.trim_top_k(distinct, k), ref_trim_topk(distinct, k))
+        assert bits_equal(baselines.trim_top_k(distinct, k), ref_trim(distinct, k))
 
 
 def test_consensus_kernel_equals_tall_votes():

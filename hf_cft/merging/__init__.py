@@ -57,12 +57,14 @@ from hf_cft.merging.condu import (
     unify,
 )
 from hf_cft.merging.data_dependent import (
+    CalibrationData,
     LinearGrams,
     clip_log_probs,
     fisher_diagonal,
     fisher_merge,
     fisher_merging,
     linear_input_grams,
+    load_calibration,
     regmean,
     regmean_merge,
 )
@@ -152,6 +154,7 @@ __all__ = [
     "CollapsedTaskWarning",
     "ContinualMerger",
     "ContinualSLERP",
+    "CalibrationData",
     "ContinualTIES",
     "ContinualTaskArithmetic",
     "DeltaFusionMerger",
@@ -202,6 +205,7 @@ __all__ = [
     "iso_cts",
     "iter_delta",
     "linear_input_grams",
+    "load_calibration",
     "lora_factor_delta",
     "magmax",
     "magnitude_prune",

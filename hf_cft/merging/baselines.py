@@ -166,9 +166,11 @@ def _finite_result(delta: Delta, blame: str) -> Delta:
 def trim_top_k(tensor: Tensor, k: float) -> Tensor:
     """Keep the top-``k`` fraction of entries of ``tensor`` by magnitude, zero the rest (TIES step 1, pam.md §9).
 
-    Keeps ``max(1, floor(k·numel))`` entries (ties at the threshold broken by ``torch.topk``). peft's
-    ``magnitude_based_pruning`` keeps ``floor(density·numel)``: the two agree except on tensors so small that
-    ``floor(k·numel) = 0``, which peft zeroes entirely and this keeps one entry of.
+    Keeps ``max(1, floor(k·numel))`` entries: every entry above the ``keep``-th largest magnitude and, of the
+    entries equal to it, the first ones in flat (row-major) order — a stable sort's choice (:func:`_trim_threshold`).
+    peft's ``magnitude_based_pruning`` keeps ``floor(density·numel)``: the two agree except on tensors so small that
+    ``floor(k·numel) = 0``, which peft zeroes entirely and this keeps one entry of, and on magnitude ties at the
+    threshold, where peft keeps ``torch.topk``'s (implementation-defined) pick.
     """
     k = _check_fraction("k", k)
     n = tensor.numel()
@@ -176,37 +178,49 @@ def trim_top_k(tensor: Tensor, k: float) -> Tensor:
     if keep >= n:
         return tensor.clone()
     flat = tensor.reshape(-1)
-    threshold = _trim_threshold(flat, keep)
-    if threshold is not None:
-        return flat.where(flat.abs() >= threshold, 0.0).view_as(tensor)
-    idx = torch.topk(flat.abs(), keep, largest=True, sorted=False).indices
-    out = torch.zeros_like(flat)
-    out[idx] = flat[idx]
-    return out.view_as(tensor)
+    threshold, drops = _trim_threshold(flat, keep)
+    kept = flat.abs() >= threshold
+    if drops is not None:
+        kept[drops] = False
+    return flat.where(kept, 0.0).view_as(tensor)
 
 
-def _trim_threshold(flat: Tensor, keep: int) -> float | None:
-    """The ``keep``-th largest magnitude of a flat tensor (``0 < keep < numel``) when the entries at or above it are
-    exactly the top ``keep`` (no other entry ties with it: the trim is then ``|τ| ≥`` it, as ``torch.topk`` would
-    pick); ``None`` on a tie (the caller falls back to ``topk``'s choice). By selection, O(n), no sort: numpy's
-    introselect in place on the magnitudes on the CPU (several times faster than ``torch.kthvalue`` there)."""
+def _trim_threshold(flat: Tensor, keep: int) -> tuple[float, Tensor | None]:
+    """The trim that keeps the ``keep`` largest magnitudes of a flat tensor (``0 < keep < numel``), ties at the
+    threshold by position: ``(kth, drops)`` with ``kth`` the ``keep``-th largest magnitude and ``drops`` the positions
+    of the entries equal to ``kth`` beyond the first ``keep − #{|τ| > kth}`` of them in flat order (``None``: none),
+    so that ``|τ| ≥ kth`` minus ``drops`` is exactly the top ``keep``. Zeros are kept (a dropped 0 is still 0).
+
+    By selection, O(n), no sort: numpy's introselect in place on the magnitudes on the CPU (several times faster
+    than ``torch.kthvalue`` there). Ties at the threshold are common on real-size fp32 tensors (a 768×3072
+    ``torch.randn`` tensor has a few entries equal to its 20 % threshold); hf_cft up to issue 18 resolved them with
+    ``torch.topk``, whose pick among equal magnitudes is implementation-defined and cost ~20 times the selection."""
     n = flat.numel()
     magnitude = flat.abs()
     if magnitude.device.type == "cpu" and magnitude.dtype in (torch.float32, torch.float64):
         values = magnitude.numpy()
         values.partition(n - keep)
-        kth = values[n - keep]
-        return None if values[: n - keep].max() == kth else float(kth)  # the rest is ≤ kth: a tie iff its max is kth
-    kth = float(magnitude.kthvalue(n - keep + 1).values)
-    return None if int((magnitude >= kth).sum()) != keep else kth
+        kth = float(values[n - keep])
+        tied = values[: n - keep].max() == kth  # the rest is ≤ kth: another entry equals it iff its max does
+    else:
+        kth = float(magnitude.kthvalue(n - keep + 1).values)
+        tied = True
+    if not tied or kth == 0.0:
+        return kth, None
+    flat_abs = flat.abs()
+    equal = torch.nonzero(flat_abs == kth).reshape(-1)
+    need = keep - int((flat_abs > kth).sum())
+    return kth, (equal[need:] if need < equal.numel() else None)
 
 
 # Element-wise kernels run block by block over the flattened key (:func:`_blocks`): each step's temporaries are one
 # block, which stays in the CPU cache and is never a fresh, page-faulted allocation (on the development machine a
-# fresh full-size temporary costs as much as copying the tensor), and a block of at most 32768 entries is below
-# torch's intra-op grain size, so no op pays a thread hand-off. Every op is element-wise and in the order of the
-# whole-tensor formula, so the results are bit for bit those of the formula (tests/test_merging_speed.py).
-BLOCK = 1 << 15
+# fresh full-size temporary costs as much as copying the tensor), and a block below torch's intra-op grain size
+# (32768 entries; a reduction of exactly that many already goes parallel) runs every op on one thread: a two-thread
+# op waits for the second core, which on a busy machine costs a scheduler time slice (~30 ms on the development
+# machine, for an op of ~10 µs). Every op is element-wise and in the order of the whole-tensor formula, so the
+# results are bit for bit those of the formula (tests/test_merging_speed.py).
+BLOCK = 31 * 1024
 
 
 def _blocks(n: int, size: int = BLOCK) -> Iterator[slice]:
@@ -233,11 +247,18 @@ def _keep_where(value: Tensor, cond: Tensor, out: Tensor) -> Tensor:
     return torch.mul(value.view(torch.int32), cond, out=out.view(torch.int32)).view(torch.float32)
 
 
+def _stacked_block(rows: int) -> int:
+    """Block size of a kernel that works on ``rows`` stacked blocks at once (TIES' sign election): the stack stays
+    within one block's entries, so its ops (reductions over the inputs included) stay single-threaded too."""
+    return max(1024, BLOCK // max(1, rows) // 1024 * 1024)  # whole vector chunks: a reduction's order stays that
+    # of the whole tensor (torch sums a column tail apart from the vectorised body)
+
+
 class _Scratch:
     """Block-sized temporaries, allocated once per kernel call and reused for every block."""
 
-    def __init__(self, n: int, rows: int = 0):
-        m = min(n, BLOCK)
+    def __init__(self, n: int, rows: int = 0, size: int = BLOCK):
+        m = min(n, size)
         self.f = [torch.empty(m) for _ in range(3)]
         self.b = torch.empty(m, dtype=torch.bool)
         self.i = torch.empty(m, dtype=torch.int32)
@@ -1094,7 +1115,7 @@ def _ties_tensor(deltas: list[Tensor], ctx) -> Tensor:
     else:
         thresholds = [_tensor_threshold(d, inp["density"]) for d, inp in zip(deltas, ctx.inputs)]
         zero_sign = None
-    if not _blocked(*deltas) or None in thresholds:  # a tie at a trim threshold: topk's choice, whole tensors
+    if not _blocked(*deltas):
         if model_scope:
             trimmed = [d * (d.abs() >= thr) for d, thr in zip(deltas, thresholds)]
         else:
@@ -1104,15 +1125,21 @@ def _ties_tensor(deltas: list[Tensor], ctx) -> Tensor:
     flats = [d.reshape(-1) for d in deltas]
     n = flats[0].numel()
     out = torch.empty(n)
-    sc = _Scratch(n, rows=len(flats))
-    for s in _blocks(n):
+    size = _stacked_block(len(flats))
+    sc = _Scratch(n, rows=len(flats), size=size)
+    drops = [None if model_scope else thr[1] for thr in thresholds]
+    thresholds = [thr if model_scope else thr[0] for thr in thresholds]
+    for s in _blocks(n, size):
         m = s.stop - s.start
         stacked = sc.stack[:, :m]
-        for row, f, thr, inp in zip(stacked, flats, thresholds, ctx.inputs):
+        for row, f, thr, drop, inp in zip(stacked, flats, thresholds, drops, ctx.inputs):
             kept = torch.ge(torch.abs(f[s], out=sc.f[0][:m]), thr, out=sc.b[:m])
             if model_scope:  # the model-wide trim multiplies by its mask, the per-tensor one selects (+0.0)
                 torch.mul(f[s], kept, out=row)
             else:
+                if drop is not None:  # tied entries at the threshold beyond the kept ones (by position)
+                    lo, hi = torch.searchsorted(drop, torch.tensor([s.start, s.stop])).tolist()
+                    kept[drop[lo:hi] - s.start] = False
                 _keep_where(f[s], kept, row)
             if inp["weight"] != 1.0:
                 row.mul_(inp["weight"])
@@ -1120,12 +1147,11 @@ def _ties_tensor(deltas: list[Tensor], ctx) -> Tensor:
     return out.view(deltas[0].shape)
 
 
-def _tensor_threshold(d: Tensor, density: float) -> float | None:
-    """:func:`trim_top_k`'s rule as a threshold: keep ``|τ| ≥`` it (0.0 keeps all; ``None``: a tie, see
-    :func:`_trim_threshold`)."""
+def _tensor_threshold(d: Tensor, density: float) -> tuple[float, Tensor | None]:
+    """:func:`trim_top_k`'s rule as ``(threshold, drops)`` (:func:`_trim_threshold`; ``(0.0, None)`` keeps all)."""
     n = d.numel()
     keep = max(1, int(density * n))
-    return 0.0 if keep >= n else _trim_threshold(d.reshape(-1), keep)
+    return (0.0, None) if keep >= n else _trim_threshold(d.reshape(-1), keep)
 
 
 def _ties_prepare(deltas, ctx) -> dict:
@@ -1189,8 +1215,9 @@ def _dare_tensor(deltas: list[Tensor], ctx) -> Tensor:
         return out.view(first.shape)
     flats = [(first if t == 0 else deltas[t]).reshape(-1) for t in range(len(rhos))]
     masks = [None if rho == 0.0 else source.mask(n, 1.0 - rho) for rho in rhos]  # each input's mask in turn
-    stack = torch.empty(len(flats), min(n, BLOCK))
-    for s in _blocks(n):
+    size = _stacked_block(len(flats))
+    stack = torch.empty(len(flats), min(n, size))
+    for s in _blocks(n, size):
         m = s.stop - s.start
         for row, f, rho, mask, inp in zip(stack[:, :m], flats, rhos, masks, ctx.inputs):
             row.copy_(dropped(f[s], rho, inp["weight"], None if mask is None else mask[s], row))

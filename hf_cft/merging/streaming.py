@@ -618,6 +618,7 @@ def merge_folders(
     lora_rank: int | None = None,
     extra_files: Mapping[str, bytes] | None = None,
     source_names: Sequence[str] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Merge local input folders into θ⁰ (``base``, a model folder) with a registered method, streamed key by key,
     and write the result to ``out`` atomically (a staged sibling folder swapped in at the end).
@@ -628,7 +629,9 @@ def merge_folders(
     ``lora_rank``: write a PEFT LoRA adapter instead of a full model — per target of the LoRA inputs, the rank-r
     truncated SVD of the merged ΔW (``B = U_r·diag(S_r)``, ``A = V_rᵀ``, ``lora_alpha = r``), as peft's ``svd``
     combination; every input must then be a LoRA adapter. ``extra_files``: name → bytes written beside the weights
-    (the card, the resolved config). Returns a summary (method, options, per-input options, keys merged, files).
+    (the card, the resolved config). ``extra``: what a ``kind="model"`` method needs beyond the deltas
+    (``ModelContext.extra``: RegMean's and Fisher's calibration loaders, θ⁰ as a module, ...). Returns a summary
+    (method, options, per-input options, keys merged, files).
     """
     from hf_cft.merging.registry import get_method
     from hf_cft.utils import staged_folder
@@ -662,7 +665,7 @@ def merge_folders(
             try:
                 merged_iter = dict.fromkeys(shapes)  # θ⁰'s order; the floating keys merged as they come
                 stream = _merged_keys(
-                    m, srcs, merge_shapes, base_read, options, per_input, {"base_model": base_folder}
+                    m, srcs, merge_shapes, base_read, options, per_input, {"base_model": base_folder, **(extra or {})}
                 )
                 for key in merged_iter:
                     if key not in floating:
@@ -696,6 +699,7 @@ def merge_folders(
                 shard_bytes,
                 out_dtype,
                 base_folder,
+                dict(extra or {}),
             )
         for name, data in (extra_files or {}).items():
             (stage / name).write_bytes(data)
@@ -723,7 +727,7 @@ def _write_model_side_files(base_folder: Path, stage: Path, out_dtype: str | Non
 
 
 def _write_lora(
-    m, srcs, shapes, base_read, options, per_input, rank, base, stage, shard_bytes, out_dtype, base_folder
+    m, srcs, shapes, base_read, options, per_input, rank, base, stage, shard_bytes, out_dtype, base_folder, extra
 ):
     """The merged ΔW of every LoRA target as a rank-``rank`` LoRA adapter (truncated SVD), streamed key by key."""
     from hf_cft.validation import check_int
@@ -752,7 +756,15 @@ def _write_lora(
     writer = ShardedWriter(stage, plan, shard_bytes, filename="adapter_model.safetensors")
     changed = 0
     try:
-        for key, merged in _merged_keys(m, srcs, {k: shapes[k] for k in targets}, base_read, options, per_input, {}):
+        for key, merged in _merged_keys(
+            m,
+            srcs,
+            {k: shapes[k] for k in targets},
+            base_read,
+            options,
+            per_input,
+            {"base_model": base_folder, **extra},
+        ):
             merged = (
                 torch.zeros(shapes[key])
                 if merged is None
