@@ -3,16 +3,21 @@ memory / one model.
 
 Two modes, both on random fp32 deltas of the true CLIP shapes (ViT-B/16, ViT-L/14; every floating-point key):
 
-- ``memory``: T deltas in memory merged key by key (:func:`hf_cft.merging.streaming.merge_deltas`); the bound is
-  cloning every input once, measured in the same run (the issue's definition);
+- ``memory``: key by key, as the streaming merge runs: for each key, T random deltas of its shape are drawn (not
+  timed), then for every method and repeat the bound — cloning the key's T inputs once — and the merge of that key
+  (:func:`hf_cft.merging.streaming.merge_deltas`) are timed one after the other (bound, method, bound, method, …),
+  summed over the keys per repeat. Only one key's T inputs exist at a time, so ViT-L/14 with T = 8 fits in memory.
+  Each row reports the median over repeats of time / bound (interleaving makes the ratio robust to the load of a
+  shared machine, which the seconds are not);
 - ``files``: θ⁰ and T fine-tuned models saved as safetensors folders in a cache folder outside the repository
   (``$HF_CFT_CACHE/merge-bench``, else ``~/.cache/hf_cft/merge-bench``), merged by ``hf-cft merge`` in a child
-  process (its peak RSS is the peak memory); the bound is copying the input files (θ⁰ + T models) once, in the same
-  run.
+  process (its peak RSS is the peak memory); the bound is copying the input files (θ⁰ + T models) once, timed
+  alternately with the merge. Reported with and without start-up: the child's wall time, and the time of
+  ``hf_cft.cli.main`` inside it (the merge command, from its imports to the written folder).
 
-Each number is the median of ``--reps`` runs. Example (the table in docs/methods/merging-config.md)::
+Example (the table in docs/methods/merging-config.md, benchmarks/results/merge_throughput.md)::
 
-    nice -n 5 python benchmarks/merge_throughput.py --mode memory --shapes vit-b16 --T 2 4 8
+    nice -n 5 python benchmarks/merge_throughput.py --mode memory --shapes vit-b16 vit-l14 --T 2 4 8
     nice -n 5 python benchmarks/merge_throughput.py --mode files --shapes vit-b16 --T 2 8 --methods task_arithmetic ties
 """
 
@@ -37,8 +42,31 @@ METHODS = {  # method → options (the registry's defaults otherwise)
     "magmax": {},
     "dare": {"density": 0.1},
     "consensus": {},
+    "model_stock": {},
     "ties": {"density": 0.2},
+    "magnitude_prune": {},
+    "breadcrumbs": {},
+    "della": {},
+    "tsv_m": {},
+    "iso_c": {},
+    "iso_cts": {},
 }
+#: the issue's goal per group: element-wise within 2× of the bound, a selection step within 4×, SVD: time only
+GROUPS = {
+    "task_arithmetic": "element-wise",
+    "magmax": "element-wise",
+    "dare": "element-wise",
+    "consensus": "element-wise",
+    "model_stock": "element-wise",
+    "ties": "selection",
+    "magnitude_prune": "selection",
+    "breadcrumbs": "selection",
+    "della": "selection",
+    "tsv_m": "svd",
+    "iso_c": "svd",
+    "iso_cts": "svd",
+}
+DEFAULT_METHODS = [m for m in METHODS if GROUPS[m] != "svd"]
 
 
 def clip_config(shape: str):
@@ -66,16 +94,9 @@ def shapes_of(shape: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if v.is_floating_point() and k != "logit_scale"}
 
 
-def _median_time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def bench_memory(shape: str, ts: list[int], methods: list[str], reps: int) -> list[dict]:
+    """Key by key: per key, T fresh random deltas; per method and repeat, the bound (clone the key's T inputs) and the
+    merge of that key, timed alternately; per repeat the sums over keys; per row the median of the ratios."""
     from hf_cft.merging.streaming import merge_deltas
 
     shapes = shapes_of(shape)
@@ -83,19 +104,28 @@ def bench_memory(shape: str, ts: list[int], methods: list[str], reps: int) -> li
     rows = []
     for t in ts:
         g = torch.Generator().manual_seed(t)
-        deltas = [{k: 0.01 * torch.randn(s, generator=g) for k, s in shapes.items()} for _ in range(t)]
-
-        def clone_all(deltas=deltas):
-            for d in deltas:
-                for v in d.values():
-                    v.clone()
-
-        for method in methods:
-            bound = _median_time(clone_all, reps)  # the bound beside each row, in the same run
-            took = _median_time(lambda m=method, ds=deltas: merge_deltas(ds, m, METHODS[m]), reps)
-            rows.append({"mode": "memory", "shape": shape, "T": t, "method": method, "seconds": round(took, 3),
-                         "bound_seconds": round(bound, 3), "time_over_bound": round(took / bound, 2),
-                         "model_bytes": model_bytes})
+        took = {m: [0.0] * reps for m in methods}
+        bound = {m: [0.0] * reps for m in methods}
+        for key, s in shapes.items():
+            deltas = [{key: 0.01 * torch.randn(s, generator=g)} for _ in range(t)]
+            for m in methods:
+                for r in range(reps):
+                    t0 = time.perf_counter()
+                    for d in deltas:
+                        d[key].clone()
+                    t1 = time.perf_counter()
+                    merge_deltas(deltas, m, METHODS[m])
+                    t2 = time.perf_counter()
+                    bound[m][r] += t1 - t0
+                    took[m][r] += t2 - t1
+            del deltas
+        for m in methods:
+            ratios = [a / b for a, b in zip(took[m], bound[m])]
+            rows.append({"mode": "memory", "shape": shape, "T": t, "method": m, "group": GROUPS[m], "reps": reps,
+                         "seconds": round(statistics.median(took[m]), 3),
+                         "bound_seconds": round(statistics.median(bound[m]), 3),
+                         "time_over_bound": round(statistics.median(ratios), 2),
+                         "ratios": [round(x, 2) for x in ratios], "model_bytes": model_bytes})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -136,34 +166,38 @@ def prepare_files(shape: str, t_max: int, cache: Path, dtype: torch.dtype) -> Pa
 
 
 _PEAK = (
-    "import sys\nfrom hf_cft.cli import main\nrc = main(sys.argv[1:])\n"
+    "import sys, time\nt0 = time.perf_counter()\nfrom hf_cft.cli import main\nrc = main(sys.argv[1:])\n"
+    "took = time.perf_counter() - t0\n"
     "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
-    "print('PEAK', int(hwm) * 1024)\nsys.exit(rc)\n"
+    "print('PEAK', int(hwm) * 1024)\nprint('MAIN', took)\nsys.exit(rc)\n"
 )
 
 
-def _child_merge(argv: list[str]) -> tuple[float, int]:
-    """Run ``hf-cft merge`` in a child; (seconds, the child's peak RSS in bytes: VmHWM of its own address space,
-    which a fork's inherited pages do not inflate as ``ru_maxrss`` does)."""
+def _child_merge(argv: list[str]) -> tuple[float, float, int]:
+    """Run ``hf-cft merge`` in a child; (seconds of the child, seconds of ``hf_cft.cli.main`` in it, the child's peak
+    RSS in bytes: VmHWM of its own address space, which a fork's inherited pages do not inflate as ``ru_maxrss``)."""
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", _PEAK, *argv], check=True, capture_output=True, text=True)
     took = time.perf_counter() - t0
-    peak = next(int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("PEAK"))
-    return took, peak
+    lines = dict(line.split(maxsplit=1) for line in out.stdout.splitlines() if line.startswith(("PEAK", "MAIN")))
+    return took, float(lines["MAIN"]), int(lines["PEAK"])
 
 
-def _child_baseline() -> int:
-    """Peak RSS of a child that only imports hf_cft's command line (the interpreter, torch, transformers)."""
-    code = ("import hf_cft.cli, hf_cft.merging.streaming, hf_cft.hub\n"
+def _child_baseline() -> tuple[int, float]:
+    """Peak RSS (bytes) and wall time (s) of a child that only starts Python and imports what ``hf-cft merge`` loads
+    (the command line, the hub helpers, the streaming merge and its methods): the start-up part of a merge."""
+    code = ("import hf_cft.cli, hf_cft.hub, hf_cft.merging.streaming\n"
+            "from hf_cft.merging.registry import methods\nmethods()\n"
             "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
+    t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    return int(out.stdout.strip()) * 1024
+    return int(out.stdout.strip()) * 1024, time.perf_counter() - t0
 
 
 def bench_files(shape: str, ts: list[int], methods: list[str], reps: int, cache: Path, dtype: torch.dtype) -> list[dict]:
     root = prepare_files(shape, max(ts), cache, dtype)
     model_bytes = (root / "base" / "model.safetensors").stat().st_size
-    baseline = _child_baseline()
+    baseline, startup = _child_baseline()
     rows = []
     scratch = Path(tempfile.mkdtemp(prefix="merge-bench-", dir=str(cache)))
     try:
@@ -175,20 +209,30 @@ def bench_files(shape: str, ts: list[int], methods: list[str], reps: int, cache:
                     shutil.copyfile(folder / "model.safetensors", scratch / f"copy{i}.safetensors")
 
             for method in methods:
-                copy = _median_time(copy_inputs, reps)
-                for f in scratch.glob("copy*.safetensors"):
-                    f.unlink()
                 argv = ["merge", "--base", str(root / "base"), "--method", method, "--adapters", *inputs,
                         "--out", str(scratch / "out"), "--overwrite"]
                 for name, value in METHODS[method].items():
                     argv += ["--param", f"{name}={value}"]
-                runs = [_child_merge(argv) for _ in range(reps)]
-                took = statistics.median(r[0] for r in runs)
-                peak = max(r[1] for r in runs)
+                copies, runs = [], []
+                for _ in range(reps):  # copy, merge, copy, merge, ...: both see the same load
+                    t0 = time.perf_counter()
+                    copy_inputs()
+                    copies.append(time.perf_counter() - t0)
+                    for f in scratch.glob("copy*.safetensors"):
+                        f.unlink()
+                    runs.append(_child_merge(argv))
+                took = [r[0] for r in runs]
+                main_took = [r[1] for r in runs]
+                peak = max(r[2] for r in runs)
                 rows.append({"mode": "files", "shape": shape, "storage": str(dtype).split(".")[-1], "T": t,
-                             "method": method, "seconds": round(took, 3), "copy_seconds": round(copy, 3),
-                             "time_over_copy": round(took / copy, 2), "peak_rss_bytes": peak,
-                             "import_rss_bytes": baseline, "model_bytes": model_bytes,
+                             "method": method, "group": GROUPS[method], "reps": reps,
+                             "seconds": round(statistics.median(took), 3),
+                             "main_seconds": round(statistics.median(main_took), 3),
+                             "copy_seconds": round(statistics.median(copies), 3),
+                             "time_over_copy": round(statistics.median(a / c for a, c in zip(took, copies)), 2),
+                             "main_over_copy": round(statistics.median(a / c for a, c in zip(main_took, copies)), 2),
+                             "startup_seconds": round(startup, 3),
+                             "peak_rss_bytes": peak, "import_rss_bytes": baseline, "model_bytes": model_bytes,
                              "peak_over_model": round(peak / model_bytes, 2),
                              "peak_above_imports_over_model": round((peak - baseline) / model_bytes, 2)})
                 print(json.dumps(rows[-1]), flush=True)
@@ -197,18 +241,65 @@ def bench_files(shape: str, ts: list[int], methods: list[str], reps: int, cache:
     return rows
 
 
+GOALS = {"element-wise": 2.0, "selection": 4.0}  # issue 18: time / bound; peak memory below 1.5× one model (T = 8)
+SHAPE_NAMES = {"vit-b16": "ViT-B/16", "vit-l14": "ViT-L/14"}
+
+
+def render(runs: list[dict]) -> str:
+    """Markdown tables of this script's JSON outputs (``--render``): the memory rows, then the files rows."""
+    rows = [dict(r, command=run.get("command", "")) for run in runs for r in run["rows"]]
+    out = []
+    mem = [r for r in rows if r["mode"] == "memory"]
+    if mem:
+        out += ["| shape | T | method | group | time (s) | bound: clone (s) | time / bound | goal | met |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in mem:
+            goal = GOALS.get(r["group"])
+            met = "—" if goal is None else ("yes" if r["time_over_bound"] <= goal else "no")
+            out.append(f"| {SHAPE_NAMES[r['shape']]} | {r['T']} | {r['method']} | {r['group']} | {r['seconds']} | "
+                       f"{r['bound_seconds']} | {r['time_over_bound']} (reps {r['ratios']}) | "
+                       f"{'—' if goal is None else f'≤ {goal:g}'} | {met} |")
+    files = [r for r in rows if r["mode"] == "files"]
+    if files:
+        out += ["", "| shape | T | method | CLI wall (s) | of which start-up (s) | `main()` (s) | bound: copy (s) | "
+                "wall / copy | `main()` / copy | peak / one model | peak above imports / one model |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in files:
+            out.append(f"| {SHAPE_NAMES[r['shape']]} | {r['T']} | {r['method']} | {r['seconds']} | "
+                       f"{r.get('startup_seconds', '—')} | {r.get('main_seconds', '—')} | {r['copy_seconds']} | "
+                       f"{r['time_over_copy']} | {r.get('main_over_copy', '—')} | {r['peak_over_model']} | "
+                       f"{r['peak_above_imports_over_model']} |")
+    commands = sorted({r["command"] for r in rows if r["command"]})
+    if commands:
+        out += ["", "Commands:", "", *[f"    nice -n 5 python {c}" for c in commands]]
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=["memory", "files"], default="memory")
     parser.add_argument("--shapes", nargs="+", default=["vit-b16", "vit-l14"], choices=["vit-b16", "vit-l14"])
     parser.add_argument("--T", nargs="+", type=int, default=[2, 4, 8])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
+                        help="default: every method but the SVD ones (tsv_m, iso_c, iso_cts: slow, time only)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--storage", choices=["float32", "float16"], default="float32",
                         help="files mode: dtype of the saved models (float16 halves the disk space)")
     parser.add_argument("--cache", default=None, help="folder for the saved models (outside the repository)")
     parser.add_argument("--output", help="JSON file for the rows")
+    parser.add_argument("--render", nargs="+", metavar="JSON",
+                        help="merge these outputs into --output (JSON) and --markdown instead of measuring")
+    parser.add_argument("--markdown", help="with --render: the Markdown tables")
     args = parser.parse_args()
+    if args.render:
+        runs = [json.loads(Path(f).read_text()) for f in args.render]
+        if args.output:
+            Path(args.output).write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+        text = render(runs)
+        if args.markdown:
+            Path(args.markdown).write_text(text)
+        print(text)
+        return
     from hf_cft.utils import hf_cft_cache_dir
 
     cache = Path(args.cache) if args.cache else hf_cft_cache_dir("merge-bench")
@@ -220,7 +311,9 @@ def main() -> None:
         else:
             rows += bench_files(shape, args.T, args.methods, args.reps, cache, getattr(torch, args.storage))
     if args.output:
-        Path(args.output).write_text(json.dumps({"machine": f"{os.cpu_count()} CPU cores", "rows": rows}, indent=2))
+        info = {"machine": f"{os.cpu_count()} CPU cores", "torch_threads": torch.get_num_threads(),
+                "command": " ".join(sys.argv), "rows": rows}
+        Path(args.output).write_text(json.dumps(info, indent=2))
 
 
 if __name__ == "__main__":

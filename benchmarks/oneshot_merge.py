@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -190,9 +192,9 @@ def main(argv=None) -> dict:
         "checkpoint": args.checkpoint,
         "label": args.label,
         "rows": rows,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "command": "python benchmarks/oneshot_merge.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/oneshot_merge.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

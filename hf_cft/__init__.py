@@ -11,14 +11,56 @@ types (CoOp, VPT, linear head) with PEFT needs; ``hf_cft.<subpackage>`` loads a 
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0.dev0"
 
 from hf_cft import errors
-from hf_cft.peft.registration import register as _register_peft_methods
 
-_register_peft_methods()
+
+def _after_import(name: str, callback) -> None:
+    """Run ``callback()`` once the module ``name`` is imported: at once if it already is, else right after its import
+    executes (a one-shot meta-path finder wraps its loader). ``import hf_cft`` thus registers with PEFT without
+    importing PEFT (and transformers, torch.distributed): what needs PEFT imports it, and the registration follows."""
+    if name in sys.modules:
+        callback()
+        return
+    import importlib.abc
+    import importlib.util
+
+    done: list[bool] = []
+
+    class _Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            if fullname != name or done:
+                return None
+            sys.meta_path.remove(self)  # the real spec, from the other finders (a bare find_spec call, e.g.
+            try:  # transformers' "is peft available?", imports nothing: the finder stays for the import)
+                spec = importlib.util.find_spec(fullname)
+            finally:
+                sys.meta_path.insert(0, self)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                exec_module = spec.loader.exec_module
+
+                def exec_then_callback(module):
+                    exec_module(module)
+                    if not done:
+                        done.append(True)
+                        if self in sys.meta_path:
+                            sys.meta_path.remove(self)
+                        callback()
+
+                spec.loader.exec_module = exec_then_callback
+            return spec
+
+    sys.meta_path.insert(0, _Finder())
+
+
+def _register_peft_methods() -> None:
+    from hf_cft.peft.registration import register
+
+    register()
 
 
 def _install_peft_card_hook() -> None:
@@ -40,7 +82,15 @@ def _install_peft_card_hook() -> None:
     PeftModel.create_or_update_model_card = create_or_update_model_card
 
 
-_install_peft_card_hook()
+def _on_peft_import() -> None:
+    package = sys.modules.get("hf_cft.peft")
+    if package is not None and getattr(getattr(package, "__spec__", None), "_initializing", False):
+        return  # hf_cft.peft's own import pulled PEFT in: it registers when it is complete (hf_cft/peft/__init__.py)
+    _register_peft_methods()
+    _install_peft_card_hook()
+
+
+_after_import("peft", _on_peft_import)
 
 #: Public names by the module that defines them (resolved on first access by :func:`__getattr__`).
 _LAZY_IMPORTS: dict[str, tuple[str, ...]] = {
@@ -101,6 +151,7 @@ _LAZY_IMPORTS: dict[str, tuple[str, ...]] = {
         "train_head_on_features",
     ),
     "hf_cft.merging": (
+        "CalibrationData",
         "CollapsedTaskWarning",
         "ContinualMerger",
         "ContinualSLERP",
@@ -154,9 +205,11 @@ _LAZY_IMPORTS: dict[str, tuple[str, ...]] = {
         "iso_cts",
         "iter_delta",
         "linear_input_grams",
+        "load_calibration",
         "lora_factor_delta",
         "magmax",
         "magnitude_prune",
+        "merge_deltas",
         "model_stock",
         "pack_mask",
         "packed_nbytes",
@@ -365,6 +418,7 @@ if TYPE_CHECKING:  # the same names for type checkers and IDEs (kept equal to _L
         validate_card,
     )
     from hf_cft.merging import (
+        CalibrationData,
         CollapsedTaskWarning,
         ContinualMerger,
         ContinualSLERP,
@@ -418,9 +472,11 @@ if TYPE_CHECKING:  # the same names for type checkers and IDEs (kept equal to _L
         iso_cts,
         iter_delta,
         linear_input_grams,
+        load_calibration,
         lora_factor_delta,
         magmax,
         magnitude_prune,
+        merge_deltas,
         model_stock,
         pack_mask,
         packed_nbytes,

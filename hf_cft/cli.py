@@ -11,6 +11,8 @@ Subcommands (``hf-cft <command> --help`` for every option):
   LoRA adapters and/or fine-tuned full models → dense task deltas (:mod:`hf_cft.merging.deltas`; a LoRA delta is
   zero outside its targets) → one merged delta (:mod:`hf_cft.merging.baselines`) → θ⁰ + δ saved as a full model
   folder (safetensors, with the base folder's tokenizer and image-processor files and ``merge_config.json``).
+  ``--method regmean|fisher --calibration_data D1 D2 ...`` runs each model on its own task data (one dataset per
+  ``--adapters`` entry; ``--calibration_rows`` / ``_batch_size`` / ``_seed`` / ``_split``, ``--data_dir``).
 - ``hf-cft card --kind {adapter,mergetune,condu,pam} --artefact DIR --out README.md [--results JSON]`` — a model
   card from hf_cft's templates (:mod:`hf_cft.hub.cards`). ``--results`` takes the JSON of ``hf-cft eval``, a
   continual run's ``accuracy_matrix.json`` (``names`` / ``values``), or ``{"results": [...], "summary": {...},
@@ -342,10 +344,65 @@ def _flag_config(args) -> dict[str, Any]:
         params[name] = value
     inputs = [{"model": str(a), "parameters": row} for a, row in zip(args.adapters, per_input)]
     config = {"base_model": str(args.base), "method": args.method, "parameters": params, "inputs": inputs}
+    calibration = _flag_calibration(args, method, n)
+    if calibration is not None:
+        config["calibration"], data = calibration
+        for row, source in zip(inputs, data):
+            row["calibration"] = source
     for key in ("out_dtype", "max_shard_size", "lora_rank", "model_name"):
         if getattr(args, key, None) is not None:
             config[key] = getattr(args, key)
     return config
+
+
+#: The flag form's calibration flags (RegMean, Fisher merging) and the merge config's fields they fill.
+_CALIBRATION_FLAGS = {
+    "calibration_data": "inputs[t].calibration.data",
+    "calibration_rows": "calibration.rows",
+    "calibration_batch_size": "calibration.batch_size",
+    "calibration_seed": "calibration.seed",
+    "calibration_split": "calibration.split",
+    "data_dir": "calibration.data_dir",
+}
+
+
+def _flag_calibration(args, method, n: int):
+    """``(calibration section, one dataset per model)`` from the calibration flags, or ``None`` for a method
+    without calibration data (where any calibration flag is refused, never ignored)."""
+    from hf_cft.merging.registry import methods
+    from hf_cft.validation import check_int
+
+    given = [f"--{f}" for f in _CALIBRATION_FLAGS if getattr(args, f, None) is not None]
+    if not method.calibration:
+        if given:
+            takers = " / ".join(name for name, m in methods().items() if m.calibration)
+            raise MergeConfigError(
+                f"{', '.join(given)}: calibration data is for the data-dependent methods ({takers}), not "
+                f"{method.name!r}."
+            )
+        return None
+    if args.calibration_data is None:
+        raise MergeConfigError(
+            f"--calibration_data is required by --method {method.name}: each model's statistics are gathered on its "
+            "own task data; give one dataset per --adapters entry (a dataset folder, a shared dataset name or a Hub "
+            "dataset id)."
+        )
+    if len(args.calibration_data) != n:
+        raise MergeConfigError(
+            f"--calibration_data takes one dataset per --adapters entry ({n}), each model's own task data; got "
+            f"{len(args.calibration_data)}."
+        )
+    section: dict[str, Any] = {}
+    for flag, key in (("calibration_rows", "rows"), ("calibration_batch_size", "batch_size")):
+        if getattr(args, flag) is not None:
+            section[key] = check_int(getattr(args, flag), f"--{flag}", low=1, error=MergeConfigError)
+    if args.calibration_seed is not None:
+        section["seed"] = check_int(args.calibration_seed, "--calibration_seed", low=0, error=MergeConfigError)
+    if args.calibration_split is not None:
+        section["split"] = args.calibration_split
+    if args.data_dir is not None:
+        section["data_dir"] = str(args.data_dir)
+    return section, [str(d) for d in args.calibration_data]
 
 
 def cmd_merge(args) -> int:
@@ -355,7 +412,7 @@ def cmd_merge(args) -> int:
     from hf_cft.merging.config import MergeConfig
 
     if args.config is not None:
-        given = [f"--{f}" for f in (*_METHOD_FLAGS, "lam", "param", "base", "method", "adapters")]
+        given = [f"--{f}" for f in (*_METHOD_FLAGS, *_CALIBRATION_FLAGS, "lam", "param", "base", "method", "adapters")]
         given = [f for f in given if getattr(args, f[2:]) is not None]
         if given:
             raise CLIError(
@@ -396,13 +453,24 @@ def cmd_merge(args) -> int:
     field_names = None
     if args.config is None:  # errors name the flags the user typed, not the config fields they became
         field_names = {"base_model": "--base"}
-        field_names.update({f"inputs[{t}].model": f"--adapters entry {t + 1}" for t in range(len(config.inputs))})
+        for flag, field_name in {**_CALIBRATION_FLAGS, "adapters": "inputs[t].model"}.items():
+            if "[t]" not in field_name:
+                field_names[field_name] = f"--{flag}"
+                continue
+            for t in range(len(config.inputs)):
+                field_names[field_name.replace("[t]", f"[{t}]")] = f"--{flag} entry {t + 1}"
+        for t in range(len(config.inputs)):  # every dataset's split is the one --calibration_split
+            field_names[f"inputs[{t}].calibration.split"] = "--calibration_split"
     run_merge(config, out, results=results or (), repo_id=args.repo_id, field_names=field_names)
     summary = run_merge.last_summary
     resolved = config.resolve()
     what = f"LoRA adapter (r={config.lora_rank})" if config.lora_rank else "model"
+    data = ""
+    if resolved.get("calibration"):
+        c = resolved["calibration"]
+        data = f", calibrated on {c['rows']} row(s) of each input's data (seed {c['seed']})"
     print(
-        f"merged {len(config.inputs)} input(s) with {resolved['method']} {resolved['parameters']} "
+        f"merged {len(config.inputs)} input(s) with {resolved['method']} {resolved['parameters']}{data} "
         f"({summary['keys_merged']} key(s) changed) -> {what} in {out} ({', '.join(summary['files'])})"
     )
     if not summary["keys_merged"]:
@@ -693,6 +761,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="dare: seed of the drop masks")
     p.add_argument("--alpha", type=float, help="wise: interpolation weight of the fine-tuned model")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="any option of the method (repeatable)")
+    p.add_argument(
+        "--calibration_data",
+        nargs="+",
+        metavar="DATASET",
+        help="regmean / fisher: each model's own task data, one per --adapters entry in the same order (a Parquet "
+        "or ImageFolder folder, a shared dataset name such as dtd10, or a Hub dataset id)",
+    )
+    p.add_argument("--calibration_rows", type=int, help="regmean / fisher: rows drawn from each dataset (default 256)")
+    p.add_argument("--calibration_batch_size", type=int, help="regmean / fisher: batch size (default 32)")
+    p.add_argument("--calibration_seed", type=int, help="regmean / fisher: seed of the rows drawn (default 0)")
+    p.add_argument("--calibration_split", help="regmean / fisher: the datasets' split (default train)")
+    p.add_argument(
+        "--data_dir", help="folder of local datasets for --calibration_data names (default: ../shared/data)"
+    )
     p.add_argument("--out_dtype", choices=["float32", "float16", "bfloat16"], help="default: the base's dtypes")
     p.add_argument("--max_shard_size", help="largest output shard, e.g. 2GB or 500MB (default 5GB)")
     p.add_argument("--lora_rank", type=int, help="write a LoRA adapter of this rank (LoRA inputs only)")

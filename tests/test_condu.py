@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import hf_cft.merging.condu as condu_mod
 from hf_cft.errors import BundleError, DeltaError, MergeConfigError, NonFiniteError, TaskError
 from hf_cft.merging import (
     CollapsedTaskWarning,
@@ -536,3 +537,121 @@ def test_streamed_delta_bad_input_is_named_and_leaves_the_merger_unchanged(tmp_p
     with pytest.raises(BundleError, match="does not exist"):
         m.add_task(str(tmp_path / "absent.safetensors"), "b")
     assert m.task_names == ["a"] and all(torch.equal(before[k], m.unified_delta[k]) for k in before)
+
+
+# ------------------------------------------------------------------------ compute device (issue 18 item 6)
+
+DEVICE_SHAPES = {"w": (300, 250), "b": (700,), "t": (2, 3, 4)}  # 75 000 entries: several slices, threaded ops
+
+
+def _device_sessions(device=None, threads=None, n=4, slice_size=1 << 14, monkeypatch=None):
+    """n sessions of correlated random deltas (signs partly agree), sliced finely so that slices are exercised."""
+    monkeypatch.setattr(condu_mod, "UNIFY_SLICE", slice_size)
+    g = torch.Generator().manual_seed(7)
+    common = {k: torch.randn(s, generator=g) for k, s in DEVICE_SHAPES.items()}
+    deltas = [{k: 0.5 * common[k] + torch.randn(s, generator=g) for k, s in DEVICE_SHAPES.items()} for _ in range(n)]
+    before = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        m = DeltaFusionMerger(device=device)
+        for t, d in enumerate(deltas):
+            m.add_task(d, f"task{t}")
+    finally:
+        torch.set_num_threads(before)
+    return m
+
+
+def _assert_same_up_to_rounding(a, b):
+    """u and the masks equal up to float rounding of λ's float64 sums (which only the summation order changes):
+    λ to 1e-12 relative; u to fp32 rounding; masks may differ only at the rare entries where a 1-ulp change of a
+    decoupled expert flips an elected sign (none expected at these sizes, ≤ 1e-4 tolerated)."""
+    for ra, rb in zip(a.tasks, b.tasks):
+        assert ra.lam == pytest.approx(rb.lam, rel=1e-12)
+    for k in DEVICE_SHAPES:
+        torch.testing.assert_close(a.unified_delta[k], b.unified_delta[k].cpu(), rtol=1e-6, atol=1e-7)
+        assert a.unified_delta[k].device.type == "cpu" and b.unified_delta[k].device.type == "cpu"
+        for name in a.task_names:
+            diff = (a.mask(name, k) != b.mask(name, k)).float().mean()
+            assert float(diff) <= 1e-4
+
+
+def test_unify_on_one_or_two_cpu_threads_gives_the_same_bundle(monkeypatch):
+    """The CI-runnable half of the device check: the session does not depend on how the CPU splits its work."""
+    one = _device_sessions("cpu", threads=1, monkeypatch=monkeypatch)
+    two = _device_sessions(None, threads=2, monkeypatch=monkeypatch)
+    assert one.device == two.device == torch.device("cpu")
+    _assert_same_up_to_rounding(one, two)
+    assert one.tasks[0].lam != 1.0  # the sessions did unify overlapping deltas (not a trivial one-task bundle)
+
+
+def test_decoupled_slice_cache_changes_nothing(monkeypatch):
+    """Stored experts' decoupled slices kept between the σ and the M/u pass (or, over budget, rebuilt): the same
+    bundle bit for bit."""
+    kept = _device_sessions(monkeypatch=monkeypatch)
+    monkeypatch.setattr(condu_mod, "DECOUPLED_CACHE_BYTES", 0)
+    rebuilt = _device_sessions(monkeypatch=monkeypatch)
+    for k in DEVICE_SHAPES:
+        assert torch.equal(kept.unified_delta[k].view(torch.int32), rebuilt.unified_delta[k].view(torch.int32))
+        for name in kept.task_names:
+            assert kept.packed_mask(name, k) == rebuilt.packed_mask(name, k)
+    assert [r.lam for r in kept.tasks] == [r.lam for r in rebuilt.tasks]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_weights_are_base_plus_the_decoupled_delta(monkeypatch, dtype):
+    """iter_expert_weights (formed chunk by chunk) gives exactly θ⁰ + δ̃ rounded once to θ⁰'s dtype, as
+    FunctionalExpert does with iter_expert_delta; a key the base lacks, or of another shape, is named."""
+    monkeypatch.setattr(condu_mod, "EXPERT_CHUNK", 1 << 10)  # several chunks per key, one for the small keys
+    m = _device_sessions(n=3, monkeypatch=monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    base = {k: torch.randn(s, generator=g).to(dtype) for k, s in DEVICE_SHAPES.items()}
+    for name in m.task_names:
+        got = dict(m.iter_expert_weights(name, base))
+        for k, d in m.iter_expert_delta(name):
+            want = (base[k].float() + d).to(dtype)
+            assert got[k].dtype == dtype and torch.equal(got[k], want), (name, k)
+    with pytest.raises(DeltaError, match="'b' is missing"):
+        list(m.iter_expert_weights("task0", {k: v for k, v in base.items() if k != "b"}))
+    with pytest.raises(DeltaError, match=r"'w' has shape \(250, 300\)"):
+        list(m.iter_expert_weights("task0", {**base, "w": base["w"].t()}))
+
+
+@pytest.mark.parametrize("bad", ["meta", "bogus", "mps", 3, "cuda:99"])
+def test_a_bad_compute_device_is_refused_by_name(bad, tmp_path):
+    msg = "bogus" if bad == "bogus" else str(bad)
+    with pytest.raises(MergeConfigError, match=msg):
+        DeltaFusionMerger(device=bad)
+    with pytest.raises(MergeConfigError, match=msg):
+        unify(rand(0, 2), device=bad)
+    with pytest.raises(MergeConfigError, match=msg):  # refused before the (absent) bundle is looked at
+        DeltaFusionMerger.from_pretrained(tmp_path / "no-bundle", device=bad)
+    with pytest.raises(MergeConfigError, match=msg):
+        list(run_sessions(rand(0, 2)).iter_expert_delta("task0", device=bad))
+
+
+def test_one_shot_unify_takes_the_device_option():
+    deltas = rand(5, 3)
+    a, b = unify(deltas), unify(deltas, device="cpu")
+    assert a.lambdas == b.lambdas
+    for k in SHAPES:
+        assert torch.equal(a.unified[k], b.unified[k])
+
+
+# Runs only on a machine with a CUDA device (CI pins CPU torch): the same code path with device="cuda".
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_unify_on_cuda_matches_the_cpu(monkeypatch):
+    cpu = _device_sessions(None, monkeypatch=monkeypatch)
+    gpu = _device_sessions("cuda", monkeypatch=monkeypatch)
+    assert gpu.device.type == "cuda"
+    _assert_same_up_to_rounding(cpu, gpu)
+    base = {k: torch.randn(s).cuda() for k, s in DEVICE_SHAPES.items()}
+    for name in gpu.task_names:  # experts formed on the GPU: θ⁰ + the CPU's δ̃ exactly
+        got = dict(gpu.iter_expert_weights(name, base))
+        for k, d in gpu.iter_expert_delta(name, device="cuda"):
+            assert d.device.type == "cuda" and got[k].device.type == "cuda"
+            assert torch.equal(got[k], base[k] + d)
+        assert all(d.device.type == "cpu" for _, d in gpu.iter_expert_delta(name))
+    res_cpu, res_gpu = unify(rand(1, 3)), unify(rand(1, 3), device="cuda")
+    for k in SHAPES:
+        torch.testing.assert_close(res_gpu.unified[k], res_cpu.unified[k], rtol=1e-6, atol=1e-7)

@@ -76,6 +76,10 @@ def test_slerp_strategy_is_the_continual_slerp():
         ("tall", {"lambdas": -1.0}, "lambdas"),
         ("pam_tall", {"tall_lambda": "x"}, "tall_lambda"),
         ("tsv_m", {"rank": 3}, "rank"),
+        ("fisher", {"labels": "true"}, "labels"),
+        ("fisher", {"floor": -1.0}, "floor"),
+        ("fisher", {"max_batches": 0}, "max_batches"),
+        ("fisher", {"normalize": 1}, "normalize"),
     ],
 )
 def test_bad_options_raise_continual_errors_naming_them(name, options, needle):
@@ -169,4 +173,127 @@ def test_regmean_strategy_is_regmean_over_the_experts_so_far(tmp_path, monkeypat
     assert _runner(again, tmp_path, ToyTokenizer(), tasks=two).run().resumed_at == 2
     for k in want:
         torch.testing.assert_close(again.merged[k], strategy.merged[k])
+    assert result.matrix.values.shape == (2, 2)
+
+
+def _fixed_experts(model, n, scale=0.02):
+    """Stand-ins for trained experts: seeded random deltas over every parameter of θ⁰ (both towers)."""
+    out = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(100 + i)
+        out.append({k: scale * torch.randn(p.shape, generator=g) for k, p in model.named_parameters()})
+    return out
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_fisher_strategy_after_each_task_is_one_shot_fisher_merging_and_resumes(tmp_path, monkeypatch, normalize):
+    """The continual Fisher merge (running sums) after task t equals fisher_merging over the t experts with their
+    Fishers, each gathered as the paper defines it on the task's own data (θ⁰ + τ_i, the head of the task's classes);
+    a run interrupted after task 1 resumes to the same merges and the same matrix."""
+    from test_continual import _model
+
+    from hf_cft.continual import task_seed
+    from hf_cft.merging import clip_log_probs, fisher_diagonal, fisher_merging
+
+    model = _model()
+    experts = _fixed_experts(model, 3)
+    options = dict(labels="sample", floor=1e-6, normalize=normalize, seed=3, max_batches=2)
+
+    def build(log):
+        strategy = make_strategy("fisher", **options)
+        monkeypatch.setattr(strategy, "train_expert", lambda task, index: experts[index], raising=False)
+        real = strategy.learn
+
+        def learn(task, index):
+            real(task, index)
+            log.append({k: v.clone() for k, v in strategy.merged.items()})
+
+        strategy.learn = learn
+        return strategy
+
+    merges = []
+    strategy = build(merges)
+    runner = _runner(strategy, tmp_path / "ref", ToyTokenizer(), model=model)
+    result = runner.run()
+    assert len(merges) == 3 and strategy.learned == ["a", "b", "c"]
+    # the reference: each expert's Fisher on its own task's (model-ready) train rows, then the one-shot merge
+    fishers = []
+    for i, raw in enumerate(runner.tasks):
+        task = runner._prepare(raw, task_seed(runner.config.seed, i))  # the train rows the runner gave learn()
+        fn = clip_log_probs(ToyTokenizer(), task.classnames, task.templates)
+        loader = runner.evaluator.loader(task.train)
+        fishers.append(
+            fisher_diagonal(model, loader, fn, keys=list(experts[i]), delta=experts[i], seed=3, max_batches=2)
+        )
+    assert any(bool(f["vision_model.encoder.layers.0.mlp.fc1.weight"].gt(0).any()) for f in fishers)
+    for t in (1, 2, 3):
+        want = fisher_merging(experts[:t], fishers[:t], floor=1e-6, normalize=normalize)
+        assert sorted(merges[t - 1]) == sorted(want)
+        for k in want:
+            torch.testing.assert_close(merges[t - 1][k], want[k], rtol=1e-5, atol=1e-8)
+    # the text tower has no Fisher (the head is built without gradients): its merge is the plain mean
+    text = "text_model.encoder.layers.0.mlp.fc1.weight"
+    torch.testing.assert_close(merges[2][text], sum(e[text] for e in experts) / 3, rtol=1e-5, atol=1e-7)
+    # resume: a crash in task 2 (0-based) restarts from the checkpoint of tasks a, b to the same state and matrix
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _runner(_crash_in_learn(build([]), 2), tmp_path / "crash", ToyTokenizer(), model=model).run()
+    again_log = []
+    again = build(again_log)
+    resumed = _runner(again, tmp_path / "crash", ToyTokenizer(), model=model).run()
+    assert resumed.resumed_at == 2 and len(again_log) == 1
+    np.testing.assert_array_equal(resumed.matrix.values, result.matrix.values)
+    for k in merges[2]:
+        torch.testing.assert_close(again.merged[k], merges[2][k], rtol=0, atol=0)
+    tensors, meta = again.state_dict()
+    ref_tensors, ref_meta = strategy.state_dict()
+    assert meta == ref_meta and sorted(tensors) == sorted(ref_tensors)
+    assert all(torch.equal(tensors[k], ref_tensors[k]) for k in tensors) and tensors[
+        text.join(["num.", ""])
+    ].dtype == (torch.float64)
+    with pytest.raises(ContinualError, match="other settings|settings"):
+        _runner(make_strategy("fisher", **{**options, "seed": 4}), tmp_path / "ref", ToyTokenizer(), model=model).run()
+
+
+def test_fisher_strategy_refuses_a_nan_fisher_naming_the_task():
+    from hf_cft.errors import NonFiniteError
+
+    strategy = make_strategy("fisher")
+    d = deltas(1)[0]
+    fisher = {k: torch.ones_like(v) for k, v in d.items()}
+    fisher["m.bias"][0] = float("nan")
+    with pytest.raises(NonFiniteError, match="'m.bias' on task 'dtd'"):
+        strategy.add(d, fisher, "dtd")
+    with pytest.raises(ContinualError, match="no Fisher for key 'm.weight'"):
+        strategy.add(d, {"m.bias": torch.ones(6)}, "dtd")
+    assert not strategy.learned and not strategy.num
+
+
+@pytest.mark.slow
+def test_fisher_strategy_end_to_end_is_fisher_merging_of_its_trained_experts(tmp_path, monkeypatch):
+    """With real training (the toy colour stream): the deployed delta is fisher_merging over the stored experts and
+    the Fishers the strategy gathered on each task's transformed train rows; a rerun resumes with the same merge."""
+    from hf_cft.merging import data_dependent, fisher_merging
+
+    seen = []
+    real = data_dependent.fisher_diagonal
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(data_dependent, "fisher_diagonal", spy)
+    two = _tasks()[:2]
+    strategy = make_strategy("fisher", max_batches=1)
+    result = _runner(strategy, tmp_path, ToyTokenizer(), tasks=two).run()
+    experts = [strategy.store.load(k) for k in ("000", "001")]
+    assert len(seen) == 2 and all(set(f) == set(e) for f, e in zip(seen, experts))
+    want = fisher_merging(experts, seen)
+    assert sorted(strategy.merged) == sorted(want)
+    for k in want:
+        torch.testing.assert_close(strategy.merged[k], want[k], rtol=1e-5, atol=1e-8)
+    again = make_strategy("fisher", max_batches=1)
+    assert _runner(again, tmp_path, ToyTokenizer(), tasks=two).run().resumed_at == 2
+    for k in want:
+        torch.testing.assert_close(again.merged[k], strategy.merged[k], rtol=0, atol=0)
     assert result.matrix.values.shape == (2, 2)

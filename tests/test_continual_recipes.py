@@ -76,6 +76,7 @@ def test_mtil_recipe_lists_every_registered_strategy(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == list(STRATEGIES)
     assert "magmax: lam, tie_break" in lines and "ties: disjoint_merge, k, lam, trim_scope" in lines
+    assert "fisher: floor, labels, max_batches, normalize, seed" in lines  # issue 18: continual Fisher merging
 
 
 def test_results_markdown_reports_metrics_and_the_misalignment_log():

@@ -576,3 +576,263 @@ def test_an_input_neither_a_folder_nor_a_fetchable_hub_id_is_one_line_naming_it(
     with pytest.raises(HubError, match=r"^inputs\[1\]\.model 'me/nothing' is neither .*no such model repo on the Hub"):
         run_merge({**yaml.safe_load(cfg.read_text()), "inputs": [str(assets["lora_a"]), "me/nothing"]}, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------ calibration data
+# RegMean and Fisher merging from the command line / a merge config: each input's statistics on its own task data.
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    """Two tiny datasets in the formats the library reads: an ImageFolder (3 classes x 4 images, no meta.json) and
+    a Parquet folder with a meta.json (2 classes x 4 images, its own class names and templates)."""
+    import numpy as np
+    from PIL import Image
+
+    from hf_cft.data import from_arrays
+
+    root = tmp_path_factory.mktemp("calib")
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog", "fox"):
+        (root / "folder" / "train" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
+                root / "folder" / "train" / c / f"{i}.png"
+            )
+    images = [rng.integers(0, 256, (10, 14, 3), dtype=np.uint8) for _ in range(8)]
+    ds = from_arrays(images, [0, 1] * 4, ["car", "bus"], templates=["a photo of a {}."])
+    (root / "parquet").mkdir()
+    ds["train"].to_parquet(str(root / "parquet" / "train.parquet"))
+    meta = {"classnames": ["small car", "big bus"], "templates": ["a photo of a {}.", "a picture of a {}."]}
+    (root / "parquet" / "meta.json").write_text(json.dumps(meta))
+    (root / "empty").mkdir()
+    (root / "empty" / "notes.txt").write_text("no images here")
+    return root
+
+
+def _python_loaders(base, folders, rows, seed, batch_size):
+    """The Python API's side: the library's dataset loader, the rows the docs define (the first ``rows`` of a
+    ``numpy.random.default_rng(seed)`` permutation of the split, in ascending order), θ⁰'s preprocessing."""
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    from hf_cft.data import ImageClassificationCollator, apply_image_transform, load_classification_dataset
+    from hf_cft.data.transforms import model_transform
+
+    out = []
+    for folder in folders:
+        task = load_classification_dataset(folder)
+        n = len(task["train"])
+        idx = np.sort(np.random.default_rng(seed).permutation(n)[:rows])
+        view = apply_image_transform(task["train"].select(idx.tolist()), model_transform(base))
+        out.append((task, DataLoader(view, batch_size=batch_size, collate_fn=ImageClassificationCollator())))
+    return out
+
+
+def test_regmean_from_a_merge_config_equals_regmean_merge_on_the_same_rows(assets, calib, tmp_path):
+    from transformers import AutoModel
+
+    from hf_cft.merging.data_dependent import regmean_merge
+
+    config = _write_yaml(
+        tmp_path / "merge.yaml",
+        {
+            "base_model": str(assets["clip"]),
+            "method": "regmean",
+            "parameters": {"alpha": 0.8},
+            "calibration": {"rows": 6, "batch_size": 4, "seed": 3},
+            "inputs": [
+                {"model": str(assets["ft_a"]), "calibration": str(calib / "folder")},
+                {"model": str(assets["ft_b"]), "calibration": {"data": str(calib / "parquet"), "split": "train"}},
+            ],
+        },
+    )
+    out = tmp_path / "merged"
+    assert main(["merge", "--config", str(config), "--out", str(out)]) == 0
+    base = assets["base"]()
+    experts = [AutoModel.from_pretrained(assets[n]).eval() for n in ("ft_a", "ft_b")]
+    loaders = [dl for _, dl in _python_loaders(base, [calib / "folder", calib / "parquet"], 6, 3, 4)]
+    want = regmean_merge(base, experts, loaders, alpha=0.8)
+    got, state = _weights(out), base.state_dict()
+    assert any(k.endswith("q_proj.weight") for k in want)
+    for k, d in want.items():
+        torch.testing.assert_close(got[k], state[k] + d, rtol=1e-5, atol=1e-5)
+    # the seed decides the rows: another seed, another merge (the text tower is averaged either way)
+    other = dict(yaml.safe_load(config.read_text()), calibration={"rows": 6, "batch_size": 4, "seed": 4})
+    assert main(["merge", "--config", str(_write_yaml(tmp_path / "o.yaml", other)), "--out", str(tmp_path / "o")]) == 0
+    key = "vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(_weights(tmp_path / "o")[key], got[key], rtol=0, atol=1e-6)
+
+
+def test_fisher_from_the_cli_equals_fisher_merge_on_the_same_rows_and_round_trips(assets, calib, tmp_path):
+    from transformers import AutoModel
+
+    from hf_cft.merging.data_dependent import clip_log_probs, fisher_merge
+    from hf_cft.models.tokenizer import load_tokenizer
+
+    out = tmp_path / "merged"
+    argv = ["merge", "--base", str(assets["clip"]), "--method", "fisher", "--adapters", str(assets["ft_a"])]
+    argv += [str(assets["ft_b"]), "--calibration_data", str(calib / "folder"), str(calib / "parquet")]
+    argv += ["--calibration_rows", "5", "--calibration_batch_size", "2", "--calibration_seed", "1"]
+    argv += ["--lam", "1.0", "0.5", "--param", "seed=7", "--out", str(out)]
+    assert main(argv) == 0
+    base = assets["base"]()
+    experts = [AutoModel.from_pretrained(assets[n]).eval() for n in ("ft_a", "ft_b")]
+    tasks = _python_loaders(base, [calib / "folder", calib / "parquet"], 5, 1, 2)
+    tok = load_tokenizer(assets["clip"])
+    # the Fisher's head: each dataset's own class names and templates (the Parquet folder's meta.json)
+    assert tasks[1][0].classnames == ["small car", "big bus"] and len(tasks[1][0].templates) == 2
+    fns = [clip_log_probs(tok, task.classnames, task.templates) for task, _ in tasks]
+    want = fisher_merge(base, experts, [dl for _, dl in tasks], fns, weights=[1.0, 0.5], seed=7)
+    got, state = _weights(out), base.state_dict()
+    for k, d in want.items():
+        torch.testing.assert_close(got[k], state[k] + d, rtol=1e-5, atol=1e-5)
+    # merge.yaml records the calibration; fed back to --config it reproduces the merge
+    resolved = yaml.safe_load((out / "merge.yaml").read_text())
+    assert resolved["calibration"] == {"rows": 5, "batch_size": 2, "seed": 1, "split": "train"}
+    assert [i["calibration"] for i in resolved["inputs"]] == [
+        {"data": str(calib / "folder"), "split": "train"},
+        {"data": str(calib / "parquet"), "split": "train"},
+    ]
+    again = tmp_path / "again"
+    assert main(["merge", "--config", str(out / "merge.yaml"), "--out", str(again)]) == 0
+    a, b = _weights(out), _weights(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (again / "merge.yaml").read_text() == (out / "merge.yaml").read_text()
+    card = (out / "README.md").read_text()
+    assert "## Calibration data" in card and "5 row(s)" in card and "seed 1" in card
+    assert f"| 0 | `{calib / 'folder'}` | train | 5 / 12 | 3 |" in card
+    assert f"| 1 | `{calib / 'parquet'}` | train | 5 / 8 | 2 |" in card
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"inputs": [{"model": "x", "calibration": "d"}, {"model": "y"}]}, r"inputs\[1\]\.calibration is required"),
+        (
+            {"inputs": [{"model": "x", "calibration": {"split": "train"}}]},
+            r"inputs\[0\]\.calibration\.data is required",
+        ),
+        ({"calibration": {"data": "d"}}, r"calibration\.data: method 'regmean' gathers each input's statistics on"),
+        ({"calibration": {"rows": 0}}, r"calibration\.rows must be at least 1"),
+        ({"calibration": {"batch_size": 2.5}}, r"calibration\.batch_size must be an integer"),
+        ({"calibration": {"shuffle": True}}, r"calibration\.shuffle is not a field of the calibration section"),
+        (
+            {"inputs": [{"model": "x", "calibration": {"data": "d", "rows": 3}}]},
+            r"inputs\[0\]\.calibration\.rows is not",
+        ),
+        (
+            {"inputs": [{"model": "x", "calibration": ""}]},
+            r"inputs\[0\]\.calibration\.data must be a non-empty string",
+        ),
+        (
+            {"inputs": [{"model": "x", "calibration": {"data": "d", "classnames": ["a"]}}]},
+            r"inputs\[0\]\.calibration\.classnames: method 'regmean' uses no class names",
+        ),
+        (
+            {"method": "fisher", "inputs": [{"model": "x", "calibration": {"data": "d", "templates": ["no slot"]}}]},
+            r"inputs\[0\]\.calibration\.templates: ",
+        ),
+        (
+            {"method": "ties", "inputs": [{"model": "x", "calibration": "d"}]},
+            r"inputs\[0\]\.calibration: method 'ties' uses no calibration data \(only fisher, regmean do\)",
+        ),
+        ({"method": "ties", "calibration": {"rows": 8}}, r"calibration: method 'ties' uses no calibration data"),
+    ],
+)
+def test_calibration_config_errors_name_the_field(change, message):
+    data = {"base_model": "clip", "method": "regmean", "inputs": [{"model": "x", "calibration": "d"}], **change}
+    with pytest.raises(MergeConfigError, match=message):
+        MergeConfig.from_dict(data)
+
+
+def test_calibration_data_errors_name_the_input_and_the_field(assets, calib, tmp_path, capsys):
+    from hf_cft.errors import NonFiniteError
+    from hf_cft.hub import run_merge
+
+    def config(second, **calibration):
+        return {
+            "base_model": str(assets["clip"]),
+            "method": "regmean",
+            "calibration": {"rows": 4, **calibration},
+            "inputs": [
+                {"model": str(assets["ft_a"]), "calibration": str(calib / "folder")},
+                {"model": str(assets["ft_b"]), "calibration": second},
+            ],
+        }
+
+    for second, calibration, message in (
+        (
+            str(tmp_path / "nowhere"),
+            {},
+            r"inputs\[1\]\.calibration\.data '.*nowhere' cannot be used .*Unknown dataset",
+        ),
+        (
+            str(calib / "empty"),
+            {},
+            r"inputs\[1\]\.calibration\.data '.*empty' cannot be used .*holds neither Parquet files nor",
+        ),
+        (str(calib / "parquet"), {"rows": 9}, r"has 8 row\(s\) in split 'train', fewer than calibration\.rows = 9"),
+        (
+            {"data": str(calib / "parquet"), "split": "test"},
+            {},
+            r"has no split 'test' \(inputs\[1\]\.calibration\.split\)",
+        ),
+    ):
+        with pytest.raises(MergeConfigError, match=message):
+            run_merge(config(second, **calibration), tmp_path / "o")
+    wrong = dict(config({"data": str(calib / "parquet"), "classnames": ["a", "b", "c"]}), method="fisher")
+    with pytest.raises(MergeConfigError, match=r"^inputs\[1\]\.calibration\.classnames: 3 class names .* 2 classes"):
+        run_merge(wrong, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    # a statistic that is NaN/inf names the input's data, not "task 1" (ft_b's fc1 overflows fp32 on any image)
+    blown = assets["base"]()
+    with torch.no_grad():
+        blown.vision_model.encoder.layers[0].mlp.fc1.weight.fill_(3e38)
+    blown.save_pretrained(tmp_path / "blown")
+    data = config(str(calib / "parquet"))
+    data["inputs"][1]["model"] = str(tmp_path / "blown")
+    with pytest.raises(
+        NonFiniteError, match=r"regmean: the Gram matrix of key .* gathered on inputs\[1\]\.calibration\.data"
+    ):
+        run_merge(data, tmp_path / "o")
+    # the flag form names the flags
+    flags = ["merge", "--base", str(assets["clip"]), "--adapters", str(assets["ft_a"]), str(assets["ft_b"])]
+    flags += ["--out", str(tmp_path / "o")]
+    for extra, message in (
+        (["--method", "fisher"], "--calibration_data is required by --method fisher"),
+        (["--method", "regmean", "--calibration_data", str(calib / "folder")], "one dataset per --adapters entry (2)"),
+        (["--method", "ties", "--calibration_rows", "8"], "--calibration_rows: calibration data is for the data-"),
+        (
+            ["--method", "regmean", "--calibration_rows", "10", "--calibration_data", str(calib / "folder")]
+            + [str(calib / "parquet")],
+            "--calibration_data entry 2 '" + str(calib / "parquet") + "' has 8 row(s) in split 'train', fewer than "
+            "--calibration_rows = 10",
+        ),
+        (
+            ["--method", "regmean", "--calibration_rows", "4", "--calibration_split", "test", "--calibration_data"]
+            + [str(calib / "folder"), str(calib / "parquet")],
+            "has no split 'test' (--calibration_split)",
+        ),
+    ):
+        assert main([*flags, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # the error line (after any loading bars)
+        assert err.startswith("hf-cft merge: error: ") and message in err, err
+    cfg = _write_yaml(tmp_path / "c.yaml", config(str(calib / "parquet")))
+    assert main(["merge", "--config", str(cfg), "--calibration_rows", "3", "--out", str(tmp_path / "o")]) == 2
+    assert "--calibration_rows cannot be combined with --config" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.data
+def test_regmean_on_a_shared_parquet_dataset_by_name(assets, shared_data, tmp_path):
+    """A shared dataset named as the recipes name it (``dtd10`` under ``--data_dir``), 8 seeded rows."""
+    out = tmp_path / "merged"
+    argv = ["merge", "--base", str(assets["clip"]), "--method", "regmean", "--adapters", str(assets["ft_a"])]
+    argv += [str(assets["ft_b"]), "--calibration_data", "dtd10", "flowers5", "--data_dir", str(shared_data)]
+    argv += ["--calibration_rows", "8", "--out", str(out)]
+    assert main(argv) == 0
+    resolved = yaml.safe_load((out / "merge.yaml").read_text())
+    assert resolved["calibration"]["data_dir"] == str(shared_data)
+    assert [i["calibration"]["data"] for i in resolved["inputs"]] == ["dtd10", "flowers5"]
+    assert "| 0 | `dtd10` | train | 8 / " in (out / "README.md").read_text()

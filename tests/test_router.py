@@ -303,3 +303,114 @@ def test_router_on_cuda_matches_cpu(clip_model, toy_tokenizer, merger5, px, delt
     torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)
     protos = compute_prototypes(cuda_model, toy_tokenizer, [{"pixel_values": px, "labels": torch.zeros(6)}], CLASSES)
     assert protos.device.type == "cpu"
+
+
+# --------------------------------------------------- grouped expert forwards (issue 18 item 6): a naive reference
+
+
+def _naive_routed_logits(model, tokenizer, merger, px, top_k, weighting, include_zero_shot):
+    """condu.md §7 written per image and per expert: θ⁰'s feature of the image alone, its top-K tasks by
+    max-cosine to their prototypes, each selected expert rebuilt and run on that one image with its own text head,
+    votes averaged with the weighting (θ⁰ keeps 1/(K+1) when it votes)."""
+    names = merger.task_names
+    k = min(top_k, len(names))
+    out = []
+    for n in range(px.shape[0]):
+        x = px[n : n + 1]
+        z = F.normalize(image_features(model, x).float(), dim=-1)
+        scores = torch.stack([(z @ merger.prototypes(t).t()).max() for t in names])
+        top = scores.topk(k)
+        w0 = 1.0 / (k + 1) if include_zero_shot else 0.0
+        if weighting == "uniform":
+            w = torch.full((k,), 1.0 / k)
+        else:  # similarity: ∝ the clamped score
+            pos = top.values.clamp_min(0.0)
+            w = pos / pos.sum() if float(pos.sum()) > 0 else torch.full((k,), 1.0 / k)
+        logits = w0 * _logits(model, tokenizer, x)
+        for j, e in enumerate(top.indices.tolist()):
+            expert = functional_expert(model, merger.expert_delta(names[e]))
+            logits = logits + (1.0 - w0) * w[j] * expert.run(_logits, tokenizer, x)
+        out.append(logits)
+    return torch.cat(out)
+
+
+@pytest.fixture
+def merger_spread(clip_model, px, deltas5):
+    """Five tasks, task t's prototypes θ⁰'s feature of sample t and a random vector (no tied routing scores):
+    the images spread over the experts."""
+    z0 = image_features(clip_model, px).detach()
+    g = torch.Generator().manual_seed(1)
+    merger = DeltaFusionMerger(base_model=clip_model)
+    for t, delta in enumerate(deltas5):
+        protos = torch.stack([z0[t], torch.randn(z0.shape[1], generator=g)])
+        merger.add_task(delta, f"task{t}", prototypes=protos, classnames=["a", "b"])
+    return merger
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+@pytest.mark.parametrize("weighting", ["uniform", "similarity"])
+@pytest.mark.parametrize("include_zero_shot", [True, False])
+def test_grouped_routing_matches_a_per_image_per_expert_loop(
+    clip_model, toy_tokenizer, merger_spread, px, top_k, weighting, include_zero_shot
+):
+    """Each distinct expert runs once over exactly the images that chose it and θ⁰ once for the batch; the fused
+    logits and predictions are those of running every (image, selected expert) pair on its own."""
+    merger = merger_spread
+    router = SemanticRouter(
+        merger, clip_model, toy_tokenizer, top_k=top_k, weighting=weighting, include_zero_shot=include_zero_shot
+    )
+    with torch.no_grad():
+        got = router.logits(px, CLASSES, TEMPLATES)
+        want = _naive_routed_logits(clip_model, toy_tokenizer, merger, px, top_k, weighting, include_zero_shot)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    s, used = router.stats, torch.unique(router.last_routing.indices).numel()
+    assert s.zero_shot_passes == 1  # routing and θ⁰'s vote share one pass, whether θ⁰ votes or not
+    assert s.expert_builds == s.expert_image_passes == used  # one build and one forward per distinct expert
+    assert s.expert_samples == px.shape[0] * top_k  # each image through each of its K experts, no more
+    assert used >= min(5, 2 * top_k)  # the images spread over several experts
+
+
+def test_a_collapsed_expert_shares_the_zero_shot_pass(clip_model, toy_tokenizer, px, deltas5):
+    """A task whose trigger collapsed (λ = 0) is θ⁰ itself: the router serves its vote from θ⁰'s pass and head
+    (no build, no forward) and the logits are the naive loop's, which rebuilds it as θ⁰ + 0."""
+    z0 = image_features(clip_model, px).detach()
+    merger = DeltaFusionMerger(base_model=clip_model)
+    merger.add_task(deltas5[0], "task0", prototypes=z0[:2], classnames=["a", "b"])
+    with pytest.warns(UserWarning, match="collapsed"):
+        merger.add_task({k: torch.zeros_like(v) for k, v in deltas5[1].items()}, "zero", prototypes=z0[2:4])
+    assert merger.record("zero").lam == 0.0
+    router = SemanticRouter(merger, clip_model, toy_tokenizer, top_k=1)
+    with torch.no_grad():
+        got = router.logits(px, CLASSES, TEMPLATES)
+        want = _naive_routed_logits(clip_model, toy_tokenizer, merger, px, 1, "uniform", True)
+        known = router.logits(px, CLASSES, TEMPLATES, task="zero")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    chosen = set(router.last_routing.indices.reshape(-1).tolist())
+    assert chosen == {0, 1}  # both experts were selected by some image
+    s = router.stats
+    assert s.expert_builds == s.expert_image_passes == 1 and s.shared_zero_shot == 2  # routed + task-known
+    assert s.zero_shot_passes == 2 and s.text_heads_built == 2  # θ⁰'s head and task0's; "zero" uses θ⁰'s
+    torch.testing.assert_close(known, _logits(clip_model, toy_tokenizer, px), rtol=1e-5, atol=1e-5)
+
+
+def test_cache_experts_builds_each_expert_once_until_the_next_session(clip_model, toy_tokenizer, merger5, px, deltas5):
+    cached = SemanticRouter(merger5, clip_model, toy_tokenizer, top_k=2, cache_experts=5)
+    plain = SemanticRouter(merger5, clip_model, toy_tokenizer, top_k=2)
+    with torch.no_grad():
+        first = cached.logits(px, CLASSES, TEMPLATES)
+        used = cached.stats.expert_builds
+        second = cached.logits(px, CLASSES, TEMPLATES)
+        assert cached.stats.expert_builds == used  # served from the cache
+        assert torch.equal(first, second)
+        torch.testing.assert_close(first, plain.logits(px, CLASSES, TEMPLATES), rtol=0, atol=0)
+        one = SemanticRouter(merger5, clip_model, toy_tokenizer, top_k=2, cache_experts=1)
+        one.logits(px, CLASSES, TEMPLATES)
+        one.logits(px, CLASSES, TEMPLATES)
+        assert one.stats.expert_builds == 2 * used - 1 and len(one._experts) == 1  # LRU: the last one stays
+        merger5.add_task(deltas5[0], "again", prototypes=merger5.prototypes("task0"))
+        cached.logits(px, CLASSES, TEMPLATES)
+        assert cached.stats.expert_builds > used  # a session changes every expert: the cache was dropped
+    for bad in (-1, 1.5, True):
+        with pytest.raises(MergeConfigError, match="cache_experts"):
+            SemanticRouter(merger5, clip_model, toy_tokenizer, cache_experts=bad)

@@ -15,6 +15,7 @@
 | ``dare``, ``consensus``, ``tsv_m``, ``iso_c``, ``iso_cts``, ``breadcrumbs``, ``della``, ``model_stock`` | θ⁰ | the one-shot method of :mod:`hf_cft.merging` over τ_1..τ_t, re-run after each task | task-agnostic |
 | ``slerp`` | θ⁰ | m_t = slerp(m_{t−1}, τ_t, 1/t), the spherical running mean | task-agnostic |
 | ``regmean`` | θ⁰ | (Σ_i τ_i G̃_i)(Σ_i G̃_i)⁻¹ per linear from running sums, G_i on task i's train data (α = 0.6) | task-agnostic |
+| ``fisher`` | θ⁰ | Σ_i F̂_i τ_i / Σ_i F̂_i per entry from running sums, F_i the diagonal Fisher on task i's train data | task-agnostic |
 
 Every strategy keeps its experts (dense deltas θ_t − θ⁰; for LoRA the dense s·B·A, pam.md §9 "merge dense deltas")
 on disk in ``store/experts`` and resumes exactly: the stateful mergers are rebuilt by replaying ``add`` over the
@@ -521,6 +522,147 @@ class RegMeanStrategy(Strategy):
             self._deploy()
 
 
+class FisherStrategy(Strategy):
+    """Fisher merging, continual form (Matena & Raffel, arXiv:2111.09832): the merge
+    τ* = Σ_i λ_i F̂_i ⊙ τ_i / Σ_i λ_i F̂_i (F̂ = F + ``floor``) is a ratio of sums over the tasks, so it is exact
+    incrementally. After task t trains its expert τ_t from θ⁰, its diagonal Fisher F_t is gathered on ``max_batches``
+    batches of the task's training data (θ⁰ + τ_t, the zero-shot head of the task's class names and templates,
+    :func:`~hf_cft.merging.data_dependent.fisher_diagonal`), and the state Σ_i F̂_i ⊙ τ_i, Σ_i F̂_i is updated (each
+    F_i divided by its L2 norm first with ``normalize=True``); the deployed delta is their ratio:
+    :func:`~hf_cft.merging.fisher_merging` over the experts so far (λ_i = 1, the paper's default), without keeping
+    their data or their Fishers. Task-agnostic. The experts are kept on disk (``store/experts``) as for the other
+    merges."""
+
+    name = "fisher"
+
+    def __init__(
+        self,
+        labels: str = "sample",
+        floor: float = 1e-6,
+        normalize: bool = False,
+        seed: int = 0,
+        max_batches: int = 4,
+    ):
+        from hf_cft.merging.data_dependent import FISHER_LABELS
+
+        super().__init__()
+        check_choice("fisher", "labels", labels, FISHER_LABELS)
+        self.labels = labels
+        self.floor = check_number("fisher", "floor", floor, 0.0, None)
+        if not isinstance(normalize, bool):
+            raise ContinualError(f"strategy 'fisher': option normalize must be true or false, got {normalize!r}")
+        self.normalize = normalize
+        for option, value, low in (("seed", seed, 0), ("max_batches", max_batches, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ContinualError(f"strategy 'fisher': option {option} must be an integer ≥ {low}, got {value!r}")
+        self.seed = seed
+        self.max_batches = max_batches
+        self.num: Delta = {}
+        self.den: Delta = {}
+        self.learned: list[str] = []
+        self.merged: Delta = {}
+
+    def settings(self) -> dict:
+        return {
+            "labels": self.labels,
+            "floor": self.floor,
+            "normalize": self.normalize,
+            "seed": self.seed,
+            "max_batches": self.max_batches,
+        }
+
+    def _deploy(self) -> None:
+        out = {}
+        for k, num in self.num.items():
+            den = self.den[k]
+            if bool((den == 0).any()):
+                raise ContinualError(
+                    f"strategy 'fisher': the Fisher weights of key {k!r} sum to 0 somewhere (floor=0 and no task's "
+                    "data touched it); use floor > 0"
+                )
+            out[k] = (num / den).float()
+        check_finite(out, f"the fisher merge after task {self.learned[-1]!r}")
+        self.merged = out
+
+    def add(self, delta: Delta, fisher: Delta, task_name: str) -> None:
+        """Add one task's expert and its diagonal Fisher to the running sums and redeploy (what :meth:`learn` does
+        after training; public for merging experts trained elsewhere)."""
+        import math
+
+        import torch
+
+        from hf_cft.errors import NonFiniteError
+
+        missing = [k for k in delta if k not in fisher]
+        if missing:
+            raise ContinualError(f"strategy 'fisher': task {task_name!r} has no Fisher for key {missing[0]!r}")
+        for k in delta:
+            if not bool(torch.isfinite(fisher[k]).all()) or bool((fisher[k] < 0).any()):
+                raise NonFiniteError(
+                    f"strategy 'fisher': the Fisher of key {k!r} on task {task_name!r}'s data holds NaN, inf or "
+                    "negative values"
+                )
+        scale = 1.0
+        if self.normalize:
+            norm = math.sqrt(sum(float(fisher[k].double().pow(2).sum()) for k in delta))
+            scale = 1.0 / norm if norm > 0 else 1.0
+        for k, d in delta.items():
+            weight = fisher[k].double().cpu() * scale + self.floor
+            term = weight * d.double().cpu()
+            self.num[k] = self.num[k] + term if k in self.num else term
+            self.den[k] = self.den[k] + weight if k in self.den else weight
+        self.learned.append(task_name)
+        self._deploy()
+
+    def learn(self, task: TaskSpec, index: int) -> None:
+        from hf_cft.merging.data_dependent import clip_log_probs, fisher_diagonal
+
+        self.timings = {}
+        delta = self.train_expert(task, index)
+        save_expert(self.store, f"{index:03d}", delta, {"task": task.name})
+        t0 = time.perf_counter()
+        ctx = self.context
+        fisher = fisher_diagonal(
+            ctx.base_model,
+            ctx.evaluator.loader(task.train),
+            clip_log_probs(ctx.tokenizer, task.classnames, task.templates),
+            keys=list(delta),
+            labels=self.labels,
+            delta=delta,
+            seed=self.seed,
+            max_batches=self.max_batches,
+        )
+        self.add(delta, fisher, task.name)
+        self.timings["merge_s"] = time.perf_counter() - t0
+
+    def evaluate(self, task: TaskSpec, learned: bool) -> float:
+        return self.context.evaluator.accuracy(task, self.merged or None)
+
+    def state_dict(self):
+        tensors = {f"{name}.{k}": v for name in ("num", "den") for k, v in getattr(self, name).items()}
+        return tensors, {"learned": list(self.learned)}
+
+    def load_state_dict(self, tensors, metadata):
+        self.learned = list(metadata.get("learned", []))
+        for name in ("num", "den"):
+            prefix = f"{name}."
+            setattr(self, name, {k[len(prefix) :]: v.double() for k, v in tensors.items() if k.startswith(prefix)})
+        if sorted(self.num) != sorted(self.den):
+            raise BundleError("fisher checkpoint: the running sums Σ F·τ and Σ F hold different keys")
+        if self.learned and not self.num:
+            raise BundleError(f"fisher checkpoint lists tasks {self.learned} but holds no statistics")
+        self.merged = {}
+        if self.learned:
+            self._deploy()
+
+
+def fisher_strategy(
+    labels: str = "sample", floor: float = 1e-6, normalize: bool = False, seed: int = 0, max_batches: int = 4
+) -> FisherStrategy:
+    """Fisher merging, continual form: running sums of F̂_t·τ_t and F̂_t, F_t on each task's training data."""
+    return FisherStrategy(labels=labels, floor=floor, normalize=normalize, seed=seed, max_batches=max_batches)
+
+
 def regmean_strategy(alpha: float = 0.6, max_batches: int = 4) -> RegMeanStrategy:
     """RegMean, continual form: running sums of τ_t·G̃_t and G̃_t, Gram matrices on each task's training data."""
     return RegMeanStrategy(alpha=alpha, max_batches=max_batches)
@@ -550,6 +692,7 @@ BASELINE_STRATEGIES = {
     "model_stock": model_stock_strategy,
     "slerp": slerp_strategy,
     "regmean": regmean_strategy,
+    "fisher": fisher_strategy,
 }
 
 for _name, _factory in BASELINE_STRATEGIES.items():
@@ -558,6 +701,7 @@ for _name, _factory in BASELINE_STRATEGIES.items():
 __all__ = [
     "BASELINE_STRATEGIES",
     "EMRStrategy",
+    "FisherStrategy",
     "SequentialWiSE",
     "TALLStrategy",
     "emr_strategy",

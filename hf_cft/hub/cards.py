@@ -982,9 +982,12 @@ def merge_card(
     repo_id: str | None = None,
     license: str | None = None,
     dataset_terms: str | None = None,
+    calibration: Sequence[Mapping[str, Any]] = (),
 ):
     """A model card for the output of ``hf-cft merge`` (``model_cards/merge.md``): inputs with their per-input
-    options, the method and its parameters, evaluation rows when given (``{"name": dataset, "accuracy": %}``, into
+    options, the method and its parameters, the calibration data of a data-dependent method (each input's dataset,
+    split and rows, from the resolved config's ``calibration`` sections; ``calibration``: per input what
+    :func:`~hf_cft.hub.merge.calibration_extra` used, adding the rows available and the classes), evaluation rows when given (``{"name": dataset, "accuracy": %}``, into
     model-index), the resolved config (a :meth:`~hf_cft.merging.config.MergeConfig.resolve` dict) as YAML, and a
     loading snippet (a full model, or a PEFT LoRA adapter when ``lora_rank`` is set). ``input_kinds``: per input
     ``"LoRA adapter"`` / ``"full model"``. Metadata: ``base_model_relation: merge`` (``adapter`` for a LoRA
@@ -1011,6 +1014,21 @@ def merge_card(
         model = str(row.get("model"))
         label = f"[{model}](https://huggingface.co/{model})" if _is_hub_id(model) else f"`{model}`"
         inputs.append({"label": row.get("name") or label, "kind": kind, "options": options})
+    settings = resolved.get("calibration")
+    used = []
+    if settings:
+        for t, row in enumerate(resolved.get("inputs") or []):
+            own = row.get("calibration") or {}
+            got = dict(calibration[t]) if t < len(calibration) else {}
+            used.append(
+                {
+                    "dataset": own.get("data"),
+                    "split": own.get("split", settings.get("split")),
+                    "rows": got.get("rows", settings.get("rows")),
+                    "available": got.get("available", "?"),
+                    "classes": got.get("classes", "?"),
+                }
+            )
     kinds = (
         ", ".join(
             f"{input_kinds.count(k)} {k}{'s' if input_kinds.count(k) > 1 else ''}" for k in dict.fromkeys(input_kinds)
@@ -1040,6 +1058,8 @@ def merge_card(
         input_columns=columns,
         kinds=kinds,
         parameters=dict(resolved.get("parameters") or {}),
+        calibration=used,
+        calibration_settings=dict(settings or {}),
         out_dtype=resolved.get("out_dtype"),
         lora_rank=lora_rank,
         results=rows,

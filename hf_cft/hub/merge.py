@@ -10,6 +10,10 @@ Example::
 
     run_merge("merge.yaml", "merged")                            # or a MergeConfig, or a dict
     run_merge(config, "merged", results=[{"name": "dtd", "accuracy": 61.2}])   # rows for the card
+
+RegMean and Fisher merging (``method.calibration``) run θ⁰ + each input's delta on that input's own task data,
+named per input in the config (``inputs[t].calibration``; rows, batch size and seed in the top-level
+``calibration`` section): :func:`calibration_extra` loads it.
 """
 
 from __future__ import annotations
@@ -75,6 +79,66 @@ def fetch_model(value: str, revision: str | None, field_name: str) -> Path:
         ) from exc
 
 
+def calibration_extra(
+    method, resolved: Mapping[str, Any], base_folder: Path, field_names: Mapping[str, str] | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """What a data-dependent method (``method.calibration``) gets in ``ModelContext.extra`` from a resolved merge
+    config: θ⁰ loaded once, each input's :func:`~hf_cft.merging.data_dependent.load_calibration` (its own dataset,
+    the seeded rows, θ⁰'s image preprocessing), θ⁰'s tokenizer with each dataset's class names and templates when
+    the method needs a zero-shot head; and per input what was used (for the card). Errors name the config's fields
+    (or what ``field_names`` maps them to)."""
+    from hf_cft.data.transforms import model_transform
+    from hf_cft.hub.push import load_model
+    from hf_cft.merging.data_dependent import load_calibration
+
+    names = dict(field_names or {})
+
+    def name(field_name: str) -> str:
+        return names.get(field_name, field_name)
+
+    top = resolved["calibration"]
+    model = load_model(base_folder)
+    transform = model_transform(model)
+    data = []
+    for t, row in enumerate(resolved["inputs"]):
+        own = row["calibration"]
+        where = f"inputs[{t}].calibration"
+        data.append(
+            load_calibration(
+                own["data"],
+                transform,
+                rows=top["rows"],
+                batch_size=top["batch_size"],
+                seed=top["seed"],
+                split=own["split"],
+                data_dir=top.get("data_dir"),
+                classnames=own.get("classnames"),
+                templates=own.get("templates", top.get("templates")),
+                where=name(f"{where}.data"),
+                rows_where=name("calibration.rows"),
+                split_where=name(f"{where}.split"),
+                batch_size_where=name("calibration.batch_size"),
+                classnames_where=name(f"{where}.classnames"),
+                templates_where=name(f"{where}.templates" if "templates" in own else "calibration.templates"),
+            )
+        )
+    extra: dict[str, Any] = {
+        "model": model,
+        "calibration": data,
+        "input_names": [
+            f"{name(f'inputs[{t}].calibration.data')} {row['calibration']['data']!r}"
+            for t, row in enumerate(resolved["inputs"])
+        ],
+    }
+    if "classes" in method.calibration:
+        from hf_cft.models.tokenizer import load_tokenizer
+
+        extra["tokenizer"] = load_tokenizer(base_folder)
+        extra["classnames"] = [d.classnames for d in data]
+        extra["templates"] = [d.templates for d in data]
+    return extra, [d.describe() for d in data]
+
+
 def run_merge(
     config,
     out: str | os.PathLike,
@@ -93,6 +157,7 @@ def run_merge(
 
     from hf_cft.hub.cards import merge_card, validate_card
     from hf_cft.merging.config import MergeConfig
+    from hf_cft.merging.registry import get_method
     from hf_cft.merging.streaming import merge_folders
 
     if isinstance(config, (str, os.PathLike)):
@@ -109,8 +174,11 @@ def run_merge(
         for t, i in enumerate(config.inputs)
     ]
     kinds = ["LoRA adapter" if (f / "adapter_config.json").is_file() else "full model" for f in folders]
+    method = get_method(resolved["method"])
+    extra, calibration = calibration_extra(method, resolved, base, names) if method.calibration else ({}, [])
     card = merge_card(
         resolved,
+        calibration=calibration,
         input_kinds=kinds,
         model_name=config.model_name or out.resolve().name,
         results=results,
@@ -139,6 +207,7 @@ def run_merge(
         max_shard_size=config.max_shard_size,
         lora_rank=config.lora_rank,
         source_names=[i.model for i in config.inputs],
+        extra=extra,
         extra_files={
             "README.md": str(card).encode("utf-8"),
             "merge.yaml": yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True).encode("utf-8"),

@@ -22,6 +22,8 @@ Example::
 """
 
 # --- baselines (pam.md §9) and PAM (pam.md §1–§6)
+from typing import TYPE_CHECKING
+
 from hf_cft.merging.baselines import (
     ContinualMerger,
     ContinualTaskArithmetic,
@@ -55,12 +57,14 @@ from hf_cft.merging.condu import (
     unify,
 )
 from hf_cft.merging.data_dependent import (
+    CalibrationData,
     LinearGrams,
     clip_log_probs,
     fisher_diagonal,
     fisher_merge,
     fisher_merging,
     linear_input_grams,
+    load_calibration,
     regmean,
     regmean_merge,
 )
@@ -92,26 +96,65 @@ from hf_cft.merging.methods import (
     slerp,
     tsv_m,
 )
-from hf_cft.merging.pam import (
-    PAMCallback,
-    PAMConfig,
-    PAMState,
-    adapter_state,
-    default_lora_config,
-    factor_merge_gap,
-    importance_masks,
-    pam_align,
-    pam_merge,
-    prepare_pam_model,
-    sign_misalignment,
-)
-from hf_cft.merging.router import RouterStats, Routing, SemanticRouter, compute_prototypes
 from hf_cft.merging.streaming import merge_deltas
+
+# PAM (a transformers TrainerCallback) and the router (CLIP features) import transformers and PEFT: they load on
+# first access, so that the merges that need neither (``hf-cft merge``, the streaming merge) start without them.
+_LAZY = {
+    "hf_cft.merging.pam": (
+        "PAMCallback",
+        "PAMConfig",
+        "PAMState",
+        "adapter_state",
+        "default_lora_config",
+        "factor_merge_gap",
+        "importance_masks",
+        "pam_align",
+        "pam_merge",
+        "prepare_pam_model",
+        "sign_misalignment",
+    ),
+    "hf_cft.merging.router": ("RouterStats", "Routing", "SemanticRouter", "compute_prototypes"),
+}
+_LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
+
+if TYPE_CHECKING:
+    from hf_cft.merging.pam import (
+        PAMCallback,
+        PAMConfig,
+        PAMState,
+        adapter_state,
+        default_lora_config,
+        factor_merge_gap,
+        importance_masks,
+        pam_align,
+        pam_merge,
+        prepare_pam_model,
+        sign_misalignment,
+    )
+    from hf_cft.merging.router import RouterStats, Routing, SemanticRouter, compute_prototypes
+
+
+def __getattr__(name: str):
+    module = _LAZY_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hf_cft.merging' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_NAMES))
+
 
 __all__ = [
     "CollapsedTaskWarning",
     "ContinualMerger",
     "ContinualSLERP",
+    "CalibrationData",
     "ContinualTIES",
     "ContinualTaskArithmetic",
     "DeltaFusionMerger",
@@ -162,6 +205,7 @@ __all__ = [
     "iso_cts",
     "iter_delta",
     "linear_input_grams",
+    "load_calibration",
     "lora_factor_delta",
     "magmax",
     "magnitude_prune",

@@ -166,9 +166,11 @@ def _finite_result(delta: Delta, blame: str) -> Delta:
 def trim_top_k(tensor: Tensor, k: float) -> Tensor:
     """Keep the top-``k`` fraction of entries of ``tensor`` by magnitude, zero the rest (TIES step 1, pam.md §9).
 
-    Keeps ``max(1, floor(k·numel))`` entries (ties at the threshold broken by ``torch.topk``). peft's
-    ``magnitude_based_pruning`` keeps ``floor(density·numel)``: the two agree except on tensors so small that
-    ``floor(k·numel) = 0``, which peft zeroes entirely and this keeps one entry of.
+    Keeps ``max(1, floor(k·numel))`` entries: every entry above the ``keep``-th largest magnitude and, of the
+    entries equal to it, the first ones in flat (row-major) order — a stable sort's choice (:func:`_trim_threshold`).
+    peft's ``magnitude_based_pruning`` keeps ``floor(density·numel)``: the two agree except on tensors so small that
+    ``floor(k·numel) = 0``, which peft zeroes entirely and this keeps one entry of, and on magnitude ties at the
+    threshold, where peft keeps ``torch.topk``'s (implementation-defined) pick.
     """
     k = _check_fraction("k", k)
     n = tensor.numel()
@@ -176,27 +178,120 @@ def trim_top_k(tensor: Tensor, k: float) -> Tensor:
     if keep >= n:
         return tensor.clone()
     flat = tensor.reshape(-1)
+    threshold, drops = _trim_threshold(flat, keep)
+    kept = flat.abs() >= threshold
+    if drops is not None:
+        kept[drops] = False
+    return flat.where(kept, 0.0).view_as(tensor)
+
+
+def _trim_threshold(flat: Tensor, keep: int) -> tuple[float, Tensor | None]:
+    """The trim that keeps the ``keep`` largest magnitudes of a flat tensor (``0 < keep < numel``), ties at the
+    threshold by position: ``(kth, drops)`` with ``kth`` the ``keep``-th largest magnitude and ``drops`` the positions
+    of the entries equal to ``kth`` beyond the first ``keep − #{|τ| > kth}`` of them in flat order (``None``: none),
+    so that ``|τ| ≥ kth`` minus ``drops`` is exactly the top ``keep``. Zeros are kept (a dropped 0 is still 0).
+
+    By selection, O(n), no sort: numpy's introselect in place on the magnitudes on the CPU (several times faster
+    than ``torch.kthvalue`` there). Ties at the threshold are common on real-size fp32 tensors (a 768×3072
+    ``torch.randn`` tensor has a few entries equal to its 20 % threshold); hf_cft up to issue 18 resolved them with
+    ``torch.topk``, whose pick among equal magnitudes is implementation-defined and cost ~20 times the selection."""
+    n = flat.numel()
     magnitude = flat.abs()
-    # the keep-th largest magnitude by selection (O(n), no sort); when no other entry ties with it, the entries
-    # at or above it are exactly the top-keep, as torch.topk would pick them (ties fall back to topk's choice)
-    selected = magnitude >= _kth_largest(magnitude, keep)
-    if int(selected.sum()) == keep:
-        return flat.where(selected, 0.0).view_as(tensor)
-    idx = torch.topk(magnitude, keep, largest=True, sorted=False).indices
-    out = torch.zeros_like(flat)
-    out[idx] = flat[idx]
-    return out.view_as(tensor)
+    if magnitude.device.type == "cpu" and magnitude.dtype in (torch.float32, torch.float64):
+        values = magnitude.numpy()
+        values.partition(n - keep)
+        kth = float(values[n - keep])
+        tied = values[: n - keep].max() == kth  # the rest is ≤ kth: another entry equals it iff its max does
+    else:
+        kth = float(magnitude.kthvalue(n - keep + 1).values)
+        tied = True
+    if not tied or kth == 0.0:
+        return kth, None
+    flat_abs = flat.abs()
+    equal = torch.nonzero(flat_abs == kth).reshape(-1)
+    need = keep - int((flat_abs > kth).sum())
+    return kth, (equal[need:] if need < equal.numel() else None)
 
 
-def _kth_largest(values: Tensor, k: int) -> float:
-    """The ``k``-th largest entry of a flat tensor (1-based): numpy's introselect on CPU (several times faster than
-    ``torch.kthvalue`` there), ``kthvalue`` elsewhere."""
-    n = values.numel()
-    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+# Element-wise kernels run block by block over the flattened key (:func:`_blocks`): each step's temporaries are one
+# block, which stays in the CPU cache and is never a fresh, page-faulted allocation (on the development machine a
+# fresh full-size temporary costs as much as copying the tensor), and a block below torch's intra-op grain size
+# (32768 entries; a reduction of exactly that many already goes parallel) runs every op on one thread: a two-thread
+# op waits for the second core, which on a busy machine costs a scheduler time slice (~30 ms on the development
+# machine, for an op of ~10 µs). Every op is element-wise and in the order of the whole-tensor formula, so the
+# results are bit for bit those of the formula (tests/test_merging_speed.py).
+BLOCK = 31 * 1024
+
+
+def _blocks(n: int, size: int = BLOCK) -> Iterator[slice]:
+    """Consecutive slices of ``range(n)`` of ``size`` entries (the last one shorter)."""
+    return (slice(start, min(start + size, n)) for start in range(0, n, size))
+
+
+def _blocked(*tensors: Tensor) -> bool:
+    """Whether the blocked CPU kernels apply: fp32 tensors on the CPU (a GPU runs the whole-tensor formulas)."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def _select_into(out: Tensor, cond: Tensor, value: Tensor, scratch: Tensor) -> Tensor:
+    """``out`` ← ``torch.where(cond, value, out)`` in place on fp32 blocks, bit for bit: the int32 views are blended
+    as ``out ^ ((out ^ value)·cond)`` (``torch.where``'s CPU kernel is not vectorised: ~15 times a multiplication)."""
+    ob = out.view(torch.int32)
+    x = torch.bitwise_xor(value.view(torch.int32), ob, out=scratch)
+    x.mul_(cond)
+    return ob.bitwise_xor_(x).view(torch.float32)
+
+
+def _keep_where(value: Tensor, cond: Tensor, out: Tensor) -> Tensor:
+    """``torch.where(cond, value, 0.0)`` on an fp32 block into ``out``, bit for bit (+0.0 where dropped)."""
+    return torch.mul(value.view(torch.int32), cond, out=out.view(torch.int32)).view(torch.float32)
+
+
+def _stacked_block(rows: int) -> int:
+    """Block size of a kernel that works on ``rows`` stacked blocks at once (TIES' sign election): the stack stays
+    within one block's entries, so its ops (reductions over the inputs included) stay single-threaded too."""
+    return max(1024, BLOCK // max(1, rows) // 1024 * 1024)  # whole vector chunks: a reduction's order stays that
+    # of the whole tensor (torch sums a column tail apart from the vectorised body)
+
+
+class _Scratch:
+    """Block-sized temporaries, allocated once per kernel call and reused for every block."""
+
+    def __init__(self, n: int, rows: int = 0, size: int = BLOCK):
+        m = min(n, size)
+        self.f = [torch.empty(m) for _ in range(3)]
+        self.b = torch.empty(m, dtype=torch.bool)
+        self.i = torch.empty(m, dtype=torch.int32)
+        self.stack = torch.empty(rows, m) if rows else None
+
+
+class _BernoulliStream:
+    """The draws of ``torch.bernoulli(p, generator=g)`` for a CPU generator ``g`` seeded with ``seed``, reproduced from
+    the same MT19937 stream with numpy, block by block and bit for bit: torch's CPU kernel draws one 32-bit number per
+    entry, keeps its low 24 bits ``u`` and returns ``u·2⁻²⁴ < p`` (``p`` as fp32), one entry at a time (~40 times
+    slower than numpy's vectorised MT19937 on the development machine). Draws are consumed in order, as torch does."""
+
+    def __init__(self, seed: int):
         import numpy as np
 
-        return float(np.partition(values.numpy(), n - k)[n - k])
-    return float(values.kthvalue(n - k + 1).values)
+        _, key, pos, *_ = np.random.RandomState(int(seed) & 0xFFFFFFFF).get_state()  # torch seeds with the low 32 bits
+        bits = np.random.MT19937()
+        bits.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": pos}}
+        self._gen = np.random.Generator(bits)  # integers over the full uint32 range are the raw 32-bit outputs
+        self._np = np
+
+    def _draws(self, n: int):
+        u = self._gen.integers(0, 1 << 32, size=n, dtype=self._np.uint32)
+        return self._np.bitwise_and(u, 0xFFFFFF, out=u)
+
+    def mask(self, n: int, keep: float) -> Tensor:
+        """``n`` Bernoulli(``keep``) draws as a bool tensor (``keep`` rounded to fp32, as ``full_like`` does)."""
+        threshold = math.ceil(float(self._np.float32(keep)) * 2**24)  # u·2⁻²⁴ < p ⇔ u < ⌈p·2²⁴⌉ (u an integer)
+        return torch.from_numpy(self._np.less(self._draws(n), threshold))
+
+    def uniform(self, n: int) -> Tensor:
+        """``n`` uniforms ``u·2⁻²⁴`` (fp32, exact), to compare with per-entry probabilities."""
+        return torch.from_numpy(self._draws(n).astype(self._np.float32)).mul_(2.0**-24)
 
 
 TRIM_SCOPES = ("tensor", "model")
@@ -274,22 +369,37 @@ def _key_seed(seed: int, key: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(key.encode("utf-8"))) % (2**63 - 1)
 
 
+def _mask_source(seed: int, key: str, device) -> torch.Generator | _BernoulliStream:
+    """The source of a key's drop masks: one stream seeded from ``(seed, key)``, tasks drawn in order; on the CPU the
+    numpy replica of the CPU generator's stream (:class:`_BernoulliStream`, same bits)."""
+    if torch.device(device).type == "cpu":
+        return _BernoulliStream(_key_seed(seed, key))
+    gen = torch.Generator(device=device)
+    gen.manual_seed(_key_seed(seed, key))
+    return gen
+
+
+def _draw_mask(source, like: Tensor, keep: float) -> Tensor:
+    """A Bernoulli(``keep``) mask shaped like ``like`` (bool): ``torch.bernoulli(full_like(like, keep))``'s draws."""
+    if isinstance(source, _BernoulliStream):
+        return source.mask(like.numel(), keep).view(like.shape)
+    return torch.bernoulli(torch.full_like(like, keep), generator=source).bool()
+
+
 def _dare_drop(tensors: list[Tensor], rho: float | Sequence[float], seed: int, key: str) -> list[Tensor]:
     """τ̃ = m ⊙ τ / (1 − ρ), m ~ Bernoulli(1 − ρ), one generator per key seeded from (seed, key), tasks in order;
     ``rho``: one drop rate for all tensors or one each (a tensor with ρ = 0 is kept whole and draws no mask)."""
     rhos = [float(rho)] * len(tensors) if isinstance(rho, (int, float)) else [float(r) for r in rho]
     if all(r == 0.0 for r in rhos):
         return tensors
-    gen = torch.Generator(device=tensors[0].device)
-    gen.manual_seed(_key_seed(seed, key))
+    source = _mask_source(seed, key, tensors[0].device)
     out = []
     for t, r in zip(tensors, rhos):
         if r == 0.0:
             out.append(t)
             continue
         keep = 1.0 - r
-        mask = torch.bernoulli(torch.full_like(t, keep), generator=gen)
-        out.append(t * mask / keep)
+        out.append(t * _draw_mask(source, t, keep) / keep)
     return out
 
 
@@ -412,9 +522,25 @@ def _check_tie_break(tie_break: str) -> str:
 
 def _magmax_step(best: Tensor, value: Tensor, tie_break: str) -> Tensor:
     """One fold of MagMax: ``value`` replaces ``best`` where its magnitude is larger (``"earlier"``) or larger or
-    equal (``"later"``: the official ``merge_max_abs``'s ``>=``)."""
+    equal (``"later"``: the official ``merge_max_abs``'s ``>=``). A new tensor; ``best`` is not modified."""
+    if _blocked(best, value) and best.shape == value.shape:
+        return _magmax_into(best.reshape(-1).clone(), value, tie_break).view(best.shape)
     wins = value.abs() >= best.abs() if tie_break == "later" else value.abs() > best.abs()
     return torch.where(wins, value, best)
+
+
+def _magmax_into(best: Tensor, value: Tensor, tie_break: str, weight: float = 1.0, scratch=None) -> Tensor:
+    """:func:`_magmax_step` of ``best`` (a contiguous fp32 tensor of the caller's, updated in place) and
+    ``weight·value``, block by block (the same bits as ``torch.where(|w·v| ≥ |best|, w·v, best)``)."""
+    b, v = best.view(-1), value.reshape(-1)
+    sc = scratch or _Scratch(b.numel())
+    compare = torch.ge if tie_break == "later" else torch.gt
+    for s in _blocks(b.numel()):
+        m = s.stop - s.start
+        x = v[s] if weight == 1.0 else torch.mul(v[s], weight, out=sc.f[0][:m])
+        wins = compare(torch.abs(x, out=sc.f[1][:m]), torch.abs(b[s], out=sc.f[2][:m]), out=sc.b[:m])
+        _select_into(b[s], wins, x, sc.i[:m])
+    return best
 
 
 def magmax(deltas: Sequence[Mapping[str, Tensor]], lam: float = 0.5, tie_break: str = "later") -> Delta:
@@ -435,6 +561,13 @@ def magmax(deltas: Sequence[Mapping[str, Tensor]], lam: float = 0.5, tie_break: 
     out = {}
     for key in deltas[0]:
         best = _f32(deltas[0][key])
+        if len(deltas) > 1 and _blocked(best):
+            best = best.reshape(-1).clone()
+            scratch = _Scratch(best.numel())
+            for d in deltas[1:]:
+                _magmax_into(best, _f32(d[key]), tie_break, scratch=scratch)
+            out[key] = best.mul_(lam).view(deltas[0][key].shape)
+            continue
         for d in deltas[1:]:
             best = _magmax_step(best, _f32(d[key]), tie_break)
         out[key] = lam * best
@@ -972,17 +1105,53 @@ def _magnitude_prune_tensor(deltas: list[Tensor], ctx) -> Tensor:
 
 def _ties_tensor(deltas: list[Tensor], ctx) -> Tensor:
     """TIES steps 1–3 on w_t·τ_t: per-tensor trim to each input's density (or the model-wide thresholds of the
-    prepare pass), sign election, disjoint merge."""
+    prepare pass), sign election, disjoint merge; block by block on the CPU (the thresholds first, per tensor)."""
     opts = ctx.options
-    if opts["trim_scope"] == "model":
+    deltas = [deltas[t] for t in range(len(deltas))]  # each input read once
+    model_scope = opts["trim_scope"] == "model"
+    if model_scope:
         thresholds = ctx.state["thresholds"]
-        trimmed = [d * (d.abs() >= thr) for d, thr in zip(deltas, thresholds)]
         zero_sign = ctx.state["zero_sign"]
     else:
-        trimmed = [trim_top_k(d, inp["density"]) for d, inp in zip(deltas, ctx.inputs)]
+        thresholds = [_tensor_threshold(d, inp["density"]) for d, inp in zip(deltas, ctx.inputs)]
         zero_sign = None
-    trimmed = [_scaled(t, inp["weight"], fresh=True) for t, inp in zip(trimmed, ctx.inputs)]
-    return _elect_disjoint(torch.stack(trimmed), opts["merge"], zero_sign)
+    if not _blocked(*deltas):
+        if model_scope:
+            trimmed = [d * (d.abs() >= thr) for d, thr in zip(deltas, thresholds)]
+        else:
+            trimmed = [trim_top_k(d, inp["density"]) for d, inp in zip(deltas, ctx.inputs)]
+        trimmed = [_scaled(t, inp["weight"], fresh=True) for t, inp in zip(trimmed, ctx.inputs)]
+        return _elect_disjoint(torch.stack(trimmed), opts["merge"], zero_sign)
+    flats = [d.reshape(-1) for d in deltas]
+    n = flats[0].numel()
+    out = torch.empty(n)
+    size = _stacked_block(len(flats))
+    sc = _Scratch(n, rows=len(flats), size=size)
+    drops = [None if model_scope else thr[1] for thr in thresholds]
+    thresholds = [thr if model_scope else thr[0] for thr in thresholds]
+    for s in _blocks(n, size):
+        m = s.stop - s.start
+        stacked = sc.stack[:, :m]
+        for row, f, thr, drop, inp in zip(stacked, flats, thresholds, drops, ctx.inputs):
+            kept = torch.ge(torch.abs(f[s], out=sc.f[0][:m]), thr, out=sc.b[:m])
+            if model_scope:  # the model-wide trim multiplies by its mask, the per-tensor one selects (+0.0)
+                torch.mul(f[s], kept, out=row)
+            else:
+                if drop is not None:  # tied entries at the threshold beyond the kept ones (by position)
+                    lo, hi = torch.searchsorted(drop, torch.tensor([s.start, s.stop])).tolist()
+                    kept[drop[lo:hi] - s.start] = False
+                _keep_where(f[s], kept, row)
+            if inp["weight"] != 1.0:
+                row.mul_(inp["weight"])
+        out[s] = _elect_disjoint(stacked, opts["merge"], zero_sign)
+    return out.view(deltas[0].shape)
+
+
+def _tensor_threshold(d: Tensor, density: float) -> tuple[float, Tensor | None]:
+    """:func:`trim_top_k`'s rule as ``(threshold, drops)`` (:func:`_trim_threshold`; ``(0.0, None)`` keeps all)."""
+    n = d.numel()
+    keep = max(1, int(density * n))
+    return (0.0, None) if keep >= n else _trim_threshold(d.reshape(-1), keep)
 
 
 def _ties_prepare(deltas, ctx) -> dict:
@@ -1014,8 +1183,50 @@ def _ties_prepare(deltas, ctx) -> dict:
 
 
 def _dare_tensor(deltas: list[Tensor], ctx) -> Tensor:
-    """DARE on every input (drop rate 1 − density_t, seeded per key), scaled by w_t, then TA or TIES."""
+    """DARE on every input (drop rate 1 − density_t, seeded per key), scaled by w_t, then TA or TIES; block by block
+    on the CPU, one input at a time for TA (the masks drawn in the same order as :func:`_dare_drop`)."""
     rhos = [1.0 - inp["density"] for inp in ctx.inputs]
+    first = deltas[0]
+    if not _blocked(first):
+        return _dare_whole(deltas, ctx, rhos)
+    n = first.numel()
+    source = None if all(r == 0.0 for r in rhos) else _BernoulliStream(_key_seed(ctx.options["seed"], ctx.key))
+    sc = _Scratch(n)
+    out = torch.empty(n)
+
+    def dropped(x: Tensor, rho: float, weight: float, mask: Tensor | None, buf: Tensor) -> Tensor:
+        if rho == 0.0:  # kept whole: no mask drawn
+            return x if weight == 1.0 else torch.mul(x, weight, out=buf)
+        keep = 1.0 - rho
+        y = torch.mul(x, mask, out=buf).div_(keep)
+        return y if weight == 1.0 else y.mul_(weight)
+
+    if ctx.options["then"] == "ta":
+        for t, (rho, inp) in enumerate(zip(rhos, ctx.inputs)):
+            f = (first if t == 0 else deltas[t]).reshape(-1)
+            for s in _blocks(n):
+                m = s.stop - s.start
+                mask = None if rho == 0.0 else source.mask(m, 1.0 - rho)
+                y = dropped(f[s], rho, inp["weight"], mask, sc.f[0][:m])
+                if t == 0:
+                    out[s] = y
+                else:
+                    out[s].add_(y)
+        return out.view(first.shape)
+    flats = [(first if t == 0 else deltas[t]).reshape(-1) for t in range(len(rhos))]
+    masks = [None if rho == 0.0 else source.mask(n, 1.0 - rho) for rho in rhos]  # each input's mask in turn
+    size = _stacked_block(len(flats))
+    stack = torch.empty(len(flats), min(n, size))
+    for s in _blocks(n, size):
+        m = s.stop - s.start
+        for row, f, rho, mask, inp in zip(stack[:, :m], flats, rhos, masks, ctx.inputs):
+            row.copy_(dropped(f[s], rho, inp["weight"], None if mask is None else mask[s], row))
+        out[s] = _elect_disjoint(stack[:, :m])
+    return out.view(first.shape)
+
+
+def _dare_whole(deltas, ctx, rhos) -> Tensor:
+    """:func:`_dare_tensor` on whole tensors (off the CPU)."""
     dropped = _dare_drop(deltas, rhos, ctx.options["seed"], ctx.key)
     dropped = [_scaled(t, inp["weight"], fresh=t is not d) for t, d, inp in zip(dropped, deltas, ctx.inputs)]
     if ctx.options["then"] == "ta":
@@ -1033,25 +1244,50 @@ def _dare_check(options: dict, inputs: list[dict], where: str) -> None:
 
 
 def _magmax_tensor(deltas: list[Tensor], ctx) -> Tensor:
-    """Per entry the largest-magnitude w_t·τ_t (ties: ``tie_break``)."""
+    """Per entry the largest-magnitude w_t·τ_t (ties: ``tie_break``), folded one input at a time."""
     items = _present(deltas, ctx)
     first, inp = next(items)
-    best = first * inp["weight"]
+    best = (first * inp["weight"]).contiguous()
+    scratch = _Scratch(best.numel()) if _blocked(best) else None
     for d, inp in items:
-        best = _magmax_step(best, _scaled(d, inp["weight"]), ctx.options["tie_break"])
+        if scratch is not None and _blocked(d):
+            _magmax_into(best, d, ctx.options["tie_break"], inp["weight"], scratch)
+        else:
+            best = _magmax_step(best, _scaled(d, inp["weight"]), ctx.options["tie_break"])
     return best
 
 
 def _consensus_tensor(deltas: list[Tensor], ctx) -> Tensor:
     """Consensus (TALL masks) on w_t·τ_t: keep the entries of Σ_t w_t·τ_t selected by at least k masks."""
-    scaled = [_scaled(d, inp["weight"]) for d, inp in zip(deltas, ctx.inputs)]
-    total = scaled[0].clone()
-    for t in scaled[1:]:
-        total.add_(t)
-    votes = torch.zeros(total.shape, dtype=torch.int32)
-    for t, inp in zip(scaled, ctx.inputs):
-        votes += t.abs() > inp["tall_lambda"] * (total - t).abs()
-    return total.mul_(votes >= ctx.options["k"])
+    deltas = [deltas[t] for t in range(len(deltas))]  # each input read once
+    if not _blocked(*deltas):
+        scaled = [_scaled(d, inp["weight"]) for d, inp in zip(deltas, ctx.inputs)]
+        total = scaled[0].clone()
+        for t in scaled[1:]:
+            total.add_(t)
+        votes = torch.zeros(total.shape, dtype=torch.int32)
+        for t, inp in zip(scaled, ctx.inputs):
+            votes += t.abs() > inp["tall_lambda"] * (total - t).abs()
+        return total.mul_(votes >= ctx.options["k"])
+    flats = [d.reshape(-1) for d in deltas]
+    n = flats[0].numel()
+    out = torch.empty(n)
+    sc = _Scratch(n, rows=len(flats))
+    for s in _blocks(n):
+        m = s.stop - s.start
+        rows = sc.stack[:, :m]
+        for row, f, inp in zip(rows, flats, ctx.inputs):
+            torch.mul(f[s], inp["weight"], out=row) if inp["weight"] != 1.0 else row.copy_(f[s])
+        total = out[s]
+        total.copy_(rows[0])
+        for row in rows[1:]:
+            total.add_(row)
+        votes = sc.i[:m].zero_()
+        for row, inp in zip(rows, ctx.inputs):
+            rest = torch.sub(total, row, out=sc.f[0][:m]).abs_().mul_(inp["tall_lambda"])
+            votes.add_(torch.gt(torch.abs(row, out=sc.f[1][:m]), rest, out=sc.b[:m]))
+        total.mul_(torch.ge(votes, ctx.options["k"], out=sc.b[:m]))
+    return out.view(deltas[0].shape)
 
 
 def _consensus_check(options: dict, inputs: list[dict], where: str) -> None:
@@ -1078,6 +1314,7 @@ def _register_builtins() -> None:
             (weight(0.3, "λ_t of Σ_t λ_t·τ_t (one λ for all: --lam)"),),
             summary="Σ_t λ_t·τ_t (default λ = 0.3)",
             reference="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
+            nonfinite_propagates=True,
         )
     )
     register(
@@ -1128,6 +1365,7 @@ def _register_builtins() -> None:
             summary="drop with rate 1 − density and rescale, then TA or TIES (default density 0.1)",
             reference="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv:2311.03099)",
             check=_dare_check,
+            nonfinite_propagates=True,  # NaN·0 = NaN: a dropped NaN still shows, in TA and in the election
         )
     )
     register(
@@ -1153,6 +1391,7 @@ def _register_builtins() -> None:
             max_inputs=1,
             summary="α·τ of one fine-tuned model (default α = 0.5)",
             reference="Wortsman et al., Robust fine-tuning of zero-shot models (WiSE-FT), CVPR 2022 (arXiv:2109.01903)",
+            nonfinite_propagates=True,
         )
     )
     register(
@@ -1168,6 +1407,7 @@ def _register_builtins() -> None:
             summary="Σ_t λ_t·τ_t kept where ≥ k TALL masks agree (defaults λ = 0.3, TALL λ 0.4, k = 2)",
             reference="Wang et al., Localizing Task Information (TALL masks / consensus), ICML 2024 (arXiv:2405.07813)",
             check=_consensus_check,
+            nonfinite_propagates=True,  # the sum carries it; a masked-out NaN/inf is NaN·0 = NaN
         )
     )
 

@@ -67,6 +67,7 @@ __all__ = [
     "DeltaFusionMergerConfig",
     "TaskRecord",
     "UnifyResult",
+    "compute_device",
     "decouple",
     "elected_sign",
     "openai_rescaler_group",
@@ -114,6 +115,58 @@ def elected_sign(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
 #: temporaries (σ, |u|, one δ^i, one mask) to a few slices instead of a few copies of the largest tensor.
 UNIFY_SLICE = 1 << 20
 
+#: Bytes of decoupled slices a session keeps between the two passes over a slice (σ, then M and u) instead of
+#: decoupling every stored expert twice: all n − 1 of them when they fit (8 tasks × 4 MiB slices = 28 MiB),
+#: else as many as fit and the rest are decoupled again.
+DECOUPLED_CACHE_BYTES = 1 << 27
+
+#: Entries per chunk when an expert's weights θ⁰ + λ·M⊙u are formed on the CPU (:meth:`DeltaFusionMerger.
+#: iter_expert_weights`): small enough that the float64 product and the mask stay in the CPU's caches, so a build
+#: reads θ⁰ and u and writes the weights about once. On an accelerator a key is formed whole.
+EXPERT_CHUNK = 1 << 16
+
+#: Device types a merger computes on: the unify rule sums λ's terms in float64, which every CPU and CUDA device has.
+COMPUTE_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def compute_device(device: torch.device | str | None) -> torch.device:
+    """The device :class:`DeltaFusionMerger` computes on: ``None`` → the CPU (where its state lives); ``"cpu"``,
+    ``"cuda"``, ``"cuda:1"`` or a ``torch.device``. Raises :class:`MergeConfigError` naming the device for a name
+    torch does not know, ``"meta"`` (holds no data), a device type other than CPU/CUDA, or a CUDA device this
+    machine lacks. Example::
+
+        compute_device("cuda:0") if torch.cuda.is_available() else compute_device(None)   # device(type='cpu')
+    """
+    if device is None:
+        return torch.device("cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise MergeConfigError(
+            f"device must be a device name such as 'cpu' or 'cuda:0' (or a torch.device), got {type(device).__name__} "
+            f"{device!r}."
+        )
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise MergeConfigError(f"device {device!r} is not a device name torch knows ({exc}).") from exc
+    if dev.type == "meta":
+        raise MergeConfigError(
+            f"device {device!r}: meta tensors hold no values, so nothing can be unified on them; use 'cpu' or 'cuda'."
+        )
+    if dev.type not in COMPUTE_DEVICE_TYPES:
+        raise MergeConfigError(
+            f"device {device!r}: DeltaFusionMerger computes on {COMPUTE_DEVICE_TYPES} devices (its rescaler sums "
+            f"are float64), not {dev.type!r}."
+        )
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MergeConfigError(f"device {device!r}: CUDA is not available on this machine.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MergeConfigError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s) (0..."
+                f"{torch.cuda.device_count() - 1})."
+            )
+    return dev
+
 
 def _unify_slice(
     get: Callable[[int], torch.Tensor], n: int, zero_sign: float = -1.0
@@ -125,7 +178,10 @@ def _unify_slice(
     total = get(0).to(torch.float32).clone()
     for i in range(1, n):
         total += get(i)
-    sigma = torch.where(total > 0, 1.0, -1.0 if zero_sign == -1.0 else torch.where(total < 0, -1.0, zero_sign))
+    if zero_sign == -1.0:  # ±1 without a branch per entry (torch.where on random signs is ~10× slower)
+        sigma = (total > 0).to(torch.float32).mul_(2.0).sub_(1.0)
+    else:
+        sigma = torch.where(total > 0, 1.0, torch.where(total < 0, -1.0, zero_sign))
     del total
     u_abs = torch.zeros_like(sigma)
     masks, num = [], []
@@ -138,7 +194,7 @@ def _unify_slice(
         num.append(float(d.abs().sum(dtype=torch.float64)))  # |δ^i|, also where σ = 0
         del sd, d
     den = [float((u_abs * m).sum(dtype=torch.float64)) for m in masks]
-    u = torch.where(u_abs > 0, sigma * u_abs, 0.0)  # no negative zeros where nothing was selected
+    u = (sigma * u_abs).add_(0.0)  # u_abs ≥ 0; + 0.0 makes σ·0 = −0.0 +0.0: no negative zeros where none was selected
     return u, [PackedMask.pack(m).bits for m in masks], num, den
 
 
@@ -153,7 +209,9 @@ def _unify_key(
 ) -> tuple[torch.Tensor, list[PackedMask], list[float], list[float]]:
     """Unify the ``n`` tensors of one key (fp32) slice by slice, never stacking them.
 
-    ``get(i, start, stop)`` returns entries ``start:stop`` of task ``i``'s flattened tensor. Returns ``u_p``, the
+    ``get(i, start, stop)`` returns entries ``start:stop`` of task ``i``'s flattened tensor, on the device the slice
+    is to be computed on (the rule runs where the tensors are; ``u_p`` and the masks are copied back into CPU
+    tensors slice by slice). Returns ``u_p``, the
     packed masks ``M^i_p`` and, per task, this key's numerator and denominator terms of λ (``Σ|δ^i_p|/N`` and
     ``Σ|M^i_p⊙u_p|/N`` with ``N = mean_over``, default the key's size, i.e. the per-tensor means; or the L1 sums
     under ``global_sum``), accumulated in float64. A key that belongs to a rescaler group passes the group's size
@@ -243,7 +301,28 @@ def _decoupled(u: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
     never biases the whole tensor (keeps each expert's L1 mass to ~1e-8 over many sessions, §8 test 3)."""
     if lam == 0.0:
         return torch.zeros_like(u)
-    return torch.where(mask, (u.to(torch.float64) * lam).to(torch.float32), 0.0)
+    # M⊙x + 0.0 is torch.where(M, x, 0.0) for finite x (+ 0.0 turns −0.0 into +0.0) without a branch per entry
+    return (u.to(torch.float64) * lam).to(torch.float32).mul_(mask).add_(0.0)
+
+
+def _expert_weight(base: torch.Tensor, u: torch.Tensor, mask: PackedMask, lam: float) -> torch.Tensor:
+    """θ⁰ + λ·M⊙u for one key on ``base``'s device and in its dtype: the fp32 sum ``θ⁰ + δ̃`` rounded once (the
+    values of ``FunctionalExpert(model, {key: _decoupled(u, M, λ)})``), formed chunk by chunk on the CPU."""
+    dev = base.device
+    wide = torch.promote_types(base.dtype, torch.float32)
+    numel = u.numel()
+    b = base.reshape(-1)
+    uf = u.reshape(-1).to(dev)  # the key's u on the device once (a view on the CPU)
+    out = torch.empty(numel, dtype=base.dtype, device=dev)
+    step = EXPERT_CHUNK if dev.type == "cpu" else max(numel, 1)
+    for lo in range(0, numel, step):
+        hi = min(lo + step, numel)
+        d = _decoupled(uf[lo:hi], mask.unpack_range(lo, hi, dev), lam)
+        if wide == base.dtype:
+            torch.add(b[lo:hi], d, out=out[lo:hi])
+        else:
+            out[lo:hi] = b[lo:hi].to(wide) + d
+    return out.view(base.shape)
 
 
 def _rescalers(num: Sequence[float], den: Sequence[float]) -> tuple[list[float], list[bool]]:
@@ -270,16 +349,19 @@ def unify(
     deltas: Sequence[Mapping[str, torch.Tensor]],
     rescaler: str = "mean",
     rescaler_groups: str | Mapping[str, str] | Callable[[str], str] = "tensor",
+    device: torch.device | str | None = None,
 ) -> UnifyResult:
     """One-shot EMR unify of ``deltas`` (condu.md §3); the same rule :class:`DeltaFusionMerger` runs per session.
 
     All deltas must share keys and shapes (else :class:`DeltaError`). Collapsed triggers get λ = 0 (no warning
-    here; the merger warns). ``rescaler_groups``: see :class:`DeltaFusionMergerConfig`. Example::
+    here; the merger warns). ``rescaler_groups``: see :class:`DeltaFusionMergerConfig`. ``device``: where each
+    slice is computed (:func:`compute_device`; default the CPU); the results are CPU tensors. Example::
 
         res = unify([delta_a, delta_b])
         rebuilt_a = decouple(res, 0)          # λ^0 · M^0 ⊙ u
     """
     DeltaFusionMergerConfig(rescaler=rescaler, rescaler_groups=rescaler_groups)  # checks both options
+    dev = compute_device(device)
     if not deltas:
         raise TaskError("unify() needs at least one delta.")
     ref = validate_delta(deltas[0], name="delta 0")
@@ -292,7 +374,7 @@ def unify(
     num, den = [0.0] * n, [0.0] * n
     for key in shapes:
         flat = [checked[i][key].reshape(-1) for i in range(n)]
-        get = lambda i, lo, hi, flat=flat: flat[i][lo:hi]  # noqa: E731
+        get = lambda i, lo, hi, flat=flat: flat[i][lo:hi].to(dev)  # noqa: E731
         u, pm, a, b = _unify_key(get, n, shapes[key], rescaler, mean_over=mean_over[key])
         unified[key] = u
         for i in range(n):
@@ -398,7 +480,10 @@ class DeltaFusionMerger(MovedToHubMixin):
     ``base_model`` (optional) is only needed to turn LoRA adapters given to :meth:`add_task` into deltas
     (``lora_merge="dense"``: the plain CLIP; ``"factors"``: a ``PeftModel`` holding θ⁰ plus the initial adapter)
     and to record the base fingerprint up front; deltas from :func:`delta_from_models` carry the fingerprint
-    themselves. Example::
+    themselves. ``device`` (default: the CPU, where the state — u, the packed masks — always lives) is where a
+    session computes: with ``device="cuda"`` each slice of u, of the masks and of the new delta is moved there,
+    unified, and its u and mask bits are brought back; results equal the CPU's up to float rounding of λ's sums
+    (:func:`compute_device` lists the refusals). Example::
 
         merger = DeltaFusionMerger(strict=False)
         merger.add_task(delta_1, "aircraft", classnames=names_1, templates=tpl_1, prototypes=protos_1)
@@ -419,8 +504,10 @@ class DeltaFusionMerger(MovedToHubMixin):
         *,
         base_model: nn.Module | None = None,
         base_model_name_or_path: str | None = None,
+        device: torch.device | str | None = None,
         **options,
     ):
+        self.device = compute_device(device)  # first: a bad device is refused before anything else is set up
         if config is None:
             config = DeltaFusionMergerConfig(**options)
         elif options:
@@ -640,8 +727,10 @@ class DeltaFusionMerger(MovedToHubMixin):
         Only one key of ``new`` is read at a time (a :class:`~hf_cft.merging.LazyDelta` streams it from disk), and
         the stored experts are rebuilt slice by slice from u and their packed masks, never whole. With ``commit``,
         u is replaced key by key (peak memory: u + old and new packed masks + one key of ``new`` and of the new u +
-        a few slices); masks and λ are returned for the caller to swap in."""
+        a few slices, and up to :data:`DECOUPLED_CACHE_BYTES` of decoupled slices kept between the two passes);
+        masks and λ are returned for the caller to swap in. Each slice is computed on ``self.device``."""
         old_lams = [r.lam for r in self._records]
+        dev = self.device
         n = len(self._records) + 1
         num, den = [0.0] * n, [0.0] * n
         masks: list[dict[str, PackedMask]] = [{} for _ in range(n)]
@@ -653,17 +742,31 @@ class DeltaFusionMerger(MovedToHubMixin):
         if commit:
             self._interrupted = True
         for key in keys:
-            d_new = new[key].detach().to("cpu", torch.float32)  # u and the masks live on the CPU
+            d_new = new[key].detach().to(torch.float32)  # moved to the compute device slice by slice
             shape = tuple(d_new.shape)
             d_new = d_new.reshape(-1)
-            u_old = self._u.get(key)
+            u_old = self._u.get(key)  # u and the masks live on the CPU
             u_flat = u_old.reshape(-1) if u_old is not None else None
             old_masks = [self._masks[i][key] for i in range(n - 1)]
+            # this slice of u and of the new delta on the compute device (on the CPU: views), and the stored
+            # experts' decoupled slices from the σ pass, reused by the M/u pass (as many as the budget holds)
+            on_dev: dict[Any, Any] = {}
+            keep = DECOUPLED_CACHE_BYTES // (4 * min(UNIFY_SLICE, max(d_new.numel(), 1)))
 
-            def get(i, lo, hi, d_new=d_new, u_flat=u_flat, old_masks=old_masks):
+            def get(i, lo, hi, d_new=d_new, u_flat=u_flat, old_masks=old_masks, on_dev=on_dev, keep=keep):
+                if on_dev.get("range") != (lo, hi):
+                    on_dev.clear()
+                    on_dev["range"] = (lo, hi)
+                    on_dev["new"] = d_new[lo:hi].to(dev)
+                    on_dev["u"] = u_flat[lo:hi].to(dev) if u_flat is not None else None
                 if i == n - 1:
-                    return d_new[lo:hi]
-                return _decoupled(u_flat[lo:hi], old_masks[i].unpack_range(lo, hi), old_lams[i])
+                    return on_dev["new"]
+                d = on_dev.pop(i, None)  # the second call for this slice takes the first call's result
+                if d is None:
+                    d = _decoupled(on_dev["u"], old_masks[i].unpack_range(lo, hi, dev), old_lams[i])
+                    if i < keep:
+                        on_dev[i] = d
+                return d
 
             u, pm, a, b = _unify_key(get, n, shape, self.config.rescaler, mean_over=mean_over[key])
             for i in range(n):
@@ -673,7 +776,7 @@ class DeltaFusionMerger(MovedToHubMixin):
             if commit:
                 self._u[key] = u
             big = d_new.numel() >= UNIFY_SLICE
-            del u, d_new, u_flat
+            del u, d_new, u_flat, on_dev
             if big:  # a large key's temporaries: trimmed now, so that the footprint stays near u + masks
                 release_freed_memory()
         if commit:
@@ -684,13 +787,42 @@ class DeltaFusionMerger(MovedToHubMixin):
 
     # ------------------------------------------------------------------------------------------------ experts
 
-    def iter_expert_delta(self, name: str) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(key, δ̃^i_key)`` for task ``name``, one key at a time (masks unpacked per key)."""
+    def iter_expert_delta(
+        self, name: str, device: torch.device | str | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(key, δ̃^i_key)`` for task ``name``, one key at a time (masks unpacked per key), computed on
+        ``device`` (default: where u is, the CPU)."""
+        self._check_usable()
+        i = self.task_index(name)
+        lam = self._records[i].lam
+        dev = None if device is None else compute_device(device)
+        for key, u in self._u.items():
+            u = u if dev is None else u.to(dev)
+            yield key, _decoupled(u, self._masks[i][key].unpack(u.device), lam)
+
+    def iter_expert_weights(
+        self, name: str, base: Mapping[str, torch.Tensor]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(key, θ⁰_key + δ̃^i_key)`` for task ``name``: the expert's own tensor of every delta key, formed on
+        ``base[key]``'s device in its dtype (the sum in fp32, rounded once, as
+        :class:`~hf_cft.merging.FunctionalExpert` does), so that a router builds an expert where its model runs.
+
+        ``base`` maps delta keys to θ⁰'s tensors (e.g. ``dict(model.named_parameters())``); a missing key or a
+        shape mismatch raises :class:`DeltaError`. On the CPU each key is formed in chunks of
+        :data:`EXPERT_CHUNK` entries, so the float64 product λ·u and the mask stay in cache; the values are those
+        of ``θ⁰ + iter_expert_delta(name)`` exactly. Example::
+
+            weights = dict(merger.iter_expert_weights("dtd", dict(clip.named_parameters())))
+        """
         self._check_usable()
         i = self.task_index(name)
         lam = self._records[i].lam
         for key, u in self._u.items():
-            yield key, _decoupled(u, self._masks[i][key].unpack(u.device), lam)
+            b = base.get(key)
+            if b is None or tuple(b.shape) != tuple(u.shape):
+                what = "is missing from the base tensors" if b is None else f"has shape {tuple(b.shape)} in the base"
+                raise DeltaError(f"Delta key {key!r} {what}, but the merger's u is {tuple(u.shape)}.")
+            yield key, _expert_weight(b.detach(), u, self._masks[i][key], lam)
 
     def expert_delta(self, name: str) -> TaskDelta:
         """δ̃^i = λ^i · M^i ⊙ u for task ``name`` (condu.md §3 "decouple"); expert θ̃^i = θ⁰ + δ̃^i."""
@@ -772,13 +904,16 @@ class DeltaFusionMerger(MovedToHubMixin):
         base_model: nn.Module | None = None,
         revision: str | None = None,
         verify: bool = True,
+        device: torch.device | str | None = None,
     ) -> DeltaFusionMerger:
         """Load a bundle from a local folder or a Hub model repo (``huggingface_hub.snapshot_download``).
 
         Raises :class:`BundleError` for a missing or corrupt manifest or safetensors file (checksums verified
         unless ``verify=False``), and for tensors that disagree with the manifest. With ``base_model``, its
-        fingerprint must match the bundle's (else :class:`DeltaError`).
+        fingerprint must match the bundle's (else :class:`DeltaError`). ``device``: where later sessions compute
+        (see :class:`DeltaFusionMerger`; a runtime choice, not stored in the bundle).
         """
+        compute_device(device)  # a bad device is refused before any file is read
         folder = Path(path_or_repo_id)
         if not folder.is_dir():
             folder = _download_bundle(str(path_or_repo_id), revision)
@@ -804,7 +939,7 @@ class DeltaFusionMerger(MovedToHubMixin):
             for fname in (UNIFIED_FILE, MASKS_FILE, PROTOTYPES_FILE)
         }
 
-        merger = cls(config, base_model_name_or_path=base_info.get("name_or_path"))
+        merger = cls(config, base_model_name_or_path=base_info.get("name_or_path"), device=device)
         merger.base_fingerprint = base_info.get("fingerprint")
         if base_model is not None:
             fp = base_fingerprint(base_model)

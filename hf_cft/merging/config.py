@@ -20,6 +20,16 @@ A merge config names θ⁰, the inputs and the method; every field is checked wh
         weight: 0.7
         density: 0.3
         parameters: {}                           # any other per-input option of the method
+        calibration: eurosat                     # regmean / fisher: this input's OWN task data (a dataset folder,
+                                                 # a shared dataset name or a Hub dataset id; or a mapping with
+                                                 # data, split, classnames, templates)
+    calibration:                                 # regmean / fisher only: how each input's data is sampled
+      rows: 256                                  # rows drawn (seeded) from each input's split
+      batch_size: 32
+      seed: 0
+      split: train                               # default split of every input
+      data_dir: null                             # where dataset names are looked up (default: ../shared/data)
+      templates: null                            # Fisher's zero-shot head (default: each dataset's own)
     out_dtype: bfloat16                          # float32 | float16 | bfloat16 | null (θ⁰'s dtype per tensor)
     max_shard_size: 2GB                          # bytes or a size: 500MB, 2GB, 1GiB
     lora_rank: null                              # an int: write a LoRA adapter (LoRA inputs only)
@@ -49,6 +59,9 @@ __all__ = ["MergeConfig", "MergeInput"]
 
 #: Per-input fields with a name of their own (every other per-input option goes under ``parameters``).
 INPUT_OPTIONS = ("weight", "density")
+#: Fields of the top-level ``calibration`` section (the sampling shared by every input) and of an input's own.
+CALIBRATION_FIELDS = ("rows", "batch_size", "seed", "split", "data_dir", "templates")
+INPUT_CALIBRATION_FIELDS = ("data", "split", "classnames", "templates")
 
 
 def _str(value: Any, where: str, optional: bool = False) -> str | None:
@@ -70,6 +83,109 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
     return dict(value)
 
 
+def _strings(value: Any, where: str, what: str) -> list[str]:
+    """A non-empty list of strings (class names, templates), checked as the data layer checks them."""
+    from hf_cft.data.templates import validate_classnames, validate_templates
+    from hf_cft.errors import HfCftError
+
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise MergeConfigError(f"{where} must be a list of {what}, got {value!r}.")
+    try:
+        if what == "templates":
+            return validate_templates(list(value), owner=where)
+        return validate_classnames(list(value), owner=where, duplicates="error")
+    except HfCftError as exc:
+        raise MergeConfigError(f"{where}: {exc}") from exc
+
+
+def _resolve_calibration(method, top: dict[str, Any], given: list[Any]) -> tuple[dict | None, list[dict | None]]:
+    """The resolved ``calibration`` section and each input's own (``None`` for a method that takes none)."""
+    from hf_cft.merging.registry import methods
+    from hf_cft.validation import check_int
+
+    if not method.calibration:
+        takers = ", ".join(n for n, m in methods().items() if m.calibration) or "none"
+        if top:
+            raise MergeConfigError(
+                f"calibration: method {method.name!r} uses no calibration data (only {takers} do); remove the section."
+            )
+        for t, c in enumerate(given):
+            if c is not None:
+                raise MergeConfigError(
+                    f"inputs[{t}].calibration: method {method.name!r} uses no calibration data (only {takers} do)."
+                )
+        return None, [None] * len(given)
+    for key in top:
+        if key == "data":
+            raise MergeConfigError(
+                f"calibration.data: method {method.name!r} gathers each input's statistics on that input's own task "
+                "data (its paper's definition), not on one set for all: name each input's dataset as "
+                "inputs[t].calibration (e.g. `calibration: dtd10`)."
+            )
+        if key not in CALIBRATION_FIELDS:
+            raise MergeConfigError(
+                f"calibration.{key} is not a field of the calibration section; known fields: "
+                f"{', '.join(CALIBRATION_FIELDS)}."
+            )
+    from hf_cft.merging.data_dependent import CALIBRATION_DEFAULTS as D
+
+    resolved: dict[str, Any] = {
+        "rows": check_int(top.get("rows", D["rows"]), "calibration.rows", low=1, error=MergeConfigError),
+        "batch_size": check_int(
+            top.get("batch_size", D["batch_size"]), "calibration.batch_size", low=1, error=MergeConfigError
+        ),
+        "seed": check_int(top.get("seed", D["seed"]), "calibration.seed", low=0, error=MergeConfigError),
+        "split": _str(top.get("split", D["split"]), "calibration.split"),
+    }
+    if top.get("data_dir") is not None:
+        resolved["data_dir"] = _str(_path_str(top["data_dir"]), "calibration.data_dir")
+    if top.get("templates") is not None:
+        resolved["templates"] = _strings(top["templates"], "calibration.templates", "templates")
+    per: list[dict | None] = []
+    for t, c in enumerate(given):
+        where = f"inputs[{t}].calibration"
+        if c is None:
+            raise MergeConfigError(
+                f"{where} is required by method {method.name!r}: each input's statistics are gathered on its own "
+                "task's data; name a dataset folder (Parquet or ImageFolder), a shared dataset name or a Hub dataset "
+                "id, e.g. `calibration: dtd10`."
+            )
+        if isinstance(c, (str, os.PathLike)):
+            c = {"data": c}
+        c = _mapping(c, where)
+        for key in c:
+            if key not in INPUT_CALIBRATION_FIELDS:
+                raise MergeConfigError(
+                    f"{where}.{key} is not a field of an input's calibration; known fields: "
+                    f"{', '.join(INPUT_CALIBRATION_FIELDS)} (rows, batch_size, seed: in the top-level calibration)."
+                )
+        if c.get("data") is None:
+            raise MergeConfigError(
+                f"{where}.data is required by method {method.name!r}: this input's own task data (a dataset folder, a "
+                "shared dataset name or a Hub dataset id)."
+            )
+        row: dict[str, Any] = {
+            "data": _str(_path_str(c["data"]), f"{where}.data"),
+            "split": _str(c.get("split", resolved["split"]), f"{where}.split"),
+        }
+        if c.get("classnames") is not None:
+            if "classes" not in method.calibration:
+                raise MergeConfigError(f"{where}.classnames: method {method.name!r} uses no class names.")
+            row["classnames"] = _strings(c["classnames"], f"{where}.classnames", "class names")
+        if c.get("templates") is not None:
+            if "classes" not in method.calibration:
+                raise MergeConfigError(f"{where}.templates: method {method.name!r} uses no prompt templates.")
+            row["templates"] = _strings(c["templates"], f"{where}.templates", "templates")
+        per.append(row)
+    if "templates" in resolved and "classes" not in method.calibration:
+        raise MergeConfigError(f"calibration.templates: method {method.name!r} uses no prompt templates.")
+    return resolved, per
+
+
+def _path_str(value: Any) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
 def _known(data: Mapping, cls, where: str) -> None:
     names = [f.name for f in fields(cls)]
     for key in data:
@@ -84,7 +200,9 @@ def _known(data: Mapping, cls, where: str) -> None:
 class MergeInput:
     """One input of a merge: ``model`` (a full-model folder, a LoRA adapter folder or a Hub id, with an optional
     ``revision``), its ``weight`` and ``density`` (when the method has them) and any other per-input option of
-    the method under ``parameters``; ``name`` labels it in the card (default: ``model``)."""
+    the method under ``parameters``; ``name`` labels it in the card (default: ``model``). ``calibration``: for a
+    data-dependent method (RegMean, Fisher), this input's own task data: a dataset (folder, shared name or Hub id)
+    or a mapping ``{data, split, classnames, templates}``."""
 
     model: str
     weight: float | None = None
@@ -92,6 +210,7 @@ class MergeInput:
     parameters: dict[str, Any] = field(default_factory=dict)
     revision: str | None = None
     name: str | None = None
+    calibration: str | dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> MergeInput:
@@ -111,6 +230,7 @@ class MergeInput:
             parameters=_mapping(data.get("parameters"), f"{where}.parameters"),
             revision=_str(data.get("revision"), f"{where}.revision", optional=True),
             name=_str(data.get("name"), f"{where}.name", optional=True),
+            calibration=_path_str(data.get("calibration")),
         )
 
     def options(self, where: str) -> dict[str, Any]:
@@ -134,6 +254,7 @@ class MergeConfig:
     method: str
     inputs: list[MergeInput]
     parameters: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
     out_dtype: str | None = None
     max_shard_size: int | str = "5GB"
     lora_rank: int | None = None
@@ -165,6 +286,7 @@ class MergeConfig:
             method=_str(data["method"], "method"),
             inputs=[MergeInput.from_dict(x, f"inputs[{i}]") for i, x in enumerate(raw_inputs)],
             parameters=_mapping(data.get("parameters"), "parameters"),
+            calibration=_mapping(data.get("calibration"), "calibration"),
             out_dtype=data.get("out_dtype"),
             max_shard_size=data.get("max_shard_size", "5GB"),
             lora_rank=data.get("lora_rank"),
@@ -212,8 +334,11 @@ class MergeConfig:
             return f"inputs[{t}].{name}" if name in INPUT_OPTIONS else f"inputs[{t}].parameters.{name}"
 
         options, per_input = method.resolve(self.parameters, given, "parameters", input_where)
+        calibration, own = _resolve_calibration(
+            method, _mapping(self.calibration, "calibration"), [inp.calibration for inp in self.inputs]
+        )
         inputs = []
-        for inp, opts in zip(self.inputs, per_input):
+        for inp, opts, data in zip(self.inputs, per_input, own):
             row: dict[str, Any] = {"model": inp.model}
             if inp.revision is not None:
                 row["revision"] = inp.revision
@@ -223,6 +348,8 @@ class MergeConfig:
             rest = {k: v for k, v in opts.items() if k not in INPUT_OPTIONS}
             if rest:
                 row["parameters"] = rest
+            if data is not None:
+                row["calibration"] = data
             inputs.append(row)
         resolved: dict[str, Any] = {"base_model": self.base_model}
         if self.base_revision is not None:
@@ -231,6 +358,7 @@ class MergeConfig:
             {
                 "method": method.name,
                 "parameters": options,
+                **({"calibration": calibration} if calibration is not None else {}),
                 "inputs": inputs,
                 "out_dtype": self.out_dtype,
                 "max_shard_size": self.max_shard_size,

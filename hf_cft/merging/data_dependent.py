@@ -28,11 +28,22 @@ Example::
 
 A loader is a ``DataLoader``, any iterable of batches, or a dataset (rows with ``pixel_values`` and ``labels``,
 wrapped in a ``DataLoader`` with hf_cft's collator); ``max_batches`` caps how much of it is used.
+
+From a dataset on disk (what ``hf-cft merge`` does with a merge config's ``calibration`` sections),
+:func:`load_calibration` reads a local Parquet / ImageFolder dataset, a shared-data name or a Hub dataset id with
+:func:`hf_cft.data.load_classification_dataset`, draws ``rows`` rows of one split with a seed
+(:func:`calibration_rows`), and returns their loader with the dataset's class names and templates::
+
+    transform = hf_cft.data.model_transform(clip)
+    dtd = load_calibration("dtd10", transform, rows=256, batch_size=32, seed=0)
+    delta = fisher_merge(clip, [expert_dtd, ...], [dtd.loader, ...],
+                         [clip_log_probs(tok, dtd.classnames, dtd.templates), ...])
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -44,15 +55,19 @@ from hf_cft.merging.baselines import Delta, _check_deltas, _f32, _finite_result,
 from hf_cft.validation import check_choice, check_int, check_number
 
 __all__ = [
+    "CALIBRATION_DEFAULTS",
     "FISHER_LABELS",
+    "CalibrationData",
     "LinearGrams",
     "calibration_batches",
+    "calibration_rows",
     "clip_log_probs",
     "fisher_diagonal",
     "fisher_merge",
     "fisher_merging",
     "image_forward",
     "linear_input_grams",
+    "load_calibration",
     "regmean",
     "regmean_merge",
 ]
@@ -86,6 +101,125 @@ def calibration_batches(data, batch_size: int = 16, max_batches: int | None = No
             yield batch
 
     return batches()
+
+
+#: The calibration defaults of a merge config (FusionBench's CLIP settings: 256 examples per task, batches of 32).
+CALIBRATION_DEFAULTS = {"rows": 256, "batch_size": 32, "seed": 0, "split": "train"}
+
+
+def calibration_rows(available: int, rows: int, seed: int = 0) -> list[int]:
+    """The rows of a split of ``available`` rows that calibrate a merge: the first ``rows`` of a permutation drawn
+    with ``numpy.random.default_rng(seed)``, in ascending order (the same rows for the same split, rows and seed)."""
+    import numpy as np
+
+    return sorted(int(i) for i in np.random.default_rng(int(seed)).permutation(int(available))[: int(rows)])
+
+
+@dataclass
+class CalibrationData:
+    """One input's calibration data (:func:`load_calibration`): its ``loader`` (batches of ``pixel_values`` and
+    ``labels``), the dataset's ``classnames`` and ``templates`` (Fisher's zero-shot head), and what was used: the
+    dataset ``name``, its ``split``, the ``rows`` drawn (indices into the split) out of ``available``."""
+
+    name: str
+    split: str
+    loader: object
+    classnames: list[str]
+    templates: list[str]
+    rows: list[int]
+    available: int
+
+    def describe(self) -> dict:
+        """What a merge card and a summary show: dataset, split, rows used / available, classes."""
+        return {
+            "dataset": self.name,
+            "split": self.split,
+            "rows": len(self.rows),
+            "available": self.available,
+            "classes": len(self.classnames),
+        }
+
+
+def load_calibration(
+    source,
+    transform=None,
+    *,
+    rows: int = CALIBRATION_DEFAULTS["rows"],
+    batch_size: int = CALIBRATION_DEFAULTS["batch_size"],
+    seed: int = CALIBRATION_DEFAULTS["seed"],
+    split: str = CALIBRATION_DEFAULTS["split"],
+    data_dir=None,
+    classnames: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
+    where: str = "calibration.data",
+    rows_where: str = "calibration.rows",
+    split_where: str = "calibration.split",
+    batch_size_where: str = "calibration.batch_size",
+    classnames_where: str = "calibration.classnames",
+    templates_where: str = "calibration.templates",
+) -> CalibrationData:
+    """``rows`` rows of ``split`` of a dataset the library reads (a Parquet or ImageFolder folder, a name under
+    ``data_dir`` / ``$HF_CFT_DATA_DIR`` / ``../shared/data``, a spec name or a Hub dataset id:
+    :func:`hf_cft.data.load_classification_dataset`; or a :class:`~hf_cft.data.ClassificationDataset`), chosen
+    by :func:`calibration_rows`, as a loader of ``transform``'s ``pixel_values`` (an
+    :class:`~hf_cft.data.ImageTransform`; default: CLIP's 224-pixel preprocessing) and ``labels`` in batches of
+    ``batch_size``. ``classnames`` / ``templates`` override the dataset's.
+
+    A source that cannot be read (missing, not a dataset, no image / label column), a missing or empty split, or
+    fewer than ``rows`` rows, class names that do not match its labels raise :class:`~hf_cft.errors.MergeConfigError`
+    naming the field (``where``, ``rows_where``, ``split_where``, ``batch_size_where``, ``classnames_where``,
+    ``templates_where``: how the caller's config spells them, e.g. ``inputs[1].calibration.data``)."""
+    from torch.utils.data import DataLoader
+
+    from hf_cft.data import ClassificationDataset, load_classification_dataset
+    from hf_cft.data.templates import validate_classnames, validate_templates
+    from hf_cft.data.transforms import ImageClassificationCollator, ImageTransform, apply_image_transform
+    from hf_cft.errors import HfCftError
+
+    rows = check_int(rows, rows_where, low=1, error=MergeConfigError)
+    batch_size = check_int(batch_size, batch_size_where, low=1, error=MergeConfigError)
+    if isinstance(source, ClassificationDataset):
+        task, label = source, source.name
+    else:
+        if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
+            raise MergeConfigError(
+                f"{where} must name a dataset (a folder, a shared dataset name or a Hub id), got {source!r}."
+            )
+        label = str(source)
+        try:
+            task = load_classification_dataset(source, data_dir=data_dir)
+        except HfCftError as exc:
+            raise MergeConfigError(f"{where} {label!r} cannot be used as calibration data: {exc}") from exc
+    if split not in task.splits:
+        raise MergeConfigError(
+            f"{where} {label!r} has no split {split!r} ({split_where}); it has {', '.join(task.splits)}."
+        )
+    data = task[split]
+    available = len(data)
+    if available == 0:
+        raise MergeConfigError(f"{where} {label!r}: split {split!r} is empty, no calibration data.")
+    if available < rows:
+        raise MergeConfigError(
+            f"{where} {label!r} has {available} row(s) in split {split!r}, fewer than {rows_where} = {rows}: lower "
+            f"{rows_where} to at most {available}, or give a larger split."
+        )
+    chosen = calibration_rows(available, rows, seed)
+    try:
+        names = validate_classnames(
+            classnames if classnames is not None else task.classnames,
+            owner=f"{where} {label!r}",
+            num_labels=task.num_classes,
+            duplicates="error",
+        )
+    except HfCftError as exc:
+        raise MergeConfigError(f"{classnames_where}: {exc}") from exc
+    try:
+        tpl = validate_templates(templates if templates is not None else task.templates, owner=f"{where} {label!r}")
+    except HfCftError as exc:
+        raise MergeConfigError(f"{templates_where}: {exc}") from exc
+    view = apply_image_transform(data.select(chosen), transform or ImageTransform(), name=task.name)
+    loader = DataLoader(view, batch_size=batch_size, shuffle=False, collate_fn=ImageClassificationCollator())
+    return CalibrationData(task.name, split, loader, list(names), list(tpl), chosen, available)
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -545,9 +679,11 @@ def fisher_merge(
 # ------------------------------------------------------------------------------------------------ registry
 # ``kind="model"`` entries of hf_cft.merging.registry. What they need beyond the deltas comes through
 # ``ModelContext.extra``: ``calibration`` (one loader / dataset / list of batches for all inputs, or a list with one
-# per input), ``model`` (θ0 as an ``nn.Module``; default: loaded from ``ModelContext.base_model``), ``forward``
-# (RegMean's calibration forward) and for Fisher ``log_probs`` (a function or one per input) or ``tokenizer`` +
-# ``classnames`` (one list, or one per input) + ``templates``, for the CLIP zero-shot classifier.
+# per input; :class:`CalibrationData` entries are unwrapped), ``model`` (θ0 as an ``nn.Module``; default: loaded
+# from ``ModelContext.base_model``), ``forward`` (RegMean's calibration forward) and for Fisher ``log_probs`` (a
+# function or one per input) or ``tokenizer`` + ``classnames`` (one list, or one per input) + ``templates`` (one
+# list, or one per input), for the CLIP zero-shot classifier. ``input_names``: how errors name each input's
+# calibration data (default ``input t``; ``hf-cft merge`` passes ``inputs[t].calibration.data 'dtd10'``).
 
 
 def _context_model(ctx) -> nn.Module:
@@ -570,9 +706,31 @@ def _context_data(ctx, name: str) -> list:
     if data is None:
         raise MergeConfigError(
             f"method {name!r} needs calibration data: pass extra={{'calibration': loader}} (one for every input, or a "
-            "list with one per input)."
+            "list with one per input), or a merge config's calibration sections."
         )
+    data = data.loader if isinstance(data, CalibrationData) else data
+    if isinstance(data, (list, tuple)):
+        data = [d.loader if isinstance(d, CalibrationData) else d for d in data]
     return _per_model(data, len(ctx.inputs))
+
+
+def _input_names(ctx) -> list[str]:
+    names = ctx.extra.get("input_names")
+    return list(names) if names else [f"input {t}" for t in range(len(ctx.inputs))]
+
+
+def _check_statistics(stats: Mapping[str, Tensor], what: str, input_name: str, method: str) -> None:
+    """A statistic of one input holding NaN/inf names the input's calibration data, the key and the method (instead
+    of a NaN merge, or a DeltaError about "task t" far from the config)."""
+    from hf_cft.errors import NonFiniteError
+
+    for key, value in stats.items():
+        if not bool(torch.isfinite(value).all()):
+            raise NonFiniteError(
+                f"{method}: the {what} of key {key!r} gathered on {input_name} holds NaN/inf (the model's activations "
+                "or gradients overflow on that data, or the input's weights hold NaN/inf); check that input and its "
+                "data."
+            )
 
 
 def _dense_deltas(deltas, ctx) -> list[dict[str, Tensor]]:
@@ -587,10 +745,21 @@ def _regmean_model(deltas, ctx):
     dense = _dense_deltas(deltas, ctx)
     forward = ctx.extra.get("forward")
     max_batches = ctx.options["max_batches"]
-    grams = [
-        linear_input_grams(model, d, forward, delta=delta, max_batches=max_batches) for d, delta in zip(data, dense)
-    ]
+    grams = []
+    for d, delta, name in zip(data, dense, _input_names(ctx)):
+        g = linear_input_grams(model, d, forward, delta=delta, max_batches=max_batches)
+        _check_statistics(g.grams, "Gram matrix", name, "regmean")
+        grams.append(g)
     return regmean(dense, grams, alpha=ctx.options["alpha"], normalize=ctx.options["normalize"])
+
+
+def _per_input(value, n: int, what: str) -> list:
+    """``value`` as one entry per input: a list of ``n`` lists as given, else one list shared by all."""
+    if value and isinstance(value[0], (list, tuple)):
+        if len(value) != n:
+            raise MergeConfigError(f"got {len(value)} lists of {what} for {n} inputs: give one, or one per input.")
+        return [list(v) for v in value]
+    return [list(value)] * n
 
 
 def _fisher_log_probs(ctx) -> list:
@@ -601,11 +770,11 @@ def _fisher_log_probs(ctx) -> list:
         if tokenizer is None or names is None:
             raise MergeConfigError(
                 "method 'fisher' needs the classifier: extra={'log_probs': fn} or extra={'tokenizer': ..., "
-                "'classnames': [...], 'templates': [...]} (class names: one list, or one per input)."
+                "'classnames': [...], 'templates': [...]} (class names and templates: one list, or one per input)."
             )
-        templates = ctx.extra.get("templates") or ["a photo of a {}."]
-        per = names if names and isinstance(names[0], (list, tuple)) else [names] * n
-        fns = [clip_log_probs(tokenizer, c, templates) for c in per]
+        per = _per_input(names, n, "class names")
+        templates = _per_input(ctx.extra.get("templates") or ["a photo of a {}."], n, "templates")
+        fns = [clip_log_probs(tokenizer, c, t) for c, t in zip(per, templates)]
     fns = list(fns) if isinstance(fns, (list, tuple)) else [fns] * n
     if len(fns) != n:
         raise MergeConfigError(f"got {len(fns)} log_probs functions for {n} inputs.")
@@ -618,8 +787,9 @@ def _fisher_model(deltas, ctx):
     dense = _dense_deltas(deltas, ctx)
     fns = _fisher_log_probs(ctx)
     opts = ctx.options
-    fishers = [
-        fisher_diagonal(
+    fishers = []
+    for d, fn, delta, name in zip(data, fns, dense, _input_names(ctx)):
+        f = fisher_diagonal(
             model,
             d,
             fn,
@@ -629,8 +799,8 @@ def _fisher_model(deltas, ctx):
             seed=opts["seed"],
             max_batches=opts["max_batches"],
         )
-        for d, fn, delta in zip(data, fns, dense)
-    ]
+        _check_statistics(f, "Fisher", name, "fisher")
+        fishers.append(f)
     weights = [inp["weight"] for inp in ctx.inputs]
     return fisher_merging(dense, fishers, weights=weights, floor=opts["floor"], normalize=opts["normalize"])
 
@@ -651,6 +821,7 @@ def _register() -> None:
             ),
             summary="per linear (Σ_t τ_t G̃_t)(Σ_t G̃_t)⁻¹ with Gram matrices of calibration inputs; others averaged",
             reference="Jin et al., Dataless Knowledge Fusion (RegMean), ICLR 2023 (arXiv:2212.09849)",
+            calibration=("images",),
         )
     )
     register(
@@ -668,6 +839,7 @@ def _register() -> None:
             ),
             summary="per parameter Σ_t λ_t F_t τ_t / Σ_t λ_t F_t, F_t the diagonal Fisher on calibration data",
             reference="Matena & Raffel, Merging Models with Fisher-Weighted Averaging, NeurIPS 2022 (arXiv:2111.09832)",
+            calibration=("images", "classes"),
         )
     )
 

@@ -885,6 +885,30 @@ class FunctionalExpert:
             w = base.detach().to(wide) + scale * d.to(device=base.device, dtype=wide)
             self.params[k] = w.to(base.dtype)
 
+    @classmethod
+    def from_weights(cls, model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> FunctionalExpert:
+        """An expert whose replaced tensors are given already formed (θ⁰ + δ, e.g. from
+        :meth:`~hf_cft.merging.DeltaFusionMerger.iter_expert_weights`): each must match the model's tensor of that
+        name in shape, dtype and device, else :class:`DeltaError`. Example::
+
+            expert = FunctionalExpert.from_weights(clip, merger.iter_expert_weights("dtd", dict(clip.named_parameters())))
+        """
+        named = _named_tensors(model)
+        expert = cls.__new__(cls)
+        expert.model = model
+        expert.params = {}
+        for k, w in weights:
+            base = named.get(k)
+            if base is None:
+                raise DeltaError(f"Expert weight {k!r} is not a parameter or buffer of {type(model).__name__}.")
+            if (tuple(w.shape), w.dtype, w.device) != (tuple(base.shape), base.dtype, base.device):
+                raise DeltaError(
+                    f"Expert weight {k!r} is {w.dtype} {tuple(w.shape)} on {w.device}; the model's is {base.dtype} "
+                    f"{tuple(base.shape)} on {base.device}."
+                )
+            expert.params[k] = w
+        return expert
+
     def __call__(self, *args, **kwargs):
         from torch.func import functional_call
 

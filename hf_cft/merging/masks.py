@@ -67,14 +67,17 @@ class PackedMask:
         flat = ((bits.unsqueeze(1) >> _SHIFTS.to(bits.device)) & 1).reshape(-1).to(torch.bool)
         return flat[: self.numel].reshape(self.shape)
 
-    def unpack_range(self, start: int, stop: int) -> torch.Tensor:
-        """Entries ``start:stop`` of the flattened mask as a 1-d boolean tensor, unpacking only their bytes
-        (``start`` must be a multiple of 8; used to rebuild experts slice by slice)."""
+    def unpack_range(self, start: int, stop: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Entries ``start:stop`` of the flattened mask as a 1-d boolean tensor on ``device`` (default: where the
+        bits are), moving and unpacking only their bytes (``start`` must be a multiple of 8; used to rebuild
+        experts slice by slice)."""
         if start % 8 or not 0 <= start <= stop <= self.numel:
             raise ValueError(
                 f"unpack_range({start}, {stop}) needs 0 <= start <= stop <= {self.numel} and start a multiple of 8"
             )
         bits = self.bits[start // 8 : (stop + 7) // 8]
+        if device is not None:
+            bits = bits.to(device)
         flat = ((bits.unsqueeze(1) >> _SHIFTS.to(bits.device)) & 1).reshape(-1).to(torch.bool)
         return flat[: stop - start]
 

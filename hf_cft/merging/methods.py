@@ -49,12 +49,13 @@ from hf_cft.errors import DeltaError, MergeConfigError, TaskError
 from hf_cft.merging.baselines import (
     ContinualMerger,
     Delta,
+    _BernoulliStream,
     _check_deltas,
     _check_fraction,
     _elect_disjoint,
     _f32,
     _finite_result,
-    _key_seed,
+    _mask_source,
     _weights,
     key_predicate,
 )
@@ -332,7 +333,10 @@ def magprune(
     p = 1 − ``density``) and rescale the survivors by 1/(1 − p_i)."""
     probs = _magprune_probabilities(tensor, 1.0 - density, epsilon, rank_scope)
     keep = 1.0 - probs
-    mask = torch.bernoulli(keep, generator=generator)
+    if isinstance(generator, _BernoulliStream) and keep.is_contiguous():
+        mask = (generator.uniform(keep.numel()) < keep.reshape(-1)).view(keep.shape)
+    else:
+        mask = torch.bernoulli(keep, generator=generator)
     return tensor * mask / keep
 
 
@@ -387,8 +391,7 @@ def della_key(
 ) -> Tensor:
     """One key of :func:`della` (unscaled): MagPrune each w_t·τ_t with its density (one generator seeded from
     (seed, key), tasks in order), then TIES's election and disjoint mean."""
-    gen = torch.Generator(device=tensors[0].device)
-    gen.manual_seed(_key_seed(seed, key))
+    gen = _mask_source(seed, key, tensors[0].device)  # on the CPU the generator's stream, drawn by numpy
     pruned = [
         magprune(w * t if w != 1.0 else t, d, epsilon, gen, rank_scope) for t, w, d in zip(tensors, weights, densities)
     ]

@@ -66,6 +66,7 @@ __all__ = [
 
 METHOD_KINDS = ("tensor", "model")
 OPTION_KINDS = ("number", "int", "choice", "bool", "str", "numbers")
+CALIBRATION_NEEDS = ("images", "classes")
 
 #: Modules that register methods when imported (imported once, on the first look-up). Add yours here.
 PROVIDERS: list[str] = ["hf_cft.merging.baselines", "hf_cft.merging.methods", "hf_cft.merging.data_dependent"]
@@ -218,7 +219,15 @@ class MergeMethod:
     :class:`MergeConfigError` naming the field; it may fill defaults that depend on other options).
     ``prepare``: an optional ``prepare(deltas, ctx) -> dict`` run before a ``"tensor"`` method's key-by-key pass,
     with the lazy deltas and a :class:`ModelContext` as a ``"model"`` method gets them, for statistics over the
-    whole model (e.g. TIES' model-wide trim threshold); its result is ``TensorContext.state``."""
+    whole model (e.g. TIES' model-wide trim threshold); its result is ``TensorContext.state``.
+    ``calibration``: what a data-dependent method needs from each input's calibration data (``"images"``: batches of
+    ``pixel_values``; ``"classes"``: the dataset's class names and templates, with θ⁰'s tokenizer, for a zero-shot
+    head); non-empty means a merge config must name each input's data (``inputs[t].calibration``), and
+    ``hf-cft merge`` loads it into ``ModelContext.extra`` (RegMean, Fisher merging).
+    ``nonfinite_propagates``: a NaN/inf in any input's delta always makes the merged delta non-finite (sums, masks
+    applied by multiplication), so a streamed merge checks the inputs only when the merged delta is not finite —
+    one read of every input per key less — and still names the offending input. Leave it ``False`` for a method
+    that can drop a NaN (a max-magnitude selection, a trim by ranking)."""
 
     name: str
     kind: str
@@ -230,10 +239,17 @@ class MergeMethod:
     reference: str = ""
     check: Callable[[dict, list[dict], str], None] | None = None
     prepare: Callable[[list[Mapping[str, Any]], ModelContext], dict] | None = None
+    calibration: tuple[str, ...] = ()
+    nonfinite_propagates: bool = False
 
     def __post_init__(self):
         if self.kind not in METHOD_KINDS:
             raise MergeConfigError(f"Method {self.name!r}: kind must be one of {METHOD_KINDS}, got {self.kind!r}.")
+        unknown = [c for c in self.calibration if c not in CALIBRATION_NEEDS]
+        if unknown:
+            raise MergeConfigError(
+                f"Method {self.name!r}: calibration needs must be among {CALIBRATION_NEEDS}, got {tuple(unknown)}."
+            )
         names = [o.name for o in self.options]
         if len(set(names)) != len(names):
             raise MergeConfigError(f"Method {self.name!r} declares an option twice: {names}.")

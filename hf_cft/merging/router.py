@@ -10,10 +10,14 @@ selected experts' logits (docs/methods/condu.md §7).
   template-ensembled head of the **test dataset's** classes from voter m's own text tower; voters are averaged
   with ``weighting`` ∈ {uniform, similarity, softmax}, θ⁰ keeping weight 1/(K+1).
 
-Cost (§7): experts are built on demand as θ⁰ + λ^i M^i⊙u with ``torch.func.functional_call`` (no model copy),
-only those selected in the batch, one at a time, each on the samples that chose it; text heads are cached per
-(voter, class names, templates) until the merger's next session. :attr:`SemanticRouter.stats` counts the
-expert builds and forward passes, so a benchmark can report "K+1 experts run, not all T".
+Cost (§7): one θ⁰ image pass per batch serves both the routing and θ⁰'s vote. The selected experts are grouped:
+each distinct expert is built once per batch as θ⁰ + λ^i M^i⊙u (formed on the model's device, run with
+``torch.func.functional_call``: no model copy) and runs one forward over exactly the samples that chose it, whose
+logits are scattered back into their rows; an expert whose trigger collapsed (λ = 0) is θ⁰ itself and reuses θ⁰'s
+pass and head instead of a build and a forward. Text heads are cached per (voter, class names, templates) until the
+merger's next session; ``cache_experts=n`` also keeps the n most recently built experts' weights across batches
+(default 0: never more than one expert's weights at a time). :attr:`SemanticRouter.stats` counts the expert builds
+and forward passes, so a benchmark can report "K+1 experts run, not all T".
 
 Example::
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -40,7 +45,7 @@ from torch import nn
 from hf_cft.data.templates import DEFAULT_TEMPLATES, validate_classnames, validate_templates
 from hf_cft.errors import ClassNamesError, DeltaError, MergeConfigError, NonFiniteError, TaskError
 from hf_cft.merging.condu import DeltaFusionMerger
-from hf_cft.merging.deltas import FunctionalExpert, base_fingerprint
+from hf_cft.merging.deltas import FunctionalExpert, _named_tensors, base_fingerprint
 from hf_cft.models.clip import check_clip_like, image_features, logit_scale, model_device
 from hf_cft.models.zeroshot import build_zeroshot_classifier, encode_images
 
@@ -117,10 +122,12 @@ class Routing:
 class RouterStats:
     """Work done by a :class:`SemanticRouter` (reset with :meth:`reset`).
 
-    ``expert_builds``: experts materialised (θ⁰ + λM⊙u parameters); ``expert_image_passes``: image-tower runs
-    of experts (one per selected expert per batch) on ``expert_samples`` samples in all; ``zero_shot_passes``:
-    θ⁰ image-tower runs (one per batch: routing and the θ⁰ vote share it); ``text_heads_built``: text heads
-    computed (cache misses); ``experts_per_batch``: distinct experts run per batch.
+    ``expert_builds``: experts materialised (θ⁰ + λM⊙u parameters; ``cache_experts`` hits are not builds);
+    ``expert_image_passes``: image-tower runs of experts (one per selected expert per batch) on ``expert_samples``
+    samples in all; ``zero_shot_passes``: θ⁰ image-tower runs (one per batch: routing and the θ⁰ vote share it);
+    ``shared_zero_shot``: votes of collapsed experts (λ = 0, i.e. θ⁰) served by that θ⁰ pass, with no build and
+    no pass of their own; ``text_heads_built``: text heads computed (cache misses); ``experts_per_batch``:
+    distinct experts selected per batch.
     """
 
     batches: int = 0
@@ -128,6 +135,7 @@ class RouterStats:
     expert_builds: int = 0
     expert_image_passes: int = 0
     expert_samples: int = 0
+    shared_zero_shot: int = 0
     text_heads_built: int = 0
     experts_per_batch: list[int] = field(default_factory=list)
 
@@ -143,6 +151,10 @@ class SemanticRouter:
     ``weighting``: ``"uniform"`` (released default), ``"similarity"`` (∝ s^i, negative scores clamped to 0) or
     ``"softmax"`` (softmax(s^i/``temperature``)); with ``include_zero_shot`` θ⁰ votes with weight 1/(K+1) and
     the experts share K/(K+1). ``logit_scale``: 100 as in the spec; ``None`` uses θ⁰'s ``exp(logit_scale)``.
+    ``cache_experts``: how many built experts' weights to keep across batches (least recently used dropped
+    first; each costs one copy of the delta keys' tensors on the model's device). 0 (default) rebuilds them every
+    batch, so memory never holds more than one expert; ``cache_experts=len(merger)`` builds each expert once per
+    session, as the released code's "all T experts on the GPU".
 
     Modes of :meth:`logits`: ``task=name`` — task id known and learned: the single expert θ̃^i with the given
     (default: the task's own) head; ``task=None`` — routing (task-agnostic, or known but not yet learned); no
@@ -159,9 +171,12 @@ class SemanticRouter:
         temperature: float = 0.01,
         include_zero_shot: bool = True,
         logit_scale: float | None = 100.0,
+        cache_experts: int = 0,
     ):
         if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
             raise MergeConfigError(f"top_k must be a positive int, got {top_k!r}.")
+        if not isinstance(cache_experts, int) or isinstance(cache_experts, bool) or cache_experts < 0:
+            raise MergeConfigError(f"cache_experts must be an int >= 0, got {cache_experts!r}.")
         if weighting not in WEIGHTINGS:
             raise MergeConfigError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
         if not temperature > 0:
@@ -175,6 +190,8 @@ class SemanticRouter:
         self.temperature = float(temperature)
         self.include_zero_shot = include_zero_shot
         self.logit_scale = logit_scale
+        self.cache_experts = cache_experts
+        self._experts: OrderedDict[tuple[str, str], FunctionalExpert] = OrderedDict()
         self.stats = RouterStats()
         self.last_routing: Routing | None = None
         self._fingerprint = base_fingerprint(base_model)
@@ -199,6 +216,7 @@ class SemanticRouter:
         if self.merger.version != self._version:
             self._check_base()
             self._heads = {k: v for k, v in self._heads.items() if k[0] == ZERO_SHOT}
+            self._experts.clear()
             self._protos = None
             self._version = self.merger.version
 
@@ -223,10 +241,27 @@ class SemanticRouter:
         )
 
     def expert(self, name: str) -> FunctionalExpert:
-        """Build task ``name``'s expert θ⁰ + λ M⊙u (streamed key by key into new tensors; θ⁰ untouched)."""
+        """Task ``name``'s expert θ⁰ + λ M⊙u: its weights formed key by key on θ⁰'s device into new tensors (θ⁰
+        untouched), or taken from the ``cache_experts`` cache."""
         self.merger.task_index(name)
+        self._sync()
+        key = (name, str(model_device(self.base_model)))
+        expert = self._experts.get(key)
+        if expert is not None:
+            self._experts.move_to_end(key)
+            return expert
         self.stats.expert_builds += 1
-        return FunctionalExpert(self.base_model, self.merger.iter_expert_delta(name), check=False)
+        weights = self.merger.iter_expert_weights(name, _named_tensors(self.base_model))
+        expert = FunctionalExpert.from_weights(self.base_model, weights)
+        if self.cache_experts:
+            self._experts[key] = expert
+            while len(self._experts) > self.cache_experts:
+                self._experts.popitem(last=False)
+        return expert
+
+    def _collapsed(self) -> set[str]:
+        """Stored tasks whose trigger collapsed (λ = 0): their expert θ⁰ + 0·M⊙u is θ⁰ itself."""
+        return {r.name for r in self.merger.tasks if r.lam == 0.0}
 
     def _head(self, voter: str, expert: FunctionalExpert | None, classnames: list[str], templates: list[str]):
         digest = hashlib.blake2b(repr((classnames, templates)).encode(), digest_size=12).hexdigest()
@@ -332,12 +367,18 @@ class SemanticRouter:
         scale = self._scale
         self.stats.batches += 1
         if task is not None:
+            self.stats.experts_per_batch.append(1)
+            if task in self._collapsed():  # λ = 0: the expert is θ⁰
+                self.merger.task_index(task)
+                self.stats.zero_shot_passes += 1
+                self.stats.shared_zero_shot += 1
+                feats = image_features(self.base_model, px, **extra).float()
+                return scale * feats @ self._head(ZERO_SHOT, None, classnames, templates).t()
             expert = self.expert(task)
             head = self._head(task, expert, classnames, templates)
             feats = expert.run(image_features, px, **extra).float()
             self.stats.expert_image_passes += 1
             self.stats.expert_samples += px.shape[0]
-            self.stats.experts_per_batch.append(1)
             return scale * feats @ head.t()
 
         z0 = image_features(self.base_model, px, **extra).float()
@@ -353,18 +394,26 @@ class SemanticRouter:
         out = (w0 * scale) * (z0 @ head0.t()) if w0 > 0 else z0.new_zeros(px.shape[0], len(classnames))
         chosen = routing.indices.to(device)
         used = torch.unique(chosen).tolist()
-        for e in used:  # one expert at a time, on the samples that chose it
+        collapsed = self._collapsed()
+        if self._experts:  # experts still cached first, before building others can evict them
+            dev_key = str(model_device(self.base_model))
+            used.sort(key=lambda e: (routing.task_names[e], dev_key) not in self._experts)
+        for e in used:  # grouped by expert: each distinct expert once, over exactly the samples that chose it
             sel = chosen == e
             rows = sel.any(dim=1)
             weight = (w * sel).sum(dim=1)[rows]
             name = routing.task_names[e]
-            expert = self.expert(name)
-            head = self._head(name, expert, classnames, templates)
-            feats = expert.run(image_features, px[rows], **{k: v[rows] for k, v in extra.items()}).float()
-            self.stats.expert_image_passes += 1
-            self.stats.expert_samples += int(rows.sum())
-            out[rows] += (weight * scale).unsqueeze(1) * (feats @ head.t())
-            del expert
+            if name in collapsed:  # λ = 0: the expert is θ⁰, whose pass and head this batch already has
+                feats, head = z0[rows], head0
+                self.stats.shared_zero_shot += 1
+            else:
+                expert = self.expert(name)
+                head = self._head(name, expert, classnames, templates)
+                feats = expert.run(image_features, px[rows], **{k: v[rows] for k, v in extra.items()}).float()
+                self.stats.expert_image_passes += 1
+                self.stats.expert_samples += int(rows.sum())
+                del expert
+            out[rows] += (weight * scale).unsqueeze(1) * (feats @ head.t())  # scattered back into its rows
         self.stats.experts_per_batch.append(len(used))
         return out
 

@@ -293,8 +293,9 @@ class _KeyDeltas(Sequence):
     """The inputs' deltas at one key, read on access (each access reads again: a method that needs an input twice
     keeps it); an input without this key gives zeros."""
 
-    def __init__(self, inputs: Sequence[_Input], present: list[bool], key: str, shape, base):
+    def __init__(self, inputs: Sequence[_Input], present: list[bool], key: str, shape, base, check: bool = True):
         self.inputs, self.present, self.key, self.shape, self.base = inputs, present, key, shape, base
+        self.check = check  # False: the caller checks the merged delta and calls check_inputs() when it is not finite
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -304,14 +305,24 @@ class _KeyDeltas(Sequence):
             return [self[i] for i in range(*t.indices(len(self)))]
         if not self.present[t]:
             return torch.zeros(self.shape)
+        d = self.inputs[t].delta(self.key, self.base())
+        if self.check:
+            self._check(t, d)
+        return d
+
+    def _check(self, t: int, d: torch.Tensor) -> None:
         from hf_cft.merging.deltas import all_finite
 
-        d = self.inputs[t].delta(self.key, self.base())
         if not all_finite(d):
             raise NonFiniteError(
                 f"The delta of input {t} ({self.inputs[t].description}) holds NaN/inf at key {self.key!r}."
             )
-        return d
+
+    def check_inputs(self) -> None:
+        """Read every present input again and raise :class:`NonFiniteError` naming the first non-finite one."""
+        for t, here in enumerate(self.present):
+            if here:
+                self._check(t, self.inputs[t].delta(self.key, self.base()))
 
 
 class _LazyInputDelta(Mapping):
@@ -384,7 +395,14 @@ def _merged_keys(method, inputs: Sequence[_Input], shapes: Mapping[str, tuple], 
             return cache["t"]
 
         ctx = TensorContext(key, options, per_input, present, base, i, len(keys), state)
-        yield key, method.fn(_KeyDeltas(inputs, present, key, shapes[key], base), ctx)
+        deltas = _KeyDeltas(inputs, present, key, shapes[key], base, check=not method.nonfinite_propagates)
+        merged = method.fn(deltas, ctx)
+        if method.nonfinite_propagates and isinstance(merged, torch.Tensor):
+            from hf_cft.merging.deltas import all_finite
+
+            if not all_finite(merged):  # a non-finite input shows here; name it (else the options overflowed)
+                deltas.check_inputs()
+        yield key, merged
 
 
 def _check_merged(
@@ -539,7 +557,7 @@ class ShardedWriter:
         while self._next[i] < len(layout) and layout[self._next[i]][0] in self._pending[i]:
             t = self._pending[i].pop(layout[self._next[i]][0])
             if t.numel():
-                fh.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                fh.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
             self._next[i] += 1
             self.written += 1
         if self._next[i] == len(layout):
@@ -600,6 +618,7 @@ def merge_folders(
     lora_rank: int | None = None,
     extra_files: Mapping[str, bytes] | None = None,
     source_names: Sequence[str] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Merge local input folders into θ⁰ (``base``, a model folder) with a registered method, streamed key by key,
     and write the result to ``out`` atomically (a staged sibling folder swapped in at the end).
@@ -610,7 +629,9 @@ def merge_folders(
     ``lora_rank``: write a PEFT LoRA adapter instead of a full model — per target of the LoRA inputs, the rank-r
     truncated SVD of the merged ΔW (``B = U_r·diag(S_r)``, ``A = V_rᵀ``, ``lora_alpha = r``), as peft's ``svd``
     combination; every input must then be a LoRA adapter. ``extra_files``: name → bytes written beside the weights
-    (the card, the resolved config). Returns a summary (method, options, per-input options, keys merged, files).
+    (the card, the resolved config). ``extra``: what a ``kind="model"`` method needs beyond the deltas
+    (``ModelContext.extra``: RegMean's and Fisher's calibration loaders, θ⁰ as a module, ...). Returns a summary
+    (method, options, per-input options, keys merged, files).
     """
     from hf_cft.merging.registry import get_method
     from hf_cft.utils import staged_folder
@@ -627,8 +648,13 @@ def merge_folders(
     shapes = {k: base_src.entry(k).shape for k in base_src.files}
     floating = {k for k in shapes if base_src.entry(k).dtype.is_floating_point}
 
-    def base_read(key: str) -> torch.Tensor:
-        return base_src.read(key).to(torch.float32)
+    last: dict[str, torch.Tensor] = {}
+
+    def base_read(key: str) -> torch.Tensor:  # θ⁰ at the key being merged, read once for its deltas and the output
+        if key not in last:
+            last.clear()
+            last[key] = base_src.read(key).to(torch.float32)
+        return last[key]
 
     merge_shapes = {k: s for k, s in shapes.items() if k in floating}
     changed = 0
@@ -639,7 +665,7 @@ def merge_folders(
             try:
                 merged_iter = dict.fromkeys(shapes)  # θ⁰'s order; the floating keys merged as they come
                 stream = _merged_keys(
-                    m, srcs, merge_shapes, base_read, options, per_input, {"base_model": base_folder}
+                    m, srcs, merge_shapes, base_read, options, per_input, {"base_model": base_folder, **(extra or {})}
                 )
                 for key in merged_iter:
                     if key not in floating:
@@ -673,6 +699,7 @@ def merge_folders(
                 shard_bytes,
                 out_dtype,
                 base_folder,
+                dict(extra or {}),
             )
         for name, data in (extra_files or {}).items():
             (stage / name).write_bytes(data)
@@ -700,7 +727,7 @@ def _write_model_side_files(base_folder: Path, stage: Path, out_dtype: str | Non
 
 
 def _write_lora(
-    m, srcs, shapes, base_read, options, per_input, rank, base, stage, shard_bytes, out_dtype, base_folder
+    m, srcs, shapes, base_read, options, per_input, rank, base, stage, shard_bytes, out_dtype, base_folder, extra
 ):
     """The merged ΔW of every LoRA target as a rank-``rank`` LoRA adapter (truncated SVD), streamed key by key."""
     from hf_cft.validation import check_int
@@ -729,7 +756,15 @@ def _write_lora(
     writer = ShardedWriter(stage, plan, shard_bytes, filename="adapter_model.safetensors")
     changed = 0
     try:
-        for key, merged in _merged_keys(m, srcs, {k: shapes[k] for k in targets}, base_read, options, per_input, {}):
+        for key, merged in _merged_keys(
+            m,
+            srcs,
+            {k: shapes[k] for k in targets},
+            base_read,
+            options,
+            per_input,
+            {"base_model": base_folder, **extra},
+        ):
             merged = (
                 torch.zeros(shapes[key])
                 if merged is None
