@@ -123,7 +123,7 @@ def _draw_shots(pool_y: torch.Tensor, n_classes: int, seed: int):
     return torch.cat(tr), torch.cat(va)
 
 
-class _Context:
+class Context:
     """One CoOp adapter on the model whose context is swapped in and out to evaluate every row."""
 
     def __init__(self, model, tok):
@@ -144,14 +144,48 @@ class _Context:
         return self.param.detach().clone()
 
     @torch.no_grad()
+    def head(self, names) -> torch.Tensor:
+        """The normalised class text features of ``names`` through the current context."""
+        return self.peft.class_text_features(self.tok, list(names)).float()
+
     def heads(self, base_names, novel_names):
-        return (
-            self.peft.class_text_features(self.tok, base_names).float(),
-            self.peft.class_text_features(self.tok, novel_names).float(),
-        )
+        return self.head(base_names), self.head(novel_names)
 
     def close(self):
         return self.peft.unload()
+
+
+def _optim(hp: dict) -> dict:
+    return dict(epochs=hp["epochs"], lr=hp["lr"], batch_size=hp["batch_size"], optimizer=hp["optimizer"])
+
+
+def fit_prompt(ctx_model: Context, tok, names, x, y, seed: int, hp: dict, kg_text=None) -> torch.Tensor:
+    """CoOp (KgCoOp with ``kg_text``, the single-template zero-shot head of ``names``: λ_kg = ``KG_WEIGHT``) from
+    "a photo of a" on the features ``x`` / labels ``y`` over ``names``; returns the learned context (left set)."""
+    from hf_cft.trainers.feature_training import train_coop_on_features
+
+    kg = {} if kg_text is None else {"kg_weight": KG_WEIGHT, "kg_text": kg_text}
+    ctx_model.set(ctx_model.e0)
+    train_coop_on_features(ctx_model.peft, tok, names, x, y, seed=seed, **_optim(hp), **kg)
+    return ctx_model.get()
+
+
+def fit_mergetune(
+    ctx_model: Context, tok, names, x, y, seed: int, hp: dict, zs_head, ctx_ft, head_ft, **kw
+) -> torch.Tensor:
+    """MergeTune of the fine-tuned context ``ctx_ft`` (ŵ2, class features ``head_ft`` over ``names``) towards the
+    zero-shot head ``zs_head`` (ŵ1): τ-initialised, λ = ``hp["lam"]``, β = ``hp["beta"]``, N = 5, the fine-tuned
+    model's optimiser and epochs; ``kw`` overrides the loss options (anchor, fisher, anchor_weight, path_weight).
+    Returns the merged context (left set)."""
+    from hf_cft.trainers.feature_training import coop_context_init, train_mergetune_on_features
+
+    ctx_model.set(ctx_ft)
+    coop_context_init(ctx_model.peft, tok, ctx_ft, "a photo of a", tau=hp["tau"])
+    kw = {"anchor_weight": hp["lam"], "path_weight": hp["beta"], **kw}
+    train_mergetune_on_features(
+        ctx_model.peft, tok, names, x, y, zs_head, head_ft, num_alphas=5, seed=seed, **_optim(hp), **kw
+    )
+    return ctx_model.get()
 
 
 def run_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print, paths_dir=None, rows=ROWS) -> dict:
@@ -163,11 +197,6 @@ def run_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print, paths
     from hf_cft.merging import dare, ties
     from hf_cft.models import build_zeroshot_classifier
     from hf_cft.models.clip import logit_scale
-    from hf_cft.trainers.feature_training import (
-        coop_context_init,
-        train_coop_on_features,
-        train_mergetune_on_features,
-    )
     from hf_cft.trainers.mergetune_losses import classifier_fisher, normalize_fisher
 
     dev = next(model.parameters()).device
@@ -203,7 +232,7 @@ def run_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print, paths
             row: (_acc(scale * fb @ zs_b.t(), bt_y), _acc(scale * fn @ zs_n.t(), nt_y))
             for row, (fb, fn) in vpt.items()
         }
-    ctx_model = _Context(model, tok)
+    ctx_model = Context(model, tok)
     try:
         for seed in seeds:
             t0 = time.perf_counter()
@@ -214,31 +243,20 @@ def run_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print, paths
                 out["zs_single"].append(evaluate(zs_b, zs_n))
             if "zs_ensemble" in want:
                 out["zs_ensemble"].append(evaluate(ens_b, ens_n))
-            common = dict(epochs=hp["epochs"], lr=hp["lr"], batch_size=hp["batch_size"], optimizer=hp["optimizer"])
             # CoOp (ŵ2)
-            ctx_model.set(ctx_model.e0)
-            train_coop_on_features(ctx_model.peft, tok, base_names, x, y, seed=seed, **common)
-            ctx_ft = ctx_model.get()
+            ctx_ft = fit_prompt(ctx_model, tok, base_names, x, y, seed, hp)
             coop_b, coop_n = ctx_model.heads(base_names, novel_names)
             if "coop" in want:
                 out["coop"].append(evaluate(coop_b, coop_n))
-            mt_common = dict(num_alphas=5, seed=seed, **common)
             if want & {"kgcoop", "kgcoop_mergetune"}:  # KgCoOp (ŵ2 of its MergeTune row), from "a photo of a"
-                ctx_model.set(ctx_model.e0)
-                train_coop_on_features(
-                    ctx_model.peft, tok, base_names, x, y, seed=seed, kg_weight=KG_WEIGHT, kg_text=zs_b, **common
-                )
-                ctx_kg = ctx_model.get()
+                ctx_kg = fit_prompt(ctx_model, tok, base_names, x, y, seed, hp, kg_text=zs_b)
                 kg_b, kg_n = ctx_model.heads(base_names, novel_names)
                 if "kgcoop" in want:
                     out["kgcoop"].append(evaluate(kg_b, kg_n))
                 if "kgcoop_mergetune" in want:
-                    ctx_model.set(ctx_kg)
-                    coop_context_init(ctx_model.peft, tok, ctx_kg, "a photo of a", tau=hp["tau"])
-                    train_mergetune_on_features(
-                        ctx_model.peft, tok, base_names, x, y, zs_b, kg_b, anchor_weight=KG_WEIGHT,
-                        path_weight=hp["beta"], **mt_common,
-                    )  # fmt: skip
+                    fit_mergetune(
+                        ctx_model, tok, base_names, x, y, seed, hp, zs_b, ctx_kg, kg_b, anchor_weight=KG_WEIGHT
+                    )
                     out["kgcoop_mergetune"].append(evaluate(*ctx_model.heads(base_names, novel_names)))
             for row in ("vpt", "vpt_mergetune"):
                 if row in want:
@@ -266,12 +284,7 @@ def run_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print, paths
             for row, kw in variants.items():
                 if row not in want:
                     continue
-                ctx_model.set(ctx_ft)
-                coop_context_init(ctx_model.peft, tok, ctx_ft, "a photo of a", tau=hp["tau"])
-                kw = {"anchor_weight": hp["lam"], "path_weight": hp["beta"], **kw}
-                train_mergetune_on_features(
-                    ctx_model.peft, tok, base_names, x, y, zs_b, coop_b, num_alphas=5, seed=seed, **common, **kw
-                )
+                fit_mergetune(ctx_model, tok, base_names, x, y, seed, hp, zs_b, ctx_ft, coop_b, **kw)
                 heads_row = ctx_model.heads(base_names, novel_names)
                 out[row].append(evaluate(*heads_row))
                 if row == "mergetune" and paths_dir is not None and seed == seeds[0]:
@@ -433,7 +446,7 @@ def run_head_dataset(model, tok, task, feats: dict, seeds, hp: dict, log=print) 
         return (scale * f @ v[rows].t()).softmax(-1)
 
     out = {row: [] for row in HEAD_ROWS}
-    common = dict(epochs=hp["epochs"], lr=hp["lr"], batch_size=hp["batch_size"], optimizer=hp["optimizer"])
+    common = _optim(hp)
     for seed in seeds:
         t0 = time.perf_counter()
         tr, va = _draw_shots(pool_y, nb, seed)

@@ -5,6 +5,10 @@
                                                     # quick: dtd10, aid30, gtsrb only)
     python benchmarks/run.py b2n [--quick]          # Protocol A for MergeTune: CoOp, MergeTune (+Fisher, ablations),
                                                     # TIES / DARE / WiSE / output ensemble (benchmarks/b2n.py)
+    python benchmarks/run.py crossdata [--quick]    # Protocols C and D (benchmarks/crossdata.py): CoOp, KgCoOp and
+                                                    # their MergeTune rows trained on all caltech101 classes, on the
+                                                    # other nine datasets and on shifted caltech101 test sets
+    python benchmarks/run.py transfer|domain        # Protocol C or D alone (same source models)
 
 Options: ``--checkpoint DIR`` (a CLIPModel folder). Without it each protocol uses its design's model, pretrained
 on first use (5,000 steps; in quick mode a 150-step model) outside the repository: ``zeroshot`` and ``headroom``
@@ -12,10 +16,12 @@ use design F (``recipes/configs/pretrain_clip_web.yaml``, ``~/.cache/hf_cft/benc
 captions, the zero-shot model with CLIP-like headroom), ``b2n`` and ``b2n_head`` design C
 (``recipes/configs/pretrain_clip_described.yaml``, ``~/.cache/hf_cft/benchmark-clip-described/model``), on which
 prompt learning forgets novel classes -- what MergeTune must recover; on design F a learned context improves the
-novel classes too (benchmarks/README.md). ``--design C|F`` overrides the protocol's design.
+novel classes too (benchmarks/README.md); ``transfer``, ``domain`` and ``crossdata`` use design C as Protocol A.
+``--design C|F`` overrides the protocol's design.
 ``--data_dir`` (default ../shared/data), ``--out`` (default benchmarks/results), ``--seeds``.
 
-Each run writes ``<out>/<protocol>[-quick].json`` (machine, versions, date, checkpoint summary, numbers),
+Each run writes ``<out>/<protocol>[-quick].json`` (``transfer`` and ``domain``: ``protocolC`` / ``protocolD``;
+``crossdata`` both) (machine, versions, date, checkpoint summary, numbers),
 ``.md`` (the table) and ``.png`` (a plot). ``--quick`` evaluates at most 1,000 test images per dataset with one
 seed and finishes in under 5 minutes on 2 CPU cores once the checkpoint exists. Numbers are measured on the
 small re-encoded datasets of ../shared/data, not the official ones.
@@ -54,7 +60,17 @@ from hf_cft.utils import atomic_path, atomic_write_bytes, atomic_write_json  # n
 
 PROTOCOL_A = ("caltech101", "stanford_cars", "gtsrb", "aid30", "dtd10", "cifar10", "mnist")
 # the default pretraining design (hf_cft.recipe_utils.PRETRAIN_DESIGNS) of each protocol
-PROTOCOL_DESIGN = {"zeroshot": "F", "headroom": "F", "b2n": "C", "b2n_head": "C"}
+PROTOCOL_DESIGN = {
+    "zeroshot": "F",
+    "headroom": "F",
+    "b2n": "C",
+    "b2n_head": "C",
+    "transfer": "C",
+    "domain": "C",
+    "crossdata": "C",
+}
+#: The result files' names of the protocols that do not write ``<protocol>.*``.
+OUTPUT_NAMES = {"transfer": "protocolC", "domain": "protocolD"}
 CACHE = Path("~/.cache/hf_cft/decoded").expanduser()
 
 
@@ -420,6 +436,69 @@ def protocol_b2n_head(model, tok, size, args) -> dict:
     return {**summary, "table": lines, "rows": rows, "plot": ("bars", ["base", "novel", "hm"])}
 
 
+def _crossdata(model, tok, size, args, which: tuple[str, ...]) -> dict:
+    """Protocols C (``"transfer"``) and/or D (``"domain"``) from one set of source models (``crossdata.py``)."""
+    import crossdata
+
+    from hf_cft.data import DOMAIN_SHIFTS, domain_shift
+
+    hp = _b2n_hyper_parameters(args)
+    limit = 1000 if args.quick else None
+    t0 = time.perf_counter()
+    source, source_feats = task_features(model, size, crossdata.SOURCE, args)
+    targets, shifted = {}, {}
+    if "transfer" in which:
+        names = args.datasets or [d for d in SHARED_DATASETS if d != crossdata.SOURCE]
+        for name in names:
+            if name == crossdata.SOURCE or name not in SHARED_DATASETS:
+                raise SystemExit(
+                    f"--datasets {name}: not a target of the transfer protocol ({crossdata.SOURCE} is "
+                    f"the source; targets are {[d for d in SHARED_DATASETS if d != crossdata.SOURCE]})"
+                )
+            task = load_classification_dataset(name, data_dir=args.data_dir)
+            targets[name] = (task, *split_features(model, task, "test", size, name, limit))
+    if "domain" in which:
+        images, _ = split_images(source, "test", size, crossdata.SOURCE, limit)
+        shifted = {s: features(model, domain_shift(images, s)) for s in DOMAIN_SHIFTS}
+    print(f"features: {time.perf_counter() - t0:.0f}s", flush=True)
+    out = crossdata.run(model, tok, source, source_feats, targets, shifted, args.seeds, hp,
+                        log=lambda m: print(m, flush=True))  # fmt: skip
+    results = {}
+    for protocol in which:
+        summary = crossdata.summarise(out, protocol)
+        lines = crossdata.markdown(summary, protocol)
+        if protocol == "domain":
+            from hf_cft.data import SHIFT_PARAMETERS
+
+            lines += ["", "Shifts (hf_cft.data.shifts, fixed before any result was seen): "
+                      + "; ".join(f"{s} {SHIFT_PARAMETERS[s]}" for s in DOMAIN_SHIFTS) + "."]  # fmt: skip
+        lines += ["", f"Source models: {crossdata.SOURCE}, all {source.num_classes} classes, 16 shots per class; "
+                  f"hyper-parameters {hp}; every cell mean ± sample std over seeds {args.seeds}."]  # fmt: skip
+        plot_rows = {c: {r: v["mean"] for r, v in row.items()} for c, row in summary["columns"].items()}
+        plot_rows["average"] = {r: v["mean"] for r, v in summary["average"].items()}
+        results[OUTPUT_NAMES[protocol]] = {
+            **summary,
+            "hyper_parameters": hp,
+            "source_dataset": crossdata.SOURCE,
+            "table": lines,
+            "rows": plot_rows,
+            "plot": ("bars", list(crossdata.ROWS)),
+        }
+    return {"outputs": results}
+
+
+def protocol_transfer(model, tok, size, args) -> dict:
+    return _crossdata(model, tok, size, args, ("transfer",))
+
+
+def protocol_domain(model, tok, size, args) -> dict:
+    return _crossdata(model, tok, size, args, ("domain",))
+
+
+def protocol_crossdata(model, tok, size, args) -> dict:
+    return _crossdata(model, tok, size, args, ("transfer", "domain"))
+
+
 def bt_logits(model, feats, head):
     from hf_cft.models import clip_logits
 
@@ -431,6 +510,9 @@ PROTOCOLS = {
     "headroom": protocol_headroom,
     "b2n": protocol_b2n,
     "b2n_head": protocol_b2n_head,
+    "transfer": protocol_transfer,
+    "domain": protocol_domain,
+    "crossdata": protocol_crossdata,
 }
 
 
@@ -507,32 +589,43 @@ def main(argv=None):
     import peft
     import transformers
 
-    record = {
-        "protocol": args.protocol,
-        "quick": args.quick,
-        "seeds": args.seeds,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": torch.cuda.is_available()},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
-        "checkpoint": {
-            "path": _tilde(ckpt),
-            **{k: summary.get(k) for k in ("steps", "minutes", "images_per_s", "parameters", "pool_images")},
-        },
-        "seconds": time.perf_counter() - t0,
-        **{k: v for k, v in result.items() if k != "plot"},
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.protocol + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
-    atomic_write_json(args.out / f"{stem}.json", record)
-    head = (
-        f"# {args.protocol}{' (quick)' if args.quick else ''}\n\nSmall pretrained CLIP ({_tilde(ckpt)}), "
-        f"../shared/data (small re-encoded subsets, not the official datasets); {record['machine']['cpus']} CPU "
-        f"cores, no GPU; {record['date']}; seeds {args.seeds}.\n\n"
-    )
-    atomic_write_bytes(args.out / f"{stem}.md", (head + "\n".join(result["table"]) + "\n").encode())
-    plot(result, args.out / f"{stem}.png", f"{args.protocol} — small pretrained CLIP on ../shared/data")
-    print("\n".join(result["table"]))
-    print(f"\nwritten: {args.out / stem}.{{json,md,png}} in {record['seconds']:.0f}s")
+    # a protocol writes ``<protocol>.*``, or several result sets (``{"outputs": {name: result}}``)
+    outputs = result.get("outputs", {args.protocol: result})
+    seconds = time.perf_counter() - t0
+    for name, res in outputs.items():
+        record = {
+            "protocol": name,
+            "quick": args.quick,
+            "seeds": args.seeds,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": torch.cuda.is_available()},
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "peft": peft.__version__,
+            },
+            "checkpoint": {
+                "path": _tilde(ckpt),
+                **{k: summary.get(k) for k in ("steps", "minutes", "images_per_s", "parameters", "pool_images")},
+            },
+            "command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "threads": torch.get_num_threads(),
+            "seconds": seconds,
+            **{k: v for k, v in res.items() if k != "plot"},
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = name + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
+        atomic_write_json(args.out / f"{stem}.json", record)
+        head = (
+            f"# {name}{' (quick)' if args.quick else ''}\n\nSmall pretrained CLIP ({_tilde(ckpt)}), "
+            f"../shared/data (small re-encoded subsets, not the official datasets); {record['machine']['cpus']} CPU "
+            f"cores ({record['threads']} torch threads), no GPU; {record['date']}; seeds {args.seeds}; "
+            f"{seconds:.0f} s; `{record['command']}`.\n\n"
+        )
+        atomic_write_bytes(args.out / f"{stem}.md", (head + "\n".join(res["table"]) + "\n").encode())
+        plot(res, args.out / f"{stem}.png", f"{name} — small pretrained CLIP on ../shared/data")
+        print("\n".join(res["table"]))
+        print(f"\nwritten: {args.out / stem}.{{json,md,png}} in {seconds:.0f}s")
 
 
 if __name__ == "__main__":

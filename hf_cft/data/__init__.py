@@ -1,4 +1,5 @@
-"""Data layer: dataset specs, loaders, few-shot / pool / base-novel sampling, transforms and collators."""
+"""Data layer: dataset specs, loaders, few-shot / pool / base-novel sampling, transforms and collators, and the
+fixed domain shifts of the domain-generalisation benchmark."""
 
 from hf_cft.data.digits import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, load_digits_dataset
 from hf_cft.data.loading import (
@@ -18,6 +19,7 @@ from hf_cft.data.sampling import (
     split_per_class,
     split_per_class_indices,
 )
+from hf_cft.data.shifts import DOMAIN_SHIFTS, SHIFT_PARAMETERS, domain_shift
 from hf_cft.data.specs import DatasetSpec, benchmark_order, get_spec, list_specs
 from hf_cft.data.templates import DEFAULT_TEMPLATES, format_prompts, validate_classnames, validate_templates
 from hf_cft.data.transforms import (
@@ -36,7 +38,9 @@ __all__ = [
     "DEFAULT_TEMPLATES",
     "DIGIT_CLASSNAMES",
     "DIGIT_TEMPLATES",
+    "DOMAIN_SHIFTS",
     "SHARED_DATASETS",
+    "SHIFT_PARAMETERS",
     "ClassificationDataset",
     "DatasetSpec",
     "ImageClassificationCollator",
@@ -47,6 +51,7 @@ __all__ = [
     "benchmark_order",
     "decode_image",
     "default_data_dir",
+    "domain_shift",
     "few_shot",
     "few_shot_indices",
     "format_prompts",
