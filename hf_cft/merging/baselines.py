@@ -215,10 +215,12 @@ def _trim_threshold(flat: Tensor, keep: int) -> tuple[float, Tensor | None]:
 
 # Element-wise kernels run block by block over the flattened key (:func:`_blocks`): each step's temporaries are one
 # block, which stays in the CPU cache and is never a fresh, page-faulted allocation (on the development machine a
-# fresh full-size temporary costs as much as copying the tensor), and a block of at most 32768 entries is below
-# torch's intra-op grain size, so no op pays a thread hand-off. Every op is element-wise and in the order of the
-# whole-tensor formula, so the results are bit for bit those of the formula (tests/test_merging_speed.py).
-BLOCK = 1 << 15
+# fresh full-size temporary costs as much as copying the tensor), and a block below torch's intra-op grain size
+# (32768 entries; a reduction of exactly that many already goes parallel) runs every op on one thread: a two-thread
+# op waits for the second core, which on a busy machine costs a scheduler time slice (~30 ms on the development
+# machine, for an op of ~10 µs). Every op is element-wise and in the order of the whole-tensor formula, so the
+# results are bit for bit those of the formula (tests/test_merging_speed.py).
+BLOCK = 31 * 1024
 
 
 def _blocks(n: int, size: int = BLOCK) -> Iterator[slice]:
@@ -245,11 +247,18 @@ def _keep_where(value: Tensor, cond: Tensor, out: Tensor) -> Tensor:
     return torch.mul(value.view(torch.int32), cond, out=out.view(torch.int32)).view(torch.float32)
 
 
+def _stacked_block(rows: int) -> int:
+    """Block size of a kernel that works on ``rows`` stacked blocks at once (TIES' sign election): the stack stays
+    within one block's entries, so its ops (reductions over the inputs included) stay single-threaded too."""
+    return max(1024, BLOCK // max(1, rows) // 1024 * 1024)  # whole vector chunks: a reduction's order stays that
+    # of the whole tensor (torch sums a column tail apart from the vectorised body)
+
+
 class _Scratch:
     """Block-sized temporaries, allocated once per kernel call and reused for every block."""
 
-    def __init__(self, n: int, rows: int = 0):
-        m = min(n, BLOCK)
+    def __init__(self, n: int, rows: int = 0, size: int = BLOCK):
+        m = min(n, size)
         self.f = [torch.empty(m) for _ in range(3)]
         self.b = torch.empty(m, dtype=torch.bool)
         self.i = torch.empty(m, dtype=torch.int32)
@@ -1116,10 +1125,11 @@ def _ties_tensor(deltas: list[Tensor], ctx) -> Tensor:
     flats = [d.reshape(-1) for d in deltas]
     n = flats[0].numel()
     out = torch.empty(n)
-    sc = _Scratch(n, rows=len(flats))
+    size = _stacked_block(len(flats))
+    sc = _Scratch(n, rows=len(flats), size=size)
     drops = [None if model_scope else thr[1] for thr in thresholds]
     thresholds = [thr if model_scope else thr[0] for thr in thresholds]
-    for s in _blocks(n):
+    for s in _blocks(n, size):
         m = s.stop - s.start
         stacked = sc.stack[:, :m]
         for row, f, thr, drop, inp in zip(stacked, flats, thresholds, drops, ctx.inputs):
@@ -1205,8 +1215,9 @@ def _dare_tensor(deltas: list[Tensor], ctx) -> Tensor:
         return out.view(first.shape)
     flats = [(first if t == 0 else deltas[t]).reshape(-1) for t in range(len(rhos))]
     masks = [None if rho == 0.0 else source.mask(n, 1.0 - rho) for rho in rhos]  # each input's mask in turn
-    stack = torch.empty(len(flats), min(n, BLOCK))
-    for s in _blocks(n):
+    size = _stacked_block(len(flats))
+    stack = torch.empty(len(flats), min(n, size))
+    for s in _blocks(n, size):
         m = s.stop - s.start
         for row, f, rho, mask, inp in zip(stack[:, :m], flats, rhos, masks, ctx.inputs):
             row.copy_(dropped(f[s], rho, inp["weight"], None if mask is None else mask[s], row))
