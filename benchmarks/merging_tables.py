@@ -64,7 +64,10 @@ def gather(paths: list[str]) -> tuple[dict, dict]:
         data = json.loads(Path(path).read_text())
         for name, result in data["results"].items():
             runs[name] = result
-        meta = {k: data.get(k) for k in ("benchmark", "stream", "tasks", "machine")} | {"config": data.get("config")}
+        config = dict(data.get("config") or {})
+        if config.get("expert_cache"):  # a folder of the machine it ran on: not recorded
+            config["expert_cache"] = "DIR"
+        meta = {k: data.get(k) for k in ("benchmark", "stream", "tasks", "machine")} | {"config": config}
     return runs, meta
 
 
