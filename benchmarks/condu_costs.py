@@ -2,16 +2,23 @@
 
     python benchmarks/condu_costs.py                   # ViT-B/16-shaped CLIP (random weights), 8 tasks
     python benchmarks/condu_costs.py --shape small     # the small benchmark CLIP shape (seconds)
+    python benchmarks/condu_costs.py --device cpu --parts unify     # sessions on the CPU only, no routing
 
 1. Writes θ⁰ and T random task deltas (every floating-point key but ``logit_scale``; δ_t = 1e-3·(shared + own)
    so that signs partly agree, as fine-tuning deltas of one model do) as safetensors files.
 2. In a fresh process, unifies them one session per task with ``DeltaFusionMerger`` (each delta read from its
    file), and reports the peak resident memory above the process's baseline, in units of one model's fp32
    size, the time of every session, and the storage of the bundle against keeping every expert / 1-byte masks.
-3. Routed inference: ``SemanticRouter`` with top-K (K = 4, + θ⁰) against routing to all T experts, on one batch
-   of images: wall time and the number of expert forward passes.
+   The merger computes on ``--device`` (default: CUDA when present, else the CPU). Each session of n tasks is
+   set against its memory-traffic bound, measured in the same process right after it: the time to read and write
+   n model-sized fp32 tensors once (cloning the merger's unified delta n times, key by key) — what reading every
+   stored expert's and the new delta's slices once and writing them once would cost.
+3. Routed inference (model on ``--device``): ``SemanticRouter`` with top-K (K = 4, + θ⁰) against routing to all
+   T experts, on one batch of images: median wall time of ``--repeats`` runs, interleaved, and the number of
+   expert builds and forward passes.
 
-Writes ``benchmarks/results/condu_costs[-small][-gpu].{json,md}``. Medians/ratios are measured in one run.
+``--parts`` picks 2 (``unify``) and/or 3 (``routing``). Writes
+``benchmarks/results/condu_costs[-small]-{cpu,gpu}.{json,md}``. Medians/ratios are measured in one run.
 """
 
 from __future__ import annotations
@@ -60,25 +67,88 @@ def _peak_rss_mb() -> float:
     return _status_mb("VmHWM")
 
 
-def worker(folder: Path, tasks: int, load: str) -> dict:
+def clone_bound(tensors: dict, n: int) -> tuple[float, float]:
+    """(wall, CPU) seconds to read and write ``n`` copies of ``tensors`` once: each tensor cloned ``n`` times, key
+    by key (a clone is freed before the next, so memory grows by one key)."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(n):
+        for t in tensors.values():
+            c = t.clone()
+            del c
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def worker(folder: Path, tasks: int, load: str, device: str = "cpu") -> dict:
     """Unify the deltas of ``folder`` one session per task, in this (fresh) process: ``stream`` hands add_task the
-    file path (read key by key), ``memory`` loads each whole delta first (``safetensors.torch.load_file``)."""
+    file path (read key by key), ``memory`` loads each whole delta first (``safetensors.torch.load_file``). Right
+    after each session of n tasks, its bound (:func:`clone_bound` of u, n times) is measured under the same load
+    of the machine (its clones add one key to the peak memory, well below the sessions' own)."""
     from safetensors.torch import load_file
 
     from hf_cft.merging import DeltaFusionMerger
 
-    merger = DeltaFusionMerger()
+    merger = DeltaFusionMerger(device=device)
     baseline = _rss_mb()
-    sessions = []
+    sessions, bounds, cpu, bounds_cpu = [], [], [], []
     for t in range(tasks):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         path = str(folder / f"delta{t}.safetensors")
         delta = path if load == "stream" else load_file(path)
         merger.add_task(delta, f"task{t}")
         del delta
+        if device != "cpu":
+            torch.cuda.synchronize()
         sessions.append(time.perf_counter() - t0)
-    peak = _peak_rss_mb()
-    return {"baseline_rss_mb": baseline, "peak_rss_mb": peak, "session_seconds": sessions, **merger.storage_bytes()}
+        cpu.append(time.process_time() - c0)
+        wall, busy = clone_bound(merger.unified_delta, t + 1)
+        bounds.append(wall)
+        bounds_cpu.append(busy)
+    return {
+        "baseline_rss_mb": baseline,
+        "peak_rss_mb": _peak_rss_mb(),
+        "session_seconds": sessions,
+        "bound_seconds": bounds,
+        "session_cpu_seconds": cpu,
+        "bound_cpu_seconds": bounds_cpu,
+        "threads": torch.get_num_threads(),
+        "device": str(merger.device),
+        **merger.storage_bytes(),
+    }
+
+
+def _routing(merger, model, tok, names, size, a, device, g) -> dict:
+    """Median seconds of routed top-K + θ⁰ and of all T experts on one batch, ``a.repeats`` interleaved repeats
+    (each mode warmed up once first: text heads cached), and each mode's router stats."""
+    from hf_cft.merging import SemanticRouter
+
+    model.to(device)
+    pixels = torch.randn(a.batch, 3, size, size, generator=g).to(device)
+    routers = {
+        label: SemanticRouter(merger, model, tok, top_k=k) for label, k in (("top_k", a.top_k), ("all", a.tasks))
+    }
+    times = {label: [] for label in routers}
+    for r in routers.values():
+        r.logits(pixels, names, ["a photo of a {}."])  # warm-up (caches text heads)
+        r.stats.reset()
+    for _ in range(a.repeats):
+        for label, r in routers.items():  # interleaved, so that a load change of the machine hits both modes
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            r.logits(pixels, names, ["a photo of a {}."])
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[label].append(time.perf_counter() - t0)
+    timing = {label: statistics.median(ts) for label, ts in times.items()}
+    stats = {label: json.loads(json.dumps(r.stats.__dict__, default=str)) for label, r in routers.items()}
+    return {
+        "median_seconds": timing,
+        "seconds": times,
+        "ratio_top_k_vs_all": timing["top_k"] / timing["all"],
+        "stats": stats,
+        "batch": a.batch,
+        "top_k": a.top_k,
+    }
 
 
 def main(argv=None):
@@ -88,21 +158,34 @@ def main(argv=None):
     p.add_argument("--top_k", type=int, default=4)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present, else cpu)")
+    p.add_argument("--parts", nargs="+", choices=["unify", "routing"], default=["unify", "routing"])
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads here and in the workers (default: torch's own)"
+    )
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--load", choices=["stream", "memory"], default="stream", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     if a.worker is not None:
-        print(json.dumps(worker(a.worker, a.tasks, a.load)))
+        print(json.dumps(worker(a.worker, a.tasks, a.load, device)))
         return
     from safetensors.torch import save_file
 
-    from hf_cft.merging import DeltaFusionMerger, SemanticRouter
+    from hf_cft.merging import DeltaFusionMerger
+    from hf_cft.merging.condu import compute_device
 
+    compute_device(device)  # a bad --device is refused before the deltas are written
     model, tok, size, names = _build(a.shape)
     keys = [k for k, v in model.state_dict().items() if v.is_floating_point() and k != "logit_scale"]
     model_bytes = sum(model.state_dict()[k].numel() * 4 for k in keys)
     g = torch.Generator().manual_seed(0)
+    result = {"shape": a.shape, "tasks": a.tasks, "model_fp32_bytes": model_bytes, "parts": a.parts}
+    mb = 2**20
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         shared = {k: torch.randn(model.state_dict()[k].shape, generator=g) for k in keys}
@@ -110,88 +193,112 @@ def main(argv=None):
             delta = {k: 1e-3 * (shared[k] + torch.randn(shared[k].shape, generator=g)) for k in keys}
             save_file(delta, str(folder / f"delta{t}.safetensors"))
         del shared, delta
-        runs = {}
-        for load in ("stream", "memory"):  # each in a fresh process, so that its peak RSS is its own
-            t0 = time.perf_counter()
-            cmd = [sys.executable, __file__, "--shape", a.shape, "--tasks", str(a.tasks), "--worker", str(folder)]
-            proc = subprocess.run([*cmd, "--load", load], capture_output=True, text=True, check=True)
-            runs[load] = json.loads(proc.stdout.strip().splitlines()[-1])
-            runs[load]["process_wall_seconds"] = time.perf_counter() - t0
-        unify = runs["stream"]
-        unify_wall = unify["process_wall_seconds"]
-        # routed inference: the merger rebuilt here (same deltas) with random prototypes per task
-        merger = DeltaFusionMerger(base_model=model)
-        for t in range(a.tasks):
-            protos = torch.nn.functional.normalize(
-                torch.randn(len(names), model.config.projection_dim, generator=g), dim=-1
+        if "unify" in a.parts:
+            runs = {}
+            for load in ("stream", "memory"):  # each in a fresh process, so that its peak RSS is its own
+                t0 = time.perf_counter()
+                cmd = [sys.executable, __file__, "--shape", a.shape, "--tasks", str(a.tasks), "--worker", str(folder)]
+                cmd += ["--load", load, "--device", device] + (["--threads", str(a.threads)] if a.threads else [])
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                runs[load] = json.loads(proc.stdout.strip().splitlines()[-1])
+                runs[load]["process_wall_seconds"] = time.perf_counter() - t0
+            unify = runs["stream"]
+            result.update(
+                {
+                    "unify": unify,
+                    "unify_process_wall_seconds": unify["process_wall_seconds"],
+                    "peak_memory_in_models": (unify["peak_rss_mb"] - unify["baseline_rss_mb"]) * mb / model_bytes,
+                    "peak_memory_in_models_whole_deltas": (
+                        runs["memory"]["peak_rss_mb"] - runs["memory"]["baseline_rss_mb"]
+                    )
+                    * mb
+                    / model_bytes,
+                    "unify_whole_deltas": runs["memory"],
+                    "storage_ratio_bundle_vs_experts": unify["bundle"] / unify["experts"],
+                    "session_over_bound": [s / b for s, b in zip(unify["session_seconds"], unify["bound_seconds"])],
+                    "session_over_bound_cpu": [
+                        s / b for s, b in zip(unify["session_cpu_seconds"], unify["bound_cpu_seconds"])
+                    ],
+                    "session_over_bound_whole_deltas": [
+                        s / b for s, b in zip(runs["memory"]["session_seconds"], runs["memory"]["bound_seconds"])
+                    ],
+                }
             )
-            merger.add_task(str(folder / f"delta{t}.safetensors"), f"task{t}", prototypes=protos, classnames=names)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    pixels = torch.randn(a.batch, 3, size, size, generator=g).to(device)
-    timing, passes = {}, {}
-    for label, k in (("top_k", a.top_k), ("all", a.tasks)):
-        router = SemanticRouter(merger, model, tok, top_k=k)
-        router.logits(pixels, names, ["a photo of a {}."])  # warm-up (caches text heads)
-        times = []
-        for _ in range(a.repeats):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            router.logits(pixels, names, ["a photo of a {}."])
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        timing[label] = statistics.median(times)
-        passes[label] = json.loads(json.dumps(getattr(router.stats, "__dict__", {}), default=str))
-    result = {
-        "shape": a.shape,
-        "tasks": a.tasks,
-        "model_fp32_bytes": model_bytes,
-        "unify": unify,
-        "unify_process_wall_seconds": unify_wall,
-        "peak_memory_in_models": (unify["peak_rss_mb"] - unify["baseline_rss_mb"]) * 2**20 / model_bytes,
-        "peak_memory_in_models_whole_deltas": (runs["memory"]["peak_rss_mb"] - runs["memory"]["baseline_rss_mb"])
-        * 2**20
-        / model_bytes,
-        "unify_whole_deltas": runs["memory"],
-        "storage_ratio_bundle_vs_experts": unify["bundle"] / unify["experts"],
-        "routing": {"median_seconds": timing, "ratio_top_k_vs_all": timing["top_k"] / timing["all"], "stats": passes},
-        "machine": {
-            "platform": platform.platform(),
-            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            "threads": torch.get_num_threads(),
-        },
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            mem = runs["memory"]
+            rows += [
+                f"| peak memory while unifying {a.tasks} deltas streamed from their files (above baseline) | "
+                f"{(unify['peak_rss_mb'] - unify['baseline_rss_mb']):.0f} MiB = {result['peak_memory_in_models']:.2f} "
+                "models |",
+                f"| the same, each delta loaded whole first (`load_file`) | "
+                f"{(mem['peak_rss_mb'] - mem['baseline_rss_mb']):.0f} MiB = "
+                f"{result['peak_memory_in_models_whole_deltas']:.2f} models |",
+                "| unify time per session, streamed (s) | "
+                + ", ".join(f"{s:.2f}" for s in unify["session_seconds"])
+                + " |",
+                "| unify time per session, whole deltas (s) | "
+                + ", ".join(f"{s:.2f}" for s in mem["session_seconds"])
+                + " |",
+                f"| bundle (u + packed masks + prototypes) | {unify['bundle'] / mb:.1f} MiB |",
+                f"| bundle with 1-byte masks | {unify['bundle_bool_masks'] / mb:.1f} MiB |",
+                f"| every expert kept (fp32) | {unify['experts'] / mb:.1f} MiB |",
+                f"| bundle / experts | {result['storage_ratio_bundle_vs_experts']:.3f} |",
+            ]
+        if "routing" in a.parts:  # the merger rebuilt here (same deltas) with random prototypes per task
+            merger = DeltaFusionMerger(base_model=model)
+            for t in range(a.tasks):
+                protos = torch.nn.functional.normalize(
+                    torch.randn(len(names), model.config.projection_dim, generator=g), dim=-1
+                )
+                merger.add_task(str(folder / f"delta{t}.safetensors"), f"task{t}", prototypes=protos, classnames=names)
+    if "routing" in a.parts:
+        routing = _routing(merger, model, tok, names, size, a, device, g)
+        result["routing"] = routing
+        timing, st = routing["median_seconds"], routing["stats"]["top_k"]
+        rows.append(
+            f"| routed inference, top-{a.top_k} + θ⁰ vs all {a.tasks} experts (median s, batch {a.batch}) | "
+            f"{timing['top_k']:.3f} vs {timing['all']:.3f} (ratio {routing['ratio_top_k_vs_all']:.2f}); per batch "
+            f"top-{a.top_k}: {st['expert_builds'] / a.repeats:.1f} builds, {st['expert_samples'] / a.repeats:.0f} "
+            "expert image passes |"
+        )
+    result["machine"] = {
+        "platform": platform.platform(),
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "threads": torch.get_num_threads(),
     }
-    stem = "condu_costs" + ("-small" if a.shape == "small" else "") + ("-gpu" if device == "cuda" else "")
+    result["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    stem = "condu_costs" + ("-small" if a.shape == "small" else "") + ("-gpu" if device.startswith("cuda") else "-cpu")
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    mb = 2**20
     lines = [
         f"# ConDU costs ({a.shape}, {a.tasks} tasks, random deltas)",
         "",
         f"{result['machine']['platform']}, {result['machine']['device']}, {result['machine']['threads']} threads; "
-        f"{result['date']}. One model (fp32, merged keys): {model_bytes / mb:.0f} MiB.",
+        f"{result['date']}. One model (fp32, merged keys): {model_bytes / mb:.0f} MiB. Unify and routing on "
+        f"`{device}`.",
         "",
         "| quantity | value |",
         "|---|---|",
-        f"| peak memory while unifying {a.tasks} deltas streamed from their files (above baseline) | "
-        f"{(unify['peak_rss_mb'] - unify['baseline_rss_mb']):.0f} MiB = {result['peak_memory_in_models']:.2f} models |",
-        f"| the same, each delta loaded whole first (`load_file`) | "
-        f"{(runs['memory']['peak_rss_mb'] - runs['memory']['baseline_rss_mb']):.0f} MiB = "
-        f"{result['peak_memory_in_models_whole_deltas']:.2f} models |",
-        "| unify time per session, streamed (s) | " + ", ".join(f"{s:.2f}" for s in unify["session_seconds"]) + " |",
-        "| unify time per session, whole deltas (s) | "
-        + ", ".join(f"{s:.2f}" for s in runs["memory"]["session_seconds"])
-        + " |",
-        f"| bundle (u + packed masks + prototypes) | {unify['bundle'] / mb:.1f} MiB |",
-        f"| bundle with 1-byte masks | {unify['bundle_bool_masks'] / mb:.1f} MiB |",
-        f"| every expert kept (fp32) | {unify['experts'] / mb:.1f} MiB |",
-        f"| bundle / experts | {result['storage_ratio_bundle_vs_experts']:.3f} |",
-        f"| routed inference, top-{a.top_k} + θ⁰ vs all {a.tasks} experts (median s) | "
-        f"{timing['top_k']:.3f} vs {timing['all']:.3f} (ratio {result['routing']['ratio_top_k_vs_all']:.2f}) |",
+        *rows,
     ]
+    if "unify" in a.parts:
+        unify, mem = result["unify"], result["unify_whole_deltas"]
+        lines += [
+            "",
+            "Session of n tasks against its memory-traffic bound (reading and writing n model-sized fp32 tensors "
+            "once: u cloned n times, measured right after the session in the same process); wall and CPU seconds "
+            "(CPU time is what a shared machine's load distorts least):",
+            "",
+            "| n tasks | streamed session wall / bound (s) | ratio | CPU / bound (s) | ratio | whole-delta session "
+            "wall / bound (s) | ratio | CPU / bound (s) | ratio |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for n in range(a.tasks):
+            cells = []
+            for run in (unify, mem):
+                for sk, bk in (("session_seconds", "bound_seconds"), ("session_cpu_seconds", "bound_cpu_seconds")):
+                    sv, bv = run[sk][n], run[bk][n]
+                    cells += [f"{sv:.2f} / {bv:.2f}", f"{sv / bv:.1f}" if bv > 0 else "—"]
+            lines.append(f"| {n + 1} | " + " | ".join(cells) + " |")
     (a.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

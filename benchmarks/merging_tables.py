@@ -40,6 +40,22 @@ ROWS = {
     "pam_tall": ("PAM + TALL", True),
 }
 METRICS = ("last", "bwt", "transfer", "average")
+# strategies added by issue 18 (new methods, and one-shot methods that became continual strategies)
+NEW = {
+    "dare",
+    "consensus",
+    "breadcrumbs",
+    "della",
+    "model_stock",
+    "slerp",
+    "tsv_m",
+    "iso_c",
+    "iso_cts",
+    "regmean",
+    "fisher",
+    "tall",
+    "pam_tall",
+}
 
 
 def gather(paths: list[str]) -> tuple[dict, dict]:
@@ -65,7 +81,7 @@ def main(argv=None) -> dict:
     names = [n for n in ROWS if n in full or n in lora] + sorted((set(full) | set(lora)) - set(ROWS))
     table = {
         n: {
-            "label": ROWS.get(n, (n, False))[0],
+            "label": ROWS.get(n, (n, False))[0] + (" *" if n in NEW else ""),
             "task_id": ROWS.get(n, (n, False))[1],
             "full": full[n]["metrics"] if n in full else None,
             "lora": lora[n]["metrics"] if n in lora else None,
@@ -95,6 +111,7 @@ def markdown(result: dict) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",
+        "\\* a strategy new in this table (a new method, or a one-shot method that became a continual strategy). "
         "ACC (Last) = mean accuracy after the last task; BWT = mean over c < T−1 of A[T−1, c] − A[c, c]; Transfer = "
         "mean accuracy on a dataset before it is learned; Average = mean of all entries per dataset.",
     ]

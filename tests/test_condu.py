@@ -630,6 +630,20 @@ def test_a_bad_compute_device_is_refused_by_name(bad, tmp_path):
         list(run_sessions(rand(0, 2)).iter_expert_delta("task0", device=bad))
 
 
+def test_condu_strategy_passes_its_merge_device_and_refuses_a_bad_one():
+    from hf_cft.continual import ConDUStrategy
+    from hf_cft.testing import tiny_clip
+
+    with pytest.raises(MergeConfigError, match="meta"):
+        ConDUStrategy(merge_device="meta")
+    class OnTinyClip(ConDUStrategy):
+        _merge_base = tiny_clip(seed=0)  # stands in for the run's θ⁰ (no runner needed to build the merger)
+
+    strategy = OnTinyClip(merge_device="cpu")
+    assert strategy.new_merger().device == torch.device("cpu")
+    assert "merge_device" not in strategy.settings()  # a runtime choice: a run may resume on another device
+
+
 def test_one_shot_unify_takes_the_device_option():
     deltas = rand(5, 3)
     a, b = unify(deltas), unify(deltas, device="cpu")

@@ -217,6 +217,22 @@ def test_fisher_merging_matches_the_weighted_formula():
     torch.testing.assert_close(normalized["w"], torch.tensor([[0.0, 2.0]]), atol=1e-5, rtol=1e-5)
 
 
+def test_fisher_merging_normalize_adds_the_floor_before_dividing_by_the_norm():
+    """normalize=True is FusionBench's normalize_fisher_weight: task t weighs λ_t·(F_t + floor)/(‖F_t‖ + floor).
+    A task whose Fisher is tiny (all entries near the floor) gets the floor's weight, not its shape's."""
+    deltas = [{"w": torch.tensor([[1.0, 1.0]])}, {"w": torch.tensor([[-1.0, 3.0]])}]
+    fishers = [{"w": torch.tensor([[3e-6, 4e-6]])}, {"w": torch.tensor([[6.0, 8.0]])}]
+    floor = 1e-6
+    weights = [(f["w"].double() + floor) / (float(f["w"].double().norm()) + floor) for f in fishers]
+    want = sum(w * d["w"].double() for w, d in zip(weights, deltas)) / sum(weights)
+    got = fisher_merging(deltas, fishers, floor=floor, normalize=True)["w"]
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
+    assert abs(float(got[0, 0]) - 0.0526) < 1e-3  # dividing F by its norm first would give 0 (equal weights)
+    # without a floor the two placements agree: F_t / ‖F_t‖
+    got = fisher_merging(deltas, fishers, floor=0.0, normalize=True)["w"]
+    torch.testing.assert_close(got, torch.tensor([[0.0, 2.0]]), atol=1e-5, rtol=1e-5)
+
+
 def test_fisher_merging_bad_input():
     d = {"w": torch.ones(2), "b": torch.ones(1)}
     with pytest.raises(DeltaError, match="'w'.*task\\(s\\) \\[1\\]"):

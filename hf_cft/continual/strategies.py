@@ -438,6 +438,8 @@ class ConDUStrategy(Strategy):
     run on θ⁰ as its dense delta (:func:`hf_cft.merging.dense_delta_from_factors`); routing runs on the reference
     ``PeftModel`` (θ⁰ + the initial adapter, held once per run). ``rescaler_groups``: see
     :class:`hf_cft.merging.DeltaFusionMergerConfig` (``"openai"`` gives the released λ for full fine-tuning).
+    ``merge_device``: where the merger's sessions compute (``"cuda"``: on the GPU, equal to the CPU's up to float
+    rounding; default the CPU, condu.md §3 "Device"); a runtime choice, so a run may resume with another.
 
     Example::
 
@@ -460,10 +462,16 @@ class ConDUStrategy(Strategy):
         merger_loader: Callable[[Path], object] | None = None,
         router_factory: Callable[..., object] | None = None,
         prototype_fn: Callable[..., torch.Tensor] | None = None,
+        merge_device: str | None = None,
     ):
         super().__init__()
         if top_k < 1:
             raise ContinualError(f"ConDUStrategy: top_k must be ≥ 1, got {top_k}")
+        if merge_device is not None:  # refused by name now rather than at the first session
+            from hf_cft.merging.condu import compute_device
+
+            compute_device(merge_device)
+        self.merge_device = merge_device
         check_choice("condu", "lora_merge", lora_merge, ("dense", "factors"))
         check_choice("condu", "rescaler_groups", rescaler_groups, ("tensor", "openai"))
         self.top_k, self.weighting, self.include_zero_shot = top_k, weighting, include_zero_shot
@@ -538,12 +546,15 @@ class ConDUStrategy(Strategy):
             rescaler_groups=self.rescaler_groups,
             strict=False,
             base_model=self._merge_base,
+            device=self.merge_device,
         )
 
     def load_merger(self, directory: Path):
         if self._merger_loader is not None:
             return self._merger_loader(directory)
-        return self._merging("DeltaFusionMerger").from_pretrained(directory, base_model=self._merge_base)
+        return self._merging("DeltaFusionMerger").from_pretrained(
+            directory, base_model=self._merge_base, device=self.merge_device
+        )
 
     def prototypes(self, task: TaskSpec) -> torch.Tensor:
         """P^t with θ⁰ over one pass of the task's training rows through the train transform (§7): the function

@@ -387,9 +387,9 @@ def regmean(
     for the other keys the mean of the deltas.
 
     Args:
-        alpha: the off-diagonal scale α ∈ [0, 1] of G̃_t = α·G_t + (1 − α)·diag(G_t) (0.6, FusionBench's CLIP
-            setting; the paper tunes it: α = 1 is the exact least-squares merge, α = 0 a per-input-feature weighted
-            average).
+        alpha: the off-diagonal scale α ∈ [0, 1] of G̃_t = α·G_t + (1 − α)·diag(G_t) (0.6; the paper tunes
+            it: α = 1 is the exact least-squares merge, α = 0 a per-input-feature weighted average). FusionBench's
+            ``reduce_non_diagonal_ratio`` is this α: its CLIP config uses 0.95, its GPT-2 config 0.6.
         normalize: divide each G_t by its number of rows first (the reference code's per-example average; matters
             only when the tasks' calibration sets differ in size). Needs :class:`LinearGrams`.
 
@@ -590,8 +590,10 @@ def fisher_merging(
         weights: the model weights λ_t (one for all, or one per task; 1 = the paper's default).
         floor: added to every Fisher entry (1e-6, the value of the reference code and FusionBench), so that an entry
             no task's data touched gets the plain (λ-weighted) average instead of 0/0.
-        normalize: divide each task's Fisher by its L2 norm over all keys first (FusionBench's
-            ``normalize_fisher_weight``; off by default, as in the paper).
+        normalize: FusionBench's ``normalize_fisher_weight`` (off by default, as in the paper): task t's weight
+            becomes λ_t·F̂_t/(‖F_t‖ + ``floor``), ‖F_t‖ the L2 norm of its Fisher over every delta key, so each
+            task's Fisher counts by its shape, not its scale. The floor is added before the division, as FusionBench
+            does (``(F_t + floor)/(‖F_t‖ + floor)``; checked against it in ``benchmarks/fusionbench_parity.py``).
 
     A delta key missing from a task's Fisher raises :class:`~hf_cft.errors.DeltaError` naming it, unless it is
     missing from every task (then the keys' plain λ-weighted average is used).
@@ -607,7 +609,7 @@ def fisher_merging(
     scales = [1.0] * len(fishers)
     if normalize:
         for i, f in enumerate(fishers):
-            norm = math.sqrt(sum(float(v.double().pow(2).sum()) for k, v in f.items() if k in deltas[0]))
+            norm = math.sqrt(sum(float(v.double().pow(2).sum()) for k, v in f.items() if k in deltas[0])) + floor
             scales[i] = 1.0 / norm if norm > 0 else 1.0
     out = {}
     for key, first in deltas[0].items():
@@ -628,7 +630,7 @@ def fisher_merging(
                 )
             if not bool(torch.isfinite(fk).all()) or bool((fk < 0).any()):
                 raise DeltaError(f"the Fisher of key {key!r} of task {i} holds NaN, inf or negative values.")
-            weight = w * (fk * scales[i] + floor)
+            weight = (w * scales[i]) * (fk + floor)
             num += weight * d[key].double().cpu()
             den += weight
         if bool((den == 0).any()):
