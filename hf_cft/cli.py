@@ -874,19 +874,23 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _quiet_progress_bars() -> None:
-    """The CLI prints one result line (or one error line): no loading / writing progress bars on stderr."""
-    try:
+    """The CLI prints one result line (or one error line): no loading / writing progress bars on stderr. transformers
+    and datasets are quieted when they are imported (at once if they already are), so that a command that needs
+    neither (``hf-cft merge``) does not import them for this."""
+    from hf_cft import _after_import
+
+    def quiet_transformers() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
-    try:
+
+    def quiet_datasets() -> None:
         import datasets
 
         datasets.disable_progress_bars()
-    except ImportError:  # pragma: no cover
-        pass
+
+    _after_import("transformers", quiet_transformers)
+    _after_import("datasets", quiet_datasets)
 
 
 if __name__ == "__main__":
