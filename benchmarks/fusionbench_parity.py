@@ -439,6 +439,84 @@ def compare_regmean(tasks=(2, 3, 4), seeds=(0, 1)) -> list[dict]:
     ]
 
 
+def compare_regmean_end_to_end(tasks=(2, 3, 4), seeds=(0, 1), alpha: float = 0.95) -> list[dict]:
+    """RegMean from models and data: FusionBench's CLIP hooks (``get_regmean_weights``) on each expert's vision
+    tower, then its merge, against ``merge_deltas(..., "regmean")`` on the same batches (tasks with different
+    numbers of examples, so the Gram normalisation matters)."""
+    from hf_cft.merging import merge_deltas
+    from hf_cft.testing import tiny_clip
+
+    rm = fb("method.regmean.regmean")
+    cr = fb("method.regmean.clip_regmean")
+    ru = fb("method.regmean.utils")
+    fake = SimpleNamespace(  # what get_regmean_weights reads from its algorithm object
+        clip_processor=None,  # the dataset already yields pixel tensors
+        dataloader_kwargs={"batch_size": 4},
+        fabric=SimpleNamespace(setup_dataloaders=lambda d: d, setup=lambda m: m),
+        num_regmean_examples=10**9,  # every example
+        compute_logits=lambda module, batch, task: module(batch[0]),  # the vision tower's forward (hooked)
+    )
+    cases = []
+    for T in tasks:
+        for seed in seeds:
+            base = tiny_clip(seed=0)
+            base_sd = {k: v for k, v in base.vision_model.state_dict().items() if v.is_floating_point()}
+            experts, data = [], []
+            for t in range(T):
+                g = torch.Generator().manual_seed(1000 * seed + t)
+                expert = copy.deepcopy(base)
+                with torch.no_grad():
+                    for p in expert.vision_model.parameters():
+                        p.add_(0.02 * torch.randn(p.shape, generator=g))
+                experts.append(expert)
+                data.append([(torch.randn(3, 30, 30, generator=g), 0) for _ in range(8 + 4 * t)])
+            refs = {}
+            for dtype in (torch.float64, torch.float32):  # FusionBench's fp32 statistics and inverse round more
+                fb_stats, params = [], {}
+                for t, expert in enumerate(experts):
+                    tower = copy.deepcopy(expert.vision_model).to(dtype)
+                    modules = ru.get_modules_to_merge(tower, [nn.Linear])
+                    batches = [(x.to(dtype), y) for x, y in data[t]]
+                    fb_stats.append(
+                        cr.RegMeanAlgorithmForCLIP.get_regmean_weights(fake, f"task{t}", tower, batches, modules)
+                    )
+                    for k, v in tower.state_dict().items():
+                        if k in base_sd:
+                            params.setdefault(k, []).append(v.detach())
+                merged = rm.merging_with_regmean_weights(params, fb_stats, reduce_non_diagonal_ratio=alpha)
+                refs[dtype] = {f"vision_model.{k}": merged[k].double() - base_sd[k].double() for k in base_sd}
+            ref = refs[torch.float64]
+            deltas = [
+                {
+                    f"vision_model.{k}": v.detach() - base_sd[k]
+                    for k, v in e.vision_model.state_dict().items()
+                    if k in base_sd
+                }
+                for e in experts
+            ]
+            loaders = [[torch.stack([x for x, _ in d[i : i + 4]]) for i in range(0, len(d), 4)] for d in data]
+            ours = merge_deltas(
+                deltas, "regmean", {"alpha": alpha, "normalize": True}, extra={"model": base, "calibration": loaders}
+            )
+            fp32 = diff(ours, refs[torch.float32])[1]
+            cases.append(_case(T, seed, ours, ref, linear_keys=len(fb_stats[0]), max_rel_vs_fusion_bench_fp32=fp32))
+    return [
+        _row(
+            "regmean (statistics + merge, tiny CLIP)",
+            "fusion_bench.method.regmean.clip_regmean.RegMeanAlgorithmForCLIP.get_regmean_weights + "
+            "regmean.merging_with_regmean_weights",
+            "merge_deltas(deltas, 'regmean', {'alpha': 0.95, 'normalize': True}, extra={'model', 'calibration'})",
+            f"reduce_non_diagonal_ratio = alpha = {alpha}; 8 + 4·t examples for task t, batches of 4; vision tower",
+            cases,
+            "equal (convention)",
+            "normalize=True divides each Gram matrix by its rows, as FusionBench's running mean XᵀX / rows (hf_cft's "
+            "default sums XᵀX: it differs from FusionBench when the tasks' calibration sets differ in size); the hooks "
+            "see the same inputs of every nn.Linear. FusionBench run in float64 (its own fp32 run differs by ~1e-4 relative: "
+            "max_rel_vs_fusion_bench_fp32)",
+        )
+    ]
+
+
 def compare_fisher(tasks=(2, 3, 4), seeds=(0, 1)) -> list[dict]:
     from hf_cft.merging.data_dependent import fisher_merging
 
@@ -755,6 +833,7 @@ COMPARISONS: dict[str, Callable[..., list[dict]]] = {
     "model_stock": compare_model_stock,
     "slerp": compare_slerp,
     "regmean": compare_regmean,
+    "regmean_models": compare_regmean_end_to_end,
     "fisher": compare_fisher,
     "ties": compare_ties,
     "task_arithmetic": compare_task_arithmetic,
@@ -782,10 +861,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "| method | FusionBench function | hf_cft | options | max abs | max rel | verdict | note |",
         "|---|---|---|---|---|---|---|---|",
     ]
+
+    def cell(text) -> str:
+        return str(text).replace("|", "\\|")
+
     for r in rows:
+        fb_fn = "—" if r["fusion_bench"] is None else f"`{r['fusion_bench']}`"
         lines.append(
-            f"| {r['method']} | `{r['fusion_bench']}` | `{r['ours']}` | {r.get('options', '')} | "
-            f"{_fmt(r.get('max_abs'))} | {_fmt(r.get('max_rel'))} | {r['verdict']} | {r['note']} |"
+            f"| {r['method']} | {fb_fn} | `{r['ours']}` | {cell(r.get('options', ''))} | "
+            f"{_fmt(r.get('max_abs'))} | {_fmt(r.get('max_rel'))} | {r['verdict']} | {cell(r['note'])} |"
         )
     extra = [r for r in rows if r["verdict"] in ("differs by design", "DIFFERS") and r.get("cases")]
     if extra:

@@ -261,7 +261,7 @@ def render(runs: list[dict]) -> str:
                        f"{'—' if goal is None else f'≤ {goal:g}'} | {met} |")
     files = [r for r in rows if r["mode"] == "files"]
     if files:
-        out += ["", "| shape | T | method | CLI wall (s) | of which start-up (s) | `main()` (s) | bound: copy (s) | "
+        out += ["", "| shape | T | method | CLI wall (s) | start-up alone (s) | `main()` (s) | bound: copy (s) | "
                 "wall / copy | `main()` / copy | peak / one model | peak above imports / one model |",
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in files:

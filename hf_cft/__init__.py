@@ -4,8 +4,9 @@ The names users reach for are importable from the top level, as in ``from trl im
 
     from hf_cft import MergeTuneTrainer, MergeTuneConfig, DeltaFusionMerger, SemanticRouter, evaluate
 
-They are imported lazily (on first access), so ``import hf_cft`` only loads what registering hf_cft's PEFT method
-types (CoOp, VPT, linear head) with PEFT needs; ``hf_cft.<subpackage>`` loads a subpackage the same way.
+They are imported lazily (on first access), and ``import hf_cft`` imports neither PEFT nor transformers: hf_cft's
+PEFT method types (CoOp, VPT, linear head) are registered with PEFT the moment PEFT is imported (by anything), so
+``hf-cft merge`` starts with torch alone; ``hf_cft.<subpackage>`` loads a subpackage the same way.
 """
 
 from __future__ import annotations

@@ -49,7 +49,9 @@ def _run(parity, name, **kwargs):
     return {r["method"]: r for r in rows}
 
 
-@pytest.mark.parametrize("name", ["ties", "task_arithmetic", "emr", "tall", "fisher", "regmean", "iso"])
+@pytest.mark.parametrize(
+    "name", ["ties", "task_arithmetic", "emr", "tall", "fisher", "regmean", "regmean_models", "iso"]
+)
 def test_equal_to_fusion_bench(parity, name):
     rows = _run(parity, name, **SMALL)
     for r in rows.values():

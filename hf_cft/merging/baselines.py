@@ -1128,21 +1128,31 @@ def _ties_tensor(deltas: list[Tensor], ctx) -> Tensor:
     size = _stacked_block(len(flats))
     sc = _Scratch(n, rows=len(flats), size=size)
     drops = [None if model_scope else thr[1] for thr in thresholds]
-    thresholds = [thr if model_scope else thr[0] for thr in thresholds]
+    # the inputs' thresholds and weights as fp32 columns: the ops run on all T rows of a block at once (the fp32
+    # values the scalars would be cast to; × 1.0 is exact, so every row may be scaled)
+    limits = torch.tensor([thr if model_scope else thr[0] for thr in thresholds], dtype=torch.float32)[:, None]
+    weights = [inp["weight"] for inp in ctx.inputs]
+    scale = None if all(w == 1.0 for w in weights) else torch.tensor(weights, dtype=torch.float32)[:, None]
+    raw_buf, mag_buf = torch.empty_like(sc.stack), torch.empty_like(sc.stack)
+    kept_buf = torch.empty(sc.stack.shape, dtype=torch.bool)
     for s in _blocks(n, size):
         m = s.stop - s.start
-        stacked = sc.stack[:, :m]
-        for row, f, thr, drop, inp in zip(stacked, flats, thresholds, drops, ctx.inputs):
-            kept = torch.ge(torch.abs(f[s], out=sc.f[0][:m]), thr, out=sc.b[:m])
-            if model_scope:  # the model-wide trim multiplies by its mask, the per-tensor one selects (+0.0)
-                torch.mul(f[s], kept, out=row)
-            else:
-                if drop is not None:  # tied entries at the threshold beyond the kept ones (by position)
-                    lo, hi = torch.searchsorted(drop, torch.tensor([s.start, s.stop])).tolist()
-                    kept[drop[lo:hi] - s.start] = False
-                _keep_where(f[s], kept, row)
-            if inp["weight"] != 1.0:
-                row.mul_(inp["weight"])
+        stacked, raw, kept = sc.stack[:, :m], raw_buf[:, :m], kept_buf[:, :m]
+        if m == size:
+            torch.stack([f[s] for f in flats], out=raw)
+        else:  # the last, shorter block: its columns of the buffer are not contiguous
+            raw.copy_(torch.stack([f[s] for f in flats]))
+        torch.ge(torch.abs(raw, out=mag_buf[:, :m]), limits, out=kept)
+        for row, drop in zip(kept, drops):
+            if drop is not None:  # tied entries at the threshold beyond the kept ones (by position)
+                lo, hi = torch.searchsorted(drop, torch.tensor([s.start, s.stop])).tolist()
+                row[drop[lo:hi] - s.start] = False
+        if model_scope:  # the model-wide trim multiplies by its mask, the per-tensor one selects (+0.0)
+            torch.mul(raw, kept, out=stacked)
+        else:
+            _keep_where(raw, kept, stacked)
+        if scale is not None:
+            stacked.mul_(scale)
         out[s] = _elect_disjoint(stacked, opts["merge"], zero_sign)
     return out.view(deltas[0].shape)
 
@@ -1277,7 +1287,10 @@ def _consensus_tensor(deltas: list[Tensor], ctx) -> Tensor:
         m = s.stop - s.start
         rows = sc.stack[:, :m]
         for row, f, inp in zip(rows, flats, ctx.inputs):
-            torch.mul(f[s], inp["weight"], out=row) if inp["weight"] != 1.0 else row.copy_(f[s])
+            if inp["weight"] != 1.0:
+                torch.mul(f[s], inp["weight"], out=row)
+            else:
+                row.copy_(f[s])
         total = out[s]
         total.copy_(rows[0])
         for row in rows[1:]:

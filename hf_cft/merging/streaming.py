@@ -314,9 +314,7 @@ class _KeyDeltas(Sequence):
         from hf_cft.merging.deltas import all_finite
 
         if not all_finite(d):
-            raise NonFiniteError(
-                f"The delta of input {t} ({self.inputs[t].description}) holds NaN/inf at key {self.key!r}."
-            )
+            raise NonFiniteError(f"The delta of {self.inputs[t].description} holds NaN/inf at key {self.key!r}.")
 
     def check_inputs(self) -> None:
         """Read every present input again and raise :class:`NonFiniteError` naming the first non-finite one."""
@@ -400,9 +398,23 @@ def _merged_keys(method, inputs: Sequence[_Input], shapes: Mapping[str, tuple], 
         if method.nonfinite_propagates and isinstance(merged, torch.Tensor):
             from hf_cft.merging.deltas import all_finite
 
-            if not all_finite(merged):  # a non-finite input shows here; name it (else the options overflowed)
+            _FINITE.clear()
+            if all_finite(merged):
+                _FINITE.add(id(merged))  # _check_merged need not read it again
+            else:  # a non-finite input shows here: name it (else the options overflowed: _check_merged says so)
                 deltas.check_inputs()
         yield key, merged
+
+
+#: ids of the merged tensors of the key being merged that ``_merged_keys`` found finite (cleared per check)
+_FINITE: set[int] = set()
+
+
+def _nonzero(t: torch.Tensor) -> bool:
+    """Whether ``t`` has a non-zero entry: a strided sample first (a changed key almost always shows there), the
+    whole tensor only when the sample is all zeros."""
+    flat = t.reshape(-1)
+    return bool(flat[:: max(1, flat.numel() // 4096)].any()) or bool(flat.any())
 
 
 def _check_merged(
@@ -410,10 +422,12 @@ def _check_merged(
 ) -> torch.Tensor:
     from hf_cft.merging.deltas import all_finite
 
+    known_finite = id(merged) in _FINITE
+    _FINITE.clear()
     if not isinstance(merged, torch.Tensor) or tuple(merged.shape) != tuple(shape):
         got = tuple(merged.shape) if isinstance(merged, torch.Tensor) else type(merged).__name__
         raise DeltaError(f"Method {method!r} returned {got} for key {key!r}, expected a tensor of shape {shape}.")
-    if not all_finite(merged):
+    if not known_finite and not all_finite(merged):
         weights = [row.get("weight") for row in per_input]
         given = (f"its options {dict(options)} or " if options else "") + f"the inputs' weights {weights}"
         raise MergeConfigError(
@@ -455,7 +469,7 @@ def merge_deltas(
             s = tuple(d[key].shape)
             if all_shapes.setdefault(key, s) != s:
                 raise DeltaError(f"key {key!r} has shape {s} in delta {t} but {all_shapes[key]} elsewhere.")
-    srcs = [_DeltaInput(d, f"delta {t}") for t, d in enumerate(deltas)]
+    srcs = [_DeltaInput(d, f"input {t}") for t, d in enumerate(deltas)]
     out = {}
     merged_keys = _merged_keys(
         m, srcs, dict(sorted(all_shapes.items())), lambda k: None, options, per_input, dict(extra or {})
@@ -678,7 +692,7 @@ def merge_folders(
                         writer.write(key, base_src.read(key).to(dtype))
                         continue
                     merged = _check_merged(key, merged, shapes[key], m.name, options, per_input)
-                    changed += bool(merged.any())  # a key counts as changed only where its merged delta is not 0
+                    changed += _nonzero(merged)  # a key counts as changed only where its merged delta is not 0
                     writer.write(key, merged.add_(base_read(key)).to(dtype))
                 files = writer.close()
             except BaseException:
@@ -770,7 +784,7 @@ def _write_lora(
                 if merged is None
                 else _check_merged(key, merged, shapes[key], m.name, options, per_input)
             )
-            changed += bool(merged.any())
+            changed += _nonzero(merged)
             u, s, vh = torch.linalg.svd(merged.double(), full_matrices=False)
             module = key[: -len(".weight")]
             writer.write(f"base_model.model.{module}.lora_A.weight", vh[:rank].to(dtype).contiguous())

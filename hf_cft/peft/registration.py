@@ -8,7 +8,8 @@ module-level mapping dictionaries of ``peft.mapping``. After that, ``get_peft_mo
 ``disable_adapter`` work as for built-in methods.
 
 Those dictionaries are private state, so the supported PEFT minor version is pinned (``peft>=0.21,<0.22``) and
-checked here; nothing else in hf_cft imports this module back (``import hf_cft`` calls :func:`register`).
+checked here; nothing else in hf_cft imports this module back (``import hf_cft`` has :func:`register` run when
+PEFT is imported, see ``hf_cft._after_import``).
 """
 
 from __future__ import annotations
