@@ -29,6 +29,8 @@ import torch
 from b2n import KG_WEIGHT, Context, _acc, _draw_shots, fit_mergetune, fit_prompt
 
 SOURCE = "caltech101"
+#: The result files of each protocol (``benchmarks/results/<name>.{json,md,png}``).
+OUTPUT_NAMES = {"transfer": "protocolC", "domain": "protocolD"}
 ROWS = ("zs_single", "zs_ensemble", "coop", "mergetune", "kgcoop", "kgcoop_mergetune")
 #: The rows that train a context on the source, and the fine-tuned row each MergeTune row starts from.
 PROMPT_ROWS = ROWS[2:]
@@ -62,7 +64,17 @@ def train_source(ctx_model: Context, tok, classnames, x, y, zs_head, seed: int, 
 
 
 def run(
-    model, tok, source, source_feats: dict, targets: dict, shifted: dict, seeds, hp: dict, rows=ROWS, log=print
+    model,
+    tok,
+    source,
+    source_feats: dict,
+    targets: dict,
+    shifted: dict,
+    seeds,
+    hp: dict,
+    rows=ROWS,
+    log=print,
+    stop_before=None,
 ) -> dict:
     """Both protocols' accuracies per seed.
 
@@ -70,7 +82,9 @@ def run(
     ``test_y`` and downstream-pool ``down_f`` / ``down_y`` features; ``targets``: ``{name: (task, test_f,
     test_y)}`` (Protocol C; empty to skip it); ``shifted``: ``{shift: test_f}``, the features of the shifted
     source test images in the order of ``test_y`` (Protocol D; empty to skip). Returns ``{"source": {row: [acc
-    per seed]}, "transfer": {target: {row: [...]}}, "domain": {shift: {row: [...]}}}``."""
+    per seed]}, "transfer": {target: {row: [...]}}, "domain": {shift: {row: [...]}}, "seeds": [seeds run]}``.
+    ``stop_before(seconds_per_seed)``, asked before every seed after the first with the mean time of the seeds so
+    far, ends the run early when it returns true (a time budget): the result then covers the seeds run."""
     from hf_cft.models import build_zeroshot_classifier
     from hf_cft.models.clip import logit_scale
 
@@ -99,8 +113,12 @@ def run(
         }
     acc = {key: {row: [] for row in rows} for key in sets}
     ctx_model = Context(model, tok)
+    done, spent = [], 0.0
     try:
         for seed in seeds:
+            if done and stop_before is not None and stop_before(spent / len(done)):
+                log(f"  stopping before seed {seed}: the time budget would be exceeded")
+                break
             t0 = time.perf_counter()
             tr, _ = _draw_shots(pool_y, len(names), seed)
             x, y = pool_f[tr.to(dev)], pool_y[tr.to(dev)]
@@ -122,12 +140,15 @@ def run(
                 + ("; shifts " + ", ".join(f"{r} {v:.1f}" for r, v in mean_d.items()) if mean_d else "")
                 + f" ({time.perf_counter() - t0:.0f}s)"
             )
+            done.append(seed)
+            spent += time.perf_counter() - t0
     finally:
         ctx_model.close()
     return {
         "source": acc.pop("source"),
         "transfer": {k[1]: v for k, v in acc.items() if k[0] == "transfer"},
         "domain": {k[1]: v for k, v in acc.items() if k[0] == "domain"},
+        "seeds": done,
     }
 
 
@@ -182,3 +203,90 @@ def markdown(summary: dict, which: str, rows=ROWS) -> list[str]:
         + ".",
     ]
     return lines
+
+
+def protocol_result(out: dict, which: str, hp: dict, n_classes: int, requested=None, deadline=None) -> dict:
+    """What the harness writes for one protocol: the summary, its Markdown table (with the shifts' parameters for
+    Protocol D and the settings), the plot's bars; ``requested`` seeds not in ``out["seeds"]`` are said to have
+    been left out by ``deadline``."""
+    from hf_cft.data import DOMAIN_SHIFTS, SHIFT_PARAMETERS
+
+    summary = summarise(out, which)
+    lines = markdown(summary, which)
+    if which == "domain":
+        lines += ["", "Shifts (hf_cft.data.shifts, fixed before any result was seen): "
+                  + "; ".join(f"{s} {SHIFT_PARAMETERS[s]}" for s in DOMAIN_SHIFTS if s in summary["columns"]) + "."]  # fmt: skip
+    lines += ["", f"Source models: {SOURCE}, all {n_classes} classes, 16 shots per class; hyper-parameters {hp}; "
+              f"every cell mean ± sample std over seeds {out['seeds']}."]  # fmt: skip
+    if requested is not None and list(requested) != list(out["seeds"]):
+        lines += ["", f"**Only seeds {out['seeds']} of {list(requested)} ran**: the next seed would have ended after "
+                  f"--deadline {deadline} UTC."]  # fmt: skip
+    plot_rows = {c: {r: v["mean"] for r, v in row.items()} for c, row in summary["columns"].items()}
+    plot_rows["average"] = {r: v["mean"] for r, v in summary["average"].items()}
+    return {
+        **summary,
+        "hyper_parameters": hp,
+        "source_dataset": SOURCE,
+        "source_classes": n_classes,
+        "table": lines,
+        "rows": plot_rows,
+        "plot": ("bars", list(ROWS)),
+    }
+
+
+def combine(json_files: list[str], out_stem: str) -> dict:
+    """Merge result files of one protocol (``protocolC*.json`` or ``protocolD*.json``) run on disjoint seeds with
+    the same settings into one table over all their seeds (``<out_stem>.{json,md,png}``)."""
+    import json
+    from pathlib import Path
+
+    from run import plot
+
+    from hf_cft.utils import atomic_write_bytes, atomic_write_json
+
+    recs = [json.loads(Path(f).read_text()) for f in json_files]
+    name = recs[0]["protocol"]
+    which = {v: k for k, v in OUTPUT_NAMES.items()}.get(name)
+    if which is None:
+        raise ValueError(f"{json_files[0]}: protocol {name!r} is not {list(OUTPUT_NAMES.values())}")
+    for f, r in zip(json_files, recs):
+        if r["protocol"] != name or r["hyper_parameters"] != recs[0]["hyper_parameters"]:
+            raise ValueError(f"{f}: another protocol or other hyper-parameters than {json_files[0]}")
+    seeds = [s for r in recs for s in r["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"the files share seeds: {seeds}")
+    cols = list(recs[0]["columns"])
+    out = {
+        "source": {r: [x for rec in recs for x in rec["source"][r]["runs"]] for r in ROWS},
+        which: {c: {r: [x for rec in recs for x in rec["columns"][c][r]["runs"]] for r in ROWS} for c in cols},
+        "seeds": seeds,
+    }
+    res = protocol_result(out, which, recs[0]["hyper_parameters"], recs[0]["source_classes"])
+    head = {k: recs[0][k] for k in ("date", "machine", "versions", "checkpoint", "threads")}
+    record = {
+        "protocol": name,
+        "quick": any(r["quick"] for r in recs),
+        "seeds": seeds,
+        **head,
+        "combined_from": [{"command": r["command"], "seeds": r["seeds"], "date": r["date"]} for r in recs],
+        "seconds": sum(r["seconds"] for r in recs),
+        **{k: v for k, v in res.items() if k != "plot"},
+    }
+    atomic_write_json(Path(out_stem + ".json"), record)
+    runs = "; ".join(f"`{r['command']}` (seeds {r['seeds']}, {r['date']}, {r['seconds']:.0f} s)" for r in recs)
+    md = (
+        f"# {name}\n\nSmall pretrained CLIP ({head['checkpoint']['path']}), ../shared/data (small re-encoded subsets, "
+        f"not the official datasets); {head['machine']['cpus']} CPU cores ({head['threads']} torch threads), no GPU; "
+        f"seeds {seeds}, combined from {runs}.\n\n" + "\n".join(res["table"]) + "\n"
+    )
+    atomic_write_bytes(Path(out_stem + ".md"), md.encode())
+    plot(res, Path(out_stem + ".png"), f"{name} — small pretrained CLIP on ../shared/data")
+    return record
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 4 or sys.argv[1] != "combine":
+        raise SystemExit("usage: python benchmarks/crossdata.py combine OUT_STEM RESULT.json [RESULT.json ...]")
+    combine(sys.argv[3:], sys.argv[2])

@@ -58,26 +58,36 @@ NEW = {
 }
 
 
-def gather(paths: list[str]) -> tuple[dict, dict]:
+def gather(paths: list[str], option: str = "--full") -> tuple[dict, dict]:
     runs, meta = {}, {}
     for path in paths:
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"merging_tables.py: error: {option} {path!r} cannot be read as JSON: {exc}") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+            raise SystemExit(
+                f"merging_tables.py: error: {option} {path!r} is not a continual run's results.json (no 'results')."
+            )
         for name, result in data["results"].items():
             runs[name] = result
-        meta = {k: data.get(k) for k in ("benchmark", "stream", "tasks", "machine")} | {"config": data.get("config")}
+        config = dict(data.get("config") or {})
+        if config.get("expert_cache"):  # a folder of the machine it ran on: not recorded
+            config["expert_cache"] = "DIR"
+        meta = {k: data.get(k) for k in ("benchmark", "stream", "tasks", "machine")} | {"config": config}
     return runs, meta
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out")
-    p.add_argument("--title", default="")
-    p.add_argument("--full", nargs="*", default=[])
-    p.add_argument("--lora", nargs="*", default=[])
-    p.add_argument("--note", default="")
+    p.add_argument("out", help="output path without extension: OUT.json and OUT.md are written")
+    p.add_argument("--title", default="", help="the table's title (e.g. 'Order I')")
+    p.add_argument("--full", nargs="*", default=[], help="results.json of full fine-tuning runs (later ones win)")
+    p.add_argument("--lora", nargs="*", default=[], help="results.json of LoRA runs (later ones win)")
+    p.add_argument("--note", default="", help="a paragraph printed under the title")
     a = p.parse_args(argv)
-    full, full_meta = gather(a.full)
-    lora, lora_meta = gather(a.lora)
+    full, full_meta = gather(a.full, "--full")
+    lora, lora_meta = gather(a.lora, "--lora")
     names = [n for n in ROWS if n in full or n in lora] + sorted((set(full) | set(lora)) - set(ROWS))
     table = {
         n: {

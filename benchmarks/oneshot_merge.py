@@ -81,19 +81,21 @@ def _experts(run: Path, names: list[str]):
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="output_dir of a continual recipe run that includes 'independent'")
-    p.add_argument("--checkpoint", default="~/.cache/hf_cft/benchmark-clip-described/model")
-    p.add_argument("--order", default="I")
-    p.add_argument("--data_dir", default=None)
-    p.add_argument("--shots", type=int, default=0)
-    p.add_argument("--max_test", type=int, default=500)
-    p.add_argument("--eval_batch_size", type=int, default=256)
+    p.add_argument(
+        "--checkpoint", default="~/.cache/hf_cft/benchmark-clip-described/model", help="θ⁰ of the run (a CLIP folder)"
+    )
+    p.add_argument("--order", default="I", help="the run's MTIL-mini task order (I or II)")
+    p.add_argument("--data_dir", default=None, help="dataset folder (default: HF_CFT_DATA_DIR or ../shared/data)")
+    p.add_argument("--shots", type=int, default=0, help="the run's --shots (0: every training row)")
+    p.add_argument("--max_test", type=int, default=500, help="test images per task (the run's --max_test)")
+    p.add_argument("--eval_batch_size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--calibration_batches", type=int, default=4, help="RegMean: evaluation batches per expert")
     p.add_argument(
         "--fisher_batches", type=int, default=1, help="Fisher: evaluation batches per expert (per-example gradients)"
     )
     p.add_argument("--methods", nargs="*", default=None, help="subset of the rows (default: all)")
-    p.add_argument("--label", default="")
-    p.add_argument("--out", required=True, help="output path without extension")
+    p.add_argument("--label", default="", help="a label recorded in OUT.json (e.g. 'full FT, order I')")
+    p.add_argument("--out", required=True, help="output path without extension: OUT.json and OUT.md")
     args = p.parse_args(argv)
 
     from hf_cft.continual import ContinualConfig, ContinualRunner, ZeroShotStrategy

@@ -69,8 +69,7 @@ PROTOCOL_DESIGN = {
     "domain": "C",
     "crossdata": "C",
 }
-#: The result files' names of the protocols that do not write ``<protocol>.*``.
-OUTPUT_NAMES = {"transfer": "protocolC", "domain": "protocolD"}
+
 CACHE = Path("~/.cache/hf_cft/decoded").expanduser()
 
 
@@ -461,29 +460,26 @@ def _crossdata(model, tok, size, args, which: tuple[str, ...]) -> dict:
         images, _ = split_images(source, "test", size, crossdata.SOURCE, limit)
         shifted = {s: features(model, domain_shift(images, s)) for s in DOMAIN_SHIFTS}
     print(f"features: {time.perf_counter() - t0:.0f}s", flush=True)
-    out = crossdata.run(model, tok, source, source_feats, targets, shifted, args.seeds, hp,
-                        log=lambda m: print(m, flush=True))  # fmt: skip
-    results = {}
-    for protocol in which:
-        summary = crossdata.summarise(out, protocol)
-        lines = crossdata.markdown(summary, protocol)
-        if protocol == "domain":
-            from hf_cft.data import SHIFT_PARAMETERS
+    stop = None
+    if args.deadline:  # stop before a seed that would end after the deadline (UTC)
+        end = datetime.combine(datetime.now(timezone.utc).date(), args.deadline, timezone.utc)
 
-            lines += ["", "Shifts (hf_cft.data.shifts, fixed before any result was seen): "
-                      + "; ".join(f"{s} {SHIFT_PARAMETERS[s]}" for s in DOMAIN_SHIFTS) + "."]  # fmt: skip
-        lines += ["", f"Source models: {crossdata.SOURCE}, all {source.num_classes} classes, 16 shots per class; "
-                  f"hyper-parameters {hp}; every cell mean ± sample std over seeds {args.seeds}."]  # fmt: skip
-        plot_rows = {c: {r: v["mean"] for r, v in row.items()} for c, row in summary["columns"].items()}
-        plot_rows["average"] = {r: v["mean"] for r, v in summary["average"].items()}
-        results[OUTPUT_NAMES[protocol]] = {
-            **summary,
-            "hyper_parameters": hp,
-            "source_dataset": crossdata.SOURCE,
-            "table": lines,
-            "rows": plot_rows,
-            "plot": ("bars", list(crossdata.ROWS)),
-        }
+        def stop(per_seed: float) -> bool:
+            return datetime.now(timezone.utc).timestamp() + per_seed > end.timestamp()
+
+    out = crossdata.run(model, tok, source, source_feats, targets, shifted, args.seeds, hp,
+                        log=lambda m: print(m, flush=True), stop_before=stop)  # fmt: skip
+    if out["seeds"] != list(args.seeds):
+        print(f"seeds run: {out['seeds']} of {args.seeds} (--deadline {args.deadline})", flush=True)
+    requested = list(args.seeds)
+    results = {
+        crossdata.OUTPUT_NAMES[protocol]: crossdata.protocol_result(
+            out, protocol, hp, source.num_classes, requested, args.deadline
+        )
+        for protocol in which
+    }
+    if out["seeds"] != requested:
+        args.seeds_requested, args.seeds = requested, out["seeds"]
     return {"outputs": results}
 
 
@@ -567,6 +563,12 @@ def main(argv=None):
     p.add_argument("--coop_batch_size", type=int, default=128, help="CoOp/MergeTune batch size (b2n)")
     p.add_argument("--coop_epochs", type=int, default=None, help="CoOp epochs (default 50; quick 20)")
     p.add_argument(
+        "--deadline",
+        type=lambda t: datetime.strptime(t, "%H:%M").time(),
+        default=None,
+        help="transfer/domain/crossdata: HH:MM (UTC) -- run no seed that would end after it (the tables say so)",
+    )
+    p.add_argument(
         "--methods",
         nargs="+",
         default=None,
@@ -609,6 +611,7 @@ def main(argv=None):
                 **{k: summary.get(k) for k in ("steps", "minutes", "images_per_s", "parameters", "pool_images")},
             },
             "command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            **({"seeds_requested": args.seeds_requested} if hasattr(args, "seeds_requested") else {}),
             "threads": torch.get_num_threads(),
             "seconds": seconds,
             **{k: v for k, v in res.items() if k != "plot"},

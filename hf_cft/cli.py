@@ -38,7 +38,9 @@ Example::
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,6 +90,15 @@ def _overlap(out: str | Path, inputs: dict[str, Any], out_option: str) -> None:
                     f"{out_option} {str(out)!r} overlaps {option} {str(v)!r}: writing there would destroy an input. "
                     f"Choose another {out_option}."
                 )
+
+
+def _check_out_folder(out: Path) -> None:
+    """``--out`` names a folder to write: not a file, and not a path under a file."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {str(out)!r} is a file, not a folder.")
+    above = next((p for p in Path(os.path.abspath(out)).parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise CLIError(f"--out {str(out)!r} lies under {str(above)!r}, which is a file, not a folder.")
 
 
 def _check_output_file(out: str | Path, inputs: dict[str, Any], out_option: str, ours) -> None:
@@ -432,8 +443,7 @@ def cmd_merge(args) -> int:
     if args.config is not None:
         named["--config"] = args.config
     _overlap(out, named, "--out")
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {str(out)!r} is a file, not a folder.")
+    _check_out_folder(out)
     if out.is_dir() and any(out.iterdir()):
         if not args.overwrite:
             raise CLIError(f"--out {str(out)!r} is not empty; pass --overwrite to replace it.")
@@ -648,8 +658,7 @@ def cmd_convert_open_clip(args) -> int:
     from hf_cft.models.open_clip_convert import convert_open_clip
 
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {str(out)!r} is a file, not a folder.")
+    _check_out_folder(out)
     if out.is_dir() and any(out.iterdir()):
         if not args.overwrite:
             raise CLIError(f"--out {str(out)!r} is not empty; pass --overwrite to replace it.")
@@ -849,8 +858,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hf-cft {args.command}: interrupted; outputs left as they were.", file=sys.stderr)
         return 130
     except OSError as exc:  # read-only or full file system, an output path under a file, ...
-        print(f"hf-cft {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        where = ""
+        if exc.errno in _WRITE_ERRNOS and exc.filename is None and getattr(args, "out", None):
+            where = f" while writing --out {str(args.out)!r}"
+        print(f"hf-cft {args.command}: error: {_one_line(exc)}{where}", file=sys.stderr)
         return 1
+
+
+# Errors only a write raises (full disk, file size limit, read-only file system, quota): the output is what failed.
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT})
 
 
 def _one_line(exc: BaseException) -> str:

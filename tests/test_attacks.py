@@ -1280,6 +1280,20 @@ def cli_merge_out_under_a_file(a, tmp, mp):
     return _merge_argv(a, tmp / "afile" / "merged"), lambda: None
 
 
+def cli_merge_config_is_a_folder(a, tmp, mp):
+    return ["merge", "--config", a["model"], "--out", tmp / "merged"], lambda: None
+
+
+def cli_merge_nan_input(a, tmp, mp):
+    ft = _copy(a["model"], tmp, "ft")
+    weights = ft / "model.safetensors"
+    _edit_safetensors(
+        weights, lambda t: {k: v.fill_(float("nan")) if k.endswith("fc1.weight") else v for k, v in t.items()}
+    )
+    argv = ["merge", "--base", a["model"], "--method", "ties", "--adapters", ft, "--out", tmp / "merged"]
+    return argv, lambda: _no_leftovers(tmp / "merged")
+
+
 def cli_merge_enospc(a, tmp, mp):
     out = _prev_merge(a, tmp)
     snap = Snap(out)
@@ -1524,8 +1538,10 @@ CLI = [
     ("merge --out is an adapter", cli_merge_into_adapter, r"--out .*--adapters"),
     ("merge --out inside --base", cli_merge_out_inside_base, r"--out .*--base"),
     ("merge --out contains --base", cli_merge_out_contains_base, r"--out .*--base"),
-    ("merge --out under a file", cli_merge_out_under_a_file, r"afile"),
-    ("merge with a full disk", cli_merge_enospc, r"No space left"),
+    ("merge --out under a file", cli_merge_out_under_a_file, r"--out .*lies under .*afile', which is a file"),
+    ("merge with a full disk", cli_merge_enospc, r"No space left on device while writing --out .*merged"),
+    ("merge --config is a folder", cli_merge_config_is_a_folder, r"--config: .* is a folder, not a YAML file"),
+    ("merge of an input with NaN", cli_merge_nan_input, r"The delta of input 0 \([^()]*ft\) holds NaN/inf at key"),
     ("merge interrupted (Ctrl-C)", cli_merge_ctrl_c, r"interrupted"),
     ("merge --overwrite of a non-merge folder", cli_merge_not_a_merge_folder, r"merge_config\.json"),
     ("merge onto a read-only file system", cli_merge_read_only, r"Read-only file system"),

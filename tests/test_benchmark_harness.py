@@ -98,3 +98,18 @@ def test_b2n_methods_filter_keeps_the_reference_rows(run, monkeypatch):
     assert rows == ("zs_single", "coop", "kgcoop", "vpt_mergetune")
     with pytest.raises(SystemExit, match="kgcop"):
         run._b2n_rows(SimpleNamespace(methods=["kgcop"]))
+
+
+def test_merging_tables_names_an_unreadable_results_file_and_writes_the_table(tmp_path):
+    tables = _load("merging_tables")
+    with pytest.raises(SystemExit, match=r"--lora '.*missing\.json' cannot be read as JSON"):
+        tables.main([str(tmp_path / "t"), "--lora", str(tmp_path / "missing.json")])
+    (tmp_path / "other.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(SystemExit, match=r"--full '.*other\.json' is not a continual run's results\.json"):
+        tables.main([str(tmp_path / "t"), "--full", str(tmp_path / "other.json")])
+    assert not list(tmp_path.glob("t.*"))
+    metrics = {"last": 50.0, "bwt": -1.0, "transfer": 40.0, "average": 45.0}
+    (tmp_path / "run.json").write_text(json.dumps({"results": {"tsv_m": {"metrics": metrics, "seconds": 3.0}}}))
+    result = tables.main([str(tmp_path / "t"), "--full", str(tmp_path / "run.json"), "--title", "Order I"])
+    assert result["rows"]["tsv_m"]["full"] == metrics and result["rows"]["tsv_m"]["lora"] is None
+    assert "| 50.00 | -1.00 | 40.00 | 45.00 |" in (tmp_path / "t.md").read_text()

@@ -759,3 +759,42 @@ def test_expert_cache_reuses_theta0_experts_across_strategies_and_keys_every_set
     # 4. a chain's experts (trained from the previous model) never touch the cache
     _runner(SequentialFineTuning(), tmp_path / "fourth", toy_tokenizer, expert_cache=str(cache)).run()
     assert len(list(cache.glob("*.safetensors"))) == 6
+
+
+def test_expert_cache_entry_torn_nonfinite_or_of_another_task_is_retrained_and_replaced(
+    reference_runs, tmp_path, toy_tokenizer, caplog
+):
+    ind_result, ind = reference_runs["independent"]
+    cache = tmp_path / "cache"
+    _runner(IndependentExperts(), tmp_path / "first", toy_tokenizer, expert_cache=str(cache)).run()
+    entries = sorted(cache.glob("*.safetensors"), key=lambda p: p.name)
+    assert [p.name.split("-")[0] for p in entries] == ["a", "b", "c"]
+    torn, nonfinite, foreign = entries
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])  # a write cut short (not via atomic_path)
+    bad = load_file(str(nonfinite))
+    key = next(iter(bad))
+    bad[key] = torch.full_like(bad[key], float("nan"))
+    save_file(bad, str(nonfinite), {"task": "b"})
+    save_file(bad | {key: torch.zeros_like(bad[key])}, str(foreign), {"task": "a"})  # finite, but another task's
+    with caplog.at_level("WARNING", logger="hf_cft"):
+        again = IndependentExperts()
+        r = _runner(again, tmp_path / "second", toy_tokenizer, expert_cache=str(cache)).run()
+    for path in entries:  # each bad entry is named, trained again (the same expert) and replaced atomically
+        assert any(
+            str(path) in rec.getMessage() and "training the expert again" in rec.getMessage() for rec in caplog.records
+        ), path
+    assert [h.get("expert_cache_hit") for h in r.history] == [None] * 3
+    np.testing.assert_array_equal(r.matrix.values, ind_result.matrix.values)
+    for path, name in zip(entries, "abc"):
+        reread = load_file(str(path))
+        assert reread.keys() == ind.expert_delta(name).keys()
+        assert all(torch.equal(v, ind.expert_delta(name)[k]) for k, v in reread.items())
+    assert not list(cache.glob(".*"))  # no temporaries left beside the entries
+
+
+def test_expert_cache_that_is_a_file_fails_before_training(tmp_path, toy_tokenizer):
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("x")
+    with pytest.raises(ContinualError, match="expert_cache .*cache.* is not a writable folder"):
+        _runner(IndependentExperts(), tmp_path / "run", toy_tokenizer, expert_cache=str(not_a_folder)).run()
+    assert not (tmp_path / "run" / "store").exists()

@@ -69,7 +69,7 @@ def setup(crossdata):
 
 def test_every_row_is_measured_on_source_targets_and_shifts(crossdata, setup):
     out = setup.out
-    assert set(out) == {"source", "transfer", "domain"}
+    assert set(out) == {"source", "transfer", "domain", "seeds"} and out["seeds"] == [1]
     assert set(out["transfer"]) == {"roll1", "roll2", "roll3", "roll4", "roll5", "last3"}
     assert set(out["domain"]) == {"identity"}
     for table in (out["source"], *out["transfer"].values(), *out["domain"].values()):
@@ -152,5 +152,49 @@ def test_unknown_rows_are_refused(crossdata, setup):
 def test_the_harness_names_the_protocol_files(crossdata):
     run = _load("run")
     assert run.PROTOCOL_DESIGN["transfer"] == run.PROTOCOL_DESIGN["domain"] == "C"
-    assert run.OUTPUT_NAMES == {"transfer": "protocolC", "domain": "protocolD"}
+    assert crossdata.OUTPUT_NAMES == {"transfer": "protocolC", "domain": "protocolD"}
     assert {"transfer", "domain", "crossdata"} <= set(run.PROTOCOLS)
+
+
+def test_a_time_budget_stops_before_a_seed_and_the_result_says_which_ran(crossdata, setup):
+    asked = []
+
+    def stop(per_seed):
+        asked.append(per_seed)
+        return True
+
+    src = {"down_f": setup.test_f, "down_y": setup.test_y, "test_f": setup.test_f, "test_y": setup.test_y}
+    out = crossdata.run(setup.model, setup.tok, _task("toy", CLASSES), src, {}, {"same": setup.test_f}, [1, 2, 3],
+                        HP, rows=("zs_single", "coop"), log=lambda m: None, stop_before=stop)  # fmt: skip
+    assert out["seeds"] == [1] and len(asked) == 1 and asked[0] > 0
+    assert all(len(v) == 1 for v in out["source"].values())
+    assert (
+        crossdata.summarise(out, "domain", ("zs_single", "coop"))["average"]["coop"]["runs"] == out["source"]["coop"]
+    )
+
+
+def test_runs_on_disjoint_seeds_combine_into_one_table(crossdata, tmp_path):
+    import json
+
+    def record(seed, shift):
+        runs = {r: [float(seed) + (r == "coop") * shift] for r in crossdata.ROWS}
+        out = {"source": runs, "domain": {"blur": runs, "jpeg": runs}, "seeds": [seed]}
+        res = crossdata.protocol_result(out, "domain", dict(HP), len(CLASSES), [seed, seed + 1], "22:38")
+        rec = {"protocol": "protocolD", "quick": False, "seeds": [seed], "date": f"d{seed}", "machine": {"cpus": 2},
+               "versions": {}, "checkpoint": {"path": "m"}, "threads": 1, "command": f"run {seed}", "seconds": 2.0,
+               **{k: v for k, v in res.items() if k != "plot"}}  # fmt: skip
+        path = tmp_path / f"d{seed}.json"
+        path.write_text(json.dumps(rec))
+        return str(path)
+
+    files = [record(1, 10.0), record(3, 20.0)]
+    assert "**Only seeds [1] of [1, 2] ran**" in json.loads(Path(files[0]).read_text())["table"][-1]
+    rec = crossdata.combine(files, str(tmp_path / "protocolD"))
+    assert rec["seeds"] == [1, 3] and rec["seconds"] == 4.0
+    assert rec["columns"]["blur"]["coop"]["runs"] == [11.0, 23.0] and rec["average"]["coop"]["mean"] == 17.0
+    assert rec["source"]["zs_single"]["std"] == pytest.approx(2**0.5)
+    md = (tmp_path / "protocolD.md").read_text()
+    assert "seeds [1, 3], combined from `run 1`" in md and "Only seeds" not in md
+    assert (tmp_path / "protocolD.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="share seeds"):
+        crossdata.combine([files[0], files[0]], str(tmp_path / "again"))

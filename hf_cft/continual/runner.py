@@ -83,6 +83,19 @@ class ContinualResult:
         return self.matrix.metrics()
 
 
+def _check_expert_cache(folder: str) -> None:
+    """Fail before any training when ``ContinualConfig.expert_cache`` is not a folder this process can write (a
+    file, a read-only folder or mount): otherwise the first expert would be trained and then lost at its save."""
+    path = Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ContinualError(f"ContinualConfig.expert_cache {str(path)!r} is not a writable folder: {exc}") from exc
+
+
 class ContinualRunner:
     """Drive ``strategy`` over ``tasks`` and fill the accuracy matrix, checkpointing after every task.
 
@@ -255,6 +268,8 @@ class ContinualRunner:
         names = [t.name for t in self.tasks]
         T = len(self.tasks)
         identity = self._identity()
+        if self.config.expert_cache:
+            _check_expert_cache(self.config.expert_cache)
         workdir = self.output_dir / "store"
         context = RunContext(
             self.base_model,

@@ -164,8 +164,9 @@ class Strategy:
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         self.task_metrics = {}  # this task's: the last logged training loss, then whatever learn() adds
         cached = self._expert_cache_entry(task, index, start, factors_reference)
-        if cached is not None and cached[1] in cached[0]:
-            delta, meta = cached[0].load_with_metadata(cached[1])
+        reused = _read_cached_expert(*cached, task) if cached is not None and cached[1] in cached[0] else None
+        if reused is not None:
+            delta, meta = reused
             self.task_metrics.update({k: float(v) for k, v in meta.items() if k == "train_loss"})
             self.task_metrics["expert_cache_hit"] = 1.0
             logger.info("[%s] task %r: expert reused from %s", self.name, task.name, cached[0].path(cached[1]))
@@ -221,6 +222,21 @@ class Strategy:
         }
         digest = hashlib.blake2b(json.dumps(record, sort_keys=True, default=str).encode(), digest_size=16)
         return DeltaStore(Path(ctx.config.expert_cache).expanduser()), f"{task.name}-{digest.hexdigest()}"
+
+
+def _read_cached_expert(store: DeltaStore, key: str, task: TaskSpec) -> tuple[Delta, dict[str, str]] | None:
+    """The expert ``key`` of the expert cache and its metadata, or ``None`` (with a warning naming the file) when
+    the entry cannot be used: torn or foreign (not readable safetensors), NaN/inf, or saved for another task. The
+    caller then trains the expert again and :func:`save_expert` replaces the entry atomically."""
+    try:
+        delta, meta = store.load_with_metadata(key)
+        check_finite(delta, f"expert cache entry {store.path(key)}")
+        if meta.get("task") != task.name:
+            raise BundleError(f"it was saved for task {meta.get('task')!r}, not {task.name!r}")
+    except HfCftError as exc:
+        logger.warning("expert cache entry %s is unusable (%s): training the expert again", store.path(key), exc)
+        return None
+    return delta, meta
 
 
 def save_expert(store: DeltaStore, key: str, delta: Delta, metadata: dict[str, str] | None = None) -> None:

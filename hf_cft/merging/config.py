@@ -303,6 +303,8 @@ class MergeConfig:
         import yaml
 
         file = Path(path)
+        if file.is_dir():
+            raise MergeConfigError(f"--config: merge config {str(file)!r} is a folder, not a YAML file.")
         if not file.is_file():
             raise MergeConfigError(f"--config: merge config {str(file)!r} does not exist.")
         try:

@@ -314,9 +314,7 @@ class _KeyDeltas(Sequence):
         from hf_cft.merging.deltas import all_finite
 
         if not all_finite(d):
-            raise NonFiniteError(
-                f"The delta of input {t} ({self.inputs[t].description}) holds NaN/inf at key {self.key!r}."
-            )
+            raise NonFiniteError(f"The delta of {self.inputs[t].description} holds NaN/inf at key {self.key!r}.")
 
     def check_inputs(self) -> None:
         """Read every present input again and raise :class:`NonFiniteError` naming the first non-finite one."""
@@ -471,7 +469,7 @@ def merge_deltas(
             s = tuple(d[key].shape)
             if all_shapes.setdefault(key, s) != s:
                 raise DeltaError(f"key {key!r} has shape {s} in delta {t} but {all_shapes[key]} elsewhere.")
-    srcs = [_DeltaInput(d, f"delta {t}") for t, d in enumerate(deltas)]
+    srcs = [_DeltaInput(d, f"input {t}") for t, d in enumerate(deltas)]
     out = {}
     merged_keys = _merged_keys(
         m, srcs, dict(sorted(all_shapes.items())), lambda k: None, options, per_input, dict(extra or {})
