@@ -249,10 +249,11 @@ def test_fisher_merging_bad_input():
         fisher_diagonal(nn.Linear(4, 3), batches(0), forward, keys=["nope"])
 
 
-def test_fisher_and_regmean_merge_tiny_clip_experts(toy_tokenizer):
+def _tiny_clip_experts(seeds=(1, 2)):
+    """A tiny CLIP θ⁰ and copies of it whose image encoder moved by seeded noise (one per seed)."""
     base = tiny_clip(seed=0)
     experts = []
-    for s in (1, 2):
+    for s in seeds:
         e = copy.deepcopy(base)
         g = torch.Generator().manual_seed(s)
         with torch.no_grad():
@@ -260,6 +261,11 @@ def test_fisher_and_regmean_merge_tiny_clip_experts(toy_tokenizer):
                 if name.startswith("vision_model.encoder"):
                     p.add_(0.02 * torch.randn(p.shape, generator=g))
         experts.append(e)
+    return base, experts
+
+
+def test_fisher_and_regmean_merge_tiny_clip_experts(toy_tokenizer):
+    base, experts = _tiny_clip_experts()
     px = torch.randn(4, 3, 30, 30, generator=torch.Generator().manual_seed(5))
     data = [{"pixel_values": px, "labels": torch.tensor([0, 1, 2, 0])}]
     names, templates = ["cat", "dog", "bird"], ["a photo of a {}."]
@@ -283,16 +289,7 @@ def test_merge_deltas_passes_extra_to_the_data_dependent_methods():
     data; without ``extra`` the method names what it needs."""
     from hf_cft.merging import merge_deltas
 
-    base = tiny_clip(seed=0)
-    experts = []
-    for s in (1, 2):
-        e = copy.deepcopy(base)
-        g = torch.Generator().manual_seed(s)
-        with torch.no_grad():
-            for name, p in e.named_parameters():
-                if name.startswith("vision_model.encoder"):
-                    p.add_(0.02 * torch.randn(p.shape, generator=g))
-        experts.append(e)
+    base, experts = _tiny_clip_experts()
     data = [[{"pixel_values": torch.randn(4, 3, 30, 30, generator=torch.Generator().manual_seed(s))}] for s in (5, 6)]
     deltas = [delta_from_models(base, e, keys=None) for e in experts]
     deltas = [{k: v for k, v in d.items() if v.any()} for d in deltas]

@@ -137,14 +137,20 @@ def wise_strategy(alpha: float = 0.5) -> DeltaMergeStrategy:
     )
 
 
+def _train_and_store(strategy, task: TaskSpec, index: int) -> Delta:
+    """Reset the strategy's timings, train task ``index``'s expert from θ⁰ and store it under ``"{index:03d}"``;
+    returns the expert's delta."""
+    strategy.timings = {}
+    delta = strategy.train_expert(task, index)
+    save_expert(strategy.store, f"{index:03d}", delta, {"task": task.name})
+    return delta
+
+
 def _store_expert_and_merge(strategy, task: TaskSpec, index: int) -> None:
     """The ``learn`` step of the strategies that keep every expert on disk and re-merge them all (EMR, TALL): train
     task ``index``'s expert, store it under ``"{index:03d}"``, then call ``strategy._merge()`` and time it."""
-    strategy.timings = {}
-    delta = strategy.train_expert(task, index)
+    _train_and_store(strategy, task, index)  # the delta is on disk: not kept in memory
     key = f"{index:03d}"
-    save_expert(strategy.store, key, delta, {"task": task.name})
-    del delta
     strategy.experts.append(key)
     strategy.task_names.append(task.name)
     t0 = time.perf_counter()
@@ -482,9 +488,7 @@ class RegMeanStrategy(Strategy):
     def learn(self, task: TaskSpec, index: int) -> None:
         from hf_cft.merging.data_dependent import _reduce_off_diagonal, linear_input_grams
 
-        self.timings = {}
-        delta = self.train_expert(task, index)
-        save_expert(self.store, f"{index:03d}", delta, {"task": task.name})
+        delta = _train_and_store(self, task, index)
         t0 = time.perf_counter()
         ctx = self.context
         grams = linear_input_grams(
@@ -603,11 +607,11 @@ class FisherStrategy(Strategy):
                     "negative values"
                 )
         scale = 1.0
-        if self.normalize:
-            norm = math.sqrt(sum(float(fisher[k].double().pow(2).sum()) for k in delta))
+        if self.normalize:  # fisher_merging's rule: (F + floor) / (‖F‖ + floor)
+            norm = math.sqrt(sum(float(fisher[k].double().pow(2).sum()) for k in delta)) + self.floor
             scale = 1.0 / norm if norm > 0 else 1.0
         for k, d in delta.items():
-            weight = fisher[k].double().cpu() * scale + self.floor
+            weight = scale * (fisher[k].double().cpu() + self.floor)
             term = weight * d.double().cpu()
             self.num[k] = self.num[k] + term if k in self.num else term
             self.den[k] = self.den[k] + weight if k in self.den else weight
@@ -617,9 +621,7 @@ class FisherStrategy(Strategy):
     def learn(self, task: TaskSpec, index: int) -> None:
         from hf_cft.merging.data_dependent import clip_log_probs, fisher_diagonal
 
-        self.timings = {}
-        delta = self.train_expert(task, index)
-        save_expert(self.store, f"{index:03d}", delta, {"task": task.name})
+        delta = _train_and_store(self, task, index)
         t0 = time.perf_counter()
         ctx = self.context
         fisher = fisher_diagonal(
