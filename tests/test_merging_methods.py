@@ -380,3 +380,32 @@ def test_matrix_keys_choose_what_is_decomposed():
     torch.testing.assert_close(out["enc.fc.weight"], (ds[0]["enc.fc.weight"] + ds[1]["enc.fc.weight"]) / 2)
     with pytest.raises(MergeConfigError, match="string"):
         tsv_m(ds, matrix_keys="enc.fc.weight")
+
+
+def test_svd_falls_back_when_lapack_does_not_converge(monkeypatch):
+    """torch's CPU SVD (gesdd) can fail to converge on ill-conditioned input (seen in TSV-M on ViT-B/16-shaped
+    random deltas, T = 4): the SVD is retried in float64, then with SciPy's gesvd; TSV-M's result is unchanged."""
+    import hf_cft.merging.methods as methods
+
+    g = torch.Generator().manual_seed(0)
+    deltas = [{"mlp.fc1.weight": torch.randn(12, 9, generator=g)} for _ in range(3)]
+    want = methods.tsv_m(deltas)["mlp.fc1.weight"]
+    real = torch.linalg.svd
+    calls = {"n": 0}
+
+    def flaky(x, *a, failing=(torch.float32,), **k):
+        calls["n"] += 1
+        if x.dtype in failing:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge (simulated)")
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    got = methods.tsv_m(deltas)["mlp.fc1.weight"]
+    assert got.dtype == torch.float32 and calls["n"] > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # float64 fails too: SciPy's gesvd driver
+    monkeypatch.setattr(
+        torch.linalg, "svd", lambda x, *a, **k: flaky(x, *a, failing=(torch.float32, torch.float64), **k)
+    )
+    pytest.importorskip("scipy")
+    torch.testing.assert_close(methods.tsv_m(deltas)["mlp.fc1.weight"], want, rtol=1e-4, atol=1e-5)

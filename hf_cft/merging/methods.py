@@ -91,10 +91,32 @@ def _mean(tensors: Sequence[Tensor]) -> Tensor:
 # ------------------------------------------------------------------------------------------------ SVD methods
 
 
+def svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD ``(U, S, Vᴴ)`` of ``x``. LAPACK's default divide-and-conquer driver (``gesdd``, torch's on the
+    CPU) can fail to converge on ill-conditioned matrices or ones with many repeated singular values, e.g. the
+    concatenated singular vectors of TSV-M; then the SVD is retried in float64, and then with SciPy's slower QR
+    driver (``gesvd``) where SciPy is installed; the factors come back in ``x``'s dtype."""
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError as first:
+        try:
+            u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+        except torch.linalg.LinAlgError:
+            try:
+                import scipy.linalg
+            except ImportError:
+                raise first from None
+            u, s, vh = (
+                torch.from_numpy(a)
+                for a in scipy.linalg.svd(x.double().cpu().numpy(), full_matrices=False, lapack_driver="gesvd")
+            )
+        return u.to(x), s.to(x), vh.to(x)
+
+
 def procrustes(x: Tensor) -> Tensor:
     """The (semi-)orthogonal matrix nearest to ``x`` in Frobenius norm: P·Qᵀ for x = P·Σ·Qᵀ (the orthogonal
     Procrustes solution; TSV-M and Iso-CTS "whiten" their concatenated singular vectors with it)."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    p, _, qh = svd(x)
     return p @ qh
 
 
@@ -103,7 +125,7 @@ def _tsv_matrix(tensors: Sequence[Tensor]) -> Tensor:
     n = len(tensors)
     us, ss, vs = [], [], []
     for t in tensors:
-        u, s, vh = torch.linalg.svd(t, full_matrices=False)
+        u, s, vh = svd(t)
         k = max(1, s.shape[0] // n)
         us.append(u[:, :k])
         ss.append(s[:k])
@@ -130,7 +152,7 @@ def tsv_m(deltas: Sequence[Mapping[str, Tensor]], alpha: float = 1.0, matrix_key
 
 def _iso_c_matrix(tensors: Sequence[Tensor]) -> Tensor:
     """Iso-C on one matrix: mean(S)·U Vᵀ of the SVD of the task sum."""
-    u, s, vh = torch.linalg.svd(sum(tensors), full_matrices=False)
+    u, s, vh = svd(sum(tensors))
     return s.mean() * (u @ vh)
 
 
@@ -173,12 +195,12 @@ def iso_cts_split(rank: int, num_tasks: int, common_fraction: float) -> tuple[in
 def _iso_cts_matrix(tensors: Sequence[Tensor], common_fraction: float) -> Tensor:
     rank = min(tensors[0].shape)
     k_c, k_t = iso_cts_split(rank, len(tensors), common_fraction)
-    u, s, vh = torch.linalg.svd(sum(tensors), full_matrices=False)
+    u, s, vh = svd(sum(tensors))
     u_c = u[:, :k_c]
     us, ss, vs = [u_c], [s[:k_c]], [vh[:k_c]]
     for t in tensors:
         specific = t - u_c @ (u_c.T @ t)  # the task's part outside the common subspace
-        ut, st, vht = torch.linalg.svd(specific, full_matrices=False)
+        ut, st, vht = svd(specific)
         us.append(ut[:, :k_t])
         ss.append(st[:k_t])
         vs.append(vht[:k_t])
