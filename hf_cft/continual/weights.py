@@ -157,23 +157,20 @@ class DeltaStore:
         return path
 
     def load(self, key: str) -> Delta:
-        from safetensors.torch import load_file
+        return self.load_with_metadata(key)[0]
+
+    def load_with_metadata(self, key: str) -> tuple[Delta, dict[str, str]]:
+        """:meth:`load` and the metadata the delta was saved with, from one read of the file."""
+        from safetensors import safe_open
 
         path = self.path(key)
         if not path.is_file():
             raise BundleError(f"expert delta {key!r} is missing: {path} does not exist")
         try:
-            return load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 (safe_open is not iterable)
         except Exception as exc:  # safetensors raises its own error types for torn or foreign files
             raise BundleError(f"expert delta {key!r} at {path} cannot be read: {exc}") from exc
-
-    def load_with_metadata(self, key: str) -> tuple[Delta, dict[str, str]]:
-        """:meth:`load` and the metadata the delta was saved with."""
-        from safetensors import safe_open
-
-        delta = self.load(key)
-        with safe_open(str(self.path(key)), framework="pt") as f:
-            return delta, dict(f.metadata() or {})
 
     def __contains__(self, key: str) -> bool:
         return self.path(key).is_file()
