@@ -80,6 +80,20 @@ def _dense(assets, names):
     return state, keys, [{k: d.get(k, torch.zeros_like(state[k])) for k in keys} for d in deltas]
 
 
+def _merge_argv(assets, method, adapters, *flags):
+    """``hf-cft merge`` arguments: the tiny CLIP as base, ``method``, the named assets as inputs, then ``flags``."""
+    return [
+        "merge",
+        "--base",
+        str(assets["clip"]),
+        "--method",
+        method,
+        "--adapters",
+        *(str(assets[a]) for a in adapters),
+        *flags,
+    ]
+
+
 def _write_yaml(path, data):
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -223,15 +237,10 @@ def test_card_resolved_config_and_rerun_from_it(assets, tmp_path):
     out = tmp_path / "merged"
     assert (
         main(
-            [
-                "merge",
-                "--base",
-                str(assets["clip"]),
-                "--method",
+            _merge_argv(
+                assets,
                 "dare",
-                "--adapters",
-                str(assets["lora_a"]),
-                str(assets["ft_b"]),
+                ["lora_a", "ft_b"],
                 "--rho",
                 "0.7",
                 "--seed",
@@ -242,7 +251,7 @@ def test_card_resolved_config_and_rerun_from_it(assets, tmp_path):
                 "clip-dare",
                 "--out",
                 str(out),
-            ]
+            )
         )
         == 0
     )
@@ -395,43 +404,15 @@ def test_cli_config_errors_are_one_line(assets, tmp_path, capsys):
     assert err.startswith("hf-cft merge: error: ") and "inputs[0].density must lie in (0, 1]" in err
     assert (
         main(
-            [
-                "merge",
-                "--base",
-                str(assets["clip"]),
-                "--method",
-                "task_arithmetic",
-                "--adapters",
-                str(assets["lora_a"]),
-                str(assets["lora_b"]),
-                "--lam",
-                "1",
-                "2",
-                "3",
-                "--out",
-                str(tmp_path / "o"),
-            ]
+            _merge_argv(
+                assets, "task_arithmetic", ["lora_a", "lora_b"], "--lam", "1", "2", "3", "--out", str(tmp_path / "o")
+            )
         )
         == 2
     )
     assert "--lam takes one value or one per model (2), got 3" in capsys.readouterr().err
     assert (
-        main(
-            [
-                "merge",
-                "--base",
-                str(assets["clip"]),
-                "--method",
-                "ties",
-                "--adapters",
-                str(assets["lora_a"]),
-                "--param",
-                "trim_scope=layer",
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 2
+        main(_merge_argv(assets, "ties", ["lora_a"], "--param", "trim_scope=layer", "--out", str(tmp_path / "o"))) == 2
     )
     assert "parameters.trim_scope must be one of" in capsys.readouterr().err
     good = _write_yaml(
@@ -487,8 +468,7 @@ def test_sharded_writer_aligns_mixed_dtypes_and_refuses_what_was_not_planned(tmp
     ],
 )
 def test_cli_flag_of_another_method_is_refused_not_dropped(assets, tmp_path, capsys, method, extra, message):
-    adapters = [str(assets["ft_a"])] if method == "wise" else [str(assets["ft_a"]), str(assets["ft_b"])]
-    argv = ["merge", "--base", str(assets["clip"]), "--method", method, "--adapters", *adapters, *extra]
+    argv = _merge_argv(assets, method, ["ft_a"] if method == "wise" else ["ft_a", "ft_b"], *extra)
     assert main([*argv, "--out", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -516,7 +496,7 @@ def test_cli_counts_only_keys_whose_merged_delta_is_not_zero(assets, tmp_path, c
 def test_cli_results_without_rows_is_refused(assets, tmp_path, capsys):
     bad = tmp_path / "r.json"
     bad.write_text('{"acc": 0.5}')
-    argv = ["merge", "--base", str(assets["clip"]), "--method", "task_arithmetic", "--adapters", str(assets["lora_a"])]
+    argv = _merge_argv(assets, "task_arithmetic", ["lora_a"])
     assert main([*argv, "--results", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "holds no evaluation rows" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -671,7 +651,7 @@ def test_fisher_from_the_cli_equals_fisher_merge_on_the_same_rows_and_round_trip
     from hf_cft.models.tokenizer import load_tokenizer
 
     out = tmp_path / "merged"
-    argv = ["merge", "--base", str(assets["clip"]), "--method", "fisher", "--adapters", str(assets["ft_a"])]
+    argv = _merge_argv(assets, "fisher", ["ft_a"])
     argv += [str(assets["ft_b"]), "--calibration_data", str(calib / "folder"), str(calib / "parquet")]
     argv += ["--calibration_rows", "5", "--calibration_batch_size", "2", "--calibration_seed", "1"]
     argv += ["--lam", "1.0", "0.5", "--param", "seed=7", "--out", str(out)]
@@ -828,7 +808,7 @@ def test_calibration_data_errors_name_the_input_and_the_field(assets, calib, tmp
 def test_regmean_on_a_shared_parquet_dataset_by_name(assets, shared_data, tmp_path):
     """A shared dataset named as the recipes name it (``dtd10`` under ``--data_dir``), 8 seeded rows."""
     out = tmp_path / "merged"
-    argv = ["merge", "--base", str(assets["clip"]), "--method", "regmean", "--adapters", str(assets["ft_a"])]
+    argv = _merge_argv(assets, "regmean", ["ft_a"])
     argv += [str(assets["ft_b"]), "--calibration_data", "dtd10", "flowers5", "--data_dir", str(shared_data)]
     argv += ["--calibration_rows", "8", "--out", str(out)]
     assert main(argv) == 0
