@@ -67,11 +67,15 @@ def _tasks(args):
 
 def _experts(run: Path, names: list[str]):
     from hf_cft.continual.weights import DeltaStore
+    from hf_cft.errors import HfCftError
 
     store = DeltaStore(run / "independent" / "store" / "experts")
     out = []
     for i, name in enumerate(names):
-        delta, meta = store.load_with_metadata(f"{i:03d}")
+        try:
+            delta, meta = store.load_with_metadata(f"{i:03d}")
+        except HfCftError as exc:  # a missing or torn expert: one line naming it, not a traceback
+            raise SystemExit(f"oneshot_merge.py: --run {run}: {exc}") from None
         if meta.get("task") != name:
             raise SystemExit(f"{store.path(f'{i:03d}')} is the expert of {meta.get('task')!r}, expected {name!r}")
         out.append({k: v.float() for k, v in delta.items()})
