@@ -130,8 +130,16 @@ def main(job: str, out: str) -> None:
         }
         (out / "result.json").write_text(json.dumps(result))
     trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    if world == 1:
+        trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:3])
+    # Under ``accelerate launch``: every rank is past the last barrier, everything is written; leave without the
+    # process group's teardown. Tearing gloo down at exit raced now and then (1 run in ~70 on the CI machine): a
+    # rank aborted with "terminate called without an active exception" after all its work was done, and the launcher
+    # counted the job as failed. The test checks what the job wrote, not how torch's C++ destructors end.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
