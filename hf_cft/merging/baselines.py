@@ -291,7 +291,13 @@ class _BernoulliStream:
 
     def uniform(self, n: int) -> Tensor:
         """``n`` uniforms ``u·2⁻²⁴`` (fp32, exact), to compare with per-entry probabilities."""
-        return torch.from_numpy(self._draws(n).astype(self._np.float32)).mul_(2.0**-24)
+        return torch.from_numpy(self.uniform_numpy(n))
+
+    def uniform_numpy(self, n: int):
+        """:meth:`uniform` as a numpy array."""
+        u = self._draws(n).astype(self._np.float32)
+        u *= 2.0**-24
+        return u
 
 
 TRIM_SCOPES = ("tensor", "model")
@@ -317,6 +323,24 @@ def _elect_disjoint(stacked: Tensor, merge: str = "mean", zero_sign: float | Non
     if merge == "sum":
         return selected.sum(dim=0)
     return selected.abs().amax(dim=0) * elected
+
+
+def _elect_blocked(tensors: Sequence[Tensor], merge: str = "mean") -> Tensor:
+    """:func:`_elect_disjoint` of the stacked tensors, block by block on fp32 CPU tensors (the election is per entry,
+    so the result is the same; the stack and every temporary stay one block)."""
+    if not _blocked(*tensors):
+        return _elect_disjoint(torch.stack(list(tensors)), merge)
+    flats = [t.reshape(-1) for t in tensors]
+    n = flats[0].numel()
+    size = _stacked_block(len(flats))
+    out = torch.empty(n)
+    stack = torch.empty(len(flats), min(n, size))
+    for s in _blocks(n, size):
+        block = stack[:, : s.stop - s.start]
+        for row, f in zip(block, flats):
+            row.copy_(f[s])
+        out[s] = _elect_disjoint(block, merge)
+    return out.view(tensors[0].shape)
 
 
 def model_trim_threshold(delta: Mapping[str, Tensor], k: float) -> float:

@@ -800,9 +800,7 @@ class DeltaFusionMerger(MovedToHubMixin):
             u = u if dev is None else u.to(dev)
             yield key, _decoupled(u, self._masks[i][key].unpack(u.device), lam)
 
-    def iter_expert_weights(
-        self, name: str, base: Mapping[str, torch.Tensor]
-    ) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_expert_weights(self, name: str, base: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(key, θ⁰_key + δ̃^i_key)`` for task ``name``: the expert's own tensor of every delta key, formed on
         ``base[key]``'s device in its dtype (the sum in fp32, rounded once, as
         :class:`~hf_cft.merging.FunctionalExpert` does), so that a router builds an expert where its model runs.

@@ -50,12 +50,14 @@ from hf_cft.merging.baselines import (
     ContinualMerger,
     Delta,
     _BernoulliStream,
+    _blocks,
     _check_deltas,
     _check_fraction,
-    _elect_disjoint,
+    _elect_blocked,
     _f32,
     _finite_result,
     _mask_source,
+    _stacked_block,
     _weights,
     key_predicate,
 )
@@ -240,20 +242,51 @@ def model_stock_ratio(tensors: Sequence[Tensor], average: str = "cosine") -> flo
     A pair with a zero delta has cosine 0. cos θ < 0 (deltas pointing apart, outside the paper's assumption of a
     common angle below 90°; the formula's denominator can vanish there) is clipped to 0, i.e. t = 0: θ0 for that
     tensor."""
-    flat = [t.reshape(-1).double() for t in tensors]
-    norms = [float(f.norm()) for f in flat]
+    return _stock_ratio(_gram(tensors)[0], average)
+
+
+def _gram(tensors: Sequence[Tensor], total: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The T×T Gram matrix ⟨τ_i, τ_j⟩ in fp64 and, with ``total``, Σ_t τ_t (summed in list order), in one pass over
+    the inputs: block by block on fp32 CPU tensors (a block's products in fp32, summed in fp64 across blocks), fp64
+    dot products elsewhere."""
+    flat = [t.reshape(-1) for t in tensors]
+    if not all(f.device.type == "cpu" and f.dtype == torch.float32 for f in flat):
+        stacked = torch.stack([f.double() for f in flat])
+        return stacked @ stacked.T, (sum(tensors) if total else None)
+    n, rows = flat[0].numel(), len(flat)
+    size = _stacked_block(rows)
+    gram = torch.zeros(rows, rows, dtype=torch.float64)
+    block = torch.empty(rows, min(n, size))
+    out = torch.empty(n) if total else None
+    for s in _blocks(n, size):
+        m = s.stop - s.start
+        b = block[:, :m]
+        for row, f in zip(b, flat):
+            row.copy_(f[s])
+        gram += (b @ b.T).double()
+        if total:
+            o = out[s]
+            o.copy_(b[0])
+            for row in b[1:]:
+                o.add_(row)
+    return gram, (out.view(tensors[0].shape) if total else None)
+
+
+def _stock_ratio(gram: Tensor, average: str) -> float:
+    """t of :func:`model_stock_ratio` from the Gram matrix of the task deltas."""
+    g = gram.tolist()
+    n = len(g)
     values = []
-    for i in range(len(flat)):
-        for j in range(i + 1, len(flat)):
-            denom = norms[i] * norms[j]
-            cos = float(flat[i] @ flat[j]) / denom if denom > 0 else 0.0
+    for i in range(n):
+        for j in range(i + 1, n):
+            denom = math.sqrt(max(g[i][i], 0.0)) * math.sqrt(max(g[j][j], 0.0))
+            cos = g[i][j] / denom if denom > 0 else 0.0
             values.append(min(1.0, max(-1.0, cos)))
     if average == "angle":
         cos = math.cos(sum(math.acos(c) for c in values) / len(values))
     else:
         cos = sum(values) / len(values)
     cos = max(0.0, cos)
-    n = len(flat)
     return n * cos / (1.0 + (n - 1) * cos)
 
 
@@ -273,11 +306,13 @@ def model_stock(deltas: Sequence[Mapping[str, Tensor]], average: str = "cosine")
             f"model stock needs at least 2 fine-tuned models (got {len(deltas)}): the angle between the task deltas "
             "it interpolates with is undefined for one."
         )
-    out = {}
-    for key in deltas[0]:
-        tensors = [_f32(d[key]) for d in deltas]
-        out[key] = model_stock_ratio(tensors, average) * _mean(tensors)
-    return out
+    return {key: _model_stock_key([_f32(d[key]) for d in deltas], average) for key in deltas[0]}
+
+
+def _model_stock_key(tensors: Sequence[Tensor], average: str) -> Tensor:
+    """t·(Σ_t τ_t / T) for one key, the Gram matrix and the sum in one pass over the inputs."""
+    gram, total = _gram(tensors, total=True)
+    return total.div_(len(tensors)).mul_(_stock_ratio(gram, average))
 
 
 # ------------------------------------------------------------------------------------------------ sparsification
@@ -286,14 +321,67 @@ def model_stock(deltas: Sequence[Mapping[str, Tensor]], average: str = "cosine")
 def breadcrumbs_mask(tensor: Tensor, density: float, gamma: float) -> Tensor:
     """Model Breadcrumbs' mask for one tensor: with its entries ranked by magnitude, largest first, drop the top
     ⌊γ·n⌋ (outliers) and keep the next ⌊density·n⌋ (the smallest ones, the rest, are dropped too). Ties in magnitude
-    are broken by position (a stable sort)."""
+    are broken by position (a stable sort's order; :func:`rank_band`)."""
     n = tensor.numel()
     drop_top = int(gamma * n)
-    keep = int(density * n)
-    order = torch.sort(tensor.reshape(-1).abs(), descending=True, stable=True).indices
-    mask = torch.zeros(n, dtype=torch.bool, device=tensor.device)
-    mask[order[drop_top : drop_top + keep]] = True
-    return mask.view_as(tensor)
+    return rank_band(tensor, drop_top, drop_top + int(density * n))
+
+
+def rank_band(tensor: Tensor, start: int, stop: int) -> Tensor:
+    """The bool mask of the entries whose rank by magnitude, largest first and ties by position (flat order), is in
+    ``[start, stop)``.
+
+    On the CPU by selection, O(n), no sort: the ``stop``-th and ``start``-th largest magnitudes are found with numpy's
+    introselect (the second inside the first's top part), the mask is ``lo ≤ |τ| < hi`` and only magnitudes equal to
+    a threshold that straddle it are resolved by position. Elsewhere (a GPU) a stable sort."""
+    n = tensor.numel()
+    start, stop = max(0, start), min(n, stop)
+    flat = tensor.detach().reshape(-1)
+    if stop <= start:
+        return torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
+    if flat.device.type != "cpu" or flat.dtype not in (torch.float32, torch.float64):
+        order = torch.sort(flat.abs(), descending=True, stable=True).indices
+        mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
+        mask[order[start:stop]] = True
+        return mask.view(tensor.shape)
+    import numpy as np
+
+    mag = np.abs(flat.numpy())
+    top = mag.copy()  # the stop largest magnitudes end up in top[n − stop:], in some order
+    lo, lo_tied = -math.inf, False
+    if stop < n:
+        top.partition(n - stop)
+        lo = top[n - stop]
+        lo_tied = bool(top[: n - stop].max() == lo)  # the rest is ≤ lo: another entry equals it iff its max does
+        top = top[n - stop :]
+    hi, hi_tied = math.inf, False
+    if start > 0:
+        top.partition(stop - start)
+        hi = top[stop - start]
+        hi_tied = bool(top[: stop - start].max() == hi)
+    if lo == hi:  # one magnitude spans the whole band: its entries by position
+        mask = np.zeros(n, dtype=bool)
+        _band_ties(mag, mask, lo, start, stop)
+        return torch.from_numpy(mask).view(tensor.shape)
+    mask = np.greater_equal(mag, lo)
+    if start > 0:
+        mask &= mag < hi
+    if lo_tied:  # entries equal to lo: the first stop − #{|τ| > lo} of them are in the top stop
+        _band_ties(mag, mask, lo, 0, stop)
+    if hi_tied:  # entries equal to hi: those beyond the first start − #{|τ| > hi} of them are below the top start
+        _band_ties(mag, mask, hi, start, n)
+    return torch.from_numpy(mask).view(tensor.shape)
+
+
+def _band_ties(mag, mask, value: float, start: int, stop: int) -> None:
+    """Set ``mask`` on the entries with magnitude ``value``: those whose rank (#{|τ| > value} + their position among
+    the equal ones) is in ``[start, stop)``."""
+    import numpy as np
+
+    equal = np.flatnonzero(mag == value)
+    above = int(np.count_nonzero(mag > value))
+    mask[equal] = False
+    mask[equal[max(0, start - above) : max(0, stop - above)]] = True
 
 
 def breadcrumbs(
@@ -324,8 +412,8 @@ def breadcrumbs_key(tensors: Sequence[Tensor], weights: Sequence[float], densiti
     """One key of :func:`breadcrumbs`: Σ_t w_t·(m_t ⊙ τ_t), each task with its own density."""
     total = None
     for v, w, density in zip(tensors, weights, densities):
-        term = w * (v * breadcrumbs_mask(v, density, gamma))
-        total = term if total is None else total + term
+        term = (v * breadcrumbs_mask(v, density, gamma)).mul_(w)
+        total = term if total is None else total.add_(term)
     return total
 
 
@@ -338,14 +426,44 @@ def _magprune_probabilities(tensor: Tensor, drop: float, epsilon: float, rank_sc
     p + ε/2, the largest p − ε/2, linearly in between (one entry: p)."""
     rows = tensor.reshape(tensor.shape[0], -1) if (rank_scope == "row" and tensor.ndim >= 2) else tensor.reshape(1, -1)
     n = rows.shape[1]
-    order = torch.sort(rows.abs(), dim=1, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(n, device=rows.device).expand_as(order))
     if n == 1:
-        probs = torch.full(rows.shape, drop, dtype=torch.float32, device=rows.device)
-    else:
-        probs = (drop - epsilon / 2) + epsilon * (n - 1 - ranks).to(torch.float32) / (n - 1)
-    return probs.view_as(tensor)
+        return torch.full(tensor.shape, drop, dtype=torch.float32, device=tensor.device)
+    ranks = group_ranks(rows)
+    return ((drop - epsilon / 2) + epsilon * (n - 1 - ranks).to(torch.float32) / (n - 1)).view_as(tensor)
+
+
+def group_ranks(rows: Tensor) -> Tensor:
+    """Each entry's rank by magnitude within its row, ascending, ties by position (a stable sort's), as int64.
+
+    On the CPU for fp32 (and fp16/bf16) rows, one numpy sort of int64 keys per row — the magnitude's bits (ordered
+    as the magnitudes are, for non-negative floats) above the column index, so that equal magnitudes are ordered by
+    position — then the ranks scattered back (several times faster than a stable argsort); elsewhere a stable
+    sort."""
+    n = rows.shape[1]
+    if rows.device.type != "cpu" or rows.dtype == torch.float64 or n >= 1 << 31:
+        order = torch.sort(rows.abs(), dim=1, stable=True).indices
+        ranks = torch.empty_like(order)
+        ranks.scatter_(1, order, torch.arange(n, device=rows.device).expand_as(order))
+        return ranks
+    import numpy as np
+
+    return torch.from_numpy(_ranks(np.abs(rows.detach().float().numpy())))
+
+
+def _ranks(mag):
+    """:func:`group_ranks` of non-negative fp32 numpy rows."""
+    import numpy as np
+
+    n = mag.shape[1]
+    bits = max(1, (n - 1).bit_length())
+    keys = mag.view(np.int32).astype(np.int64)  # |x| ≥ 0: its fp32 bits order as its value (NaN above all)
+    keys <<= bits
+    keys |= np.arange(n, dtype=np.int64)
+    keys.sort(axis=1)
+    keys &= (1 << bits) - 1  # now the column of each rank
+    ranks = np.empty(keys.shape, dtype=np.int64)
+    np.put_along_axis(ranks, keys, np.broadcast_to(np.arange(n, dtype=np.int64), keys.shape), axis=1)
+    return ranks
 
 
 def magprune(
@@ -353,6 +471,8 @@ def magprune(
 ) -> Tensor:
     """DELLA's MagPrune on one tensor: drop entry i with probability p_i (:func:`_magprune_probabilities`, mean drop
     p = 1 − ``density``) and rescale the survivors by 1/(1 − p_i)."""
+    if isinstance(generator, _BernoulliStream) and tensor.device.type == "cpu" and tensor.dtype == torch.float32:
+        return _magprune_numpy(tensor, 1.0 - density, epsilon, generator, rank_scope)
     probs = _magprune_probabilities(tensor, 1.0 - density, epsilon, rank_scope)
     keep = 1.0 - probs
     if isinstance(generator, _BernoulliStream) and keep.is_contiguous():
@@ -360,6 +480,32 @@ def magprune(
     else:
         mask = torch.bernoulli(keep, generator=generator)
     return tensor * mask / keep
+
+
+def _magprune_numpy(tensor: Tensor, drop: float, epsilon: float, stream: _BernoulliStream, rank_scope: str) -> Tensor:
+    """:func:`magprune` of an fp32 CPU tensor with the CPU stream, in numpy, op for op the same fp32 arithmetic (so
+    bit for bit the torch formula's result; numpy's temporaries cost far less than fresh torch tensors here)."""
+    import numpy as np
+
+    if tensor.numel() == 0:
+        return tensor.clone()
+    x = tensor.detach().contiguous().numpy().reshape(-1)
+    rows = x.reshape(tensor.shape[0], -1) if (rank_scope == "row" and tensor.ndim >= 2) else x.reshape(1, -1)
+    n = rows.shape[1]
+    if n == 1:
+        keep = np.full(x.shape, drop, dtype=np.float32)
+    else:
+        r = _ranks(np.abs(rows))
+        np.subtract(n - 1, r, out=r)
+        keep = r.astype(np.float32).reshape(-1)
+        keep *= epsilon
+        keep /= n - 1
+        keep += drop - epsilon / 2
+    np.subtract(1.0, keep, out=keep)  # the keep probabilities 1 − p_i
+    u = stream.uniform_numpy(x.size)
+    y = np.multiply(x, np.less(u, keep))
+    y /= keep
+    return torch.from_numpy(y).view(tensor.shape)
 
 
 def della(
@@ -417,7 +563,7 @@ def della_key(
     pruned = [
         magprune(w * t if w != 1.0 else t, d, epsilon, gen, rank_scope) for t, w, d in zip(tensors, weights, densities)
     ]
-    return _elect_disjoint(torch.stack(pruned))
+    return _elect_blocked(pruned)
 
 
 # ------------------------------------------------------------------------------------------------ SLERP
@@ -513,7 +659,7 @@ def _iso_cts_kernel(deltas: list[Tensor], ctx) -> Tensor:
 
 
 def _model_stock_kernel(deltas: list[Tensor], ctx) -> Tensor:
-    return model_stock_ratio(deltas, ctx.options["average"]) * _mean(deltas)
+    return _model_stock_key(deltas, ctx.options["average"])
 
 
 def _breadcrumbs_kernel(deltas: list[Tensor], ctx) -> Tensor:
