@@ -13,10 +13,13 @@ from hf_cft.merging.baselines import _key_seed
 from hf_cft.merging.methods import (
     ContinualSLERP,
     breadcrumbs,
+    breadcrumbs_key,
     della,
     iso_c,
     iso_cts,
     model_stock,
+    model_stock_ratio,
+    rank_band,
     slerp,
     tsv_m,
 )
@@ -409,3 +412,88 @@ def test_svd_falls_back_when_lapack_does_not_converge(monkeypatch):
     )
     pytest.importorskip("scipy")
     torch.testing.assert_close(methods.tsv_m(deltas)["mlp.fc1.weight"], want, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ selection without a sort: ties by position
+
+
+def _tie_heavy(kind, n, g):
+    if kind == "randn":
+        return torch.randn(n, generator=g)
+    if kind == "small ints":  # many equal magnitudes, both signs
+        return torch.randint(-3, 4, (n,), generator=g).float()
+    if kind == "halves":  # mostly ±0.5 and zeros
+        return torch.randint(-1, 2, (n,), generator=g).float() * 0.5
+    x = torch.zeros(n)  # a block of equal values, the rest exact zeros (-0.0 included)
+    x[: n // 3] = 1.0
+    x[n // 3 : n // 2] = -0.0
+    return x
+
+
+@pytest.mark.parametrize("kind", ["randn", "small ints", "halves", "block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_band_is_the_stable_sort_band_on_tie_heavy_tensors(kind, dtype):
+    """The selection (two introselects, ties resolved by position only where a threshold straddles an edge) equals
+    the band of a stable descending sort, for every band edge, on tensors full of equal magnitudes and zeros: a
+    tie at either edge resolved the other way, or ties at both edges that cancel in the count, would differ."""
+    g = torch.Generator().manual_seed(7)
+    for n in (1, 2, 5, 17, 40):
+        x = _tie_heavy(kind, n, g).to(dtype)
+        order = torch.sort(x.abs(), descending=True, stable=True).indices
+        for start in range(n + 1):
+            for stop in range(start, n + 2):
+                expected = torch.zeros(n, dtype=torch.bool)
+                expected[order[start:stop]] = True
+                assert torch.equal(rank_band(x, start, stop), expected), (kind, n, start, stop, x.tolist())
+
+
+def test_breadcrumbs_blocked_kernel_equals_the_naive_mask_on_a_tie_heavy_tensor():
+    """The blocked CPU kernel (limits by selection, masks per block) on a tensor spanning several blocks with ties at
+    both band edges inside different blocks: the naive stable-sort reference, entry for entry."""
+    g = torch.Generator().manual_seed(3)
+    n = 600_000  # > two blocks
+    a = torch.randint(0, 40, (n,), generator=g).float() * torch.sign(torch.randn(n, generator=g))
+    b = torch.randn(n, generator=g)
+    out = breadcrumbs_key([a, b], [0.7, -0.3], [0.2, 0.1], 0.05)
+    for x, w, d in ((a, 0.7, 0.2), (b, -0.3, 0.1)):
+        order = torch.sort(x.abs(), descending=True, stable=True).indices
+        start = int(0.05 * n)
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[order[start : start + int(d * n)]] = True
+        x.mul_(mask).mul_(w)
+    assert torch.equal(out, a + b)
+
+
+def test_group_ranks_equal_a_stable_argsort_and_magprune_is_the_torch_formula_bit_for_bit():
+    """DELLA's ranks (one int64-key sort per row) are a stable sort's, ties by position; MagPrune in numpy draws the
+    same stream and gives the torch formula's fp32 result bit for bit (signed zeros included)."""
+    from hf_cft.merging.baselines import _BernoulliStream
+    from hf_cft.merging.methods import _magprune_probabilities, group_ranks, magprune
+
+    g = torch.Generator().manual_seed(5)
+    for kind in ("randn", "small ints", "halves", "block"):
+        rows = torch.stack([_tie_heavy(kind, 33, g) for _ in range(4)])
+        order = torch.sort(rows.abs(), dim=1, stable=True).indices
+        expected = torch.empty_like(order).scatter_(1, order, torch.arange(33).expand_as(order))
+        assert torch.equal(group_ranks(rows), expected), kind
+        for scope in ("row", "tensor"):
+            keep = 1.0 - _magprune_probabilities(rows, 0.6, 0.2, scope)
+            draws = _BernoulliStream(9).uniform(keep.numel()).view(keep.shape)
+            want = rows * (draws < keep) / keep
+            got = magprune(rows, 0.4, 0.2, _BernoulliStream(9), scope)
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (kind, scope)
+
+
+def test_model_stock_blocked_gram_matches_fp64_cosines_over_many_blocks():
+    """Model stock's one-pass Gram (fp32 block products summed in fp64) on tensors spanning many blocks: the ratio of
+    the fp64 reference to 1e-6, the result to fp32 rounding."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(700_000, generator=g)
+    ds = [{"w": base + 0.8 * torch.randn(700_000, generator=g)} for _ in range(3)]
+    out = model_stock(ds)["w"]
+    flat = [d["w"].double() for d in ds]
+    cos = [float(flat[i] @ flat[j] / (flat[i].norm() * flat[j].norm())) for i in range(3) for j in range(i + 1, 3)]
+    c = sum(cos) / 3
+    t = 3 * c / (1 + 2 * c)
+    assert model_stock_ratio([d["w"] for d in ds]) == pytest.approx(t, rel=1e-6)
+    torch.testing.assert_close(out, (t * sum(f for f in flat) / 3).float(), rtol=1e-5, atol=1e-6)

@@ -214,13 +214,29 @@ def _trim_threshold(flat: Tensor, keep: int) -> tuple[float, Tensor | None]:
 
 
 # Element-wise kernels run block by block over the flattened key (:func:`_blocks`): each step's temporaries are one
-# block, which stays in the CPU cache and is never a fresh, page-faulted allocation (on the development machine a
-# fresh full-size temporary costs as much as copying the tensor), and a block below torch's intra-op grain size
-# (32768 entries; a reduction of exactly that many already goes parallel) runs every op on one thread: a two-thread
-# op waits for the second core, which on a busy machine costs a scheduler time slice (~30 ms on the development
-# machine, for an op of ~10 µs). Every op is element-wise and in the order of the whole-tensor formula, so the
-# results are bit for bit those of the formula (tests/test_merging_speed.py).
-BLOCK = 31 * 1024
+# block (1 MiB of fp32), reused from block to block, never a fresh, page-faulted full-size allocation (on the
+# development machine a fresh full-size temporary costs as much as copying the tensor), and each op still spans
+# enough entries to run on both cores and to keep Python's per-op cost small. (Up to issue 18's second pass the blocks
+# were 31 K entries, below torch's intra-op grain, so that every op ran on one thread; on an idle machine that made
+# the merges 1.2–1.6 times slower, measured in benchmarks/merge_throughput.py.) Every op is element-wise and in the
+# order of the whole-tensor formula, so the results are bit for bit those of the formula
+# (tests/test_merging_speed.py).
+BLOCK = 256 * 1024
+#: below this many entries per input a selection runs its inputs one after the other (a thread costs more)
+PARALLEL_MIN = 1 << 20
+
+
+def _each_input(fn: Callable, items: Sequence, n: int) -> list:
+    """``[fn(x) for x in items]``, two at a time in threads when each input has at least :data:`PARALLEL_MIN` entries
+    and torch may use two threads: the per-input selections (numpy's introselect and sort release the GIL) are
+    single-threaded and independent, so two inputs run on two cores. Results in input order."""
+    workers = min(len(items), torch.get_num_threads())
+    if workers < 2 or n < PARALLEL_MIN:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # per call: nothing shared survives a fork
+        return list(pool.map(fn, items))
 
 
 def _blocks(n: int, size: int = BLOCK) -> Iterator[slice]:
@@ -1137,7 +1153,11 @@ def _ties_tensor(deltas: list[Tensor], ctx) -> Tensor:
         thresholds = ctx.state["thresholds"]
         zero_sign = ctx.state["zero_sign"]
     else:
-        thresholds = [_tensor_threshold(d, inp["density"]) for d, inp in zip(deltas, ctx.inputs)]
+        thresholds = _each_input(
+            lambda pair: _tensor_threshold(*pair),
+            [(d, inp["density"]) for d, inp in zip(deltas, ctx.inputs)],
+            deltas[0].numel(),
+        )
         zero_sign = None
     if not _blocked(*deltas):
         if model_scope:

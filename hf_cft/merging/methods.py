@@ -50,13 +50,16 @@ from hf_cft.merging.baselines import (
     ContinualMerger,
     Delta,
     _BernoulliStream,
+    _blocked,
     _blocks,
     _check_deltas,
     _check_fraction,
+    _each_input,
     _elect_blocked,
     _f32,
     _finite_result,
     _mask_source,
+    _Scratch,
     _stacked_block,
     _weights,
     key_predicate,
@@ -67,6 +70,7 @@ __all__ = [
     "ContinualSLERP",
     "breadcrumbs",
     "breadcrumbs_mask",
+    "group_ranks",
     "della",
     "iso_c",
     "iso_cts",
@@ -74,6 +78,7 @@ __all__ = [
     "model_stock",
     "model_stock_ratio",
     "procrustes",
+    "rank_band",
     "slerp",
     "slerp_tensor",
     "tsv_m",
@@ -331,9 +336,8 @@ def rank_band(tensor: Tensor, start: int, stop: int) -> Tensor:
     """The bool mask of the entries whose rank by magnitude, largest first and ties by position (flat order), is in
     ``[start, stop)``.
 
-    On the CPU by selection, O(n), no sort: the ``stop``-th and ``start``-th largest magnitudes are found with numpy's
-    introselect (the second inside the first's top part), the mask is ``lo ≤ |τ| < hi`` and only magnitudes equal to
-    a threshold that straddle it are resolved by position. Elsewhere (a GPU) a stable sort."""
+    On the CPU by selection, O(n), no sort (:func:`_band_limits`): the mask is ``lo ≤ |τ| < hi`` and only the
+    magnitudes equal to a threshold that straddle it are resolved by position. Elsewhere (a GPU) a stable sort."""
     n = tensor.numel()
     start, stop = max(0, start), min(n, stop)
     flat = tensor.detach().reshape(-1)
@@ -346,42 +350,62 @@ def rank_band(tensor: Tensor, start: int, stop: int) -> Tensor:
         return mask.view(tensor.shape)
     import numpy as np
 
-    mag = np.abs(flat.numpy())
-    top = mag.copy()  # the stop largest magnitudes end up in top[n − stop:], in some order
+    x = flat.numpy()
+    lo, hi, ties = _band_limits(x, start, stop)
+    mag = np.abs(x)
+    mask = np.greater_equal(mag, lo)
+    if hi < math.inf:
+        mask &= mag < hi
+    for equal, kept in ties:
+        mask[equal] = False
+        mask[kept] = True
+    return torch.from_numpy(mask).view(tensor.shape)
+
+
+def _band_limits(x, start: int, stop: int, work=None) -> tuple[float, float, list]:
+    """The selection behind :func:`rank_band` on a flat numpy array ``x`` (``0 ≤ start < stop ≤ n``): ``(lo, hi,
+    ties)`` such that the band is ``lo ≤ |x| < hi`` (``lo`` the stop-th largest magnitude, −inf when stop = n;
+    ``hi`` the start-th largest, +inf when start = 0) corrected by ``ties``: ``(equal, kept)`` position arrays, the
+    entries whose magnitude equals a threshold that straddles the band's edge, all set out of the band and then
+    ``kept`` (the ones whose rank, #{|x| > value} + their position among the equal ones, is inside) set in.
+
+    numpy's introselect on the magnitudes (in ``work``, a float buffer of at least n entries, when given), the
+    second selection inside the first's top part; a threshold straddles an edge iff the largest magnitude on the
+    other side of it equals it."""
+    import numpy as np
+
+    n = x.size
+    top = np.abs(x, out=None if work is None else work[:n])
     lo, lo_tied = -math.inf, False
     if stop < n:
         top.partition(n - stop)
-        lo = top[n - stop]
+        lo = float(top[n - stop])
         lo_tied = bool(top[: n - stop].max() == lo)  # the rest is ≤ lo: another entry equals it iff its max does
         top = top[n - stop :]
     hi, hi_tied = math.inf, False
     if start > 0:
         top.partition(stop - start)
-        hi = top[stop - start]
+        hi = float(top[stop - start])
         hi_tied = bool(top[: stop - start].max() == hi)
-    if lo == hi:  # one magnitude spans the whole band: its entries by position
-        mask = np.zeros(n, dtype=bool)
-        _band_ties(mag, mask, lo, start, stop)
-        return torch.from_numpy(mask).view(tensor.shape)
-    mask = np.greater_equal(mag, lo)
-    if start > 0:
-        mask &= mag < hi
-    if lo_tied:  # entries equal to lo: the first stop − #{|τ| > lo} of them are in the top stop
-        _band_ties(mag, mask, lo, 0, stop)
-    if hi_tied:  # entries equal to hi: those beyond the first start − #{|τ| > hi} of them are below the top start
-        _band_ties(mag, mask, hi, start, n)
-    return torch.from_numpy(mask).view(tensor.shape)
+    if lo == hi:  # one magnitude spans the whole band
+        return lo, hi, [_equal_ranks(x, lo, start, stop)]
+    ties = []
+    if lo_tied:  # entries equal to lo: the first stop − #{|x| > lo} of them are in the top stop
+        ties.append(_equal_ranks(x, lo, start, stop))
+    if hi_tied:  # entries equal to hi: those beyond the first start − #{|x| > hi} are below the top start
+        ties.append(_equal_ranks(x, hi, start, stop))
+    return lo, hi, ties
 
 
-def _band_ties(mag, mask, value: float, start: int, stop: int) -> None:
-    """Set ``mask`` on the entries with magnitude ``value``: those whose rank (#{|τ| > value} + their position among
-    the equal ones) is in ``[start, stop)``."""
+def _equal_ranks(x, value: float, start: int, stop: int):
+    """``(equal, kept)``: the positions of the entries of magnitude ``value`` and those of them whose rank
+    (#{|x| > value} + their position among the equal ones) is in ``[start, stop)``."""
     import numpy as np
 
+    mag = np.abs(x)
     equal = np.flatnonzero(mag == value)
     above = int(np.count_nonzero(mag > value))
-    mask[equal] = False
-    mask[equal[max(0, start - above) : max(0, stop - above)]] = True
+    return equal, equal[max(0, start - above) : max(0, stop - above)]
 
 
 def breadcrumbs(
@@ -409,12 +433,50 @@ def breadcrumbs(
 
 
 def breadcrumbs_key(tensors: Sequence[Tensor], weights: Sequence[float], densities: Sequence[float], gamma: float):
-    """One key of :func:`breadcrumbs`: Σ_t w_t·(m_t ⊙ τ_t), each task with its own density."""
-    total = None
-    for v, w, density in zip(tensors, weights, densities):
-        term = (v * breadcrumbs_mask(v, density, gamma)).mul_(w)
-        total = term if total is None else total.add_(term)
-    return total
+    """One key of :func:`breadcrumbs`: Σ_t w_t·(m_t ⊙ τ_t), each task with its own density. On fp32 CPU tensors each
+    input's band limits by selection (:func:`_band_limits`), then the masks and the sum block by block (the same fp32
+    operations as the formula, every temporary one cache-sized block)."""
+    if not _blocked(*tensors):
+        total = None
+        for v, w, density in zip(tensors, weights, densities):
+            term = (v * breadcrumbs_mask(v, density, gamma)).mul_(w)
+            total = term if total is None else total.add_(term)
+        return total
+    flats = [v.reshape(-1) for v in tensors]
+    n = flats[0].numel()
+    start = int(gamma * n)
+
+    def limits(pair):
+        f, density = pair
+        stop = min(n, start + int(density * n))
+        if stop <= start:
+            return math.inf, math.inf, []  # nothing kept
+        lo, hi, ties = _band_limits(f.numpy(), start, stop)
+        return lo, hi, [(torch.from_numpy(e), torch.from_numpy(k)) for e, k in ties]
+
+    bands = _each_input(limits, list(zip(flats, densities)), n)
+    out = torch.empty(n)
+    sc = _Scratch(n)
+    mag, term = sc.f[0], sc.f[1]
+    below, kept = sc.b, torch.empty_like(sc.b)
+    for s in _blocks(n):
+        m = s.stop - s.start
+        a, k, o = mag[:m], kept[:m], out[s]
+        for t, (f, w, (lo, hi, ties)) in enumerate(zip(flats, weights, bands)):
+            x = f[s]
+            torch.ge(torch.abs(x, out=a), lo, out=k)
+            if hi < math.inf:
+                k.logical_and_(torch.lt(a, hi, out=below[:m]))
+            for equal, inside in ties:  # tied entries at an edge, by position
+                i, j = torch.searchsorted(equal, torch.tensor([s.start, s.stop])).tolist()
+                k[equal[i:j] - s.start] = False
+                i, j = torch.searchsorted(inside, torch.tensor([s.start, s.stop])).tolist()
+                k[inside[i:j] - s.start] = True
+            if t == 0:
+                torch.mul(x, k, out=o).mul_(w)
+            else:
+                o.add_(torch.mul(x, k, out=term[:m]).mul_(w))
+    return out.view(tensors[0].shape)
 
 
 DELLA_RANK_SCOPES = ("row", "tensor")
