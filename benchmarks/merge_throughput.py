@@ -66,7 +66,40 @@ GROUPS = {
     "iso_c": "svd",
     "iso_cts": "svd",
 }
-DEFAULT_METHODS = [m for m in METHODS if GROUPS[m] != "svd"]
+DEFAULT_METHODS = [m for m in METHODS if GROUPS[m] not in ("svd", "floor")]
+
+
+def _floor_select(tensors):
+    """TIES' and breadcrumbs' least step: one exact selection (numpy's introselect) of each input's magnitudes."""
+    import numpy as np
+
+    for t in tensors:
+        mag = np.abs(t.numpy().reshape(-1))
+        mag.partition(int(0.8 * mag.size))
+
+
+def _floor_draws(tensors):
+    """DARE's and DELLA's least step: one uniform draw per entry from the stream that reproduces torch's CPU
+    generator (numpy's MT19937, one thread)."""
+    from hf_cft.merging.baselines import _BernoulliStream
+
+    stream = _BernoulliStream(0)
+    for t in tensors:
+        stream.uniform_numpy(t.numel())
+
+
+def _floor_rowsort(tensors):
+    """DELLA's least step beyond the draws: sorting each row's magnitudes (numpy's sort, one thread)."""
+    import numpy as np
+
+    for t in tensors:
+        np.sort(np.abs(t.numpy().reshape(t.shape[0] if t.ndim > 1 else 1, -1)), axis=1)
+
+
+#: the least work of a method family (not a merge), timed against the same bound: how far the goals are reachable
+FLOORS = {"floor_select": _floor_select, "floor_draws": _floor_draws, "floor_rowsort": _floor_rowsort}
+METHODS.update({name: {} for name in FLOORS})
+GROUPS.update(dict.fromkeys(FLOORS, "floor"))
 
 
 def clip_config(shape: str):
@@ -114,7 +147,10 @@ def bench_memory(shape: str, ts: list[int], methods: list[str], reps: int) -> li
                     for d in deltas:
                         d[key].clone()
                     t1 = time.perf_counter()
-                    merge_deltas(deltas, m, METHODS[m])
+                    if m in FLOORS:
+                        FLOORS[m]([d[key] for d in deltas])
+                    else:
+                        merge_deltas(deltas, m, METHODS[m])
                     t2 = time.perf_counter()
                     bound[m][r] += t1 - t0
                     took[m][r] += t2 - t1
@@ -255,7 +291,7 @@ def render(runs: list[dict]) -> str:
                 "|---|---|---|---|---|---|---|---|---|"]
         for r in mem:
             goal = GOALS.get(r["group"])
-            met = "—" if goal is None else ("yes" if r["time_over_bound"] <= goal else "no")
+            met = "—" if goal is None else ("yes" if r["time_over_bound"] <= goal else "no")  # floors: no goal
             out.append(f"| {SHAPE_NAMES[r['shape']]} | {r['T']} | {r['method']} | {r['group']} | {r['seconds']} | "
                        f"{r['bound_seconds']} | {r['time_over_bound']} (reps {r['ratios']}) | "
                        f"{'—' if goal is None else f'≤ {goal:g}'} | {met} |")
@@ -305,6 +341,7 @@ def main() -> None:
     cache = Path(args.cache) if args.cache else hf_cft_cache_dir("merge-bench")
     cache.mkdir(parents=True, exist_ok=True)
     rows = []
+    load_before = [round(x, 2) for x in os.getloadavg()]  # the ratios hold for an idle machine: record its load
     for shape in args.shapes:
         if args.mode == "memory":
             rows += bench_memory(shape, args.T, args.methods, args.reps)
@@ -312,6 +349,7 @@ def main() -> None:
             rows += bench_files(shape, args.T, args.methods, args.reps, cache, getattr(torch, args.storage))
     if args.output:
         info = {"machine": f"{os.cpu_count()} CPU cores", "torch_threads": torch.get_num_threads(),
+                "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
                 "command": " ".join(sys.argv), "rows": rows}
         Path(args.output).write_text(json.dumps(info, indent=2))
 
