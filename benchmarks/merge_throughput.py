@@ -281,12 +281,37 @@ GOALS = {"element-wise": 2.0, "selection": 4.0}  # issue 18: time / bound; peak 
 SHAPE_NAMES = {"vit-b16": "ViT-B/16", "vit-l14": "ViT-L/14"}
 
 
+def pivot(rows: list[dict]) -> list[str]:
+    """The memory rows as one table: a line per method, a column per (shape, T), each cell time / bound of every
+    labelled run (``--label``, e.g. the torch kernels and the fused ones) side by side, and the goal."""
+    labels = list(dict.fromkeys(r.get("label", "") for r in rows))
+    cols = list(dict.fromkeys((r["shape"], r["T"]) for r in rows))
+    cell = {(r.get("label", ""), r["method"], r["shape"], r["T"]): r["time_over_bound"] for r in rows}
+    head = " / ".join(label or "time / bound" for label in labels)
+    out = [f"time / bound ({head}), median of each row's repeats:", "",
+           "| method | goal | " + " | ".join(f"{SHAPE_NAMES[s]} T = {t}" for s, t in cols) + " |",
+           "|---|---|" + "---|" * len(cols)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        goal = GOALS.get(GROUPS[method])
+        cells = []
+        for s, t in cols:
+            values = [cell.get((label, method, s, t)) for label in labels]
+            text = " / ".join("—" if v is None else f"{v:g}" for v in values)
+            last = next((v for v in reversed(values) if v is not None), None)
+            if goal is not None and last is not None:
+                text += " ✓" if last <= goal else " ✗"
+            cells.append(text)
+        out.append(f"| {method} | {'—' if goal is None else f'≤ {goal:g}'} | " + " | ".join(cells) + " |")
+    return out
+
+
 def render(runs: list[dict]) -> str:
     """Markdown tables of this script's JSON outputs (``--render``): the memory rows, then the files rows."""
-    rows = [dict(r, command=run.get("command", "")) for run in runs for r in run["rows"]]
+    rows = [dict(r, command=run.get("command", ""), label=run.get("label", "")) for run in runs for r in run["rows"]]
     out = []
     mem = [r for r in rows if r["mode"] == "memory"]
     if mem:
+        out += pivot(mem) + [""]
         out += ["| shape | T | method | group | time (s) | bound: clone (s) | time / bound | goal | met |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for r in mem:
@@ -326,6 +351,7 @@ def main() -> None:
     parser.add_argument("--render", nargs="+", metavar="JSON",
                         help="merge these outputs into --output (JSON) and --markdown instead of measuring")
     parser.add_argument("--markdown", help="with --render: the Markdown tables")
+    parser.add_argument("--label", default="", help="a name for this run's rows in the rendered tables")
     args = parser.parse_args()
     if args.render:
         runs = [json.loads(Path(f).read_text()) for f in args.render]
@@ -350,7 +376,8 @@ def main() -> None:
     if args.output:
         info = {"machine": f"{os.cpu_count()} CPU cores", "torch_threads": torch.get_num_threads(),
                 "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
-                "command": " ".join(sys.argv), "rows": rows}
+                "command": " ".join(sys.argv), "label": args.label,
+                "fused_kernels": __import__("hf_cft.merging.fused", fromlist=["available"]).available(), "rows": rows}
         Path(args.output).write_text(json.dumps(info, indent=2))
 
 

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 from hf_cft.errors import DeltaError, MergeConfigError, NonFiniteError, TaskError
+from hf_cft.merging import fused
 from hf_cft.merging.deltas import all_finite
 from hf_cft.merging.masks import PackedMask
 from hf_cft.validation import check_choice, check_int, check_number
@@ -1167,6 +1168,10 @@ def _ties_tensor(deltas: list[Tensor], ctx) -> Tensor:
         trimmed = [_scaled(t, inp["weight"], fresh=True) for t, inp in zip(trimmed, ctx.inputs)]
         return _elect_disjoint(torch.stack(trimmed), opts["merge"], zero_sign)
     flats = [d.reshape(-1) for d in deltas]
+    if not model_scope and opts["merge"] == "mean" and fused.applies(*flats):
+        weights = [inp["weight"] for inp in ctx.inputs]
+        drops = [thr[1] for thr in thresholds]
+        return fused.ties_mean(flats, [thr[0] for thr in thresholds], drops, weights).view(deltas[0].shape)
     n = flats[0].numel()
     out = torch.empty(n)
     size = _stacked_block(len(flats))
@@ -1301,6 +1306,13 @@ def _magmax_tensor(deltas: list[Tensor], ctx) -> Tensor:
     """Per entry the largest-magnitude w_t·τ_t (ties: ``tie_break``), folded one input at a time."""
     items = _present(deltas, ctx)
     first, inp = next(items)
+    if fused.applies(first.reshape(-1)):  # one pass over every present input
+        rest = list(items)
+        flats = [first.reshape(-1)] + [d.reshape(-1) for d, _ in rest]
+        if fused.applies(*flats):
+            weights = [inp["weight"]] + [i["weight"] for _, i in rest]
+            return fused.magmax(flats, weights, ctx.options["tie_break"]).view(first.shape)
+        items = iter(rest)
     best = (first * inp["weight"]).contiguous()
     scratch = _Scratch(best.numel()) if _blocked(best) else None
     for d, inp in items:
@@ -1324,6 +1336,10 @@ def _consensus_tensor(deltas: list[Tensor], ctx) -> Tensor:
             votes += t.abs() > inp["tall_lambda"] * (total - t).abs()
         return total.mul_(votes >= ctx.options["k"])
     flats = [d.reshape(-1) for d in deltas]
+    if fused.applies(*flats):
+        weights = [inp["weight"] for inp in ctx.inputs]
+        lambdas = [inp["tall_lambda"] for inp in ctx.inputs]
+        return fused.consensus(flats, weights, lambdas, ctx.options["k"]).view(deltas[0].shape)
     n = flats[0].numel()
     out = torch.empty(n)
     sc = _Scratch(n, rows=len(flats))

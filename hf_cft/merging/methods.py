@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from hf_cft.errors import DeltaError, MergeConfigError, TaskError
+from hf_cft.merging import fused
 from hf_cft.merging.baselines import (
     ContinualMerger,
     Delta,
@@ -316,6 +317,10 @@ def model_stock(deltas: Sequence[Mapping[str, Tensor]], average: str = "cosine")
 
 def _model_stock_key(tensors: Sequence[Tensor], average: str) -> Tensor:
     """t·(Σ_t τ_t / T) for one key, the Gram matrix and the sum in one pass over the inputs."""
+    flats = [t.reshape(-1) for t in tensors]
+    if fused.applies(*flats):
+        gram, total = fused.gram_sum(flats)
+        return fused.scale_(total, len(tensors), _stock_ratio(gram, average)).view(tensors[0].shape)
     gram, total = _gram(tensors, total=True)
     return total.div_(len(tensors)).mul_(_stock_ratio(gram, average))
 
@@ -455,6 +460,8 @@ def breadcrumbs_key(tensors: Sequence[Tensor], weights: Sequence[float], densiti
         return lo, hi, [(torch.from_numpy(e), torch.from_numpy(k)) for e, k in ties]
 
     bands = _each_input(limits, list(zip(flats, densities)), n)
+    if fused.applies(*flats):
+        return fused.band_sum(flats, bands, weights).view(tensors[0].shape)
     out = torch.empty(n)
     sc = _Scratch(n)
     mag, term = sc.f[0], sc.f[1]

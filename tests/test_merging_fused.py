@@ -1,0 +1,86 @@
+"""The fused merge kernels (hf_cft.merging.fused, numba) against the torch kernels they replace: the same merges
+through the registry with ``HF_CFT_FUSED=0`` and ``1``. On tensors of small integers every sum is exact, so the two
+must agree bit for bit whatever order torch sums in; on Gaussian tensors they agree to fp32 rounding (torch may sum
+the T terms of an entry in another order than list order)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_cft.merging import fused
+from hf_cft.merging.streaming import merge_deltas
+
+pytestmark = pytest.mark.skipif(
+    not fused.available(), reason="numba is not installed (optional: pip install 'hf-cft[fast]')"
+)
+
+CASES = [
+    ("ties", {"density": 0.3}),
+    ("ties", {"density": 0.2, "weight": 0.7}),
+    ("breadcrumbs", {"density": 0.3, "gamma": 0.05}),
+    ("consensus", {"k": 2}),
+    ("consensus", {"k": 1, "weight": -0.5, "tall_lambda": 0.6}),
+    ("magmax", {}),
+    ("magmax", {"tie_break": "earlier", "weight": 0.3}),
+    ("model_stock", {}),
+]
+SHAPES = {"w": (96, 130), "b": (130,), "one": (1,)}
+
+
+def _deltas(t, kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(shape):
+        if kind == "ints":  # many equal magnitudes, zeros and exact sums
+            return torch.randint(-4, 5, shape, generator=g).float()
+        return torch.randn(shape, generator=g)
+
+    return [{k: draw(s) for k, s in SHAPES.items()} for _ in range(t)]
+
+
+def _both(monkeypatch, deltas, method, options):
+    monkeypatch.setenv("HF_CFT_FUSED", "0")
+    reference = merge_deltas(deltas, method, options)
+    monkeypatch.setenv("HF_CFT_FUSED", "1")
+    return reference, merge_deltas(deltas, method, options)
+
+
+@pytest.mark.parametrize("method,options", CASES)
+@pytest.mark.parametrize("t", [2, 3])
+def test_fused_kernels_equal_the_torch_kernels_bit_for_bit_on_exact_sums(monkeypatch, method, options, t):
+    deltas = _deltas(t, "ints", seed=t)
+    reference, got = _both(monkeypatch, deltas, method, options)
+    assert reference.keys() == got.keys()
+    for key in reference:
+        assert torch.equal(reference[key], got[key]), (method, options, key)
+        if method != "model_stock":  # the Gram's sums are fp64 in one, fp32 blocks in the other: the ratio may round
+            assert torch.equal(reference[key].abs().view(torch.int32), got[key].abs().view(torch.int32)), key
+
+
+@pytest.mark.parametrize("method,options", CASES)
+@pytest.mark.parametrize("t", [3, 8])
+def test_fused_kernels_equal_the_torch_kernels_to_rounding_on_gaussian_deltas(monkeypatch, method, options, t):
+    deltas = _deltas(t, "randn", seed=11)
+    reference, got = _both(monkeypatch, deltas, method, options)
+    for key in reference:
+        torch.testing.assert_close(got[key], reference[key], rtol=1e-6, atol=1e-6)
+
+
+def test_fused_kernels_are_used_and_can_be_switched_off(monkeypatch):
+    """With numba the merges take the fused path (a planted failure in it surfaces); HF_CFT_FUSED=0 and tensors the
+    kernels do not take (fp64, non-contiguous) go to the torch kernels."""
+    deltas = _deltas(2, "ints")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("fused path taken")
+
+    monkeypatch.setattr(fused, "ties_mean", broken)
+    with pytest.raises(RuntimeError, match="fused path taken"):
+        merge_deltas(deltas, "ties", {"density": 0.3})
+    monkeypatch.setenv("HF_CFT_FUSED", "0")
+    assert not fused.available()
+    merge_deltas(deltas, "ties", {"density": 0.3})
+    monkeypatch.setenv("HF_CFT_FUSED", "1")
+    assert not fused.applies(torch.zeros(4, dtype=torch.float64))
+    assert not fused.applies(torch.zeros(4, 4).t())
