@@ -84,3 +84,33 @@ def test_fused_kernels_are_used_and_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("HF_CFT_FUSED", "1")
     assert not fused.applies(torch.zeros(4, dtype=torch.float64))
     assert not fused.applies(torch.zeros(4, 4).t())
+
+
+@pytest.mark.parametrize("kind", ["ints", "randn"])
+def test_radix_selection_equals_the_introselect_thresholds_and_ties(monkeypatch, kind):
+    """The radix selection (taken for every size here) gives TIES' threshold and tied drops and breadcrumbs' band
+    limits and ties exactly as numpy's introselect does, on tie-heavy and Gaussian tensors, every rank edge case."""
+    import numpy as np
+
+    from hf_cft.merging.baselines import _trim_threshold
+    from hf_cft.merging.methods import _band_limits
+
+    x = _deltas(1, kind, seed=5)[0]["w"].reshape(-1)
+    x[:40] = -0.0
+    n = x.numel()
+
+    def both(fn):
+        monkeypatch.setattr(fused, "SELECT_MIN", n + 1)
+        want = fn()
+        monkeypatch.setattr(fused, "SELECT_MIN", 0)
+        return want, fn()
+
+    for keep in (1, 2, n // 3, n // 2, n - 50, n - 1):
+        (t1, d1), (t2, d2) = both(lambda: _trim_threshold(x, keep))
+        assert t1 == t2 and ((d1 is None and d2 is None) or torch.equal(d1, d2)), keep
+    for start, stop in ((0, 5), (3, n // 4), (n // 5, n // 2), (n // 3, n), (0, n), (n - 60, n - 1)):
+        want, got = both(lambda: _band_limits(x.numpy(), start, stop))
+        assert want[:2] == got[:2], (start, stop)
+        assert len(want[2]) == len(got[2])
+        for (e1, k1), (e2, k2) in zip(want[2], got[2]):
+            assert np.array_equal(e1, e2) and np.array_equal(k1, k2)

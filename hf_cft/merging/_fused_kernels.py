@@ -8,83 +8,51 @@ f32 = np.float32
 zero = f32(0.0)
 
 
-@njit(cache=True, inline="always")
-def _sign(v):
-    if v > 0:
-        return f32(1.0)
-    if v < 0:
-        return f32(-1.0)
-    return v  # ±0 (as torch.sign)
-
-
-@njit(cache=True, inline="always")
-def _dropped(drops, i):
-    """Whether position i is in the sorted int64 array ``drops`` (binary search)."""
-    lo, hi = 0, drops.size
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if drops[mid] < i:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo < drops.size and drops[lo] == i
-
-
-@njit(cache=True, inline="always")
-def _trimmed(x, threshold, drops, i):
-    """x kept by the trim (|x| ≥ threshold, the tied positions in ``drops`` dropped), +0.0 otherwise."""
-    if abs(x) < threshold:
-        return zero
-    if abs(x) == threshold and drops.size and _dropped(drops, i):
-        return zero
-    return x
-
-
 @njit(cache=True, parallel=True)
-def ties_mean(xs, thresholds, drops, weights, scaled, out):
-    """TIES (per-tensor trim, sign election, disjoint mean) of the inputs ``xs`` into ``out``: per entry, each
-    input kept where |x| ≥ its threshold (less its ``drops``, ties by position), +0.0 elsewhere, times its
-    weight; σ = sign of the sum; the mean of the kept entries whose sign is σ."""
+def ties_mean(xs, thresholds, weights, scaled, out):
+    """TIES (per-tensor trim, sign election, disjoint mean) of the inputs ``xs`` into ``out``: per entry, each input
+    kept where |x| ≥ its threshold, +0.0 elsewhere, times its weight; σ = sign of the sum; the mean of the kept
+    entries whose sign is σ. (Written out, without calls or branches on rare cases: numba then vectorises the loop;
+    the tied positions are merged apart by the caller.)"""
     n = out.size
     t_count = len(xs)
     for i in prange(n):
         total = zero
         for t in range(t_count):
-            v = _trimmed(xs[t][i], thresholds[t], drops[t], i)
+            x = xs[t][i]
+            v = x if abs(x) >= thresholds[t] else zero
             if scaled:
                 v = v * weights[t]
             total = v if t == 0 else total + v
-        elected = _sign(total)
+        elected = f32(1.0) if total > 0 else (f32(-1.0) if total < 0 else zero)
         num = zero
         count = 0
         for t in range(t_count):
-            v = _trimmed(xs[t][i], thresholds[t], drops[t], i)
+            x = xs[t][i]
+            v = x if abs(x) >= thresholds[t] else zero
             if scaled:
                 v = v * weights[t]
-            agree = elected != 0 and _sign(v) == elected
-            s = v if agree else v * zero
-            num = s if t == 0 else num + s
-            count += agree
+            sv = f32(1.0) if v > 0 else (f32(-1.0) if v < 0 else zero)
+            agree = elected != 0 and sv == elected
+            term = v if agree else v * zero
+            num = term if t == 0 else num + term
+            if agree:
+                count += 1
         out[i] = num / f32(max(count, 1))
 
 
 @njit(cache=True, parallel=True)
-def band_sum(xs, lows, highs, tie_values, tie_inside, tie_owner, weights, out):
-    """Breadcrumbs' Σ_t w_t·(m_t ⊙ τ_t): m_t = lo_t ≤ |x| < hi_t, except entries whose magnitude equals one of
-    the input's tie values, kept iff their position is in that value's sorted ``tie_inside`` array."""
+def band_sum(xs, lows, highs, weights, out):
+    """Breadcrumbs' Σ_t w_t·(m_t ⊙ τ_t) with m_t = lo_t ≤ |x| < hi_t (the tied positions are merged apart by the
+    caller)."""
     n = out.size
     t_count = len(xs)
-    g_count = len(tie_values)
     for i in prange(n):
         acc = zero
         for t in range(t_count):
             x = xs[t][i]
             a = abs(x)
-            keep = a >= lows[t] and a < highs[t]
-            for g in range(g_count):
-                if tie_owner[g] == t and a == tie_values[g]:
-                    keep = _dropped(tie_inside[g], i)
-            term = (x if keep else x * zero) * weights[t]
+            term = (x if (a >= lows[t] and a < highs[t]) else x * zero) * weights[t]
             acc = term if t == 0 else acc + term
         out[i] = acc
 
@@ -123,21 +91,15 @@ def magmax(xs, weights, scaled, later, out):
 
 
 @njit(cache=True, parallel=True)
-def gram_sum(xs, chunks, partial, out):
-    """Σ_t τ_t (in list order, fp32) into ``out`` and, per chunk of entries, the T×T products in fp64."""
+def row_sum(xs, out):
+    """Σ_t τ_t in list order (fp32)."""
     n = out.size
     t_count = len(xs)
-    size = (n + chunks - 1) // chunks
-    for c in prange(chunks):
-        for i in range(c * size, min(n, (c + 1) * size)):
-            total = xs[0][i]
-            for t in range(1, t_count):
-                total = total + xs[t][i]
-            out[i] = total
-            for a in range(t_count):
-                xa = np.float64(xs[a][i])
-                for b in range(a, t_count):
-                    partial[c, a, b] += xa * np.float64(xs[b][i])
+    for i in prange(n):
+        total = xs[0][i]
+        for t in range(1, t_count):
+            total = total + xs[t][i]
+        out[i] = total
 
 
 @njit(cache=True, parallel=True)
@@ -145,3 +107,30 @@ def scale(out, divisor, factor):
     """out ← out / divisor · factor (fp32, in place)."""
     for i in prange(out.size):
         out[i] = out[i] / divisor * factor
+
+
+@njit(cache=True, parallel=True)
+def magnitude_histogram(bits, chunks, hist):
+    """Per chunk of entries, the count of each top-16-bit bucket of |x| (``bits``: the fp32 bit patterns as uint32;
+    without the sign bit they order as the magnitudes do)."""
+    n = bits.size
+    size = (n + chunks - 1) // chunks
+    for c in prange(chunks):
+        h = hist[c]
+        for i in range(c * size, min(n, (c + 1) * size)):
+            h[(bits[i] & np.uint32(0x7FFFFFFF)) >> np.uint32(15)] += 1
+
+
+@njit(cache=True, parallel=True)
+def bucket_entries(bits, chunks, bucket, offsets, out):
+    """The |x| bit patterns of the entries in ``bucket``, chunk c's from ``offsets[c]`` on (its count in the
+    histogram gives the room)."""
+    n = bits.size
+    size = (n + chunks - 1) // chunks
+    for c in prange(chunks):
+        j = offsets[c]
+        for i in range(c * size, min(n, (c + 1) * size)):
+            b = bits[i] & np.uint32(0x7FFFFFFF)
+            if (b >> np.uint32(15)) == bucket:
+                out[j] = b
+                j += 1

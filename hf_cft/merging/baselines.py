@@ -44,6 +44,7 @@ naming the key and the task index.
 from __future__ import annotations
 
 import math
+import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -197,14 +198,24 @@ def _trim_threshold(flat: Tensor, keep: int) -> tuple[float, Tensor | None]:
     ``torch.randn`` tensor has a few entries equal to its 20 % threshold); hf_cft up to issue 18 resolved them with
     ``torch.topk``, whose pick among equal magnitudes is implementation-defined and cost ~20 times the selection."""
     n = flat.numel()
-    magnitude = flat.abs()
-    if magnitude.device.type == "cpu" and magnitude.dtype in (torch.float32, torch.float64):
-        values = magnitude.numpy()
+    if flat.device.type == "cpu" and fused.selects(flat.detach().numpy()):
+        import numpy as np
+
+        x = flat.detach().numpy()
+        ((kth, greater, equal),) = fused.kth_largest_magnitudes(x, [keep])
+        if greater + equal <= keep or kth == 0.0:
+            return kth, None
+        tied = np.flatnonzero(np.abs(x) == kth)
+        return kth, torch.from_numpy(tied[keep - greater :])
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        import numpy as np
+
+        values = np.abs(flat.detach().numpy())  # numpy's allocation: reused, not page-faulted, from call to call
         values.partition(n - keep)
         kth = float(values[n - keep])
         tied = values[: n - keep].max() == kth  # the rest is ≤ kth: another entry equals it iff its max does
     else:
-        kth = float(magnitude.kthvalue(n - keep + 1).values)
+        kth = float(flat.abs().kthvalue(n - keep + 1).values)
         tied = True
     if not tied or kth == 0.0:
         return kth, None
@@ -223,21 +234,27 @@ def _trim_threshold(flat: Tensor, keep: int) -> tuple[float, Tensor | None]:
 # order of the whole-tensor formula, so the results are bit for bit those of the formula
 # (tests/test_merging_speed.py).
 BLOCK = 256 * 1024
-#: below this many entries per input a selection runs its inputs one after the other (a thread costs more)
+
+
+_POOL: tuple[int, object] | None = None
+#: inputs smaller than this are selected one after the other (handing them to a thread costs more)
 PARALLEL_MIN = 1 << 20
 
 
-def _each_input(fn: Callable, items: Sequence, n: int) -> list:
-    """``[fn(x) for x in items]``, two at a time in threads when each input has at least :data:`PARALLEL_MIN` entries
-    and torch may use two threads: the per-input selections (numpy's introselect and sort release the GIL) are
-    single-threaded and independent, so two inputs run on two cores. Results in input order."""
-    workers = min(len(items), torch.get_num_threads())
+def _per_input(fn: Callable, items: Sequence, n: int) -> list:
+    """``[fn(x) for x in items]``, on two threads when there are several inputs of at least :data:`PARALLEL_MIN`
+    entries and torch may use two threads: the per-input selections (numpy's introselect releases the GIL) are
+    single-threaded and independent. One pool per process, made again after a fork (a forked child must not use its
+    parent's threads)."""
+    global _POOL
+    workers = min(len(items), torch.get_num_threads(), 2)
     if workers < 2 or n < PARALLEL_MIN:
         return [fn(x) for x in items]
-    from concurrent.futures import ThreadPoolExecutor
+    if _POOL is None or _POOL[0] != os.getpid():
+        from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # per call: nothing shared survives a fork
-        return list(pool.map(fn, items))
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="hf_cft-select"))
+    return list(_POOL[1].map(fn, items))
 
 
 def _blocks(n: int, size: int = BLOCK) -> Iterator[slice]:
@@ -1154,11 +1171,8 @@ def _ties_tensor(deltas: list[Tensor], ctx) -> Tensor:
         thresholds = ctx.state["thresholds"]
         zero_sign = ctx.state["zero_sign"]
     else:
-        thresholds = _each_input(
-            lambda pair: _tensor_threshold(*pair),
-            [(d, inp["density"]) for d, inp in zip(deltas, ctx.inputs)],
-            deltas[0].numel(),
-        )
+        pairs = [(d, inp["density"]) for d, inp in zip(deltas, ctx.inputs)]
+        thresholds = _per_input(lambda pair: _tensor_threshold(*pair), pairs, deltas[0].numel())
         zero_sign = None
     if not _blocked(*deltas):
         if model_scope:

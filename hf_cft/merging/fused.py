@@ -37,6 +37,16 @@ def applies(*tensors: Tensor) -> bool:
     )
 
 
+#: arrays smaller than this are selected by numpy's introselect (the radix passes cost more there)
+SELECT_MIN = 1 << 20
+
+
+def selects(x) -> bool:
+    """Whether :func:`kth_largest_magnitudes` takes this numpy array (fp32, at least :data:`SELECT_MIN` entries, numba
+    available)."""
+    return x.dtype.name == "float32" and x.size >= SELECT_MIN and available()
+
+
 def _kernels() -> dict | None:
     global _KERNELS
     if _KERNELS is None:
@@ -59,7 +69,16 @@ def _compile() -> dict:
 
     from hf_cft.merging import _fused_kernels as kernels
 
-    names = ("ties_mean", "band_sum", "consensus", "magmax", "gram_sum", "scale")
+    names = (
+        "ties_mean",
+        "band_sum",
+        "consensus",
+        "magmax",
+        "row_sum",
+        "scale",
+        "magnitude_histogram",
+        "bucket_entries",
+    )
     return {**{name: getattr(kernels, name) for name in names}, "numba": numba, "np": np}
 
 
@@ -67,47 +86,63 @@ def ties_mean(
     flats: Sequence[Tensor], thresholds: Sequence[float], drops: Sequence[Tensor | None], weights: Sequence[float]
 ) -> Tensor:
     """The fused form of the blocked TIES kernel (tensor-scope trim, ``merge="mean"``, no zero sign): flat fp32 inputs,
-    each input's ``(threshold, drops)`` from :func:`~hf_cft.merging.baselines._tensor_threshold`."""
+    each input's ``(threshold, drops)`` from :func:`~hf_cft.merging.baselines._tensor_threshold`. The entries at the
+    tied positions (``drops``: equal to the threshold but beyond the kept ones) are merged again on their own with
+    those entries zeroed."""
     k = _kernels()
     np = k["np"]
     _threads()
+    limits = np.array(thresholds, dtype=np.float32)
+    w = np.array(weights, dtype=np.float32)
+    scaled = any(x != 1.0 for x in weights)
     out = torch.empty(flats[0].numel())
-    empty = np.zeros(0, dtype=np.int64)
-    k["ties_mean"](
-        tuple(f.numpy() for f in flats),
-        np.array(thresholds, dtype=np.float32),
-        tuple(empty if d is None else d.numpy().astype(np.int64) for d in drops),
-        np.array(weights, dtype=np.float32),
-        any(w != 1.0 for w in weights),
-        out.numpy(),
-    )
+    k["ties_mean"](tuple(f.numpy() for f in flats), limits, w, scaled, out.numpy())
+    tied = [d for d in drops if d is not None and d.numel()]
+    if tied:
+        where = torch.unique(torch.cat(tied))
+        subs = []
+        for f, d in zip(flats, drops):
+            sub = f[where].contiguous()
+            if d is not None and d.numel():
+                sub[torch.isin(where, d)] = 0.0  # dropped: +0.0, below the threshold
+            subs.append(sub.numpy())
+        part = torch.empty(where.numel())
+        k["ties_mean"](tuple(subs), limits, w, scaled, part.numpy())
+        out[where] = part
     return out
 
 
 def band_sum(flats: Sequence[Tensor], bands: Sequence[tuple], weights: Sequence[float]) -> Tensor:
     """The fused form of breadcrumbs' blocked sum: ``bands[t] = (lo, hi, ties)`` from
-    :func:`~hf_cft.merging.methods._band_limits` (``ties``: ``(equal, inside)`` position tensors)."""
+    :func:`~hf_cft.merging.methods._band_limits` (``ties``: ``(equal, inside)`` position tensors). The entries at
+    the tied positions are summed again on their own, their masks resolved by position."""
     k = _kernels()
     np = k["np"]
     _threads()
-    values, inside, owner = [], [], []
-    for t, (f, (_, _, ties)) in enumerate(zip(flats, bands)):
-        for equal, kept in ties:
-            if equal.numel():
-                values.append(abs(float(f[int(equal[0])])))
-                inside.append(kept.numpy().astype(np.int64))
-                owner.append(t)
     out = torch.empty(flats[0].numel())
+    lows = [b[0] for b in bands]
+    highs = [b[1] for b in bands]
     k["band_sum"](
         tuple(f.numpy() for f in flats),
-        np.array([b[0] for b in bands], dtype=np.float32),
-        np.array([b[1] for b in bands], dtype=np.float32),
-        np.array(values, dtype=np.float32),
-        tuple(inside) if inside else (np.zeros(0, dtype=np.int64),),
-        np.array(owner, dtype=np.int64),
+        np.array(lows, dtype=np.float32),
+        np.array(highs, dtype=np.float32),
         np.array(weights, dtype=np.float32),
         out.numpy(),
     )
+    groups = [equal for _, _, ties in bands for equal, _ in ties if equal.numel()]
+    if groups:
+        where = torch.unique(torch.cat(groups))
+        total = None
+        for f, w, lo, hi, (_, _, ties) in zip(flats, weights, lows, highs, bands):
+            x = f[where]
+            a = x.abs()
+            keep = (a >= lo) & (a < hi)
+            for equal, inside in ties:
+                keep[torch.isin(where, equal)] = False
+                keep[torch.isin(where, inside)] = True
+            term = (x * keep).mul_(w)
+            total = term if total is None else total.add_(term)
+        out[where] = total
     return out
 
 
@@ -145,17 +180,17 @@ def magmax(flats: Sequence[Tensor], weights: Sequence[float], tie_break: str) ->
 
 
 def gram_sum(flats: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """The T×T Gram matrix (fp64 products and sums) and Σ_t τ_t (fp32, list order) in one pass over the inputs."""
+    """The T×T Gram matrix ⟨τ_a, τ_b⟩ (BLAS fp32 dot products, as fp64) and Σ_t τ_t (fp32, list order, fused)."""
     kern = _kernels()
     np = kern["np"]
     _threads()
     t_count = len(flats)
-    chunks = 64
-    partial = np.zeros((chunks, t_count, t_count))
+    gram = np.zeros((t_count, t_count))
+    for a in range(t_count):
+        for b in range(a, t_count):
+            gram[a, b] = gram[b, a] = float(torch.dot(flats[a], flats[b]))
     out = torch.empty(flats[0].numel())
-    kern["gram_sum"](tuple(f.numpy() for f in flats), chunks, partial, out.numpy())
-    upper = partial.sum(axis=0)
-    gram = np.triu(upper) + np.triu(upper, 1).T
+    kern["row_sum"](tuple(f.numpy() for f in flats), out.numpy())
     return torch.from_numpy(gram), out
 
 
@@ -165,4 +200,35 @@ def scale_(out: Tensor, divisor: int, factor: float) -> Tensor:
     np = kern["np"]
     _threads()
     kern["scale"](out.view(-1).numpy(), np.float32(divisor), np.float32(factor))
+    return out
+
+
+def kth_largest_magnitudes(x, ranks: Sequence[int]) -> list[tuple[float, int, int]]:
+    """For each ``r`` in ``ranks`` (1 ≤ r ≤ n) the r-th largest magnitude of the fp32 numpy array ``x`` with the
+    number of entries above it and equal to it, ``(value, greater, equal)``, exactly, by radix selection on every core:
+    one pass counts the top 16 bits of each |x| (per chunk), a second collects the entries of the bucket that holds
+    rank r, and a selection among those few gives the value (numpy's introselect of all n magnitudes costs several
+    times more)."""
+    kern = _kernels()
+    np = kern["np"]
+    _threads()
+    bits = x.reshape(-1).view(np.uint32)
+    chunks = kern["numba"].get_num_threads()  # one histogram per thread (2¹⁶ counts each)
+    hist = np.zeros((chunks, 1 << 16), dtype=np.int64)
+    kern["magnitude_histogram"](bits, chunks, hist)
+    counts = hist.sum(axis=0)
+    above = np.cumsum(counts[::-1])[::-1]  # above[b]: entries in bucket b or higher
+    out = []
+    for r in ranks:
+        bucket = int(np.flatnonzero(above >= r)[-1])  # the highest bucket with at least r entries at or above it
+        higher = int(above[bucket] - counts[bucket])
+        offsets = np.concatenate(([0], np.cumsum(hist[:, bucket])[:-1])).astype(np.int64)
+        members = np.empty(int(counts[bucket]), dtype=np.uint32)
+        kern["bucket_entries"](bits, chunks, np.uint32(bucket), offsets, members)
+        inside = r - higher  # the rank within the bucket, from its top
+        members.partition(members.size - inside)
+        value = members[members.size - inside]
+        greater = higher + int(np.count_nonzero(members > value))
+        equal = int(np.count_nonzero(members == value))
+        out.append((float(np.array([value], dtype=np.uint32).view(np.float32)[0]), greater, equal))
     return out

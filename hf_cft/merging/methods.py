@@ -55,11 +55,11 @@ from hf_cft.merging.baselines import (
     _blocks,
     _check_deltas,
     _check_fraction,
-    _each_input,
     _elect_blocked,
     _f32,
     _finite_result,
     _mask_source,
+    _per_input,
     _Scratch,
     _stacked_block,
     _weights,
@@ -374,12 +374,25 @@ def _band_limits(x, start: int, stop: int, work=None) -> tuple[float, float, lis
     entries whose magnitude equals a threshold that straddles the band's edge, all set out of the band and then
     ``kept`` (the ones whose rank, #{|x| > value} + their position among the equal ones, is inside) set in.
 
-    numpy's introselect on the magnitudes (in ``work``, a float buffer of at least n entries, when given), the
-    second selection inside the first's top part; a threshold straddles an edge iff the largest magnitude on the
-    other side of it equals it."""
+    With the fused kernels, radix selection (:func:`~hf_cft.merging.fused.kth_largest_magnitudes`, with the counts
+    above and at each threshold); else numpy's introselect on the magnitudes (in ``work``, a float buffer of at least
+    n entries, when given), the second selection inside the first's top part. A threshold straddles an edge iff
+    entries equal to it lie on both sides."""
     import numpy as np
 
     n = x.size
+    if fused.selects(x):  # radix selection on every core
+        ranks = [r for r, needed in ((stop, stop < n), (start, start > 0)) if needed]
+        found = dict(zip(ranks, fused.kth_largest_magnitudes(x, ranks)))
+        lo, lo_tied = -math.inf, False
+        if stop < n:
+            lo, greater, equal = found[stop]
+            lo_tied = greater + equal > stop
+        hi, hi_tied = math.inf, False
+        if start > 0:
+            hi, greater, equal = found[start]
+            hi_tied = greater + equal > start
+        return _band_ties_of(x, lo, lo_tied, hi, hi_tied, start, stop)
     top = np.abs(x, out=None if work is None else work[:n])
     lo, lo_tied = -math.inf, False
     if stop < n:
@@ -392,6 +405,11 @@ def _band_limits(x, start: int, stop: int, work=None) -> tuple[float, float, lis
         top.partition(stop - start)
         hi = float(top[stop - start])
         hi_tied = bool(top[: stop - start].max() == hi)
+    return _band_ties_of(x, lo, lo_tied, hi, hi_tied, start, stop)
+
+
+def _band_ties_of(x, lo: float, lo_tied: bool, hi: float, hi_tied: bool, start: int, stop: int):
+    """:func:`_band_limits`' result from its thresholds and whether each straddles its edge."""
     if lo == hi:  # one magnitude spans the whole band
         return lo, hi, [_equal_ranks(x, lo, start, stop)]
     ties = []
@@ -459,7 +477,7 @@ def breadcrumbs_key(tensors: Sequence[Tensor], weights: Sequence[float], densiti
         lo, hi, ties = _band_limits(f.numpy(), start, stop)
         return lo, hi, [(torch.from_numpy(e), torch.from_numpy(k)) for e, k in ties]
 
-    bands = _each_input(limits, list(zip(flats, densities)), n)
+    bands = _per_input(limits, list(zip(flats, densities)), n)
     if fused.applies(*flats):
         return fused.band_sum(flats, bands, weights).view(tensors[0].shape)
     out = torch.empty(n)
