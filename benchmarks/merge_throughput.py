@@ -282,26 +282,27 @@ SHAPE_NAMES = {"vit-b16": "ViT-B/16", "vit-l14": "ViT-L/14"}
 
 
 def pivot(rows: list[dict]) -> list[str]:
-    """The memory rows as one table: a line per method, a column per (shape, T), each cell time / bound of every
-    labelled run (``--label``, e.g. the torch kernels and the fused ones) side by side, and the goal."""
+    """The memory rows as one table: a line per method, a column per (shape, T), each cell the time / bound of every
+    labelled run (``--label``, e.g. the torch kernels, then the fused ones) that measured it, in the order of the
+    ``runs`` column, with the goal met (✓) or not (✗) by the last of them."""
     labels = list(dict.fromkeys(r.get("label", "") for r in rows))
     cols = list(dict.fromkeys((r["shape"], r["T"]) for r in rows))
     cell = {(r.get("label", ""), r["method"], r["shape"], r["T"]): r["time_over_bound"] for r in rows}
-    head = " / ".join(label or "time / bound" for label in labels)
-    out = [f"time / bound ({head}), median of each row's repeats:", "",
-           "| method | goal | " + " | ".join(f"{SHAPE_NAMES[s]} T = {t}" for s, t in cols) + " |",
-           "|---|---|" + "---|" * len(cols)]
+    out = ["time / bound, the median of each row's repeats:", "",
+           "| method | goal | runs | " + " | ".join(f"{SHAPE_NAMES[s]} T = {t}" for s, t in cols) + " |",
+           "|---|---|---|" + "---|" * len(cols)]
     for method in dict.fromkeys(r["method"] for r in rows):
         goal = GOALS.get(GROUPS[method])
+        mine = [label for label in labels if any(key[0] == label and key[1] == method for key in cell)]
         cells = []
         for s, t in cols:
-            values = [cell.get((label, method, s, t)) for label in labels]
+            values = [cell.get((label, method, s, t)) for label in mine]
             text = " / ".join("—" if v is None else f"{v:g}" for v in values)
-            last = next((v for v in reversed(values) if v is not None), None)
-            if goal is not None and last is not None:
-                text += " ✓" if last <= goal else " ✗"
+            if goal is not None and values[-1] is not None:
+                text += " ✓" if values[-1] <= goal else " ✗"
             cells.append(text)
-        out.append(f"| {method} | {'—' if goal is None else f'≤ {goal:g}'} | " + " | ".join(cells) + " |")
+        runs = " / ".join(label or "—" for label in mine)
+        out.append(f"| {method} | {'—' if goal is None else f'≤ {goal:g}'} | {runs} | " + " | ".join(cells) + " |")
     return out
 
 

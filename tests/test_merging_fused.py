@@ -106,10 +106,10 @@ def test_radix_selection_equals_the_introselect_thresholds_and_ties(monkeypatch,
         return want, fn()
 
     for keep in (1, 2, n // 3, n // 2, n - 50, n - 1):
-        (t1, d1), (t2, d2) = both(lambda: _trim_threshold(x, keep))
+        (t1, d1), (t2, d2) = both(lambda keep=keep: _trim_threshold(x, keep))
         assert t1 == t2 and ((d1 is None and d2 is None) or torch.equal(d1, d2)), keep
     for start, stop in ((0, 5), (3, n // 4), (n // 5, n // 2), (n // 3, n), (0, n), (n - 60, n - 1)):
-        want, got = both(lambda: _band_limits(x.numpy(), start, stop))
+        want, got = both(lambda start=start, stop=stop: _band_limits(x.numpy(), start, stop))
         assert want[:2] == got[:2], (start, stop)
         assert len(want[2]) == len(got[2])
         for (e1, k1), (e2, k2) in zip(want[2], got[2]):
