@@ -114,3 +114,16 @@ def test_radix_selection_equals_the_introselect_thresholds_and_ties(monkeypatch,
         assert len(want[2]) == len(got[2])
         for (e1, k1), (e2, k2) in zip(want[2], got[2]):
             assert np.array_equal(e1, e2) and np.array_equal(k1, k2)
+
+
+def test_fused_merges_from_several_threads_at_once_agree_with_one_thread():
+    """numba's workqueue pool aborts the process when two threads enter it together: hf_cft serialises the kernel
+    calls, so merges run from a thread pool finish and give the single-thread results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(_deltas(3, "randn", seed=s), method, dict(options)) for s in range(4) for method, options in CASES[:6]]
+    alone = [merge_deltas(d, m, o) for d, m, o in jobs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda job: merge_deltas(*job), jobs))
+    for a, b in zip(alone, together):
+        assert all(torch.equal(a[k], b[k]) for k in a)

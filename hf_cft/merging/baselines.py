@@ -248,7 +248,7 @@ def _per_input(fn: Callable, items: Sequence, n: int) -> list:
     parent's threads)."""
     global _POOL
     workers = min(len(items), torch.get_num_threads(), 2)
-    if workers < 2 or n < PARALLEL_MIN:
+    if workers < 2 or n < PARALLEL_MIN or fused.available():  # fused: the radix selection uses every core itself
         return [fn(x) for x in items]
     if _POOL is None or _POOL[0] != os.getpid():
         from concurrent.futures import ThreadPoolExecutor

@@ -15,12 +15,14 @@ machine, not per call.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 _KERNELS: dict | None = None
+_LOCK = threading.Lock()
 
 
 def available() -> bool:
@@ -57,6 +59,13 @@ def _kernels() -> dict | None:
     return _KERNELS or None
 
 
+def _run(name: str, *args) -> None:
+    """Run one kernel, one at a time in the process: numba's workqueue pool (see :func:`_compile`) aborts when two
+    threads enter it together, so callers in several threads wait for each other here."""
+    with _LOCK:
+        _kernels()[name](*args)
+
+
 def _threads() -> None:
     import numba
 
@@ -66,6 +75,12 @@ def _threads() -> None:
 def _compile() -> dict:
     import numba
     import numpy as np
+
+    # numba's own thread pool, not OpenMP: its OpenMP layer shares the runtime with torch's intra-op threads, and a
+    # process that ran a fused kernel then trained with other float results (tests/test_continual.py caught it). The
+    # workqueue pool must not be entered from two threads at once: hf_cft calls the kernels from one thread.
+    if numba.config.THREADING_LAYER in ("default", "omp"):
+        numba.config.THREADING_LAYER = "workqueue"
 
     from hf_cft.merging import _fused_kernels as kernels
 
@@ -96,7 +111,7 @@ def ties_mean(
     w = np.array(weights, dtype=np.float32)
     scaled = any(x != 1.0 for x in weights)
     out = torch.empty(flats[0].numel())
-    k["ties_mean"](tuple(f.numpy() for f in flats), limits, w, scaled, out.numpy())
+    _run("ties_mean", tuple(f.numpy() for f in flats), limits, w, scaled, out.numpy())
     tied = [d for d in drops if d is not None and d.numel()]
     if tied:
         where = torch.unique(torch.cat(tied))
@@ -107,7 +122,7 @@ def ties_mean(
                 sub[torch.isin(where, d)] = 0.0  # dropped: +0.0, below the threshold
             subs.append(sub.numpy())
         part = torch.empty(where.numel())
-        k["ties_mean"](tuple(subs), limits, w, scaled, part.numpy())
+        _run("ties_mean", tuple(subs), limits, w, scaled, part.numpy())
         out[where] = part
     return out
 
@@ -122,7 +137,8 @@ def band_sum(flats: Sequence[Tensor], bands: Sequence[tuple], weights: Sequence[
     out = torch.empty(flats[0].numel())
     lows = [b[0] for b in bands]
     highs = [b[1] for b in bands]
-    k["band_sum"](
+    _run(
+        "band_sum",
         tuple(f.numpy() for f in flats),
         np.array(lows, dtype=np.float32),
         np.array(highs, dtype=np.float32),
@@ -152,7 +168,8 @@ def consensus(flats: Sequence[Tensor], weights: Sequence[float], lambdas: Sequen
     np = kern["np"]
     _threads()
     out = torch.empty(flats[0].numel())
-    kern["consensus"](
+    _run(
+        "consensus",
         tuple(f.numpy() for f in flats),
         np.array(weights, dtype=np.float32),
         np.array([w != 1.0 for w in weights]),
@@ -169,7 +186,8 @@ def magmax(flats: Sequence[Tensor], weights: Sequence[float], tie_break: str) ->
     np = kern["np"]
     _threads()
     out = torch.empty(flats[0].numel())
-    kern["magmax"](
+    _run(
+        "magmax",
         tuple(f.numpy() for f in flats),
         np.array(weights, dtype=np.float32),
         np.array([w != 1.0 for w in weights]),
@@ -190,7 +208,7 @@ def gram_sum(flats: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         for b in range(a, t_count):
             gram[a, b] = gram[b, a] = float(torch.dot(flats[a], flats[b]))
     out = torch.empty(flats[0].numel())
-    kern["row_sum"](tuple(f.numpy() for f in flats), out.numpy())
+    _run("row_sum", tuple(f.numpy() for f in flats), out.numpy())
     return torch.from_numpy(gram), out
 
 
@@ -199,7 +217,7 @@ def scale_(out: Tensor, divisor: int, factor: float) -> Tensor:
     kern = _kernels()
     np = kern["np"]
     _threads()
-    kern["scale"](out.view(-1).numpy(), np.float32(divisor), np.float32(factor))
+    _run("scale", out.view(-1).numpy(), np.float32(divisor), np.float32(factor))
     return out
 
 
@@ -215,7 +233,7 @@ def kth_largest_magnitudes(x, ranks: Sequence[int]) -> list[tuple[float, int, in
     bits = x.reshape(-1).view(np.uint32)
     chunks = kern["numba"].get_num_threads()  # one histogram per thread (2¹⁶ counts each)
     hist = np.zeros((chunks, 1 << 16), dtype=np.int64)
-    kern["magnitude_histogram"](bits, chunks, hist)
+    _run("magnitude_histogram", bits, chunks, hist)
     counts = hist.sum(axis=0)
     above = np.cumsum(counts[::-1])[::-1]  # above[b]: entries in bucket b or higher
     out = []
@@ -224,7 +242,7 @@ def kth_largest_magnitudes(x, ranks: Sequence[int]) -> list[tuple[float, int, in
         higher = int(above[bucket] - counts[bucket])
         offsets = np.concatenate(([0], np.cumsum(hist[:, bucket])[:-1])).astype(np.int64)
         members = np.empty(int(counts[bucket]), dtype=np.uint32)
-        kern["bucket_entries"](bits, chunks, np.uint32(bucket), offsets, members)
+        _run("bucket_entries", bits, chunks, np.uint32(bucket), offsets, members)
         inside = r - higher  # the rank within the bucket, from its top
         members.partition(members.size - inside)
         value = members[members.size - inside]
