@@ -15,6 +15,14 @@ pytestmark = pytest.mark.skipif(
     not fused.available(), reason="numba is not installed (optional: pip install 'hf-cft[fast]')"
 )
 
+
+@pytest.fixture(params=["one core", "every core"])
+def kernel_form(request, monkeypatch):
+    """Each kernel is compiled twice (one core for small inputs, every core above fused.PARALLEL_MIN): both run."""
+    monkeypatch.setattr(fused, "PARALLEL_MIN", 0 if request.param == "every core" else 1 << 62)
+    return request.param
+
+
 CASES = [
     ("ties", {"density": 0.3}),
     ("ties", {"density": 0.2, "weight": 0.7}),
@@ -48,7 +56,7 @@ def _both(monkeypatch, deltas, method, options):
 
 @pytest.mark.parametrize("method,options", CASES)
 @pytest.mark.parametrize("t", [2, 3])
-def test_fused_kernels_equal_the_torch_kernels_bit_for_bit_on_exact_sums(monkeypatch, method, options, t):
+def test_fused_kernels_equal_the_torch_kernels_bit_for_bit_on_exact_sums(monkeypatch, kernel_form, method, options, t):
     deltas = _deltas(t, "ints", seed=t)
     reference, got = _both(monkeypatch, deltas, method, options)
     assert reference.keys() == got.keys()
@@ -87,7 +95,7 @@ def test_fused_kernels_are_used_and_can_be_switched_off(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["ints", "randn"])
-def test_radix_selection_equals_the_introselect_thresholds_and_ties(monkeypatch, kind):
+def test_radix_selection_equals_the_introselect_thresholds_and_ties(monkeypatch, kernel_form, kind):
     """The radix selection (taken for every size here) gives TIES' threshold and tied drops and breadcrumbs' band
     limits and ties exactly as numpy's introselect does, on tie-heavy and Gaussian tensors, every rank edge case."""
     import numpy as np

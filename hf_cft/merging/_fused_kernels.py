@@ -1,14 +1,33 @@
 """The numba kernels of :mod:`hf_cft.merging.fused` (imported only when numba is installed). Module-level functions,
 so numba's on-disk cache (``cache=True``) keeps them compiled across processes."""
 
+import types
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit, prange
+
+
+class Kernel(NamedTuple):
+    """One kernel compiled twice: on every core, and on one (``serial``, for small inputs: a launch on numba's
+    thread pool costs more than it saves there)."""
+
+    parallel: object
+    serial: object
+
+
+def _both(fn) -> Kernel:
+    serial = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
+    serial.__qualname__ = fn.__qualname__ + "_serial"  # its own entry in numba's disk cache
+    serial.__doc__ = fn.__doc__
+    return Kernel(njit(cache=True, parallel=True)(fn), njit(cache=True)(serial))
+
 
 f32 = np.float32
 zero = f32(0.0)
 
 
-@njit(cache=True, parallel=True)
+@_both
 def ties_mean(xs, thresholds, weights, scaled, out):
     """TIES (per-tensor trim, sign election, disjoint mean) of the inputs ``xs`` into ``out``: per entry, each input
     kept where |x| ≥ its threshold, +0.0 elsewhere, times its weight; σ = sign of the sum; the mean of the kept
@@ -41,7 +60,7 @@ def ties_mean(xs, thresholds, weights, scaled, out):
         out[i] = num / f32(max(count, 1))
 
 
-@njit(cache=True, parallel=True)
+@_both
 def band_sum(xs, lows, highs, weights, out):
     """Breadcrumbs' Σ_t w_t·(m_t ⊙ τ_t) with m_t = lo_t ≤ |x| < hi_t (the tied positions are merged apart by the
     caller)."""
@@ -57,7 +76,7 @@ def band_sum(xs, lows, highs, weights, out):
         out[i] = acc
 
 
-@njit(cache=True, parallel=True)
+@_both
 def consensus(xs, weights, scaled, lambdas, k, out):
     """Consensus / TALL masks: r_t = w_t·τ_t, total = Σ_t r_t; keep total where at least k inputs have
     |r_t| > λ_t·|total − r_t|."""
@@ -76,7 +95,7 @@ def consensus(xs, weights, scaled, lambdas, k, out):
         out[i] = total if votes >= k else total * zero
 
 
-@njit(cache=True, parallel=True)
+@_both
 def magmax(xs, weights, scaled, later, out):
     """MagMax's fold: best = w_0·τ_0, then each w_t·τ_t replaces it where its magnitude is ≥ (``later``) or >."""
     n = out.size
@@ -90,7 +109,7 @@ def magmax(xs, weights, scaled, later, out):
         out[i] = best
 
 
-@njit(cache=True, parallel=True)
+@_both
 def row_sum(xs, out):
     """Σ_t τ_t in list order (fp32)."""
     n = out.size
@@ -102,14 +121,14 @@ def row_sum(xs, out):
         out[i] = total
 
 
-@njit(cache=True, parallel=True)
+@_both
 def scale(out, divisor, factor):
     """out ← out / divisor · factor (fp32, in place)."""
     for i in prange(out.size):
         out[i] = out[i] / divisor * factor
 
 
-@njit(cache=True, parallel=True)
+@_both
 def magnitude_histogram(bits, chunks, hist):
     """Per chunk of entries, the count of each top-16-bit bucket of |x| (``bits``: the fp32 bit patterns as uint32;
     without the sign bit they order as the magnitudes do)."""
@@ -121,7 +140,7 @@ def magnitude_histogram(bits, chunks, hist):
             h[(bits[i] & np.uint32(0x7FFFFFFF)) >> np.uint32(15)] += 1
 
 
-@njit(cache=True, parallel=True)
+@_both
 def bucket_entries(bits, chunks, bucket, offsets, out):
     """The |x| bit patterns of the entries in ``bucket``, chunk c's from ``offsets[c]`` on (its count in the
     histogram gives the room)."""

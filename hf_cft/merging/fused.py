@@ -59,11 +59,17 @@ def _kernels() -> dict | None:
     return _KERNELS or None
 
 
-def _run(name: str, *args) -> None:
-    """Run one kernel, one at a time in the process: numba's workqueue pool (see :func:`_compile`) aborts when two
-    threads enter it together, so callers in several threads wait for each other here."""
+#: inputs smaller than this run the one-core form of a kernel (a launch on the thread pool costs ~0.1 ms)
+PARALLEL_MIN = 1 << 17
+
+
+def _run(name: str, n: int, *args) -> None:
+    """Run one kernel on ``n`` entries, one call at a time in the process: numba's workqueue pool (see
+    :func:`_compile`) aborts when two threads enter it together, so callers in several threads wait for each other
+    here."""
+    kernel = _kernels()[name]
     with _LOCK:
-        _kernels()[name](*args)
+        (kernel.parallel if n >= PARALLEL_MIN else kernel.serial)(*args)
 
 
 def _threads() -> None:
@@ -111,7 +117,7 @@ def ties_mean(
     w = np.array(weights, dtype=np.float32)
     scaled = any(x != 1.0 for x in weights)
     out = torch.empty(flats[0].numel())
-    _run("ties_mean", tuple(f.numpy() for f in flats), limits, w, scaled, out.numpy())
+    _run("ties_mean", out.numel(), tuple(f.numpy() for f in flats), limits, w, scaled, out.numpy())
     tied = [d for d in drops if d is not None and d.numel()]
     if tied:
         where = torch.unique(torch.cat(tied))
@@ -122,7 +128,7 @@ def ties_mean(
                 sub[torch.isin(where, d)] = 0.0  # dropped: +0.0, below the threshold
             subs.append(sub.numpy())
         part = torch.empty(where.numel())
-        _run("ties_mean", tuple(subs), limits, w, scaled, part.numpy())
+        _run("ties_mean", part.numel(), tuple(subs), limits, w, scaled, part.numpy())
         out[where] = part
     return out
 
@@ -139,6 +145,7 @@ def band_sum(flats: Sequence[Tensor], bands: Sequence[tuple], weights: Sequence[
     highs = [b[1] for b in bands]
     _run(
         "band_sum",
+        out.numel(),
         tuple(f.numpy() for f in flats),
         np.array(lows, dtype=np.float32),
         np.array(highs, dtype=np.float32),
@@ -170,6 +177,7 @@ def consensus(flats: Sequence[Tensor], weights: Sequence[float], lambdas: Sequen
     out = torch.empty(flats[0].numel())
     _run(
         "consensus",
+        out.numel(),
         tuple(f.numpy() for f in flats),
         np.array(weights, dtype=np.float32),
         np.array([w != 1.0 for w in weights]),
@@ -188,6 +196,7 @@ def magmax(flats: Sequence[Tensor], weights: Sequence[float], tie_break: str) ->
     out = torch.empty(flats[0].numel())
     _run(
         "magmax",
+        out.numel(),
         tuple(f.numpy() for f in flats),
         np.array(weights, dtype=np.float32),
         np.array([w != 1.0 for w in weights]),
@@ -208,7 +217,7 @@ def gram_sum(flats: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         for b in range(a, t_count):
             gram[a, b] = gram[b, a] = float(torch.dot(flats[a], flats[b]))
     out = torch.empty(flats[0].numel())
-    _run("row_sum", tuple(f.numpy() for f in flats), out.numpy())
+    _run("row_sum", out.numel(), tuple(f.numpy() for f in flats), out.numpy())
     return torch.from_numpy(gram), out
 
 
@@ -217,7 +226,7 @@ def scale_(out: Tensor, divisor: int, factor: float) -> Tensor:
     kern = _kernels()
     np = kern["np"]
     _threads()
-    _run("scale", out.view(-1).numpy(), np.float32(divisor), np.float32(factor))
+    _run("scale", out.numel(), out.view(-1).numpy(), np.float32(divisor), np.float32(factor))
     return out
 
 
@@ -233,7 +242,7 @@ def kth_largest_magnitudes(x, ranks: Sequence[int]) -> list[tuple[float, int, in
     bits = x.reshape(-1).view(np.uint32)
     chunks = kern["numba"].get_num_threads()  # one histogram per thread (2¹⁶ counts each)
     hist = np.zeros((chunks, 1 << 16), dtype=np.int64)
-    _run("magnitude_histogram", bits, chunks, hist)
+    _run("magnitude_histogram", bits.size, bits, chunks, hist)
     counts = hist.sum(axis=0)
     above = np.cumsum(counts[::-1])[::-1]  # above[b]: entries in bucket b or higher
     out = []
@@ -242,7 +251,7 @@ def kth_largest_magnitudes(x, ranks: Sequence[int]) -> list[tuple[float, int, in
         higher = int(above[bucket] - counts[bucket])
         offsets = np.concatenate(([0], np.cumsum(hist[:, bucket])[:-1])).astype(np.int64)
         members = np.empty(int(counts[bucket]), dtype=np.uint32)
-        _run("bucket_entries", bits, chunks, np.uint32(bucket), offsets, members)
+        _run("bucket_entries", bits.size, bits, chunks, np.uint32(bucket), offsets, members)
         inside = r - higher  # the rank within the bucket, from its top
         members.partition(members.size - inside)
         value = members[members.size - inside]
