@@ -82,9 +82,10 @@ def _compile() -> dict:
     import numba
     import numpy as np
 
-    # numba's own thread pool, not OpenMP: its OpenMP layer shares the runtime with torch's intra-op threads, and a
-    # process that ran a fused kernel then trained with other float results (tests/test_continual.py caught it). The
-    # workqueue pool must not be entered from two threads at once: hf_cft calls the kernels from one thread.
+    # numba's own thread pool, not OpenMP: with numba's OpenMP layer, a process that had run a fused kernel then
+    # trained to other float results (torch's intra-op threads run on OpenMP too; tests/test_continual.py's
+    # expert-cache tests caught it in the full suite). The workqueue pool must not be entered from two threads at
+    # once: _run serialises the calls.
     if numba.config.THREADING_LAYER in ("default", "omp"):
         numba.config.THREADING_LAYER = "workqueue"
 
