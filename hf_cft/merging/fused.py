@@ -170,41 +170,27 @@ def band_sum(flats: Sequence[Tensor], bands: Sequence[tuple], weights: Sequence[
     return out
 
 
-def consensus(flats: Sequence[Tensor], weights: Sequence[float], lambdas: Sequence[float], k: int) -> Tensor:
-    """The fused form of the blocked consensus kernel (TALL masks on w_t·τ_t, at least ``k`` votes)."""
-    kern = _kernels()
-    np = kern["np"]
+def _weighted(name: str, flats: Sequence[Tensor], weights: Sequence[float], *options) -> Tensor:
+    """Run a kernel of signature ``(xs, weights, scaled, *options, out)`` into a new flat fp32 tensor (``scaled``: the
+    inputs whose weight is not 1, which the torch kernels multiply)."""
+    np = _kernels()["np"]
     _threads()
     out = torch.empty(flats[0].numel())
-    _run(
-        "consensus",
-        out.numel(),
-        tuple(f.numpy() for f in flats),
-        np.array(weights, dtype=np.float32),
-        np.array([w != 1.0 for w in weights]),
-        np.array(lambdas, dtype=np.float32),
-        int(k),
-        out.numpy(),
-    )
+    arrays = tuple(f.numpy() for f in flats)
+    scaled = np.array([w != 1.0 for w in weights])
+    _run(name, out.numel(), arrays, np.array(weights, dtype=np.float32), scaled, *options, out.numpy())
     return out
+
+
+def consensus(flats: Sequence[Tensor], weights: Sequence[float], lambdas: Sequence[float], k: int) -> Tensor:
+    """The fused form of the blocked consensus kernel (TALL masks on w_t·τ_t, at least ``k`` votes)."""
+    np = _kernels()["np"]
+    return _weighted("consensus", flats, weights, np.array(lambdas, dtype=np.float32), int(k))
 
 
 def magmax(flats: Sequence[Tensor], weights: Sequence[float], tie_break: str) -> Tensor:
     """The fused form of MagMax's fold (``tie_break`` ``"later"``: ≥, ``"earlier"``: >)."""
-    kern = _kernels()
-    np = kern["np"]
-    _threads()
-    out = torch.empty(flats[0].numel())
-    _run(
-        "magmax",
-        out.numel(),
-        tuple(f.numpy() for f in flats),
-        np.array(weights, dtype=np.float32),
-        np.array([w != 1.0 for w in weights]),
-        tie_break == "later",
-        out.numpy(),
-    )
-    return out
+    return _weighted("magmax", flats, weights, tie_break == "later")
 
 
 def gram_sum(flats: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
