@@ -447,9 +447,12 @@ def test_rank_band_is_the_stable_sort_band_on_tie_heavy_tensors(kind, dtype):
                 assert torch.equal(rank_band(x, start, stop), expected), (kind, n, start, stop, x.tolist())
 
 
-def test_breadcrumbs_blocked_kernel_equals_the_naive_mask_on_a_tie_heavy_tensor():
-    """The blocked CPU kernel (limits by selection, masks per block) on a tensor spanning several blocks with ties at
-    both band edges inside different blocks: the naive stable-sort reference, entry for entry."""
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_breadcrumbs_blocked_kernel_equals_the_naive_mask_on_a_tie_heavy_tensor(monkeypatch, fused):
+    """The CPU kernels (limits by selection, then the masks block by block on torch or in one fused pass) on a
+    tensor spanning several blocks with ties at both band edges inside different blocks: the naive stable-sort
+    reference, entry for entry."""
+    monkeypatch.setenv("HF_CFT_FUSED", fused)
     g = torch.Generator().manual_seed(3)
     n = 600_000  # > two blocks
     a = torch.randint(0, 40, (n,), generator=g).float() * torch.sign(torch.randn(n, generator=g))
@@ -497,3 +500,33 @@ def test_model_stock_blocked_gram_matches_fp64_cosines_over_many_blocks():
     t = 3 * c / (1 + 2 * c)
     assert model_stock_ratio([d["w"] for d in ds]) == pytest.approx(t, rel=1e-6)
     torch.testing.assert_close(out, (t * sum(f for f in flat) / 3).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_paths_other_dtypes_and_devices_take_equal_the_fp32_cpu_path():
+    """The whole-tensor forms that a GPU, fp64 or fp16 input takes (stable sorts, fp64 Gram, torch's Bernoulli draws)
+    against the fp32 CPU kernels: the same masks, ranks, sums and draws."""
+    from hf_cft.merging.baselines import _BernoulliStream
+    from hf_cft.merging.methods import _gram, _magprune_probabilities, group_ranks, magprune
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randint(-6, 7, (7, 9), generator=g).float() / 4  # exact in fp16, many ties
+    for start, stop in ((0, 10), (4, 40), (20, 63), (0, 63)):
+        assert torch.equal(rank_band(x.half(), start, stop), rank_band(x, start, stop)), (start, stop)
+    assert torch.equal(group_ranks(x.double()), group_ranks(x))
+    ys = [torch.randint(-6, 7, (7, 9), generator=g).float() / 4 for _ in range(3)]
+    fp64 = breadcrumbs_key([y.double() for y in ys], [0.5, -1.0, 2.0], [0.3, 0.5, 0.2], 0.1)
+    assert torch.equal(fp64.float(), breadcrumbs_key(ys, [0.5, -1.0, 2.0], [0.3, 0.5, 0.2], 0.1))
+    gram64, total64 = _gram([y.double() for y in ys], total=True)
+    gram32, total32 = _gram(ys, total=True)
+    assert torch.equal(gram64, gram32) and torch.equal(total64.float(), total32)  # small integers: exact sums
+    assert gram64.shape == (3, 3) and float(gram64[0, 1]) == float((ys[0].double() * ys[1].double()).sum())
+    # MagPrune with a torch generator (the GPU's path) draws torch.bernoulli of the same probabilities
+    probs = _magprune_probabilities(x, 0.6, 0.2, "row")
+    keep = 1.0 - probs
+    want = x * torch.bernoulli(keep, generator=torch.Generator().manual_seed(4)) / keep
+    got = magprune(x, 0.4, 0.2, torch.Generator().manual_seed(4), "row")
+    assert torch.equal(got, want)
+    assert torch.equal(
+        magprune(x, 0.4, 0.2, _BernoulliStream(4), "row"),
+        magprune(x.double(), 0.4, 0.2, _BernoulliStream(4), "row").float(),
+    )
