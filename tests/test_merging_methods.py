@@ -530,3 +530,50 @@ def test_the_paths_other_dtypes_and_devices_take_equal_the_fp32_cpu_path():
         magprune(x, 0.4, 0.2, _BernoulliStream(4), "row"),
         magprune(x.double(), 0.4, 0.2, _BernoulliStream(4), "row").float(),
     )
+
+
+def test_option_checks_name_the_option_and_hold_at_their_exact_edges():
+    """Each option's range, at its edges, with the message naming it: DELLA's drop probabilities p ± ε/2 must stay
+    in [0, 1) (0 allowed, 1 refused), in the function and in the config check; ε ≥ 0; λ is one number; density in
+    (0, 1]; γ in [0, 1]; SLERP's t and dot threshold in [0, 1], for the function and the continual form."""
+    from hf_cft.merging.methods import ContinualSLERP
+    from hf_cft.merging.registry import get_method
+
+    ds = rand_deltas(2, {"w": (4, 6)})
+    della(ds, density=0.75, epsilon=0.5)  # drop 0.25: p − ε/2 = 0 exactly, allowed
+    della(ds, density=0.25, epsilon=0.48)  # p + ε/2 = 0.99
+    edges = [
+        (
+            lambda: della(ds, density=0.25, epsilon=0.5),
+            r"^epsilon=0.5 with density=0.25 gives drop probabilities "
+            r"outside \[0, 1\): \[0.5, 1\]; lower epsilon.$",
+        ),
+        (
+            lambda: della(ds, density=0.75, epsilon=0.52),
+            r"^epsilon=0.52 with density=0.75 gives drop probabilities "
+            r"outside \[0, 1\): \[-0.01, 0.51\]; lower epsilon.$",
+        ),
+        (lambda: della(ds, epsilon=-0.1), r"^epsilon must lie in \[0, inf\), got -0.1.$"),
+        (lambda: della(ds, density=0.0), r"^density must lie in \(0, 1\], got 0.0.$"),
+        (lambda: della(ds, rank_scope="x"), r"^rank_scope must be one of"),
+        (lambda: breadcrumbs(ds, density=0.0), r"^density must lie in \(0, 1\], got 0.0.$"),
+        (lambda: breadcrumbs(ds, gamma=-0.1), r"^gamma must lie in \[0, 1\], got -0.1.$"),
+        (lambda: slerp(ds, t=-0.1), r"^t must lie in \[0, 1\], got -0.1.$"),
+        (lambda: slerp(ds, dot_threshold=1.5), r"^dot_threshold must lie in \[0, 1\], got 1.5.$"),
+        (lambda: slerp(ds, dot_threshold=-0.1), r"^dot_threshold must lie in \[0, 1\], got -0.1.$"),
+        (lambda: ContinualSLERP(dot_threshold=1.5), r"^dot_threshold must lie in \[0, 1\], got 1.5.$"),
+        (lambda: ContinualSLERP(dot_threshold=-0.1), r"^dot_threshold must lie in \[0, 1\], got -0.1.$"),
+        (
+            lambda: get_method("della").resolve({"epsilon": 0.5}, [{"density": 0.25}] * 2),
+            r"^parameters.epsilon=0.5 with inputs\[0\].density=0.25 gives drop probabilities outside \[0, 1\); lower epsilon.$",
+        ),
+        (lambda: get_method("della").resolve({"epsilon": 0.52}, [{"density": 0.75}] * 2), r"inputs\[0\].density=0.75"),
+    ]
+    for call, message in edges:
+        with pytest.raises(MergeConfigError, match=message):
+            call()
+    get_method("della").resolve({"epsilon": 0.5}, [{"density": 0.75}] * 2)  # p − ε/2 = 0: allowed
+    with pytest.raises(TaskError, match="lam has 2 values"):
+        della(ds, lam=[1.0, 2.0])  # DELLA scales the merged delta by one λ
+    assert slerp(ds, dot_threshold=1.0)["w"].shape == (4, 6) and slerp(ds, t=0.0)["w"].shape == (4, 6)
+    assert ContinualSLERP(dot_threshold=0.0).current == {}
