@@ -1,19 +1,16 @@
 """The benchmark harness's model selection and the pretraining-curve tool (no model is trained here)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from tests_helpers import load_benchmark
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark(name)
 
 
 @pytest.fixture(scope="module")

@@ -2,29 +2,22 @@
 epochs): the source models are evaluated on each target with the *target's* class names, on shifted sets with
 the source's, and the tables summarise what was measured."""
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from tests_helpers import load_benchmark
 
 from hf_cft.models import build_zeroshot_classifier
 from hf_cft.testing import tiny_clip
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 CLASSES = ["cat", "dog", "sea lion", "owl", "fox", "eel"]
 HP = {"optimizer": "adamw", "lr": 0.01, "epochs": 2, "batch_size": 16, "lam": 8.0, "beta": 0.5, "tau": 0.3}
 
 
 def _load(name):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))  # crossdata imports b2n as the harness does
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark(name)
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,10 @@ needs, listed in the benchmark's docstring); CI does not install it, and the tes
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from tests_helpers import load_benchmark
 
 pytest.importorskip(
     "fusion_bench",
@@ -26,10 +22,7 @@ pytest.importorskip(
 
 @pytest.fixture(scope="module")
 def parity():
-    spec = importlib.util.spec_from_file_location("fusionbench_parity", REPO / "benchmarks" / "fusionbench_parity.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("fusionbench_parity", "fusionbench_parity")
     reason = mod.missing_reason()
     if reason:
         pytest.skip(reason)

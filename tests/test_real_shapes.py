@@ -3,24 +3,16 @@ checkpoint has been built) one CoOp step on the ViT-B/16-shaped checkpoint."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
+from tests_helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def real_shapes():
-    spec = importlib.util.spec_from_file_location("real_shapes", REPO / "benchmarks" / "real_shapes.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("real_shapes", "real_shapes")
 
 
 def test_configs_have_the_released_models_sizes():

@@ -47,3 +47,21 @@ def load_recipe(name: str):
     from hf_cft.recipe_utils import load_sibling_recipe
 
     return load_sibling_recipe(str(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"), name)
+
+
+def load_benchmark(name: str, module_name: str | None = None):
+    """Import ``benchmarks/<name>.py`` as module ``module_name`` (default ``bench_<name>``), registered in
+    ``sys.modules`` before it runs (dataclasses need it) and with ``benchmarks/`` importable (the scripts import each
+    other, e.g. crossdata imports b2n, as the harness does)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location(module_name or f"bench_{name}", bench / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
