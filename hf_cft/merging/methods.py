@@ -367,7 +367,7 @@ def rank_band(tensor: Tensor, start: int, stop: int) -> Tensor:
     return torch.from_numpy(mask).view(tensor.shape)
 
 
-def _band_limits(x, start: int, stop: int, work=None) -> tuple[float, float, list]:
+def _band_limits(x, start: int, stop: int) -> tuple[float, float, list]:
     """The selection behind :func:`rank_band` on a flat numpy array ``x`` (``0 ≤ start < stop ≤ n``): ``(lo, hi,
     ties)`` such that the band is ``lo ≤ |x| < hi`` (``lo`` the stop-th largest magnitude, −inf when stop = n;
     ``hi`` the start-th largest, +inf when start = 0) corrected by ``ties``: ``(equal, kept)`` position arrays, the
@@ -375,9 +375,8 @@ def _band_limits(x, start: int, stop: int, work=None) -> tuple[float, float, lis
     ``kept`` (the ones whose rank, #{|x| > value} + their position among the equal ones, is inside) set in.
 
     With the fused kernels, radix selection (:func:`~hf_cft.merging.fused.kth_largest_magnitudes`, with the counts
-    above and at each threshold); else numpy's introselect on the magnitudes (in ``work``, a float buffer of at least
-    n entries, when given), the second selection inside the first's top part. A threshold straddles an edge iff
-    entries equal to it lie on both sides."""
+    above and at each threshold); else numpy's introselect on the magnitudes, the second selection inside the first's
+    top part. A threshold straddles an edge iff entries equal to it lie on both sides."""
     import numpy as np
 
     n = x.size
@@ -393,7 +392,7 @@ def _band_limits(x, start: int, stop: int, work=None) -> tuple[float, float, lis
             hi, greater, equal = found[start]
             hi_tied = greater + equal > start
         return _band_ties_of(x, lo, lo_tied, hi, hi_tied, start, stop)
-    top = np.abs(x, out=None if work is None else work[:n])
+    top = np.abs(x)
     lo, lo_tied = -math.inf, False
     if stop < n:
         top.partition(n - stop)
