@@ -577,3 +577,295 @@ def test_option_checks_name_the_option_and_hold_at_their_exact_edges():
         della(ds, lam=[1.0, 2.0])  # DELLA scales the merged delta by one λ
     assert slerp(ds, dot_threshold=1.0)["w"].shape == (4, 6) and slerp(ds, t=0.0)["w"].shape == (4, 6)
     assert ContinualSLERP(dot_threshold=0.0).current == {}
+
+
+# ------------------------------------------------------------------------------------------------ pinned edges
+# Each test below fails on a small plausible change that the tests above let through (mutation testing,
+# scripts/mutation.py); the change it catches is named in its docstring.
+
+
+def test_group_ranks_of_fp64_rows_resolve_what_fp32_would_tie_and_break_ties_by_position():
+    """fp64 rows are ranked in fp64 (rounded to fp32 first, 1 + 1e-12 and 1 tie), ties by position even where torch's
+    unstable sort would reorder them; the ranks are int64."""
+    from hf_cft.merging.methods import group_ranks
+
+    rows = torch.tensor([[1.0 + 1e-12, 1.0, 3.0, -1.0 - 2e-12]], dtype=torch.float64)
+    assert group_ranks(rows).tolist() == [[1, 0, 3, 2]]
+    ties = torch.tensor([[1.0, 1, 1, 1, 0, 0, 0, 2, 2, 1, 1] * 100], dtype=torch.float64)
+    col = np.arange(ties.shape[1])
+    want = np.empty_like(col)
+    want[sorted(col, key=lambda i: (abs(float(ties[0, i])), i))] = col  # ascending, ties by position
+    got = group_ranks(ties)
+    assert got.dtype == torch.int64 and got[0].tolist() == want.tolist()
+    assert group_ranks(torch.tensor([[0.5, -0.25, 0.5]])).dtype == torch.int64  # the numpy path too
+
+
+def test_rank_band_on_bf16_an_empty_band_and_infinite_magnitudes():
+    """bf16 (which numpy cannot hold) takes the sorting path and still gives a bool mask; an empty band is an
+    all-False bool mask; an infinite magnitude ranks first and is inside a band that starts at 0."""
+    x = torch.tensor([0.5, -2.0, 1.0, 0.25, -1.0])
+    for start, stop in ((0, 2), (1, 4), (2, 5)):
+        band = rank_band(x.bfloat16(), start, stop)
+        assert band.dtype == torch.bool and torch.equal(band, rank_band(x, start, stop))
+    empty = rank_band(x, 3, 3)
+    assert empty.dtype == torch.bool and not empty.any() and empty.shape == x.shape
+    inf = torch.tensor([1.0, math.inf, 2.0, -3.0])
+    assert rank_band(inf, 0, 2).tolist() == [False, True, False, True]
+    assert rank_band(inf.double(), 0, 1).tolist() == [False, True, False, False]
+
+
+@pytest.mark.parametrize("start", [1, 2])
+def test_rank_band_by_radix_selection_with_a_band_that_starts_at_one(start):
+    """Large fp32 tensors take the radix selection (fused kernels): a band that drops only the top 1 (or 2) entries
+    must leave them out — a threshold looked up only for start > 1 keeps the top entry or fails."""
+    from hf_cft.merging import fused
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(fused.SELECT_MIN + 3, generator=g)
+    if not fused.selects(x.numpy()):
+        pytest.skip("numba not installed: no radix selection (the numpy path is tested above)")
+    stop = start + 1000
+    band = rank_band(x, start, stop)
+    order = torch.sort(x.abs(), descending=True, stable=True).indices
+    want = torch.zeros(x.numel(), dtype=torch.bool)
+    want[order[start:stop]] = True
+    assert torch.equal(band, want)
+
+
+def test_blocked_breadcrumbs_one_input_infinities_threads_and_no_resize_warnings(monkeypatch):
+    """The blocked torch kernel (fused kernels off) over several blocks with a short last one: one input alone, an
+    infinite entry kept at rank 0, inputs selected on two threads; it reuses its buffers (torch warns when an
+    ``out=`` buffer of the wrong size is resized, which the test turns into an error)."""
+    import warnings
+
+    from hf_cft.merging import baselines
+
+    monkeypatch.setenv("HF_CFT_FUSED", "0")
+    monkeypatch.setattr(baselines, "BLOCK", 64)
+    monkeypatch.setattr(baselines, "PARALLEL_MIN", 16)
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(300, generator=g) for _ in range(2)]
+    xs[0][7] = math.inf
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            one = breadcrumbs_key([xs[1]], [0.5], [0.3], 0.0)
+            two = breadcrumbs_key(xs, [1.0, -0.5], [0.3, 0.2], 0.0)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one, 0.5 * torch.from_numpy(ref_breadcrumbs_tensor(xs[1], 0.3, 0.0)).float())
+    assert two[7] == math.inf
+    finite = xs[0].clone()
+    finite[7] = 1e6  # the same rank as inf
+    want = torch.from_numpy(ref_breadcrumbs_tensor(finite, 0.3, 0.0)).float()
+    want[7] = math.inf
+    want = want - 0.5 * torch.from_numpy(ref_breadcrumbs_tensor(xs[1], 0.2, 0.0)).float()
+    torch.testing.assert_close(two, want)
+
+
+def test_magprune_of_one_entry_groups_and_of_a_single_entry_tensor():
+    """A group of one entry (a 1-column row) is dropped with probability p exactly; a tensor of one entry is pruned
+    too (not returned as it was); n = 2 groups get p ± ε/2. Both the numpy and the torch forms."""
+    from hf_cft.merging.baselines import _BernoulliStream
+    from hf_cft.merging.methods import _magprune_probabilities, magprune
+
+    col = torch.tensor([[0.5], [-2.0], [1.0]])
+    probs = _magprune_probabilities(col, 0.6, 0.2, "row")
+    assert probs.dtype == torch.float32 and probs.shape == (3, 1)
+    assert torch.equal(probs, torch.full((3, 1), 0.6))
+    pair = _magprune_probabilities(torch.tensor([[0.5, -2.0]]), 0.6, 0.2, "row")
+    torch.testing.assert_close(pair, torch.tensor([[0.7, 0.5]]))
+    for x in (col, torch.tensor([3.0]), torch.tensor([[0.5, -2.0], [4.0, 1.0]])):
+        keep = 1.0 - _magprune_probabilities(x, 0.6, 0.2, "row")
+        u = _BernoulliStream(3).uniform(x.numel()).view(x.shape)
+        want = x * (u < keep) / keep
+        got = magprune(x, 0.4, 0.2, _BernoulliStream(3), "row")
+        assert torch.equal(got, want), x
+        assert torch.equal(magprune(x.double(), 0.4, 0.2, _BernoulliStream(3), "row").float(), want)
+    single = magprune(torch.tensor([3.0]), 0.4, 0.2, _BernoulliStream(3), "row")
+    assert float(single) in (0.0, pytest.approx(3.0 / 0.4))
+
+
+def test_della_key_uses_the_input_weight_and_the_rank_scope():
+    """A weight of exactly 2 still scales its input; ``rank_scope`` reaches MagPrune (row and tensor ranks differ)."""
+    from hf_cft.merging.baselines import _BernoulliStream, _key_seed
+    from hf_cft.merging.methods import della_key, magprune
+
+    ds = rand_deltas(2, {"w": (4, 6)}, seed=4)
+    ts = [d["w"] for d in ds]
+    got = della_key("w", ts, [2.0, 1.0], [0.5, 0.5], 0.2, 3, "tensor")
+    stream = _BernoulliStream(_key_seed(3, "w"))
+    pruned = [magprune(2.0 * ts[0], 0.5, 0.2, stream, "tensor"), magprune(ts[1], 0.5, 0.2, stream, "tensor")]
+    stacked = torch.stack(pruned)
+    sign = torch.sign(stacked.sum(0))
+    agree = (torch.sign(stacked) == sign) & (stacked != 0)
+    want = (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+    torch.testing.assert_close(got, want)
+    row = della_key("w", ts, [2.0, 1.0], [0.5, 0.5], 0.2, 3, "row")
+    assert not torch.equal(row, got)
+
+
+def test_non_finite_results_blame_the_scaling_option_by_name():
+    """An overflow to inf names the option that scaled finite inputs out of range, for every method that checks."""
+    ds = rand_deltas(2, {"w": (4, 6)})
+    calls = [
+        (lambda: breadcrumbs(ds, density=0.5, lam=1e300), r"^lam=1e\+300 scales"),
+        (lambda: della(ds, lam=1e300), r"^lam=1e\+300 \(with the 1/\(1-p\) rescale\) scales"),
+        (lambda: iso_c(ds, alpha=1e300), r"^alpha=1e\+300 scales"),
+        (lambda: tsv_m(ds, alpha=1e300), r"^alpha=1e\+300 scales"),
+    ]
+    for call, message in calls:
+        with pytest.raises(MergeConfigError, match=message):
+            call()
+    with pytest.raises(MergeConfigError, match=r"^alpha must be finite, got (nan|inf).$"):
+        tsv_m(ds, alpha=math.nan)
+
+
+def test_slerp_edges_zero_inputs_threshold_exactly_and_parallel_or_opposite_tensors():
+    """A zero tensor gives the linear (1 − t)·a + t·b; at |cos ω| equal to the threshold the spherical formula still
+    applies (only above it the linear one); with the threshold at 1, parallel or opposite tensors (sin ω = 0) are
+    interpolated linearly instead of dividing by zero; the default threshold is 0.9995."""
+    from hf_cft.merging.methods import slerp_tensor
+
+    a = torch.tensor([1.0, 2.0, -1.0])
+    zero = torch.zeros(3)
+    torch.testing.assert_close(slerp_tensor(a, zero, 0.25), 0.75 * a)
+    torch.testing.assert_close(slerp_tensor(zero, a, 0.25), 0.25 * a)
+    b = torch.tensor([0.5, 2.0, 1.0])
+    fa, fb = a.double(), b.double()
+    cos = float(fa @ fb) / (float(fa.norm()) * float(fb.norm()))
+    at = slerp_tensor(a, b, 0.3, dot_threshold=cos)
+    torch.testing.assert_close(at, torch.from_numpy(ref_slerp(a, b, 0.3, threshold=1.0)).float())
+    assert not torch.allclose(at, 0.7 * a + 0.3 * b)
+    for other in (2.0 * a, -a):
+        got = slerp_tensor(a, other, 0.3, dot_threshold=1.0)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, 0.7 * a + 0.3 * other)
+    near = a + torch.tensor([1e-3, 0.0, 0.0])  # cos ω ≈ 0.99999: above the default threshold, linear
+    torch.testing.assert_close(slerp_tensor(a, near, 0.3), 0.7 * a + 0.3 * near)
+
+
+def test_dot_threshold_reaches_every_slerp_form():
+    """``dot_threshold = 0`` makes every pair of non-orthogonal tensors linear: in the function (on deltas and on
+    weights), the continual form and the registry kernel (both spaces) — a dropped argument falls back to 0.9995."""
+    from hf_cft.merging.registry import TensorContext, get_method
+
+    ds = rand_deltas(2, {"w": (4, 6)}, seed=6)
+    a, b = ds[0]["w"], ds[1]["w"]
+    base = {"w": torch.randn(4, 6, generator=torch.Generator().manual_seed(1))}
+    lin = 0.7 * a + 0.3 * b
+    torch.testing.assert_close(slerp(ds, t=0.3, dot_threshold=0.0)["w"], lin)
+    torch.testing.assert_close(slerp(ds, t=0.3, base=base, dot_threshold=0.0)["w"], lin, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(slerp(ds, t=0.3)["w"], lin, atol=1e-4)
+    merger = ContinualSLERP(dot_threshold=0.0)
+    merger.add(ds[0])
+    merger.add(ds[1])
+    torch.testing.assert_close(merger.merged["w"], 0.5 * a + 0.5 * b)
+    method = get_method("slerp")
+    for space in ("delta", "weights"):
+        opts, per = method.resolve({"t": 0.3, "dot_threshold": 0.0, "space": space}, [{}, {}])
+        ctx = TensorContext("w", opts, per, [True, True], lambda: base["w"], 0, 1)
+        torch.testing.assert_close(method.fn([a, b], ctx), lin, rtol=1e-5, atol=1e-5)
+
+
+def test_slerp_with_base_names_the_key_and_both_shapes():
+    ds = rand_deltas(2, {"w": (4, 6)})
+    with pytest.raises(DeltaError, match=r"^key 'w' has shape \(6, 4\) in base but \(4, 6\) in the deltas.$"):
+        slerp(ds, base={"w": torch.zeros(6, 4)})
+
+
+def test_model_stock_angle_average_small_and_zero_deltas_and_cosine_rounding():
+    """The ``angle`` average (cosine of the mean pairwise angle) for T = 3 in every form; cosines of small deltas
+    (norms below 1); a zero delta has cosine 0; a cosine that rounds just past ±1 is clipped (acos would fail)."""
+    from hf_cft.merging.registry import TensorContext, get_method
+
+    g = torch.Generator().manual_seed(3)
+    ts = [0.1 * torch.randn(6, 5, generator=g) + 0.05 for _ in range(3)]
+
+    def ref_ratio(tensors, average):
+        flat = [npy(t).ravel() for t in tensors]
+        cos = []
+        for i in range(len(flat)):
+            for j in range(i + 1, len(flat)):
+                den = np.linalg.norm(flat[i]) * np.linalg.norm(flat[j])
+                cos.append(float(flat[i] @ flat[j] / den) if den > 0 else 0.0)
+        c = math.cos(np.mean(np.arccos(cos))) if average == "angle" else float(np.mean(cos))
+        c = max(c, 0.0)
+        return len(flat) * c / (1 + (len(flat) - 1) * c)
+
+    for average in ("cosine", "angle"):
+        t = ref_ratio(ts, average)
+        assert model_stock_ratio(ts, average) == pytest.approx(t, rel=1e-6)
+        want = t * sum(ts) / 3
+        for fused_on in ("0", "1"):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("HF_CFT_FUSED", fused_on)
+                got = model_stock([{"w": x} for x in ts], average=average)["w"]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        method = get_method("model_stock")
+        opts, per = method.resolve({"average": average}, [{}] * 3)
+        ctx = TensorContext("w", opts, per, [True] * 3, None, 0, 1)
+        torch.testing.assert_close(method.fn(ts, ctx), want, rtol=1e-5, atol=1e-7)
+    assert ref_ratio(ts, "angle") != pytest.approx(ref_ratio(ts, "cosine"), rel=1e-6)
+    with_zero = [ts[0], ts[1], torch.zeros(6, 5)]
+    assert model_stock_ratio(with_zero) == pytest.approx(ref_ratio(with_zero, "cosine"), rel=1e-6)
+    ones = torch.ones(3)  # ⟨x, x⟩ = 3 but √3·√3 = 2.9999999999999996: the cosine rounds to 1 + 2⁻⁵²
+    assert model_stock_ratio([ones, ones], "angle") == 1.0
+    assert model_stock_ratio([ones, -ones], "angle") == 0.0
+    assert model_stock_ratio([ones, ones]) == 1.0
+
+
+def test_model_stock_checks_average_and_needs_two_models_in_every_form():
+    ts = [torch.ones(3), torch.ones(3)]
+    for call in (lambda: model_stock_ratio(ts, "mean"), lambda: model_stock([{"w": t} for t in ts], average="mean")):
+        with pytest.raises(MergeConfigError, match=r"^average must be one of"):
+            call()
+    message = r"^model stock needs at least 2 fine-tuned models \(got 1\): the angle .* is undefined for one.$"
+    with pytest.raises(TaskError, match=message):
+        model_stock_ratio(ts[:1])
+    with pytest.raises(TaskError, match=message):
+        model_stock([{"w": ts[0]}])
+
+
+def test_gram_is_fp64_dot_products_for_fp64_inputs_and_fp64_for_fp32_ones():
+    """fp64 inputs get fp64 dot products (a pass through fp32 blocks would round them); the Gram is fp64 either way."""
+    from hf_cft.merging.methods import _gram
+
+    x = torch.tensor([1.0 + 1e-12, 1.0, 0.0], dtype=torch.float64)
+    y = torch.tensor([1.0, 1e-12, 1.0], dtype=torch.float64)
+    gram, total = _gram([x, y], total=True)
+    assert gram.dtype == torch.float64 and float(gram[0, 1]) == float(x @ y) and float(gram[0, 1]) != 1.0
+    assert float(gram[0, 0]) == float(x @ x)
+    assert torch.equal(total, x + y)
+    g32, t32 = _gram([x.float(), y.float()], total=True)
+    assert g32.dtype == torch.float64 and g32.shape == (2, 2) and torch.equal(t32, (x + y).float())
+
+
+def test_iso_cts_checks_common_fraction_by_name_and_honours_matrix_keys():
+    ds = rand_deltas(2, {"m.weight": (6, 5)}, seed=2)
+    zero = iso_cts(ds, common_fraction=0.0)["m.weight"]  # 0 allowed: every direction task-specific
+    assert_close_np(zero, ref_iso_cts_matrix([npy(d["m.weight"]) for d in ds], 0.0))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(MergeConfigError, match=rf"^common_fraction must lie in \[0, 1\], got {bad}.$"):
+            iso_cts(ds, common_fraction=bad)
+    averaged = iso_cts(ds, matrix_keys=[])["m.weight"]  # no key is a matrix: the mean
+    torch.testing.assert_close(averaged, (ds[0]["m.weight"] + ds[1]["m.weight"]) / 2)
+    with pytest.raises(MergeConfigError, match=r"^alpha must be finite, got (nan|inf).$"):
+        iso_cts(ds, alpha=math.inf)
+
+
+def test_tsv_m_keeps_one_triplet_per_task_when_rank_over_tasks_is_one():
+    """r = 3, T = 2: ⌊r/T⌋ = 1 triplet per task (not 2)."""
+    ds = rand_deltas(2, {"m.weight": (3, 3)}, seed=9)
+    mats = [npy(d["m.weight"]) for d in ds]
+    assert_close_np(tsv_m(ds)["m.weight"], ref_tsv_matrix(mats))
+
+
+def test_breadcrumbs_config_allows_density_plus_gamma_of_exactly_one():
+    from hf_cft.merging.registry import get_method
+
+    get_method("breadcrumbs").resolve({"gamma": 0.1}, [{"density": 0.9}] * 2)  # 0.9 + 0.1 == 1.0: allowed
+    with pytest.raises(MergeConfigError, match=r"^inputs\[1\].density \+ parameters.gamma must not exceed 1"):
+        get_method("breadcrumbs").resolve({"gamma": 0.2}, [{"density": 0.8}, {"density": 0.9}])

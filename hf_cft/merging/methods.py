@@ -239,6 +239,10 @@ def iso_cts(
 # ------------------------------------------------------------------------------------------------ Model Stock
 
 MODEL_STOCK_AVERAGES = ("cosine", "angle")
+_ONE_MODEL = (
+    "model stock needs at least 2 fine-tuned models (got {}): the angle between the task deltas it interpolates with "
+    "is undefined for one."
+)
 
 
 def model_stock_ratio(tensors: Sequence[Tensor], average: str = "cosine") -> float:
@@ -247,7 +251,10 @@ def model_stock_ratio(tensors: Sequence[Tensor], average: str = "cosine") -> flo
 
     A pair with a zero delta has cosine 0. cos θ < 0 (deltas pointing apart, outside the paper's assumption of a
     common angle below 90°; the formula's denominator can vanish there) is clipped to 0, i.e. t = 0: θ0 for that
-    tensor."""
+    tensor. Needs at least two tensors (:class:`~hf_cft.errors.TaskError` otherwise)."""
+    check_choice(average, "average", MODEL_STOCK_AVERAGES, error=MergeConfigError)
+    if len(tensors) < 2:
+        raise TaskError(_ONE_MODEL.format(len(tensors)))
     return _stock_ratio(_gram(tensors)[0], average)
 
 
@@ -308,10 +315,7 @@ def model_stock(deltas: Sequence[Mapping[str, Tensor]], average: str = "cosine")
     deltas = _check_deltas(deltas)
     check_choice(average, "average", MODEL_STOCK_AVERAGES, error=MergeConfigError)
     if len(deltas) < 2:
-        raise TaskError(
-            f"model stock needs at least 2 fine-tuned models (got {len(deltas)}): the angle between the task deltas "
-            "it interpolates with is undefined for one."
-        )
+        raise TaskError(_ONE_MODEL.format(len(deltas)))
     return {key: _model_stock_key([_f32(d[key]) for d in deltas], average) for key in deltas[0]}
 
 
@@ -658,15 +662,16 @@ def della_key(
 def slerp_tensor(a: Tensor, b: Tensor, t: float, dot_threshold: float = 0.9995) -> Tensor:
     """Spherical interpolation of two tensors: with ω the angle between them (computed on normalised copies),
     sin((1−t)ω)/sin ω · a + sin(tω)/sin ω · b; the linear (1−t)·a + t·b where |cos ω| > ``dot_threshold`` (nearly
-    colinear: sin ω → 0) or where either tensor is zero (no angle)."""
+    colinear: sin ω → 0; always where |cos ω| = 1, parallel or opposite, where the angle gives no plane to rotate in)
+    or where either tensor is zero (no angle)."""
     fa, fb = a.reshape(-1).double(), b.reshape(-1).double()
     na, nb = float(fa.norm()), float(fb.norm())
     if na == 0.0 or nb == 0.0:
         return (1.0 - t) * a + t * b
     dot = float(fa @ fb) / (na * nb)
-    if abs(dot) > dot_threshold:
+    if abs(dot) > dot_threshold or abs(dot) >= 1.0:  # |cos ω| = 1 (even at dot_threshold = 1): sin ω = 0
         return (1.0 - t) * a + t * b
-    omega = math.acos(max(-1.0, min(1.0, dot)))
+    omega = math.acos(dot)
     sin_omega = math.sin(omega)
     return (math.sin((1.0 - t) * omega) / sin_omega) * a + (math.sin(t * omega) / sin_omega) * b
 
@@ -732,11 +737,12 @@ class ContinualSLERP(ContinualMerger):
 # config and the streaming merge. An input without a delta at a key counts as zeros there (ctx.present).
 
 
-def _alpha_svd_kernel(matrix_fn: Callable) -> Callable:
-    def kernel(deltas: list[Tensor], ctx) -> Tensor:
-        return ctx.options["alpha"] * svd_key(ctx.key, deltas, matrix_fn)
+def _tsv_m_kernel(deltas: list[Tensor], ctx) -> Tensor:
+    return ctx.options["alpha"] * svd_key(ctx.key, deltas, _tsv_matrix)
 
-    return kernel
+
+def _iso_c_kernel(deltas: list[Tensor], ctx) -> Tensor:
+    return ctx.options["alpha"] * svd_key(ctx.key, deltas, _iso_c_matrix)
 
 
 def _iso_cts_kernel(deltas: list[Tensor], ctx) -> Tensor:
@@ -790,21 +796,21 @@ def _register() -> None:
     from hf_cft.merging.registry import MergeMethod, Option, register
 
     alpha = Option("alpha", 1.0, help="α: scale of the merged delta")
-    for name, fn, summary, ref in (
+    for name, kernel, summary, ref in (
         (
             "tsv_m",
-            _tsv_matrix,
+            _tsv_m_kernel,
             "per matrix each task's top r/T singular triplets, U and V orthogonalised; other keys averaged (α = 1)",
             "Gargiulo et al., Task Singular Vectors, CVPR 2025 (arXiv:2412.00081)",
         ),
         (
             "iso_c",
-            _iso_c_matrix,
+            _iso_c_kernel,
             "per matrix mean(S)·U Vᵀ of the SVD of Σ_t τ_t; other keys averaged (α = 1)",
             "Marczak et al., No Task Left Behind (Iso-C), ICML 2025 (arXiv:2502.04959)",
         ),
     ):
-        register(MergeMethod(name, "tensor", _alpha_svd_kernel(fn), (alpha,), summary=summary, reference=ref))
+        register(MergeMethod(name, "tensor", kernel, (alpha,), summary=summary, reference=ref))
     register(
         MergeMethod(
             "iso_cts",
