@@ -10,7 +10,9 @@ change at a time in the core modules and runs the tests that cover the changed f
 cover which function in one traced run of ``pytest_add_cli_args_test_selection``, the union of ``TESTS`` below).
 A mutant is *killed* when a test fails, *survives* when all pass. A survivor is either killed by a new test or
 listed in ``benchmarks/results/mutation-equivalent.tsv`` (mutant name, a tab, one line on why no test can tell it
-from the original). The score of a module is killed / (mutants − equivalent − not reached by any test − not run yet).
+from the original; a line whose reason starts with ``GPU only:`` marks a mutant that changes behaviour only on a GPU,
+which this CPU-only project cannot run: counted apart, not as equivalent). The score of a module is
+killed / (mutants − equivalent − GPU only − not reached by any test − not run yet).
 
 Writes ``benchmarks/results/mutation.md`` / ``.json`` (per module: mutants, killed, equivalent, survived, no tests,
 timeout, score) and ``benchmarks/results/mutation-survivors.md`` (each survivor's diff).
@@ -115,14 +117,18 @@ def report(modules: list[str], tag: str) -> dict:
             if any(marker in name for marker in IMPORT_TIME):
                 count["import time"] += 1
                 continue
-            count["equivalent" if status == "survived" and name in equivalent else status] += 1
+            if status == "survived" and name in equivalent:
+                status = "GPU only" if equivalent[name].startswith("GPU only:") else "equivalent"
+            count[status] += 1
             if status == "survived" and name not in equivalent:
                 survivors.append(name)
-        reached = len(res) - count["equivalent"] - count["no tests"] - count["not checked"] - count["import time"]
+        apart = ("equivalent", "GPU only", "no tests", "not checked", "import time")
+        reached = len(res) - sum(count[c] for c in apart)
         table[module] = {
             "mutants": len(res),
             "killed": count["killed"],
             "equivalent": count["equivalent"],
+            "GPU only": count["GPU only"],
             "survived": count["survived"],
             "no tests": count["no tests"],
             "timeout": count["timeout"],
@@ -133,12 +139,13 @@ def report(modules: list[str], tag: str) -> dict:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"mutation{'-' + tag if tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
-    cols = ["mutants", "killed", "equivalent", "survived", "no tests", "timeout", "not checked", "import time", "score"]
+    cols = ["mutants", "killed", "equivalent", "GPU only", "survived", "no tests", "timeout", "not checked", "import time"]
+    cols.append("score")
     lines = [
         f"# Mutation testing{' (' + tag + ')' if tag else ''}",
         "",
-        "mutmut over hf_cft's core (`python scripts/mutation.py`); score = killed / (mutants − equivalent − no tests − not "
-        "checked − import time), in %.",
+        "mutmut over hf_cft's core (`python scripts/mutation.py`); score = killed / (mutants − equivalent − GPU only − no "
+        "tests − not checked − import time), in %.",
         "",
         "| module | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 1) + "|",

@@ -410,8 +410,17 @@ def test_svd_falls_back_when_lapack_does_not_converge(monkeypatch):
     monkeypatch.setattr(
         torch.linalg, "svd", lambda x, *a, **k: flaky(x, *a, failing=(torch.float32, torch.float64), **k)
     )
-    pytest.importorskip("scipy")
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    drivers = []
+    real_scipy = scipy_linalg.svd
+
+    def spy(*a, **k):
+        drivers.append(k.get("lapack_driver", "gesdd"))  # SciPy's default is gesdd, the driver that just failed
+        return real_scipy(*a, **k)
+
+    monkeypatch.setattr(scipy_linalg, "svd", spy)
     torch.testing.assert_close(methods.tsv_m(deltas)["mlp.fc1.weight"], want, rtol=1e-4, atol=1e-5)
+    assert drivers and set(drivers) == {"gesvd"}
 
 
 # ------------------------------------------------------------------ selection without a sort: ties by position
@@ -869,3 +878,24 @@ def test_breadcrumbs_config_allows_density_plus_gamma_of_exactly_one():
     get_method("breadcrumbs").resolve({"gamma": 0.1}, [{"density": 0.9}] * 2)  # 0.9 + 0.1 == 1.0: allowed
     with pytest.raises(MergeConfigError, match=r"^inputs\[1\].density \+ parameters.gamma must not exceed 1"):
         get_method("breadcrumbs").resolve({"gamma": 0.2}, [{"density": 0.8}, {"density": 0.9}])
+
+
+def test_magprune_keeps_an_entry_only_when_its_draw_is_below_the_keep_probability():
+    """torch.bernoulli keeps where u·2⁻²⁴ < p, strictly: draw 4,679,876 of the stream seeded 2 is exactly 0.5, so an
+    entry kept with probability 0.5 (density 0.5, ε = 0) at that draw is dropped, in the numpy and the torch forms."""
+    from hf_cft.merging.baselines import _BernoulliStream
+    from hf_cft.merging.methods import magprune
+
+    skip = 4_679_875
+    probe = _BernoulliStream(2)
+    probe.uniform_numpy(skip)
+    assert float(probe.uniform_numpy(1)[0]) == 0.5
+    for dtype in (torch.float32, torch.float64):  # fp32: numpy form; fp64: torch form
+        stream = _BernoulliStream(2)
+        stream.uniform_numpy(skip)
+        x = torch.tensor([1.0, 1.0], dtype=dtype)
+        got = magprune(x, 0.5, 0.0, stream, "tensor")
+        reference = _BernoulliStream(2)
+        reference.uniform_numpy(skip)
+        u = reference.uniform(2)
+        assert got[0] == 0.0 and got[1] == (2.0 if u[1] < 0.5 else 0.0), (dtype, got)
