@@ -65,6 +65,9 @@ def _lbfgs(x, y, num_classes, wd, max_iter):
     return (scale * w).detach(), b.detach()
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 def _minibatch_epochs(
     params: list[torch.Tensor],
     n: int,
@@ -78,6 +81,8 @@ def _minibatch_epochs(
     """The loop every cached-feature trainer here shares: SGD (momentum 0.9) or AdamW (no weight decay) with a cosine
     schedule over all steps, a seeded permutation per epoch, and per step ``step_losses(idx)`` → a dict of loss
     terms whose ``"loss"`` is minimised. Returns each term's per-epoch mean (weighted by batch size)."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
     else:
@@ -187,6 +192,8 @@ def train_mergetune_on_features(
     from hf_cft.models.clip import logit_scale
     from hf_cft.trainers.mergetune_losses import alpha_grid, cosine_anchor, fisher_anchor, path_loss_prompts
 
+    if anchor not in ("cosine", "fisher"):
+        raise ValueError(f"anchor must be 'cosine' or 'fisher', got {anchor!r}")
     if anchor == "fisher" and fisher is None:
         raise ValueError("anchor='fisher' needs the fisher tensor")
     feats = F.normalize(features.float(), dim=-1)
