@@ -650,10 +650,9 @@ def test_blocked_breadcrumbs_one_input_infinities_threads_and_no_resize_warnings
     from hf_cft.merging import baselines
 
     monkeypatch.setenv("HF_CFT_FUSED", "0")
-    monkeypatch.setattr(baselines, "BLOCK", 64)
     monkeypatch.setattr(baselines, "PARALLEL_MIN", 16)
     g = torch.Generator().manual_seed(2)
-    xs = [torch.randn(300, generator=g) for _ in range(2)]
+    xs = [torch.randn(baselines.BLOCK + 300, generator=g) for _ in range(2)]  # two blocks, the second short
     xs[0][7] = math.inf
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -748,12 +747,14 @@ def test_slerp_edges_zero_inputs_threshold_exactly_and_parallel_or_opposite_tens
     at = slerp_tensor(a, b, 0.3, dot_threshold=cos)
     torch.testing.assert_close(at, torch.from_numpy(ref_slerp(a, b, 0.3, threshold=1.0)).float())
     assert not torch.allclose(at, 0.7 * a + 0.3 * b)
-    for other in (2.0 * a, -a):
-        got = slerp_tensor(a, other, 0.3, dot_threshold=1.0)
+    c = torch.tensor([1.0, 2.0, 3.0])  # cos ω of (c, c) computes to 1.0 exactly (of (a, a) to 1 + 2⁻⁵²)
+    for x, other in ((c, c), (a, 2.0 * a), (a, -a)):
+        got = slerp_tensor(x, other, 0.3, dot_threshold=1.0)
         assert torch.isfinite(got).all()
-        torch.testing.assert_close(got, 0.7 * a + 0.3 * other)
-    near = a + torch.tensor([1e-3, 0.0, 0.0])  # cos ω ≈ 0.99999: above the default threshold, linear
-    torch.testing.assert_close(slerp_tensor(a, near, 0.3), 0.7 * a + 0.3 * near)
+        torch.testing.assert_close(got, 0.7 * x + 0.3 * other)
+    e, near = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([1.0, 0.0245, 0.0])  # cos ω ≈ 0.9997 > 0.9995: linear
+    torch.testing.assert_close(slerp_tensor(e, near, 0.3), 0.7 * e + 0.3 * near, rtol=0, atol=1e-7)
+    assert not torch.allclose(slerp_tensor(e, near, 0.3, dot_threshold=0.9999), 0.7 * e + 0.3 * near, rtol=0, atol=1e-5)
 
 
 def test_dot_threshold_reaches_every_slerp_form():
