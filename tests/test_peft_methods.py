@@ -335,3 +335,100 @@ def test_methods_on_siglip(toy_tokenizer, tmp_path):
         assert not torch.allclose(image_features(vpt, PIXELS), base)
     head = get_peft_model(tiny_siglip(), LinearHeadConfig(classnames=CLASSES).set_tokenizer(toy_tokenizer))
     assert head.classify(PIXELS).shape == (3, 3)
+
+
+# ------------------------------------------------------------------------------------------------ registration
+# register() runs when hf_cft is imported; these call its parts directly, on copies of PEFT's tables.
+
+
+@pytest.mark.parametrize(
+    ("version", "warns"),
+    [
+        ("0.21.0", False),
+        ("0.21.7", False),
+        ("0.20.3", True),
+        ("0.22.0", True),
+        ("1.0.0", True),
+        ("0.21.0.dev0", False),
+    ],
+)
+def test_peft_version_check_warns_outside_the_supported_minor(monkeypatch, version, warns):
+    import warnings
+
+    import peft
+
+    from hf_cft.peft import registration
+
+    monkeypatch.setattr(peft, "__version__", version)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        registration._check_version()
+    messages = [str(w.message) for w in caught]
+    if not warns:
+        assert messages == []
+        return
+    assert messages == [
+        "hf_cft registers its PEFT method types through peft's private mapping dictionaries and was tested with "
+        f"peft 0.21.x; peft {version} is installed and may have changed them."
+    ]
+    assert caught[0].category is UserWarning
+
+
+def test_peft_deprecation_filter_silences_exactly_that_message():
+    import warnings
+
+    from hf_cft.peft import registration
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        registration._quiet_peft_deprecation()
+        warnings.warn(
+            "`is_gradient_checkpointing` is deprecated, use `is_activation_checkpointing`", FutureWarning, stacklevel=1
+        )
+        warnings.warn("`is_gradient_checkpointing` is deprecated", UserWarning, stacklevel=1)  # another category: kept
+        warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (UserWarning, "`is_gradient_checkpointing` is deprecated"),
+        (FutureWarning, "something else is deprecated"),
+    ]
+
+
+def test_register_fills_the_three_peft_tables_idempotently_and_refuses_a_taken_type(monkeypatch):
+    from peft import mapping
+
+    from hf_cft.errors import HfCftError
+    from hf_cft.peft import registration
+    from hf_cft.peft.coop import COOP_PEFT_TYPE, CoOpConfig, CoOpModel
+    from hf_cft.peft.head import HEAD_PEFT_TYPE, LinearHeadConfig, LinearHeadModel
+    from hf_cft.peft.vpt import VPT_PEFT_TYPE, VPTConfig, VPTModel
+
+    names = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")
+    tables = {name: {"LORA": object()} for name in names}
+    for name, table in tables.items():
+        monkeypatch.setattr(mapping, name, table)
+    registration.register()
+    registration.register()  # idempotent
+    want = {
+        COOP_PEFT_TYPE: (CoOpConfig, CoOpModel, CoOpModel.prefix),
+        VPT_PEFT_TYPE: (VPTConfig, VPTModel, VPTModel.prefix),
+        HEAD_PEFT_TYPE: (LinearHeadConfig, LinearHeadModel, LinearHeadModel.prefix),
+    }
+    for type_str, values in want.items():
+        assert tuple(tables[name][type_str] for name in names) == values
+    assert all(len(t) == 4 and "LORA" in t for t in tables.values())
+    assert registration.is_registered()
+
+    class CoOpModel2:  # a class of another name under the same type string: refused
+        pass
+
+    tables["PEFT_TYPE_TO_TUNER_MAPPING"][VPT_PEFT_TYPE] = CoOpModel2
+    with pytest.raises(
+        HfCftError, match=rf"^PEFT type '{VPT_PEFT_TYPE}' is already registered to .*CoOpModel2.*, not "
+    ):
+        registration.register()
+    tables["PEFT_TYPE_TO_TUNER_MAPPING"][VPT_PEFT_TYPE] = type("VPTModel", (), {})  # same name (a reload): taken over
+    registration.register()
+    assert tables["PEFT_TYPE_TO_TUNER_MAPPING"][VPT_PEFT_TYPE] is VPTModel
+    monkeypatch.setattr(mapping, "PEFT_TYPE_TO_PREFIX_MAPPING", None)
+    with pytest.raises(HfCftError, match=r"^peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING is missing in peft .*: hf_cft"):
+        registration.register()
