@@ -135,3 +135,21 @@ def test_fused_merges_from_several_threads_at_once_agree_with_one_thread():
         together = list(pool.map(lambda job: merge_deltas(*job), jobs))
     for a, b in zip(alone, together):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compile_loads_every_kernel_on_numbas_own_thread_pool(monkeypatch):
+    """``_compile`` (cached once per process, so called here unwrapped): every kernel the merges use, by name, and
+    numba's default (or OpenMP) threading layer replaced by its workqueue pool (OpenMP changed torch's later results);
+    a layer the user chose otherwise is kept."""
+    numba = pytest.importorskip("numba")
+    from hf_cft.merging import _fused_kernels
+
+    names = ("ties_mean", "band_sum", "consensus", "magmax", "row_sum", "scale", "magnitude_histogram")
+    for layer, want in (("default", "workqueue"), ("omp", "workqueue"), ("tbb", "tbb"), ("workqueue", "workqueue")):
+        monkeypatch.setattr(numba.config, "THREADING_LAYER", layer)
+        got = fused._compile()
+        chosen = numba.config.THREADING_LAYER
+        assert chosen == want, layer
+        assert set(got) == {*names, "bucket_entries", "numba", "np"}
+        assert all(got[name] is getattr(_fused_kernels, name) for name in (*names, "bucket_entries"))
+        assert got["numba"] is numba and got["np"].__name__ == "numpy"
