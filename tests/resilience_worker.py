@@ -155,9 +155,9 @@ def merge_assets(root: Path) -> tuple[Path, Path]:
     if not base.is_dir():
         tiny_clip().save_pretrained(base)
         torch.manual_seed(0)
-        get_peft_model(tiny_clip(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)).save_pretrained(
-            lora
-        )
+        get_peft_model(
+            tiny_clip(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+        ).save_pretrained(lora)
     return base, lora
 
 

@@ -76,7 +76,10 @@ def test_adapter_card_snippet_runs_as_written(kind, base_folder, tmp_path, monke
     peft = _perturb(get_peft_model(base, config)).eval()
     peft.save_pretrained(tmp_path / "adapter")
     card = adapter_card(
-        tmp_path / "adapter", model_name=f"{kind}-toy", dataset_name="toy", base_model=str(base_folder),
+        tmp_path / "adapter",
+        model_name=f"{kind}-toy",
+        dataset_name="toy",
+        base_model=str(base_folder),
         repo_id=str(tmp_path / "adapter"),
     )
     ns = _run_snippet(card, tmp_path, monkeypatch)
@@ -94,9 +97,13 @@ def test_mergetune_card_snippet_runs_as_written(family, base_folder, tmp_path, m
         model = _perturb(base, scale=0.05)
     model.save_pretrained(tmp_path / "continued")
     card = mergetune_card(
-        tmp_path / "continued", model_name="mt", dataset_name="toy", base_model=str(base_folder),
-        repo_id=str(tmp_path / "continued"), results=[{"name": "base", "accuracy": 70.0},
-                                                      {"name": "novel", "accuracy": 50.0}], hm=58.33,
+        tmp_path / "continued",
+        model_name="mt",
+        dataset_name="toy",
+        base_model=str(base_folder),
+        repo_id=str(tmp_path / "continued"),
+        results=[{"name": "base", "accuracy": 70.0}, {"name": "novel", "accuracy": 50.0}],
+        hm=58.33,
         baselines={"zero-shot": {"base": 60.0, "novel": 80.0}, "fine-tuned": {"base": 90.0}},
     )
     ns = _run_snippet(card, tmp_path, monkeypatch)
@@ -112,8 +119,12 @@ def test_condu_and_pam_card_snippets_run_as_written(base_folder, tmp_path, monke
     merger = DeltaFusionMerger(base_model=base, base_model_name_or_path=str(base_folder))
     for t, name in enumerate(("task_a", "task_b")):
         expert = _perturb(_load_base(base_folder)[0], seed=5 + t, scale=0.05)
-        merger.add_task(delta_from_models(base, expert, keys=["visual_projection.weight"]), name, classnames=NAMES,
-                        prototypes=torch.randn(3, base.config.projection_dim))
+        merger.add_task(
+            delta_from_models(base, expert, keys=["visual_projection.weight"]),
+            name,
+            classnames=NAMES,
+            prototypes=torch.randn(3, base.config.projection_dim),
+        )
     merger.save_pretrained(tmp_path / "bundle")
     card = condu_card(merger, repo_id=str(tmp_path / "bundle"))
     ns = _run_snippet(card, tmp_path, monkeypatch)
@@ -133,16 +144,27 @@ def test_condu_and_pam_card_snippets_run_as_written(base_folder, tmp_path, monke
 def test_base_model_link_license_and_data_terms(base_folder, tmp_path):
     base, tok = _load_base(base_folder)
     peft = get_peft_model(base, CoOpConfig(n_ctx=4, classnames=NAMES).set_tokenizer(tok))
-    local = adapter_card(peft, model_name="a", dataset_name="dtd10", base_model=str(base_folder),
-                         results=[{"name": "dtd10", "accuracy": 50.0}])
+    local = adapter_card(
+        peft,
+        model_name="a",
+        dataset_name="dtd10",
+        base_model=str(base_folder),
+        results=[{"name": "dtd10", "accuracy": 50.0}],
+    )
     assert f"`{base_folder}` (a local model folder)" in local.text and "](#)" not in local.text
     meta = validate_card(local)
     assert meta["license"] == "unknown" and "`unknown` — none was stated" in local.text
     assert "**Data terms:** not recorded" in local.text
     assert meta["model-index"][0]["results"][0]["dataset"]["name"] == "dtd10"  # not "dtd10 (dtd10)"
 
-    hub = adapter_card(peft, model_name="a", dataset_name="dtd10", base_model="openai/clip-vit-base-patch16",
-                       license="mit", dataset_terms="DTD: research purposes only.")
+    hub = adapter_card(
+        peft,
+        model_name="a",
+        dataset_name="dtd10",
+        base_model="openai/clip-vit-base-patch16",
+        license="mit",
+        dataset_terms="DTD: research purposes only.",
+    )
     assert "[openai/clip-vit-base-patch16](https://huggingface.co/openai/clip-vit-base-patch16)" in hub.text
     assert validate_card(hub)["license"] == "mit" and "**License:** `mit`." in hub.text
     assert "**Data terms:** DTD: research purposes only." in hub.text
@@ -154,5 +176,9 @@ def test_base_model_link_license_and_data_terms(base_folder, tmp_path):
     inherited = adapter_card(peft, model_name="a", dataset_name="toy", base_model=str(with_card))
     assert validate_card(inherited)["license"] == "bsd-3-clause"
     assert "`bsd-3-clause` (the base model's license)" in inherited.text
-    assert validate_card(adapter_card(peft, model_name="a", dataset_name="toy", base_model=str(with_card),
-                                      license="cc-by-nc-4.0"))["license"] == "cc-by-nc-4.0"
+    assert (
+        validate_card(
+            adapter_card(peft, model_name="a", dataset_name="toy", base_model=str(with_card), license="cc-by-nc-4.0")
+        )["license"]
+        == "cc-by-nc-4.0"
+    )

@@ -636,6 +636,7 @@ def test_condu_strategy_passes_its_merge_device_and_refuses_a_bad_one():
 
     with pytest.raises(MergeConfigError, match="meta"):
         ConDUStrategy(merge_device="meta")
+
     class OnTinyClip(ConDUStrategy):
         _merge_base = tiny_clip(seed=0)  # stands in for the run's θ⁰ (no runner needed to build the merger)
 
@@ -669,3 +670,75 @@ def test_unify_on_cuda_matches_the_cpu(monkeypatch):
     res_cpu, res_gpu = unify(rand(1, 3)), unify(rand(1, 3), device="cuda")
     for k in SHAPES:
         torch.testing.assert_close(res_gpu.unified[k], res_cpu.unified[k], rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------ pinned rules
+# Each test below fails on a small plausible change that the tests above let through (mutation testing,
+# scripts/mutation.py).
+
+
+def test_elected_sign_sums_in_fp32_and_is_exactly_plus_or_minus_one():
+    """bf16 deltas are summed in fp32 (in bf16, 256 + 1 rounds back to 256 and the sum 256 + 1 − 256 would be 0);
+    the sign is ±1 exactly; one delta alone is its own sign."""
+    from hf_cft.merging.condu import elected_sign
+
+    ds = [torch.tensor([256.0, 1.0]), torch.tensor([1.0, -2.0]), torch.tensor([-256.0, 1.0])]
+    sign = elected_sign([d.bfloat16() for d in ds])
+    assert sign.dtype == torch.float32 and sign.tolist() == [1.0, -1.0]  # sums 1 and 0: a zero sum elects −1
+    assert elected_sign(ds).tolist() == [1.0, -1.0]
+    assert elected_sign([torch.tensor([0.5, -0.5, 0.0])]).tolist() == [1.0, -1.0, -1.0]
+
+
+def test_unify_checks_its_options_and_names_the_offending_delta():
+    d = {"w": torch.ones(2, 3), "b": torch.ones(3)}
+    with pytest.raises(MergeConfigError, match="rescaler must be one of"):
+        unify([d], rescaler="median")
+    with pytest.raises(MergeConfigError, match="rescaler_groups must be one of"):
+        unify([d], rescaler_groups="layer")
+    with pytest.raises(MergeConfigError, match="needs rescaler='mean'"):  # groups mean nothing to global sums
+        unify([d], rescaler="global_sum", rescaler_groups="openai")
+    with pytest.raises(TaskError, match=r"^unify\(\) needs at least one delta.$"):
+        unify([])
+    with pytest.raises(NonFiniteError, match="delta 0"):
+        unify([{"w": torch.full((2, 3), math.nan), "b": torch.ones(3)}, d])
+    with pytest.raises(NonFiniteError, match="delta 2"):
+        unify([d, d, {"w": torch.ones(2, 3), "b": torch.tensor([1.0, math.inf, 0.0])}])
+    with pytest.raises(DeltaError, match=r"^Key 'w' of the delta 1 has shape \(3, 2\), expected \(2, 3\).$"):
+        unify([d, {"w": torch.ones(3, 2), "b": torch.ones(3)}])
+
+
+def test_storage_report_counts_the_prototypes_in_the_bundle():
+    m = _merger_with_prototypes()  # prototypes of 2 and 4 classes (task 1 has none), d = 5, fp32
+    s = m.storage_bytes()
+    assert s["prototypes"] == 4 * 5 * (2 + 4)
+    assert s["bundle"] == s["unified"] + s["masks_packed"] + 4 * 5 * 6
+    assert s["bundle_bool_masks"] == s["unified"] + s["masks_bool"] + 4 * 5 * 6
+
+
+def test_hub_bundles_are_downloaded_with_the_revision_and_only_the_bundle_files(tmp_path, monkeypatch):
+    """``from_pretrained("user/repo", revision=...)`` asks the Hub for the manifest, the safetensors and the card
+    only, at that revision; a failure names the repo and the error's type."""
+    import huggingface_hub
+
+    folder = _merger_with_prototypes().save_pretrained(tmp_path / "bundle")
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    loaded = DeltaFusionMerger.from_pretrained("someone/bundle", revision="v1")
+    assert loaded.task_names == ["task0", "task1", "task2"]
+    assert calls == [
+        ("someone/bundle", {"revision": "v1", "allow_patterns": ["manifest.json", "*.safetensors", "*.md"]})
+    ]
+
+    def offline(repo_id, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(
+        BundleError, match=r"^'someone/bundle' is neither .* Hub repo \(ConnectionError: no network\).$"
+    ):
+        DeltaFusionMerger.from_pretrained("someone/bundle")

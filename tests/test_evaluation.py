@@ -132,9 +132,10 @@ def test_evaluate_zeroshot_never_ignores_learned_prompts_or_heads(data, toy_toke
     coop = _adapter("coop", toy_tokenizer)
     with torch.no_grad():
         head = coop.class_text_features(toy_tokenizer, NAMES)
-    assert evaluate_zeroshot(coop, toy_tokenizer, data, head=head).accuracy == hf_cft.evaluate(
-        coop, toy_tokenizer, data
-    ).accuracy
+    assert (
+        evaluate_zeroshot(coop, toy_tokenizer, data, head=head).accuracy
+        == hf_cft.evaluate(coop, toy_tokenizer, data).accuracy
+    )
     # VPT and LoRA change the features a zero-shot head sees: evaluate_zeroshot already uses them
     lora = _adapter("lora", toy_tokenizer)
     assert evaluate_zeroshot(lora, toy_tokenizer, data).accuracy == hf_cft.evaluate(lora, toy_tokenizer, data).accuracy
@@ -174,7 +175,9 @@ def test_evaluate_condu_router_merger_and_known_task(data, toy_tokenizer):
         expected = router.logits(px, NAMES, TEMPLATES, task=task)
         got = hf_cft.evaluate(router, toy_tokenizer, data, task=task)
         assert math.isclose(got.accuracy, _accuracy(expected, labels), abs_tol=1e-9)
-        torch.testing.assert_close(hf_cft.class_logits(router, toy_tokenizer, px, NAMES, TEMPLATES, task=task), expected)
+        torch.testing.assert_close(
+            hf_cft.class_logits(router, toy_tokenizer, px, NAMES, TEMPLATES, task=task), expected
+        )
         via_merger = hf_cft.evaluate(merger, toy_tokenizer, data, task=task, top_k=1)
         assert via_merger.accuracy == got.accuracy
     assert "routing, top-1" in repr(hf_cft.evaluate(router, toy_tokenizer, data))

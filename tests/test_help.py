@@ -59,8 +59,16 @@ def test_python_and_accelerate_launch_recipe_help_in_a_subprocess():
     """The issue's two commands, as a user types them (~30 s on a busy 2-core machine)."""
     for argv in (
         [sys.executable, "recipes/mergetune.py", "--help"],
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "recipes/coop.py",
-         "--help"],
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--cpu",
+            "--num_processes",
+            "1",
+            "recipes/coop.py",
+            "--help",
+        ],
     ):
         res = _run(argv)
         assert res.returncode == 0 and "usage:" in res.stdout, res.stderr[-2000:]

@@ -364,7 +364,9 @@ def test_pam_state_push_pull_round_trip(hub, monkeypatch, tmp_path):
     assert pulled.num_tasks == 2 and pulled.history == state.history
     for k, v in state.global_state.items():
         assert torch.equal(pulled.global_state[k], v)
-    deployed = load_adapter_model(tiny_clip(), tmp_path / "pulled" / "me__pam")  # the pulled folder is a PEFT LoRA adapter
+    deployed = load_adapter_model(
+        tiny_clip(), tmp_path / "pulled" / "me__pam"
+    )  # the pulled folder is a PEFT LoRA adapter
     for k, v in adapter_state(deployed, "default").items():
         assert torch.equal(v, state.global_state[k]), k
     card2 = pam_card(pulled)

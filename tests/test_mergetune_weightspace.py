@@ -340,7 +340,14 @@ def test_full_fisher_expected_matches_autograd_and_anchor(toy_tokenizer, tmp_pat
     for n, p in model.named_parameters():  # keep the check small: fine-tune the projections only
         p.requires_grad_(n in ("visual_projection.weight", "text_projection.weight"))
     trainer = _build(
-        model, tmp_path, ft, data, toy_tokenizer, anchor="fisher", fisher_labels="expected", fisher_max_images=3,
+        model,
+        tmp_path,
+        ft,
+        data,
+        toy_tokenizer,
+        anchor="fisher",
+        fisher_labels="expected",
+        fisher_max_images=3,
         fisher_sample="first",
     )
     base = tiny_clip()

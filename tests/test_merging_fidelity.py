@@ -243,9 +243,7 @@ def test_condu_factor_mode_runs_in_the_driver_as_the_released_lora_unify(tmp_pat
     assert result.matrix.values.shape == (3, 3)
     merger = strategy.merger
     assert merger.config.lora_merge == "factors" and all(".lora_" in k for k in merger.keys)
-    originals = [
-        LazyDelta.from_file(strategy._fidelity_store().path(f"{i:03d}")).materialize() for i in range(3)
-    ]
+    originals = [LazyDelta.from_file(strategy._fidelity_store().path(f"{i:03d}")).materialize() for i in range(3)]
     assert all(any("lora_A" in k for k in d) and any("lora_B" in k for k in d) for d in originals)
     uni, masks, lams, _ = ref_condu(originals)
     lam_diff = max(abs(r.lam - b) for r, b in zip(merger.tasks, lams))
@@ -499,3 +497,18 @@ def test_strategy_options_reach_the_mergers_and_bad_values_are_refused():
     ):
         with pytest.raises(ContinualError, match=next(iter(option))):
             make_strategy(name, **option)
+
+
+def test_one_shot_unify_with_openai_groups_equals_the_reference_with_fused_qkv():
+    """``unify(..., rescaler_groups="openai")`` (the one-shot function, not only the merger): λ averages each
+    attention layer's q/k/v as one fused part."""
+    shapes = _clip_trainable_shapes(num_layers=1)
+    g = torch.Generator().manual_seed(4)
+    deltas = [{k: torch.randn(s, generator=g) * (1 + i) for k, s in shapes.items()} for i in range(3)]
+    groups = resolve_rescaler_groups("openai", list(shapes))
+    _, _, want = ref_emr(deltas, groups=groups)
+    _, _, per_tensor = ref_emr(deltas)
+    got = unify(deltas, rescaler_groups="openai").lambdas
+    assert got == pytest.approx(want, rel=1e-5)
+    assert max(abs(a - b) / b for a, b in zip(want, per_tensor)) > 1e-4  # the grouping changes λ
+    assert unify(deltas).lambdas == pytest.approx(per_tensor, rel=1e-5)

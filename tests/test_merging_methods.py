@@ -754,7 +754,9 @@ def test_slerp_edges_zero_inputs_threshold_exactly_and_parallel_or_opposite_tens
         torch.testing.assert_close(got, 0.7 * x + 0.3 * other)
     e, near = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([1.0, 0.0245, 0.0])  # cos ω ≈ 0.9997 > 0.9995: linear
     torch.testing.assert_close(slerp_tensor(e, near, 0.3), 0.7 * e + 0.3 * near, rtol=0, atol=1e-7)
-    assert not torch.allclose(slerp_tensor(e, near, 0.3, dot_threshold=0.9999), 0.7 * e + 0.3 * near, rtol=0, atol=1e-5)
+    assert not torch.allclose(
+        slerp_tensor(e, near, 0.3, dot_threshold=0.9999), 0.7 * e + 0.3 * near, rtol=0, atol=1e-5
+    )
 
 
 def test_dot_threshold_reaches_every_slerp_form():

@@ -67,7 +67,12 @@ def _args(cls, tmp_path, **kw):
 def test_clip_trainer_bf16_autocast(kind, toy_tokenizer, tmp_path):
     model = tiny_clip() if kind == "full" else _adapter(kind, toy_tokenizer)
     trainer = ClipClassificationTrainer(
-        model, _args(ClipTrainingArguments, tmp_path), CLASSES, TEMPLATES, toy_tokenizer, train_dataset=colour_dataset()
+        model,
+        _args(ClipTrainingArguments, tmp_path),
+        CLASSES,
+        TEMPLATES,
+        toy_tokenizer,
+        train_dataset=colour_dataset(),
     )
     assert trainer.accelerator.mixed_precision == "bf16"
     probe = _DtypeProbe(model)

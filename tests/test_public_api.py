@@ -22,9 +22,23 @@ def test_every_name_in_all_resolves_to_the_object_of_its_module():
         module = hf_cft._NAME_TO_MODULE.get(name)
         if module is not None:
             assert value is getattr(importlib.import_module(module), name), name
-    for name in ("MergeTuneTrainer", "MergeTuneConfig", "ClipClassificationTrainer", "ClipTrainingArguments",
-                 "DeltaFusionMerger", "SemanticRouter", "PAMConfig", "PAMState", "PAMCallback", "ContinualRunner",
-                 "push_to_hub", "load_adapter_model", "plot_accuracy_matrix", "evaluate", "class_logits"):
+    for name in (
+        "MergeTuneTrainer",
+        "MergeTuneConfig",
+        "ClipClassificationTrainer",
+        "ClipTrainingArguments",
+        "DeltaFusionMerger",
+        "SemanticRouter",
+        "PAMConfig",
+        "PAMState",
+        "PAMCallback",
+        "ContinualRunner",
+        "push_to_hub",
+        "load_adapter_model",
+        "plot_accuracy_matrix",
+        "evaluate",
+        "class_logits",
+    ):
         assert name in hf_cft.__all__, name
     assert set(hf_cft.__all__) <= set(dir(hf_cft))
     assert "load_adapter" not in hf_cft.__all__  # PEFT's name, deprecated in hf_cft.hub
@@ -39,8 +53,14 @@ def test_every_name_in_all_resolves_to_the_object_of_its_module():
 #: Public names of the subpackages deliberately kept off the top level (reach them through their subpackage).
 NOT_AT_TOP_LEVEL = {
     "hf_cft.continual": {"fit", "lora_factor_delta"},  # too generic a name; another function than merging's
-    "hf_cft.hub": {"ADAPTER_METHODS", "CARD_KINDS", "MERGETUNE_METHOD", "PAM_METHOD", "PICKLE_SUFFIXES",
-                   "load_adapter"},  # card constants; the deprecated alias of load_adapter_model
+    "hf_cft.hub": {
+        "ADAPTER_METHODS",
+        "CARD_KINDS",
+        "MERGETUNE_METHOD",
+        "PAM_METHOD",
+        "PICKLE_SUFFIXES",
+        "load_adapter",
+    },  # card constants; the deprecated alias of load_adapter_model
 }
 
 
@@ -71,8 +91,16 @@ def test_import_hf_cft_is_lazy_and_registers_the_peft_methods():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     info = json.loads(out.stdout.strip().splitlines()[-1])
     loaded = set(info["modules"])
-    for heavy in ("hf_cft.trainers", "hf_cft.merging", "hf_cft.continual", "hf_cft.hub", "hf_cft.plots",
-                  "hf_cft.evaluation", "hf_cft.data", "datasets"):
+    for heavy in (
+        "hf_cft.trainers",
+        "hf_cft.merging",
+        "hf_cft.continual",
+        "hf_cft.hub",
+        "hf_cft.plots",
+        "hf_cft.evaluation",
+        "hf_cft.data",
+        "datasets",
+    ):
         assert heavy not in loaded, f"import hf_cft loaded {heavy}"
     assert len(info["registered"]) == 3, info["registered"]  # CoOp, VPT, linear head
 
@@ -100,7 +128,6 @@ def test_merging_never_imports_the_hub_layer():
     files = sorted((ROOT / "hf_cft" / "merging").rglob("*.py"))
     assert files
     offenders = {
-        f.name: sorted(i for i in _imports(f) if i == "hf_cft.hub" or i.startswith("hf_cft.hub."))
-        for f in files
+        f.name: sorted(i for i in _imports(f) if i == "hf_cft.hub" or i.startswith("hf_cft.hub.")) for f in files
     }
     assert {k: v for k, v in offenders.items() if v} == {}

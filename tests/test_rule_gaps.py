@@ -224,7 +224,9 @@ def test_normalize_fisher_rescales_to_mean_one_and_refuses_degenerate_estimates(
     out = normalize_fisher([torch.tensor([1.0, 3.0]), torch.tensor([4.0, 0.0])], damping=0.25)
     assert [t.tolist() for t in out] == [[0.75, 1.75], [2.25, 0.25]]  # mean 2 -> F/2 + 0.25
     for bad in ([torch.zeros(3)], [torch.tensor([1.0, float("nan")])], [torch.tensor([1.0, float("inf")])]):
-        with pytest.raises(ValueError, match=r"^the estimated Fisher is zero or not finite \(degenerate zero-shot predictions\?\)$"):
+        with pytest.raises(
+            ValueError, match=r"^the estimated Fisher is zero or not finite \(degenerate zero-shot predictions\?\)$"
+        ):
             normalize_fisher(bad, damping=0.0)
 
 
@@ -288,7 +290,9 @@ def test_harmonic_mean_edges():
         with pytest.raises(ValueError, match=rf"^accuracies must be non-negative, got base={base}, novel={novel}$"):
             harmonic_mean(base, novel)
     assert base_novel_summary(80.0, 40.0)["hm"] == pytest.approx(160 / 3)
-    assert base_novel_summary([70.0, 90.0], [30.0, 50.0]) == pytest.approx({"base": 80.0, "novel": 40.0, "hm": 160 / 3})
+    assert base_novel_summary([70.0, 90.0], [30.0, 50.0]) == pytest.approx(
+        {"base": 80.0, "novel": 40.0, "hm": 160 / 3}
+    )
 
 
 def test_packed_masks_are_equal_only_with_equal_bits_and_shape():

@@ -29,6 +29,7 @@ CONFIGS = REPO / "hf_cft" / "accelerate_configs"
 WEIGHT_ATOL = 1e-5
 LOSS_RTOL = 1e-5
 
+
 def two_processes(job: str, out: Path, config: str, fsdp: bool = False) -> dict:
     env = {
         **os.environ,
