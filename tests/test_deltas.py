@@ -3,6 +3,7 @@ validation errors naming the key, base fingerprints, experts θ⁰ + s·δ via f
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -254,3 +255,71 @@ def test_functional_expert_equals_applied_delta_and_leaves_base_untouched(clip_m
         functional_expert(clip_model, {"nope.weight": torch.zeros(1)})
     with pytest.raises(DeltaError, match="another base model"):
         functional_expert(tiny_clip(seed=4), delta)
+
+
+# ------------------------------------------------------------------------------------------------ pinned rules
+# Each test below fails on a small plausible change that the tests above let through (mutation testing,
+# scripts/mutation.py).
+
+
+def test_check_compatible_on_plain_dicts_names_the_second_delta_and_both_fingerprints():
+    a = {"w": torch.zeros(2, 3)}
+    check_compatible(a, {"w": torch.ones(2, 3)})  # plain dicts carry no fingerprint
+    with pytest.raises(DeltaError, match=r"^Key 'w' of the new delta has shape \(3, 2\), expected \(2, 3\).$"):
+        check_compatible(a, {"w": torch.ones(3, 2)}, names=("old delta", "new delta"))
+    with pytest.raises(DeltaError, match=r"^The second lacks key 'w' and has unknown key 'v'"):
+        check_compatible(a, {"v": torch.ones(2, 3)}, names=("first", "second"))
+    fa, fb = TaskDelta(a, base_fingerprint="aaa"), TaskDelta({"w": torch.ones(2, 3)}, base_fingerprint="bbb")
+    message = r"^The first and the second were taken from different base models \(fingerprints aaa and bbb\).$"
+    with pytest.raises(DeltaError, match=message):
+        check_compatible(fa, fb, names=("first", "second"))
+    check_compatible(fa, {"w": torch.ones(2, 3)})  # one side without a fingerprint: not compared
+
+
+def test_lazy_delta_read_flat_checks_converts_and_names_its_source(tmp_path):
+    """``read_flat``: fp32 slices of the flattened tensor from a file (checked for NaN/inf unless check=False,
+    the error naming the file), the same from a getter-only lazy delta, KeyError for an unknown key."""
+    from safetensors.torch import save_file
+
+    from hf_cft.merging import LazyDelta
+
+    half = torch.arange(12, dtype=torch.float16).reshape(3, 4)
+    save_file({"w": half}, str(tmp_path / "d.safetensors"))  # an fp16 file (save_delta would write fp32)
+    lazy = LazyDelta.from_file(tmp_path / "d.safetensors")
+    got = lazy.read_flat("w", 2, 7)
+    assert got.dtype == torch.float32 and got.tolist() == [2.0, 3.0, 4.0, 5.0, 6.0]
+    getter_only = LazyDelta({"w": (3, 4)}, lambda key: half.float())
+    assert getter_only.read_flat("w", 5, 9).tolist() == [5.0, 6.0, 7.0, 8.0]
+    with pytest.raises(KeyError) as err:
+        lazy.read_flat("nope", 0, 1)
+    assert err.value.args == ("nope",)
+    bad = half.clone()
+    bad[1, 1] = math.nan
+    save_file({"w": bad}, str(tmp_path / "nan.safetensors"))
+    nan = LazyDelta.from_file(tmp_path / "nan.safetensors")
+    with pytest.raises(NonFiniteError, match=r"^Tensor 'w' of .*nan.safetensors.* holds 1 NaN/inf value\(s\).$"):
+        nan.read_flat("w", 0, 12)
+    assert torch.isnan(nan.read_flat("w", 0, 12, check=False)).sum() == 1
+
+
+def test_lazy_delta_validation_and_save_delta_name_the_delta(tmp_path):
+    from hf_cft.merging import LazyDelta, save_delta
+    from hf_cft.merging.deltas import validate_lazy_delta
+
+    one = LazyDelta({"w": (2,)}, lambda key: torch.ones(2))
+    assert validate_lazy_delta(one) is one  # a single key is not empty
+    with pytest.raises(DeltaError, match=r"^The delta is empty \(no tensors\).$"):
+        validate_lazy_delta(LazyDelta({}, lambda key: None))
+    with pytest.raises(DeltaError, match=r"^The task 3 lacks key 'v'"):
+        validate_lazy_delta(one, {"w": (2,), "v": (1,)}, name="task 3")
+    with pytest.raises(NonFiniteError, match=r"delta written to out.safetensors"):
+        save_delta({"w": torch.tensor([1.0, math.inf])}, tmp_path / "out.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_functional_expert_passes_positional_arguments_to_the_forward():
+    model = torch.nn.Linear(3, 2)
+    delta = {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(functional_expert(model, delta)(x), x @ (model.weight + 1).t() + model.bias)

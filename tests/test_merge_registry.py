@@ -134,3 +134,37 @@ def test_register_a_method_and_refuse_a_taken_name():
         registry._METHODS.pop("test_double_sum", None)
     with pytest.raises(MergeConfigError, match="kind must be one of"):
         MergeMethod("x", "layer", double)
+
+
+def test_option_and_method_declarations_are_checked_with_messages_naming_them():
+    """A method's declaration is checked when it is made: an option's kind, choices for a choice, known calibration
+    needs, no option declared twice; register() takes only a MergeMethod; method_names filters by kind."""
+    from hf_cft.merging.registry import MergeMethod, Option, method_names, methods, register
+
+    fn = lambda deltas, ctx: deltas[0]  # noqa: E731
+    cases = [
+        (
+            lambda: Option("x", kind="float"),
+            r"^Option 'x': kind must be one of \('number', 'int', 'choice', 'bool', 'str', 'numbers'\), got 'float'.$",
+        ),
+        (lambda: Option("mode", kind="choice"), r"^Option 'mode' of kind 'choice' needs choices.$"),
+        (
+            lambda: MergeMethod("m", "tensor", fn, calibration=("images", "labels")),
+            r"^Method 'm': calibration needs must be among \('images', 'classes'\), got \('labels',\).$",
+        ),
+        (
+            lambda: MergeMethod("m", "tensor", fn, options=(Option("a"), Option("b"), Option("a"))),
+            r"^Method 'm' declares an option twice: \['a', 'b', 'a'\].$",
+        ),
+        (lambda: register("ties"), r"^register\(\) takes a MergeMethod, got str.$"),
+    ]
+    for make, message in cases:
+        with pytest.raises(MergeConfigError, match=message):
+            make()
+    assert Option("mode", kind="choice", choices=("a", "b")).choices == ("a", "b")
+    assert MergeMethod("m", "model", fn, calibration=("images", "classes")).calibration == ("images", "classes")
+    table = methods()
+    for kind in ("tensor", "model"):
+        names = method_names(kind)
+        assert names and names == sorted(n for n, m in table.items() if m.kind == kind)
+    assert sorted(method_names("tensor") + method_names("model")) == method_names() == sorted(table)
