@@ -144,6 +144,7 @@ def test_harmonic_mean_published_rows():
 
 
 def test_base_novel_hm_is_a_deprecated_alias_of_base_novel_summary():
-    with pytest.warns(FutureWarning, match="base_novel_summary"):
+    with pytest.warns(FutureWarning, match="base_novel_summary") as caught:
         row = base_novel_hm(80.0, 40.0)
     assert row == base_novel_summary(80.0, 40.0)
+    assert caught[0].filename == __file__  # the warning points at the caller's line, not at hf_cft

@@ -323,6 +323,18 @@ def test_exchange_swaps_two_folders_atomically(tmp_path):
 
 
 @pytest.mark.skipif(os.uname().sysname != "Linux", reason="renameat2(RENAME_EXCHANGE) is Linux-only")
+def test_exchange_raises_the_systems_error_with_its_errno(tmp_path):
+    """A failure other than "this file system cannot exchange" is raised with the errno the call set (read
+    through ctypes' saved errno): a missing path is FileNotFoundError naming it."""
+    from hf_cft.utils import _exchange
+
+    (tmp_path / "b").mkdir()
+    with pytest.raises(FileNotFoundError) as err:
+        _exchange(tmp_path / "missing", tmp_path / "b")
+    assert err.value.errno == 2 and err.value.filename == str(tmp_path / "b")
+
+
+@pytest.mark.skipif(os.uname().sysname != "Linux", reason="renameat2(RENAME_EXCHANGE) is Linux-only")
 def test_exchange_resolves_relative_paths_from_the_working_directory(tmp_path, monkeypatch):
     from hf_cft.utils import _exchange
 
