@@ -463,3 +463,144 @@ def test_no_alignment_in_the_first_task_and_plain_sgd_needs_no_moment_reset(recw
     _train_steps(cb, model, opt, state, control, 1, seed=3)
     assert cb.alignment_log[0]["reset"] > 0
     assert not [w for w in recwarn if "PAM" in str(w.message)]
+
+
+# ------------------------------------------------------------------------------------------------ pinned rules
+# Each test below fails on a small plausible change that the tests above let through (mutation testing,
+# scripts/mutation.py).
+
+
+def test_config_from_dict_without_factors_and_with_a_json_list():
+    assert PAMConfig.from_dict({"top_p": 0.3}) == PAMConfig(top_p=0.3)
+    assert PAMConfig.from_dict({"factors": ["B"]}).factors == ("B",)
+
+
+def test_importance_and_alignment_options_reach_every_path():
+    """importance_masks' default p is 0.5 and ``keys`` restricts it; pam_align checks ``reset``, uses a given
+    importance instead of recomputing it, and reports a rate of 0 when nothing is important (all-zero G)."""
+    assert {k: v.tolist() for k, v in importance_masks(GLOBAL).items()} == {
+        k: v.tolist() for k, v in importance_masks(GLOBAL, 0.5).items()
+    }
+    assert set(importance_masks(GLOBAL, 0.5, keys=[GB])) == {GB}
+    with pytest.raises(AlignmentError, match="reset"):
+        pam_align(GLOBAL, TASK, reset="mean")
+    only_third = {GA: torch.tensor([[False, False, True, False]]), GB: torch.zeros(2, 1, dtype=torch.bool)}
+    new, mask, rate = pam_align(GLOBAL, TASK, top_p=0.5, importance=only_third)
+    assert mask[GA].tolist() == [[False, False, True, False]] and rate == 1.0  # entry 2: task −.3 vs global .1
+    torch.testing.assert_close(new[GA], T([[-0.2, -0.1, 0.0, 0.0]]))
+    zero = {k: torch.zeros_like(v) for k, v in GLOBAL.items()}
+    new0, mask0, rate0 = pam_align(zero, TASK, top_p=1.0)
+    assert rate0 == 0.0 and not any(m.any() for m in mask0.values())
+
+
+def _write_state(folder, **meta_changes):
+    """A saved state whose pam_state.json is then edited (None deletes a field)."""
+    _, cb = _two_task_state()
+    cb.state.save_pretrained(folder)
+    meta = json.loads((folder / "pam_state.json").read_text())
+    for k, v in meta_changes.items():
+        if v is None:
+            meta.pop(k, None)
+        else:
+            meta[k] = v
+    (folder / "pam_state.json").write_text(json.dumps(meta))
+    return cb.state
+
+
+def test_state_files_carry_peft_metadata_and_the_inference_flag_and_keep_other_files(tmp_path):
+    from safetensors import safe_open
+
+    _, cb = _two_task_state()
+    folder = tmp_path / "pam"
+    folder.mkdir()
+    (folder / "README.md").write_text("card")
+    cb.state.save_pretrained(folder)
+    assert (folder / "README.md").read_text() == "card"  # not one of the state's files: kept
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as h:
+        assert h.metadata() == {"format": "pt"}
+    assert json.loads((folder / "adapter_config.json").read_text())["inference_mode"] is True
+    loaded = PAMState.from_pretrained(folder)
+    assert loaded.lora_config["inference_mode"] is False  # loaded to be trained on
+    assert {k: v for k, v in loaded.lora_config.items() if k != "inference_mode"} == {
+        k: v for k, v in json.loads((folder / "adapter_config.json").read_text()).items() if k != "inference_mode"
+    }
+    with pytest.raises(AlignmentError, match=r"^PAMState has no global adapter tensors to save.$"):
+        PAMState(PAMConfig(), {}, 0).save_pretrained(tmp_path / "empty")
+
+
+def test_state_load_fills_missing_optional_fields_and_names_the_folder_in_every_error(tmp_path):
+    folder = tmp_path / "pam"
+    state = _write_state(folder, config=None, num_tasks=None, history=None)
+    (folder / "adapter_config.json").unlink()
+    loaded = PAMState.from_pretrained(folder)
+    assert (
+        loaded.config == PAMConfig() and loaded.num_tasks == 0 and loaded.history == [] and loaded.lora_config is None
+    )
+    assert set(loaded.global_state) == set(state.global_state)
+    where = str(folder)
+    for meta in ([1], {"format_version": 2}):  # not a dict, or another version
+        (folder / "pam_state.json").write_text(json.dumps(meta))
+        with pytest.raises(BundleError) as err:
+            PAMState.from_pretrained(folder)
+        assert str(err.value) == f"pam_state.json in {where!r} has an unknown format (version 1 expected)."
+    key = sorted(state.global_state)[0]
+    _write_state(folder, keys=None)  # no key list: every tensor is unlisted
+    with pytest.raises(BundleError) as err:
+        PAMState.from_pretrained(folder)
+    assert (
+        str(err.value)
+        == f"adapter_model.safetensors in {where!r} has tensor {key!r} that pam_state.json does not list."
+    )
+    _write_state(folder, keys=[*sorted(state.global_state)[1:], "zz.lora_A.weight"])
+    with pytest.raises(BundleError) as err:
+        PAMState.from_pretrained(folder)
+    assert str(err.value) == f"adapter_model.safetensors in {where!r} lacks tensor 'zz.lora_A.weight'."
+    _write_state(folder)
+    (folder / "adapter_config.json").write_text("{oops")
+    with pytest.raises(BundleError, match=rf"^adapter_config.json in {where!r} is not valid JSON: "):
+        PAMState.from_pretrained(folder)
+    (folder / "pam_state.json").write_text("{oops")
+    with pytest.raises(BundleError, match=rf"^pam_state.json in {where!r} is not valid JSON: "):
+        PAMState.from_pretrained(folder)
+    (folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(BundleError) as err:
+        PAMState.from_pretrained(folder)
+    assert str(err.value) == f"PAM state folder {where!r} lacks adapter_model.safetensors."
+
+
+def test_state_load_names_the_folder_for_unreadable_weights_and_nan(tmp_path):
+    folder = tmp_path / "pam"
+    state = _write_state(folder)
+    good = (folder / "adapter_model.safetensors").read_bytes()
+    (folder / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(BundleError, match=rf"^adapter_model.safetensors in {str(folder)!r} is not a readable"):
+        PAMState.from_pretrained(folder)
+    (folder / "adapter_model.safetensors").write_bytes(good)
+    bad = {k: v.clone() for k, v in state.global_state.items()}
+    key = sorted(bad)[0]
+    bad[key].view(-1)[0] = float("inf")
+    PAMState(state.config, bad, 2).save_pretrained(folder)
+    with pytest.raises(NonFiniteError) as err:
+        PAMState.from_pretrained(folder)
+    assert str(err.value) == f"global adapter tensor {key!r} in {str(folder)!r} holds NaN or inf."
+
+
+def test_state_from_the_hub_downloads_only_the_state_files(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    folder = tmp_path / "pam"
+    _write_state(folder)
+    calls = []
+
+    def fake(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    assert PAMState.from_pretrained("someone/pam-state").num_tasks == 2
+    assert calls == [
+        (
+            "someone/pam-state",
+            {"allow_patterns": ["pam_state.json", "adapter_model.safetensors", "adapter_config.json"]},
+        )
+    ]

@@ -154,10 +154,7 @@ class PAMConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise AlignmentError(f"PAMConfig has no field(s) {unknown}; known fields: {sorted(known)}.")
-        data = dict(data)
-        if "factors" in data and not isinstance(data["factors"], str):
-            data["factors"] = tuple(data["factors"])
-        return cls(**data)
+        return cls(**data)  # __post_init__ turns a JSON list of factors back into a tuple
 
 
 def merge_weight(t: int, weighting: str | float = "half") -> float:
