@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from hf_cft.cli import main
-from hf_cft.errors import BundleError, DeltaError, MergeConfigError
+from hf_cft.errors import BundleError, DeltaError, MergeConfigError, NonFiniteError
 from hf_cft.merging import baselines, delta_from_lora, delta_from_models
 from hf_cft.merging.config import MergeConfig
 from hf_cft.merging.streaming import SafetensorsFile, ShardedWriter, merge_deltas, parse_size
@@ -816,3 +816,163 @@ def test_regmean_on_a_shared_parquet_dataset_by_name(assets, shared_data, tmp_pa
     assert resolved["calibration"]["data_dir"] == str(shared_data)
     assert [i["calibration"]["data"] for i in resolved["inputs"]] == ["dtd10", "flowers5"]
     assert "| 0 | `dtd10` | train | 8 / " in (out / "README.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ pinned rules
+# Each test below fails on a small plausible change that the tests above let through (mutation testing,
+# scripts/mutation.py).
+
+
+def test_lora_output_writes_the_documented_adapter_config_and_counts_the_merged_targets(assets, tmp_path):
+    """The adapter config of a LoRA output, field by field (a plain LoRA: r = lora_alpha = rank, no dropout, no bias,
+    inference mode), taking the first input's task type and base model; ``out_dtype`` reaches the factors; the
+    summary counts the targets whose merged ΔW is not zero; options reach the kernel (TIES trims)."""
+    from safetensors import safe_open
+
+    from hf_cft.merging.streaming import merge_folders
+
+    out = tmp_path / "ties_lora"
+    summary = merge_folders(
+        assets["clip"], [assets["lora_a"], assets["lora_b"]], "ties", {"density": 0.5}, out=out, lora_rank=4,
+        out_dtype="bfloat16",
+    )  # fmt: skip
+    first = json.loads((assets["lora_a"] / "adapter_config.json").read_text())
+    targets = ["fc1", "q_proj", "v_proj"]
+    modules = sorted(
+        k[: -len(".weight")]
+        for k in assets["base"]().state_dict()
+        if k.endswith(".weight") and k.split(".")[-2] in targets
+    )
+    want = {
+        "peft_type": "LORA",
+        "task_type": first.get("task_type"),
+        "base_model_name_or_path": first.get("base_model_name_or_path") or str(assets["clip"]),
+        "r": 4,
+        "lora_alpha": 4,
+        "lora_dropout": 0.0,
+        "target_modules": modules,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    assert (out / "adapter_config.json").read_text(encoding="utf-8") == json.dumps(want, indent=2) + "\n"
+    assert summary["files"][-1] == "adapter_config.json" and summary["keys_merged"] == len(modules)
+    state, keys, dense = _dense(assets, ["lora_a", "lora_b"])
+    ref = baselines.ties(dense, k=0.5)
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as fh:
+        for module in modules:
+            b = fh.get_tensor(f"base_model.model.{module}.lora_B.weight")
+            a = fh.get_tensor(f"base_model.model.{module}.lora_A.weight")
+            assert a.dtype == b.dtype == torch.bfloat16
+            u, sv, vh = torch.linalg.svd(ref[f"{module}.weight"].double())  # TIES' masks break the low rank:
+            best = u[:, :4] @ torch.diag(sv[:4]) @ vh[:4]  # the factors are its best rank-4 approximation
+            torch.testing.assert_close((b.double() @ a.double()), best, rtol=0, atol=0.05)
+
+
+def test_lora_output_refuses_bad_ranks_biases_and_full_models_naming_them(assets, tmp_path):
+    from hf_cft.merging.streaming import merge_folders
+
+    def merge(sources, rank):
+        return merge_folders(assets["clip"], sources, "task_arithmetic", out=tmp_path / "x", lora_rank=rank)
+
+    with pytest.raises(MergeConfigError, match=r"^lora_rank must be at least 1, got 0.$"):
+        merge([assets["lora_a"]], 0)
+    key = sorted(k for k in assets["base"]().state_dict() if k.endswith(("q_proj.weight", "v_proj.weight")))[0]
+    with pytest.raises(
+        MergeConfigError, match=rf"^lora_rank=33 exceeds the smaller dimension of '{key}' \(32, 32\).$"
+    ):
+        merge([assets["lora_a"]], 33)
+    merge([assets["lora_a"]], 32)  # equal to the dimension: allowed
+    with pytest.raises(
+        MergeConfigError, match=r"^lora_rank: a LoRA output needs LoRA inputs only; input 0 \(.*ft_a'?\)"
+    ):
+        merge([assets["ft_a"], assets["lora_a"]], 2)
+    biased = tmp_path / "biased"
+    torch.manual_seed(0)
+    get_peft_model(
+        assets["base"](), LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True, init_lora_weights=False)
+    ).save_pretrained(biased)
+    with pytest.raises(MergeConfigError, match=r"^lora_rank: input 1 \(.*biased'?\) trains LoRA biases \(lora_bias\)"):
+        merge([assets["lora_a"], biased], 2)
+
+
+def test_lora_output_takes_the_first_inputs_task_type_and_base_path(assets, tmp_path):
+    import shutil
+
+    from hf_cft.merging.streaming import merge_folders
+
+    second = tmp_path / "lora_b_elsewhere"
+    shutil.copytree(assets["lora_b"], second)
+    cfg = json.loads((second / "adapter_config.json").read_text())
+    cfg.update(base_model_name_or_path="somewhere/else", task_type="FEATURE_EXTRACTION")
+    (second / "adapter_config.json").write_text(json.dumps(cfg))
+    merge_folders(assets["clip"], [assets["lora_a"], second], "task_arithmetic", out=tmp_path / "o", lora_rank=2)
+    first = json.loads((assets["lora_a"] / "adapter_config.json").read_text())
+    written = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
+    assert written["task_type"] == first.get("task_type") != "FEATURE_EXTRACTION"
+    assert written["base_model_name_or_path"] == (first.get("base_model_name_or_path") or str(assets["clip"]))
+
+
+def test_a_nan_in_a_full_model_input_is_named_by_input_and_key(assets, tmp_path):
+    """The merged delta is not finite: every input is read again (θ_ft − θ⁰, so θ⁰ is needed) to name the one
+    that holds the NaN."""
+    from hf_cft.merging.streaming import merge_folders
+
+    model = _noisy(assets["base"](), 9)
+    key = "text_model.encoder.layers.1.mlp.fc1.weight"
+    with torch.no_grad():
+        model.state_dict()[key][0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan_ft")
+    with pytest.raises(NonFiniteError, match=rf"^The delta of input 1 \(.*nan_ft'?\) holds NaN/inf at key '{key}'.$"):
+        merge_folders(assets["clip"], [assets["ft_a"], tmp_path / "nan_ft"], "task_arithmetic", out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_sharded_writer_abort_closes_every_open_shard(tmp_path):
+    from hf_cft.merging.streaming import ShardedWriter
+
+    plan = [(f"k{i}", (4, 4), torch.float32) for i in range(4)]
+    writer = ShardedWriter(tmp_path, plan, 2 * 64)  # two tensors per shard: two shards
+    writer.write("k0", torch.ones(4, 4))
+    handles = list(writer._files.values())
+    assert handles and not all(fh.closed for fh in handles)
+    writer.abort()
+    assert all(fh.closed for fh in writer._files.values())
+    writer.abort()  # twice: nothing left to close, no error
+
+
+def test_lora_output_checks_each_merged_delta_naming_method_key_and_options(assets, tmp_path):
+    """A LoRA output runs the same check of each merged ΔW as a full one: a wrong shape names the method and the key;
+    an overflow names the options and the inputs' weights."""
+    from hf_cft.merging import registry
+    from hf_cft.merging.registry import MergeMethod, register
+    from hf_cft.merging.streaming import merge_folders
+
+    def flat(deltas, ctx):
+        return deltas[0].reshape(-1)
+
+    register(MergeMethod("pinned_flat", "tensor", flat))
+    try:
+        with pytest.raises(
+            DeltaError, match=r"^Method 'pinned_flat' returned \(\d+,\) for key '[\w.]+q_proj.weight', "
+        ):
+            merge_folders(assets["clip"], [assets["lora_a"]], "pinned_flat", out=tmp_path / "o", lora_rank=2)
+    finally:
+        registry._METHODS.pop("pinned_flat", None)
+    message = (
+        r"^The merged delta of 'iso_c' at key '[\w.]+' holds NaN/inf: its options \{'alpha': 1e\+300\} scale "
+        r"finite inputs beyond the float range; use smaller values.$"
+    )  # Iso-C has no per-input weight: the message names none
+    with pytest.raises(MergeConfigError, match=message):
+        merge_folders(assets["clip"], [assets["lora_a"]], "iso_c", {"alpha": 1e300}, out=tmp_path / "o", lora_rank=2)
+    message = (
+        r"^The merged delta of 'task_arithmetic' at key '[\w.]+' holds NaN/inf: the inputs' weights \[1e\+300\] "
+        r"scale finite inputs beyond the float range; use smaller values.$"
+    )
+    with pytest.raises(MergeConfigError, match=message):
+        merge_folders(
+            assets["clip"], [assets["lora_a"]], "task_arithmetic", {"weight": 1e300}, out=tmp_path / "o", lora_rank=2
+        )

@@ -429,7 +429,10 @@ def _check_merged(
         raise DeltaError(f"Method {method!r} returned {got} for key {key!r}, expected a tensor of shape {shape}.")
     if not known_finite and not all_finite(merged):
         weights = [row.get("weight") for row in per_input]
-        given = (f"its options {dict(options)} or " if options else "") + f"the inputs' weights {weights}"
+        parts = [f"its options {dict(options)}"] if options else []
+        if any(w is not None for w in weights):  # a method without per-input weights: nothing to name there
+            parts.append(f"the inputs' weights {weights}")
+        given = " or ".join(parts) or "its inputs"
         raise MergeConfigError(
             f"The merged delta of {method!r} at key {key!r} holds NaN/inf: {given} scale finite inputs beyond the "
             "float range; use smaller values."
