@@ -190,10 +190,9 @@ def test_minibatch_loop_is_sgd_with_momentum_or_adamw_under_a_cosine_schedule_wi
     each term's per-epoch mean weighted by batch size."""
     from hf_cft.trainers.feature_training import _minibatch_epochs
 
-    n, batch, epochs, lr, seed = 10, 4, 3, 0.1, 5
-    targets = torch.linspace(-1.0, 2.0, n)
+    epochs, lr, seed = 3, 0.1, 5
 
-    def reference(optimizer):
+    def reference(optimizer, n, batch, targets):
         p, buf, m, v = torch.zeros(()), None, torch.zeros(()), torch.zeros(())
         g = torch.Generator().manual_seed(seed)
         steps, t, hist = epochs * math.ceil(n / batch), 0, []
@@ -215,66 +214,51 @@ def test_minibatch_loop_is_sgd_with_momentum_or_adamw_under_a_cosine_schedule_wi
             hist.append(total / n)
         return float(p), hist
 
-    for optimizer in ("sgd", "adamw"):
+    for optimizer, n, batch in (("sgd", 10, 4), ("adamw", 10, 4), ("sgd", 3, 4)):  # n ≤ b: one step per epoch
+        targets = torch.linspace(-1.0, 2.0, n)
         param = torch.zeros((), requires_grad=True)
         torch.manual_seed(123)  # the global RNG must not matter
         hist = _minibatch_epochs(
             [param],
             n,
-            lambda idx, param=param: {"loss": ((param - targets[idx]) ** 2).sum()},
+            lambda idx, param=param, targets=targets: {"loss": ((param - targets[idx]) ** 2).sum()},
             epochs,
             lr,
             batch,
             optimizer,
             seed,
         )
-        want_p, want_hist = reference(optimizer)
+        want_p, want_hist = reference(optimizer, n, batch, targets)
         assert float(param.detach()) == pytest.approx(want_p, rel=1e-5, abs=1e-6), optimizer
         assert [h["loss"] for h in hist] == pytest.approx(want_hist, rel=1e-5, abs=1e-6), optimizer
     with pytest.raises(ValueError, match=r"^optimizer must be one of \('sgd', 'adamw'\), got 'SGD'$"):
-        _minibatch_epochs([torch.zeros((), requires_grad=True)], n, None, 1, lr, batch, "SGD", seed)
+        _minibatch_epochs([torch.zeros((), requires_grad=True)], 4, None, 1, lr, 2, "SGD", seed)
 
 
-def test_the_documented_defaults_of_the_feature_trainers():
-    """The defaults the docs and recipes rely on (CoOp's 50 epochs, lr 2e-3, batch 32, SGD; MergeTune's λ = 8,
-    β = 0.5, N = 5; the head's AdamW at lr 1e-2, batch 128; the probe's L2 grid and 200 L-BFGS iterations)."""
-    import inspect
-
+def test_the_documented_defaults_of_the_feature_trainers(toy_tokenizer, monkeypatch):
+    """The loop settings each trainer passes by default (CoOp and MergeTune: 50 epochs, lr 2e-3, batch 32, SGD,
+    seed 0; the head: AdamW at lr 1e-2, batch 128), seen by a stand-in for the shared loop; the probe's default
+    hold-out seed is 0."""
     from hf_cft.trainers import feature_training as ft
 
-    def defaults(fn):
-        return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+    seen = []
 
-    assert defaults(ft.fit_linear_probe) == {
-        "weight_decays": (1e-4, 1e-3, 1e-2, 1e-1),
-        "val_fraction": 0.2,
-        "max_iter": 200,
-        "seed": 0,
-    }
-    common = {"epochs": 50, "lr": 2e-3, "batch_size": 32, "optimizer": "sgd", "seed": 0}
-    assert defaults(ft.train_coop_on_features) == {**common, "kg_weight": 0.0, "kg_text": None}
-    assert defaults(ft.train_mergetune_on_features) == {
-        **common,
-        "anchor_weight": 8.0,
-        "path_weight": 0.5,
-        "num_alphas": 5,
-        "anchor": "cosine",
-        "fisher": None,
-    }
-    assert defaults(ft.train_head_on_features) == {
-        "weight_zs": None,
-        "weight_ft": None,
-        "anchor_weight": 0.0,
-        "path_weight": 0.0,
-        "num_alphas": 5,
-        "anchor": "sq_l2",
-        "fisher": None,
-        "epochs": 50,
-        "lr": 1e-2,
-        "batch_size": 128,
-        "optimizer": "adamw",
-        "seed": 0,
-    }
+    def loop(params, n, step_losses, epochs, lr, batch_size, optimizer, seed):
+        seen.append((epochs, lr, batch_size, optimizer, seed))
+        return []
+
+    monkeypatch.setattr(ft, "_minibatch_epochs", loop)
+    names, _, t1, t2, model, x, y = _mergetune_setup(toy_tokenizer)
+    ft.train_coop_on_features(model, toy_tokenizer, names, x, y)
+    ft.train_mergetune_on_features(model, toy_tokenizer, names, x, y, t1, t2)
+    ft.train_head_on_features(t1, x, y, 10.0)
+    assert seen == [(50, 2e-3, 32, "sgd", 0), (50, 2e-3, 32, "sgd", 0), (50, 1e-2, 128, "adamw", 0)]
+    monkeypatch.undo()
+    px, py = _overlapping(seed=2)  # a data set where the hold-outs of seeds 0 and 1 score differently
+    default = fit_linear_probe(px, py, 3, weight_decays=(1e-4, 30.0))
+    zero = fit_linear_probe(px, py, 3, weight_decays=(1e-4, 30.0), seed=0)
+    assert default[2] == zero[2] and torch.equal(default[0], zero[0])
+    assert fit_linear_probe(px, py, 3, weight_decays=(1e-4, 30.0), seed=1)[2] != zero[2]
 
 
 def test_mergetune_on_features_terms_off_the_zero_shot_point_with_a_fisher(toy_tokenizer):
@@ -302,6 +286,11 @@ def test_mergetune_on_features_terms_off_the_zero_shot_point_with_a_fisher(toy_t
         assert hist[0]["anchor"] == pytest.approx(float(d), rel=1e-4, abs=1e-7)
         assert hist[0]["path"] == pytest.approx(float(path), rel=1e-5)
         assert hist[0]["loss"] == pytest.approx(float(task + 3.0 * d + 0.7 * path), rel=1e-5)
+    five = sum(
+        F.cross_entropy(s * x @ F.normalize(t2 + a * (tw - t2), dim=-1).t(), y) for a in (0.1, 0.3, 0.5, 0.7, 0.9)
+    )
+    hist = train_mergetune_on_features(model, toy_tokenizer, names, x, y, t1, t2, epochs=1, lr=0.0, batch_size=len(y))
+    assert hist[0]["loss"] == pytest.approx(float(task + 8.0 * cos_anchor + 0.5 * five / 5), rel=1e-5)  # defaults
     with pytest.raises(ValueError, match=r"^anchor='fisher' needs the fisher tensor$"):
         train_mergetune_on_features(model, toy_tokenizer, names, x, y, t1, t2, anchor="fisher", epochs=1)
     with pytest.raises(ValueError, match=r"^anchor must be 'cosine' or 'fisher', got 'sq_l2'$"):
