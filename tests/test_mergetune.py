@@ -254,3 +254,46 @@ def test_fisher_weights_the_coop_anchor_entry_by_entry(toy_tokenizer, tmp_path, 
         uniform = ((text - trainer.text_zs) ** 2).sum() / (2 * C)
     torch.testing.assert_close(got, task + anchor, rtol=1e-5, atol=1e-6)
     assert abs(float(anchor - uniform)) > 1e-3 * float(uniform)  # the case tells F from F ≡ 1
+
+
+def test_card_hyperparameters_and_held_anchors_of_a_prompt_and_a_head_trainer(toy_tokenizer, tmp_path, data):
+    """The card lists MergeTune's settings first, under their documented names and values, and its kind is
+    MergeTune's; a prompt or head trainer holds exactly its anchor tensors (ŵ1, ŵ2 and their raw forms)."""
+    _finetuned_coop(toy_tokenizer, tmp_path)
+    args = _args(tmp_path, anchor_weight=3.0, path_weight=0.25, num_alphas=4, tau=0.6)
+    trainer = MergeTuneTrainer(
+        _continued_coop(toy_tokenizer), args, CLASSES, TEMPLATES, toy_tokenizer, finetuned=tmp_path / "ft",
+        train_dataset=data,
+    )  # fmt: skip
+    hp = trainer.card_hyperparameters()
+    assert list(hp.items())[:11] == [
+        ("family", "coop"),
+        ("λ (anchor_weight)", 3.0),
+        ("β (path_weight)", 0.25),
+        ("N (num_alphas)", 4),
+        ("α grid", args.alpha_grid),
+        ("τ (initialisation)", 0.6),
+        ("anchor", trainer.anchor_kind),
+        ("preset", args.preset),
+        ("path features", args.path_features),
+        ("ŵ1 templates", args.anchor_templates),
+        ("weight ensemble γ", args.weight_ensemble),
+    ]
+    assert trainer._card_kind() == "mergetune"
+    held = trainer.held_anchor_tensors()
+    assert set(held) == {n for n in ("text_zs", "text_ft", "text_ft_raw", "ctx_ft") if hasattr(trainer, n)}
+    assert {"text_zs", "text_ft", "ctx_ft"} <= set(held)
+    assert all(held[n] is getattr(trainer, n) for n in held)
+    raw = MergeTuneTrainer(
+        _continued_coop(toy_tokenizer), _args(tmp_path, path_features="raw"), CLASSES, TEMPLATES, toy_tokenizer,
+        finetuned=tmp_path / "ft", train_dataset=data,
+    )  # fmt: skip
+    assert set(raw.held_anchor_tensors()) == {"text_zs", "text_ft", "text_ft_raw", "ctx_ft"}
+    cfg = lambda: LinearHeadConfig(classnames=CLASSES, templates=TEMPLATES).set_tokenizer(toy_tokenizer)  # noqa: E731
+    get_peft_model(tiny_clip(), cfg()).save_pretrained(tmp_path / "head_ft")
+    head = MergeTuneTrainer(
+        get_peft_model(tiny_clip(), cfg()), _args(tmp_path), CLASSES, TEMPLATES, toy_tokenizer,
+        finetuned=tmp_path / "head_ft", train_dataset=data,
+    )  # fmt: skip
+    assert head.card_hyperparameters()["family"] == "head"
+    assert {"w_zs", "b_zs", "w_ft", "b_ft", "text_zs"} <= set(head.held_anchor_tensors())

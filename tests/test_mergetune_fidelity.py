@@ -556,6 +556,8 @@ def test_vpt_mergetune_trains_with_fisher_and_refuses_mismatches(toy_tokenizer, 
         toy_tokenizer, finetuned=ft, train_dataset=data,
     )  # fmt: skip
     assert all(f.grad_fn is None for f in trainer.fisher.values())
+    held = trainer.held_anchor_tensors()  # VPT is a weight-space family: ŵ1/ŵ2 of the trainable tokens only
+    assert held and set(held) == set(trainer.weight_space.held_tensors())
     trainer.train()
     assert trainer.state.global_step == 2
     with pytest.raises(AdapterError, match="n_tokens"):
@@ -656,3 +658,33 @@ def test_weight_ensemble_option_applies_after_training(toy_tokenizer, tmp_path, 
     assert _maxdiff(start, single) < 1e-5  # γ = 0: back at ŵ1's context, whose features are the template's
     with pytest.raises(MergeTuneConfigError, match="weight_ensemble"):
         _args(tmp_path, weight_ensemble=1.5)
+
+
+def test_head_family_fisher_is_the_closed_form_of_the_zero_shot_head_with_its_bias(toy_tokenizer, tmp_path):
+    """The linear-head family's Fisher (``anchor="fisher"``, expected labels): for the zero-shot head
+    z = f·W_zsᵀ + b_zs on every image (eval transform), F_W = E[p(1 − p)·f²], F_b = E[p(1 − p)], normalised
+    together to mean 1, plus the damping; ``fisher_info`` counts the images and names the labels."""
+    raw, train = _augmented_dataset()
+    ev = apply_image_transform(raw, ImageTransform(size=30, crop_size=30))
+    cfg = lambda: LinearHeadConfig(classnames=CLASSES, templates=TEMPLATES).set_tokenizer(toy_tokenizer)  # noqa: E731
+    ft = get_peft_model(tiny_clip(), cfg())
+    with torch.no_grad():
+        ft.base_model.model.visual_projection.head_weight["default"].add_(0.3)
+    ft.save_pretrained(tmp_path / "head_ft")
+    model = get_peft_model(tiny_clip(), cfg())
+    args = _args(tmp_path, anchor="fisher", fisher_labels="expected", fisher_max_images=100, fisher_damping=0.01)
+    trainer = MergeTuneTrainer(
+        model, args, CLASSES, TEMPLATES, toy_tokenizer, finetuned=tmp_path / "head_ft", train_dataset=train
+    )
+    px = trainer.data_collator([ev[i] for i in range(len(ev))])["pixel_values"]
+    with torch.no_grad():
+        f = image_features(model, px)
+        p = (f @ trainer.w_zs.t() + trainer.b_zs).softmax(-1)
+        g2 = p * (1 - p)
+        fw, fb = g2.t() @ f**2 / len(ev), g2.mean(0)
+    mean = (fw.sum() + fb.sum()) / (fw.numel() + fb.numel())
+    assert len(trainer.fisher) == 2 and not trainer.b_zs.any()  # the zero-shot head has no bias
+    torch.testing.assert_close(trainer.fisher[0], fw / mean + 0.01, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(trainer.fisher[1], fb / mean + 0.01, rtol=1e-4, atol=1e-6)
+    assert trainer.fisher_info["images"] == len(ev) and trainer.fisher_info["labels"] == "expected"
+    assert 0 <= trainer.fisher_info["seconds"] < 600
