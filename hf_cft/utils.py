@@ -11,6 +11,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that attributes a warning to the frame just outside the outermost hf_cft frame of the
+    stack: the user's line that called into the library, however deep (and through whatever decorators) the warning
+    is raised. Use as ``warnings.warn(msg, stacklevel=user_stacklevel())``."""
+    import sys
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level, outermost = sys._getframe(1), 1, 1  # level 1: the function that calls warnings.warn
+    while frame is not None:
+        if os.path.abspath(frame.f_code.co_filename).startswith(package):
+            outermost = level
+        frame, level = frame.f_back, level + 1
+    return outermost + 1
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to ``path``; when the block succeeds it is fsynced and moved over ``path`` with

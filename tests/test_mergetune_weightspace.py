@@ -1,6 +1,7 @@
 """MergeTune in weight space (LoRA, full fine-tuning): each loss term against a model whose weights were set by
 hand, the Fisher against per-example autograd, no model copies, tower reuse, training, bad inputs."""
 
+import json
 import warnings
 
 import pytest
@@ -576,3 +577,84 @@ def test_bad_inputs(case, toy_tokenizer, tmp_path, data):
 def test_weight_space_config_errors(tmp_path):
     with pytest.raises(MergeTuneConfigError, match="fisher_chunk_size"):
         _args(tmp_path, fisher_chunk_size=0)
+
+
+# ------------------------------------------------------------------------------------------------ pinned rules
+# Each test below fails on a small plausible change that the tests above let through (mutation testing,
+# scripts/mutation.py).
+
+
+def test_full_finetuned_from_a_sharded_folder_reads_every_shard(toy_tokenizer, tmp_path, data):
+    """ŵ2 from a sharded checkpoint (``model.safetensors.index.json``): the τ-initialisation uses its values, each
+    read from the shard the index names; a folder without weights is refused by name."""
+    ft = _full_ft()
+    ft.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    model = tiny_clip()
+    w1 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _build(model, tmp_path, tmp_path / "sharded", data, toy_tokenizer, tau=0.5)
+    w2 = dict(ft.named_parameters())
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), 0.5 * w1[n] + 0.5 * w2[n].detach(), atol=1e-6, rtol=1e-5)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(tiny_clip().config.to_dict()))
+    from hf_cft.trainers.mergetune_weightspace import _folder_reader
+
+    with pytest.raises(BundleError) as err:
+        _folder_reader(tmp_path / "empty")
+    assert str(err.value) == (
+        f"{str(tmp_path / 'empty')!r} holds no safetensors model weights (model.safetensors or "
+        "model.safetensors.index.json)."
+    )
+
+
+def test_frozen_mismatch_warning_names_the_first_differing_tensor_at_the_callers_line(toy_tokenizer, tmp_path, data):
+    """Only frozen tensors that differ beyond rtol 1e-5 / atol 1e-6 are reported, the first one by name, and the
+    warning points at the line that built the trainer."""
+    import warnings
+
+    ft = _full_ft()
+    start = tiny_clip()
+    ft_params = dict(ft.named_parameters())
+    frozen = [
+        n
+        for n, p in start.named_parameters()
+        if not n.startswith("vision_model") and not torch.allclose(ft_params[n], p, atol=1e-6, rtol=1e-5)
+    ]
+    for n, p in start.named_parameters():
+        p.requires_grad_(n.startswith("vision_model"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _build(start, tmp_path, ft, data, toy_tokenizer, tau=0.0)
+    messages = [w for w in caught if "frozen tensor" in str(w.message)]
+    assert len(messages) == 1 and f"on {len(frozen)} frozen tensor(s) (e.g. {frozen[0]!r})" in str(messages[0].message)
+    assert str(messages[0].message).endswith("Train the same tensors that were fine-tuned.")
+    assert messages[0].filename == __file__  # the warning points at the user's line, however deep it is raised
+    same = tiny_clip()  # ŵ2 equal to the continued model on its frozen tensors, up to 1e-5 relative: no warning
+    for n, p in same.named_parameters():
+        p.requires_grad_(n.startswith("vision_model"))
+    close = tiny_clip()
+    with torch.no_grad():
+        for n, p in close.named_parameters():
+            if n.startswith("vision_model"):
+                p.add_(0.05)
+            else:
+                p.mul_(1 + 5e-6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _build(same, tmp_path, close, data, toy_tokenizer, tau=0.0)
+    assert not [w for w in caught if "frozen tensor" in str(w.message)]
+
+
+def test_vpt_with_modules_to_save_is_refused_naming_the_extra_tensor(toy_tokenizer, tmp_path, data):
+    model = get_peft_model(tiny_clip(), VPTConfig(n_tokens=2, modules_to_save=["visual_projection"]))
+    ft = get_peft_model(tiny_clip(), VPTConfig(n_tokens=2))
+    extra = next(n for n, p in model.named_parameters() if p.requires_grad and "vpt_prompts" not in n)
+    with pytest.raises(AdapterError) as err:
+        _build(model, tmp_path, ft, data, toy_tokenizer)
+    assert str(err.value) == (
+        f"the continued VPT adapter 'default' trains tensors besides its prompt tokens ({extra!r}): MergeTune's w is "
+        "the prompts only; drop modules_to_save."
+    )

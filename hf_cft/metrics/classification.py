@@ -57,10 +57,12 @@ def base_novel_hm(base: float | list[float], novel: float | list[float]) -> dict
     the number). Removed in the next release."""
     import warnings
 
+    from hf_cft.utils import user_stacklevel
+
     warnings.warn(
         "hf_cft.metrics.base_novel_hm is renamed base_novel_summary (it returns a dict); use harmonic_mean(base, "
         "novel) for the number. The old name goes in the next release.",
         FutureWarning,
-        stacklevel=2,
+        stacklevel=user_stacklevel(),
     )
     return base_novel_summary(base, novel)

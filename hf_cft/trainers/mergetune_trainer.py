@@ -70,6 +70,7 @@ from hf_cft.trainers.mergetune_weightspace import (
     estimate_weight_fisher,
     fisher_rows,
 )
+from hf_cft.utils import user_stacklevel
 from hf_cft.validation import check_finite_tensor
 
 _FT_ADAPTER = "mergetune_finetuned"
@@ -382,7 +383,7 @@ class MergeTuneTrainer(ClipClassificationTrainer):
             warnings.warn(
                 "τ-initialisation needs the fine-tuned CoOp adapter's ctx_init with as many tokens as n_ctx and "
                 "a shared context; starting at the fine-tuned context (τ = 1).",
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         ctx.copy_(self.ctx_ft)
 

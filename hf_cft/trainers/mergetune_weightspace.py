@@ -40,6 +40,7 @@ from torch.func import functional_call, grad, vmap
 from hf_cft.errors import AdapterError, BundleError, DeltaError, HfCftError, NonFiniteError
 from hf_cft.models.clip import image_features, logit_scale, text_features
 from hf_cft.trainers.mergetune_losses import fisher_anchor, lora_delta, lora_sq_norm, sq_l2_anchor
+from hf_cft.utils import user_stacklevel
 
 _VISION = ("vision_model", "visual_projection")
 _TEXT = ("text_model", "text_projection")
@@ -446,7 +447,7 @@ class FullWeightSpace:
                 f"the {where} differs from the continued model on {len(differ)} frozen tensor(s) (e.g. "
                 f"{differ[0]!r}); frozen tensors are not part of w, so the path keeps the continued model's values. "
                 "Train the same tensors that were fine-tuned.",
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
 
     def attach_finetuned(self, source) -> None:
