@@ -432,3 +432,27 @@ def test_register_fills_the_three_peft_tables_idempotently_and_refuses_a_taken_t
     monkeypatch.setattr(mapping, "PEFT_TYPE_TO_PREFIX_MAPPING", None)
     with pytest.raises(HfCftError, match=r"^peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING is missing in peft .*: hf_cft"):
         registration.register()
+
+
+def test_head_logits_normalise_when_told_add_the_bias_and_default_to_the_plain_template(toy_tokenizer):
+    """``head_logits(f)`` takes f as already unit-norm; ``normalized=False`` normalises each row first; the bias is
+    added; without templates the zero-shot init uses "a photo of a {}."; a disabled head has no parameters."""
+    model = get_peft_model(tiny_clip(), LinearHeadConfig(classnames=CLASSES).set_tokenizer(toy_tokenizer))
+    base = tiny_clip()
+    with torch.no_grad():
+        plain = build_zeroshot_classifier(base, toy_tokenizer, CLASSES, ["a photo of a {}."])
+    w, b = model.base_model.head_parameters()
+    torch.testing.assert_close(w.detach(), plain * base.logit_scale.exp(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        b.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        f = torch.randn(4, w.shape[1], generator=torch.Generator().manual_seed(0)) * 3.0
+        unit = torch.nn.functional.normalize(f, dim=-1)
+        torch.testing.assert_close(model.base_model.head_logits(f), f @ w.t() + b)
+        torch.testing.assert_close(model.base_model.head_logits(f, normalized=False), unit @ w.t() + b)
+        torch.testing.assert_close(model.base_model.head_logits(f.double(), normalized=False), unit @ w.t() + b)
+    assert model.base_model.head_parameters("default")[0] is w
+    with model.disable_adapter(), pytest.raises(AdapterError) as err:
+        model.base_model.head_parameters()
+    assert str(err.value) == "no linear-head adapter is active (disabled, or set_adapter to another one)"
+    with pytest.raises(AdapterError, match="^no linear-head adapter is active"):
+        model.base_model.head_parameters("nope")  # a name that is not a head adapter
