@@ -456,3 +456,44 @@ def test_head_logits_normalise_when_told_add_the_bias_and_default_to_the_plain_t
     assert str(err.value) == "no linear-head adapter is active (disabled, or set_adapter to another one)"
     with pytest.raises(AdapterError, match="^no linear-head adapter is active"):
         model.base_model.head_parameters("nope")  # a name that is not a head adapter
+
+
+def test_deep_vpt_replaces_exactly_its_prompt_slots_at_every_layer():
+    """Deep VPT: each wrapped encoder layer receives the previous layer's output with the prompt slots
+    [s, s + n) replaced by its own prompts, every other token (and the sequence length) unchanged; the wrapped
+    layer gets the other arguments as they were passed."""
+    from hf_cft.peft.vpt.layer import VPTDeepLayer
+
+    model = get_peft_model(tiny_clip(num_layers=3), VPTConfig(n_tokens=2, deep=True))
+    layers = model.base_model.model.vision_model.encoder.layers
+    assert [isinstance(m, VPTDeepLayer) for m in layers] == [False, True, True]
+    outs, ins, outer = {}, {}, {}
+    hooks = []
+    for j, layer in enumerate(layers):
+        hooks.append(
+            layer.register_forward_hook(lambda m, a, o, j=j: outs.__setitem__(j, o[0] if isinstance(o, tuple) else o))
+        )
+        if isinstance(layer, VPTDeepLayer):
+            hooks.append(
+                layer.register_forward_pre_hook(lambda m, a, k, j=j: outer.__setitem__(j, sorted(k)), with_kwargs=True)
+            )
+            hooks.append(
+                layer.get_base_layer().register_forward_pre_hook(
+                    lambda m, a, k, j=j: ins.__setitem__(j, (a[0].detach().clone(), sorted(k))), with_kwargs=True
+                )
+            )
+    try:
+        with torch.no_grad():
+            image_features(model, PIXELS)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sorted(ins) == [1, 2]
+    for j, (x, kwargs) in ins.items():
+        d = layers[j]
+        s, prompts = d._start, d.vpt_prompts["default"]
+        n, prev = prompts.shape[0], outs[j - 1]
+        assert x.shape == prev.shape
+        assert torch.equal(x[:, s : s + n], prompts.expand(x.shape[0], -1, -1))
+        assert torch.equal(x[:, :s], prev[:, :s]) and torch.equal(x[:, s + n :], prev[:, s + n :])
+        assert kwargs == outer[j]  # the other arguments passed on as given
