@@ -497,3 +497,41 @@ def test_deep_vpt_replaces_exactly_its_prompt_slots_at_every_layer():
         assert torch.equal(x[:, s : s + n], prompts.expand(x.shape[0], -1, -1))
         assert torch.equal(x[:, :s], prev[:, :s]) and torch.equal(x[:, s + n :], prev[:, s + n :])
         assert kwargs == outer[j]  # the other arguments passed on as given
+
+
+def test_vpt_on_siglip2_grows_the_patch_mask_by_ones_at_the_prompt_slots():
+    """SigLIP2 (NaFlex) hands ``pixel_attention_mask`` [B, N] to its tower: with a VPT adapter active the tower sees
+    the mask with n ones inserted at the prompt slots (same dtype); disabled, the mask as given; the hook that does
+    it is registered once however many adapters are made."""
+    import numpy as np
+
+    from hf_cft.peft.vpt.layer import VPTEmbeddingLayer
+    from hf_cft.peft.vpt.model import _extend_patch_mask
+    from hf_cft.testing import tiny_family, tiny_family_image_processor
+
+    model = get_peft_model(tiny_family("siglip2")[0], VPTConfig(n_tokens=3))
+    proc = tiny_family_image_processor("siglip2")
+    rng = np.random.default_rng(0)
+    enc = proc(images=[rng.integers(0, 255, (20, 28, 3), dtype=np.uint8) for _ in range(2)], return_tensors="pt")
+    mask = enc["pixel_attention_mask"]
+    assert not mask.all()  # padded patches: zeros to keep
+    tower = model.base_model.model.vision_model
+    layer = next(m for m in tower.modules() if isinstance(m, VPTEmbeddingLayer))
+    seen = []
+    handle = tower.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["pixel_attention_mask"].clone()), with_kwargs=True
+    )
+    try:
+        _extend_patch_mask(tower, "embeddings")  # again: still one hook
+        with torch.no_grad():
+            image_features(model, enc["pixel_values"], pixel_attention_mask=mask, spatial_shapes=enc["spatial_shapes"])
+            with model.disable_adapter():
+                image_features(
+                    model, enc["pixel_values"], pixel_attention_mask=mask, spatial_shapes=enc["spatial_shapes"]
+                )
+    finally:
+        handle.remove()
+    s = layer._start
+    want = torch.cat([mask[:, :s], torch.ones(2, 3, dtype=mask.dtype), mask[:, s:]], dim=1)
+    assert len(seen) == 2 and seen[0].dtype == mask.dtype
+    assert torch.equal(seen[0], want) and torch.equal(seen[1], mask)
