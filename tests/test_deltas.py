@@ -323,3 +323,81 @@ def test_functional_expert_passes_positional_arguments_to_the_forward():
     x = torch.randn(4, 3)
     with torch.no_grad():
         torch.testing.assert_close(functional_expert(model, delta)(x), x @ (model.weight + 1).t() + model.bias)
+
+
+def test_checkpoint_paths_single_files_adapters_missing_and_corrupt_are_named(clip_model, tmp_path):
+    """A model given as one .safetensors file gives the same delta as its folder; a PEFT adapter folder, a missing
+    path and a corrupt file are refused with the path and its role."""
+    from safetensors.torch import save_file
+
+    ft = _perturbed(clip_model)
+    clip_model.save_pretrained(tmp_path / "base")
+    ft.save_pretrained(tmp_path / "ft")
+    single = tmp_path / "ft.safetensors"
+    save_file({k: v.contiguous() for k, v in ft.state_dict().items()}, str(single))
+    by_folder = delta_from_models(tmp_path / "base", tmp_path / "ft")
+    by_file = delta_from_models(tmp_path / "base", single)
+    assert by_folder.keys() == by_file.keys() and all(torch.equal(by_folder[k], by_file[k]) for k in by_file)
+    _lora(clip_model).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(DeltaError) as err:
+        delta_from_models(tmp_path / "base", tmp_path / "adapter")
+    assert str(err.value) == (
+        f"{str(tmp_path / 'adapter')!r} (fine-tuned model) is a PEFT adapter folder; take its delta with "
+        "delta_from_lora(folder, base)."
+    )
+    with pytest.raises(BundleError) as err:
+        delta_from_models(tmp_path / "base", tmp_path / "nowhere")
+    assert str(err.value) == f"The fine-tuned model path {str(tmp_path / 'nowhere')!r} does not exist."
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(
+        BundleError, match=r"^Cannot read safetensors file '.*bad.safetensors' of the fine-tuned model: "
+    ):
+        delta_from_models(tmp_path / "base", tmp_path / "bad.safetensors")
+
+
+def test_lora_factor_deltas_refuse_mismatched_adapters_by_name_and_densify_by_the_formula(clip_model):
+    """Factor deltas need a PeftModel reference with the same targets and scaling; every refusal names the target.
+    ``dense_delta_from_factors`` is s·((B⁰+δ_B)(A⁰+δ_A) − B⁰A⁰) per target, keyed by the base weight, with a
+    reference whose B⁰ is not zero."""
+    from hf_cft.errors import AdapterError
+    from hf_cft.merging import dense_delta_from_factors
+
+    reference = _lora(clip_model, seed=1, target_modules=["fc1"])  # B⁰ ≠ 0
+    with pytest.raises(AdapterError, match=r"^lora_merge='factors' needs the reference as a PeftModel"):
+        lora_factor_delta(reference, clip_model)
+    with pytest.raises(AdapterError, match=r"^dense_delta_from_factors needs the reference as a PeftModel"):
+        dense_delta_from_factors({}, clip_model)
+    wider = _lora(clip_model, seed=2, target_modules=["fc1", "fc2"])
+    with pytest.raises(DeltaError, match=r"^LoRA target '[\w.]+fc2' of the .* is not a target of the reference"):
+        lora_factor_delta(wider, reference)
+    narrower_ref = _lora(clip_model, seed=1, target_modules=["fc1", "fc2"])
+    with pytest.raises(DeltaError, match=r"^The .* lacks the reference's LoRA target '[\w.]+fc2'.$"):
+        lora_factor_delta(_lora(clip_model, seed=3, target_modules=["fc1"]), narrower_ref)
+    trained = copy.deepcopy(reference)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    delta = lora_factor_delta(trained, reference)
+    dense = dense_delta_from_factors(delta, reference)
+    params = dict(reference.named_parameters())
+    s = 8 / 4
+    modules = sorted({k.split(".lora_")[0][len("base_model.model.") :] for k in delta})
+    assert sorted(dense) == [f"{m}.weight" for m in modules] and dense.base_fingerprint is None
+    for m in modules:
+        a0 = params[f"base_model.model.{m}.lora_A.default.weight"].detach()
+        b0 = params[f"base_model.model.{m}.lora_B.default.weight"].detach()
+        da, db = (
+            delta[f"base_model.model.{m}.lora_A.default.weight"],
+            delta[f"base_model.model.{m}.lora_B.default.weight"],
+        )
+        torch.testing.assert_close(dense[f"{m}.weight"], s * ((b0 + db) @ (a0 + da) - b0 @ a0), rtol=1e-5, atol=1e-6)
+    missing = {k: v for k, v in delta.items() if ".lora_B." not in k}
+    with pytest.raises(DeltaError, match=r"^The factor delta lacks 'base_model.model.[\w.]+lora_B.default.weight'"):
+        dense_delta_from_factors(missing, reference)
+    nan = copy.deepcopy(trained)
+    with torch.no_grad():
+        next(p for n, p in nan.named_parameters() if "lora_A" in n)[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"lora_A.default.weight' of the LoRA factor delta"):
+        lora_factor_delta(nan, reference)
