@@ -168,3 +168,40 @@ def test_option_and_method_declarations_are_checked_with_messages_naming_them():
         names = method_names(kind)
         assert names and names == sorted(n for n, m in table.items() if m.kind == kind)
     assert sorted(method_names("tensor") + method_names("model")) == method_names() == sorted(table)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "inputs"),
+    [
+        ("task_arithmetic", {}, [{"weight": 0.5}, {"weight": -2.0}, {}]),
+        ("ties", {"density": 0.5}, None),
+        ("dare", {"density": 0.5, "seed": 3}, [{"weight": 2.0}, {"density": 1.0}, {"weight": 0.5, "density": 0.25}]),
+        ("dare", {"density": 0.5, "then": "ties", "seed": 1}, [{}, {"weight": 2.0}, {"density": 1.0}]),
+        ("magmax", {}, [{"weight": 0.5}, {}, {"weight": -1.0}]),
+        ("magmax", {"tie_break": "earlier"}, [{"weight": 0.5}, {}, {"weight": -1.0}]),
+        ("consensus", {"k": 2}, [{"weight": 0.5}, {}, {"weight": 2.0}]),
+    ],
+)
+def test_whole_tensor_kernels_a_gpu_runs_equal_the_blocked_cpu_kernels(name, options, inputs):
+    """The kernels' whole-tensor forms (what a GPU or a non-fp32 input takes) against the blocked fp32 CPU forms,
+    on dyadic inputs (exact in both dtypes, many magnitude ties): the same draws, masks, ties and sums, up to the
+    rounding of the non-dyadic weights."""
+    g = torch.Generator().manual_seed(4)
+    shapes = {"a.weight": (7, 5), "b.bias": (5,)}
+    deltas = [{k: torch.randint(-6, 7, s, generator=g).float() / 4 for k, s in shapes.items()} for _ in range(3)]
+    fp32 = _run(name, deltas, options, inputs)
+    fp64 = _run(name, [{k: v.double() for k, v in d.items()} for d in deltas], options, inputs)
+    assert fp32.keys() == fp64.keys()
+    for k in fp32:
+        torch.testing.assert_close(fp64[k].float(), fp32[k], rtol=1e-6, atol=1e-6, msg=f"{name} {k}")
+    assert any(fp32[k].abs().sum() > 0 for k in fp32)
+
+
+def test_magmax_step_on_whole_tensors_breaks_ties_as_told():
+    from hf_cft.merging.baselines import _magmax_step
+
+    best = torch.tensor([1.0, -2.0, 3.0, 0.0], dtype=torch.float64)
+    value = torch.tensor([-1.0, 2.5, -1.0, 0.0], dtype=torch.float64)
+    assert _magmax_step(best, value, "later").tolist() == [-1.0, 2.5, 3.0, 0.0]
+    assert _magmax_step(best, value, "earlier").tolist() == [1.0, 2.5, 3.0, 0.0]
+    assert _magmax_step(best.float(), value.float(), "later").tolist() == [-1.0, 2.5, 3.0, 0.0]  # the blocked form
