@@ -299,3 +299,65 @@ def test_merge_deltas_passes_extra_to_the_data_dependent_methods():
     torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-7)
     with pytest.raises(MergeConfigError, match="calibration"):
         merge_deltas(deltas, "regmean", extra={"model": base})
+
+
+# ------------------------------------------------------------------------------------------------ pinned rules
+# Each test below fails on a small plausible change that the tests above let through (mutation testing,
+# scripts/mutation.py).
+
+
+def _toy_task(n=6):
+    import numpy as np
+
+    from hf_cft.data import from_arrays
+
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 255, (24, 24, 3), dtype=np.uint8) for _ in range(n)]
+    return from_arrays(imgs, [i % 3 for i in range(n)], ["cat", "dog", "car"], ["a photo of a {}."], name="toy")
+
+
+def test_calibration_batches_wrap_datasets_in_order_and_stop_after_max_batches():
+    from hf_cft.data import ImageTransform, apply_image_transform
+    from hf_cft.errors import DatasetFormatError
+    from hf_cft.merging.data_dependent import calibration_batches
+
+    view = apply_image_transform(_toy_task()["train"], ImageTransform(size=16, crop_size=16))
+    batches = list(calibration_batches(view, batch_size=4))
+    assert [b["labels"].tolist() for b in batches] == [[0, 1, 2, 0], [1, 2]]  # in order, not shuffled
+    assert batches[0]["pixel_values"].shape == (4, 3, 16, 16)
+    assert len(list(calibration_batches(view, batch_size=2, max_batches=2))) == 2
+    given = [{"pixel_values": torch.zeros(1, 3, 8, 8)}] * 3
+    assert list(calibration_batches(given, max_batches=1)) == given[:1]  # a list of batches is taken as it is
+    with pytest.raises(MergeConfigError, match=r"^max_batches must be"):
+        calibration_batches(given, max_batches=0)
+    with pytest.raises(DatasetFormatError) as err:
+        calibration_batches(None)
+    assert str(err.value) == "no calibration data: pass a DataLoader, an iterable of batches or a dataset."
+
+
+def test_load_calibration_names_the_default_fields_in_every_refusal():
+    from hf_cft.merging.data_dependent import load_calibration
+
+    task = _toy_task()
+    cases = [
+        (dict(rows=0), r"^calibration.rows must be"),
+        (dict(rows=2, batch_size=0), r"^calibration.batch_size must be"),
+        (
+            dict(rows=7),
+            r"^calibration.data 'toy' has 6 row\(s\) in split 'train', fewer than calibration.rows = 7: lower calibration.rows to at most 6",
+        ),
+        (
+            dict(rows=2, split="test"),
+            r"^calibration.data 'toy' has no split 'test' \(calibration.split\); it has train.$",
+        ),
+        (dict(rows=2, classnames=["cat", "dog"]), r"^calibration.classnames: "),
+        (dict(rows=2, templates=["no placeholder"]), r"^calibration.templates: "),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(MergeConfigError, match=message):
+            load_calibration(task, **kwargs)
+    with pytest.raises(MergeConfigError, match=r"^calibration.data must name a dataset"):
+        load_calibration("  ")
+    data = load_calibration(task, rows=4, batch_size=3, seed=1)
+    assert data.classnames == ["cat", "dog", "car"] and data.templates == ["a photo of a {}."]
+    assert [len(b["labels"]) for b in data.loader] == [3, 1]
