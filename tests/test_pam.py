@@ -604,3 +604,40 @@ def test_state_from_the_hub_downloads_only_the_state_files(tmp_path, monkeypatch
             {"allow_patterns": ["pam_state.json", "adapter_model.safetensors", "adapter_config.json"]},
         )
     ]
+
+
+def test_end_task_records_the_alignment_totals_and_logs_one_line(caplog):
+    """The task record carries the task's name, its alignment steps, the entries they reset and the mean of their
+    misalignment rates; one INFO line reports them; without a model end_task is refused."""
+    import logging
+
+    cfg = PAMConfig(top_p=0.5, align_every=1, merge_weight="running")
+    model = _pam_model(cfg)
+    cb = PAMCallback(cfg, model=model)
+    records = []
+    for task in range(2):
+        state, control = _hooks()
+        opt = _task_opt(model)
+        cb.on_train_begin(None, state, control, optimizer=opt)
+        _train_steps(cb, model, opt, state, control, 3, seed=task * 10)
+        log = list(cb.alignment_log)
+        with caplog.at_level(logging.INFO, logger="hf_cft.merging.pam"):
+            caplog.clear()
+            record = cb.end_task(task_name=f"t{task}")
+        records.append(record)
+        rates = [r["misalignment"] for r in log if "misalignment" in r]
+        assert record["name"] == f"t{task}" and record["alignment_steps"] == len(log)
+        assert record["reset_entries"] == sum(r["reset"] for r in log)
+        if rates:
+            assert record["mean_step_misalignment"] == pytest.approx(sum(rates) / len(rates))
+        else:
+            assert record["mean_step_misalignment"] is None
+        mis = record.get("misalignment", {})
+        want = "PAM task %d merged (ω=%.3g): misalignment top-p %.4f, all %.4f; %d alignment steps reset %d entries" % (
+            record["task"], record["merge_weight"], mis.get("top_p", float("nan")), mis.get("all", float("nan")),
+            record["alignment_steps"], record["reset_entries"],
+        )  # fmt: skip
+        assert [r.getMessage() for r in caplog.records if r.name == "hf_cft.merging.pam"] == [want]
+    assert records[1]["alignment_steps"] > 0 and records[1]["mean_step_misalignment"] is not None
+    with pytest.raises(AlignmentError, match=r"^PAMCallback is not attached to a model: pass model= or call attach"):
+        PAMCallback(cfg).end_task()
