@@ -633,10 +633,11 @@ def test_end_task_records_the_alignment_totals_and_logs_one_line(caplog):
         else:
             assert record["mean_step_misalignment"] is None
         mis = record.get("misalignment", {})
-        want = "PAM task %d merged (ω=%.3g): misalignment top-p %.4f, all %.4f; %d alignment steps reset %d entries" % (
-            record["task"], record["merge_weight"], mis.get("top_p", float("nan")), mis.get("all", float("nan")),
-            record["alignment_steps"], record["reset_entries"],
-        )  # fmt: skip
+        top_p, everything = mis.get("top_p", float("nan")), mis.get("all", float("nan"))
+        want = (
+            f"PAM task {record['task']} merged (ω={record['merge_weight']:.3g}): misalignment top-p {top_p:.4f}, "
+            f"all {everything:.4f}; {record['alignment_steps']} alignment steps reset {record['reset_entries']} entries"
+        )
         assert [r.getMessage() for r in caplog.records if r.name == "hf_cft.merging.pam"] == [want]
     assert records[1]["alignment_steps"] > 0 and records[1]["mean_step_misalignment"] is not None
     with pytest.raises(AlignmentError, match=r"^PAMCallback is not attached to a model: pass model= or call attach"):
