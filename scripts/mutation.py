@@ -107,7 +107,7 @@ def run(modules: list[str], children: int) -> None:
     )
 
 
-def report(modules: list[str], tag: str) -> dict:
+def report(modules: list[str], tag: str, diffs: bool = True) -> dict:
     equivalent = _equivalent()
     table, survivors = {}, []
     for module in modules:
@@ -154,6 +154,9 @@ def report(modules: list[str], tag: str) -> dict:
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     shown = []
     for name in survivors:
+        if not diffs:  # names only, per function (mutmut show costs a second per mutant)
+            shown.append(f"- `{name}`\n")
+            continue
         diff = subprocess.run(
             [sys.executable, "-m", "mutmut", "show", name], cwd=ROOT, capture_output=True, text=True
         ).stdout
@@ -171,6 +174,7 @@ def main(argv=None) -> int:
     parser.add_argument("--report", action="store_true", help="only write the tables from the last results")
     parser.add_argument("--children", type=int, default=1, help="parallel mutant runs (default 1)")
     parser.add_argument("--tag", default="", help="suffix of the result files (e.g. before / after)")
+    parser.add_argument("--names-only", action="store_true", help="list the survivors by name, without their diffs")
     args = parser.parse_args(argv)
     unknown = [m for m in args.modules if m not in TESTS]
     if unknown:
@@ -178,7 +182,7 @@ def main(argv=None) -> int:
     modules = args.modules or list(TESTS)
     if not args.report:
         run(modules, args.children)
-    report(modules, args.tag)
+    report(modules, args.tag, diffs=not args.names_only)
     return 0
 
 
