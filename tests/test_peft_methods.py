@@ -535,3 +535,44 @@ def test_vpt_on_siglip2_grows_the_patch_mask_by_ones_at_the_prompt_slots():
     want = torch.cat([mask[:, :s], torch.ones(2, 3, dtype=mask.dtype), mask[:, s:]], dim=1)
     assert len(seen) == 2 and seen[0].dtype == mask.dtype
     assert torch.equal(seen[0], want) and torch.equal(seen[1], mask)
+
+
+@pytest.mark.parametrize("method", ["coop", "vpt", "head"])
+def test_unload_restores_the_plain_model_and_merge_is_refused_with_the_reason(method, toy_tokenizer):
+    """CoOp, VPT and the head add tokens or a head: ``merge_and_unload`` is refused with the whole reason;
+    ``unload`` returns the base model with every wrapped module replaced by its original (same outputs as a fresh
+    base) and without PEFT's config attribute."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from hf_cft.errors import AdapterMergeError
+
+    model = get_peft_model(tiny_clip(), _configs(toy_tokenizer)[method]())
+    with pytest.raises(AdapterMergeError) as err:
+        model.merge_and_unload()
+    assert str(err.value).endswith(
+        "adapters cannot be merged into the base weights: they add learned tokens or a classification head, not a "
+        "weight update. Use unload() to get the base model back, or keep the PeftModel for inference."
+    )
+    plain = model.unload()
+    assert not any(isinstance(m, BaseTunerLayer) for m in plain.modules())
+    assert not hasattr(plain, "peft_config")
+    with torch.no_grad():
+        torch.testing.assert_close(image_features(plain, PIXELS), image_features(tiny_clip(), PIXELS))
+
+
+def test_head_and_vpt_configs_refuse_bad_values_with_their_messages():
+    cases = [
+        (lambda: LinearHeadConfig(num_classes=3, init="uniform"), r"^init must be one of "),
+        (
+            lambda: LinearHeadConfig(num_classes=0, init="zeros"),
+            r"^LinearHeadConfig needs num_classes or classnames.$",
+        ),
+        (lambda: LinearHeadConfig(num_classes=2, classnames=CLASSES), r"^num_classes=2 but 3 classnames were given.$"),
+        (lambda: LinearHeadConfig(num_classes=3), r"^init='zeroshot' needs classnames \(and templates\) to build"),
+        (lambda: VPTConfig(n_tokens=0), r"^n_tokens must be at least 1, got 0$"),
+    ]
+    for make, message in cases:
+        with pytest.raises(AdapterError, match=message):
+            make()
+    assert LinearHeadConfig(num_classes=1, init="zeros").num_classes == 1  # one class is allowed
+    assert VPTConfig(n_tokens=1).n_tokens == 1
