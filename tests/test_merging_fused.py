@@ -153,3 +153,26 @@ def test_compile_loads_every_kernel_on_numbas_own_thread_pool(monkeypatch):
         assert set(got) == {*names, "bucket_entries", "numba", "np"}
         assert all(got[name] is getattr(_fused_kernels, name) for name in (*names, "bucket_entries"))
         assert got["numba"] is numba and got["np"].__name__ == "numpy"
+
+
+def test_band_sum_decides_the_positions_tied_in_another_input_by_this_inputs_own_band(monkeypatch):
+    """Breadcrumbs with one input all ties (every position is then resolved apart, by position) and one of distinct
+    magnitudes: at those positions the second input keeps exactly lo ≤ |x| < hi, its own band edges included / excluded
+    as the sorted-rank definition says."""
+    pytest.importorskip("numba")
+    from hf_cft.merging.methods import breadcrumbs_key
+
+    ties = torch.ones(20)
+    distinct = torch.randperm(20, generator=torch.Generator().manual_seed(0)).float() + 1  # magnitudes 1..20
+    distinct[::3] *= -1
+    want = None
+    for on in ("0", "1"):
+        monkeypatch.setenv("HF_CFT_FUSED", on)
+        got = breadcrumbs_key([ties, distinct], [1.0, 2.0], [0.5, 0.5], 0.1)  # drop the top 2, keep the next 10
+        want = got if want is None else want
+        assert torch.equal(got, want), on
+    mags = distinct.abs()
+    kept_b = (mags >= 9) & (mags < 19)  # ranks 2..11 of 20, largest first: magnitudes 18 down to 9
+    kept_a = torch.zeros(20, dtype=torch.bool)
+    kept_a[2:12] = True  # all tied: by position
+    torch.testing.assert_close(want, ties * kept_a + 2.0 * distinct * kept_b)
