@@ -976,3 +976,35 @@ def test_lora_output_checks_each_merged_delta_naming_method_key_and_options(asse
         merge_folders(
             assets["clip"], [assets["lora_a"]], "task_arithmetic", {"weight": 1e300}, out=tmp_path / "o", lora_rank=2
         )
+
+
+def test_full_output_of_lora_inputs_adds_s_b_a_and_the_lora_bias_in_fp32(assets, tmp_path):
+    """A LoRA input merged into a full model: each target weight gets w·s·B@A and, with lora_bias, its bias gets
+    w·s·b_B, computed in fp32 even from a bf16 adapter (s = lora_alpha / r)."""
+    from safetensors.torch import load_file as load_st
+
+    from hf_cft.merging.streaming import merge_folders
+
+    torch.manual_seed(3)
+    peft_model = get_peft_model(
+        assets["base"](),
+        LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj"], lora_bias=True, init_lora_weights=False),
+    )
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    peft_model.to(torch.bfloat16).save_pretrained(tmp_path / "biased_bf16")
+    out = tmp_path / "merged"
+    merge_folders(assets["clip"], [tmp_path / "biased_bf16"], "task_arithmetic", {"weight": 0.5}, out=out)
+    adapter = load_st(str(tmp_path / "biased_bf16" / "adapter_model.safetensors"))
+    base, merged = assets["base"]().state_dict(), _weights(out)
+    s = 6 / 2
+    modules = sorted({k.split(".lora_")[0][len("base_model.model.") :] for k in adapter})
+    assert modules and all(adapter[k].dtype == torch.bfloat16 for k in adapter)
+    for m in modules:
+        a = adapter[f"base_model.model.{m}.lora_A.weight"].float()
+        b = adapter[f"base_model.model.{m}.lora_B.weight"].float()
+        bias = adapter[f"base_model.model.{m}.lora_B.bias"].float()
+        torch.testing.assert_close(merged[f"{m}.weight"], base[f"{m}.weight"] + 0.5 * s * (b @ a), rtol=0, atol=1e-6)
+        torch.testing.assert_close(merged[f"{m}.bias"], base[f"{m}.bias"] + 0.5 * s * bias, rtol=0, atol=1e-6)
