@@ -4,6 +4,7 @@ the analytic per-example gradient of a softmax classifier. Plus the CLIP path (h
 zero-shot log-probabilities) and bad input."""
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -361,3 +362,72 @@ def test_load_calibration_names_the_default_fields_in_every_refusal():
     data = load_calibration(task, rows=4, batch_size=3, seed=1)
     assert data.classnames == ["cat", "dog", "car"] and data.templates == ["a photo of a {}."]
     assert [len(b["labels"]) for b in data.loader] == [3, 1]
+
+
+def test_fisher_merging_against_its_formula_with_normalisation_weights_and_refusals():
+    """τ* = Σ λ_t s_t (F_t + floor) τ_t / Σ λ_t s_t (F_t + floor), s_t = 1/(‖F_t‖ + floor) with ``normalize`` (the norm
+    over the delta keys only), 1 otherwise; weights default to 1 for every task; refusals name the option."""
+    from hf_cft.merging.data_dependent import fisher_merging
+
+    g = torch.Generator().manual_seed(2)
+    deltas = [{"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g)} for _ in range(2)]
+    fishers = [
+        {"w": torch.rand(3, 4, generator=g) * 5, "b": torch.rand(4, generator=g), "unused": torch.full((2,), 100.0)},
+        {"w": torch.rand(3, 4, generator=g), "b": torch.rand(4, generator=g) * 3, "unused": torch.zeros(2)},
+    ]
+    floor = 1e-3
+
+    def ref(lam, normalize):
+        scales = [1.0, 1.0]
+        if normalize:
+            scales = [
+                1.0 / (math.sqrt(sum(float((f[k].double() ** 2).sum()) for k in ("w", "b"))) + floor) for f in fishers
+            ]
+        out = {}
+        for k in ("w", "b"):
+            num = sum(
+                lw * s * (f[k].double() + floor) * d[k].double() for lw, s, f, d in zip(lam, scales, fishers, deltas)
+            )
+            den = sum(lw * s * (f[k].double() + floor) for lw, s, f in zip(lam, scales, fishers))
+            out[k] = (num / den).float()
+        return out
+
+    for lam, normalize in (([1.0, 1.0], False), ([0.25, 2.0], False), ([1.0, 1.0], True), ([0.5, 1.5], True)):
+        got = fisher_merging(
+            deltas, fishers, weights=lam if lam != [1.0, 1.0] else 1.0, floor=floor, normalize=normalize
+        )
+        want = ref(lam, normalize)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=f"{lam} {normalize} {k}")
+    default = fisher_merging(deltas, fishers)  # weights 1, floor 1e-6
+    torch.testing.assert_close(
+        default["w"],
+        ((fishers[0]["w"] + 1e-6) * deltas[0]["w"] + (fishers[1]["w"] + 1e-6) * deltas[1]["w"])
+        / (fishers[0]["w"] + fishers[1]["w"] + 2e-6),
+    )
+    cases = [
+        (
+            lambda: fisher_merging(deltas, fishers[:1]),
+            TaskError,
+            r"^fisher_merging got 1 Fisher sets for 2 task deltas.$",
+        ),
+        (
+            lambda: fisher_merging(deltas, fishers, weights=[1.0, -1.0]),
+            MergeConfigError,
+            r"^fisher_merging weights sum to 0: the merge is undefined.$",
+        ),
+        (
+            lambda: fisher_merging(deltas, fishers, weights=[1.0]),
+            TaskError,
+            r"^weights has 1 values but there are 2 task deltas.$",
+        ),
+        (
+            lambda: fisher_merging(deltas, fishers, floor=-1.0),
+            MergeConfigError,
+            r"^floor must lie in \[0, inf\), got -1.0.$",
+        ),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    fisher_merging(deltas, fishers, floor=0.0)  # no floor: allowed
