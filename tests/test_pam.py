@@ -642,3 +642,70 @@ def test_end_task_records_the_alignment_totals_and_logs_one_line(caplog):
     assert records[1]["alignment_steps"] > 0 and records[1]["mean_step_misalignment"] is not None
     with pytest.raises(AlignmentError, match=r"^PAMCallback is not attached to a model: pass model= or call attach"):
         PAMCallback(cfg).end_task()
+
+
+def test_pam_model_checks_name_what_pam_cannot_merge_and_state_loads_name_the_mismatch():
+    """Embedding LoRA, LoRA biases and adapters on different modules are refused naming the module; a wrapped
+    PeftModel is found inside its wrapper and gets a trainable task adapter with the global one's config; loading a
+    state with a missing, extra or reshaped tensor names it."""
+    import re
+
+    emb = get_peft_model(tiny_clip(), LoraConfig(r=2, target_modules=["token_embedding"]), adapter_name="global")
+    with pytest.raises(AlignmentError, match=r"^adapter 'global' puts LoRA on embedding '[\w.]*token_embedding'; PAM"):
+        prepare_pam_model(emb)
+    biased = get_peft_model(
+        tiny_clip(), LoraConfig(r=2, target_modules=["fc1"], lora_bias=True), adapter_name="global"
+    )
+    with pytest.raises(
+        AlignmentError, match=r"^adapter 'global' has a lora_bias at '[\w.]*fc1'; PAM merges LoRA factors"
+    ):
+        prepare_pam_model(biased)
+    split = get_peft_model(tiny_clip(), LoraConfig(r=2, target_modules=["fc1"]), adapter_name="global")
+    split.add_adapter("task", LoraConfig(r=2, target_modules=["fc2"]))
+    first = r"'[\w.]*text_model.encoder.layers.0.mlp.fc1'"  # the first of the differing modules, sorted
+    with pytest.raises(
+        AlignmentError, match=rf"^adapters 'global' and 'task' adapt different modules \(e.g. {first}\).$"
+    ):
+        prepare_pam_model(split)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+    peft_inside = get_peft_model(tiny_clip(), LoraConfig(r=2, target_modules=["fc1"]), adapter_name="global")
+    model = prepare_pam_model(Wrapper(peft_inside))
+    assert model is peft_inside and set(model.peft_config) == {"global", "task"}
+    assert model.peft_config["task"].inference_mode is False
+    assert model.peft_config["task"].target_modules == model.peft_config["global"].target_modules
+    assert model.peft_config["global"] is not model.peft_config["task"]
+    state = PAMState(PAMConfig(), adapter_state(model, "global"), 1)
+    key = sorted(state.global_state)[0]
+    missing = PAMState(PAMConfig(), {k: v for k, v in state.global_state.items() if k != key}, 1)
+    with pytest.raises(AlignmentError, match=rf"^PAM state lacks tensor {re.escape(repr(key))} of adapter 'global'.$"):
+        missing.load_into(model)
+    extra = PAMState(PAMConfig(), {**state.global_state, "zz.lora_A.weight": torch.zeros(1)}, 1)
+    with pytest.raises(
+        AlignmentError, match=r"^PAM state has tensor 'zz.lora_A.weight' that adapter 'global' lacks.$"
+    ):
+        extra.load_into(model)
+    reshaped = PAMState(PAMConfig(), {**state.global_state, key: torch.zeros(1, 1)}, 1)
+    shape = tuple(state.global_state[key].shape)
+    with pytest.raises(
+        AlignmentError,
+        match=rf"^tensor {re.escape(repr(key))} has shape \(1, 1\) in the PAM state but {re.escape(str(shape))} in adapter 'global'.$",
+    ):
+        reshaped.load_into(model)
+    half = PAMState(PAMConfig(), {k: v.half() for k, v in state.global_state.items()}, 1)
+    half.load_into(model)  # copied in the adapter's own dtype
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_importance_mask_of_an_empty_or_half_precision_tensor():
+    assert (
+        importance_mask(torch.zeros(0), 0.5).dtype == torch.bool and importance_mask(torch.zeros(0), 0.5).numel() == 0
+    )
+    g = T([0.1, -0.5, 0.3, 0.0, -0.2, 0.4])
+    assert torch.equal(importance_mask(g.half(), 0.5), importance_mask(g, 0.5))
+    assert importance_mask(T([2.0]), 1.0).tolist() == [True]  # one entry, p = 1: kept
+    assert importance_mask(T([1.0, 2.0, 3.0]), 0.6).tolist() == [False, True, True]  # ⌈0.6·3⌉ = 2, not 1.8 → 2
