@@ -709,3 +709,22 @@ def test_importance_mask_of_an_empty_or_half_precision_tensor():
     assert torch.equal(importance_mask(g.half(), 0.5), importance_mask(g, 0.5))
     assert importance_mask(T([2.0]), 1.0).tolist() == [True]  # one entry, p = 1: kept
     assert importance_mask(T([1.0, 2.0, 3.0]), 0.6).tolist() == [False, True, True]  # ⌈0.6·3⌉ = 2, not 1.8 → 2
+
+
+def test_sign_misalignment_skips_zero_global_entries_and_empty_groups():
+    """Entries where G is 0 carry no sign and never count as conflicts; an all-zero factor has no important entry
+    and reports 0 (not a division by zero); the default p is 0.5; ``keys`` restricts the statistics."""
+    g = {"m.lora_A.weight": torch.zeros(1, 3), "m.lora_B.weight": T([[1.0], [0.0], [-2.0]])}
+    x = {"m.lora_A.weight": T([[1.0, -1.0, 0.0]]), "m.lora_B.weight": T([[-1.0], [5.0], [-1.0]])}
+    stats = sign_misalignment(g, x, top_p=1.0)
+    assert stats["layers"]["m.lora_A.weight"] == {"top_p": 0.0, "all": 0.0}
+    assert stats["layers"]["m.lora_B.weight"] == {"top_p": 0.5, "all": pytest.approx(1 / 3)}
+    assert stats["top_p"] == 0.5 and stats["all"] == pytest.approx(1 / 6)
+    assert stats["top_p/A"] == 0.0 and stats["all/A"] == 0.0 and stats["top_p/B"] == 0.5
+    zero = sign_misalignment({"m.lora_A.weight": torch.zeros(0, 3)}, {"m.lora_A.weight": torch.zeros(0, 3)})
+    assert (
+        zero["top_p"] == 0.0 and zero["all"] == 0.0 and zero["layers"]["m.lora_A.weight"] == {"top_p": 0.0, "all": 0.0}
+    )
+    assert sign_misalignment(GLOBAL, TASK) == sign_misalignment(GLOBAL, TASK, top_p=0.5)
+    only_b = sign_misalignment(GLOBAL, TASK, top_p=0.5, keys=[GB])
+    assert set(only_b["layers"]) == {GB} and "top_p/A" not in only_b
