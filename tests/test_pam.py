@@ -728,3 +728,31 @@ def test_sign_misalignment_skips_zero_global_entries_and_empty_groups():
     assert sign_misalignment(GLOBAL, TASK) == sign_misalignment(GLOBAL, TASK, top_p=0.5)
     only_b = sign_misalignment(GLOBAL, TASK, top_p=0.5, keys=[GB])
     assert set(only_b["layers"]) == {GB} and "top_p/A" not in only_b
+
+
+def test_state_merge_uses_the_configured_weight_factors_and_p_and_skips_the_first_task_statistics():
+    """PAMState.merge: task 1 is copied with no misalignment statistics (G carries no signs yet); later tasks use
+    the configured ω (also for the factor gap), p, and the configured factors for the statistics."""
+    state = PAMState(
+        PAMConfig(merge_weight=0.25, factors=("A",), top_p=1.0), {k: v.clone() for k, v in GLOBAL.items()}, 0
+    )
+    first = state.merge(TASK, task_name="one")
+    assert (
+        first["task"] == 1
+        and first["name"] == "one"
+        and "misalignment" not in first
+        and "factor_merge_gap" not in first
+    )
+    assert first["merge_weight"] == 1.0 and first["adapter_params"] == 6
+    torch.testing.assert_close(state.global_state[GA], TASK[GA])  # the first task is copied
+    state.global_state = {k: v.clone() for k, v in GLOBAL.items()}
+    second = state.merge(TASK, task_name="two")
+    assert second["task"] == 2 and second["merge_weight"] == 0.25
+    assert second["misalignment"] == sign_misalignment(GLOBAL, TASK, top_p=1.0, keys=[GA])
+    assert second["factor_merge_gap"] == pytest.approx(factor_merge_gap(GLOBAL, TASK, 0.25))
+    torch.testing.assert_close(state.global_state[GA], 0.75 * GLOBAL[GA] + 0.25 * TASK[GA])
+    assert [r["name"] for r in state.history] == ["one", "two"]
+    with pytest.raises(
+        AlignmentError, match=r"^PAMState has no global adapter tensors yet \(build it with PAMState.from_model\).$"
+    ):
+        PAMState(PAMConfig(), {}, 0).merge(TASK)
