@@ -431,3 +431,36 @@ def test_fisher_merging_against_its_formula_with_normalisation_weights_and_refus
         with pytest.raises(error, match=message):
             call()
     fisher_merging(deltas, fishers, floor=0.0)  # no floor: allowed
+
+
+def test_linear_input_grams_by_hand_with_module_selection_row_counts_and_batch_limits():
+    """XᵀX of each selected linear layer's inputs over every row (all leading dimensions), the row counts, module
+    selection by names or a predicate, ``batch_size`` / ``max_batches`` reaching the loader; no batch is refused."""
+    from hf_cft.merging.data_dependent import linear_input_grams
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    net = Net()
+    xs = [torch.randn(2, 5, 3) for _ in range(3)]  # [batch, tokens, features]
+    forward = lambda model, batch: model(batch)  # noqa: E731
+    grams = linear_input_grams(net, xs, forward=forward)
+    flat = torch.cat([x.reshape(-1, 3) for x in xs]).double()
+    hidden = torch.relu(net.a(flat.float())).double()
+    torch.testing.assert_close(grams["a.weight"], flat.T @ flat)
+    torch.testing.assert_close(grams["b.weight"], hidden.T @ hidden, rtol=1e-5, atol=1e-5)
+    assert grams.rows == {"a.weight": 30, "b.weight": 30}
+    assert set(linear_input_grams(net, xs, forward=forward, modules=["b"]).grams) == {"b.weight"}
+    assert set(linear_input_grams(net, xs, forward=forward, modules=lambda n, m: m.in_features == 3).grams) == {
+        "a.weight"
+    }
+    two = linear_input_grams(net, xs, forward=forward, max_batches=2)
+    assert two.rows["a.weight"] == 20
+    with pytest.raises(DatasetFormatError, match=r"^the calibration data yielded no batch: RegMean has no statistics"):
+        linear_input_grams(net, [], forward=forward)
