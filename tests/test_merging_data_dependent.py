@@ -464,3 +464,53 @@ def test_linear_input_grams_by_hand_with_module_selection_row_counts_and_batch_l
     assert two.rows["a.weight"] == 20
     with pytest.raises(DatasetFormatError, match=r"^the calibration data yielded no batch: RegMean has no statistics"):
         linear_input_grams(net, [], forward=forward)
+
+
+def test_fisher_merge_from_models_is_fisher_diagonal_then_fisher_merging_with_every_option():
+    """fisher_merge = each model's delta (``keys``), its diagonal Fisher on its own data with ``labels``, ``seed``,
+    ``max_batches`` and ``batch_size``, then :func:`fisher_merging` with ``weights``, ``floor`` and ``normalize``:
+    every option reaches its stage."""
+    from hf_cft.merging.data_dependent import fisher_diagonal, fisher_merging
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    torch.manual_seed(1)
+    base = Net()
+    models = []
+    for s in (2, 3):
+        m = copy.deepcopy(base)
+        g = torch.Generator().manual_seed(s)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        models.append(m)
+    data = [[{"x": torch.randn(4, 3), "labels": torch.tensor([0, 1, 2, 0])} for _ in range(3)] for _ in models]
+
+    def log_probs(model, batch):
+        return torch.log_softmax(model(batch["x"]), dim=-1)
+
+    opts = dict(labels="sample", seed=7, max_batches=2, batch_size=4)
+    got = fisher_merge(
+        base, models, data, log_probs, weights=[0.5, 2.0], keys=["a.weight", "b.bias"], floor=1e-3, normalize=True,
+        **opts,
+    )  # fmt: skip
+    deltas = [delta_from_models(base, m, keys=["a.weight", "b.bias"]) for m in models]
+    fishers = [fisher_diagonal(m, d, log_probs, keys=["a.weight", "b.bias"], **opts) for m, d in zip(models, data)]
+    want = fisher_merging(deltas, fishers, weights=[0.5, 2.0], floor=1e-3, normalize=True)
+    assert set(got) == {"a.weight", "b.bias"}
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+    for changed in (dict(seed=8), dict(max_batches=3), dict(labels="expected")):
+        other = fisher_merge(
+            base, models, data, log_probs, weights=[0.5, 2.0], keys=["a.weight", "b.bias"], floor=1e-3,
+            normalize=True, **{**opts, **changed},
+        )  # fmt: skip
+        assert not torch.allclose(other["a.weight"], got["a.weight"]), changed
+    with pytest.raises(TaskError, match=r"^got 1 log_probs functions for 2 models.$"):
+        fisher_merge(base, models, data, [log_probs])
