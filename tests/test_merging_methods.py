@@ -902,3 +902,29 @@ def test_magprune_keeps_an_entry_only_when_its_draw_is_below_the_keep_probabilit
         reference.uniform_numpy(skip)
         u = reference.uniform(2)
         assert got[0] == 0.0 and got[1] == (2.0 if u[1] < 0.5 else 0.0), (dtype, got)
+
+
+def test_rank_band_by_radix_selection_on_a_tie_heavy_tensor():
+    """The radix selection on a tensor of few distinct magnitudes (every band edge inside a long run of ties):
+    the counts above and at each threshold decide which tied entries are in, as a stable sort's ranks do."""
+    from hf_cft.merging import fused
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randint(-40, 41, (fused.SELECT_MIN + 5,), generator=g).float() / 8
+    if not fused.selects(x.numpy()):
+        pytest.skip("numba not installed: no radix selection (the numpy path is tested above)")
+    order = torch.sort(x.abs(), descending=True, stable=True).indices
+    for start, stop in ((0, 1000), (1, 333_333), (12_345, 700_001), (500_000, x.numel())):
+        want = torch.zeros(x.numel(), dtype=torch.bool)
+        want[order[start:stop]] = True
+        assert torch.equal(rank_band(x, start, stop), want), (start, stop)
+    # two runs of ties in one radix bucket (1 and the next float up share their top 16 bits): the entries above the
+    # threshold inside its own bucket count too when deciding that its ties straddle the band's edge
+    one, up = 1.0, float(np.nextafter(np.float32(1.0), np.float32(2.0)))
+    y = torch.cat([torch.full((300_000,), up), torch.full((300_000,), -one), torch.full((fused.SELECT_MIN,), 0.25)])
+    y = y[torch.randperm(y.numel(), generator=g)]
+    order = torch.sort(y.abs(), descending=True, stable=True).indices
+    for start, stop in ((0, 450_000), (100_000, 450_000)):
+        want = torch.zeros(y.numel(), dtype=torch.bool)
+        want[order[start:stop]] = True
+        assert torch.equal(rank_band(y, start, stop), want), (start, stop)
