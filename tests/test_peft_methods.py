@@ -371,7 +371,7 @@ def test_peft_version_check_warns_outside_the_supported_minor(monkeypatch, versi
         "hf_cft registers its PEFT method types through peft's private mapping dictionaries and was tested with "
         f"peft 0.21.x; peft {version} is installed and may have changed them."
     ]
-    assert caught[0].category is UserWarning
+    assert caught[0].category is UserWarning and caught[0].filename == __file__  # the caller's line
 
 
 def test_peft_deprecation_filter_silences_exactly_that_message():

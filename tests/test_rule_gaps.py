@@ -326,9 +326,12 @@ def test_exchange_swaps_two_folders_atomically(tmp_path):
 def test_exchange_raises_the_systems_error_with_its_errno(tmp_path):
     """A failure other than "this file system cannot exchange" is raised with the errno the call set (read
     through ctypes' saved errno): a missing path is FileNotFoundError naming it."""
+    import ctypes
+
     from hf_cft.utils import _exchange
 
     (tmp_path / "b").mkdir()
+    ctypes.set_errno(0)  # ctypes' saved errno, which only a call made with use_errno=True refreshes
     with pytest.raises(FileNotFoundError) as err:
         _exchange(tmp_path / "missing", tmp_path / "b")
     assert err.value.errno == 2 and err.value.filename == str(tmp_path / "b")

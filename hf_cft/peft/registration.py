@@ -36,13 +36,15 @@ def _methods():
 def _check_version():
     import peft
 
+    from hf_cft.utils import user_stacklevel
+
     parts = tuple(int(p) for p in peft.__version__.split(".")[:2] if p.isdigit())
     lo, hi = SUPPORTED_PEFT
     if not (lo <= parts < hi):
         warnings.warn(
             f"hf_cft registers its PEFT method types through peft's private mapping dictionaries and was tested "
             f"with peft {lo[0]}.{lo[1]}.x; peft {peft.__version__} is installed and may have changed them.",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 
