@@ -904,16 +904,26 @@ def test_lora_output_takes_the_first_inputs_task_type_and_base_path(assets, tmp_
 
     from hf_cft.merging.streaming import merge_folders
 
-    second = tmp_path / "lora_b_elsewhere"
-    shutil.copytree(assets["lora_b"], second)
-    cfg = json.loads((second / "adapter_config.json").read_text())
-    cfg.update(base_model_name_or_path="somewhere/else", task_type="FEATURE_EXTRACTION")
-    (second / "adapter_config.json").write_text(json.dumps(cfg))
-    merge_folders(assets["clip"], [assets["lora_a"], second], "task_arithmetic", out=tmp_path / "o", lora_rank=2)
-    first = json.loads((assets["lora_a"] / "adapter_config.json").read_text())
+    def renamed(name, base_path, task_type):
+        folder = tmp_path / name
+        shutil.copytree(assets[name], folder)
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        cfg.update(base_model_name_or_path=base_path, task_type=task_type)
+        (folder / "adapter_config.json").write_text(json.dumps(cfg))
+        return folder
+
+    first, second = renamed("lora_a", "first/base", "FEATURE_EXTRACTION"), renamed("lora_b", "second/base", None)
+    merge_folders(assets["clip"], [first, second], "task_arithmetic", out=tmp_path / "o", lora_rank=2)
     written = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
-    assert written["task_type"] == first.get("task_type") != "FEATURE_EXTRACTION"
-    assert written["base_model_name_or_path"] == (first.get("base_model_name_or_path") or str(assets["clip"]))
+    assert written["task_type"] == "FEATURE_EXTRACTION" and written["base_model_name_or_path"] == "first/base"
+    first_none = tmp_path / "none"
+    shutil.copytree(second, first_none)
+    cfg = json.loads((first_none / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = None
+    (first_none / "adapter_config.json").write_text(json.dumps(cfg))
+    merge_folders(assets["clip"], [first_none], "task_arithmetic", out=tmp_path / "o2", lora_rank=2)
+    written = json.loads((tmp_path / "o2" / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] == str(assets["clip"])  # without one: θ0's folder
 
 
 def test_a_nan_in_a_full_model_input_is_named_by_input_and_key(assets, tmp_path):
