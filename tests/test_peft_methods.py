@@ -576,3 +576,18 @@ def test_head_and_vpt_configs_refuse_bad_values_with_their_messages():
             make()
     assert LinearHeadConfig(num_classes=1, init="zeros").num_classes == 1  # one class is allowed
     assert VPTConfig(n_tokens=1).n_tokens == 1
+
+
+def test_head_random_init_scale_bias_and_repr():
+    """``init="random"``: N(0, 1/d) entries (d the feature size); the bias starts at 0; the wrapped layer shows as
+    ``linear_head.``."""
+    from hf_cft.peft.head.layer import LinearHeadLayer
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_clip(), LinearHeadConfig(num_classes=200, init="random"))
+    w, b = model.base_model.head_parameters()
+    d = w.shape[1]
+    assert w.dtype == torch.float32 and 0.8 * d**-0.5 < float(w.std()) < 1.2 * d**-0.5 and abs(float(w.mean())) < 0.02
+    assert b is not None and not b.any() and b.dtype == torch.float32
+    layer = next(m for m in model.modules() if isinstance(m, LinearHeadLayer))
+    assert repr(layer).startswith("linear_head.")
