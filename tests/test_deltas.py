@@ -393,6 +393,18 @@ def test_lora_factor_deltas_refuse_mismatched_adapters_by_name_and_densify_by_th
             delta[f"base_model.model.{m}.lora_B.default.weight"],
         )
         torch.testing.assert_close(dense[f"{m}.weight"], s * ((b0 + db) @ (a0 + da) - b0 @ a0), rtol=1e-5, atol=1e-6)
+    half = copy.deepcopy(reference).to(torch.bfloat16)  # a bf16 reference: the same formula, in fp32
+    hparams = dict(half.named_parameters())
+    for m in modules[:1]:
+        a0 = hparams[f"base_model.model.{m}.lora_A.default.weight"].detach().float()
+        b0 = hparams[f"base_model.model.{m}.lora_B.default.weight"].detach().float()
+        da, db = (
+            delta[f"base_model.model.{m}.lora_A.default.weight"],
+            delta[f"base_model.model.{m}.lora_B.default.weight"],
+        )
+        got = dense_delta_from_factors(delta, half)[f"{m}.weight"]
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, s * ((b0 + db) @ (a0 + da) - b0 @ a0), rtol=1e-5, atol=1e-6)
     missing = {k: v for k, v in delta.items() if ".lora_B." not in k}
     with pytest.raises(DeltaError, match=r"^The factor delta lacks 'base_model.model.[\w.]+lora_B.default.weight'"):
         dense_delta_from_factors(missing, reference)
