@@ -4,6 +4,8 @@
     python scripts/mutation.py                       # every core module (hours on 2 cores: run it in the background)
     python scripts/mutation.py merging.condu metrics # some modules
     python scripts/mutation.py --report              # only rewrite the tables from mutmut's last results
+    python scripts/mutation.py pam --only-survivors benchmarks/results/mutation-survivors-all-before.md
+                                                     # re-run an earlier run's survivors against new tests
 
 mutmut (configured in pyproject.toml's ``[tool.mutmut]``) copies the package to ``mutants/``, plants one small
 change at a time in the core modules and runs the tests that cover the changed function (it learns which tests
@@ -93,10 +95,19 @@ def _results(module: str) -> dict[str, str]:
     return out
 
 
-def run(modules: list[str], children: int) -> None:
-    """One mutmut invocation for all ``modules`` (it runs the clean test selection and the coverage trace once)."""
+def survivor_names(path: Path, modules: list[str]) -> list[str]:
+    """The mutant names listed in a survivors file (``## name`` headings or ``- `name``` lines) of ``modules``."""
+    import re
+
+    names = re.findall(r"^(?:## |- `)(hf_cft\.[^\s`]+)", path.read_text(encoding="utf-8"), flags=re.M)
+    return [n for n in names if any(n.startswith(f"hf_cft.{m}.") for m in modules)]
+
+
+def run(modules: list[str], children: int, only: list[str] | None = None) -> None:
+    """One mutmut invocation for all ``modules`` (it runs the clean test selection and the coverage trace once);
+    ``only``: just these mutant names (e.g. the survivors of an earlier run, against new tests)."""
     print(f"[mutation] {' '.join(modules)}", flush=True)
-    patterns = [f"hf_cft.{module}.*" for module in modules]
+    patterns = only if only is not None else [f"hf_cft.{module}.*" for module in modules]
     # mutmut forks one child per mutant from a process that has imported torch: with intra-op thread pools a child
     # can inherit a held lock and wait forever (a wall-clock hang that mutmut's CPU-time limit never ends), so the
     # run is single-threaded
@@ -139,7 +150,17 @@ def report(modules: list[str], tag: str, diffs: bool = True) -> dict:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"mutation{'-' + tag if tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
-    cols = ["mutants", "killed", "equivalent", "GPU only", "survived", "no tests", "timeout", "not checked", "import time"]
+    cols = [
+        "mutants",
+        "killed",
+        "equivalent",
+        "GPU only",
+        "survived",
+        "no tests",
+        "timeout",
+        "not checked",
+        "import time",
+    ]
     cols.append("score")
     lines = [
         f"# Mutation testing{' (' + tag + ')' if tag else ''}",
@@ -175,13 +196,19 @@ def main(argv=None) -> int:
     parser.add_argument("--children", type=int, default=1, help="parallel mutant runs (default 1)")
     parser.add_argument("--tag", default="", help="suffix of the result files (e.g. before / after)")
     parser.add_argument("--names-only", action="store_true", help="list the survivors by name, without their diffs")
+    parser.add_argument(
+        "--only-survivors",
+        type=Path,
+        help="re-run only the mutants a survivors file lists (mutmut keeps the other results of this checkout)",
+    )
     args = parser.parse_args(argv)
     unknown = [m for m in args.modules if m not in TESTS]
     if unknown:
         parser.error(f"unknown module(s) {unknown}; choose from {list(TESTS)}")
     modules = args.modules or list(TESTS)
     if not args.report:
-        run(modules, args.children)
+        only = survivor_names(args.only_survivors, modules) if args.only_survivors else None
+        run(modules, args.children, only)
     report(modules, args.tag, diffs=not args.names_only)
     return 0
 
