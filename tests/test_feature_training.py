@@ -66,6 +66,14 @@ def test_coop_context_init_interpolates_from_the_hand_crafted_prompt(toy_tokeniz
     torch.testing.assert_close(ctx.detach(), 0.7 * e0 + 0.3 * ctx_ft)
 
 
+def _start_terms(model, tok, names, x, y, t1):
+    """At the current context: the class features T, the logit scale s, CE(s·x̂·Tᵀ) and 1 − mean cos(T, T1)."""
+    with torch.no_grad():
+        tw = model.class_text_features(tok, names)
+    s = model.get_base_model().logit_scale.exp()
+    return tw, s, F.cross_entropy(s * x @ tw.t(), y), 1 - F.cosine_similarity(tw, t1, dim=-1).mean()
+
+
 def test_mergetune_on_features_loss_matches_the_formula(toy_tokenizer):
     """With lr 0 the first epoch's recorded loss is the loss at the start, which must equal the §4 formula."""
     import torch.nn.functional as F
@@ -73,11 +81,7 @@ def test_mergetune_on_features_loss_matches_the_formula(toy_tokenizer):
     from hf_cft.trainers.feature_training import train_mergetune_on_features
 
     names, _, t1, t2, model, x, y = _mergetune_setup(toy_tokenizer)
-    with torch.no_grad():
-        tw = model.class_text_features(toy_tokenizer, names)
-    s = model.get_base_model().logit_scale.exp()
-    task = F.cross_entropy(s * x @ tw.t(), y)
-    anchor = 1 - F.cosine_similarity(tw, t1, dim=-1).mean()
+    tw, s, task, anchor = _start_terms(model, toy_tokenizer, names, x, y, t1)
     path = sum(
         F.cross_entropy(s * x @ F.normalize(t2 + a * (tw - t2), dim=-1).t(), y) for a in (0.1, 0.3, 0.5, 0.7, 0.9)
     )
@@ -267,11 +271,7 @@ def test_mergetune_on_features_terms_off_the_zero_shot_point_with_a_fisher(toy_t
     from hf_cft.trainers.feature_training import train_mergetune_on_features
 
     names, _, t1, t2, model, x, y = _perturbed_setup(toy_tokenizer)
-    with torch.no_grad():
-        tw = model.class_text_features(toy_tokenizer, names)
-    s = model.get_base_model().logit_scale.exp()
-    task = F.cross_entropy(s * x @ tw.t(), y)
-    cos_anchor = 1 - F.cosine_similarity(tw, t1, dim=-1).mean()
+    tw, s, task, cos_anchor = _start_terms(model, toy_tokenizer, names, x, y, t1)
     fisher = torch.rand(t1.shape, generator=torch.Generator().manual_seed(3)) + 0.2
     fisher_anchor = (fisher * (tw - t1) ** 2).sum() / (2 * len(names))
     alphas = (1 / 6, 1 / 2, 5 / 6)  # N = 3, the midpoint grid
