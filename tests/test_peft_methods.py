@@ -1,5 +1,6 @@
 """hf_cft's PEFT method types on tiny CLIPs: registration, round trips, multi-adapter use, method semantics."""
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -591,3 +592,24 @@ def test_head_random_init_scale_bias_and_repr():
     assert b is not None and not b.any() and b.dtype == torch.float32
     layer = next(m for m in model.modules() if isinstance(m, LinearHeadLayer))
     assert repr(layer).startswith("linear_head.")
+
+
+def test_vpt_prompts_are_uniform_in_the_papers_range_and_layers_show_their_kind():
+    """VPT's prompts start U(−r, r) with r = √(6 / (3·p² + h)) (Xavier over a patch and the hidden size), in fp32;
+    the wrapped layers show as ``vpt.`` and ``vpt_deep.``."""
+    from hf_cft.peft.vpt.layer import VPTDeepLayer, VPTEmbeddingLayer, default_init_range
+
+    assert default_init_range(16, 768) == pytest.approx(math.sqrt(6 / (3 * 16 * 16 + 768)))
+    assert default_init_range(14, 1024, channels=1) == pytest.approx(math.sqrt(6 / (14 * 14 + 1024)))
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_clip(), VPTConfig(n_tokens=400, deep=True))
+    cfg = model.base_model.model.config.vision_config
+    r = default_init_range(cfg.patch_size, cfg.hidden_size)
+    emb = next(m for m in model.modules() if isinstance(m, VPTEmbeddingLayer))
+    p = emb.vpt_prompts["default"]
+    assert p.dtype == torch.float32 and p.shape == (400, cfg.hidden_size)
+    assert float(p.abs().max()) <= r and float(p.abs().max()) > 0.95 * r
+    assert float(p.std()) == pytest.approx(r / math.sqrt(3), rel=0.05)  # the std of U(−r, r)
+    assert repr(emb).startswith("vpt.") and repr(
+        next(m for m in model.modules() if isinstance(m, VPTDeepLayer))
+    ).startswith("vpt_deep.")
