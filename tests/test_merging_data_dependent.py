@@ -514,3 +514,17 @@ def test_fisher_merge_from_models_is_fisher_diagonal_then_fisher_merging_with_ev
         assert not torch.allclose(other["a.weight"], got["a.weight"]), changed
     with pytest.raises(TaskError, match=r"^got 1 log_probs functions for 2 models.$"):
         fisher_merge(base, models, data, [log_probs])
+
+
+def test_batch_length_is_the_first_batched_tensors_leading_size():
+    from hf_cft.merging.data_dependent import _batch_len
+
+    assert _batch_len(torch.zeros(4, 3, 8, 8)) == 4
+    assert (
+        _batch_len({"scale": torch.tensor(2.0), "labels": torch.tensor([1, 0, 2]), "pixel_values": torch.zeros(3, 1)})
+        == 3
+    )
+    with pytest.raises(
+        DatasetFormatError, match=r"^a calibration batch holds no batched tensor \(keys \['name', 'scale'\]\).$"
+    ):
+        _batch_len({"scale": torch.tensor(2.0), "name": "x"})
