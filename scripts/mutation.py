@@ -4,7 +4,7 @@
     python scripts/mutation.py                       # every core module (hours on 2 cores: run it in the background)
     python scripts/mutation.py merging.condu metrics # some modules
     python scripts/mutation.py --report              # only rewrite the tables from mutmut's last results
-    python scripts/mutation.py pam --only-survivors benchmarks/results/mutation-survivors-all-before.md
+    python scripts/mutation.py merging.pam --only-survivors benchmarks/results/mutation-survivors-all-before.md
                                                      # re-run an earlier run's survivors against new tests
 
 mutmut (configured in pyproject.toml's ``[tool.mutmut]``) copies the package to ``mutants/``, plants one small
@@ -131,7 +131,7 @@ def report(modules: list[str], tag: str, diffs: bool = True) -> dict:
             if status == "survived" and name in equivalent:
                 status = "GPU only" if equivalent[name].startswith("GPU only:") else "equivalent"
             count[status] += 1
-            if status == "survived" and name not in equivalent:
+            if status == "survived":
                 survivors.append(name)
         apart = ("equivalent", "GPU only", "no tests", "not checked", "import time")
         reached = len(res) - sum(count[c] for c in apart)
@@ -150,18 +150,8 @@ def report(modules: list[str], tag: str, diffs: bool = True) -> dict:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"mutation{'-' + tag if tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
-    cols = [
-        "mutants",
-        "killed",
-        "equivalent",
-        "GPU only",
-        "survived",
-        "no tests",
-        "timeout",
-        "not checked",
-        "import time",
-    ]
-    cols.append("score")
+    cols = ["mutants", "killed", "equivalent", "GPU only", "survived", "no tests", "timeout", "not checked"]
+    cols += ["import time", "score"]
     lines = [
         f"# Mutation testing{' (' + tag + ')' if tag else ''}",
         "",
@@ -206,9 +196,14 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown module(s) {unknown}; choose from {list(TESTS)}")
     modules = args.modules or list(TESTS)
+    if args.only_survivors is not None and not args.only_survivors.is_file():
+        parser.error(f"--only-survivors: {str(args.only_survivors)!r} is not a file")
     if not args.report:
         only = survivor_names(args.only_survivors, modules) if args.only_survivors else None
-        run(modules, args.children, only)
+        if only == []:  # an empty name list would make mutmut run every mutant
+            print(f"[mutation] {args.only_survivors} lists no survivor of {', '.join(modules)}: nothing to re-run")
+        else:
+            run(modules, args.children, only)
     report(modules, args.tag, diffs=not args.names_only)
     return 0
 
