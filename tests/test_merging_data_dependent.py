@@ -433,21 +433,24 @@ def test_fisher_merging_against_its_formula_with_normalisation_weights_and_refus
     fisher_merging(deltas, fishers, floor=0.0)  # no floor: allowed
 
 
+class _TwoLayers(nn.Module):
+    """x → b(act(a(x))): two linear layers of 3 → 4 → ``outputs`` features, the calibration tests' small model."""
+
+    def __init__(self, outputs, act):
+        super().__init__()
+        self.a, self.b, self.act = nn.Linear(3, 4), nn.Linear(4, outputs), act
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x)))
+
+
 def test_linear_input_grams_by_hand_with_module_selection_row_counts_and_batch_limits():
     """XᵀX of each selected linear layer's inputs over every row (all leading dimensions), the row counts, module
     selection by names or a predicate, ``batch_size`` / ``max_batches`` reaching the loader; no batch is refused."""
     from hf_cft.merging.data_dependent import linear_input_grams
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.b(torch.relu(self.a(x)))
-
     torch.manual_seed(0)
-    net = Net()
+    net = _TwoLayers(2, torch.relu)
     xs = [torch.randn(2, 5, 3) for _ in range(3)]  # [batch, tokens, features]
     forward = lambda model, batch: model(batch)  # noqa: E731
     grams = linear_input_grams(net, xs, forward=forward)
@@ -472,16 +475,8 @@ def test_fisher_merge_from_models_is_fisher_diagonal_then_fisher_merging_with_ev
     every option reaches its stage."""
     from hf_cft.merging.data_dependent import fisher_diagonal, fisher_merging
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.b(torch.tanh(self.a(x)))
-
     torch.manual_seed(1)
-    base = Net()
+    base = _TwoLayers(3, torch.tanh)
     models = []
     for s in (2, 3):
         m = copy.deepcopy(base)
