@@ -928,3 +928,19 @@ def test_rank_band_by_radix_selection_on_a_tie_heavy_tensor():
         want = torch.zeros(y.numel(), dtype=torch.bool)
         want[order[start:stop]] = True
         assert torch.equal(rank_band(y, start, stop), want), (start, stop)
+
+
+def test_the_tensor_level_helpers_refuse_nan_and_inf_instead_of_returning_a_number():
+    """``slerp_tensor`` and ``model_stock_ratio`` are public: a NaN/inf input is refused, not turned into a NaN
+    tensor or a ratio of 0."""
+    from hf_cft.merging.methods import slerp_tensor
+
+    a, bad = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, math.nan, 0.0])
+    with pytest.raises(NonFiniteError, match=r"^slerp_tensor: an input holds NaN/inf"):
+        slerp_tensor(a, bad, 0.5)
+    with pytest.raises(NonFiniteError, match=r"^slerp_tensor: an input holds NaN/inf"):
+        slerp_tensor(torch.tensor([math.inf, 0.0, 0.0]), a, 0.5)
+    with pytest.raises(NonFiniteError, match=r"^model_stock_ratio: a tensor holds NaN/inf"):
+        model_stock_ratio([a, torch.tensor([math.inf, 0.0, 0.0])])
+    with pytest.raises(NonFiniteError, match=r"^model_stock_ratio: a tensor holds NaN/inf"):
+        model_stock_ratio([a.double(), bad.double()])

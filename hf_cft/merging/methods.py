@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from hf_cft.errors import DeltaError, MergeConfigError, TaskError
+from hf_cft.errors import DeltaError, MergeConfigError, NonFiniteError, TaskError
 from hf_cft.merging import fused
 from hf_cft.merging.baselines import (
     ContinualMerger,
@@ -255,7 +255,10 @@ def model_stock_ratio(tensors: Sequence[Tensor], average: str = "cosine") -> flo
     check_choice(average, "average", MODEL_STOCK_AVERAGES, error=MergeConfigError)
     if len(tensors) < 2:
         raise TaskError(_ONE_MODEL.format(len(tensors)))
-    return _stock_ratio(_gram(tensors)[0], average)
+    gram = _gram(tensors)[0]
+    if not bool(torch.isfinite(gram).all()):
+        raise NonFiniteError("model_stock_ratio: a tensor holds NaN/inf (or squares beyond the float range).")
+    return _stock_ratio(gram, average)
 
 
 def _gram(tensors: Sequence[Tensor], total: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -666,6 +669,8 @@ def slerp_tensor(a: Tensor, b: Tensor, t: float, dot_threshold: float = 0.9995) 
     or where either tensor is zero (no angle)."""
     fa, fb = a.reshape(-1).double(), b.reshape(-1).double()
     na, nb = float(fa.norm()), float(fb.norm())
+    if not (math.isfinite(na) and math.isfinite(nb)):
+        raise NonFiniteError("slerp_tensor: an input holds NaN/inf (no angle to interpolate along).")
     if na == 0.0 or nb == 0.0:
         return (1.0 - t) * a + t * b
     dot = float(fa @ fb) / (na * nb)
