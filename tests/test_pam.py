@@ -2,6 +2,7 @@
 (exact resets and optimiser moments), inside ClipClassificationTrainer, and PAMState persistence."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -756,3 +757,373 @@ def test_state_merge_uses_the_configured_weight_factors_and_p_and_skips_the_firs
         AlignmentError, match=r"^PAMState has no global adapter tensors yet \(build it with PAMState.from_model\).$"
     ):
         PAMState(PAMConfig(), {}, 0).merge(TASK)
+
+
+# ------------------------------------------------------------------------------------------------ pinned rules (2)
+
+
+def test_config_refuses_wrong_types_naming_the_value():
+    """top_p must be a real number (a string or a bool is refused, not compared); the adapter names must be
+    non-empty strings; a factors string names one factor ("AB" is not "A" and "B")."""
+    with pytest.raises(AlignmentError, match=r"^PAMConfig.top_p must be a number in \(0, 1\], got '0.5'.$"):
+        PAMConfig(top_p="0.5")
+    with pytest.raises(AlignmentError, match=r"^PAMConfig.top_p must be a number in \(0, 1\], got True.$"):
+        PAMConfig(top_p=True)
+    for name in ("global_adapter", "task_adapter"):
+        for bad in ("", 3, None):
+            with pytest.raises(
+                AlignmentError, match=rf"^PAMConfig.{name} must be a non-empty string, got {re.escape(repr(bad))}.$"
+            ):
+                PAMConfig(**{name: bad})
+    assert PAMConfig(factors="B").factors == ("B",)
+    with pytest.raises(
+        AlignmentError, match=r"^PAMConfig.factors must be a non-empty subset of \('A', 'B'\), got 'AB'"
+    ):
+        PAMConfig(factors="AB")
+
+
+def test_merge_weight_default_bounds_and_types():
+    """The default weighting is "half" (½ for every t, not 1/t); ω = 1 is allowed, > 1 is not; the task index and the
+    weighting refuse bools and non-numbers with a message naming the value."""
+    assert merge_weight(2) == merge_weight(3) == merge_weight(5, "half") == 0.5
+    assert merge_weight(2, 1.0) == merge_weight(3, 1) == 1.0
+    for t in (True, 2.5, 0):
+        with pytest.raises(AlignmentError, match=rf"^task index t must be an integer >= 1, got {t!r}.$"):
+            merge_weight(t)
+    for bad in (True, None, [0.5]):
+        with pytest.raises(
+            AlignmentError,
+            match=rf"^PAMConfig.merge_weight must be 'half', 'running' or a float in \(0, 1\], got {re.escape(repr(bad))}.$",
+        ):
+            merge_weight(2, bad)
+    for bad in (1.5, 2.0, float("nan")):
+        with pytest.raises(AlignmentError, match=rf"^PAMConfig.merge_weight must lie in \(0, 1\], got {bad}.$"):
+            merge_weight(2, bad)
+
+
+def test_pair_checks_name_the_side_and_the_shapes():
+    with pytest.raises(AlignmentError, match=r"^global adapter lacks tensor 'm.lora_B.weight'.$"):
+        sign_misalignment({GA: GLOBAL[GA]}, TASK, keys=[GA, GB])
+    with pytest.raises(
+        AlignmentError,
+        match=r"^tensor 'm.lora_A.weight' has shape \(1, 4\) in the global adapter but \(2, 2\) in the task adapter.$",
+    ):
+        pam_align(GLOBAL, {GA: torch.zeros(2, 2), GB: TASK[GB]})
+    # a merge refuses a tensor only one side has, naming the side that lacks it
+    with pytest.raises(
+        AlignmentError, match=r"^global adapter lacks tensor 'x.lora_A.weight': cannot merge adapters with different"
+    ):
+        pam_merge(GLOBAL, {**TASK, "x.lora_A.weight": T([[1.0]])}, t=2)
+    with pytest.raises(AlignmentError, match=r"^task adapter lacks tensor 'm.lora_B.weight': cannot merge adapters"):
+        pam_merge(GLOBAL, {GA: TASK[GA]}, t=2)
+
+
+def test_importance_mask_rounds_p_times_n_up():
+    """keep = ⌈p·n⌉ (here ⌈1.25⌉ = 2), not p·n rounded to the nearest integer."""
+    assert importance_mask(T([1.0, 2.0, 3.0, 4.0, 5.0]), 0.25).tolist() == [False, False, False, True, True]
+
+
+def test_merges_compute_in_fp32_whatever_the_input_dtype():
+    """pam_merge returns fp32 (also for the copied first task) and averages in fp32: a half G is not multiplied by
+    (1 − ω) in half precision; PAMState and adapter_state hold fp32 copies of half tensors."""
+    half_task = {k: v.half() for k, v in TASK.items()}
+    assert pam_merge(GLOBAL, half_task, t=1)[GA].dtype == torch.float32
+    half_global = {k: v.half() for k, v in GLOBAL.items()}
+    merged = pam_merge(half_global, TASK, t=2, weighting=0.3)
+    for k in GLOBAL:
+        torch.testing.assert_close(merged[k], 0.7 * half_global[k].float() + 0.3 * TASK[k], rtol=0, atol=0)
+    assert all(v.dtype == torch.float32 for v in PAMState(PAMConfig(), half_global).global_state.values())
+    model = _pam_model().to(torch.bfloat16)
+    assert {v.dtype for v in adapter_state(model, "global").values()} == {torch.float32}
+
+
+def test_factor_merge_gap_sums_over_modules_and_skips_incomplete_ones():
+    """The gap is √(Σ num / Σ den) over every complete LoRA module, whatever the key order; a module lacking a factor
+    on either side is skipped, not the rest of the modules; a zero dense average gives 0; the default ω is ½."""
+    g = {"x.lora_A.weight": T([[1.0, 0.0]]), "x.lora_B.weight": T([[1.0], [0.0]])}
+    t = {"x.lora_A.weight": T([[0.0, 1.0]]), "x.lora_B.weight": T([[0.0], [1.0]])}
+    same = {"y.lora_A.weight": T([[1.0, 0.0]]), "y.lora_B.weight": T([[1.0], [0.0]])}  # num 0, den 1
+    # x alone: num ¼, den ½ (test_factor_merge_gap_by_hand); with y: √(¼ / 1.5)
+    b_first = {
+        k: {**g, **same}[k] for k in ("x.lora_B.weight", "y.lora_B.weight", "x.lora_A.weight", "y.lora_A.weight")
+    }
+    assert factor_merge_gap(b_first, {**t, **same}, 0.5) == pytest.approx((0.25 / 1.5) ** 0.5)
+    assert factor_merge_gap(g, t) == factor_merge_gap(g, t, 0.5)
+    lone_a = {"a.lora_A.weight": T([[1.0, 0.0]])}  # no B factor in G (the task has both): skipped
+    task_ab = {**lone_a, "a.lora_B.weight": T([[1.0], [1.0]])}
+    assert factor_merge_gap({**lone_a, **g}, {**task_ab, **t}, 0.5) == pytest.approx(0.5 / 0.5**0.5)
+    task_without_b = {"a.lora_A.weight": T([[1.0, 0.0]])}
+    g_with_a = {"a.lora_A.weight": T([[1.0, 0.0]]), "a.lora_B.weight": T([[1.0], [1.0]])}
+    assert factor_merge_gap({**g_with_a, **g}, {**task_without_b, **t}, 0.5) == pytest.approx(0.5 / 0.5**0.5)
+    zeros = {k: torch.zeros_like(v) for k, v in g.items()}
+    assert factor_merge_gap(zeros, zeros, 0.5) == 0.0
+
+
+def test_peft_model_checks_name_what_is_wrong():
+    """A model without PEFT, a non-LoRA adapter, an adapter without layers, and adapters of different rank (same
+    scaling) are refused with messages naming them; a PEFT model with another adapter gets the global one from the
+    given LoraConfig."""
+    from peft import IA3Config
+    from peft.tuners.lora import LoraLayer
+
+    from hf_cft.errors import AdapterError
+
+    with pytest.raises(
+        AdapterError, match=r"^PAM needs a peft.PeftModel with a LoRA adapter; got a CLIPModel without"
+    ):
+        adapter_state(tiny_clip(), "global")
+    ia3 = get_peft_model(
+        tiny_clip(), IA3Config(target_modules=["fc1"], feedforward_modules=["fc1"]), adapter_name="global"
+    )
+    with pytest.raises(AlignmentError, match=r"^adapter 'global' is a PeftType.IA3 adapter; PAM needs LoRA.$"):
+        prepare_pam_model(ia3)
+    empty = get_peft_model(tiny_clip(), LoraConfig(r=2, target_modules=["fc1"]), adapter_name="global")
+    for module in empty.modules():
+        if isinstance(module, LoraLayer):
+            del module.lora_A["global"]
+    with pytest.raises(AlignmentError, match=r"^the model has no LoRA layer for adapter 'global'.$"):
+        adapter_state(empty, "global")
+    ranks = get_peft_model(tiny_clip(), LoraConfig(r=2, lora_alpha=8, target_modules=["fc1"]), adapter_name="global")
+    ranks.add_adapter("task", LoraConfig(r=4, lora_alpha=16, target_modules=["fc1"]))  # scaling 4 in both
+    with pytest.raises(
+        AlignmentError,
+        match=r"^adapters 'global' and 'task' differ in rank or scaling at '[\w.]*fc1' \(2/4.0 vs 4/4.0\); PAM "
+        r"averages factors and needs identical LoRA configs.$",
+    ):
+        prepare_pam_model(ranks)
+    other = get_peft_model(tiny_clip(), LoraConfig(r=2, target_modules=["fc2"]))
+    prepared = prepare_pam_model(other, LoraConfig(r=2, target_modules=["fc1"]))
+    assert set(prepared.peft_config) == {"default", "global", "task"}
+    assert set(prepared.peft_config["global"].target_modules) == {"fc1"}
+
+
+def test_state_defaults_config_and_json_safe_history():
+    cfg = PAMConfig(top_p=0.3)
+    assert PAMState().config == PAMConfig() and PAMState(cfg).config is cfg
+    model = _pam_model()
+    assert PAMState.from_model(model).config == PAMConfig()
+    assert PAMState.from_model(model, cfg).config is cfg
+    state = PAMState(PAMConfig(), {k: v.clone() for k, v in GLOBAL.items()})
+    from pathlib import Path
+
+    state.merge(TASK, where=Path("runs") / "t1", dtype=torch.float16)
+    assert state.history[-1]["where"] == str(Path("runs") / "t1") and state.history[-1]["dtype"] == "torch.float16"
+
+
+def test_inner_optimizer_unwraps_at_most_five_wrappers():
+    from hf_cft.merging.pam import _inner_optimizer
+
+    class Wrap:
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    chain = opt
+    wrappers = []
+    for _ in range(7):
+        chain = Wrap(chain)
+        wrappers.append(chain)
+    assert _inner_optimizer(wrappers[4]) is opt  # five wrappers: all unwrapped
+    assert _inner_optimizer(wrappers[5]) is wrappers[0]  # six: stops after five
+    assert _inner_optimizer(wrappers[6]) is wrappers[1]
+    loop = Wrap(None)
+    loop.optimizer = loop  # a wrapper that wraps itself ends the loop too
+    assert _inner_optimizer(loop) is loop
+
+
+def test_callback_construction_keeps_the_given_config_state_and_weights():
+    """The callback takes the state's config when given none, writes a given config into the state, starts with an
+    empty alignment log, refuses a non-config, uses custom adapter names throughout, fills an empty state and its
+    LoRA config from the model, keeps a given LoRA config, and copies G into the global adapter only."""
+    cfg = PAMConfig(top_p=0.3)
+    assert PAMCallback(state=PAMState(cfg)).config is cfg
+    other = PAMState(PAMConfig())
+    assert PAMCallback(cfg, state=other).config is cfg and other.config is cfg
+    with pytest.raises(AlignmentError, match=r"^PAMCallback needs a PAMConfig, got a dict.$"):
+        PAMCallback({"top_p": 0.5})
+
+    named = PAMConfig(global_adapter="G", task_adapter="L")
+    cb = PAMCallback(named, model=prepare_pam_model(tiny_clip(), LoraConfig(r=2, target_modules=["fc1"]), named))
+    assert set(cb.model.peft_config) == {"G", "L"} and cb.state.config is named
+    assert cb.alignment_log == [] and cb.state.lora_config["r"] == 2
+
+    model = _pam_model()
+    empty = PAMState(PAMConfig())
+    cb = PAMCallback(model=model, state=empty)
+    assert cb.state is empty and empty.lora_config["r"] == 2
+    for k, v in adapter_state(model, "global").items():  # filled from the model's global adapter
+        torch.testing.assert_close(empty.global_state[k], v, rtol=0, atol=0)
+    kept = PAMState(PAMConfig(), adapter_state(model, "global"), 1, lora_config={"r": 2, "note": "mine"})
+    PAMCallback(model=model, state=kept)
+    assert kept.lora_config == {"r": 2, "note": "mine"}
+
+    gen = torch.Generator().manual_seed(3)
+    g = {k: torch.randn(v.shape, generator=gen) for k, v in adapter_state(model, "global").items()}
+    with torch.no_grad():
+        for p in (p for n, p in model.named_parameters() if ".task." in n):
+            p.fill_(0.25)
+    PAMCallback(model=model, state=PAMState(PAMConfig(), g, 1))
+    for k, v in adapter_state(model, "global").items():
+        torch.testing.assert_close(v, g[k])
+    assert all(bool((v == 0.25).all()) for v in adapter_state(model, "task").values())  # the task adapter untouched
+
+
+def _second_task_callback(cfg):
+    """A callback in its second task (G trained, num_tasks = 1) on a fresh model, and its trainer hooks."""
+    model = _pam_model(cfg)
+    gen = torch.Generator().manual_seed(1)
+    g = {k: torch.randn(v.shape, generator=gen) for k, v in adapter_state(model, "global").items()}
+    return model, PAMCallback(cfg, model=model, state=PAMState(cfg, g, num_tasks=1))
+
+
+def test_callback_task_start_messages_and_copy_rules():
+    """begin_task copies G into the task adapter by default; align before any begin_task aligns the current task
+    weights (it must not copy G over them first); on_train_begin attaches a model given there, says when it has
+    none, names the adapter the optimiser lacks, and treats global_step 1 as a resume."""
+    cfg = PAMConfig(top_p=1.0, align_every=1)
+    model, cb = _second_task_callback(cfg)
+    with torch.no_grad():
+        for p in cb._task_params.values():
+            p.fill_(0.5)
+    cb.begin_task()
+    _adapters_equal(model, cb.state.global_state)
+
+    model, cb = _second_task_callback(cfg)
+    with torch.no_grad():
+        for key, p in cb._task_params.items():
+            p.copy_(-cb.state.global_state[key])  # every entry conflicts
+    record = cb.align()
+    assert record["reset"] == sum(int((v != 0).sum()) for v in cb.state.global_state.values())
+    assert all(bool((v == 0).all()) for v in adapter_state(model, "task").values())
+
+    with pytest.raises(AlignmentError, match=r"^PAMCallback is not attached to a model: pass model= or call attach"):
+        PAMCallback(cfg).begin_task()
+    with pytest.raises(
+        AlignmentError,
+        match=r"^PAM does not align during the first task: the global adapter is still untrained \(pam.md §2\).$",
+    ):
+        PAMCallback(cfg, model=_pam_model(cfg)).align()
+    state, control = _hooks()
+    with pytest.raises(AlignmentError, match=r"^PAMCallback got no model: pass model= when creating it.$"):
+        PAMCallback(cfg).on_train_begin(None, state, control)
+    late = PAMCallback(cfg)
+    model = _pam_model(cfg)
+    late.on_train_begin(None, state, control, model=model)
+    assert late.model is model
+    with pytest.raises(
+        AlignmentError,
+        match=r"^the optimiser does not train adapter 'task': create PAMCallback\(model=...\) \(or call "
+        r"prepare_pam_model\) before the Trainer builds its optimiser.$",
+    ):
+        late.on_train_begin(
+            None, state, control, optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1)
+        )
+
+    model, cb = _second_task_callback(cfg)
+    with torch.no_grad():
+        for p in cb._task_params.values():
+            p.fill_(0.5)
+    resumed = TrainerState()
+    resumed.global_step = 1
+    cb.on_train_begin(None, resumed, control)
+    assert all(bool((v == 0.5).all()) for v in adapter_state(model, "task").values())
+
+
+def test_alignment_rates_per_factor_and_the_logged_entry():
+    """An alignment record's per-factor rates are the conflicts over the important entries of that factor (as
+    sign_misalignment computes them before the reset); the logged entry has the pam/ keys, the step and the task."""
+    cfg = PAMConfig(top_p=0.5, align_every=2)
+    model, cb = _second_task_callback(cfg)
+    state, control = _hooks()
+    cb.on_train_begin(None, state, control)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in cb._task_params.values():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    before = sign_misalignment(cb.state.global_state, adapter_state(model, "task"), top_p=0.5)
+    state.global_step = 2
+    cb.on_step_end(None, state, control)
+    record = cb.alignment_log[-1]
+    assert record["misalignment"] == pytest.approx(before["top_p"])
+    assert record["misalignment/A"] == pytest.approx(before["top_p/A"])
+    assert record["misalignment/B"] == pytest.approx(before["top_p/B"])
+    assert 0 < before["top_p/A"] < 1 and 0 < before["top_p/B"] < 1
+    assert state.log_history == [
+        {
+            "pam/reset": record["reset"],
+            "pam/misalignment": record["misalignment"],
+            "pam/misalignment/A": record["misalignment/A"],
+            "pam/misalignment/B": record["misalignment/B"],
+            "step": 2,
+            "pam_task": 2,
+        }
+    ]
+
+
+class _KeepsState(torch.optim.SGD):
+    """SGD that also keeps per-parameter state under names PAM does not know (``shaped``: tensors of the
+    parameter's shape, else a scalar tensor)."""
+
+    def __init__(self, params, shaped):
+        super().__init__(params, lr=0.01)
+        self.shaped = shaped
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["velocity"] = torch.ones_like(p) if self.shaped else torch.tensor(3.0)
+
+
+def _flip_and_align(cb, opt):
+    with torch.no_grad():
+        for key, p in cb._task_params.items():
+            p.copy_(-cb.state.global_state[key])
+    return cb.align(opt)
+
+
+def test_moment_reset_warns_once_at_the_callers_line_when_the_optimiser_keeps_unknown_state():
+    cfg = PAMConfig(top_p=1.0, align_every=1)
+    for shaped, warns in ((True, 1), (False, 0)):
+        model, cb = _second_task_callback(cfg)
+        opt = _KeepsState([p for p in model.parameters() if p.requires_grad], shaped)
+        state, control = _hooks()
+        cb.on_train_begin(None, state, control, optimizer=opt)
+        _loss(model, 0).backward()
+        opt.step()
+        with _catch_warnings() as caught:
+            _flip_and_align(cb, opt)
+            _flip_and_align(cb, opt)  # warned once per callback
+        pam = [w for w in caught if "PAM" in str(w.message)]
+        assert len(pam) == warns
+        if warns:
+            assert str(pam[0].message) == (
+                "PAM: the optimiser state has none of ('exp_avg', 'momentum_buffer') for the task adapter; moments "
+                "were not reset (state keys: ['velocity'])."
+            )
+            assert pam[0].filename == __file__
+    # Adam keeps exp_avg: reset, no warning
+    model, cb = _second_task_callback(cfg)
+    opt = _task_opt(model)
+    cb.on_train_begin(None, *_hooks(), optimizer=opt)
+    _loss(model, 0).backward()
+    opt.step()
+    with _catch_warnings() as caught:
+        _flip_and_align(cb, opt)
+    assert not [w for w in caught if "PAM" in str(w.message)]
+
+
+def _catch_warnings():
+    import warnings
+
+    class Catch(warnings.catch_warnings):
+        def __init__(self):
+            super().__init__(record=True)
+
+        def __enter__(self):
+            caught = super().__enter__()
+            warnings.simplefilter("always")
+            return caught
+
+    return Catch()

@@ -57,7 +57,7 @@ from transformers import TrainerCallback
 
 from hf_cft.errors import AdapterError, AlignmentError, BundleError, NonFiniteError
 from hf_cft.merging.hub_hint import MovedToHubMixin
-from hf_cft.utils import atomic_save_safetensors, atomic_write_json
+from hf_cft.utils import atomic_save_safetensors, atomic_write_json, user_stacklevel
 
 logger = logging.getLogger(__name__)
 
@@ -830,7 +830,7 @@ class PAMCallback(TrainerCallback):
             warnings.warn(
                 f"PAM: the optimiser state has none of {names} for the task adapter; moments were not reset "
                 f"(state keys: {sorted(state)}).",
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
 
     def end_task(self, task_name: str | None = None) -> dict:
