@@ -5,6 +5,7 @@ zero-shot log-probabilities) and bad input."""
 
 import copy
 import math
+import re
 
 import numpy as np
 import pytest
@@ -523,3 +524,367 @@ def test_batch_length_is_the_first_batched_tensors_leading_size():
         DatasetFormatError, match=r"^a calibration batch holds no batched tensor \(keys \['name', 'scale'\]\).$"
     ):
         _batch_len({"scale": torch.tensor(2.0), "name": "x"})
+
+
+# ------------------------------------------------------------------------------------------------ more pinned rules
+# Defaults, pass-through options and exact messages that the tests above let through (mutation testing of
+# hf_cft/merging/data_dependent.py).
+
+
+def _toy_view(n=20):
+    """``n`` rows of the toy task as 16-pixel ``pixel_values`` + ``labels`` (a dataset, not a list of batches)."""
+    from hf_cft.data import ImageTransform, apply_image_transform
+
+    return apply_image_transform(_toy_task(n)["train"], ImageTransform(size=16, crop_size=16))
+
+
+def _collate(view, rows):
+    from hf_cft.data.transforms import ImageClassificationCollator
+
+    return ImageClassificationCollator()([view[i] for i in rows])
+
+
+def _pixel_forward(model, batch):
+    """A _TwoLayers forward on images: the per-channel mean of ``pixel_values`` as 3 features."""
+    return model(batch["pixel_values"].mean(dim=(2, 3)))
+
+
+def _pixel_log_probs(model, batch):
+    return torch.log_softmax(_pixel_forward(model, batch), dim=-1)
+
+
+def _two_layer_experts(seeds=(2, 3), outputs=3):
+    torch.manual_seed(1)
+    base = _TwoLayers(outputs, torch.tanh)
+    models = []
+    for s in seeds:
+        m = copy.deepcopy(base)
+        g = torch.Generator().manual_seed(s)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        models.append(m)
+    return base, models
+
+
+def test_calibration_defaults_batches_of_16_seed_0_label_column_and_describe_keys():
+    """calibration_batches wraps a dataset in batches of 16 by default, with hf_cft's collator (a row's ``label``
+    becomes the batch's ``labels``); calibration_rows' default seed is 0; CalibrationData.describe()'s keys."""
+    from hf_cft.merging.data_dependent import CalibrationData, calibration_batches, calibration_rows
+
+    view = _toy_view(20)
+    sizes = [len(b["labels"]) for b in calibration_batches(view)]
+    assert sizes == [16, 4]
+
+    class Rows:  # a map-style dataset whose rows say "label", not "labels"
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return {"pixel_values": torch.full((3, 2, 2), float(i)), "label": i}
+
+    (batch,) = list(calibration_batches(Rows()))
+    assert set(batch) == {"pixel_values", "labels"}
+    assert batch["labels"].tolist() == [0, 1, 2] and batch["labels"].dtype == torch.long
+
+    default = calibration_rows(20, 5)
+    assert default == calibration_rows(20, 5, seed=0) == sorted(default) and len(set(default)) == 5
+    assert default != calibration_rows(20, 5, seed=1)
+
+    data = CalibrationData("toy", "train", [], ["cat", "dog", "car"], ["a {}."], [0, 3], 6)
+    assert data.describe() == {"dataset": "toy", "split": "train", "rows": 2, "available": 6, "classes": 3}
+
+
+def _split_task():
+    """The toy task with three splits: ``train`` (6 rows), ``test`` (1 row) and ``empty`` (0 rows)."""
+    import datasets
+
+    from hf_cft.data import ClassificationDataset
+
+    toy = _toy_task()
+    train = toy["train"]
+    splits = datasets.DatasetDict({"train": train, "test": train.select([4]), "empty": train.select([])})
+    return ClassificationDataset(name="toy", splits=splits, classnames=toy.classnames, templates=toy.templates)
+
+
+def test_load_calibration_bounds_splits_names_and_messages():
+    """load_calibration accepts rows = 1, batch_size = 1 and rows = every row of the split (also of a 1-row split);
+    refuses an empty split and a missing one listing every split; class names and templates are checked against
+    the data (duplicates are an error) with messages naming ``calibration.data 'toy'``; the result carries the
+    dataset's name and split; a corrupt image's error names the dataset."""
+    import datasets
+
+    from hf_cft.data import ClassificationDataset
+    from hf_cft.errors import ImageDecodeError
+    from hf_cft.merging.data_dependent import load_calibration
+
+    task = _split_task()
+    one = load_calibration(task, rows=1, batch_size=1)
+    assert [len(b["labels"]) for b in one.loader] == [1]
+    every = load_calibration(task, rows=6, batch_size=4)
+    assert every.rows == [0, 1, 2, 3, 4, 5] and every.available == 6
+    assert (every.name, every.split) == ("toy", "train")
+    assert every.describe() == {"dataset": "toy", "split": "train", "rows": 6, "available": 6, "classes": 3}
+    single = load_calibration(task, rows=1, split="test")
+    assert single.rows == [0] and [b["labels"].tolist() for b in single.loader] == [[1]]
+    assert single.split == "test"
+    cases = [
+        (
+            dict(split="val"),
+            "calibration.data 'toy' has no split 'val' (calibration.split); it has train, test, empty.",
+        ),
+        (dict(split="empty"), "calibration.data 'toy': split 'empty' is empty, no calibration data."),
+        (
+            dict(classnames=["cat", "dog"]),
+            "calibration.classnames: 2 class names were given of calibration.data 'toy', but its labels have 3 "
+            "classes.",
+        ),
+        (
+            dict(classnames=["cat", "cat", "car"]),
+            "calibration.classnames: Class name 'cat' of calibration.data 'toy' appears twice (ids 0 and 1).",
+        ),
+        (
+            dict(templates=["no placeholder"]),
+            "calibration.templates: Template 'no placeholder' of calibration.data 'toy' must contain exactly one "
+            "'{}' placeholder for the class name.",
+        ),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(MergeConfigError, match=f"^{re.escape(message)}$"):
+            load_calibration(task, rows=1, **kwargs)
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat"])})
+    bad = datasets.Dataset.from_dict({"image": [{"bytes": b"not an image", "path": None}], "label": [0]}, features)
+    broken = ClassificationDataset(
+        name="broken", splits=datasets.DatasetDict({"train": bad}), classnames=["cat"], templates=["a {}."]
+    )
+    loader = load_calibration(broken, rows=1).loader
+    with pytest.raises(ImageDecodeError, match=r"^Cannot decode image <bytes> of dataset 'broken': "):
+        next(iter(loader))
+
+
+def test_load_calibration_reads_a_named_dataset_under_data_dir(tmp_path):
+    """A dataset name is looked up under ``data_dir`` (not only $HF_CFT_DATA_DIR / ../shared/data)."""
+    from hf_cft.merging.data_dependent import load_calibration
+
+    folder = tmp_path / "toyparquet"
+    folder.mkdir()
+    _toy_task()["train"].to_parquet(str(folder / "train.parquet"))
+    data = load_calibration("toyparquet", data_dir=tmp_path, rows=4, batch_size=4)
+    assert (data.name, data.available, data.classnames) == ("toyparquet", 6, ["cat", "dog", "car"])
+    assert [b["labels"].tolist() for b in data.loader] == [[_toy_task()["train"][i]["label"] for i in data.rows]]
+
+
+def test_batch_helpers_slice_rows_pass_non_tensors_through_and_name_bad_batches():
+    """_row slices example i of every batched tensor and leaves 0-d tensors and non-tensors alone; _batch_len reads a
+    1-D tensor's length; batches may carry non-tensor values through RegMean and Fisher; a batch that is neither a
+    dict nor a tensor, and a batch without ``pixel_values`` for the image forward, are refused by name."""
+    from hf_cft.merging.data_dependent import _batch_len, _row, image_forward
+
+    t = torch.arange(12.0).reshape(4, 3)
+    assert torch.equal(_row(t, 2), t[2:3])
+    row = _row({"x": t, "scale": torch.tensor(2.0), "name": "abc"}, 1)
+    assert torch.equal(row["x"], t[1:2]) and torch.equal(row["scale"], torch.tensor(2.0)) and row["name"] == "abc"
+    assert _batch_len({"labels": torch.tensor([1, 0, 2])}) == 3
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    xs = torch.randn(3, 4)
+    plain = [{"x": xs, "labels": torch.tensor([0, 2, 1])}]
+    tagged = [{**plain[0], "name": "batch-0"}]
+    torch.testing.assert_close(
+        linear_input_grams(model, tagged, forward=forward)["weight"], (xs.T @ xs).double(), rtol=1e-6, atol=1e-6
+    )
+    want = fisher_diagonal(model, plain, forward, labels="empirical")
+    got = fisher_diagonal(model, tagged, forward, labels="empirical")
+    for k in want:
+        torch.testing.assert_close(got[k], want[k])
+    with pytest.raises(
+        DatasetFormatError,
+        match=r"^a calibration batch must be a dict of tensors or a tensor of pixel values, got list\.$",
+    ):
+        linear_input_grams(model, [[xs]], forward=forward)
+    with pytest.raises(
+        DatasetFormatError, match=r"^a calibration batch lacks 'pixel_values' \(it has \['labels', 'x'\]\)\.$"
+    ):
+        image_forward(tiny_clip(seed=0), plain[0])
+
+
+def test_gram_means_and_linear_input_grams_default_batch_size():
+    """LinearGrams.mean divides by the row count (by 1 when there are none); linear_input_grams wraps a dataset in
+    batches of 16 by default, of ``batch_size`` when given."""
+    g = torch.full((2, 2), 6.0, dtype=torch.float64)
+    means = LinearGrams(grams={"w": g, "z": g}, rows={"w": 1, "z": 0}).mean()
+    assert torch.equal(means["w"], g) and torch.equal(means["z"], g)
+    assert torch.equal(LinearGrams(grams={"w": g}, rows={"w": 3}).mean()["w"], g / 3)
+
+    view = _toy_view(20)
+    base, _ = _two_layer_experts()
+    first = linear_input_grams(base, view, forward=_pixel_forward, max_batches=1)
+    assert first.rows == {"a.weight": 16, "b.weight": 16}
+    want = linear_input_grams(base, [_collate(view, range(16))], forward=_pixel_forward)
+    torch.testing.assert_close(first["a.weight"], want["a.weight"])
+    assert linear_input_grams(base, view, forward=_pixel_forward, batch_size=5, max_batches=2).rows["a.weight"] == 10
+
+
+def test_regmean_refusals_name_alpha_the_key_and_the_overflow():
+    """regmean refuses α < 0 and normalize=True without row counts, a NaN Gram matrix naming key and task, and a
+    finite merge that overflows float32 blaming alpha, each with its exact message."""
+    d = {"w": torch.ones(1, 2)}
+    eye = {"w": torch.eye(2, dtype=torch.float64)}
+    with pytest.raises(MergeConfigError, match=r"^alpha must lie in \[0, 1\], got -0\.5\.$"):
+        regmean([d, d], [eye, eye], alpha=-0.5)
+    with pytest.raises(
+        MergeConfigError,
+        match=r"^regmean\(normalize=True\) needs LinearGrams \(they carry the row counts\)\.$",
+    ):
+        regmean([d, d], [eye, eye], normalize=True)
+    nan = {"w": torch.tensor([[1.0, float("nan")], [0.0, 1.0]], dtype=torch.float64)}
+    with pytest.raises(DeltaError, match=r"^the Gram matrix of key 'w' of task 1 holds NaN or inf\.$"):
+        regmean([d, d], [eye, nan])
+    # two nearly collinear inputs x1 = (1, 1), x2 = (1, 1.001): at α = 1 the merge interpolates both exactly,
+    # W x1 = 1e36, W x2 = 0, so W = (1e36 + 1e39, -1e39): finite deltas, an overflowing (float32) merge
+    x1, x2 = torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0, 1.001]])
+    grams = [{"w": (x1.T @ x1).double()}, {"w": (x2.T @ x2).double()}]
+    big = [{"w": torch.tensor([[1e36, 0.0]])}, {"w": torch.zeros(1, 2)}]
+    message = "alpha=1.0 scales the finite delta at key 'w' beyond the float range (inf); use a smaller value."
+    with pytest.raises(MergeConfigError, match=f"^{re.escape(message)}$"):
+        regmean(big, grams, alpha=1.0)
+
+
+def test_regmean_merge_passes_keys_batch_size_and_max_batches_and_counts_models():
+    """regmean_merge = regmean of the ``keys`` deltas with each model's Gram matrices on its data in batches of
+    ``batch_size`` (16 by default), at most ``max_batches``; one model is allowed (its delta comes back), none or a
+    wrong number of calibration sources is refused with the exact message."""
+    from hf_cft.merging.data_dependent import regmean_merge
+
+    base, models = _two_layer_experts()
+    view = _toy_view(20)
+    keys = ["a.weight", "b.weight"]
+    deltas = [delta_from_models(base, m, keys=keys) for m in models]
+
+    def expected(rows):
+        grams = [linear_input_grams(m, [_collate(view, rows)], forward=_pixel_forward) for m in models]
+        return regmean(deltas, grams)
+
+    got = regmean_merge(base, models, view, forward=_pixel_forward, keys=keys, max_batches=1)
+    assert set(got) == set(keys)
+    want = expected(range(16))
+    for k in keys:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    got = regmean_merge(base, models, view, forward=_pixel_forward, keys=keys, max_batches=2, batch_size=5)
+    want = expected(range(10))
+    for k in keys:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+    alone = regmean_merge(base, models[:1], view, forward=_pixel_forward, keys=keys, max_batches=1)
+    for k in keys:
+        torch.testing.assert_close(alone[k], deltas[0][k], rtol=1e-4, atol=1e-5)
+    with pytest.raises(TaskError, match=r"^no models to merge\.$"):
+        regmean_merge(base, [], view, forward=_pixel_forward)
+    with pytest.raises(
+        TaskError, match=r"^got 3 calibration sources for 2 models: give one per model, or one for all\.$"
+    ):
+        regmean_merge(base, models, [view, view, view], forward=_pixel_forward)
+
+
+def test_regmean_on_a_bare_linear_model_keys_its_gram_matrix_weight():
+    """A model that is itself an ``nn.Linear`` has its Gram matrix under ``"weight"`` (its parameter's name), so
+    regmean_merge of such models is RegMean, not the plain average of the deltas (it was ``".weight"``)."""
+    torch.manual_seed(0)
+    base = nn.Linear(4, 3)
+    models = [copy.deepcopy(base) for _ in range(2)]
+    with torch.no_grad():
+        models[0].weight.add_(1.0)
+        models[1].weight.sub_(0.5)
+    data = [batches(20), batches(21)]
+    grams = [linear_input_grams(m, d, forward=forward) for m, d in zip(models, data)]
+    assert list(grams[0]) == ["weight"]
+    got = regmean_merge(base, models, data, forward=forward, keys=["weight"])
+    inputs = [torch.cat([b["x"] for b in d]).double().numpy() for d in data]
+    want = ref_regmean_weight([m.weight.detach().double().numpy() for m in models], inputs, 0.6)
+    np.testing.assert_allclose(got["weight"].double().numpy(), want - base.weight.detach().double().numpy(), atol=1e-5)
+
+
+def test_clip_log_probs_rebuilds_the_text_head_for_another_model(toy_tokenizer):
+    """The zero-shot head is cached per model (and its text projection's storage): a second model that shares the
+    first one's text projection but has another text encoder gets its own head, not the first model's."""
+    first = tiny_clip(seed=0)
+    second = copy.deepcopy(first)
+    with torch.no_grad():
+        for name, p in second.named_parameters():
+            if name.startswith("text_model.encoder"):
+                p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    second.text_projection = first.text_projection
+    batch = {"pixel_values": torch.randn(2, 3, 30, 30, generator=torch.Generator().manual_seed(0))}
+    names, templates = ["cat", "dog", "bird"], ["a photo of a {}."]
+    fn = clip_log_probs(toy_tokenizer, names, templates)
+    on_first = fn(first, batch)
+    on_second = fn(second, batch)
+    fresh = clip_log_probs(toy_tokenizer, names, templates)(second, batch)
+    torch.testing.assert_close(on_second, fresh)
+    assert not torch.allclose(on_second, on_first, atol=1e-4)
+
+
+def test_fisher_diagonal_defaults_dtypes_and_messages():
+    """fisher_diagonal: sampled labels with seed 0 by default; a dataset in batches of 16 by default (of
+    ``batch_size`` when given); a float64 delta gives fp32 Fishers equal to the fp32 delta's; one example is
+    enough; exact messages for a bad ``labels``, an unknown key, a delta key outside ``keys``, batches without
+    labels for ``labels='empirical'`` and data without examples."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    data = batches(7, n=2, b=8)
+    default = fisher_diagonal(model, data, forward)
+    seeded = fisher_diagonal(model, data, forward, seed=0)
+    other = fisher_diagonal(model, data, forward, seed=1)
+    torch.testing.assert_close(default["weight"], seeded["weight"])
+    assert not torch.allclose(default["weight"], other["weight"])
+
+    base, _ = _two_layer_experts()
+    view = _toy_view(20)
+    got = fisher_diagonal(base, view, _pixel_log_probs, labels="expected", max_batches=1)
+    want = fisher_diagonal(base, [_collate(view, range(16))], _pixel_log_probs, labels="expected")
+    got5 = fisher_diagonal(base, view, _pixel_log_probs, labels="expected", max_batches=2, batch_size=5)
+    want5 = fisher_diagonal(base, [_collate(view, range(10))], _pixel_log_probs, labels="expected")
+    for k in want:
+        torch.testing.assert_close(got[k], want[k])
+        torch.testing.assert_close(got5[k], want5[k])
+
+    delta = {"bias": torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)}
+    wide = fisher_diagonal(model, data, forward, labels="expected", delta=delta)
+    narrow = fisher_diagonal(model, data, forward, labels="expected", delta={"bias": delta["bias"].float()})
+    for k in narrow:
+        assert wide[k].dtype == torch.float32
+        torch.testing.assert_close(wide[k], narrow[k])
+
+    x, y = torch.randn(1, 4), 2
+    one = fisher_diagonal(model, [{"x": x, "labels": torch.tensor([y])}], forward, labels="empirical")
+    fw, fb = ref_fisher_linear(
+        model.weight.detach().double().numpy(), model.bias.detach().double().numpy(), x.double().numpy(), [y]
+    )
+    np.testing.assert_allclose(one["weight"].double().numpy(), fw, atol=1e-6, rtol=1e-4)
+    np.testing.assert_allclose(one["bias"].double().numpy(), fb, atol=1e-6, rtol=1e-4)
+
+    cases = [
+        (
+            dict(labels="hard"),
+            MergeConfigError,
+            "labels must be one of ('sample', 'expected', 'empirical'), got 'hard'.",
+        ),
+        (dict(keys=["nope"]), DeltaError, "key 'nope' is not a parameter of Linear."),
+        (
+            dict(keys=["weight"], delta={"bias": torch.zeros(3)}),
+            DeltaError,
+            "delta key 'bias' is not among the Fisher keys.",
+        ),
+        (
+            dict(labels="empirical", data=[{"x": x}]),
+            DatasetFormatError,
+            "fisher_diagonal(labels='empirical') needs batches with 'labels'.",
+        ),
+        (dict(data=[]), DatasetFormatError, "the calibration data yielded no example: no Fisher to merge with."),
+    ]
+    for kwargs, error, message in cases:
+        kwargs = {"data": data, **kwargs}
+        with pytest.raises(error, match=f"^{re.escape(message)}$"):
+            fisher_diagonal(model, kwargs.pop("data"), forward, **kwargs)

@@ -337,7 +337,7 @@ def linear_input_grams(
     def hook(name):
         def fn(module, args, output):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            key = f"{name}.weight"
+            key = f"{name}.weight" if name else "weight"  # the model itself an nn.Linear: its key is "weight"
             g = x.T @ x
             grams[key] = grams[key] + g if key in grams else g
             rows[key] = rows.get(key, 0) + x.shape[0]
