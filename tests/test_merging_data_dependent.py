@@ -888,3 +888,233 @@ def test_fisher_diagonal_defaults_dtypes_and_messages():
         kwargs = {"data": data, **kwargs}
         with pytest.raises(error, match=f"^{re.escape(message)}$"):
             fisher_diagonal(model, kwargs.pop("data"), forward, **kwargs)
+
+
+def test_fisher_merging_edge_cases_by_hand():
+    """fisher_merging by hand: one task (also normalised) returns its delta; a task whose Fisher is all zero (floor 0)
+    has scale 1 and weight 0 under ``normalize``; a key no Fisher has is the λ-weighted mean and the keys after it are
+    merged too; float64 Fishers below float32's range are accumulated in float64; refusals and the overflow of
+    negative weights name the key and the Fisher weights."""
+    g = torch.Generator().manual_seed(4)
+    d1 = {"b": torch.tensor([1.0, -2.0]), "w": torch.randn(2, 3, generator=g)}
+    d2 = {"b": torch.tensor([5.0, 2.0]), "w": torch.randn(2, 3, generator=g)}
+    f1, f2 = {"w": torch.rand(2, 3, generator=g) + 0.1}, {"w": torch.rand(2, 3, generator=g) + 0.1}
+    for normalize in (False, True):
+        alone = fisher_merging([d1], [f1], normalize=normalize)
+        for k in d1:
+            torch.testing.assert_close(alone[k], d1[k])
+    zero = fisher_merging([d1, d2], [{"w": torch.zeros(2, 3)}, f2], floor=0.0, normalize=True)
+    torch.testing.assert_close(zero["w"], d2["w"])
+    mixed = fisher_merging([d1, d2], [f1, f2], weights=[1.0, 3.0])
+    torch.testing.assert_close(mixed["b"], torch.tensor([4.0, 1.0]))  # (1·d1 + 3·d2) / 4: no Fisher for "b"
+    want = (1.0 * (f1["w"] + 1e-6) * d1["w"] + 3.0 * (f2["w"] + 1e-6) * d2["w"]) / (
+        1.0 * (f1["w"] + 1e-6) + 3.0 * (f2["w"] + 1e-6)
+    )
+    torch.testing.assert_close(mixed["w"], want)
+    tiny = [
+        {"w": torch.full((2, 3), 1e-50, dtype=torch.float64)},
+        {"w": torch.full((2, 3), 3e-50, dtype=torch.float64)},
+    ]
+    torch.testing.assert_close(
+        fisher_merging([d1, d2], tiny, floor=0.0)["w"], (d1["w"] + 3 * d2["w"]) / 4, rtol=1e-6, atol=1e-6
+    )
+
+    w = {"w": torch.ones(2)}
+    cases = [
+        (
+            lambda: fisher_merging([w, w], [{"w": torch.ones(2)}, {"w": torch.ones(3)}]),
+            DeltaError,
+            "the Fisher of key 'w' of task 1 has shape (3,), not the delta's.",
+        ),
+        (
+            lambda: fisher_merging([w, w], [{"w": torch.zeros(2)}] * 2, floor=0.0),
+            MergeConfigError,
+            "the Fisher weights of key 'w' sum to 0 somewhere (floor=0 and no task's data touched it); use floor > 0.",
+        ),
+        (  # λ = (2, −1) extrapolates: 2·3e38 + 3e38 = 9e38 is beyond float32
+            lambda: fisher_merging(
+                [{"w": torch.full((2,), 3e38)}, {"w": torch.full((2,), -3e38)}], [w, w], weights=[2.0, -1.0]
+            ),
+            MergeConfigError,
+            "the Fisher weights scales the finite delta at key 'w' beyond the float range (inf); use a smaller value.",
+        ),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=f"^{re.escape(message)}$"):
+            call()
+
+
+def test_fisher_merge_wraps_datasets_in_batches_of_16_or_batch_size():
+    """fisher_merge hands ``batch_size`` (16 by default) to every model's Fisher on a dataset."""
+    base, models = _two_layer_experts()
+    view = _toy_view(20)
+    keys = ["a.weight", "b.bias"]
+    deltas = [delta_from_models(base, m, keys=keys) for m in models]
+    for kwargs, rows in ((dict(max_batches=1), range(16)), (dict(max_batches=2, batch_size=5), range(10))):
+        got = fisher_merge(base, models, view, _pixel_log_probs, keys=keys, labels="expected", **kwargs)
+        fishers = [
+            fisher_diagonal(m, [_collate(view, rows)], _pixel_log_probs, keys=keys, labels="expected") for m in models
+        ]
+        want = fisher_merging(deltas, fishers)
+        for k in keys:
+            torch.testing.assert_close(got[k], want[k])
+
+
+def _registry_case():
+    """θ⁰ (a _TwoLayers), two inputs' deltas (the second without ``b.weight``) and their calibration batches (of
+    different sizes, two each), for the registry's ``regmean`` / ``fisher``."""
+    base, models = _two_layer_experts()
+    deltas = [delta_from_models(base, m, keys=["a.weight", "b.weight"]) for m in models]
+    del deltas[1]["b.weight"]
+    dense = [deltas[0], {**deltas[1], "b.weight": torch.zeros(3, 4)}]
+    g = torch.Generator().manual_seed(9)
+    data = [
+        [{"x": torch.randn(n, 3, generator=g), "labels": torch.randint(0, 3, (n,), generator=g)} for n in sizes]
+        for sizes in ((2, 4), (6, 3))
+    ]
+    return base, deltas, dense, data
+
+
+def _x_forward(model, batch):
+    return model(batch["x"])
+
+
+def _x_log_probs(model, batch):
+    return torch.log_softmax(model(batch["x"]), dim=-1)
+
+
+def _non_finite_message(method, what, key, name):
+    return (
+        f"{method}: the {what} of key {key!r} gathered on {name} holds NaN/inf (the model's activations or gradients "
+        "overflow on that data, or the input's weights hold NaN/inf); check that input and its data."
+    )
+
+
+def test_registry_regmean_passes_its_options_fills_missing_keys_and_names_what_is_missing():
+    """``merge_deltas(..., "regmean")`` = regmean of the inputs' deltas (a key an input lacks counts as zeros) with
+    Gram matrices of θ⁰ + δ_t on input t's data, with the ``alpha``, ``normalize`` and ``max_batches`` options; a
+    CalibrationData is unwrapped to its loader; refusals name the missing model or data and the input whose
+    statistics are not finite."""
+    from hf_cft.errors import NonFiniteError
+    from hf_cft.merging import merge_deltas
+    from hf_cft.merging.data_dependent import CalibrationData
+
+    base, deltas, dense, data = _registry_case()
+    extra = {"model": base, "calibration": data, "forward": _x_forward}
+    got = merge_deltas(deltas, "regmean", {"alpha": 0.8, "normalize": True, "max_batches": 1}, extra=extra)
+    grams = [linear_input_grams(base, d, _x_forward, delta=t, max_batches=1) for d, t in zip(data, dense)]
+    want = regmean(dense, grams, alpha=0.8, normalize=True)
+    assert set(got) == {"a.weight", "b.weight"}
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+    wrapped = CalibrationData("toy", "train", data[0], ["a", "b", "c"], ["a {}."], [0, 1], 2)
+    shared = merge_deltas(deltas, "regmean", extra={**extra, "calibration": data[0]})
+    unwrapped = merge_deltas(deltas, "regmean", extra={**extra, "calibration": wrapped})
+    for k in shared:
+        torch.testing.assert_close(unwrapped[k], shared[k])
+
+    no_model = (
+        "this method runs the model on calibration data: pass the base model (a folder, or extra={'model': ...})."
+    )
+    with pytest.raises(MergeConfigError, match=f"^{re.escape(no_model)}$"):
+        merge_deltas(deltas, "regmean", extra={"calibration": data})
+    for method in ("regmean", "fisher"):
+        no_data = (
+            f"method {method!r} needs calibration data: pass extra={{'calibration': loader}} (one for every input, "
+            "or a list with one per input), or a merge config's calibration sections."
+        )
+        with pytest.raises(MergeConfigError, match=f"^{re.escape(no_data)}$"):
+            merge_deltas(deltas, method, extra={"model": base, "log_probs": _x_log_probs})
+    bad = [data[0], [{"x": torch.full((2, 3), float("inf"))}]]
+    with pytest.raises(
+        NonFiniteError, match=f"^{re.escape(_non_finite_message('regmean', 'Gram matrix', 'a.weight', 'input 1'))}$"
+    ):
+        merge_deltas(deltas, "regmean", extra={**extra, "calibration": bad})
+
+
+def test_registry_fisher_passes_its_options_and_checks_the_classifier_count_and_statistics():
+    """``merge_deltas(..., "fisher")`` = fisher_merging of the inputs' deltas (zeros where one lacks a key) with the
+    Fisher of θ⁰ + δ_t on input t's data, with the ``labels``, ``max_batches``, ``floor``, ``normalize`` options and
+    per-input weights; a wrong number of log_probs functions and a non-finite Fisher are refused by name."""
+    from hf_cft.errors import NonFiniteError
+    from hf_cft.merging import merge_deltas
+
+    base, deltas, dense, data = _registry_case()
+    extra = {"model": base, "calibration": data, "log_probs": _x_log_probs}
+    params = {"labels": "expected", "max_batches": 1, "floor": 0.5, "normalize": True}
+    got = merge_deltas(deltas, "fisher", params, inputs=[{"weight": 1.0}, {"weight": 2.0}], extra=extra)
+    fishers = [
+        fisher_diagonal(base, d, _x_log_probs, keys=list(t), labels="expected", delta=t, max_batches=1)
+        for d, t in zip(data, dense)
+    ]
+    want = fisher_merging(dense, fishers, weights=[1.0, 2.0], floor=0.5, normalize=True)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+    with pytest.raises(MergeConfigError, match=r"^got 3 log_probs functions for 2 inputs\.$"):
+        merge_deltas(deltas, "fisher", extra={**extra, "log_probs": [_x_log_probs] * 3})
+    bad = [data[0], [{"x": torch.full((2, 3), float("nan")), "labels": torch.tensor([0, 1])}]]
+    with pytest.raises(
+        NonFiniteError, match=f"^{re.escape(_non_finite_message('fisher', 'Fisher', 'a.weight', 'input 1'))}$"
+    ):
+        merge_deltas(deltas, "fisher", {"labels": "empirical"}, extra={**extra, "calibration": bad})
+
+
+def test_registry_fisher_builds_the_clip_head_from_tokenizer_classnames_and_templates(toy_tokenizer):
+    """With ``tokenizer`` + ``classnames`` (one list for all inputs, or one per input) and no ``templates``, the
+    Fisher head uses CLIP's ``"a photo of a {}."`` exactly (a case-sensitive tokenizer tells it from a variant);
+    a tokenizer without class names, or lists of names / templates not one per input, are refused by name."""
+    from hf_cft.merging import merge_deltas
+
+    class CaseSensitive(type(toy_tokenizer)):
+        def _ids(self, text, special=True):
+            words = [2 + (sum(map(ord, w)) * 7 + len(w)) % 95 for w in text.split()]
+            return [self.bos, *words, self.eos] if special else words
+
+    tok = CaseSensitive()
+    base, experts = _tiny_clip_experts()
+    keys = ["visual_projection.weight", "vision_model.encoder.layers.1.mlp.fc2.weight"]
+    deltas = [delta_from_models(base, e, keys=keys) for e in experts]
+    data = [[{"pixel_values": torch.randn(2, 3, 30, 30, generator=torch.Generator().manual_seed(s))}] for s in (5, 6)]
+    names = ["cat", "dog", "bird"]
+    extra = {"model": base, "calibration": data, "tokenizer": tok, "classnames": names}
+    default = merge_deltas(deltas, "fisher", extra=extra)
+    explicit = merge_deltas(
+        deltas,
+        "fisher",
+        extra={**extra, "classnames": [names, names], "templates": ["a photo of a {}."]},
+    )
+    other = merge_deltas(deltas, "fisher", extra={**extra, "templates": ["A PHOTO OF A {}."]})
+    for k in keys:
+        torch.testing.assert_close(default[k], explicit[k])
+    assert not torch.allclose(default[keys[1]], other[keys[1]])
+
+    no_names = (
+        "method 'fisher' needs the classifier: extra={'log_probs': fn} or extra={'tokenizer': ..., "
+        "'classnames': [...], 'templates': [...]} (class names and templates: one list, or one per input)."
+    )
+    with pytest.raises(MergeConfigError, match=f"^{re.escape(no_names)}$"):
+        merge_deltas(deltas, "fisher", extra={"model": base, "calibration": data, "tokenizer": tok})
+    for what, field, value in (
+        ("class names", "classnames", [names] * 3),
+        ("templates", "templates", [["a {}."]] * 3),
+    ):
+        with pytest.raises(
+            MergeConfigError, match=f"^got 3 lists of {what} for 2 inputs: give one, or one per input\\.$"
+        ):
+            merge_deltas(deltas, "fisher", extra={**extra, field: value})
+
+
+def test_registry_loads_a_base_model_given_as_a_folder(tmp_path):
+    """``extra={'model': '<folder>'}`` loads θ⁰ from that folder: the same merge as with the module itself."""
+    from hf_cft.merging import merge_deltas
+
+    base, experts = _tiny_clip_experts()
+    base.save_pretrained(tmp_path / "base")
+    keys = ["vision_model.encoder.layers.1.mlp.fc2.weight"]
+    deltas = [delta_from_models(base, e, keys=keys) for e in experts]
+    data = [{"pixel_values": torch.randn(2, 3, 30, 30, generator=torch.Generator().manual_seed(5))}]
+    from_module = merge_deltas(deltas, "regmean", extra={"model": base, "calibration": data})
+    from_folder = merge_deltas(deltas, "regmean", extra={"model": str(tmp_path / "base"), "calibration": data})
+    torch.testing.assert_close(from_folder[keys[0]], from_module[keys[0]])
