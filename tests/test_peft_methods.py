@@ -613,3 +613,151 @@ def test_vpt_prompts_are_uniform_in_the_papers_range_and_layers_show_their_kind(
     assert repr(emb).startswith("vpt.") and repr(
         next(m for m in model.modules() if isinstance(m, VPTDeepLayer))
     ).startswith("vpt_deep.")
+
+
+# ------------------------------------------------------------------------------------------------ pinned rules (2)
+# Each test below fails on a small plausible change that the tests above let through (scripts/mutation.py).
+
+
+def test_vpt_keeps_the_cls_token_first_and_passes_the_embeddings_keyword_arguments():
+    """The prompts sit right after CLS (CLS stays at position 0, the patches follow the prompts); keyword arguments
+    such as ``interpolate_pos_encoding`` reach the embeddings."""
+    from hf_cft.peft.vpt.layer import VPTEmbeddingLayer
+
+    base = tiny_clip()
+    with torch.no_grad():
+        plain = base.vision_model.embeddings(PIXELS)
+    model = get_peft_model(base, VPTConfig(n_tokens=3))
+    layer = next(m for m in model.modules() if isinstance(m, VPTEmbeddingLayer))
+    with torch.no_grad():
+        out = layer(PIXELS)
+    prompts = layer.vpt_prompts["default"]
+    torch.testing.assert_close(out[:, 0], plain[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(out[:, 1:4], prompts.expand(3, -1, -1), rtol=0, atol=0)
+    torch.testing.assert_close(out[:, 4:], plain[:, 1:], rtol=0, atol=0)
+    big = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert layer(big, interpolate_pos_encoding=True).shape[:2] == (2, 1 + 3 + (40 // 2) ** 2)
+
+
+def test_vpt_prompts_follow_the_model_dtype_and_need_a_vision_tower():
+    """fp32 prompts on a bf16 model are cast to the activations' dtype (shallow and deep); a model without a
+    ``vision_model.embeddings`` module (here a bare vision transformer) is refused with the reason."""
+    from transformers import CLIPVisionModel
+
+    for deep in (False, True):
+        model = get_peft_model(tiny_clip().to(torch.bfloat16), VPTConfig(n_tokens=2, deep=deep))
+        with torch.no_grad():
+            assert image_features(model, PIXELS.to(torch.bfloat16)).dtype == torch.bfloat16
+    bare = CLIPVisionModel(tiny_clip().config.vision_config)
+    with pytest.raises(
+        AdapterError, match=r"^VPT needs a vision tower with an `embeddings` module \(CLIPVisionEmbeddings\).$"
+    ):
+        get_peft_model(bare, VPTConfig(n_tokens=2, target_modules=["embeddings"]))
+
+
+def test_one_adapter_at_a_time_is_said_by_each_method():
+    """VPT (embeddings and deep layers) and the linear head run one adapter at a time and say which are active."""
+    from hf_cft.peft.vpt.layer import VPTDeepLayer
+
+    vpt = get_peft_model(tiny_clip(), VPTConfig(n_tokens=2, deep=True))
+    vpt.add_adapter("b", VPTConfig(n_tokens=2, deep=True))
+    deep = next(m for m in vpt.modules() if isinstance(m, VPTDeepLayer))
+    deep.set_adapter(["default", "b"])  # only the deep layer: the embeddings still run one adapter
+    with pytest.raises(
+        AdapterError, match=r"^VPT runs one adapter at a time; active adapters are \['default', 'b'\].$"
+    ):
+        image_features(vpt, PIXELS)
+    vpt.base_model.set_adapter(["default", "b"])
+    with pytest.raises(
+        AdapterError, match=r"^VPT runs one adapter at a time; active adapters are \['default', 'b'\].$"
+    ):
+        image_features(vpt, PIXELS)
+    head = get_peft_model(tiny_clip(), LinearHeadConfig(num_classes=3, init="zeros"))
+    head.add_adapter("b", LinearHeadConfig(num_classes=3, init="zeros"))
+    head.base_model.set_adapter(["default", "b"])
+    with pytest.raises(
+        AdapterError, match=r"^Linear head runs one adapter at a time; active adapters are \['default', 'b'\].$"
+    ):
+        head.classify(PIXELS)
+
+
+def test_adapter_targets_and_configs_are_refused_with_their_messages(toy_tokenizer):
+    import re
+
+    with pytest.raises(
+        AdapterError,
+        match=r"^VPT adapter 'default': target '[\w.]*text_model.embeddings' \(CLIPTextEmbeddings\) is neither the "
+        r"vision embeddings nor an encoder layer.$",
+    ):
+        get_peft_model(tiny_clip(), VPTConfig(n_tokens=2, target_modules=["text_model.embeddings"]))
+    with pytest.raises(
+        AdapterError,
+        match=r"^Linear-head adapter 'default': target '[\w.]*activation_fn' \(\w+\) has no parameters; target the "
+        r"module that produces the image features \(visual_projection\).$",
+    ):
+        get_peft_model(
+            tiny_clip(),
+            LinearHeadConfig(
+                num_classes=3, init="zeros", target_modules=["vision_model.encoder.layers.0.mlp.activation_fn"]
+            ),
+        )
+    with pytest.raises(
+        AdapterError,
+        match=re.escape(
+            "Linear-head adapter 'default' with init='zeroshot' needs a tokenizer: call config.set_tokenizer(tokenizer) "
+            "or set tokenizer_name_or_path (or use init='zeros')."
+        )
+        + "$",
+    ):
+        get_peft_model(tiny_clip(), LinearHeadConfig(classnames=CLASSES))
+    for bad in (0, -0.1, float("nan")):
+        with pytest.raises(AdapterError, match=rf"^init_range must be a positive number, got {bad}$"):
+            VPTConfig(n_tokens=2, init_range=bad)
+    assert VPTConfig(n_tokens=2, init_range=0.5).init_range == 0.5  # also above 0 and below 1
+    assert VPTConfig(n_tokens=2, init_range=2.0).init_range == 2.0
+
+
+def test_head_logits_of_one_feature_vector_and_without_a_head_layer():
+    """head_logits normalises along the feature axis, also for a single feature vector; a tuner whose head was
+    unloaded says it has no head layer."""
+    from hf_cft.peft.head.layer import LinearHeadLayer
+
+    model = get_peft_model(tiny_clip(), LinearHeadConfig(num_classes=3, init="random"))
+    feats = torch.randn(4, model.base_model.head_parameters()[0].shape[1], generator=torch.Generator().manual_seed(2))
+    both = model.base_model.head_logits(feats, normalized=False)
+    torch.testing.assert_close(model.base_model.head_logits(feats[1], normalized=False), both[1])
+    layer = LinearHeadLayer(torch.nn.Linear(4, 4), "a", num_classes=3, dim=4, bias=True)
+    assert not layer.head_weight["a"].any()  # the default init is zeros
+    tuner = model.base_model
+    tuner.unload()
+    with pytest.raises(AdapterError, match=r"^this model has no linear-head layer$"):
+        tuner.head_parameters()
+
+
+def test_register_names_a_missing_peft_table_and_a_prefix_taken_by_another_method(monkeypatch):
+    import sys
+
+    import peft
+    from peft import mapping
+
+    from hf_cft.errors import HfCftError
+    from hf_cft.peft.registration import register
+
+    monkeypatch.delattr(mapping, "PEFT_TYPE_TO_PREFIX_MAPPING")
+    with pytest.raises(
+        HfCftError,
+        match=rf"^peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING is missing in peft {peft.__version__}: hf_cft cannot "
+        r"register its method types with this PEFT release.$",
+    ):
+        register()
+    monkeypatch.undo()
+    monkeypatch.setitem(mapping.PEFT_TYPE_TO_PREFIX_MAPPING, "HF_CFT_VPT", "someone_else_")
+    with pytest.raises(
+        HfCftError, match=r"^PEFT type 'HF_CFT_VPT' is already registered to 'someone_else_', not 'vpt_'.$"
+    ):
+        register()
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(HfCftError, match=r"^hf_cft's PEFT methods need peft installed$"):
+        register()
