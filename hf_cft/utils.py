@@ -10,6 +10,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+#: files whose frames are decorator wrappers around an hf_cft function, not the user's code
+_WRAPPER_FILES = (os.path.join("torch", "utils", "_contextlib.py"), os.sep + "contextlib.py")
+
 
 def user_stacklevel() -> int:
     """The ``stacklevel`` that attributes a warning to the frame just outside the outermost hf_cft frame of the
@@ -18,12 +21,17 @@ def user_stacklevel() -> int:
     import sys
 
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    frame, level, outermost = sys._getframe(1), 1, 1  # level 1: the function that calls warnings.warn
+    files, frame = [], sys._getframe(1)  # files[0]: the function that calls warnings.warn (stacklevel 1)
     while frame is not None:
-        if os.path.abspath(frame.f_code.co_filename).startswith(package):
-            outermost = level
-        frame, level = frame.f_back, level + 1
-    return outermost + 1
+        files.append(os.path.abspath(frame.f_code.co_filename))
+        frame = frame.f_back
+    outermost = max((i for i, f in enumerate(files) if f.startswith(package)), default=0)
+    level = outermost + 1  # 0-based index of the caller's frame
+    # a decorated hf_cft entry point (``@torch.no_grad()``, a ``contextlib.ContextDecorator``) is called through
+    # the decorator's frame: step over it to the user's line
+    while level < len(files) - 1 and files[level].endswith(_WRAPPER_FILES):
+        level += 1
+    return level + 1
 
 
 @contextlib.contextmanager

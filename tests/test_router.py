@@ -414,3 +414,54 @@ def test_cache_experts_builds_each_expert_once_until_the_next_session(clip_model
     for bad in (-1, 1.5, True):
         with pytest.raises(MergeConfigError, match="cache_experts"):
             SemanticRouter(merger5, clip_model, toy_tokenizer, cache_experts=bad)
+
+
+def test_router_warnings_point_at_the_callers_line_once_per_cause(clip_model, toy_tokenizer, merger5, px):
+    """The clamp and the text-only-prototype warnings are UserWarnings attributed to the user's call (not to a line
+    inside hf_cft), once per cause for a router; a new cause warns again."""
+    import warnings
+
+    wide = SemanticRouter(merger5, clip_model, toy_tokenizer, top_k=9)
+    feats = image_features(clip_model, px)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wide.route(feats)
+        wide.route(feats)
+    assert [(w.category, w.filename) for w in caught] == [(UserWarning, __file__)]
+    assert str(caught[0].message) == "top_k=9 but only 5 task(s) are stored: using K=5."
+    merger = DeltaFusionMerger()
+    merger.add_task(delta_from_models(clip_model, _expert(clip_model, 1)), "noproto", classnames=CLASSES)
+    router = SemanticRouter(merger, clip_model, toy_tokenizer, top_k=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        router.logits(px, CLASSES)
+        router._protos = None  # the prototype matrix is rebuilt: the same cause does not warn again
+        router.logits(px, CLASSES)
+        merger.add_task(delta_from_models(clip_model, _expert(clip_model, 2)), "other", classnames=CLASSES)
+        router.logits(px, CLASSES)  # a new session: a new task without prototypes warns
+    messages = [str(w.message) for w in caught if w.category is UserWarning]
+    assert [m for m in messages if "text-only" in m] == [
+        "Task 'noproto' has no prototypes: routing to it with text-only θ⁰ prototypes.",
+        "Task 'other' has no prototypes: routing to it with text-only θ⁰ prototypes.",
+    ]
+    assert [w.filename for w in caught if "text-only" in str(w.message)] == [__file__, __file__]
+
+
+def test_predict_is_the_arg_max_of_logits_with_every_argument(clip_model, toy_tokenizer, merger5, px):
+    """predict passes the class names, templates, task and image inputs to logits and takes the arg-max over
+    classes."""
+    router = SemanticRouter(merger5, clip_model, toy_tokenizer, top_k=2)
+    templates = ["a drawing of a {}.", "itap of a {}."]
+    with torch.no_grad():
+        for kwargs in ({}, {"task": "task1"}):
+            logits = router.logits(px, CLASSES, templates, **kwargs)
+            assert torch.equal(router.predict(px, CLASSES, templates, **kwargs), logits.argmax(dim=-1))
+    seen = {}
+
+    def spy(pixel_values, classnames=None, templates=None, task=None, **image_inputs):
+        seen.update(classnames=classnames, templates=templates, task=task, **image_inputs)
+        return torch.tensor([[0.0, 1.0, 0.5], [2.0, 0.0, 1.0]])
+
+    router.logits = spy
+    assert router.predict(px, CLASSES, templates, task="task1", spatial_shapes="s").tolist() == [1, 0]
+    assert seen == {"classnames": CLASSES, "templates": templates, "task": "task1", "spatial_shapes": "s"}

@@ -444,3 +444,38 @@ def test_base_novel_hm_alias_warns_at_the_callers_line_and_returns_the_summary()
         "hf_cft.metrics.base_novel_hm is renamed base_novel_summary (it returns a dict); use harmonic_mean(base, "
         "novel) for the number. The old name goes in the next release."
     )
+
+
+def test_user_stacklevel_steps_over_decorators_around_the_outermost_library_call():
+    """A warning raised deep in hf_cft is attributed to the user's line, also when the hf_cft function the user
+    called is wrapped by ``torch.no_grad()``, ``torch.inference_mode()`` or a ``contextlib.ContextDecorator`` (their
+    frames lie between the user and hf_cft)."""
+    import contextlib
+    import inspect
+    import os
+    import warnings
+
+    from hf_cft.utils import user_stacklevel
+
+    # two frames whose code lives in hf_cft's folder stand in for the library's entry point and an inner function
+    source = "def library_entry(site):\n    return _inner(site)\n\n\ndef _inner(site):\n    site()\n"
+    simulated = {}
+    exec(compile(source, os.path.join(os.path.dirname(hf_cft.__file__), "_simulated.py"), "exec"), simulated)
+
+    def site():  # the warning site, called from the simulated library frames
+        warnings.warn("deep", UserWarning, stacklevel=user_stacklevel())
+
+    class Quiet(contextlib.ContextDecorator):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    for wrap in (lambda f: f, torch.no_grad(), torch.inference_mode(), Quiet()):
+        entry = wrap(simulated["library_entry"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            line = inspect.currentframe().f_lineno + 1
+            entry(site)  # the user's line
+        assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)], wrap

@@ -48,6 +48,7 @@ from hf_cft.merging.condu import DeltaFusionMerger
 from hf_cft.merging.deltas import FunctionalExpert, _named_tensors, base_fingerprint
 from hf_cft.models.clip import check_clip_like, image_features, logit_scale, model_device
 from hf_cft.models.zeroshot import build_zeroshot_classifier, encode_images
+from hf_cft.utils import user_stacklevel
 
 __all__ = ["RouterStats", "Routing", "SemanticRouter", "compute_prototypes"]
 
@@ -220,10 +221,11 @@ class SemanticRouter:
             self._protos = None
             self._version = self.merger.version
 
-    def _warn_once(self, key: tuple[str, object], msg: str, stacklevel: int = 4) -> None:
+    def _warn_once(self, key: tuple[str, object], msg: str) -> None:
+        """Warn once per ``key`` for this router, at the user's line that called into hf_cft."""
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(msg, UserWarning, stacklevel=stacklevel)
+            warnings.warn(msg, UserWarning, stacklevel=user_stacklevel())
 
     @property
     def _scale(self) -> float:
@@ -317,7 +319,6 @@ class SemanticRouter:
             self._warn_once(
                 ("k", len(names)),
                 f"top_k={self.top_k} but only {len(names)} task(s) are stored: using K={k}.",
-                stacklevel=3,
             )
         protos, sizes = self._prototype_matrix()
         with torch.no_grad():
