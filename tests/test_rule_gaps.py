@@ -479,3 +479,37 @@ def test_user_stacklevel_steps_over_decorators_around_the_outermost_library_call
             line = inspect.currentframe().f_lineno + 1
             entry(site)  # the user's line
         assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)], wrap
+
+
+def test_library_warnings_point_at_the_users_call():
+    """Warnings from few-shot sampling (through few_shot or few_shot_indices directly), class-name validation and a collapsed ConDU
+    trigger are attributed to the user's line, however deep in hf_cft they are raised."""
+    import inspect
+    import warnings
+
+    import datasets
+    import numpy as np
+
+    from hf_cft.data.sampling import few_shot, few_shot_indices
+    from hf_cft.data.templates import validate_classnames
+    from hf_cft.merging.condu import DeltaFusionMerger
+
+    ds = datasets.Dataset.from_dict(
+        {"x": [0, 1, 2], "label": [0, 0, 1]},
+        features=datasets.Features({"x": datasets.Value("int64"), "label": datasets.ClassLabel(names=["cat", "dog"])}),
+    )
+    merger = DeltaFusionMerger()
+    calls = [
+        lambda: few_shot(ds, 2, on_short="take_all"),
+        lambda: few_shot_indices(np.array([0, 0, 1]), 2, on_short="take_all"),  # one hf_cft frame less
+        lambda: validate_classnames(["cat", "cat"], duplicates="warn"),
+        lambda: merger.add_task({"w": torch.zeros(2, 2)}, "empty"),
+    ]
+    for call in calls:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            line = inspect.currentframe().f_lineno + 1
+            call()
+        assert caught and all(w.filename == __file__ for w in caught), [(w.filename, str(w.message)) for w in caught]
+        assert {w.lineno for w in caught} <= {line, call.__code__.co_firstlineno}, caught
+    assert np.unique(few_shot(ds, 1)["label"]).tolist() == [0, 1]

@@ -28,6 +28,7 @@ import datasets
 from hf_cft.data.specs import DatasetSpec, get_spec, has_spec
 from hf_cft.data.templates import DEFAULT_TEMPLATES, validate_classnames, validate_templates
 from hf_cft.errors import ClassNamesError, DatasetFormatError, UnknownDatasetError
+from hf_cft.utils import user_stacklevel
 from hf_cft.validation import check_labels
 
 SHARED_DATASETS = (
@@ -345,7 +346,7 @@ def _align_to_spec(dd: datasets.DatasetDict, hub_names: list[str], spec: Dataset
             warnings.warn(
                 f"{spec.qualified_name}: Hub label {hub_names[h]!r} matched to class {spec.classnames[o]!r} "
                 "(the only unmatched name on each side).",
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
             mapping[h], left_ours, left_hub = o, [], []
         if left_ours:
@@ -356,12 +357,12 @@ def _align_to_spec(dd: datasets.DatasetDict, hub_names: list[str], spec: Dataset
         if left_hub:
             warnings.warn(
                 f"{spec.qualified_name}: dropping rows of Hub classes not in the spec: {[hub_names[h] for h in left_hub]}",
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
     elif len(hub_names) == spec.num_classes:
         warnings.warn(
             f"{spec.qualified_name}: no Hub label name matches a class name; assuming the same label order.",
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
         mapping = {h: h for h in range(len(hub_names))}
     else:

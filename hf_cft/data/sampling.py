@@ -15,6 +15,7 @@ import datasets
 import numpy as np
 
 from hf_cft.errors import DatasetFormatError, FewShotError
+from hf_cft.utils import user_stacklevel
 from hf_cft.validation import check_choice, check_int, check_number
 
 
@@ -66,7 +67,7 @@ def few_shot_indices(
                 raise FewShotError(name, c, len(rows), k, dataset_name)
             warnings.warn(
                 f"Class {name!r} (id {c}) has only {len(rows)} example(s) < {k} shots; taking all of them.",
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         picked.append(rng.permutation(rows)[:k])
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)

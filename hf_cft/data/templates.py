@@ -6,6 +6,7 @@ import warnings
 from collections.abc import Sequence
 
 from hf_cft.errors import ClassNamesError, TemplateError
+from hf_cft.utils import user_stacklevel
 from hf_cft.validation import check_class_names_type, check_template
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -48,7 +49,7 @@ def validate_classnames(
             msg = f"Class name {n!r}{where} appears twice (ids {seen[n]} and {i})."
             if duplicates == "error":
                 raise ClassNamesError(msg)
-            warnings.warn(msg + " The two classes get identical text features.", stacklevel=2)
+            warnings.warn(msg + " The two classes get identical text features.", stacklevel=user_stacklevel())
         seen.setdefault(n, i)
     if num_labels is not None and len(names) != num_labels:
         raise ClassNamesError(f"{len(names)} class names were given{where}, but its labels have {num_labels} classes.")

@@ -43,6 +43,7 @@ from hf_cft.hub.cards import (
     pam_card,
     validate_card,
 )
+from hf_cft.utils import user_stacklevel
 
 __all__ = [
     "PICKLE_SUFFIXES",
@@ -423,7 +424,7 @@ def load_adapter(base_model, path_or_repo_id: str | os.PathLike, *args, **kwargs
         "hf_cft.hub.load_adapter(base, path) is renamed load_adapter_model(base, path) (it differs from PEFT's "
         "PeftModel.load_adapter(path, adapter_name)); the old name goes in the next release.",
         FutureWarning,
-        stacklevel=2,
+        stacklevel=user_stacklevel(),
     )
     return load_adapter_model(base_model, path_or_repo_id, *args, **kwargs)
 

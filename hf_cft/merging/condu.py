@@ -59,7 +59,7 @@ from hf_cft.merging.deltas import (
 )
 from hf_cft.merging.hub_hint import MovedToHubMixin
 from hf_cft.merging.masks import PackedMask, packed_nbytes
-from hf_cft.utils import atomic_path, read_json_object, release_freed_memory
+from hf_cft.utils import atomic_path, read_json_object, release_freed_memory, user_stacklevel
 
 __all__ = [
     "CollapsedTaskWarning",
@@ -715,7 +715,7 @@ class DeltaFusionMerger(MovedToHubMixin):
                 f"ConDU trigger of task(s) {newly} collapsed (all-zero delta, or no entry agrees with the elected "
                 "sign): λ = 0, so the decoupled expert is θ⁰ (condu.md §3).",
                 CollapsedTaskWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         return TaskRecord(**{**record.to_dict(), "extra": {}})
 

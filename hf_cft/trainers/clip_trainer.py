@@ -52,6 +52,7 @@ from hf_cft.models.clip import check_clip_like, image_features, logit_scale, tex
 from hf_cft.models.families import image_inputs
 from hf_cft.models.tokenizer import tokenize_prompts
 from hf_cft.trainers.clip_config import ClipTrainingArguments
+from hf_cft.utils import user_stacklevel
 
 
 def _find_tuner(model: nn.Module, cls_name: str):
@@ -633,7 +634,7 @@ class ClipClassificationTrainer(Trainer):
             try:
                 self._model_card().save(os.path.join(stage, "README.md"))
             except CardError as exc:  # a checkpoint is still saved; create_model_card / push_to_hub raise it
-                warnings.warn(f"no model card written to {output_dir}: {exc}", stacklevel=2)
+                warnings.warn(f"no model card written to {output_dir}: {exc}", stacklevel=user_stacklevel())
             files = sorted(
                 os.path.relpath(os.path.join(root, name), stage) for root, _, names in os.walk(stage) for name in names
             )
