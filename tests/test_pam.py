@@ -857,6 +857,8 @@ def test_factor_merge_gap_sums_over_modules_and_skips_incomplete_ones():
     assert factor_merge_gap({**g_with_a, **g}, {**task_without_b, **t}, 0.5) == pytest.approx(0.5 / 0.5**0.5)
     zeros = {k: torch.zeros_like(v) for k, v in g.items()}
     assert factor_merge_gap(zeros, zeros, 0.5) == 0.0
+    conv = {"c.lora_A.weight": torch.ones(2, 3, 1, 1), "c.lora_B.weight": torch.ones(4, 2, 1, 1)}  # skipped
+    assert factor_merge_gap({**conv, **g}, {**conv, **t}, 0.5) == pytest.approx(0.5 / 0.5**0.5)
 
 
 def test_peft_model_checks_name_what_is_wrong():

@@ -693,7 +693,7 @@ def test_adapter_targets_and_configs_are_refused_with_their_messages(toy_tokeniz
         get_peft_model(tiny_clip(), VPTConfig(n_tokens=2, target_modules=["text_model.embeddings"]))
     with pytest.raises(
         AdapterError,
-        match=r"^Linear-head adapter 'default': target '[\w.]*activation_fn' \(\w+\) has no parameters; target the "
+        match=r"^Linear-head adapter 'default': target '[\w.]*activation_fn' \(QuickGELUActivation\) has no parameters; target the "
         r"module that produces the image features \(visual_projection\).$",
     ):
         get_peft_model(
@@ -761,3 +761,25 @@ def test_register_names_a_missing_peft_table_and_a_prefix_taken_by_another_metho
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(HfCftError, match=r"^hf_cft's PEFT methods need peft installed$"):
         register()
+
+
+def test_vpt_on_siglip2_with_two_active_adapters_says_so_before_the_tower_runs():
+    """The SigLIP2 patch-mask hook runs one VPT adapter at a time, like the layers, and says which are active."""
+    import numpy as np
+
+    from hf_cft.testing import tiny_family, tiny_family_image_processor
+
+    model = get_peft_model(tiny_family("siglip2")[0], VPTConfig(n_tokens=3))
+    model.add_adapter("b", VPTConfig(n_tokens=2))
+    model.base_model.set_adapter(["default", "b"])
+    enc = tiny_family_image_processor("siglip2")(
+        images=[np.random.default_rng(0).integers(0, 255, (20, 28, 3), dtype=np.uint8)], return_tensors="pt"
+    )
+    message = r"^VPT runs one adapter at a time; active adapters are \['default', 'b'\].$"
+    with pytest.raises(AdapterError, match=message), torch.no_grad():
+        image_features(
+            model,
+            enc["pixel_values"],
+            pixel_attention_mask=enc["pixel_attention_mask"],
+            spatial_shapes=enc["spatial_shapes"],
+        )
