@@ -413,3 +413,189 @@ def test_lora_factor_deltas_refuse_mismatched_adapters_by_name_and_densify_by_th
         next(p for n, p in nan.named_parameters() if "lora_A" in n)[0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"lora_A.default.weight' of the LoRA factor delta"):
         lora_factor_delta(nan, reference)
+
+
+class _Conv1DNet(torch.nn.Module):
+    """A GPT-2-style layer: ``Conv1D`` stores its weight as (in, out), so its LoRA needs ``fan_in_fan_out=True``."""
+
+    def __init__(self):
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.c = Conv1D(5, 3)  # weight (3, 5): in 3, out 5
+
+    def forward(self, x):
+        return self.c(x)
+
+
+def _trained_copy(peft_model, seed=5, scale=0.1):
+    trained = copy.deepcopy(peft_model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "lora_" in n:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return trained
+
+
+def test_pickle_only_folders_list_every_pickle_and_a_shard_unreadable_mid_stream_is_named(clip_model, tmp_path):
+    """A checkpoint folder without safetensors is refused naming the role and the folder and listing every pickle
+    it holds (.bin, .pt, .pth, .ckpt; hf_cft *reads* safetensors only); a shard that becomes unreadable while
+    ``iter_delta`` streams is refused naming that file and the role."""
+    import re
+
+    pickles = tmp_path / "pickles"
+    pickles.mkdir()
+    for name in ("pytorch_model.bin", "c.pt", "b.pth", "a.ckpt", "notes.txt"):
+        (pickles / name).write_bytes(b"not read")
+    with pytest.raises(BundleError) as err:
+        delta_from_models(clip_model, pickles)
+    assert str(err.value) == (
+        f"fine-tuned model {str(pickles)!r}: no safetensors weights in {str(pickles)!r}. It holds a.ckpt, b.pth, "
+        "c.pt, pytorch_model.bin: hf_cft reads safetensors only (never pickle)."
+    )
+    _perturbed(clip_model).save_pretrained(tmp_path / "ft", max_shard_size="60KB")
+    weight_map = json.loads((tmp_path / "ft" / "model.safetensors.index.json").read_text())["weight_map"]
+    first = FC1
+    second = next(k for k, f in weight_map.items() if f != weight_map[first] and k != "logit_scale")
+    stream = iter_delta(clip_model, tmp_path / "ft", keys=[first, second])
+    assert next(stream)[0] == first  # only the first key's shard has been opened
+    shard = tmp_path / "ft" / weight_map[second]
+    shard.write_bytes(b"\x00" * 16)  # replaced by something unreadable while the delta streams
+    message = rf"^Cannot read safetensors file {re.escape(repr(str(shard)))} of the fine-tuned model: \S"
+    with pytest.raises(BundleError, match=message):
+        next(stream)
+
+
+def test_lora_factor_delta_reads_the_named_adapter_against_the_references_first_active_one(clip_model):
+    """With several adapters: ``adapter_name`` picks the adapter read (its name reaches the messages); a reference
+    whose ``active_adapter`` is a list uses the first for both factor functions. The missing-target refusal names
+    the first missing target in sorted order, and the factor delta carries the reference's fingerprint."""
+    reference = _lora(clip_model, seed=1, target_modules=["fc1", "fc2"])  # B⁰ ≠ 0
+    reference.add_adapter("other", LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
+    reference.base_model.set_adapter(["default", "other"])
+    reference.active_adapter = ["default", "other"]  # several active adapters
+    adapter = _lora(clip_model, seed=2, r=2, target_modules=["q_proj"])  # active "default": not the one merged
+    adapter.add_adapter("task", LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"]))
+    adapter.add_adapter("narrow", LoraConfig(r=4, lora_alpha=8, target_modules=["fc1"]))
+    ref_params, params = dict(reference.named_parameters()), dict(adapter.named_parameters())
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in params.items():
+            if ".task." in n:
+                p.copy_(ref_params[n.replace(".task.", ".default.")] + 0.1 * torch.randn(p.shape, generator=g))
+    delta = lora_factor_delta(adapter, reference, adapter_name="task")
+    want = sorted(n for n in ref_params if ".default." in n and "lora_" in n)
+    assert sorted(delta) == want and len(want) == 2 * 2 * 2 * 2  # fc1, fc2 × 2 layers × 2 towers × A, B
+    for k in want:
+        torch.testing.assert_close(delta[k], params[k.replace(".default.", ".task.")] - ref_params[k])
+    assert delta.base_fingerprint == base_fingerprint(reference)
+    from hf_cft.merging import dense_delta_from_factors
+
+    dense = dense_delta_from_factors(delta, reference)
+    module = "text_model.encoder.layers.1.mlp.fc2"
+    a, b = (params[f"base_model.model.{module}.{p}.task.weight"].detach() for p in ("lora_A", "lora_B"))
+    a0, b0 = (ref_params[f"base_model.model.{module}.{p}.default.weight"].detach() for p in ("lora_A", "lora_B"))
+    torch.testing.assert_close(dense[f"{module}.weight"], 2.0 * (b @ a - b0 @ a0), rtol=1e-5, atol=1e-6)
+    message = r"^The adapter 'narrow' lacks the reference's LoRA target 'text_model.encoder.layers.0.mlp.fc2'.$"
+    with pytest.raises(DeltaError, match=message):  # four fc2 targets missing: the first in sorted order
+        lora_factor_delta(adapter, reference, adapter_name="narrow")
+
+
+def test_lora_factor_delta_scalings_agree_to_1e_12_and_factor_shapes_are_compared_before_subtracting(clip_model):
+    """Scalings must agree to a relative 1e-12 (a 1e-10 difference is refused, naming both); a factor of another
+    rank with the same scaling is refused naming both shapes — also a rank-1 factor, which would broadcast against
+    the reference's; a reference whose factors are tied cannot address the second by name."""
+    reference = _lora(clip_model, seed=1, target_modules=["fc1"])
+    trained = _trained_copy(reference)
+    close = copy.deepcopy(trained)
+    close.peft_config["default"].lora_alpha = 8 * (1 + 1e-13)
+    assert lora_factor_delta(close, reference).keys() == lora_factor_delta(trained, reference).keys()
+    off = copy.deepcopy(trained)
+    off.peft_config["default"].lora_alpha = 8 * (1 + 1e-10)
+    message = (
+        f"LoRA target 'text_model.encoder.layers.0.mlp.fc1': scaling {8 * (1 + 1e-10) / 4} differs from the "
+        "reference's 2.0; factor deltas need the same r / lora_alpha / use_rslora."
+    )
+    with pytest.raises(DeltaError) as err:
+        lora_factor_delta(off, reference)
+    assert str(err.value) == message
+    key = "base_model.model.text_model.encoder.layers.0.mlp.fc1.lora_A.default.weight"
+    for r in (1, 2, 8):  # scaling 2 as the reference's: only the shapes differ
+        other = _lora(clip_model, seed=2, r=r, lora_alpha=2 * r, target_modules=["fc1"])
+        with pytest.raises(DeltaError) as err:
+            lora_factor_delta(other, reference)
+        assert str(err.value) == f"Factor {key!r} has shape ({r}, 32), reference (4, 32)."
+    tied = copy.deepcopy(reference)
+    layers = tied.base_model.model.text_model.encoder.layers
+    layers[1].mlp.fc1.lora_A["default"].weight = layers[0].mlp.fc1.lora_A["default"].weight
+    with pytest.raises(DeltaError) as err:
+        lora_factor_delta(trained, tied)
+    assert str(err.value) == (
+        "The reference PeftModel has no parameter "
+        "'base_model.model.text_model.encoder.layers.1.mlp.fc1.lora_A.default.weight'."
+    )
+
+
+def test_factor_deltas_are_fp32_from_float64_inputs_and_rank_errors_name_the_adapter_or_the_reference(
+    clip_model, tmp_path
+):
+    """Factor deltas and their dense form are fp32 whatever the adapter's, the reference's or the factor delta's
+    dtype (float64 included). A config whose r disagrees with the factors is refused naming the adapter folder, or
+    the reference adapter by name in both factor functions."""
+    from hf_cft.merging import dense_delta_from_factors
+
+    reference = _lora(clip_model, seed=1, target_modules=["fc1"])
+    trained = _trained_copy(reference)
+    want = lora_factor_delta(trained, reference)
+    for adapter, ref in ((copy.deepcopy(trained).double(), reference), (trained, copy.deepcopy(reference).double())):
+        got = lora_factor_delta(adapter, ref)
+        assert got.keys() == want.keys() and all(t.dtype == torch.float32 for t in got.values())
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+    dense = dense_delta_from_factors(want, reference)
+    dense64 = dense_delta_from_factors({k: v.double() for k, v in want.items()}, reference)
+    assert dense64.keys() == dense.keys() and all(t.dtype == torch.float32 for t in dense64.values())
+    for k in dense:
+        torch.testing.assert_close(dense64[k], dense[k], rtol=1e-6, atol=1e-7)
+    module = "text_model.encoder.layers.0.mlp.fc1"
+    trained.save_pretrained(tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    cfg["r"] = 2
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError) as err:
+        lora_factor_delta(tmp_path / "adapter", reference)
+    assert str(err.value) == (
+        f"Module {module!r} of the adapter folder {str(tmp_path / 'adapter')!r}: factors of rank 4 but the config "
+        "says r=2."
+    )
+    wrong = copy.deepcopy(reference)
+    wrong.peft_config["default"].r = 2
+    message = f"Module {module!r} of the reference adapter 'default': factors of rank 4 but the config says r=2."
+    with pytest.raises(AdapterError) as err:
+        lora_factor_delta(trained, wrong)
+    assert str(err.value) == message
+    with pytest.raises(AdapterError) as err:
+        dense_delta_from_factors(want, wrong)
+    assert str(err.value) == message
+
+
+def test_fan_in_fan_out_adapters_give_the_transposed_delta(tmp_path):
+    """A LoRA of a GPT-2-style ``Conv1D`` (``fan_in_fan_out=True``, weight stored as (in, out)): the dense delta and
+    the dense form of its factor deltas are ``(s·B@A)ᵀ``, shaped like the weight, equal to what merge_and_unload
+    adds."""
+    from hf_cft.merging import dense_delta_from_factors
+
+    torch.manual_seed(0)
+    base = _Conv1DNet()
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["c"], fan_in_fan_out=True, init_lora_weights=False)
+    reference = get_peft_model(copy.deepcopy(base), cfg)
+    trained = _trained_copy(reference)
+    merged_trained = copy.deepcopy(trained).merge_and_unload().c.weight.detach()
+    merged_reference = copy.deepcopy(reference).merge_and_unload().c.weight.detach()
+    dense = delta_from_lora(trained, base)
+    assert list(dense) == ["c.weight"] and dense["c.weight"].shape == (3, 5)
+    torch.testing.assert_close(dense["c.weight"], merged_trained - base.c.weight.detach(), rtol=1e-5, atol=1e-6)
+    from_factors = dense_delta_from_factors(lora_factor_delta(trained, reference), reference)
+    assert list(from_factors) == ["c.weight"] and from_factors["c.weight"].shape == (3, 5)
+    torch.testing.assert_close(from_factors["c.weight"], merged_trained - merged_reference, rtol=1e-5, atol=1e-6)

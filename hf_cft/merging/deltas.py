@@ -741,9 +741,13 @@ def lora_factor_delta(
             key = f"base_model.model.{module}.{part}.{ref_name}.weight"
             if key not in params:
                 raise DeltaError(f"The reference PeftModel has no parameter {key!r}.")
-            t = g[f"{part}.weight"].to(torch.float32) - params[key].detach().to(torch.float32)
-            if tuple(t.shape) != tuple(params[key].shape):
-                raise DeltaError(f"Factor {key!r} has shape {tuple(t.shape)}, reference {tuple(params[key].shape)}.")
+            factor = g[f"{part}.weight"]
+            # compared before subtracting: a rank-1 factor would broadcast against the reference's (same scaling)
+            if tuple(factor.shape) != tuple(params[key].shape):
+                raise DeltaError(
+                    f"Factor {key!r} has shape {tuple(factor.shape)}, reference {tuple(params[key].shape)}."
+                )
+            t = factor.to(torch.float32) - params[key].detach().to(torch.float32)
             _check_finite(key, t, f"of the LoRA factor delta ({where})")
             out[key] = t
     missing = set(ref_groups) - set(groups)
