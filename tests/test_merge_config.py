@@ -1018,3 +1018,147 @@ def test_full_output_of_lora_inputs_adds_s_b_a_and_the_lora_bias_in_fp32(assets,
         bias = adapter[f"base_model.model.{m}.lora_B.bias"].float()
         torch.testing.assert_close(merged[f"{m}.weight"], base[f"{m}.weight"] + 0.5 * s * (b @ a), rtol=0, atol=1e-6)
         torch.testing.assert_close(merged[f"{m}.bias"], base[f"{m}.bias"] + 0.5 * s * bias, rtol=0, atol=1e-6)
+
+
+def _conv1d_base(folder, in_features=3, out_features=5, prefix="c"):
+    """A one-layer GPT-2-style model folder: ``Conv1D`` weight stored as (in, out)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    g = torch.Generator().manual_seed(in_features)
+    weights = {
+        f"{prefix}.weight": torch.randn(in_features, out_features, generator=g),
+        f"{prefix}.bias": torch.randn(out_features, generator=g),
+    }
+    save_file(weights, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text("{}")
+    return weights
+
+
+def test_a_fan_in_fan_out_lora_input_adds_the_transposed_delta_and_base_mismatches_name_the_input(tmp_path):
+    """A LoRA of a GPT-2-style ``Conv1D`` (``fan_in_fan_out=True``): the merged weight is θ⁰ + (s·B@A)ᵀ, what
+    merge_and_unload gives. Refusals name the input: a base without the target's key, a base weight of another shape
+    (both shapes), and a config whose r disagrees with the factors."""
+    import shutil
+
+    from transformers.pytorch_utils import Conv1D
+
+    from hf_cft.merging.streaming import merge_folders
+
+    weights = _conv1d_base(tmp_path / "base")
+    net = torch.nn.Module()
+    net.c = Conv1D(5, 3)
+    net.load_state_dict(weights)
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=2, lora_alpha=6, target_modules=["c"], fan_in_fan_out=True, init_lora_weights=False)
+    peft_model = get_peft_model(net, cfg)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    want = peft_model.merge_and_unload().c.weight.detach()
+
+    def merge(base, adapter):
+        return merge_folders(
+            base, [adapter], "task_arithmetic", {"weight": 1.0}, out=tmp_path / "out", source_names=["task"]
+        )
+
+    merge(tmp_path / "base", tmp_path / "adapter")
+    got = _weights(tmp_path / "out")
+    assert got["c.weight"].shape == (3, 5) and torch.equal(got["c.bias"], weights["c.bias"])
+    torch.testing.assert_close(got["c.weight"], want, rtol=0, atol=1e-6)
+    _conv1d_base(tmp_path / "renamed", prefix="d")
+    with pytest.raises(DeltaError) as err:
+        merge(tmp_path / "renamed", tmp_path / "adapter")
+    assert str(err.value) == "LoRA target 'c' of the input 0 (task) has no base key 'c.weight' in the base model."
+    _conv1d_base(tmp_path / "wider", in_features=4)
+    with pytest.raises(DeltaError) as err:
+        merge(tmp_path / "wider", tmp_path / "adapter")
+    assert str(err.value) == "LoRA delta for 'c.weight' has shape (3, 5) but the base weight is (4, 5)."
+    shutil.copytree(tmp_path / "adapter", tmp_path / "bad_r")
+    config = json.loads((tmp_path / "bad_r" / "adapter_config.json").read_text())
+    config["r"] = 3
+    (tmp_path / "bad_r" / "adapter_config.json").write_text(json.dumps(config))
+    from hf_cft.errors import AdapterError
+
+    with pytest.raises(AdapterError) as err:
+        merge(tmp_path / "base", tmp_path / "bad_r")
+    assert str(err.value) == "Module 'c' of the input 0 (task): factors of rank 2 but the config says r=3."
+
+
+def test_merged_delta_checks_name_what_the_method_returned_and_what_scaled_it():
+    """A method returning something other than a tensor is named by its type; an overflowing merged delta names the
+    method's options *or* the inputs' weights (joined by " or "), and "its inputs" when it has neither."""
+    from hf_cft.merging import registry
+    from hf_cft.merging.registry import MergeMethod, Option, register
+
+    def listed(deltas, ctx):
+        return [deltas[0]]
+
+    def scaled(deltas, ctx):
+        out = torch.zeros_like(deltas[0])
+        for t, row in enumerate(ctx.inputs):
+            out += ctx.options.get("gain", 1.0) * row.get("weight", 1.0) * deltas[t]
+        return out
+
+    def huge(deltas, ctx):
+        return deltas[0] * 1e39  # beyond fp32
+
+    register(MergeMethod("pinned_listed", "tensor", listed))
+    register(
+        MergeMethod(
+            "pinned_scaled", "tensor", scaled, options=(Option("gain", 1.0), Option("weight", 1.0, per_input=True))
+        )
+    )
+    register(MergeMethod("pinned_huge", "tensor", huge))
+    delta = {"w": torch.ones(2, 3)}
+    try:
+        with pytest.raises(DeltaError) as err:
+            merge_deltas([delta], "pinned_listed")
+        assert str(err.value) == "Method 'pinned_listed' returned list for key 'w', expected a tensor of shape (2, 3)."
+        with pytest.raises(MergeConfigError) as err:
+            merge_deltas([delta, delta], "pinned_scaled", {"gain": 1e20}, inputs=[{"weight": 1e20}, {}])
+        assert str(err.value) == (
+            "The merged delta of 'pinned_scaled' at key 'w' holds NaN/inf: its options {'gain': 1e+20} or the "
+            "inputs' weights [1e+20, 1.0] scale finite inputs beyond the float range; use smaller values."
+        )
+        with pytest.raises(MergeConfigError) as err:
+            merge_deltas([delta], "pinned_huge")
+        assert str(err.value) == (
+            "The merged delta of 'pinned_huge' at key 'w' holds NaN/inf: its inputs scale finite inputs beyond the "
+            "float range; use smaller values."
+        )
+    finally:
+        for name in ("pinned_listed", "pinned_scaled", "pinned_huge"):
+            registry._METHODS.pop(name, None)
+
+
+def test_model_methods_see_the_base_folder_and_lazy_deltas_refuse_unknown_keys_by_name(assets, tmp_path):
+    """A ``kind="model"`` method writing a LoRA output gets θ⁰'s folder as ``ctx.base_model`` and
+    ``ctx.extra["base_model"]``; an input's lazy delta raises ``KeyError(key)`` for a key it lacks. A lora_rank
+    beyond several targets names the first one with its own shape."""
+    from hf_cft.merging import registry
+    from hf_cft.merging.registry import MergeMethod, register
+    from hf_cft.merging.streaming import merge_folders
+
+    seen = []
+
+    def first(deltas, ctx):
+        seen.append((ctx.base_model, ctx.extra.get("base_model")))
+        return {k: deltas[0][k] for k in deltas[0]}
+
+    def lookup(deltas, ctx):
+        return {"w": deltas[0]["absent.weight"]}
+
+    register(MergeMethod("pinned_first", "model", first))
+    register(MergeMethod("pinned_lookup", "model", lookup))
+    try:
+        merge_folders(assets["clip"], [assets["lora_a"]], "pinned_first", out=tmp_path / "o", lora_rank=2)
+        assert seen == [(Path(assets["clip"]), Path(assets["clip"]))]
+        with pytest.raises(KeyError) as err:
+            merge_deltas([{"w": torch.ones(2)}], "pinned_lookup")
+        assert err.value.args == ("absent.weight",)
+    finally:
+        registry._METHODS.pop("pinned_first", None)
+        registry._METHODS.pop("pinned_lookup", None)
+    key = "text_model.encoder.layers.0.mlp.fc1.weight"  # lora_b: fc1 (37, 32) sorts before q_proj (32, 32)
+    with pytest.raises(MergeConfigError) as err:
+        merge_folders(assets["clip"], [assets["lora_b"]], "task_arithmetic", out=tmp_path / "x", lora_rank=33)
+    assert str(err.value) == f"lora_rank=33 exceeds the smaller dimension of {key!r} (37, 32)."
