@@ -21,7 +21,11 @@ def user_stacklevel() -> int:
     import sys
 
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    files, frame = [], sys._getframe(1)  # files[0]: the function that calls warnings.warn (stacklevel 1)
+    frame = sys._getframe(0)
+    while frame is not None and frame.f_code.co_name != "user_stacklevel":  # a test tool may wrap this function
+        frame = frame.f_back
+    frame = frame.f_back if frame is not None else sys._getframe(1)
+    files = []  # files[0]: the function that calls warnings.warn (stacklevel 1)
     while frame is not None:
         files.append(os.path.abspath(frame.f_code.co_filename))
         frame = frame.f_back
