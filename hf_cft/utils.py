@@ -10,29 +10,32 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-#: files whose frames are decorator wrappers around an hf_cft function, not the user's code
-_WRAPPER_FILES = (os.path.join("torch", "utils", "_contextlib.py"), os.sep + "contextlib.py")
+#: files whose frames wrap a function without being anyone's code: decorators (``torch.no_grad()``,
+#: ``contextlib.ContextDecorator``) and mutmut's trampolines (tests/test_rule_gaps.py runs under mutation testing too)
+_WRAPPER_FILES = (
+    os.path.join("torch", "utils", "_contextlib.py"),
+    os.sep + "contextlib.py",
+    os.path.join("mutmut", "mutation", "trampoline.py"),
+)
 
 
 def user_stacklevel() -> int:
     """The ``stacklevel`` that attributes a warning to the frame just outside the outermost hf_cft frame of the
     stack: the user's line that called into the library, however deep (and through whatever decorators) the warning
-    is raised. Use as ``warnings.warn(msg, stacklevel=user_stacklevel())``."""
+    is raised. Use as ``warnings.warn(msg, stacklevel=user_stacklevel())`` in hf_cft code."""
     import sys
 
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    frame = sys._getframe(0)
-    while frame is not None and frame.f_code.co_name != "user_stacklevel":  # a test tool may wrap this function
-        frame = frame.f_back
-    frame = frame.f_back if frame is not None else sys._getframe(1)
-    files = []  # files[0]: the function that calls warnings.warn (stacklevel 1)
+    files, frame = [], sys._getframe(1)
     while frame is not None:
         files.append(os.path.abspath(frame.f_code.co_filename))
         frame = frame.f_back
-    outermost = max((i for i, f in enumerate(files) if f.startswith(package)), default=0)
-    level = outermost + 1  # 0-based index of the caller's frame
-    # a decorated hf_cft entry point (``@torch.no_grad()``, a ``contextlib.ContextDecorator``) is called through
-    # the decorator's frame: step over it to the user's line
+    # stacklevel 1 is the hf_cft function that calls warnings.warn: the first hf_cft frame (a wrapper around this
+    # function, e.g. a trampoline, may lie between)
+    caller = next((i for i, f in enumerate(files) if f.startswith(package)), 0)
+    files = files[caller:]
+    outermost = max(i for i, f in enumerate(files) if f.startswith(package)) if files else 0
+    level = outermost + 1  # 0-based index of the frame just outside the library
     while level < len(files) - 1 and files[level].endswith(_WRAPPER_FILES):
         level += 1
     return level + 1

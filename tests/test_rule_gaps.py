@@ -455,15 +455,16 @@ def test_user_stacklevel_steps_over_decorators_around_the_outermost_library_call
     import os
     import warnings
 
-    from hf_cft.utils import user_stacklevel
-
-    # two frames whose code lives in hf_cft's folder stand in for the library's entry point and an inner function
-    source = "def library_entry(site):\n    return _inner(site)\n\n\ndef _inner(site):\n    site()\n"
+    # two frames whose code lives in hf_cft's folder stand in for the library's entry point and the inner function
+    # that warns
+    source = (
+        "import warnings\n"
+        "from hf_cft.utils import user_stacklevel\n\n\n"
+        "def library_entry():\n    return _inner()\n\n\n"
+        "def _inner():\n    warnings.warn('deep', UserWarning, stacklevel=user_stacklevel())\n"
+    )
     simulated = {}
     exec(compile(source, os.path.join(os.path.dirname(hf_cft.__file__), "_simulated.py"), "exec"), simulated)
-
-    def site():  # the warning site, called from the simulated library frames
-        warnings.warn("deep", UserWarning, stacklevel=user_stacklevel())
 
     class Quiet(contextlib.ContextDecorator):
         def __enter__(self):
@@ -477,7 +478,7 @@ def test_user_stacklevel_steps_over_decorators_around_the_outermost_library_call
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             line = inspect.currentframe().f_lineno + 1
-            entry(site)  # the user's line
+            entry()  # the user's line
         assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)], wrap
 
 
