@@ -599,3 +599,83 @@ def test_fan_in_fan_out_adapters_give_the_transposed_delta(tmp_path):
     from_factors = dense_delta_from_factors(lora_factor_delta(trained, reference), reference)
     assert list(from_factors) == ["c.weight"] and from_factors["c.weight"].shape == (3, 5)
     torch.testing.assert_close(from_factors["c.weight"], merged_trained - merged_reference, rtol=1e-5, atol=1e-6)
+
+
+def test_lazy_delta_from_models_reads_each_key_on_access_as_delta_from_models_does(clip_model, tmp_path):
+    """``LazyDelta.from_models``: its keys are every floating-point entry of the fine-tuned model in its order (keys
+    the fine-tuning left unchanged included; ``exclude``, by default ``logit_scale``, dropped; ``keys=`` a list picks
+    them), with the fine-tuned shapes; each access computes a fresh fp32(θ_ft) − fp32(θ⁰) (each side cast to fp32
+    before subtracting; nothing cached, so a later change of the source shows); description ``"<ft> − <base>"``
+    and the base fingerprint; equal to ``delta_from_models`` on the same pair (modules, state dicts, folders).
+    Refused when built, exactly: a key missing from the base, another shape, an integer entry (``iter_delta``'s
+    rule); NaN/inf is named on access, as is a source that changed shape."""
+    from safetensors.torch import save_file
+
+    from hf_cft.merging import LazyDelta
+
+    base = {
+        "h": torch.tensor([1.0, 2.0], dtype=torch.float16),
+        "d": torch.tensor([1.0, 4.0], dtype=torch.float64),
+        "same": torch.zeros(2, 3),
+        "logit_scale": torch.tensor(2.0),
+        "n": torch.tensor([1, 2]),
+    }
+    ft = {
+        "same": torch.zeros(2, 3),
+        "n": torch.tensor([3, 5]),
+        "d": torch.tensor([1.0 + 1e-10, 6.5], dtype=torch.float64),  # 1 + 1e-10 is 1.0 in fp32: a 0 delta
+        "logit_scale": torch.tensor(3.0),
+        "h": torch.tensor([1.5, -2.0], dtype=torch.float16),
+    }
+    lazy = LazyDelta.from_models(base, ft)
+    assert list(lazy) == ["same", "d", "h"] and len(lazy) == 3
+    assert lazy.shapes() == {"same": (2, 3), "d": (2,), "h": (2,)}
+    assert lazy.description == "dict − dict" and lazy.base_fingerprint == base_fingerprint(base)
+    assert repr(lazy) == f"LazyDelta(3 tensors from dict − dict, base={base_fingerprint(base)})"
+    got = lazy["d"]
+    assert got.dtype == torch.float32 and got.tolist() == [0.0, 2.5]
+    assert lazy["h"].dtype == torch.float32 and lazy["h"].tolist() == [0.5, -4.0]
+    assert torch.equal(lazy["same"], torch.zeros(2, 3))
+    got.add_(1.0)  # a fresh tensor: neither the sources nor the next read change
+    assert lazy["d"].tolist() == [0.0, 2.5] and ft["d"].tolist() == [1.0 + 1e-10, 6.5]
+    ft["h"][0] = 3.0  # computed on access: a later change of the source shows
+    assert lazy["h"].tolist() == [2.0, -4.0]
+    assert list(LazyDelta.from_models(base, ft, keys=["h", "same"])) == ["h", "same"]
+    assert list(LazyDelta.from_models(base, ft, exclude=("d", "logit_scale"))) == ["same", "h"]
+    assert list(LazyDelta.from_models(base, ft, exclude=())) == ["same", "d", "logit_scale", "h"]
+
+    tuned = _perturbed(clip_model)
+    eager = delta_from_models(clip_model, tuned)
+    for b, f in ((clip_model, tuned), (clip_model.state_dict(), tuned.state_dict())):
+        lazy = LazyDelta.from_models(b, f)
+        assert list(lazy) == list(eager) and lazy.base_fingerprint == eager.base_fingerprint
+        assert lazy.shapes() == {k: tuple(v.shape) for k, v in eager.items()}
+        for k in eager:
+            assert torch.equal(lazy[k], eager[k]), k
+    assert LazyDelta.from_models(clip_model, tuned).description == "CLIPModel − CLIPModel"
+    clip_model.save_pretrained(tmp_path / "base")
+    save_file({FC1: tuned.state_dict()[FC1]}, str(tmp_path / "ft.safetensors"))
+    on_disk = LazyDelta.from_models(tmp_path / "base", tmp_path / "ft.safetensors")
+    assert list(on_disk) == [FC1] and torch.equal(on_disk[FC1], eager[FC1])
+    assert on_disk.description == f"{tmp_path / 'ft.safetensors'} − {tmp_path / 'base'}"
+    assert on_disk.base_fingerprint == eager.base_fingerprint
+
+    with pytest.raises(DeltaError, match=r"^Key 'x' of the fine-tuned model is not in the base model \(dict\)\.$"):
+        LazyDelta.from_models(base, {**ft, "x": torch.zeros(1)})
+    with pytest.raises(
+        DeltaError, match=r"^Key 'same' has shape \(3, 2\) in the fine-tuned model but \(2, 3\) in the base\.$"
+    ):
+        LazyDelta.from_models(base, {**ft, "same": torch.zeros(3, 2)})
+    with pytest.raises(DeltaError, match=r"^Key 'n' is not a floating-point tensor; it cannot have a task delta\.$"):
+        LazyDelta.from_models(base, ft, keys=["h", "n"])
+    with pytest.raises(DeltaError, match=r"^Key 'h' is not a floating-point tensor; it cannot have a task delta\.$"):
+        LazyDelta.from_models({**base, "h": torch.tensor([1, 2])}, ft)
+    nan = LazyDelta.from_models(base, {**ft, "same": torch.tensor([[0.0, math.nan, 0.0], [math.inf, 0.0, 0.0]])})
+    assert list(nan) == ["same", "d", "h"]  # checked on access, not when built
+    with pytest.raises(NonFiniteError, match=r"^Tensor 'same' of dict − dict holds 2 NaN/inf value\(s\)\.$"):
+        nan["same"]
+    moving_base, moving_ft = {**base}, {**ft}
+    lazy = LazyDelta.from_models(moving_base, moving_ft)
+    moving_base["h"], moving_ft["h"] = torch.zeros(3), torch.ones(3)  # both re-shaped after it was built
+    with pytest.raises(DeltaError, match=r"^Key 'h' of dict − dict changed shape while being read\.$"):
+        lazy["h"]

@@ -473,6 +473,8 @@ class LazyDelta(Mapping):
                 raise DeltaError(
                     f"Key {k!r} has shape {f.shape(k)} in the fine-tuned model but {b.shape(k)} in the base."
                 )
+            if not b.is_floating(k) or not f.is_floating(k):  # iter_delta's rule: no delta of an integer entry
+                raise DeltaError(f"Key {k!r} is not a floating-point tensor; it cannot have a task delta.")
         return cls(
             {k: f.shape(k) for k in selected},
             lambda k: f.get(k).to(torch.float32) - b.get(k).to(torch.float32),
