@@ -148,3 +148,17 @@ def test_base_novel_hm_is_a_deprecated_alias_of_base_novel_summary():
         row = base_novel_hm(80.0, 40.0)
     assert row == base_novel_summary(80.0, 40.0)
     assert caught[0].filename == __file__  # the warning points at the caller's line, not at hf_cft
+
+
+def test_accuracy_matrix_to_dict_carries_names_values_and_metrics_only_when_complete():
+    """to_dict: the names, the values as nested lists (NaN for rows not filled yet) and the metrics once every row
+    is filled (None before)."""
+    m = AccuracyMatrix(["a", "b"])
+    m.set_row(0, [80.0, 10.0])
+    partial = m.to_dict()
+    assert partial["names"] == ["a", "b"] and partial["metrics"] is None
+    assert partial["values"][0] == [80.0, 10.0] and all(np.isnan(v) for v in partial["values"][1])
+    m.set_row(1, {"b": 70.0, "a": 60.0})
+    full = m.to_dict()
+    assert full == {"names": ["a", "b"], "values": [[80.0, 10.0], [60.0, 70.0]], "metrics": m.metrics()}
+    assert isinstance(full["names"], list) and isinstance(full["values"], list)

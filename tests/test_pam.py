@@ -1129,3 +1129,27 @@ def _catch_warnings():
             return caught
 
     return Catch()
+
+
+def test_default_lora_config_and_the_states_lora_config_object():
+    """default_lora_config is pam.md §6's LoRA (r 32, α 32, attention q/k/v/out and MLP fc1/fc2), with overrides
+    passed on; PAMState.lora_config_object rebuilds the global adapter's LoraConfig from the stored dict, ignoring
+    keys LoraConfig does not have (and the peft_type), and is None when the state has no LoRA config."""
+    from hf_cft.merging.pam import DEFAULT_TARGET_MODULES, default_lora_config
+
+    cfg = default_lora_config()
+    assert (cfg.r, cfg.lora_alpha) == (32, 32)
+    assert (
+        set(cfg.target_modules)
+        == set(DEFAULT_TARGET_MODULES)
+        == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
+    )
+    small = default_lora_config(r=4, lora_alpha=8, target_modules=["fc1"], lora_dropout=0.1)
+    assert (small.r, small.lora_alpha, set(small.target_modules), small.lora_dropout) == (4, 8, {"fc1"}, 0.1)
+    assert PAMState().lora_config_object() is None
+    model = _pam_model()
+    state = PAMState.from_model(model)
+    rebuilt = state.lora_config_object()
+    assert isinstance(rebuilt, LoraConfig) and rebuilt.r == 2 and set(rebuilt.target_modules) == {"fc1", "fc2"}
+    state.lora_config = {**state.lora_config, "not_a_lora_field": 1}
+    assert state.lora_config_object().r == 2

@@ -514,3 +514,63 @@ def test_library_warnings_point_at_the_users_call():
         assert caught and all(w.filename == __file__ for w in caught), [(w.filename, str(w.message)) for w in caught]
         assert {w.lineno for w in caught} <= {line, call.__code__.co_firstlineno}, caught
     assert np.unique(few_shot(ds, 1)["label"]).tolist() == [0, 1]
+
+
+def test_cache_dir_stale_temps_and_atomic_save_pretrained(tmp_path, monkeypatch):
+    """hf_cft_cache_dir: $HF_CFT_CACHE (user-expanded) else ~/.cache/hf_cft, parts joined below; remove_stale_temps
+    removes exactly the ``.<name>.*.tmp`` files beside ``path`` (not other files, folders or symlinks) and returns
+    them; save_pretrained_atomic writes the artefact's files, keeps the old folder's Markdown card over a generated
+    one, drops the old folder's other files, and leaves the old folder untouched when the save fails."""
+    from hf_cft.utils import hf_cft_cache_dir, remove_stale_temps, save_pretrained_atomic
+
+    monkeypatch.setenv("HF_CFT_CACHE", str(tmp_path / "cache"))
+    assert hf_cft_cache_dir() == tmp_path / "cache" and hf_cft_cache_dir("a", "b") == tmp_path / "cache" / "a" / "b"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_CFT_CACHE", "~/elsewhere")
+    assert hf_cft_cache_dir("x") == tmp_path / "home" / "elsewhere" / "x"
+    monkeypatch.setenv("HF_CFT_CACHE", "")  # empty means unset
+    assert hf_cft_cache_dir("decoded") == tmp_path / "home" / ".cache" / "hf_cft" / "decoded"
+    monkeypatch.delenv("HF_CFT_CACHE")
+    assert hf_cft_cache_dir() == tmp_path / "home" / ".cache" / "hf_cft"
+
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "model.safetensors"
+    stale = [out / ".model.safetensors.abc.tmp", out / ".model.safetensors.x1.tmp"]
+    for p in stale:
+        p.write_bytes(b"partial")
+    keep = [out / ".other.safetensors.abc.tmp", out / "model.safetensors.abc.tmp", out / ".model.safetensors.abc"]
+    for p in keep:
+        p.write_bytes(b"keep")
+    (out / ".model.safetensors.dir.tmp").mkdir()
+    (out / ".model.safetensors.link.tmp").symlink_to(keep[0])
+    assert sorted(remove_stale_temps(target)) == sorted(stale)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
+    assert (out / ".model.safetensors.dir.tmp").is_dir() and (out / ".model.safetensors.link.tmp").is_symlink()
+    assert remove_stale_temps(tmp_path / "missing" / "model.safetensors") == []
+
+    class Artefact:
+        def __init__(self, files, fail=False):
+            self.files, self.fail = files, fail
+
+        def save_pretrained(self, folder, **kwargs):
+            for name, text in self.files.items():
+                (Path(folder) / name).write_text(text + kwargs.get("suffix", ""))
+            if self.fail:
+                raise OSError("disk full")
+
+    folder = tmp_path / "saved"
+    assert save_pretrained_atomic(Artefact({"config.json": "{}", "README.md": "generated"}), folder) == folder
+    assert (folder / "README.md").read_text() == "generated"
+    (folder / "README.md").write_text("my card")
+    (folder / "notes.txt").write_text("old")
+    save_pretrained_atomic(Artefact({"config.json": "{1}", "README.md": "generated"}), folder, suffix="!")
+    assert {p.name for p in folder.iterdir()} == {"config.json", "README.md"}
+    assert (folder / "config.json").read_text() == "{1}!" and (folder / "README.md").read_text() == "my card"
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained_atomic(Artefact({"config.json": "{2}"}, fail=True), folder)
+    assert (folder / "config.json").read_text() == "{1}!" and {p.name for p in folder.iterdir()} == {
+        "config.json",
+        "README.md",
+    }
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".saved")] == []  # no staging leftovers
