@@ -742,3 +742,91 @@ def test_hub_bundles_are_downloaded_with_the_revision_and_only_the_bundle_files(
         BundleError, match=r"^'someone/bundle' is neither .* Hub repo \(ConnectionError: no network\).$"
     ):
         DeltaFusionMerger.from_pretrained("someone/bundle")
+
+
+def test_set_prototypes_normalises_replaces_refuses_by_name_and_bumps_the_version(tmp_path):
+    """``set_prototypes(name, P)``: P ([C, d], any float dtype) is stored for that task as unit rows in fp32, a
+    copy (the caller's tensor is neither kept nor modified), read back by ``prototypes(name)``, replacing earlier
+    ones (of any width while no other task has prototypes); the record gets ``has_prototypes`` (so the bundle saves
+    and loads them) and ``version`` goes up by one per call. Refused exactly, the merger left as it was: an
+    unknown task (naming the held ones), not a non-empty 2-D tensor, NaN/inf, an all-zero row, a row count other
+    than the task's class names, a width other than another task's prototypes."""
+    d0, d1 = rand(3, 2)
+    m = DeltaFusionMerger()
+    m.add_task(d0, "a", classnames=["x", "y"])
+    m.add_task(d1, "b")
+    version = m.version
+    assert m.prototypes("a") is None and not m.record("a").has_prototypes
+    given = torch.tensor([[3.0, 4.0, 0.0], [0.0, -2.0, 0.0]], dtype=torch.float64)
+    m.set_prototypes("a", given)
+    got = m.prototypes("a")
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    assert got.tolist() == [[0.6000000238418579, 0.800000011920929, 0.0], [0.0, -1.0, 0.0]]
+    assert given.tolist() == [[3.0, 4.0, 0.0], [0.0, -2.0, 0.0]]  # the caller's tensor is untouched
+    assert m.record("a").has_prototypes and not m.record("b").has_prototypes and m.prototypes("b") is None
+    assert m.version == version + 1
+    mine = torch.tensor([[0.0, 0.0, 5.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0, 0.0]])
+    m.set_prototypes("a", mine)  # replaced, at another width: no other task has prototypes
+    assert m.prototypes("a").tolist() == [[0.0, 0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]]
+    mine.mul_(7.0)
+    assert m.prototypes("a").tolist() == [[0.0, 0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]]  # a copy
+    m.set_prototypes("b", torch.tensor([[0.0, 0.0, 0.0, 0.0, -0.5]], dtype=torch.float16))  # no class names: any C
+    assert m.prototypes("b").tolist() == [[0.0, 0.0, 0.0, 0.0, -1.0]] and m.record("b").has_prototypes
+    assert m.version == version + 3
+
+    before = {n: m.prototypes(n).clone() for n in ("a", "b")}
+    cases = [
+        ("zz", torch.ones(2, 5), TaskError, r"^Unknown task 'zz'; the merger holds \['a', 'b'\]\.$"),
+        ("a", torch.ones(5), TaskError, r"^Prototypes of task 'a' must be a non-empty \[C, d\] tensor\.$"),
+        ("a", torch.ones(0, 5), TaskError, r"^Prototypes of task 'a' must be a non-empty \[C, d\] tensor\.$"),
+        ("a", [[1.0, 0.0]], TaskError, r"^Prototypes of task 'a' must be a non-empty \[C, d\] tensor\.$"),
+        (
+            "a",
+            torch.tensor([[1.0, 0, 0, 0, 0], [math.inf, 0, 0, 0, 0]]),
+            NonFiniteError,
+            r"^Prototypes of task 'a' hold NaN/inf values\.$",
+        ),
+        (
+            "a",
+            torch.tensor([[1.0, 0, 0, 0, 0], [0.0, 0, 0, 0, 0]]),
+            TaskError,
+            r"^Prototypes of task 'a' contain an all-zero row \(cannot be normalised\)\.$",
+        ),
+        ("a", torch.ones(3, 5), TaskError, r"^Task 'a' has 2 class names but 3 prototype rows\.$"),
+        ("b", torch.ones(1, 4), TaskError, r"^Prototypes of task 'b' are 4-d but task 'a''s are 5-d\.$"),
+    ]
+    for name, protos, error, message in cases:
+        with pytest.raises(error, match=message):
+            m.set_prototypes(name, protos)
+        assert m.version == version + 3
+        assert all(torch.equal(m.prototypes(n), p) for n, p in before.items())
+
+    m.save_pretrained(tmp_path / "bundle")
+    loaded = DeltaFusionMerger.from_pretrained(tmp_path / "bundle")
+    assert loaded.record("b").has_prototypes
+    assert all(torch.equal(loaded.prototypes(n), p) for n, p in before.items())
+
+
+def test_repr_names_tasks_keys_and_every_option():
+    """``repr(merger)``: its number of tasks and keys, then rescaler, rescaler_groups (a named grouping by its
+    name, a mapping or callable as ``'custom'``), lora_merge and strict, in that order."""
+    assert repr(DeltaFusionMerger()) == (
+        "DeltaFusionMerger(0 tasks, 0 keys, rescaler='mean', rescaler_groups='tensor', lora_merge='dense', "
+        "strict=False)"
+    )
+    m = DeltaFusionMerger(rescaler="global_sum", lora_merge="factors", strict=True)
+    for i, d in enumerate(rand(5, 2)):
+        m.add_task(d, f"t{i}")
+    assert repr(m) == (
+        "DeltaFusionMerger(2 tasks, 4 keys, rescaler='global_sum', rescaler_groups='tensor', lora_merge='factors', "
+        "strict=True)"
+    )
+    assert repr(DeltaFusionMerger(rescaler_groups="openai")) == (
+        "DeltaFusionMerger(0 tasks, 0 keys, rescaler='mean', rescaler_groups='openai', lora_merge='dense', "
+        "strict=False)"
+    )
+    for groups in ({"w": "g", "b": "g"}, lambda key: "g"):
+        assert repr(DeltaFusionMerger(rescaler_groups=groups)) == (
+            "DeltaFusionMerger(0 tasks, 0 keys, rescaler='mean', rescaler_groups='custom', lora_merge='dense', "
+            "strict=False)"
+        )
