@@ -205,3 +205,47 @@ def test_magmax_step_on_whole_tensors_breaks_ties_as_told():
     assert _magmax_step(best, value, "later").tolist() == [-1.0, 2.5, 3.0, 0.0]
     assert _magmax_step(best, value, "earlier").tolist() == [1.0, 2.5, 3.0, 0.0]
     assert _magmax_step(best.float(), value.float(), "later").tolist() == [-1.0, 2.5, 3.0, 0.0]  # the blocked form
+
+
+def test_option_describe_formats_kind_range_choices_per_input_default_and_help():
+    """``Option.describe()``: ``"name (what[, per input]; default <repr>|required): help"``, without ``": "`` when
+    there is no help. ``what``: a choice's choices joined by ``|`` (as ``str``); a number/int/numbers option with a
+    bound ``"<kind> in <range>"``, each end ``[``/``]`` when closed, ``(``/``)`` when open or missing (shown as
+    ``-inf``/``inf``), bounds in ``%g``; otherwise the kind alone (unbounded numbers, bool, str)."""
+    cases = [
+        (Option("lam"), "lam (number; default None)"),
+        (Option("lam", 0.3, help="scale"), "lam (number; default 0.3): scale"),
+        (
+            Option("density", 1.0, low=0.0, high=1.0, low_open=True, per_input=True, help="kept fraction"),
+            "density (number in (0, 1], per input; default 1.0): kept fraction",
+        ),
+        (Option("k", 0.5, low=0.0, high=1.0), "k (number in [0, 1]; default 0.5)"),
+        (Option("rho", 0.9, low=0.0, high=1.0, high_open=True), "rho (number in [0, 1); default 0.9)"),
+        (Option("eps", 1e-6, low=1e-06), "eps (number in [1e-06, inf); default 1e-06)"),
+        (Option("eps", 1e-6, low=2.5, low_open=True), "eps (number in (2.5, inf); default 1e-06)"),
+        (Option("top", 3.0, high=1234567.0), "top (number in (-inf, 1.23457e+06]; default 3.0)"),
+        (Option("cap", None, high=2.0, high_open=True), "cap (number in (-inf, 2); default None)"),
+        (Option("n", 2, kind="int", low=1, required=True), "n (int in [1, inf); required)"),
+        (Option("n", 2, kind="int", help="count"), "n (int; default 2): count"),
+        (
+            Option("alphas", [0.5], kind="numbers", low=0.0, high=1.0, help="per layer"),
+            "alphas (numbers in [0, 1]; default [0.5]): per layer",
+        ),
+        (Option("alphas", kind="numbers", required=True), "alphas (numbers; required)"),
+        (
+            Option("mode", "a", kind="choice", choices=("a", "b"), per_input=True, help="how"),
+            "mode (a|b, per input; default 'a'): how",
+        ),
+        (Option("k", 2, kind="choice", choices=(1, 2, 4), low=0.0), "k (1|2|4; default 2)"),
+        (Option("flag", False, kind="bool", low=0.0, help="on?"), "flag (bool; default False): on?"),
+        (Option("name", "x", kind="str", per_input=True), "name (str, per input; default 'x')"),
+    ]
+    for option, line in cases:
+        assert option.describe() == line
+    dare = get_method("dare")
+    assert [o.describe() for o in dare.options] == [
+        "weight (number, per input; default None): λ_t (default 0.3 with then=ta, 1.0 with then=ties)",
+        "density (number in (0, 1], per input; default 0.1): kept fraction 1 − ρ (--rho ρ: drop rate)",
+        "then (ta|ties; default 'ta'): task arithmetic or TIES after the drop",
+        "seed (int; default 0): seed of the drop masks (drawn per key)",
+    ]
