@@ -576,6 +576,7 @@ def _assert_same_up_to_rounding(a, b):
             assert float(diff) <= 1e-4
 
 
+@pytest.mark.threads
 def test_unify_on_one_or_two_cpu_threads_gives_the_same_bundle(monkeypatch):
     """The CI-runnable half of the device check: the session does not depend on how the CPU splits its work."""
     one = _device_sessions("cpu", threads=1, monkeypatch=monkeypatch)

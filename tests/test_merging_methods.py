@@ -641,6 +641,7 @@ def test_rank_band_by_radix_selection_with_a_band_that_starts_at_one(start):
     assert torch.equal(band, want)
 
 
+@pytest.mark.threads
 def test_blocked_breadcrumbs_one_input_infinities_threads_and_no_resize_warnings(monkeypatch):
     """The blocked torch kernel (fused kernels off) over several blocks with a short last one: one input alone, an
     infinite entry kept at rank 0, inputs selected on two threads; it reuses its buffers (torch warns when an

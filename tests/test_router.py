@@ -270,6 +270,7 @@ def test_10_decoupled_experts_reproduce_their_originals_on_tiny_clip(clip_model,
     assert router.last_routing.indices.shape == (12, 2)
 
 
+@pytest.mark.threads
 def test_router_matches_across_cpu_thread_counts(clip_model, toy_tokenizer, merger5, px):
     """The CI-runnable half of the device check below: routing and fused logits do not depend on how the CPU
     splits the work (1 thread vs 2), up to float rounding; the routing decision itself is identical."""
