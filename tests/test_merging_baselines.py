@@ -373,3 +373,89 @@ def test_scalar_and_integer_keys_are_merged_too():
     assert float(emr([a, b]).task_delta(1)["logit_scale"]) == 0.0
     with pytest.raises(DeltaError, match="'w' of task 0 is a list"):
         ties([{"w": [1.0]}, b])
+
+
+def _dare_by_hand(deltas, rhos, weights, seed, key, then):
+    """DARE from its definition: per input in order, m ~ Bernoulli(1 − ρ) drawn from one CPU ``torch.Generator``
+    seeded with ``(seed·1000003 + crc32(key)) mod (2⁶³ − 1)`` (an input with ρ = 0 is kept whole and draws nothing),
+    τ̃ = w·(m ⊙ τ / (1 − ρ)); then Σ_t τ̃_t (``"ta"``) or, per entry, the mean of the non-zero τ̃_t whose sign is
+    sign(Σ_t τ̃_t) (0 where that sum is 0; ``"ties"``)."""
+    import zlib
+
+    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode("utf-8"))) % (2**63 - 1))
+    dropped = []
+    for x, rho, w in zip(deltas, rhos, weights):
+        if rho == 0.0:
+            dropped.append(w * x)
+            continue
+        m = torch.bernoulli(torch.full(x.shape, 1.0 - rho), generator=g).to(x.dtype)
+        dropped.append(w * (x * m / (1.0 - rho)))
+    if then == "ta":
+        return sum(dropped[1:], dropped[0].clone())
+    out = torch.zeros_like(dropped[0]).reshape(-1)
+    for j, column in enumerate(zip(*[t.reshape(-1).tolist() for t in dropped])):
+        sigma = math.copysign(1.0, sum(column)) if sum(column) != 0 else 0.0
+        kept = [v for v in column if v != 0 and math.copysign(1.0, v) == sigma]
+        out[j] = sum(kept) / len(kept) if kept and sigma != 0 else 0.0
+    return out.view(dropped[0].shape)
+
+
+def test_dare_whole_tensor_path_is_dare_by_its_definition_and_draws_the_blocked_paths_masks():
+    """``_dare_whole`` (the whole-tensor DARE kernel: a GPU, or on the CPU any non-fp32 input, e.g. fp64/bf16):
+    each input τ_t with drop rate ρ_t = 1 − density_t becomes w_t·m_t ⊙ τ_t/(1 − ρ_t), m_t ~ Bernoulli(1 − ρ_t)
+    drawn from the key's generator seeded from (seed, key), inputs in order (``_dare_by_hand``, bit for bit in
+    fp64); ρ = 0 keeps an input whole and draws no mask; then Σ (``then="ta"``) or TIES' election (``"ties"``); the
+    result keeps the inputs' dtype and no input is modified (not with every ρ = 0 and w = 1 either, where it is the
+    plain sum in a new tensor); another seed or key draws other masks. ``_dare_tensor`` sends fp64 and bf16 there,
+    and on dyadic inputs it equals the blocked fp32 kernel exactly: the same masks for the same seed and key."""
+    from hf_cft.merging.baselines import _dare_tensor, _dare_whole
+    from hf_cft.merging.registry import TensorContext, get_method
+
+    def ctx(key, seed, then, densities, weights):
+        inputs = [{"density": d, "weight": w} for d, w in zip(densities, weights)]
+        opts, per = get_method("dare").resolve({"seed": seed, "then": then}, inputs)
+        return TensorContext(key, opts, per, [True] * len(per), lambda: None)
+
+    g = torch.Generator().manual_seed(11)
+    deltas = [torch.randn(9, 7, generator=g, dtype=torch.float64) for _ in range(3)]
+    originals = [d.clone() for d in deltas]
+    densities, weights = [0.3, 1.0, 0.125], [0.7, -2.0, 1.0]
+    rhos = [1.0 - d for d in densities]
+    for then in ("ta", "ties"):
+        for key, seed in (("a.weight", 5), ("b.bias", 5), ("a.weight", 6)):
+            got = _dare_whole(deltas, ctx(key, seed, then, densities, weights), rhos)
+            assert got.dtype == torch.float64 and got.shape == (9, 7)
+            want = _dare_by_hand(deltas, rhos, weights, seed, key, then)
+            if then == "ta":
+                assert torch.equal(got, want), (then, key, seed)
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=0, msg=f"{then} {key} {seed}")
+            assert all(torch.equal(d, o) for d, o in zip(deltas, originals))
+            via_dispatch = _dare_tensor(deltas, ctx(key, seed, then, densities, weights))
+            assert torch.equal(via_dispatch, got)
+        other_key = _dare_whole(deltas, ctx("b.bias", 5, then, densities, weights), rhos)
+        other_seed = _dare_whole(deltas, ctx("a.weight", 6, then, densities, weights), rhos)
+        first = _dare_whole(deltas, ctx("a.weight", 5, then, densities, weights), rhos)
+        assert not torch.equal(other_key, first) and not torch.equal(other_seed, first)
+    kept = _dare_whole(deltas[:2], ctx("k", 5, "ta", [1.0, 1.0], [1.0, 1.0]), [0.0, 0.0])
+    assert torch.equal(kept, deltas[0] + deltas[1]) and kept is not deltas[0]
+    assert all(torch.equal(d, o) for d, o in zip(deltas, originals))
+    single = _dare_whole(deltas[:1], ctx("k", 5, "ta", [1.0], [1.0]), [0.0])
+    assert torch.equal(single, deltas[0]) and single is not deltas[0]
+    survivors = _dare_whole(deltas[:1], ctx("k", 5, "ta", [0.125], [1.0]), [0.875])
+    nonzero = survivors != 0
+    assert 0 < int(nonzero.sum()) < 63 and torch.equal(survivors[nonzero], deltas[0][nonzero] * 8)
+
+    dyadic = [torch.randint(-6, 7, (9, 7), generator=g).float() / 4 for _ in range(3)]
+    densities, weights = [0.5, 1.0, 0.25], [2.0, 0.5, 1.0]
+    for then in ("ta", "ties"):
+        blocked = _dare_tensor(dyadic, ctx("a.weight", 5, then, densities, weights))
+        assert blocked.dtype == torch.float32
+        for dtype in (torch.float64, torch.bfloat16):
+            whole = _dare_tensor([d.to(dtype) for d in dyadic], ctx("a.weight", 5, then, densities, weights))
+            assert whole.dtype == dtype, (then, dtype)
+            if dtype == torch.float64:  # exact; bf16 rounds TIES' means (÷3), but not which entries survive
+                assert torch.equal(whole.float(), blocked), then
+            else:
+                torch.testing.assert_close(whole.float(), blocked, rtol=1e-2, atol=0, msg=then)
+        assert blocked.abs().sum() > 0
