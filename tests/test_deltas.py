@@ -679,3 +679,29 @@ def test_lazy_delta_from_models_reads_each_key_on_access_as_delta_from_models_do
     moving_base["h"], moving_ft["h"] = torch.zeros(3), torch.ones(3)  # both re-shaped after it was built
     with pytest.raises(DeltaError, match=r"^Key 'h' of dict − dict changed shape while being read\.$"):
         lazy["h"]
+
+
+def test_task_delta_counts_its_entries_and_bytes_and_shows_them():
+    """TaskDelta.numel sums the entries of every tensor, nbytes their bytes in each tensor's own dtype, and the repr
+    shows the tensor count, the entries (with thousands separators) and the base fingerprint."""
+    from hf_cft.merging.deltas import TaskDelta
+
+    d = TaskDelta({"a": torch.zeros(40, 30), "b": torch.zeros(5, dtype=torch.float16)}, base_fingerprint="abc")
+    assert d.numel() == 1205 and d.nbytes() == 1200 * 4 + 5 * 2
+    assert repr(d) == "TaskDelta(2 tensors, 1,205 entries, base=abc)"
+    assert TaskDelta().numel() == 0 and TaskDelta().nbytes() == 0 and repr(TaskDelta()).endswith("base=None)")
+
+
+def test_packed_masks_move_and_unpack_to_a_device():
+    """PackedMask.to keeps the shape and bits on the given device; unpack_mask gives the boolean tensor back, on the
+    device asked for."""
+    from hf_cft.merging.masks import PackedMask, unpack_mask
+
+    mask = torch.tensor([[True, False, True], [False, False, True], [True, True, False]])
+    packed = PackedMask.pack(mask)
+    moved = packed.to("cpu")
+    assert moved == packed and moved.shape == (3, 3) and moved.bits is not None
+    assert torch.equal(unpack_mask(packed), mask) and unpack_mask(packed, "cpu").device.type == "cpu"
+    assert unpack_mask(packed).dtype == torch.bool and unpack_mask(packed).shape == (3, 3)
+    meta = packed.to("meta")
+    assert meta.bits.device.type == "meta" and meta.shape == (3, 3)

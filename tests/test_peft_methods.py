@@ -783,3 +783,13 @@ def test_vpt_on_siglip2_with_two_active_adapters_says_so_before_the_tower_runs()
             pixel_attention_mask=enc["pixel_attention_mask"],
             spatial_shapes=enc["spatial_shapes"],
         )
+
+
+def test_is_registered_says_whether_peft_knows_every_method_type(monkeypatch):
+    from peft import mapping
+
+    from hf_cft.peft.registration import is_registered
+
+    assert is_registered()
+    monkeypatch.delitem(mapping.PEFT_TYPE_TO_CONFIG_MAPPING, "HF_CFT_VPT")
+    assert not is_registered()
