@@ -236,9 +236,6 @@ class LoraWeightSpace:
             )
         self.towers = towers_of(factor_keys)
 
-    def continued_keys(self) -> list[str]:
-        return [k for s in self.slots.values() for k in (s.a_key, s.b_key)]
-
     @torch.no_grad()
     def attach_finetuned(self, owner: nn.Module, adapter: str, where: str) -> None:
         """Read ŵ2's factors from ``owner``'s adapter ``adapter`` (cloned: adapters are small); the two adapters
@@ -381,9 +378,6 @@ class FullWeightSpace:
         else:
             self.w_zs = self._read(zero_shot, "zero-shot")
         self.w_ft: dict[str, torch.Tensor] = {}
-
-    def continued_keys(self) -> list[str]:
-        return list(self.params)
 
     @torch.no_grad()
     def _read(self, source, what: str) -> dict[str, torch.Tensor]:
