@@ -297,3 +297,50 @@ def test_card_hyperparameters_and_held_anchors_of_a_prompt_and_a_head_trainer(to
     )  # fmt: skip
     assert head.card_hyperparameters()["family"] == "head"
     assert {"w_zs", "b_zs", "w_ft", "b_ft", "text_zs"} <= set(head.held_anchor_tensors())
+
+
+def test_sampled_fisher_labels_come_from_the_trainers_seeded_generator(toy_tokenizer, tmp_path, data, monkeypatch):
+    """With fisher_labels="sample" the Fisher draws its labels from a generator seeded by args.seed (prompt and head
+    families): the global RNG's state when the labels are drawn does not change it, another seed does."""
+    import hf_cft.models.zeroshot as zeroshot
+
+    _finetuned_coop(toy_tokenizer, tmp_path)
+    cfg = lambda: LinearHeadConfig(classnames=CLASSES, templates=TEMPLATES).set_tokenizer(toy_tokenizer)  # noqa: E731
+    get_peft_model(tiny_clip(), cfg()).save_pretrained(tmp_path / "head_ft")
+    encode = zeroshot.encode_images
+
+    def fisher(family, seed, global_seed):
+        def encode_then_reseed(*args, **kwargs):  # the global RNG right before the labels are drawn
+            out = encode(*args, **kwargs)
+            torch.manual_seed(global_seed)
+            return out
+
+        monkeypatch.setattr(zeroshot, "encode_images", encode_then_reseed)
+        model, ft = (_continued_coop(toy_tokenizer), tmp_path / "ft")
+        if family == "head":
+            model, ft = get_peft_model(tiny_clip(), cfg()), tmp_path / "head_ft"
+        args = _args(tmp_path, anchor="fisher", fisher_labels="sample", seed=seed)
+        trainer = MergeTuneTrainer(model, args, CLASSES, TEMPLATES, toy_tokenizer, finetuned=ft, train_dataset=data)
+        assert trainer.fisher_info["labels"] == "sample"
+        return trainer.fisher
+
+    for family in ("coop", "head"):
+        a, b, other = fisher(family, 0, 1), fisher(family, 0, 2), fisher(family, 5, 1)
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), family
+        assert not all(torch.equal(x, y) for x, y in zip(a, other)), family
+
+
+def test_mergetune_card_names_the_finetuned_solution_and_ignores_a_method_override(toy_tokenizer, tmp_path, data):
+    """The trainer's card is MergeTune's card of the continued model: it names ŵ2 (the fine-tuned folder) and the
+    base model; a ``method=`` card argument (meant for adapter cards) is dropped, not passed on."""
+    _finetuned_coop(toy_tokenizer, tmp_path)
+    trainer = MergeTuneTrainer(
+        _continued_coop(toy_tokenizer), _args(tmp_path), CLASSES, TEMPLATES, toy_tokenizer, finetuned=tmp_path / "ft",
+        train_dataset=data,
+    )  # fmt: skip
+    card = trainer._model_card(method={"name": "other", "description": "x", "tags": []})
+    text = str(card)
+    assert trainer.finetuned_description and trainer.finetuned_description in text
+    assert "MergeTune" in text and "other" not in text.split("---")[1]  # the front matter keeps MergeTune's method
+    explicit = str(trainer._model_card(finetuned="someone/coop-ft"))
+    assert "someone/coop-ft" in explicit and trainer.finetuned_description not in explicit

@@ -658,3 +658,48 @@ def test_vpt_with_modules_to_save_is_refused_naming_the_extra_tensor(toy_tokeniz
         f"the continued VPT adapter 'default' trains tensors besides its prompt tokens ({extra!r}): MergeTune's w is "
         "the prompts only; drop modules_to_save."
     )
+
+
+def test_full_weight_space_names_the_solution_in_its_refusals_and_keeps_the_models_dtype(tmp_path):
+    """A model with nothing trainable is refused; a zero-shot or fine-tuned folder lacking a trainable tensor is
+    named as such ("zero-shot folder ...", "fine-tuned folder ..."); the path point is in the model's own dtype."""
+    import re
+
+    from safetensors.torch import save_file
+
+    from hf_cft.trainers.mergetune_weightspace import FullWeightSpace
+
+    frozen = tiny_clip()
+    frozen.requires_grad_(False)
+    with pytest.raises(
+        HfCftError,
+        match=r"^full-fine-tuning MergeTune needs a model with trainable parameters; none is trainable.$",
+    ):
+        FullWeightSpace(frozen)
+    model = tiny_clip()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith("visual_projection"))
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    save_file({"text_projection.weight": torch.zeros(16, 32)}, str(partial / "model.safetensors"))
+    missing = re.escape(f"folder {str(partial)!r} has no tensor 'visual_projection.weight'")
+    with pytest.raises(DeltaError, match=rf"^the zero-shot {missing}: it is not a fine-tuned copy"):
+        FullWeightSpace(model, zero_shot=partial)
+    space = FullWeightSpace(model)
+    with pytest.raises(DeltaError, match=rf"^the fine-tuned {missing}: it is not a fine-tuned copy"):
+        space.attach_finetuned(partial)
+    half = tiny_clip().to(torch.bfloat16)
+    for n, p in half.named_parameters():
+        p.requires_grad_(n.startswith("visual_projection"))
+    hspace = FullWeightSpace(half)
+    hspace.attach_finetuned(tiny_clip())
+    assert {t.dtype for t in hspace.path_params(0.3).values()} == {torch.bfloat16}
+
+
+def test_a_sharded_full_model_folder_given_to_a_lora_trainer_is_named_as_a_full_model(toy_tokenizer, tmp_path, data):
+    """A folder holding a full model only as shards (model.safetensors.index.json) is recognised as a full model,
+    not reported as "no adapter"."""
+    tiny_clip(seed=2).save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    with pytest.raises(AdapterError, match=r"holds a full model but the continued model is a LORA adapter"):
+        _build(_lora(), tmp_path, tmp_path / "sharded", data, toy_tokenizer)

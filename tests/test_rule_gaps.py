@@ -574,3 +574,35 @@ def test_cache_dir_stale_temps_and_atomic_save_pretrained(tmp_path, monkeypatch)
         "README.md",
     }
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".saved")] == []  # no staging leftovers
+
+
+def test_user_stacklevel_from_a_scripts_top_level_through_a_decorator(tmp_path):
+    """A script that calls a ``torch.no_grad()``-decorated hf_cft entry point at its top level (the decorator's frame
+    is then the second-to-last frame of the stack) gets the warning at its own line."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import os\n"
+        "import warnings\n"
+        "import torch\n"
+        "import hf_cft\n"
+        "source = (\n"
+        "    'import warnings\\nfrom hf_cft.utils import user_stacklevel\\n'\n"
+        "    'def library_entry():\\n    return _inner()\\n'\n"
+        "    'def _inner():\\n    warnings.warn(\"deep\", UserWarning, stacklevel=user_stacklevel())\\n'\n"
+        ")\n"
+        "ns = {}\n"
+        "exec(compile(source, os.path.join(os.path.dirname(hf_cft.__file__), '_simulated.py'), 'exec'), ns)\n"
+        "entry = torch.no_grad()(ns['library_entry'])\n"
+        "warnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    entry()\n"
+        "print(caught[0].filename, caught[0].lineno)\n"
+    )
+    root = os.path.dirname(os.path.dirname(hf_cft.__file__))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(script), "15"]  # the line of entry()
