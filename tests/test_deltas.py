@@ -705,3 +705,14 @@ def test_packed_masks_move_and_unpack_to_a_device():
     assert unpack_mask(packed).dtype == torch.bool and unpack_mask(packed).shape == (3, 3)
     meta = packed.to("meta")
     assert meta.bits.device.type == "meta" and meta.shape == (3, 3)
+
+
+def test_packed_mask_refuses_bits_of_the_wrong_type_or_length_naming_both():
+    from hf_cft.merging.masks import PackedMask
+
+    with pytest.raises(ValueError, match=r"^PackedMask of shape \(3, 3\) needs 2 bytes, got 3$"):
+        PackedMask(torch.zeros(3, dtype=torch.uint8), (3, 3))
+    with pytest.raises(ValueError, match=r"^PackedMask bits must be a 1-d uint8 tensor, got torch.int32 \(2,\)$"):
+        PackedMask(torch.zeros(2, dtype=torch.int32), (3, 3))
+    float_mask = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0])  # a 0/1 mask packs like a boolean one
+    assert PackedMask.pack(float_mask) == PackedMask.pack(float_mask.bool())
