@@ -20,9 +20,10 @@ _WRAPPER_FILES = (
 
 
 def user_stacklevel() -> int:
-    """The ``stacklevel`` that attributes a warning to the frame just outside the outermost hf_cft frame of the
-    stack: the user's line that called into the library, however deep (and through whatever decorators) the warning
-    is raised. Use as ``warnings.warn(msg, stacklevel=user_stacklevel())`` in hf_cft code."""
+    """The ``stacklevel`` that attributes a warning to the user's line that called into the library: the first frame
+    outside the outermost hf_cft frame that is neither a decorator's nor an installed package's (a Trainer running
+    an hf_cft callback), however deep the warning is raised. Use as ``warnings.warn(msg,
+    stacklevel=user_stacklevel())`` in hf_cft code."""
     import sys
 
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -36,9 +37,16 @@ def user_stacklevel() -> int:
     files = files[caller:]
     outermost = max(i for i, f in enumerate(files) if f.startswith(package)) if files else 0
     level = outermost + 1  # 0-based index of the frame just outside the library
-    while level < len(files) - 1 and files[level].endswith(_WRAPPER_FILES):
+    while level < len(files) - 1 and (files[level].endswith(_WRAPPER_FILES) or _third_party(files[level])):
         level += 1
     return level + 1
+
+
+def _third_party(file: str) -> bool:
+    """An installed package's file (transformers' Trainer calling an hf_cft callback, accelerate, torch): a warning
+    raised under it belongs to the user's line that started it (``trainer.train()``), further out."""
+    parts = file.split(os.sep)
+    return "site-packages" in parts or "dist-packages" in parts
 
 
 @contextlib.contextmanager

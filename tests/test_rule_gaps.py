@@ -606,3 +606,35 @@ def test_user_stacklevel_from_a_scripts_top_level_through_a_decorator(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(script), "15"]  # the line of entry()
+
+
+def test_user_stacklevel_steps_over_installed_packages_that_call_the_library():
+    """A warning raised in hf_cft code that an installed package calls (transformers' Trainer running an hf_cft
+    callback) belongs to the user's line that called that package."""
+    import inspect
+    import warnings
+
+    site = os.path.join(os.sep, "opt", "venv", "lib", "python3", "site-packages", "trainerlib", "loop.py")
+    simulated, runner = {}, {}
+    exec(
+        compile(
+            "import warnings\nfrom hf_cft.utils import user_stacklevel\n\n\n"
+            "def callback():\n    warnings.warn('deep', UserWarning, stacklevel=user_stacklevel())\n",
+            os.path.join(os.path.dirname(hf_cft.__file__), "_simulated.py"),
+            "exec",
+        ),
+        simulated,
+    )
+    exec(
+        compile(
+            "def train(callback):\n    return _step(callback)\n\n\ndef _step(callback):\n    callback()\n",
+            site,
+            "exec",
+        ),
+        runner,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        runner["train"](simulated["callback"])  # the user's line
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)]
