@@ -476,16 +476,7 @@ def test_fisher_merge_from_models_is_fisher_diagonal_then_fisher_merging_with_ev
     every option reaches its stage."""
     from hf_cft.merging.data_dependent import fisher_diagonal, fisher_merging
 
-    torch.manual_seed(1)
-    base = _TwoLayers(3, torch.tanh)
-    models = []
-    for s in (2, 3):
-        m = copy.deepcopy(base)
-        g = torch.Generator().manual_seed(s)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-        models.append(m)
+    base, models = _two_layer_experts()
     data = [[{"x": torch.randn(4, 3), "labels": torch.tensor([0, 1, 2, 0])} for _ in range(3)] for _ in models]
 
     def log_probs(model, batch):
