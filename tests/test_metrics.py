@@ -162,3 +162,42 @@ def test_accuracy_matrix_to_dict_carries_names_values_and_metrics_only_when_comp
     full = m.to_dict()
     assert full == {"names": ["a", "b"], "values": [[80.0, 10.0], [60.0, 70.0]], "metrics": m.metrics()}
     assert isinstance(full["names"], list) and isinstance(full["values"], list)
+
+
+def test_continual_metrics_refusals_exact_messages_and_small_matrices():
+    """Exact messages for a non-square or empty matrix, missing rows, an empty name list, a name/matrix mismatch,
+    a short row, a row without every dataset and an empty accuracy; one dataset is a valid matrix; BWT is defined
+    from two tasks on; Transfer of one task is NaN without a numpy warning; a float32 matrix is computed in
+    float64; round1 gives floats."""
+    import warnings
+
+    from hf_cft.metrics.continual import round1
+
+    with pytest.raises(ValueError, match=r"^an accuracy matrix must be square T×T with T ≥ 1, got shape \(2, 3\)$"):
+        transfer(np.zeros((2, 3)))
+    with pytest.raises(
+        ValueError, match=r"^the accuracy matrix has missing \(NaN\) or infinite entries in the rows used$"
+    ):
+        average(np.array([[1.0, np.nan], [2.0, 3.0]]))
+    with pytest.raises(ValueError, match=r"^an accuracy matrix needs at least one dataset$"):
+        AccuracyMatrix([])
+    assert AccuracyMatrix(["a"]).values.shape == (1, 1)
+    with pytest.raises(ValueError, match=r"^3 names for a 2×2 matrix$"):
+        AccuracyMatrix(["a", "b", "c"], np.zeros((2, 2)))
+    m = AccuracyMatrix(["a", "b"])
+    with pytest.raises(ValueError, match=r"^row 0 has 3 values for 2 datasets$"):
+        m.set_row(0, [1.0, 2.0, 3.0])
+    with pytest.raises(KeyError, match=r"row 1 lacks accuracies for \['b'\]"):
+        m.set_row(1, {"a": 1.0})
+    with pytest.raises(ValueError, match=r"^accuracy of an empty set is undefined$"):
+        accuracy(np.zeros(0, dtype=int), np.zeros(0, dtype=int))
+    assert bwt(np.array([[80.0, 10.0], [60.0, 70.0]])) == pytest.approx(-20.0)  # T = 2: defined
+    assert math.isnan(bwt(np.array([[80.0]])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(transfer(np.array([[80.0]])))
+    m32 = np.array([[70.1, 33.3, 41.7], [65.2, 80.9, 44.4], [60.3, 75.5, 90.7]], dtype=np.float32)
+    m64 = m32.astype(np.float64)
+    for metric in (transfer, average, last, bwt):
+        assert metric(m32) == metric(m64), metric.__name__
+    assert [type(v) for v in round1(np.array([1, 2]))] == [float, float] and round1([1.25, 2.0]) == [1.2, 2.0]
