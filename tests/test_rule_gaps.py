@@ -638,3 +638,56 @@ def test_user_stacklevel_steps_over_installed_packages_that_call_the_library():
         line = inspect.currentframe().f_lineno + 1
         runner["train"](simulated["callback"])  # the user's line
     assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)]
+
+
+def test_release_freed_memory_loads_libc_once_and_trims_only_where_it_can(monkeypatch):
+    """On Linux the C library (ctypes.util.find_library("c"), else "libc.so.6") is loaded once and malloc_trim(0) is
+    called on every release; a libc without malloc_trim, a libc that cannot be loaded, or another platform make it a
+    no-op that does not retry the load."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    import hf_cft.utils as utils
+
+    loads, trims = [], []
+
+    class Libc:
+        def malloc_trim(self, pad):
+            trims.append(pad)
+
+    def cdll(name, *args, **kwargs):
+        loads.append(name)
+        return libc
+
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    monkeypatch.setattr(sys, "platform", "linux")
+    for found, want in (("libc.so.6-found", "libc.so.6-found"), (None, "libc.so.6")):
+        monkeypatch.setattr(ctypes.util, "find_library", lambda name, found=found: found if name == "c" else "wrong")
+        libc, loads[:], trims[:] = Libc(), [], []
+        monkeypatch.setattr(utils, "_LIBC", None)
+        utils.release_freed_memory()
+        utils.release_freed_memory()
+        assert loads == [want] and trims == [0, 0]
+    libc, loads[:], trims[:] = object(), [], []  # no malloc_trim
+    monkeypatch.setattr(utils, "_LIBC", None)
+    utils.release_freed_memory()
+    utils.release_freed_memory()
+    assert loads == ["libc.so.6"] and utils._LIBC is False
+
+    def broken(name, *args, **kwargs):
+        loads.append(name)
+        raise OSError("no libc")
+
+    monkeypatch.setattr(ctypes, "CDLL", broken)
+    loads[:] = []
+    monkeypatch.setattr(utils, "_LIBC", None)
+    utils.release_freed_memory()
+    utils.release_freed_memory()
+    assert loads == ["libc.so.6"] and utils._LIBC is False
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    loads[:], trims[:] = [], []
+    monkeypatch.setattr(utils, "_LIBC", None)
+    utils.release_freed_memory()
+    assert loads == [] and trims == [] and utils._LIBC is False
