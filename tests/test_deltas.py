@@ -4,6 +4,7 @@ validation errors naming the key, base fingerprints, experts θ⁰ + s·δ via f
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -716,3 +717,14 @@ def test_packed_mask_refuses_bits_of_the_wrong_type_or_length_naming_both():
         PackedMask(torch.zeros(2, dtype=torch.int32), (3, 3))
     float_mask = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0])  # a 0/1 mask packs like a boolean one
     assert PackedMask.pack(float_mask) == PackedMask.pack(float_mask.bool())
+
+
+def test_lazy_delta_from_models_names_which_side_cannot_be_read(tmp_path, clip_model):
+    """A missing base or fine-tuned checkpoint is refused naming its role."""
+    from hf_cft.merging.deltas import LazyDelta
+
+    missing = re.escape(repr(str(tmp_path / "missing")))
+    with pytest.raises(BundleError, match=rf"^The base model path {missing} does not exist.$"):
+        LazyDelta.from_models(tmp_path / "missing", clip_model)
+    with pytest.raises(BundleError, match=rf"^The fine-tuned model path {missing} does not exist.$"):
+        LazyDelta.from_models(clip_model, tmp_path / "missing")

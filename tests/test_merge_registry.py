@@ -215,6 +215,7 @@ def test_option_describe_formats_kind_range_choices_per_input_default_and_help()
     cases = [
         (Option("lam"), "lam (number; default None)"),
         (Option("lam", 0.3, help="scale"), "lam (number; default 0.3): scale"),
+        (Option("lam", 0.3, help="the scale X:"), "lam (number; default 0.3): the scale X:"),  # kept as written
         (
             Option("density", 1.0, low=0.0, high=1.0, low_open=True, per_input=True, help="kept fraction"),
             "density (number in (0, 1], per input; default 1.0): kept fraction",

@@ -164,7 +164,8 @@ class Option:
             what = self.kind
         extra = ", per input" if self.per_input else ""
         default = "required" if self.required else f"default {self.default!r}"
-        return f"{self.name} ({what}{extra}; {default}): {self.help}".rstrip(": ")
+        head = f"{self.name} ({what}{extra}; {default})"
+        return f"{head}: {self.help}" if self.help else head  # the help text as written (it may end in ":")
 
 
 @dataclass
