@@ -793,3 +793,20 @@ def test_is_registered_says_whether_peft_knows_every_method_type(monkeypatch):
     assert is_registered()
     monkeypatch.delitem(mapping.PEFT_TYPE_TO_CONFIG_MAPPING, "HF_CFT_VPT")
     assert not is_registered()
+
+
+def test_head_classify_passes_the_familys_image_inputs():
+    """On SigLIP2 (NaFlex) the head's classify passes pixel_attention_mask and spatial_shapes to the image tower:
+    its logits are the head's logits of those image features."""
+    import numpy as np
+
+    from hf_cft.testing import tiny_family, tiny_family_image_processor
+
+    model = get_peft_model(tiny_family("siglip2")[0], LinearHeadConfig(num_classes=3, init="random"))
+    enc = tiny_family_image_processor("siglip2")(
+        images=[np.random.default_rng(1).integers(0, 255, (20, 28, 3), dtype=np.uint8)], return_tensors="pt"
+    )
+    inputs = {"pixel_attention_mask": enc["pixel_attention_mask"], "spatial_shapes": enc["spatial_shapes"]}
+    with torch.no_grad():
+        want = model.base_model.head_logits(image_features(model, enc["pixel_values"], **inputs))
+        torch.testing.assert_close(model.classify(enc["pixel_values"], **inputs), want)
