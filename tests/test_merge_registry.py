@@ -4,6 +4,8 @@ hf_cft.merging.baselines (which follow the papers' definitions, tested in test_m
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -250,3 +252,24 @@ def test_option_describe_formats_kind_range_choices_per_input_default_and_help()
         "then (ta|ties; default 'ta'): task arithmetic or TIES after the drop",
         "seed (int; default 0): seed of the drop masks (drawn per key)",
     ]
+
+
+def test_option_check_converts_and_refuses_naming_the_field():
+    """Option.check: a required option without a value, a number at an open bound (also for a list of numbers),
+    a string or a scalar where a list of numbers is expected, and a list entry out of range are refused with exact
+    messages naming the field (and the entry); a list of numbers comes back as a list of floats."""
+    with pytest.raises(MergeConfigError, match=r"^methods\.x\.lam is required\.$"):
+        Option("lam", required=True).check(None, "methods.x.lam")
+    assert Option("lam").check(None, "lam") is None
+    with pytest.raises(MergeConfigError, match=r"^p must lie in \[0, 1\), got 1.0.$"):
+        Option("p", 0.5, low=0.0, high=1.0, high_open=True).check(1.0, "p")
+    assert Option("p", 0.5, low=0.0, high=1.0).check(1.0, "p") == 1.0
+    many = Option("ks", [0.5], kind="numbers", low=0.0, high=1.0, high_open=True)
+    assert many.check((0.25, 0.5), "ks") == [0.25, 0.5]
+    for bad in ("0.5", 0.5, b"x"):
+        with pytest.raises(MergeConfigError, match=rf"^ks must be a list of numbers, got {re.escape(repr(bad))}.$"):
+            many.check(bad, "ks")
+    with pytest.raises(MergeConfigError, match=r"^ks\[1\] must lie in \[0, 1\), got 1.0.$"):
+        many.check([0.5, 1.0], "ks")  # the open upper bound, per entry
+    with pytest.raises(MergeConfigError, match=r"^ks\[0\] must be a number"):
+        many.check(["a"], "ks")
