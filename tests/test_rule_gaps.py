@@ -611,10 +611,15 @@ def test_user_stacklevel_from_a_scripts_top_level_through_a_decorator(tmp_path):
 def test_user_stacklevel_steps_over_installed_packages_that_call_the_library():
     """A warning raised in hf_cft code that an installed package calls (transformers' Trainer running an hf_cft
     callback) belongs to the user's line that called that package."""
+    for packages in ("site-packages", "dist-packages"):  # pip's folder, and Debian's for system packages
+        _warning_through_an_installed_package(packages)
+
+
+def _warning_through_an_installed_package(packages):
     import inspect
     import warnings
 
-    site = os.path.join(os.sep, "opt", "venv", "lib", "python3", "site-packages", "trainerlib", "loop.py")
+    site = os.path.join(os.sep, "opt", "venv", "lib", "python3", packages, "trainerlib", "loop.py")
     simulated, runner = {}, {}
     exec(
         compile(
@@ -691,3 +696,12 @@ def test_release_freed_memory_loads_libc_once_and_trims_only_where_it_can(monkey
     monkeypatch.setattr(utils, "_LIBC", None)
     utils.release_freed_memory()
     assert loads == [] and trims == [] and utils._LIBC is False
+
+
+def test_atomic_write_json_writes_indented_json_in_the_given_key_order(tmp_path):
+    from hf_cft.utils import atomic_write_json
+
+    atomic_write_json(tmp_path / "a.json", {"b": 1, "a": [1, "é"]})
+    assert (tmp_path / "a.json").read_bytes() == b'{\n  "b": 1,\n  "a": [\n    1,\n    "\\u00e9"\n  ]\n}\n'
+    atomic_write_json(tmp_path / "b.json", {"z": 0}, indent=None)
+    assert (tmp_path / "b.json").read_text() == '{"z": 0}\n'
