@@ -273,3 +273,29 @@ def test_option_check_converts_and_refuses_naming_the_field():
         many.check([0.5, 1.0], "ks")  # the open upper bound, per entry
     with pytest.raises(MergeConfigError, match=r"^ks\[0\] must be a number"):
         many.check(["a"], "ks")
+
+
+def test_option_check_of_ints_bools_and_strings_and_unknown_options_by_flag():
+    """An int option's bounds are rounded inwards (ceil of the low, floor of the high) and refused naming the
+    field; bool and str options take only their type, with exact messages; an unknown method option is named by
+    its flag when the caller maps it, and a method without options says "none"."""
+    k = Option("k", 2, kind="int", low=0.5, high=3.7)
+    assert k.check(1, "k") == 1 and k.check(3, "k") == 3
+    with pytest.raises(MergeConfigError, match=r"^k must be"):
+        k.check(0, "k")
+    with pytest.raises(MergeConfigError, match=r"^k must be"):
+        k.check(4, "k")
+    assert Option("k", 2, kind="int").check(-7, "k") == -7  # no bounds
+    with pytest.raises(MergeConfigError, match=r"^flag must be true or false, got 'yes'.$"):
+        Option("flag", False, kind="bool").check("yes", "flag")
+    assert Option("flag", False, kind="bool").check(True, "flag") is True
+    with pytest.raises(MergeConfigError, match=r"^name must be a string, got 3 \(int\).$"):
+        Option("name", "a", kind="str").check(3, "name")
+    assert Option("name", "a", kind="str").check("b", "name") == "b"
+    plain = MergeMethod("plain_for_test", "tensor", lambda deltas, ctx: deltas[0])
+    with pytest.raises(
+        MergeConfigError, match=r"^--lam is not an option of method 'plain_for_test'; its options: none.$"
+    ):
+        plain.resolve({"lam": 1.0}, [{}], names={"lam": "--lam"})
+    with pytest.raises(MergeConfigError, match=r"^parameters.lam is not an option of method 'plain_for_test'"):
+        plain.resolve({"lam": 1.0}, [{}])
