@@ -703,3 +703,53 @@ def test_a_sharded_full_model_folder_given_to_a_lora_trainer_is_named_as_a_full_
     assert not (tmp_path / "sharded" / "model.safetensors").exists()
     with pytest.raises(AdapterError, match=r"holds a full model but the continued model is a LORA adapter"):
         _build(_lora(), tmp_path, tmp_path / "sharded", data, toy_tokenizer)
+
+
+def test_sharding_checks_refuse_deepspeed_and_fsdp_where_unsupported_with_the_reason(
+    toy_tokenizer, tmp_path, data, monkeypatch
+):
+    """_check_sharding (run in __init__ for the weight-space families; called again here under faked launcher
+    flags): DeepSpeed is refused for every family; FSDP for LoRA and VPT (each with its reason) and for full
+    fine-tuning under FSDP1; FSDP2 full fine-tuning takes the sharded path; without either nothing changes."""
+    from types import SimpleNamespace
+
+    vpt_ft = _saved(tmp_path, "vpt_ft", get_peft_model(tiny_clip(), VPTConfig(n_tokens=2)))
+    trainers = {
+        "lora": _build(_lora(), tmp_path, _saved(tmp_path, "lora_ft", _lora(seed=1)), data, toy_tokenizer),
+        "vpt": _build(get_peft_model(tiny_clip(), VPTConfig(n_tokens=2)), tmp_path, vpt_ft, data, toy_tokenizer),
+        "full": _build(tiny_clip(), tmp_path, _full_ft(), data, toy_tokenizer),
+    }
+    for family, trainer in trainers.items():
+        assert trainer.family == family and trainer._fsdp_path is False
+        trainer.is_deepspeed_enabled = True
+        with pytest.raises(
+            HfCftError,
+            match=rf"^MergeTune's {family} family does not support DeepSpeed \(the path loss substitutes "
+            r"interpolated weights, which ZeRO-3 shards inside DeepSpeed's engine\); use DDP, or FSDP2 for full "
+            r"fine-tuning.$",
+        ):
+            trainer._check_sharding()
+        trainer.is_deepspeed_enabled, trainer.is_fsdp_enabled = False, True
+    why = {
+        "lora": r"its path point W0 \+ ΔW2 \+ α\(ΔW − ΔW2\) has rank 2r, which FSDP's sharded rank-r factors cannot "
+        r"hold in place \(ΔW = s·B·A is not element-wise in the factors\)",
+        "vpt": r"it is untested under FSDP \(its prompts are small: DDP costs no memory\)",
+    }
+    for family in ("lora", "vpt"):
+        with pytest.raises(
+            HfCftError,
+            match=rf"^MergeTune's {family} family does not support FSDP: {why[family]}; use DDP \(multi_gpu_ddp.yaml\)"
+            r". Full fine-tuning runs under FSDP2.$",
+        ):
+            trainers[family]._check_sharding()
+    full = trainers["full"]
+    monkeypatch.setattr(full.accelerator.state, "fsdp_plugin", SimpleNamespace(fsdp_version=1), raising=False)
+    with pytest.raises(HfCftError, match=r"^MergeTune full fine-tuning under FSDP needs FSDP2 \(fsdp_version: 2\): "):
+        full._check_sharding()
+    assert full._fsdp_path is False
+    monkeypatch.setattr(full.accelerator.state, "fsdp_plugin", SimpleNamespace(fsdp_version=2), raising=False)
+    full._check_sharding()
+    assert full._fsdp_path is True
+    full._fsdp_path, full.is_fsdp_enabled = False, False
+    full._check_sharding()
+    assert full._fsdp_path is False
