@@ -753,3 +753,31 @@ def test_sharding_checks_refuse_deepspeed_and_fsdp_where_unsupported_with_the_re
     full._fsdp_path, full.is_fsdp_enabled = False, False
     full._check_sharding()
     assert full._fsdp_path is False
+
+
+def test_adapter_family_refusals_of_the_fine_tuned_solution_say_exactly_what_it_is(toy_tokenizer, tmp_path, data):
+    """For a LoRA continued model, ŵ2 given as a full-model folder, a full model, a folder without an adapter, an
+    unreadable adapter config, the continued PeftModel itself or an int is refused with a message naming it."""
+    import re
+
+    full = _saved(tmp_path, "full", _full_ft())
+    (tmp_path / "empty").mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    model = _lora()
+    cases = [
+        (full, rf"^{re.escape(repr(str(full)))} holds a full model but the continued model is a LORA adapter: "
+         r"MergeTune needs both of the same method type.$"),
+        (tiny_clip(), r"^the fine-tuned solution is a full model \(CLIPModel\) but the continued model is a LORA "
+         r"adapter: MergeTune needs both of the same method type.$"),
+        (tmp_path / "empty", rf"^{re.escape(repr(str(tmp_path / 'empty')))} holds no adapter \(no "
+         r"adapter_config.json\).$"),
+        (broken, rf"^cannot read a fine-tuned adapter from {re.escape(repr(str(broken)))}: "),
+        (model, r"^the fine-tuned PeftModel is the continued model; pass the name of its fine-tuned adapter "
+         r"instead.$"),
+        (3, r"^finetuned must be an adapter folder, a loaded adapter name or a PeftModel, got int$"),
+    ]  # fmt: skip
+    for finetuned, message in cases:
+        with pytest.raises(AdapterError, match=message):
+            _build(model, tmp_path, finetuned, data, toy_tokenizer)
