@@ -299,3 +299,75 @@ def test_option_check_of_ints_bools_and_strings_and_unknown_options_by_flag():
         plain.resolve({"lam": 1.0}, [{}], names={"lam": "--lam"})
     with pytest.raises(MergeConfigError, match=r"^parameters.lam is not an option of method 'plain_for_test'"):
         plain.resolve({"lam": 1.0}, [{}])
+
+
+def test_resolve_fills_per_input_options_from_the_input_the_method_level_or_the_default():
+    """resolve: a per-input option comes from the input, else the method level (checked under its method-level
+    field name, flag if mapped), else the default (None allowed unless required, named by input); per-input options
+    leave the method-level dict; a method-level-only key at an input, or a method without per-input options, is
+    refused naming the allowed ones ("none"); the input count is checked against min/max."""
+    method = MergeMethod(
+        "resolve_for_test",
+        "tensor",
+        lambda deltas, ctx: deltas[0],
+        options=(
+            Option("lam", 1.0, low=0.0),
+            Option("weight", 1.0, per_input=True, low=0.0),
+            Option("density", None, per_input=True, low=0.0, high=1.0),
+            Option("seed", None, kind="int", per_input=True, required=True),
+        ),
+        min_inputs=2,
+        max_inputs=3,
+    )
+    options, per = method.resolve({"weight": 0.5}, [{"seed": 1}, {"seed": 2, "weight": 2.0, "density": 0.3}])
+    assert options == {"lam": 1.0}
+    assert per == [{"weight": 0.5, "density": None, "seed": 1}, {"weight": 2.0, "density": 0.3, "seed": 2}]
+    with pytest.raises(MergeConfigError, match=r"^--weight must lie in \[0, inf\), got -1.0.$"):
+        method.resolve({"weight": -1.0}, [{"seed": 1}, {"seed": 2}], names={"weight": "--weight"})
+    with pytest.raises(MergeConfigError, match=r"^parameters.weight must lie in \[0, inf\), got -1.0.$"):
+        method.resolve({"weight": -1.0}, [{"seed": 1}, {"seed": 2}])
+    with pytest.raises(MergeConfigError, match=r"^inputs\[1\].seed is required by method 'resolve_for_test'.$"):
+        method.resolve({}, [{"seed": 1}, {}])
+    with pytest.raises(
+        MergeConfigError,
+        match=r"^inputs\[0\].lam is not a per-input option of method 'resolve_for_test' \(per-input options: "
+        r"weight, density, seed\).$",
+    ):
+        method.resolve({}, [{"lam": 1.0, "seed": 1}, {"seed": 2}])
+    plain = MergeMethod("plain_for_test", "tensor", lambda deltas, ctx: deltas[0], options=(Option("lam", 1.0),))
+    with pytest.raises(
+        MergeConfigError,
+        match=r"^inputs\[0\].weight is not a per-input option of method 'plain_for_test' \(per-input options: none\).$",
+    ):
+        plain.resolve({}, [{"weight": 1.0}])
+    for n, want in ((1, "2 to 3"), (4, "2 to 3")):
+        with pytest.raises(MergeConfigError, match=rf"^method 'resolve_for_test' merges {want} input\(s\); got {n}.$"):
+            method.resolve({}, [{"seed": 1}] * n)
+    at_least = MergeMethod("open_for_test", "tensor", lambda deltas, ctx: deltas[0], min_inputs=2)
+    with pytest.raises(MergeConfigError, match=r"^method 'open_for_test' merges at least 2 input\(s\); got 1.$"):
+        at_least.resolve({}, [{}])
+    assert at_least.resolve({}, [{}] * 9) == ({}, [{}] * 9)
+
+
+def test_resolve_checks_defaults_and_required_method_options_and_lists_the_known_ones():
+    """A required method-level option left out is refused; a default is converted like a given value (a tuple of
+    numbers becomes a list); an unknown option lists the method's options."""
+    method = MergeMethod(
+        "defaults_for_test",
+        "tensor",
+        lambda deltas, ctx: deltas[0],
+        options=(
+            Option("scale", required=True),
+            Option("ks", (0.5, 1), kind="numbers", per_input=True),
+            Option("lam", 1.0),
+        ),
+    )
+    with pytest.raises(MergeConfigError, match=r"^parameters.scale is required.$"):
+        method.resolve({}, [{}])
+    options, per = method.resolve({"scale": 2}, [{}])
+    assert options == {"scale": 2.0, "lam": 1.0} and per == [{"ks": [0.5, 1.0]}] and isinstance(per[0]["ks"], list)
+    with pytest.raises(
+        MergeConfigError,
+        match=r"^parameters.nope is not an option of method 'defaults_for_test'; its options: ks, lam, scale.$",
+    ):
+        method.resolve({"scale": 2, "nope": 1}, [{}])
