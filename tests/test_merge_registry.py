@@ -264,6 +264,10 @@ def test_option_check_converts_and_refuses_naming_the_field():
     with pytest.raises(MergeConfigError, match=r"^p must lie in \[0, 1\), got 1.0.$"):
         Option("p", 0.5, low=0.0, high=1.0, high_open=True).check(1.0, "p")
     assert Option("p", 0.5, low=0.0, high=1.0).check(1.0, "p") == 1.0
+    with pytest.raises(MergeConfigError, match=r"^d must lie in \(0, 1\], got 0.0.$"):
+        Option("d", 0.5, low=0.0, high=1.0, low_open=True).check(0.0, "d")
+    with pytest.raises(MergeConfigError, match=r"^ds\[0\] must lie in \(0, 1\], got 0.0.$"):
+        Option("ds", [0.5], kind="numbers", low=0.0, high=1.0, low_open=True).check([0.0], "ds")
     many = Option("ks", [0.5], kind="numbers", low=0.0, high=1.0, high_open=True)
     assert many.check((0.25, 0.5), "ks") == [0.25, 0.5]
     for bad in ("0.5", 0.5, b"x"):
