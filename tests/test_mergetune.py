@@ -344,3 +344,25 @@ def test_mergetune_card_names_the_finetuned_solution_and_ignores_a_method_overri
     assert "MergeTune" in text and "other" not in text.split("---")[1]  # the front matter keeps MergeTune's method
     explicit = str(trainer._model_card(finetuned="someone/coop-ft"))
     assert "someone/coop-ft" in explicit and trainer.finetuned_description not in explicit
+
+
+def test_the_cards_description_of_the_fine_tuned_solution(tmp_path, monkeypatch, toy_tokenizer):
+    """_describe_finetuned: a local adapter or model folder by its name only (also through ``~`` and ``..``), a Hub
+    id linked, another string as a loaded adapter's name (paths that do not exist are not Hub ids), a PeftModel by
+    its adapter type, anything else by its type."""
+    from hf_cft.trainers.mergetune_trainer import _describe_finetuned
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "ft_adapter").mkdir()
+    (tmp_path / "ft_adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "ft_model").mkdir()
+    assert _describe_finetuned(tmp_path / "ft_adapter") == "a local adapter folder (`ft_adapter`)"
+    assert _describe_finetuned(str(tmp_path / "ft_model")) == "a local model folder (`ft_model`)"
+    assert _describe_finetuned("~/ft_adapter") == "a local adapter folder (`ft_adapter`)"
+    assert _describe_finetuned(str(tmp_path / "ft_model" / "..")) == f"a local model folder (`{tmp_path.name}`)"
+    assert _describe_finetuned("someone/coop-ft") == "[someone/coop-ft](https://huggingface.co/someone/coop-ft)"
+    for text in ("ft", "./missing/x", "/missing/x", "~/missing", "a/b/c"):
+        assert _describe_finetuned(text) == f"adapter `{text}` (loaded in the same model)", text
+    coop = get_peft_model(tiny_clip(), CoOpConfig(n_ctx=2, classnames=CLASSES).set_tokenizer(toy_tokenizer))
+    assert _describe_finetuned(coop) == "a HF_CFT_COOP adapter given in memory"
+    assert _describe_finetuned(tiny_clip()) == "a CLIPModel given in memory"
