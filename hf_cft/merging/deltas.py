@@ -343,18 +343,21 @@ def iter_delta(
     """
     b, f = _as_source(base, "base model"), _as_source(finetuned, "fine-tuned model")
     for k in _select_keys(f, keys, exclude):
-        if k not in b:
-            raise DeltaError(
-                f"Key {k!r} of the fine-tuned model is not in the base model ({b.description}); "
-                "are they the same architecture? (A PEFT-wrapped model needs delta_from_lora.)"
-            )
-        if b.shape(k) != f.shape(k):
-            raise DeltaError(f"Key {k!r} has shape {f.shape(k)} in the fine-tuned model but {b.shape(k)} in the base.")
-        if not b.is_floating(k) or not f.is_floating(k):
-            raise DeltaError(f"Key {k!r} is not a floating-point tensor; it cannot have a task delta.")
+        _check_delta_key(b, f, k, "; are they the same architecture? (A PEFT-wrapped model needs delta_from_lora.)")
         d = f.get(k).to(torch.float32) - b.get(k).to(torch.float32)
         _check_finite(k, d, "of the delta (fine-tuned − base)")
         yield k, d
+
+
+def _check_delta_key(b: _Source, f: _Source, k: str, missing_tail: str) -> None:
+    """Key ``k`` of the fine-tuned source can have a task delta: the base has it, with the same shape, and both are
+    floating-point (``missing_tail`` ends the missing-key message)."""
+    if k not in b:
+        raise DeltaError(f"Key {k!r} of the fine-tuned model is not in the base model ({b.description}){missing_tail}")
+    if b.shape(k) != f.shape(k):
+        raise DeltaError(f"Key {k!r} has shape {f.shape(k)} in the fine-tuned model but {b.shape(k)} in the base.")
+    if not b.is_floating(k) or not f.is_floating(k):
+        raise DeltaError(f"Key {k!r} is not a floating-point tensor; it cannot have a task delta.")
 
 
 def delta_from_models(
@@ -467,14 +470,7 @@ class LazyDelta(Mapping):
         b, f = _as_source(base, "base model"), _as_source(finetuned, "fine-tuned model")
         selected = _select_keys(f, keys, exclude)
         for k in selected:
-            if k not in b:
-                raise DeltaError(f"Key {k!r} of the fine-tuned model is not in the base model ({b.description}).")
-            if b.shape(k) != f.shape(k):
-                raise DeltaError(
-                    f"Key {k!r} has shape {f.shape(k)} in the fine-tuned model but {b.shape(k)} in the base."
-                )
-            if not b.is_floating(k) or not f.is_floating(k):  # iter_delta's rule: no delta of an integer entry
-                raise DeltaError(f"Key {k!r} is not a floating-point tensor; it cannot have a task delta.")
+            _check_delta_key(b, f, k, ".")
         return cls(
             {k: f.shape(k) for k in selected},
             lambda k: f.get(k).to(torch.float32) - b.get(k).to(torch.float32),
