@@ -10,14 +10,6 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-#: files whose frames wrap a function without being anyone's code: decorators (``torch.no_grad()``,
-#: ``contextlib.ContextDecorator``) and mutmut's trampolines (tests/test_rule_gaps.py runs under mutation testing too)
-_WRAPPER_FILES = (
-    os.path.join("torch", "utils", "_contextlib.py"),
-    os.sep + "contextlib.py",
-    os.path.join("mutmut", "mutation", "trampoline.py"),
-)
-
 
 def user_stacklevel() -> int:
     """The ``stacklevel`` that attributes a warning to the user's line that called into the library: the first frame
@@ -35,18 +27,18 @@ def user_stacklevel() -> int:
     # function, e.g. a trampoline, may lie between)
     caller = next((i for i, f in enumerate(files) if f.startswith(package)), 0)
     files = files[caller:]
-    outermost = max(i for i, f in enumerate(files) if f.startswith(package)) if files else 0
+    outermost = max((i for i, f in enumerate(files) if f.startswith(package)), default=0)
     level = outermost + 1  # 0-based index of the frame just outside the library
-    while level < len(files) - 1 and (files[level].endswith(_WRAPPER_FILES) or _third_party(files[level])):
+    while level < len(files) - 1 and _not_user_code(files[level]):
         level += 1
     return level + 1
 
 
-def _third_party(file: str) -> bool:
-    """An installed package's file (transformers' Trainer calling an hf_cft callback, accelerate, torch): a warning
-    raised under it belongs to the user's line that started it (``trainer.train()``), further out."""
+def _not_user_code(file: str) -> bool:
+    """A frame between the user and hf_cft: an installed package's (transformers' Trainer running an hf_cft callback,
+    torch's ``no_grad`` decorator, a test tool's trampoline) or the standard library's ``contextlib`` decorator."""
     parts = file.split(os.sep)
-    return "site-packages" in parts or "dist-packages" in parts
+    return "site-packages" in parts or "dist-packages" in parts or file.endswith(os.sep + "contextlib.py")
 
 
 @contextlib.contextmanager
