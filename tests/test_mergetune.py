@@ -366,3 +366,144 @@ def test_the_cards_description_of_the_fine_tuned_solution(tmp_path, monkeypatch,
     coop = get_peft_model(tiny_clip(), CoOpConfig(n_ctx=2, classnames=CLASSES).set_tokenizer(toy_tokenizer))
     assert _describe_finetuned(coop) == "a HF_CFT_COOP adapter given in memory"
     assert _describe_finetuned(tiny_clip()) == "a CLIPModel given in memory"
+
+
+def _parts(trainer, batch):
+    trainer.model.train()
+    trainer._metric_sums["train"] = {}
+    loss = trainer.compute_loss(trainer.model, batch)
+    return loss, {k: v[-1] for k, v in trainer._metric_sums["train"].items()}
+
+
+def test_coop_sq_l2_anchor_and_raw_path_with_label_smoothing_match_a_hand_computation(toy_tokenizer, tmp_path, data):
+    """CoOp with anchor="sq_l2" (Σ‖T(w) − T1‖²), the official raw path (interpolate the unnormalised text outputs,
+    then normalise) and label smoothing in both CE terms; accuracy logged in percent."""
+    ft = _finetuned_coop(toy_tokenizer, tmp_path)
+    model = _continued_coop(toy_tokenizer)
+    args = _args(tmp_path, anchor="sq_l2", path_features="raw", label_smoothing=0.2, num_alphas=2)
+    trainer = MergeTuneTrainer(
+        model, args, CLASSES, TEMPLATES, toy_tokenizer, finetuned=tmp_path / "ft", train_dataset=data
+    )
+    batch = trainer.data_collator([data[i] for i in range(8)])
+    loss, parts = _parts(trainer, batch)
+    y = batch["labels"]
+    with torch.no_grad():
+        t2_raw = ft.class_text_features(toy_tokenizer, CLASSES, normalize=False)
+        raw = model.class_text_features(toy_tokenizer, CLASSES, normalize=False)
+        tw = F.normalize(raw, dim=-1)
+        f = image_features(model, batch["pixel_values"])
+        s = model.get_base_model().logit_scale.exp()
+        logits = s * f @ tw.t()
+        task = F.cross_entropy(logits, y, label_smoothing=0.2)
+        anchor = ((tw - trainer.text_zs) ** 2).sum()
+        path = (
+            sum(
+                F.cross_entropy(s * f @ F.normalize(t2_raw + a * (raw - t2_raw), dim=-1).t(), y, label_smoothing=0.2)
+                for a in (0.25, 0.75)
+            )
+            / 2
+        )
+        accuracy = 100.0 * float((logits.argmax(-1) == y).float().mean())
+    assert parts["loss_task"] == pytest.approx(float(task), rel=1e-5)
+    assert parts["loss_anchor"] == pytest.approx(float(anchor), rel=1e-5)
+    assert parts["loss_path"] == pytest.approx(float(path), rel=1e-5)
+    assert parts["accuracy"] == pytest.approx(accuracy) and accuracy not in (0.0, 50.0, 100.0)
+    torch.testing.assert_close(loss, task + 8.0 * anchor + 0.5 * path, atol=1e-5, rtol=1e-5)
+
+
+def test_head_with_a_class_dependent_bias_fisher_anchor_and_label_smoothing_matches_a_hand_computation(
+    toy_tokenizer, tmp_path, data
+):
+    """The head's logits, path (W_α, b_α) and Fisher anchor Σ F ⊙ (w − ŵ1)² with a bias that differs per class
+    (a constant bias cancels in the softmax and would hide a dropped one), label smoothing in both CE terms."""
+    cfg = lambda: LinearHeadConfig(classnames=CLASSES, templates=TEMPLATES).set_tokenizer(toy_tokenizer)  # noqa: E731
+    ft = get_peft_model(tiny_clip(), cfg())
+    with torch.no_grad():
+        ft.base_model.model.visual_projection.head_weight["default"].add_(0.5)
+        ft.base_model.model.visual_projection.head_bias["default"].copy_(torch.tensor([0.3, -0.2, 0.1]))
+    ft.save_pretrained(tmp_path / "head_ft")
+    model = get_peft_model(tiny_clip(), cfg())
+    args = _args(tmp_path, anchor="fisher", label_smoothing=0.1, num_alphas=2, anchor_weight=2.0, path_weight=0.7)
+    trainer = MergeTuneTrainer(
+        model, args, CLASSES, TEMPLATES, toy_tokenizer, finetuned=tmp_path / "head_ft", train_dataset=data
+    )
+    w, b = model.base_model.head_parameters()
+    with torch.no_grad():
+        w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
+        b.copy_(torch.tensor([-0.4, 0.5, 0.2]))
+    g = torch.Generator().manual_seed(2)
+    trainer.fisher = [torch.rand(w.shape, generator=g) * 4, torch.rand(b.shape, generator=g) * 4]
+    batch = trainer.data_collator([data[i] for i in range(8)])
+    loss, parts = _parts(trainer, batch)
+    y = batch["labels"]
+    with torch.no_grad():
+        f = image_features(model, batch["pixel_values"])
+        task = F.cross_entropy(f @ w.t() + b, y, label_smoothing=0.1)
+        w2, b2 = trainer.w_ft, trainer.b_ft
+        path = (
+            sum(
+                F.cross_entropy(f @ (w2 + a * (w - w2)).t() + (b2 + a * (b - b2)), y, label_smoothing=0.1)
+                for a in (0.25, 0.75)
+            )
+            / 2
+        )
+        anchor = (trainer.fisher[0] * (w - trainer.w_zs) ** 2).sum() + (
+            trainer.fisher[1] * (b - trainer.b_zs) ** 2
+        ).sum()
+    torch.testing.assert_close(trainer.b_ft, torch.tensor([0.3, -0.2, 0.1]))
+    assert parts["loss_task"] == pytest.approx(float(task), rel=1e-5)
+    assert parts["loss_path"] == pytest.approx(float(path), rel=1e-5)
+    assert parts["loss_anchor"] == pytest.approx(float(anchor), rel=1e-5)
+    torch.testing.assert_close(loss, task + 2.0 * anchor + 0.7 * path, atol=1e-5, rtol=1e-5)
+
+
+def test_a_class_specific_coop_solution_must_have_the_tasks_classes(toy_tokenizer, tmp_path, data):
+    """A class-specific CoOp ŵ2 trained on other classes (same number) is refused naming it; on the task's classes
+    it is accepted."""
+    import re
+
+    def coop(classnames):
+        cfg = CoOpConfig(n_ctx=2, class_specific=True, classnames=classnames).set_tokenizer(toy_tokenizer)
+        return get_peft_model(tiny_clip(), cfg)
+
+    coop(["owl", "fox", "eel"]).save_pretrained(tmp_path / "other")
+    coop(CLASSES).save_pretrained(tmp_path / "same")
+    with pytest.raises(
+        AdapterError,
+        match=rf"^the fine-tuned class-specific CoOp adapter \({re.escape(str(tmp_path / 'other'))}\) was trained on "
+        r"other classes.$",
+    ):
+        MergeTuneTrainer(
+            coop(CLASSES), _args(tmp_path), CLASSES, TEMPLATES, toy_tokenizer, finetuned=tmp_path / "other"
+        )
+    trainer = MergeTuneTrainer(
+        coop(CLASSES), _args(tmp_path), CLASSES, TEMPLATES, toy_tokenizer, finetuned=tmp_path / "same"
+    )
+    assert trainer.family == "coop" and trainer.ft_class_specific
+
+
+def test_the_trainer_refuses_other_arguments_and_forwards_train_and_evaluate_arguments(toy_tokenizer, tmp_path, data):
+    """A TrainingArguments that is not a MergeTuneConfig is refused; train() hands its positional and keyword
+    arguments (resume_from_checkpoint) to Trainer.train, evaluate() its metric_key_prefix; the card's description
+    of ŵ2 is kept on the trainer."""
+    from transformers import TrainingArguments
+
+    _finetuned_coop(toy_tokenizer, tmp_path)
+    with pytest.raises(TypeError, match=r"^MergeTuneTrainer needs a MergeTuneConfig$"):
+        MergeTuneTrainer(
+            _continued_coop(toy_tokenizer), TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True), CLASSES,
+            TEMPLATES, toy_tokenizer, finetuned=tmp_path / "ft",
+        )  # fmt: skip
+    trainer = MergeTuneTrainer(
+        _continued_coop(toy_tokenizer), _args(tmp_path), CLASSES, TEMPLATES, toy_tokenizer, finetuned=tmp_path / "ft",
+        train_dataset=data, eval_dataset=data,
+    )  # fmt: skip
+    assert trainer.finetuned_description == "a local adapter folder (`ft`)"
+    assert trainer.fisher_info == {}
+    missing = str(tmp_path / "no-checkpoint")
+    with pytest.raises((ValueError, OSError), match="no-checkpoint"):
+        trainer.train(missing)
+    with pytest.raises((ValueError, OSError), match="no-checkpoint"):
+        trainer.train(resume_from_checkpoint=missing)
+    metrics = trainer.evaluate(metric_key_prefix="val")
+    assert "val_loss" in metrics and not any(k.startswith("eval_") for k in metrics)

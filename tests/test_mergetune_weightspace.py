@@ -781,3 +781,262 @@ def test_adapter_family_refusals_of_the_fine_tuned_solution_say_exactly_what_it_
     for finetuned, message in cases:
         with pytest.raises(AdapterError, match=message):
             _build(model, tmp_path, finetuned, data, toy_tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2, one process
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+@pytest.mark.parametrize("accumulation, padding", [(1, None), (2, 0.5)])
+def test_full_fine_tuning_sharded_path_on_one_fsdp2_process_equals_the_plain_path(
+    accumulation, padding, toy_tokenizer, tmp_path, data
+):
+    """The FSDP2 path (ŵ1, ŵ2 sharded like the DTensor parameters, the path point written shard by shard, the α
+    terms' backward run inside compute_loss, scaled by β/N, the accumulation steps and the padding weight) on a
+    one-process gloo group: the same loss, logged terms and gradients as the plain functional_call path. The
+    2-process run (tests/test_scale_out.py) is slow; this pins the arithmetic in the fast suite."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from hf_cft.trainers.clip_trainer import fsdp_scalar_parameters
+
+    def build():
+        model, ft = tiny_clip(), _full_ft()
+        model.logit_scale.requires_grad_(False)
+        ft.logit_scale.data.copy_(model.logit_scale.data)
+        for m in (model, ft):
+            fsdp_scalar_parameters(m)  # what the trainer does under FSDP: FSDP2 refuses 0-d parameters
+        trainer = _build(model, tmp_path, ft, data, toy_tokenizer, anchor_weight=0.5, path_weight=0.7,
+                         num_alphas=3, alpha_grid="official", label_smoothing=0.1)  # fmt: skip
+        trainer.current_gradient_accumulation_steps = accumulation  # what the training loop sets
+        trainer._padding_weight = padding
+        _perturb([p for p in model.parameters() if p.requires_grad], seed=9)  # w ≠ ŵ1: every term non-zero
+        trainer.model.train()
+        return trainer
+
+    batch = build().data_collator([data[i] for i in range(6)])
+
+    def step(trainer):
+        trainer._metric_sums["train"] = {}
+        loss = trainer.compute_loss(trainer.model, batch)
+        (loss / accumulation).backward()  # what training_step does with the returned loss
+        parts = {k: v[-1] for k, v in trainer._metric_sums["train"].items()}
+        grads = {}
+        for n, p in trainer.clip_model.named_parameters():
+            if p.grad is not None:
+                grads[n] = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        return loss.detach(), parts, grads
+
+    plain = build()
+    assert plain._fsdp_shards() is False  # not under FSDP: the plain path
+    want_loss, want_parts, want_grads = step(plain)
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        trainer = build()
+        trainer._fsdp_path = True  # what _check_sharding sets under an FSDP2 plugin
+        assert trainer._fsdp_shards() is False and not trainer.weight_space.sharded  # not wrapped yet
+        for layer in trainer.clip_model.vision_model.encoder.layers:
+            fully_shard(layer)
+        fully_shard(trainer.model)
+        loss, parts, grads = step(trainer)
+        assert trainer.weight_space.sharded and trainer._fsdp_shards() is True
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    assert parts == pytest.approx(want_parts, rel=1e-5, abs=1e-6)
+    assert set(parts) == {"loss_task", "loss_anchor", "loss_path", "accuracy"}
+    assert set(grads) == set(want_grads) and len(grads) > 50
+    for n, g in grads.items():
+        torch.testing.assert_close(g, want_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+# ------------------------------------------------------------------------------------------------ refusals, exactly
+
+
+def test_each_refusal_names_the_fine_tuned_solution_the_way_it_was_given(toy_tokenizer, tmp_path, data):
+    """ŵ2 of another rank, of another method or holding a NaN is refused naming it as the user gave it: a folder by
+    its path (a str or a Path, also one that does not exist), an adapter loaded in the same model by its name, a
+    PeftModel as "the given PeftModel"."""
+    import re
+
+    r4 = _saved(tmp_path, "r4", _lora(r=4, seed=1))
+    vpt = _saved(tmp_path, "vpt", get_peft_model(tiny_clip(), VPTConfig(n_tokens=2)))
+    nan = _saved(tmp_path, "nan", _nan_lora())
+    loaded = _lora()
+    loaded.load_adapter(str(r4), adapter_name="ft")
+    loaded.set_adapter("default")
+    rank = (
+        r"^LoRA rank or shape differs at 'text_model.encoder.layers.0.self_attn.v_proj': continued A \(2, 32\), "
+        r"B \(32, 2\); fine-tuned \({}\) A \(4, 32\), B \(32, 4\).$"
+    )
+    other = (
+        r"^the fine-tuned solution \({}\) is a HF_CFT_VPT adapter but the continued model is LORA: MergeTune "
+        r"needs both of the same method type.$"
+    )
+    cases = [
+        (_lora(), r4, AdapterError, rank.format(re.escape(str(r4)))),
+        (_lora(), str(r4), AdapterError, rank.format(re.escape(str(r4)))),
+        (loaded, "ft", AdapterError, rank.format(r"adapter 'ft'")),
+        (_lora(), _lora(r=4, seed=1), AdapterError, rank.format("the given PeftModel")),
+        (_lora(), vpt, AdapterError, other.format(re.escape(str(vpt)))),
+        (_lora(), get_peft_model(tiny_clip(), VPTConfig(n_tokens=2)), AdapterError, other.format("the given PeftModel")),
+        (_lora(), nan, NonFiniteError, rf"^the fine-tuned adapter {re.escape(repr(str(nan)))}: tensor "
+         r"'base_model.model.text_model.encoder.layers.0.self_attn.v_proj.lora_A.weight' holds 1 NaN/inf value"),
+        (_lora(), str(tmp_path / "missing"), AdapterError,
+         rf"^{re.escape(repr(str(tmp_path / 'missing')))} holds no adapter \(no adapter_config.json\).$"),
+    ]  # fmt: skip
+    for model, finetuned, error, message in cases:
+        with pytest.raises(error, match=message):
+            _build(model, tmp_path, finetuned, data, toy_tokenizer)
+
+
+@pytest.mark.parametrize(
+    "continued, finetuned, refused",
+    [("org/a", "org/b", True), ("org/a", "org/a", False), ("org/a", None, False), (None, "org/b", False)],
+)
+def test_a_fine_tuned_adapter_of_another_named_base_model_is_refused(
+    continued, finetuned, refused, toy_tokenizer, tmp_path, data
+):
+    """Both adapters name their base model and the names differ: refused, naming both; the same name, or a name on
+    one side only, is accepted (the tensors' shapes are checked anyway)."""
+    model, ft = _lora(), _lora(seed=1)
+    model.peft_config["default"].base_model_name_or_path = continued
+    ft.peft_config["default"].base_model_name_or_path = finetuned
+    if refused:
+        with pytest.raises(
+            AdapterError,
+            match=r"^the fine-tuned solution \(the given PeftModel\) was trained on base model 'org/b', not 'org/a'.$",
+        ):
+            _build(model, tmp_path, ft, data, toy_tokenizer)
+    else:
+        assert _build(model, tmp_path, ft, data, toy_tokenizer).family == "lora"
+
+
+def test_an_unsupported_adapter_type_is_refused_naming_the_type(toy_tokenizer, tmp_path, data):
+    from peft import IA3Config
+
+    model = get_peft_model(tiny_clip(), IA3Config(target_modules=BOTH, feedforward_modules=[]))
+    with pytest.raises(
+        HfCftError,
+        match=r"^MergeTuneTrainer supports CoOp, linear-head, LoRA and VPT adapters and full fine-tuning; the active "
+        r"adapter 'default' is 'IA3'.$",
+    ):
+        _build(model, tmp_path, _ok(tmp_path), data, toy_tokenizer)
+
+
+def test_the_weight_space_fisher_refuses_naflex_inputs_and_reads_pixel_values(toy_tokenizer, tmp_path, data):
+    """The per-example Fisher's vmap cannot trace SigLIP2's NaFlex inputs: a batch carrying them is refused naming
+    the model class and the way out; a batch of pixel_values alone gives its pixel_values."""
+    from hf_cft.errors import MethodNotApplicableError
+
+    px = torch.rand(2, 3, 30, 30)
+    naflex = {
+        "pixel_values": px,
+        "pixel_attention_mask": torch.ones(2, 4),
+        "spatial_shapes": torch.tensor([[2, 2]] * 2),
+    }
+    lora = _build(_lora(), tmp_path, _ok(tmp_path), data, toy_tokenizer)
+    full = _build(tiny_clip(), tmp_path, _full_ft(), data, toy_tokenizer)
+    for trainer in (lora, full):  # the base model's class, also under a PeftModel
+        assert trainer._fisher_pixels({"pixel_values": px, "labels": torch.tensor([0, 1])}) is px
+        with pytest.raises(
+            MethodNotApplicableError,
+            match=r"^MergeTune's weight-space Fisher anchor cannot apply to CLIPModel: its per-example gradients use "
+            r"vmap, and NaFlex patches \(pixel_attention_mask / spatial_shapes\) size the position grid from tensor "
+            r"values vmap cannot trace. Use anchor='cosine' or 'sq_l2'.$",
+        ):
+            trainer._fisher_pixels(naflex)
+
+
+def test_the_path_hands_a_batchs_other_image_inputs_to_the_tower(toy_tokenizer, tmp_path, data, monkeypatch):
+    """SigLIP2's pixel_attention_mask / spatial_shapes reach every α's forward with pixel_values (here recorded at
+    functional_call on a CLIP model, which has no such inputs)."""
+    import hf_cft.trainers.mergetune_trainer as module
+
+    trainer = _build(_lora(), tmp_path, _ok(tmp_path), data, toy_tokenizer, num_alphas=2)
+    seen = []
+
+    def recording(fn, params, args, kwargs):
+        seen.append(dict(kwargs))
+        return torch.zeros(len(kwargs["pixel_values"]), len(CLASSES))
+
+    monkeypatch.setattr(module, "functional_call", recording)
+    px, mask = torch.rand(2, 3, 30, 30), torch.ones(2, 4)
+    text = trainer._text_inputs(train=True)
+    trainer._weight_space_path(
+        px, None, None, text, torch.tensor([0, 1]), [0.25, 0.75], {"pixel_attention_mask": mask}
+    )
+    assert len(seen) == 2
+    for kw in seen:
+        assert kw["pixel_values"] is px and kw["pixel_attention_mask"] is mask
+        assert kw["input_ids"] is text["input_ids"]
+
+
+def _raw_colour(n, seed, classnames=CLASSES):
+    """colour_dataset's images before any transform (a raw image dataset: the trainer applies its own); with more
+    class names, the last row is labelled with the last one."""
+    import numpy as np
+
+    from hf_cft.data.loading import from_arrays
+
+    rng = np.random.default_rng(seed)
+    labels = [i % 3 for i in range(n)]
+    imgs = []
+    for lab in labels:
+        img = rng.integers(0, 60, (30, 30, 3)).astype(np.uint8)
+        img[..., lab] += 150
+        imgs.append(img)
+    labels[-1] = len(classnames) - 1
+    return from_arrays(imgs, labels, classnames, ["a photo of a {}."], name="raw")["train"]
+
+
+def test_weight_space_fisher_bookkeeping_and_its_own_generator(toy_tokenizer, tmp_path, data):
+    """fisher_info counts the images and the Fisher's entries and times the estimate (≥ 0, at most the whole
+    construction); sampled labels come from the trainer's seeded stream, not torch's global generator; a trainer
+    without a Fisher reports an empty fisher_info."""
+    import time
+
+    ft = _ok(tmp_path)
+
+    def build(global_seed):
+        torch.manual_seed(global_seed)
+        t0 = time.perf_counter()
+        trainer = _build(_lora(), tmp_path, ft, data, toy_tokenizer, anchor="fisher", fisher_labels="sample")
+        return trainer, time.perf_counter() - t0
+
+    (a, elapsed), (b, _) = build(1), build(2)
+    info = a.fisher_info
+    assert set(info) == {"images", "seconds", "labels", "parameters"}
+    assert info["images"] == len(data) and info["labels"] == "sample"
+    assert info["parameters"] == sum(f.numel() for f in a.fisher.values()) > 0
+    assert 0 <= info["seconds"] <= elapsed
+    assert set(a.fisher) == set(b.fisher)
+    for k in a.fisher:
+        torch.testing.assert_close(a.fisher[k], b.fisher[k], rtol=0, atol=0)
+    assert _build(_lora(), tmp_path, ft, data, toy_tokenizer).fisher_info == {}
+
+
+def test_a_raw_fisher_dataset_gets_the_evaluation_transform_and_is_the_one_used(toy_tokenizer, tmp_path, data):
+    """fisher_dataset (here raw images, with fisher_transform="train" so that nothing swaps a transform later) is
+    prepared with the evaluation transform: its Fisher equals the one of the same images prepared by hand for
+    evaluation, and it, not the training set, is counted; a bad one is refused under its argument's name."""
+    from hf_cft.errors import DatasetFormatError
+
+    ft = _ok(tmp_path)
+    raw = _raw_colour(9, seed=4)
+    kw = dict(anchor="fisher", fisher_labels="argmax", fisher_transform="train")
+    trainer = _build(_lora(), tmp_path, ft, data, toy_tokenizer, fisher_dataset=raw, **kw)
+    assert trainer.fisher_info["images"] == 9 != len(data)
+    by_hand = trainer.prepare_dataset(raw, train=False)
+    reference = _build(_lora(), tmp_path, ft, data, toy_tokenizer, fisher_dataset=by_hand, **kw)
+    augmented = _build(
+        _lora(), tmp_path, ft, data, toy_tokenizer, fisher_dataset=trainer.prepare_dataset(raw, True), **kw
+    )
+    for k in trainer.fisher:
+        torch.testing.assert_close(trainer.fisher[k], reference.fisher[k], rtol=1e-6, atol=1e-7)
+    assert any(not torch.allclose(trainer.fisher[k], augmented.fisher[k]) for k in trainer.fisher)  # the case tells
+    bad = _raw_colour(9, seed=4, classnames=CLASSES + ["owl"])
+    with pytest.raises(DatasetFormatError, match=r"^fisher_dataset has label 3 but the trainer has 3 class names"):
+        _build(_lora(), tmp_path, ft, data, toy_tokenizer, fisher_dataset=bad, **kw)
