@@ -744,7 +744,11 @@ def test_sharding_checks_refuse_deepspeed_and_fsdp_where_unsupported_with_the_re
             trainers[family]._check_sharding()
     full = trainers["full"]
     monkeypatch.setattr(full.accelerator.state, "fsdp_plugin", SimpleNamespace(fsdp_version=1), raising=False)
-    with pytest.raises(HfCftError, match=r"^MergeTune full fine-tuning under FSDP needs FSDP2 \(fsdp_version: 2\): "):
+    with pytest.raises(
+        HfCftError,
+        match=r"^MergeTune full fine-tuning under FSDP needs FSDP2 \(fsdp_version: 2\): FSDP1 flattens the parameters "
+        r"into one buffer per unit, so ŵ1 and ŵ2 cannot be sharded like them.$",
+    ):
         full._check_sharding()
     assert full._fsdp_path is False
     monkeypatch.setattr(full.accelerator.state, "fsdp_plugin", SimpleNamespace(fsdp_version=2), raising=False)

@@ -450,8 +450,7 @@ class MergeTuneTrainer(ClipClassificationTrainer):
 
     def _is_loaded_adapter(self, finetuned) -> bool:
         """``finetuned`` names an adapter already loaded in the continued model (and is not a folder)."""
-        cfg = getattr(self.clip_model, "peft_config", {})
-        if not isinstance(finetuned, str) or finetuned not in cfg or Path(finetuned).is_dir():
+        if not isinstance(finetuned, str) or finetuned not in self.clip_model.peft_config or Path(finetuned).is_dir():
             return False
         if finetuned == self.clip_model.active_adapter:
             raise AdapterError(
@@ -630,7 +629,7 @@ class MergeTuneTrainer(ClipClassificationTrainer):
 
     # ------------------------------------------------------------------------------------------------ loss
 
-    def _alphas(self, training: bool = True) -> torch.Tensor:
+    def _alphas(self, training: bool) -> torch.Tensor:
         """The α points of one step; a random grid draws from the training stream in training and from the
         evaluation stream (reset at every evaluation) otherwise."""
         return alpha_grid(self.args.num_alphas, self.args.alpha_grid, self._gen if training else self._eval_gen)
