@@ -214,9 +214,8 @@ class LoraWeightSpace:
     family = "lora"
 
     def __init__(self, model: nn.Module):
-        self.model = model
         self.adapter = model.active_adapter
-        active = list(getattr(model, "active_adapters", [self.adapter]))
+        active = list(model.active_adapters)
         if active != [self.adapter]:
             raise AdapterError(
                 f"the continued model has several active adapters {active}: MergeTune needs exactly one (ŵ1 is the "
@@ -587,7 +586,7 @@ class VptWeightSpace(FullWeightSpace):
 # ==================================================================================================== Fisher
 
 
-def fisher_rows(num_rows: int, limit: int, sample: str = "random", seed: int = 0) -> list[int]:
+def fisher_rows(num_rows: int, limit: int, sample: str, seed: int) -> list[int]:
     """The rows a Fisher estimate reads: all when ``limit`` is 0 or ≥ ``num_rows``; else ``limit`` rows drawn
     without replacement by a generator seeded with ``seed``, in increasing order (``"random"``), or the first
     ``limit`` rows (``"first"``)."""
