@@ -459,3 +459,106 @@ def test_dare_whole_tensor_path_is_dare_by_its_definition_and_draws_the_blocked_
             else:
                 torch.testing.assert_close(whole.float(), blocked, rtol=1e-2, atol=0, msg=then)
         assert blocked.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------ exact refusals
+
+
+R1 = {"a": T([1.0, -2.0, 3.0]), "b": T([0.5, 0.0])}
+
+REFUSALS = [
+    (lambda: wise_ft(R1, alpha="x"), r"^alpha must be a number, got 'x' \(str\).$"),
+    (lambda: dare([R1, R1], rho=1.0), r"^rho \(the drop rate\) must lie in \[0, 1\), got 1.0.$"),
+    (lambda: dare([R1, R1], rho=-0.1), r"^rho \(the drop rate\) must lie in \[0, 1\), got -0.1.$"),
+    (lambda: dare([R1, R1], then="x"), r"^then must be one of \('ta', 'ties'\), got 'x'.$"),
+    (lambda: consensus([R1, R1], k=-1), r"^k must be at least 0, got -1.$"),
+    (lambda: consensus([R1, R1], k=1.5), r"^k must be an integer, got 1.5.$"),
+    (lambda: magnitude_prune([R1], k=2), r"^k must lie in \(0, 1\], got 2.$"),
+    (lambda: trim_top_k(R1["a"], k=0), r"^k must lie in \(0, 1\], got 0.$"),
+    (lambda: emr([R1, R1], zero_sign="x"), r"^zero_sign must be one of \(-1, 0\), got 'x'.$"),
+    (lambda: emr([R1, R1], zero_sign=True), r"^zero_sign must be one of \(-1, 0\), got True.$"),
+    (lambda: ties([R1, R1], trim_scope="x"), r"^trim_scope must be one of \('tensor', 'model'\), got 'x'.$"),
+    (lambda: ties([R1, R1], merge="x"), r"^merge must be one of \('mean', 'sum', 'max'\), got 'x'.$"),
+    (lambda: magmax([R1, R1], tie_break="x"), r"^tie_break must be one of \('later', 'earlier'\), got 'x'.$"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(REFUSALS)))
+def test_option_refusals_name_the_option_its_range_and_the_value(case):
+    from hf_cft.errors import MergeConfigError
+
+    call, message = REFUSALS[case]
+    with pytest.raises(MergeConfigError, match=message):
+        call()
+
+
+def test_option_bounds_are_inclusive_where_documented():
+    """rho = 0 (nothing dropped) and k = 0 (every entry with any vote) are accepted; k = 1 keeps every entry."""
+    close(dare([R1, R1], rho=0.0, lam=1.0), {k: 2 * v for k, v in R1.items()})
+    assert set(consensus([R1, R1], k=0)) == set(R1)
+    close(magnitude_prune([R1], k=1.0, lam=1.0), R1)
+
+
+def test_lazy_deltas_are_checked_from_their_headers_with_exact_messages():
+    """EMR over LazyDelta inputs: one delta instead of a list, an empty list, a key only in the first or only in a
+    later delta, or another shape are refused naming the task and the key; nothing is read to find out."""
+    from hf_cft.merging.deltas import LazyDelta
+
+    reads = []
+
+    def lazy(shapes):
+        return LazyDelta(shapes, lambda key: reads.append(key) or torch.ones(shapes[key]))
+
+    ab = {"a": (3,), "b": (2,)}
+    cases = [
+        (lazy(ab), TaskError, r"^deltas must be a list of deltas \(dicts\), got one dict; wrap it in a list.$"),
+        ([], TaskError, r"^deltas is empty: at least one task delta is needed.$"),
+        ([lazy(ab), lazy({"a": (3,)})], DeltaError, r"^delta of task 1 lacks key 'b' that the other deltas have.$"),
+        ([lazy(ab), lazy({**ab, "c": (1,)})], DeltaError, r"^delta of task 1 has key 'c' that the other deltas lack.$"),
+        ([lazy(ab), lazy({"a": (3,), "b": (4,)})], DeltaError,
+         r"^key 'b' has shape \(4,\) in task 1 but \(2,\) in the other deltas.$"),
+    ]  # fmt: skip
+    for deltas, error, message in cases:
+        with pytest.raises(error, match=message):
+            emr(deltas)
+    assert reads == []
+
+
+def test_continual_state_refusals_and_a_restored_state_keeps_its_shapes():
+    from hf_cft.errors import DeltaError as DE
+
+    merger = ContinualTaskArithmetic(lam=1.0)
+    merger.add(R1)
+    state = merger.state_dict()
+    assert state["meta.num_tasks"].dtype == torch.int64
+    cases = [
+        ({}, DE, r"^ContinualTaskArithmetic state lacks 'meta.num_tasks'.$"),
+        ({"meta.num_tasks": torch.tensor(2)}, DE, r"^ContinualTaskArithmetic state lacks the 'total' tensors.$"),
+        ({"meta.num_tasks": torch.tensor(1), "total.a": T([float("nan")])}, NonFiniteError,
+         r"^ContinualTaskArithmetic state holds NaN or inf at total.a.$"),
+    ]  # fmt: skip
+    for bad, error, message in cases:
+        with pytest.raises(error, match=message):
+            ContinualTaskArithmetic().load_state_dict(bad)
+    empty = ContinualTaskArithmetic()
+    empty.load_state_dict({"meta.num_tasks": torch.tensor(0)})  # no task yet: no tensors needed
+    assert empty.num_tasks == 0
+    restored = ContinualTaskArithmetic(lam=1.0)
+    restored.load_state_dict(state)
+    assert restored.num_tasks == 1
+    with pytest.raises(DE, match="'b'"):  # the restored shapes hold: a delta of another shape is refused
+        restored.add({"a": T([1.0, 1.0, 1.0]), "b": T([1.0, 1.0, 1.0])})
+    restored.add(R1)
+    close(restored.merged, {k: 2 * v for k, v in R1.items()})
+
+
+def test_tall_task_delta_accepts_negative_indices_and_refuses_out_of_range():
+    res = tall_masks([R1, {k: -v for k, v in R1.items()}], lambdas=0.4)
+    for i in (-2, -1, 0, 1):
+        assert set(res.task_delta(i)) == set(R1)
+    close(res.task_delta(-2), res.task_delta(0))
+    for i in (-3, 2):
+        with pytest.raises(
+            TaskError, match=rf"^task index {i} is out of range: TALL masks were built for 2 task\(s\).$"
+        ):
+            res.task_delta(i)

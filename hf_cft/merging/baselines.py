@@ -486,7 +486,7 @@ def running_mean(deltas: Sequence[Mapping[str, Tensor]]) -> Delta:
 
 def wise_ft(delta: Mapping[str, Tensor], alpha: float = 0.5) -> Delta:
     """WiSE-FT (arXiv:2109.01903; pam.md §9): θ = (1−α)θ0 + αθ_ft, so the merged delta is α·τ (α = 0.5, lib)."""
-    (delta,) = _check_deltas([delta], what="delta")
+    (delta,) = _check_deltas([delta])
     alpha = check_number(alpha, "alpha", error=MergeConfigError)
     return _finite_result({key: alpha * _f32(v) for key, v in delta.items()}, f"alpha={alpha!r}")
 
@@ -851,7 +851,7 @@ class ContinualMerger:
     def add(self, delta: Mapping[str, Tensor]) -> Delta:
         """Fold task ``self.num_tasks``'s delta into the state and return the merged delta (fresh tensors)."""
         if self._shapes is None:
-            (delta,) = _check_deltas([delta], what="delta")
+            (delta,) = _check_deltas([delta])
             self._shapes = {k: tuple(v.shape) for k, v in delta.items()}
         else:
             _check_delta_against(delta, self._shapes, self.num_tasks)
