@@ -466,3 +466,63 @@ def test_predict_is_the_arg_max_of_logits_with_every_argument(clip_model, toy_to
     router.logits = spy
     assert router.predict(px, CLASSES, templates, task="task1", spatial_shapes="s").tolist() == [1, 0]
     assert seen == {"classnames": CLASSES, "templates": templates, "task": "task1", "spatial_shapes": "s"}
+
+
+def test_similarity_weights_sum_to_one_below_one_and_fall_back_to_uniform_without_a_positive_score(
+    clip_model, toy_tokenizer, merger5
+):
+    """Similarity weighting over hand-made scores: ∝ the positive part (here summing to 0.4 and to 1.5), and
+    uniform 1/K when no selected expert has a positive score; θ⁰ keeps 1/(K+1) of the vote."""
+    from hf_cft.merging.router import Routing
+
+    router = SemanticRouter(merger5, clip_model, toy_tokenizer, top_k=2, weighting="similarity")
+    scores = torch.tensor([[0.3, 0.1], [1.0, 0.5], [-0.2, -0.5], [0.4, -0.1]])
+    routing = Routing(torch.zeros(4, 2, dtype=torch.long), scores, scores, ["a", "b"])
+    w0, w = router.voter_weights(routing)
+    assert w0 == pytest.approx(1 / 3)
+    want = torch.tensor([[0.75, 0.25], [2 / 3, 1 / 3], [0.5, 0.5], [1.0, 0.0]]) * (2 / 3)
+    torch.testing.assert_close(w, want)
+
+
+def test_text_heads_are_cached_per_class_list_and_template_list(clip_model, toy_tokenizer, merger5, px):
+    """The same voter's head for another class order or other templates is built anew (the cache key is the
+    lists' digest): logits for permuted classes are the permuted logits."""
+    router = SemanticRouter(merger5, clip_model, toy_tokenizer, top_k=2)
+    with torch.no_grad():
+        a = router.logits(px, CLASSES, TEMPLATES)
+        b = router.logits(px, CLASSES[::-1], TEMPLATES)
+        c = router.logits(px, CLASSES, TEMPLATES[:1])
+        again = router.logits(px, CLASSES, TEMPLATES)
+    torch.testing.assert_close(b, a.flip(1))
+    assert not torch.allclose(c, a)
+    torch.testing.assert_close(again, a)
+    with pytest.raises(
+        ClassNamesError, match=r"^logits\(\) needs the test dataset's class names \(or task= of a stored task\).$"
+    ):
+        router.logits(px)
+
+
+def test_text_only_prototypes_are_the_base_models_class_features_and_widths_must_agree(clip_model, toy_tokenizer, px):
+    """A task stored without prototypes routes with compute_prototypes(θ⁰, no images, its classes, its templates);
+    stored prototypes of another width than such text-only ones are refused naming both widths."""
+    import warnings
+
+    merger = DeltaFusionMerger()
+    delta = delta_from_models(clip_model, _expert(clip_model, 1))
+    merger.add_task(delta, "noproto", classnames=CLASSES, templates=TEMPLATES[1:])
+    router = SemanticRouter(merger, clip_model, toy_tokenizer, top_k=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        protos, counts = router._prototype_matrix()
+    want = compute_prototypes(clip_model, toy_tokenizer, None, CLASSES, TEMPLATES[1:])
+    torch.testing.assert_close(protos, want)
+    assert counts == [want.shape[0]]
+    wide = DeltaFusionMerger()
+    wide.add_task(delta, "a", prototypes=torch.randn(2, 8))
+    wide.add_task(delta, "b", classnames=CLASSES)  # text-only: θ⁰'s width
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(
+            TaskError, match=rf"^Prototypes of the stored tasks have different widths \[8, {want.shape[1]}\].$"
+        ):
+            SemanticRouter(wide, clip_model, toy_tokenizer)._prototype_matrix()
