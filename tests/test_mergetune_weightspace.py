@@ -998,16 +998,18 @@ def _raw_colour(n, seed, classnames=CLASSES):
 
 def test_weight_space_fisher_bookkeeping_and_its_own_generator(toy_tokenizer, tmp_path, data):
     """fisher_info counts the images and the Fisher's entries and times the estimate (≥ 0, at most the whole
-    construction); sampled labels come from the trainer's seeded stream, not torch's global generator; a trainer
-    without a Fisher reports an empty fisher_info."""
+    construction); sampled labels come from the trainer's seeded stream, not torch's global generator, and differ
+    from the arg-max; vmap's batching-fallback warning is not shown; a trainer without a Fisher reports an empty fisher_info."""
     import time
 
     ft = _ok(tmp_path)
 
-    def build(global_seed):
+    def build(global_seed, labels="sample"):
         torch.manual_seed(global_seed)
         t0 = time.perf_counter()
-        trainer = _build(_lora(), tmp_path, ft, data, toy_tokenizer, anchor="fisher", fisher_labels="sample")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*performance drop")  # vmap's fallback warning is silenced
+            trainer = _build(_lora(), tmp_path, ft, data, toy_tokenizer, anchor="fisher", fisher_labels=labels)
         return trainer, time.perf_counter() - t0
 
     (a, elapsed), (b, _) = build(1), build(2)
@@ -1019,6 +1021,8 @@ def test_weight_space_fisher_bookkeeping_and_its_own_generator(toy_tokenizer, tm
     assert set(a.fisher) == set(b.fisher)
     for k in a.fisher:
         torch.testing.assert_close(a.fisher[k], b.fisher[k], rtol=0, atol=0)
+    argmax, _ = build(1, "argmax")  # sampled labels are drawn, not the arg-max
+    assert any(not torch.allclose(a.fisher[k], argmax.fisher[k]) for k in a.fisher)
     assert _build(_lora(), tmp_path, ft, data, toy_tokenizer).fisher_info == {}
 
 
