@@ -562,3 +562,66 @@ def test_tall_task_delta_accepts_negative_indices_and_refuses_out_of_range():
             TaskError, match=rf"^task index {i} is out of range: TALL masks were built for 2 task\(s\).$"
         ):
             res.task_delta(i)
+
+
+def test_key_predicate_forms_and_opcm_split_rank_edges():
+    from hf_cft.merging.baselines import key_predicate
+
+    def mine(key, tensor):
+        return key == "x"
+
+    assert key_predicate(mine) is mine
+    chosen = key_predicate(["a", "b"])
+    assert chosen("a", torch.zeros(2, 3)) and chosen("b", torch.zeros(1, 1))
+    assert (
+        not chosen("a", torch.zeros(3))
+        and not chosen("a", torch.zeros(1, 2, 3))
+        and not chosen("c", torch.zeros(2, 2))
+    )
+    split = OPCMMerger.split_rank
+    assert split(T([0.3, 0.2]), 0.7) == 1  # shares 0.6, 1.0 (a sum below 1 is still a sum)
+    assert split(T([0.3, 0.2]), 0.7, "fusion_bench") == 1
+    assert split(T([0.0, 0.0]), 0.5) == 0 and split(T([0.0, 0.0]), 0.5, "fusion_bench") == 0
+
+
+def test_opcm_options_state_and_a_small_or_zero_norm():
+    from hf_cft.errors import MergeConfigError
+
+    assert OPCMMerger(alpha=0.0).alpha == 0.0 and OPCMMerger(alpha=1.0).alpha == 1.0  # a closed interval
+    with pytest.raises(MergeConfigError, match=r"^alpha must lie in \[0, 1\], got 1.5.$"):
+        OPCMMerger(alpha=1.5)
+    with pytest.raises(MergeConfigError, match=r"^rank_rule must be one of \('at_most', 'fusion_bench'\), got 'x'.$"):
+        OPCMMerger(rank_rule="x")
+    small = {"w": T([[0.1, 0.0], [0.0, 0.2]]), "b": T([0.05, 0.0])}  # ‖τ‖ < 1: rescaled all the same
+    m = OPCMMerger()
+    m.add(small)
+    close(m.merged, small)
+    zero = OPCMMerger()
+    zero.add({k: torch.zeros_like(v) for k, v in small.items()})
+    close(zero.merged, {k: torch.zeros_like(v) for k, v in small.items()})
+    state = m.state_dict()
+    assert state["meta.norms"].dtype == torch.float64
+    restored = OPCMMerger()
+    restored.load_state_dict(state)
+    assert restored.norms == m.norms
+    with pytest.raises(DeltaError, match=r"^OPCMMerger state lacks 'meta.norms'.$"):
+        OPCMMerger().load_state_dict({k: v for k, v in state.items() if k != "meta.norms"})
+    with pytest.raises(DeltaError, match=r"^OPCMMerger state has 1 task norms for 2 task\(s\).$"):
+        OPCMMerger().load_state_dict({**state, "meta.num_tasks": torch.tensor(2)})
+
+
+def test_continual_ties_state_marks_its_unscaled_form_and_refuses_an_old_state():
+    m = ContinualTIES()
+    m.add(R1)
+    state = m.state_dict()
+    assert state["meta.unscaled"].dtype == torch.int64 and int(state["meta.unscaled"]) == 1
+    old = {k: v for k, v in state.items() if k != "meta.unscaled"}
+    with pytest.raises(
+        DeltaError,
+        match=r"^ContinualTIES state lacks 'meta.unscaled': it was written before the λ fix \(its merged delta "
+        r"holds λ compounded over the tasks\); rebuild it by adding the task deltas again.$",
+    ):
+        ContinualTIES().load_state_dict(old)
+    empty = ContinualTIES()
+    empty.load_state_dict({"meta.num_tasks": torch.tensor(0)})  # no task yet: nothing to have been rescaled
+    assert empty.num_tasks == 0

@@ -976,7 +976,7 @@ class ContinualTIES(ContinualMerger):
         return {"meta.unscaled": torch.tensor(1, dtype=torch.int64)}
 
     def _load_extra_state(self, state: Mapping[str, Tensor]) -> None:
-        if int(state.get("meta.num_tasks", 0)) > 0 and "meta.unscaled" not in state:
+        if int(state["meta.num_tasks"]) > 0 and "meta.unscaled" not in state:  # load_state_dict checked it is there
             raise DeltaError(
                 "ContinualTIES state lacks 'meta.unscaled': it was written before the λ fix (its merged delta "
                 "holds λ compounded over the tasks); rebuild it by adding the task deltas again."
