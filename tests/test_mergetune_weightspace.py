@@ -1122,3 +1122,14 @@ def test_raw_weight_space_fisher_is_the_mean_over_all_batches(toy_tokenizer, tmp
         torch.testing.assert_close(raw[k], sum(s[k] for s, _ in singles) / 4, rtol=1e-4, atol=1e-9)
     with pytest.raises(HfCftError, match=r"^the Fisher dataset is empty$"):
         run([])
+    towers = trainer.weight_space.towers
+    by_default = estimate_weight_fisher(  # labels default to one draw per image from p (the spec's)
+        trainer._logits_fn, coords, fixed, [px], text, towers, generator=torch.Generator().manual_seed(5)
+    )
+    sampled = estimate_weight_fisher(
+        trainer._logits_fn, coords, fixed, [px], text, towers, "sample", torch.Generator().manual_seed(5)
+    )
+    for k in raw:
+        torch.testing.assert_close(by_default[0][k], sampled[0][k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"^unknown Fisher labels 'mode'$"):
+        estimate_weight_fisher(trainer._logits_fn, coords, fixed, [px], text, towers, "mode")

@@ -104,7 +104,7 @@ class ClassLogits(nn.Module):
         return logit_scale(self.model).to(image.dtype) * image @ text.to(image.dtype).t()
 
 
-def class_text(model: nn.Module, input_ids, attention_mask, num_templates: int = 1) -> torch.Tensor:
+def class_text(model: nn.Module, input_ids, attention_mask, num_templates: int) -> torch.Tensor:
     feats = text_features(model, input_ids, attention_mask, normalize=True)
     if num_templates > 1:
         feats = F.normalize(feats.view(-1, num_templates, feats.shape[-1]).mean(1), dim=-1)
