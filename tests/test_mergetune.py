@@ -361,7 +361,7 @@ def test_the_cards_description_of_the_fine_tuned_solution(tmp_path, monkeypatch,
     assert _describe_finetuned("~/ft_adapter") == "a local adapter folder (`ft_adapter`)"
     assert _describe_finetuned(str(tmp_path / "ft_model" / "..")) == f"a local model folder (`{tmp_path.name}`)"
     assert _describe_finetuned("someone/coop-ft") == "[someone/coop-ft](https://huggingface.co/someone/coop-ft)"
-    for text in ("ft", "./missing/x", "/missing/x", "~/missing", "a/b/c"):
+    for text in ("ft", "./missing", "/missing", "~/missing", "./missing/x", "a/b/c"):  # one "/" but a path's start
         assert _describe_finetuned(text) == f"adapter `{text}` (loaded in the same model)", text
     coop = get_peft_model(tiny_clip(), CoOpConfig(n_ctx=2, classnames=CLASSES).set_tokenizer(toy_tokenizer))
     assert _describe_finetuned(coop) == "a HF_CFT_COOP adapter given in memory"

@@ -791,9 +791,9 @@ def test_adapter_family_refusals_of_the_fine_tuned_solution_say_exactly_what_it_
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
-@pytest.mark.parametrize("accumulation, padding", [(1, None), (2, 0.5)])
+@pytest.mark.parametrize("accumulation, padding, anchor", [(1, None, "sq_l2"), (2, 0.5, "fisher")])
 def test_full_fine_tuning_sharded_path_on_one_fsdp2_process_equals_the_plain_path(
-    accumulation, padding, toy_tokenizer, tmp_path, data
+    accumulation, padding, anchor, toy_tokenizer, tmp_path, data
 ):
     """The FSDP2 path (ŵ1, ŵ2 sharded like the DTensor parameters, the path point written shard by shard, the α
     terms' backward run inside compute_loss, scaled by β/N, the accumulation steps and the padding weight) on a
@@ -812,7 +812,8 @@ def test_full_fine_tuning_sharded_path_on_one_fsdp2_process_equals_the_plain_pat
         for m in (model, ft):
             fsdp_scalar_parameters(m)  # what the trainer does under FSDP: FSDP2 refuses 0-d parameters
         trainer = _build(model, tmp_path, ft, data, toy_tokenizer, anchor_weight=0.5, path_weight=0.7,
-                         num_alphas=3, alpha_grid="official", label_smoothing=0.1)  # fmt: skip
+                         num_alphas=3, alpha_grid="official", label_smoothing=0.1, anchor=anchor,
+                         fisher_labels="argmax")  # fmt: skip
         trainer.current_gradient_accumulation_steps = accumulation  # what the training loop sets
         trainer._padding_weight = padding
         _perturb([p for p in model.parameters() if p.requires_grad], seed=9)  # w ≠ ŵ1: every term non-zero
@@ -840,12 +841,21 @@ def test_full_fine_tuning_sharded_path_on_one_fsdp2_process_equals_the_plain_pat
     try:
         trainer = build()
         trainer._fsdp_path = True  # what _check_sharding sets under an FSDP2 plugin
+        fisher = getattr(trainer, "fisher", None)
         assert trainer._fsdp_shards() is False and not trainer.weight_space.sharded  # not wrapped yet
         for layer in trainer.clip_model.vision_model.encoder.layers:
             fully_shard(layer)
         fully_shard(trainer.model)
+        trainer.model.eval()  # an evaluation step under FSDP runs no backward, even with gradients enabled
+        trainer.compute_loss(trainer.model, batch)
+        assert all(p.grad is None for p in trainer.clip_model.parameters())
+        trainer.model.train()
         loss, parts, grads = step(trainer)
         assert trainer.weight_space.sharded and trainer._fsdp_shards() is True
+        if anchor == "fisher":  # replaced by its shards, cut like the parameters (one process: all of it)
+            assert trainer.fisher is not fisher and set(trainer.fisher) == set(fisher)
+            for k, f in fisher.items():
+                torch.testing.assert_close(trainer.fisher[k].reshape(f.shape), f, rtol=0, atol=0)
     finally:
         dist.destroy_process_group()
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
@@ -908,14 +918,20 @@ def test_a_fine_tuned_adapter_of_another_named_base_model_is_refused(
     model, ft = _lora(), _lora(seed=1)
     model.peft_config["default"].base_model_name_or_path = continued
     ft.peft_config["default"].base_model_name_or_path = finetuned
-    if refused:
-        with pytest.raises(
-            AdapterError,
-            match=r"^the fine-tuned solution \(the given PeftModel\) was trained on base model 'org/b', not 'org/a'.$",
-        ):
-            _build(model, tmp_path, ft, data, toy_tokenizer)
-    else:
-        assert _build(model, tmp_path, ft, data, toy_tokenizer).family == "lora"
+    ft.save_pretrained(tmp_path / "ft")
+    loaded = _lora()
+    loaded.peft_config["default"].base_model_name_or_path = continued
+    loaded.load_adapter(str(tmp_path / "ft"), adapter_name="ft")  # keeps the folder's base model name
+    loaded.set_adapter("default")
+    for continued_model, given, where in ((model, ft, "the given PeftModel"), (loaded, "ft", "adapter 'ft'")):
+        if refused:
+            with pytest.raises(
+                AdapterError,
+                match=rf"^the fine-tuned solution \({where}\) was trained on base model 'org/b', not 'org/a'.$",
+            ):
+                _build(continued_model, tmp_path, given, data, toy_tokenizer)
+        else:
+            assert _build(continued_model, tmp_path, given, data, toy_tokenizer).family == "lora"
 
 
 def test_an_unsupported_adapter_type_is_refused_naming_the_type(toy_tokenizer, tmp_path, data):
@@ -998,31 +1014,38 @@ def _raw_colour(n, seed, classnames=CLASSES):
 
 def test_weight_space_fisher_bookkeeping_and_its_own_generator(toy_tokenizer, tmp_path, data):
     """fisher_info counts the images and the Fisher's entries and times the estimate (≥ 0, at most the whole
-    construction); sampled labels come from the trainer's seeded stream, not torch's global generator, and differ
-    from the arg-max; vmap's batching-fallback warning is not shown; a trainer without a Fisher reports an empty fisher_info."""
+    construction); sampled labels come from the trainer's stream seeded with ``seed`` (re-seeded, it repeats the
+    estimate whatever torch's global generator did meanwhile) and differ from the arg-max's and another seed's;
+    vmap's batching-fallback warning is not shown; a trainer without a Fisher reports an empty fisher_info."""
     import time
 
     ft = _ok(tmp_path)
 
-    def build(global_seed, labels="sample"):
-        torch.manual_seed(global_seed)
+    def build(labels="sample", seed=0):
+        model = _lora()
+        model.get_base_model().logit_scale.data.fill_(0.0)  # scale 1: p is far from one-hot, so draws vary
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*performance drop")  # vmap's fallback warning is silenced
-            trainer = _build(_lora(), tmp_path, ft, data, toy_tokenizer, anchor="fisher", fisher_labels=labels)
+            trainer = _build(
+                model, tmp_path, ft, data, toy_tokenizer, anchor="fisher", fisher_labels=labels, seed=seed
+            )
         return trainer, time.perf_counter() - t0
 
-    (a, elapsed), (b, _) = build(1), build(2)
+    a, elapsed = build()
     info = a.fisher_info
     assert set(info) == {"images", "seconds", "labels", "parameters"}
     assert info["images"] == len(data) and info["labels"] == "sample"
     assert info["parameters"] == sum(f.numel() for f in a.fisher.values()) > 0
     assert 0 <= info["seconds"] <= elapsed
-    assert set(a.fisher) == set(b.fisher)
-    for k in a.fisher:
-        torch.testing.assert_close(a.fisher[k], b.fisher[k], rtol=0, atol=0)
-    argmax, _ = build(1, "argmax")  # sampled labels are drawn, not the arg-max
-    assert any(not torch.allclose(a.fisher[k], argmax.fisher[k]) for k in a.fisher)
+    first = {k: v.clone() for k, v in a.fisher.items()}
+    torch.manual_seed(999)  # the global generator moves on; the Fisher's own stream restarts
+    a._fisher_gen.manual_seed(a.args.seed)
+    a._estimate_weight_fisher(a.train_dataset)
+    for k in first:
+        torch.testing.assert_close(a.fisher[k], first[k], rtol=0, atol=0)
+    for other in (build("argmax")[0], build(seed=1)[0]):  # the draws matter: not the arg-max, seeded
+        assert any(not torch.allclose(first[k], other.fisher[k]) for k in first)
     assert _build(_lora(), tmp_path, ft, data, toy_tokenizer).fisher_info == {}
 
 
@@ -1133,3 +1156,32 @@ def test_raw_weight_space_fisher_is_the_mean_over_all_batches(toy_tokenizer, tmp
         torch.testing.assert_close(by_default[0][k], sampled[0][k], rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"^unknown Fisher labels 'mode'$"):
         estimate_weight_fisher(trainer._logits_fn, coords, fixed, [px], text, towers, "mode")
+
+
+def test_a_batchs_other_image_inputs_reach_the_task_forward_and_every_path_point(
+    toy_tokenizer, tmp_path, data, monkeypatch
+):
+    """compute_loss hands SigLIP2's NaFlex inputs of the batch to the task forward and to each α's forward (recorded
+    here on a CLIP model, which takes none: they are dropped before its tower runs)."""
+    import hf_cft.trainers.mergetune_trainer as module
+
+    trainer = _build(_lora(), tmp_path, _ok(tmp_path), data, toy_tokenizer, num_alphas=2)
+    batch = trainer.data_collator([data[i] for i in range(4)])
+    mask = torch.ones(4, 9)
+    forward, call = trainer.model.forward, module.functional_call
+    seen = {"task": [], "path": []}
+
+    def task_forward(*args, **kwargs):
+        seen["task"].append(kwargs.pop("pixel_attention_mask", None))
+        return forward(*args, **kwargs)
+
+    def path_call(fn, params, args, kwargs):
+        seen["path"].append(kwargs.get("pixel_attention_mask"))
+        return call(fn, params, args, {k: v for k, v in kwargs.items() if k != "pixel_attention_mask"})
+
+    monkeypatch.setattr(trainer.model, "forward", task_forward)
+    monkeypatch.setattr(module, "functional_call", path_call)
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, {**batch, "pixel_attention_mask": mask})
+    assert len(seen["task"]) == 1 and len(seen["path"]) == 2
+    assert all(m is mask for m in seen["task"] + seen["path"])
