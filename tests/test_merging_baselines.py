@@ -625,3 +625,41 @@ def test_continual_ties_state_marks_its_unscaled_form_and_refuses_an_old_state()
     empty = ContinualTIES()
     empty.load_state_dict({"meta.num_tasks": torch.tensor(0)})  # no task yet: nothing to have been rescaled
     assert empty.num_tasks == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("fused_kernel", [True, False])
+def test_trim_threshold_by_its_definition_on_every_path(dtype, fused_kernel, monkeypatch):
+    """_trim_threshold(flat, keep) = (the keep-th largest magnitude, the positions of the entries equal to it beyond
+    the first keep − #{|τ| > kth} in flat order), with ties, on every implementation: the fused kernel, numpy's
+    selection (fp32/fp64 without the kernel) and torch.kthvalue (half precision)."""
+    from hf_cft.merging import baselines
+
+    if not fused_kernel:
+        monkeypatch.setattr(baselines.fused, "selects", lambda x: False)
+    flat = T([0.5, -2.0, 1.0, -1.0, 3.0, 1.0, 0.0, -1.0, 0.25, 2.0]).to(dtype)
+    mags = flat.abs().double()
+    for keep in range(1, flat.numel()):
+        kth_want = float(mags.sort(descending=True).values[keep - 1])
+        greater = int((mags > kth_want).sum())
+        tied = torch.nonzero(mags == kth_want).reshape(-1)[keep - greater :]
+        kth, drops = baselines._trim_threshold(flat, keep)
+        assert kth == kth_want, (keep, kth)
+        if kth_want == 0.0 or tied.numel() == 0:
+            assert drops is None or drops.numel() == 0, keep
+        else:
+            assert drops is not None and drops.tolist() == tied.tolist(), (keep, drops)
+        kept = (flat.abs().double() >= kth).clone()
+        if drops is not None:
+            kept[drops] = False
+        assert int(kept.sum()) == keep or kth == 0.0, keep
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_trim_top_k_of_a_half_precision_tensor_keeps_what_fp32_keeps(dtype):
+    """A bf16 / fp16 tensor is trimmed (it used to raise numpy's TypeError "unsupported ScalarType BFloat16"), keeping
+    the same entries as its fp32 copy, in its own dtype."""
+    x = torch.randn(200, generator=torch.Generator().manual_seed(0)).to(dtype)
+    got = trim_top_k(x, 0.2)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), trim_top_k(x.float(), 0.2), rtol=0, atol=0)

@@ -198,7 +198,8 @@ def _trim_threshold(flat: Tensor, keep: int) -> tuple[float, Tensor | None]:
     ``torch.randn`` tensor has a few entries equal to its 20 % threshold); hf_cft up to issue 18 resolved them with
     ``torch.topk``, whose pick among equal magnitudes is implementation-defined and cost ~20 times the selection."""
     n = flat.numel()
-    if flat.device.type == "cpu" and fused.selects(flat.detach().numpy()):
+    on_numpy = flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64)  # no half types in numpy
+    if on_numpy and fused.selects(flat.detach().numpy()):
         import numpy as np
 
         x = flat.detach().numpy()
@@ -207,7 +208,7 @@ def _trim_threshold(flat: Tensor, keep: int) -> tuple[float, Tensor | None]:
             return kth, None
         tied = np.flatnonzero(np.abs(x) == kth)
         return kth, torch.from_numpy(tied[keep - greater :])
-    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+    if on_numpy:
         import numpy as np
 
         values = np.abs(flat.detach().numpy())  # numpy's allocation: reused, not page-faulted, from call to call
