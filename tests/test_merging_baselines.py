@@ -14,6 +14,7 @@ from hf_cft.merging.baselines import (
     MagMaxMerger,
     OPCMMerger,
     RunningMean,
+    _elect_disjoint,
     _key_seed,
     consensus,
     dare,
@@ -663,3 +664,53 @@ def test_trim_top_k_of_a_half_precision_tensor_keeps_what_fp32_keeps(dtype):
     got = trim_top_k(x, 0.2)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), trim_top_k(x.float(), 0.2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**32 + 5])
+def test_the_numpy_bernoulli_stream_is_torchs_cpu_stream_bit_for_bit(seed):
+    """_BernoulliStream(seed) draws what torch.bernoulli draws from a CPU generator seeded with ``seed`` (its low 32
+    bits, as torch keeps them): masks over consecutive calls and uniforms; _draw_mask gives the same mask from either
+    source."""
+    from hf_cft.merging.baselines import _BernoulliStream, _draw_mask
+
+    stream, gen = _BernoulliStream(seed), torch.Generator().manual_seed(seed)
+    for n, keep in ((7, 0.3), (1000, 0.9), (33, 0.5)):
+        want = torch.bernoulli(torch.full((n,), keep), generator=gen).bool()
+        assert torch.equal(stream.mask(n, keep), want)
+    like = torch.zeros(4, 25)
+    a = _draw_mask(torch.Generator().manual_seed(seed), like, 0.6)
+    b = _draw_mask(_BernoulliStream(seed), like, 0.6)
+    assert a.dtype == b.dtype == torch.bool and a.shape == like.shape and torch.equal(a, b)
+    u = _BernoulliStream(seed).uniform(500)
+    assert u.dtype == torch.float32 and float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    for keep in (0.25, 0.7):  # u < keep is exactly the mask torch draws
+        assert torch.equal(
+            u < keep, torch.bernoulli(torch.full((500,), keep), generator=torch.Generator().manual_seed(seed)).bool()
+        )
+
+
+def test_per_key_seeds_are_a_fixed_formula():
+    """DARE's per-key seed (seed·1000003 + crc32(key)) mod (2⁶³ − 1): masks stay reproducible across releases."""
+    import zlib
+
+    assert _key_seed(3, "w") == 3 * 1_000_003 + zlib.crc32(b"w")
+    big = 2**62
+    assert _key_seed(big, "layer.0.weight") == (big * 1_000_003 + zlib.crc32(b"layer.0.weight")) % (2**63 - 1)
+    assert _key_seed(big, "w") < 2**63 - 1
+
+
+@pytest.mark.parametrize("merge", ["mean", "sum", "max"])
+def test_blocked_election_equals_the_whole_tensor_election_in_every_dtype(merge):
+    """_elect_blocked (DELLA's and MagPrune's election) is TIES' sign election + disjoint merge of the stacked
+    tensors: block by block for fp32 on the CPU, whole for fp64 / bf16 (what a GPU runs), the same values."""
+    from hf_cft.merging.baselines import _elect_blocked
+
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randint(-4, 5, (6, 7), generator=g).float() / 4 for _ in range(3)]  # dyadic: exact in all dtypes
+    want = _elect_disjoint(torch.stack(tensors), merge)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        got = _elect_blocked([t.to(dtype) for t in tensors], merge)
+        assert got.shape == (6, 7)
+        tol = 1e-2 if dtype == torch.bfloat16 else 0.0  # a mean's division rounds in bf16
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol, msg=f"{merge} {dtype}")
+    assert not torch.equal(want, _elect_disjoint(torch.stack(tensors), "sum" if merge != "sum" else "max"))
