@@ -714,3 +714,25 @@ def test_blocked_election_equals_the_whole_tensor_election_in_every_dtype(merge)
         tol = 1e-2 if dtype == torch.bfloat16 else 0.0  # a mean's division rounds in bf16
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol, msg=f"{merge} {dtype}")
     assert not torch.equal(want, _elect_disjoint(torch.stack(tensors), "sum" if merge != "sum" else "max"))
+
+
+OVERFLOWS = [
+    (lambda d: task_arithmetic(d, lam=1e10), "lam=10000000000.0"),
+    (lambda d: wise_ft(d[0], alpha=1e10), "alpha=10000000000.0"),
+    (lambda d: ties(d, lam=1e10), "lam=10000000000.0"),
+    (lambda d: dare(d, rho=0.5, lam=1e10), r"lam=10000000000.0 \(with the 1/\(1-rho\) rescale\)"),
+    (lambda d: magmax(d, lam=1e10), "lam=10000000000.0"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(OVERFLOWS)))
+def test_a_scale_that_overflows_finite_inputs_is_blamed_by_name(case):
+    from hf_cft.errors import MergeConfigError
+
+    call, blame = OVERFLOWS[case]
+    deltas = [{"a": T([1e30, -2.0])}, {"a": T([1e30, 1.0])}]
+    with pytest.raises(
+        MergeConfigError,
+        match=rf"^{blame} scales the finite delta at key 'a' beyond the float range \(inf\); use a smaller value.$",
+    ):
+        call(deltas)
