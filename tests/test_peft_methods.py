@@ -810,3 +810,74 @@ def test_head_classify_passes_the_familys_image_inputs():
     with torch.no_grad():
         want = model.base_model.head_logits(image_features(model, enc["pixel_values"], **inputs))
         torch.testing.assert_close(model.classify(enc["pixel_values"], **inputs), want)
+
+
+# ------------------------------------------------------------------------------------------------ CoOp prompt rules
+
+
+def test_coop_prompt_helpers_placeholders_leading_specials_and_context_runs():
+    """The placeholder's ids alone and after a space (SigLIP2's tokenizer spells them differently: both count), the
+    number of special tokens before the text (CLIP's BOS: 1, SigLIP: 0, 1 when the placeholder is not found), and
+    the number of runs of context slots in a mask."""
+    from hf_cft.peft.coop.model import _contiguous_runs, _leading_specials, _placeholder_ids, _word_ids
+    from hf_cft.testing import tiny_family_tokenizer
+
+    siglip2 = tiny_family_tokenizer("siglip2")
+    alone, spaced = _word_ids(siglip2, "X"), _word_ids(siglip2, "X X")[1:]
+    assert alone != spaced and _placeholder_ids(siglip2, "X") == sorted(set(alone) | set(spaced))
+    for family, lead in (("clip", 1), ("siglip", 0)):
+        tok = tiny_family_tokenizer(family)
+        assert _leading_specials(tok, "X", torch.tensor(_placeholder_ids(tok, "X"))) == lead, family
+    assert _leading_specials(tiny_family_tokenizer("siglip"), "X", torch.tensor([10**6])) == 1
+    runs = {(0, 0, 0): 0, (1, 1, 0): 1, (0, 1, 1): 1, (1, 0, 1): 2, (0, 1, 0, 1, 0, 1): 3}
+    for mask, want in runs.items():
+        assert _contiguous_runs(torch.tensor(mask, dtype=torch.bool)) == want, mask
+
+
+def test_coop_refusals_name_the_class_and_the_adapter(toy_tokenizer):
+    """A class name too long for the text tower's positions is named; a class-specific context asked for other
+    classes lists three of each."""
+    model = get_peft_model(tiny_clip(), CoOpConfig(n_ctx=4, classnames=CLASSES).set_tokenizer(toy_tokenizer))
+    long = " ".join(["cat"] * 100)
+    with pytest.raises(
+        AdapterError,
+        match=rf"^CoOp adapter 'default': 4 context tokens plus class '{long}' do not fit the text tower's positions \(",
+    ):
+        model.class_text_features(toy_tokenizer, ["dog", long])
+    names = ["a", "b", "c", "d", "e"]
+    cs = get_peft_model(
+        tiny_clip(), CoOpConfig(n_ctx=2, class_specific=True, classnames=names).set_tokenizer(toy_tokenizer)
+    )
+    with pytest.raises(
+        AdapterError,
+        match=r"^CoOp adapter 'default' has class-specific contexts for 5 classes \(\['a', 'b', 'c'\]...\); it cannot "
+        r"encode other classes \(\['v', 'w', 'x'\]...\).$",
+    ):
+        cs.class_text_features(toy_tokenizer, ["v", "w", "x", "y", "z"])
+
+
+def test_coop_class_text_features_of_a_named_adapter_use_its_own_prompts(toy_tokenizer):
+    """class_text_features(adapter_name=...) of an adapter that is not the active one builds that adapter's prompts
+    (here 2 context tokens, the active one has 4) and equals its features once it is active."""
+    model = get_peft_model(tiny_clip(), CoOpConfig(n_ctx=4, classnames=CLASSES).set_tokenizer(toy_tokenizer))
+    model.add_adapter("two", CoOpConfig(n_ctx=2, classnames=CLASSES).set_tokenizer(toy_tokenizer))
+    with torch.no_grad():
+        named = model.class_text_features(toy_tokenizer, CLASSES, adapter_name="two")
+        model.set_adapter("two")
+        active = model.class_text_features(toy_tokenizer, CLASSES)
+    torch.testing.assert_close(named, active)
+
+
+def test_coop_named_adapter_features_leave_trainability_and_disabled_adapters_alone(toy_tokenizer):
+    model = get_peft_model(tiny_clip(), CoOpConfig(n_ctx=4, classnames=CLASSES).set_tokenizer(toy_tokenizer))
+    model.add_adapter("two", CoOpConfig(n_ctx=2, classnames=CLASSES).set_tokenizer(toy_tokenizer))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        model.class_text_features(toy_tokenizer, CLASSES, adapter_name="two")
+        with model.disable_adapter():  # the base layer runs, whichever adapter is named
+            plain = text_features(model, **tokenize_prompts(toy_tokenizer, ["a photo of a cat."], model))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert model.active_adapter == "default"
+    with torch.no_grad():
+        base = text_features(tiny_clip(), **tokenize_prompts(toy_tokenizer, ["a photo of a cat."], tiny_clip()))
+    torch.testing.assert_close(plain, base)

@@ -29,6 +29,7 @@ class CoOpLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         self._row_classes: torch.Tensor | None = None
         self._ctx_mask: torch.Tensor | None = None
+        self._adapter_override: str | None = None
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, **kwargs)
 
@@ -56,19 +57,24 @@ class CoOpLayer(nn.Module, BaseTunerLayer):
         self.set_adapter(self.active_adapters)
 
     @contextmanager
-    def prompt_context(self, ctx_mask: torch.Tensor | None, row_classes: torch.Tensor | None = None):
+    def prompt_context(
+        self, ctx_mask: torch.Tensor | None, row_classes: torch.Tensor | None = None, adapter: str | None = None
+    ):
         """Within the block, prompts of shape ``ctx_mask.shape`` take the context at ``ctx_mask`` positions
-        (from ``CoOpModel.build_prompts``), row ``i`` being class ``row_classes[i]`` (class-specific contexts)."""
-        prev = (self._ctx_mask, self._row_classes)
-        self._ctx_mask, self._row_classes = ctx_mask, row_classes
+        (from ``CoOpModel.build_prompts``), row ``i`` being class ``row_classes[i]`` (class-specific contexts), of
+        ``adapter`` (default: the active one; another one is used without activating it, trainability unchanged)."""
+        prev = (self._ctx_mask, self._row_classes, self._adapter_override)
+        self._ctx_mask, self._row_classes, self._adapter_override = ctx_mask, row_classes, adapter
         try:
             yield self
         finally:
-            self._ctx_mask, self._row_classes = prev
+            self._ctx_mask, self._row_classes, self._adapter_override = prev
 
     def forward(self, input_ids=None, position_ids=None, inputs_embeds=None, **kwargs):
         base = self.get_base_layer()
         adapter = single_active_adapter(self, "CoOp")
+        if adapter is not None and self._adapter_override is not None:  # disabled adapters stay disabled
+            adapter = self._adapter_override
         if adapter is None or input_ids is None or self.merged:
             return base(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
         ctx = self.coop_ctx[adapter]

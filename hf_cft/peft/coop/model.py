@@ -192,7 +192,7 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
         enc = prompts if prompts is not None else self.build_prompts(tokenizer, classnames, name)
         device = next(self.model.parameters()).device
         with self._coop_layer().prompt_context(
-            enc["ctx_mask"].to(device), torch.arange(len(classnames)) if cfg.class_specific else None
+            enc["ctx_mask"].to(device), torch.arange(len(classnames)) if cfg.class_specific else None, name
         ):
             feats = text_features(
                 self.model, enc["input_ids"].to(device), enc["attention_mask"].to(device), normalize=False
