@@ -736,3 +736,30 @@ def test_a_scale_that_overflows_finite_inputs_is_blamed_by_name(case):
         match=rf"^{blame} scales the finite delta at key 'a' beyond the float range \(inf\); use a smaller value.$",
     ):
         call(deltas)
+
+
+DEFAULTS = [  # the documented defaults (pam.md §9, the docstrings): a call without them equals one spelling them out
+    (lambda ds: task_arithmetic(ds), lambda ds: task_arithmetic(ds, lam=0.3)),
+    (lambda ds: ties(ds), lambda ds: ties(ds, k=0.2, lam=1.0, trim_scope="tensor", merge="mean")),
+    (lambda ds: dare(ds), lambda ds: dare(ds, rho=0.9, seed=0, then="ta", lam=0.3)),
+    (lambda ds: magmax(ds), lambda ds: magmax(ds, lam=0.5, tie_break="later")),
+    (lambda ds: consensus(ds), lambda ds: consensus(ds, lambdas=0.4, k=2, lam=0.3)),
+    (lambda ds: tall_masks(ds).task_delta(1), lambda ds: tall_masks(ds, lambdas=0.4).task_delta(1)),
+    (lambda ds: magnitude_prune(ds), lambda ds: magnitude_prune(ds, k=0.2, lam=0.3)),
+    (lambda ds: wise_ft(ds[0]), lambda ds: wise_ft(ds[0], alpha=0.5)),
+    (lambda ds: emr_task_delta(emr(ds), 1), lambda ds: emr_task_delta(emr(ds, rescaler="mean", zero_sign=-1), 1)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(DEFAULTS)))
+def test_documented_defaults(case):
+    implicit, explicit = DEFAULTS[case]
+    tasks = _random_tasks(n=3, seed=4)
+    close(implicit(tasks), explicit(tasks))
+
+
+def test_documented_defaults_of_the_continual_forms():
+    assert ContinualTaskArithmetic().lam == 0.3 and MagMaxMerger().lam == 0.5 and MagMaxMerger().tie_break == "later"
+    ct = ContinualTIES()
+    assert (ct.k, ct.lam, ct.trim_scope, ct.merge) == (0.2, 1.0, "tensor", "mean")
+    assert ct.current == {} and ContinualTaskArithmetic().total == {}
