@@ -763,3 +763,39 @@ def test_documented_defaults_of_the_continual_forms():
     ct = ContinualTIES()
     assert (ct.k, ct.lam, ct.trim_scope, ct.merge) == (0.2, 1.0, "tensor", "mean")
     assert ct.current == {} and ContinualTaskArithmetic().total == {}
+
+
+@pytest.mark.parametrize(
+    ("y_a", "y_b", "zero_entry"),
+    [
+        ([], [], 1.0),  # votes: x's (0, +1) → +1: the tie at x[0] takes +, only task a's +1 agrees
+        ([-1.0], [-2.0], -1.0),  # votes +1 − 1 = 0: σ stays 0 at x[0] and, as FusionBench, the negative is kept
+        ([-1.0, -3.0], [-2.0, 1.0], -1.0),  # votes +1 − 2 = −1: the tie takes −, task b's −1 agrees
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_model_scope_ties_gives_exact_ties_the_majority_sign_of_the_whole_vector(y_a, y_b, zero_entry, dtype):
+    """FusionBench's model-wide TIES: an entry whose deltas sum to exactly 0 takes the sign of Σ sign(Σ_t τ_t) over
+    every entry of every key (0 when that is 0 too: the negative entries are kept); the one-shot function and the
+    registry's two-pass form (merge_deltas, prepare then per key; fp64 runs its whole-tensor path) agree."""
+    from hf_cft.merging.streaming import merge_deltas
+
+    a = {"x": T([1.0, 2.0]), **({"y": T(y_a)} if y_a else {})}
+    b = {"x": T([-1.0, 3.0]), **({"y": T(y_b)} if y_b else {})}
+    deltas = [{k: v.to(dtype) for k, v in d.items()} for d in (a, b)]
+    one_shot = ties(deltas, k=1.0, lam=1.0, trim_scope="model")
+    streamed = merge_deltas(deltas, "ties", {"trim_scope": "model", "density": 1.0})
+    assert float(one_shot["x"][0]) == zero_entry and float(one_shot["x"][1]) == 2.5
+    for k in one_shot:
+        torch.testing.assert_close(streamed[k].float(), one_shot[k].float(), rtol=0, atol=0)
+
+
+def test_emr_task_index_range_and_tall_masks_keep_an_exact_tie():
+    res = emr([{"a": T([1.0, -2.0])}, {"a": T([-1.0, 3.0])}])
+    close(emr_task_delta(res, -2), emr_task_delta(res, 0))
+    close(emr_task_delta(res, -1), emr_task_delta(res, 1))
+    for i in (-3, 2):
+        with pytest.raises(TaskError, match=rf"^task index {i} is out of range: EMR merged 2 task\(s\).$"):
+            emr_task_delta(res, i)
+    tie = tall_masks([{"x": T([2.0, 3.0])}, {"x": T([2.0, 1.0])}], lambdas=1.0)  # |τ_0| = λ·|Σ − τ_0| at x[0]
+    assert tie.masks[0]["x"].tolist() == [True, True] and tie.masks[1]["x"].tolist() == [True, False]
