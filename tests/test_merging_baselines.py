@@ -790,12 +790,12 @@ def test_model_scope_ties_gives_exact_ties_the_majority_sign_of_the_whole_vector
         torch.testing.assert_close(streamed[k].float(), one_shot[k].float(), rtol=0, atol=0)
 
 
-def test_emr_task_index_range_and_tall_masks_keep_an_exact_tie():
+def test_emr_task_index_range_and_tall_masks_drop_an_exact_tie():
     res = emr([{"a": T([1.0, -2.0])}, {"a": T([-1.0, 3.0])}])
     close(emr_task_delta(res, -2), emr_task_delta(res, 0))
     close(emr_task_delta(res, -1), emr_task_delta(res, 1))
     for i in (-3, 2):
         with pytest.raises(TaskError, match=rf"^task index {i} is out of range: EMR merged 2 task\(s\).$"):
             emr_task_delta(res, i)
-    tie = tall_masks([{"x": T([2.0, 3.0])}, {"x": T([2.0, 1.0])}], lambdas=1.0)  # |τ_0| = λ·|Σ − τ_0| at x[0]
-    assert tie.masks[0]["x"].tolist() == [True, True] and tie.masks[1]["x"].tolist() == [True, False]
+    tie = tall_masks([{"x": T([2.0, 3.0])}, {"x": T([2.0, 1.0])}], lambdas=1.0)  # |τ_t| = λ·|Σ − τ_t| at x[0]
+    assert tie.masks[0]["x"].tolist() == [False, True] and tie.masks[1]["x"].tolist() == [False, False]  # strict >
