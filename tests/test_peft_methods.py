@@ -881,3 +881,22 @@ def test_coop_named_adapter_features_leave_trainability_and_disabled_adapters_al
     with torch.no_grad():
         base = text_features(tiny_clip(), **tokenize_prompts(toy_tokenizer, ["a photo of a cat."], tiny_clip()))
     torch.testing.assert_close(plain, base)
+
+
+@pytest.mark.parametrize("position", ["end", "front", "middle"])
+def test_coop_context_slots_follow_left_padding(position):
+    """With a left-padding tokenizer the prompts' first real token moves right: the context slots found by
+    build_prompts are still exactly the placeholder positions of each prompt."""
+    from hf_cft.peft.coop.model import _placeholder_ids
+    from hf_cft.testing import tiny_family
+
+    model, tok = tiny_family("clip")[:2]
+    tok.padding_side = "left"
+    names = ["cat", "sea lion", "dog"]
+    coop = get_peft_model(
+        model, CoOpConfig(n_ctx=4, classnames=names, class_token_position=position).set_tokenizer(tok)
+    )
+    enc = coop.base_model.build_prompts(tok, names)
+    assert bool((enc["attention_mask"][:, 0] == 0).any())  # some prompt is padded on the left
+    placeholders = torch.isin(enc["input_ids"], torch.tensor(_placeholder_ids(tok, "X")))
+    assert torch.equal(enc["ctx_mask"], placeholders) and enc["ctx_mask"].sum(1).tolist() == [4, 4, 4]
