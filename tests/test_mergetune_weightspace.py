@@ -1185,3 +1185,19 @@ def test_a_batchs_other_image_inputs_reach_the_task_forward_and_every_path_point
     trainer.compute_loss(trainer.model, {**batch, "pixel_attention_mask": mask})
     assert len(seen["task"]) == 1 and len(seen["path"]) == 2
     assert all(m is mask for m in seen["task"] + seen["path"])
+
+
+def test_tower_of_each_parameter_and_the_towers_a_set_of_tensors_moves():
+    """A tensor belongs to the vision or text tower by its name, the logit scale / bias to neither ("scale"), and
+    anything else ("other", e.g. a shared projection) moves both towers' features."""
+    from hf_cft.trainers.mergetune_weightspace import tower_of, towers_of
+
+    assert tower_of("vision_model.encoder.layers.0.mlp.fc1.weight") == "vision"
+    assert tower_of("visual_projection.weight") == "vision"
+    assert tower_of("text_model.encoder.layers.0.mlp.fc1.weight") == "text"
+    assert tower_of("logit_scale") == tower_of("logit_bias") == "scale"
+    assert tower_of("shared_head.weight") == "other"
+    assert towers_of(["vision_model.embeddings.patch_embedding.weight"]) == {"vision"}
+    assert towers_of(["logit_scale", "logit_bias"]) == set()
+    assert towers_of(["shared_head.weight"]) == towers_of(["shared_head.weight", "logit_scale"]) == {"vision", "text"}
+    assert towers_of(["text_projection.weight", "shared_head.weight"]) == {"vision", "text"}
