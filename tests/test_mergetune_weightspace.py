@@ -517,7 +517,14 @@ BAD_LORA = {
         AdapterError,
         "other_base",
     ),
-    "dora": (lambda: _lora(use_dora=True), _ok, {}, AdapterError, "variant"),
+    "dora": (
+        lambda: _lora(use_dora=True),
+        _ok,
+        {},
+        AdapterError,
+        r"^the continued model: adapter 'default' is a LoRA variant \(DoraLinearVariant, e.g. DoRA\) at "
+        r"'text_model.encoder.layers.0.self_attn.v_proj'; MergeTune needs plain LoRA \(ΔW = s·B·A\).$",
+    ),
     "modules_to_save": (
         lambda: _lora(modules_to_save=["visual_projection"]),
         _ok,
@@ -1201,3 +1208,45 @@ def test_tower_of_each_parameter_and_the_towers_a_set_of_tensors_moves():
     assert towers_of(["logit_scale", "logit_bias"]) == set()
     assert towers_of(["shared_head.weight"]) == towers_of(["shared_head.weight", "logit_scale"]) == {"vision", "text"}
     assert towers_of(["text_projection.weight", "shared_head.weight"]) == {"vision", "text"}
+
+
+def test_a_merged_adapter_is_refused_and_a_bf16_lora_model_runs_its_path(toy_tokenizer, tmp_path, data):
+    """A continued LoRA adapter merged into its layers is refused (unmerge first); a bf16 model's path point keeps
+    the factors in the model's dtype (the loss is finite and the path term matches an fp32 run to bf16 precision)."""
+    merged = _lora(seed=2)
+    merged.base_model.merge_adapter()
+    with pytest.raises(
+        AdapterError,
+        match=r"^the continued model: adapter 'default' is merged into 'text_model.encoder.layers.0.self_attn.v_proj'; "
+        r"unmerge it first.$",
+    ):
+        _build(merged, tmp_path, _ok(tmp_path), data, toy_tokenizer)
+    ft = _ok(tmp_path)
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = _lora(seed=3).to(dtype)
+        trainer = _build(model, tmp_path, ft, data, toy_tokenizer, num_alphas=2)
+        batch = trainer.data_collator([data[i] for i in range(4)])
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        loss, parts = _loss_parts(trainer, batch)
+        assert torch.isfinite(loss)
+        runs[dtype] = parts
+    assert runs[torch.bfloat16]["loss_path"] == pytest.approx(runs[torch.float32]["loss_path"], rel=5e-2)
+
+
+def test_sampled_labels_of_a_one_hot_classifier_are_its_arg_max(toy_tokenizer, tmp_path, data):
+    """With the logit scale so large that p is one-hot, one draw ŷ ~ p per image is the arg-max: the sampled Fisher
+    equals the arg-max Fisher."""
+    from hf_cft.trainers.mergetune_weightspace import estimate_weight_fisher
+
+    model = _lora()
+    model.get_base_model().logit_scale.data.fill_(12.0)  # exp(12) ≈ 1.6e5
+    trainer = _build(model, tmp_path, _ok(tmp_path), data, toy_tokenizer)
+    coords, fixed, _ = trainer.weight_space.fisher_coordinates()
+    text = trainer._text_inputs(train=False)
+    px = trainer.data_collator([data[i] for i in range(6)])["pixel_values"]
+    args = (trainer._logits_fn, coords, fixed, [px], text, trainer.weight_space.towers)
+    sampled, _ = estimate_weight_fisher(*args, "sample", torch.Generator().manual_seed(0))
+    argmax, _ = estimate_weight_fisher(*args, "argmax")
+    for k in argmax:
+        torch.testing.assert_close(sampled[k], argmax[k], rtol=0, atol=0)

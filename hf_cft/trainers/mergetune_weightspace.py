@@ -136,8 +136,8 @@ class LoraSlot:
     """One LoRA-adapted linear layer: the continued factors live in ``layer`` (read at use time); ŵ2's factors
     ``a_ft [r, in]``, ``b_ft [out, r]`` and scaling ``scaling_ft`` are detached tensors."""
 
-    module: str  # path inside the base model, e.g. text_model.encoder.layers.0.self_attn.q_proj
-    prefix: str  # the same module's name inside the PeftModel (parameter names are built from it)
+    prefix: str  # the module's name inside the PeftModel (parameter names are built from it; slots are keyed by
+    # its path inside the base model, e.g. text_model.encoder.layers.0.self_attn.q_proj)
     layer: nn.Module
     adapter: str
     a_ft: torch.Tensor | None = None
@@ -202,7 +202,7 @@ def lora_slots(model: nn.Module, adapter: str, what: str) -> dict[str, LoraSlot]
             raise AdapterError(f"{what}: adapter {adapter!r} uses lora_bias or fan_in_fan_out at {path!r}.")
         if layer.merged:
             raise AdapterError(f"{what}: adapter {adapter!r} is merged into {path!r}; unmerge it first.")
-        slots[path] = LoraSlot(module=path, prefix=in_peft[id(layer)], layer=layer, adapter=adapter)
+        slots[path] = LoraSlot(prefix=in_peft[id(layer)], layer=layer, adapter=adapter)
     if not slots:
         raise AdapterError(f"{what}: adapter {adapter!r} has no LoRA layers.")
     return slots
