@@ -799,3 +799,23 @@ def test_emr_task_index_range_and_tall_masks_drop_an_exact_tie():
             emr_task_delta(res, i)
     tie = tall_masks([{"x": T([2.0, 3.0])}, {"x": T([2.0, 1.0])}], lambdas=1.0)  # |τ_t| = λ·|Σ − τ_t| at x[0]
     assert tie.masks[0]["x"].tolist() == [False, True] and tie.masks[1]["x"].tolist() == [False, False]  # strict >
+
+
+@pytest.mark.parametrize("weight", [1.0, 2.0, -0.5])
+@pytest.mark.parametrize("tie_break", ["later", "earlier"])
+def test_blocked_magmax_over_several_blocks_with_a_weight_equals_torch_where(weight, tie_break):
+    """_magmax_into over more than one block (the last one shorter) with a per-input weight (the registry's):
+    best ← where(|w·v| ≥ |best| (later) or > (earlier), w·v, best), bit for bit; magmax and MagMaxMerger agree."""
+    from hf_cft.merging.baselines import BLOCK, _magmax_into
+
+    g = torch.Generator().manual_seed(1)
+    n = BLOCK + 1000
+    best = torch.randint(-8, 9, (n,), generator=g).float() / 4  # dyadic, many magnitude ties
+    value = torch.randint(-8, 9, (n,), generator=g).float() / 4
+    x = weight * value
+    wins = x.abs() >= best.abs() if tie_break == "later" else x.abs() > best.abs()
+    want = torch.where(wins, x, best)
+    got = _magmax_into(best.clone(), value, tie_break, weight)
+    assert torch.equal(got, want)
+    deltas = [{"w": best}, {"w": value}]
+    close(magmax(deltas, lam=1.0, tie_break=tie_break), {"w": _magmax_into(best.clone(), value, tie_break)})
