@@ -526,3 +526,36 @@ def test_text_only_prototypes_are_the_base_models_class_features_and_widths_must
             TaskError, match=rf"^Prototypes of the stored tasks have different widths \[8, {want.shape[1]}\].$"
         ):
             SemanticRouter(wide, clip_model, toy_tokenizer)._prototype_matrix()
+
+
+def test_router_defaults_and_exact_option_refusals(clip_model, toy_tokenizer, merger5):
+    router = SemanticRouter(merger5, clip_model, toy_tokenizer)
+    assert (router.top_k, router.weighting, router.temperature, router.cache_experts) == (4, "uniform", 0.01, 0)
+    assert router.include_zero_shot and router.last_routing is None
+    refusals = [
+        ({"top_k": True}, r"^top_k must be a positive int, got True.$"),
+        ({"top_k": 0}, r"^top_k must be a positive int, got 0.$"),
+        ({"top_k": 2.5}, r"^top_k must be a positive int, got 2.5.$"),
+        ({"cache_experts": -1}, r"^cache_experts must be an int >= 0, got -1.$"),
+        ({"cache_experts": True}, r"^cache_experts must be an int >= 0, got True.$"),
+        ({"weighting": "max"}, r"^weighting must be one of \('uniform', 'similarity', 'softmax'\), got 'max'.$"),
+        ({"temperature": 0.0}, r"^temperature must be > 0, got 0.0.$"),
+    ]
+    for kwargs, message in refusals:
+        with pytest.raises(MergeConfigError, match=message):
+            SemanticRouter(merger5, clip_model, toy_tokenizer, **kwargs)
+
+
+def test_the_expert_cache_drops_the_least_recently_used(clip_model, toy_tokenizer, merger5):
+    router = SemanticRouter(merger5, clip_model, toy_tokenizer, cache_experts=2)
+    for name in ("task0", "task1", "task2"):  # task0 is dropped when task2 comes in
+        router.expert(name)
+    assert router.stats.expert_builds == 3
+    router.expert("task2")
+    router.expert("task1")  # both cached: no build; task1 is now the most recent
+    assert router.stats.expert_builds == 3
+    router.expert("task0")  # rebuilt, dropping task2 (the least recently used)
+    router.expert("task1")
+    assert router.stats.expert_builds == 4
+    router.expert("task2")
+    assert router.stats.expert_builds == 5
