@@ -176,3 +176,31 @@ def test_band_sum_decides_the_positions_tied_in_another_input_by_this_inputs_own
     kept_a = torch.zeros(20, dtype=torch.bool)
     kept_a[2:12] = True  # all tied: by position
     torch.testing.assert_close(want, ties * kept_a + 2.0 * distinct * kept_b)
+
+
+def test_fused_ties_mean_with_every_weight_two_scales_every_input():
+    """Weights of 2.0 for every input (no input at 1.0) still scale: the fused TIES mean equals the whole-tensor
+    formula on 2·τ_t."""
+    from hf_cft.merging.baselines import _elect_disjoint, _tensor_threshold
+
+    g = torch.Generator().manual_seed(2)
+    flats = [torch.randint(-8, 9, (5000,), generator=g).float() / 4 for _ in range(3)]
+    thresholds = [_tensor_threshold(f, 0.5) for f in flats]
+    got = fused.ties_mean(flats, [t[0] for t in thresholds], [t[1] for t in thresholds], [2.0, 2.0, 2.0])
+    trimmed = []
+    for f, (thr, drops) in zip(flats, thresholds):
+        keep = f.abs() >= thr
+        if drops is not None:
+            keep[drops] = False
+        trimmed.append(2.0 * f * keep)
+    torch.testing.assert_close(got, _elect_disjoint(torch.stack(trimmed), "mean"), rtol=0, atol=0)
+
+
+def test_a_large_fp64_tensor_is_trimmed_like_its_fp32_copy():
+    """Above fused.SELECT_MIN entries an fp32 tensor takes the radix selection, an fp64 one numpy's (the kernel reads
+    fp32 bits only): both keep the same entries of dyadic values."""
+    from hf_cft.merging.baselines import trim_top_k
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-64, 65, (fused.SELECT_MIN + 17,), generator=g).float() / 8
+    torch.testing.assert_close(trim_top_k(x.double(), 0.3).float(), trim_top_k(x, 0.3), rtol=0, atol=0)
