@@ -831,3 +831,193 @@ def test_repr_names_tasks_keys_and_every_option():
             "DeltaFusionMerger(0 tasks, 0 keys, rescaler='mean', rescaler_groups='custom', lora_merge='dense', "
             "strict=False)"
         )
+
+
+# ------------------------------------------------------------------------------------------------ tampered bundles
+
+
+def _bundle_with_base(tmp_path):
+    """A saved bundle of a merger built on a small base model (name and fingerprint recorded), four keys, three
+    tasks (task1 without prototypes)."""
+    base = torch.nn.Linear(3, 2)
+    torch.nn.init.constant_(base.weight, 0.5)
+    m = DeltaFusionMerger(base_model=base, base_model_name_or_path="org/base", rescaler="global_sum")
+    for i, d in enumerate(rand(4, 3)):
+        protos = torch.randn(2 + i, 5) if i != 1 else None
+        m.add_task(d, f"task{i}", prototypes=protos, classnames=[f"c{j}" for j in range(2 + i)], templates=["{}"])
+    return m, base, m.save_pretrained(tmp_path / "b")
+
+
+def _rewrite(folder, name, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = dict(load_file(str(folder / name)))
+    edit(tensors)
+    save_file(tensors, str(folder / name))
+
+
+def _manifest(folder, edit):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+TAMPERS = {
+    "no config": (lambda f: _manifest(f, lambda m: m.pop("config")), r"malformed manifest.json \(KeyError\('config'\)\)."),
+    "task orders": (lambda f: _manifest(f, lambda m: m["tasks"][1].update(order=0)),
+                    "task order/names in manifest.json are inconsistent."),
+    "task names": (lambda f: _manifest(f, lambda m: m["tasks"][1].update(name="task0")),
+                   "task order/names in manifest.json are inconsistent."),
+    "negative λ": (lambda f: _manifest(f, lambda m: m["tasks"][2].update(lam=-1.0)),
+                   r"task 'task2' has an invalid rescaler λ=-1.0."),
+    "text λ": (lambda f: _manifest(f, lambda m: m["tasks"][2].update(lam="1")), r"task 'task2' has an invalid rescaler λ='1'."),
+    "extra unified key": (lambda f: _rewrite(f, "unified.safetensors", lambda t: t.update(z=torch.zeros(1))),
+                          "unified.safetensors and the manifest disagree on key 'z'."),
+    "missing unified key": (lambda f: _rewrite(f, "unified.safetensors", lambda t: t.pop("b")),
+                            "unified.safetensors and the manifest disagree on key 'b'."),
+    "fp16 unified": (lambda f: _rewrite(f, "unified.safetensors", lambda t: t.update(b=t["b"].half())),
+                     r"unified tensor 'b' is torch.float16 \(7,\), expected fp32 \(7,\)."),
+    "reshaped unified": (lambda f: _rewrite(f, "unified.safetensors", lambda t: t.update(b=torch.zeros(1, 7))),
+                         r"unified tensor 'b' is torch.float32 \(1, 7\), expected fp32 \(7,\)."),
+    "nan unified": (lambda f: _rewrite(f, "unified.safetensors", lambda t: t["b"].__setitem__(0, float("nan"))),
+                    "unified tensor 'b' holds NaN/inf."),
+    "missing mask": (lambda f: _rewrite(f, "masks.safetensors", lambda t: t.pop("1/w")),
+                     "mask of task 'task1' for key 'w' is missing or malformed."),
+    "int32 mask": (lambda f: _rewrite(f, "masks.safetensors", lambda t: t.update({"1/w": t["1/w"].int()})),
+                   "mask of task 'task1' for key 'w' is missing or malformed."),
+    "2-d mask": (lambda f: _rewrite(f, "masks.safetensors", lambda t: t.update({"1/w": t["1/w"][None]})),
+                 "mask of task 'task1' for key 'w' is missing or malformed."),
+    "short mask": (lambda f: _rewrite(f, "masks.safetensors", lambda t: t.update({"1/w": t["1/w"][:-1]})),
+                   "mask of task 'task1' for key 'w' is missing or malformed."),
+    "extra mask": (lambda f: _rewrite(f, "masks.safetensors", lambda t: t.update({"3/w": t["0/w"].clone()})),
+                   "masks.safetensors holds masks the manifest does not list."),
+    "unexpected prototypes": (lambda f: _rewrite(f, "prototypes.safetensors", lambda t: t.update({"1": torch.ones(2, 5)})),
+                              "prototypes of task 'task1' missing or unexpected."),
+    "missing prototypes": (lambda f: _rewrite(f, "prototypes.safetensors", lambda t: t.pop("2")),
+                           "prototypes of task 'task2' missing or unexpected."),
+    "1-d prototypes": (lambda f: _rewrite(f, "prototypes.safetensors", lambda t: t.update({"2": torch.ones(5)})),
+                       "prototypes of task 'task2' are malformed."),
+    "nan prototypes": (lambda f: _rewrite(f, "prototypes.safetensors", lambda t: t["2"].__setitem__((0, 0), float("inf"))),
+                       "prototypes of task 'task2' are malformed."),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(TAMPERS))
+def test_a_tampered_bundle_is_refused_naming_the_folder_and_the_culprit(case, tmp_path):
+    """With verify=False (no checksum to catch the edit) every inconsistency between the manifest and the tensor
+    files is still a BundleError that starts with the bundle's folder."""
+    import re
+
+    _, _, folder = _bundle_with_base(tmp_path)
+    tamper, message = TAMPERS[case]
+    tamper(folder)
+    with pytest.raises(BundleError, match=rf"^Bundle {re.escape(repr(str(folder)))}: {message}"):
+        DeltaFusionMerger.from_pretrained(folder, verify=False)
+
+
+def test_a_bundle_keeps_its_base_model_name_and_fingerprint_and_checks_a_given_base(tmp_path):
+    """The base model's name and fingerprint come back from the manifest; a given base model with that fingerprint
+    is attached, another one is refused naming both fingerprints; a zero rescaler (a collapsed task) loads."""
+    import re
+
+    m, base, folder = _bundle_with_base(tmp_path)
+    loaded = DeltaFusionMerger.from_pretrained(folder)
+    assert loaded.base_model_name_or_path == "org/base" and loaded.base_fingerprint == m.base_fingerprint is not None
+    assert loaded.base_model is None
+    assert DeltaFusionMerger.from_pretrained(folder, base_model=base).base_model is base
+    other = torch.nn.Linear(3, 2)
+    torch.nn.init.constant_(other.weight, -0.5)
+    from hf_cft.merging.deltas import base_fingerprint
+
+    with pytest.raises(
+        DeltaError,
+        match=rf"^Bundle {re.escape(repr(str(folder)))} was built on another base model \(fingerprint "
+        rf"{m.base_fingerprint}, given model {base_fingerprint(other)}\).$",
+    ):
+        DeltaFusionMerger.from_pretrained(folder, base_model=other)
+    _manifest(folder, lambda man: man["tasks"][0].update(lam=0.0))
+    assert DeltaFusionMerger.from_pretrained(folder, verify=False).tasks[0].lam == 0.0
+
+
+def _resign(edit):
+    """A manifest edit followed by a fresh manifest checksum (the edit passes verification's first check)."""
+    from hf_cft.merging.condu import MANIFEST_CHECKSUM, _manifest_digest
+
+    def apply(manifest):
+        edit(manifest)
+        manifest[MANIFEST_CHECKSUM] = _manifest_digest(manifest)
+
+    return apply
+
+
+VERIFIED_TAMPERS = {
+    "no manifest checksum": (lambda f: _manifest(f, lambda m: m.pop("manifest_sha256")),
+                             r": manifest.json has no checksum \(manifest_sha256\): it was edited or is corrupt; "
+                             r"re-save the bundle \(or load with verify=False to accept it as is\).$"),
+    "edited manifest": (lambda f: _manifest(f, lambda m: m["tasks"][0].update(lam=2.0)),
+                        r": manifest.json does not match its checksum \(manifest_sha256\): it was edited or is corrupt; "),
+    "no files": (lambda f: _manifest(f, _resign(lambda m: m.pop("files"))), r": manifest.json has no 'files' checksums.$"),
+    "a file's checksum missing": (lambda f: _manifest(f, _resign(lambda m: m["files"].pop("masks.safetensors"))),
+                                  r": manifest.json has no checksum for masks.safetensors in 'files'.$"),
+    "another format": (lambda f: _manifest(f, _resign(lambda m: m.update(format="other"))),
+                       r": manifest.json is not a hf_cft.condu_bundle manifest.$"),
+    "a newer version": (lambda f: _manifest(f, _resign(lambda m: m.update(format_version=99))),
+                        r" has format version 99; this hf_cft reads 1.$"),
+    "changed tensors": (lambda f: _rewrite(f, "unified.safetensors", lambda t: t["b"].mul_(2)),
+                        r": unified.safetensors does not match the checksum in manifest.json \(corrupt, or a save was "
+                        r"interrupted\).$"),
+    "no unified file": (lambda f: (f / "unified.safetensors").unlink(), r" lacks unified.safetensors.$"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(VERIFIED_TAMPERS))
+def test_verification_refuses_each_kind_of_edit_naming_the_folder(case, tmp_path):
+    import re
+
+    _, _, folder = _bundle_with_base(tmp_path)
+    tamper, message = VERIFIED_TAMPERS[case]
+    tamper(folder)
+    with pytest.raises(BundleError, match=rf"^Bundle {re.escape(repr(str(folder)))}{message}"):
+        DeltaFusionMerger.from_pretrained(folder)
+
+
+def test_a_missing_manifest_and_a_committed_staging_folder(tmp_path):
+    """No manifest: not a bundle, named. A save killed after its commit point left the new bundle in the staging
+    folder: loading reads it from there; a staging folder that is a symlink (not a save of this bundle) is never
+    followed."""
+    import re
+    import shutil
+
+    from hf_cft.merging.condu import STAGING_DIR
+
+    m, _, folder = _bundle_with_base(tmp_path)
+    other = _merger_with_prototypes()
+    other_folder = other.save_pretrained(tmp_path / "other")
+    shutil.copytree(other_folder, folder / STAGING_DIR)
+    assert DeltaFusionMerger.from_pretrained(folder).tasks == other.tasks
+    shutil.rmtree(folder / STAGING_DIR)
+    (folder / STAGING_DIR).symlink_to(other_folder, target_is_directory=True)
+    assert DeltaFusionMerger.from_pretrained(folder).tasks == m.tasks
+    (folder / STAGING_DIR).unlink()
+    (folder / "manifest.json").unlink()
+    with pytest.raises(
+        BundleError, match=rf"^{re.escape(repr(str(folder)))} is not a ConDU bundle: manifest.json is missing.$"
+    ):
+        DeltaFusionMerger.from_pretrained(folder)
+
+
+def test_config_dict_refusals_and_an_unknown_mask_key():
+    from hf_cft.errors import MergeConfigError
+    from hf_cft.merging.condu import DeltaFusionMergerConfig
+
+    with pytest.raises(MergeConfigError, match=r"^Unknown DeltaFusionMergerConfig option\(s\): \['scale', 'zeta'\].$"):
+        DeltaFusionMergerConfig.from_dict({"rescaler": "mean", "zeta": 1, "scale": 2})
+    with pytest.raises(
+        MergeConfigError,
+        match=r"^rescaler_groups is a callable that no task has resolved yet; add a task \(or pass a mapping\) first.$",
+    ):
+        DeltaFusionMergerConfig(rescaler_groups=lambda key: key.split(".")[0]).to_dict()
+    assert "rescaler_groups" not in DeltaFusionMergerConfig().to_dict()  # the default stays out of bundles
+    m = _merger_with_prototypes()
+    with pytest.raises(DeltaError, match=r"^Unknown delta key 'nope'.$"):
+        m.mask("task0", "nope")
