@@ -900,3 +900,16 @@ def test_coop_context_slots_follow_left_padding(position):
     assert bool((enc["attention_mask"][:, 0] == 0).any())  # some prompt is padded on the left
     placeholders = torch.isin(enc["input_ids"], torch.tensor(_placeholder_ids(tok, "X")))
     assert torch.equal(enc["ctx_mask"], placeholders) and enc["ctx_mask"].sum(1).tolist() == [4, 4, 4]
+
+
+def test_coop_context_slots_without_a_leading_special_token():
+    """SigLIP's T5-style prompts start with the text itself (no BOS): the context slots begin at position 0."""
+    from hf_cft.peft.coop.model import _placeholder_ids
+    from hf_cft.testing import tiny_family
+
+    model, tok = tiny_family("siglip")[:2]
+    names = ["cat", "dog"]
+    coop = get_peft_model(model, CoOpConfig(n_ctx=3, classnames=names).set_tokenizer(tok))
+    enc = coop.base_model.build_prompts(tok, names)
+    placeholders = torch.isin(enc["input_ids"], torch.tensor(_placeholder_ids(tok, "X")))
+    assert torch.equal(enc["ctx_mask"], placeholders) and enc["ctx_mask"][:, :3].all()
