@@ -819,3 +819,71 @@ def test_blocked_magmax_over_several_blocks_with_a_weight_equals_torch_where(wei
     assert torch.equal(got, want)
     deltas = [{"w": best}, {"w": value}]
     close(magmax(deltas, lam=1.0, tie_break=tie_break), {"w": _magmax_into(best.clone(), value, tie_break)})
+
+
+BAD_DELTAS = [
+    (lambda d: [d, [1.0]], DeltaError, r"^delta of task 1 is a list, expected a dict of tensors.$"),
+    (lambda d: [[1.0], d], DeltaError, r"^delta of task 0 is a list, expected a dict of tensors.$"),
+    (lambda d: [d, {"a": [1.0, 2.0]}], DeltaError, r"^key 'a' of task 1 is a list, not a tensor.$"),
+    (lambda d: [{"a": [1.0]}, d], DeltaError, r"^key 'a' of task 0 is a list, not a tensor.$"),
+    (lambda d: [d, {"a": torch.ones(2, dtype=torch.bool)}], DeltaError, r"^key 'a' of task 1 is a bool tensor, not a delta.$"),
+    (lambda d: [{}, d], DeltaError, r"^delta of task 0 has no keys.$"),
+    (lambda d: d, TaskError, r"^deltas must be a list of deltas \(dicts\), got one dict; wrap it in a list.$"),
+    (lambda d: [], TaskError, r"^deltas is empty: at least one task delta is needed.$"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", range(len(BAD_DELTAS)))
+def test_bad_deltas_are_refused_naming_the_task_and_the_key(case):
+    build, error, message = BAD_DELTAS[case]
+    with pytest.raises(error, match=message):
+        task_arithmetic(build({"a": torch.ones(2)}))
+
+
+def test_lambda_refusals_one_value_or_one_per_task():
+    """λ is one number (a string is one bad value, not a list of characters) or one number per task."""
+    from hf_cft.errors import MergeConfigError
+
+    ds = [{"a": torch.ones(2)}, {"a": torch.ones(2)}]
+    for lam, error, message in (
+        ("x", MergeConfigError, r"^lam must be a number, got 'x' \(str\).$"),
+        (None, MergeConfigError, r"^lam must be a number, got None \(NoneType\).$"),
+        ([0.1, "x"], MergeConfigError, r"^lam for task 1 must be a number, got 'x' \(str\).$"),
+        ([0.1], TaskError, r"^lam has 1 values but there are 2 task deltas.$"),
+    ):
+        with pytest.raises(error, match=message):
+            task_arithmetic(ds, lam=lam)
+    close(task_arithmetic(ds, lam=[0.25, 0.5]), {"a": torch.full((2,), 0.75)})
+
+
+def test_per_input_selections_run_on_two_named_threads_without_the_fused_kernels(monkeypatch):
+    """Without numba, several large inputs' thresholds are computed on the two threads of the process's pool
+    ("hf_cft-select"), in input order; a small input, one input or one torch thread stays on the caller's thread."""
+    import threading
+
+    from hf_cft.merging import baselines
+
+    monkeypatch.setattr(baselines.fused, "available", lambda: False)
+    monkeypatch.setattr(baselines.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(baselines, "_POOL", None)
+    seen = []
+
+    def fn(x):
+        seen.append(threading.current_thread().name)
+        return 2 * x
+
+    big = baselines.PARALLEL_MIN
+    assert baselines._per_input(fn, [1, 2, 3], big) == [2, 4, 6]
+    assert len(seen) == 3 and all(s.startswith("hf_cft-select") for s in seen) and len(set(seen)) <= 2
+    pool = baselines._POOL
+    assert pool[0] == __import__("os").getpid() and pool[1]._max_workers == 2
+    assert baselines._per_input(fn, [5, 6], big) == [10, 12] and baselines._POOL is pool  # one pool per process
+    seen.clear()
+    assert baselines._per_input(fn, [1, 2], big - 1) == [2, 4]  # small inputs
+    assert baselines._per_input(fn, [7], big) == [14]  # one input
+    monkeypatch.setattr(baselines.torch, "get_num_threads", lambda: 1)
+    assert baselines._per_input(fn, [1, 2], big) == [2, 4]
+    assert seen == [threading.current_thread().name] * 5
+    monkeypatch.setattr(baselines.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(baselines, "_POOL", (-1, pool[1]))  # a pool made by another process (a fork's parent)
+    assert baselines._per_input(fn, [1, 2], big) == [2, 4] and baselines._POOL[0] != -1

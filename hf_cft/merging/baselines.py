@@ -143,7 +143,7 @@ def _check_fraction(name: str, value: float, low_open: bool = True) -> float:
 
 
 def _weights(lam: float | Sequence[float], n: int, name: str = "lam") -> list[float]:
-    if isinstance(lam, (int, float)):
+    if isinstance(lam, (int, float, str, bytes)) or not hasattr(lam, "__iter__"):  # one value (a str is not a list)
         return [check_number(lam, name, error=MergeConfigError)] * n
     values = list(lam)
     if len(values) != n:
