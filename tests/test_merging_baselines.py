@@ -887,3 +887,43 @@ def test_per_input_selections_run_on_two_named_threads_without_the_fused_kernels
     monkeypatch.setattr(baselines.torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(baselines, "_POOL", (-1, pool[1]))  # a pool made by another process (a fork's parent)
     assert baselines._per_input(fn, [1, 2], big) == [2, 4] and baselines._POOL[0] != -1
+
+
+def test_model_wide_trim_at_k_one_keeps_every_entry_however_small():
+    small = [{"a": T([0.5, -0.25, 2.0])}, {"a": T([0.125, 0.5, -1.0])}]
+    kept = ties(small, k=1.0, lam=1.0, trim_scope="model", merge="sum")
+    close(kept, ties(small, k=1.0, lam=1.0, trim_scope="tensor", merge="sum"))
+    assert float(kept["a"][0]) == 0.625  # both small positive entries kept
+
+
+def test_emr_refuses_an_unknown_rescaler_and_a_lazy_delta_holding_nan():
+    from hf_cft.errors import MergeConfigError
+    from hf_cft.merging.deltas import LazyDelta
+
+    ds = [{"a": T([1.0, -2.0])}, {"a": T([-1.0, 3.0])}]
+    with pytest.raises(MergeConfigError, match=r"^rescaler must be one of \('mean', 'global_sum'\), got 'max'.$"):
+        emr(ds, rescaler="max")
+    bad = LazyDelta({"a": (2,)}, lambda key: T([float("nan"), 1.0]))
+    with pytest.raises(NonFiniteError, match="'a'"):
+        emr([ds[0], bad])
+
+
+@pytest.mark.parametrize("name", ["dare", "magmax"])
+def test_registry_kernels_with_every_weight_two_and_mixed_dtypes(name):
+    """The registered DARE scales each kept entry by its input's weight also when that weight is 2.0 (with drops, and
+    with density 1 where the input is kept whole); MagMax of an fp32 and an fp64 input equals the one-shot
+    function."""
+    from hf_cft.merging.streaming import merge_deltas
+
+    g = torch.Generator().manual_seed(6)
+    deltas = [{"w": torch.randint(-8, 9, (40,), generator=g).float() / 4} for _ in range(2)]
+    if name == "dare":
+        got = merge_deltas(deltas, "dare", {"density": 0.5, "seed": 1}, [{"weight": 2.0}, {"weight": 2.0}])
+        want = dare([{"w": 2.0 * d["w"]} for d in deltas], rho=0.5, seed=1, lam=1.0)
+        whole = merge_deltas(deltas, "dare", {"density": 1.0}, [{"weight": 2.0}, {"weight": 2.0}])  # nothing dropped
+        torch.testing.assert_close(whole["w"], 2.0 * (deltas[0]["w"] + deltas[1]["w"]), rtol=0, atol=0)
+    else:
+        mixed = [deltas[0], {"w": deltas[1]["w"].double()}]
+        got = merge_deltas(mixed, "magmax", {"weight": 1.0})
+        want = magmax(deltas, lam=1.0)
+    torch.testing.assert_close(got["w"].float(), want["w"], rtol=0, atol=0)
