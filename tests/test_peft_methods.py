@@ -913,3 +913,51 @@ def test_coop_context_slots_without_a_leading_special_token():
     enc = coop.base_model.build_prompts(tok, names)
     placeholders = torch.isin(enc["input_ids"], torch.tensor(_placeholder_ids(tok, "X")))
     assert torch.equal(enc["ctx_mask"], placeholders) and enc["ctx_mask"][:, :3].all()
+
+
+def test_coop_layer_forward_rules_on_the_embedding_layer(toy_tokenizer):
+    """The CoOp embedding layer called directly: custom position ids and given input embeddings reach the base
+    layer (adapter active or disabled); a one-token context is inserted; a wrong placeholder count and a
+    class-specific context without row classes are refused with their exact reasons; two active CoOp adapters are
+    refused naming the method; its repr is prefixed like PEFT's layers."""
+    from hf_cft.errors import AdapterError as AE
+
+    model = get_peft_model(tiny_clip(), CoOpConfig(n_ctx=1, classnames=CLASSES).set_tokenizer(toy_tokenizer))
+    layer = model.base_model._coop_layer()
+    base = layer.get_base_layer()
+    ph = layer.coop_placeholder_id["default"]
+    ids = torch.tensor([[97, ph, 5, 98], [97, 6, 7, 98]])
+    positions = torch.tensor([[3, 2, 1, 0], [3, 2, 1, 0]])
+    with torch.no_grad():
+        got = layer(input_ids=ids, position_ids=positions)
+        embeds = base.token_embedding(ids).clone()
+        embeds[0, 1] = layer.coop_ctx["default"][0]
+        torch.testing.assert_close(got, base(input_ids=ids, position_ids=positions, inputs_embeds=embeds))
+        assert not torch.allclose(got[0], base(input_ids=ids, position_ids=positions)[0])  # the context went in
+        given = torch.randn(2, 4, embeds.shape[-1])
+        torch.testing.assert_close(layer(inputs_embeds=given), base(inputs_embeds=given))
+        with model.disable_adapter():
+            torch.testing.assert_close(
+                layer(input_ids=ids, position_ids=positions), base(input_ids=ids, position_ids=positions)
+            )
+    with pytest.raises(
+        AE,
+        match=r"^CoOp adapter 'default': a prompt holds 2 placeholder tokens but the adapter has 1 context vectors "
+        r"\(does a class name contain the placeholder word\? encode class prompts through class_text_features\(\), "
+        r"which marks the slots by position\).$",
+    ):
+        layer(input_ids=torch.tensor([[97, 5, 6, 98], [97, ph, ph, 98]]))
+    assert repr(layer).startswith("coop.")
+    cs = get_peft_model(
+        tiny_clip(), CoOpConfig(n_ctx=1, class_specific=True, classnames=CLASSES).set_tokenizer(toy_tokenizer)
+    )
+    with pytest.raises(
+        AE,
+        match=r"^CoOp adapter 'default' is class-specific: encode prompts through class_text_features\(\), which tells "
+        r"the layer which class each prompt belongs to.$",
+    ):
+        cs.base_model._coop_layer()(input_ids=ids)
+    model.add_adapter("two", CoOpConfig(n_ctx=1, classnames=CLASSES).set_tokenizer(toy_tokenizer))
+    model.base_model.set_adapter(["default", "two"])
+    with pytest.raises(AE, match=r"^CoOp runs one adapter at a time; active adapters are \['default', 'two'\].$"):
+        layer(input_ids=ids)
