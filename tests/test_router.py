@@ -559,3 +559,13 @@ def test_the_expert_cache_drops_the_least_recently_used(clip_model, toy_tokenize
     assert router.stats.expert_builds == 4
     router.expert("task2")
     assert router.stats.expert_builds == 5
+
+
+def test_a_new_session_clears_the_caches_once(clip_model, toy_tokenizer, merger5, deltas5):
+    """After the merger stores another task the router drops its built experts once, then caches again."""
+    router = SemanticRouter(merger5, clip_model, toy_tokenizer, cache_experts=2)
+    router.expert("task0")
+    merger5.add_task(deltas5[0], "again", prototypes=torch.randn(2, 16), classnames=["a", "b"], templates=["{}"])
+    router.expert("task0")  # rebuilt: the session changed the experts
+    router.expert("task0")  # cached again
+    assert router.stats.expert_builds == 2
