@@ -535,6 +535,7 @@ def test_continual_state_refusals_and_a_restored_state_keeps_its_shapes():
     cases = [
         ({}, DE, r"^ContinualTaskArithmetic state lacks 'meta.num_tasks'.$"),
         ({"meta.num_tasks": torch.tensor(2)}, DE, r"^ContinualTaskArithmetic state lacks the 'total' tensors.$"),
+        ({"meta.num_tasks": torch.tensor(1)}, DE, r"^ContinualTaskArithmetic state lacks the 'total' tensors.$"),
         ({"meta.num_tasks": torch.tensor(1), "total.a": T([float("nan")])}, NonFiniteError,
          r"^ContinualTaskArithmetic state holds NaN or inf at total.a.$"),
     ]  # fmt: skip
@@ -544,6 +545,7 @@ def test_continual_state_refusals_and_a_restored_state_keeps_its_shapes():
     empty = ContinualTaskArithmetic()
     empty.load_state_dict({"meta.num_tasks": torch.tensor(0)})  # no task yet: no tensors needed
     assert empty.num_tasks == 0
+    close(empty.add(R1), {k: 0.3 * v for k, v in R1.items()})  # and no shapes to hold the first task to
     restored = ContinualTaskArithmetic(lam=1.0)
     restored.load_state_dict(state)
     assert restored.num_tasks == 1
@@ -683,6 +685,10 @@ def test_the_numpy_bernoulli_stream_is_torchs_cpu_stream_bit_for_bit(seed):
     assert a.dtype == b.dtype == torch.bool and a.shape == like.shape and torch.equal(a, b)
     u = _BernoulliStream(seed).uniform(500)
     assert u.dtype == torch.float32 and float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    import numpy as np  # the raw MT19937 outputs of the same seed, low 24 bits, times 2⁻²⁴
+
+    raw = np.random.RandomState(seed & 0xFFFFFFFF).randint(0, 2**32, size=500, dtype=np.uint64) & 0xFFFFFF
+    assert torch.equal(u, torch.from_numpy((raw.astype(np.float64) * 2.0**-24).astype(np.float32)))
     for keep in (0.25, 0.7):  # u < keep is exactly the mask torch draws
         assert torch.equal(
             u < keep, torch.bernoulli(torch.full((500,), keep), generator=torch.Generator().manual_seed(seed)).bool()
@@ -710,7 +716,7 @@ def test_blocked_election_equals_the_whole_tensor_election_in_every_dtype(merge)
     want = _elect_disjoint(torch.stack(tensors), merge)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         got = _elect_blocked([t.to(dtype) for t in tensors], merge)
-        assert got.shape == (6, 7)
+        assert got.shape == (6, 7) and got.dtype == dtype
         tol = 1e-2 if dtype == torch.bfloat16 else 0.0  # a mean's division rounds in bf16
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol, msg=f"{merge} {dtype}")
     assert not torch.equal(want, _elect_disjoint(torch.stack(tensors), "sum" if merge != "sum" else "max"))
@@ -927,3 +933,22 @@ def test_registry_kernels_with_every_weight_two_and_mixed_dtypes(name):
         got = merge_deltas(mixed, "magmax", {"weight": 1.0})
         want = magmax(deltas, lam=1.0)
     torch.testing.assert_close(got["w"].float(), want["w"], rtol=0, atol=0)
+
+
+def test_two_pass_model_ties_counts_votes_over_every_key_and_keeps_the_sign_unit():
+    """The registry's prepare pass sums the elected signs of every key (here a negative key before the tied one:
+    the majority is −), and the zero sign is a unit sign (merge="max" multiplies by it)."""
+    from hf_cft.merging.streaming import merge_deltas
+
+    a = {"y": T([-1.0, -1.0, -1.0]), "x": T([1.0, 2.0])}
+    b = {"y": T([-2.0, -1.0, -3.0]), "x": T([-1.0, 3.0])}
+    balanced_a = {"x": T([1.0, 2.0]), "y": T([1.0, -1.0])}  # y's signs cancel: the majority is x's +
+    balanced_b = {"x": T([-1.0, 3.0]), "y": T([1.0, -1.0])}
+    streamed = merge_deltas([balanced_a, balanced_b], "ties", {"trim_scope": "model", "density": 1.0})
+    assert float(streamed["x"][0]) == 1.0
+    for merge in ("mean", "max"):
+        one_shot = ties([a, b], k=1.0, lam=1.0, trim_scope="model", merge=merge)
+        streamed = merge_deltas([a, b], "ties", {"trim_scope": "model", "density": 1.0, "merge": merge})
+        for k in one_shot:
+            torch.testing.assert_close(streamed[k], one_shot[k], rtol=0, atol=0)
+        assert float(one_shot["x"][0]) == -1.0  # votes −3 + 1 = −2: the tie takes −, task b's −1
