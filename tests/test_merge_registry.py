@@ -375,3 +375,27 @@ def test_resolve_checks_defaults_and_required_method_options_and_lists_the_known
         match=r"^parameters.nope is not an option of method 'defaults_for_test'; its options: ks, lam, scale.$",
     ):
         method.resolve({"scale": 2, "nope": 1}, [{}])
+
+
+@pytest.mark.parametrize("density", [0.4, 1.0])
+def test_model_scope_ties_kernel_whole_tensor_form_equals_the_blocked_form(density):
+    """The model-wide TIES kernel with its prepare pass's state (thresholds, zero sign), in its whole-tensor form (fp64
+    inputs: what a GPU runs) and its blocked fp32 form, on dyadic inputs with ties at the thresholds and an exact
+    zero sum: the same result, which is the one-shot function's."""
+    from hf_cft.merging.registry import ModelContext
+
+    g = torch.Generator().manual_seed(8)
+    deltas = [{"a.weight": torch.randint(-4, 5, (6, 5), generator=g).float() / 2} for _ in range(3)]
+    deltas[0]["a.weight"][0, 0], deltas[1]["a.weight"][0, 0], deltas[2]["a.weight"][0, 0] = 0.0, 1.0, -1.0
+    method = get_method("ties")
+    opts, per = method.resolve({"trim_scope": "model", "density": density}, [{} for _ in deltas])
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        ds = [{k: v.to(dtype) for k, v in d.items()} for d in deltas]
+        state = method.prepare(ds, ModelContext(opts, per, {}, {"a.weight": (6, 5)}))
+        ctx = TensorContext("a.weight", opts, per, [True] * 3, lambda: None, state=state)
+        out[dtype] = method.fn([d["a.weight"] for d in ds], ctx)
+    assert out[torch.float64].dtype == torch.float64
+    torch.testing.assert_close(out[torch.float64].float(), out[torch.float32], rtol=0, atol=0)
+    want = baselines.ties(deltas, k=density, lam=1.0, trim_scope="model")["a.weight"]
+    torch.testing.assert_close(out[torch.float32], want, rtol=0, atol=0)
