@@ -961,3 +961,28 @@ def test_coop_layer_forward_rules_on_the_embedding_layer(toy_tokenizer):
     model.base_model.set_adapter(["default", "two"])
     with pytest.raises(AE, match=r"^CoOp runs one adapter at a time; active adapters are \['default', 'two'\].$"):
         layer(input_ids=ids)
+
+
+def test_coop_configuration_refusals_name_the_adapter_and_the_fix(toy_tokenizer):
+    """A placeholder that is several tokens, a ctx_init without a tokenizer (n_ctx unset) and a target module without a
+    token-embedding table are refused with their exact reasons; a second CoOp adapter on the same embeddings layer
+    gets its own context next to the first one's."""
+    cases = [
+        (CoOpConfig(n_ctx=2, placeholder_token="hello world", classnames=["a"]).set_tokenizer(toy_tokenizer),
+         r"^CoOp adapter 'default': placeholder 'hello world' is 2 tokens for this tokenizer; choose a word that is "
+         r"a single token \(CoOp uses 'X'\).$"),
+        (CoOpConfig(ctx_init="a photo", classnames=["a"]),
+         r"^CoOp adapter 'default': ctx_init='a photo' needs a tokenizer; call config.set_tokenizer\(tokenizer\) or "
+         r"set tokenizer_name_or_path.$"),
+        (CoOpConfig(n_ctx=2, classnames=["a"], target_modules=["text_model.encoder.layers.0.mlp.fc1"]).set_tokenizer(toy_tokenizer),
+         r"^CoOp adapter 'default': target 'text_model.encoder.layers.0.mlp.fc1' is a Linear, not a text embeddings "
+         r"module with a token-embedding table \(token_embedding or word_embeddings\).$"),
+    ]  # fmt: skip
+    for config, message in cases:
+        with pytest.raises(AdapterError, match=message):
+            get_peft_model(tiny_clip(), config)
+    model = get_peft_model(tiny_clip(), CoOpConfig(n_ctx=4, classnames=CLASSES).set_tokenizer(toy_tokenizer))
+    model.add_adapter("two", CoOpConfig(n_ctx=2, classnames=CLASSES).set_tokenizer(toy_tokenizer))
+    layer = model.base_model._coop_layer()
+    assert isinstance(layer.get_base_layer(), torch.nn.Module) and not isinstance(layer.get_base_layer(), CoOpLayer)
+    assert {k: tuple(v.shape[:-1]) for k, v in layer.coop_ctx.items()} == {"default": (4,), "two": (2,)}
