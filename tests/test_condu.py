@@ -1021,3 +1021,40 @@ def test_config_dict_refusals_and_an_unknown_mask_key():
     m = _merger_with_prototypes()
     with pytest.raises(DeltaError, match=r"^Unknown delta key 'nope'.$"):
         m.mask("task0", "nope")
+
+
+def test_functional_expert_from_a_stream_of_pairs_checks_each_key_as_it_comes():
+    """FunctionalExpert given (key, δ) pairs (or a dict with check=False) forms θ⁰ + s·δ per key like the checked
+    dict form; an unknown key or a shape mismatch in the stream is refused naming it."""
+    from hf_cft.merging.deltas import FunctionalExpert
+
+    model = torch.nn.Linear(3, 2)
+    delta = {"weight": torch.ones(2, 3), "bias": torch.full((2,), 0.5)}
+    checked = FunctionalExpert(model, delta, scale=2.0)
+    for given in (iter(delta.items()), delta):
+        streamed = FunctionalExpert(model, given, scale=2.0, check=False)
+        assert set(streamed.params) == {"weight", "bias"}
+        for k in delta:
+            torch.testing.assert_close(streamed.params[k], checked.params[k])
+            torch.testing.assert_close(streamed.params[k], dict(model.named_parameters())[k].detach() + 2.0 * delta[k])
+    with pytest.raises(DeltaError, match=r"^Delta key 'nope' is not a parameter or buffer of Linear.$"):
+        FunctionalExpert(model, iter([("nope", torch.ones(1))]), check=False)
+    with pytest.raises(DeltaError, match=r"^Delta key 'bias' has shape \(3,\), not the model's of Linear.$"):
+        FunctionalExpert(model, iter([("bias", torch.ones(3))]), check=False)
+
+
+def test_saving_needs_a_task_makes_parent_folders_and_survives_a_reordered_manifest(tmp_path):
+    """An empty merger has nothing to save; a bundle folder's missing parents are made; the manifest records the
+    masks' bit order; a manifest rewritten with its keys in another order still verifies (its checksum is over
+    the sorted keys); a loaded merger keeps its keys' shapes for the next task."""
+    with pytest.raises(TaskError, match=r"^Nothing to save: no task was added to the merger.$"):
+        DeltaFusionMerger().save_pretrained(tmp_path / "empty")
+    m = _merger_with_prototypes()
+    folder = m.save_pretrained(tmp_path / "a" / "b" / "bundle")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["mask_bit_order"] == "big"
+    (folder / "manifest.json").write_text(json.dumps(dict(reversed(list(manifest.items())))))
+    loaded = DeltaFusionMerger.from_pretrained(folder)
+    (wrong,) = rand(3, 1, shapes={"w": (6, 5), "b": (8,), "t": (2, 3, 4), "s": (1,)})
+    with pytest.raises(DeltaError, match="'b'"):
+        loaded.add_task(wrong, "next")
