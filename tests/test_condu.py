@@ -1031,8 +1031,8 @@ def test_functional_expert_from_a_stream_of_pairs_checks_each_key_as_it_comes():
     model = torch.nn.Linear(3, 2)
     delta = {"weight": torch.ones(2, 3), "bias": torch.full((2,), 0.5)}
     checked = FunctionalExpert(model, delta, scale=2.0)
-    for given in (iter(delta.items()), delta):
-        streamed = FunctionalExpert(model, given, scale=2.0, check=False)
+    for source in (iter(delta.items()), delta):
+        streamed = FunctionalExpert(model, source, scale=2.0, check=False)
         assert set(streamed.params) == {"weight", "bias"}
         for k in delta:
             torch.testing.assert_close(streamed.params[k], checked.params[k])
