@@ -728,3 +728,30 @@ def test_lazy_delta_from_models_names_which_side_cannot_be_read(tmp_path, clip_m
         LazyDelta.from_models(tmp_path / "missing", clip_model)
     with pytest.raises(BundleError, match=rf"^The fine-tuned model path {missing} does not exist.$"):
         LazyDelta.from_models(clip_model, tmp_path / "missing")
+
+
+def test_delta_from_lora_refusals_name_the_key_the_adapter_and_the_base(clip_model):
+    """A base tensor of another shape, a base folder that does not exist and a NaN factor are refused naming the key,
+    the adapter and the base model."""
+    import re
+
+    from hf_cft.errors import BundleError, NonFiniteError
+
+    peft_model = _lora(clip_model)
+    want = tuple(delta_from_lora(peft_model, clip_model)[FC1].shape)
+    base = dict(clip_model.state_dict())
+    base[FC1] = torch.zeros(3, 3)
+    with pytest.raises(
+        DeltaError,
+        match=rf"^LoRA delta for {re.escape(repr(FC1))} has shape {re.escape(str(want))} but the base weight is \(3, 3\).$",
+    ):
+        delta_from_lora(peft_model, base)
+    with pytest.raises(BundleError, match=r"^The base model path '/nonexistent/base' does not exist.$"):
+        delta_from_lora(peft_model, "/nonexistent/base")
+    with torch.no_grad():
+        peft_model.base_model.model.text_model.encoder.layers[0].mlp.fc1.lora_B["default"].weight[0, 0] = float("nan")
+    with pytest.raises(
+        NonFiniteError,
+        match=rf"^Tensor {re.escape(repr(FC1))} of the LoRA delta \(adapter 'default'\) holds \d+ NaN/inf value\(s\).$",
+    ):
+        delta_from_lora(peft_model, clip_model)
