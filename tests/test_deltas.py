@@ -755,3 +755,21 @@ def test_delta_from_lora_refusals_name_the_key_the_adapter_and_the_base(clip_mod
         match=rf"^Tensor {re.escape(repr(FC1))} of the LoRA delta \(adapter 'default'\) holds \d+ NaN/inf value\(s\).$",
     ):
         delta_from_lora(peft_model, clip_model)
+
+
+def test_a_bf16_adapters_dense_delta_is_computed_in_fp32(clip_model):
+    """A bf16 LoRA adapter (factors and a lora_B bias in bf16): ΔW = s·B·A and s·b in fp32 from the bf16 values."""
+    peft_model = _lora(clip_model, lora_bias=True)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n and n.endswith("bias"):
+                p.normal_(0, 0.1)
+    half = copy.deepcopy(peft_model).to(torch.bfloat16)
+    got = delta_from_lora(half, clip_model)
+    layer = half.base_model.model.text_model.encoder.layers[0].mlp.fc1
+    a, b = layer.lora_A["default"].weight.float(), layer.lora_B["default"].weight.float()
+    s = layer.scaling["default"]
+    assert got[FC1].dtype == torch.float32
+    torch.testing.assert_close(got[FC1], s * b @ a, rtol=1e-6, atol=1e-7)
+    bias = FC1[: -len("weight")] + "bias"
+    torch.testing.assert_close(got[bias], s * layer.lora_B["default"].bias.float(), rtol=0, atol=0)
