@@ -60,3 +60,16 @@ def test_a_card_hf_cft_wrote_is_kept(tmp_path, toy_tokenizer):
     model = get_peft_model(tiny_clip(), CoOpConfig(n_ctx=2, classnames=["cat", "dog"]).set_tokenizer(toy_tokenizer))
     model.save_pretrained(folder)
     assert (folder / "README.md").read_text(encoding="utf-8") == mine
+
+
+def test_a_peft_type_hf_cft_has_no_card_for_saves_with_peft_s_own_card(tmp_path):
+    """Importing hf_cft must not break saving another PEFT method on CLIP (IA3 raised CardError "No card description
+    for PEFT type 'IA3'"): its folder gets PEFT's own card, without hf_cft's tag."""
+    from huggingface_hub import ModelCard
+    from peft import IA3Config
+
+    model = get_peft_model(tiny_clip(), IA3Config(target_modules=["fc1"], feedforward_modules=["fc1"]))
+    model.save_pretrained(tmp_path / "ia3")
+    assert (tmp_path / "ia3" / "adapter_model.safetensors").is_file()
+    tags = ModelCard.load(tmp_path / "ia3" / "README.md").data.to_dict().get("tags") or []
+    assert "hf_cft" not in tags

@@ -19,11 +19,14 @@ HF_CFT_TAG = "hf_cft"
 
 
 def _is_ours(peft_model) -> bool:
+    from hf_cft.hub.cards import ADAPTER_METHODS
     from hf_cft.models.clip import check_clip_like
 
     types = {str(getattr(cfg.peft_type, "value", cfg.peft_type)) for cfg in peft_model.peft_config.values()}
     if types & HF_CFT_PEFT_TYPES:
         return True
+    if not types <= set(ADAPTER_METHODS):  # e.g. IA3 on CLIP: hf_cft has no card for it, PEFT's own card is written
+        return False
     try:
         check_clip_like(peft_model.get_base_model())
     except Exception:  # not a CLIP-like model: PEFT's own card is the right one
