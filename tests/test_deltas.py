@@ -773,3 +773,44 @@ def test_a_bf16_adapters_dense_delta_is_computed_in_fp32(clip_model):
     torch.testing.assert_close(got[FC1], s * b @ a, rtol=1e-6, atol=1e-7)
     bias = FC1[: -len("weight")] + "bias"
     torch.testing.assert_close(got[bias], s * layer.lora_B["default"].bias.float(), rtol=0, atol=0)
+
+
+def test_delta_from_lora_refuses_bad_adapters_with_exact_messages(clip_model, tmp_path):
+    """Not an adapter folder, only adapter_model.bin, no weights, an unreadable config or weights file, another
+    object, an adapter name the model lacks, a non-LoRA adapter: each refused naming it."""
+    import re
+
+    from hf_cft.errors import BundleError
+
+    peft_model = _lora(clip_model)
+    peft_model.save_pretrained(tmp_path / "ok")
+    config = (tmp_path / "ok" / "adapter_config.json").read_text()
+
+    def folder(name, files):
+        path = tmp_path / name
+        path.mkdir()
+        for fname, data in files.items():
+            (path / fname).write_bytes(data.encode() if isinstance(data, str) else data)
+        return path
+
+    weights = (tmp_path / "ok" / "adapter_model.safetensors").read_bytes()
+    empty = folder("empty", {})
+    only_bin = folder("bin", {"adapter_config.json": config, "adapter_model.bin": b"x"})
+    no_weights = folder("now", {"adapter_config.json": config})
+    bad_json = folder("json", {"adapter_config.json": "{x", "adapter_model.safetensors": weights})
+    garbage = folder("garbage", {"adapter_config.json": config, "adapter_model.safetensors": b"junk"})
+    q = lambda p: re.escape(repr(str(p)))  # noqa: E731
+    cases = [
+        (empty, AdapterError, rf"^{q(empty)} is not a PEFT adapter folder \(no adapter_config.json\).$"),
+        (only_bin, AdapterError, rf"^Adapter folder {q(only_bin)} has no adapter_model.safetensors \(only "
+         r"adapter_model.bin: hf_cft reads safetensors only\).$"),
+        (no_weights, AdapterError, rf"^Adapter folder {q(no_weights)} has no adapter_model.safetensors.$"),
+        (bad_json, AdapterError, rf"^Adapter folder {q(bad_json)}: adapter_config.json is not valid JSON \("),
+        (garbage, BundleError, rf"^Cannot read {q(garbage / 'adapter_model.safetensors')}: "),
+        (3, AdapterError, r"^Expected a PeftModel or an adapter folder, got int.$"),
+    ]  # fmt: skip
+    for adapter, error, message in cases:
+        with pytest.raises(error, match=message):
+            delta_from_lora(adapter, clip_model)
+    with pytest.raises(AdapterError, match=r"^Adapter 'x' is not in the PEFT model \(it has \['default'\]\).$"):
+        delta_from_lora(peft_model, clip_model, adapter_name="x")
