@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from tests_helpers import colour_dataset, trainer_kwargs
+from tests_helpers import colour_dataset, raw_colour_dataset, trainer_kwargs
 
 from hf_cft import CoOpConfig, LinearHeadConfig, VPTConfig
-from hf_cft.data import ImageTransform, apply_image_transform, from_arrays
+from hf_cft.data import ImageTransform, apply_image_transform
 from hf_cft.errors import AdapterError
 from hf_cft.models import build_zeroshot_classifier, image_features
 from hf_cft.testing import tiny_clip
@@ -275,14 +275,7 @@ def test_head_anchor_one_definition_in_both_paths(toy_tokenizer, tmp_path, data)
 
 
 def _augmented_dataset(n=24):
-    rng = np.random.default_rng(0)
-    labels = [i % 3 for i in range(n)]
-    imgs = []
-    for lab in labels:
-        img = rng.integers(0, 60, (40, 40, 3)).astype(np.uint8)
-        img[..., lab] += 150
-        imgs.append(img)
-    raw = from_arrays(imgs, labels, CLASSES, ["a photo of a {}."], name="toy")["train"]
+    raw = raw_colour_dataset(n, seed=0, size=40)
     train = apply_image_transform(raw, ImageTransform(size=30, crop_size=30, train=True, scale=(0.3, 0.6), seed=4))
     return raw, train
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from tests_helpers import colour_dataset, trainer_kwargs
+from tests_helpers import colour_dataset, raw_colour_dataset, trainer_kwargs
 
 from hf_cft import VPTConfig
 from hf_cft.errors import AdapterError, BundleError, DeltaError, HfCftError, NonFiniteError
@@ -1001,24 +1001,6 @@ def test_the_path_hands_a_batchs_other_image_inputs_to_the_tower(toy_tokenizer, 
         assert kw["input_ids"] is text["input_ids"]
 
 
-def _raw_colour(n, seed, classnames=CLASSES):
-    """colour_dataset's images before any transform (a raw image dataset: the trainer applies its own); with more
-    class names, the last row is labelled with the last one."""
-    import numpy as np
-
-    from hf_cft.data.loading import from_arrays
-
-    rng = np.random.default_rng(seed)
-    labels = [i % 3 for i in range(n)]
-    imgs = []
-    for lab in labels:
-        img = rng.integers(0, 60, (30, 30, 3)).astype(np.uint8)
-        img[..., lab] += 150
-        imgs.append(img)
-    labels[-1] = len(classnames) - 1
-    return from_arrays(imgs, labels, classnames, ["a photo of a {}."], name="raw")["train"]
-
-
 def test_weight_space_fisher_bookkeeping_and_its_own_generator(toy_tokenizer, tmp_path, data):
     """fisher_info counts the images and the Fisher's entries and times the estimate (≥ 0, at most the whole
     construction); sampled labels come from the trainer's stream seeded with ``seed`` (re-seeded, it repeats the
@@ -1063,7 +1045,7 @@ def test_a_raw_fisher_dataset_gets_the_evaluation_transform_and_is_the_one_used(
     from hf_cft.errors import DatasetFormatError
 
     ft = _ok(tmp_path)
-    raw = _raw_colour(9, seed=4)
+    raw = raw_colour_dataset(9, seed=4)
     kw = dict(anchor="fisher", fisher_labels="argmax", fisher_transform="train")
     trainer = _build(_lora(), tmp_path, ft, data, toy_tokenizer, fisher_dataset=raw, **kw)
     assert trainer.fisher_info["images"] == 9 != len(data)
@@ -1075,7 +1057,7 @@ def test_a_raw_fisher_dataset_gets_the_evaluation_transform_and_is_the_one_used(
     for k in trainer.fisher:
         torch.testing.assert_close(trainer.fisher[k], reference.fisher[k], rtol=1e-6, atol=1e-7)
     assert any(not torch.allclose(trainer.fisher[k], augmented.fisher[k]) for k in trainer.fisher)  # the case tells
-    bad = _raw_colour(9, seed=4, classnames=CLASSES + ["owl"])
+    bad = raw_colour_dataset(9, seed=4, classnames=CLASSES + ["owl"], labels=[i % 3 for i in range(8)] + [3])
     with pytest.raises(DatasetFormatError, match=r"^fisher_dataset has label 3 but the trainer has 3 class names"):
         _build(_lora(), tmp_path, ft, data, toy_tokenizer, fisher_dataset=bad, **kw)
 

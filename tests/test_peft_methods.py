@@ -920,8 +920,6 @@ def test_coop_layer_forward_rules_on_the_embedding_layer(toy_tokenizer):
     layer (adapter active or disabled); a one-token context is inserted; a wrong placeholder count and a
     class-specific context without row classes are refused with their exact reasons; two active CoOp adapters are
     refused naming the method; its repr is prefixed like PEFT's layers."""
-    from hf_cft.errors import AdapterError as AE
-
     model = get_peft_model(tiny_clip(), CoOpConfig(n_ctx=1, classnames=CLASSES).set_tokenizer(toy_tokenizer))
     layer = model.base_model._coop_layer()
     base = layer.get_base_layer()
@@ -941,7 +939,7 @@ def test_coop_layer_forward_rules_on_the_embedding_layer(toy_tokenizer):
                 layer(input_ids=ids, position_ids=positions), base(input_ids=ids, position_ids=positions)
             )
     with pytest.raises(
-        AE,
+        AdapterError,
         match=r"^CoOp adapter 'default': a prompt holds 2 placeholder tokens but the adapter has 1 context vectors "
         r"\(does a class name contain the placeholder word\? encode class prompts through class_text_features\(\), "
         r"which marks the slots by position\).$",
@@ -952,14 +950,16 @@ def test_coop_layer_forward_rules_on_the_embedding_layer(toy_tokenizer):
         tiny_clip(), CoOpConfig(n_ctx=1, class_specific=True, classnames=CLASSES).set_tokenizer(toy_tokenizer)
     )
     with pytest.raises(
-        AE,
+        AdapterError,
         match=r"^CoOp adapter 'default' is class-specific: encode prompts through class_text_features\(\), which tells "
         r"the layer which class each prompt belongs to.$",
     ):
         cs.base_model._coop_layer()(input_ids=ids)
     model.add_adapter("two", CoOpConfig(n_ctx=1, classnames=CLASSES).set_tokenizer(toy_tokenizer))
     model.base_model.set_adapter(["default", "two"])
-    with pytest.raises(AE, match=r"^CoOp runs one adapter at a time; active adapters are \['default', 'two'\].$"):
+    with pytest.raises(
+        AdapterError, match=r"^CoOp runs one adapter at a time; active adapters are \['default', 'two'\].$"
+    ):
         layer(input_ids=ids)
 
 

@@ -7,17 +7,22 @@ from hf_cft.data import ImageTransform, apply_image_transform, from_arrays
 CLASSES = ["cat", "dog", "sea lion"]
 
 
-def colour_dataset(n=24, seed=0, size=30):
-    """Images whose dominant colour channel is the class: learnable in a few steps by any method."""
+def raw_colour_dataset(n=24, seed=0, size=30, classnames=CLASSES, labels=None):
+    """:func:`colour_dataset`'s images before any transform (a raw image dataset); ``labels`` replaces the row labels
+    (the images keep the colour of ``i % 3``)."""
     rng = np.random.default_rng(seed)
-    labels = [i % 3 for i in range(n)]
+    colours = [i % 3 for i in range(n)]
     imgs = []
-    for lab in labels:
+    for lab in colours:
         img = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
         img[..., lab] += 150
         imgs.append(img)
-    ds = from_arrays(imgs, labels, CLASSES, ["a photo of a {}."], name="toy")["train"]
-    return apply_image_transform(ds, ImageTransform(size=size, crop_size=size))
+    return from_arrays(imgs, labels or colours, classnames, ["a photo of a {}."], name="toy")["train"]
+
+
+def colour_dataset(n=24, seed=0, size=30):
+    """Images whose dominant colour channel is the class: learnable in a few steps by any method."""
+    return apply_image_transform(raw_colour_dataset(n, seed, size), ImageTransform(size=size, crop_size=size))
 
 
 def trainer_kwargs(tmp_path, **overrides) -> dict:

@@ -413,10 +413,10 @@ class MergeTuneTrainer(ClipClassificationTrainer):
         cannot trace, so that family is refused with a typed error."""
         if image_inputs(batch):
             from hf_cft.errors import MethodNotApplicableError
+            from hf_cft.models.clip import unwrap_model
 
-            base = self.clip_model.get_base_model() if hasattr(self.clip_model, "get_base_model") else self.clip_model
             raise MethodNotApplicableError(
-                f"MergeTune's weight-space Fisher anchor cannot apply to {type(base).__name__}: its "
+                f"MergeTune's weight-space Fisher anchor cannot apply to {type(unwrap_model(self.clip_model)).__name__}: its "
                 "per-example gradients use vmap, and NaFlex patches (pixel_attention_mask / spatial_shapes) size the "
                 "position grid from tensor values vmap cannot trace. Use anchor='cosine' or 'sq_l2'."
             )
