@@ -950,3 +950,9 @@ def test_two_pass_model_ties_counts_votes_over_every_key_and_keeps_the_sign_unit
         for k in one_shot:
             torch.testing.assert_close(streamed[k], one_shot[k], rtol=0, atol=0)
         assert float(one_shot["x"][0]) == -1.0  # votes −3 + 1 = −2: the tie takes −, task b's −1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_trim_top_k_refuses_a_nan_instead_of_dropping_it(dtype):
+    with pytest.raises(NonFiniteError, match=r"^trim_top_k: the tensor holds NaN or inf.$"):
+        trim_top_k(T([float("nan"), 1.0, 2.0, 3.0]).to(dtype), 0.5)

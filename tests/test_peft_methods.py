@@ -986,3 +986,10 @@ def test_coop_configuration_refusals_name_the_adapter_and_the_fix(toy_tokenizer)
     layer = model.base_model._coop_layer()
     assert isinstance(layer.get_base_layer(), torch.nn.Module) and not isinstance(layer.get_base_layer(), CoOpLayer)
     assert {k: tuple(v.shape[:-1]) for k, v in layer.coop_ctx.items()} == {"default": (4,), "two": (2,)}
+
+
+def test_coop_features_of_an_adapter_the_model_lacks_are_refused(toy_tokenizer):
+    model = get_peft_model(tiny_clip(), CoOpConfig(n_ctx=2, classnames=CLASSES).set_tokenizer(toy_tokenizer))
+    for call in (model.class_text_features, model.base_model.build_prompts):
+        with pytest.raises(AdapterError, match=r"^No adapter named 'nope'; this model has \['default'\].$"):
+            call(toy_tokenizer, CLASSES, adapter_name="nope")

@@ -175,6 +175,8 @@ def trim_top_k(tensor: Tensor, k: float) -> Tensor:
     threshold, where peft keeps ``torch.topk``'s (implementation-defined) pick.
     """
     k = _check_fraction("k", k)
+    if not all_finite(tensor):  # a NaN has no magnitude rank: it would be dropped silently
+        raise NonFiniteError("trim_top_k: the tensor holds NaN or inf.")
     n = tensor.numel()
     keep = max(1, int(k * n))
     if keep >= n:

@@ -104,6 +104,8 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
         from hf_cft.models.tokenizer import tokenize_prompts
 
         name = adapter_name or self.active_adapters[0]
+        if name not in self.peft_config:
+            raise AdapterError(f"No adapter named {name!r}; this model has {sorted(self.peft_config)}.")
         cfg: CoOpConfig = self.peft_config[name]
         ph = " ".join([cfg.placeholder_token] * cfg.n_ctx)
         half = cfg.n_ctx // 2
@@ -178,6 +180,8 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
         from hf_cft.models.clip import text_features
 
         name = adapter_name or self.active_adapters[0]
+        if name not in self.peft_config:
+            raise AdapterError(f"No adapter named {name!r}; this model has {sorted(self.peft_config)}.")
         cfg: CoOpConfig = self.peft_config[name]
         if classnames is None:
             if not cfg.classnames:
