@@ -567,12 +567,15 @@ def test_factor_deltas_are_fp32_from_float64_inputs_and_rank_errors_name_the_ada
     with pytest.raises(AdapterError) as err:
         lora_factor_delta(tmp_path / "adapter", reference)
     assert str(err.value) == (
-        f"Module {module!r} of the adapter folder {str(tmp_path / 'adapter')!r}: factors of rank 4 but the config "
-        "says r=2."
+        f"Module {module!r} of the adapter folder {str(tmp_path / 'adapter')!r}: lora_A has rank 4 and lora_B rank 4 "
+        "but the config says r=2."
     )
     wrong = copy.deepcopy(reference)
     wrong.peft_config["default"].r = 2
-    message = f"Module {module!r} of the reference adapter 'default': factors of rank 4 but the config says r=2."
+    message = (
+        f"Module {module!r} of the reference adapter 'default': lora_A has rank 4 and lora_B rank 4 but the config "
+        "says r=2."
+    )
     with pytest.raises(AdapterError) as err:
         lora_factor_delta(trained, wrong)
     assert str(err.value) == message
@@ -814,3 +817,253 @@ def test_delta_from_lora_refuses_bad_adapters_with_exact_messages(clip_model, tm
             delta_from_lora(adapter, clip_model)
     with pytest.raises(AdapterError, match=r"^Adapter 'x' is not in the PEFT model \(it has \['default'\]\).$"):
         delta_from_lora(peft_model, clip_model, adapter_name="x")
+
+
+# ------------------------------------------------------------- exact refusals and dtypes (pinned by mutation tests)
+
+
+def _adapter_folder(path, config, tensors):
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    return path
+
+
+def test_lora_adapter_folders_that_are_not_plain_lora_linears_are_refused_with_exact_messages(tmp_path):
+    """Another PEFT type, DoRA, tensors that are not LoRA factors (counted), no tensors, a missing factor, a factor
+    that is not a matrix (naming which), a rank that is not a positive integer or disagrees with either factor,
+    a lora_alpha that is not a number: each an AdapterError naming the adapter folder and the module."""
+    fc1 = "text_model.encoder.layers.0.mlp.fc1"
+    a, b = torch.ones(4, 8), torch.ones(8, 4)
+    lora = {f"base_model.model.{fc1}.lora_A.weight": a, f"base_model.model.{fc1}.lora_B.weight": b}
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8}
+    cases = [
+        ("ia3", {"peft_type": "IA3"}, lora, "is a 'IA3' adapter; only LoRA adapters have a delta here."),
+        ("dora", {**config, "use_dora": True}, lora, "uses DoRA (use_dora=True): its weight is a magnitude-"
+         "normalised direction, not θ⁰ + s·B@A, so it has no LoRA delta. Merge it with merge_and_unload() and use "
+         "delta_from_models instead."),
+        ("extra", config, {**lora, "z.bias": torch.ones(2), "y.weight": torch.ones(2)},
+         "holds tensors that are not LoRA A/B factors, e.g. 'y.weight' (2 in all: modules_to_save, trained biases, "
+         "embedding or token adapters); hf_cft takes deltas of LoRA linears only."),
+        ("none", config, {}, "holds no LoRA tensors."),
+        ("only_a", config, {f"base_model.model.{fc1}.lora_A.weight": a}, f"lacks lora_A or lora_B for module {fc1!r}."),
+        ("only_b", config, {f"base_model.model.{fc1}.lora_B.weight": b}, f"lacks lora_A or lora_B for module {fc1!r}."),
+    ]  # fmt: skip
+    for name, cfg, tensors, tail in cases:
+        folder = _adapter_folder(tmp_path / name, cfg, tensors)
+        with pytest.raises(AdapterError) as err:
+            delta_from_lora(folder, {f"{fc1}.weight": torch.zeros(8, 8)})
+        assert str(err.value) == f"The adapter folder {str(folder)!r} {tail}", name
+    where = lambda folder: f"adapter folder {str(folder)!r}"  # noqa: E731
+    cube = torch.ones(8, 4, 1)
+    per_module = [
+        ("cube_b", config, {**lora, f"base_model.model.{fc1}.lora_B.weight": cube},
+         lambda f: f"Module {fc1!r} of the {where(f)} is not a linear LoRA (lora_B has 3 dims)."),
+        ("cube_a", config, {**lora, f"base_model.model.{fc1}.lora_A.weight": cube},
+         lambda f: f"Module {fc1!r} of the {where(f)} is not a linear LoRA (lora_A has 3 dims)."),
+        ("r0", {**config, "r": 0}, lora,
+         lambda f: f"LoRA rank 'r' of module {fc1!r} ({where(f)}'s adapter_config.json) must be at least 1, got 0."),
+        ("rstr", {**config, "r": "4"}, lora,
+         lambda f: f"LoRA rank 'r' of module {fc1!r} ({where(f)}'s adapter_config.json) must be an integer, got '4' "
+         "(str)."),
+        ("rank_b", config, {**lora, f"base_model.model.{fc1}.lora_B.weight": torch.ones(8, 3)},
+         lambda f: f"Module {fc1!r} of the {where(f)}: lora_A has rank 4 and lora_B rank 3 but the config says r=4."),
+        ("rank_a", config, {**lora, f"base_model.model.{fc1}.lora_A.weight": torch.ones(3, 8)},
+         lambda f: f"Module {fc1!r} of the {where(f)}: lora_A has rank 3 and lora_B rank 4 but the config says r=4."),
+        ("alpha", {**config, "lora_alpha": "8"}, lora,
+         lambda f: f"lora_alpha of module {fc1!r} ({where(f)}'s adapter_config.json) must be a number, got '8' (str)."),
+    ]  # fmt: skip
+    for name, cfg, tensors, message in per_module:
+        folder = _adapter_folder(tmp_path / name, cfg, tensors)
+        with pytest.raises(AdapterError) as err:
+            delta_from_lora(folder, {f"{fc1}.weight": torch.zeros(8, 8)})
+        assert str(err.value) == message(folder), name
+
+
+def test_delta_from_lora_reads_a_peft_models_active_adapter_whatever_its_name_and_a_tuner_model(clip_model):
+    """A PeftModel whose only adapter is not called 'default' gives that adapter's delta; its tuner
+    (``peft_model.base_model``, a LoraModel) with several active adapters gives the first one's."""
+    peft_model = get_peft_model(copy.deepcopy(clip_model), LoraConfig(r=2, target_modules=["fc1"]), "task")
+    peft_model.add_adapter("other", LoraConfig(r=3, lora_alpha=6, target_modules=["fc2"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g))
+    task = delta_from_lora(peft_model, clip_model)
+    assert sorted(task) == sorted(k for k in clip_model.state_dict() if k.endswith("fc1.weight"))
+    peft_model.base_model.set_adapter(["other", "task"])
+    other = delta_from_lora(peft_model.base_model, clip_model)
+    assert sorted(other) == sorted(k for k in clip_model.state_dict() if k.endswith("fc2.weight"))
+    for k, d in delta_from_lora(peft_model, clip_model, adapter_name="other").items():
+        torch.testing.assert_close(other[k], d, rtol=0, atol=0)
+    fc2 = "text_model.encoder.layers.0.mlp.fc2"
+    layer = peft_model.base_model.model.get_submodule(fc2)
+    want = 2.0 * layer.lora_B["other"].weight @ layer.lora_A["other"].weight
+    torch.testing.assert_close(other[f"{fc2}.weight"], want.detach())
+
+
+def test_key_selection_exclusions_and_their_refusals_are_exact(clip_model, tmp_path):
+    """``exclude`` drops a full key or every key whose last component matches (so ``("bias",)`` drops every bias,
+    and a full key drops only itself); the refusals of keys / exclusions and the base-model role are exact."""
+    ft = _perturbed(clip_model)
+    no_bias = delta_from_models(clip_model, ft, exclude=("bias",))
+    floating = [k for k, t in ft.state_dict().items() if t.is_floating_point()]
+    assert sorted(no_bias) == sorted(k for k in floating if not k.endswith(".bias"))
+    no_fc1 = delta_from_models(clip_model, ft, exclude=(FC1,))
+    assert sorted(no_fc1) == sorted(k for k in floating if k != FC1)
+    lazy = deltas_module().LazyDelta.from_models(clip_model, ft, exclude=("bias",))
+    assert sorted(lazy) == sorted(no_bias)
+    frozen = copy.deepcopy(ft).requires_grad_(False)
+    refusals = [
+        (dict(keys="all"), "keys must be None, 'trainable' or a list of state-dict keys, got 'all'."),
+        (dict(keys=["nope.weight"]), "Key 'nope.weight' is not in the fine-tuned model (CLIPModel)."),
+        (dict(keys=[FC1], exclude=("weight",)), "No delta keys left after selection and exclusions."),
+    ]
+    for kwargs, message in refusals:
+        with pytest.raises(DeltaError) as err:
+            delta_from_models(clip_model, ft, **kwargs)
+        assert str(err.value) == message
+    with pytest.raises(DeltaError) as err:
+        delta_from_models(clip_model, frozen, keys="trainable")
+    assert str(err.value) == (
+        "The fine-tuned model (CLIPModel) has no parameter with requires_grad=True; pass the trained keys explicitly."
+    )
+    missing = tmp_path / "nope"
+    for take in (delta_from_models, lambda b, f: dict(iter_delta(b, f))):
+        with pytest.raises(BundleError) as err:
+            take(missing, ft)
+        assert str(err.value) == f"The base model path {str(missing)!r} does not exist."
+    sd = ft.state_dict()
+    with pytest.raises(DeltaError) as err:
+        dict(iter_delta({k: v for k, v in sd.items() if k != FC1}, sd))
+    assert str(err.value) == (
+        f"Key {FC1!r} of the fine-tuned model is not in the base model (dict); are they the same architecture? "
+        "(A PEFT-wrapped model needs delta_from_lora.)"
+    )
+    nan = dict(sd)
+    nan[FC1] = sd[FC1].clone()
+    nan[FC1][0, :2] = float("inf")
+    with pytest.raises(NonFiniteError) as err:
+        dict(iter_delta(sd, nan))
+    assert str(err.value) == f"Tensor {FC1!r} of the delta (fine-tuned − base) holds 2 NaN/inf value(s)."
+
+
+def deltas_module():
+    from hf_cft.merging import deltas
+
+    return deltas
+
+
+def test_deltas_of_float64_and_bf16_inputs_are_fp32_and_exact():
+    """θ_ft − θ⁰ is taken in fp32 whatever the inputs' dtype: float64 inputs give fp32, and two bf16 tensors give
+    their exact difference (257), not the bf16-rounded one."""
+    base = {"w": torch.tensor([1.0, 2.0], dtype=torch.bfloat16), "v": torch.tensor([0.5], dtype=torch.float64)}
+    ft = {"w": torch.tensor([258.0, 2.0], dtype=torch.bfloat16), "v": torch.tensor([0.75], dtype=torch.float64)}
+    for delta in (delta_from_models(base, ft), dict(iter_delta(base, ft))):
+        assert {k: t.dtype for k, t in delta.items()} == {"w": torch.float32, "v": torch.float32}
+        assert delta["w"].tolist() == [257.0, 0.0] and delta["v"].tolist() == [0.25]
+    lazy = deltas_module().LazyDelta({"v": (1,)}, lambda key: ft["v"] - base["v"])
+    assert lazy["v"].dtype == torch.float32
+
+
+def test_validate_delta_counts_every_missing_and_unknown_key():
+    with pytest.raises(DeltaError) as err:
+        validate_delta({"x": torch.zeros(1)}, {"a": (1,), "b": (1,), "c": (1,)}, name="task 2")
+    assert str(err.value) == (
+        "The task 2 lacks key 'a' (and 2 more) and has unknown key 'x'; all task deltas must share the same keys."
+    )
+    with pytest.raises(DeltaError) as err:
+        validate_delta({"a": torch.zeros(1), "b": torch.zeros(1)}, {"a": (1,), "b": (1,), "c": (1,)})
+    assert str(err.value) == "The delta lacks key 'c'; all task deltas must share the same keys."
+
+
+def test_lazy_delta_files_refuse_missing_unreadable_and_integer_files_and_name_a_tensor_gone_since(tmp_path):
+    """``LazyDelta.from_file``: a missing file, a file that is not safetensors, integer entries (the first named),
+    and a tensor that cannot be read when accessed (the file replaced since) are refused with exact messages; the
+    default description, KeyError of an unknown key and ``materialize`` keeping the fingerprint."""
+    from safetensors.torch import save_file
+
+    from hf_cft.merging import LazyDelta, save_delta
+
+    q = lambda p: repr(str(p))  # noqa: E731
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(BundleError) as err:
+        LazyDelta.from_file(missing)
+    assert str(err.value) == f"Delta file {q(missing)} does not exist."
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"junk")
+    with pytest.raises(BundleError) as err:
+        LazyDelta.from_file(junk)
+    assert str(err.value).startswith(f"Cannot read safetensors file {q(junk)}: ")
+    ints = tmp_path / "ints.safetensors"
+    save_file({"a": torch.ones(2, dtype=torch.int64), "b": torch.ones(2, dtype=torch.int32), "w": torch.ones(2)},
+              str(ints))  # fmt: skip
+    with pytest.raises(DeltaError) as err:
+        LazyDelta.from_file(ints)
+    assert str(err.value) == f"Entry 'a' of the delta file {q(ints)} is not a floating-point tensor."
+    path = tmp_path / "d.safetensors"
+    delta = TaskDelta({"w": torch.arange(6.0).reshape(2, 3)}, base_fingerprint="abc")
+    save_delta(delta, path)
+    lazy = LazyDelta.from_file(path)
+    assert lazy.materialize().base_fingerprint == "abc" and lazy.materialize()["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    with pytest.raises(KeyError) as err:
+        lazy["nope"]
+    assert err.value.args == ("nope",)
+    save_file({"other": torch.ones(1)}, str(path))  # the file is replaced by one without 'w'
+    for read in (lambda: lazy["w"], lambda: lazy.read_flat("w", 0, 2)):
+        with pytest.raises(BundleError) as err:
+            read()
+        assert str(err.value).startswith(f"Cannot read tensor 'w' of the delta file {q(path)}: ")
+    plain = LazyDelta({"w": (2,)}, lambda key: torch.tensor([1.0, math.nan]))
+    assert repr(plain) == "LazyDelta(1 tensors from lazy delta, base=None)"
+    with pytest.raises(NonFiniteError) as err:
+        plain["w"]
+    assert str(err.value) == "Tensor 'w' of lazy delta holds 1 NaN/inf value(s)."
+
+
+def test_a_checkpoint_shard_replaced_after_indexing_is_named_with_its_tensor(clip_model, tmp_path):
+    """A shard replaced by another valid safetensors file (without the key) after the folder was indexed: reading
+    the key's shape or values is a BundleError naming the tensor, the role and the file (it was safetensors' own
+    error type)."""
+    from safetensors.torch import save_file
+
+    clip_model.save_pretrained(tmp_path / "ft")
+    file = tmp_path / "ft" / "model.safetensors"
+    source = deltas_module()._Source(tmp_path / "ft", "fine-tuned model")  # what iter_delta reads through
+    save_file({"other": torch.ones(1)}, str(file))
+    for read in (source.shape, source.is_floating, source.get, lambda key: source.head_values(key, 3)):
+        with pytest.raises(BundleError) as err:
+            read(FC1)
+        assert str(err.value).startswith(f"Cannot read tensor {FC1!r} of the fine-tuned model ({str(file)}): ")
+
+
+def test_applied_and_functional_experts_refuse_mismatches_exactly_and_round_bf16_once(clip_model):
+    """``apply_delta`` names the key and both shapes; ``FunctionalExpert.from_weights`` names the key and both
+    dtypes/shapes/devices, or the model class; a bf16 model's expert weights stay bf16 and are θ⁰ + s·δ rounded
+    once from fp32, even for a bf16 δ (rounding s·δ to bf16 first gives other values)."""
+    from hf_cft.merging import FunctionalExpert
+
+    with pytest.raises(DeltaError) as err:
+        apply_delta(clip_model, {FC1: torch.zeros(3, 3)})
+    shape = tuple(clip_model.state_dict()[FC1].shape)
+    assert str(err.value) == f"Delta key {FC1!r} has shape (3, 3) but the model's is {shape}."
+    with pytest.raises(DeltaError) as err:
+        FunctionalExpert.from_weights(clip_model, [("nope.weight", torch.zeros(1))])
+    assert str(err.value) == "Expert weight 'nope.weight' is not a parameter or buffer of CLIPModel."
+    with pytest.raises(DeltaError) as err:
+        FunctionalExpert.from_weights(clip_model, [(FC1, torch.zeros(3, 3, dtype=torch.float64))])
+    assert str(err.value) == (
+        f"Expert weight {FC1!r} is torch.float64 (3, 3) on cpu; the model's is torch.float32 {shape} on cpu."
+    )
+    linear = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(64, 64, generator=g).to(torch.bfloat16)
+    expert = FunctionalExpert(linear, {"weight": d}, scale=0.37)
+    want = (linear.weight.double() + 0.37 * d.double()).to(torch.bfloat16)
+    got = expert.params["weight"]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    twice = (linear.weight + (0.37 * d)).to(torch.bfloat16)  # s·δ rounded to bf16 first
+    assert not torch.equal(twice, want)  # the check above can tell the two apart

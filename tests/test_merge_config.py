@@ -1080,7 +1080,9 @@ def test_a_fan_in_fan_out_lora_input_adds_the_transposed_delta_and_base_mismatch
 
     with pytest.raises(AdapterError) as err:
         merge(tmp_path / "base", tmp_path / "bad_r")
-    assert str(err.value) == "Module 'c' of the input 0 (task): factors of rank 2 but the config says r=3."
+    assert str(err.value) == (
+        "Module 'c' of the input 0 (task): lora_A has rank 2 and lora_B rank 2 but the config says r=3."
+    )
 
 
 def test_merged_delta_checks_name_what_the_method_returned_and_what_scaled_it():

@@ -132,36 +132,44 @@ class _Source:
                 raise BundleError(f"Cannot read safetensors file {file!r} of the {self.role}: {exc}") from exc
         return self._handles[file]
 
+    def _read(self, key: str, what: Callable[[Any], Any]):
+        """``what(handle)`` for the file holding ``key``; a safetensors failure (the file replaced or damaged since
+        it was indexed) becomes a :class:`BundleError` naming the tensor, the role and the file."""
+        handle = self._handle(key)
+        try:
+            return what(handle)
+        except Exception as exc:
+            raise BundleError(f"Cannot read tensor {key!r} of the {self.role} ({self._files[key]}): {exc}") from exc
+
     def shape(self, key: str) -> tuple[int, ...]:
         if self._files is not None:
-            return tuple(self._handle(key).get_slice(key).get_shape())
+            return self._read(key, lambda h: tuple(h.get_slice(key).get_shape()))
         return tuple(self._tensors[key].shape)
 
     def is_floating(self, key: str) -> bool:
         if self._files is not None:
-            return self._handle(key).get_slice(key).get_dtype() in _FLOAT_DTYPES
+            return self._read(key, lambda h: h.get_slice(key).get_dtype() in _FLOAT_DTYPES)
         t = self._tensors[key]
         return isinstance(t, torch.Tensor) and t.is_floating_point()
 
     def get(self, key: str) -> torch.Tensor:
         if self._files is not None:
-            try:
-                return self._handle(key).get_tensor(key)
-            except Exception as exc:
-                raise BundleError(
-                    f"Cannot read tensor {key!r} of the {self.role} ({self._files[key]}): {exc}"
-                ) from exc
+            return self._read(key, lambda h: h.get_tensor(key))
         return self._tensors[key].detach()
 
     def head_values(self, key: str, n: int) -> torch.Tensor:
         """The first ``n`` values of ``key`` (flattened), reading only the rows needed from disk."""
         if self._files is not None:
-            sl = self._handle(key).get_slice(key)
-            shape = sl.get_shape()
-            if not shape:
-                return self._handle(key).get_tensor(key).reshape(-1)[:n]
-            row = max(1, math.prod(shape[1:]))
-            return sl[: max(1, -(-n // row))].reshape(-1)[:n]
+
+            def head(h):
+                sl = h.get_slice(key)
+                shape = sl.get_shape()
+                if not shape:
+                    return h.get_tensor(key).reshape(-1)[:n]
+                row = max(1, math.prod(shape[1:]))
+                return sl[: max(1, -(-n // row))].reshape(-1)[:n]
+
+            return self._read(key, head)
         return self._tensors[key].detach().reshape(-1)[:n]
 
     def trainable_keys(self) -> list[str]:
@@ -562,7 +570,7 @@ def _is_peft_model(obj: Any) -> bool:
 def _read_adapter(adapter: Any, adapter_name: str | None) -> tuple[dict, dict[str, torch.Tensor], str]:
     """(config dict, saved-form tensors ``base_model.model.<module>.lora_A.weight``, description)."""
     if _is_peft_model(adapter):
-        from peft import get_peft_model_state_dict
+        from peft import PeftModel, get_peft_model_state_dict
 
         name = adapter_name or getattr(adapter, "active_adapter", None) or "default"
         if isinstance(name, (list, tuple)):
@@ -571,7 +579,10 @@ def _read_adapter(adapter: Any, adapter_name: str | None) -> tuple[dict, dict[st
             raise AdapterError(f"Adapter {name!r} is not in the PEFT model (it has {sorted(adapter.peft_config)}).")
         config = adapter.peft_config[name].to_dict()
         tensors = get_peft_model_state_dict(adapter, adapter_name=name)
-        return config, {k: v.detach() for k, v in tensors.items()}, f"adapter {name!r}"
+        # a tuner (``peft_model.base_model``, e.g. a LoraModel) names its tensors ``model.<module>...``: give them
+        # the PeftModel's saved form ``base_model.model.<module>...``
+        prefix = "" if isinstance(adapter, PeftModel) else "base_model."
+        return config, {prefix + k: v.detach() for k, v in tensors.items()}, f"adapter {name!r}"
     if isinstance(adapter, (str, os.PathLike)):
         folder = Path(adapter)
         cfg_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
@@ -641,7 +652,8 @@ def _lora_groups(config: dict, tensors: Mapping[str, torch.Tensor], where: str) 
             raise AdapterError(f"The {where} lacks lora_A or lora_B for module {module!r}.")
         a, b = g["lora_A.weight"], g["lora_B.weight"]
         if a.ndim != 2 or b.ndim != 2:
-            raise AdapterError(f"Module {module!r} of the {where} is not a linear LoRA (factor of {a.ndim} dims).")
+            part, t = ("lora_A", a) if a.ndim != 2 else ("lora_B", b)
+            raise AdapterError(f"Module {module!r} of the {where} is not a linear LoRA ({part} has {t.ndim} dims).")
         from hf_cft.validation import check_int, check_number
 
         r = check_int(
@@ -652,7 +664,8 @@ def _lora_groups(config: dict, tensors: Mapping[str, torch.Tensor], where: str) 
         )
         if a.shape[0] != r or b.shape[1] != r:
             raise AdapterError(
-                f"Module {module!r} of the {where}: factors of rank {a.shape[0]} but the config says r={r}."
+                f"Module {module!r} of the {where}: lora_A has rank {a.shape[0]} and lora_B rank {b.shape[1]} but "
+                f"the config says r={r}."
             )
         alpha = check_number(
             _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha")),
