@@ -709,6 +709,11 @@ def test_packed_masks_move_and_unpack_to_a_device():
     assert unpack_mask(packed).dtype == torch.bool and unpack_mask(packed).shape == (3, 3)
     meta = packed.to("meta")
     assert meta.bits.device.type == "meta" and meta.shape == (3, 3)
+    # unpacking onto another device moves the bits first (the "meta" device stands in for a GPU on a CPU machine),
+    # and from a device unpacks there; whole tensors and ranges alike, always boolean
+    for got in (packed.unpack("meta"), packed.unpack_range(0, 9, "meta"), meta.unpack(), meta.unpack_range(8, 9)):
+        assert (got.device.type, got.dtype) == ("meta", torch.bool)
+    assert packed.unpack_range(0, 9).dtype == torch.bool and packed.unpack_range(8, 9).tolist() == [False]
 
 
 def test_packed_mask_refuses_bits_of_the_wrong_type_or_length_naming_both():
