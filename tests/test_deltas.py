@@ -1072,3 +1072,63 @@ def test_applied_and_functional_experts_refuse_mismatches_exactly_and_round_bf16
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
     twice = (linear.weight + (0.37 * d)).to(torch.bfloat16)  # s·δ rounded to bf16 first
     assert not torch.equal(twice, want)  # the check above can tell the two apart
+
+
+def test_base_fingerprints_stay_what_earlier_versions_wrote_and_agree_across_sources(tmp_path):
+    """A base fingerprint is stored in delta files (safetensors metadata) and compared with the base a delta is
+    applied to, so its value must not change between versions: a fixed state dict keeps the fingerprint this
+    version writes (keys, shapes and the first values of the first, middle and last key in sorted order). The
+    same dict saved as a file gives the same fingerprint, reading only the head rows of 1-d and 2-d tensors."""
+    from safetensors.torch import save_file
+
+    state = {
+        "a.weight": torch.arange(3000.0).reshape(1000, 3) / 7,
+        "b.bias": torch.arange(2000.0) / 3,
+        "c.weight": torch.arange(20.0).reshape(4, 5) / 8 - 1,
+        "d.scale": torch.tensor(2.5),
+        "e.ids": torch.arange(5),  # not floating: not part of the fingerprint
+    }
+    fp = base_fingerprint(state)
+    assert fp == "e3ec0ac5b0d894bba96ae74d"
+    save_file(state, str(tmp_path / "model.safetensors"))
+    assert base_fingerprint(tmp_path / "model.safetensors") == fp == base_fingerprint(tmp_path)
+    one_d = {"x": torch.arange(3000.0), "y": torch.arange(5.0), "z": torch.tensor(1.0)}
+    save_file(one_d, str(tmp_path / "one_d.safetensors"))
+    assert base_fingerprint(tmp_path / "one_d.safetensors") == base_fingerprint(one_d)
+    for other in ({**state, "c.weight": state["c.weight"] + 1}, {**state, "a.weight": state["a.weight"] + 1},
+                  {**state, "d.scale": torch.tensor(2.0)}):  # fmt: skip
+        assert base_fingerprint(other) != fp  # the first, middle and last key each count
+    missing = tmp_path / "nope"
+    with pytest.raises(BundleError) as err:
+        base_fingerprint(missing)
+    assert str(err.value) == f"The base model path {str(missing)!r} does not exist."
+    with pytest.raises(DeltaError) as err:
+        delta_from_models(3, state)
+    assert str(err.value) == "The base model must be an nn.Module, a state dict or a safetensors file/folder, got int."
+
+
+def test_validate_delta_refuses_non_mappings_empty_and_non_float_entries_and_converts_to_fp32():
+    from hf_cft.merging.deltas import all_finite
+
+    refusals = [
+        ([1], None, "The delta must be a mapping from state-dict keys to tensors, got list."),
+        ({}, None, "The delta is empty (no tensors)."),
+        ({"w": [1.0]}, None, "Entry 'w' of the delta is not a floating-point tensor (list)."),
+        ({"w": torch.ones(2, dtype=torch.int64)}, None, "Entry 'w' of the delta is not a floating-point tensor (Tensor)."),
+        ({"x": torch.zeros(1)}, {"a": (1,), "b": (1,)}, "The delta lacks key 'a' (and 1 more) and has unknown key "
+         "'x'; all task deltas must share the same keys."),
+        ({"a": torch.zeros(1), "x": torch.zeros(1), "y": torch.zeros(1)}, {"a": (1,)}, "The delta has unknown key "
+         "'x' (and 1 more); all task deltas must share the same keys."),
+        ({"x": torch.zeros(1), "y": torch.zeros(1), "z": torch.zeros(1)}, {"x": (1,), "y": (1,), "a": (1,)},
+         "The delta lacks key 'a' and has unknown key 'z'; all task deltas must share the same keys."),
+    ]  # fmt: skip
+    for delta, reference, message in refusals:
+        with pytest.raises(DeltaError) as err:
+            validate_delta(delta, reference)
+        assert str(err.value) == message
+    out = validate_delta({"w": torch.ones(2, dtype=torch.float64)})
+    assert out["w"].dtype == torch.float32 and isinstance(out, TaskDelta)
+    assert TaskDelta(w=torch.ones(1), base_fingerprint="f").keys() == {"w"}
+    assert all_finite(torch.ones(3, dtype=torch.int64)) and all_finite(torch.ones(2))
+    assert not all_finite(torch.tensor([1.0, math.inf])) and not all_finite(torch.tensor([complex(0, math.nan)]))
+    assert all_finite(torch.full((4,), 3e38))  # the sum overflows, every entry is finite
