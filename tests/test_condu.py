@@ -1058,3 +1058,108 @@ def test_saving_needs_a_task_makes_parent_folders_and_survives_a_reordered_manif
     (wrong,) = rand(3, 1, shapes={"w": (6, 5), "b": (8,), "t": (2, 3, 4), "s": (1,)})
     with pytest.raises(DeltaError, match="'b'"):
         loaded.add_task(wrong, "next")
+
+
+# ------------------------------------------------ exact refusals, the version counter (pinned by mutation tests)
+
+
+def test_version_counts_sessions_and_prototype_changes_and_a_load_starts_at_one(tmp_path):
+    """``version`` (routers drop cached heads when it changes): 0 when new, +1 per add_task and per
+    set_prototypes, 1 after a load; ``expert_delta`` carries the merger's base fingerprint."""
+    base = torch.nn.Linear(3, 2)
+    m = DeltaFusionMerger(base_model=base)
+    assert m.version == 0
+    shapes = {"weight": (2, 3), "bias": (2,)}
+    for i, d in enumerate(rand(5, 2, shapes)):
+        m.add_task(TaskDelta(d, base_fingerprint=m.base_fingerprint), f"t{i}")
+        assert m.version == i + 1
+    m.set_prototypes("t0", torch.randn(2, 4))
+    assert m.version == 3
+    expert = m.expert_delta("t1")
+    assert expert.base_fingerprint == m.base_fingerprint is not None and sorted(expert) == ["bias", "weight"]
+    assert DeltaFusionMerger.from_pretrained(m.save_pretrained(tmp_path / "b")).version == 1
+
+
+def test_add_task_refusals_name_the_task_exactly(tmp_path):
+    """A LoRA adapter without base_model, an object that is no delta, a NaN in a dict or a streamed delta, an
+    all-zero prototype row, a strict collapse: each refused naming the task, with the exact message; after an
+    interrupted session every use names the interruption."""
+    from hf_cft.merging import LazyDelta, save_delta
+
+    m = DeltaFusionMerger()
+    (tmp_path / "adapter").mkdir()
+    refusals = [
+        (tmp_path / "adapter", DeltaError, "Task 'x' was given as a LoRA adapter; the merger needs base_model= to turn "
+         "it into a delta (or pass delta_from_lora(adapter, base_model))."),
+        (3, DeltaError, "Task 'x': expected a delta (dict of tensors), a PeftModel or an adapter folder, got int."),
+        ({"w": torch.tensor([1.0, math.nan])}, NonFiniteError,
+         "Tensor 'w' of the delta of task 'x' holds 1 NaN/inf value(s)."),
+    ]  # fmt: skip
+    for delta, error, message in refusals:
+        with pytest.raises(error) as err:
+            m.add_task(delta, "x")
+        assert str(err.value) == message
+    save_delta({"w": torch.ones(2)}, tmp_path / "ok.safetensors")
+    lazy = LazyDelta({"w": (2,)}, lambda key: torch.tensor([math.inf, 1.0]))
+    with pytest.raises(NonFiniteError) as err:
+        m.add_task(lazy, "x")
+    assert str(err.value) == "Tensor 'w' of lazy delta holds 1 NaN/inf value(s). (the delta of task 'x')"
+    with pytest.raises(TaskError) as err:
+        m.add_task(tmp_path / "ok.safetensors", "x", prototypes=torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    assert str(err.value) == "Prototypes of task 'x' contain an all-zero row (cannot be normalised)."
+    strict = DeltaFusionMerger(strict=True)
+    with pytest.raises(TaskError) as err:
+        strict.add_task({"w": torch.zeros(2)}, "zero")
+    assert str(err.value) == (
+        "strict=True: the trigger of task(s) ['zero'] would collapse (all-zero delta, or no entry agreeing with the "
+        "elected sign; λ would be 0/0 or x/0). Nothing was changed."
+    )
+    assert len(strict) == 0
+    with pytest.warns(CollapsedTaskWarning) as caught:
+        DeltaFusionMerger().add_task({"w": torch.zeros(2)}, "zero")
+    assert str(caught[0].message) == (
+        "ConDU trigger of task(s) ['zero'] collapsed (all-zero delta, or no entry agrees with the elected sign): "
+        "λ = 0, so the decoupled expert is θ⁰ (condu.md §3)."
+    )
+    m.add_task({"w": torch.ones(2), "v": torch.ones(1)}, "a")
+    calls = []
+
+    def flaky(key):  # the second key of the session cannot be read
+        calls.append(key)
+        if len(calls) > 2:
+            raise OSError("disk gone")
+        return torch.ones(shapes[key])
+
+    shapes = {"w": (2,), "v": (1,)}
+    with pytest.raises(OSError, match="disk gone"):
+        m.add_task(LazyDelta(shapes, flaky), "b")
+    interrupted = (
+        "A previous add_task() was interrupted while it rewrote the unified delta; this merger is inconsistent. "
+        "Reload the last saved bundle with DeltaFusionMerger.from_pretrained()."
+    )
+    for use in (lambda: m.unified_delta, lambda: m.add_task({"w": torch.ones(2), "v": torch.ones(1)}, "c"),
+                lambda: m.expert_delta("a")):  # fmt: skip
+        with pytest.raises(TaskError) as err:
+            use()
+        assert str(err.value) == interrupted
+
+
+def test_a_committed_staging_folder_is_read_from_there_and_a_symlinked_one_never(tmp_path):
+    """The staging folder of a save killed after its commit point holds the newer bundle (here one with other
+    tasks): it is what loads; the same bundle behind a symlink is never followed."""
+    import shutil
+
+    from hf_cft.merging.condu import STAGING_DIR
+
+    m, _, folder = _bundle_with_base(tmp_path)
+    newer = DeltaFusionMerger(rescaler="global_sum")
+    for i, d in enumerate(rand(9, 2)):
+        newer.add_task(d, f"newer{i}")
+    newer_folder = newer.save_pretrained(tmp_path / "newer")
+    shutil.copytree(newer_folder, folder / STAGING_DIR)
+    loaded = DeltaFusionMerger.from_pretrained(folder)
+    assert loaded.task_names == ["newer0", "newer1"]
+    torch.testing.assert_close(loaded.unified_delta, newer.unified_delta, rtol=0, atol=0)
+    shutil.rmtree(folder / STAGING_DIR)
+    (folder / STAGING_DIR).symlink_to(newer_folder, target_is_directory=True)
+    assert DeltaFusionMerger.from_pretrained(folder).task_names == m.task_names == ["task0", "task1", "task2"]
