@@ -993,3 +993,59 @@ def test_coop_features_of_an_adapter_the_model_lacks_are_refused(toy_tokenizer):
     for call in (model.class_text_features, model.base_model.build_prompts):
         with pytest.raises(AdapterError, match=r"^No adapter named 'nope'; this model has \['default'\].$"):
             call(toy_tokenizer, CLASSES, adapter_name="nope")
+
+
+# ----------------------------------------------------------- exact rules of the CoOp config (pinned by mutation tests)
+
+
+def test_resolve_tokenizer_tries_the_tokenizer_path_then_the_base_model_path(tmp_path):
+    """An attached tokenizer wins; else ``tokenizer_name_or_path``, else ``base_model_name_or_path`` (a path
+    that does not load falls through to the next); ``None`` when neither loads."""
+    from hf_cft.peft.base import resolve_tokenizer
+    from hf_cft.testing import tiny_family_tokenizer
+
+    tok = tiny_family_tokenizer("clip")
+    tok.save_pretrained(tmp_path / "tok")
+    good, bad = str(tmp_path / "tok"), str(tmp_path / "missing")
+    vocab = tok.get_vocab()
+    cases = [(good, bad), (bad, good), (None, good), (good, None)]
+    for tokenizer_path, base_path in cases:
+        config = CoOpConfig(n_ctx=2, tokenizer_name_or_path=tokenizer_path, base_model_name_or_path=base_path)
+        loaded = resolve_tokenizer(config)
+        assert loaded is not None and loaded.get_vocab() == vocab, (tokenizer_path, base_path)
+    assert resolve_tokenizer(CoOpConfig(n_ctx=2, tokenizer_name_or_path=bad, base_model_name_or_path=bad)) is None
+    attached = CoOpConfig(n_ctx=2, tokenizer_name_or_path=bad).set_tokenizer(tok)
+    assert resolve_tokenizer(attached) is tok
+
+
+def test_coop_config_refusals_are_exact_and_init_std_zero_gives_a_zero_context(toy_tokenizer):
+    """n_ctx < 1, a negative or NaN init_std, class_specific without classnames: exact messages. init_std is the
+    context's initial standard deviation (0 allowed: an all-zero context); n_ctx defaults to 16 without ctx_init."""
+    refusals = [
+        (dict(n_ctx=0), "n_ctx must be at least 1, got 0"),
+        (dict(init_std=-0.1), "init_std must be a non-negative number, got -0.1"),
+        (dict(init_std=math.nan), "init_std must be a non-negative number, got nan"),
+        (dict(class_specific=True), "class_specific=True (CSC) needs classnames: one context is learned per class."),
+    ]
+    for kwargs, message in refusals:
+        with pytest.raises(AdapterError) as err:
+            CoOpConfig(**kwargs)
+        assert str(err.value) == message
+    zero = get_peft_model(tiny_clip(max_position_embeddings=40), CoOpConfig(init_std=0.0).set_tokenizer(toy_tokenizer))
+    ctx = zero.base_model.model.text_model.embeddings.coop_ctx["default"]
+    assert tuple(ctx.shape) == (16, tiny_clip().config.text_config.hidden_size) and not ctx.any()
+    assert zero.peft_config["default"].n_ctx == 16
+    torch.manual_seed(0)
+    wide = get_peft_model(tiny_clip(), CoOpConfig(n_ctx=8, init_std=2.0).set_tokenizer(toy_tokenizer))
+    std = float(wide.base_model.model.text_model.embeddings.coop_ctx["default"].std())
+    assert 1.6 < std < 2.4  # 8 × hidden entries drawn with std 2 (the default 0.02 is a hundred times smaller)
+
+
+def test_a_model_without_a_coop_layer_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from hf_cft.peft.coop.model import CoOpModel
+
+    with pytest.raises(AdapterError) as err:
+        CoOpModel._coop_layer(SimpleNamespace(model=torch.nn.Linear(2, 2)))
+    assert str(err.value) == "this model has no CoOp layer"
