@@ -1163,3 +1163,30 @@ def test_a_committed_staging_folder_is_read_from_there_and_a_symlinked_one_never
     shutil.rmtree(folder / STAGING_DIR)
     (folder / STAGING_DIR).symlink_to(newer_folder, target_is_directory=True)
     assert DeltaFusionMerger.from_pretrained(folder).task_names == m.task_names == ["task0", "task1", "task2"]
+
+
+def test_decoupled_forms_lambda_times_u_in_float64_and_rounds_once():
+    """δ̃ = λ·M⊙u: the product in float64 rounded once to fp32, not λ rounded to fp32 first (the two differ on
+    some entries; the first keeps the experts' L1 mass exact over many sessions)."""
+    u = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    mask = torch.rand(4096, generator=torch.Generator().manual_seed(1)) < 0.5
+    lam = 1 / 3
+    got = condu_mod._decoupled(u, mask, lam)
+    want = torch.where(mask, (u.double() * lam).float(), torch.zeros(()))
+    assert torch.equal(got, want)
+    assert not torch.equal(torch.where(mask, u * lam, torch.zeros(())), want)  # fp32 λ·u is told apart
+
+
+def test_unreadable_manifest_and_bundle_files_name_the_bundle(tmp_path):
+    m = _merger_with_prototypes()
+    folder = m.save_pretrained(tmp_path / "b")
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError) as err:
+        DeltaFusionMerger.from_pretrained(folder)
+    manifest = folder / "manifest.json"
+    assert str(err.value).startswith(f"Bundle {str(folder)!r}: manifest.json: {str(manifest)!r} is not valid JSON (")
+    folder = m.save_pretrained(tmp_path / "c")
+    (folder / "unified.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(BundleError) as err:
+        DeltaFusionMerger.from_pretrained(folder, verify=False)
+    assert str(err.value).startswith(f"Bundle {str(folder)!r}: cannot read unified.safetensors (")

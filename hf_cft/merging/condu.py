@@ -1072,8 +1072,8 @@ def _check_manifest_integrity(folder: Path, manifest: dict) -> None:
             raise BundleError(f"Bundle {str(folder)!r}: {MANIFEST} has no checksum for {name} in 'files'.")
 
 
-def _read_manifest(folder: Path, file: Path | None = None) -> dict:
-    file = file or folder / MANIFEST
+def _read_manifest(folder: Path, file: Path) -> dict:
+    """The manifest ``file`` of bundle ``folder`` (in the folder, or in its staging folder: :func:`_committed_paths`)."""
     if not file.is_file():
         raise BundleError(f"{str(folder)!r} is not a ConDU bundle: {MANIFEST} is missing.")
     manifest = read_json_object(file, BundleError, f"Bundle {str(folder)!r}: {MANIFEST}")
