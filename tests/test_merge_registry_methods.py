@@ -137,3 +137,19 @@ def test_model_kind_regmean_and_fisher_match_the_functions():
         ctx.extra = {}
         with pytest.raises(MergeConfigError, match="calibration"):
             method.fn(deltas, ctx)
+
+
+def test_an_unknown_method_lists_every_registered_name_exactly():
+    with pytest.raises(MergeConfigError) as err:
+        get_method("nope", where="merge.method")
+    assert str(err.value) == f"merge.method must be one of {', '.join(method_names())}; got 'nope'."
+
+
+def test_consensus_tall_masks_are_strict_so_an_exact_tie_is_not_a_vote():
+    """A TALL mask keeps t where |τ_t| > λ_t·|τ_MTL − τ_t|: with two equal deltas and λ = 1 every entry ties
+    (|τ_t| = |τ_MTL − τ_t|), so no mask selects it and k = 1 keeps nothing; λ just below 1 keeps everything."""
+    d = {"w": torch.tensor([1.0, -2.0, 0.5])}
+    tied = _run("consensus", [d, dict(d)], {"k": 1, "weight": 1.0, "tall_lambda": 1.0})
+    assert tied["w"].tolist() == [0.0, 0.0, 0.0]
+    kept = _run("consensus", [d, dict(d)], {"k": 1, "weight": 1.0, "tall_lambda": 0.75})
+    assert kept["w"].tolist() == [2.0, -4.0, 1.0]

@@ -1232,3 +1232,19 @@ def test_sampled_labels_of_a_one_hot_classifier_are_its_arg_max(toy_tokenizer, t
     argmax, _ = estimate_weight_fisher(*args, "argmax")
     for k in argmax:
         torch.testing.assert_close(sampled[k], argmax[k], rtol=0, atol=0)
+
+
+def test_lora_slots_of_an_adapter_without_layers_is_refused_exactly():
+    """An adapter whose target modules match nothing in the wrapped model has no LoRA layer to continue."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from hf_cft.errors import AdapterError
+    from hf_cft.testing import tiny_clip
+    from hf_cft.trainers.mergetune_weightspace import lora_slots
+
+    model = get_peft_model(copy.deepcopy(tiny_clip()), LoraConfig(r=2, target_modules=["fc1"]))
+    with pytest.raises(AdapterError) as err:
+        lora_slots(model, "other", "MergeTune weight space")
+    assert str(err.value) == "MergeTune weight space: adapter 'other' has no LoRA layers."
