@@ -685,7 +685,8 @@ def delta_from_lora(
     """Dense delta of a LoRA adapter: ``ΔW = s·B@A`` per target linear, keyed by the base weight key
     (condu.md §5 "dense"; architecture.md: merge in dense delta space).
 
-    ``adapter``: a ``PeftModel`` (its active adapter, or ``adapter_name``) or an adapter folder
+    ``adapter``: a ``PeftModel`` (its active adapter, or ``adapter_name``), its tuner ``peft_model.base_model``
+    (the first of its active adapters), or an adapter folder
     (``adapter_config.json`` + ``adapter_model.safetensors``). ``s = lora_alpha/r``, or ``lora_alpha/√r`` with
     ``use_rslora``; ``rank_pattern`` / ``alpha_pattern`` are honoured; ``fan_in_fan_out`` transposes; a LoRA-B
     bias (``lora_bias=True``) adds ``s·b`` to the base bias. ``base_model`` (module, state dict or safetensors
