@@ -1190,3 +1190,59 @@ def test_unreadable_manifest_and_bundle_files_name_the_bundle(tmp_path):
     with pytest.raises(BundleError) as err:
         DeltaFusionMerger.from_pretrained(folder, verify=False)
     assert str(err.value).startswith(f"Bundle {str(folder)!r}: cannot read unified.safetensors (")
+
+
+def test_compute_device_slice_size_rescaler_groups_and_config_refusals_are_exact():
+    from hf_cft.merging.condu import DeltaFusionMergerConfig, _rescalers, _unify_key, compute_device
+
+    refusals = [
+        (lambda: compute_device(3), "device must be a device name such as 'cpu' or 'cuda:0' (or a torch.device), got "
+         "int 3."),
+        (lambda: compute_device("meta"), "device 'meta': meta tensors hold no values, so nothing can be unified on "
+         "them; use 'cpu' or 'cuda'."),
+        (lambda: resolve({"a": 3, "b": ""}), "rescaler_groups gives delta key 'a' the group 3, not a name."),
+        (lambda: resolve({"a": "g", "b": ""}), "rescaler_groups gives delta key 'b' the group '', not a name."),
+        (lambda: resolve(3), "rescaler_groups must be a string, a mapping or a callable, got int."),
+        (lambda: DeltaFusionMergerConfig(rescaler_groups=3), "rescaler_groups must be a string, a mapping or a "
+         "callable, got int."),
+        (lambda: DeltaFusionMergerConfig(rescaler="global_sum", rescaler_groups="openai"), "rescaler_groups='openai' "
+         "needs rescaler='mean': the 'global_sum' rescaler sums over every entry, so grouping tensors changes nothing."),
+        (lambda: DeltaFusionMergerConfig(strict=1), "strict must be a bool, got 1."),
+    ]  # fmt: skip
+    for call, message in refusals:
+        with pytest.raises(MergeConfigError) as err:
+            call()
+        assert str(err.value) == message
+    if not torch.cuda.is_available():
+        with pytest.raises(MergeConfigError) as err:
+            compute_device("cuda")
+        assert str(err.value) == "device 'cuda': CUDA is not available on this machine."
+    for bad in (0, 7, -8):
+        with pytest.raises(ValueError) as err:
+            _unify_key(lambda i, lo, hi: torch.ones(hi - lo), 1, (16,), "mean", slice_size=bad)
+        assert str(err.value) == f"slice_size must be a positive multiple of 8, got {bad}"
+    # λ = num/den needs both positive and a finite ratio: 0/1 collapses, so does 1e300/1e-10 (inf)
+    assert _rescalers([0.0, 1e300, 3.0], [1.0, 1e-10, 2.0]) == ([0.0, 0.0, 1.5], [True, True, False])
+
+
+def resolve(spec):
+    from hf_cft.merging.condu import resolve_rescaler_groups
+
+    return resolve_rescaler_groups(spec, ["a", "b"])
+
+
+def test_merger_options_override_a_given_config_and_the_base_name_comes_from_its_config():
+    from types import SimpleNamespace
+
+    from hf_cft.merging.condu import DeltaFusionMergerConfig
+
+    m = DeltaFusionMerger(config=DeltaFusionMergerConfig(rescaler="mean", strict=True), rescaler="global_sum")
+    assert (m.config.rescaler, m.config.strict) == ("global_sum", True)
+    base = torch.nn.Linear(2, 2)
+    base.config = SimpleNamespace(_name_or_path="org/clip")
+    assert DeltaFusionMerger(base_model=base).base_model_name_or_path == "org/clip"
+    base.config = SimpleNamespace(_name_or_path="", name_or_path="org/other")
+    assert DeltaFusionMerger(base_model=base).base_model_name_or_path == "org/other"
+    assert DeltaFusionMerger(base_model=base, base_model_name_or_path="mine").base_model_name_or_path == "mine"
+    assert DeltaFusionMerger(base_model=torch.nn.Linear(2, 2)).base_model_name_or_path is None
+    assert DeltaFusionMerger().base_model_name_or_path is None
