@@ -1049,3 +1049,20 @@ def test_a_model_without_a_coop_layer_is_refused_by_name():
     with pytest.raises(AdapterError) as err:
         CoOpModel._coop_layer(SimpleNamespace(model=torch.nn.Linear(2, 2)))
     assert str(err.value) == "this model has no CoOp layer"
+
+
+def test_coop_rewrites_only_the_default_target_to_a_familys_text_embeddings():
+    """On AltCLIP the text embeddings are ``text_model.roberta.embeddings``: the default target is rewritten to
+    them, a target the user names (here by suffix) is kept as given; both adapt the same layer."""
+    from hf_cft.testing import tiny_family
+
+    model, tok = tiny_family("altclip")
+    default = get_peft_model(model, CoOpConfig(n_ctx=2, init_std=0.0).set_tokenizer(tok))
+    assert list(default.peft_config["default"].target_modules) == ["text_model.roberta.embeddings"]
+    model, tok = tiny_family("altclip")
+    named = get_peft_model(
+        model, CoOpConfig(n_ctx=2, target_modules=["roberta.embeddings"], init_std=0.0).set_tokenizer(tok)
+    )
+    assert set(named.peft_config["default"].target_modules) == {"roberta.embeddings"}
+    with torch.no_grad():
+        torch.testing.assert_close(default.class_text_features(tok, ["cat"]), named.class_text_features(tok, ["cat"]))
