@@ -118,6 +118,68 @@ def run(modules: list[str], children: int, only: list[str] | None = None) -> Non
     )
 
 
+def _meta_of(name: str) -> Path:
+    """The ``.meta`` file holding mutant ``name``'s result (``hf_cft.a.b.x_f__mutmut_3`` → ``mutants/hf_cft/a/b.py.meta``,
+    or ``mutants/hf_cft/a/b/__init__.py.meta``)."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 1, -1):
+        base = ROOT / "mutants" / Path(*parts[:cut])
+        for meta in (base.with_suffix(".py.meta"), base / "__init__.py.meta"):
+            if meta.is_file():
+                return meta
+    raise FileNotFoundError(f"no mutmut result file holds {name!r}")
+
+
+def run_timeouts_without_fork(modules: list[str], limit_s: int) -> None:
+    """Run each mutant of ``modules`` that timed out under mutmut again, in a fresh pytest process of its own.
+
+    mutmut forks every mutant's run from one long-lived process; a test whose thread pools (torch, numba) were
+    started in that process can wait forever in the forked child, so a mutant that breaks no test "times out" where
+    it should survive, and one that breaks a late test never gets there. Here ``MUTANT_UNDER_TEST`` (which mutmut's
+    trampolines read) selects the mutant in a new process that runs the tests mutmut maps to its function, stopping at
+    the first failure; the result (killed, survived, or a timeout again after ``limit_s``) replaces the timeout."""
+    stats = json.loads((ROOT / "mutants" / "mutmut-stats.json").read_text(encoding="utf-8"))
+    tests_by_function = stats["tests_by_mangled_function_name"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    for module in modules:
+        for name, status in _results(module).items():
+            if status != "timeout":
+                continue
+            tests = sorted(tests_by_function.get(name.rsplit("__mutmut_", 1)[0], ()))
+            if not tests:
+                code = 33
+            else:
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-x",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "-m",
+                    "not threads",
+                    *tests,
+                ]
+                try:
+                    rc = subprocess.run(
+                        cmd,
+                        cwd=ROOT / "mutants",
+                        env={**env, "MUTANT_UNDER_TEST": name},
+                        capture_output=True,
+                        timeout=limit_s,
+                    ).returncode
+                    code = 0 if rc == 0 else 5 if rc == 5 else 1
+                except subprocess.TimeoutExpired:
+                    code = -24
+            meta = _meta_of(name)
+            data = json.loads(meta.read_text(encoding="utf-8"))
+            data["exit_code_by_key"][name] = code
+            meta.write_text(json.dumps(data), encoding="utf-8")
+            print(f"[mutation] {name}: {_status(code)} (no fork)", flush=True)
+
+
 def report(modules: list[str], tag: str, diffs: bool = True) -> dict:
     equivalent = _equivalent()
     table, survivors = {}, []
@@ -196,6 +258,12 @@ def main(argv=None) -> int:
         type=Path,
         help="re-run only the mutants a survivors file lists (mutmut keeps the other results of this checkout)",
     )
+    parser.add_argument(
+        "--timeouts-without-fork",
+        type=int,
+        metavar="SECONDS",
+        help="run each mutant that timed out again in a fresh process of its own (at most SECONDS each), then report",
+    )
     args = parser.parse_args(argv)
     unknown = [m for m in args.modules if m not in TESTS]
     if unknown:
@@ -203,7 +271,9 @@ def main(argv=None) -> int:
     modules = args.modules or list(TESTS)
     if args.only_survivors is not None and not args.only_survivors.is_file():
         parser.error(f"--only-survivors: {str(args.only_survivors)!r} is not a file")
-    if not args.report:
+    if args.timeouts_without_fork is not None:
+        run_timeouts_without_fork(modules, args.timeouts_without_fork)
+    elif not args.report:
         only = survivor_names(args.only_survivors, modules) if args.only_survivors else None
         if only == []:  # an empty name list would make mutmut run every mutant
             print(f"[mutation] {args.only_survivors} lists no survivor of {', '.join(modules)}: nothing to re-run")
