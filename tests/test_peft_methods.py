@@ -1066,3 +1066,21 @@ def test_coop_rewrites_only_the_default_target_to_a_familys_text_embeddings():
     assert set(named.peft_config["default"].target_modules) == {"roberta.embeddings"}
     with torch.no_grad():
         torch.testing.assert_close(default.class_text_features(tok, ["cat"]), named.class_text_features(tok, ["cat"]))
+
+
+def test_vpt_finds_the_vision_embeddings_of_a_wrapped_model_and_names_what_it_needs():
+    from types import SimpleNamespace
+
+    from hf_cft.peft.vpt.model import VPTModel
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.clip = tiny_clip()
+
+    wrapper = Wrapper()
+    found = VPTModel._vision_embeddings(SimpleNamespace(model=wrapper))
+    assert found is wrapper.clip.vision_model.embeddings
+    with pytest.raises(AdapterError) as err:
+        VPTModel._vision_embeddings(SimpleNamespace(model=torch.nn.Linear(2, 2)))
+    assert str(err.value) == "VPT needs a vision tower with an `embeddings` module (CLIPVisionEmbeddings)."
