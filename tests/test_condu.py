@@ -1246,3 +1246,18 @@ def test_merger_options_override_a_given_config_and_the_base_name_comes_from_its
     assert DeltaFusionMerger(base_model=base, base_model_name_or_path="mine").base_model_name_or_path == "mine"
     assert DeltaFusionMerger(base_model=torch.nn.Linear(2, 2)).base_model_name_or_path is None
     assert DeltaFusionMerger().base_model_name_or_path is None
+
+
+def test_task_names_must_be_non_empty_strings_exactly(tmp_path):
+    m = DeltaFusionMerger()
+    for bad in ("", "  ", 3, None):
+        with pytest.raises(TaskError) as err:
+            m.add_task({"w": torch.ones(2)}, bad)
+        assert str(err.value) == f"Task names must be non-empty strings, got {bad!r}."
+    assert len(m) == 0
+    # bundle checksums are the sha256 of the whole file, read in chunks (here one of 9 MiB: three chunks)
+    import hashlib
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(range(256)) * (9 * 4096))
+    assert condu_mod._sha256(big) == hashlib.sha256(big.read_bytes()).hexdigest()

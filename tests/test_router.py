@@ -569,3 +569,43 @@ def test_a_new_session_clears_the_caches_once(clip_model, toy_tokenizer, merger5
     router.expert("task0")  # rebuilt: the session changed the experts
     router.expert("task0")  # cached again
     assert router.stats.expert_builds == 2
+
+
+def test_routing_scores_are_cosines_of_unit_rows_in_fp32_and_the_clamp_warning_is_exact(
+    clip_model, toy_tokenizer, merger5, px
+):
+    """Each score is the best cosine between a sample's θ⁰ image feature (any dtype, any norm) and a task's unit
+    prototypes; top_k equal to the task count warns nothing, above it warns once per task count, naming both; an
+    empty merger is refused with the exact message."""
+    import warnings
+
+    feats = image_features(clip_model, px).detach()
+    router = SemanticRouter(merger5, clip_model, toy_tokenizer, top_k=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # top_k == number of tasks: nothing to clamp
+        routing = router.route((3.0 * feats).double())
+    protos = [merger5.prototypes(n) for n in merger5.task_names]
+    z = F.normalize(feats, dim=-1)
+    want = torch.stack([(z @ p.t()).max(dim=1).values for p in protos], dim=1)
+    torch.testing.assert_close(routing.all_scores, want, rtol=1e-5, atol=1e-6)
+    assert routing.all_scores.dtype == torch.float32
+    wide = SemanticRouter(merger5, clip_model, toy_tokenizer, top_k=9)
+    with pytest.warns(UserWarning) as caught:
+        wide.route(feats)
+        wide.route(feats)  # the same task count: no second warning
+    assert [str(w.message) for w in caught] == ["top_k=9 but only 5 task(s) are stored: using K=5."]
+    merger5.add_task(
+        {k: torch.ones_like(v) for k, v in merger5.unified_delta.items()},
+        "task5",
+        prototypes=-z[:2],
+        classnames=["a", "b"],
+    )
+    with pytest.warns(UserWarning) as caught:
+        wide.route(feats)  # a new task count warns again
+    assert [str(w.message) for w in caught if "top_k" in str(w.message)] == [
+        "top_k=9 but only 6 task(s) are stored: using K=6."
+    ]
+    empty = SemanticRouter(DeltaFusionMerger(), clip_model, toy_tokenizer)
+    with pytest.raises(TaskError) as err:
+        empty.route(torch.randn(2, 16))
+    assert str(err.value) == "The router has no task to route to: add a task to the merger first."

@@ -1016,7 +1016,7 @@ def _atomic_save_file(tensors: Mapping[str, torch.Tensor], path: Path) -> str:
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
+        while chunk := fh.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
 
