@@ -1084,3 +1084,10 @@ def test_vpt_finds_the_vision_embeddings_of_a_wrapped_model_and_names_what_it_ne
     with pytest.raises(AdapterError) as err:
         VPTModel._vision_embeddings(SimpleNamespace(model=torch.nn.Linear(2, 2)))
     assert str(err.value) == "VPT needs a vision tower with an `embeddings` module (CLIPVisionEmbeddings)."
+
+
+def test_coop_features_without_classnames_anywhere_are_refused_exactly(toy_tokenizer):
+    model = get_peft_model(tiny_clip(), CoOpConfig(n_ctx=2).set_tokenizer(toy_tokenizer))
+    with pytest.raises(AdapterError) as err:
+        model.class_text_features(toy_tokenizer)
+    assert str(err.value) == "CoOp adapter 'default' has no classnames; pass classnames=[...]."
