@@ -51,12 +51,7 @@ TESTS = {
     "utils": ["test_rule_gaps.py", "test_condu.py"],
     # added by issue 18 (merging beyond mergekit and FusionBench)
     "merging.methods": ["test_merging_methods.py", "test_merge_registry_methods.py", "test_merging_fused.py"],
-    "merging.streaming": [
-        "test_merge_config.py",
-        "test_merging_speed.py",
-        "test_merge_registry.py",
-        "test_attacks.py",
-    ],
+    "merging.streaming": ["test_merge_config.py", "test_merging_speed.py", "test_merge_registry.py"],
     "merging.registry": ["test_merge_registry.py", "test_merge_registry_methods.py"],
     "merging.data_dependent": ["test_merging_data_dependent.py", "test_merge_config.py"],
     "merging.fused": ["test_merging_fused.py"],
