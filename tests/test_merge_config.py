@@ -1164,3 +1164,96 @@ def test_model_methods_see_the_base_folder_and_lazy_deltas_refuse_unknown_keys_b
     with pytest.raises(MergeConfigError) as err:
         merge_folders(assets["clip"], [assets["lora_b"]], "task_arithmetic", out=tmp_path / "x", lora_rank=33)
     assert str(err.value) == f"lora_rank=33 exceeds the smaller dimension of {key!r} (37, 32)."
+
+
+# --------------------------------------------------------- exact sizes, refusals and side files (mutation tests)
+
+
+def test_parse_size_reads_units_and_refuses_exactly():
+    from hf_cft.errors import MergeConfigError
+    from hf_cft.merging.streaming import parse_size
+
+    sizes = {"500": 500, "500B": 500, "2KB": 2000, "1.5MB": 1_500_000, "1GiB": 1024**3, "3 kib": 3072, 1: 1}
+    assert {v: parse_size(v) for v in sizes} == sizes
+    refusals = [
+        (True, "max_shard_size must be a size such as 2GB or a number of bytes, got True."),
+        ("lots", "max_shard_size must be a size such as 500MB, 2GB or 1GiB, got 'lots'."),
+        (0, "max_shard_size must be at least 1 byte, got 0."),
+        ("0.1B", "max_shard_size must be at least 1 byte, got '0.1B'."),
+    ]
+    for value, message in refusals:
+        with pytest.raises(MergeConfigError) as err:
+            parse_size(value)
+        assert str(err.value) == message
+
+
+def test_merge_deltas_refusals_are_exact():
+    from hf_cft.errors import MergeConfigError
+    from hf_cft.merging.streaming import merge_deltas
+
+    d = {"w": torch.ones(2)}
+    for bad in (d, []):
+        with pytest.raises(MergeConfigError) as err:
+            merge_deltas(bad, "task_arithmetic")
+        assert str(err.value) == "deltas must be a non-empty list of deltas (dicts of tensors)."
+    with pytest.raises(MergeConfigError) as err:
+        merge_deltas([d, d], "task_arithmetic", inputs=[{}, {}, {}])
+    assert str(err.value) == "inputs has 3 entries for 2 deltas."
+
+
+def test_side_files_set_the_dtype_under_the_key_the_config_uses_and_keep_its_layout(tmp_path):
+    """config.json of a merged model: the output dtype goes under ``dtype`` (transformers 5), or under
+    ``torch_dtype`` when only that key is there; the file is the config as 2-space indented JSON."""
+    from hf_cft.merging.streaming import _write_model_side_files
+
+    cases = [
+        ({"model_type": "clip"}, "dtype"),
+        ({"model_type": "clip", "torch_dtype": "float32"}, "torch_dtype"),
+        ({"model_type": "clip", "dtype": "float32", "torch_dtype": "float32"}, "dtype"),
+    ]
+    for i, (config, key) in enumerate(cases):
+        base, stage = tmp_path / f"base{i}", tmp_path / f"stage{i}"
+        base.mkdir()
+        stage.mkdir()
+        (base / "config.json").write_text(json.dumps(config))
+        _write_model_side_files(base, stage, "bfloat16")
+        want = {**config, key: "bfloat16"}
+        assert (stage / "config.json").read_text(encoding="utf-8") == json.dumps(want, indent=2) + "\n"
+    _write_model_side_files(base, stage, None)
+    assert json.loads((stage / "config.json").read_text()) == cases[-1][0]
+
+
+def test_merge_inputs_without_safetensors_or_with_damaged_files_are_named_exactly(tmp_path):
+    """A folder holding only pickles lists every one (hf_cft merges safetensors only); a file that is not
+    safetensors names the input and the file; the default description is "safetensors file"."""
+    from hf_cft.errors import BundleError
+    from hf_cft.merging.streaming import SafetensorsFile, _Folder
+
+    pickles = tmp_path / "pickles"
+    pickles.mkdir()
+    for name in ("pytorch_model.bin", "c.pt", "b.pth", "a.ckpt", "notes.txt"):
+        (pickles / name).write_bytes(b"not read")
+    with pytest.raises(BundleError) as err:
+        _Folder(pickles, "input 0")
+    assert str(err.value) == (
+        f"input 0: no safetensors weights in {str(pickles)!r}. It holds a.ckpt, b.pth, c.pt, pytorch_model.bin: "
+        "hf_cft merges safetensors only (never pickle)."
+    )
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "model.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{bad json")
+    with pytest.raises(BundleError) as err:
+        _Folder(junk, "input 1")
+    assert str(err.value).startswith("input 1: 'model.safetensors' is not a readable safetensors file (")
+    with pytest.raises(BundleError) as err:
+        SafetensorsFile(junk / "model.safetensors")
+    path = repr(str(junk / "model.safetensors"))
+    assert str(err.value).startswith(f"safetensors file: {path} is not a readable safetensors file (")
+    good = tmp_path / "good.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(good), metadata={"k": "v"})
+    f = SafetensorsFile(good)
+    assert f.what == "safetensors file" and f.metadata == {"k": "v"} and f.read("w").tolist() == [1.0, 1.0]
+    save_file({"w": torch.ones(2)}, str(good))  # no metadata at all: an empty dict, not None
+    assert SafetensorsFile(good).metadata == {}
