@@ -177,6 +177,12 @@ def trim_top_k(tensor: Tensor, k: float) -> Tensor:
     k = _check_fraction("k", k)
     if not all_finite(tensor):  # a NaN has no magnitude rank: it would be dropped silently
         raise NonFiniteError("trim_top_k: the tensor holds NaN or inf.")
+    return _trim_top_k(tensor, k)
+
+
+def _trim_top_k(tensor: Tensor, k: float) -> Tensor:
+    """:func:`trim_top_k` of a tensor already checked finite, with ``k`` already checked (the merges check their
+    inputs once, before trimming)."""
     n = tensor.numel()
     keep = max(1, int(k * n))
     if keep >= n:
@@ -397,7 +403,7 @@ def _trimmed(deltas: Sequence[Mapping[str, Tensor]], k: float, trim_scope: str) 
     """Each delta trimmed to its top-``k`` magnitudes per tensor (:func:`trim_top_k`, peft) or over the whole task
     vector (:func:`model_trim_threshold`, TIES paper / FusionBench)."""
     if trim_scope == "tensor":
-        return [{key: trim_top_k(_f32(v), k) for key, v in d.items()} for d in deltas]
+        return [{key: _trim_top_k(_f32(v), k) for key, v in d.items()} for d in deltas]
     out = []
     for d in deltas:
         threshold = model_trim_threshold(d, k)
@@ -502,7 +508,7 @@ def magnitude_prune(
     deltas = _check_deltas(deltas)
     k = _check_fraction("k", k)
     w = _weights(lam, len(deltas))
-    return {key: sum(wi * trim_top_k(_f32(d[key]), k) for wi, d in zip(w, deltas)) for key in deltas[0]}
+    return {key: sum(wi * _trim_top_k(_f32(d[key]), k) for wi, d in zip(w, deltas)) for key in deltas[0]}
 
 
 def ties(
@@ -1159,7 +1165,7 @@ def _magnitude_prune_tensor(deltas: list[Tensor], ctx) -> Tensor:
     """Σ_t w_t·trim_{density_t}(τ_t) (peft's ``magnitude_prune``)."""
     out = None
     for d, inp in _present(deltas, ctx):
-        t = trim_top_k(d, inp["density"])
+        t = _trim_top_k(d, inp["density"])
         out = t.mul_(inp["weight"]) if out is None else out.add_(t, alpha=inp["weight"])
     return out
 
@@ -1181,7 +1187,7 @@ def _ties_tensor(deltas: list[Tensor], ctx) -> Tensor:
         if model_scope:
             trimmed = [d * (d.abs() >= thr) for d, thr in zip(deltas, thresholds)]
         else:
-            trimmed = [trim_top_k(d, inp["density"]) for d, inp in zip(deltas, ctx.inputs)]
+            trimmed = [_trim_top_k(d, inp["density"]) for d, inp in zip(deltas, ctx.inputs)]
         trimmed = [_scaled(t, inp["weight"], fresh=True) for t, inp in zip(trimmed, ctx.inputs)]
         return _elect_disjoint(torch.stack(trimmed), opts["merge"], zero_sign)
     flats = [d.reshape(-1) for d in deltas]
