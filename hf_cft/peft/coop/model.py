@@ -99,14 +99,19 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
                 return module
         raise AdapterError("this model has no CoOp layer")
 
+    def _adapter_config(self, adapter_name: str | None) -> tuple[str, CoOpConfig]:
+        """``(name, config)`` of ``adapter_name`` (default: the active adapter); :class:`AdapterError` naming the
+        adapters the model has when there is no such adapter."""
+        name = adapter_name or self.active_adapters[0]
+        if name not in self.peft_config:
+            raise AdapterError(f"No adapter named {name!r}; this model has {sorted(self.peft_config)}.")
+        return name, self.peft_config[name]
+
     def build_prompts(self, tokenizer, classnames: Sequence[str], adapter_name: str | None = None) -> dict:
         """Tokenised class prompts ``X X ... X <class>.`` (placement per ``class_token_position``)."""
         from hf_cft.models.tokenizer import tokenize_prompts
 
-        name = adapter_name or self.active_adapters[0]
-        if name not in self.peft_config:
-            raise AdapterError(f"No adapter named {name!r}; this model has {sorted(self.peft_config)}.")
-        cfg: CoOpConfig = self.peft_config[name]
+        name, cfg = self._adapter_config(adapter_name)
         ph = " ".join([cfg.placeholder_token] * cfg.n_ctx)
         half = cfg.n_ctx // 2
         texts = []
@@ -179,10 +184,7 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
         """
         from hf_cft.models.clip import text_features
 
-        name = adapter_name or self.active_adapters[0]
-        if name not in self.peft_config:
-            raise AdapterError(f"No adapter named {name!r}; this model has {sorted(self.peft_config)}.")
-        cfg: CoOpConfig = self.peft_config[name]
+        name, cfg = self._adapter_config(adapter_name)
         if classnames is None:
             if not cfg.classnames:
                 raise AdapterError(f"CoOp adapter {name!r} has no classnames; pass classnames=[...].")
