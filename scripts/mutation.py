@@ -83,15 +83,19 @@ def _equivalent() -> dict[str, str]:
     return out
 
 
-def _results(module: str) -> dict[str, str]:
-    """mutant name -> status, from mutmut's ``.meta`` files under ``mutants/`` for one module."""
+def _metas(module: str) -> list[Path]:
+    """mutmut's ``.meta`` result files under ``mutants/`` for one module (a file, or every file of a package)."""
     base = ROOT / "mutants" / "hf_cft" / Path(*module.split("."))
     metas = sorted(base.rglob("*.py.meta")) if base.is_dir() else [base.with_suffix(".py.meta")]
+    return [meta for meta in metas if meta.is_file()]
+
+
+def _results(module: str) -> dict[str, str]:
+    """mutant name -> status, from mutmut's ``.meta`` files for one module."""
     out = {}
-    for meta in metas:
-        if meta.is_file():
-            codes = json.loads(meta.read_text(encoding="utf-8"))["exit_code_by_key"]
-            out.update({name: _status(code) for name, code in codes.items()})
+    for meta in _metas(module):
+        codes = json.loads(meta.read_text(encoding="utf-8"))["exit_code_by_key"]
+        out.update({name: _status(code) for name, code in codes.items()})
     return out
 
 
@@ -108,26 +112,17 @@ def run(modules: list[str], children: int, only: list[str] | None = None) -> Non
     ``only``: just these mutant names (e.g. the survivors of an earlier run, against new tests)."""
     print(f"[mutation] {' '.join(modules)}", flush=True)
     patterns = only if only is not None else [f"hf_cft.{module}.*" for module in modules]
-    # mutmut forks one child per mutant from a process that has imported torch: with intra-op thread pools a child
-    # can inherit a held lock and wait forever (a wall-clock hang that mutmut's CPU-time limit never ends), so the
-    # run is single-threaded
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.setdefault("HF_HUB_OFFLINE", "1")
     subprocess.run(
-        [sys.executable, "-m", "mutmut", "run", *patterns, "--max-children", str(children)], cwd=ROOT, env=env
+        [sys.executable, "-m", "mutmut", "run", *patterns, "--max-children", str(children)], cwd=ROOT, env=_env()
     )
 
 
-def _meta_of(name: str) -> Path:
-    """The ``.meta`` file holding mutant ``name``'s result (``hf_cft.a.b.x_f__mutmut_3`` → ``mutants/hf_cft/a/b.py.meta``,
-    or ``mutants/hf_cft/a/b/__init__.py.meta``)."""
-    parts = name.split(".")
-    for cut in range(len(parts) - 1, 1, -1):
-        base = ROOT / "mutants" / Path(*parts[:cut])
-        for meta in (base.with_suffix(".py.meta"), base / "__init__.py.meta"):
-            if meta.is_file():
-                return meta
-    raise FileNotFoundError(f"no mutmut result file holds {name!r}")
+def _env() -> dict[str, str]:
+    """The environment of a mutant's tests: offline, single-threaded (mutmut forks one child per mutant from a
+    process that has imported torch: with intra-op thread pools a child can inherit a held lock and wait forever)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
 
 
 def run_timeouts_without_fork(modules: list[str], limit_s: int) -> None:
@@ -138,46 +133,34 @@ def run_timeouts_without_fork(modules: list[str], limit_s: int) -> None:
     it should survive, and one that breaks a late test never gets there. Here ``MUTANT_UNDER_TEST`` (which mutmut's
     trampolines read) selects the mutant in a new process that runs the tests mutmut maps to its function, stopping at
     the first failure; the result (killed, survived, or a timeout again after ``limit_s``) replaces the timeout."""
+    from hf_cft.utils import atomic_write_bytes
+
     stats = json.loads((ROOT / "mutants" / "mutmut-stats.json").read_text(encoding="utf-8"))
     tests_by_function = stats["tests_by_mangled_function_name"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.setdefault("HF_HUB_OFFLINE", "1")
+    env = _env()
     for module in modules:
-        for name, status in _results(module).items():
-            if status != "timeout":
-                continue
-            tests = sorted(tests_by_function.get(name.rsplit("__mutmut_", 1)[0], ()))
-            if not tests:
-                code = 33
-            else:
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "pytest",
-                    "-x",
-                    "-q",
-                    "-p",
-                    "no:cacheprovider",
-                    "-m",
-                    "not threads",
-                    *tests,
-                ]
-                try:
-                    rc = subprocess.run(
-                        cmd,
-                        cwd=ROOT / "mutants",
-                        env={**env, "MUTANT_UNDER_TEST": name},
-                        capture_output=True,
-                        timeout=limit_s,
-                    ).returncode
-                    code = 0 if rc == 0 else 5 if rc == 5 else 1
-                except subprocess.TimeoutExpired:
-                    code = -24
-            meta = _meta_of(name)
+        for meta in _metas(module):
             data = json.loads(meta.read_text(encoding="utf-8"))
-            data["exit_code_by_key"][name] = code
-            meta.write_text(json.dumps(data), encoding="utf-8")
-            print(f"[mutation] {name}: {_status(code)} (no fork)", flush=True)
+            codes = data["exit_code_by_key"]
+            for name in [n for n, code in codes.items() if _status(code) == "timeout"]:
+                tests = sorted(tests_by_function.get(name.rsplit("__mutmut_", 1)[0], ()))
+                codes[name] = _run_without_fork(name, tests, env, limit_s) if tests else 33
+                # after each mutant, atomically: an interrupted run keeps every result so far and a whole file
+                atomic_write_bytes(meta, json.dumps(data).encode("utf-8"))
+                print(f"[mutation] {name}: {_status(codes[name])} (no fork)", flush=True)
+
+
+def _run_without_fork(name: str, tests: list[str], env: dict[str, str], limit_s: int) -> int:
+    """mutmut's exit code for mutant ``name`` from its ``tests`` in a pytest process of its own: 1 killed, 0
+    survived, 5 no tests collected, -24 still running after ``limit_s``."""
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not threads", *tests]
+    try:
+        run = subprocess.run(
+            cmd, cwd=ROOT / "mutants", env={**env, "MUTANT_UNDER_TEST": name}, capture_output=True, timeout=limit_s
+        )
+    except subprocess.TimeoutExpired:
+        return -24
+    return run.returncode if run.returncode in (0, 5) else 1
 
 
 def report(modules: list[str], tag: str, diffs: bool = True) -> dict:
@@ -208,7 +191,7 @@ def report(modules: list[str], tag: str, diffs: bool = True) -> dict:
             "not checked": count["not checked"],
             "import time": count["import time"],
             "score": round(100.0 * count["killed"] / reached, 1) if reached else None,
-            # a mutant whose tests ran past the CPU limit broke them too (mutmut's own score counts it caught)
+            # mutmut's own score counts a timeout caught; kept for comparison with older tables, never the score
             "score with timeouts": round(100.0 * (count["killed"] + count["timeout"]) / reached, 1)
             if reached
             else None,
@@ -222,8 +205,8 @@ def report(modules: list[str], tag: str, diffs: bool = True) -> dict:
         f"# Mutation testing{' (' + tag + ')' if tag else ''}",
         "",
         "mutmut over hf_cft's core (`python scripts/mutation.py`); score = killed / (mutants − equivalent − GPU only − no "
-        "tests − not checked − import time), in %; score with timeouts counts a mutant that made its tests run past the "
-        "CPU limit as caught too.",
+        "tests − not checked − import time), in %; a timeout is not a kill (re-run it with --timeouts-without-fork); "
+        "score with timeouts, which counts it caught, is kept for comparison with older tables.",
         "",
         "| module | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 1) + "|",
@@ -272,6 +255,12 @@ def main(argv=None) -> int:
     if args.only_survivors is not None and not args.only_survivors.is_file():
         parser.error(f"--only-survivors: {str(args.only_survivors)!r} is not a file")
     if args.timeouts_without_fork is not None:
+        if args.timeouts_without_fork < 1:
+            parser.error(f"--timeouts-without-fork must be at least 1 second, got {args.timeouts_without_fork}")
+        if not (ROOT / "mutants" / "mutmut-stats.json").is_file():
+            parser.error(
+                "--timeouts-without-fork needs a mutmut run of this checkout first (no mutants/mutmut-stats.json)"
+            )
         run_timeouts_without_fork(modules, args.timeouts_without_fork)
     elif not args.report:
         only = survivor_names(args.only_survivors, modules) if args.only_survivors else None
