@@ -1192,6 +1192,12 @@ def test_unreadable_manifest_and_bundle_files_name_the_bundle(tmp_path):
     assert str(err.value).startswith(f"Bundle {str(folder)!r}: cannot read unified.safetensors (")
 
 
+def _groups_of_a_and_b(spec):
+    from hf_cft.merging.condu import resolve_rescaler_groups
+
+    return resolve_rescaler_groups(spec, ["a", "b"])
+
+
 def test_compute_device_slice_size_rescaler_groups_and_config_refusals_are_exact():
     from hf_cft.merging.condu import DeltaFusionMergerConfig, _rescalers, _unify_key, compute_device
 
@@ -1200,9 +1206,9 @@ def test_compute_device_slice_size_rescaler_groups_and_config_refusals_are_exact
          "int 3."),
         (lambda: compute_device("meta"), "device 'meta': meta tensors hold no values, so nothing can be unified on "
          "them; use 'cpu' or 'cuda'."),
-        (lambda: resolve({"a": 3, "b": ""}), "rescaler_groups gives delta key 'a' the group 3, not a name."),
-        (lambda: resolve({"a": "g", "b": ""}), "rescaler_groups gives delta key 'b' the group '', not a name."),
-        (lambda: resolve(3), "rescaler_groups must be a string, a mapping or a callable, got int."),
+        (lambda: _groups_of_a_and_b({"a": 3, "b": ""}), "rescaler_groups gives delta key 'a' the group 3, not a name."),
+        (lambda: _groups_of_a_and_b({"a": "g", "b": ""}), "rescaler_groups gives delta key 'b' the group '', not a name."),
+        (lambda: _groups_of_a_and_b(3), "rescaler_groups must be a string, a mapping or a callable, got int."),
         (lambda: DeltaFusionMergerConfig(rescaler_groups=3), "rescaler_groups must be a string, a mapping or a "
          "callable, got int."),
         (lambda: DeltaFusionMergerConfig(rescaler="global_sum", rescaler_groups="openai"), "rescaler_groups='openai' "
@@ -1223,12 +1229,6 @@ def test_compute_device_slice_size_rescaler_groups_and_config_refusals_are_exact
         assert str(err.value) == f"slice_size must be a positive multiple of 8, got {bad}"
     # λ = num/den needs both positive and a finite ratio: 0/1 collapses, so does 1e300/1e-10 (inf)
     assert _rescalers([0.0, 1e300, 3.0], [1.0, 1e-10, 2.0]) == ([0.0, 0.0, 1.5], [True, True, False])
-
-
-def resolve(spec):
-    from hf_cft.merging.condu import resolve_rescaler_groups
-
-    return resolve_rescaler_groups(spec, ["a", "b"])
 
 
 def test_merger_options_override_a_given_config_and_the_base_name_comes_from_its_config():

@@ -12,6 +12,7 @@ from peft import LoraConfig, get_peft_model
 
 from hf_cft.errors import AdapterError, BundleError, DeltaError, NonFiniteError
 from hf_cft.merging import (
+    LazyDelta,
     TaskDelta,
     apply_delta,
     base_fingerprint,
@@ -23,6 +24,7 @@ from hf_cft.merging import (
     lora_factor_delta,
     validate_delta,
 )
+from hf_cft.merging.deltas import _Source
 from hf_cft.models import image_features
 from hf_cft.testing import tiny_clip
 
@@ -919,7 +921,7 @@ def test_key_selection_exclusions_and_their_refusals_are_exact(clip_model, tmp_p
     assert sorted(no_bias) == sorted(k for k in floating if not k.endswith(".bias"))
     no_fc1 = delta_from_models(clip_model, ft, exclude=(FC1,))
     assert sorted(no_fc1) == sorted(k for k in floating if k != FC1)
-    lazy = deltas_module().LazyDelta.from_models(clip_model, ft, exclude=("bias",))
+    lazy = LazyDelta.from_models(clip_model, ft, exclude=("bias",))
     assert sorted(lazy) == sorted(no_bias)
     frozen = copy.deepcopy(ft).requires_grad_(False)
     refusals = [
@@ -956,12 +958,6 @@ def test_key_selection_exclusions_and_their_refusals_are_exact(clip_model, tmp_p
     assert str(err.value) == f"Tensor {FC1!r} of the delta (fine-tuned − base) holds 2 NaN/inf value(s)."
 
 
-def deltas_module():
-    from hf_cft.merging import deltas
-
-    return deltas
-
-
 def test_deltas_of_float64_and_bf16_inputs_are_fp32_and_exact():
     """θ_ft − θ⁰ is taken in fp32 whatever the inputs' dtype: float64 inputs give fp32, and two bf16 tensors give
     their exact difference (257), not the bf16-rounded one."""
@@ -970,7 +966,7 @@ def test_deltas_of_float64_and_bf16_inputs_are_fp32_and_exact():
     for delta in (delta_from_models(base, ft), dict(iter_delta(base, ft))):
         assert {k: t.dtype for k, t in delta.items()} == {"w": torch.float32, "v": torch.float32}
         assert delta["w"].tolist() == [257.0, 0.0] and delta["v"].tolist() == [0.25]
-    lazy = deltas_module().LazyDelta({"v": (1,)}, lambda key: ft["v"] - base["v"])
+    lazy = LazyDelta({"v": (1,)}, lambda key: ft["v"] - base["v"])
     assert lazy["v"].dtype == torch.float32
 
 
@@ -1037,7 +1033,7 @@ def test_a_checkpoint_shard_replaced_after_indexing_is_named_with_its_tensor(cli
 
     clip_model.save_pretrained(tmp_path / "ft")
     file = tmp_path / "ft" / "model.safetensors"
-    source = deltas_module()._Source(tmp_path / "ft", "fine-tuned model")  # what iter_delta reads through
+    source = _Source(tmp_path / "ft", "fine-tuned model")  # what iter_delta reads through
     save_file({"other": torch.ones(1)}, str(file))
     for read in (source.shape, source.is_floating, source.get, lambda key: source.head_values(key, 3)):
         with pytest.raises(BundleError) as err:
