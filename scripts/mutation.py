@@ -17,7 +17,12 @@ which this CPU-only project cannot run: counted apart, not as equivalent). The s
 killed / (mutants − equivalent − GPU only − not reached by any test − not run yet).
 
 Writes ``benchmarks/results/mutation.md`` / ``.json`` (per module: mutants, killed, equivalent, survived, no tests,
-timeout, score) and ``benchmarks/results/mutation-survivors.md`` (each survivor's diff).
+timeout, score), ``benchmarks/results/mutation-survivors.md`` (each survivor's diff) and
+``benchmarks/results/mutation-status.tsv`` (every mutant's result, per function with a hash of its source). A
+later run given ``--base`` that file takes these results for the mutants of unchanged functions it does not run:
+
+    python scripts/mutation.py --only-survivors benchmarks/results/mutation-survivors-latest.md \
+        --base benchmarks/results/mutation-status-latest.tsv --tag latest
 """
 
 from __future__ import annotations
@@ -51,7 +56,13 @@ TESTS = {
     "utils": ["test_rule_gaps.py", "test_condu.py"],
     # added by issue 18 (merging beyond mergekit and FusionBench)
     "merging.methods": ["test_merging_methods.py", "test_merge_registry_methods.py", "test_merging_fused.py"],
-    "merging.streaming": ["test_merge_config.py", "test_merging_speed.py", "test_merge_registry.py"],
+    "merging.streaming": [
+        "test_merge_config.py",
+        "test_merging_speed.py",
+        "test_merge_registry.py",
+        "test_streaming_io.py",
+        "test_streaming_merge.py",
+    ],
     "merging.registry": ["test_merge_registry.py", "test_merge_registry_methods.py"],
     "merging.data_dependent": ["test_merging_data_dependent.py", "test_merge_config.py"],
     "merging.fused": ["test_merging_fused.py"],
@@ -90,13 +101,81 @@ def _metas(module: str) -> list[Path]:
     return [meta for meta in metas if meta.is_file()]
 
 
-def _results(module: str) -> dict[str, str]:
-    """mutant name -> status, from mutmut's ``.meta`` files for one module."""
-    out = {}
+def _results(module: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(mutant name -> status, function -> mutmut's hash of its source), from mutmut's ``.meta`` files for one
+    module; functions are named like their mutants (``hf_cft.merging.pam.x_merge``)."""
+    out, hashes = {}, {}
     for meta in _metas(module):
-        codes = json.loads(meta.read_text(encoding="utf-8"))["exit_code_by_key"]
-        out.update({name: _status(code) for name, code in codes.items()})
+        data = json.loads(meta.read_text(encoding="utf-8"))
+        out.update({name: _status(code) for name, code in data["exit_code_by_key"].items()})
+        prefix = next(iter(data["exit_code_by_key"]), "").rsplit(".", 1)[0]  # hf_cft.<module path>
+        hashes.update({f"{prefix}.{fn}": h for fn, h in data.get("hash_by_function_name", {}).items()})
+    return out, hashes
+
+
+def _function(name: str) -> str:
+    return name.rsplit("__mutmut_", 1)[0]
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3,7"``."""
+    out, numbers = [], sorted(numbers)
+    start = prev = numbers[0]
+    for n in numbers[1:] + [None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if n is not None:
+            start = prev = n
+    return ",".join(out)
+
+
+def write_status(path: Path, results: dict[str, str], hashes: dict[str, str]) -> None:
+    """Every mutant's status, one line per function: ``function<TAB>source hash<TAB>status=1-40,42;...``; a later
+    ``--base`` run takes from it the status of each mutant it did not run whose function is unchanged."""
+    from hf_cft.utils import atomic_write_bytes
+
+    by_function: dict[str, dict[str, list[int]]] = {}
+    for name, status in results.items():
+        by_function.setdefault(_function(name), {}).setdefault(status, []).append(int(name.rsplit("_", 1)[1]))
+    lines = ["# function\tmutmut's hash of its source\tstatus=mutant numbers (scripts/mutation.py --base reads this)"]
+    for fn in sorted(by_function):
+        cells = ";".join(f"{st}={_ranges(nums)}" for st, nums in sorted(by_function[fn].items()))
+        lines.append(f"{fn}\t{hashes.get(fn, '')}\t{cells}")
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+
+
+def read_status(path: Path) -> dict[str, tuple[str, dict[int, str]]]:
+    """function -> (source hash, mutant number -> status), from a file :func:`write_status` wrote."""
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        fn, digest, cells = line.split("\t")
+        numbers = {}
+        for cell in cells.split(";"):
+            status, _, spans = cell.partition("=")
+            for span in spans.split(","):
+                lo, _, hi = span.partition("-")
+                numbers.update(dict.fromkeys(range(int(lo), int(hi or lo) + 1), status))
+        out[fn] = (digest, numbers)
     return out
+
+
+def _carry(results: dict[str, str], hashes: dict[str, str], base) -> int:
+    """Fill in, from ``base`` (:func:`read_status`), each mutant this checkout has not run whose function's source
+    is unchanged (same hash, same mutants); a changed function keeps "not checked" until it is run. Returns how many."""
+    carried = 0
+    for name, status in results.items():
+        fn = _function(name)
+        if status != "not checked" or fn not in base or not hashes.get(fn) or base[fn][0] != hashes[fn]:
+            continue
+        old = base[fn][1].get(int(name.rsplit("_", 1)[1]))
+        if old is not None and old != "not checked":
+            results[name] = old
+            carried += 1
+    return carried
 
 
 def survivor_names(path: Path, modules: list[str]) -> list[str]:
@@ -163,11 +242,15 @@ def _run_without_fork(name: str, tests: list[str], env: dict[str, str], limit_s:
     return run.returncode if run.returncode in (0, 5) else 1
 
 
-def report(modules: list[str], tag: str, diffs: bool = True) -> dict:
+def report(modules: list[str], tag: str, diffs: bool = True, base: Path | None = None) -> dict:
     equivalent = _equivalent()
-    table, survivors = {}, []
+    previous = read_status(base) if base is not None else {}
+    table, survivors, everything, all_hashes = {}, [], {}, {}
     for module in modules:
-        res = _results(module)
+        res, hashes = _results(module)
+        carried = _carry(res, hashes, previous)
+        everything.update(res)
+        all_hashes.update(hashes)
         count = Counter()
         for name, status in res.items():
             if any(marker in name for marker in IMPORT_TIME):
@@ -195,18 +278,21 @@ def report(modules: list[str], tag: str, diffs: bool = True) -> dict:
             "score with timeouts": round(100.0 * (count["killed"] + count["timeout"]) / reached, 1)
             if reached
             else None,
+            "from base": carried,
         }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"mutation{'-' + tag if tag else ''}"
+    write_status(RESULTS / f"mutation-status{'-' + tag if tag else ''}.tsv", everything, all_hashes)
     stem.with_suffix(".json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
     cols = ["mutants", "killed", "equivalent", "GPU only", "survived", "no tests", "timeout", "not checked"]
-    cols += ["import time", "score", "score with timeouts"]
+    cols += ["import time", "score", "score with timeouts", "from base"]
     lines = [
         f"# Mutation testing{' (' + tag + ')' if tag else ''}",
         "",
         "mutmut over hf_cft's core (`python scripts/mutation.py`); score = killed / (mutants − equivalent − GPU only − no "
         "tests − not checked − import time), in %; a timeout is not a kill (re-run it with --timeouts-without-fork); "
-        "score with timeouts, which counts it caught, is kept for comparison with older tables.",
+        "score with timeouts, which counts it caught, is kept for comparison with older tables; from base: results "
+        "taken from an earlier run's status file (--base) for mutants of unchanged functions that this run did not run.",
         "",
         "| module | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 1) + "|",
@@ -237,6 +323,12 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default="", help="suffix of the result files (e.g. before / after)")
     parser.add_argument("--names-only", action="store_true", help="list the survivors by name, without their diffs")
     parser.add_argument(
+        "--base",
+        type=Path,
+        help="an earlier run's mutation-status-<tag>.tsv: each mutant this checkout did not run takes its status "
+        "from there when its function's source is unchanged (re-run survivors and changed functions, report all)",
+    )
+    parser.add_argument(
         "--only-survivors",
         type=Path,
         help="re-run only the mutants a survivors file lists (mutmut keeps the other results of this checkout)",
@@ -252,6 +344,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown module(s) {unknown}; choose from {list(TESTS)}")
     modules = args.modules or list(TESTS)
+    if args.base is not None and not args.base.is_file():
+        parser.error(f"--base: {str(args.base)!r} is not a file")
     if args.only_survivors is not None and not args.only_survivors.is_file():
         parser.error(f"--only-survivors: {str(args.only_survivors)!r} is not a file")
     if args.timeouts_without_fork is not None:
@@ -268,7 +362,7 @@ def main(argv=None) -> int:
             print(f"[mutation] {args.only_survivors} lists no survivor of {', '.join(modules)}: nothing to re-run")
         else:
             run(modules, args.children, only)
-    report(modules, args.tag, diffs=not args.names_only)
+    report(modules, args.tag, diffs=not args.names_only, base=args.base)
     return 0
 
 

@@ -42,3 +42,52 @@ def test_timeouts_run_again_without_fork_become_killed_survived_or_no_tests(tmp_
         "hf_cft.pkg.mod.x_g__mutmut_1": "no tests",
         "hf_cft.pkg.mod.x_f__mutmut_3": "survived",
     }
+
+
+def test_status_file_round_trips_and_carries_only_unchanged_functions(tmp_path):
+    """write_status stores each mutant's result per function with its source hash (numbers as ranges); --base takes a
+    result from it only for a mutant this run did not check whose function's hash is unchanged."""
+    mutation = _script()
+    results = {f"hf_cft.m.x_f__mutmut_{i}": "killed" for i in (1, 2, 3, 7)}
+    results |= {"hf_cft.m.x_f__mutmut_5": "survived", "hf_cft.m.x_g__mutmut_1": "no tests"}
+    path = tmp_path / "status.tsv"
+    mutation.write_status(path, results, {"hf_cft.m.x_f": "aaa", "hf_cft.m.x_g": "bbb"})
+    assert "hf_cft.m.x_f\taaa\tkilled=1-3,7;survived=5" in path.read_text().splitlines()
+    base = mutation.read_status(path)
+    assert base["hf_cft.m.x_f"] == ("aaa", {1: "killed", 2: "killed", 3: "killed", 7: "killed", 5: "survived"})
+
+    now = {
+        "hf_cft.m.x_f__mutmut_1": "not checked",  # unchanged function, not run: carried
+        "hf_cft.m.x_f__mutmut_5": "killed",  # run now: the new result stands
+        "hf_cft.m.x_f__mutmut_9": "not checked",  # not in the base: stays not checked
+        "hf_cft.m.x_g__mutmut_1": "not checked",  # its function changed: stays not checked
+    }
+    carried = mutation._carry(now, {"hf_cft.m.x_f": "aaa", "hf_cft.m.x_g": "ccc"}, base)
+    assert carried == 1
+    assert now == {
+        "hf_cft.m.x_f__mutmut_1": "killed",
+        "hf_cft.m.x_f__mutmut_5": "killed",
+        "hf_cft.m.x_f__mutmut_9": "not checked",
+        "hf_cft.m.x_g__mutmut_1": "not checked",
+    }
+
+
+def test_report_with_base_counts_carried_results_and_writes_every_status(tmp_path, monkeypatch):
+    """The report of a run that re-ran one survivor takes the module's other results from the base status file and
+    says how many it took; the status file it writes holds the whole module."""
+    mutation = _script()
+    monkeypatch.setattr(mutation, "ROOT", tmp_path)
+    monkeypatch.setattr(mutation, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(mutation, "EQUIVALENT", tmp_path / "results" / "equivalent.tsv")
+    (tmp_path / "mutants" / "hf_cft").mkdir(parents=True)
+    codes = {"hf_cft.mod.x_f__mutmut_1": None, "hf_cft.mod.x_f__mutmut_2": 1, "hf_cft.mod.x_f__mutmut_3": None}
+    meta = {"exit_code_by_key": codes, "hash_by_function_name": {"x_f": "h1"}}
+    (tmp_path / "mutants" / "hf_cft" / "mod.py.meta").write_text(json.dumps(meta))
+    base = tmp_path / "base.tsv"
+    base.write_text("hf_cft.mod.x_f\th1\tkilled=1;survived=2-3\n")
+    table = mutation.report(["mod"], "t", diffs=False, base=base)
+    row = table["mod"]
+    assert (row["killed"], row["survived"], row["from base"], row["score"]) == (2, 1, 2, 66.7)
+    written = mutation.read_status(tmp_path / "results" / "mutation-status-t.tsv")
+    assert written == {"hf_cft.mod.x_f": ("h1", {1: "killed", 2: "killed", 3: "survived"})}
+    assert "hf_cft.mod.x_f__mutmut_3" in (tmp_path / "results" / "mutation-survivors-t.md").read_text()
