@@ -1128,3 +1128,22 @@ def test_validate_delta_refuses_non_mappings_empty_and_non_float_entries_and_con
     assert all_finite(torch.ones(3, dtype=torch.int64)) and all_finite(torch.ones(2))
     assert not all_finite(torch.tensor([1.0, math.inf])) and not all_finite(torch.tensor([complex(0, math.nan)]))
     assert all_finite(torch.full((4,), 3e38))  # the sum overflows, every entry is finite
+
+
+def test_apply_delta_names_the_model_class_and_an_expert_takes_pairs_or_an_unchecked_mapping():
+    """``apply_delta`` refuses a key the model lacks naming the key and the model's class. ``FunctionalExpert``
+    takes (key, δ) pairs as well as a mapping (each key checked as it comes); ``check=False`` skips the up-front
+    check of a mapping, the base fingerprint included."""
+    from hf_cft.merging import FunctionalExpert
+
+    linear = torch.nn.Linear(2, 2)
+    with pytest.raises(DeltaError) as err:
+        apply_delta(linear, {"nope": torch.zeros(1)})
+    assert str(err.value) == "Delta key 'nope' is not a parameter or buffer of Linear."
+    d = torch.tensor([[1.0, -2.0], [0.5, 4.0]])
+    want = linear.weight.detach() + 0.5 * d
+    assert torch.equal(FunctionalExpert(linear, [("weight", d)], scale=0.5).params["weight"], want)
+    other_base = TaskDelta(weight=d, base_fingerprint="0" * 24)
+    with pytest.raises(DeltaError, match="another base model"):
+        FunctionalExpert(linear, other_base, scale=0.5)
+    assert torch.equal(FunctionalExpert(linear, other_base, scale=0.5, check=False).params["weight"], want)

@@ -153,3 +153,45 @@ def test_consensus_tall_masks_are_strict_so_an_exact_tie_is_not_a_vote():
     assert tied["w"].tolist() == [0.0, 0.0, 0.0]
     kept = _run("consensus", [d, dict(d)], {"k": 1, "weight": 1.0, "tall_lambda": 0.75})
     assert kept["w"].tolist() == [2.0, -4.0, 1.0]
+
+
+def test_consensus_and_magmax_whole_tensor_kernels_keep_the_blocked_rules_in_fp64():
+    """Off the blocked fp32 CPU kernels (what a GPU runs; here fp64 tensors given to the kernels directly) the
+    rules stay: a TALL mask is strict (an exact tie is no vote), and MagMax's ``later`` fold keeps the larger or equal
+    magnitude, whichever input is fp64."""
+    a, b = {"w": torch.tensor([2.0, 3.0])}, {"w": torch.tensor([2.0, 1.0])}  # x[0]: |τ_t| = |Σ − τ_t| = 2 for both
+    for dtype in (torch.float32, torch.float64):
+        pair = [{"w": d["w"].to(dtype)} for d in (a, b)]
+        got = _run("consensus", pair, {"k": 1, "weight": 1.0, "tall_lambda": 1.0})
+        assert got["w"].tolist() == [0.0, 4.0], dtype
+    best, value = torch.tensor([1.0, -2.0, 3.0, -0.5]), torch.tensor([-1.0, 1.0, -4.0, 0.25])
+    want = [-2.0, -4.0, -8.0, -1.0]  # 2·(−1: the later wins the tie; −2; −4; −0.5)
+    for first, second in ((torch.float32, torch.float64), (torch.float64, torch.float32)):
+        got = _run("magmax", [{"w": best.to(first)}, {"w": value.to(second)}], {"weight": 2.0})
+        assert got["w"].tolist() == want, (first, second)
+
+
+def test_method_providers_are_imported_once_on_the_first_look_up(tmp_path, monkeypatch):
+    """The modules in PROVIDERS are imported on the first look-up (registering their methods) and not again: a
+    provider dropped from sys.modules afterwards is not re-run by later look-ups."""
+    import sys
+
+    from hf_cft.merging import registry
+
+    (tmp_path / "hf_cft_test_provider.py").write_text(
+        "from hf_cft.merging.registry import MergeMethod, register\n"
+        "register(MergeMethod(name='test_provider_sum', kind='tensor', fn=lambda deltas, ctx: sum(deltas)))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # the table as it was comes back afterwards
+    monkeypatch.setattr(registry, "PROVIDERS", ["hf_cft.merging.baselines", "hf_cft_test_provider"])
+    monkeypatch.setattr(registry, "_LOADED", False)
+    try:
+        assert "test_provider_sum" in method_names() and "ties" in method_names()
+        del sys.modules["hf_cft_test_provider"]
+        del registry._METHODS["test_provider_sum"]
+        assert "test_provider_sum" not in method_names()
+        with pytest.raises(MergeConfigError, match="got 'test_provider_sum'"):
+            get_method("test_provider_sum")
+    finally:
+        sys.modules.pop("hf_cft_test_provider", None)

@@ -1248,3 +1248,126 @@ def test_lora_slots_of_an_adapter_without_layers_is_refused_exactly():
     with pytest.raises(AdapterError) as err:
         lora_slots(model, "other", "MergeTune weight space")
     assert str(err.value) == "MergeTune weight space: adapter 'other' has no LoRA layers."
+
+
+# ------------------------------------------------------------------------------------------------ pinned by mutation tests
+
+
+def test_class_logits_keep_the_attention_mask_of_padded_prompts():
+    """On a bidirectional text tower (AltCLIP) padding is seen unless masked: ClassLogits' class features are the
+    renormalised template mean of the masked prompts' features, and its logits use them."""
+    from hf_cft.models import tokenize_prompts
+    from hf_cft.models.clip import logit_scale
+    from hf_cft.testing import tiny_family
+    from hf_cft.trainers.mergetune_weightspace import ClassLogits
+
+    model, tok = tiny_family("altclip")
+    prompts = [t.format(c) for c in ("cat", "sea lion") for t in TEMPLATES]
+    enc = tokenize_prompts(tok, prompts, model)
+    assert not bool(enc["attention_mask"].all())  # the "cat" prompts are padded
+    px = torch.rand(2, 3, 30, 30, generator=torch.Generator().manual_seed(0))
+    module = ClassLogits(model)
+    with torch.no_grad():
+        per_prompt = text_features(model, enc["input_ids"], enc["attention_mask"])
+        unmasked = text_features(model, enc["input_ids"], None)
+        want = F.normalize(per_prompt.view(2, 2, -1).mean(1), dim=-1)
+        text = module(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], num_templates=2, what="text")
+        logits = module(
+            pixel_values=px, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], num_templates=2
+        )
+        want_logits = logit_scale(model) * image_features(model, px) @ want.t()
+    assert (unmasked - per_prompt).abs().max() > 1e-6  # the mask matters on this tower
+    torch.testing.assert_close(text, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-6, atol=1e-6)
+
+
+def test_a_frozen_tensor_the_finetuned_model_lacks_is_skipped_without_error(toy_tokenizer, tmp_path, data):
+    """A frozen tensor of the continued model that ŵ2 does not hold is not compared (no error, no warning)."""
+    model = tiny_clip()
+    model.register_parameter("extra_frozen", torch.nn.Parameter(torch.ones(3), requires_grad=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _build(model, tmp_path, tiny_clip(), data, toy_tokenizer, tau=0.0)
+    assert not [w for w in caught if "frozen tensor" in str(w.message)]
+    assert "extra_frozen" not in trainer.weight_space.w_ft
+
+
+def test_the_weight_fisher_of_a_bf16_model_accumulates_in_fp32(toy_tokenizer, tmp_path, data):
+    """The per-example squared gradients of a bf16 model are summed into fp32 Fisher tensors."""
+    from hf_cft.trainers.mergetune_weightspace import estimate_weight_fisher
+
+    model = _lora(targets=TEXT_ONLY, seed=3).to(torch.bfloat16)
+    ft = _saved(tmp_path, "ft", _lora(targets=TEXT_ONLY, seed=1))
+    trainer = _build(model, tmp_path, ft, data, toy_tokenizer)
+    coords, fixed, _ = trainer.weight_space.fisher_coordinates()
+    assert {v.dtype for v in coords.values()} == {torch.bfloat16}
+    px = trainer.data_collator([data[0]])["pixel_values"].to(torch.bfloat16)
+    text = trainer._text_inputs(train=False)
+    fisher, count = estimate_weight_fisher(
+        trainer._logits_fn, coords, fixed, [px], text, trainer.weight_space.towers, "argmax"
+    )
+    assert count == 1 and set(fisher) == set(coords)
+    assert {v.dtype for v in fisher.values()} == {torch.float32}
+    assert all(bool(v.abs().sum() > 0) for v in fisher.values())
+
+
+def test_the_shard_by_shard_path_hands_a_batchs_image_inputs_to_each_alpha_and_matches_the_plain_path(
+    toy_tokenizer, tmp_path, data, monkeypatch
+):
+    """The FSDP2 path term runs the model at each α with the batch's other image inputs (SigLIP2's NaFlex mask,
+    recorded here on a CLIP model, which takes none); unsharded it equals the functional_call path."""
+    trainer = _build(tiny_clip(), tmp_path, _full_ft(), data, toy_tokenizer, num_alphas=2)
+    trainer.current_gradient_accumulation_steps = 1  # what the training loop sets
+    batch = trainer.data_collator([data[i] for i in range(4)])
+    text = trainer._text_inputs(train=False)
+    alphas = [0.25, 0.75]
+    forward, seen = trainer.model.forward, []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.pop("pixel_attention_mask", None))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.model, "forward", recording)
+    mask = torch.ones(4, 9)
+    trainer.model.eval()
+    with torch.no_grad():
+        path = trainer._sharded_path(
+            trainer.model, {**batch, "pixel_attention_mask": mask}, text, batch["labels"], alphas
+        )
+        plain = trainer._weight_space_path(batch["pixel_values"], None, None, text, batch["labels"], alphas, {})
+    assert len(seen) == 2 and all(m is mask for m in seen)
+    torch.testing.assert_close(path, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_the_sharded_anchor_logs_the_sum_over_processes(toy_tokenizer, tmp_path, data, monkeypatch):
+    """Under FSDP2 each process's anchor is its shards' sum; the logged anchor is the all-reduced total (here a
+    second process holding an equal shard, simulated by an all_reduce that doubles), the task and path terms are
+    those of the plain path."""
+    import torch.distributed as dist
+
+    def build():
+        model = tiny_clip()
+        model.logit_scale.requires_grad_(False)
+        trainer = _build(model, tmp_path, _full_ft(), data, toy_tokenizer, num_alphas=2, anchor="sq_l2")
+        _perturb([p for p in model.parameters() if p.requires_grad], seed=9)  # w ≠ ŵ1: a non-zero anchor
+        trainer.current_gradient_accumulation_steps = 1  # what the training loop sets
+        trainer.model.eval()
+        return trainer
+
+    def parts(trainer, batch):
+        trainer._metric_sums["eval"] = {}
+        with torch.no_grad():
+            trainer.compute_loss(trainer.model, batch)
+        return {k: v[-1] for k, v in trainer._metric_sums["eval"].items()}
+
+    plain = build()
+    batch = plain.data_collator([data[i] for i in range(4)])
+    want = parts(plain, batch)
+    sharded = build()
+    monkeypatch.setattr(sharded, "_fsdp_shards", lambda: True)  # what a model wrapped by fully_shard reports
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: t.mul_(2))  # the other process's equal shard
+    got = parts(sharded, batch)
+    assert want["loss_anchor"] > 0
+    assert got["loss_anchor"] == pytest.approx(2 * want["loss_anchor"], rel=1e-6)
+    assert got["loss_task"] == pytest.approx(want["loss_task"], rel=1e-6)
+    assert got["loss_path"] == pytest.approx(want["loss_path"], rel=1e-5)

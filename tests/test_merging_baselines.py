@@ -956,3 +956,80 @@ def test_two_pass_model_ties_counts_votes_over_every_key_and_keeps_the_sign_unit
 def test_trim_top_k_refuses_a_nan_instead_of_dropping_it(dtype):
     with pytest.raises(NonFiniteError, match=r"^trim_top_k: the tensor holds NaN or inf.$"):
         trim_top_k(T([float("nan"), 1.0, 2.0, 3.0]).to(dtype), 0.5)
+
+
+def test_registry_ties_and_consensus_torch_kernels_scale_every_input_by_a_weight_of_two_over_several_blocks(
+    monkeypatch,
+):
+    """The blocked torch kernels (HF_CFT_FUSED=0) over more than one stacked block (the last one shorter), every
+    input's weight 2.0: TIES equals the whole-tensor formula on 2·trim(τ_t), its tied drops resolved by position in
+    every block; consensus equals Σ_t 2·τ_t kept where ≥ k masks |2·τ_t| > λ·|Σ − 2·τ_t| select it."""
+    from hf_cft.merging.baselines import BLOCK
+    from hf_cft.merging.streaming import merge_deltas
+
+    monkeypatch.setenv("HF_CFT_FUSED", "0")
+    g = torch.Generator().manual_seed(8)
+    n = BLOCK // 2 + 5000  # two inputs: stacked blocks of BLOCK / 2 entries, so two blocks
+    flats = [torch.randint(-8, 9, (n,), generator=g).float() / 4 for _ in range(2)]  # dyadic: exact sums, many ties
+    deltas = [{"w": f} for f in flats]
+    twice = [{"weight": 2.0}, {"weight": 2.0}]
+    got = merge_deltas(deltas, "ties", {"density": 0.3}, twice)["w"]
+    want = _elect_disjoint(torch.stack([2.0 * trim_top_k(f, 0.3) for f in flats]), "mean")
+    assert torch.equal(got, want)
+    got = merge_deltas(deltas, "consensus", {"k": 2, "tall_lambda": 0.5}, twice)["w"]
+    scaled = [2.0 * f for f in flats]
+    total = scaled[0] + scaled[1]
+    votes = sum((s.abs() > 0.5 * (total - s).abs()).int() for s in scaled)
+    assert torch.equal(got, total * (votes >= 2))
+
+
+def test_small_inputs_are_trimmed_on_the_calling_thread_when_torch_runs_two(monkeypatch):
+    """Below PARALLEL_MIN entries the registry's TIES selects each input's threshold on the calling thread (no pool
+    is made) even where torch runs two threads and numba is absent; the merge is the whole-tensor formula."""
+    from hf_cft.merging import baselines
+    from hf_cft.merging.streaming import merge_deltas
+
+    monkeypatch.setenv("HF_CFT_FUSED", "0")
+    monkeypatch.setattr(baselines.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(baselines, "_POOL", None)
+    a, b = T([4.0, -1.0, 2.0, 0.5]), T([-3.0, 2.0, 1.0, -0.25])
+    got = merge_deltas([{"w": a}, {"w": b}], "ties", {"density": 0.5})["w"]
+    assert got.tolist() == [4.0, 2.0, 2.0, 0.0]  # kept: a's 4, 2 and b's −3, 2; σ = (+, +, +, 0)
+    assert baselines._POOL is None
+
+
+def test_blocked_magmax_reuses_its_block_buffers_without_resizing_them():
+    """_magmax_into over two blocks (the last one shorter) writes each step into the first m entries of its block
+    buffers: torch warns (a deprecated resize) when an out= tensor has another size, so none may be raised."""
+    import warnings
+
+    from hf_cft.merging.baselines import BLOCK, _magmax_into
+
+    g = torch.Generator().manual_seed(2)
+    best = torch.randint(-8, 9, (BLOCK + 1000,), generator=g).float() / 4
+    value = torch.randint(-8, 9, (BLOCK + 1000,), generator=g).float() / 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _magmax_into(best.clone(), value, "later", 2.0)
+    x = 2.0 * value
+    assert torch.equal(got, torch.where(x.abs() >= best.abs(), x, best))
+
+
+def test_model_scope_ties_counts_an_input_without_a_key_or_without_any_key_as_zeros():
+    """The registry's model-wide trim (prepare pass): an input lacking a key counts zeros there in its ranking, and
+    an input with no key at all has threshold 0; the majority sign counts the entries equal to a threshold as kept."""
+    from hf_cft.merging.streaming import merge_deltas
+
+    a = {"x": T([1.0, -2.0, 3.0, -4.0]), "y": T([5.0, 0.5])}
+    b = {"x": T([0.25, -3.0, 2.0, -1.0])}  # no y: two zeros in its ranking
+    # b: |τ| of 6 entries [0, 0, 0.25, 1, 2, 3], keep int(6·0.5) = 3: the 3rd smallest, 0.25, is the threshold
+    # a: [0.5, 1, 2, 3, 4, 5]: the 3rd smallest, 2
+    got = merge_deltas([a, b], "ties", {"trim_scope": "model", "density": 0.5, "merge": "sum"})
+    assert got["x"].tolist() == [0.25, -5.0, 5.0, -5.0] and got["y"].tolist() == [5.0, 0.0]
+    close(got, ties([a, {**b, "y": T([0.0, 0.0])}], k=0.5, lam=1.0, trim_scope="model", merge="sum"))
+    alone = merge_deltas([a, {}], "ties", {"trim_scope": "model", "density": 0.5, "merge": "sum"})
+    close(alone, {"x": T([0.0, -2.0, 3.0, -4.0]), "y": T([5.0, 0.0])})
+    # a's threshold is 1 (the smallest of 4, keep 3) and only its entry equal to it votes +: σ = + at the exact ties
+    c, d = {"x": T([1.0, 4.0, -4.0, 2.0])}, {"x": T([0.0, -4.0, 4.0, -2.0])}
+    got = merge_deltas([c, d], "ties", {"trim_scope": "model", "density": 0.75})
+    assert got["x"].tolist() == [1.0, 4.0, 4.0, 2.0]

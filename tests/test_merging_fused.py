@@ -204,3 +204,32 @@ def test_a_large_fp64_tensor_is_trimmed_like_its_fp32_copy():
     g = torch.Generator().manual_seed(5)
     x = torch.randint(-64, 65, (fused.SELECT_MIN + 17,), generator=g).float() / 8
     torch.testing.assert_close(trim_top_k(x.double(), 0.3).float(), trim_top_k(x, 0.3), rtol=0, atol=0)
+
+
+def test_fused_ties_mean_rounds_the_thresholds_to_fp32_as_the_torch_kernel_does():
+    """The torch kernel compares |τ| with its thresholds as fp32 (``torch.tensor(..., dtype=float32)``), so the
+    fused one does too: at a threshold of 0.7 (fp32: 0.69999999) an entry equal to fp32(0.7) is kept."""
+    x = torch.tensor([0.7, -0.7, 0.5, -0.25])
+    limit = torch.tensor(0.7, dtype=torch.float32)
+    assert torch.equal(x.abs() >= limit, torch.tensor([True, True, False, False]))
+    got = fused.ties_mean([x], [0.7], [None], [1.0])
+    assert torch.equal(got, torch.tensor([0.7, -0.7, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("kind", ["ints", "randn"])
+def test_radix_selection_is_exact_with_one_histogram_per_thread_of_a_four_core_machine(monkeypatch, kind):
+    """kth_largest_magnitudes splits the entries into one chunk per numba thread (here four, as on a four-core
+    machine) and collects each chunk's entries of the selected bucket from its own offset on: every rank's value and
+    its counts of greater and equal magnitudes are those of a full sort."""
+    import numba
+    import numpy as np
+
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 4)
+    x = _deltas(1, kind, seed=9)[0]["w"].reshape(-1).numpy()
+    mags = np.sort(np.abs(x))[::-1]
+    n = x.size
+    ranks = [1, 2, 7, n // 5, n // 3, n // 2, n - 3, n]
+    got = fused.kth_largest_magnitudes(x, ranks)
+    for r, (value, greater, equal) in zip(ranks, got):
+        v = mags[r - 1]
+        assert (value, greater, equal) == (float(v), int((mags > v).sum()), int((mags == v).sum())), r

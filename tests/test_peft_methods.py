@@ -1091,3 +1091,129 @@ def test_coop_features_without_classnames_anywhere_are_refused_exactly(toy_token
     with pytest.raises(AdapterError) as err:
         model.class_text_features(toy_tokenizer)
     assert str(err.value) == "CoOp adapter 'default' has no classnames; pass classnames=[...]."
+
+
+# ----------------------------------------------------------- layer and config rules (pinned by mutation tests)
+
+
+def test_coop_layer_hands_input_ids_and_every_keyword_to_the_wrapped_embeddings():
+    """AltCLIP's RoBERTa embeddings derive positions from input_ids (padding keeps the padding index) and take
+    extra keywords (past_key_values_length shifts the positions): the CoOp layer passes input_ids with its
+    context-filled inputs_embeds and every keyword on, with the adapter active or disabled."""
+    from hf_cft.testing import tiny_family
+
+    model, tok = tiny_family("altclip")
+    coop = get_peft_model(model, CoOpConfig(n_ctx=2, init_std=0.5, classnames=["cat", "sea lion"]).set_tokenizer(tok))
+    layer = coop.base_model._coop_layer()
+    base = layer.get_base_layer()
+    ids = coop.base_model.build_prompts(tok, ["cat", "sea lion"])["input_ids"]
+    assert bool((ids == tok.pad_token_id).any())  # "cat" is padded: its positions differ from a plain count
+    ph = layer.coop_placeholder_id["default"]
+    with torch.no_grad():
+        embeds = base.word_embeddings(ids).clone()
+        embeds[ids == ph] = layer.coop_ctx["default"].repeat(2, 1)
+        for kwargs in ({}, {"past_key_values_length": 2}):
+            want = base(input_ids=ids, inputs_embeds=embeds, **kwargs)
+            torch.testing.assert_close(layer(input_ids=ids, **kwargs), want, rtol=0, atol=0)
+            assert not torch.allclose(base(inputs_embeds=embeds, **kwargs), want)  # input_ids count
+        with coop.disable_adapter():
+            want = base(input_ids=ids, past_key_values_length=2)
+            torch.testing.assert_close(layer(input_ids=ids, past_key_values_length=2), want, rtol=0, atol=0)
+            assert not torch.allclose(base(input_ids=ids), want)  # the keyword counts
+
+
+def test_coop_features_keep_the_attention_mask_and_normalise_only_when_asked():
+    """On a bidirectional text tower (AltCLIP) padding is seen unless masked: CoOp's class features of a
+    ctx_init adapter equal the hand-crafted prompts' features with their attention mask, raw with normalize=False
+    and unit-norm by default."""
+    import torch.nn.functional as F
+
+    from hf_cft.testing import tiny_family
+
+    base, tok = tiny_family("altclip")
+    names = ["cat", "sea lion"]
+    coop = get_peft_model(tiny_family("altclip")[0], CoOpConfig(ctx_init="a photo of a").set_tokenizer(tok))
+    enc = tokenize_prompts(tok, [f"a photo of a {c}." for c in names], base)
+    assert not bool(enc["attention_mask"].all())  # "cat" is padded
+    with torch.no_grad():
+        want = text_features(base, enc["input_ids"], enc["attention_mask"], normalize=False)
+        unmasked = text_features(base, enc["input_ids"], None, normalize=False)
+        raw = coop.class_text_features(tok, names, normalize=False)
+        unit = coop.class_text_features(tok, names)
+    assert (unmasked - want).abs().max() > 1e-5  # the mask matters on this tower
+    torch.testing.assert_close(raw, want, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(2), atol=1e-3)
+    torch.testing.assert_close(unit, F.normalize(want, dim=-1), rtol=1e-6, atol=1e-6)
+
+
+def test_deep_vpt_layer_passes_keyword_arguments_to_the_wrapped_layer():
+    """A deep VPT layer called with the attention mask as a keyword gives the wrapped encoder layer's output on the
+    prompt-replaced hidden states with that mask."""
+    model = get_peft_model(tiny_clip(), VPTConfig(n_tokens=2, deep=True))
+    layer = model.base_model.model.vision_model.encoder.layers[1]
+    base = layer.get_base_layer()
+    hidden = torch.randn(2, 20, 32, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 1, 20, 20)
+    mask[..., -5:] = torch.finfo(torch.float32).min  # the last five tokens are not attended to
+    s, prompts = layer._start, layer.vpt_prompts["default"]
+    replaced = hidden.clone()
+    replaced[:, s : s + prompts.shape[0]] = prompts
+    with torch.no_grad():
+        want = base(replaced, mask)
+        torch.testing.assert_close(layer(hidden, attention_mask=mask), want, rtol=0, atol=0)
+        assert not torch.allclose(base(replaced, None), want)  # the mask counts
+
+
+def test_a_head_on_a_model_without_a_vision_tower_keeps_its_named_target():
+    """A linear head on a custom model that has neither visual_projection nor vision_model: the target the user
+    names is kept and the head is sized from config.hidden_size."""
+    from types import SimpleNamespace
+
+    class Custom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 8)
+            self.config = SimpleNamespace(hidden_size=8)
+
+    model = get_peft_model(Custom(), LinearHeadConfig(num_classes=3, init="random", target_modules=["fc"]))
+    assert list(model.peft_config["default"].target_modules) == ["fc"]
+    assert tuple(model.base_model.model.fc.head_weight["default"].shape) == (3, 8)
+
+
+def test_resolve_tokenizer_of_a_config_without_tokenizer_fields_is_none():
+    """A config object lacking tokenizer_name_or_path and base_model_name_or_path has no tokenizer (None, no error)."""
+    from types import SimpleNamespace
+
+    from hf_cft.peft.base import resolve_tokenizer
+
+    assert resolve_tokenizer(SimpleNamespace()) is None
+    assert resolve_tokenizer(SimpleNamespace(base_model_name_or_path=None)) is None
+    assert resolve_tokenizer(SimpleNamespace(tokenizer_name_or_path=None)) is None
+
+
+@pytest.mark.parametrize("position, names", [("end", ["cat", "owl"]), ("front", ["owl", "cat"])])
+def test_coop_refuses_context_slots_broken_by_a_stray_token(position, names, toy_tokenizer):
+    """A tokenizer that puts a stray token inside the placeholder run of one class's prompt: at the end the fixed
+    slots hold the stray token (the refusal names that class, not the first one); in front the last n_ctx
+    placeholders form two runs although they are n_ctx placeholders (refused as well)."""
+
+    class StrayToken(type(toy_tokenizer)):
+        def _ids(self, text, special=True):
+            ids = super()._ids(text, special)
+            ph = super()._ids("X", special=False)[0]
+            if "owl" in text:  # a stray token after the second placeholder
+                at = [i for i, t in enumerate(ids) if t == ph][1] + 1
+                ids = ids[:at] + [50] + ids[at:]
+            return ids
+
+    tok = StrayToken()
+    model = get_peft_model(
+        tiny_clip(), CoOpConfig(n_ctx=4, classnames=names, class_token_position=position).set_tokenizer(tok)
+    )
+    with pytest.raises(AdapterError) as err:
+        model.base_model.build_prompts(tok, names)
+    assert str(err.value) == (
+        "CoOp adapter 'default': the context slots of the prompt of class 'owl' do not hold the placeholder 'X'; the "
+        "tokenizer does not split it as a separate word."
+    )
+    assert model.base_model.build_prompts(tok, ["cat"])["ctx_mask"].sum().item() == 4  # other classes are fine

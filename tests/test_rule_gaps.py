@@ -705,3 +705,35 @@ def test_atomic_write_json_writes_indented_json_in_the_given_key_order(tmp_path)
     assert (tmp_path / "a.json").read_bytes() == b'{\n  "b": 1,\n  "a": [\n    1,\n    "\\u00e9"\n  ]\n}\n'
     atomic_write_json(tmp_path / "b.json", {"z": 0}, indent=None)
     assert (tmp_path / "b.json").read_text() == '{"z": 0}\n'
+
+
+def test_user_stacklevel_of_a_call_from_an_installed_packages_top_level_is_that_line(tmp_path):
+    """When every frame outside hf_cft is an installed package's (here a script that lives in a site-packages folder
+    and calls the library at its top level: its module frame is the last of the stack), the warning goes to the
+    outermost frame, the script's line, never past the end of the stack."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "site-packages" / "tool.py"
+    script.parent.mkdir()
+    script.write_text(
+        "import os\n"
+        "import warnings\n"
+        "import hf_cft\n"
+        "source = (\n"
+        "    'import warnings\\nfrom hf_cft.utils import user_stacklevel\\n'\n"
+        "    'def library_entry():\\n    return _inner()\\n'\n"
+        "    'def _inner():\\n    warnings.warn(\"deep\", UserWarning, stacklevel=user_stacklevel())\\n'\n"
+        ")\n"
+        "ns = {}\n"
+        "exec(compile(source, os.path.join(os.path.dirname(hf_cft.__file__), '_simulated.py'), 'exec'), ns)\n"
+        "warnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    ns['library_entry']()\n"
+        "print(caught[0].filename, caught[0].lineno)\n"
+    )
+    root = os.path.dirname(os.path.dirname(hf_cft.__file__))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(script), "13"]  # the line of ns['library_entry']()

@@ -151,9 +151,15 @@ class SafetensorsFile:
                 got = fh.readinto(memoryview(view))
             if got != e.nbytes:
                 raise BundleError(f"{self.what}: tensor {key!r} of {str(self.path)!r} is truncated.")
-        if sys.byteorder != "little" and e.dtype.itemsize > 1:  # pragma: no cover - big-endian hosts
-            out = torch.from_numpy(out.numpy().byteswap())
+        if sys.byteorder != "little" and e.dtype.itemsize > 1:  # big-endian hosts: safetensors is little-endian
+            out = _byteswapped(out)
         return out
+
+
+def _byteswapped(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the bytes of each element reversed (through uint8: numpy has no bfloat16)."""
+    size = t.element_size()
+    return t.reshape(-1).view(torch.uint8).view(-1, size).flip(1).contiguous().view(t.dtype).reshape(t.shape)
 
 
 class _Folder:
@@ -574,6 +580,8 @@ class ShardedWriter:
         while self._next[i] < len(layout) and layout[self._next[i]][0] in self._pending[i]:
             t = self._pending[i].pop(layout[self._next[i]][0])
             if t.numel():
+                if sys.byteorder != "little" and t.element_size() > 1:  # big-endian hosts, as in read()
+                    t = _byteswapped(t)
                 fh.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
             self._next[i] += 1
             self.written += 1
