@@ -52,7 +52,7 @@ TESTS = {
     "trainers.mergetune_weightspace": ["test_mergetune_weightspace.py", "test_family_matrix.py"],
     "trainers.feature_training": ["test_feature_training.py"],
     "metrics": ["test_metrics.py", "test_continual.py"],
-    "peft": ["test_peft_methods.py", "test_rule_gaps.py", "test_family_matrix.py"],
+    "peft": ["test_peft_methods.py", "test_rule_gaps.py", "test_family_matrix.py", "test_coop_prompts.py"],
     "utils": ["test_rule_gaps.py", "test_condu.py"],
     # added by issue 18 (merging beyond mergekit and FusionBench)
     "merging.methods": ["test_merging_methods.py", "test_merge_registry_methods.py", "test_merging_fused.py"],

@@ -142,8 +142,9 @@ def test_model_methods_get_the_base_folder_the_extra_and_a_lazy_fp32_base_of_the
         seen["folder"] = (ctx.base_model, ctx.extra)
         seen["base"] = (list(ctx.base), len(ctx.base), ctx.shapes)
         seen["a"] = ctx.base["a.weight"]
-        with pytest.raises(KeyError):
+        with pytest.raises(KeyError) as missing:  # a key θ⁰ has but does not merge (int64) is missing, by name
             ctx.base["b.ids"]
+        seen["missing"] = missing.value.args
         return {"c.bias": deltas[0]["c.bias"] * 2}
 
     method("pinned_model_probe", "model", probe)
@@ -155,6 +156,7 @@ def test_model_methods_get_the_base_folder_the_extra_and_a_lazy_fp32_base_of_the
         {"a.weight": (2, 3), "c.bias": (2,), "d.weight": (2,)},
     )
     assert seen["a"].dtype == torch.float32 and torch.equal(seen["a"], BASE["a.weight"])
+    assert seen["missing"] == ("b.ids",)
     got = _load(tmp_path / "out")
     # a key the method leaves out keeps θ⁰; the one it returns is θ⁰ + its merged delta
     assert torch.equal(got["a.weight"], BASE["a.weight"]) and torch.equal(got["c.bias"], torch.tensor([2.5, 1.5]))

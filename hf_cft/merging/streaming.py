@@ -174,9 +174,6 @@ class _Folder:
         self.folder = folder
         self.what = what
 
-    def keys(self) -> list[str]:
-        return list(self.files)
-
     def __contains__(self, key: str) -> bool:
         return key in self.files
 
