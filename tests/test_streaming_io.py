@@ -165,7 +165,7 @@ def test_a_model_folders_files_carry_its_description_into_every_refusal(tmp_path
     good = _model_folder(tmp_path / "good", {"w": torch.ones(4)})
     src = _Folder(good, "base model 'good'")
     assert src.folder == good and src.what == "base model 'good'"
-    assert src.keys() == ["w"] and "w" in src and src.entry("w").shape == (4,)
+    assert "w" in src and src.entry("w").shape == (4,)
     shard = good / "model.safetensors"
     shard.write_bytes(shard.read_bytes()[:-4])
     with pytest.raises(BundleError) as err:
