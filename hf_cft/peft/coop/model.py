@@ -155,14 +155,20 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
                 ctx_mask[row, start : start + half] = True
             tail = cfg.n_ctx if cfg.class_token_position == "front" else rest
             where = is_ph[row].nonzero().flatten()
-            where = where[where >= start + (half if cfg.class_token_position == "middle" else 1)]
+            where = where[where >= start + (half + 1 if cfg.class_token_position == "middle" else 1)]
             if len(where) >= tail:
                 ctx_mask[row, where[-tail:]] = True
-        bad = [c for c, ok in zip(classnames, (is_ph | ~ctx_mask).all(1).tolist()) if not ok]
-        runs_ok = all(_contiguous_runs(m) <= (2 if cfg.class_token_position == "middle" else 1) for m in ctx_mask)
-        if bad or not runs_ok or bool((ctx_mask.sum(1) != cfg.n_ctx).any()):
+        # a prompt's slots must hold the placeholder, n_ctx of them, in one run (two around a middle class name)
+        runs = 2 if cfg.class_token_position == "middle" else 1
+        holds, counts = (is_ph | ~ctx_mask).all(1).tolist(), ctx_mask.sum(1).tolist()
+        bad = [
+            c
+            for c, m, ok, n in zip(classnames, ctx_mask, holds, counts)
+            if not ok or n != cfg.n_ctx or _contiguous_runs(m) > runs
+        ]
+        if bad:
             raise AdapterError(
-                f"CoOp adapter {name!r}: the context slots of the prompt of class {(bad or classnames)[0]!r} do not "
+                f"CoOp adapter {name!r}: the context slots of the prompt of class {bad[0]!r} do not "
                 f"hold the placeholder {cfg.placeholder_token!r}; the tokenizer does not split it as a separate word."
             )
         enc["ctx_mask"] = ctx_mask
