@@ -149,16 +149,23 @@ def write_status(path: Path, results: dict[str, str], hashes: dict[str, str]) ->
 def read_status(path: Path) -> dict[str, tuple[str, dict[int, str]]]:
     """function -> (source hash, mutant number -> status), from a file :func:`write_status` wrote."""
     out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
-        fn, digest, cells = line.split("\t")
-        numbers = {}
-        for cell in cells.split(";"):
-            status, _, spans = cell.partition("=")
-            for span in spans.split(","):
-                lo, _, hi = span.partition("-")
-                numbers.update(dict.fromkeys(range(int(lo), int(hi or lo) + 1), status))
+        try:
+            fn, digest, cells = line.split("\t")
+            numbers = {}
+            for cell in cells.split(";"):
+                status, _, spans = cell.partition("=")
+                if status not in set(STATUS.values()) | {"other", "not checked"}:
+                    raise ValueError(f"unknown status {status!r}")
+                for span in spans.split(","):
+                    lo, _, hi = span.partition("-")
+                    numbers.update(dict.fromkeys(range(int(lo), int(hi or lo) + 1), status))
+        except ValueError as err:
+            raise SystemExit(
+                f"{path}:{i}: not a status line (function<TAB>hash<TAB>status=1-3,7;...): {err}"
+            ) from None
         out[fn] = (digest, numbers)
     return out
 

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -91,3 +93,12 @@ def test_report_with_base_counts_carried_results_and_writes_every_status(tmp_pat
     written = mutation.read_status(tmp_path / "results" / "mutation-status-t.tsv")
     assert written == {"hf_cft.mod.x_f": ("h1", {1: "killed", 2: "killed", 3: "survived"})}
     assert "hf_cft.mod.x_f__mutmut_3" in (tmp_path / "results" / "mutation-survivors-t.md").read_text()
+
+
+def test_a_malformed_status_file_is_refused_naming_the_file_and_line(tmp_path):
+    mutation = _script()
+    path = tmp_path / "status.tsv"
+    for bad, why in (("hf_cft.m.x_f\taaa", "not enough values"), ("hf_cft.m.x_f\taaa\tkiled=1-3", "'kiled'")):
+        path.write_text("# header\n" + bad + "\n")
+        with pytest.raises(SystemExit, match=rf"status.tsv:2: not a status line .*{why}"):
+            mutation.read_status(path)
