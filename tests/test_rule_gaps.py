@@ -576,11 +576,38 @@ def test_cache_dir_stale_temps_and_atomic_save_pretrained(tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".saved")] == []  # no staging leftovers
 
 
+def _simulated_library() -> dict:
+    """A library entry point whose inner function warns with ``user_stacklevel()``, compiled as a file inside the
+    hf_cft package (so its frames count as the library's)."""
+    source = (
+        "import warnings\nfrom hf_cft.utils import user_stacklevel\n"
+        "def library_entry():\n    return _inner()\n"
+        "def _inner():\n    warnings.warn('deep', UserWarning, stacklevel=user_stacklevel())\n"
+    )
+    ns = {}
+    exec(compile(source, os.path.join(os.path.dirname(hf_cft.__file__), "_simulated.py"), "exec"), ns)
+    return ns
+
+
+def _warned_line(entry) -> tuple[str, int]:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        entry()
+    return caught[0].filename, caught[0].lineno
+
+
 def test_user_stacklevel_from_a_scripts_top_level_through_a_decorator(tmp_path):
     """A script that calls a ``torch.no_grad()``-decorated hf_cft entry point at its top level (the decorator's frame
     is then the second-to-last frame of the stack) gets the warning at its own line."""
     import subprocess
     import sys
+
+    # in this process first (a call from a test function, the decorator's frame in torch): the warning is the line in
+    # _warned_line that calls the entry point (this also tells mutmut that the test covers user_stacklevel)
+    entry = torch.no_grad()(_simulated_library()["library_entry"])
+    assert _warned_line(entry) == (__file__, _warned_line.__code__.co_firstlineno + 5)
 
     script = tmp_path / "script.py"
     script.write_text(
@@ -713,6 +740,11 @@ def test_user_stacklevel_of_a_call_from_an_installed_packages_top_level_is_that_
     outermost frame, the script's line, never past the end of the stack."""
     import subprocess
     import sys
+
+    # in this process first (a call from a test function): the warning is the line in _warned_line that calls the
+    # entry point (this also tells mutmut that the test covers user_stacklevel)
+    entry = _simulated_library()["library_entry"]
+    assert _warned_line(entry) == (__file__, _warned_line.__code__.co_firstlineno + 5)
 
     script = tmp_path / "site-packages" / "tool.py"
     script.parent.mkdir()
