@@ -212,7 +212,8 @@ def _env() -> dict[str, str]:
 
 
 def run_timeouts_without_fork(modules: list[str], limit_s: int) -> None:
-    """Run each mutant of ``modules`` that timed out under mutmut again, in a fresh pytest process of its own.
+    """Run each mutant of ``modules`` that timed out or crashed (a signal, e.g. a segfault in a numba kernel reading
+    out of bounds) under mutmut again, in a fresh pytest process of its own.
 
     mutmut forks every mutant's run from one long-lived process; a test whose thread pools (torch, numba) were
     started in that process can wait forever in the forked child, so a mutant that breaks no test "times out" where
@@ -228,7 +229,7 @@ def run_timeouts_without_fork(modules: list[str], limit_s: int) -> None:
         for meta in _metas(module):
             data = json.loads(meta.read_text(encoding="utf-8"))
             codes = data["exit_code_by_key"]
-            for name in [n for n, code in codes.items() if _status(code) == "timeout"]:
+            for name in [n for n, code in codes.items() if _status(code) in ("timeout", "other")]:
                 tests = sorted(tests_by_function.get(name.rsplit("__mutmut_", 1)[0], ()))
                 codes[name] = _run_without_fork(name, tests, env, limit_s) if tests else 33
                 # after each mutant, atomically: an interrupted run keeps every result so far and a whole file
@@ -344,7 +345,8 @@ def main(argv=None) -> int:
         "--timeouts-without-fork",
         type=int,
         metavar="SECONDS",
-        help="run each mutant that timed out again in a fresh process of its own (at most SECONDS each), then report",
+        help="run each mutant that timed out or crashed again in a fresh process of its own (at most SECONDS each), "
+        "then report",
     )
     args = parser.parse_args(argv)
     unknown = [m for m in args.modules if m not in TESTS]

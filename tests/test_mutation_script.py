@@ -1,4 +1,5 @@
-"""scripts/mutation.py: a mutant that timed out under mutmut's fork is run again in a process of its own."""
+"""scripts/mutation.py: a mutant that timed out or crashed under mutmut's fork is run again in a process of its own;
+the status file and --base."""
 
 import importlib.util
 import json
@@ -31,6 +32,7 @@ def test_timeouts_run_again_without_fork_become_killed_survived_or_no_tests(tmp_
         "hf_cft.pkg.mod.x_f__mutmut_2": -9,  # does not
         "hf_cft.pkg.mod.x_g__mutmut_1": -24,  # no test maps to g
         "hf_cft.pkg.mod.x_f__mutmut_3": 0,  # not a timeout: left alone
+        "hf_cft.pkg.mod.x_f__mutmut_4": -11,  # crashed in the forked child (SIGSEGV): run again, passes
     }
     meta = tmp_path / "mutants" / "hf_cft" / "pkg" / "mod.py.meta"
     meta.write_text(json.dumps({"exit_code_by_key": codes}))
@@ -43,6 +45,7 @@ def test_timeouts_run_again_without_fork_become_killed_survived_or_no_tests(tmp_
         "hf_cft.pkg.mod.x_f__mutmut_2": "survived",
         "hf_cft.pkg.mod.x_g__mutmut_1": "no tests",
         "hf_cft.pkg.mod.x_f__mutmut_3": "survived",
+        "hf_cft.pkg.mod.x_f__mutmut_4": "survived",
     }
 
 
