@@ -316,6 +316,8 @@ def report(modules: list[str], tag: str, diffs: bool = True, base: Path | None =
             [sys.executable, "-m", "mutmut", "show", name], cwd=ROOT, capture_output=True, text=True
         ).stdout
         shown.append(f"## {name}\n\n```diff\n{diff.strip()}\n```\n")
+    if not shown:
+        shown = ["None: every mutant reached is killed, listed in mutation-equivalent.tsv, or counted apart.\n"]
     (RESULTS / f"mutation-survivors{'-' + tag if tag else ''}.md").write_text(
         "# Surviving mutants\n\n" + "\n".join(shown), encoding="utf-8"
     )
