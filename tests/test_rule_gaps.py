@@ -576,17 +576,48 @@ def test_cache_dir_stale_temps_and_atomic_save_pretrained(tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".saved")] == []  # no staging leftovers
 
 
+_SIMULATED_SOURCE = (
+    "import warnings\nfrom hf_cft.utils import user_stacklevel\n"
+    "def library_entry():\n    return _inner()\n"
+    "def _inner():\n    warnings.warn('deep', UserWarning, stacklevel=user_stacklevel())\n"
+)
+
+
 def _simulated_library() -> dict:
     """A library entry point whose inner function warns with ``user_stacklevel()``, compiled as a file inside the
     hf_cft package (so its frames count as the library's)."""
-    source = (
-        "import warnings\nfrom hf_cft.utils import user_stacklevel\n"
-        "def library_entry():\n    return _inner()\n"
-        "def _inner():\n    warnings.warn('deep', UserWarning, stacklevel=user_stacklevel())\n"
-    )
     ns = {}
-    exec(compile(source, os.path.join(os.path.dirname(hf_cft.__file__), "_simulated.py"), "exec"), ns)
+    exec(compile(_SIMULATED_SOURCE, os.path.join(os.path.dirname(hf_cft.__file__), "_simulated.py"), "exec"), ns)
     return ns
+
+
+def _script_warning(script, entry: str) -> tuple[list[str], list[str]]:
+    """Run ``script``, a file that builds the simulated library and calls ``entry`` (an expression over its namespace
+    ``ns``) at its top level, in a fresh interpreter: (the warning's file and line it prints, the script and the line
+    of that call)."""
+    import subprocess
+    import sys
+
+    lines = [
+        "import os",
+        "import warnings",
+        "import torch",
+        "import hf_cft",
+        f"source = {_SIMULATED_SOURCE!r}",
+        "ns = {}",
+        "exec(compile(source, os.path.join(os.path.dirname(hf_cft.__file__), '_simulated.py'), 'exec'), ns)",
+        f"entry = {entry}",
+        "warnings.simplefilter('always')",
+        "with warnings.catch_warnings(record=True) as caught:",
+        "    entry()",
+        "print(caught[0].filename, caught[0].lineno)",
+    ]
+    script.write_text("\n".join(lines) + "\n")
+    root = os.path.dirname(os.path.dirname(hf_cft.__file__))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split(), [str(script), str(lines.index("    entry()") + 1)]
 
 
 def _warned_line(entry) -> tuple[str, int]:
@@ -601,38 +632,12 @@ def _warned_line(entry) -> tuple[str, int]:
 def test_user_stacklevel_from_a_scripts_top_level_through_a_decorator(tmp_path):
     """A script that calls a ``torch.no_grad()``-decorated hf_cft entry point at its top level (the decorator's frame
     is then the second-to-last frame of the stack) gets the warning at its own line."""
-    import subprocess
-    import sys
-
     # in this process first (a call from a test function, the decorator's frame in torch): the warning is the line in
     # _warned_line that calls the entry point (this also tells mutmut that the test covers user_stacklevel)
     entry = torch.no_grad()(_simulated_library()["library_entry"])
     assert _warned_line(entry) == (__file__, _warned_line.__code__.co_firstlineno + 5)
-
-    script = tmp_path / "script.py"
-    script.write_text(
-        "import os\n"
-        "import warnings\n"
-        "import torch\n"
-        "import hf_cft\n"
-        "source = (\n"
-        "    'import warnings\\nfrom hf_cft.utils import user_stacklevel\\n'\n"
-        "    'def library_entry():\\n    return _inner()\\n'\n"
-        "    'def _inner():\\n    warnings.warn(\"deep\", UserWarning, stacklevel=user_stacklevel())\\n'\n"
-        ")\n"
-        "ns = {}\n"
-        "exec(compile(source, os.path.join(os.path.dirname(hf_cft.__file__), '_simulated.py'), 'exec'), ns)\n"
-        "entry = torch.no_grad()(ns['library_entry'])\n"
-        "warnings.simplefilter('always')\n"
-        "with warnings.catch_warnings(record=True) as caught:\n"
-        "    entry()\n"
-        "print(caught[0].filename, caught[0].lineno)\n"
-    )
-    root = os.path.dirname(os.path.dirname(hf_cft.__file__))
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [str(script), "15"]  # the line of entry()
+    got, want = _script_warning(tmp_path / "script.py", "torch.no_grad()(ns['library_entry'])")
+    assert got == want
 
 
 def test_user_stacklevel_steps_over_installed_packages_that_call_the_library():
@@ -738,34 +743,10 @@ def test_user_stacklevel_of_a_call_from_an_installed_packages_top_level_is_that_
     """When every frame outside hf_cft is an installed package's (here a script that lives in a site-packages folder
     and calls the library at its top level: its module frame is the last of the stack), the warning goes to the
     outermost frame, the script's line, never past the end of the stack."""
-    import subprocess
-    import sys
-
     # in this process first (a call from a test function): the warning is the line in _warned_line that calls the
     # entry point (this also tells mutmut that the test covers user_stacklevel)
     entry = _simulated_library()["library_entry"]
     assert _warned_line(entry) == (__file__, _warned_line.__code__.co_firstlineno + 5)
-
-    script = tmp_path / "site-packages" / "tool.py"
-    script.parent.mkdir()
-    script.write_text(
-        "import os\n"
-        "import warnings\n"
-        "import hf_cft\n"
-        "source = (\n"
-        "    'import warnings\\nfrom hf_cft.utils import user_stacklevel\\n'\n"
-        "    'def library_entry():\\n    return _inner()\\n'\n"
-        "    'def _inner():\\n    warnings.warn(\"deep\", UserWarning, stacklevel=user_stacklevel())\\n'\n"
-        ")\n"
-        "ns = {}\n"
-        "exec(compile(source, os.path.join(os.path.dirname(hf_cft.__file__), '_simulated.py'), 'exec'), ns)\n"
-        "warnings.simplefilter('always')\n"
-        "with warnings.catch_warnings(record=True) as caught:\n"
-        "    ns['library_entry']()\n"
-        "print(caught[0].filename, caught[0].lineno)\n"
-    )
-    root = os.path.dirname(os.path.dirname(hf_cft.__file__))
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [str(script), "13"]  # the line of ns['library_entry']()
+    (tmp_path / "site-packages").mkdir()
+    got, want = _script_warning(tmp_path / "site-packages" / "tool.py", "ns['library_entry']")
+    assert got == want
