@@ -211,3 +211,20 @@ def test_prompt_tuning_layers_refuse_to_merge_with_their_reason(toy_tokenizer):
             assert not layer.merged
             seen.add(type(layer))
     assert seen == set(reasons)
+
+
+def test_class_names_must_be_a_list_of_non_empty_strings(toy_tokenizer):
+    """One string would be read letter by letter and an empty name leaves a prompt without a class: both refused, in
+    every position and through class_text_features too, naming the offending name."""
+    for position in ("end", "front", "middle"):
+        model = _coop(toy_tokenizer, position)
+        for names, message in (
+            ("cat", "classnames is one string ('cat'); pass a list of names."),
+            (["cat", ""], "class name 1 is ''; every class name must be a non-empty string."),
+            (["cat", "dog", "  "], "class name 2 is '  '; every class name must be a non-empty string."),
+            (["cat", None], "class name 1 is None; every class name must be a non-empty string."),
+        ):
+            for call in (model.build_prompts, model.class_text_features):
+                with pytest.raises(AdapterError) as err:
+                    call(toy_tokenizer, names)
+                assert str(err.value) == f"CoOp adapter 'default': {message}"
