@@ -641,29 +641,28 @@ def test_rank_band_by_radix_selection_with_a_band_that_starts_at_one(start):
     assert torch.equal(band, want)
 
 
-@pytest.mark.threads
 def test_blocked_breadcrumbs_one_input_infinities_threads_and_no_resize_warnings(monkeypatch):
     """The blocked torch kernel (fused kernels off) over several blocks with a short last one: one input alone, an
-    infinite entry kept at rank 0, inputs selected on two threads; it reuses its buffers (torch warns when an
-    ``out=`` buffer of the wrong size is resized, which the test turns into an error)."""
+    infinite entry kept at rank 0 (the band has no upper edge: hi = inf must not drop it), inputs selected on two
+    threads of the selection pool (torch reporting two threads); it reuses its buffers (torch warns when an ``out=``
+    buffer of the wrong size is resized, which the test turns into an error)."""
     import warnings
 
     from hf_cft.merging import baselines
 
     monkeypatch.setenv("HF_CFT_FUSED", "0")
     monkeypatch.setattr(baselines, "PARALLEL_MIN", 16)
+    monkeypatch.setattr(baselines, "_POOL", None)
+    # what _per_input reads; torch's own thread count is left alone (mutation runs fork, and a forked OpenMP team hangs)
+    monkeypatch.setattr(baselines.torch, "get_num_threads", lambda: 2)
     g = torch.Generator().manual_seed(2)
     xs = [torch.randn(baselines.BLOCK + 300, generator=g) for _ in range(2)]  # two blocks, the second short
     xs[0][7] = math.inf
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            one = breadcrumbs_key([xs[1]], [0.5], [0.3], 0.0)
-            two = breadcrumbs_key(xs, [1.0, -0.5], [0.3, 0.2], 0.0)
-    finally:
-        torch.set_num_threads(threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one = breadcrumbs_key([xs[1]], [0.5], [0.3], 0.0)
+        two = breadcrumbs_key(xs, [1.0, -0.5], [0.3, 0.2], 0.0)
+    assert baselines._POOL is not None  # the two inputs were selected on the pool
     torch.testing.assert_close(one, 0.5 * torch.from_numpy(ref_breadcrumbs_tensor(xs[1], 0.3, 0.0)).float())
     assert two[7] == math.inf
     finite = xs[0].clone()
