@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 import hf_cft  # noqa: F401  (registers the method types)
 from hf_cft import CoOpConfig, LinearHeadConfig, VPTConfig
-from hf_cft.errors import AdapterError, AdapterMergeError
+from hf_cft.errors import AdapterError, AdapterMergeError, ClassNamesError
 from hf_cft.models import tokenize_prompts
 from hf_cft.peft.coop import CoOpLayer
 from hf_cft.peft.head.layer import LinearHeadLayer
@@ -214,17 +214,20 @@ def test_prompt_tuning_layers_refuse_to_merge_with_their_reason(toy_tokenizer):
 
 
 def test_class_names_must_be_a_list_of_non_empty_strings(toy_tokenizer):
-    """One string would be read letter by letter and an empty name leaves a prompt without a class: both refused, in
-    every position and through class_text_features too, naming the offending name."""
+    """One string would be read letter by letter and an empty name leaves a prompt without a class: both refused (the
+    project's class-name check, ClassNamesError), in every position and through class_text_features too, naming the
+    adapter and the offending name."""
+    owner = "of CoOp adapter 'default'"
     for position in ("end", "front", "middle"):
         model = _coop(toy_tokenizer, position)
         for names, message in (
-            ("cat", "classnames is one string ('cat'); pass a list of names."),
-            (["cat", ""], "class name 1 is ''; every class name must be a non-empty string."),
-            (["cat", "dog", "  "], "class name 2 is '  '; every class name must be a non-empty string."),
-            (["cat", None], "class name 1 is None; every class name must be a non-empty string."),
+            ("cat", f"Class names {owner} must be a list of strings, got str."),
+            ([], f"The class-name list {owner} is empty."),
+            (["cat", ""], f"Class name #1 {owner} is ''; class names must be non-empty strings."),
+            (["cat", "dog", "  "], f"Class name #2 {owner} is '  '; class names must be non-empty strings."),
+            (["cat", None], f"Class name #1 {owner} is None; class names must be non-empty strings."),
         ):
             for call in (model.build_prompts, model.class_text_features):
-                with pytest.raises(AdapterError) as err:
+                with pytest.raises(ClassNamesError) as err:
                     call(toy_tokenizer, names)
-                assert str(err.value) == f"CoOp adapter 'default': {message}"
+                assert str(err.value) == message

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTuner
 
+from hf_cft.data.templates import validate_classnames
 from hf_cft.errors import AdapterError, TokenizerError
 from hf_cft.peft.base import NoMergeTunerMixin, resolve_tokenizer
 from hf_cft.peft.coop.config import CoOpConfig
@@ -112,7 +113,7 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
         from hf_cft.models.tokenizer import tokenize_prompts
 
         name, cfg = self._adapter_config(adapter_name)
-        classnames = _checked_classnames(name, classnames)
+        classnames = validate_classnames(classnames, owner=f"CoOp adapter {name!r}")
         ph = " ".join([cfg.placeholder_token] * cfg.n_ctx)
         half = cfg.n_ctx // 2
         texts = []
@@ -196,7 +197,7 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
             if not cfg.classnames:
                 raise AdapterError(f"CoOp adapter {name!r} has no classnames; pass classnames=[...].")
             classnames = cfg.classnames
-        classnames = _checked_classnames(name, classnames)
+        classnames = validate_classnames(classnames, owner=f"CoOp adapter {name!r}")
         if cfg.class_specific and classnames != list(cfg.classnames):
             raise AdapterError(
                 f"CoOp adapter {name!r} has class-specific contexts for {len(cfg.classnames)} classes "
@@ -211,22 +212,6 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
                 self.model, enc["input_ids"].to(device), enc["attention_mask"].to(device), normalize=False
             )
         return F.normalize(feats, dim=-1) if normalize else feats
-
-
-def _checked_classnames(adapter: str, classnames) -> list[str]:
-    """``classnames`` as a list; :class:`AdapterError` for one string instead of a list (it would be read letter by
-    letter) and naming the first class name that is not a non-empty string."""
-    if isinstance(classnames, str):
-        raise AdapterError(
-            f"CoOp adapter {adapter!r}: classnames is one string ({classnames!r}); pass a list of names."
-        )
-    classnames = list(classnames)
-    for i, c in enumerate(classnames):
-        if not isinstance(c, str) or not c.strip():
-            raise AdapterError(
-                f"CoOp adapter {adapter!r}: class name {i} is {c!r}; every class name must be a non-empty string."
-            )
-    return classnames
 
 
 def _word_ids(tokenizer, text: str) -> list[int]:
