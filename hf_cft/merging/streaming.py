@@ -151,14 +151,16 @@ class SafetensorsFile:
                 got = fh.readinto(memoryview(view))
             if got != e.nbytes:
                 raise BundleError(f"{self.what}: tensor {key!r} of {str(self.path)!r} is truncated.")
-        if sys.byteorder != "little" and e.dtype.itemsize > 1:  # big-endian hosts: safetensors is little-endian
-            out = _byteswapped(out)
-        return out
+        return _host_order(out)
 
 
-def _byteswapped(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with the bytes of each element reversed (through uint8: numpy has no bfloat16)."""
+def _host_order(t: torch.Tensor) -> torch.Tensor:
+    """Between safetensors' little-endian bytes and this host's: ``t`` itself on a little-endian host or for a
+    one-byte dtype, else ``t`` with the bytes of each element reversed (through uint8: numpy has no bfloat16). The
+    swap is its own inverse, so reading and writing both use it."""
     size = t.element_size()
+    if sys.byteorder == "little" or size == 1:
+        return t
     return t.reshape(-1).view(torch.uint8).view(-1, size).flip(1).contiguous().view(t.dtype).reshape(t.shape)
 
 
@@ -577,8 +579,7 @@ class ShardedWriter:
         while self._next[i] < len(layout) and layout[self._next[i]][0] in self._pending[i]:
             t = self._pending[i].pop(layout[self._next[i]][0])
             if t.numel():
-                if sys.byteorder != "little" and t.element_size() > 1:  # big-endian hosts, as in read()
-                    t = _byteswapped(t)
+                t = _host_order(t)  # safetensors is little-endian whatever the host
                 fh.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
             self._next[i] += 1
             self.written += 1
