@@ -108,13 +108,20 @@ def _results(module: str) -> tuple[dict[str, str], dict[str, str]]:
     for meta in _metas(module):
         data = json.loads(meta.read_text(encoding="utf-8"))
         out.update({name: _status(code) for name, code in data["exit_code_by_key"].items()})
-        prefix = next(iter(data["exit_code_by_key"]), "").rsplit(".", 1)[0]  # hf_cft.<module path>
+        prefix = ".".join(p for p in meta.relative_to(ROOT / "mutants").parts if p != "__init__.py.meta")
+        prefix = prefix.removesuffix(".py.meta")  # hf_cft.<module path>, as the mutants are named
         hashes.update({f"{prefix}.{fn}": h for fn, h in data.get("hash_by_function_name", {}).items()})
     return out, hashes
 
 
 def _function(name: str) -> str:
+    """``hf_cft.a.x_f__mutmut_3`` -> ``hf_cft.a.x_f``."""
     return name.rsplit("__mutmut_", 1)[0]
+
+
+def _number(name: str) -> int:
+    """``hf_cft.a.x_f__mutmut_3`` -> 3."""
+    return int(name.rsplit("__mutmut_", 1)[1])
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -138,7 +145,7 @@ def write_status(path: Path, results: dict[str, str], hashes: dict[str, str]) ->
 
     by_function: dict[str, dict[str, list[int]]] = {}
     for name, status in results.items():
-        by_function.setdefault(_function(name), {}).setdefault(status, []).append(int(name.rsplit("_", 1)[1]))
+        by_function.setdefault(_function(name), {}).setdefault(status, []).append(_number(name))
     lines = ["# function\tmutmut's hash of its source\tstatus=mutant numbers (scripts/mutation.py --base reads this)"]
     for fn in sorted(by_function):
         cells = ";".join(f"{st}={_ranges(nums)}" for st, nums in sorted(by_function[fn].items()))
@@ -178,7 +185,7 @@ def _carry(results: dict[str, str], hashes: dict[str, str], base) -> int:
         fn = _function(name)
         if status != "not checked" or fn not in base or not hashes.get(fn) or base[fn][0] != hashes[fn]:
             continue
-        old = base[fn][1].get(int(name.rsplit("_", 1)[1]))
+        old = base[fn][1].get(_number(name))
         if old is not None and old != "not checked":
             results[name] = old
             carried += 1
@@ -230,7 +237,7 @@ def run_timeouts_without_fork(modules: list[str], limit_s: int) -> None:
             data = json.loads(meta.read_text(encoding="utf-8"))
             codes = data["exit_code_by_key"]
             for name in [n for n, code in codes.items() if _status(code) in ("timeout", "other")]:
-                tests = sorted(tests_by_function.get(name.rsplit("__mutmut_", 1)[0], ()))
+                tests = sorted(tests_by_function.get(_function(name), ()))
                 codes[name] = _run_without_fork(name, tests, env, limit_s) if tests else 33
                 # after each mutant, atomically: an interrupted run keeps every result so far and a whole file
                 atomic_write_bytes(meta, json.dumps(data).encode("utf-8"))
