@@ -258,6 +258,14 @@ def _run_without_fork(name: str, tests: list[str], env: dict[str, str], limit_s:
 
 
 def report(modules: list[str], tag: str, diffs: bool = True, base: Path | None = None) -> dict:
+    from hf_cft.utils import atomic_write_bytes
+
+    missing = [module for module in modules if not _metas(module)]
+    if missing:  # a table of zeros would replace the committed one
+        raise SystemExit(
+            f"No mutmut results for {', '.join(missing)} under {ROOT / 'mutants'}: run `python scripts/mutation.py "
+            f"{' '.join(missing)}` first. Nothing was written."
+        )
     equivalent = _equivalent()
     previous = read_status(base) if base is not None else {}
     table, survivors, everything, all_hashes = {}, [], {}, {}
@@ -298,7 +306,7 @@ def report(modules: list[str], tag: str, diffs: bool = True, base: Path | None =
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"mutation{'-' + tag if tag else ''}"
     write_status(RESULTS / f"mutation-status{'-' + tag if tag else ''}.tsv", everything, all_hashes)
-    stem.with_suffix(".json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+    atomic_write_bytes(stem.with_suffix(".json"), (json.dumps(table, indent=2) + "\n").encode("utf-8"))
     cols = ["mutants", "killed", "equivalent", "GPU only", "survived", "no tests", "timeout", "not checked"]
     cols += ["import time", "score", "score with timeouts", "from base"]
     lines = [
@@ -313,7 +321,7 @@ def report(modules: list[str], tag: str, diffs: bool = True, base: Path | None =
         "|---" * (len(cols) + 1) + "|",
     ]
     lines += [f"| {m} | " + " | ".join(str(row[c]) for c in cols) + " |" for m, row in table.items()]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_bytes(stem.with_suffix(".md"), ("\n".join(lines) + "\n").encode("utf-8"))
     shown = []
     for name in survivors:
         if not diffs:  # names only, per function (mutmut show costs a second per mutant)
@@ -325,9 +333,8 @@ def report(modules: list[str], tag: str, diffs: bool = True, base: Path | None =
         shown.append(f"## {name}\n\n```diff\n{diff.strip()}\n```\n")
     if not shown:
         shown = ["None: every mutant reached is killed, listed in mutation-equivalent.tsv, or counted apart.\n"]
-    (RESULTS / f"mutation-survivors{'-' + tag if tag else ''}.md").write_text(
-        "# Surviving mutants\n\n" + "\n".join(shown), encoding="utf-8"
-    )
+    survivors_md = "# Surviving mutants\n\n" + "\n".join(shown)
+    atomic_write_bytes(RESULTS / f"mutation-survivors{'-' + tag if tag else ''}.md", survivors_md.encode("utf-8"))
     print("\n".join(lines))
     return table
 

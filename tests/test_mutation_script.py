@@ -105,3 +105,16 @@ def test_a_malformed_status_file_is_refused_naming_the_file_and_line(tmp_path):
         path.write_text("# header\n" + bad + "\n")
         with pytest.raises(SystemExit, match=rf"status.tsv:2: not a status line .*{why}"):
             mutation.read_status(path)
+
+
+def test_a_report_without_mutmut_results_refuses_and_writes_nothing(tmp_path, monkeypatch):
+    """On a fresh clone (no mutants/) a report would replace the committed table with zeros: it is refused, naming the
+    modules without results, and no result file is written."""
+    mutation = _script()
+    monkeypatch.setattr(mutation, "ROOT", tmp_path)
+    monkeypatch.setattr(mutation, "RESULTS", tmp_path / "results")
+    (tmp_path / "mutants" / "hf_cft").mkdir(parents=True)
+    (tmp_path / "mutants" / "hf_cft" / "mod.py.meta").write_text(json.dumps({"exit_code_by_key": {}}))
+    with pytest.raises(SystemExit, match=r"^No mutmut results for other, pkg\.sub under .*Nothing was written\.$"):
+        mutation.report(["mod", "other", "pkg.sub"], "latest", diffs=False)
+    assert not (tmp_path / "results").exists()
