@@ -231,3 +231,22 @@ def test_class_names_must_be_a_list_of_non_empty_strings(toy_tokenizer):
                 with pytest.raises(ClassNamesError) as err:
                     call(toy_tokenizer, names)
                 assert str(err.value) == message
+
+
+def test_a_repeated_class_name_is_warned_once_per_call_at_the_callers_line(toy_tokenizer):
+    """Two classes of one name get identical text features: the project's class-name check warns, once per call (the
+    features' own prompts are not checked a second time) and at the user's line."""
+    import warnings
+
+    model = _coop(toy_tokenizer)
+    for call in (model.build_prompts, model.class_text_features):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call(toy_tokenizer, ["cat", "dog", "cat"])
+        assert [(str(w.message), w.filename) for w in caught] == [
+            (
+                "Class name 'cat' of CoOp adapter 'default' appears twice (ids 0 and 2). The two classes get "
+                "identical text features.",
+                __file__,
+            )
+        ]

@@ -110,10 +110,13 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
 
     def build_prompts(self, tokenizer, classnames: Sequence[str], adapter_name: str | None = None) -> dict:
         """Tokenised class prompts ``X X ... X <class>.`` (placement per ``class_token_position``)."""
+        name, cfg = self._adapter_config(adapter_name)
+        return self._prompts(tokenizer, validate_classnames(classnames, owner=f"CoOp adapter {name!r}"), name, cfg)
+
+    def _prompts(self, tokenizer, classnames: list[str], name: str, cfg: CoOpConfig) -> dict:
+        """:meth:`build_prompts` for class names already checked (class_text_features checks them once)."""
         from hf_cft.models.tokenizer import tokenize_prompts
 
-        name, cfg = self._adapter_config(adapter_name)
-        classnames = validate_classnames(classnames, owner=f"CoOp adapter {name!r}")
         ph = " ".join([cfg.placeholder_token] * cfg.n_ctx)
         half = cfg.n_ctx // 2
         texts = []
@@ -203,7 +206,7 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
                 f"CoOp adapter {name!r} has class-specific contexts for {len(cfg.classnames)} classes "
                 f"({cfg.classnames[:3]}...); it cannot encode other classes ({classnames[:3]}...)."
             )
-        enc = prompts if prompts is not None else self.build_prompts(tokenizer, classnames, name)
+        enc = prompts if prompts is not None else self._prompts(tokenizer, classnames, name, cfg)
         device = next(self.model.parameters()).device
         with self._coop_layer().prompt_context(
             enc["ctx_mask"].to(device), torch.arange(len(classnames)) if cfg.class_specific else None, name
