@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTuner
 
-from hf_cft.data.templates import validate_classnames
 from hf_cft.errors import AdapterError, TokenizerError
 from hf_cft.peft.base import NoMergeTunerMixin, resolve_tokenizer
 from hf_cft.peft.coop.config import CoOpConfig
@@ -110,6 +109,8 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
 
     def build_prompts(self, tokenizer, classnames: Sequence[str], adapter_name: str | None = None) -> dict:
         """Tokenised class prompts ``X X ... X <class>.`` (placement per ``class_token_position``)."""
+        from hf_cft.data.templates import validate_classnames
+
         name, cfg = self._adapter_config(adapter_name)
         return self._prompts(tokenizer, validate_classnames(classnames, owner=f"CoOp adapter {name!r}"), name, cfg)
 
@@ -193,6 +194,7 @@ class CoOpModel(NoMergeTunerMixin, BaseTuner):
         exists for the classes it was trained on, in that order. ``prompts`` (from :meth:`build_prompts`) skips
         re-tokenising in a training loop.
         """
+        from hf_cft.data.templates import validate_classnames
         from hf_cft.models.clip import text_features
 
         name, cfg = self._adapter_config(adapter_name)
