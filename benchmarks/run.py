@@ -9,6 +9,9 @@
                                                     # their MergeTune rows trained on all caltech101 classes, on the
                                                     # other nine datasets and on shifted caltech101 test sets
     python benchmarks/run.py transfer|domain        # Protocol C or D alone (same source models)
+    python benchmarks/run.py robust [--quick]       # Protocol E (benchmarks/robust.py): LP and E2E fine-tuning on
+                                                    # caltech101's downstream pool, WiSE-FT, output ensemble,
+                                                    # MergeTune (+ weight ensemble), ID and six shifts
 
 Options: ``--checkpoint DIR`` (a CLIPModel folder). Without it each protocol uses its design's model, pretrained
 on first use (5,000 steps; in quick mode a 150-step model) outside the repository: ``zeroshot`` and ``headroom``
@@ -21,7 +24,7 @@ novel classes too (benchmarks/README.md); ``transfer``, ``domain`` and ``crossda
 ``--data_dir`` (default ../shared/data), ``--out`` (default benchmarks/results), ``--seeds``.
 
 Each run writes ``<out>/<protocol>[-quick].json`` (``transfer`` and ``domain``: ``protocolC`` / ``protocolD``;
-``crossdata`` both) (machine, versions, date, checkpoint summary, numbers),
+``crossdata`` both; ``robust``: ``protocolE``) (machine, versions, date, checkpoint summary, numbers),
 ``.md`` (the table) and ``.png`` (a plot). ``--quick`` evaluates at most 1,000 test images per dataset with one
 seed and finishes in under 5 minutes on 2 CPU cores once the checkpoint exists. Numbers are measured on the
 small re-encoded datasets of ../shared/data, not the official ones.
@@ -68,6 +71,7 @@ PROTOCOL_DESIGN = {
     "transfer": "C",
     "domain": "C",
     "crossdata": "C",
+    "robust": "C",
 }
 
 CACHE = Path("~/.cache/hf_cft/decoded").expanduser()
@@ -495,6 +499,44 @@ def protocol_crossdata(model, tok, size, args) -> dict:
     return _crossdata(model, tok, size, args, ("transfer", "domain"))
 
 
+def protocol_robust(model, tok, size, args) -> dict:
+    """Protocol E (``benchmarks/robust.py``): LP and E2E fine-tuning on caltech101's downstream pool, WiSE-FT, the
+    output ensemble, MergeTune and MergeTune + weight ensemble, on the ID test split and Protocol D's six shifts."""
+    import robust
+
+    from hf_cft.data import DOMAIN_SHIFTS, SHIFT_PARAMETERS, domain_shift
+
+    hp = _b2n_hyper_parameters(args)
+    e2e_hp = {"epochs": 3, "mt_epochs": 2} if args.quick else {}
+    t0 = time.perf_counter()
+    source, data = task_features(model, size, robust.SOURCE, args, images=True)
+    shifted = {}
+    for s in DOMAIN_SHIFTS:
+        im = domain_shift(data["test_im"], s)
+        shifted[s] = (im, features(model, im))
+    print(f"features: {time.perf_counter() - t0:.0f}s", flush=True)
+    out = robust.run(model, tok, source, data, shifted, args.seeds, hp, log=lambda m: print(m, flush=True),
+                     e2e_hp=e2e_hp)  # fmt: skip
+    shifts = list(DOMAIN_SHIFTS)
+    summary = robust.summarise(out, shifts)
+    lines = robust.markdown(summary, shifts, hp, out["e2e"])
+    rows = {
+        f"{fam} {row}": {"id": summary[fam][row]["id"][0], "shift average": summary[fam][row]["shift_avg"][0]}
+        for fam in robust.FAMILIES
+        for row in robust.ROWS
+    }
+    result = {
+        "summary": summary,
+        "per_seed": out["per_seed"],
+        "hyper_parameters": {**hp, "e2e": out["e2e"]},
+        "shifts": {s: SHIFT_PARAMETERS[s] for s in shifts},
+        "table": lines,
+        "rows": rows,
+        "plot": ("bars", ["id", "shift average"]),
+    }
+    return {"outputs": {"protocolE": result}}
+
+
 def bt_logits(model, feats, head):
     from hf_cft.models import clip_logits
 
@@ -509,6 +551,7 @@ PROTOCOLS = {
     "transfer": protocol_transfer,
     "domain": protocol_domain,
     "crossdata": protocol_crossdata,
+    "robust": protocol_robust,
 }
 
 

@@ -102,10 +102,34 @@ class MergeTuneRecipeArguments:
     demo_pretrain_steps: int = field(
         default=200, metadata={"help": "Steps of the demo CLIP's pretraining (batch 128; ~20 epochs, under-trained)."}
     )
+    demo_pretrain_pool: float = field(
+        default=1.0,
+        metadata={
+            "help": "Per-class fraction of digits' train split the demo CLIP pretrains on (seed 0); the rest is the "
+            "downstream pool (--downstream_pool true) it never sees."
+        },
+    )
+    eval_split: str = field(
+        default="test",
+        metadata={
+            "help": "test, or val: evaluate on a validation split to choose settings without the test split — "
+            "val_shots more images per base class and val_shots per novel class, from the downstream pool "
+            "(needs --downstream_pool true), disjoint from the training shots."
+        },
+    )
+    val_shots: int = field(default=16, metadata={"help": "Validation images per class (eval_split val)."})
+    output_ensemble: float | None = field(
+        default=None,
+        metadata={
+            "help": "γ: also report each learned prompt row ensembled with the zero-shot ensemble in output space, "
+            "logits from (1 − γ)·T_zs + γ·T (T: unit class text features). The heads are precomputed, so it costs "
+            "the same one image forward. Prompt methods only."
+        },
+    )
     eval_batch_size: int = field(default=256, metadata={"help": "Images per batch in evaluation."})
 
 
-def demo_clip(steps: int, seed: int = 0) -> Path:
+def demo_clip(steps: int, seed: int = 0, pool: float = 1.0) -> Path:
     """The demo's zero-shot model: a ~0.2M-parameter CLIP pretrained briefly (so it still forgets under CoOp) on
     scikit-learn's digits with recipes/pretrain_clip.py, built on first use and cached in ``DEMO_CACHE``
     (``$HF_CFT_CACHE/mergetune-demo-clip``, default ``~/.cache/hf_cft/...``).
@@ -117,7 +141,9 @@ def demo_clip(steps: int, seed: int = 0) -> Path:
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    out = DEMO_CACHE / f"steps{steps}-seed{seed}"
+    if not 0.0 < pool <= 1.0:
+        raise SystemExit(f"--demo_pretrain_pool must be in (0, 1], got {pool}")
+    out = DEMO_CACHE / (f"steps{steps}-seed{seed}" + (f"-pool{pool:g}" if pool < 1 else ""))
     state = PartialState()
     cached = [(out / "model" / "config.json").is_file()]
     if state.num_processes > 1:
@@ -130,7 +156,7 @@ def demo_clip(steps: int, seed: int = 0) -> Path:
     spec.loader.exec_module(mod)
     args = mod.PretrainArguments(
         datasets=["digits"],
-        pool_fraction=1.0,
+        pool_fraction=pool,
         image_size=16,
         patch_size=4,
         width=64,
@@ -151,12 +177,14 @@ def demo_clip(steps: int, seed: int = 0) -> Path:
     return mod.main(args)
 
 
-def evaluate(model, tokenizer, splits, names, templates, transform, cache, args, head_fn=None) -> dict:
+def evaluate(model, tokenizer, splits, names, templates, transform, cache, args, head_fn=None, heads=None) -> dict:
+    """Base / novel accuracy (and HM) with the template-ensembled head, ``head_fn(class names)`` or the fixed
+    ``heads[split]``."""
     row = {}
     for split in ("base", "novel"):
         if split not in splits:
             continue
-        head = head_fn(names[split]) if head_fn else None
+        head = heads[split] if heads is not None else head_fn(names[split]) if head_fn else None
         r = evaluate_zeroshot(
             model,
             tokenizer,
@@ -177,14 +205,21 @@ def evaluate(model, tokenizer, splits, names, templates, transform, cache, args,
 def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
     t_start = time.perf_counter()
     task = load_task(args.dataset, args.data_dir)
-    model_path = args.model_name_or_path or str(demo_clip(args.demo_pretrain_steps))
+    _check_eval_split(args)
+    model_path = args.model_name_or_path or str(demo_clip(args.demo_pretrain_steps, pool=args.demo_pretrain_pool))
     model, tokenizer, transform = load_clip(model_path)
     model_desc = args.model_name_or_path or (
         f"demo CLIP ({sum(p.numel() for p in model.parameters()):,} parameters) pretrained for "
-        f"{args.demo_pretrain_steps} steps of 128 images on scikit-learn's digits — deliberately under-trained so "
-        "that CoOp can forget"
+        f"{args.demo_pretrain_steps} steps of 128 images on "
+        + (f"{args.demo_pretrain_pool:.0%} of " if args.demo_pretrain_pool < 1 else "")
+        + "scikit-learn's digits — deliberately under-trained so that CoOp can forget"
     )
-    train, splits, names = base_novel_task(task, args.shots, targs.seed, True, args.downstream_pool)
+    val = args.eval_split == "val"
+    train, splits, names = base_novel_task(
+        task, args.shots, targs.seed, True, args.downstream_pool, val_shots=args.val_shots if val else 0
+    )
+    if val:
+        splits, names = _validation_splits(task, splits, names, targs.seed, args.val_shots)
     train_data = apply_image_transform(
         train, dataclasses.replace(transform, train=True, seed=targs.seed), name=task.name
     )
@@ -262,6 +297,20 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
     mt_seconds = time.perf_counter() - t0
     peft_model.eval()
     results[f"{label} + MergeTune"] = evaluate_adapter()
+    if args.output_ensemble is not None and prompts:  # each learned head ensembled with the zero-shot ensemble's
+        gamma = args.output_ensemble
+        with torch.no_grad():
+            mt_heads = {s: peft_model.class_text_features(tokenizer, names[s]) for s in ("base", "novel")}
+            with peft_model.disable_adapter():
+                zs_heads = {
+                    s: build_zeroshot_classifier(peft_model, tokenizer, names[s], task.templates)
+                    for s in ("base", "novel")
+                }
+        for row, heads in ((label, coop_heads), (f"{label} + MergeTune", mt_heads)):
+            mixed = {s: ((1 - gamma) * zs_heads[s] + gamma * heads[s].to(zs_heads[s])).detach() for s in heads}
+            results[f"{row} ⊕ zero-shot (γ = {gamma:g})"] = evaluate(
+                peft_model, tokenizer, splits, names, task.templates, transform, cache, args, heads=mixed
+            )
 
     # (4) LMC paths on the test images of base and novel classes
     curves = {}
@@ -305,6 +354,8 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
             )
         },
         "base_method": method,
+        "eval_split": args.eval_split,
+        "output_ensemble": args.output_ensemble,
         "mergetune_seconds": mt_seconds,
         "train_loss_first_last": {"MergeTune": _first_last_loss(mt), **coop_losses},
         "total_seconds": time.perf_counter() - t_start,
@@ -358,6 +409,33 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
             f"{result['total_seconds']:.0f}s in all"
         )
     return result
+
+
+def _check_eval_split(args) -> None:
+    if args.eval_split not in ("test", "val"):
+        raise SystemExit(f"--eval_split must be test or val, got {args.eval_split!r}")
+    if args.eval_split == "val":
+        if not args.downstream_pool:
+            raise SystemExit("--eval_split val draws its images from the downstream pool: add --downstream_pool true")
+        if args.val_shots < 1:
+            raise SystemExit(f"--val_shots must be at least 1 with --eval_split val, got {args.val_shots}")
+        if args.model_name_or_path is None and args.demo_pretrain_pool != 0.7:
+            raise SystemExit(
+                "--eval_split val with the demo CLIP needs --demo_pretrain_pool 0.7: the downstream pool is the 30% "
+                "of the train split that the demo CLIP's pretraining must not see"
+            )
+
+
+def _validation_splits(task, splits, names, seed: int, val_shots: int):
+    """Replace the test splits by validation ones: base = the ``val_shots`` per base class drawn after the training
+    shots (``splits["val"]``); novel = ``val_shots`` per novel class of the downstream pool (same seed)."""
+    from hf_cft.data import few_shot_indices, labels_of, select_classes, split_per_class
+
+    novel_ids = splits["novel"][0]
+    pool = select_classes(split_per_class(task["train"], 0.7, seed=0)[1], novel_ids)
+    idx = few_shot_indices(labels_of(pool), val_shots, seed=seed, class_names=names["novel"], dataset_name=task.name)
+    splits = {"base": splits["val"], "novel": (novel_ids, pool.select(idx))}
+    return splits, {k: names[k] for k in ("base", "novel")}
 
 
 def _first_last_loss(trainer) -> list[float]:
