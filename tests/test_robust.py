@@ -31,10 +31,9 @@ def _images(n_per_class: int, g: torch.Generator):
 
 @pytest.fixture(scope="module")
 def setup(robust):
-    from tests.conftest import ToyTokenizer
-
     from hf_cft.data.image_pool import normalize_batch
     from hf_cft.models import image_features
+    from tests.conftest import ToyTokenizer
 
     tok, model = ToyTokenizer(), tiny_clip(image_size=16, patch_size=4)
     g = torch.Generator().manual_seed(0)
