@@ -175,16 +175,15 @@ def fit_mergetune(
 ) -> torch.Tensor:
     """MergeTune of the fine-tuned context ``ctx_ft`` (ŵ2, class features ``head_ft`` over ``names``) towards the
     zero-shot head ``zs_head`` (ŵ1): τ-initialised, λ = ``hp["lam"]``, β = ``hp["beta"]``, N = 5, the fine-tuned
-    model's optimiser and epochs; ``kw`` overrides the loss options (anchor, fisher, anchor_weight, path_weight).
+    model's optimiser and epochs; ``kw`` overrides the loss options (anchor, fisher, anchor_weight, path_weight,
+    num_alphas).
     Returns the merged context (left set)."""
     from hf_cft.trainers.feature_training import coop_context_init, train_mergetune_on_features
 
     ctx_model.set(ctx_ft)
     coop_context_init(ctx_model.peft, tok, ctx_ft, "a photo of a", tau=hp["tau"])
-    kw = {"anchor_weight": hp["lam"], "path_weight": hp["beta"], **kw}
-    train_mergetune_on_features(
-        ctx_model.peft, tok, names, x, y, zs_head, head_ft, num_alphas=5, seed=seed, **_optim(hp), **kw
-    )
+    kw = {"anchor_weight": hp["lam"], "path_weight": hp["beta"], "num_alphas": 5, **kw}
+    train_mergetune_on_features(ctx_model.peft, tok, names, x, y, zs_head, head_ft, seed=seed, **_optim(hp), **kw)
     return ctx_model.get()
 
 

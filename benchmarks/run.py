@@ -12,6 +12,8 @@
     python benchmarks/run.py robust [--quick]       # Protocol E (benchmarks/robust.py): LP and E2E fine-tuning on
                                                     # caltech101's downstream pool, WiSE-FT, output ensemble,
                                                     # MergeTune (+ weight ensemble), ID and six shifts
+    python benchmarks/run.py path_ablation [--quick] # does MergeTune's path term do anything? (benchmarks/
+                                                    # path_ablation.py: β, β vs a weaker anchor, N, τ, λ, lr, epochs)
 
 Options: ``--checkpoint DIR`` (a CLIPModel folder). Without it each protocol uses its design's model, pretrained
 on first use (5,000 steps; in quick mode a 150-step model) outside the repository: ``zeroshot`` and ``headroom``
@@ -72,6 +74,7 @@ PROTOCOL_DESIGN = {
     "domain": "C",
     "crossdata": "C",
     "robust": "C",
+    "path_ablation": "C",
 }
 
 CACHE = Path("~/.cache/hf_cft/decoded").expanduser()
@@ -499,6 +502,43 @@ def protocol_crossdata(model, tok, size, args) -> dict:
     return _crossdata(model, tok, size, args, ("transfer", "domain"))
 
 
+def protocol_path_ablation(model, tok, size, args) -> dict:
+    """The path-term ablation (``benchmarks/path_ablation.py``) on Protocol A's datasets without stanford_cars
+    (near chance for every row), or ``--datasets``; quick: the quick sets."""
+    import path_ablation
+
+    hp = _b2n_hyper_parameters(args)
+    names = args.datasets or (QUICK_SETS if args.quick else tuple(d for d in PROTOCOL_A if d != "stanford_cars"))
+    variants = args.methods or list(path_ablation.VARIANTS)
+    unknown = [v for v in variants if v not in path_ablation.VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown --methods {unknown}; choose from {list(path_ablation.VARIANTS)}")
+    loaded = _load_features(args.features) if args.features else None
+    per_dataset = {}
+    for name in names:
+        t0 = time.perf_counter()
+        task, feats = task_features(model, size, name, args, loaded)
+        per_dataset[name] = path_ablation.run_dataset(
+            model, tok, task, feats, args.seeds, hp, variants, log=lambda m: print(m, flush=True)
+        )
+        print(f"{name}: {time.perf_counter() - t0:.0f}s", flush=True)
+    summary = path_ablation.summarise(per_dataset)
+    lines = path_ablation.markdown(summary, names, hp)
+    rows = {r: {k: summary[r][k] for k in ("base", "novel", "hm")} for r in summary}
+    return {
+        "outputs": {
+            "path-ablation": {
+                "summary": summary,
+                "per_dataset": per_dataset,
+                "hyper_parameters": hp,
+                "table": lines,
+                "rows": rows,
+                "plot": ("bars", ["base", "novel", "hm"]),
+            }
+        }
+    }
+
+
 def protocol_robust(model, tok, size, args) -> dict:
     """Protocol E (``benchmarks/robust.py``): LP and E2E fine-tuning on caltech101's downstream pool, WiSE-FT, the
     output ensemble, MergeTune and MergeTune + weight ensemble, on the ID test split and Protocol D's six shifts."""
@@ -552,6 +592,7 @@ PROTOCOLS = {
     "domain": protocol_domain,
     "crossdata": protocol_crossdata,
     "robust": protocol_robust,
+    "path_ablation": protocol_path_ablation,
 }
 
 
@@ -615,7 +656,8 @@ def main(argv=None):
         "--methods",
         nargs="+",
         default=None,
-        help="b2n: only these rows (with zs_single and coop), e.g. kgcoop kgcoop_mergetune vpt vpt_mergetune",
+        help="b2n: only these rows (with zs_single and coop), e.g. kgcoop kgcoop_mergetune vpt vpt_mergetune; "
+        "path_ablation: only these variants",
     )
     args = p.parse_args(argv)
     args.seeds = args.seeds or ([1] if args.quick else [1, 2, 3])
