@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,74 @@ def test_mergetune_recipe_runs_end_to_end(tmp_path, monkeypatch):
     cards = list((out / "mergetune").rglob("README.md"))
     assert cards and "MergeTune" in cards[0].read_text()
     assert set(result["paths"]["base"]["paths"]) == {"zero-shot → CoOp", "zero-shot → MergeTune", "CoOp → MergeTune"}
+
+
+def test_mergetune_recipe_validation_split_and_output_ensemble(tmp_path, monkeypatch):
+    """--eval_split val evaluates on downstream-pool images that are neither training shots nor seen by the demo
+    CLIP's pretraining (--demo_pretrain_pool 0.7); --output_ensemble γ adds each learned head mixed with the
+    zero-shot ensemble's, (1 − γ)·T_zs + γ·T, as two more rows."""
+    import torch
+
+    from hf_cft.data import labels_of, split_per_class
+    from hf_cft.models import build_zeroshot_classifier
+
+    mt = load_recipe("mergetune")
+    monkeypatch.setattr(mt, "DEMO_CACHE", tmp_path / "demo-cache")
+    argv = ["--output_dir", str(tmp_path / "out"), "--num_train_epochs", "1", "--coop_epochs", "1", "--shots", "4"]
+    argv += ["--demo_pretrain_steps", "3", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true"]
+    argv += ["--disable_tqdm", "true", "--downstream_pool", "true", "--demo_pretrain_pool", "0.7"]
+    argv += ["--eval_split", "val", "--val_shots", "3", "--output_ensemble", "0.5"]
+    args, targs = mt.parse_recipe_args(mt.MergeTuneRecipeArguments, mt.MergeTuneConfig, args=argv)
+    seen = {}
+    real_evaluate = mt.evaluate
+
+    def spy(model, tokenizer, splits, names, *rest, **kw):
+        seen["splits"], seen["names"] = splits, names
+        seen.setdefault("heads", []).append(kw.get("heads"))
+        return real_evaluate(model, tokenizer, splits, names, *rest, **kw)
+
+    monkeypatch.setattr(mt, "evaluate", spy)
+    result = mt.main(args, targs)
+    rows = result["results"]
+    assert list(rows)[-2:] == ["CoOp ⊕ zero-shot (γ = 0.5)", "CoOp + MergeTune ⊕ zero-shot (γ = 0.5)"]
+    assert result["eval_split"] == "val" and result["output_ensemble"] == 0.5
+    # the validation images: 3 per class, all from the downstream pool (base: drawn after the shots, disjoint)
+    task = mt.load_task("digits")
+    pool = split_per_class(task["train"], 0.7, seed=0)[1]
+    pool_images = {r["image"].tobytes() for r in pool}
+    for split, n in (("base", 5), ("novel", 5)):
+        ds = seen["splits"][split][1]
+        assert len(ds) == 3 * n and sorted(set(labels_of(ds))) == list(range(n))
+        assert all(r["image"].tobytes() in pool_images for r in ds)
+    # the mixed heads are exactly (1 − γ)·zero-shot + γ·learned, and change the result of at least one row
+    mixed = [h for h in seen["heads"] if h is not None]
+    assert len(mixed) == 2 and mixed[0]["base"].shape[0] == 5
+    model, tok, _ = mt.load_clip(str(mt.demo_clip(3, pool=0.7)))
+    with torch.no_grad():
+        zs = build_zeroshot_classifier(model, tok, seen["names"]["novel"], task.templates)
+    learned = (mixed[0]["novel"] - 0.5 * zs) / 0.5
+    assert torch.allclose(learned.norm(dim=-1), torch.ones(5), atol=1e-4)  # unit rows: CoOp's class features
+    assert (tmp_path / "demo-cache" / "steps3-seed0-pool0.7" / "model" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--eval_split", "dev"], "--eval_split must be test or val"),
+        (["--eval_split", "val"], "add --downstream_pool true"),
+        (["--eval_split", "val", "--downstream_pool", "true"], "needs --demo_pretrain_pool 0.7"),
+        (["--eval_split", "val", "--downstream_pool", "true", "--val_shots", "0"], "--val_shots must be at least 1"),
+        (["--demo_pretrain_pool", "1.5"], "--demo_pretrain_pool must be in (0, 1]"),
+    ],
+)
+def test_mergetune_recipe_refuses_bad_evaluation_flags(flags, message, tmp_path, monkeypatch):
+    mt = load_recipe("mergetune")
+    monkeypatch.setattr(mt, "DEMO_CACHE", tmp_path / "demo-cache")
+    argv = ["--output_dir", str(tmp_path / "out"), "--demo_pretrain_steps", "3", "--use_cpu", "true", *flags]
+    args, targs = mt.parse_recipe_args(mt.MergeTuneRecipeArguments, mt.MergeTuneConfig, args=argv)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        mt.main(args, targs)
+    assert not (tmp_path / "demo-cache").exists()  # refused before any pretraining
 
 
 @pytest.mark.slow
