@@ -263,7 +263,7 @@ def test_card_resolved_config_and_rerun_from_it(assets, tmp_path):
     assert "**dare**" in text and str(assets["lora_a"]) in text and "LoRA adapter" in text and "full model" in text
     assert "| density | " in text or "density" in text
     resolved = yaml.safe_load((out / "merge.yaml").read_text())
-    assert resolved["method"] == "dare" and resolved["parameters"] == {"then": "ta", "seed": 5}
+    assert resolved["method"] == "dare" and resolved["parameters"] == {"then": "ta", "seed": 5, "rng": "torch"}
     assert [i["density"] for i in resolved["inputs"]] == pytest.approx([0.3, 0.3])
     assert [i["weight"] for i in resolved["inputs"]] == [0.3, 0.3]
     assert yaml.safe_dump(resolved, sort_keys=False) in text  # the card carries the resolved config

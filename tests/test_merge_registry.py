@@ -110,7 +110,7 @@ def test_resolve_names_the_offending_field():
 
 def test_resolve_fills_defaults_per_input():
     opts, per = get_method("dare").resolve({"then": "ties"}, [{}, {"weight": 2.0, "density": 0.5}])
-    assert opts == {"then": "ties", "seed": 0}
+    assert opts == {"then": "ties", "seed": 0, "rng": "torch"}
     assert per == [{"weight": 1.0, "density": 0.1}, {"weight": 2.0, "density": 0.5}]
     opts, per = get_method("ties").resolve({"density": 0.3}, [{}, {"density": 0.9}])
     assert [p["density"] for p in per] == [0.3, 0.9] and "density" not in opts
@@ -251,6 +251,8 @@ def test_option_describe_formats_kind_range_choices_per_input_default_and_help()
         "density (number in (0, 1], per input; default 0.1): kept fraction 1 − ρ (--rho ρ: drop rate)",
         "then (ta|ties; default 'ta'): task arithmetic or TIES after the drop",
         "seed (int; default 0): seed of the drop masks (drawn per key)",
+        "rng (torch|counter; default 'torch'): masks from torch's CPU generator (reproduces torch.bernoulli) or a "
+        "counter-based hash (the same on every device; fused, several times faster on a CPU)",
     ]
 
 

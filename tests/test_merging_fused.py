@@ -144,7 +144,7 @@ def test_compile_loads_every_kernel_on_numbas_own_thread_pool(monkeypatch):
     numba = pytest.importorskip("numba")
     from hf_cft.merging import _fused_kernels
 
-    names = ("ties_mean", "band_sum", "consensus", "magmax", "row_sum", "scale", "magnitude_histogram")
+    names = ("ties_mean", "band_sum", "consensus", "magmax", "row_sum", "scale", "magnitude_histogram", "dare_ta")
     for layer, want in (("default", "workqueue"), ("omp", "workqueue"), ("tbb", "tbb"), ("workqueue", "workqueue")):
         monkeypatch.setattr(numba.config, "THREADING_LAYER", layer)
         got = fused._compile()

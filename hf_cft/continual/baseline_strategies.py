@@ -260,19 +260,23 @@ def _merge_so_far(name: str, fn, **options):
     return merge
 
 
-def dare_strategy(rho: float = 0.9, seed: int = 0, then: str = "ta", lam: float | None = None) -> DeltaMergeStrategy:
+def dare_strategy(
+    rho: float = 0.9, seed: int = 0, then: str = "ta", lam: float | None = None, rng: str = "torch"
+) -> DeltaMergeStrategy:
     """DARE over the experts so far (pam.md §9): each expert dropped with rate ρ and rescaled by 1/(1−ρ), then task
     arithmetic or TIES; re-run after every task. A task's masks depend only on (seed, key, its position), so the
     experts already merged keep their masks as tasks arrive."""
-    from hf_cft.merging.baselines import dare
+    from hf_cft.merging.baselines import DARE_RNGS, dare
 
     rho = check_number("dare", "rho", rho, 0.0, 1.0)
     if rho >= 1.0:
         raise ContinualError(f"strategy 'dare': option rho must be < 1 (every entry would be dropped), got {rho!r}")
     check_choice("dare", "then", then, ("ta", "ties"))
+    check_choice("dare", "rng", rng, DARE_RNGS)
     lam = (0.3 if then == "ta" else 1.0) if lam is None else check_number("dare", "lam", lam)
-    fn = _merge_so_far("dare", dare, rho=rho, seed=int(seed), then=then, lam=lam)
-    return DeltaMergeStrategy.from_function("dare", fn, rho=rho, seed=int(seed), then=then, lam=lam)
+    extra = {"rng": rng} if rng != "torch" else {}  # the default stays out of the record (older runs resume)
+    fn = _merge_so_far("dare", dare, rho=rho, seed=int(seed), then=then, lam=lam, **extra)
+    return DeltaMergeStrategy.from_function("dare", fn, rho=rho, seed=int(seed), then=then, lam=lam, **extra)
 
 
 def consensus_strategy(lambdas: float = 0.4, k: int = 2, lam: float = 0.3) -> DeltaMergeStrategy:
@@ -327,9 +331,15 @@ def breadcrumbs_strategy(density: float = 0.1, gamma: float = 0.01, lam: float =
 
 
 def della_strategy(
-    density: float = 0.3, epsilon: float = 0.1, lam: float = 1.0, seed: int = 0, rank_scope: str = "row"
+    density: float = 0.3,
+    epsilon: float = 0.1,
+    lam: float = 1.0,
+    seed: int = 0,
+    rank_scope: str = "row",
+    rng: str = "torch",
 ) -> DeltaMergeStrategy:
     """DELLA over the experts so far (MagPrune per expert, then TIES's election and disjoint mean)."""
+    from hf_cft.merging.baselines import DARE_RNGS
     from hf_cft.merging.methods import DELLA_RANK_SCOPES
 
     density = check_number("della", "density", density, 0.0, 1.0, low_open=True)
@@ -340,8 +350,10 @@ def della_strategy(
         )
     lam = check_number("della", "lam", lam)
     check_choice("della", "rank_scope", rank_scope, DELLA_RANK_SCOPES)
+    check_choice("della", "rng", rng, DARE_RNGS)
+    extra = {"rng": rng} if rng != "torch" else {}  # the default stays out of the record (older runs resume)
     return _one_shot_strategy(
-        "della", "della", density=density, epsilon=epsilon, lam=lam, seed=int(seed), rank_scope=rank_scope
+        "della", "della", density=density, epsilon=epsilon, lam=lam, seed=int(seed), rank_scope=rank_scope, **extra
     )
 
 

@@ -153,3 +153,37 @@ def bucket_entries(bits, chunks, bucket, offsets, out):
             if (b >> np.uint32(15)) == bucket:
                 out[j] = b
                 j += 1
+
+
+u64 = np.uint64
+COUNTER_STEP = u64(0x9E3779B97F4A7C15)
+COUNTER_MIX0 = u64(0xBF58476D1CE4E5B9)
+COUNTER_MIX1 = u64(0x94D049BB133111EB)
+
+
+@_both
+def dare_ta(xs, key, starts, thresholds, keeps, dropped, weights, scaled, out):
+    """DARE then task arithmetic with the counter stream: per entry, each input's draw ``starts[t] + i``
+    (:func:`hf_cft.merging.baselines.counter_draws`: the top 24 bits of SplitMix64's finaliser of key + c·φ) keeps
+    x where it is below its threshold (x·0 elsewhere), divided by its keep probability (inputs not ``dropped`` are
+    taken whole), times its weight where ``scaled``, summed in list order: the blocked torch kernel's fp32 operations."""
+    n = out.size
+    t_count = len(xs)
+    for i in prange(n):
+        total = zero
+        for t in range(t_count):
+            x = xs[t][i]
+            v = x
+            if dropped[t]:
+                h = (starts[t] + u64(i)) * COUNTER_STEP + key
+                h = h ^ (h >> u64(30))
+                h = h * COUNTER_MIX0
+                h = h ^ (h >> u64(27))
+                h = h * COUNTER_MIX1
+                h = h ^ (h >> u64(31))
+                v = x if (h >> u64(40)) < thresholds[t] else x * zero
+                v = v / keeps[t]
+            if scaled[t]:
+                v = v * weights[t]
+            total = v if t == 0 else total + v
+        out[i] = total

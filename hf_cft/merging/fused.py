@@ -100,6 +100,7 @@ def _compile() -> dict:
         "scale",
         "magnitude_histogram",
         "bucket_entries",
+        "dare_ta",
     )
     return {**{name: getattr(kernels, name) for name in names}, "numba": numba, "np": np}
 
@@ -214,6 +215,36 @@ def scale_(out: Tensor, divisor: int, factor: float) -> Tensor:
     np = kern["np"]
     _threads()
     _run("scale", out.numel(), out.view(-1).numpy(), np.float32(divisor), np.float32(factor))
+    return out
+
+
+def dare_ta(flats: Sequence[Tensor], stream, rhos: Sequence[float], weights: Sequence[float]) -> Tensor:
+    """The fused form of DARE + task arithmetic with the counter stream (``stream``, a
+    :class:`~hf_cft.merging.baselines._CounterStream`; each input with ρ > 0 takes the next ``numel`` draws, in list
+    order, as the blocked kernel draws them)."""
+    import math
+
+    np = _kernels()["np"]
+    _threads()
+    n = flats[0].numel()
+    dropped = np.array([r != 0.0 for r in rhos])
+    starts = np.array([stream.skip(n) if d else 0 for d in dropped], dtype=np.uint64)
+    keeps = np.array([np.float32(1.0 - r) if d else 1.0 for r, d in zip(rhos, dropped)], dtype=np.float32)
+    thresholds = np.array([math.ceil(float(k) * 2**24) for k in keeps], dtype=np.uint64)  # u·2⁻²⁴ < p ⇔ u < ⌈p·2²⁴⌉
+    out = torch.empty(n)
+    _run(
+        "dare_ta",
+        n,
+        tuple(f.numpy() for f in flats),
+        np.uint64(stream.key),
+        starts,
+        thresholds,
+        keeps,
+        dropped,
+        np.array(weights, dtype=np.float32),
+        np.array([w != 1.0 for w in weights]),
+        out.numpy(),
+    )
     return out
 
 

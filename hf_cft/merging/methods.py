@@ -48,9 +48,9 @@ from torch import Tensor
 from hf_cft.errors import DeltaError, MergeConfigError, NonFiniteError, TaskError
 from hf_cft.merging import fused
 from hf_cft.merging.baselines import (
+    DARE_RNGS,
     ContinualMerger,
     Delta,
-    _BernoulliStream,
     _blocked,
     _blocks,
     _check_deltas,
@@ -62,6 +62,7 @@ from hf_cft.merging.baselines import (
     _per_input,
     _Scratch,
     _stacked_block,
+    _Stream,
     _weights,
     key_predicate,
 )
@@ -564,18 +565,18 @@ def magprune(
 ) -> Tensor:
     """DELLA's MagPrune on one tensor: drop entry i with probability p_i (:func:`_magprune_probabilities`, mean drop
     p = 1 − ``density``) and rescale the survivors by 1/(1 − p_i)."""
-    if isinstance(generator, _BernoulliStream) and tensor.device.type == "cpu" and tensor.dtype == torch.float32:
+    if isinstance(generator, _Stream) and tensor.device.type == "cpu" and tensor.dtype == torch.float32:
         return _magprune_numpy(tensor, 1.0 - density, epsilon, generator, rank_scope)
     probs = _magprune_probabilities(tensor, 1.0 - density, epsilon, rank_scope)
     keep = 1.0 - probs
-    if isinstance(generator, _BernoulliStream) and keep.is_contiguous():
-        mask = (generator.uniform(keep.numel()) < keep.reshape(-1)).view(keep.shape)
+    if isinstance(generator, _Stream) and keep.is_contiguous():
+        mask = (generator.uniform(keep.numel()).to(keep.device) < keep.reshape(-1)).view(keep.shape)
     else:
         mask = torch.bernoulli(keep, generator=generator)
     return tensor * mask / keep
 
 
-def _magprune_numpy(tensor: Tensor, drop: float, epsilon: float, stream: _BernoulliStream, rank_scope: str) -> Tensor:
+def _magprune_numpy(tensor: Tensor, drop: float, epsilon: float, stream: _Stream, rank_scope: str) -> Tensor:
     """:func:`magprune` of an fp32 CPU tensor with the CPU stream, in numpy, op for op the same fp32 arithmetic (so
     bit for bit the torch formula's result; numpy's temporaries cost far less than fresh torch tensors here)."""
     import numpy as np
@@ -608,6 +609,7 @@ def della(
     lam: float = 1.0,
     seed: int = 0,
     rank_scope: str = "row",
+    rng: str = "torch",
 ) -> Delta:
     """DELLA-merging (Deep et al., 2024, arXiv:2406.11617), key by key:
 
@@ -619,7 +621,8 @@ def della(
 
     returns λ·τ_m. Defaults (lib; tune on validation): ``density`` 0.3, ε = 0.1, λ = 1. The masks come from one
     ``torch.Generator`` per key seeded from (``seed``, key), tasks in list order (as :func:`~hf_cft.merging.dare`),
-    so a key's result does not depend on the other keys. p ± ε/2 must stay within [0, 1).
+    so a key's result does not depend on the other keys (``rng="counter"``: the counter-based stream of
+    :func:`~hf_cft.merging.dare` instead, the same on every device). p ± ε/2 must stay within [0, 1).
     """
     deltas = _check_deltas(deltas)
     density = _check_fraction("density", density)
@@ -631,12 +634,13 @@ def della(
             f"[{drop - epsilon / 2:g}, {drop + epsilon / 2:g}]; lower epsilon."
         )
     check_choice(rank_scope, "rank_scope", DELLA_RANK_SCOPES, error=MergeConfigError)
+    check_choice(rng, "rng", DARE_RNGS, error=MergeConfigError)
     lam = _weights(lam, 1)[0]
     out = {}
     for key in deltas[0]:
         tensors = [_f32(d[key]) for d in deltas]
         out[key] = lam * della_key(
-            key, tensors, [1.0] * len(tensors), [density] * len(tensors), epsilon, seed, rank_scope
+            key, tensors, [1.0] * len(tensors), [density] * len(tensors), epsilon, seed, rank_scope, rng
         )
     return _finite_result(out, f"lam={lam!r} (with the 1/(1-p) rescale)")
 
@@ -649,10 +653,11 @@ def della_key(
     epsilon: float,
     seed: int,
     rank_scope: str,
+    rng: str = "torch",
 ) -> Tensor:
     """One key of :func:`della` (unscaled): MagPrune each w_t·τ_t with its density (one generator seeded from
     (seed, key), tasks in order), then TIES's election and disjoint mean."""
-    gen = _mask_source(seed, key, tensors[0].device)  # on the CPU the generator's stream, drawn by numpy
+    gen = _mask_source(seed, key, tensors[0].device, rng)  # on the CPU a stream drawn by numpy
     pruned = [
         magprune(w * t if w != 1.0 else t, d, epsilon, gen, rank_scope) for t, w, d in zip(tensors, weights, densities)
     ]
@@ -774,7 +779,9 @@ def _breadcrumbs_check(options: dict, inputs: list[dict], where: str) -> None:
 def _della_kernel(deltas: list[Tensor], ctx) -> Tensor:
     opts = ctx.options
     densities = [inp["density"] for inp in ctx.inputs]
-    return della_key(ctx.key, deltas, ctx.weights, densities, opts["epsilon"], opts["seed"], opts["rank_scope"])
+    return della_key(
+        ctx.key, deltas, ctx.weights, densities, opts["epsilon"], opts["seed"], opts["rank_scope"], opts["rng"]
+    )
 
 
 def _della_check(options: dict, inputs: list[dict], where: str) -> None:
@@ -867,6 +874,7 @@ def _register() -> None:
                 Option("epsilon", 0.1, low=0.0, help="spread of the drop probabilities"),
                 Option("seed", 0, "int", help="seed of the drop masks (drawn per key)"),
                 Option("rank_scope", "row", "choice", choices=DELLA_RANK_SCOPES, help="rank per row or per tensor"),
+                Option("rng", "torch", "choice", choices=DARE_RNGS, help="drop-mask stream, as dare's rng"),
             ),
             summary="MagPrune (magnitude-ranked drop, 1/(1−p_i) rescale), elect sign, disjoint mean (defaults 0.3, ε 0.1)",
             reference="Deep et al., DELLA-Merging, 2024 (arXiv:2406.11617)",
