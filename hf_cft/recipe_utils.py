@@ -270,6 +270,9 @@ class ContinualStreamArguments:
     datasets: list[str] | None = field(default=None, metadata={"help": "An explicit task stream (overrides order)."})
     data_dir: str | None = field(default=None, metadata={"help": "Folder of local datasets (default ../shared/data)."})
     shots: int = field(default=0, metadata={"help": "Images per class for training (0: all; 5: few-shot)."})
+    shot_seed: int = field(
+        default=0, metadata={"help": "Seed of the few-shot draw (--shots); change it with --seed for repeated runs."}
+    )
     max_test: int | None = field(default=None, metadata={"help": "Keep N test rows per dataset (quick runs)."})
     strategy: list[str] = field(
         default_factory=lambda: ["zeroshot", "sequential", "independent"],
@@ -296,12 +299,18 @@ def continual_tasks(args, benchmark: str, mtil_loader=None):
     if benchmark == "digits":
         return class_split_tasks(load_task("digits"), DIGITS_DEMO_GROUPS), "scikit-learn digits (offline)"
     stream = "custom" if args.datasets else f"Order {args.order}"
-    shots = f", {args.shots}-shot" if args.shots else ""
+    shots = f", {args.shots}-shot (draw seed {args.shot_seed})" if args.shots else ""
     if benchmark == "mtil":
-        tasks = mtil_tasks(args.datasets or args.order, shots=args.shots, max_test=args.max_test, loader=mtil_loader)
+        tasks = mtil_tasks(
+            args.datasets or args.order,
+            shots=args.shots,
+            shot_seed=args.shot_seed,
+            max_test=args.max_test,
+            loader=mtil_loader,
+        )
         return tasks, f"MTIL {stream}{shots}"
     tasks = mtil_mini_tasks(
-        args.datasets or args.order, args.data_dir, shots=args.shots, shot_seed=0, max_test=args.max_test
+        args.datasets or args.order, args.data_dir, shots=args.shots, shot_seed=args.shot_seed, max_test=args.max_test
     )
     return tasks, f"MTIL-mini {stream}{shots}"
 

@@ -222,3 +222,22 @@ def test_condu_recipe_and_mtil_options_run_the_released_modes():
     built = {name: make_strategy(name, **opts) for name, opts in options.items()}
     assert built["ties"].merger.trim_scope == "model" and built["magmax"].merger.tie_break == "earlier"
     assert built["emr"].settings() == {"rescaler": "global_sum", "zero_sign": 0}
+
+
+def test_shot_seed_reaches_the_few_shot_draw(monkeypatch):
+    """--shot_seed (default 0) is the seed of the 5-shot draw of MTIL-mini and MTIL, and the stream says it."""
+    from types import SimpleNamespace
+
+    import hf_cft.continual as continual
+    from hf_cft.recipe_utils import ContinualStreamArguments, continual_tasks
+
+    seen = []
+    monkeypatch.setattr(continual, "mtil_mini_tasks", lambda *a, **k: seen.append(("mini", k)) or [])
+    monkeypatch.setattr(continual, "mtil_tasks", lambda *a, **k: seen.append(("mtil", k)) or [])
+    assert ContinualStreamArguments().shot_seed == 0
+    args = SimpleNamespace(datasets=None, order="I", data_dir=None, shots=5, shot_seed=3, max_test=None)
+    _, stream = continual_tasks(args, "mtil_mini")
+    assert seen[-1] == ("mini", {"shots": 5, "shot_seed": 3, "max_test": None})
+    assert stream == "MTIL-mini Order I, 5-shot (draw seed 3)"
+    _, stream = continual_tasks(args, "mtil")
+    assert seen[-1][1]["shot_seed"] == 3 and stream == "MTIL Order I, 5-shot (draw seed 3)"
