@@ -44,6 +44,11 @@ SETTINGS: dict[str, list[str]] = {
     ],
     "pool70-kgcoop": ["--demo_pretrain_pool", "0.7", "--downstream_pool", "true", "--base_method", "kgcoop"],
     "pool70-vpt": ["--demo_pretrain_pool", "0.7", "--downstream_pool", "true", "--base_method", "vpt"],
+    "pool70-described": ["--demo_pretrain_pool", "0.7", "--downstream_pool", "true", "--demo_pretrain_views", "described"],
+    "pool70-described-steps400": [
+        "--demo_pretrain_pool", "0.7", "--downstream_pool", "true", "--demo_pretrain_views", "described",
+        "--demo_pretrain_steps", "400",
+    ],
     "pool70-steps100-coop-long": [
         "--demo_pretrain_pool", "0.7", "--downstream_pool", "true", "--demo_pretrain_steps", "100",
         "--coop_epochs", "100", "--coop_learning_rate", "0.02",

@@ -109,6 +109,14 @@ class MergeTuneRecipeArguments:
             "downstream pool (--downstream_pool true) it never sees."
         },
     )
+    demo_pretrain_views: str = field(
+        default="clean",
+        metadata={
+            "help": "The demo CLIP's pretraining views: clean (the digits as they are, captions from their own "
+            "templates), or described (design C of the benchmarks: every view cropped, blurred and noised, half the "
+            "captions generic, each naming the view's traits)."
+        },
+    )
     eval_split: str = field(
         default="test",
         metadata={
@@ -129,7 +137,24 @@ class MergeTuneRecipeArguments:
     eval_batch_size: int = field(default=256, metadata={"help": "Images per batch in evaluation."})
 
 
-def demo_clip(steps: int, seed: int = 0, pool: float = 1.0) -> Path:
+#: the pretraining options of each ``--demo_pretrain_views`` (``described``: design C's degraded, described views)
+DEMO_VIEWS = {
+    "clean": {"captions": "own", "degrade_prob": 0.0},
+    "described": {
+        "captions": "mixed",
+        "own_prob": 0.5,
+        "describe_views": True,
+        "describe_prob": 0.7,
+        "degrade_prob": 1.0,
+        "crop_min": 0.35,
+        "blur_min": 0.8,
+        "blur_max": 1.6,
+        "noise": 0.1,
+    },
+}
+
+
+def demo_clip(steps: int, seed: int = 0, pool: float = 1.0, views: str = "clean") -> Path:
     """The demo's zero-shot model: a ~0.2M-parameter CLIP pretrained briefly (so it still forgets under CoOp) on
     scikit-learn's digits with recipes/pretrain_clip.py, built on first use and cached in ``DEMO_CACHE``
     (``$HF_CFT_CACHE/mergetune-demo-clip``, default ``~/.cache/hf_cft/...``).
@@ -143,7 +168,10 @@ def demo_clip(steps: int, seed: int = 0, pool: float = 1.0) -> Path:
 
     if not 0.0 < pool <= 1.0:
         raise SystemExit(f"--demo_pretrain_pool must be in (0, 1], got {pool}")
-    out = DEMO_CACHE / (f"steps{steps}-seed{seed}" + (f"-pool{pool:g}" if pool < 1 else ""))
+    if views not in DEMO_VIEWS:
+        raise SystemExit(f"--demo_pretrain_views must be one of {sorted(DEMO_VIEWS)}, got {views!r}")
+    name = f"steps{steps}-seed{seed}" + (f"-pool{pool:g}" if pool < 1 else "") + ("" if views == "clean" else f"-{views}")
+    out = DEMO_CACHE / name
     state = PartialState()
     cached = [(out / "model" / "config.json").is_file()]
     if state.num_processes > 1:
@@ -163,8 +191,7 @@ def demo_clip(steps: int, seed: int = 0, pool: float = 1.0) -> Path:
         layers=2,
         heads=4,
         projection_dim=64,
-        captions="own",
-        degrade_prob=0.0,
+        **DEMO_VIEWS[views],
         batch_size=128,
         learning_rate=2e-3,
         warmup_steps=20,
@@ -206,13 +233,17 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
     t_start = time.perf_counter()
     task = load_task(args.dataset, args.data_dir)
     _check_eval_split(args)
-    model_path = args.model_name_or_path or str(demo_clip(args.demo_pretrain_steps, pool=args.demo_pretrain_pool))
+    model_path = args.model_name_or_path or str(
+        demo_clip(args.demo_pretrain_steps, pool=args.demo_pretrain_pool, views=args.demo_pretrain_views)
+    )
     model, tokenizer, transform = load_clip(model_path)
     model_desc = args.model_name_or_path or (
         f"demo CLIP ({sum(p.numel() for p in model.parameters()):,} parameters) pretrained for "
         f"{args.demo_pretrain_steps} steps of 128 images on "
         + (f"{args.demo_pretrain_pool:.0%} of " if args.demo_pretrain_pool < 1 else "")
-        + "scikit-learn's digits — deliberately under-trained so that CoOp can forget"
+        + "scikit-learn's digits"
+        + (f" ({args.demo_pretrain_views} views)" if args.demo_pretrain_views != "clean" else "")
+        + " — deliberately under-trained so that CoOp can forget"
     )
     val = args.eval_split == "val"
     train, splits, names = base_novel_task(
