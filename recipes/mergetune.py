@@ -443,6 +443,16 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
 
 
 def _check_eval_split(args) -> None:
+    """Refuse evaluation flags that cannot work, before any pretraining or training."""
+    gamma = args.output_ensemble
+    if gamma is not None:
+        if not (isinstance(gamma, float) and 0.0 <= gamma <= 1.0):  # NaN fails both comparisons
+            raise SystemExit(f"--output_ensemble γ must be in [0, 1], got {gamma}")
+        if args.base_method == "vpt":
+            raise SystemExit(
+                "--output_ensemble mixes class text heads: it needs a prompt method (--base_method coop or kgcoop); "
+                "VPT changes the image features, so its ensemble with zero-shot would cost a second image forward"
+            )
     if args.eval_split not in ("test", "val"):
         raise SystemExit(f"--eval_split must be test or val, got {args.eval_split!r}")
     if args.eval_split == "val":

@@ -158,6 +158,10 @@ def test_mergetune_recipe_validation_split_and_output_ensemble(tmp_path, monkeyp
         (["--eval_split", "val", "--downstream_pool", "true"], "needs --demo_pretrain_pool 0.7"),
         (["--eval_split", "val", "--downstream_pool", "true", "--val_shots", "0"], "--val_shots must be at least 1"),
         (["--demo_pretrain_pool", "1.5"], "--demo_pretrain_pool must be in (0, 1]"),
+        (["--demo_pretrain_views", "sketchy"], "--demo_pretrain_views must be one of ['clean', 'described']"),
+        (["--output_ensemble", "1.5"], "--output_ensemble γ must be in [0, 1], got 1.5"),
+        (["--output_ensemble", "nan"], "--output_ensemble γ must be in [0, 1], got nan"),
+        (["--output_ensemble", "0.5", "--base_method", "vpt"], "it needs a prompt method"),
     ],
 )
 def test_mergetune_recipe_refuses_bad_evaluation_flags(flags, message, tmp_path, monkeypatch):
