@@ -170,6 +170,8 @@ def markdown(summary: dict, datasets, hp: dict) -> list[str]:
         f"{hp}; every variant continues the same CoOp context per seed. HM: of the dataset-averaged base and novel "
         "accuracies; ± the sample std of the per-seed HM. Chord excess: max over 11 points t of L(t) minus the "
         "chord between L(CoOp) and L(w) along CoOp → w (class features, renormalised), cross-entropy on the "
-        "training shots and on the base test images; distances: mean over classes of the unit class features.",
+        "training shots and on the base test images; the end points give exactly 0, so 0 means the loss never "
+        "rises above its chord (no barrier) and a positive value is a barrier; mean over datasets and seeds / "
+        "max. Distances: mean over classes of the unit class features.",
     ]
     return lines
