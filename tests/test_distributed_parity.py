@@ -178,7 +178,7 @@ def test_mergetune(tmp_path, cache):
     # batch of each epoch: 4 images, all on rank 0 of 2 processes)
     args = ["--shots", "4", "--coop_epochs", "2", "--num_train_epochs", "2"]
     args += ["--demo_pretrain_steps", str(DEMO_STEPS), "--logging_steps", "1", "--use_cpu", "true"]
-    args += ["--disable_tqdm", "true"]
+    args += ["--disable_tqdm", "true", "--demo_pretrain_pool", "1", "--demo_pretrain_views", "clean"]
     cold = tmp_path / "cold-cache"  # the 2-process run pretrains the demo CLIP itself
     (o1, o2), times = both("mergetune", args, tmp_path, cache, per_device=8, cache2=cold)
     demo = Path("mergetune-demo-clip") / f"steps{DEMO_STEPS}-seed0" / "model" / "model.safetensors"

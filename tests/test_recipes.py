@@ -142,20 +142,21 @@ def test_mergetune_recipe_validation_split_and_output_ensemble(tmp_path, monkeyp
     # the mixed heads are exactly (1 − γ)·zero-shot + γ·learned, and change the result of at least one row
     mixed = [h for h in seen["heads"] if h is not None]
     assert len(mixed) == 2 and mixed[0]["base"].shape[0] == 5
-    model, tok, _ = mt.load_clip(str(mt.demo_clip(3, pool=0.7)))
+    model, tok, _ = mt.load_clip(str(mt.demo_clip(3, pool=0.7, views="described")))
     with torch.no_grad():
         zs = build_zeroshot_classifier(model, tok, seen["names"]["novel"], task.templates)
     learned = (mixed[0]["novel"] - 0.5 * zs) / 0.5
     assert torch.allclose(learned.norm(dim=-1), torch.ones(5), atol=1e-4)  # unit rows: CoOp's class features
-    assert (tmp_path / "demo-cache" / "steps3-seed0-pool0.7" / "model" / "config.json").is_file()
+    assert (tmp_path / "demo-cache" / "steps3-seed0-pool0.7-described" / "model" / "config.json").is_file()
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
         (["--eval_split", "dev"], "--eval_split must be test or val"),
-        (["--eval_split", "val"], "add --downstream_pool true"),
-        (["--eval_split", "val", "--downstream_pool", "true"], "needs --demo_pretrain_pool 0.7"),
+        (["--eval_split", "val", "--downstream_pool", "false"], "add --downstream_pool true"),
+        (["--eval_split", "val", "--demo_pretrain_pool", "1"], "add --downstream_pool true"),  # auto: no pool
+        (["--eval_split", "val", "--downstream_pool", "true", "--demo_pretrain_pool", "0.5"], "--demo_pretrain_pool 0.7"),
         (["--eval_split", "val", "--downstream_pool", "true", "--val_shots", "0"], "--val_shots must be at least 1"),
         (["--demo_pretrain_pool", "1.5"], "--demo_pretrain_pool must be in (0, 1]"),
         (["--demo_pretrain_views", "sketchy"], "--demo_pretrain_views must be one of ['clean', 'described']"),
