@@ -119,22 +119,10 @@ def clip_config(shape: str):
         from transformers import CLIPConfig
 
         config = CLIPConfig(
-            text_config=dict(
-                config.text_config.to_dict(),
-                hidden_size=768,
-                intermediate_size=3072,
-                num_attention_heads=12,
-                projection_dim=768,
-            ),
-            vision_config=dict(
-                config.vision_config.to_dict(),
-                hidden_size=1024,
-                intermediate_size=4096,
-                num_attention_heads=16,
-                num_hidden_layers=24,
-                patch_size=14,
-                projection_dim=768,
-            ),
+            text_config=dict(config.text_config.to_dict(), hidden_size=768, intermediate_size=3072,
+                             num_attention_heads=12, projection_dim=768),
+            vision_config=dict(config.vision_config.to_dict(), hidden_size=1024, intermediate_size=4096,
+                               num_attention_heads=16, num_hidden_layers=24, patch_size=14, projection_dim=768),
             projection_dim=768,
         )
     return config
@@ -178,21 +166,11 @@ def bench_memory(shape: str, ts: list[int], methods: list[str], reps: int) -> li
             del deltas
         for m in methods:
             ratios = [a / b for a, b in zip(took[m], bound[m])]
-            rows.append(
-                {
-                    "mode": "memory",
-                    "shape": shape,
-                    "T": t,
-                    "method": m,
-                    "group": GROUPS[m],
-                    "reps": reps,
-                    "seconds": round(statistics.median(took[m]), 3),
-                    "bound_seconds": round(statistics.median(bound[m]), 3),
-                    "time_over_bound": round(statistics.median(ratios), 2),
-                    "ratios": [round(x, 2) for x in ratios],
-                    "model_bytes": model_bytes,
-                }
-            )
+            rows.append({"mode": "memory", "shape": shape, "T": t, "method": m, "group": GROUPS[m], "reps": reps,
+                         "seconds": round(statistics.median(took[m]), 3),
+                         "bound_seconds": round(statistics.median(bound[m]), 3),
+                         "time_over_bound": round(statistics.median(ratios), 2),
+                         "ratios": [round(x, 2) for x in ratios], "model_bytes": model_bytes})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -219,18 +197,12 @@ def prepare_files(shape: str, t_max: int, cache: Path, dtype: torch.dtype) -> Pa
     g = torch.Generator().manual_seed(0)
     base = {}
     for k, v in state.items():
-        base[k] = (
-            (0.02 * torch.randn(v.shape, generator=g)).to(dtype)
-            if v.is_floating_point()
-            else torch.zeros(v.shape, dtype=v.dtype)
-        )
+        base[k] = (0.02 * torch.randn(v.shape, generator=g)).to(dtype) if v.is_floating_point() else torch.zeros(v.shape, dtype=v.dtype)
     _save_model(root / "base", base)
     config.save_pretrained(root / "base")
     for i in range(t_max):
-        ft = {
-            k: (v.float() + 0.001 * torch.randn(v.shape, generator=g)).to(dtype) if v.is_floating_point() else v
-            for k, v in base.items()
-        }
+        ft = {k: (v.float() + 0.001 * torch.randn(v.shape, generator=g)).to(dtype) if v.is_floating_point() else v
+              for k, v in base.items()}
         _save_model(root / f"ft{i}", ft)
         config.save_pretrained(root / f"ft{i}")
         del ft
@@ -259,19 +231,15 @@ def _child_merge(argv: list[str]) -> tuple[float, float, int]:
 def _child_baseline() -> tuple[int, float]:
     """Peak RSS (bytes) and wall time (s) of a child that only starts Python and imports what ``hf-cft merge`` loads
     (the command line, the hub helpers, the streaming merge and its methods): the start-up part of a merge."""
-    code = (
-        "import hf_cft.cli, hf_cft.hub, hf_cft.merging.streaming\n"
-        "from hf_cft.merging.registry import methods\nmethods()\n"
-        "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
-    )
+    code = ("import hf_cft.cli, hf_cft.hub, hf_cft.merging.streaming\n"
+            "from hf_cft.merging.registry import methods\nmethods()\n"
+            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return int(out.stdout.strip()) * 1024, time.perf_counter() - t0
 
 
-def bench_files(
-    shape: str, ts: list[int], methods: list[str], reps: int, cache: Path, dtype: torch.dtype
-) -> list[dict]:
+def bench_files(shape: str, ts: list[int], methods: list[str], reps: int, cache: Path, dtype: torch.dtype) -> list[dict]:
     root = prepare_files(shape, max(ts), cache, dtype)
     model_bytes = (root / "base" / "model.safetensors").stat().st_size
     baseline, startup = _child_baseline()
@@ -286,18 +254,8 @@ def bench_files(
                     shutil.copyfile(folder / "model.safetensors", scratch / f"copy{i}.safetensors")
 
             for method in methods:
-                argv = [
-                    "merge",
-                    "--base",
-                    str(root / "base"),
-                    "--method",
-                    method_of(method),
-                    "--adapters",
-                    *inputs,
-                    "--out",
-                    str(scratch / "out"),
-                    "--overwrite",
-                ]
+                argv = ["merge", "--base", str(root / "base"), "--method", method_of(method), "--adapters", *inputs,
+                        "--out", str(scratch / "out"), "--overwrite"]
                 for name, value in METHODS[method].items():
                     argv += ["--param", f"{name}={value}"]
                 copies, runs = [], []
@@ -311,28 +269,17 @@ def bench_files(
                 took = [r[0] for r in runs]
                 main_took = [r[1] for r in runs]
                 peak = max(r[2] for r in runs)
-                rows.append(
-                    {
-                        "mode": "files",
-                        "shape": shape,
-                        "storage": str(dtype).split(".")[-1],
-                        "T": t,
-                        "method": method,
-                        "group": GROUPS[method],
-                        "reps": reps,
-                        "seconds": round(statistics.median(took), 3),
-                        "main_seconds": round(statistics.median(main_took), 3),
-                        "copy_seconds": round(statistics.median(copies), 3),
-                        "time_over_copy": round(statistics.median(a / c for a, c in zip(took, copies)), 2),
-                        "main_over_copy": round(statistics.median(a / c for a, c in zip(main_took, copies)), 2),
-                        "startup_seconds": round(startup, 3),
-                        "peak_rss_bytes": peak,
-                        "import_rss_bytes": baseline,
-                        "model_bytes": model_bytes,
-                        "peak_over_model": round(peak / model_bytes, 2),
-                        "peak_above_imports_over_model": round((peak - baseline) / model_bytes, 2),
-                    }
-                )
+                rows.append({"mode": "files", "shape": shape, "storage": str(dtype).split(".")[-1], "T": t,
+                             "method": method, "group": GROUPS[method], "reps": reps,
+                             "seconds": round(statistics.median(took), 3),
+                             "main_seconds": round(statistics.median(main_took), 3),
+                             "copy_seconds": round(statistics.median(copies), 3),
+                             "time_over_copy": round(statistics.median(a / c for a, c in zip(took, copies)), 2),
+                             "main_over_copy": round(statistics.median(a / c for a, c in zip(main_took, copies)), 2),
+                             "startup_seconds": round(startup, 3),
+                             "peak_rss_bytes": peak, "import_rss_bytes": baseline, "model_bytes": model_bytes,
+                             "peak_over_model": round(peak / model_bytes, 2),
+                             "peak_above_imports_over_model": round((peak - baseline) / model_bytes, 2)})
                 print(json.dumps(rows[-1]), flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -350,12 +297,9 @@ def pivot(rows: list[dict]) -> list[str]:
     labels = list(dict.fromkeys(r.get("label", "") for r in rows))
     cols = list(dict.fromkeys((r["shape"], r["T"]) for r in rows))
     cell = {(r.get("label", ""), r["method"], r["shape"], r["T"]): r["time_over_bound"] for r in rows}
-    out = [
-        "time / bound, the median of each row's repeats:",
-        "",
-        "| method | goal | runs | " + " | ".join(f"{SHAPE_NAMES[s]} T = {t}" for s, t in cols) + " |",
-        "|---|---|---|" + "---|" * len(cols),
-    ]
+    out = ["time / bound, the median of each row's repeats:", "",
+           "| method | goal | runs | " + " | ".join(f"{SHAPE_NAMES[s]} T = {t}" for s, t in cols) + " |",
+           "|---|---|---|" + "---|" * len(cols)]
     for method in dict.fromkeys(r["method"] for r in rows):
         goal = GOALS.get(GROUPS[method])
         mine = [label for label in labels if any(key[0] == label and key[1] == method for key in cell)]
@@ -378,33 +322,24 @@ def render(runs: list[dict]) -> str:
     mem = [r for r in rows if r["mode"] == "memory"]
     if mem:
         out += pivot(mem) + [""]
-        out += [
-            "| shape | T | method | group | time (s) | bound: clone (s) | time / bound | goal | met |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
+        out += ["| shape | T | method | group | time (s) | bound: clone (s) | time / bound | goal | met |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for r in mem:
             goal = GOALS.get(r["group"])
             met = "—" if goal is None else ("yes" if r["time_over_bound"] <= goal else "no")  # floors: no goal
-            out.append(
-                f"| {SHAPE_NAMES[r['shape']]} | {r['T']} | {r['method']} | {r['group']} | {r['seconds']} | "
-                f"{r['bound_seconds']} | {r['time_over_bound']} (reps {r['ratios']}) | "
-                f"{'—' if goal is None else f'≤ {goal:g}'} | {met} |"
-            )
+            out.append(f"| {SHAPE_NAMES[r['shape']]} | {r['T']} | {r['method']} | {r['group']} | {r['seconds']} | "
+                       f"{r['bound_seconds']} | {r['time_over_bound']} (reps {r['ratios']}) | "
+                       f"{'—' if goal is None else f'≤ {goal:g}'} | {met} |")
     files = [r for r in rows if r["mode"] == "files"]
     if files:
-        out += [
-            "",
-            "| shape | T | method | CLI wall (s) | start-up alone (s) | `main()` (s) | bound: copy (s) | "
-            "wall / copy | `main()` / copy | peak / one model | peak above imports / one model |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
+        out += ["", "| shape | T | method | CLI wall (s) | start-up alone (s) | `main()` (s) | bound: copy (s) | "
+                "wall / copy | `main()` / copy | peak / one model | peak above imports / one model |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in files:
-            out.append(
-                f"| {SHAPE_NAMES[r['shape']]} | {r['T']} | {r['method']} | {r['seconds']} | "
-                f"{r.get('startup_seconds', '—')} | {r.get('main_seconds', '—')} | {r['copy_seconds']} | "
-                f"{r['time_over_copy']} | {r.get('main_over_copy', '—')} | {r['peak_over_model']} | "
-                f"{r['peak_above_imports_over_model']} |"
-            )
+            out.append(f"| {SHAPE_NAMES[r['shape']]} | {r['T']} | {r['method']} | {r['seconds']} | "
+                       f"{r.get('startup_seconds', '—')} | {r.get('main_seconds', '—')} | {r['copy_seconds']} | "
+                       f"{r['time_over_copy']} | {r.get('main_over_copy', '—')} | {r['peak_over_model']} | "
+                       f"{r['peak_above_imports_over_model']} |")
     commands = sorted({r["command"] for r in rows if r["command"]})
     if commands:
         out += ["", "Commands:", "", *[f"    nice -n 5 python {c}" for c in commands]]
@@ -416,28 +351,15 @@ def main() -> None:
     parser.add_argument("--mode", choices=["memory", "files"], default="memory")
     parser.add_argument("--shapes", nargs="+", default=["vit-b16", "vit-l14"], choices=["vit-b16", "vit-l14"])
     parser.add_argument("--T", nargs="+", type=int, default=[2, 4, 8])
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        default=DEFAULT_METHODS,
-        choices=list(METHODS),
-        help="default: every method but the SVD ones (tsv_m, iso_c, iso_cts: slow, time only)",
-    )
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
+                        help="default: every method but the SVD ones (tsv_m, iso_c, iso_cts: slow, time only)")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument(
-        "--storage",
-        choices=["float32", "float16"],
-        default="float32",
-        help="files mode: dtype of the saved models (float16 halves the disk space)",
-    )
+    parser.add_argument("--storage", choices=["float32", "float16"], default="float32",
+                        help="files mode: dtype of the saved models (float16 halves the disk space)")
     parser.add_argument("--cache", default=None, help="folder for the saved models (outside the repository)")
     parser.add_argument("--output", help="JSON file for the rows")
-    parser.add_argument(
-        "--render",
-        nargs="+",
-        metavar="JSON",
-        help="merge these outputs into --output (JSON) and --markdown instead of measuring",
-    )
+    parser.add_argument("--render", nargs="+", metavar="JSON",
+                        help="merge these outputs into --output (JSON) and --markdown instead of measuring")
     parser.add_argument("--markdown", help="with --render: the Markdown tables")
     parser.add_argument("--label", default="", help="a name for this run's rows in the rendered tables")
     args = parser.parse_args()
@@ -462,16 +384,10 @@ def main() -> None:
         else:
             rows += bench_files(shape, args.T, args.methods, args.reps, cache, getattr(torch, args.storage))
     if args.output:
-        info = {
-            "machine": f"{os.cpu_count()} CPU cores",
-            "torch_threads": torch.get_num_threads(),
-            "load_average_before": load_before,
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-            "command": " ".join(sys.argv),
-            "label": args.label,
-            "fused_kernels": __import__("hf_cft.merging.fused", fromlist=["available"]).available(),
-            "rows": rows,
-        }
+        info = {"machine": f"{os.cpu_count()} CPU cores", "torch_threads": torch.get_num_threads(),
+                "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
+                "command": " ".join(sys.argv), "label": args.label,
+                "fused_kernels": __import__("hf_cft.merging.fused", fromlist=["available"]).available(), "rows": rows}
         Path(args.output).write_text(json.dumps(info, indent=2))
 
 
