@@ -44,7 +44,12 @@ TESTS = {
     "merging.condu": ["test_condu.py", "test_router.py", "test_rule_gaps.py"],
     "merging.masks": ["test_condu.py", "test_deltas.py"],
     "merging.deltas": ["test_deltas.py", "test_condu.py"],
-    "merging.baselines": ["test_merging_baselines.py", "test_merging_fidelity.py", "test_rule_gaps.py"],
+    "merging.baselines": [
+        "test_merging_baselines.py",
+        "test_merging_fidelity.py",
+        "test_rule_gaps.py",
+        "test_dare_counter.py",
+    ],
     "merging.pam": ["test_pam.py"],
     "merging.router": ["test_router.py"],
     "trainers.mergetune_losses": ["test_mergetune.py", "test_mergetune_fidelity.py", "test_rule_gaps.py"],
@@ -65,7 +70,7 @@ TESTS = {
     ],
     "merging.registry": ["test_merge_registry.py", "test_merge_registry_methods.py"],
     "merging.data_dependent": ["test_merging_data_dependent.py", "test_merge_config.py"],
-    "merging.fused": ["test_merging_fused.py"],
+    "merging.fused": ["test_merging_fused.py", "test_dare_counter.py"],
 }
 # Not mutated: hf_cft/merging/_fused_kernels.py (numba-compiled loops: mutmut's trampolines cannot wrap them; their
 # arithmetic is pinned against the torch kernels in tests/test_merging_fused.py).
