@@ -36,6 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 from b2n import HEAD_LRS, _acc, _Images
+from b2n import _image_feats as b2n_image_feats
 
 SOURCE = "caltech101"
 FAMILIES = ("lp", "e2e")
@@ -69,18 +70,14 @@ def _set_trainable(model, keys) -> None:
         p.requires_grad_(n in keys)
 
 
-@torch.no_grad()
 def _image_feats(model, images_u8: torch.Tensor) -> torch.Tensor:
-    from hf_cft.data.image_pool import normalize_batch
-    from hf_cft.models import image_features
+    """Unit image features of ``model`` (Protocol A's :func:`b2n._image_feats`, normalised)."""
+    return F.normalize(b2n_image_feats(model, images_u8, next(model.parameters()).device), dim=-1)
 
-    model.eval()
-    return F.normalize(
-        torch.cat(
-            [image_features(model, normalize_batch(images_u8[i : i + 512])) for i in range(0, len(images_u8), 512)]
-        ).float(),
-        dim=-1,
-    )
+
+def _tower_state(model, keys: set[str]) -> dict:
+    """Detached copies of ``model``'s image-tower tensors."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in keys}
 
 
 def _probs(scale: float, feats: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
@@ -164,7 +161,8 @@ def run_seed(model, tok, source, data: dict, shifted: dict, seed: int, hp: dict,
 
     t1 = time.perf_counter()
     keys = _vision_keys(model)
-    zs_state = {k: v.detach().clone() for k, v in model.state_dict().items() if k in set(keys)}
+    tower = set(keys)
+    zs_state = _tower_state(model, tower)
     images = {"id": data["test_im"], **{s: im for s, (im, _) in shifted.items()}}
     train_set = _Images(data["down_im"][tr], y_tr)
     names, templates = list(source.classnames), list(source.templates)
@@ -192,7 +190,7 @@ def run_seed(model, tok, source, data: dict, shifted: dict, seed: int, hp: dict,
             names, templates, tok, train_dataset=train_set,
         ).train()  # fmt: skip
         ft.save_pretrained(f"{tmp}/ft")
-        ft_state = {k: v.detach().clone() for k, v in ft.state_dict().items() if k in set(keys)}
+        ft_state = _tower_state(ft, tower)
         ft_feats = feats_of(ft)
         e2e["finetuned"] = {k: _acc(f @ v_zs.t(), y_te) for k, f in ft_feats.items()}
         e2e["output_ensemble"] = {
@@ -214,7 +212,7 @@ def run_seed(model, tok, source, data: dict, shifted: dict, seed: int, hp: dict,
             path_weight=hp["beta"], num_alphas=5, tau=hp["tau"], **common,
         )  # fmt: skip
         MergeTuneTrainer(mt, args, names, templates, tok, finetuned=f"{tmp}/ft", train_dataset=train_set).train()
-        mt_state = {k: v.detach().clone() for k, v in mt.state_dict().items() if k in set(keys)}
+        mt_state = _tower_state(mt, tower)
         e2e["mergetune"] = {k: _acc(f @ v_zs.t(), y_te) for k, f in feats_of(mt).items()}
         g = _best_gamma(lambda g: val_acc(_interpolate(probe, zs_state, mt_state, g)))
         e2e["mergetune_ensemble"] = {

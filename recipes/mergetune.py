@@ -243,7 +243,7 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
     task = load_task(args.dataset, args.data_dir)
     if args.downstream_pool is None:  # the demo CLIP never saw the downstream pool: draw the shots from it
         args.downstream_pool = args.model_name_or_path is None and args.demo_pretrain_pool < 1
-    _check_eval_split(args)
+    _check_evaluation_flags(args)
     model_path = args.model_name_or_path or str(
         demo_clip(args.demo_pretrain_steps, pool=args.demo_pretrain_pool, views=args.demo_pretrain_views)
     )
@@ -453,7 +453,7 @@ def main(args: MergeTuneRecipeArguments, targs: MergeTuneConfig) -> dict:
     return result
 
 
-def _check_eval_split(args) -> None:
+def _check_evaluation_flags(args) -> None:
     """Refuse evaluation flags that cannot work, before any pretraining or training."""
     gamma = args.output_ensemble
     if gamma is not None:

@@ -314,6 +314,14 @@ class _Scratch:
 DARE_RNGS = ("torch", "counter")
 
 
+def mask_threshold(keep: float) -> int:
+    """The 24-bit draw ``u`` keeps an entry with probability ``keep`` (rounded to fp32, as ``full_like`` does) when
+    ``u < mask_threshold(keep)``: u·2⁻²⁴ < p ⇔ u < ⌈p·2²⁴⌉ (u an integer)."""
+    import numpy as np
+
+    return math.ceil(float(np.float32(keep)) * 2**24)
+
+
 class _Stream:
     """A stream of 24-bit draws ``u`` (``_draws``), consumed in order, as Bernoulli masks (``u·2⁻²⁴ < p``) or uniforms."""
 
@@ -322,8 +330,7 @@ class _Stream:
 
     def mask(self, n: int, keep: float) -> Tensor:
         """``n`` Bernoulli(``keep``) draws as a bool tensor (``keep`` rounded to fp32, as ``full_like`` does)."""
-        threshold = math.ceil(float(self._np.float32(keep)) * 2**24)  # u·2⁻²⁴ < p ⇔ u < ⌈p·2²⁴⌉ (u an integer)
-        return torch.from_numpy(self._np.less(self._draws(n), threshold))
+        return torch.from_numpy(self._np.less(self._draws(n), mask_threshold(keep)))
 
     def uniform(self, n: int) -> Tensor:
         """``n`` uniforms ``u·2⁻²⁴`` (fp32, exact), to compare with per-entry probabilities."""

@@ -222,7 +222,7 @@ def dare_ta(flats: Sequence[Tensor], stream, rhos: Sequence[float], weights: Seq
     """The fused form of DARE + task arithmetic with the counter stream (``stream``, a
     :class:`~hf_cft.merging.baselines._CounterStream`; each input with ρ > 0 takes the next ``numel`` draws, in list
     order, as the blocked kernel draws them)."""
-    import math
+    from hf_cft.merging.baselines import mask_threshold
 
     np = _kernels()["np"]
     _threads()
@@ -230,7 +230,7 @@ def dare_ta(flats: Sequence[Tensor], stream, rhos: Sequence[float], weights: Seq
     dropped = np.array([r != 0.0 for r in rhos])
     starts = np.array([stream.skip(n) if d else 0 for d in dropped], dtype=np.uint64)
     keeps = np.array([np.float32(1.0 - r) if d else 1.0 for r, d in zip(rhos, dropped)], dtype=np.float32)
-    thresholds = np.array([math.ceil(float(k) * 2**24) for k in keeps], dtype=np.uint64)  # u·2⁻²⁴ < p ⇔ u < ⌈p·2²⁴⌉
+    thresholds = np.array([mask_threshold(k) for k in keeps], dtype=np.uint64)
     out = torch.empty(n)
     _run(
         "dare_ta",
