@@ -225,6 +225,7 @@ def test_radix_selection_is_exact_with_one_histogram_per_thread_of_a_four_core_m
     import numpy as np
 
     monkeypatch.setattr(numba, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(fused, "SELECT_PARALLEL_MIN", 0)  # small as it is, selected in chunks
     x = _deltas(1, kind, seed=9)[0]["w"].reshape(-1).numpy()
     mags = np.sort(np.abs(x))[::-1]
     n = x.size
@@ -233,3 +234,24 @@ def test_radix_selection_is_exact_with_one_histogram_per_thread_of_a_four_core_m
     for r, (value, greater, equal) in zip(ranks, got):
         v = mags[r - 1]
         assert (value, greater, equal) == (float(v), int((mags > v).sum()), int((mags == v).sum())), r
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_selection_counts_the_nan_and_inf_entries_on_one_core_and_in_chunks(monkeypatch, chunks):
+    """select_magnitudes counts the NaN/inf entries from the histogram's own buckets (no other pass), in one chunk
+    and in several; the ranks among the finite entries are still exact."""
+    import numba
+    import numpy as np
+
+    monkeypatch.setattr(numba, "get_num_threads", lambda: chunks)
+    monkeypatch.setattr(fused, "SELECT_PARALLEL_MIN", 0 if chunks > 1 else 1 << 62)
+    x = np.random.default_rng(3).standard_normal(50_000).astype(np.float32)
+    clean = fused.select_magnitudes(x, [10, 25_000])
+    assert clean.nonfinite == 0
+    mags = np.sort(np.abs(x))[::-1]
+    assert [v for v, _, _ in clean.found] == [float(mags[9]), float(mags[24_999])]
+    x[[5, 77, 40_000]] = [np.nan, np.inf, -np.inf]
+    dirty = fused.select_magnitudes(x, [10])
+    assert dirty.nonfinite == 3
+    finite = np.sort(np.abs(x[np.isfinite(x)]))[::-1]
+    assert dirty.found[0] == (float(finite[6]), 9, 1)  # the three non-finite entries order above every finite one

@@ -128,16 +128,32 @@ def scale(out, divisor, factor):
         out[i] = out[i] / divisor * factor
 
 
+BUCKETS = 1 << 16
+
+
 @_both
 def magnitude_histogram(bits, chunks, hist):
     """Per chunk of entries, the count of each top-16-bit bucket of |x| (``bits``: the fp32 bit patterns as uint32;
-    without the sign bit they order as the magnitudes do)."""
+    without the sign bit they order as the magnitudes do), chunk c's counts at ``hist[c·2¹⁶:]`` (one flat array: the
+    loop then indexes it directly)."""
     n = bits.size
     size = (n + chunks - 1) // chunks
     for c in prange(chunks):
-        h = hist[c]
+        base = c * BUCKETS
         for i in range(c * size, min(n, (c + 1) * size)):
-            h[(bits[i] & np.uint32(0x7FFFFFFF)) >> np.uint32(15)] += 1
+            hist[base + ((bits[i] & np.uint32(0x7FFFFFFF)) >> np.uint32(15))] += 1
+
+
+@njit(cache=True)
+def rank_bucket(counts, rank):
+    """``(bucket, higher)``: the highest bucket with at least ``rank`` entries at or above it, and the count of the
+    entries above it (scanning down from the top bucket)."""
+    higher = 0
+    for b in range(counts.size - 1, -1, -1):
+        if higher + counts[b] >= rank:
+            return b, higher
+        higher += counts[b]
+    return 0, higher
 
 
 @_both

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,7 +41,7 @@ def applies(*tensors: Tensor) -> bool:
 
 
 #: arrays smaller than this are selected by numpy's introselect (the radix passes cost more there)
-SELECT_MIN = 1 << 20
+SELECT_MIN = 1 << 16
 
 
 def selects(x) -> bool:
@@ -248,32 +249,66 @@ def dare_ta(flats: Sequence[Tensor], stream, rhos: Sequence[float], weights: Seq
     return out
 
 
+class Selection(NamedTuple):
+    """:func:`select_magnitudes`' answer: per rank ``(value, greater, equal)``, and the count of NaN/inf entries."""
+
+    found: list[tuple[float, int, int]]
+    nonfinite: int
+
+
 def kth_largest_magnitudes(x, ranks: Sequence[int]) -> list[tuple[float, int, int]]:
     """For each ``r`` in ``ranks`` (1 ≤ r ≤ n) the r-th largest magnitude of the fp32 numpy array ``x`` with the
-    number of entries above it and equal to it, ``(value, greater, equal)``, exactly, by radix selection on every core:
-    one pass counts the top 16 bits of each |x| (per chunk), a second collects the entries of the bucket that holds
-    rank r, and a selection among those few gives the value (numpy's introselect of all n magnitudes costs several
-    times more)."""
+    number of entries above it and equal to it, ``(value, greater, equal)``, exactly (:func:`select_magnitudes`)."""
+    return select_magnitudes(x, ranks).found
+
+
+def select_magnitudes(x, ranks: Sequence[int]) -> Selection:
+    """:func:`kth_largest_magnitudes` with the count of NaN/inf entries of ``x`` (free: they have buckets of their
+    own), by radix selection on every core: one pass counts the top 16 bits of each |x| (per chunk), a second collects
+    the entries of the bucket that holds each rank, and a selection among those few gives the value (numpy's
+    introselect of all n magnitudes costs several times more, from 2¹⁶ entries on)."""
     kern = _kernels()
     np = kern["np"]
     _threads()
     bits = x.reshape(-1).view(np.uint32)
-    chunks = kern["numba"].get_num_threads()  # one histogram per thread (2¹⁶ counts each)
-    hist = np.zeros((chunks, 1 << 16), dtype=np.int64)
-    _run("magnitude_histogram", bits.size, bits, chunks, hist)
-    counts = hist.sum(axis=0)
-    above = np.cumsum(counts[::-1])[::-1]  # above[b]: entries in bucket b or higher
-    out = []
+    found, nonfinite = _radix_select(np, bits, kern["numba"].get_num_threads(), list(dict.fromkeys(ranks)))
+    return Selection([found[r] for r in ranks], nonfinite)
+
+
+#: entries below this select on one core: on two cores, the histogram's threads cost more than they save below it
+SELECT_PARALLEL_MIN = 1 << 22
+
+
+def _radix_select(np, bits, chunks: int, ranks: Sequence[int]) -> tuple[dict, int]:
+    """Radix selection (see :func:`select_magnitudes`) of every rank, with the count of NaN/inf entries."""
+    from hf_cft.merging._fused_kernels import BUCKETS, rank_bucket
+
+    if bits.size < SELECT_PARALLEL_MIN:
+        chunks = 1
+    hist = np.zeros(chunks * BUCKETS, dtype=np.int64)  # one histogram per thread
+    kernel = _kernels()["magnitude_histogram"]
+    with _LOCK:
+        (kernel.serial if chunks == 1 else kernel.parallel)(bits, chunks, hist)
+    per_chunk = hist.reshape(chunks, BUCKETS)
+    counts = hist if chunks == 1 else per_chunk.sum(axis=0)
+    found = {}
     for r in ranks:
-        bucket = int(np.flatnonzero(above >= r)[-1])  # the highest bucket with at least r entries at or above it
-        higher = int(above[bucket] - counts[bucket])
-        offsets = np.concatenate(([0], np.cumsum(hist[:, bucket])[:-1])).astype(np.int64)
+        bucket, higher = rank_bucket(counts, r)
+        offsets = np.zeros(chunks, dtype=np.int64)
+        offsets[1:] = np.cumsum(per_chunk[:-1, bucket])
         members = np.empty(int(counts[bucket]), dtype=np.uint32)
-        _run("bucket_entries", bits.size, bits, chunks, np.uint32(bucket), offsets, members)
-        inside = r - higher  # the rank within the bucket, from its top
-        members.partition(members.size - inside)
-        value = members[members.size - inside]
-        greater = higher + int(np.count_nonzero(members > value))
-        equal = int(np.count_nonzero(members == value))
-        out.append((float(np.array([value], dtype=np.uint32).view(np.float32)[0]), greater, equal))
-    return out
+        kernel = _kernels()["bucket_entries"]
+        with _LOCK:
+            (kernel.serial if chunks == 1 else kernel.parallel)(bits, chunks, np.uint32(bucket), offsets, members)
+        found[r] = _rank_among(np, members, r - higher, higher)
+    return found, int(counts[0x7F800000 >> 15 :].sum())  # the buckets of inf and NaN
+
+
+def _rank_among(np, members, inside: int, higher: int) -> tuple[float, int, int]:
+    """``(value, greater, equal)`` of the ``inside``-th largest of ``members`` (|x| bit patterns), ``higher`` entries
+    lying above them all."""
+    members.partition(members.size - inside)
+    value = members[members.size - inside]
+    greater = higher + int(np.count_nonzero(members > value))
+    equal = int(np.count_nonzero(members == value))
+    return float(np.array([value], dtype=np.uint32).view(np.float32)[0]), greater, equal
