@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(
 def kernel_form(request, monkeypatch):
     """Each kernel is compiled twice (one core for small inputs, every core above fused.PARALLEL_MIN): both run."""
     monkeypatch.setattr(fused, "PARALLEL_MIN", 0 if request.param == "every core" else 1 << 62)
+    monkeypatch.setattr(fused, "SELECT_PARALLEL_MIN", 0 if request.param == "every core" else 1 << 62)
     return request.param
 
 
@@ -144,7 +145,8 @@ def test_compile_loads_every_kernel_on_numbas_own_thread_pool(monkeypatch):
     numba = pytest.importorskip("numba")
     from hf_cft.merging import _fused_kernels
 
-    names = ("ties_mean", "band_sum", "consensus", "magmax", "row_sum", "scale", "magnitude_histogram", "dare_ta")
+    names = ("ties_mean", "ties_mean_flagged", "band_sum", "consensus", "magmax", "row_sum", "scale", "magnitude_histogram",
+             "dare_ta")
     for layer, want in (("default", "workqueue"), ("omp", "workqueue"), ("tbb", "tbb"), ("workqueue", "workqueue")):
         monkeypatch.setattr(numba.config, "THREADING_LAYER", layer)
         got = fused._compile()
@@ -255,3 +257,50 @@ def test_selection_counts_the_nan_and_inf_entries_on_one_core_and_in_chunks(monk
     assert dirty.nonfinite == 3
     finite = np.sort(np.abs(x[np.isfinite(x)]))[::-1]
     assert dirty.found[0] == (float(finite[6]), 9, 1)  # the three non-finite entries order above every finite one
+
+
+@pytest.fixture
+def trim_pass(monkeypatch):
+    """Every key (however small) through fused.ties_trim_mean, the one-histogram-pass TIES of streaming merges."""
+    monkeypatch.setattr(fused, "SELECT_MIN", 0)
+    calls = []
+    real = fused.ties_trim_mean
+    monkeypatch.setattr(fused, "ties_trim_mean", lambda *a: calls.append(len(a[0][0])) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["ints", "randn"])
+@pytest.mark.parametrize("t", [1, 2, 5])
+@pytest.mark.parametrize("options", [{"density": 0.3}, {"density": 0.2, "weight": 0.7}, {"density": 0.05}])
+def test_ties_in_one_histogram_pass_equals_the_exact_thresholds_bit_for_bit(
+    monkeypatch, kernel_form, trim_pass, kind, t, options
+):
+    """The bucket-then-flagged-positions TIES gives the bits of the exact-threshold kernel (fused.ties_mean after
+    _trim_threshold's value and tie drops) — on tie-heavy integers (whole buckets of equal magnitudes, ties at every
+    threshold) and on Gaussians — and, on integers, of the torch kernels."""
+    from hf_cft.merging.baselines import _tensor_threshold
+
+    deltas = _deltas(t, kind, seed=20 + t)
+    got = merge_deltas(deltas, "ties", options)
+    assert trim_pass  # the pass ran
+    weight = options.get("weight", 1.0)
+    for key in got:
+        flats = [d[key].reshape(-1) for d in deltas]
+        limits = [_tensor_threshold(f, options["density"]) for f in flats]
+        want = fused.ties_mean(flats, [lim[0] for lim in limits], [lim[1] for lim in limits], [weight] * t)
+        assert torch.equal(got[key].reshape(-1).view(torch.int32), want.view(torch.int32)), key
+    if kind == "ints":
+        monkeypatch.setenv("HF_CFT_FUSED", "0")
+        reference = merge_deltas(deltas, "ties", options)
+        assert all(torch.equal(reference[k], got[k]) for k in got)
+
+
+def test_ties_in_one_histogram_pass_names_the_input_that_holds_nan(trim_pass):
+    """The histograms count NaN/inf entries (the inputs are not read again to check them): a NaN still raises
+    NonFiniteError naming the input and the key."""
+    from hf_cft.errors import NonFiniteError
+
+    deltas = _deltas(3, "randn", seed=4)
+    deltas[1]["w"][7, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"^The delta of input 1 holds NaN/inf at key .w.\.$"):
+        merge_deltas(deltas, "ties", {"density": 0.3})

@@ -61,6 +61,41 @@ def ties_mean(xs, thresholds, weights, scaled, out):
 
 
 @_both
+def ties_mean_flagged(xs, thresholds, lows, weights, scaled, out, flags):
+    """:func:`ties_mean` with ``flags[i]`` True where some input's |x| lies in [lows[t], thresholds[t]) (the bucket of
+    its exact threshold: the caller merges those entries again), 0 elsewhere."""
+    n = out.size
+    t_count = len(xs)
+    for i in prange(n):
+        total = zero
+        flag = False
+        for t in range(t_count):
+            x = xs[t][i]
+            a = abs(x)
+            flag = flag | ((a >= lows[t]) & (a < thresholds[t]))
+            v = x if a >= thresholds[t] else zero
+            if scaled:
+                v = v * weights[t]
+            total = v if t == 0 else total + v
+        elected = f32(1.0) if total > 0 else (f32(-1.0) if total < 0 else zero)
+        num = zero
+        count = 0
+        for t in range(t_count):
+            x = xs[t][i]
+            v = x if abs(x) >= thresholds[t] else zero
+            if scaled:
+                v = v * weights[t]
+            sv = f32(1.0) if v > 0 else (f32(-1.0) if v < 0 else zero)
+            agree = elected != 0 and sv == elected
+            term = v if agree else v * zero
+            num = term if t == 0 else num + term
+            if agree:
+                count += 1
+        out[i] = num / f32(max(count, 1))
+        flags[i] = flag
+
+
+@_both
 def band_sum(xs, lows, highs, weights, out):
     """Breadcrumbs' Σ_t w_t·(m_t ⊙ τ_t) with m_t = lo_t ≤ |x| < hi_t (the tied positions are merged apart by the
     caller)."""

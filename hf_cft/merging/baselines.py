@@ -1252,8 +1252,19 @@ def _ties_tensor(deltas: list[Tensor], ctx) -> Tensor:
     """TIES steps 1–3 on w_t·τ_t: per-tensor trim to each input's density (or the model-wide thresholds of the
     prepare pass), sign election, disjoint merge; block by block on the CPU (the thresholds first, per tensor)."""
     opts = ctx.options
-    deltas = [deltas[t] for t in range(len(deltas))]  # each input read once
     model_scope = opts["trim_scope"] == "model"
+    if not model_scope and opts["merge"] == "mean" and hasattr(deltas, "unchecked"):  # a streaming merge's key
+        raw = [deltas.unchecked(t) for t in range(len(deltas))]  # each input read once, checked below
+        merged = _ties_fused(raw, ctx)
+        if merged is not None:
+            if isinstance(merged, int):  # the histograms counted NaN/inf entries: name the input
+                deltas.check_inputs()
+                raise NonFiniteError(f"An input's delta holds NaN/inf at key {ctx.key!r}.")  # (check_inputs names it)
+            return merged
+        for t, d in enumerate(raw):
+            deltas.verify(t, d)
+        deltas = raw
+    deltas = [deltas[t] for t in range(len(deltas))]  # each input read once
     if model_scope:
         thresholds = ctx.state["thresholds"]
         zero_sign = ctx.state["zero_sign"]
@@ -1305,6 +1316,20 @@ def _ties_tensor(deltas: list[Tensor], ctx) -> Tensor:
             stacked.mul_(scale)
         out[s] = _elect_disjoint(stacked, opts["merge"], zero_sign)
     return out.view(deltas[0].shape)
+
+
+def _ties_fused(deltas: list[Tensor], ctx) -> Tensor | int | None:
+    """TIES (per-tensor trim, mean) in one histogram pass per input and one merge pass
+    (:func:`~hf_cft.merging.fused.ties_trim_mean`) where it applies (numba, contiguous fp32 CPU tensors of at least
+    ``fused.SELECT_MIN`` entries): the merged delta, or the count of NaN/inf entries the inputs hold; ``None``
+    elsewhere."""
+    flats = [d.reshape(-1) for d in deltas]
+    n = flats[0].numel()
+    if n < fused.SELECT_MIN or not fused.applies(*flats):
+        return None
+    keeps = [max(1, int(inp["density"] * n)) for inp in ctx.inputs]
+    merged, bad = fused.ties_trim_mean(flats, keeps, [inp["weight"] for inp in ctx.inputs])
+    return bad if merged is None else merged.view(deltas[0].shape)
 
 
 def _tensor_threshold(d: Tensor, density: float) -> tuple[float, Tensor | None]:

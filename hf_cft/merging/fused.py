@@ -60,8 +60,9 @@ def _kernels() -> dict | None:
     return _KERNELS or None
 
 
-#: inputs smaller than this run the one-core form of a kernel (a launch on the thread pool costs ~0.1 ms)
-PARALLEL_MIN = 1 << 17
+#: inputs smaller than this run the one-core form of a kernel (a launch on numba's thread pool costs ~0.2 ms: on two
+#: cores the parallel form wins only from about 2²¹ entries on)
+PARALLEL_MIN = 1 << 21
 
 
 def _run(name: str, n: int, *args) -> None:
@@ -94,6 +95,7 @@ def _compile() -> dict:
 
     names = (
         "ties_mean",
+        "ties_mean_flagged",
         "band_sum",
         "consensus",
         "magmax",
@@ -279,18 +281,30 @@ def select_magnitudes(x, ranks: Sequence[int]) -> Selection:
 SELECT_PARALLEL_MIN = 1 << 22
 
 
-def _radix_select(np, bits, chunks: int, ranks: Sequence[int]) -> tuple[dict, int]:
-    """Radix selection (see :func:`select_magnitudes`) of every rank, with the count of NaN/inf entries."""
-    from hf_cft.merging._fused_kernels import BUCKETS, rank_bucket
+def _histogram(np, bits, chunks: int):
+    """``(counts, per_chunk)``: the top-16-bit bucket counts of |x| (per chunk and summed), on one core below
+    :data:`SELECT_PARALLEL_MIN` entries."""
+    from hf_cft.merging._fused_kernels import BUCKETS
 
-    if bits.size < SELECT_PARALLEL_MIN:
-        chunks = 1
     hist = np.zeros(chunks * BUCKETS, dtype=np.int64)  # one histogram per thread
     kernel = _kernels()["magnitude_histogram"]
     with _LOCK:
         (kernel.serial if chunks == 1 else kernel.parallel)(bits, chunks, hist)
     per_chunk = hist.reshape(chunks, BUCKETS)
-    counts = hist if chunks == 1 else per_chunk.sum(axis=0)
+    return (hist if chunks == 1 else per_chunk.sum(axis=0)), per_chunk
+
+
+def _nonfinite(counts) -> int:
+    return int(counts[0x7F800000 >> 15 :].sum())  # the buckets of inf and NaN
+
+
+def _radix_select(np, bits, chunks: int, ranks: Sequence[int]) -> tuple[dict, int]:
+    """Radix selection (see :func:`select_magnitudes`) of every rank, with the count of NaN/inf entries."""
+    from hf_cft.merging._fused_kernels import rank_bucket
+
+    if bits.size < SELECT_PARALLEL_MIN:
+        chunks = 1
+    counts, per_chunk = _histogram(np, bits, chunks)
     found = {}
     for r in ranks:
         bucket, higher = rank_bucket(counts, r)
@@ -301,7 +315,7 @@ def _radix_select(np, bits, chunks: int, ranks: Sequence[int]) -> tuple[dict, in
         with _LOCK:
             (kernel.serial if chunks == 1 else kernel.parallel)(bits, chunks, np.uint32(bucket), offsets, members)
         found[r] = _rank_among(np, members, r - higher, higher)
-    return found, int(counts[0x7F800000 >> 15 :].sum())  # the buckets of inf and NaN
+    return found, _nonfinite(counts)
 
 
 def _rank_among(np, members, inside: int, higher: int) -> tuple[float, int, int]:
@@ -312,3 +326,66 @@ def _rank_among(np, members, inside: int, higher: int) -> tuple[float, int, int]
     greater = higher + int(np.count_nonzero(members > value))
     equal = int(np.count_nonzero(members == value))
     return float(np.array([value], dtype=np.uint32).view(np.float32)[0]), greater, equal
+
+
+def ties_trim_mean(flats: Sequence[Tensor], keeps: Sequence[int], weights: Sequence[float]) -> tuple[Tensor | None, int]:
+    """TIES with the per-tensor trim (``merge="mean"``) of flat fp32 inputs of at least :data:`SELECT_MIN` entries,
+    ``keeps[t]`` the number of entries input t keeps (≥ n: all): ``(merged, 0)``, or ``(None, count)`` when the inputs
+    hold ``count`` NaN/inf entries (counted by the histograms, so the inputs need no other check).
+
+    The same result, bit for bit, as :func:`~hf_cft.merging.baselines._trim_threshold` then :func:`ties_mean`, in one
+    histogram pass per input and one merge pass: each input's threshold is first known only to its top-16-bit bucket
+    (:func:`select_magnitudes` without the pass that collects the bucket); the merge keeps the entries above that
+    bucket and flags the positions where some input's entry lies inside it (a few per mille of them); those positions
+    are merged again with the exact thresholds and ties, found among their own entries (every entry of a bucket is at
+    a flagged position)."""
+    from hf_cft.merging._fused_kernels import rank_bucket
+
+    k = _kernels()
+    np = k["np"]
+    _threads()
+    xs = [f.numpy() for f in flats]
+    n = xs[0].size
+    count = len(xs)
+    lows = np.zeros(count, dtype=np.float32)
+    highs = np.zeros(count, dtype=np.float32)  # [0, 0) flags nothing; |x| ≥ 0 keeps all
+    ranks: list[tuple[int, int] | None] = []
+    bad = 0
+    chunks = 1 if n < SELECT_PARALLEL_MIN else k["numba"].get_num_threads()
+    for t, x in enumerate(xs):
+        if keeps[t] >= n:
+            ranks.append(None)
+            continue
+        counts, _ = _histogram(np, x.view(np.uint32), chunks)
+        bad += _nonfinite(counts)
+        bucket, higher = rank_bucket(counts, keeps[t])
+        lows[t], highs[t] = np.array([bucket << 15, (bucket + 1) << 15], dtype=np.uint32).view(np.float32)
+        ranks.append((keeps[t] - higher, higher))
+    if bad:
+        return None, bad
+    w = np.array(weights, dtype=np.float32)
+    scaled = any(v != 1.0 for v in weights)
+    out = torch.empty(n)
+    flags = np.empty(n, dtype=np.bool_)
+    _run("ties_mean_flagged", n, tuple(xs), highs, lows, w, scaled, out.numpy(), flags)
+    where = np.flatnonzero(flags)
+    if where.size:
+        limits = np.zeros(count, dtype=np.float32)
+        subs = []
+        for t, x in enumerate(xs):
+            sub = x[where]
+            if ranks[t] is not None:
+                inside, higher = ranks[t]
+                mags = np.abs(sub)
+                in_bucket = np.flatnonzero((mags >= lows[t]) & (mags < highs[t]))  # in position order
+                members = mags[in_bucket].view(np.uint32)
+                kth, greater, equal = _rank_among(np, members.copy(), inside, higher)
+                limits[t] = kth
+                if greater + equal > keeps[t] and kth != 0.0:  # ties at the threshold: the first ones by position
+                    tied = in_bucket[mags[in_bucket] == np.float32(kth)]
+                    sub[tied[keeps[t] - greater :]] = 0.0  # dropped: +0.0, below the threshold
+            subs.append(sub)
+        part = np.empty(where.size, dtype=np.float32)
+        _run("ties_mean", part.size, tuple(subs), limits, w, scaled, part)
+        out.numpy()[where] = part
+    return out, 0

@@ -315,6 +315,16 @@ class _KeyDeltas(Sequence):
             self._check(t, d)
         return d
 
+    def unchecked(self, t: int) -> torch.Tensor:
+        """Input t's delta, read without the finite check: the caller checks it (:meth:`verify`, or a pass of its own
+        that counts NaN/inf entries and then calls :meth:`check_inputs`)."""
+        return torch.zeros(self.shape) if not self.present[t] else self.inputs[t].delta(self.key, self.base())
+
+    def verify(self, t: int, d: torch.Tensor) -> None:
+        """The finite check of input t's delta ``d`` read by :meth:`unchecked` (where this key checks its inputs)."""
+        if self.check and self.present[t]:
+            self._check(t, d)
+
     def _check(self, t: int, d: torch.Tensor) -> None:
         from hf_cft.merging.deltas import all_finite
 
