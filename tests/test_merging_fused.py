@@ -145,8 +145,8 @@ def test_compile_loads_every_kernel_on_numbas_own_thread_pool(monkeypatch):
     numba = pytest.importorskip("numba")
     from hf_cft.merging import _fused_kernels
 
-    names = ("ties_mean", "ties_mean_flagged", "band_sum", "consensus", "magmax", "row_sum", "scale", "magnitude_histogram",
-             "dare_ta")
+    names = ("ties_mean", "ties_mean_flagged", "band_sum", "band_sum_flagged", "consensus", "magmax", "row_sum",
+             "scale", "magnitude_histogram", "dare_ta")
     for layer, want in (("default", "workqueue"), ("omp", "workqueue"), ("tbb", "tbb"), ("workqueue", "workqueue")):
         monkeypatch.setattr(numba.config, "THREADING_LAYER", layer)
         got = fused._compile()
@@ -304,3 +304,51 @@ def test_ties_in_one_histogram_pass_names_the_input_that_holds_nan(trim_pass):
     deltas[1]["w"][7, 3] = float("nan")
     with pytest.raises(NonFiniteError, match=r"^The delta of input 1 holds NaN/inf at key .w.\.$"):
         merge_deltas(deltas, "ties", {"density": 0.3})
+
+
+@pytest.mark.parametrize("kind", ["ints", "randn"])
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"density": 0.3, "gamma": 0.05},
+        {"density": 0.1, "gamma": 0.0},  # no upper edge
+        {"density": 0.95, "gamma": 0.05},  # no lower edge
+        {"density": 0.002, "gamma": 0.3},  # a narrow band: both edges in one bucket
+        {"density": 0.2, "gamma": 0.01, "weight": -0.7},
+    ],
+)
+def test_breadcrumbs_in_one_histogram_pass_equals_the_exact_band_bit_for_bit(monkeypatch, kernel_form, kind, t, options):
+    """Breadcrumbs with both band edges first known to their buckets and the flagged positions summed again gives the
+    bits of the exact edges (_band_limits, then fused.band_sum) — with ties at the edges (integers), no upper or no
+    lower edge, and both edges in one bucket — and, on integers, of the torch kernels."""
+    import numpy as np
+
+    from hf_cft.merging.methods import _band_limits
+
+    monkeypatch.setattr(fused, "SELECT_MIN", 0)
+    calls = []
+    real = fused.band_sum_trimmed
+    monkeypatch.setattr(fused, "band_sum_trimmed", lambda *a: calls.append(1) or real(*a))
+    deltas = _deltas(t, kind, seed=30 + t)
+    got = merge_deltas(deltas, "breadcrumbs", options)
+    assert calls
+    weight = options.get("weight", 0.3)  # breadcrumbs' default weight (λ)
+    for key in got:
+        flats = [d[key].reshape(-1) for d in deltas]
+        n = flats[0].numel()
+        start = int(options["gamma"] * n)
+        stop = min(n, start + int(options["density"] * n))
+        bands = []
+        for f in flats:
+            if stop <= start:
+                bands.append((np.inf, np.inf, []))
+                continue
+            lo, hi, ties = _band_limits(f.numpy(), start, stop)
+            bands.append((lo, hi, [(torch.from_numpy(e), torch.from_numpy(k)) for e, k in ties]))
+        want = fused.band_sum(flats, bands, [weight] * t)
+        assert torch.equal(got[key].reshape(-1).view(torch.int32), want.view(torch.int32)), key
+    if kind == "ints":
+        monkeypatch.setenv("HF_CFT_FUSED", "0")
+        reference = merge_deltas(deltas, "breadcrumbs", options)
+        assert all(torch.equal(reference[k], got[k]) for k in got)

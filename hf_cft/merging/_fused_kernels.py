@@ -112,6 +112,26 @@ def band_sum(xs, lows, highs, weights, out):
 
 
 @_both
+def band_sum_flagged(xs, lows, highs, flag_lows, flag_highs, weights, out, flags):
+    """:func:`band_sum` with ``flags[i]`` True where some input's |x| lies in one of its two flag ranges
+    ``[flag_lows[t, e], flag_highs[t, e])`` (the buckets of its exact band edges: the caller sums those entries
+    again)."""
+    n = out.size
+    t_count = len(xs)
+    for i in prange(n):
+        acc = zero
+        flag = False
+        for t in range(t_count):
+            x = xs[t][i]
+            a = abs(x)
+            flag = flag | ((a >= flag_lows[t, 0]) & (a < flag_highs[t, 0])) | ((a >= flag_lows[t, 1]) & (a < flag_highs[t, 1]))
+            term = (x if (a >= lows[t] and a < highs[t]) else x * zero) * weights[t]
+            acc = term if t == 0 else acc + term
+        out[i] = acc
+        flags[i] = flag
+
+
+@_both
 def consensus(xs, weights, scaled, lambdas, k, out):
     """Consensus / TALL masks: r_t = w_t·τ_t, total = Σ_t r_t; keep total where at least k inputs have
     |r_t| > λ_t·|total − r_t|."""

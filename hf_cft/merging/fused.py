@@ -14,6 +14,7 @@ machine, not per call.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Sequence
@@ -97,6 +98,7 @@ def _compile() -> dict:
         "ties_mean",
         "ties_mean_flagged",
         "band_sum",
+        "band_sum_flagged",
         "consensus",
         "magmax",
         "row_sum",
@@ -389,3 +391,80 @@ def ties_trim_mean(flats: Sequence[Tensor], keeps: Sequence[int], weights: Seque
         _run("ties_mean", part.size, tuple(subs), limits, w, scaled, part)
         out.numpy()[where] = part
     return out, 0
+
+
+def _bucket_range(np, bucket: int) -> tuple:
+    """The fp32 magnitudes ``[low, high)`` of a top-16-bit bucket."""
+    return tuple(np.array([bucket << 15, (bucket + 1) << 15], dtype=np.uint32).view(np.float32))
+
+
+def band_sum_trimmed(flats: Sequence[Tensor], bands: Sequence[tuple[int, int]], weights: Sequence[float]) -> Tensor:
+    """Breadcrumbs' Σ_t w_t·(m_t ⊙ τ_t) of flat fp32 inputs of at least :data:`SELECT_MIN` entries, m_t the ranks
+    ``bands[t] = (start, stop)`` of |τ_t| in descending order, ties by position (stop ≤ start: nothing kept).
+
+    The same result, bit for bit, as :func:`~hf_cft.merging.methods._band_limits` then :func:`band_sum`, in one
+    histogram pass per input and one summing pass: each band edge is first known only to its top-16-bit bucket; the
+    sum keeps the entries strictly between the two buckets and flags the positions where some input's entry lies in
+    one of them; those positions are summed again with the exact edges and ties, found among their own entries."""
+    from hf_cft.merging._fused_kernels import rank_bucket
+
+    k = _kernels()
+    np = k["np"]
+    _threads()
+    xs = [f.numpy() for f in flats]
+    n = xs[0].size
+    count = len(xs)
+    lows = np.full(count, np.inf, dtype=np.float32)  # [inf, inf): nothing kept
+    highs = np.full(count, np.inf, dtype=np.float32)
+    flag_lows = np.zeros((count, 2), dtype=np.float32)  # [0, 0): no flag
+    flag_highs = np.zeros((count, 2), dtype=np.float32)
+    edges: list[list] = []  # per input: (edge index, rank, bucket's higher count) of each edge it has
+    chunks = 1 if n < SELECT_PARALLEL_MIN else k["numba"].get_num_threads()
+    for t, (x, (start, stop)) in enumerate(zip(xs, bands)):
+        edges.append([])
+        if stop <= start:
+            continue
+        counts, _ = _histogram(np, x.view(np.uint32), chunks) if (start > 0 or stop < n) else (None, None)
+        lows[t] = 0.0
+        if stop < n:  # the lower edge: the stop-th largest magnitude
+            bucket, higher = rank_bucket(counts, stop)
+            flag_lows[t, 0], flag_highs[t, 0] = _bucket_range(np, bucket)
+            lows[t] = flag_highs[t, 0]
+            edges[t].append((0, stop, higher))
+        if start > 0:  # the upper edge: the start-th largest
+            bucket, higher = rank_bucket(counts, start)
+            flag_lows[t, 1], flag_highs[t, 1] = _bucket_range(np, bucket)
+            highs[t] = flag_lows[t, 1]
+            edges[t].append((1, start, higher))
+    w = np.array(weights, dtype=np.float32)
+    out = torch.empty(n)
+    flags = np.empty(n, dtype=np.bool_)
+    _run("band_sum_flagged", n, tuple(xs), lows, highs, flag_lows, flag_highs, w, out.numpy(), flags)
+    where = np.flatnonzero(flags)
+    if not where.size:
+        return out
+    total = None
+    for t, (x, (start, stop)) in enumerate(zip(xs, bands)):
+        sub = torch.from_numpy(x[where])
+        mags = sub.abs().numpy()
+        if stop <= start:
+            keep = torch.zeros(where.size, dtype=torch.bool)
+        else:
+            found = {}
+            for e, rank, higher in edges[t]:
+                in_bucket = (mags >= flag_lows[t, e]) & (mags < flag_highs[t, e])
+                found[e] = _rank_among(np, mags[in_bucket].view(np.uint32).copy(), rank - higher, higher)
+            lo = found[0][0] if 0 in found else -math.inf
+            hi = found[1][0] if 1 in found else math.inf
+            keep = torch.from_numpy((mags >= np.float32(lo)) & (mags < np.float32(hi)))
+            tied = [found[e] for e in found if found[e][1] + found[e][2] > (stop if e == 0 else start)]
+            if lo == hi:
+                tied = [found[0]]
+            for value, greater, _ in dict.fromkeys(tied):  # entries equal to an edge that straddles the band
+                equal = np.flatnonzero(mags == np.float32(value))  # all at flagged positions, in position order
+                keep[torch.from_numpy(equal)] = False
+                keep[torch.from_numpy(equal[max(0, start - greater) : max(0, stop - greater)])] = True
+        term = (sub * keep).mul_(float(w[t]))
+        total = term if total is None else total.add_(term)
+    out.numpy()[where] = total.numpy()
+    return out
