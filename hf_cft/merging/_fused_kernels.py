@@ -194,9 +194,10 @@ def magnitude_histogram(bits, chunks, hist):
     n = bits.size
     size = (n + chunks - 1) // chunks
     for c in prange(chunks):
+        part = bits[c * size : min(n, (c + 1) * size)]  # indexed from 0: no negative-index wraparound in the loop
         base = c * BUCKETS
-        for i in range(c * size, min(n, (c + 1) * size)):
-            hist[base + ((bits[i] & np.uint32(0x7FFFFFFF)) >> np.uint32(15))] += 1
+        for i in range(part.size):
+            hist[base + ((part[i] & np.uint32(0x7FFFFFFF)) >> np.uint32(15))] += 1
 
 
 @njit(cache=True)
@@ -219,8 +220,9 @@ def bucket_entries(bits, chunks, bucket, offsets, out):
     size = (n + chunks - 1) // chunks
     for c in prange(chunks):
         j = offsets[c]
-        for i in range(c * size, min(n, (c + 1) * size)):
-            b = bits[i] & np.uint32(0x7FFFFFFF)
+        part = bits[c * size : min(n, (c + 1) * size)]
+        for i in range(part.size):
+            b = part[i] & np.uint32(0x7FFFFFFF)
             if (b >> np.uint32(15)) == bucket:
                 out[j] = b
                 j += 1
