@@ -295,15 +295,19 @@ def test_ties_in_one_histogram_pass_equals_the_exact_thresholds_bit_for_bit(
         assert all(torch.equal(reference[k], got[k]) for k in got)
 
 
-def test_ties_in_one_histogram_pass_names_the_input_that_holds_nan(trim_pass):
-    """The histograms count NaN/inf entries (the inputs are not read again to check them): a NaN still raises
-    NonFiniteError naming the input and the key."""
+@pytest.mark.parametrize("method,options", [("ties", {"density": 0.3}), ("breadcrumbs", {}),
+                                            ("breadcrumbs", {"density": 1e-5, "gamma": 0.0})])
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_one_histogram_pass_names_the_input_that_holds_nan(trim_pass, monkeypatch, method, options, bad):
+    """The histograms count NaN/inf entries (the inputs are not read again to check them): a NaN or inf still raises
+    NonFiniteError naming the input and the key (also for an input whose band keeps nothing)."""
     from hf_cft.errors import NonFiniteError
 
+    monkeypatch.setattr(fused, "SELECT_MIN", 0)
     deltas = _deltas(3, "randn", seed=4)
-    deltas[1]["w"][7, 3] = float("nan")
+    deltas[1]["w"][7, 3] = bad
     with pytest.raises(NonFiniteError, match=r"^The delta of input 1 holds NaN/inf at key .w.\.$"):
-        merge_deltas(deltas, "ties", {"density": 0.3})
+        merge_deltas(deltas, method, options)
 
 
 @pytest.mark.parametrize("kind", ["ints", "randn"])

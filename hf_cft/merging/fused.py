@@ -398,9 +398,12 @@ def _bucket_range(np, bucket: int) -> tuple:
     return tuple(np.array([bucket << 15, (bucket + 1) << 15], dtype=np.uint32).view(np.float32))
 
 
-def band_sum_trimmed(flats: Sequence[Tensor], bands: Sequence[tuple[int, int]], weights: Sequence[float]) -> Tensor:
+def band_sum_trimmed(
+    flats: Sequence[Tensor], bands: Sequence[tuple[int, int]], weights: Sequence[float]
+) -> tuple[Tensor | None, int]:
     """Breadcrumbs' Σ_t w_t·(m_t ⊙ τ_t) of flat fp32 inputs of at least :data:`SELECT_MIN` entries, m_t the ranks
-    ``bands[t] = (start, stop)`` of |τ_t| in descending order, ties by position (stop ≤ start: nothing kept).
+    ``bands[t] = (start, stop)`` of |τ_t| in descending order, ties by position (stop ≤ start: nothing kept):
+    ``(merged, 0)``, or ``(None, count)`` when the inputs hold ``count`` NaN/inf entries (counted by the histograms).
 
     The same result, bit for bit, as :func:`~hf_cft.merging.methods._band_limits` then :func:`band_sum`, in one
     histogram pass per input and one summing pass: each band edge is first known only to its top-16-bit bucket; the
@@ -419,12 +422,14 @@ def band_sum_trimmed(flats: Sequence[Tensor], bands: Sequence[tuple[int, int]], 
     flag_lows = np.zeros((count, 2), dtype=np.float32)  # [0, 0): no flag
     flag_highs = np.zeros((count, 2), dtype=np.float32)
     edges: list[list] = []  # per input: (edge index, rank, bucket's higher count) of each edge it has
+    bad = 0
     chunks = 1 if n < SELECT_PARALLEL_MIN else k["numba"].get_num_threads()
     for t, (x, (start, stop)) in enumerate(zip(xs, bands)):
         edges.append([])
+        counts, _ = _histogram(np, x.view(np.uint32), chunks)  # (also where no edge needs it: the NaN/inf count)
+        bad += _nonfinite(counts)
         if stop <= start:
             continue
-        counts, _ = _histogram(np, x.view(np.uint32), chunks) if (start > 0 or stop < n) else (None, None)
         lows[t] = 0.0
         if stop < n:  # the lower edge: the stop-th largest magnitude
             bucket, higher = rank_bucket(counts, stop)
@@ -436,13 +441,15 @@ def band_sum_trimmed(flats: Sequence[Tensor], bands: Sequence[tuple[int, int]], 
             flag_lows[t, 1], flag_highs[t, 1] = _bucket_range(np, bucket)
             highs[t] = flag_lows[t, 1]
             edges[t].append((1, start, higher))
+    if bad:
+        return None, bad
     w = np.array(weights, dtype=np.float32)
     out = torch.empty(n)
     flags = np.empty(n, dtype=np.bool_)
     _run("band_sum_flagged", n, tuple(xs), lows, highs, flag_lows, flag_highs, w, out.numpy(), flags)
     where = np.flatnonzero(flags)
     if not where.size:
-        return out
+        return out, 0
     total = None
     for t, (x, (start, stop)) in enumerate(zip(xs, bands)):
         sub = torch.from_numpy(x[where])
@@ -467,4 +474,4 @@ def band_sum_trimmed(flats: Sequence[Tensor], bands: Sequence[tuple[int, int]], 
         term = (sub * keep).mul_(float(w[t]))
         total = term if total is None else total.add_(term)
     out.numpy()[where] = total.numpy()
-    return out
+    return out, 0

@@ -476,8 +476,10 @@ def breadcrumbs_key(tensors: Sequence[Tensor], weights: Sequence[float], densiti
     n = flats[0].numel()
     start = int(gamma * n)
     if n >= fused.SELECT_MIN and fused.applies(*flats):  # one histogram pass per input, one summing pass
-        bands = [(start, min(n, start + int(density * n))) for density in densities]
-        return fused.band_sum_trimmed(flats, bands, weights).view(tensors[0].shape)
+        merged, bad = fused.band_sum_trimmed(flats, _breadcrumbs_bands(n, densities, gamma), weights)
+        if bad:
+            raise NonFiniteError(f"breadcrumbs: an input holds {bad} NaN/inf value(s).")
+        return merged.view(tensors[0].shape)
 
     def limits(pair):
         f, density = pair
@@ -767,8 +769,27 @@ def _model_stock_kernel(deltas: list[Tensor], ctx) -> Tensor:
     return _model_stock_key(deltas, ctx.options["average"])
 
 
+def _breadcrumbs_bands(n: int, densities: Sequence[float], gamma: float) -> list[tuple[int, int]]:
+    """Each input's band of descending ranks ``[start, stop)``: the top γ·n dropped, the next density·n kept."""
+    start = int(gamma * n)
+    return [(start, min(n, start + int(density * n))) for density in densities]
+
+
 def _breadcrumbs_kernel(deltas: list[Tensor], ctx) -> Tensor:
-    return breadcrumbs_key(deltas, ctx.weights, [inp["density"] for inp in ctx.inputs], ctx.options["gamma"])
+    densities = [inp["density"] for inp in ctx.inputs]
+    if not hasattr(deltas, "unchecked"):
+        return breadcrumbs_key(deltas, ctx.weights, densities, ctx.options["gamma"])
+    raw = [deltas.unchecked(t) for t in range(len(deltas))]  # each input read once, checked below
+    flats = [d.reshape(-1) for d in raw]
+    n = flats[0].numel()
+    if n >= fused.SELECT_MIN and fused.applies(*flats):  # the histograms count NaN/inf: no other check
+        merged, bad = fused.band_sum_trimmed(flats, _breadcrumbs_bands(n, densities, ctx.options["gamma"]), ctx.weights)
+        if bad:
+            deltas.check_inputs()  # names the input
+        return merged.view(raw[0].shape)
+    for t, d in enumerate(raw):
+        deltas.verify(t, d)
+    return breadcrumbs_key(raw, ctx.weights, densities, ctx.options["gamma"])
 
 
 def _breadcrumbs_check(options: dict, inputs: list[dict], where: str) -> None:
