@@ -165,22 +165,15 @@ def magmax(xs, weights, scaled, later, out):
 
 
 @_both
-def row_sum(xs, out):
-    """Σ_t τ_t in list order (fp32)."""
+def row_sum_scaled(xs, divisor, factor, out):
+    """(Σ_t τ_t in list order) / divisor · factor (fp32), in one pass."""
     n = out.size
     t_count = len(xs)
     for i in prange(n):
         total = xs[0][i]
         for t in range(1, t_count):
             total = total + xs[t][i]
-        out[i] = total
-
-
-@_both
-def scale(out, divisor, factor):
-    """out ← out / divisor · factor (fp32, in place)."""
-    for i in prange(out.size):
-        out[i] = out[i] / divisor * factor
+        out[i] = total / divisor * factor
 
 
 BUCKETS = 1 << 16

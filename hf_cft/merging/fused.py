@@ -101,8 +101,7 @@ def _compile() -> dict:
         "band_sum_flagged",
         "consensus",
         "magmax",
-        "row_sum",
-        "scale",
+        "row_sum_scaled",
         "magnitude_histogram",
         "bucket_entries",
         "dare_ta",
@@ -199,27 +198,26 @@ def magmax(flats: Sequence[Tensor], weights: Sequence[float], tie_break: str) ->
     return _weighted("magmax", flats, weights, tie_break == "later")
 
 
-def gram_sum(flats: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """The T×T Gram matrix ⟨τ_a, τ_b⟩ (BLAS fp32 dot products, as fp64) and Σ_t τ_t (fp32, list order, fused)."""
-    kern = _kernels()
-    np = kern["np"]
-    _threads()
+def gram(flats: Sequence[Tensor]):
+    """The T×T Gram matrix ⟨τ_a, τ_b⟩ (BLAS fp32 dot products, as fp64)."""
+    import numpy as np
+
     t_count = len(flats)
-    gram = np.zeros((t_count, t_count))
+    out = np.zeros((t_count, t_count))
     for a in range(t_count):
         for b in range(a, t_count):
-            gram[a, b] = gram[b, a] = float(torch.dot(flats[a], flats[b]))
-    out = torch.empty(flats[0].numel())
-    _run("row_sum", out.numel(), tuple(f.numpy() for f in flats), out.numpy())
-    return torch.from_numpy(gram), out
+            out[a, b] = out[b, a] = float(torch.dot(flats[a], flats[b]))
+    return torch.from_numpy(out)
 
 
-def scale_(out: Tensor, divisor: int, factor: float) -> Tensor:
-    """``out.div_(divisor).mul_(factor)`` in one pass (the same fp32 operations)."""
-    kern = _kernels()
-    np = kern["np"]
+def sum_scaled(flats: Sequence[Tensor], divisor: int, factor: float) -> Tensor:
+    """(Σ_t τ_t) / divisor · factor in one pass: fp32, the sum in list order, then the division and the product (the
+    torch kernels' operations)."""
+    np = _kernels()["np"]
     _threads()
-    _run("scale", out.numel(), out.view(-1).numpy(), np.float32(divisor), np.float32(factor))
+    out = torch.empty(flats[0].numel())
+    _run("row_sum_scaled", out.numel(), tuple(f.numpy() for f in flats), np.float32(divisor), np.float32(factor),
+         out.numpy())
     return out
 
 

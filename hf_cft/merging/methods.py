@@ -325,10 +325,11 @@ def model_stock(deltas: Sequence[Mapping[str, Tensor]], average: str = "cosine")
 
 def _model_stock_key(tensors: Sequence[Tensor], average: str) -> Tensor:
     """t·(Σ_t τ_t / T) for one key, the Gram matrix and the sum in one pass over the inputs."""
+    tensors = list(tensors)  # each input read once
     flats = [t.reshape(-1) for t in tensors]
-    if fused.applies(*flats):
-        gram, total = fused.gram_sum(flats)
-        return fused.scale_(total, len(tensors), _stock_ratio(gram, average)).view(tensors[0].shape)
+    if fused.applies(*flats):  # the Gram matrix, then the sum and its scaling in one pass
+        ratio = _stock_ratio(fused.gram(flats), average)
+        return fused.sum_scaled(flats, len(tensors), ratio).view(tensors[0].shape)
     gram, total = _gram(tensors, total=True)
     return total.div_(len(tensors)).mul_(_stock_ratio(gram, average))
 
@@ -868,6 +869,7 @@ def _register() -> None:
                 ),
             ),
             min_inputs=2,
+            nonfinite_propagates=True,  # the mean carries a NaN/inf (a NaN cosine clips to t = 0: NaN·0, inf·0 = NaN)
             summary="per tensor t·mean_t τ_t, t = T·cos/(1 + (T−1)·cos)",
             reference="Jang et al., Model Stock, ECCV 2024 (arXiv:2403.19522)",
         )
