@@ -356,3 +356,77 @@ def test_breadcrumbs_in_one_histogram_pass_equals_the_exact_band_bit_for_bit(mon
         monkeypatch.setenv("HF_CFT_FUSED", "0")
         reference = merge_deltas(deltas, "breadcrumbs", options)
         assert all(torch.equal(reference[k], got[k]) for k in got)
+
+
+@pytest.mark.parametrize("kind", ["ints", "randn"])
+@pytest.mark.parametrize("options", [{"density": 0.3}, {"density": 0.1, "weight": 0.6}])
+def test_ties_in_chunks_equals_the_whole_tensors_bit_for_bit(monkeypatch, kind, options):
+    """Keys of at least fused.CHUNK entries merge chunk by chunk (one chunk of each input in memory): the same bits
+    as the whole-tensor pass, with chunks that split rows and a last short chunk."""
+    monkeypatch.setattr(fused, "SELECT_MIN", 0)
+    deltas = _deltas(3, kind, seed=41)
+    whole = merge_deltas(deltas, "ties", options)
+    spans = []
+    real = fused.ties_trim_mean_ranges
+
+    def spy(read, n, keeps, weights):
+        return real(lambda t, a, b: spans.append(b - a) or read(t, a, b), n, keeps, weights)
+
+    monkeypatch.setattr(fused, "ties_trim_mean_ranges", spy)
+    monkeypatch.setattr(fused, "CHUNK", 1001)
+    chunked = merge_deltas(deltas, "ties", options)
+    assert spans and max(spans) == 1001 and min(spans) < 1001  # the 96×130 key in 13 chunks, the last one short
+    for key in whole:
+        assert torch.equal(whole[key].view(torch.int32), chunked[key].view(torch.int32)), key
+
+
+def test_ties_in_chunks_reads_model_folders_by_range_and_names_a_nan(monkeypatch, tmp_path):
+    """From model folders (fp32 and fp16 inputs, and a LoRA adapter, which computes its whole ΔW per range) the
+    chunked TIES reads ranges of the safetensors files, no range longer than a chunk, and writes the same model as
+    the whole-tensor pass; a NaN in an input file is named by input and key."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from hf_cft.errors import NonFiniteError
+    from hf_cft.merging import streaming
+    from hf_cft.testing import save_tiny_clip
+
+    base_dir = save_tiny_clip(tmp_path / "clip", hidden_size=32, num_layers=1)
+    inputs = []
+    for seed, dtype in ((1, torch.float32), (2, torch.float16)):
+        model = AutoModel.from_pretrained(base_dir)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name != "logit_scale":
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        model.to(dtype).save_pretrained(tmp_path / f"ft{seed}")
+        inputs.append(tmp_path / f"ft{seed}")
+    torch.manual_seed(3)
+    lora = LoraConfig(r=2, target_modules=["fc1", "q_proj"], init_lora_weights=False)
+    get_peft_model(AutoModel.from_pretrained(base_dir), lora).save_pretrained(tmp_path / "lora")
+    inputs.append(tmp_path / "lora")
+    monkeypatch.setattr(fused, "SELECT_MIN", 0)
+    streaming.merge_folders(base_dir, inputs, "ties", {"density": 0.2}, out=tmp_path / "whole")
+    sizes = []
+    real = streaming.SafetensorsFile.read_range
+    monkeypatch.setattr(streaming.SafetensorsFile, "read_range", lambda self, k, a, b: sizes.append(b - a) or real(self, k, a, b))
+    monkeypatch.setattr(fused, "CHUNK", 777)
+    streaming.merge_folders(base_dir, inputs, "ties", {"density": 0.2}, out=tmp_path / "chunked")
+    assert sizes and max(sizes) <= 777
+    whole, chunked = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "chunked" / "model.safetensors")
+    assert whole.keys() == chunked.keys()
+    assert all(torch.equal(whole[k], chunked[k]) for k in whole)
+    bad = load_file(inputs[0] / "model.safetensors")
+    key = "text_model.encoder.layers.0.mlp.fc1.weight"
+    bad[key][3, 4] = float("nan")
+    (tmp_path / "nan_ft").mkdir()
+    for f in inputs[0].iterdir():
+        if f.name != "model.safetensors":
+            (tmp_path / "nan_ft" / f.name).write_bytes(f.read_bytes())
+    from safetensors.torch import save_file
+
+    save_file(bad, tmp_path / "nan_ft" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(NonFiniteError, match=rf"^The delta of input 1 \(.*nan_ft'?\) holds NaN/inf at key '{key}'.$"):
+        streaming.merge_folders(base_dir, [inputs[1], tmp_path / "nan_ft"], "ties", {"density": 0.2}, out=tmp_path / "o")

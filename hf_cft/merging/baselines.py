@@ -1254,6 +1254,12 @@ def _ties_tensor(deltas: list[Tensor], ctx) -> Tensor:
     opts = ctx.options
     model_scope = opts["trim_scope"] == "model"
     if not model_scope and opts["merge"] == "mean" and hasattr(deltas, "unchecked"):  # a streaming merge's key
+        merged = _ties_chunked(deltas, ctx)
+        if merged is not None:
+            if isinstance(merged, int):  # the histograms counted NaN/inf entries: name the input
+                deltas.check_inputs()
+                raise NonFiniteError(f"An input's delta holds NaN/inf at key {ctx.key!r}.")  # (check_inputs names it)
+            return merged
         raw = [deltas.unchecked(t) for t in range(len(deltas))]  # each input read once, checked below
         merged = _ties_fused(raw, ctx)
         if merged is not None:
@@ -1316,6 +1322,33 @@ def _ties_tensor(deltas: list[Tensor], ctx) -> Tensor:
             stacked.mul_(scale)
         out[s] = _elect_disjoint(stacked, opts["merge"], zero_sign)
     return out.view(deltas[0].shape)
+
+
+def _ties_chunked(deltas, ctx) -> Tensor | int | None:
+    """TIES (per-tensor trim, mean) of a key of at least ``fused.CHUNK`` entries, reading one chunk of each input at
+    a time (:func:`~hf_cft.merging.fused.ties_trim_mean_ranges`): the merged delta, or the count of NaN/inf entries
+    the inputs hold; ``None`` where it does not apply (no numba, a smaller key, a GPU)."""
+    shape = deltas.shape
+    n = math.prod(shape)
+    if n < max(fused.CHUNK, fused.SELECT_MIN) or not fused.available():
+        return None
+
+    def read(t: int, start: int, stop: int) -> Tensor:
+        x = deltas.range(t, start, stop)
+        if not fused.applies(x):
+            raise _NotFused
+        return x
+
+    keeps = [max(1, int(inp["density"] * n)) for inp in ctx.inputs]
+    try:
+        merged, bad = fused.ties_trim_mean_ranges(read, n, keeps, [inp["weight"] for inp in ctx.inputs])
+    except _NotFused:  # an input on a GPU, or not fp32: the whole-tensor paths
+        return None
+    return bad if merged is None else merged.view(shape)
+
+
+class _NotFused(Exception):
+    """An input's range that the fused kernels do not take."""
 
 
 def _ties_fused(deltas: list[Tensor], ctx) -> Tensor | int | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -328,52 +328,75 @@ def _rank_among(np, members, inside: int, higher: int) -> tuple[float, int, int]
     return float(np.array([value], dtype=np.uint32).view(np.float32)[0]), greater, equal
 
 
+#: keys of at least this many entries are merged by TIES in chunks of as many entries per input, read one chunk of
+#: each input at a time (a streaming merge's model folders read only that range): T·chunk entries in memory, not T·n
+CHUNK = 1 << 22
+
+
 def ties_trim_mean(flats: Sequence[Tensor], keeps: Sequence[int], weights: Sequence[float]) -> tuple[Tensor | None, int]:
-    """TIES with the per-tensor trim (``merge="mean"``) of flat fp32 inputs of at least :data:`SELECT_MIN` entries,
-    ``keeps[t]`` the number of entries input t keeps (≥ n: all): ``(merged, 0)``, or ``(None, count)`` when the inputs
-    hold ``count`` NaN/inf entries (counted by the histograms, so the inputs need no other check).
+    """TIES with the per-tensor trim (``merge="mean"``) of flat fp32 inputs of at least :data:`SELECT_MIN` entries:
+    :func:`ties_trim_mean_ranges` over the whole tensors."""
+    return ties_trim_mean_ranges(lambda t, start, stop: flats[t][start:stop], flats[0].numel(), keeps, weights)
+
+
+def ties_trim_mean_ranges(
+    read: Callable[[int, int, int], Tensor], n: int, keeps: Sequence[int], weights: Sequence[float]
+) -> tuple[Tensor | None, int]:
+    """TIES with the per-tensor trim (``merge="mean"``) of T inputs of ``n`` entries each, ``read(t, start, stop)``
+    giving input t's flat fp32 entries ``[start, stop)`` (contiguous), ``keeps[t]`` the number of entries input t
+    keeps (≥ n: all): ``(merged, 0)``, or ``(None, count)`` when the inputs hold ``count`` NaN/inf entries (counted by
+    the histograms, so the inputs need no other check).
 
     The same result, bit for bit, as :func:`~hf_cft.merging.baselines._trim_threshold` then :func:`ties_mean`, in one
-    histogram pass per input and one merge pass: each input's threshold is first known only to its top-16-bit bucket
-    (:func:`select_magnitudes` without the pass that collects the bucket); the merge keeps the entries above that
-    bucket and flags the positions where some input's entry lies inside it (a few per mille of them); those positions
-    are merged again with the exact thresholds and ties, found among their own entries (every entry of a bucket is at
-    a flagged position)."""
+    histogram pass per input and one merge pass, each over chunks of :data:`CHUNK` entries: each input's threshold is
+    first known only to its top-16-bit bucket (:func:`select_magnitudes` without the pass that collects the bucket);
+    the merge keeps the entries above that bucket and flags the positions where some input's entry lies inside it (a
+    few per mille of them), whose entries it keeps aside; those positions are merged again with the exact thresholds
+    and ties, found among their own entries (every entry of a bucket is at a flagged position)."""
     from hf_cft.merging._fused_kernels import rank_bucket
 
     k = _kernels()
     np = k["np"]
     _threads()
-    xs = [f.numpy() for f in flats]
-    n = xs[0].size
-    count = len(xs)
+    count = len(keeps)
+    spans = [(a, min(n, a + CHUNK)) for a in range(0, n, CHUNK)] or [(0, 0)]
     lows = np.zeros(count, dtype=np.float32)
     highs = np.zeros(count, dtype=np.float32)  # [0, 0) flags nothing; |x| ≥ 0 keeps all
     ranks: list[tuple[int, int] | None] = []
     bad = 0
-    chunks = 1 if n < SELECT_PARALLEL_MIN else k["numba"].get_num_threads()
-    for t, x in enumerate(xs):
+    chunks = 1 if min(n, CHUNK) < SELECT_PARALLEL_MIN else k["numba"].get_num_threads()
+    for t in range(count):
         if keeps[t] >= n:
             ranks.append(None)
             continue
-        counts, _ = _histogram(np, x.view(np.uint32), chunks)
+        counts = None
+        for a, b in spans:
+            part, _ = _histogram(np, read(t, a, b).numpy().view(np.uint32), chunks)
+            counts = part.copy() if counts is None else counts + part
         bad += _nonfinite(counts)
         bucket, higher = rank_bucket(counts, keeps[t])
-        lows[t], highs[t] = np.array([bucket << 15, (bucket + 1) << 15], dtype=np.uint32).view(np.float32)
+        lows[t], highs[t] = _bucket_range(np, bucket)
         ranks.append((keeps[t] - higher, higher))
     if bad:
         return None, bad
     w = np.array(weights, dtype=np.float32)
     scaled = any(v != 1.0 for v in weights)
     out = torch.empty(n)
-    flags = np.empty(n, dtype=np.bool_)
-    _run("ties_mean_flagged", n, tuple(xs), highs, lows, w, scaled, out.numpy(), flags)
-    where = np.flatnonzero(flags)
+    flags = np.empty(spans[0][1] - spans[0][0], dtype=np.bool_)
+    where, kept = [], [[] for _ in range(count)]  # the flagged positions and each input's entries there
+    for a, b in spans:
+        xs = tuple(read(t, a, b).numpy() for t in range(count))
+        _run("ties_mean_flagged", b - a, xs, highs, lows, w, scaled, out.numpy()[a:b], flags[: b - a])
+        here = np.flatnonzero(flags[: b - a])
+        where.append(here + a)
+        for t in range(count):
+            kept[t].append(xs[t][here])
+    where = np.concatenate(where)
     if where.size:
         limits = np.zeros(count, dtype=np.float32)
         subs = []
-        for t, x in enumerate(xs):
-            sub = x[where]
+        for t in range(count):
+            sub = np.concatenate(kept[t])
             if ranks[t] is not None:
                 inside, higher = ranks[t]
                 mags = np.abs(sub)

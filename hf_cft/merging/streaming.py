@@ -34,7 +34,7 @@ import os
 import re
 import struct
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,13 +143,22 @@ class SafetensorsFile:
 
     def read(self, key: str) -> torch.Tensor:
         e = self.entries[key]
-        out = torch.empty(e.shape, dtype=e.dtype)
-        if e.nbytes:
+        return self._read_into(key, torch.empty(e.shape, dtype=e.dtype), e.start)
+
+    def read_range(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Entries ``[start, stop)`` of the tensor at ``key`` in flat (row-major) order, as a 1-D tensor."""
+        e = self.entries[key]
+        out = torch.empty(max(0, stop - start), dtype=e.dtype)
+        return self._read_into(key, out, e.start + start * out.element_size())
+
+    def _read_into(self, key: str, out: torch.Tensor, offset: int) -> torch.Tensor:
+        nbytes = out.numel() * out.element_size()
+        if nbytes:
             view = out.reshape(-1).view(torch.uint8).numpy()
             with open(self.path, "rb", buffering=0) as fh:
-                fh.seek(e.start)
+                fh.seek(offset)
                 got = fh.readinto(memoryview(view))
-            if got != e.nbytes:
+            if got != nbytes:
                 raise BundleError(f"{self.what}: tensor {key!r} of {str(self.path)!r} is truncated.")
         return _host_order(out)
 
@@ -185,6 +194,14 @@ class _Folder:
     def read(self, key: str) -> torch.Tensor:
         return self.files[key].read(key)
 
+    def read_range(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Flat entries ``[start, stop)`` of ``key`` as fp32; the last range read is kept (the inputs of a chunked
+        merge all subtract the same range of θ⁰)."""
+        last = getattr(self, "_last_range", None)
+        if last is None or last[0] != (key, start, stop):
+            self._last_range = ((key, start, stop), self.files[key].read_range(key, start, stop).to(torch.float32))
+        return self._last_range[1]
+
 
 # ------------------------------------------------------------------------------------------------ inputs
 
@@ -200,6 +217,11 @@ class _Input:
     def delta(self, key: str, base: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def delta_range(self, key: str, start: int, stop: int, base: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Flat entries ``[start, stop)`` of the delta at ``key`` (fp32). This default computes the whole delta
+        (``base()``: θ⁰ at the key); inputs that can read a range alone override it."""
+        return self.delta(key, base()).reshape(-1)[start:stop]
+
 
 class _ModelInput(_Input):
     """A fine-tuned full model folder: δ = θ_t − θ⁰ on every floating-point key but ``logit_scale``."""
@@ -208,6 +230,7 @@ class _ModelInput(_Input):
         from hf_cft.merging.deltas import DEFAULT_EXCLUDE
 
         self.source = _Folder(folder, what)
+        self.base = base
         self.description = what
         floating = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
         self._keys = set()
@@ -230,6 +253,9 @@ class _ModelInput(_Input):
 
     def delta(self, key: str, base: torch.Tensor) -> torch.Tensor:
         return self.source.read(key).to(torch.float32).sub_(base)
+
+    def delta_range(self, key: str, start: int, stop: int, base: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return self.source.read_range(key, start, stop).to(torch.float32).sub_(self.base.read_range(key, start, stop))
 
 
 class _LoraInput(_Input):
@@ -293,6 +319,9 @@ class _DeltaInput(_Input):
         t = self.mapping[key]
         return t.to(torch.float32) if t.dtype != torch.float32 else t
 
+    def delta_range(self, key: str, start: int, stop: int, base: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return self.delta(key, None).reshape(-1)[start:stop]
+
 
 class _KeyDeltas(Sequence):
     """The inputs' deltas at one key, read on access (each access reads again: a method that needs an input twice
@@ -314,6 +343,13 @@ class _KeyDeltas(Sequence):
         if self.check:
             self._check(t, d)
         return d
+
+    def range(self, t: int, start: int, stop: int) -> torch.Tensor:
+        """Flat entries ``[start, stop)`` of input t's delta (fp32), read alone where the input can (a model folder),
+        unchecked like :meth:`unchecked`."""
+        if not self.present[t]:
+            return torch.zeros(max(0, stop - start))
+        return self.inputs[t].delta_range(self.key, start, stop, self.base)
 
     def unchecked(self, t: int) -> torch.Tensor:
         """Input t's delta, read without the finite check: the caller checks it (:meth:`verify`, or a pass of its own
