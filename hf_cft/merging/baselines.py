@@ -1333,8 +1333,10 @@ def _ties_chunked(deltas, ctx) -> Tensor | int | None:
     if n < max(fused.CHUNK, fused.SELECT_MIN) or not fused.available():
         return None
 
+    buffers = [torch.empty(fused.CHUNK) for _ in range(len(deltas))]  # reused from chunk to chunk
+
     def read(t: int, start: int, stop: int) -> Tensor:
-        x = deltas.range(t, start, stop)
+        x = deltas.range(t, start, stop, buffers[t][: stop - start])
         if not fused.applies(x):
             raise _NotFused
         return x

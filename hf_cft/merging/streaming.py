@@ -145,10 +145,13 @@ class SafetensorsFile:
         e = self.entries[key]
         return self._read_into(key, torch.empty(e.shape, dtype=e.dtype), e.start)
 
-    def read_range(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Entries ``[start, stop)`` of the tensor at ``key`` in flat (row-major) order, as a 1-D tensor."""
+    def read_range(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Entries ``[start, stop)`` of the tensor at ``key`` in flat (row-major) order, as a 1-D tensor (read into
+        ``out``, a contiguous 1-D tensor of that many entries, where it has the file's dtype)."""
         e = self.entries[key]
-        out = torch.empty(max(0, stop - start), dtype=e.dtype)
+        size = max(0, stop - start)
+        if out is None or out.dtype != e.dtype or out.numel() != size or not out.is_contiguous():
+            out = torch.empty(size, dtype=e.dtype)
         return self._read_into(key, out, e.start + start * out.element_size())
 
     def _read_into(self, key: str, out: torch.Tensor, offset: int) -> torch.Tensor:
@@ -194,13 +197,26 @@ class _Folder:
     def read(self, key: str) -> torch.Tensor:
         return self.files[key].read(key)
 
-    def read_range(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Flat entries ``[start, stop)`` of ``key`` as fp32; the last range read is kept (the inputs of a chunked
-        merge all subtract the same range of θ⁰)."""
-        last = getattr(self, "_last_range", None)
-        if last is None or last[0] != (key, start, stop):
-            self._last_range = ((key, start, stop), self.files[key].read_range(key, start, stop).to(torch.float32))
-        return self._last_range[1]
+    def read_range(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Flat entries ``[start, stop)`` of ``key`` as fp32, into ``out`` (a contiguous fp32 1-D tensor of that many
+        entries) where given."""
+        raw = self.files[key].read_range(key, start, stop, out)
+        if raw.dtype == torch.float32:
+            return raw
+        return raw.to(torch.float32) if out is None else out.copy_(raw)
+
+    def read_range_cached(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """:meth:`read_range` with the last range kept, in one buffer reused from range to range (the inputs of a
+        chunked merge all subtract the same range of θ⁰; a fresh allocation per range grew the heap): valid until
+        the next call."""
+        size = max(0, stop - start)
+        if getattr(self, "_last_range", None) != (key, start, stop):
+            buf = getattr(self, "_range_buf", None)
+            if buf is None or buf.numel() < size:
+                buf = self._range_buf = torch.empty(size)
+            self.read_range(key, start, stop, buf[:size])
+            self._last_range = (key, start, stop)
+        return self._range_buf[:size]
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -217,9 +233,12 @@ class _Input:
     def delta(self, key: str, base: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def delta_range(self, key: str, start: int, stop: int, base: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Flat entries ``[start, stop)`` of the delta at ``key`` (fp32). This default computes the whole delta
-        (``base()``: θ⁰ at the key); inputs that can read a range alone override it."""
+    def delta_range(
+        self, key: str, start: int, stop: int, base: Callable[[], torch.Tensor], out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Flat entries ``[start, stop)`` of the delta at ``key`` (fp32; written into ``out``, a contiguous fp32 1-D
+        buffer of that many entries, where the input reads ranges). This default computes the whole delta (``base()``:
+        θ⁰ at the key); inputs that can read a range alone override it."""
         return self.delta(key, base()).reshape(-1)[start:stop]
 
 
@@ -254,8 +273,10 @@ class _ModelInput(_Input):
     def delta(self, key: str, base: torch.Tensor) -> torch.Tensor:
         return self.source.read(key).to(torch.float32).sub_(base)
 
-    def delta_range(self, key: str, start: int, stop: int, base: Callable[[], torch.Tensor]) -> torch.Tensor:
-        return self.source.read_range(key, start, stop).to(torch.float32).sub_(self.base.read_range(key, start, stop))
+    def delta_range(
+        self, key: str, start: int, stop: int, base: Callable[[], torch.Tensor], out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.source.read_range(key, start, stop, out).sub_(self.base.read_range_cached(key, start, stop))
 
 
 class _LoraInput(_Input):
@@ -319,7 +340,9 @@ class _DeltaInput(_Input):
         t = self.mapping[key]
         return t.to(torch.float32) if t.dtype != torch.float32 else t
 
-    def delta_range(self, key: str, start: int, stop: int, base: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def delta_range(
+        self, key: str, start: int, stop: int, base: Callable[[], torch.Tensor], out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.delta(key, None).reshape(-1)[start:stop]
 
 
@@ -344,12 +367,12 @@ class _KeyDeltas(Sequence):
             self._check(t, d)
         return d
 
-    def range(self, t: int, start: int, stop: int) -> torch.Tensor:
-        """Flat entries ``[start, stop)`` of input t's delta (fp32), read alone where the input can (a model folder),
-        unchecked like :meth:`unchecked`."""
+    def range(self, t: int, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Flat entries ``[start, stop)`` of input t's delta (fp32), read alone (into ``out`` where given) where the
+        input can (a model folder), unchecked like :meth:`unchecked`."""
         if not self.present[t]:
             return torch.zeros(max(0, stop - start))
-        return self.inputs[t].delta_range(self.key, start, stop, self.base)
+        return self.inputs[t].delta_range(self.key, start, stop, self.base, out)
 
     def unchecked(self, t: int) -> torch.Tensor:
         """Input t's delta, read without the finite check: the caller checks it (:meth:`verify`, or a pass of its own
