@@ -51,8 +51,7 @@ def ties_mean(xs, thresholds, weights, scaled, out):
             v = x if abs(x) >= thresholds[t] else zero
             if scaled:
                 v = v * weights[t]
-            sv = f32(1.0) if v > 0 else (f32(-1.0) if v < 0 else zero)
-            agree = elected != 0 and sv == elected
+            agree = v * elected > zero  # sign(v) = σ ≠ 0 (one product: σ is ±1 or 0)
             term = v if agree else v * zero
             num = term if t == 0 else num + term
             if agree:
@@ -85,8 +84,7 @@ def ties_mean_flagged(xs, thresholds, lows, weights, scaled, out, flags):
             v = x if abs(x) >= thresholds[t] else zero
             if scaled:
                 v = v * weights[t]
-            sv = f32(1.0) if v > 0 else (f32(-1.0) if v < 0 else zero)
-            agree = elected != 0 and sv == elected
+            agree = v * elected > zero  # sign(v) = σ ≠ 0 (one product: σ is ±1 or 0)
             term = v if agree else v * zero
             num = term if t == 0 else num + term
             if agree:
@@ -106,7 +104,7 @@ def band_sum(xs, lows, highs, weights, out):
         for t in range(t_count):
             x = xs[t][i]
             a = abs(x)
-            term = (x if (a >= lows[t] and a < highs[t]) else x * zero) * weights[t]
+            term = (x if ((a >= lows[t]) & (a < highs[t])) else x * zero) * weights[t]
             acc = term if t == 0 else acc + term
         out[i] = acc
 
@@ -125,7 +123,7 @@ def band_sum_flagged(xs, lows, highs, flag_lows, flag_highs, weights, out, flags
             x = xs[t][i]
             a = abs(x)
             flag = flag | ((a >= flag_lows[t, 0]) & (a < flag_highs[t, 0])) | ((a >= flag_lows[t, 1]) & (a < flag_highs[t, 1]))
-            term = (x if (a >= lows[t] and a < highs[t]) else x * zero) * weights[t]
+            term = (x if ((a >= lows[t]) & (a < highs[t])) else x * zero) * weights[t]
             acc = term if t == 0 else acc + term
         out[i] = acc
         flags[i] = flag
