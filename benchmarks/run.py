@@ -14,6 +14,9 @@
                                                     # MergeTune (+ weight ensemble), ID and six shifts
     python benchmarks/run.py path_ablation [--quick] # does MergeTune's path term do anything? (benchmarks/
                                                     # path_ablation.py: β, β vs a weaker anchor, N, τ, λ, lr, epochs)
+    python benchmarks/run.py fewshot run|tables --work DIR [--quick] [--seeds ..] [--orders I II]
+                                                    # few-shot MTIL-mini (benchmarks/fewshot_mtil.py: recipe runs of
+                                                    # ConDU and its baselines, 5 shots; per-seed and mean tables)
 
 Options: ``--checkpoint DIR`` (a CLIPModel folder). Without it each protocol uses its design's model, pretrained
 on first use (5,000 steps; in quick mode a 150-step model) outside the repository: ``zeroshot`` and ``headroom``
@@ -619,8 +622,13 @@ def plot(result: dict, png: Path, title: str):
 
 
 def main(argv=None):
+    given = sys.argv[1:] if argv is None else list(argv)
+    if given[:1] == ["fewshot"]:  # recipe runs, not an in-process protocol: its own script and options
+        import fewshot_mtil
+
+        return fewshot_mtil.main(given[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("protocol", choices=sorted(PROTOCOLS))
+    p.add_argument("protocol", choices=sorted(PROTOCOLS) + ["fewshot"])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument(

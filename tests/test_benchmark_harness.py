@@ -110,3 +110,22 @@ def test_merging_tables_names_an_unreadable_results_file_and_writes_the_table(tm
     result = tables.main([str(tmp_path / "t"), "--full", str(tmp_path / "run.json"), "--title", "Order I"])
     assert result["rows"]["tsv_m"]["full"] == metrics and result["rows"]["tsv_m"]["lora"] is None
     assert "| 50.00 | -1.00 | 40.00 | 45.00 |" in (tmp_path / "t.md").read_text()
+
+
+def test_fewshot_seed_tables_give_mean_and_sample_std_per_row():
+    """benchmarks/fewshot_mtil.py's aggregate: each row's metrics over the seeds that ran it (mean ± sample std, and
+    each seed's value); a row no seed ran is left out."""
+    fewshot = _load("fewshot_mtil")
+
+    def seed_json(last, transfer):
+        metrics = {"last": last, "bwt": -1.0, "plasticity": last + 1, "transfer": transfer, "average": last - 1}
+        return {"runs": {"zeroshot": {"metrics": dict(metrics, bwt=0.0)}, "condu": {"metrics": metrics}}}
+
+    record, lines = fewshot.aggregate({1: seed_json(40.0, 45.0), 2: seed_json(44.0, 47.0)}, "II")
+    assert list(record["rows"]) == ["zeroshot", "condu"] and record["seeds"] == [1, 2]
+    last = record["rows"]["condu"]["last"]
+    assert last["mean"] == 42.0 and last["values"] == [40.0, 44.0]
+    assert abs(last["std"] - 2 ** 0.5 * 2) < 1e-12  # sample std of (40, 44)
+    assert lines[0] == "# Few-shot MTIL-mini (5 shots per class), Order II, seeds 1, 2"
+    assert "| ConDU FT (task id) | 42.0 ± 2.8 | -1.0 ± 0.0 | 43.0 ± 2.8 | 46.0 ± 1.4 | 41.0 ± 2.8 |" in lines
+    assert "fewshot-order2-seed{s}.md" in lines[2]
