@@ -296,11 +296,13 @@ def test_ties_in_one_histogram_pass_equals_the_exact_thresholds_bit_for_bit(
 
 
 @pytest.mark.parametrize("method,options", [("ties", {"density": 0.3}), ("breadcrumbs", {}),
-                                            ("breadcrumbs", {"density": 1e-5, "gamma": 0.0})])
+                                            ("breadcrumbs", {"density": 1e-5, "gamma": 0.0}), ("magmax", {}),
+                                            ("magmax", {"tie_break": "earlier", "weight": 0.0})])
 @pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
 def test_one_histogram_pass_names_the_input_that_holds_nan(trim_pass, monkeypatch, method, options, bad):
-    """The histograms count NaN/inf entries (the inputs are not read again to check them): a NaN or inf still raises
-    NonFiniteError naming the input and the key (also for an input whose band keeps nothing)."""
+    """The histograms (TIES, breadcrumbs) and MagMax's kernel count NaN/inf entries (the inputs are not read again to
+    check them): a NaN or inf still raises NonFiniteError naming the input and the key (also for an input whose band
+    keeps nothing, or weighted 0)."""
     from hf_cft.errors import NonFiniteError
 
     monkeypatch.setattr(fused, "SELECT_MIN", 0)

@@ -150,16 +150,21 @@ def consensus(xs, weights, scaled, lambdas, k, out):
 
 @_both
 def magmax(xs, weights, scaled, later, out):
-    """MagMax's fold: best = w_0·τ_0, then each w_t·τ_t replaces it where its magnitude is ≥ (``later``) or >."""
+    """MagMax's fold: best = w_0·τ_0, then each w_t·τ_t replaces it where its magnitude is ≥ (``later``) or >.
+    Returns the count of NaN/inf input entries (x − x is NaN there: the inputs need no other check)."""
     n = out.size
     t_count = len(xs)
+    bad = 0
     for i in prange(n):
         best = xs[0][i] * weights[0]
+        bad += xs[0][i] - xs[0][i] != zero
         for t in range(1, t_count):
             x = xs[t][i] * weights[t] if scaled[t] else xs[t][i]
+            bad += xs[t][i] - xs[t][i] != zero
             if (abs(x) >= abs(best)) if later else (abs(x) > abs(best)):
                 best = x
         out[i] = best
+    return bad
 
 
 @_both

@@ -1471,14 +1471,29 @@ def _dare_check(options: dict, inputs: list[dict], where: str) -> None:
 
 def _magmax_tensor(deltas: list[Tensor], ctx) -> Tensor:
     """Per entry the largest-magnitude w_t·τ_t (ties: ``tie_break``), folded one input at a time."""
-    items = _present(deltas, ctx)
+    streamed = hasattr(deltas, "unchecked")  # a streaming merge's key: the fused kernel counts NaN/inf itself
+    present = [t for t, here in enumerate(ctx.present) if here]
+    if streamed and fused.available():
+        raw = [deltas.unchecked(t) for t in present]
+        flats = [d.reshape(-1) for d in raw]
+        if fused.applies(*flats):  # one pass over every present input
+            merged, bad = fused.magmax(flats, [ctx.inputs[t]["weight"] for t in present], ctx.options["tie_break"])
+            if bad:
+                deltas.check_inputs()  # names the input
+                raise NonFiniteError(f"An input's delta holds NaN/inf at key {ctx.key!r}.")
+            return merged.view(raw[0].shape)
+        for t, d in zip(present, raw):
+            deltas.verify(t, d)
+        items = ((d, ctx.inputs[t]) for t, d in zip(present, raw))
+    else:
+        items = _present(deltas, ctx)
     first, inp = next(items)
     if fused.applies(first.reshape(-1)):  # one pass over every present input
         rest = list(items)
         flats = [first.reshape(-1)] + [d.reshape(-1) for d, _ in rest]
         if fused.applies(*flats):
             weights = [inp["weight"]] + [i["weight"] for _, i in rest]
-            return fused.magmax(flats, weights, ctx.options["tie_break"]).view(first.shape)
+            return fused.magmax(flats, weights, ctx.options["tie_break"])[0].view(first.shape)
         items = iter(rest)
     best = (first * inp["weight"]).contiguous()
     scratch = _Scratch(best.numel()) if _blocked(best) else None

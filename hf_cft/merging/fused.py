@@ -72,7 +72,7 @@ def _run(name: str, n: int, *args) -> None:
     here."""
     kernel = _kernels()[name]
     with _LOCK:
-        (kernel.parallel if n >= PARALLEL_MIN else kernel.serial)(*args)
+        return (kernel.parallel if n >= PARALLEL_MIN else kernel.serial)(*args)
 
 
 def _threads() -> None:
@@ -175,27 +175,29 @@ def band_sum(flats: Sequence[Tensor], bands: Sequence[tuple], weights: Sequence[
     return out
 
 
-def _weighted(name: str, flats: Sequence[Tensor], weights: Sequence[float], *options) -> Tensor:
+def _weighted(name: str, flats: Sequence[Tensor], weights: Sequence[float], *options) -> tuple[Tensor, object]:
     """Run a kernel of signature ``(xs, weights, scaled, *options, out)`` into a new flat fp32 tensor (``scaled``: the
-    inputs whose weight is not 1, which the torch kernels multiply)."""
+    inputs whose weight is not 1, which the torch kernels multiply): ``(out, what the kernel returned)``."""
     np = _kernels()["np"]
     _threads()
     out = torch.empty(flats[0].numel())
     arrays = tuple(f.numpy() for f in flats)
     scaled = np.array([w != 1.0 for w in weights])
-    _run(name, out.numel(), arrays, np.array(weights, dtype=np.float32), scaled, *options, out.numpy())
-    return out
+    returned = _run(name, out.numel(), arrays, np.array(weights, dtype=np.float32), scaled, *options, out.numpy())
+    return out, returned
 
 
 def consensus(flats: Sequence[Tensor], weights: Sequence[float], lambdas: Sequence[float], k: int) -> Tensor:
     """The fused form of the blocked consensus kernel (TALL masks on w_t·τ_t, at least ``k`` votes)."""
     np = _kernels()["np"]
-    return _weighted("consensus", flats, weights, np.array(lambdas, dtype=np.float32), int(k))
+    return _weighted("consensus", flats, weights, np.array(lambdas, dtype=np.float32), int(k))[0]
 
 
-def magmax(flats: Sequence[Tensor], weights: Sequence[float], tie_break: str) -> Tensor:
-    """The fused form of MagMax's fold (``tie_break`` ``"later"``: ≥, ``"earlier"``: >)."""
-    return _weighted("magmax", flats, weights, tie_break == "later")
+def magmax(flats: Sequence[Tensor], weights: Sequence[float], tie_break: str) -> tuple[Tensor, int]:
+    """The fused form of MagMax's fold (``tie_break`` ``"later"``: ≥, ``"earlier"``: >): ``(merged, the count of
+    NaN/inf input entries)``."""
+    out, bad = _weighted("magmax", flats, weights, tie_break == "later")
+    return out, int(bad)
 
 
 def gram(flats: Sequence[Tensor]):
