@@ -434,3 +434,41 @@ def test_ties_in_chunks_reads_model_folders_by_range_and_names_a_nan(monkeypatch
     save_file(bad, tmp_path / "nan_ft" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(NonFiniteError, match=rf"^The delta of input 1 \(.*nan_ft'?\) holds NaN/inf at key '{key}'.$"):
         streaming.merge_folders(base_dir, [inputs[1], tmp_path / "nan_ft"], "ties", {"density": 0.2}, out=tmp_path / "o")
+
+
+@pytest.mark.parametrize(
+    "method,options,inputs",
+    [
+        ("magmax", {}, [{"weight": 1e30}, {"weight": 1e30}]),
+        ("ties", {"density": 0.5}, [{"weight": 1e30}, {"weight": 1e30}]),
+        ("breadcrumbs", {"density": 0.5}, [{"weight": 1e30}, {"weight": 1e30}]),
+        ("model_stock", {}, None),
+    ],
+)
+def test_kernels_that_count_their_results_still_refuse_an_overflow(monkeypatch, method, options, inputs):
+    """The fused kernels count NaN/inf results, so the streaming merge does not read a finite result again; finite
+    inputs whose weights (or sum) overflow still give MergeConfigError naming the method and key."""
+    from hf_cft.errors import MergeConfigError
+
+    monkeypatch.setattr(fused, "SELECT_MIN", 0)
+    scale = 2e38 if method == "model_stock" else 1e10  # model stock: the sum of two 2e38 overflows; else the weights
+    deltas = [{"w": scale * (1 + 1e-4 * torch.arange(2000.0).view(40, 50))} for _ in range(2)]
+    assert all(torch.isfinite(d["w"]).all() for d in deltas)
+    with pytest.raises(MergeConfigError, match=rf"^The merged delta of '{method}' at key 'w' holds NaN/inf"):
+        merge_deltas(deltas, method, options, inputs=inputs)
+    fine = merge_deltas([{"w": torch.randn(40, 50)} for _ in range(2)], method, options, inputs=None)
+    assert torch.isfinite(fine["w"]).all()
+
+
+@pytest.mark.parametrize("method", ["magmax", "ties", "breadcrumbs", "model_stock"])
+def test_a_counted_finite_merge_is_read_once(monkeypatch, method):
+    """With the fused kernels counting NaN/inf in the inputs and results, a finite streaming merge makes no separate
+    finite check at all (no extra pass over an input or the result)."""
+    from hf_cft.merging import deltas as deltas_module
+
+    monkeypatch.setattr(fused, "SELECT_MIN", 0)
+    calls = []
+    real = deltas_module.all_finite
+    monkeypatch.setattr(deltas_module, "all_finite", lambda t: calls.append(t.shape) or real(t))
+    merged = merge_deltas(_deltas(3, "randn", seed=8), method, {})
+    assert calls == [] and all(torch.isfinite(v).all() for v in merged.values())

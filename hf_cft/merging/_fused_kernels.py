@@ -62,9 +62,10 @@ def ties_mean(xs, thresholds, weights, scaled, out):
 @_both
 def ties_mean_flagged(xs, thresholds, lows, weights, scaled, out, flags):
     """:func:`ties_mean` with ``flags[i]`` True where some input's |x| lies in [lows[t], thresholds[t]) (the bucket of
-    its exact threshold: the caller merges those entries again), 0 elsewhere."""
+    its exact threshold: the caller merges those entries again); returns the count of NaN/inf results."""
     n = out.size
     t_count = len(xs)
+    bad = 0
     for i in prange(n):
         total = zero
         flag = False
@@ -89,8 +90,11 @@ def ties_mean_flagged(xs, thresholds, lows, weights, scaled, out, flags):
             num = term if t == 0 else num + term
             if agree:
                 count += 1
-        out[i] = num / f32(max(count, 1))
+        value = num / f32(max(count, 1))
+        out[i] = value
         flags[i] = flag
+        bad += value - value != zero
+    return bad
 
 
 @_both
@@ -113,9 +117,10 @@ def band_sum(xs, lows, highs, weights, out):
 def band_sum_flagged(xs, lows, highs, flag_lows, flag_highs, weights, out, flags):
     """:func:`band_sum` with ``flags[i]`` True where some input's |x| lies in one of its two flag ranges
     ``[flag_lows[t, e], flag_highs[t, e])`` (the buckets of its exact band edges: the caller sums those entries
-    again)."""
+    again); returns the count of NaN/inf results."""
     n = out.size
     t_count = len(xs)
+    bad = 0
     for i in prange(n):
         acc = zero
         flag = False
@@ -127,6 +132,8 @@ def band_sum_flagged(xs, lows, highs, flag_lows, flag_highs, weights, out, flags
             acc = term if t == 0 else acc + term
         out[i] = acc
         flags[i] = flag
+        bad += acc - acc != zero
+    return bad
 
 
 @_both
@@ -151,10 +158,11 @@ def consensus(xs, weights, scaled, lambdas, k, out):
 @_both
 def magmax(xs, weights, scaled, later, out):
     """MagMax's fold: best = w_0·τ_0, then each w_t·τ_t replaces it where its magnitude is ≥ (``later``) or >.
-    Returns the count of NaN/inf input entries (x − x is NaN there: the inputs need no other check)."""
+    Returns the counts of NaN/inf input entries and results (x − x is NaN there: no other check is needed)."""
     n = out.size
     t_count = len(xs)
     bad = 0
+    bad_out = 0
     for i in prange(n):
         best = xs[0][i] * weights[0]
         bad += xs[0][i] - xs[0][i] != zero
@@ -164,19 +172,24 @@ def magmax(xs, weights, scaled, later, out):
             if (abs(x) >= abs(best)) if later else (abs(x) > abs(best)):
                 best = x
         out[i] = best
-    return bad
+        bad_out += best - best != zero
+    return bad, bad_out
 
 
 @_both
 def row_sum_scaled(xs, divisor, factor, out):
-    """(Σ_t τ_t in list order) / divisor · factor (fp32), in one pass."""
+    """(Σ_t τ_t in list order) / divisor · factor (fp32), in one pass; returns the count of NaN/inf results."""
     n = out.size
     t_count = len(xs)
+    bad = 0
     for i in prange(n):
         total = xs[0][i]
         for t in range(1, t_count):
             total = total + xs[t][i]
-        out[i] = total / divisor * factor
+        value = total / divisor * factor
+        out[i] = value
+        bad += value - value != zero
+    return bad
 
 
 BUCKETS = 1 << 16

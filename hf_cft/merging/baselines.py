@@ -1343,10 +1343,19 @@ def _ties_chunked(deltas, ctx) -> Tensor | int | None:
 
     keeps = [max(1, int(inp["density"] * n)) for inp in ctx.inputs]
     try:
-        merged, bad = fused.ties_trim_mean_ranges(read, n, keeps, [inp["weight"] for inp in ctx.inputs])
+        merged, bad, finite = fused.ties_trim_mean_ranges(read, n, keeps, [inp["weight"] for inp in ctx.inputs])
     except _NotFused:  # an input on a GPU, or not fp32: the whole-tensor paths
         return None
-    return bad if merged is None else merged.view(shape)
+    return bad if merged is None else _counted(merged.view(shape), finite)
+
+
+def _counted(merged: Tensor, finite: bool) -> Tensor:
+    """``merged``, recorded as finite for the streaming merge where its kernel counted it so (no check reads it)."""
+    if finite:
+        from hf_cft.merging.streaming import mark_finite
+
+        mark_finite(merged)
+    return merged
 
 
 class _NotFused(Exception):
@@ -1363,8 +1372,8 @@ def _ties_fused(deltas: list[Tensor], ctx) -> Tensor | int | None:
     if n < fused.SELECT_MIN or not fused.applies(*flats):
         return None
     keeps = [max(1, int(inp["density"] * n)) for inp in ctx.inputs]
-    merged, bad = fused.ties_trim_mean(flats, keeps, [inp["weight"] for inp in ctx.inputs])
-    return bad if merged is None else merged.view(deltas[0].shape)
+    merged, bad, finite = fused.ties_trim_mean(flats, keeps, [inp["weight"] for inp in ctx.inputs])
+    return bad if merged is None else _counted(merged.view(deltas[0].shape), finite)
 
 
 def _tensor_threshold(d: Tensor, density: float) -> tuple[float, Tensor | None]:
@@ -1477,11 +1486,12 @@ def _magmax_tensor(deltas: list[Tensor], ctx) -> Tensor:
         raw = [deltas.unchecked(t) for t in present]
         flats = [d.reshape(-1) for d in raw]
         if fused.applies(*flats):  # one pass over every present input
-            merged, bad = fused.magmax(flats, [ctx.inputs[t]["weight"] for t in present], ctx.options["tie_break"])
+            weights = [ctx.inputs[t]["weight"] for t in present]
+            merged, bad, finite = fused.magmax(flats, weights, ctx.options["tie_break"])
             if bad:
                 deltas.check_inputs()  # names the input
                 raise NonFiniteError(f"An input's delta holds NaN/inf at key {ctx.key!r}.")
-            return merged.view(raw[0].shape)
+            return _counted(merged.view(raw[0].shape), finite)
         for t, d in zip(present, raw):
             deltas.verify(t, d)
         items = ((d, ctx.inputs[t]) for t, d in zip(present, raw))

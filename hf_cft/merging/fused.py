@@ -193,11 +193,11 @@ def consensus(flats: Sequence[Tensor], weights: Sequence[float], lambdas: Sequen
     return _weighted("consensus", flats, weights, np.array(lambdas, dtype=np.float32), int(k))[0]
 
 
-def magmax(flats: Sequence[Tensor], weights: Sequence[float], tie_break: str) -> tuple[Tensor, int]:
+def magmax(flats: Sequence[Tensor], weights: Sequence[float], tie_break: str) -> tuple[Tensor, int, bool]:
     """The fused form of MagMax's fold (``tie_break`` ``"later"``: ≥, ``"earlier"``: >): ``(merged, the count of
-    NaN/inf input entries)``."""
-    out, bad = _weighted("magmax", flats, weights, tie_break == "later")
-    return out, int(bad)
+    NaN/inf input entries, whether the merged delta is finite)``."""
+    out, (bad, bad_out) = _weighted("magmax", flats, weights, tie_break == "later")
+    return out, int(bad), not bad_out
 
 
 def gram(flats: Sequence[Tensor]):
@@ -212,15 +212,17 @@ def gram(flats: Sequence[Tensor]):
     return torch.from_numpy(out)
 
 
-def sum_scaled(flats: Sequence[Tensor], divisor: int, factor: float) -> Tensor:
+def sum_scaled(flats: Sequence[Tensor], divisor: int, factor: float) -> tuple[Tensor, bool]:
     """(Σ_t τ_t) / divisor · factor in one pass: fp32, the sum in list order, then the division and the product (the
-    torch kernels' operations)."""
+    torch kernels' operations); with whether the result is finite."""
     np = _kernels()["np"]
     _threads()
     out = torch.empty(flats[0].numel())
-    _run("row_sum_scaled", out.numel(), tuple(f.numpy() for f in flats), np.float32(divisor), np.float32(factor),
-         out.numpy())
-    return out
+    bad = _run(
+        "row_sum_scaled", out.numel(), tuple(f.numpy() for f in flats), np.float32(divisor), np.float32(factor),
+        out.numpy(),
+    )
+    return out, not bad
 
 
 def dare_ta(flats: Sequence[Tensor], stream, rhos: Sequence[float], weights: Sequence[float]) -> Tensor:
@@ -335,7 +337,9 @@ def _rank_among(np, members, inside: int, higher: int) -> tuple[float, int, int]
 CHUNK = 1 << 22
 
 
-def ties_trim_mean(flats: Sequence[Tensor], keeps: Sequence[int], weights: Sequence[float]) -> tuple[Tensor | None, int]:
+def ties_trim_mean(
+    flats: Sequence[Tensor], keeps: Sequence[int], weights: Sequence[float]
+) -> tuple[Tensor | None, int, bool]:
     """TIES with the per-tensor trim (``merge="mean"``) of flat fp32 inputs of at least :data:`SELECT_MIN` entries:
     :func:`ties_trim_mean_ranges` over the whole tensors."""
     return ties_trim_mean_ranges(lambda t, start, stop: flats[t][start:stop], flats[0].numel(), keeps, weights)
@@ -343,11 +347,11 @@ def ties_trim_mean(flats: Sequence[Tensor], keeps: Sequence[int], weights: Seque
 
 def ties_trim_mean_ranges(
     read: Callable[[int, int, int], Tensor], n: int, keeps: Sequence[int], weights: Sequence[float]
-) -> tuple[Tensor | None, int]:
+) -> tuple[Tensor | None, int, bool]:
     """TIES with the per-tensor trim (``merge="mean"``) of T inputs of ``n`` entries each, ``read(t, start, stop)``
     giving input t's flat fp32 entries ``[start, stop)`` (contiguous), ``keeps[t]`` the number of entries input t
-    keeps (≥ n: all): ``(merged, 0)``, or ``(None, count)`` when the inputs hold ``count`` NaN/inf entries (counted by
-    the histograms, so the inputs need no other check).
+    keeps (≥ n: all): ``(merged, 0, whether it is finite)``, or ``(None, count, False)`` when the inputs hold
+    ``count`` NaN/inf entries (counted by the histograms, so neither the inputs nor the result need another check).
 
     The same result, bit for bit, as :func:`~hf_cft.merging.baselines._trim_threshold` then :func:`ties_mean`, in one
     histogram pass per input and one merge pass, each over chunks of :data:`CHUNK` entries: each input's threshold is
@@ -380,15 +384,16 @@ def ties_trim_mean_ranges(
         lows[t], highs[t] = _bucket_range(np, bucket)
         ranks.append((keeps[t] - higher, higher))
     if bad:
-        return None, bad
+        return None, bad, False
     w = np.array(weights, dtype=np.float32)
     scaled = any(v != 1.0 for v in weights)
     out = torch.empty(n)
     flags = np.empty(spans[0][1] - spans[0][0], dtype=np.bool_)
+    bad_out = 0
     where, kept = [], [[] for _ in range(count)]  # the flagged positions and each input's entries there
     for a, b in spans:
         xs = tuple(read(t, a, b).numpy() for t in range(count))
-        _run("ties_mean_flagged", b - a, xs, highs, lows, w, scaled, out.numpy()[a:b], flags[: b - a])
+        bad_out += _run("ties_mean_flagged", b - a, xs, highs, lows, w, scaled, out.numpy()[a:b], flags[: b - a])
         here = np.flatnonzero(flags[: b - a])
         where.append(here + a)
         for t in range(count):
@@ -413,7 +418,8 @@ def ties_trim_mean_ranges(
         part = np.empty(where.size, dtype=np.float32)
         _run("ties_mean", part.size, tuple(subs), limits, w, scaled, part)
         out.numpy()[where] = part
-    return out, 0
+        bad_out += int(not np.isfinite(part).all())  # (a non-finite first-pass result may be replaced: "not known")
+    return out, 0, not bad_out
 
 
 def _bucket_range(np, bucket: int) -> tuple:
@@ -423,10 +429,11 @@ def _bucket_range(np, bucket: int) -> tuple:
 
 def band_sum_trimmed(
     flats: Sequence[Tensor], bands: Sequence[tuple[int, int]], weights: Sequence[float]
-) -> tuple[Tensor | None, int]:
+) -> tuple[Tensor | None, int, bool]:
     """Breadcrumbs' Σ_t w_t·(m_t ⊙ τ_t) of flat fp32 inputs of at least :data:`SELECT_MIN` entries, m_t the ranks
     ``bands[t] = (start, stop)`` of |τ_t| in descending order, ties by position (stop ≤ start: nothing kept):
-    ``(merged, 0)``, or ``(None, count)`` when the inputs hold ``count`` NaN/inf entries (counted by the histograms).
+    ``(merged, 0, whether it is finite)``, or ``(None, count, False)`` when the inputs hold ``count`` NaN/inf entries
+    (counted by the histograms).
 
     The same result, bit for bit, as :func:`~hf_cft.merging.methods._band_limits` then :func:`band_sum`, in one
     histogram pass per input and one summing pass: each band edge is first known only to its top-16-bit bucket; the
@@ -465,14 +472,14 @@ def band_sum_trimmed(
             highs[t] = flag_lows[t, 1]
             edges[t].append((1, start, higher))
     if bad:
-        return None, bad
+        return None, bad, False
     w = np.array(weights, dtype=np.float32)
     out = torch.empty(n)
     flags = np.empty(n, dtype=np.bool_)
-    _run("band_sum_flagged", n, tuple(xs), lows, highs, flag_lows, flag_highs, w, out.numpy(), flags)
+    bad_out = _run("band_sum_flagged", n, tuple(xs), lows, highs, flag_lows, flag_highs, w, out.numpy(), flags)
     where = np.flatnonzero(flags)
     if not where.size:
-        return out, 0
+        return out, 0, not bad_out
     total = None
     for t, (x, (start, stop)) in enumerate(zip(xs, bands)):
         sub = torch.from_numpy(x[where])
@@ -497,4 +504,5 @@ def band_sum_trimmed(
         term = (sub * keep).mul_(float(w[t]))
         total = term if total is None else total.add_(term)
     out.numpy()[where] = total.numpy()
-    return out, 0
+    # finite where both passes were (a non-finite first-pass result may have been replaced: then "not known")
+    return out, 0, not bad_out and bool(torch.isfinite(total).all())

@@ -55,6 +55,7 @@ from hf_cft.merging.baselines import (
     _blocks,
     _check_deltas,
     _check_fraction,
+    _counted,
     _elect_blocked,
     _f32,
     _finite_result,
@@ -329,7 +330,8 @@ def _model_stock_key(tensors: Sequence[Tensor], average: str) -> Tensor:
     flats = [t.reshape(-1) for t in tensors]
     if fused.applies(*flats):  # the Gram matrix, then the sum and its scaling in one pass
         ratio = _stock_ratio(fused.gram(flats), average)
-        return fused.sum_scaled(flats, len(tensors), ratio).view(tensors[0].shape)
+        merged, finite = fused.sum_scaled(flats, len(tensors), ratio)
+        return _counted(merged.view(tensors[0].shape), finite)
     gram, total = _gram(tensors, total=True)
     return total.div_(len(tensors)).mul_(_stock_ratio(gram, average))
 
@@ -477,7 +479,7 @@ def breadcrumbs_key(tensors: Sequence[Tensor], weights: Sequence[float], densiti
     n = flats[0].numel()
     start = int(gamma * n)
     if n >= fused.SELECT_MIN and fused.applies(*flats):  # one histogram pass per input, one summing pass
-        merged, bad = fused.band_sum_trimmed(flats, _breadcrumbs_bands(n, densities, gamma), weights)
+        merged, bad, _ = fused.band_sum_trimmed(flats, _breadcrumbs_bands(n, densities, gamma), weights)
         if bad:
             raise NonFiniteError(f"breadcrumbs: an input holds {bad} NaN/inf value(s).")
         return merged.view(tensors[0].shape)
@@ -784,10 +786,12 @@ def _breadcrumbs_kernel(deltas: list[Tensor], ctx) -> Tensor:
     flats = [d.reshape(-1) for d in raw]
     n = flats[0].numel()
     if n >= fused.SELECT_MIN and fused.applies(*flats):  # the histograms count NaN/inf: no other check
-        merged, bad = fused.band_sum_trimmed(flats, _breadcrumbs_bands(n, densities, ctx.options["gamma"]), ctx.weights)
+        bands = _breadcrumbs_bands(n, densities, ctx.options["gamma"])
+        merged, bad, finite = fused.band_sum_trimmed(flats, bands, ctx.weights)
         if bad:
             deltas.check_inputs()  # names the input
-        return merged.view(raw[0].shape)
+            raise NonFiniteError(f"An input's delta holds NaN/inf at key {ctx.key!r}.")
+        return _counted(merged.view(raw[0].shape), finite)
     for t, d in enumerate(raw):
         deltas.verify(t, d)
     return breadcrumbs_key(raw, ctx.weights, densities, ctx.options["gamma"])

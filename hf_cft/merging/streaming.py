@@ -469,19 +469,27 @@ def _merged_keys(method, inputs: Sequence[_Input], shapes: Mapping[str, tuple], 
         ctx = TensorContext(key, options, per_input, present, base, i, len(keys), state)
         deltas = _KeyDeltas(inputs, present, key, shapes[key], base, check=not method.nonfinite_propagates)
         merged = method.fn(deltas, ctx)
-        if method.nonfinite_propagates and isinstance(merged, torch.Tensor):
+        if method.nonfinite_propagates and isinstance(merged, torch.Tensor) and id(merged) not in _FINITE:
             from hf_cft.merging.deltas import all_finite
 
-            _FINITE.clear()
             if all_finite(merged):
-                _FINITE.add(id(merged))  # _check_merged need not read it again
+                mark_finite(merged)  # _check_merged need not read it again
             else:  # a non-finite input shows here: name it (else the options overflowed: _check_merged says so)
                 deltas.check_inputs()
         yield key, merged
 
 
-#: ids of the merged tensors of the key being merged that ``_merged_keys`` found finite (cleared per check)
-_FINITE: set[int] = set()
+#: the merged delta of the key being merged, by id, where it is known to be finite (cleared per check; the tensor is
+#: kept, so its id cannot be reused by another one meanwhile)
+_FINITE: dict[int, torch.Tensor] = {}
+
+
+def mark_finite(merged: torch.Tensor) -> torch.Tensor:
+    """Record that ``merged``, a method's result for the key being merged, is finite (its kernel counted it), so the
+    streaming merge does not read it again to check."""
+    _FINITE.clear()
+    _FINITE[id(merged)] = merged
+    return merged
 
 
 def _nonzero(t: torch.Tensor) -> bool:
