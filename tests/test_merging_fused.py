@@ -145,7 +145,7 @@ def test_compile_loads_every_kernel_on_numbas_own_thread_pool(monkeypatch):
     numba = pytest.importorskip("numba")
     from hf_cft.merging import _fused_kernels
 
-    names = ("ties_mean", "ties_mean_flagged", "band_sum", "band_sum_flagged", "consensus", "magmax", "row_sum_scaled",
+    names = ("ties_mean_flagged", "band_sum_flagged", "consensus", "magmax", "row_sum_scaled",
              "magnitude_histogram", "dare_ta")
     for layer, want in (("default", "workqueue"), ("omp", "workqueue"), ("tbb", "tbb"), ("workqueue", "workqueue")):
         monkeypatch.setattr(numba.config, "THREADING_LAYER", layer)

@@ -28,41 +28,12 @@ zero = f32(0.0)
 
 
 @_both
-def ties_mean(xs, thresholds, weights, scaled, out):
+def ties_mean_flagged(xs, thresholds, lows, weights, scaled, out, flags):
     """TIES (per-tensor trim, sign election, disjoint mean) of the inputs ``xs`` into ``out``: per entry, each input
     kept where |x| ≥ its threshold, +0.0 elsewhere, times its weight; σ = sign of the sum; the mean of the kept
-    entries whose sign is σ. (Written out, without calls or branches on rare cases: numba then vectorises the loop;
-    the tied positions are merged apart by the caller.)"""
-    n = out.size
-    t_count = len(xs)
-    for i in prange(n):
-        total = zero
-        for t in range(t_count):
-            x = xs[t][i]
-            v = x if abs(x) >= thresholds[t] else zero
-            if scaled:
-                v = v * weights[t]
-            total = v if t == 0 else total + v
-        elected = f32(1.0) if total > 0 else (f32(-1.0) if total < 0 else zero)
-        num = zero
-        count = 0
-        for t in range(t_count):
-            x = xs[t][i]
-            v = x if abs(x) >= thresholds[t] else zero
-            if scaled:
-                v = v * weights[t]
-            agree = v * elected > zero  # sign(v) = σ ≠ 0 (one product: σ is ±1 or 0)
-            term = v if agree else v * zero
-            num = term if t == 0 else num + term
-            if agree:
-                count += 1
-        out[i] = num / f32(max(count, 1))
-
-
-@_both
-def ties_mean_flagged(xs, thresholds, lows, weights, scaled, out, flags):
-    """:func:`ties_mean` with ``flags[i]`` True where some input's |x| lies in [lows[t], thresholds[t]) (the bucket of
-    its exact threshold: the caller merges those entries again); returns the count of NaN/inf results."""
+    entries whose sign is σ. ``flags[i]`` is True where some input's |x| lies in [lows[t], thresholds[t]) (the bucket
+    of its exact threshold: the caller merges those entries again; lows = thresholds flags nothing). Returns the count
+    of NaN/inf results. (Written out, without calls or branches on rare cases: numba then vectorises the loop.)"""
     n = out.size
     t_count = len(xs)
     bad = 0
@@ -98,26 +69,10 @@ def ties_mean_flagged(xs, thresholds, lows, weights, scaled, out, flags):
 
 
 @_both
-def band_sum(xs, lows, highs, weights, out):
-    """Breadcrumbs' Σ_t w_t·(m_t ⊙ τ_t) with m_t = lo_t ≤ |x| < hi_t (the tied positions are merged apart by the
-    caller)."""
-    n = out.size
-    t_count = len(xs)
-    for i in prange(n):
-        acc = zero
-        for t in range(t_count):
-            x = xs[t][i]
-            a = abs(x)
-            term = (x if ((a >= lows[t]) & (a < highs[t])) else x * zero) * weights[t]
-            acc = term if t == 0 else acc + term
-        out[i] = acc
-
-
-@_both
 def band_sum_flagged(xs, lows, highs, flag_lows, flag_highs, weights, out, flags):
-    """:func:`band_sum` with ``flags[i]`` True where some input's |x| lies in one of its two flag ranges
-    ``[flag_lows[t, e], flag_highs[t, e])`` (the buckets of its exact band edges: the caller sums those entries
-    again); returns the count of NaN/inf results."""
+    """Breadcrumbs' Σ_t w_t·(m_t ⊙ τ_t) with m_t = lows[t] ≤ |x| < highs[t]; ``flags[i]`` True where some input's |x|
+    lies in one of its two flag ranges ``[flag_lows[t, e], flag_highs[t, e])`` (the buckets of its exact band edges:
+    the caller sums those entries again; empty ranges flag nothing). Returns the count of NaN/inf results."""
     n = out.size
     t_count = len(xs)
     bad = 0

@@ -1255,17 +1255,12 @@ def _ties_tensor(deltas: list[Tensor], ctx) -> Tensor:
     model_scope = opts["trim_scope"] == "model"
     if not model_scope and opts["merge"] == "mean" and hasattr(deltas, "unchecked"):  # a streaming merge's key
         merged = _ties_chunked(deltas, ctx)
+        if merged is None:
+            raw = [deltas.unchecked(t) for t in range(len(deltas))]  # each input read once, checked below
+            merged = _ties_fused(raw, ctx)
+        if isinstance(merged, int):  # the histograms counted NaN/inf entries: name the input
+            deltas.raise_nonfinite()
         if merged is not None:
-            if isinstance(merged, int):  # the histograms counted NaN/inf entries: name the input
-                deltas.check_inputs()
-                raise NonFiniteError(f"An input's delta holds NaN/inf at key {ctx.key!r}.")  # (check_inputs names it)
-            return merged
-        raw = [deltas.unchecked(t) for t in range(len(deltas))]  # each input read once, checked below
-        merged = _ties_fused(raw, ctx)
-        if merged is not None:
-            if isinstance(merged, int):  # the histograms counted NaN/inf entries: name the input
-                deltas.check_inputs()
-                raise NonFiniteError(f"An input's delta holds NaN/inf at key {ctx.key!r}.")  # (check_inputs names it)
             return merged
         for t, d in enumerate(raw):
             deltas.verify(t, d)
@@ -1489,8 +1484,7 @@ def _magmax_tensor(deltas: list[Tensor], ctx) -> Tensor:
             weights = [ctx.inputs[t]["weight"] for t in present]
             merged, bad, finite = fused.magmax(flats, weights, ctx.options["tie_break"])
             if bad:
-                deltas.check_inputs()  # names the input
-                raise NonFiniteError(f"An input's delta holds NaN/inf at key {ctx.key!r}.")
+                deltas.raise_nonfinite()
             return _counted(merged.view(raw[0].shape), finite)
         for t, d in zip(present, raw):
             deltas.verify(t, d)

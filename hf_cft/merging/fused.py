@@ -95,9 +95,7 @@ def _compile() -> dict:
     from hf_cft.merging import _fused_kernels as kernels
 
     names = (
-        "ties_mean",
         "ties_mean_flagged",
-        "band_sum",
         "band_sum_flagged",
         "consensus",
         "magmax",
@@ -123,7 +121,7 @@ def ties_mean(
     w = np.array(weights, dtype=np.float32)
     scaled = any(x != 1.0 for x in weights)
     out = torch.empty(flats[0].numel())
-    _run("ties_mean", out.numel(), tuple(f.numpy() for f in flats), limits, w, scaled, out.numpy())
+    _ties_exact(np, tuple(f.numpy() for f in flats), limits, w, scaled, out.numpy())
     tied = [d for d in drops if d is not None and d.numel()]
     if tied:
         where = torch.unique(torch.cat(tied))
@@ -134,9 +132,15 @@ def ties_mean(
                 sub[torch.isin(where, d)] = 0.0  # dropped: +0.0, below the threshold
             subs.append(sub.numpy())
         part = torch.empty(where.numel())
-        _run("ties_mean", part.numel(), tuple(subs), limits, w, scaled, part.numpy())
+        _ties_exact(np, tuple(subs), limits, w, scaled, part.numpy())
         out[where] = part
     return out
+
+
+def _ties_exact(np, xs, thresholds, weights, scaled: bool, out) -> int:
+    """The TIES kernel with exact thresholds (no bucket flagged): the count of NaN/inf results."""
+    flags = np.empty(out.size, dtype=np.bool_)
+    return _run("ties_mean_flagged", out.size, xs, thresholds, thresholds, weights, scaled, out, flags)
 
 
 def band_sum(flats: Sequence[Tensor], bands: Sequence[tuple], weights: Sequence[float]) -> Tensor:
@@ -149,14 +153,18 @@ def band_sum(flats: Sequence[Tensor], bands: Sequence[tuple], weights: Sequence[
     out = torch.empty(flats[0].numel())
     lows = [b[0] for b in bands]
     highs = [b[1] for b in bands]
+    none = np.zeros((len(flats), 2), dtype=np.float32)  # empty flag ranges: the exact edges are given
     _run(
-        "band_sum",
+        "band_sum_flagged",
         out.numel(),
         tuple(f.numpy() for f in flats),
         np.array(lows, dtype=np.float32),
         np.array(highs, dtype=np.float32),
+        none,
+        none,
         np.array(weights, dtype=np.float32),
         out.numpy(),
+        np.empty(out.numel(), dtype=np.bool_),
     )
     groups = [equal for _, _, ties in bands for equal, _ in ties if equal.numel()]
     if groups:
@@ -416,7 +424,7 @@ def ties_trim_mean_ranges(
                     sub[tied[keeps[t] - greater :]] = 0.0  # dropped: +0.0, below the threshold
             subs.append(sub)
         part = np.empty(where.size, dtype=np.float32)
-        _run("ties_mean", part.size, tuple(subs), limits, w, scaled, part)
+        _ties_exact(np, tuple(subs), limits, w, scaled, part)
         out.numpy()[where] = part
         bad_out += int(not np.isfinite(part).all())  # (a non-finite first-pass result may be replaced: "not known")
     return out, 0, not bad_out

@@ -789,8 +789,7 @@ def _breadcrumbs_kernel(deltas: list[Tensor], ctx) -> Tensor:
         bands = _breadcrumbs_bands(n, densities, ctx.options["gamma"])
         merged, bad, finite = fused.band_sum_trimmed(flats, bands, ctx.weights)
         if bad:
-            deltas.check_inputs()  # names the input
-            raise NonFiniteError(f"An input's delta holds NaN/inf at key {ctx.key!r}.")
+            deltas.raise_nonfinite()
         return _counted(merged.view(raw[0].shape), finite)
     for t, d in enumerate(raw):
         deltas.verify(t, d)

@@ -37,7 +37,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -389,6 +389,11 @@ class _KeyDeltas(Sequence):
 
         if not all_finite(d):
             raise NonFiniteError(f"The delta of {self.inputs[t].description} holds NaN/inf at key {self.key!r}.")
+
+    def raise_nonfinite(self) -> NoReturn:
+        """Raise :class:`NonFiniteError` naming the first input whose delta holds NaN/inf (a kernel counted some)."""
+        self.check_inputs()
+        raise NonFiniteError(f"An input's delta holds NaN/inf at key {self.key!r}.")  # (check_inputs names it)
 
     def check_inputs(self) -> None:
         """Read every present input again and raise :class:`NonFiniteError` naming the first non-finite one."""
