@@ -66,12 +66,16 @@ def _run_dir(work: Path, order: str, seed: int) -> Path:
     return work / f"o{order}-s{seed}"
 
 
+def _check_data() -> None:
+    if not (REPO.parent / "shared" / "data").is_dir():
+        raise SystemExit(f"[fewshot] the datasets folder {REPO.parent / 'shared' / 'data'} is missing")
+
+
 def run(work: Path, seeds: list[int], orders: list[str], quick: bool) -> None:
     launcher = Path(sys.executable).with_name("accelerate")
     if not launcher.is_file():
         raise SystemExit(f"[fewshot] no accelerate launcher next to {sys.executable} (the project venv has one)")
-    if not (REPO.parent / "shared" / "data").is_dir():
-        raise SystemExit(f"[fewshot] the datasets folder {REPO.parent / 'shared' / 'data'} is missing")
+    _check_data()
     for seed in seeds:
         for order in orders:
             root = _run_dir(work, order, seed)

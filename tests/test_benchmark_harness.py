@@ -129,3 +129,49 @@ def test_fewshot_seed_tables_give_mean_and_sample_std_per_row():
     assert lines[0] == "# Few-shot MTIL-mini (5 shots per class), Order II, seeds 1, 2"
     assert "| ConDU FT (task id) | 42.0 ± 2.8 | -1.0 ± 0.0 | 43.0 ± 2.8 | 46.0 ± 1.4 | 41.0 ± 2.8 |" in lines
     assert "fewshot-order2-seed{s}.md" in lines[2]
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_fewshot_runs_launch_valid_recipe_commands_and_resume(monkeypatch, tmp_path, quick):
+    """benchmarks/fewshot_mtil.py run: four recipe launches per order and seed, each a command recipes/condu.py's own
+    parser accepts (5 shots, the seed as shot draw and base seed, the LoRA runs' lr, task-agnostic ConDU runs, quick:
+    20 steps and 100 test rows); a second call keeps every run that wrote its results.json."""
+    from tests_helpers import load_recipe
+
+    from hf_cft.continual import ContinualConfig
+    from hf_cft.recipe_utils import parse_recipe_args
+
+    fewshot = _load("fewshot_mtil")
+    recipe = load_recipe("condu")
+    launched = []
+
+    def fake_run(cmd, cwd, stdout, stderr):
+        launched.append(cmd)
+        out = Path(cmd[cmd.index("--output_dir") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text("{}")
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(fewshot.subprocess, "run", fake_run)
+    monkeypatch.setattr(fewshot, "_check_data", lambda: None)
+    fewshot.run(tmp_path, [2], ["II"], quick)
+    assert len(launched) == 4
+    parsed = []
+    for cmd in launched:
+        assert cmd[1:3] == ["launch", "--cpu"]
+        argv = cmd[[i for i, c in enumerate(cmd) if c.endswith("condu.py")][0] + 1 :]
+        args, config = parse_recipe_args(
+            recipe.ConDURecipeArguments, ContinualConfig, args=argv, defaults=recipe.RECIPE_DEFAULTS
+        )
+        parsed.append((args, config))
+        assert (args.shots, args.shot_seed, config.seed, args.order) == (5, 2, 2, "II")
+        assert args.max_test == (100 if quick else 500)
+        assert config.max_steps == (20 if quick else 200)
+        assert str(config.expert_cache).endswith("lora" if config.finetune == "lora" else "full")
+        assert config.learning_rate == (1e-3 if config.finetune == "lora" else 1e-4)
+    assert [args.strategy for args, _ in parsed] == [
+        ["zeroshot", "sequential", "wise", "independent", "condu"], ["condu"], ["independent", "condu"], ["condu"]
+    ]
+    assert [bool(args.task_agnostic) for args, _ in parsed] == [False, True, False, True]
+    fewshot.run(tmp_path, [2], ["II"], quick)  # resumed: nothing launched again
+    assert len(launched) == 4
