@@ -240,7 +240,7 @@ def test_radix_selection_is_exact_with_one_histogram_per_thread_of_a_four_core_m
 
 @pytest.mark.parametrize("chunks", [1, 3])
 def test_selection_counts_the_nan_and_inf_entries_on_one_core_and_in_chunks(monkeypatch, chunks):
-    """select_magnitudes counts the NaN/inf entries from the histogram's own buckets (no other pass), in one chunk
+    """The radix selection counts the NaN/inf entries from the histogram's own buckets (no other pass), in one chunk
     and in several; the ranks among the finite entries are still exact."""
     import numba
     import numpy as np
@@ -248,24 +248,24 @@ def test_selection_counts_the_nan_and_inf_entries_on_one_core_and_in_chunks(monk
     monkeypatch.setattr(numba, "get_num_threads", lambda: chunks)
     monkeypatch.setattr(fused, "SELECT_PARALLEL_MIN", 0 if chunks > 1 else 1 << 62)
     x = np.random.default_rng(3).standard_normal(50_000).astype(np.float32)
-    clean = fused.select_magnitudes(x, [10, 25_000])
-    assert clean.nonfinite == 0
+    found, nonfinite = fused._radix_select(np, x.view(np.uint32), [10, 25_000])
+    assert nonfinite == 0
     mags = np.sort(np.abs(x))[::-1]
-    assert [v for v, _, _ in clean.found] == [float(mags[9]), float(mags[24_999])]
+    assert [found[r][0] for r in (10, 25_000)] == [float(mags[9]), float(mags[24_999])]
     x[[5, 77, 40_000]] = [np.nan, np.inf, -np.inf]
-    dirty = fused.select_magnitudes(x, [10])
-    assert dirty.nonfinite == 3
+    found, nonfinite = fused._radix_select(np, x.view(np.uint32), [10])
+    assert nonfinite == 3
     finite = np.sort(np.abs(x[np.isfinite(x)]))[::-1]
-    assert dirty.found[0] == (float(finite[6]), 9, 1)  # the three non-finite entries order above every finite one
+    assert found[10] == (float(finite[6]), 9, 1)  # the three non-finite entries order above every finite one
 
 
 @pytest.fixture
 def trim_pass(monkeypatch):
-    """Every key (however small) through fused.ties_trim_mean, the one-histogram-pass TIES of streaming merges."""
+    """Every key (however small) through fused.ties_trim_mean_ranges, the one-histogram-pass TIES of streaming merges."""
     monkeypatch.setattr(fused, "SELECT_MIN", 0)
     calls = []
-    real = fused.ties_trim_mean
-    monkeypatch.setattr(fused, "ties_trim_mean", lambda *a: calls.append(len(a[0][0])) or real(*a))
+    real = fused.ties_trim_mean_ranges
+    monkeypatch.setattr(fused, "ties_trim_mean_ranges", lambda *a: calls.append(a[1]) or real(*a))
     return calls
 
 

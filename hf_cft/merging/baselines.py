@@ -1321,13 +1321,12 @@ def _ties_tensor(deltas: list[Tensor], ctx) -> Tensor:
 
 def _ties_chunked(deltas, ctx) -> Tensor | int | None:
     """TIES (per-tensor trim, mean) of a key of at least ``fused.CHUNK`` entries, reading one chunk of each input at
-    a time (:func:`~hf_cft.merging.fused.ties_trim_mean_ranges`): the merged delta, or the count of NaN/inf entries
-    the inputs hold; ``None`` where it does not apply (no numba, a smaller key, a GPU)."""
-    shape = deltas.shape
+    a time (:func:`_ties_one_pass` over ranges); ``None`` where it does not apply (no numba, a smaller key, an input
+    on a GPU or not fp32)."""
+    shape = tuple(deltas.shape)
     n = math.prod(shape)
     if n < max(fused.CHUNK, fused.SELECT_MIN) or not fused.available():
         return None
-
     buffers = [torch.empty(fused.CHUNK) for _ in range(len(deltas))]  # reused from chunk to chunk
 
     def read(t: int, start: int, stop: int) -> Tensor:
@@ -1336,12 +1335,10 @@ def _ties_chunked(deltas, ctx) -> Tensor | int | None:
             raise _NotFused
         return x
 
-    keeps = [max(1, int(inp["density"] * n)) for inp in ctx.inputs]
     try:
-        merged, bad, finite = fused.ties_trim_mean_ranges(read, n, keeps, [inp["weight"] for inp in ctx.inputs])
-    except _NotFused:  # an input on a GPU, or not fp32: the whole-tensor paths
+        return _ties_one_pass(read, shape, ctx)
+    except _NotFused:  # the whole-tensor paths
         return None
-    return bad if merged is None else _counted(merged.view(shape), finite)
 
 
 def _counted(merged: Tensor, finite: bool) -> Tensor:
@@ -1358,17 +1355,22 @@ class _NotFused(Exception):
 
 
 def _ties_fused(deltas: list[Tensor], ctx) -> Tensor | int | None:
-    """TIES (per-tensor trim, mean) in one histogram pass per input and one merge pass
-    (:func:`~hf_cft.merging.fused.ties_trim_mean`) where it applies (numba, contiguous fp32 CPU tensors of at least
-    ``fused.SELECT_MIN`` entries): the merged delta, or the count of NaN/inf entries the inputs hold; ``None``
-    elsewhere."""
+    """TIES (per-tensor trim, mean) of whole contiguous fp32 CPU tensors of at least ``fused.SELECT_MIN`` entries
+    (:func:`_ties_one_pass`); ``None`` elsewhere."""
     flats = [d.reshape(-1) for d in deltas]
-    n = flats[0].numel()
-    if n < fused.SELECT_MIN or not fused.applies(*flats):
+    if flats[0].numel() < fused.SELECT_MIN or not fused.applies(*flats):
         return None
+    return _ties_one_pass(lambda t, start, stop: flats[t][start:stop], tuple(deltas[0].shape), ctx)
+
+
+def _ties_one_pass(read, shape: tuple, ctx) -> Tensor | int:
+    """TIES in one histogram pass per input and one merge pass (:func:`~hf_cft.merging.fused.ties_trim_mean_ranges`,
+    ``read(t, start, stop)`` giving input t's flat entries): the merged delta (recorded as finite where the kernel
+    counted it so), or the count of NaN/inf entries the inputs hold."""
+    n = math.prod(shape)
     keeps = [max(1, int(inp["density"] * n)) for inp in ctx.inputs]
-    merged, bad, finite = fused.ties_trim_mean(flats, keeps, [inp["weight"] for inp in ctx.inputs])
-    return bad if merged is None else _counted(merged.view(deltas[0].shape), finite)
+    merged, bad, finite = fused.ties_trim_mean_ranges(read, n, keeps, [inp["weight"] for inp in ctx.inputs])
+    return bad if merged is None else _counted(merged.view(shape), finite)
 
 
 def _tensor_threshold(d: Tensor, density: float) -> tuple[float, Tensor | None]:

@@ -18,7 +18,6 @@ import math
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -263,45 +262,35 @@ def dare_ta(flats: Sequence[Tensor], stream, rhos: Sequence[float], weights: Seq
     return out
 
 
-class Selection(NamedTuple):
-    """:func:`select_magnitudes`' answer: per rank ``(value, greater, equal)``, and the count of NaN/inf entries."""
-
-    found: list[tuple[float, int, int]]
-    nonfinite: int
-
-
 def kth_largest_magnitudes(x, ranks: Sequence[int]) -> list[tuple[float, int, int]]:
     """For each ``r`` in ``ranks`` (1 ≤ r ≤ n) the r-th largest magnitude of the fp32 numpy array ``x`` with the
-    number of entries above it and equal to it, ``(value, greater, equal)``, exactly (:func:`select_magnitudes`)."""
-    return select_magnitudes(x, ranks).found
-
-
-def select_magnitudes(x, ranks: Sequence[int]) -> Selection:
-    """:func:`kth_largest_magnitudes` with the count of NaN/inf entries of ``x`` (free: they have buckets of their
-    own), by radix selection on every core: one pass counts the top 16 bits of each |x| (per chunk), a second collects
-    the entries of the bucket that holds each rank, and a selection among those few gives the value (numpy's
-    introselect of all n magnitudes costs several times more, from 2¹⁶ entries on)."""
-    kern = _kernels()
-    np = kern["np"]
+    number of entries above it and equal to it, ``(value, greater, equal)``, exactly, by radix selection
+    (:func:`_radix_select`; numpy's introselect of all n magnitudes costs several times more, from 2¹⁶ entries on)."""
+    np = _kernels()["np"]
     _threads()
-    bits = x.reshape(-1).view(np.uint32)
-    found, nonfinite = _radix_select(np, bits, kern["numba"].get_num_threads(), list(dict.fromkeys(ranks)))
-    return Selection([found[r] for r in ranks], nonfinite)
+    found, _ = _radix_select(np, x.reshape(-1).view(np.uint32), list(dict.fromkeys(ranks)))
+    return [found[r] for r in ranks]
 
 
 #: entries below this select on one core: on two cores, the histogram's threads cost more than they save below it
 SELECT_PARALLEL_MIN = 1 << 22
 
 
-def _histogram(np, bits, chunks: int):
-    """``(counts, per_chunk)``: the top-16-bit bucket counts of |x| (per chunk and summed), on one core below
-    :data:`SELECT_PARALLEL_MIN` entries."""
+def _run_chunked(name: str, chunks: int, *args):
+    """Run a kernel that splits its entries into ``chunks`` (one per thread): its one-core form for one chunk."""
+    kernel = _kernels()[name]
+    with _LOCK:
+        return (kernel.serial if chunks == 1 else kernel.parallel)(*args)
+
+
+def _histogram(np, bits):
+    """``(counts, per_chunk)``: the top-16-bit bucket counts of |x| (``bits``: the fp32 bit patterns), summed and per
+    chunk; one chunk per numba thread from :data:`SELECT_PARALLEL_MIN` entries, else one."""
     from hf_cft.merging._fused_kernels import BUCKETS
 
-    hist = np.zeros(chunks * BUCKETS, dtype=np.int64)  # one histogram per thread
-    kernel = _kernels()["magnitude_histogram"]
-    with _LOCK:
-        (kernel.serial if chunks == 1 else kernel.parallel)(bits, chunks, hist)
+    chunks = 1 if bits.size < SELECT_PARALLEL_MIN else _kernels()["numba"].get_num_threads()
+    hist = np.zeros(chunks * BUCKETS, dtype=np.int64)
+    _run_chunked("magnitude_histogram", chunks, bits, chunks, hist)
     per_chunk = hist.reshape(chunks, BUCKETS)
     return (hist if chunks == 1 else per_chunk.sum(axis=0)), per_chunk
 
@@ -310,22 +299,21 @@ def _nonfinite(counts) -> int:
     return int(counts[0x7F800000 >> 15 :].sum())  # the buckets of inf and NaN
 
 
-def _radix_select(np, bits, chunks: int, ranks: Sequence[int]) -> tuple[dict, int]:
-    """Radix selection (see :func:`select_magnitudes`) of every rank, with the count of NaN/inf entries."""
+def _radix_select(np, bits, ranks: Sequence[int]) -> tuple[dict, int]:
+    """Radix selection of every rank (its ``(value, greater, equal)``), with the count of NaN/inf entries (free: they
+    have buckets of their own): one pass counts the top 16 bits of each |x| (:func:`_histogram`), a second collects
+    the entries of the bucket that holds each rank, and a selection among those few gives the value."""
     from hf_cft.merging._fused_kernels import rank_bucket
 
-    if bits.size < SELECT_PARALLEL_MIN:
-        chunks = 1
-    counts, per_chunk = _histogram(np, bits, chunks)
+    counts, per_chunk = _histogram(np, bits)
+    chunks = per_chunk.shape[0]
     found = {}
     for r in ranks:
         bucket, higher = rank_bucket(counts, r)
         offsets = np.zeros(chunks, dtype=np.int64)
         offsets[1:] = np.cumsum(per_chunk[:-1, bucket])
         members = np.empty(int(counts[bucket]), dtype=np.uint32)
-        kernel = _kernels()["bucket_entries"]
-        with _LOCK:
-            (kernel.serial if chunks == 1 else kernel.parallel)(bits, chunks, np.uint32(bucket), offsets, members)
+        _run_chunked("bucket_entries", chunks, bits, chunks, np.uint32(bucket), offsets, members)
         found[r] = _rank_among(np, members, r - higher, higher)
     return found, _nonfinite(counts)
 
@@ -345,14 +333,6 @@ def _rank_among(np, members, inside: int, higher: int) -> tuple[float, int, int]
 CHUNK = 1 << 22
 
 
-def ties_trim_mean(
-    flats: Sequence[Tensor], keeps: Sequence[int], weights: Sequence[float]
-) -> tuple[Tensor | None, int, bool]:
-    """TIES with the per-tensor trim (``merge="mean"``) of flat fp32 inputs of at least :data:`SELECT_MIN` entries:
-    :func:`ties_trim_mean_ranges` over the whole tensors."""
-    return ties_trim_mean_ranges(lambda t, start, stop: flats[t][start:stop], flats[0].numel(), keeps, weights)
-
-
 def ties_trim_mean_ranges(
     read: Callable[[int, int, int], Tensor], n: int, keeps: Sequence[int], weights: Sequence[float]
 ) -> tuple[Tensor | None, int, bool]:
@@ -363,34 +343,32 @@ def ties_trim_mean_ranges(
 
     The same result, bit for bit, as :func:`~hf_cft.merging.baselines._trim_threshold` then :func:`ties_mean`, in one
     histogram pass per input and one merge pass, each over chunks of :data:`CHUNK` entries: each input's threshold is
-    first known only to its top-16-bit bucket (:func:`select_magnitudes` without the pass that collects the bucket);
+    first known only to its top-16-bit bucket (:func:`_radix_select` without the pass that collects the bucket);
     the merge keeps the entries above that bucket and flags the positions where some input's entry lies inside it (a
     few per mille of them), whose entries it keeps aside; those positions are merged again with the exact thresholds
     and ties, found among their own entries (every entry of a bucket is at a flagged position)."""
     from hf_cft.merging._fused_kernels import rank_bucket
 
-    k = _kernels()
-    np = k["np"]
+    np = _kernels()["np"]
     _threads()
     count = len(keeps)
     spans = [(a, min(n, a + CHUNK)) for a in range(0, n, CHUNK)] or [(0, 0)]
     lows = np.zeros(count, dtype=np.float32)
     highs = np.zeros(count, dtype=np.float32)  # [0, 0) flags nothing; |x| ≥ 0 keeps all
-    ranks: list[tuple[int, int] | None] = []
+    highers: list[int | None] = []  # per input: the count above its threshold's bucket (None: keeps all)
     bad = 0
-    chunks = 1 if min(n, CHUNK) < SELECT_PARALLEL_MIN else k["numba"].get_num_threads()
     for t in range(count):
         if keeps[t] >= n:
-            ranks.append(None)
+            highers.append(None)
             continue
         counts = None
         for a, b in spans:
-            part, _ = _histogram(np, read(t, a, b).numpy().view(np.uint32), chunks)
+            part, _ = _histogram(np, read(t, a, b).numpy().view(np.uint32))
             counts = part.copy() if counts is None else counts + part
         bad += _nonfinite(counts)
         bucket, higher = rank_bucket(counts, keeps[t])
         lows[t], highs[t] = _bucket_range(np, bucket)
-        ranks.append((keeps[t] - higher, higher))
+        highers.append(higher)
     if bad:
         return None, bad, False
     w = np.array(weights, dtype=np.float32)
@@ -412,15 +390,12 @@ def ties_trim_mean_ranges(
         subs = []
         for t in range(count):
             sub = np.concatenate(kept[t])
-            if ranks[t] is not None:
-                inside, higher = ranks[t]
+            if highers[t] is not None:
                 mags = np.abs(sub)
-                in_bucket = np.flatnonzero((mags >= lows[t]) & (mags < highs[t]))  # in position order
-                members = mags[in_bucket].view(np.uint32)
-                kth, greater, equal = _rank_among(np, members.copy(), inside, higher)
+                kth, greater, equal = _rank_in_bucket(np, mags, (lows[t], highs[t]), keeps[t], highers[t])
                 limits[t] = kth
                 if greater + equal > keeps[t] and kth != 0.0:  # ties at the threshold: the first ones by position
-                    tied = in_bucket[mags[in_bucket] == np.float32(kth)]
+                    tied = np.flatnonzero(mags == np.float32(kth))  # all at flagged positions, in position order
                     sub[tied[keeps[t] - greater :]] = 0.0  # dropped: +0.0, below the threshold
             subs.append(sub)
         part = np.empty(where.size, dtype=np.float32)
@@ -428,6 +403,14 @@ def ties_trim_mean_ranges(
         out.numpy()[where] = part
         bad_out += int(not np.isfinite(part).all())  # (a non-finite first-pass result may be replaced: "not known")
     return out, 0, not bad_out
+
+
+def _rank_in_bucket(np, mags, bounds: tuple, rank: int, higher: int) -> tuple[float, int, int]:
+    """``(value, greater, equal)`` of the ``rank``-th largest magnitude of a tensor, from ``mags``, the magnitudes at
+    its flagged positions (which hold every entry of the rank's bucket ``bounds`` = ``[low, high)``), ``higher``
+    entries lying above the bucket."""
+    members = mags[(mags >= bounds[0]) & (mags < bounds[1])].view(np.uint32).copy()
+    return _rank_among(np, members, rank - higher, higher)
 
 
 def _bucket_range(np, bucket: int) -> tuple:
@@ -449,8 +432,7 @@ def band_sum_trimmed(
     one of them; those positions are summed again with the exact edges and ties, found among their own entries."""
     from hf_cft.merging._fused_kernels import rank_bucket
 
-    k = _kernels()
-    np = k["np"]
+    np = _kernels()["np"]
     _threads()
     xs = [f.numpy() for f in flats]
     n = xs[0].size
@@ -461,10 +443,9 @@ def band_sum_trimmed(
     flag_highs = np.zeros((count, 2), dtype=np.float32)
     edges: list[list] = []  # per input: (edge index, rank, bucket's higher count) of each edge it has
     bad = 0
-    chunks = 1 if n < SELECT_PARALLEL_MIN else k["numba"].get_num_threads()
     for t, (x, (start, stop)) in enumerate(zip(xs, bands)):
         edges.append([])
-        counts, _ = _histogram(np, x.view(np.uint32), chunks)  # (also where no edge needs it: the NaN/inf count)
+        counts, _ = _histogram(np, x.view(np.uint32))  # (also where no edge needs it: the NaN/inf count)
         bad += _nonfinite(counts)
         if stop <= start:
             continue
@@ -497,8 +478,7 @@ def band_sum_trimmed(
         else:
             found = {}
             for e, rank, higher in edges[t]:
-                in_bucket = (mags >= flag_lows[t, e]) & (mags < flag_highs[t, e])
-                found[e] = _rank_among(np, mags[in_bucket].view(np.uint32).copy(), rank - higher, higher)
+                found[e] = _rank_in_bucket(np, mags, (flag_lows[t, e], flag_highs[t, e]), rank, higher)
             lo = found[0][0] if 0 in found else -math.inf
             hi = found[1][0] if 1 in found else math.inf
             keep = torch.from_numpy((mags >= np.float32(lo)) & (mags < np.float32(hi)))

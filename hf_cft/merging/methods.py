@@ -321,19 +321,20 @@ def model_stock(deltas: Sequence[Mapping[str, Tensor]], average: str = "cosine")
     check_choice(average, "average", MODEL_STOCK_AVERAGES, error=MergeConfigError)
     if len(deltas) < 2:
         raise TaskError(_ONE_MODEL.format(len(deltas)))
-    return {key: _model_stock_key([_f32(d[key]) for d in deltas], average) for key in deltas[0]}
+    return {key: _model_stock_key([_f32(d[key]) for d in deltas], average)[0] for key in deltas[0]}
 
 
-def _model_stock_key(tensors: Sequence[Tensor], average: str) -> Tensor:
-    """t·(Σ_t τ_t / T) for one key, the Gram matrix and the sum in one pass over the inputs."""
+def _model_stock_key(tensors: Sequence[Tensor], average: str) -> tuple[Tensor, bool]:
+    """t·(Σ_t τ_t / T) for one key, the Gram matrix and the sum in one pass over the inputs, with whether the result
+    is known to be finite (the fused pass counts it; ``False``: not known)."""
     tensors = list(tensors)  # each input read once
     flats = [t.reshape(-1) for t in tensors]
     if fused.applies(*flats):  # the Gram matrix, then the sum and its scaling in one pass
         ratio = _stock_ratio(fused.gram(flats), average)
         merged, finite = fused.sum_scaled(flats, len(tensors), ratio)
-        return _counted(merged.view(tensors[0].shape), finite)
+        return merged.view(tensors[0].shape), finite
     gram, total = _gram(tensors, total=True)
-    return total.div_(len(tensors)).mul_(_stock_ratio(gram, average))
+    return total.div_(len(tensors)).mul_(_stock_ratio(gram, average)), False
 
 
 # ------------------------------------------------------------------------------------------------ sparsification
@@ -478,8 +479,9 @@ def breadcrumbs_key(tensors: Sequence[Tensor], weights: Sequence[float], densiti
     flats = [v.reshape(-1) for v in tensors]
     n = flats[0].numel()
     start = int(gamma * n)
-    if n >= fused.SELECT_MIN and fused.applies(*flats):  # one histogram pass per input, one summing pass
-        merged, bad, _ = fused.band_sum_trimmed(flats, _breadcrumbs_bands(n, densities, gamma), weights)
+    one_pass = _breadcrumbs_one_pass(flats, densities, gamma, weights)
+    if one_pass is not None:
+        merged, bad, _ = one_pass
         if bad:
             raise NonFiniteError(f"breadcrumbs: an input holds {bad} NaN/inf value(s).")
         return merged.view(tensors[0].shape)
@@ -769,13 +771,19 @@ def _iso_cts_kernel(deltas: list[Tensor], ctx) -> Tensor:
 
 
 def _model_stock_kernel(deltas: list[Tensor], ctx) -> Tensor:
-    return _model_stock_key(deltas, ctx.options["average"])
+    return _counted(*_model_stock_key(deltas, ctx.options["average"]))
 
 
-def _breadcrumbs_bands(n: int, densities: Sequence[float], gamma: float) -> list[tuple[int, int]]:
-    """Each input's band of descending ranks ``[start, stop)``: the top γ·n dropped, the next density·n kept."""
+def _breadcrumbs_one_pass(flats: list[Tensor], densities: Sequence[float], gamma: float, weights: Sequence[float]):
+    """:func:`~hf_cft.merging.fused.band_sum_trimmed` (one histogram pass per input, one summing pass) where it applies
+    (numba, contiguous fp32 CPU tensors of at least ``fused.SELECT_MIN`` entries): ``(merged, NaN/inf input count,
+    whether the result is finite)``; ``None`` elsewhere. Each input's band of descending ranks is ``[start, stop)``:
+    the top γ·n dropped, the next density·n kept."""
+    n = flats[0].numel()
+    if n < fused.SELECT_MIN or not fused.applies(*flats):
+        return None
     start = int(gamma * n)
-    return [(start, min(n, start + int(density * n))) for density in densities]
+    return fused.band_sum_trimmed(flats, [(start, min(n, start + int(d * n))) for d in densities], weights)
 
 
 def _breadcrumbs_kernel(deltas: list[Tensor], ctx) -> Tensor:
@@ -783,11 +791,9 @@ def _breadcrumbs_kernel(deltas: list[Tensor], ctx) -> Tensor:
     if not hasattr(deltas, "unchecked"):
         return breadcrumbs_key(deltas, ctx.weights, densities, ctx.options["gamma"])
     raw = [deltas.unchecked(t) for t in range(len(deltas))]  # each input read once, checked below
-    flats = [d.reshape(-1) for d in raw]
-    n = flats[0].numel()
-    if n >= fused.SELECT_MIN and fused.applies(*flats):  # the histograms count NaN/inf: no other check
-        bands = _breadcrumbs_bands(n, densities, ctx.options["gamma"])
-        merged, bad, finite = fused.band_sum_trimmed(flats, bands, ctx.weights)
+    one_pass = _breadcrumbs_one_pass([d.reshape(-1) for d in raw], densities, ctx.options["gamma"], ctx.weights)
+    if one_pass is not None:  # the histograms count NaN/inf: no other check
+        merged, bad, finite = one_pass
         if bad:
             deltas.raise_nonfinite()
         return _counted(merged.view(raw[0].shape), finite)
