@@ -33,6 +33,8 @@ CASES = [
     ("magmax", {}),
     ("magmax", {"tie_break": "earlier", "weight": 0.3}),
     ("model_stock", {}),
+    ("della", {"density": 0.3}),
+    ("della", {"density": 0.4, "epsilon": 0.2, "rng": "counter", "rank_scope": "tensor", "weight": 0.7}),
 ]
 SHAPES = {"w": (96, 130), "b": (130,), "one": (1,)}
 
@@ -146,7 +148,7 @@ def test_compile_loads_every_kernel_on_numbas_own_thread_pool(monkeypatch):
     from hf_cft.merging import _fused_kernels
 
     names = ("ties_mean_flagged", "band_sum_flagged", "consensus", "magmax", "row_sum_scaled",
-             "magnitude_histogram", "dare_ta")
+             "magnitude_histogram", "dare_ta", "della_elect")
     for layer, want in (("default", "workqueue"), ("omp", "workqueue"), ("tbb", "tbb"), ("workqueue", "workqueue")):
         monkeypatch.setattr(numba.config, "THREADING_LAYER", layer)
         got = fused._compile()
@@ -297,7 +299,8 @@ def test_ties_in_one_histogram_pass_equals_the_exact_thresholds_bit_for_bit(
 
 @pytest.mark.parametrize("method,options", [("ties", {"density": 0.3}), ("breadcrumbs", {}),
                                             ("breadcrumbs", {"density": 1e-5, "gamma": 0.0}), ("magmax", {}),
-                                            ("magmax", {"tie_break": "earlier", "weight": 0.0})])
+                                            ("magmax", {"tie_break": "earlier", "weight": 0.0}),
+                                            ("della", {}), ("della", {"rng": "counter", "weight": 0.0})])
 @pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
 def test_one_histogram_pass_names_the_input_that_holds_nan(trim_pass, monkeypatch, method, options, bad):
     """The histograms (TIES, breadcrumbs) and MagMax's kernel count NaN/inf entries (the inputs are not read again to
@@ -443,6 +446,7 @@ def test_ties_in_chunks_reads_model_folders_by_range_and_names_a_nan(monkeypatch
         ("ties", {"density": 0.5}, [{"weight": 1e30}, {"weight": 1e30}]),
         ("breadcrumbs", {"density": 0.5}, [{"weight": 1e30}, {"weight": 1e30}]),
         ("model_stock", {}, None),
+        ("della", {"rng": "counter"}, [{"weight": 1e30}, {"weight": 1e30}]),
     ],
 )
 def test_kernels_that_count_their_results_still_refuse_an_overflow(monkeypatch, method, options, inputs):
@@ -460,7 +464,7 @@ def test_kernels_that_count_their_results_still_refuse_an_overflow(monkeypatch, 
     assert torch.isfinite(fine["w"]).all()
 
 
-@pytest.mark.parametrize("method", ["magmax", "ties", "breadcrumbs", "model_stock"])
+@pytest.mark.parametrize("method", ["magmax", "ties", "breadcrumbs", "model_stock", "della"])
 def test_a_counted_finite_merge_is_read_once(monkeypatch, method):
     """With the fused kernels counting NaN/inf in the inputs and results, a finite streaming merge makes no separate
     finite check at all (no extra pass over an input or the result)."""
@@ -472,3 +476,60 @@ def test_a_counted_finite_merge_is_read_once(monkeypatch, method):
     monkeypatch.setattr(deltas_module, "all_finite", lambda t: calls.append(t.shape) or real(t))
     merged = merge_deltas(_deltas(3, "randn", seed=8), method, {})
     assert calls == [] and all(torch.isfinite(v).all() for v in merged.values())
+
+
+def _della_rows(kind: str, g: torch.Generator) -> torch.Tensor:
+    """Rows that take each path of the fused DELLA ranking: spread magnitudes (bucket counts), a zero row and a row of
+    equal magnitudes (one crowded bucket: sorted), an outlier with the rest clustered (crowded too), subnormals."""
+    if kind == "ints":
+        return torch.randint(-3, 4, (50, 33), generator=g).float()
+    x = torch.randn(40, 100, generator=g)
+    if kind == "mixed":
+        x[5] = 0.0
+        x[6] = -2.5
+        x[7, :90] = 1e-3 * torch.randn(90, generator=g)
+        x[7, 90] = 1e3
+        x[8] *= 1e-41
+    return x
+
+
+@pytest.mark.parametrize("kind", ["randn", "ints", "mixed"])
+@pytest.mark.parametrize("rng", ["torch", "counter"])
+@pytest.mark.parametrize("rank_scope", ["row", "tensor"])
+@pytest.mark.parametrize("t", [1, 3])
+def test_fused_della_equals_the_reference_bit_for_bit(monkeypatch, kernel_form, kind, rng, rank_scope, t):
+    """The fused DELLA (ranks from bucket counts, the draws in the kernel, the election fused) gives the reference
+    MagPrune + election's result bit for bit, the sign of every zero included, with per-input weights and densities,
+    both streams and rank scopes, on every path of the ranking; shapes with one entry per row and one entry."""
+    from hf_cft.merging import methods
+
+    g = torch.Generator().manual_seed(t)
+    calls = []
+    real = fused.della
+    monkeypatch.setattr(fused, "della", lambda *a: calls.append(1) or real(*a))
+    for shape in [None, (300, 1), (7,), (1,), (1, 5)]:
+        tensors = [_della_rows(kind, g) if shape is None else torch.randn(shape, generator=g) for _ in range(t)]
+        weights = [0.6 + 0.2 * i for i in range(t)]
+        densities = [0.3 + 0.1 * i for i in range(t)]
+        calls.clear()
+        monkeypatch.setenv("HF_CFT_FUSED", "1")
+        got = methods.della_key("k", tensors, weights, densities, 0.1, 5, rank_scope, rng)
+        monkeypatch.setenv("HF_CFT_FUSED", "0")
+        reference = methods.della_key("k", tensors, weights, densities, 0.1, 5, rank_scope, rng)
+        assert calls == [1]
+        assert torch.equal(got.view(torch.int32), reference.view(torch.int32)), (shape, kind)
+
+
+def test_fused_della_ranks_a_row_of_many_buckets_on_every_core(monkeypatch):
+    """Rows longer than the bucket scan window, many rows split among the threads, T = 8 with weights of 1: the same
+    bits as the reference."""
+    from hf_cft.merging import methods
+
+    monkeypatch.setattr(fused, "PARALLEL_MIN", 0)
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(301, 1030, generator=g) * 10 ** float(i - 4) for i in range(8)]
+    monkeypatch.setenv("HF_CFT_FUSED", "1")
+    got = methods.della_key("key", tensors, [1.0] * 8, [0.2] * 8, 0.05, 0, "row", "counter")
+    monkeypatch.setenv("HF_CFT_FUSED", "0")
+    reference = methods.della_key("key", tensors, [1.0] * 8, [0.2] * 8, 0.05, 0, "row", "counter")
+    assert torch.equal(got.view(torch.int32), reference.view(torch.int32))

@@ -224,3 +224,179 @@ def dare_ta(xs, key, starts, thresholds, keeps, dropped, weights, scaled, out):
                 v = v * weights[t]
             total = v if t == 0 else total + v
         out[i] = total
+
+
+#: a row whose largest magnitude bucket holds more entries than this is ranked by a sort instead (a row of equal or
+#: clustered magnitudes: counting inside one bucket would cost its size squared)
+RANK_BUCKET_MAX = 48
+#: the slots of a bucket every rank count reads (buckets hold about two entries on average)
+SCAN = 4
+
+
+@njit(cache=True)
+def _counter_draw(key, c):
+    h = c * COUNTER_STEP + key
+    h = h ^ (h >> u64(30))
+    h = h * COUNTER_MIX0
+    h = h ^ (h >> u64(27))
+    h = h * COUNTER_MIX1
+    h = h ^ (h >> u64(31))
+    return h >> u64(40)
+
+
+@_both
+def della_elect(xs, rows, weights, scaled, drops, bases, eps, key, starts, draws, counter, out):
+    """DELLA on the inputs ``xs`` (each ``rows`` rows of n entries, flat) into ``out``: per row and input, v = x (times
+    its weight where ``scaled``), each entry's rank r by |v| in its row (ties by position), its keep probability
+    q = 1 − ((n−1−r)·ε / (n−1) + base) (fp32, the numpy MagPrune's operations; one entry: 1 − drop), kept where its
+    draw u·2⁻²⁴ < q (the counter stream's draw ``starts[t] + i`` where ``counter``, else ``draws[t, i]``), v/q kept and
+    v·0/q dropped; then TIES's election and disjoint mean over the inputs, as :func:`ties_mean_flagged`.
+
+    The ranks come from a bucket count: |v|·B/max|v| buckets (B ≥ n, monotone in |v|), their prefix sums, and for an
+    entry that may be kept (u below the largest q) the members of its bucket below it counted; a row with a crowded
+    bucket is sorted instead. Returns the count of rows with NaN/inf inputs plus NaN/inf results (their values are
+    not defined: the caller reruns the reference there)."""
+    t_count = len(xs)
+    n = out.size // rows
+    big = 16
+    while big < n:
+        big *= 2
+    chunks = min(rows, 256)
+    bad = 0
+    unit = f32(2.0**-24)
+    for c in prange(chunks):
+        ys = np.empty((t_count, n), dtype=np.float32)
+        mags = np.empty(n, dtype=np.float32)
+        bucket = np.empty(n, dtype=np.int32)
+        counts = np.empty(big, dtype=np.int32)
+        first = np.empty(big, dtype=np.int32)
+        order = np.zeros(n + SCAN, dtype=np.int32)
+        sorted_mags = np.full(n + SCAN, np.inf, dtype=np.float32)
+        ranks = np.empty(n, dtype=np.int32)
+        sort_keys = np.empty(n, dtype=np.int64)
+        uniforms = np.empty(n, dtype=np.float32)
+        candidates = np.empty(n, dtype=np.int32)
+        results = np.empty(n, dtype=np.float32)
+        mag_bits = mags.view(np.int32)
+        top_bits = np.empty(1, dtype=np.int32)
+        top_mag = top_bits.view(np.float32)
+        local_bad = 0
+        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
+            off = r * n
+            row_bad = False
+            for t in range(t_count):
+                x = xs[t]
+                y = ys[t]
+                w = weights[t]
+                row = x[off : off + n]
+                if scaled[t]:
+                    for i in range(n):
+                        y[i] = row[i] * w
+                else:
+                    for i in range(n):
+                        y[i] = row[i]
+                for i in range(n):
+                    mags[i] = abs(y[i])
+                top = np.int32(0)
+                for i in range(n):
+                    top = max(top, mag_bits[i])  # |v|'s bits order as |v| does, inf and NaN above every finite
+                if top >= np.int32(0x7F800000):
+                    row_bad = True
+                    continue
+                top_bits[0] = top
+                amax = top_mag[0]
+                # the largest q (r = n − 1: 0·ε/(n−1) + base = base exactly); q falls with the rank, op by op
+                q_max = f32(1.0) - (drops[t] if n == 1 else bases[t])
+                # buckets and their first positions
+                for b in range(big):
+                    counts[b] = 0
+                scale = np.float64(big) / np.float64(amax) if amax > zero else 0.0  # fp64: no overflow
+                crowded = 0
+                for i in range(n):
+                    b = np.int32(np.float64(mags[i]) * scale)
+                    if b >= big:
+                        b = big - 1
+                    bucket[i] = b
+                    counts[b] += 1
+                    crowded = max(crowded, counts[b])
+                sorted_row = crowded > RANK_BUCKET_MAX
+                if sorted_row:
+                    for i in range(n):
+                        sort_keys[i] = (np.int64(mag_bits[i]) << 32) | i
+                    sort_keys.sort()
+                    for q in range(n):
+                        ranks[sort_keys[q] & 0xFFFFFFFF] = q
+                else:
+                    total = 0
+                    for b in range(big):
+                        first[b] = total
+                        total += counts[b]
+                        counts[b] = first[b]
+                    for i in range(n):
+                        b = bucket[i]
+                        slot = counts[b]
+                        order[slot] = i
+                        sorted_mags[slot] = mags[i]
+                        counts[b] = slot + 1
+                # the draws as fp32 uniforms (a loop numba vectorises), then the entries that may be kept (u below
+                # the largest q) gathered without a branch; every entry is first dropped (v·0: the sign of zero kept)
+                for i in range(n):
+                    if counter:
+                        d = _counter_draw(key, starts[t] + u64(off + i))
+                    else:
+                        d = u64(draws[t, off + i])
+                    uniforms[i] = f32(d) * unit
+                kept = 0
+                for i in range(n):
+                    candidates[kept] = i
+                    kept += uniforms[i] < q_max
+                for k in range(kept):
+                    i = candidates[k]
+                    if n == 1:
+                        q = f32(1.0) - drops[t]
+                    else:
+                        if sorted_row:
+                            rank = ranks[i]
+                        else:
+                            # the members of i's bucket below it: a fixed window of SCAN slots from the bucket's
+                            # first (no branch; the slots past the bucket hold larger magnitudes, or +inf past the
+                            # row, and count nothing), then the rest of a larger bucket
+                            b = bucket[i]
+                            m = mags[i]
+                            lo = first[b]
+                            rank = lo
+                            for slot in range(lo, lo + SCAN):
+                                mj = sorted_mags[slot]
+                                rank += (mj < m) | ((mj == m) & (order[slot] < i))
+                            for slot in range(lo + SCAN, counts[b]):
+                                mj = sorted_mags[slot]
+                                rank += (mj < m) | ((mj == m) & (order[slot] < i))
+                        q = f32(1.0) - (f32(n - 1 - rank) * eps / f32(n - 1) + bases[t])
+                    v = y[i]
+                    results[k] = (v if uniforms[i] < q else v * zero) / q
+                for i in range(n):
+                    y[i] = y[i] * zero
+                for k in range(kept):
+                    y[candidates[k]] = results[k]
+            if row_bad:
+                local_bad += 1
+                continue
+            for i in range(n):
+                total = zero
+                for t in range(t_count):
+                    total = ys[t, i] if t == 0 else total + ys[t, i]
+                elected = f32(1.0) if total > 0 else (f32(-1.0) if total < 0 else zero)
+                num = zero
+                count = 0
+                for t in range(t_count):
+                    v = ys[t, i]
+                    agree = v * elected > zero
+                    term = v if agree else v * zero
+                    num = num + term  # from +0.0, as torch's sum over the stacked inputs
+                    if agree:
+                        count += 1
+                value = num / f32(max(count, 1))
+                out[off + i] = value
+                local_bad += value - value != zero
+        bad += local_bad
+    return bad

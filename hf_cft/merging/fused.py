@@ -102,6 +102,7 @@ def _compile() -> dict:
         "magnitude_histogram",
         "bucket_entries",
         "dare_ta",
+        "della_elect",
     )
     return {**{name: getattr(kernels, name) for name in names}, "numba": numba, "np": np}
 
@@ -260,6 +261,46 @@ def dare_ta(flats: Sequence[Tensor], stream, rhos: Sequence[float], weights: Seq
         out.numpy(),
     )
     return out
+
+
+def della(
+    flats: Sequence[Tensor], rows: int, stream, densities: Sequence[float], epsilon: float, weights: Sequence[float]
+) -> tuple[Tensor, int]:
+    """The fused form of DELLA on one key (MagPrune of each w_t·τ_t ranked within each of ``rows`` rows, then TIES's
+    election and disjoint mean): ``(merged, bad)``, ``bad`` > 0 where an input or the result holds NaN/inf (the merge
+    is then not defined: rerun the reference). ``stream``: a counter stream (the kernel computes its draws) or the CPU
+    generator's (its draws taken first); each input takes the next ``numel`` draws, in list order."""
+    from hf_cft.merging.baselines import _CounterStream
+
+    np = _kernels()["np"]
+    _threads()
+    t_count, n = len(flats), flats[0].numel()
+    counter = isinstance(stream, _CounterStream)
+    if counter:
+        starts = np.array([stream.skip(n) for _ in flats], dtype=np.uint64)
+        draws = np.zeros((0, 0), dtype=np.uint32)
+    else:
+        starts = np.zeros(t_count, dtype=np.uint64)
+        draws = stream._draws(t_count * n).reshape(t_count, n)
+    drops = [1.0 - d for d in densities]
+    out = torch.empty(n)
+    bad = _run(
+        "della_elect",
+        n if rows > 1 else 0,  # one row: one chunk, nothing to share out
+        tuple(f.numpy() for f in flats),
+        rows,
+        np.array(weights, dtype=np.float32),
+        np.array([w != 1.0 for w in weights]),
+        np.array(drops, dtype=np.float32),
+        np.array([p - epsilon / 2 for p in drops], dtype=np.float32),
+        np.float32(epsilon),
+        np.uint64(stream.key if counter else 0),
+        starts,
+        draws,
+        counter,
+        out.numpy(),
+    )
+    return out, int(bad)
 
 
 def kth_largest_magnitudes(x, ranks: Sequence[int]) -> list[tuple[float, int, int]]:

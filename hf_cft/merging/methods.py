@@ -607,7 +607,8 @@ def _magprune_numpy(tensor: Tensor, drop: float, epsilon: float, stream: _Stream
         keep += drop - epsilon / 2
     np.subtract(1.0, keep, out=keep)  # the keep probabilities 1 − p_i
     u = stream.uniform_numpy(x.size)
-    y = np.multiply(x, np.less(u, keep))
+    with np.errstate(invalid="ignore"):  # inf·0 = NaN where an input overflowed: the merge's checks name it
+        y = np.multiply(x, np.less(u, keep))
     y /= keep
     return torch.from_numpy(y).view(tensor.shape)
 
@@ -667,11 +668,36 @@ def della_key(
 ) -> Tensor:
     """One key of :func:`della` (unscaled): MagPrune each w_t·τ_t with its density (one generator seeded from
     (seed, key), tasks in order), then TIES's election and disjoint mean."""
+    fast = _della_fused(key, tensors, weights, densities, epsilon, seed, rank_scope, rng)
+    if fast is not None and not fast[1]:
+        return fast[0]
     gen = _mask_source(seed, key, tensors[0].device, rng)  # on the CPU a stream drawn by numpy
     pruned = [
         magprune(w * t if w != 1.0 else t, d, epsilon, gen, rank_scope) for t, w, d in zip(tensors, weights, densities)
     ]
     return _elect_blocked(pruned)
+
+
+def _della_fused(
+    key: str,
+    tensors: Sequence[Tensor],
+    weights: Sequence[float],
+    densities: Sequence[float],
+    epsilon: float,
+    seed: int,
+    rank_scope: str,
+    rng: str,
+) -> tuple[Tensor, int] | None:
+    """:func:`della_key` by the fused kernel (:func:`~hf_cft.merging.fused.della`, bit for bit the same masks and
+    result) where it applies (fp32 CPU tensors, numba): ``(merged, bad)``, ``bad`` > 0 where an input or the result
+    holds NaN/inf (the result is then not defined); ``None`` where the kernel does not apply."""
+    flats = [t.reshape(-1) for t in tensors]
+    if not (flats[0].numel() and fused.applies(*flats)):
+        return None
+    rows = tensors[0].shape[0] if (rank_scope == "row" and tensors[0].ndim >= 2) else 1
+    gen = _mask_source(seed, key, tensors[0].device, rng)
+    merged, bad = fused.della(flats, rows, gen, densities, epsilon, weights)
+    return merged.view(tensors[0].shape), bad
 
 
 # ------------------------------------------------------------------------------------------------ SLERP
@@ -813,9 +839,20 @@ def _breadcrumbs_check(options: dict, inputs: list[dict], where: str) -> None:
 def _della_kernel(deltas: list[Tensor], ctx) -> Tensor:
     opts = ctx.options
     densities = [inp["density"] for inp in ctx.inputs]
-    return della_key(
-        ctx.key, deltas, ctx.weights, densities, opts["epsilon"], opts["seed"], opts["rank_scope"], opts["rng"]
-    )
+    args = (ctx.weights, densities, opts["epsilon"], opts["seed"], opts["rank_scope"], opts["rng"])
+    if hasattr(deltas, "unchecked"):
+        raw = [deltas.unchecked(t) for t in range(len(deltas))]  # each input read once, checked below
+        fast = _della_fused(ctx.key, raw, *args)
+        if fast is not None:  # the kernel counts NaN/inf inputs and results: no other check where there is none
+            merged, bad = fast
+            if not bad:
+                return _counted(merged, True)
+            deltas.check_inputs()  # names a non-finite input; else the weights overflowed: the reference shows it
+        else:
+            for t, d in enumerate(raw):
+                deltas.verify(t, d)
+        deltas = raw
+    return della_key(ctx.key, deltas, *args)
 
 
 def _della_check(options: dict, inputs: list[dict], where: str) -> None:
