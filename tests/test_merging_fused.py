@@ -21,6 +21,7 @@ def kernel_form(request, monkeypatch):
     """Each kernel is compiled twice (one core for small inputs, every core above fused.PARALLEL_MIN): both run."""
     monkeypatch.setattr(fused, "PARALLEL_MIN", 0 if request.param == "every core" else 1 << 62)
     monkeypatch.setattr(fused, "SELECT_PARALLEL_MIN", 0 if request.param == "every core" else 1 << 62)
+    monkeypatch.setattr(fused, "DELLA_PARALLEL_MIN", 0 if request.param == "every core" else 1 << 62)
     return request.param
 
 
@@ -147,7 +148,7 @@ def test_compile_loads_every_kernel_on_numbas_own_thread_pool(monkeypatch):
     numba = pytest.importorskip("numba")
     from hf_cft.merging import _fused_kernels
 
-    names = ("ties_mean_flagged", "band_sum_flagged", "consensus", "magmax", "row_sum_scaled",
+    names = ("ties_mean_flagged", "band_sum_flagged", "consensus", "magmax", "gram_sum", "scale_in_place",
              "magnitude_histogram", "dare_ta", "della_elect")
     for layer, want in (("default", "workqueue"), ("omp", "workqueue"), ("tbb", "tbb"), ("workqueue", "workqueue")):
         monkeypatch.setattr(numba.config, "THREADING_LAYER", layer)
@@ -525,7 +526,7 @@ def test_fused_della_ranks_a_row_of_many_buckets_on_every_core(monkeypatch):
     bits as the reference."""
     from hf_cft.merging import methods
 
-    monkeypatch.setattr(fused, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(fused, "DELLA_PARALLEL_MIN", 0)
     g = torch.Generator().manual_seed(3)
     tensors = [torch.randn(301, 1030, generator=g) * 10 ** float(i - 4) for i in range(8)]
     monkeypatch.setenv("HF_CFT_FUSED", "1")

@@ -131,17 +131,51 @@ def magmax(xs, weights, scaled, later, out):
     return bad, bad_out
 
 
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def _dot64(a, b):
+    """Σ_i a_i·b_i of two fp32 arrays, each product exact in fp64, summed in fp64 in any order (vectorised)."""
+    acc = 0.0
+    for i in range(a.size):
+        acc += np.float64(a[i]) * np.float64(b[i])
+    return acc
+
+
+#: the entries of one block of :func:`gram_sum` (T blocks of it stay in the core's cache for the T(T+1)/2 products)
+GRAM_BLOCK = 4096
+
+
 @_both
-def row_sum_scaled(xs, divisor, factor, out):
-    """(Σ_t τ_t in list order) / divisor · factor (fp32), in one pass; returns the count of NaN/inf results."""
+def gram_sum(xs, grams, out):
+    """In one pass over the inputs, block by block: ``out`` = Σ_t x_t (fp32, in list order)
+    and block b's Gram matrix ⟨x_a, x_b⟩ (fp64, :func:`_dot64`) into ``grams[b]`` (the caller sums the blocks)."""
     n = out.size
     t_count = len(xs)
-    bad = 0
-    for i in prange(n):
-        total = xs[0][i]
+    for blk in prange(grams.shape[0]):
+        lo = blk * GRAM_BLOCK
+        hi = min(n, lo + GRAM_BLOCK)
+        first = xs[0][lo:hi]
+        part = out[lo:hi]
+        for i in range(hi - lo):
+            part[i] = first[i]
         for t in range(1, t_count):
-            total = total + xs[t][i]
-        value = total / divisor * factor
+            x = xs[t][lo:hi]
+            for i in range(hi - lo):
+                part[i] = part[i] + x[i]
+        for a in range(t_count):
+            xa = xs[a][lo:hi]
+            for b in range(a, t_count):
+                g = _dot64(xa, xs[b][lo:hi])
+                grams[blk, a, b] = g
+                grams[blk, b, a] = g
+
+
+@_both
+def scale_in_place(out, divisor, factor):
+    """``out`` = out / divisor · factor (fp32: the torch kernels' division, then product); returns the count of
+    NaN/inf results."""
+    bad = 0
+    for i in prange(out.size):
+        value = out[i] / divisor * factor
         out[i] = value
         bad += value - value != zero
     return bad

@@ -65,13 +65,20 @@ def _kernels() -> dict | None:
 PARALLEL_MIN = 1 << 21
 
 
-def _run(name: str, n: int, *args) -> None:
-    """Run one kernel on ``n`` entries, one call at a time in the process: numba's workqueue pool (see
-    :func:`_compile`) aborts when two threads enter it together, so callers in several threads wait for each other
-    here."""
+def _run(name: str, n: int, *args, parallel_min: int | None = None) -> None:
+    """Run one kernel on ``n`` entries (its every-core form from ``parallel_min`` entries, :data:`PARALLEL_MIN` by
+    default), one call at a time in the process: numba's workqueue pool (see :func:`_compile`) aborts when two
+    threads enter it together, so callers in several threads wait for each other here."""
     kernel = _kernels()[name]
     with _LOCK:
-        return (kernel.parallel if n >= PARALLEL_MIN else kernel.serial)(*args)
+        return (kernel.parallel if n >= (PARALLEL_MIN if parallel_min is None else parallel_min) else kernel.serial)(
+            *args
+        )
+
+
+#: DELLA's kernel does some 20 times the work per entry of the others (ranks, draws, election): every core pays off
+#: from far fewer entries
+DELLA_PARALLEL_MIN = 1 << 16
 
 
 def _threads() -> None:
@@ -98,11 +105,12 @@ def _compile() -> dict:
         "band_sum_flagged",
         "consensus",
         "magmax",
-        "row_sum_scaled",
         "magnitude_histogram",
         "bucket_entries",
         "dare_ta",
         "della_elect",
+        "gram_sum",
+        "scale_in_place",
     )
     return {**{name: getattr(kernels, name) for name in names}, "numba": numba, "np": np}
 
@@ -208,29 +216,25 @@ def magmax(flats: Sequence[Tensor], weights: Sequence[float], tie_break: str) ->
     return out, int(bad), not bad_out
 
 
-def gram(flats: Sequence[Tensor]):
-    """The T×T Gram matrix ⟨τ_a, τ_b⟩ (BLAS fp32 dot products, as fp64)."""
-    import numpy as np
+def gram_sum(flats: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(gram, total)`` in one pass over the inputs: the T×T Gram matrix ⟨τ_a, τ_b⟩ (fp64 sums of exact products,
+    per block, the blocks summed in order) and Σ_t τ_t (fp32, list order), to scale with :func:`scale_in_place`."""
+    from hf_cft.merging._fused_kernels import GRAM_BLOCK
 
-    t_count = len(flats)
-    out = np.zeros((t_count, t_count))
-    for a in range(t_count):
-        for b in range(a, t_count):
-            out[a, b] = out[b, a] = float(torch.dot(flats[a], flats[b]))
-    return torch.from_numpy(out)
-
-
-def sum_scaled(flats: Sequence[Tensor], divisor: int, factor: float) -> tuple[Tensor, bool]:
-    """(Σ_t τ_t) / divisor · factor in one pass: fp32, the sum in list order, then the division and the product (the
-    torch kernels' operations); with whether the result is finite."""
     np = _kernels()["np"]
     _threads()
-    out = torch.empty(flats[0].numel())
-    bad = _run(
-        "row_sum_scaled", out.numel(), tuple(f.numpy() for f in flats), np.float32(divisor), np.float32(factor),
-        out.numpy(),
-    )
-    return out, not bad
+    t_count, n = len(flats), flats[0].numel()
+    grams = np.empty((-(-n // GRAM_BLOCK), t_count, t_count))
+    out = torch.empty(n)
+    _run("gram_sum", n, tuple(f.numpy() for f in flats), grams, out.numpy())
+    return torch.from_numpy(grams.sum(axis=0)), out
+
+
+def scale_in_place(out: Tensor, divisor: int, factor: float) -> bool:
+    """``out`` = out / divisor · factor in fp32, in place (the torch kernels' operations): whether it is finite."""
+    np = _kernels()["np"]
+    _threads()
+    return not _run("scale_in_place", out.numel(), out.numpy(), np.float32(divisor), np.float32(factor))
 
 
 def dare_ta(flats: Sequence[Tensor], stream, rhos: Sequence[float], weights: Sequence[float]) -> Tensor:
@@ -286,7 +290,7 @@ def della(
     out = torch.empty(n)
     bad = _run(
         "della_elect",
-        n if rows > 1 else 0,  # one row: one chunk, nothing to share out
+        t_count * n if rows > 1 else 0,  # one row: one chunk, nothing to share out
         tuple(f.numpy() for f in flats),
         rows,
         np.array(weights, dtype=np.float32),
@@ -299,6 +303,7 @@ def della(
         draws,
         counter,
         out.numpy(),
+        parallel_min=DELLA_PARALLEL_MIN,
     )
     return out, int(bad)
 

@@ -329,9 +329,9 @@ def _model_stock_key(tensors: Sequence[Tensor], average: str) -> tuple[Tensor, b
     is known to be finite (the fused pass counts it; ``False``: not known)."""
     tensors = list(tensors)  # each input read once
     flats = [t.reshape(-1) for t in tensors]
-    if fused.applies(*flats):  # the Gram matrix, then the sum and its scaling in one pass
-        ratio = _stock_ratio(fused.gram(flats), average)
-        merged, finite = fused.sum_scaled(flats, len(tensors), ratio)
+    if fused.applies(*flats):  # the Gram matrix and the sum in one pass, then the sum scaled in place
+        gram, merged = fused.gram_sum(flats)
+        finite = fused.scale_in_place(merged, len(tensors), _stock_ratio(gram, average))
         return merged.view(tensors[0].shape), finite
     gram, total = _gram(tensors, total=True)
     return total.div_(len(tensors)).mul_(_stock_ratio(gram, average)), False
