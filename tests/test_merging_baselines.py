@@ -8,6 +8,7 @@ import torch
 from peft.utils import merge_utils
 
 from hf_cft.errors import DeltaError, NonFiniteError, TaskError
+from hf_cft.merging import fused
 from hf_cft.merging.baselines import (
     ContinualTaskArithmetic,
     ContinualTIES,
@@ -666,15 +667,20 @@ def test_trim_top_k_of_a_half_precision_tensor_keeps_what_fp32_keeps(dtype):
     torch.testing.assert_close(got.float(), trim_top_k(x.float(), 0.2), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fused_draws", ["0", "1"])
 @pytest.mark.parametrize("seed", [0, 7, 2**32 + 5])
-def test_the_numpy_bernoulli_stream_is_torchs_cpu_stream_bit_for_bit(seed):
+def test_the_numpy_bernoulli_stream_is_torchs_cpu_stream_bit_for_bit(monkeypatch, seed, fused_draws):
     """_BernoulliStream(seed) draws what torch.bernoulli draws from a CPU generator seeded with ``seed`` (its low 32
-    bits, as torch keeps them): masks over consecutive calls and uniforms; _draw_mask gives the same mask from either
-    source."""
+    bits, as torch keeps them): masks over consecutive calls (within one block of MT19937's 624 words, across
+    several, ending on a block's edge) and uniforms; _draw_mask gives the same mask from either source. Both the
+    fused MT19937 (numba) and numpy's draw them."""
     from hf_cft.merging.baselines import _BernoulliStream, _draw_mask
 
+    if fused_draws == "1" and not fused.available():
+        pytest.skip("numba is not installed (optional: pip install 'hf-cft[fast]')")
+    monkeypatch.setenv("HF_CFT_FUSED", fused_draws)
     stream, gen = _BernoulliStream(seed), torch.Generator().manual_seed(seed)
-    for n, keep in ((7, 0.3), (1000, 0.9), (33, 0.5)):
+    for n, keep in ((7, 0.3), (1000, 0.9), (33, 0.5), (5000, 0.4), (200, 0.5), (1, 0.8)):  # 6240 = 10·624
         want = torch.bernoulli(torch.full((n,), keep), generator=gen).bool()
         assert torch.equal(stream.mask(n, keep), want)
     like = torch.zeros(4, 25)

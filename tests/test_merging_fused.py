@@ -35,6 +35,8 @@ CASES = [
     ("magmax", {"tie_break": "earlier", "weight": 0.3}),
     ("model_stock", {}),
     ("della", {"density": 0.3}),
+    ("dare", {"density": 0.3}),
+    ("dare", {"density": 0.6, "weight": 0.7, "then": "ties"}),
     ("della", {"density": 0.4, "epsilon": 0.2, "rng": "counter", "rank_scope": "tensor", "weight": 0.7}),
 ]
 SHAPES = {"w": (96, 130), "b": (130,), "one": (1,)}
@@ -149,7 +151,7 @@ def test_compile_loads_every_kernel_on_numbas_own_thread_pool(monkeypatch):
     from hf_cft.merging import _fused_kernels
 
     names = ("ties_mean_flagged", "band_sum_flagged", "consensus", "magmax", "gram_sum", "scale_in_place",
-             "magnitude_histogram", "dare_ta", "della_elect")
+             "magnitude_histogram", "dare_ta", "della_elect", "mt19937_low24", "dare_add")
     for layer, want in (("default", "workqueue"), ("omp", "workqueue"), ("tbb", "tbb"), ("workqueue", "workqueue")):
         monkeypatch.setattr(numba.config, "THREADING_LAYER", layer)
         got = fused._compile()
@@ -534,3 +536,24 @@ def test_fused_della_ranks_a_row_of_many_buckets_on_every_core(monkeypatch):
     monkeypatch.setenv("HF_CFT_FUSED", "0")
     reference = methods.della_key("key", tensors, [1.0] * 8, [0.2] * 8, 0.05, 0, "row", "counter")
     assert torch.equal(got.view(torch.int32), reference.view(torch.int32))
+
+
+@pytest.mark.parametrize("rng", ["torch", "counter"])
+def test_fused_dare_takes_each_inputs_draws_in_order(monkeypatch, kernel_form, rng):
+    """DARE + task arithmetic fused (the CPU generator's draws by the fused MT19937, one pass per input; or the counter
+    stream in one pass): bit for bit the blocked torch kernels with numpy's draws, with per-input densities and
+    weights, an input kept whole (density 1: it takes no draws) between dropped ones."""
+    g = torch.Generator().manual_seed(5)
+    deltas = [{"w": torch.randn(70, 90, generator=g), "b": torch.randn(333, generator=g)} for _ in range(4)]
+    inputs = [{"density": 0.3, "weight": 0.5}, {"density": 1.0, "weight": 1.0}, {"density": 0.6, "weight": 1.0},
+              {"density": 0.1, "weight": -2.0}]
+    calls = []
+    real = fused.dare_ta
+    monkeypatch.setattr(fused, "dare_ta", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("HF_CFT_FUSED", "1")
+    got = merge_deltas(deltas, "dare", {"rng": rng, "seed": 4}, inputs=[dict(i) for i in inputs])
+    monkeypatch.setenv("HF_CFT_FUSED", "0")
+    reference = merge_deltas(deltas, "dare", {"rng": rng, "seed": 4}, inputs=[dict(i) for i in inputs])
+    assert len(calls) == 2
+    for key in reference:
+        assert torch.equal(got[key].view(torch.int32), reference[key].view(torch.int32)), key

@@ -260,6 +260,70 @@ def dare_ta(xs, key, starts, thresholds, keeps, dropped, weights, scaled, out):
         out[i] = total
 
 
+u32 = np.uint32
+MT_N, MT_M = 624, 397
+MT_UPPER, MT_LOWER, MT_MATRIX = u32(0x80000000), u32(0x7FFFFFFF), u32(0x9908B0DF)
+
+
+@njit(cache=True)
+def _mt_twist(key):
+    """MT19937's next 624 state words, in place (Matsumoto & Nishimura 1998), in the three runs that read no word
+    the same run writes later (each vectorised)."""
+    for k in range(MT_N - MT_M):
+        y = (key[k] & MT_UPPER) | (key[k + 1] & MT_LOWER)
+        key[k] = key[k + MT_M] ^ (y >> u32(1)) ^ ((y & u32(1)) * MT_MATRIX)
+    for k in range(MT_N - MT_M, MT_N - 1):
+        y = (key[k] & MT_UPPER) | (key[k + 1] & MT_LOWER)
+        key[k] = key[k + MT_M - MT_N] ^ (y >> u32(1)) ^ ((y & u32(1)) * MT_MATRIX)
+    y = (key[MT_N - 1] & MT_UPPER) | (key[0] & MT_LOWER)
+    key[MT_N - 1] = key[MT_M - 1] ^ (y >> u32(1)) ^ ((y & u32(1)) * MT_MATRIX)
+
+
+@njit(cache=True)
+def _mt_temper_low24(words, out):
+    """MT19937's tempered outputs of ``words``, their low 24 bits (torch's Bernoulli draw) into ``out``."""
+    for k in range(words.size):
+        y = words[k]
+        y ^= y >> u32(11)
+        y ^= (y << u32(7)) & u32(0x9D2C5680)
+        y ^= (y << u32(15)) & u32(0xEFC60000)
+        y ^= y >> u32(18)
+        out[k] = y & u32(0xFFFFFF)
+
+
+@njit(cache=True)
+def mt19937_low24(key, pos, out):
+    """The next ``out.size`` 32-bit outputs of the MT19937 state (``key``: its 624 words, ``pos[0]``: the next word
+    to temper; both advanced in place, numpy's ``MT19937`` state layout), each kept to its low 24 bits."""
+    p = pos[0]
+    i = 0
+    n = out.size
+    while i < n:
+        if p >= MT_N:
+            _mt_twist(key)
+            p = 0
+        m = min(MT_N - p, n - i)
+        _mt_temper_low24(key[p : p + m], out[i : i + m])
+        i += m
+        p += m
+    pos[0] = p
+
+
+@_both
+def dare_add(x, dropped, draws, threshold, keep, weight, scaled, first, out):
+    """One input of DARE + task arithmetic with given draws (the CPU generator's stream): where ``dropped``, x where
+    its draw is below ``threshold`` (x·0 elsewhere) divided by ``keep`` (else x whole), times ``weight`` where
+    ``scaled``, written to ``out`` where ``first``, else added to it: :func:`dare_ta`'s operations for one input."""
+    for i in prange(out.size):
+        v = x[i]
+        if dropped:
+            v = v if u64(draws[i]) < threshold else v * zero
+            v = v / keep
+        if scaled:
+            v = v * weight
+        out[i] = v if first else out[i] + v
+
+
 #: a row whose largest magnitude bucket holds more entries than this is ranked by a sort instead (a row of equal or
 #: clustered magnitudes: counting inside one bucket would cost its size squared)
 RANK_BUCKET_MAX = 48

@@ -353,14 +353,30 @@ class _BernoulliStream(_Stream):
         import numpy as np
 
         _, key, pos, *_ = np.random.RandomState(int(seed) & 0xFFFFFFFF).get_state()  # torch seeds with the low 32 bits
-        bits = np.random.MT19937()
-        bits.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": pos}}
-        self._gen = np.random.Generator(bits)  # integers over the full uint32 range are the raw 32-bit outputs
+        self._key = np.ascontiguousarray(key, dtype=np.uint32)
+        self._pos = np.array([pos], dtype=np.int64)
         self._np = np
 
     def _draws(self, n: int):
-        u = self._gen.integers(0, 1 << 32, size=n, dtype=self._np.uint32)
-        return self._np.bitwise_and(u, 0xFFFFFF, out=u)
+        out = self._np.empty(n, dtype=self._np.uint32)
+        self.draws_into(out)
+        return out
+
+    def draws_into(self, out) -> None:
+        """The next ``out.size`` draws into the uint32 array ``out``: by the fused kernel where numba is available
+        (:func:`~hf_cft.merging.fused.mt19937_low24`), else by numpy's MT19937 (the same stream, bit for bit)."""
+        np = self._np
+        if fused.available():
+            fused.mt19937_low24(self._key, self._pos, out)
+            return
+        bits = np.random.MT19937()
+        bits.state = {"bit_generator": "MT19937", "state": {"key": self._key, "pos": int(self._pos[0])}}
+        # integers over the full uint32 range are the raw 32-bit outputs
+        out[:] = np.random.Generator(bits).integers(0, 1 << 32, size=out.size, dtype=np.uint32)
+        out &= np.uint32(0xFFFFFF)
+        state = bits.state["state"]
+        self._key[:] = state["key"]
+        self._pos[0] = state["pos"]
 
 
 #: SplitMix64's increment (the 64-bit golden ratio) and finaliser multipliers (Steele, Lea, Flood 2014)
@@ -1418,9 +1434,9 @@ def _dare_tensor(deltas: list[Tensor], ctx) -> Tensor:
     n = first.numel()
     rng = ctx.options["rng"]
     source = None if all(r == 0.0 for r in rhos) else _stream(rng, _key_seed(ctx.options["seed"], ctx.key))
-    if source is not None and rng == "counter" and ctx.options["then"] == "ta":
+    if source is not None and ctx.options["then"] == "ta":
         flats = [(first if t == 0 else deltas[t]).reshape(-1) for t in range(len(rhos))]
-        if fused.applies(*flats):  # one pass: each entry's draws computed in place
+        if fused.applies(*flats):  # counter: one pass, each draw computed in place; torch: one pass per input
             weights = [inp["weight"] for inp in ctx.inputs]
             return fused.dare_ta(flats, source, rhos, weights).view(first.shape)
     sc = _Scratch(n)

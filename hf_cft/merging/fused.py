@@ -111,6 +111,8 @@ def _compile() -> dict:
         "della_elect",
         "gram_sum",
         "scale_in_place",
+        "mt19937_low24",
+        "dare_add",
     )
     return {**{name: getattr(kernels, name) for name in names}, "numba": numba, "np": np}
 
@@ -238,19 +240,30 @@ def scale_in_place(out: Tensor, divisor: int, factor: float) -> bool:
 
 
 def dare_ta(flats: Sequence[Tensor], stream, rhos: Sequence[float], weights: Sequence[float]) -> Tensor:
-    """The fused form of DARE + task arithmetic with the counter stream (``stream``, a
-    :class:`~hf_cft.merging.baselines._CounterStream`; each input with ρ > 0 takes the next ``numel`` draws, in list
-    order, as the blocked kernel draws them)."""
-    from hf_cft.merging.baselines import mask_threshold
+    """The fused form of DARE + task arithmetic (each input with ρ > 0 takes the next ``numel`` draws of ``stream``,
+    in list order, as the blocked kernel draws them). With the counter stream (a
+    :class:`~hf_cft.merging.baselines._CounterStream`) one pass computes every draw in place; with the CPU
+    generator's, each input's draws are taken (:func:`mt19937_low24`) and the input added in its own pass."""
+    from hf_cft.merging.baselines import _CounterStream, mask_threshold
 
     np = _kernels()["np"]
     _threads()
     n = flats[0].numel()
     dropped = np.array([r != 0.0 for r in rhos])
-    starts = np.array([stream.skip(n) if d else 0 for d in dropped], dtype=np.uint64)
     keeps = np.array([np.float32(1.0 - r) if d else 1.0 for r, d in zip(rhos, dropped)], dtype=np.float32)
     thresholds = np.array([mask_threshold(k) for k in keeps], dtype=np.uint64)
+    w = np.array(weights, dtype=np.float32)
+    scaled = np.array([x != 1.0 for x in weights])
     out = torch.empty(n)
+    if not isinstance(stream, _CounterStream):
+        draws = np.empty(n if dropped.any() else 0, dtype=np.uint32)
+        for t, f in enumerate(flats):
+            if dropped[t]:
+                stream.draws_into(draws)
+            _run("dare_add", n, f.numpy(), dropped[t], draws, thresholds[t], keeps[t], w[t], scaled[t], t == 0,
+                 out.numpy())
+        return out
+    starts = np.array([stream.skip(n) if d else 0 for d in dropped], dtype=np.uint64)
     _run(
         "dare_ta",
         n,
@@ -260,11 +273,19 @@ def dare_ta(flats: Sequence[Tensor], stream, rhos: Sequence[float], weights: Seq
         thresholds,
         keeps,
         dropped,
-        np.array(weights, dtype=np.float32),
-        np.array([w != 1.0 for w in weights]),
+        w,
+        scaled,
         out.numpy(),
     )
     return out
+
+
+def mt19937_low24(key, pos, out) -> None:
+    """The next ``out.size`` outputs of an MT19937 state (numpy's layout: ``key`` its 624 uint32 words, ``pos`` a
+    one-entry int64 array; both advanced in place), each kept to its low 24 bits: numpy's MT19937 stream, about ten
+    times faster than ``Generator.integers``."""
+    with _LOCK:
+        _kernels()["mt19937_low24"](key, pos, out)
 
 
 def della(
