@@ -359,12 +359,14 @@ def main() -> None:
     parser.add_argument("--cache", default=None, help="folder for the saved models (outside the repository)")
     parser.add_argument("--output", help="JSON file for the rows")
     parser.add_argument("--render", nargs="+", metavar="JSON",
-                        help="merge these outputs into --output (JSON) and --markdown instead of measuring")
+                        help="merge these outputs (or earlier --output files of --render) into --output (JSON) and "
+                        "--markdown instead of measuring")
     parser.add_argument("--markdown", help="with --render: the Markdown tables")
     parser.add_argument("--label", default="", help="a name for this run's rows in the rendered tables")
     args = parser.parse_args()
     if args.render:
-        runs = [json.loads(Path(f).read_text()) for f in args.render]
+        loaded = [json.loads(Path(f).read_text()) for f in args.render]  # one run each, or an earlier render's runs
+        runs = [run for d in loaded for run in (d["runs"] if "runs" in d else [d])]
         if args.output:
             Path(args.output).write_text(json.dumps({"runs": runs}, indent=2) + "\n")
         text = render(runs)
