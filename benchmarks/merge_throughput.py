@@ -366,7 +366,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.render:
         loaded = [json.loads(Path(f).read_text()) for f in args.render]  # one run each, or an earlier render's runs
-        runs = [run for d in loaded for run in (d["runs"] if "runs" in d else [d])]
+        runs = [run for d in loaded for run in d.get("runs", [d])]
         if args.output:
             Path(args.output).write_text(json.dumps({"runs": runs}, indent=2) + "\n")
         text = render(runs)
