@@ -345,9 +345,11 @@ class _Stream:
 
 class _BernoulliStream(_Stream):
     """The draws of ``torch.bernoulli(p, generator=g)`` for a CPU generator ``g`` seeded with ``seed``, reproduced from
-    the same MT19937 stream with numpy, block by block and bit for bit: torch's CPU kernel draws one 32-bit number per
-    entry, keeps its low 24 bits ``u`` and returns ``u·2⁻²⁴ < p`` (``p`` as fp32), one entry at a time (~40 times
-    slower than numpy's vectorised MT19937 on the development machine). Draws are consumed in order, as torch does."""
+    the same MT19937 stream, block by block and bit for bit (the compiled :func:`~hf_cft.merging.fused.mt19937_low24`
+    where numba is installed, numpy's MT19937 else): torch's CPU kernel draws one 32-bit number per entry, keeps its
+    low 24 bits ``u`` and returns ``u·2⁻²⁴ < p`` (``p`` as fp32), one entry at a time (~40 times slower than numpy's
+    vectorised MT19937 on the development machine, itself ~10 times slower than the compiled one). Draws are consumed
+    in order, as torch does."""
 
     def __init__(self, seed: int):
         import numpy as np

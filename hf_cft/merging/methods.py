@@ -671,7 +671,7 @@ def della_key(
     fast = _della_fused(key, tensors, weights, densities, epsilon, seed, rank_scope, rng)
     if fast is not None and not fast[1]:
         return fast[0]
-    gen = _mask_source(seed, key, tensors[0].device, rng)  # on the CPU a stream drawn by numpy
+    gen = _mask_source(seed, key, tensors[0].device, rng)  # on the CPU the generator's stream replayed
     pruned = [
         magprune(w * t if w != 1.0 else t, d, epsilon, gen, rank_scope) for t, w, d in zip(tensors, weights, densities)
     ]
