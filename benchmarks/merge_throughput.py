@@ -89,7 +89,8 @@ def _floor_select(tensors):
 
 def _floor_draws(tensors):
     """DARE's and DELLA's least step: one uniform draw per entry from the stream that reproduces torch's CPU
-    generator (numpy's MT19937, one thread)."""
+    generator (one thread: the compiled MT19937 where numba is installed and ``HF_CFT_FUSED`` is not 0, numpy's
+    MT19937 else; the recorded rows ran with ``HF_CFT_FUSED=0``)."""
     from hf_cft.merging.baselines import _BernoulliStream
 
     stream = _BernoulliStream(0)
