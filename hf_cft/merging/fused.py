@@ -193,15 +193,20 @@ def band_sum(flats: Sequence[Tensor], bands: Sequence[tuple], weights: Sequence[
     return out
 
 
+def _weight_arrays(np, weights: Sequence[float]):
+    """``(weights, scaled)`` as the kernels take them: fp32 weights, and which inputs the torch kernels multiply
+    (those whose weight is not 1)."""
+    return np.array(weights, dtype=np.float32), np.array([w != 1.0 for w in weights])
+
+
 def _weighted(name: str, flats: Sequence[Tensor], weights: Sequence[float], *options) -> tuple[Tensor, object]:
-    """Run a kernel of signature ``(xs, weights, scaled, *options, out)`` into a new flat fp32 tensor (``scaled``: the
-    inputs whose weight is not 1, which the torch kernels multiply): ``(out, what the kernel returned)``."""
+    """Run a kernel of signature ``(xs, weights, scaled, *options, out)`` into a new flat fp32 tensor:
+    ``(out, what the kernel returned)``."""
     np = _kernels()["np"]
     _threads()
     out = torch.empty(flats[0].numel())
     arrays = tuple(f.numpy() for f in flats)
-    scaled = np.array([w != 1.0 for w in weights])
-    returned = _run(name, out.numel(), arrays, np.array(weights, dtype=np.float32), scaled, *options, out.numpy())
+    returned = _run(name, out.numel(), arrays, *_weight_arrays(np, weights), *options, out.numpy())
     return out, returned
 
 
@@ -252,11 +257,10 @@ def dare_ta(flats: Sequence[Tensor], stream, rhos: Sequence[float], weights: Seq
     dropped = np.array([r != 0.0 for r in rhos])
     keeps = np.array([np.float32(1.0 - r) if d else 1.0 for r, d in zip(rhos, dropped)], dtype=np.float32)
     thresholds = np.array([mask_threshold(k) for k in keeps], dtype=np.uint64)
-    w = np.array(weights, dtype=np.float32)
-    scaled = np.array([x != 1.0 for x in weights])
+    w, scaled = _weight_arrays(np, weights)
     out = torch.empty(n)
     if not isinstance(stream, _CounterStream):
-        draws = np.empty(n if dropped.any() else 0, dtype=np.uint32)
+        draws = np.empty(n, dtype=np.uint32)  # reused by every dropped input
         for t, f in enumerate(flats):
             if dropped[t]:
                 stream.draws_into(draws)
@@ -306,7 +310,8 @@ def della(
         draws = np.zeros((0, 0), dtype=np.uint32)
     else:
         starts = np.zeros(t_count, dtype=np.uint64)
-        draws = stream._draws(t_count * n).reshape(t_count, n)
+        draws = np.empty((t_count, n), dtype=np.uint32)
+        stream.draws_into(draws.reshape(-1))  # each input's numel draws in turn
     drops = [1.0 - d for d in densities]
     out = torch.empty(n)
     bad = _run(
@@ -314,8 +319,7 @@ def della(
         t_count * n if rows > 1 else 0,  # one row: one chunk, nothing to share out
         tuple(f.numpy() for f in flats),
         rows,
-        np.array(weights, dtype=np.float32),
-        np.array([w != 1.0 for w in weights]),
+        *_weight_arrays(np, weights),
         np.array(drops, dtype=np.float32),
         np.array([p - epsilon / 2 for p in drops], dtype=np.float32),
         np.float32(epsilon),

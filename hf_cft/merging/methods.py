@@ -665,12 +665,15 @@ def della_key(
     seed: int,
     rank_scope: str,
     rng: str = "torch",
+    fused_first: bool = True,
 ) -> Tensor:
     """One key of :func:`della` (unscaled): MagPrune each w_t·τ_t with its density (one generator seeded from
-    (seed, key), tasks in order), then TIES's election and disjoint mean."""
-    fast = _della_fused(key, tensors, weights, densities, epsilon, seed, rank_scope, rng)
-    if fast is not None and not fast[1]:
-        return fast[0]
+    (seed, key), tasks in order), then TIES's election and disjoint mean. By the fused kernel where it applies and
+    counts no NaN/inf (``fused_first=False``: the reference only, for a caller whose fused try counted some)."""
+    if fused_first:
+        fast = _della_fused(key, tensors, weights, densities, epsilon, seed, rank_scope, rng)
+        if fast is not None and not fast[1]:
+            return fast[0]
     gen = _mask_source(seed, key, tensors[0].device, rng)  # on the CPU the generator's stream replayed
     pruned = [
         magprune(w * t if w != 1.0 else t, d, epsilon, gen, rank_scope) for t, w, d in zip(tensors, weights, densities)
@@ -848,9 +851,9 @@ def _della_kernel(deltas: list[Tensor], ctx) -> Tensor:
             if not bad:
                 return _counted(merged, True)
             deltas.check_inputs()  # names a non-finite input; else the weights overflowed: the reference shows it
-        else:
-            for t, d in enumerate(raw):
-                deltas.verify(t, d)
+            return della_key(ctx.key, raw, *args, fused_first=False)
+        for t, d in enumerate(raw):
+            deltas.verify(t, d)
         deltas = raw
     return della_key(ctx.key, deltas, *args)
 
