@@ -668,12 +668,12 @@ def test_trim_top_k_of_a_half_precision_tensor_keeps_what_fp32_keeps(dtype):
 
 
 @pytest.mark.parametrize("fused_draws", ["0", "1"])
-@pytest.mark.parametrize("seed", [0, 7, 2**32 + 5])
+@pytest.mark.parametrize("seed", [0, 7, 2**32 + 5, 2**32 - 1, 3_141_592_653])
 def test_the_numpy_bernoulli_stream_is_torchs_cpu_stream_bit_for_bit(monkeypatch, seed, fused_draws):
     """_BernoulliStream(seed) draws what torch.bernoulli draws from a CPU generator seeded with ``seed`` (its low 32
     bits, as torch keeps them): masks over consecutive calls (within one block of MT19937's 624 words, across
     several, ending on a block's edge) and uniforms; _draw_mask gives the same mask from either source. Both the
-    fused MT19937 (numba) and numpy's draw them."""
+    fused MT19937 (numba: its seeding too) and numpy's draw them."""
     from hf_cft.merging.baselines import _BernoulliStream, _draw_mask
 
     if fused_draws == "1" and not fused.available():

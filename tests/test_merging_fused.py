@@ -151,7 +151,7 @@ def test_compile_loads_every_kernel_on_numbas_own_thread_pool(monkeypatch):
     from hf_cft.merging import _fused_kernels
 
     names = ("ties_mean_flagged", "band_sum_flagged", "consensus", "magmax", "gram_sum", "scale_in_place",
-             "magnitude_histogram", "dare_ta", "della_elect", "mt19937_low24", "dare_add")
+             "magnitude_histogram", "dare_ta", "della_elect", "mt19937_low24", "mt19937_seed", "dare_add")
     for layer, want in (("default", "workqueue"), ("omp", "workqueue"), ("tbb", "tbb"), ("workqueue", "workqueue")):
         monkeypatch.setattr(numba.config, "THREADING_LAYER", layer)
         got = fused._compile()
@@ -524,8 +524,8 @@ def test_fused_della_equals_the_reference_bit_for_bit(monkeypatch, kernel_form, 
 
 
 def test_fused_della_ranks_a_row_of_many_buckets_on_every_core(monkeypatch):
-    """Rows longer than the bucket scan window, many rows split among the threads, T = 8 with weights of 1: the same
-    bits as the reference."""
+    """Long rows (buckets shared by several entries: the insertion sort), many rows split among the threads, T = 8 with
+    weights of 1: the same bits as the reference."""
     from hf_cft.merging import methods
 
     monkeypatch.setattr(fused, "DELLA_PARALLEL_MIN", 0)

@@ -283,6 +283,16 @@ MT_UPPER, MT_LOWER, MT_MATRIX = u32(0x80000000), u32(0x7FFFFFFF), u32(0x9908B0DF
 
 
 @njit(cache=True)
+def mt19937_seed(seed, key):
+    """MT19937's 624 state words for a 32-bit ``seed`` into ``key`` (Matsumoto & Nishimura's initialisation, as
+    numpy's ``RandomState(seed)`` and torch's CPU generator seed it; the next word to temper is then past the end)."""
+    x = u32(seed)
+    for k in range(MT_N):
+        key[k] = x
+        x = u32(u32(1812433253) * (x ^ (x >> u32(30))) + u32(k + 1))  # mod 2³²
+
+
+@njit(cache=True)
 def _mt_twist(key):
     """MT19937's next 624 state words, in place (Matsumoto & Nishimura 1998), in the three runs that read no word
     the same run writes later (each vectorised)."""

@@ -354,7 +354,12 @@ class _BernoulliStream(_Stream):
     def __init__(self, seed: int):
         import numpy as np
 
-        _, key, pos, *_ = np.random.RandomState(int(seed) & 0xFFFFFFFF).get_state()  # torch seeds with the low 32 bits
+        seed = int(seed) & 0xFFFFFFFF  # torch seeds with the low 32 bits
+        if fused.available():
+            key, pos = np.empty(624, dtype=np.uint32), 624
+            fused.mt19937_seed(seed, key)
+        else:
+            _, key, pos, *_ = np.random.RandomState(seed).get_state()
         self._key = np.ascontiguousarray(key, dtype=np.uint32)
         self._pos = np.array([pos], dtype=np.int64)
         self._np = np

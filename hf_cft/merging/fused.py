@@ -112,6 +112,7 @@ def _compile() -> dict:
         "gram_sum",
         "scale_in_place",
         "mt19937_low24",
+        "mt19937_seed",
         "dare_add",
     )
     return {**{name: getattr(kernels, name) for name in names}, "numba": numba, "np": np}
@@ -290,6 +291,13 @@ def mt19937_low24(key, pos, out) -> None:
     times faster than ``Generator.integers``."""
     with _LOCK:
         _kernels()["mt19937_low24"](key, pos, out)
+
+
+def mt19937_seed(seed: int, key) -> None:
+    """The 624 words of an MT19937 state seeded with the 32-bit ``seed`` into the uint32 array ``key`` (numpy's
+    ``RandomState(seed)``'s words, without its Python-level set-up: ~1 µs against ~150)."""
+    with _LOCK:
+        _kernels()["mt19937_seed"](seed, key)
 
 
 def della(
