@@ -557,3 +557,22 @@ def test_fused_dare_takes_each_inputs_draws_in_order(monkeypatch, kernel_form, r
     assert len(calls) == 2
     for key in reference:
         assert torch.equal(got[key].view(torch.int32), reference[key].view(torch.int32)), key
+
+
+@pytest.mark.parametrize("t", [1, 2, 3])
+def test_gram_sum_gives_the_exact_gram_and_the_list_order_sum(kernel_form, t):
+    """Model stock's one pass (two inputs in one loop, more by blocks of dots): the Gram matrix is the fp64 sum of the
+    exact products (to fp64 rounding, in any order), symmetric, and the sum is Σ_t x_t in list order, bit for bit; a
+    length that is not a multiple of the block."""
+    from hf_cft.merging._fused_kernels import GRAM_BLOCK
+
+    g = torch.Generator().manual_seed(t)
+    flats = [torch.randn(3 * GRAM_BLOCK + 77, generator=g) * 10.0 ** (i - 1) for i in range(t)]
+    gram, total = fused.gram_sum(flats)
+    want = torch.stack([f.double() for f in flats])
+    torch.testing.assert_close(gram, want @ want.T, rtol=1e-12, atol=0.0)
+    assert torch.equal(gram, gram.T)
+    expected = flats[0].clone()
+    for f in flats[1:]:
+        expected = expected + f
+    assert torch.equal(total, expected)

@@ -140,6 +140,25 @@ def _dot64(a, b):
     return acc
 
 
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def _sum_gram2(x0, x1, out):
+    """T = 2 in one loop: ``out`` = x0 + x1 (fp32) and ``(⟨x0, x0⟩, ⟨x0, x1⟩, ⟨x1, x1⟩)`` as :func:`_dot64` sums them
+    (each input read once, where three dots and a sum read it three times)."""
+    s00 = 0.0
+    s01 = 0.0
+    s11 = 0.0
+    for i in range(out.size):
+        a = x0[i]
+        b = x1[i]
+        out[i] = a + b
+        da = np.float64(a)
+        db = np.float64(b)
+        s00 += da * da
+        s01 += da * db
+        s11 += db * db
+    return s00, s01, s11
+
+
 #: the entries of one block of :func:`gram_sum` (T blocks of it stay in the core's cache for the T(T+1)/2 products)
 GRAM_BLOCK = 4096
 
@@ -147,7 +166,8 @@ GRAM_BLOCK = 4096
 @_both
 def gram_sum(xs, grams, out):
     """In one pass over the inputs, block by block: ``out`` = Σ_t x_t (fp32, in list order)
-    and block b's Gram matrix ⟨x_a, x_b⟩ (fp64, :func:`_dot64`) into ``grams[b]`` (the caller sums the blocks)."""
+    and block b's Gram matrix ⟨x_a, x_b⟩ (fp64, :func:`_dot64`) into ``grams[b]`` (the caller sums the blocks); two
+    inputs in one loop (:func:`_sum_gram2`)."""
     n = out.size
     t_count = len(xs)
     for blk in prange(grams.shape[0]):
@@ -155,6 +175,13 @@ def gram_sum(xs, grams, out):
         hi = min(n, lo + GRAM_BLOCK)
         first = xs[0][lo:hi]
         part = out[lo:hi]
+        if t_count == 2:
+            g00, g01, g11 = _sum_gram2(first, xs[1][lo:hi], part)
+            grams[blk, 0, 0] = g00
+            grams[blk, 0, 1] = g01
+            grams[blk, 1, 0] = g01
+            grams[blk, 1, 1] = g11
+            continue
         for i in range(hi - lo):
             part[i] = first[i]
         for t in range(1, t_count):
