@@ -868,7 +868,7 @@ def test_lambda_refusals_one_value_or_one_per_task():
 
 def test_per_input_selections_run_on_two_named_threads_without_the_fused_kernels(monkeypatch):
     """Without numba, several large inputs' thresholds are computed on the two threads of the process's pool
-    ("hf_cft-merge"), in input order; a small input, one input or one torch thread stays on the caller's thread."""
+    ("hf_cft-select"), in input order; a small input, one input or one torch thread stays on the caller's thread."""
     import threading
 
     from hf_cft.merging import baselines
@@ -884,7 +884,7 @@ def test_per_input_selections_run_on_two_named_threads_without_the_fused_kernels
 
     big = baselines.PARALLEL_MIN
     assert baselines._per_input(fn, [1, 2, 3], big) == [2, 4, 6]
-    assert len(seen) == 3 and all(s.startswith("hf_cft-merge") for s in seen) and len(set(seen)) <= 2
+    assert len(seen) == 3 and all(s.startswith("hf_cft-select") for s in seen) and len(set(seen)) <= 2
     pool = baselines._POOL
     assert pool[0] == __import__("os").getpid() and pool[1]._max_workers == 2
     assert baselines._per_input(fn, [5, 6], big) == [10, 12] and baselines._POOL is pool  # one pool per process

@@ -576,25 +576,3 @@ def test_gram_sum_gives_the_exact_gram_and_the_list_order_sum(kernel_form, t):
     for f in flats[1:]:
         expected = expected + f
     assert torch.equal(total, expected)
-
-
-def test_fused_dare_draws_the_next_inputs_masks_on_a_second_thread(monkeypatch):
-    """From ``DARE_PIPELINE_MIN`` entries (lowered here) DARE with the CPU generator's stream draws the next dropped
-    input's masks on the pool's thread while the current input is added: the same bits as the reference, an input kept
-    whole first and between dropped ones, two keys (the stream carries on from one to the next in order)."""
-    monkeypatch.setattr(fused, "DARE_PIPELINE_MIN", 0)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    g = torch.Generator().manual_seed(9)
-    deltas = [{"w": torch.randn(64, 300, generator=g), "b": torch.randn(4097, generator=g)} for _ in range(5)]
-    inputs = [{"density": 1.0, "weight": 1.0}, {"density": 0.3, "weight": 0.5}, {"density": 1.0, "weight": 2.0},
-              {"density": 0.6, "weight": 1.0}, {"density": 0.1, "weight": -1.5}]
-    calls = []
-    real = fused._dare_pipelined
-    monkeypatch.setattr(fused, "_dare_pipelined", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setenv("HF_CFT_FUSED", "1")
-    got = merge_deltas(deltas, "dare", {"seed": 11}, inputs=[dict(i) for i in inputs])
-    monkeypatch.setenv("HF_CFT_FUSED", "0")
-    reference = merge_deltas(deltas, "dare", {"seed": 11}, inputs=[dict(i) for i in inputs])
-    assert len(calls) == 2
-    for key in reference:
-        assert torch.equal(got[key].view(torch.int32), reference[key].view(torch.int32)), key

@@ -20,8 +20,7 @@ def _both(fn) -> Kernel:
     serial = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
     serial.__qualname__ = fn.__qualname__ + "_serial"  # its own entry in numba's disk cache
     serial.__doc__ = fn.__doc__
-    # the one-core form releases the GIL (it never enters numba's thread pool): another thread may run beside it
-    return Kernel(njit(cache=True, parallel=True)(fn), njit(cache=True, nogil=True)(serial))
+    return Kernel(njit(cache=True, parallel=True)(fn), njit(cache=True)(serial))
 
 
 f32 = np.float32
@@ -346,7 +345,7 @@ def _mt_temper_low24(words, out):
         out[k] = y & u32(0xFFFFFF)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def mt19937_low24(key, pos, out):
     """The next ``out.size`` 32-bit outputs of the MT19937 state (``key``: its 624 words, ``pos[0]``: the next word
     to temper; both advanced in place, numpy's ``MT19937`` state layout), each kept to its low 24 bits."""

@@ -253,22 +253,17 @@ PARALLEL_MIN = 1 << 20
 def _per_input(fn: Callable, items: Sequence, n: int) -> list:
     """``[fn(x) for x in items]``, on two threads when there are several inputs of at least :data:`PARALLEL_MIN`
     entries and torch may use two threads: the per-input selections (numpy's introselect releases the GIL) are
-    single-threaded and independent."""
+    single-threaded and independent. One pool per process, made again after a fork (a forked child must not use its
+    parent's threads)."""
+    global _POOL
     workers = min(len(items), torch.get_num_threads(), 2)
     if workers < 2 or n < PARALLEL_MIN or fused.available():  # fused: the radix selection uses every core itself
         return [fn(x) for x in items]
-    return list(_pool().map(fn, items))
-
-
-def _pool():
-    """The process's pool of two threads (for work that releases the GIL), made again after a fork (a forked child
-    must not use its parent's threads)."""
-    global _POOL
     if _POOL is None or _POOL[0] != os.getpid():
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="hf_cft-merge"))
-    return _POOL[1]
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="hf_cft-select"))
+    return list(_POOL[1].map(fn, items))
 
 
 def _blocks(n: int, size: int = BLOCK) -> Iterator[slice]:

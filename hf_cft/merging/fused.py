@@ -261,9 +261,6 @@ def dare_ta(flats: Sequence[Tensor], stream, rhos: Sequence[float], weights: Seq
     w, scaled = _weight_arrays(np, weights)
     out = torch.empty(n)
     if not isinstance(stream, _CounterStream):
-        if n >= DARE_PIPELINE_MIN and int(dropped.sum()) >= 2 and torch.get_num_threads() >= 2:
-            _dare_pipelined(np, flats, stream, dropped, thresholds, keeps, w, scaled, out.numpy())
-            return out
         draws = np.empty(n, dtype=np.uint32)  # reused by every dropped input
         for t, f in enumerate(flats):
             if dropped[t]:
@@ -286,42 +283,6 @@ def dare_ta(flats: Sequence[Tensor], stream, rhos: Sequence[float], weights: Seq
         out.numpy(),
     )
     return out
-
-
-#: from this many entries per input, DARE with the CPU generator's stream draws the next input's masks on a second
-#: thread while the current input is added (:func:`_dare_pipelined`)
-DARE_PIPELINE_MIN = 1 << 20
-
-
-def _dare_pipelined(np, flats, stream, dropped, thresholds, keeps, weights, scaled, out) -> None:
-    """DARE + task arithmetic with the CPU generator's stream on two cores: MT19937 is sequential, so one thread
-    draws the next dropped input's masks (in list order, as one thread would) while this one adds the current input
-    (the one-core kernels, which release the GIL and never enter numba's pool). The same draws, the same operations,
-    the same bits as the one-thread loop."""
-    from hf_cft.merging.baselines import _pool
-
-    buffers = [np.empty(out.size, dtype=np.uint32), np.empty(out.size, dtype=np.uint32)]
-    order = [t for t in range(len(flats)) if dropped[t]]
-
-    def draw(k: int):
-        stream.draws_into(buffers[k % 2])
-        return buffers[k % 2]
-
-    pool = _pool()
-    pending = pool.submit(draw, 0)
-    add = _kernels()["dare_add"].serial
-    k = 0
-    try:
-        for t, f in enumerate(flats):
-            draws = buffers[0]
-            if dropped[t]:
-                draws = pending.result()
-                pending = pool.submit(draw, k + 1) if k + 1 < len(order) else None
-                k += 1
-            add(f.numpy(), dropped[t], draws, thresholds[t], keeps[t], weights[t], scaled[t], t == 0, out)
-    finally:
-        if pending is not None:  # interrupted: let the draw finish before its buffer goes
-            pending.result()
 
 
 def mt19937_low24(key, pos, out) -> None:
