@@ -379,7 +379,7 @@ def dare_add(x, dropped, draws, threshold, keep, weight, scaled, first, out):
 
 
 #: a row whose largest magnitude bucket holds more entries than this is ranked by a sort instead (a row of equal or
-#: clustered magnitudes: counting inside one bucket would cost its size squared)
+#: clustered magnitudes: an insertion sort inside one bucket would cost its size squared)
 RANK_BUCKET_MAX = 48
 
 
