@@ -288,16 +288,15 @@ def dare_ta(flats: Sequence[Tensor], stream, rhos: Sequence[float], weights: Seq
 def mt19937_low24(key, pos, out) -> None:
     """The next ``out.size`` outputs of an MT19937 state (numpy's layout: ``key`` its 624 uint32 words, ``pos`` a
     one-entry int64 array; both advanced in place), each kept to its low 24 bits: numpy's MT19937 stream, about ten
-    times faster than ``Generator.integers``."""
-    with _LOCK:
-        _kernels()["mt19937_low24"](key, pos, out)
+    times faster than ``Generator.integers``. (A one-core kernel: it never enters numba's pool, so it takes no lock
+    and merges in other threads draw beside it.)"""
+    _kernels()["mt19937_low24"](key, pos, out)
 
 
 def mt19937_seed(seed: int, key) -> None:
     """The 624 words of an MT19937 state seeded with the 32-bit ``seed`` into the uint32 array ``key`` (numpy's
-    ``RandomState(seed)``'s words, without its Python-level set-up: ~1 µs against ~150)."""
-    with _LOCK:
-        _kernels()["mt19937_seed"](seed, key)
+    ``RandomState(seed)``'s words, without its Python-level set-up: ~1 µs against ~150; one core, no lock)."""
+    _kernels()["mt19937_seed"](seed, key)
 
 
 def della(
