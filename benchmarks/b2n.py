@@ -615,6 +615,10 @@ def combine(json_files: list[str], out_stem: str) -> dict:
 if __name__ == "__main__":
     import sys
 
+    usage = "usage: python benchmarks/b2n.py combine OUT_STEM RESULT.json [RESULT.json ...]"
+    if sys.argv[1:2] in (["-h"], ["--help"]):  # the runs themselves start from benchmarks/run.py
+        print(usage + "\n\n" + __doc__.split("\n\n")[0] + "\nRuns: python benchmarks/run.py --help.")
+        raise SystemExit(0)
     if len(sys.argv) < 4 or sys.argv[1] != "combine":
-        raise SystemExit("usage: python benchmarks/b2n.py combine OUT_STEM RESULT.json [RESULT.json ...]")
+        raise SystemExit(usage)
     combine(sys.argv[3:], sys.argv[2])

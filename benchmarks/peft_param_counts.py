@@ -75,4 +75,8 @@ def main(out_dir: str = "benchmarks/results") -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out_dir", default="benchmarks/results", help="folder for the .json and .md tables")
+    main(parser.parse_args().out_dir)

@@ -1,5 +1,5 @@
 """Every command's ``--help`` works — every recipe in ``recipes/*.py`` (run as ``__main__``, as ``python`` and
-``accelerate launch`` run it) and every ``hf-cft`` subcommand found on the parser — and network failures of the
+``accelerate launch`` run it), every script of ``benchmarks/`` and every ``hf-cft`` subcommand found on the parser — and network failures of the
 Hub commands are one line on stderr with exit status 2."""
 
 import argparse
@@ -16,6 +16,7 @@ from hf_cft.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.py"))
+BENCHMARKS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if '__name__ == "__main__"' in p.read_text())
 SUBCOMMANDS = sorted(
     name
     for action in build_parser()._actions
@@ -38,6 +39,17 @@ def test_recipe_help(recipe, monkeypatch, capsys):
         runpy.run_path(str(recipe), run_name="__main__")
     out = capsys.readouterr().out
     assert exc.value.code in (0, None) and out.startswith("usage:") and "--help" in out, out[-2000:]
+
+
+@pytest.mark.parametrize("script", BENCHMARKS, ids=lambda p: p.name)
+def test_benchmark_script_help(script, monkeypatch, capsys):
+    """``python benchmarks/<x>.py --help`` exits 0 with a usage line (two scripts used to exit 1 on it)."""
+    monkeypatch.setattr(sys, "argv", [str(script), "--help"])
+    monkeypatch.syspath_prepend(str(script.parent))
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert exc.value.code in (0, None) and out.startswith("usage:"), out[-2000:]
 
 
 @pytest.mark.parametrize("command", [None, *SUBCOMMANDS])
