@@ -30,26 +30,27 @@ def test_the_commands_are_discovered():
     assert len(SUBCOMMANDS) >= 5 and {"eval", "merge", "card", "push"} <= set(SUBCOMMANDS)
 
 
+def _script_help(script: Path, monkeypatch, capsys) -> tuple[object, str]:
+    """``python <script> --help``: the script's own ``__main__`` block, in-process (fast): (exit code, stdout)."""
+    monkeypatch.setattr(sys, "argv", [str(script), "--help"])
+    monkeypatch.syspath_prepend(str(script.parent))
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(script), run_name="__main__")
+    return exc.value.code, capsys.readouterr().out
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_recipe_help(recipe, monkeypatch, capsys):
-    """``python recipes/<x>.py --help``: the script's own ``__main__`` block, in-process (fast)."""
-    monkeypatch.setattr(sys, "argv", [str(recipe), "--help"])
-    monkeypatch.syspath_prepend(str(recipe.parent))
-    with pytest.raises(SystemExit) as exc:
-        runpy.run_path(str(recipe), run_name="__main__")
-    out = capsys.readouterr().out
-    assert exc.value.code in (0, None) and out.startswith("usage:") and "--help" in out, out[-2000:]
+    """``python recipes/<x>.py --help``."""
+    code, out = _script_help(recipe, monkeypatch, capsys)
+    assert code in (0, None) and out.startswith("usage:") and "--help" in out, out[-2000:]
 
 
 @pytest.mark.parametrize("script", BENCHMARKS, ids=lambda p: p.name)
 def test_benchmark_script_help(script, monkeypatch, capsys):
     """``python benchmarks/<x>.py --help`` exits 0 with a usage line (two scripts used to exit 1 on it)."""
-    monkeypatch.setattr(sys, "argv", [str(script), "--help"])
-    monkeypatch.syspath_prepend(str(script.parent))
-    with pytest.raises(SystemExit) as exc:
-        runpy.run_path(str(script), run_name="__main__")
-    out = capsys.readouterr().out
-    assert exc.value.code in (0, None) and out.startswith("usage:"), out[-2000:]
+    code, out = _script_help(script, monkeypatch, capsys)
+    assert code in (0, None) and out.startswith("usage:"), out[-2000:]
 
 
 @pytest.mark.parametrize("command", [None, *SUBCOMMANDS])
